@@ -1,0 +1,664 @@
+"""The Python API: every operation of the nova-style CLI, over a store.
+
+The CLI is a thin layer over :class:`Api`; tests and benchmarks call it directly.
+Each public method is one serialisable transaction: it validates everything
+first, raises a :class:`~secfw.errors.SecfwError` subclass on bad input, and then
+either stores all of its changes or none. ``with api.batch():`` groups many
+operations into one transaction (a 10,000-instance cloud is built that way).
+
+Projects are implicit: a project exists once something was created in it, and
+its ``default`` security group is created on first use.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from secfw.cloud import CloudState, free_addresses
+from secfw.errors import (
+    ConflictError,
+    InUseError,
+    NotFoundError,
+    QuotaError,
+    ValidationError,
+)
+from secfw.model import (
+    DEFAULT_GROUP,
+    FLAVORS,
+    MAC_PREFIX,
+    UNLIMITED,
+    Flavor,
+    Image,
+    Instance,
+    Network,
+    Port,
+    Quota,
+    Rule,
+    SecurityGroup,
+    check_host,
+    check_name,
+    parse_cidr,
+    parse_disk_format,
+    parse_network_cidr,
+    parse_nova_ports,
+    parse_nova_protocol,
+    parse_quota,
+    parse_visibility,
+    parse_vlan,
+)
+from secfw.store.base import Store
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class PortView:
+    """A port with what an operator needs to see next to it (``port-list``)."""
+
+    id: str
+    instance: str
+    instance_id: str
+    project: str
+    host: str
+    network: str
+    tap: str
+    mac: str
+    ip: str
+    security_groups: tuple[str, ...]
+
+
+class Api:
+    """Operations on the cloud model stored in ``store``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._state: CloudState | None = None
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def batch(self) -> Iterator[CloudState]:
+        """One write transaction; nested calls join the outer one."""
+        if self._state is not None:
+            yield self._state
+            return
+        with self.store.write() as txn:
+            state = CloudState.from_snapshot(txn.snapshot)
+            self._state = state
+            try:
+                yield state
+            finally:
+                self._state = None
+            for (kind, doc_id), record in state.dirty.items():
+                if record is None:
+                    txn.delete(kind, doc_id)
+                else:
+                    txn.put(kind, doc_id, record.to_doc())
+
+    def snapshot(self) -> CloudState:
+        """The current cloud, read-only (inside a batch: the batch's state)."""
+        if self._state is not None:
+            return self._state
+        return CloudState.from_snapshot(self.store.load())
+
+    def _read(self, project: str | None = None) -> CloudState:
+        """A snapshot in which ``project``'s default group exists (created on first use)."""
+        state = self.snapshot()
+        if project is not None and (project, DEFAULT_GROUP) not in state.group_by_name:
+            with self.batch() as state:
+                self._ensure_project(state, project)
+        return state
+
+    # ------------------------------------------------------------------ security groups
+
+    def secgroup_list(self, project: str, all_projects: bool = False) -> list[SecurityGroup]:
+        state = self._read(check_name(project, "project"))
+        groups = state.groups.values()
+        if not all_projects:
+            groups = [g for g in groups if g.project == project]
+        return sorted(groups, key=lambda g: (g.project, g.name != DEFAULT_GROUP, g.name, g.id))
+
+    def secgroup_create(self, project: str, name: str, description: str) -> SecurityGroup:
+        check_name(project, "project")
+        check_name(name, "security group name")
+        _check_description(description)
+        with self.batch() as state:
+            self._ensure_project(state, project)
+            if (project, name) in state.group_by_name:
+                raise ConflictError(f"Security group {name!r} already exists in project {project!r}")
+            self._check_group_quota(state, project)
+            group = SecurityGroup(new_id(), project, name, description)
+            state.put(group)
+            return group
+
+    def secgroup_update(self, project: str, group: str, name: str, description: str) -> SecurityGroup:
+        check_name(name, "security group name")
+        _check_description(description)
+        with self.batch() as state:
+            current = self._group(state, project, group)
+            if current.name == DEFAULT_GROUP and name != DEFAULT_GROUP:
+                raise ValidationError("the default security group cannot be renamed")
+            if name != current.name and (project, name) in state.group_by_name:
+                raise ConflictError(f"Security group {name!r} already exists in project {project!r}")
+            updated = SecurityGroup(current.id, project, name, description)
+            state.put(updated)
+            return updated
+
+    def secgroup_delete(self, project: str, group: str) -> None:
+        with self.batch() as state:
+            target = self._group(state, project, group)
+            if target.name == DEFAULT_GROUP:
+                raise ValidationError("the default security group cannot be deleted")
+            users = state.group_members(target.id)
+            if users:
+                names = ", ".join(sorted(i.name for i in users)[:3])
+                raise InUseError(f"Security group {target.name!r} is in use by instances: {names}")
+            referrers = sorted(
+                state.groups[state.rules[r].group_id].name
+                for r in state.rules_by_remote.get(target.id, ())
+                if state.rules[r].group_id != target.id
+            )
+            if referrers:
+                raise InUseError(
+                    f"Security group {target.name!r} is the source group of rules in: "
+                    + ", ".join(sorted(set(referrers)))
+                )
+            for rule in list(state.rules_by_group.get(target.id, {}).values()):
+                state.remove(rule)
+            state.remove(target)
+
+    def secgroup_list_rules(self, project: str, group: str) -> list[Rule]:
+        state = self._read(project)
+        target = self._group(state, project, group)
+        return _sorted_rules(state.rules_by_group.get(target.id, {}).values())
+
+    def group_name(self, group_id: str | None) -> str:
+        """The name of a group by id ("" for None), for display."""
+        if group_id is None:
+            return ""
+        group = self.snapshot().groups.get(group_id)
+        return group.name if group else group_id
+
+    # ------------------------------------------------------------------ rules (nova style)
+
+    def secgroup_add_rule(
+        self, project: str, group: str, protocol: str, from_port: str, to_port: str, cidr: str
+    ) -> Rule:
+        proto, low, high, display = _nova_match(protocol, from_port, to_port)
+        remote = parse_cidr(cidr, "IPv4")
+        with self.batch() as state:
+            target = self._group(state, project, group)
+            rule = Rule(new_id(), target.id, "ingress", "IPv4", proto, low, high, remote, None,
+                        display)
+            self._add_rule(state, target, rule)
+            return rule
+
+    def secgroup_delete_rule(
+        self, project: str, group: str, protocol: str, from_port: str, to_port: str, cidr: str
+    ) -> Rule:
+        proto, low, high, _ = _nova_match(protocol, from_port, to_port)
+        remote = parse_cidr(cidr, "IPv4")
+        with self.batch() as state:
+            target = self._group(state, project, group)
+            probe = Rule("", target.id, "ingress", "IPv4", proto, low, high, remote, None)
+            return self._remove_matching(state, target, probe)
+
+    def secgroup_add_group_rule(
+        self,
+        project: str,
+        group: str,
+        source_group: str,
+        protocol: str | None = None,
+        from_port: str | None = None,
+        to_port: str | None = None,
+    ) -> Rule:
+        proto, low, high, display = _optional_nova_match(protocol, from_port, to_port)
+        with self.batch() as state:
+            target = self._group(state, project, group)
+            source = self._group(state, project, source_group, "Source group")
+            rule = Rule(new_id(), target.id, "ingress", "IPv4", proto, low, high, None, source.id,
+                        display)
+            self._add_rule(state, target, rule)
+            return rule
+
+    def secgroup_delete_group_rule(
+        self,
+        project: str,
+        group: str,
+        source_group: str,
+        protocol: str | None = None,
+        from_port: str | None = None,
+        to_port: str | None = None,
+    ) -> Rule:
+        proto, low, high, _ = _optional_nova_match(protocol, from_port, to_port)
+        with self.batch() as state:
+            target = self._group(state, project, group)
+            source = self._group(state, project, source_group, "Source group")
+            probe = Rule("", target.id, "ingress", "IPv4", proto, low, high, None, source.id)
+            return self._remove_matching(state, target, probe)
+
+    def _add_rule(self, state: CloudState, group: SecurityGroup, rule: Rule) -> None:
+        existing = state.rules_by_group.get(group.id, {})
+        key = rule.match_key()
+        if any(r.match_key() == key for r in existing.values()):
+            raise ConflictError(f"This rule already exists in group {group.name!r}")
+        limit = state.quota(group.project).security_group_rules
+        if limit != UNLIMITED and len(existing) >= limit:
+            raise QuotaError(
+                f"Quota exceeded for security_group_rules: {len(existing)} of {limit} "
+                f"used in group {group.name!r}"
+            )
+        state.put(rule)
+
+    @staticmethod
+    def _remove_matching(state: CloudState, group: SecurityGroup, probe: Rule) -> Rule:
+        key = probe.match_key()
+        for rule in state.rules_by_group.get(group.id, {}).values():
+            if rule.match_key() == key:
+                state.remove(rule)
+                return rule
+        raise NotFoundError(f"Rule not found in security group {group.name!r}")
+
+    # ------------------------------------------------------------------ networks
+
+    def net_create(self, project: str, name: str, cidr: str, vlan: str | int | None = None) -> Network:
+        check_name(project, "project")
+        check_name(name, "network name")
+        canonical = parse_network_cidr(cidr)
+        vlan_id = parse_vlan(vlan) if vlan is not None else None
+        with self.batch() as state:
+            self._check_network_unique(state, name, canonical, vlan_id)
+            network = Network(new_id(), name, canonical, vlan_id, project if vlan_id else None)
+            state.put(network)
+            return network
+
+    @staticmethod
+    def _check_network_unique(state: CloudState, name: str, cidr: str, vlan: int | None) -> None:
+        import ipaddress
+
+        new = ipaddress.ip_network(cidr)
+        for other in state.networks.values():
+            if other.name == name:
+                raise ConflictError(f"network {name!r} already exists")
+            if new.overlaps(ipaddress.ip_network(other.cidr)):
+                raise ConflictError(f"network {cidr} overlaps network {other.name!r} ({other.cidr})")
+            if vlan is not None and other.vlan == vlan:
+                raise ConflictError(f"VLAN {vlan} is already used by network {other.name!r}")
+
+    def net_list(self, project: str, all_projects: bool = False) -> list[Network]:
+        state = self.snapshot()
+        nets = [n for n in state.networks.values() if all_projects or n.usable_by(project)]
+        return sorted(nets, key=lambda n: (n.name, n.id))
+
+    # ------------------------------------------------------------------ flavors and images
+
+    @staticmethod
+    def flavor_list() -> list[Flavor]:
+        return list(FLAVORS)
+
+    def image_create(
+        self, project: str, name: str, disk_format: str = "qcow2", visibility: str = "private"
+    ) -> Image:
+        check_name(project, "project")
+        check_name(name, "image name")
+        fmt = parse_disk_format(disk_format)
+        vis = parse_visibility(visibility)
+        with self.batch() as state:
+            if any(i.name == name for i in _visible_images(state, project)):
+                raise ConflictError(f"image {name!r} already exists")
+            image = Image(new_id(), name, project, fmt, vis)
+            state.put(image)
+            return image
+
+    def image_list(self, project: str) -> list[Image]:
+        return sorted(_visible_images(self.snapshot(), project), key=lambda i: (i.name, i.id))
+
+    # ------------------------------------------------------------------ instances
+
+    def boot(
+        self,
+        project: str,
+        name: str,
+        flavor: str,
+        image: str,
+        host: str,
+        security_groups: Sequence[str] | None = None,
+        nics: Sequence[str] | None = None,
+    ) -> Instance:
+        """Create an instance and one port per network (see ``semantics.md``)."""
+        check_name(project, "project")
+        check_name(name, "instance name")
+        check_host(host)
+        flavor_obj = _flavor(flavor)
+        with self.batch() as state:
+            self._ensure_project(state, project)
+            image_obj = _image(state, project, image)
+            group_ids = self._boot_groups(state, project, security_groups)
+            networks = self._boot_networks(state, project, nics)
+            instance = Instance(new_id(), project, name, flavor_obj.name, image_obj.id, host,
+                                group_ids, "ACTIVE", time.time_ns())
+            ports = [self._new_port(state, instance.id, net) for net in networks]
+            state.put(instance)
+            for port in ports:
+                state.put(port)
+            return instance
+
+    def _boot_groups(
+        self, state: CloudState, project: str, names: Sequence[str] | None
+    ) -> tuple[str, ...]:
+        if not names:
+            return (state.group_by_name[(project, DEFAULT_GROUP)],)
+        ids = [self._group(state, project, n).id for n in names]
+        if len(set(ids)) != len(ids):
+            raise ValidationError("a security group is listed more than once")
+        return tuple(ids)
+
+    def _boot_networks(
+        self, state: CloudState, project: str, nics: Sequence[str] | None
+    ) -> list[Network]:
+        if nics:
+            networks = [self._network(state, project, ref) for ref in nics]
+            if len({n.id for n in networks}) != len(networks):
+                raise ValidationError("a network is listed more than once in --nic")
+            return networks
+        usable = sorted((n for n in state.networks.values() if n.usable_by(project)),
+                        key=lambda n: n.name)
+        if not usable:
+            raise NotFoundError(f"no network is available to project {project!r}; create one first")
+        if len(usable) > 1:
+            raise ValidationError(
+                "several networks are available; choose one with --nic net-id=NETWORK"
+            )
+        return usable
+
+    @staticmethod
+    def _new_port(state: CloudState, instance_id: str, network: Network) -> Port:
+        used = state.used_ips[network.id]
+        hint = state.alloc_hint.get(network.id, 0)
+        found = next(free_addresses(network, used, hint), None)
+        if found is None:
+            raise ConflictError(f"network {network.name!r} has no free address")
+        offset, address = found
+        state.alloc_hint[network.id] = offset + 1
+        used.add(address)  # reserve now: a second port in the same batch must not take it
+        return Port(new_id(), instance_id, network.id, _new_mac(state.used_macs), address)
+
+    def delete(self, project: str, server: str) -> Instance:
+        with self.batch() as state:
+            instance = self._instance(state, project, server)
+            for port in state.ports_of(instance.id):
+                state.remove(port)
+            state.remove(instance)
+            return instance
+
+    def list_instances(
+        self, project: str, host: str | None = None, all_projects: bool = False
+    ) -> list[Instance]:
+        state = self.snapshot()
+        found = [
+            i for i in state.instances.values()
+            if (all_projects or host is not None or i.project == project)
+            and (host is None or i.host == host)
+        ]
+        return sorted(found, key=lambda i: (i.created, i.name, i.id))
+
+    def show(self, project: str, server: str) -> dict[str, Any]:
+        state = self.snapshot()
+        instance = self._instance(state, project, server)
+        networks: dict[str, list[str]] = {}
+        for port in state.ports_of(instance.id):
+            networks.setdefault(state.networks[port.network_id].name, []).append(port.ip)
+        image = state.images.get(instance.image_id)
+        return {
+            "id": instance.id,
+            "name": instance.name,
+            "project": instance.project,
+            "status": instance.state,
+            "host": instance.host,
+            "flavor": instance.flavor,
+            "image": image.name if image else instance.image_id,
+            "security_groups": [state.groups[g].name for g in instance.security_groups],
+            "networks": networks,
+        }
+
+    def list_secgroup(self, project: str, server: str) -> list[SecurityGroup]:
+        state = self.snapshot()
+        instance = self._instance(state, project, server)
+        return [state.groups[g] for g in instance.security_groups]
+
+    def add_secgroup(self, project: str, server: str, group: str) -> Instance:
+        with self.batch() as state:
+            instance = self._instance(state, project, server)
+            target = self._group(state, project, group)
+            if target.id in instance.security_groups:
+                raise ConflictError(
+                    f"instance {instance.name!r} already has security group {target.name!r}"
+                )
+            updated = _with_groups(instance, (*instance.security_groups, target.id))
+            state.put(updated)
+            return updated
+
+    def remove_secgroup(self, project: str, server: str, group: str) -> Instance:
+        with self.batch() as state:
+            instance = self._instance(state, project, server)
+            target = self._group(state, project, group)
+            if target.id not in instance.security_groups:
+                raise NotFoundError(
+                    f"instance {instance.name!r} does not have security group {target.name!r}"
+                )
+            remaining = tuple(g for g in instance.security_groups if g != target.id)
+            updated = _with_groups(instance, remaining)
+            state.put(updated)
+            return updated
+
+    # ------------------------------------------------------------------ ports
+
+    def port_list(self, project: str, host: str | None = None) -> list[PortView]:
+        """Ports of the project's instances; with ``host``, every port on that host."""
+        state = self.snapshot()
+        views = []
+        for port in state.ports.values():
+            instance = state.instances[port.instance_id]
+            if host is not None and instance.host != host:
+                continue
+            if host is None and instance.project != project:
+                continue
+            views.append(_port_view(state, port, instance))
+        return sorted(views, key=lambda v: (v.host, v.tap))
+
+    # ------------------------------------------------------------------ quotas
+
+    def quota_show(self, project: str) -> dict[str, int]:
+        state = self._read(check_name(project, "project"))
+        quota = state.quota(project)
+        return {
+            "security_groups": quota.security_groups,
+            "security_group_rules": quota.security_group_rules,
+        }
+
+    def quota_update(
+        self,
+        project: str,
+        security_groups: str | int | None = None,
+        security_group_rules: str | int | None = None,
+    ) -> dict[str, int]:
+        check_name(project, "project")
+        if security_groups is None and security_group_rules is None:
+            raise ValidationError("nothing to update: give --security-groups and/or "
+                                  "--security-group-rules")
+        groups = parse_quota(security_groups, "security_groups") if security_groups is not None \
+            else None
+        rules = parse_quota(security_group_rules, "security_group_rules") \
+            if security_group_rules is not None else None
+        with self.batch() as state:
+            self._ensure_project(state, project)
+            current = state.quota(project)
+            updated = Quota(
+                project,
+                current.security_groups if groups is None else groups,
+                current.security_group_rules if rules is None else rules,
+            )
+            _check_quota_covers_usage(state, updated)
+            state.put(updated)
+        return self.quota_show(project)
+
+    # ------------------------------------------------------------------ lookups
+
+    def _ensure_project(self, state: CloudState, project: str) -> None:
+        if (project, DEFAULT_GROUP) not in state.group_by_name:
+            state.put(SecurityGroup(new_id(), project, DEFAULT_GROUP, "default"))
+
+    def _check_group_quota(self, state: CloudState, project: str) -> None:
+        limit = state.quota(project).security_groups
+        used = sum(1 for g in state.groups.values() if g.project == project)
+        if limit != UNLIMITED and used >= limit:
+            raise QuotaError(
+                f"Quota exceeded for security_groups: {used} of {limit} used in project {project!r}"
+            )
+
+    @staticmethod
+    def _group(state: CloudState, project: str, ref: str, what: str = "Security group") -> SecurityGroup:
+        group_id = state.group_by_name.get((project, ref))
+        if group_id is None and ref in state.groups and state.groups[ref].project == project:
+            group_id = ref
+        if group_id is None:
+            raise NotFoundError(f"{what} {ref!r} not found in project {project!r}")
+        return state.groups[group_id]
+
+    @staticmethod
+    def _instance(state: CloudState, project: str, ref: str) -> Instance:
+        by_id = state.instances.get(ref)
+        if by_id is not None and by_id.project == project:
+            return by_id
+        named = [i for i in state.instances.values() if i.project == project and i.name == ref]
+        if not named:
+            raise NotFoundError(f"No server with a name or ID of {ref!r} exists")
+        if len(named) > 1:
+            raise ConflictError(f"Multiple servers named {ref!r} exist; use the ID")
+        return named[0]
+
+    @staticmethod
+    def _network(state: CloudState, project: str, ref: str) -> Network:
+        for net in state.networks.values():
+            if (net.id == ref or net.name == ref) and net.usable_by(project):
+                return net
+        raise NotFoundError(f"network {ref!r} not found")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _nova_match(
+    protocol: str, from_port: str, to_port: str
+) -> tuple[str, int | None, int | None, int | None]:
+    """Validate a nova (protocol, from, to) triple → (protocol, min, max, display_max).
+
+    An ICMP rule with "any" type matches any code; the code typed with it
+    (``icmp -1 255``) is kept only for display, so it cannot create a second rule
+    with the same meaning.
+    """
+    proto = parse_nova_protocol(protocol)
+    low, high = parse_nova_ports(proto, from_port, to_port)
+    if proto == "icmp" and low is None:
+        return proto, None, None, high
+    return proto, low, high, None
+
+
+def _optional_nova_match(
+    protocol: str | None, from_port: str | None, to_port: str | None
+) -> tuple[str | None, int | None, int | None, int | None]:
+    given = [v is not None for v in (protocol, from_port, to_port)]
+    if not any(given):
+        return None, None, None, None
+    if not all(given):
+        raise ValidationError("give all of PROTOCOL FROM-PORT TO-PORT, or none of them")
+    return _nova_match(protocol, from_port, to_port)  # type: ignore[arg-type]
+
+
+def _check_description(description: str) -> None:
+    if len(description) > 255:
+        raise ValidationError("description is longer than 255 characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in description):
+        raise ValidationError("description must not contain control characters")
+
+
+def _sorted_rules(rules: Any) -> list[Rule]:
+    def key(rule: Rule) -> tuple[Any, ...]:
+        return (rule.direction, rule.ethertype, rule.protocol or "",
+                -1 if rule.port_min is None else rule.port_min,
+                -1 if rule.port_max is None else rule.port_max,
+                rule.remote_cidr or "", rule.remote_group_id or "", rule.id)
+
+    return sorted(rules, key=key)
+
+
+def _flavor(ref: str) -> Flavor:
+    for flavor in FLAVORS:
+        if ref in (flavor.name, flavor.id):
+            return flavor
+    raise NotFoundError(f"flavor {ref!r} not found")
+
+
+def _visible_images(state: CloudState, project: str) -> list[Image]:
+    return [i for i in state.images.values() if i.visibility == "public" or i.project == project]
+
+
+def _image(state: CloudState, project: str, ref: str) -> Image:
+    for image in _visible_images(state, project):
+        if ref in (image.id, image.name):
+            return image
+    raise NotFoundError(f"image {ref!r} not found")
+
+
+def _new_mac(used: set[str]) -> str:
+    """A random, unused MAC with OpenStack's ``fa:16:3e`` prefix."""
+    rng = random.SystemRandom()
+    while True:
+        mac = MAC_PREFIX + "".join(f":{rng.randrange(256):02x}" for _ in range(3))
+        if mac not in used:
+            used.add(mac)
+            return mac
+
+
+def _with_groups(instance: Instance, groups: tuple[str, ...]) -> Instance:
+    from dataclasses import replace
+
+    return replace(instance, security_groups=groups)
+
+
+def _port_view(state: CloudState, port: Port, instance: Instance) -> PortView:
+    return PortView(
+        id=port.id,
+        instance=instance.name,
+        instance_id=instance.id,
+        project=instance.project,
+        host=instance.host,
+        network=state.networks[port.network_id].name,
+        tap=port.tap,
+        mac=port.mac,
+        ip=port.ip,
+        security_groups=tuple(state.groups[g].name for g in instance.security_groups),
+    )
+
+
+def _check_quota_covers_usage(state: CloudState, quota: Quota) -> None:
+    groups = [g for g in state.groups.values() if g.project == quota.id]
+    if quota.security_groups != UNLIMITED and len(groups) > quota.security_groups:
+        raise QuotaError(
+            f"security_groups quota {quota.security_groups} is below the {len(groups)} "
+            f"groups project {quota.id!r} already has"
+        )
+    most = max((len(state.rules_by_group.get(g.id, {})) for g in groups), default=0)
+    if quota.security_group_rules != UNLIMITED and most > quota.security_group_rules:
+        raise QuotaError(
+            f"security_group_rules quota {quota.security_group_rules} is below the {most} "
+            f"rules a group of project {quota.id!r} already has"
+        )

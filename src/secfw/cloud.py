@@ -1,0 +1,201 @@
+"""The whole cloud in memory, indexed: what the API mutates and the compiler reads.
+
+:class:`CloudState` holds every record by id plus the indexes the API and the
+compiler need to stay O(1) per operation (groups by project and name, rules by
+group, ports by instance and host, instances by group, used addresses per
+network). Every mutation goes through :meth:`put` / :meth:`remove`, which keep the
+indexes exact and record the change in :attr:`dirty` so a write transaction can
+persist exactly what changed. :meth:`apply_changes` replays a store change feed,
+which is how a long-running agent follows the cloud without reloading it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from secfw.model import (
+    RECORD_TYPES,
+    Image,
+    Instance,
+    Network,
+    Port,
+    Quota,
+    Record,
+    Rule,
+    SecurityGroup,
+)
+from secfw.store.base import Change, Snapshot
+
+R = TypeVar("R", bound=Record)
+
+
+class CloudState:
+    """Every record of the cloud, with exact secondary indexes."""
+
+    def __init__(self, revision: int = 0) -> None:
+        self.revision = revision
+        self.records: dict[str, dict[str, Any]] = {kind: {} for kind in RECORD_TYPES}
+        self.dirty: dict[tuple[str, str], Record | None] = {}
+        self.group_by_name: dict[tuple[str, str], str] = {}
+        self.rules_by_group: dict[str, dict[str, Rule]] = defaultdict(dict)
+        self.rules_by_remote: dict[str, set[str]] = defaultdict(set)
+        self.instances_by_group: dict[str, set[str]] = defaultdict(set)
+        self.ports_by_instance: dict[str, set[str]] = defaultdict(set)
+        self.used_ips: dict[str, set[str]] = defaultdict(set)
+        self.used_macs: set[str] = set()
+        #: lowest offset that may be free, per network (reset when an address is freed)
+        self.alloc_hint: dict[str, int] = {}
+        self.projects: set[str] = set()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot) -> CloudState:
+        state = cls(snapshot.revision)
+        # Instances before ports and groups before rules keeps nothing special to
+        # order: indexes only ever point by id, so any order is correct.
+        for kind, docs in snapshot.docs.items():
+            record_type = RECORD_TYPES.get(kind)
+            if record_type is None:
+                continue
+            for doc in docs.values():
+                state._index(record_type.from_doc(doc))
+        return state
+
+    def apply_changes(self, revision: int, changes: Iterable[Change]) -> None:
+        """Replay a change feed (see :meth:`Store.changes_since`) onto this state."""
+        for change in changes:
+            record_type = RECORD_TYPES.get(change.kind)
+            if record_type is None:
+                continue
+            old = self.records[change.kind].get(change.id)
+            if old is not None:
+                self._unindex(old)
+            if change.doc is not None:
+                self._index(record_type.from_doc(change.doc))
+        self.revision = revision
+
+    # ------------------------------------------------------------------ mutation
+
+    def put(self, record: Record) -> None:
+        """Insert or replace a record (by kind and id), keeping indexes exact."""
+        old = self.records[record.KIND].get(record.id)  # type: ignore[attr-defined]
+        if old is not None:
+            self._unindex(old)
+        self._index(record)
+        self.dirty[(record.KIND, record.id)] = record  # type: ignore[attr-defined]
+
+    def remove(self, record: Record) -> None:
+        """Delete a record; a no-op if it is already gone."""
+        current = self.records[record.KIND].get(record.id)  # type: ignore[attr-defined]
+        if current is None:
+            return
+        self._unindex(current)
+        self.dirty[(record.KIND, record.id)] = None  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ typed views
+
+    @property
+    def networks(self) -> dict[str, Network]:
+        return self.records[Network.KIND]
+
+    @property
+    def groups(self) -> dict[str, SecurityGroup]:
+        return self.records[SecurityGroup.KIND]
+
+    @property
+    def rules(self) -> dict[str, Rule]:
+        return self.records[Rule.KIND]
+
+    @property
+    def images(self) -> dict[str, Image]:
+        return self.records[Image.KIND]
+
+    @property
+    def instances(self) -> dict[str, Instance]:
+        return self.records[Instance.KIND]
+
+    @property
+    def ports(self) -> dict[str, Port]:
+        return self.records[Port.KIND]
+
+    @property
+    def quotas(self) -> dict[str, Quota]:
+        return self.records[Quota.KIND]
+
+    def ports_of(self, instance_id: str) -> list[Port]:
+        return sorted((self.ports[p] for p in self.ports_by_instance.get(instance_id, ())),
+                      key=lambda p: p.id)
+
+    def group_members(self, group_id: str) -> list[Instance]:
+        """Instances that use the group (what a source-group rule selects)."""
+        return [self.instances[i] for i in sorted(self.instances_by_group.get(group_id, ()))]
+
+    def quota(self, project: str) -> Quota:
+        return self.quotas.get(project) or Quota(project)
+
+    # ------------------------------------------------------------------ indexes
+
+    def _index(self, record: Record) -> None:
+        self.records[record.KIND][record.id] = record  # type: ignore[attr-defined]
+        if isinstance(record, SecurityGroup):
+            self.group_by_name[(record.project, record.name)] = record.id
+            self.projects.add(record.project)
+        elif isinstance(record, Rule):
+            self.rules_by_group[record.group_id][record.id] = record
+            if record.remote_group_id:
+                self.rules_by_remote[record.remote_group_id].add(record.id)
+        elif isinstance(record, Instance):
+            for group_id in record.security_groups:
+                self.instances_by_group[group_id].add(record.id)
+        elif isinstance(record, Port):
+            self.ports_by_instance[record.instance_id].add(record.id)
+            self.used_ips[record.network_id].add(record.ip)
+            self.used_macs.add(record.mac)
+
+    def _unindex(self, record: Record) -> None:
+        del self.records[record.KIND][record.id]  # type: ignore[attr-defined]
+        if isinstance(record, SecurityGroup):
+            self.group_by_name.pop((record.project, record.name), None)
+        elif isinstance(record, Rule):
+            _discard(self.rules_by_group, record.group_id, record.id)
+            if record.remote_group_id:
+                _discard(self.rules_by_remote, record.remote_group_id, record.id)
+        elif isinstance(record, Instance):
+            for group_id in record.security_groups:
+                _discard(self.instances_by_group, group_id, record.id)
+        elif isinstance(record, Port):
+            _discard(self.ports_by_instance, record.instance_id, record.id)
+            _discard(self.used_ips, record.network_id, record.ip)
+            self.used_macs.discard(record.mac)
+            self.alloc_hint.pop(record.network_id, None)
+
+
+def _discard(index: dict[str, Any], key: str, member: str) -> None:
+    """Remove ``member`` from ``index[key]`` (a set or dict) and drop empty keys."""
+    bucket = index.get(key)
+    if bucket is None:
+        return
+    if isinstance(bucket, dict):
+        bucket.pop(member, None)
+    else:
+        bucket.discard(member)
+    if not bucket:
+        del index[key]
+
+
+def free_addresses(network: Network, used: set[str], start: int = 0) -> Iterable[tuple[int, str]]:
+    """Allocatable addresses of a network in order, as ``(offset, address)``.
+
+    Skips the network address, the gateway (the first host, ``.1``) and the
+    broadcast address, and anything in ``used``. ``start`` is an offset hint.
+    """
+    net = ipaddress.ip_network(network.cidr)
+    first = max(start, 2)
+    for offset in range(first, net.num_addresses - 1):
+        address = str(net.network_address + offset)
+        if address not in used:
+            yield offset, address

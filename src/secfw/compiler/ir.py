@@ -1,0 +1,123 @@
+"""The backend-neutral intermediate representation of one host's filter.
+
+The IR says *what* must be filtered, never *how* a technology does it:
+
+* :class:`PortPolicy` — one per port on the host, keyed by its tap: its addresses,
+  the network it may talk to freely (``allow_same_net_traffic``) and the ordered
+  security groups whose rules apply to it.
+* :class:`GroupChain` — one per (security group, direction) used on the host,
+  **shared** by every port that uses the group. Its rules are the group's allow
+  rules, already normalised.
+* :class:`AddressSet` — one per (source group, family) referenced by a rule of a
+  group on this host: the addresses of every port, on any host, of an instance
+  that uses the source group. Shared by every rule that references it.
+
+Everything is frozen and sorted, so the same model always gives an equal IR and a
+backend renders it byte for byte the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Family = Literal["ipv4", "ipv6"]
+IRDirection = Literal["ingress", "egress"]
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """An inclusive range of destination ports (``low == high`` for one port)."""
+
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class IcmpMatch:
+    """ICMP (or ICMPv6) type and optional code; ``type is None`` never occurs here:
+    "any ICMP" is expressed by an :class:`IRRule` with ``icmp=None``."""
+
+    type: int
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class IRRule:
+    """One allow rule of a group chain.
+
+    Matches packets of ``family`` whose remote address is in ``remote_cidr`` (a
+    canonical CIDR) or in the address set ``remote_set`` (by name), or from anywhere
+    when both are None; whose IP protocol is ``protocol`` (number, None = any); and,
+    for port protocols, whose destination port is in ``ports``; for ICMP, whose
+    type/code match ``icmp``. ``rule_id`` names the model rule it came from.
+    """
+
+    rule_id: str
+    family: Family
+    protocol: int | None = None
+    ports: PortRange | None = None
+    icmp: IcmpMatch | None = None
+    remote_cidr: str | None = None
+    remote_set: str | None = None
+
+
+@dataclass(frozen=True)
+class GroupChain:
+    """The rules of one security group in one direction, shared by its ports."""
+
+    name: str
+    group_id: str
+    direction: IRDirection
+    rules: tuple[IRRule, ...]
+
+
+@dataclass(frozen=True)
+class AddressSet:
+    """Addresses of the members of a source group, for one family.
+
+    ``elements`` are canonical, sorted, non-overlapping CIDRs (single addresses as
+    /32 or /128), merged so that interval-based sets accept them as they are.
+    """
+
+    name: str
+    group_id: str
+    family: Family
+    elements: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PortPolicy:
+    """The filter of one port (one tap) on this host.
+
+    Ingress is evaluated as: same-net accept (when ``same_net_cidrs`` is not empty),
+    then each chain of ``ingress_chains`` in order, then drop. Egress: each chain of
+    ``egress_chains``, then drop — unless ``egress_open`` (nova semantics: a port
+    whose groups define no egress rules may send anything).
+    """
+
+    tap: str
+    port_id: str
+    instance_id: str
+    mac: str
+    ipv4: tuple[str, ...]
+    same_net_cidrs: tuple[str, ...]
+    ingress_chains: tuple[str, ...]
+    egress_chains: tuple[str, ...] = ()
+    egress_open: bool = True
+
+
+@dataclass(frozen=True)
+class HostFilter:
+    """The whole filter of one host: what a backend renders and applies."""
+
+    host: str
+    ports: tuple[PortPolicy, ...]
+    chains: tuple[GroupChain, ...]
+    sets: tuple[AddressSet, ...]
+
+    def port(self, tap: str) -> PortPolicy | None:
+        return next((p for p in self.ports if p.tap == tap), None)
+
+    def chain(self, name: str) -> GroupChain | None:
+        return next((c for c in self.chains if c.name == name), None)

@@ -1,0 +1,88 @@
+"""Every error secfw raises on purpose.
+
+Hierarchy::
+
+    SecfwError                  base; ``str(err)`` is the one line the CLI prints
+    ├── ValidationError         bad input: a field, a CIDR, a port range, a name
+    ├── NotFoundError           unknown group, instance, network, flavor, image, port
+    ├── ConflictError           duplicate rule/name, overlapping network, address exhausted
+    ├── QuotaError              over a project quota (names the quota)
+    ├── InUseError              deleting something still referenced
+    ├── StoreError              the store cannot be opened, read or written
+    ├── ConfigError             bad configuration file or value
+    ├── BackendError            the kernel refused a transaction, a tool failed
+    │   └── UnsupportedError    a backend cannot express part of the IR faithfully
+    └── LabError                the network-namespace lab could not be built
+
+Lower-level exceptions (sqlite3, OSError, netlink) are translated at the edge with
+``raise ... from exc`` so callers only ever catch :class:`SecfwError`.
+"""
+
+from __future__ import annotations
+
+
+class SecfwError(Exception):
+    """Base of all secfw errors. The message is a single human-readable line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()) if "\n" in message else message)
+
+
+class ValidationError(SecfwError):
+    """Input that can never be valid (bad field value, malformed CIDR, ...)."""
+
+    exit_code = 2
+
+
+class NotFoundError(SecfwError):
+    """A referenced object does not exist (in the caller's project)."""
+
+    exit_code = 3
+
+
+class ConflictError(SecfwError):
+    """The request clashes with existing state (duplicate, overlap, exhaustion)."""
+
+    exit_code = 4
+
+
+class QuotaError(SecfwError):
+    """The request would exceed a project quota."""
+
+    exit_code = 5
+
+
+class InUseError(SecfwError):
+    """The object is still referenced and cannot be deleted."""
+
+    exit_code = 6
+
+
+class StoreError(SecfwError):
+    """The store could not be opened, read or written."""
+
+    exit_code = 7
+
+
+class ConfigError(SecfwError):
+    """A configuration file or value is invalid."""
+
+    exit_code = 8
+
+
+class BackendError(SecfwError):
+    """A packet-filter backend failed to apply or read back a ruleset."""
+
+    exit_code = 9
+
+
+class UnsupportedError(BackendError):
+    """A backend cannot express part of the IR as well as the IR asks."""
+
+
+class LabError(SecfwError):
+    """The network-namespace lab could not be created or removed."""
+
+    exit_code = 10

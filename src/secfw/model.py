@@ -1,0 +1,396 @@
+"""The cloud model: plain, frozen, validated data types.
+
+Every object here is immutable; a change is a new object stored under the same id.
+Constructors do not validate (they are also used to load trusted data from the
+store); the ``parse_*`` and ``check_*`` functions validate untrusted input and raise
+:class:`~secfw.errors.ValidationError` with the one line a user should see.
+
+Semantics follow ``semantics.md`` (the nova operations guide, extended by Neutron):
+
+* A :class:`Rule` is an *allow* rule. ``port_min``/``port_max`` are the local
+  (destination) port range for tcp/udp, or ICMP type/code for icmp; ``None`` means
+  "any" (the nova CLI's ``-1``).
+* ``remote_cidr`` and ``remote_group_id`` are mutually exclusive; a rule with
+  neither matches any source of its family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from secfw.errors import ValidationError
+
+Direction = Literal["ingress", "egress"]
+Ethertype = Literal["IPv4", "IPv6"]
+
+MAX_NAME_LEN = 255
+MAC_PREFIX = "fa:16:3e"
+TAP_PREFIX = "tap"
+TAP_ID_CHARS = 11  # Neutron/nova: "tap" + port_id[:11] fits IFNAMSIZ (16 incl. NUL)
+
+#: nova-network's protocols for the nova-style commands, with their IP numbers.
+NOVA_PROTOCOLS: dict[str, int] = {"tcp": 6, "udp": 17, "icmp": 1}
+#: protocols that carry ports (semantics.md section 3).
+PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite"})
+#: IANA numbers of the protocol names secfw understands.
+PROTOCOL_NUMBERS: dict[str, int] = {
+    "icmp": 1,
+    "igmp": 2,
+    "tcp": 6,
+    "udp": 17,
+    "gre": 47,
+    "esp": 50,
+    "ah": 51,
+    "icmpv6": 58,
+    "ipv6-icmp": 58,
+    "ospf": 89,
+    "pim": 103,
+    "vrrp": 112,
+    "sctp": 132,
+    "udplite": 136,
+}
+
+DEFAULT_GROUP = "default"
+DEFAULT_QUOTA_SECURITY_GROUPS = 10
+DEFAULT_QUOTA_SECURITY_GROUP_RULES = 20
+UNLIMITED = -1
+
+DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vmdk", "raw", "qcow2", "vdi", "iso")
+VISIBILITIES = ("public", "private")
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --------------------------------------------------------------------------- objects
+
+
+class Record:
+    """Mixin: conversion to and from the plain dicts the store keeps."""
+
+    KIND: ClassVar[str]
+
+    def to_doc(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (tuples become lists)."""
+        doc = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in doc.items()}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Any:
+        """The inverse of :meth:`to_doc`; unknown keys are ignored (forward compatible)."""
+        names = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        kwargs = {}
+        for key, value in doc.items():
+            if key in names:
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """A virtual hardware template (the operations guide's five defaults)."""
+
+    id: str
+    name: str
+    ram_mb: int
+    disk_gb: int
+    ephemeral_gb: int
+    vcpus: int
+
+
+FLAVORS: tuple[Flavor, ...] = (
+    Flavor("1", "m1.tiny", 512, 1, 0, 1),
+    Flavor("2", "m1.small", 2048, 10, 20, 1),
+    Flavor("3", "m1.medium", 4096, 10, 40, 2),
+    Flavor("4", "m1.large", 8192, 10, 80, 4),
+    Flavor("5", "m1.xlarge", 16384, 10, 160, 8),
+)
+
+
+@dataclass(frozen=True)
+class Network(Record):
+    """An IPv4 subnet. ``vlan is None`` means flat (shared by every project)."""
+
+    KIND: ClassVar[str] = "network"
+    id: str
+    name: str
+    cidr: str
+    vlan: int | None = None
+    project: str | None = None
+
+    @property
+    def gateway(self) -> str:
+        """The gateway address: the first host of the subnet (``.1``)."""
+        return str(ipaddress.ip_network(self.cidr)[1])
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.ip_network(self.cidr).prefixlen
+
+    def usable_by(self, project: str) -> bool:
+        """Flat networks are shared; a VLAN network belongs to one project."""
+        return self.project is None or self.project == project
+
+
+@dataclass(frozen=True)
+class SecurityGroup(Record):
+    KIND: ClassVar[str] = "secgroup"
+    id: str
+    project: str
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Rule(Record):
+    """One allow rule of a security group (see module docstring for the fields)."""
+
+    KIND: ClassVar[str] = "rule"
+    id: str
+    group_id: str
+    direction: Direction = "ingress"
+    ethertype: Ethertype = "IPv4"
+    protocol: str | None = None
+    port_min: int | None = None
+    port_max: int | None = None
+    remote_cidr: str | None = None
+    remote_group_id: str | None = None
+    #: ICMP code given with an "any" type (nova's ``icmp -1 255``): kept for display,
+    #: it matches nothing more than "any ICMP".
+    display_max: int | None = None
+
+    def match_key(self) -> tuple[Any, ...]:
+        """The rule's meaning: two rules with equal keys are duplicates."""
+        return (
+            self.group_id,
+            self.direction,
+            self.ethertype,
+            protocol_number(self.protocol),
+            self.port_min,
+            self.port_max,
+            canonical_remote(self.remote_cidr, self.ethertype),
+            self.remote_group_id,
+        )
+
+
+@dataclass(frozen=True)
+class Image(Record):
+    KIND: ClassVar[str] = "image"
+    id: str
+    name: str
+    project: str
+    disk_format: str = "qcow2"
+    visibility: str = "private"
+
+
+@dataclass(frozen=True)
+class Instance(Record):
+    KIND: ClassVar[str] = "instance"
+    id: str
+    project: str
+    name: str
+    flavor: str
+    image_id: str
+    host: str
+    security_groups: tuple[str, ...] = ()
+    state: str = "ACTIVE"
+    created: int = 0
+
+
+@dataclass(frozen=True)
+class Port(Record):
+    KIND: ClassVar[str] = "port"
+    id: str
+    instance_id: str
+    network_id: str
+    mac: str
+    ip: str
+
+    @property
+    def tap(self) -> str:
+        return tap_name(self.id)
+
+
+@dataclass(frozen=True)
+class Quota(Record):
+    """Per-project limits; ``-1`` means unlimited."""
+
+    KIND: ClassVar[str] = "quota"
+    id: str  # the project name
+    security_groups: int = DEFAULT_QUOTA_SECURITY_GROUPS
+    security_group_rules: int = DEFAULT_QUOTA_SECURITY_GROUP_RULES
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.KIND: cls for cls in (Network, SecurityGroup, Rule, Image, Instance, Port, Quota)
+}
+
+
+@dataclass
+class Usage:
+    """How much of a quota a project uses (for quota-show)."""
+
+    security_groups: int = 0
+    rules_by_group: dict[str, int] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def tap_name(port_id: str) -> str:
+    """The tap interface name of a port: ``tap`` + the first 11 characters of its id."""
+    return TAP_PREFIX + port_id[:TAP_ID_CHARS]
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """A user-given name: 1-255 characters, not blank, no control characters.
+
+    Names are data: quotes, semicolons and braces are fine; they never reach a
+    ruleset (rulesets use generated ids only).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(f"{what} must not be empty or whitespace only")
+    if len(value) > MAX_NAME_LEN:
+        raise ValidationError(f"{what} is longer than {MAX_NAME_LEN} characters")
+    if _CONTROL_CHARS.search(value):
+        raise ValidationError(f"{what} must not contain control characters")
+    return value
+
+
+def check_host(value: str) -> str:
+    """A compute host name: a non-empty word with no whitespace."""
+    check_name(value, "host")
+    if any(c.isspace() for c in value):
+        raise ValidationError(f"host {value!r} must not contain whitespace")
+    return value
+
+
+def parse_int(text: str | int, what: str) -> int:
+    """An integer from user input (``"22"``, ``"-1"``); anything else is an error."""
+    if isinstance(text, bool):
+        raise ValidationError(f"{what} must be an integer, not {text!r}")
+    if isinstance(text, int):
+        return text
+    stripped = text.strip()
+    if not re.fullmatch(r"[+-]?\d+", stripped):
+        raise ValidationError(f"{what} must be an integer, not {text!r}")
+    return int(stripped)
+
+
+def protocol_number(protocol: str | None) -> int | None:
+    """IP protocol number of a stored protocol (name or decimal string); None = any."""
+    if protocol is None:
+        return None
+    if protocol.isdigit():
+        return int(protocol)
+    return PROTOCOL_NUMBERS[protocol]
+
+
+def parse_nova_protocol(text: str) -> str:
+    """tcp, udp or icmp, case-insensitive (nova-network's choice)."""
+    proto = text.strip().lower()
+    if proto not in NOVA_PROTOCOLS:
+        raise ValidationError(f"Invalid IP protocol {text}.")
+    return proto
+
+
+def parse_nova_ports(protocol: str, from_text: str, to_text: str) -> tuple[int | None, int | None]:
+    """The nova CLI's FROM/TO pair, checked for the protocol, as (min, max).
+
+    tcp/udp: 1 <= from <= to <= 65535. icmp: type and code each -1..255, -1 = any
+    (returned as None).
+    """
+    if protocol == "icmp":
+        try:
+            icmp_type = parse_int(from_text, "ICMP type")
+            icmp_code = parse_int(to_text, "ICMP code")
+        except ValidationError:
+            raise ValidationError("Type and Code must be integers for ICMP protocol type") from None
+        for value, what in ((icmp_type, "type"), (icmp_code, "code")):
+            if not -1 <= value <= 255:
+                raise ValidationError(f"ICMP {what} {value} is not in the range -1..255")
+        return (None if icmp_type == -1 else icmp_type, None if icmp_code == -1 else icmp_code)
+    low = parse_int(from_text, "from-port")
+    high = parse_int(to_text, "to-port")
+    for value in (low, high):
+        if not 1 <= value <= 65535:
+            raise ValidationError(f"port {value} is not in the range 1..65535")
+    if low > high:
+        raise ValidationError(f"from-port {low} is greater than to-port {high}")
+    return low, high
+
+
+def parse_cidr(text: str, ethertype: Ethertype = "IPv4") -> str:
+    """A CIDR in canonical form. A bare address means a single host (/32 or /128).
+
+    Host bits set (``10.1.2.3/24``) are rejected rather than silently normalised:
+    a firewall rule that means something other than what was typed is worse than
+    an error, and the message names the network the user probably meant.
+    """
+    raw = text.strip()
+    try:
+        network = ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValidationError(f"{text} is not a valid IP network.") from None
+    if network.network_address != ipaddress.ip_interface(raw).ip:
+        raise ValidationError(
+            f"{text} is not a valid IP network: host bits are set (did you mean {network}?)"
+        )
+    want = 4 if ethertype == "IPv4" else 6
+    if network.version != want:
+        raise ValidationError(f"{text} is not an {ethertype} network")
+    return str(network)
+
+
+def canonical_remote(cidr: str | None, ethertype: Ethertype) -> str | None:
+    """``0.0.0.0/0`` and ``::/0`` mean the same as no remote at all."""
+    if cidr in ("0.0.0.0/0", "::/0"):
+        return None
+    return cidr
+
+
+def parse_network_cidr(text: str) -> str:
+    """An IPv4 subnet for a network: canonical, with room for at least one instance."""
+    cidr = parse_cidr(text, "IPv4")
+    if ipaddress.ip_network(cidr).prefixlen > 30:
+        raise ValidationError(f"network {cidr} is too small: the prefix must be /30 or shorter")
+    return cidr
+
+
+def parse_vlan(value: str | int) -> int:
+    vlan = parse_int(value, "VLAN id")
+    if not 1 <= vlan <= 4094:
+        raise ValidationError(f"VLAN id {vlan} is not in the range 1..4094")
+    return vlan
+
+
+def parse_quota(value: str | int, what: str) -> int:
+    limit = parse_int(value, what)
+    if limit < UNLIMITED:
+        raise ValidationError(f"{what} must be -1 (unlimited) or a non-negative integer")
+    return limit
+
+
+def parse_disk_format(text: str) -> str:
+    fmt = text.strip().lower()
+    if fmt not in DISK_FORMATS:
+        raise ValidationError(f"disk format {text!r} is not one of {', '.join(DISK_FORMATS)}")
+    return fmt
+
+
+def parse_visibility(text: str) -> str:
+    vis = text.strip().lower()
+    if vis not in VISIBILITIES:
+        raise ValidationError(f"visibility {text!r} is not one of {', '.join(VISIBILITIES)}")
+    return vis
+
+
+def parse_nic(text: str) -> str:
+    """``net-id=NET`` (nova's --nic syntax) → NET."""
+    key, sep, value = text.partition("=")
+    if not sep or key.strip() != "net-id" or not value.strip():
+        raise ValidationError(f"--nic {text!r}: expected net-id=NETWORK")
+    return value.strip()

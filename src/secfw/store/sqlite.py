@@ -1,0 +1,183 @@
+"""The embedded store: one SQLite file.
+
+Tables: ``meta`` (schema version, revision), ``objects`` (kind, id, rev, doc JSON)
+and ``tombstones`` (kind, id, rev) so that :meth:`changes_since` reports
+deletions too. WAL journaling lets an agent read while a CLI writes; writers are
+serialised by ``BEGIN IMMEDIATE`` (it takes the write lock before reading, so
+two concurrent read-modify-write commands can never lose an update).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from secfw.errors import StoreError
+from secfw.store.base import SCHEMA_VERSION, Change, Doc, Snapshot, Store, WriteTxn
+
+BUSY_TIMEOUT_S = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL, id TEXT NOT NULL, rev INTEGER NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (kind, id));
+CREATE INDEX IF NOT EXISTS objects_rev ON objects (rev);
+CREATE TABLE IF NOT EXISTS tombstones (
+    kind TEXT NOT NULL, id TEXT NOT NULL, rev INTEGER NOT NULL, PRIMARY KEY (kind, id));
+CREATE INDEX IF NOT EXISTS tombstones_rev ON tombstones (rev);
+"""
+
+
+class _SqliteTxn(WriteTxn):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.writes: dict[tuple[str, str], Doc | None] = {}
+
+    def put(self, kind: str, doc_id: str, doc: Doc) -> None:
+        self.writes[(kind, doc_id)] = doc
+
+    def delete(self, kind: str, doc_id: str) -> None:
+        self.writes[(kind, doc_id)] = None
+
+
+class SqliteStore(Store):
+    """A :class:`~secfw.store.base.Store` in one SQLite file."""
+
+    def __init__(self, path: str, url: str | None = None) -> None:
+        self.path = path
+        self.url = url or f"sqlite:///{path}"
+        self._conn = self._connect(path)
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            with _translated(path):
+                _init_schema(conn)
+            return conn
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open store {path}: {_reason(exc)}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # ------------------------------------------------------------------ reads
+
+    def revision(self) -> int:
+        with _translated(self.path):
+            return _read_revision(self._conn)
+
+    def load(self) -> Snapshot:
+        with _translated(self.path), _read_txn(self._conn):
+            return _load(self._conn)
+
+    def changes_since(self, revision: int) -> tuple[int, list[Change]]:
+        with _translated(self.path), _read_txn(self._conn):
+            current = _read_revision(self._conn)
+            rows = self._conn.execute(
+                "SELECT kind, id, rev, doc FROM objects WHERE rev > ? "
+                "UNION ALL SELECT kind, id, rev, NULL FROM tombstones WHERE rev > ? "
+                "ORDER BY 3",
+                (revision, revision),
+            ).fetchall()
+        changes = [Change(k, i, r, json.loads(d) if d is not None else None) for k, i, r, d in rows]
+        return current, changes
+
+    # ------------------------------------------------------------------ writes
+
+    @contextmanager
+    def write(self) -> Iterator[WriteTxn]:
+        with _translated(self.path):
+            self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            with _translated(self.path):
+                txn = _SqliteTxn(_load(self._conn))
+            yield txn
+            with _translated(self.path):
+                if txn.writes:
+                    _commit_writes(self._conn, txn.snapshot.revision + 1, txn.writes)
+                self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _init_schema(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in filter(str.strip, _SCHEMA.split(";")):
+            conn.execute(statement)
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            conn.execute("INSERT INTO meta VALUES ('revision', 0)")
+        elif row[0] != SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema version {row[0]} is not the supported version {SCHEMA_VERSION}"
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _read_revision(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+    return int(row[0])
+
+
+def _load(conn: sqlite3.Connection) -> Snapshot:
+    snapshot = Snapshot(_read_revision(conn))
+    for kind, doc_id, doc in conn.execute("SELECT kind, id, doc FROM objects"):
+        snapshot.docs.setdefault(kind, {})[doc_id] = json.loads(doc)
+    return snapshot
+
+
+def _commit_writes(
+    conn: sqlite3.Connection, revision: int, writes: dict[tuple[str, str], Doc | None]
+) -> None:
+    puts = [(k, i, revision, json.dumps(d, sort_keys=True)) for (k, i), d in writes.items() if d]
+    deletes = [(k, i) for (k, i), d in writes.items() if d is None]
+    conn.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?)", puts)
+    conn.executemany("DELETE FROM tombstones WHERE kind = ? AND id = ?", [p[:2] for p in puts])
+    conn.executemany("DELETE FROM objects WHERE kind = ? AND id = ?", deletes)
+    conn.executemany(
+        "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)", [(k, i, revision) for k, i in deletes]
+    )
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
+
+
+@contextmanager
+def _read_txn(conn: sqlite3.Connection) -> Iterator[None]:
+    """A consistent read: every SELECT inside sees one snapshot (WAL read txn)."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+
+
+@contextmanager
+def _translated(path: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {path}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
