@@ -1,0 +1,53 @@
+# secfw — `make demo` and `make test` do all set-up on a fresh Debian/Ubuntu machine (as root).
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# Debian packages the engine, the lab and the tests need (nft + libnftables for the
+# nftables backend, iproute2 for namespaces/veth, conntrack/iperf3 for tests and bench).
+APT_PACKAGES := nftables libnftables1 iproute2 iptables ipset conntrack iperf3 kmod procps
+APT_TOOLS    := nft ip iptables ipset conntrack iperf3 sysctl
+
+.PHONY: all deps venv test unit netns lint demo bench clean
+
+all: test
+
+deps:
+	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	 ls /usr/lib/*/libnftables.so.1 >/dev/null 2>&1 || missing=1; \
+	 $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1 || missing=1; \
+	 if [ -n "$$missing" ]; then \
+	   echo "installing system packages: $(APT_PACKAGES)"; \
+	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	     $(APT_PACKAGES) python3-venv python3-pip >/dev/null; \
+	 fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: deps $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q -m "not netns"
+
+netns: venv
+	$(VENV)/bin/pytest -q -m netns
+
+test: venv lint
+	$(VENV)/bin/pytest -q
+
+demo: venv
+	$(VENV)/bin/secfw demo
+
+bench: venv
+	$(PY) -m secfw.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,156 @@
+"""Model → IR: the filter of one compute host. Pure: no I/O, no clock, no randomness.
+
+``compile_host(state, host, allow_same_net)`` reads the ports of the instances on
+``host`` and produces a :class:`~secfw.compiler.ir.HostFilter`:
+
+* a :class:`PortPolicy` per port, naming the group chains of its instance's
+  security groups in the instance's order;
+* one :class:`GroupChain` per (group, direction) used by a port on this host,
+  shared by all of them — compiled size grows with ports + rules, never with
+  ports × rules;
+* one :class:`AddressSet` per (source group, family) referenced by those chains,
+  holding the addresses of every port (on any host) of the group's members.
+
+Names in the IR are derived from generated ids only (never from user names), so
+nothing a user types can reach a ruleset as syntax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import netaddr
+
+from secfw.cloud import CloudState
+from secfw.compiler.ir import (
+    AddressSet,
+    GroupChain,
+    HostFilter,
+    IcmpMatch,
+    IRDirection,
+    IRRule,
+    PortPolicy,
+    PortRange,
+)
+from secfw.model import PORT_PROTOCOLS, Instance, Port, Rule, canonical_remote, protocol_number
+
+ICMP_PROTOCOLS = frozenset({1, 58})
+_PORT_PROTOCOL_NUMBERS = frozenset(protocol_number(p) for p in PORT_PROTOCOLS)
+
+
+def chain_name(group_id: str, direction: IRDirection) -> str:
+    """The IR name of a group's chain: ``sg-<group id>-in`` or ``-out``."""
+    return f"sg-{group_id}-{'in' if direction == 'ingress' else 'out'}"
+
+
+def set_name(group_id: str, family: str = "ipv4") -> str:
+    """The IR name of a source group's address set: ``sg-<group id>-v4`` or ``-v6``."""
+    return f"sg-{group_id}-{'v4' if family == 'ipv4' else 'v6'}"
+
+
+def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> HostFilter:
+    """The filter of ``host`` for the cloud in ``state`` (see the module docstring)."""
+    instances = sorted(
+        (i for i in state.instances.values() if i.host == host), key=lambda i: i.id
+    )
+    ports = [
+        _port_policy(state, instance, port, allow_same_net)
+        for instance in instances
+        for port in state.ports_of(instance.id)
+    ]
+    group_ids = sorted({g for i in instances for g in i.security_groups})
+    chains = [_group_chain(state, g, "ingress") for g in group_ids]
+    referenced = sorted({r.remote_set for c in chains for r in c.rules if r.remote_set})
+    sets = [_address_set(state, name) for name in referenced]
+    return HostFilter(
+        host=host,
+        ports=tuple(sorted(ports, key=lambda p: p.tap)),
+        chains=tuple(sorted(chains, key=lambda c: c.name)),
+        sets=tuple(sets),
+    )
+
+
+def _port_policy(
+    state: CloudState, instance: Instance, port: Port, allow_same_net: bool
+) -> PortPolicy:
+    network = state.networks[port.network_id]
+    return PortPolicy(
+        tap=port.tap,
+        port_id=port.id,
+        instance_id=instance.id,
+        mac=port.mac,
+        ipv4=(port.ip,),
+        same_net_cidrs=(network.cidr,) if allow_same_net else (),
+        ingress_chains=tuple(chain_name(g, "ingress") for g in instance.security_groups),
+    )
+
+
+def _group_chain(state: CloudState, group_id: str, direction: IRDirection) -> GroupChain:
+    rules = [
+        r for r in state.rules_by_group.get(group_id, {}).values() if r.direction == direction
+    ]
+    compiled = sorted({ir_rule(r) for r in rules}, key=_rule_sort_key)
+    return GroupChain(chain_name(group_id, direction), group_id, direction, tuple(compiled))
+
+
+def ir_rule(rule: Rule) -> IRRule:
+    """One model rule as an IR rule (normalised: ``0.0.0.0/0`` is "any source")."""
+    proto = protocol_number(rule.protocol)
+    family = "ipv4" if rule.ethertype == "IPv4" else "ipv6"
+    ports = icmp = None
+    if proto in _PORT_PROTOCOL_NUMBERS and rule.port_min is not None:
+        high = rule.port_max if rule.port_max is not None else rule.port_min
+        ports = PortRange(rule.port_min, high)
+    elif proto in ICMP_PROTOCOLS and rule.port_min is not None:
+        icmp = IcmpMatch(rule.port_min, rule.port_max)
+    return IRRule(
+        rule_id=rule.id,
+        family=family,
+        protocol=proto,
+        ports=ports,
+        icmp=icmp,
+        remote_cidr=canonical_remote(rule.remote_cidr, rule.ethertype),
+        remote_set=set_name(rule.remote_group_id, family) if rule.remote_group_id else None,
+    )
+
+
+def _rule_sort_key(rule: IRRule) -> tuple[object, ...]:
+    return (
+        rule.family,
+        -1 if rule.protocol is None else rule.protocol,
+        rule.ports or PortRange(-1, -1),
+        (-1, -1) if rule.icmp is None else (rule.icmp.type, -1 if rule.icmp.code is None
+                                            else rule.icmp.code),
+        rule.remote_cidr or "",
+        rule.remote_set or "",
+        rule.rule_id,
+    )
+
+
+def _address_set(state: CloudState, name: str) -> AddressSet:
+    group_id = name[len("sg-") : -len("-v4")]
+    family = "ipv4" if name.endswith("-v4") else "ipv6"
+    addresses = [
+        port.ip
+        for member in state.group_members(group_id)
+        for port in state.ports_of(member.id)
+    ]
+    return AddressSet(name, group_id, family, normalise_addresses(addresses))
+
+
+def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
+    """Canonical, sorted, non-overlapping CIDRs.
+
+    Networks are merged (interval sets reject overlapping elements); single
+    addresses stay ``/32`` (``/128``) unless a network already covers them, so
+    one member joining or leaving is one element added or removed.
+    """
+    hosts: set[netaddr.IPNetwork] = set()
+    networks: list[netaddr.IPNetwork] = []
+    for text in cidrs:
+        net = netaddr.IPNetwork(text)
+        is_host = net.prefixlen == (32 if net.version == 4 else 128)
+        (hosts.add(net.cidr) if is_host else networks.append(net.cidr))
+    merged = netaddr.cidr_merge(networks)
+    kept = [h for h in hosts if not any(h in n for n in merged)]
+    return tuple(str(n) for n in sorted([*kept, *merged], key=lambda n: (n.version, n.first, n.last)))

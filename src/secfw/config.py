@@ -1,0 +1,53 @@
+"""Agent and compiler configuration, read from a nova.conf-style INI file.
+
+Only ``[DEFAULT] allow_same_net_traffic`` is read today (default ``true``, as in
+nova-network). The file is ``--config FILE`` or ``$SECFW_CONFIG``; with neither,
+the defaults apply. An explicitly named file that is missing or malformed is an
+error: silently falling back to defaults could open traffic an operator closed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass
+
+from secfw.errors import ConfigError
+
+_TRUE = {"1", "yes", "true", "on"}
+_FALSE = {"0", "no", "false", "off"}
+
+
+@dataclass(frozen=True)
+class Config:
+    allow_same_net_traffic: bool = True
+
+
+def load_config(path: str | None = None) -> Config:
+    """The configuration from ``path`` (or ``$SECFW_CONFIG``), else the defaults."""
+    path = path or os.environ.get("SECFW_CONFIG")
+    if not path:
+        return Config()
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except configparser.Error as exc:
+        raise ConfigError(f"config {path} is not a valid INI file: {_first_line(exc)}") from exc
+    raw = parser.defaults().get("allow_same_net_traffic")
+    return Config(allow_same_net_traffic=_parse_bool(raw, path) if raw is not None else True)
+
+
+def _parse_bool(raw: str, path: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"config {path}: allow_same_net_traffic must be true or false, not {raw!r}")
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0]
