@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 # Debian packages the engine, the lab and the tests need (nft + libnftables for the
 # nftables backend, iproute2 for namespaces/veth, conntrack/iperf3 for tests and bench).
-APT_PACKAGES := nftables libnftables1 iproute2 iptables ipset conntrack iperf3 kmod procps
+APT_PACKAGES := nftables libnftables1 iproute2 iptables ipset conntrack iperf3 kmod procps libpcap0.8
 APT_TOOLS    := nft ip iptables ipset conntrack iperf3 sysctl
 
 .PHONY: all deps venv test unit netns lint demo bench clean
@@ -14,7 +14,7 @@ all: test
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
-	 ls /usr/lib/*/libnftables.so.1 >/dev/null 2>&1 || missing=1; \
+	 ls /usr/lib/*/libnftables.so.1 /usr/lib/*/libpcap.so.0.8 >/dev/null 2>&1 || missing=1; \
 	 $(PYTHON) -c 'import venv, ensurepip' >/dev/null 2>&1 || missing=1; \
 	 if [ -n "$$missing" ]; then \
 	   echo "installing system packages: $(APT_PACKAGES)"; \

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,7 @@ from secfw.model import (
     SecurityGroup,
     check_host,
     check_name,
+    check_text,
     parse_cidr,
     parse_disk_format,
     parse_network_cidr,
@@ -52,7 +53,7 @@ from secfw.model import (
     parse_visibility,
     parse_vlan,
 )
-from secfw.store.base import Store
+from secfw.store.base import Store, WriteTxn
 
 
 def new_id() -> str:
@@ -97,11 +98,7 @@ class Api:
                 yield state
             finally:
                 self._state = None
-            for (kind, doc_id), record in state.dirty.items():
-                if record is None:
-                    txn.delete(kind, doc_id)
-                else:
-                    txn.put(kind, doc_id, record.to_doc())
+            _persist(txn, state)
 
     def snapshot(self) -> CloudState:
         """The current cloud, read-only (inside a batch: the batch's state)."""
@@ -121,7 +118,7 @@ class Api:
 
     def secgroup_list(self, project: str, all_projects: bool = False) -> list[SecurityGroup]:
         state = self._read(check_name(project, "project"))
-        groups = state.groups.values()
+        groups: Iterable[SecurityGroup] = state.groups.values()
         if not all_projects:
             groups = [g for g in groups if g.project == project]
         return sorted(groups, key=lambda g: (g.project, g.name != DEFAULT_GROUP, g.name, g.id))
@@ -133,13 +130,17 @@ class Api:
         with self.batch() as state:
             self._ensure_project(state, project)
             if (project, name) in state.group_by_name:
-                raise ConflictError(f"Security group {name!r} already exists in project {project!r}")
+                raise ConflictError(
+                    f"Security group {name!r} already exists in project {project!r}"
+                )
             self._check_group_quota(state, project)
             group = SecurityGroup(new_id(), project, name, description)
             state.put(group)
             return group
 
-    def secgroup_update(self, project: str, group: str, name: str, description: str) -> SecurityGroup:
+    def secgroup_update(
+        self, project: str, group: str, name: str, description: str
+    ) -> SecurityGroup:
         check_name(name, "security group name")
         _check_description(description)
         with self.batch() as state:
@@ -147,7 +148,9 @@ class Api:
             if current.name == DEFAULT_GROUP and name != DEFAULT_GROUP:
                 raise ValidationError("the default security group cannot be renamed")
             if name != current.name and (project, name) in state.group_by_name:
-                raise ConflictError(f"Security group {name!r} already exists in project {project!r}")
+                raise ConflictError(
+                    f"Security group {name!r} already exists in project {project!r}"
+                )
             updated = SecurityGroup(current.id, project, name, description)
             state.put(updated)
             return updated
@@ -176,7 +179,11 @@ class Api:
             state.remove(target)
 
     def secgroup_list_rules(self, project: str, group: str) -> list[Rule]:
-        state = self._read(project)
+        state = self.snapshot()
+        if group == DEFAULT_GROUP and (project, DEFAULT_GROUP) not in state.group_by_name:
+            # Create the default group only when the lookup will succeed: a failed
+            # command must not change the store.
+            state = self._read(check_name(project, "project"))
         target = self._group(state, project, group)
         return _sorted_rules(state.rules_by_group.get(target.id, {}).values())
 
@@ -196,8 +203,9 @@ class Api:
         remote = parse_cidr(cidr, "IPv4")
         with self.batch() as state:
             target = self._group(state, project, group)
-            rule = Rule(new_id(), target.id, "ingress", "IPv4", proto, low, high, remote, None,
-                        display)
+            rule = Rule(
+                new_id(), target.id, "ingress", "IPv4", proto, low, high, remote, None, display
+            )
             self._add_rule(state, target, rule)
             return rule
 
@@ -224,8 +232,9 @@ class Api:
         with self.batch() as state:
             target = self._group(state, project, group)
             source = self._group(state, project, source_group, "Source group")
-            rule = Rule(new_id(), target.id, "ingress", "IPv4", proto, low, high, None, source.id,
-                        display)
+            rule = Rule(
+                new_id(), target.id, "ingress", "IPv4", proto, low, high, None, source.id, display
+            )
             self._add_rule(state, target, rule)
             return rule
 
@@ -269,7 +278,9 @@ class Api:
 
     # ------------------------------------------------------------------ networks
 
-    def net_create(self, project: str, name: str, cidr: str, vlan: str | int | None = None) -> Network:
+    def net_create(
+        self, project: str, name: str, cidr: str, vlan: str | int | None = None
+    ) -> Network:
         check_name(project, "project")
         check_name(name, "network name")
         canonical = parse_network_cidr(cidr)
@@ -289,7 +300,9 @@ class Api:
             if other.name == name:
                 raise ConflictError(f"network {name!r} already exists")
             if new.overlaps(ipaddress.ip_network(other.cidr)):
-                raise ConflictError(f"network {cidr} overlaps network {other.name!r} ({other.cidr})")
+                raise ConflictError(
+                    f"network {cidr} overlaps network {other.name!r} ({other.cidr})"
+                )
             if vlan is not None and other.vlan == vlan:
                 raise ConflictError(f"VLAN {vlan} is already used by network {other.name!r}")
 
@@ -343,8 +356,17 @@ class Api:
             image_obj = _image(state, project, image)
             group_ids = self._boot_groups(state, project, security_groups)
             networks = self._boot_networks(state, project, nics)
-            instance = Instance(new_id(), project, name, flavor_obj.name, image_obj.id, host,
-                                group_ids, "ACTIVE", time.time_ns())
+            instance = Instance(
+                new_id(),
+                project,
+                name,
+                flavor_obj.name,
+                image_obj.id,
+                host,
+                group_ids,
+                "ACTIVE",
+                time.time_ns(),
+            )
             ports = [self._new_port(state, instance.id, net) for net in networks]
             state.put(instance)
             for port in ports:
@@ -369,8 +391,9 @@ class Api:
             if len({n.id for n in networks}) != len(networks):
                 raise ValidationError("a network is listed more than once in --nic")
             return networks
-        usable = sorted((n for n in state.networks.values() if n.usable_by(project)),
-                        key=lambda n: n.name)
+        usable = sorted(
+            (n for n in state.networks.values() if n.usable_by(project)), key=lambda n: n.name
+        )
         if not usable:
             raise NotFoundError(f"no network is available to project {project!r}; create one first")
         if len(usable) > 1:
@@ -404,7 +427,8 @@ class Api:
     ) -> list[Instance]:
         state = self.snapshot()
         found = [
-            i for i in state.instances.values()
+            i
+            for i in state.instances.values()
             if (all_projects or host is not None or i.project == project)
             and (host is None or i.host == host)
         ]
@@ -492,12 +516,17 @@ class Api:
     ) -> dict[str, int]:
         check_name(project, "project")
         if security_groups is None and security_group_rules is None:
-            raise ValidationError("nothing to update: give --security-groups and/or "
-                                  "--security-group-rules")
-        groups = parse_quota(security_groups, "security_groups") if security_groups is not None \
+            raise ValidationError(
+                "nothing to update: give --security-groups and/or --security-group-rules"
+            )
+        groups = (
+            parse_quota(security_groups, "security_groups") if security_groups is not None else None
+        )
+        rules = (
+            parse_quota(security_group_rules, "security_group_rules")
+            if security_group_rules is not None
             else None
-        rules = parse_quota(security_group_rules, "security_group_rules") \
-            if security_group_rules is not None else None
+        )
         with self.batch() as state:
             self._ensure_project(state, project)
             current = state.quota(project)
@@ -525,7 +554,9 @@ class Api:
             )
 
     @staticmethod
-    def _group(state: CloudState, project: str, ref: str, what: str = "Security group") -> SecurityGroup:
+    def _group(
+        state: CloudState, project: str, ref: str, what: str = "Security group"
+    ) -> SecurityGroup:
         group_id = state.group_by_name.get((project, ref))
         if group_id is None and ref in state.groups and state.groups[ref].project == project:
             group_id = ref
@@ -554,6 +585,24 @@ class Api:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _persist(txn: WriteTxn, state: CloudState) -> None:
+    """Record in ``txn`` the records ``state`` changed, skipping no-ops.
+
+    A put of a document equal to the stored one, or a delete of a document that
+    was never stored (created and removed in one batch), is not a change: it
+    must not bump the revision nor leave a tombstone.
+    """
+    for (kind, doc_id), record in state.dirty.items():
+        before = txn.snapshot.docs.get(kind, {}).get(doc_id)
+        if record is None:
+            if before is not None:
+                txn.delete(kind, doc_id)
+            continue
+        doc = record.to_doc()
+        if doc != before:
+            txn.put(kind, doc_id, doc)
 
 
 def _nova_match(
@@ -588,14 +637,21 @@ def _check_description(description: str) -> None:
         raise ValidationError("description is longer than 255 characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in description):
         raise ValidationError("description must not contain control characters")
+    check_text(description, "description")
 
 
 def _sorted_rules(rules: Any) -> list[Rule]:
     def key(rule: Rule) -> tuple[Any, ...]:
-        return (rule.direction, rule.ethertype, rule.protocol or "",
-                -1 if rule.port_min is None else rule.port_min,
-                -1 if rule.port_max is None else rule.port_max,
-                rule.remote_cidr or "", rule.remote_group_id or "", rule.id)
+        return (
+            rule.direction,
+            rule.ethertype,
+            rule.protocol or "",
+            -1 if rule.port_min is None else rule.port_min,
+            -1 if rule.port_max is None else rule.port_max,
+            rule.remote_cidr or "",
+            rule.remote_group_id or "",
+            rule.id,
+        )
 
     return sorted(rules, key=key)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from secfw.model import (
@@ -127,8 +127,9 @@ class CloudState:
         return self.records[Quota.KIND]
 
     def ports_of(self, instance_id: str) -> list[Port]:
-        return sorted((self.ports[p] for p in self.ports_by_instance.get(instance_id, ())),
-                      key=lambda p: p.id)
+        return sorted(
+            (self.ports[p] for p in self.ports_by_instance.get(instance_id, ())), key=lambda p: p.id
+        )
 
     def group_members(self, group_id: str) -> list[Instance]:
         """Instances that use the group (what a source-group rule selects)."""
@@ -187,7 +188,7 @@ def _discard(index: dict[str, Any], key: str, member: str) -> None:
         del index[key]
 
 
-def free_addresses(network: Network, used: set[str], start: int = 0) -> Iterable[tuple[int, str]]:
+def free_addresses(network: Network, used: set[str], start: int = 0) -> Iterator[tuple[int, str]]:
     """Allocatable addresses of a network in order, as ``(offset, address)``.
 
     Skips the network address, the gateway (the first host, ``.1``) and the

@@ -63,6 +63,8 @@ DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vmdk", "raw", "qcow2", "vdi", "iso"
 VISIBILITIES = ("public", "private")
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+#: lone surrogates: what Python makes of bytes that are not UTF-8 (surrogateescape)
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 # --------------------------------------------------------------------------- objects
@@ -257,6 +259,14 @@ def check_name(value: str, what: str = "name") -> str:
         raise ValidationError(f"{what} is longer than {MAX_NAME_LEN} characters")
     if _CONTROL_CHARS.search(value):
         raise ValidationError(f"{what} must not contain control characters")
+    check_text(value, what)
+    return value
+
+
+def check_text(value: str, what: str) -> str:
+    """Text that can be printed and stored as UTF-8 (no bytes that were not UTF-8)."""
+    if _SURROGATES.search(value):
+        raise ValidationError(f"{what} is not valid UTF-8 text")
     return value
 
 

@@ -24,6 +24,7 @@ import netaddr
 from secfw.cloud import CloudState
 from secfw.compiler.ir import (
     AddressSet,
+    Family,
     GroupChain,
     HostFilter,
     IcmpMatch,
@@ -50,9 +51,7 @@ def set_name(group_id: str, family: str = "ipv4") -> str:
 
 def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> HostFilter:
     """The filter of ``host`` for the cloud in ``state`` (see the module docstring)."""
-    instances = sorted(
-        (i for i in state.instances.values() if i.host == host), key=lambda i: i.id
-    )
+    instances = sorted((i for i in state.instances.values() if i.host == host), key=lambda i: i.id)
     ports = [
         _port_policy(state, instance, port, allow_same_net)
         for instance in instances
@@ -86,9 +85,7 @@ def _port_policy(
 
 
 def _group_chain(state: CloudState, group_id: str, direction: IRDirection) -> GroupChain:
-    rules = [
-        r for r in state.rules_by_group.get(group_id, {}).values() if r.direction == direction
-    ]
+    rules = [r for r in state.rules_by_group.get(group_id, {}).values() if r.direction == direction]
     compiled = sorted({ir_rule(r) for r in rules}, key=_rule_sort_key)
     return GroupChain(chain_name(group_id, direction), group_id, direction, tuple(compiled))
 
@@ -96,7 +93,7 @@ def _group_chain(state: CloudState, group_id: str, direction: IRDirection) -> Gr
 def ir_rule(rule: Rule) -> IRRule:
     """One model rule as an IR rule (normalised: ``0.0.0.0/0`` is "any source")."""
     proto = protocol_number(rule.protocol)
-    family = "ipv4" if rule.ethertype == "IPv4" else "ipv6"
+    family: Family = "ipv4" if rule.ethertype == "IPv4" else "ipv6"
     ports = icmp = None
     if proto in _PORT_PROTOCOL_NUMBERS and rule.port_min is not None:
         high = rule.port_max if rule.port_max is not None else rule.port_min
@@ -119,8 +116,9 @@ def _rule_sort_key(rule: IRRule) -> tuple[object, ...]:
         rule.family,
         -1 if rule.protocol is None else rule.protocol,
         rule.ports or PortRange(-1, -1),
-        (-1, -1) if rule.icmp is None else (rule.icmp.type, -1 if rule.icmp.code is None
-                                            else rule.icmp.code),
+        (-1, -1)
+        if rule.icmp is None
+        else (rule.icmp.type, -1 if rule.icmp.code is None else rule.icmp.code),
         rule.remote_cidr or "",
         rule.remote_set or "",
         rule.rule_id,
@@ -129,11 +127,9 @@ def _rule_sort_key(rule: IRRule) -> tuple[object, ...]:
 
 def _address_set(state: CloudState, name: str) -> AddressSet:
     group_id = name[len("sg-") : -len("-v4")]
-    family = "ipv4" if name.endswith("-v4") else "ipv6"
+    family: Family = "ipv4" if name.endswith("-v4") else "ipv6"
     addresses = [
-        port.ip
-        for member in state.group_members(group_id)
-        for port in state.ports_of(member.id)
+        port.ip for member in state.group_members(group_id) for port in state.ports_of(member.id)
     ]
     return AddressSet(name, group_id, family, normalise_addresses(addresses))
 
@@ -153,4 +149,6 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
         (hosts.add(net.cidr) if is_host else networks.append(net.cidr))
     merged = netaddr.cidr_merge(networks)
     kept = [h for h in hosts if not any(h in n for n in merged)]
-    return tuple(str(n) for n in sorted([*kept, *merged], key=lambda n: (n.version, n.first, n.last)))
+    return tuple(
+        str(n) for n in sorted([*kept, *merged], key=lambda n: (n.version, n.first, n.last))
+    )

@@ -100,8 +100,9 @@ def describe_rule(state: CloudState, rule: Rule) -> str:
     if rule.port_min is None and rule.port_max is None:
         span = ""
     elif rule.protocol == "icmp":
-        span = f" type {rule.port_min}" + (f" code {rule.port_max}" if rule.port_max is not None
-                                           else "")
+        span = f" type {rule.port_min}" + (
+            f" code {rule.port_max}" if rule.port_max is not None else ""
+        )
     else:
         span = f" {rule.port_min}-{rule.port_max}"
     if rule.remote_group_id is not None:

@@ -1,0 +1,730 @@
+"""The ``secfw`` command line: nova-style commands over :class:`secfw.api.Api`.
+
+The CLI is a thin layer: each command parses its arguments, calls one API
+method (which validates and stores everything, or nothing), and prints the
+result with :func:`secfw.output.emit`.
+
+Output contract
+    Read commands print a table (``-f table``, the default) or JSON
+    (``-f json``: an array of snake_case objects for lists, one object for
+    ``show``). Commands that create or change an object print it the way its
+    list prints it (the guide's ``secgroup-create`` and ``secgroup-add-rule``
+    tables) and accept ``-f`` too. Deletions and membership changes
+    (``delete``, ``secgroup-delete*``, ``add-secgroup``, ``remove-secgroup``)
+    print nothing.
+
+Error contract
+    Every error, usage errors included, is exactly one line on stderr,
+    ``secfw: error: <message>``, and a non-zero exit status: 2 for usage
+    errors, the :class:`~secfw.errors.SecfwError` subclass's ``exit_code``
+    otherwise, 1 for an unexpected exception (``SECFW_DEBUG=1`` also prints
+    its traceback). A failed command changes nothing in the store.
+
+Extending (how other modules add commands)
+    ``main`` is the click group. ``@output_command("name")`` registers a
+    command on it that prints (the function gets ``state, fmt, ...``);
+    ``@silent_command("name")`` one that does not (``state, ...``); or build a
+    command with click and ``main.add_command(cmd)``, using the pieces:
+    ``@pass_state`` gives the :class:`CliState` (``state.api`` opens the store
+    lazily, ``state.project`` is validated, ``state.store_url``);
+    ``@format_option`` adds ``-f/--format`` and passes the resolved ``fmt``;
+    ``@scope_options`` accepts ``--project``/``--store`` after the command
+    name. Print with ``emit(rows_or_row, columns, fmt)`` (see
+    :mod:`secfw.output`). Report a failure by raising any
+    :class:`~secfw.errors.SecfwError` (or ``click.UsageError``): the group
+    turns every exception into the one-line error above.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+import click
+
+from secfw.api import Api
+from secfw.errors import SecfwError, ValidationError
+from secfw.model import (
+    Flavor,
+    Image,
+    Network,
+    Rule,
+    SecurityGroup,
+    check_name,
+    parse_nic,
+)
+from secfw.output import FORMATS, Columns, cell_text, emit
+from secfw.store.base import open_store, store_url
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_PROJECT = "admin"
+ERROR_PREFIX = "secfw: error: "
+
+# --------------------------------------------------------------------------- state
+
+
+class CliState:
+    """What every command needs: the project, the store URL, the API, the format.
+
+    The store is opened on first use of :attr:`api` (``flavor-list`` and
+    ``--help`` never touch it) and closed when the command ends.
+    """
+
+    def __init__(self, project: str, store: str | None, fmt: str = "table") -> None:
+        self.project_arg = project
+        self.store_url = store_url(store)
+        self.fmt = fmt
+        self._api: Api | None = None
+
+    @property
+    def project(self) -> str:
+        """The validated project name (``--project``, ``$SECFW_PROJECT``, ``admin``)."""
+        return check_name(self.project_arg, "project")
+
+    @property
+    def api(self) -> Api:
+        """The API over the store at :attr:`store_url`, opened on first use."""
+        if self._api is None:
+            self._api = Api(open_store(self.store_url))
+        return self._api
+
+    def close(self) -> None:
+        """Close the store if it was opened."""
+        if self._api is not None:
+            self._api.store.close()
+            self._api = None
+
+
+pass_state = click.make_pass_decorator(CliState)
+
+
+def _state(ctx: click.Context) -> CliState:
+    state = ctx.find_object(CliState)
+    if state is None:
+        raise RuntimeError("secfw commands must run under the secfw group (secfw.cli.main)")
+    return state
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class CliError(click.ClickException):
+    """An error already reduced to the one line the user sees."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(one_line(message))
+        # click declares exit_code a class attribute; each CliError carries its own.
+        self.exit_code = exit_code  # type: ignore[misc]
+
+    def show(self, file: Any = None) -> None:
+        click.echo(ERROR_PREFIX + self.message, file=file, err=True)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: line breaks become spaces, control characters escapes."""
+    joined = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return cell_text(joined)
+
+
+def _debug() -> bool:
+    return os.environ.get("SECFW_DEBUG", "") not in ("", "0")
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn every exception raised inside into a :class:`CliError` (see module doc)."""
+    try:
+        yield
+    except (click.exceptions.Exit, click.Abort, CliError, BrokenPipeError):
+        raise
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare ``secfw``: help, not an error
+        click.echo(exc.ctx.get_help())
+        raise click.exceptions.Exit(0) from exc
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        raise CliError(exc.format_message() + hint, exc.exit_code) from exc
+    except click.ClickException as exc:
+        raise CliError(exc.format_message(), exc.exit_code) from exc
+    except SecfwError as exc:
+        if _debug():
+            traceback.print_exc()
+        raise CliError(str(exc), exc.exit_code) from exc
+    except KeyboardInterrupt as exc:
+        raise CliError("interrupted", 130) from exc
+    except Exception as exc:
+        if _debug():
+            traceback.print_exc()
+        raise CliError(f"internal error: {type(exc).__name__}: {exc}", 1) from exc
+
+
+class SecfwCommand(click.Command):
+    """A command whose negative-integer arguments are arguments, not options.
+
+    The guide types ``secgroup-add-rule open icmp -1 255 0.0.0.0/0``: click
+    would read ``-1`` as an unknown short option. Unknown options are let
+    through to the argument list (``ignore_unknown_options``) only after
+    :meth:`parse_args` has checked that each of them is a negative integer, so
+    ``--bogus`` is still a usage error.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = dict(kwargs.pop("context_settings", None) or {})
+        settings["ignore_unknown_options"] = True
+        kwargs["context_settings"] = settings
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        _reject_unknown_options(self.get_params(ctx), args, ctx)
+        return super().parse_args(ctx, args)
+
+
+_NEGATIVE_INT = re.compile(r"-\d+")
+
+
+def _reject_unknown_options(
+    params: Iterable[click.Parameter], args: Sequence[str], ctx: click.Context
+) -> None:
+    """Raise NoSuchOption for the first option-like token (not a value, not ``-N``) unknown."""
+    takes_value: dict[str, bool] = {}
+    for param in params:
+        if isinstance(param, click.Option):
+            for name in (*param.opts, *param.secondary_opts):
+                takes_value[name] = not (param.is_flag or param.count)
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            return
+        if len(token) < 2 or not token.startswith("-") or _NEGATIVE_INT.fullmatch(token):
+            continue
+        name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+        if name not in takes_value:
+            raise click.NoSuchOption(name, ctx=ctx)
+        if takes_value[name] and token == name:
+            next(tokens, None)  # the option's value, whatever it looks like
+
+
+class SecfwGroup(click.Group):
+    """A click group whose errors are one line (see :func:`one_line_errors`).
+
+    Parsing happens in :meth:`make_context` (this group's options) and in
+    :meth:`invoke` (the subcommand's arguments, then its body), so wrapping
+    both covers every error a command line can produce.
+    """
+
+    command_class = SecfwCommand
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        with one_line_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with one_line_errors():
+            return super().invoke(ctx)
+
+
+# --------------------------------------------------------------------------- options
+
+FORMAT_CHOICE = click.Choice(FORMATS, case_sensitive=False)
+
+
+def _resolve_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    return value.lower() if value else _state(ctx).fmt
+
+
+def format_option(func: F) -> F:
+    """Add ``-f/--format table|json``; the command receives the resolved ``fmt``.
+
+    Without the option the global ``secfw -f`` applies (default ``table``).
+    """
+    return click.option(
+        "-f", "--format", "fmt", type=FORMAT_CHOICE, default=None, callback=_resolve_format,
+        help="Output format (default: the global -f, else table).",
+    )(func)
+
+
+def _set_project(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        _state(ctx).project_arg = value
+
+
+def _set_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        _state(ctx).store_url = store_url(value)
+
+
+def scope_options(func: F) -> F:
+    """Accept ``--project`` and ``--store`` after the subcommand, overriding the global ones."""
+    func = click.option("--project", expose_value=False, callback=_set_project,
+                        help="Project to act in (overrides the global --project).")(func)
+    return click.option("--store", expose_value=False, callback=_set_store,
+                        help="Store URL (overrides the global --store).")(func)
+
+
+def output_command(name: str) -> Callable[[F], click.Command]:
+    """Register a command of ``main`` that prints: scope options, ``-f``, the state.
+
+    The function receives ``(state: CliState, fmt: str, *its own parameters)``.
+    """
+
+    def decorate(func: F) -> click.Command:
+        return main.command(name)(scope_options(format_option(pass_state(func))))
+
+    return decorate
+
+
+def silent_command(name: str) -> Callable[[F], click.Command]:
+    """Register a command of ``main`` that prints nothing: scope options, the state.
+
+    The function receives ``(state: CliState, *its own parameters)``.
+    """
+
+    def decorate(func: F) -> click.Command:
+        return main.command(name)(scope_options(pass_state(func)))
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- the group
+
+
+@click.group(name="secfw", cls=SecfwGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--project", envvar="SECFW_PROJECT", default=DEFAULT_PROJECT, show_default=True,
+              help="Project to act in [env SECFW_PROJECT].")
+@click.option("--store", envvar="SECFW_STORE", default=None,
+              help="Store URL, e.g. sqlite:////var/lib/secfw/secfw.db [env SECFW_STORE].")
+@click.option("-f", "--format", "fmt", type=FORMAT_CHOICE, default="table", show_default=True,
+              help="Output format of every command that prints.")
+@click.version_option(package_name="secfw")
+@click.pass_context
+def main(ctx: click.Context, project: str, store: str | None, fmt: str) -> None:
+    """secfw: OpenStack-style security groups compiled into nftables rules.
+
+    Global options go before the command; --project, --store and -f are also
+    accepted after it. Errors are one line on stderr with a non-zero status.
+    """
+    state = CliState(project, store, fmt.lower())
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+# --------------------------------------------------------------------------- rows
+
+GROUP_COLUMNS: Columns = (("Name", "name"), ("Description", "description"))
+RULE_COLUMNS: Columns = (
+    ("IP Protocol", "ip_protocol"),
+    ("From Port", "from_port"),
+    ("To Port", "to_port"),
+    ("IP Range", "ip_range"),
+    ("Source Group", "source_group"),
+)
+NETWORK_COLUMNS: Columns = (("ID", "id"), ("Name", "name"), ("CIDR", "cidr"), ("VLAN", "vlan"))
+FLAVOR_COLUMNS: Columns = (
+    ("ID", "id"),
+    ("Name", "name"),
+    ("Memory_MB", "memory_mb"),
+    ("Disk", "disk"),
+    ("Ephemeral", "ephemeral"),
+    ("VCPUs", "vcpus"),
+)
+IMAGE_COLUMNS: Columns = (
+    ("ID", "id"),
+    ("Name", "name"),
+    ("Disk Format", "disk_format"),
+    ("Visibility", "visibility"),
+    ("Project", "project"),
+)
+SERVER_COLUMNS: Columns = (
+    ("ID", "id"),
+    ("Name", "name"),
+    ("Status", "status"),
+    ("Host", "host"),
+    ("Networks", "networks"),
+)
+PORT_COLUMNS: Columns = (
+    ("ID", "id"),
+    ("Instance", "instance"),
+    ("Host", "host"),
+    ("Network", "network"),
+    ("Tap", "tap"),
+    ("MAC", "mac"),
+    ("IP", "ip"),
+    ("Security Groups", "security_groups"),
+)
+PROJECT_COLUMN = ("Project", "project")
+
+
+def with_project(columns: Columns, wanted: bool) -> Columns:
+    """``columns`` plus a Project column when the listing may span projects."""
+    return (*columns, PROJECT_COLUMN) if wanted else columns
+
+
+def group_row(group: SecurityGroup) -> dict[str, Any]:
+    return {"id": group.id, "name": group.name, "description": group.description,
+            "project": group.project}
+
+
+def nova_ports(rule: Rule) -> tuple[int | None, int | None]:
+    """The (From Port, To Port) nova shows: ICMP "any" is -1, ``icmp -1 255`` stays 255."""
+    if rule.protocol is None:
+        return None, None
+    if rule.protocol == "icmp":
+        low = -1 if rule.port_min is None else rule.port_min
+        if rule.port_min is None and rule.display_max is not None:
+            return low, rule.display_max
+        return low, -1 if rule.port_max is None else rule.port_max
+    return rule.port_min, rule.port_max
+
+
+def rule_row(rule: Rule, group_names: Mapping[str, str]) -> dict[str, Any]:
+    """A rule as nova lists it; a source-group rule shows the group's name, no IP range."""
+    low, high = nova_ports(rule)
+    source = rule.remote_group_id
+    any_source = "0.0.0.0/0" if rule.ethertype == "IPv4" else "::/0"
+    return {
+        "id": rule.id,
+        "ip_protocol": rule.protocol,
+        "from_port": low,
+        "to_port": high,
+        "ip_range": None if source else (rule.remote_cidr or any_source),
+        "source_group": group_names.get(source, source) if source else None,
+        "direction": rule.direction,
+        "ethertype": rule.ethertype,
+    }
+
+
+def network_row(network: Network) -> dict[str, Any]:
+    return {"id": network.id, "name": network.name, "cidr": network.cidr,
+            "gateway": network.gateway, "vlan": network.vlan, "project": network.project}
+
+
+def flavor_row(flavor: Flavor) -> dict[str, Any]:
+    return {"id": flavor.id, "name": flavor.name, "memory_mb": flavor.ram_mb,
+            "disk": flavor.disk_gb, "ephemeral": flavor.ephemeral_gb, "vcpus": flavor.vcpus}
+
+
+def image_row(image: Image) -> dict[str, Any]:
+    return {"id": image.id, "name": image.name, "disk_format": image.disk_format,
+            "visibility": image.visibility, "project": image.project}
+
+
+def _group_names(api: Api) -> dict[str, str]:
+    return {group_id: group.name for group_id, group in api.snapshot().groups.items()}
+
+
+def _split_groups(values: Iterable[str]) -> list[str]:
+    """``--security-groups A,B`` (repeatable) → [A, B], verbatim; an empty item is an error.
+
+    Items are not stripped: a group name may begin or end with a space.
+    """
+    names = [name for value in values for name in value.split(",")]
+    if any(not name for name in names):
+        raise ValidationError("--security-groups: empty security group name")
+    return names
+
+
+# --------------------------------------------------------------------------- security groups
+
+
+@output_command("secgroup-list")
+@click.option("--all-projects", is_flag=True, help="List the groups of every project.")
+def secgroup_list(state: CliState, fmt: str, all_projects: bool) -> None:
+    """List security groups: Name | Description (+ Project with --all-projects)."""
+    groups = state.api.secgroup_list(state.project, all_projects)
+    emit([group_row(g) for g in groups], with_project(GROUP_COLUMNS, all_projects), fmt)
+
+
+@output_command("secgroup-create")
+@click.argument("name")
+@click.argument("description")
+def secgroup_create(state: CliState, fmt: str, name: str, description: str) -> None:
+    """Create a security group; print it."""
+    group = state.api.secgroup_create(state.project, name, description)
+    emit(group_row(group), GROUP_COLUMNS, fmt)
+
+
+@output_command("secgroup-update")
+@click.argument("group")
+@click.argument("name")
+@click.argument("description")
+def secgroup_update(state: CliState, fmt: str, group: str, name: str, description: str) -> None:
+    """Rename GROUP to NAME and set its DESCRIPTION (the default group keeps its name)."""
+    updated = state.api.secgroup_update(state.project, group, name, description)
+    emit(group_row(updated), GROUP_COLUMNS, fmt)
+
+
+@silent_command("secgroup-delete")
+@click.argument("group")
+def secgroup_delete(state: CliState, group: str) -> None:
+    """Delete a security group and its rules (not default, not one in use)."""
+    state.api.secgroup_delete(state.project, group)
+
+
+@output_command("secgroup-list-rules")
+@click.argument("group")
+def secgroup_list_rules(state: CliState, fmt: str, group: str) -> None:
+    """List a group's rules: IP Protocol | From Port | To Port | IP Range | Source Group."""
+    rules = state.api.secgroup_list_rules(state.project, group)
+    names = _group_names(state.api)
+    emit([rule_row(r, names) for r in rules], RULE_COLUMNS, fmt)
+
+
+def _emit_rule(state: CliState, rule: Rule, fmt: str) -> None:
+    names = _group_names(state.api) if rule.remote_group_id else {}
+    emit(rule_row(rule, names), RULE_COLUMNS, fmt)
+
+
+@output_command("secgroup-add-rule")
+@click.argument("group")
+@click.argument("proto")
+@click.argument("from_port", metavar="FROM")
+@click.argument("to_port", metavar="TO")
+@click.argument("cidr")
+def secgroup_add_rule(
+    state: CliState, fmt: str, group: str, proto: str, from_port: str, to_port: str, cidr: str
+) -> None:
+    """Allow PROTO (tcp, udp, icmp) to local ports FROM..TO from CIDR; print the rule.
+
+    For icmp, FROM is the type and TO the code; -1 means any.
+    """
+    rule = state.api.secgroup_add_rule(state.project, group, proto, from_port, to_port, cidr)
+    _emit_rule(state, rule, fmt)
+
+
+@silent_command("secgroup-delete-rule")
+@click.argument("group")
+@click.argument("proto")
+@click.argument("from_port", metavar="FROM")
+@click.argument("to_port", metavar="TO")
+@click.argument("cidr")
+def secgroup_delete_rule(
+    state: CliState, group: str, proto: str, from_port: str, to_port: str, cidr: str
+) -> None:
+    """Delete the rule added with the same arguments."""
+    state.api.secgroup_delete_rule(state.project, group, proto, from_port, to_port, cidr)
+
+
+@output_command("secgroup-add-group-rule")
+@click.argument("group")
+@click.argument("source_group")
+@click.argument("proto", required=False)
+@click.argument("from_port", metavar="[FROM]", required=False)
+@click.argument("to_port", metavar="[TO]", required=False)
+def secgroup_add_group_rule(
+    state: CliState,
+    fmt: str,
+    group: str,
+    source_group: str,
+    proto: str | None,
+    from_port: str | None,
+    to_port: str | None,
+) -> None:
+    """Allow traffic from every instance using SOURCE_GROUP (optionally PROTO FROM TO only)."""
+    rule = state.api.secgroup_add_group_rule(
+        state.project, group, source_group, proto, from_port, to_port
+    )
+    _emit_rule(state, rule, fmt)
+
+
+@silent_command("secgroup-delete-group-rule")
+@click.argument("group")
+@click.argument("source_group")
+@click.argument("proto", required=False)
+@click.argument("from_port", metavar="[FROM]", required=False)
+@click.argument("to_port", metavar="[TO]", required=False)
+def secgroup_delete_group_rule(
+    state: CliState,
+    group: str,
+    source_group: str,
+    proto: str | None,
+    from_port: str | None,
+    to_port: str | None,
+) -> None:
+    """Delete the source-group rule added with the same arguments."""
+    state.api.secgroup_delete_group_rule(
+        state.project, group, source_group, proto, from_port, to_port
+    )
+
+
+# --------------------------------------------------------------------------- networks, images
+
+
+@output_command("net-create")
+@click.argument("name")
+@click.argument("cidr")
+@click.option("--vlan", metavar="ID", help="VLAN id 1-4094: a network of this project only "
+              "(default: flat, shared by every project).")
+def net_create(state: CliState, fmt: str, name: str, cidr: str, vlan: str | None) -> None:
+    """Create an IPv4 network; print it."""
+    network = state.api.net_create(state.project, name, cidr, vlan)
+    emit(network_row(network), with_project(NETWORK_COLUMNS, network.vlan is not None), fmt)
+
+
+@output_command("net-list")
+@click.option("--all-projects", is_flag=True, help="Include other projects' VLAN networks.")
+def net_list(state: CliState, fmt: str, all_projects: bool) -> None:
+    """List the networks usable by the project: ID | Name | CIDR | VLAN."""
+    networks = state.api.net_list(state.project, all_projects)
+    emit([network_row(n) for n in networks], with_project(NETWORK_COLUMNS, all_projects), fmt)
+
+
+@output_command("flavor-list")
+def flavor_list(state: CliState, fmt: str) -> None:
+    """List flavors: ID | Name | Memory_MB | Disk | Ephemeral | VCPUs."""
+    emit([flavor_row(f) for f in Api.flavor_list()], FLAVOR_COLUMNS, fmt)
+
+
+@output_command("image-create")
+@click.argument("name")
+@click.option("--disk-format", default="qcow2", show_default=True,
+              help="ami, ari, aki, vhd, vmdk, raw, qcow2, vdi or iso.")
+@click.option("--visibility", default="private", show_default=True, help="public or private.")
+def image_create(state: CliState, fmt: str, name: str, disk_format: str, visibility: str) -> None:
+    """Register an image; print it."""
+    image = state.api.image_create(state.project, name, disk_format, visibility)
+    emit(image_row(image), IMAGE_COLUMNS, fmt)
+
+
+@output_command("image-list")
+def image_list(state: CliState, fmt: str) -> None:
+    """List the images the project can boot: its own and public ones."""
+    emit([image_row(i) for i in state.api.image_list(state.project)], IMAGE_COLUMNS, fmt)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@output_command("boot")
+@click.argument("name")
+@click.option("--flavor", required=True, help="Flavor name or ID.")
+@click.option("--image", required=True, help="Image name or ID.")
+@click.option("--security-groups", "security_groups", multiple=True, metavar="A,B",
+              help="Comma-separated groups (repeatable; default: default).")
+@click.option("--nic", "nics", multiple=True, metavar="net-id=NET",
+              help="Attach to network NET (repeatable; default: the only usable network).")
+@click.option("--host", required=True, help="Compute host to run on.")
+def boot(
+    state: CliState,
+    fmt: str,
+    name: str,
+    flavor: str,
+    image: str,
+    security_groups: Sequence[str],
+    nics: Sequence[str],
+    host: str,
+) -> None:
+    """Boot an instance (one port per network); print it like show."""
+    groups = _split_groups(security_groups)
+    networks = [parse_nic(nic) for nic in nics]
+    instance = state.api.boot(state.project, name, flavor, image, host, groups, networks)
+    emit(state.api.show(state.project, instance.id), None, fmt)
+
+
+@silent_command("delete")
+@click.argument("server")
+def delete(state: CliState, server: str) -> None:
+    """Delete an instance and its ports."""
+    state.api.delete(state.project, server)
+
+
+@output_command("list")
+@click.option("--host", help="Only instances on this host (of every project).")
+@click.option("--all-projects", is_flag=True, help="Instances of every project.")
+def list_servers(state: CliState, fmt: str, host: str | None, all_projects: bool) -> None:
+    """List instances: ID | Name | Status | Host | Networks (+ Project across projects)."""
+    instances = state.api.list_instances(state.project, host, all_projects)
+    cloud = state.api.snapshot()
+    rows = []
+    for instance in instances:
+        networks: dict[str, list[str]] = {}
+        for port in cloud.ports_of(instance.id):
+            networks.setdefault(cloud.networks[port.network_id].name, []).append(port.ip)
+        rows.append({"id": instance.id, "name": instance.name, "status": instance.state,
+                     "host": instance.host, "networks": networks, "project": instance.project})
+    emit(rows, with_project(SERVER_COLUMNS, all_projects or host is not None), fmt)
+
+
+@output_command("show")
+@click.argument("server")
+def show(state: CliState, fmt: str, server: str) -> None:
+    """Show an instance: Property | Value."""
+    emit(state.api.show(state.project, server), None, fmt)
+
+
+@output_command("list-secgroup")
+@click.argument("server")
+def list_secgroup(state: CliState, fmt: str, server: str) -> None:
+    """List an instance's security groups: Name | Description."""
+    groups = state.api.list_secgroup(state.project, server)
+    emit([group_row(g) for g in groups], GROUP_COLUMNS, fmt)
+
+
+@silent_command("add-secgroup")
+@click.argument("server")
+@click.argument("group")
+def add_secgroup(state: CliState, server: str, group: str) -> None:
+    """Add a security group to a (running) instance."""
+    state.api.add_secgroup(state.project, server, group)
+
+
+@silent_command("remove-secgroup")
+@click.argument("server")
+@click.argument("group")
+def remove_secgroup(state: CliState, server: str, group: str) -> None:
+    """Remove a security group from a (running) instance."""
+    state.api.remove_secgroup(state.project, server, group)
+
+
+@output_command("port-list")
+@click.option("--host", help="Every port on this host, whatever its project.")
+def port_list(state: CliState, fmt: str, host: str | None) -> None:
+    """List ports: id, instance, host, network, tap, mac, ip, security groups."""
+    views = state.api.port_list(state.project, host)
+    emit([asdict(v) for v in views], PORT_COLUMNS, fmt)
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+@output_command("quota-show")
+def quota_show(state: CliState, fmt: str) -> None:
+    """Show the project's quotas (-1 = unlimited)."""
+    emit(state.api.quota_show(state.project), None, fmt)
+
+
+@output_command("quota-update")
+@click.option("--security-groups", metavar="N", help="Groups per project (-1 = unlimited).")
+@click.option("--security-group-rules", metavar="N", help="Rules per group (-1 = unlimited).")
+def quota_update(
+    state: CliState, fmt: str, security_groups: str | None, security_group_rules: str | None
+) -> None:
+    """Change the project's quotas (not below what is used); print them."""
+    quota = state.api.quota_update(state.project, security_groups, security_group_rules)
+    emit(quota, None, fmt)
+
+
+__all__ = [
+    "CliError",
+    "CliState",
+    "SecfwCommand",
+    "SecfwGroup",
+    "emit",
+    "format_option",
+    "main",
+    "one_line_errors",
+    "output_command",
+    "pass_state",
+    "scope_options",
+    "silent_command",
+]
