@@ -728,3 +728,6 @@ __all__ = [
     "scope_options",
     "silent_command",
 ]
+
+# The host-side commands (compile, agent, lab, demo) register themselves on ``main``.
+from secfw import hostcli  # noqa: E402, F401
