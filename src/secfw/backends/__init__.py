@@ -1,0 +1,25 @@
+"""Packet-filter backends: each renders the host IR for one technology and applies it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from secfw.errors import BackendError
+
+if TYPE_CHECKING:
+    from secfw.backends.nftables import NftablesBackend
+
+BACKENDS = ("nftables",)
+
+
+def get_backend(name: str, **options: Any) -> NftablesBackend:
+    """A new backend object by name (``options`` go to its constructor).
+
+    Imported lazily, so a host without a backend's libraries can still use others.
+    Raises BackendError for an unknown name.
+    """
+    if name == "nftables":
+        from secfw.backends.nftables import NftablesBackend
+
+        return NftablesBackend(**options)
+    raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")

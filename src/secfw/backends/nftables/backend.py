@@ -1,0 +1,57 @@
+"""The nftables backend as the agent uses it (``secfw.agent.FilterBackend``).
+
+Glue only: :func:`.render.render` the IR, :func:`.plan.plan` against the state
+read back or committed, :class:`.executor.NftablesExecutor` to apply.
+"""
+
+from __future__ import annotations
+
+from secfw.backends.nftables.executor import NftablesExecutor
+from secfw.backends.nftables.plan import Transaction
+from secfw.backends.nftables.plan import plan as plan_transaction
+from secfw.backends.nftables.render import Ruleset, render
+from secfw.backends.nftables.state import KernelState
+from secfw.compiler.ir import HostFilter
+from secfw.errors import BackendError
+
+
+class NftablesBackend:
+    """Renders, plans and applies one host's filter as table ``inet secfw``."""
+
+    name = "nftables"
+
+    def __init__(self, executor: NftablesExecutor | None = None, netns: str | None = None) -> None:
+        """Use ``executor``, or open one in the current namespace or in ``netns``."""
+        self.executor = executor if executor is not None else NftablesExecutor(netns)
+        self._last: tuple[HostFilter, Ruleset] | None = None
+
+    def render(self, desired: HostFilter) -> Ruleset:
+        """The ruleset of ``desired``; the last one is kept, as plan and committed
+        are called with the same IR in one sync."""
+        if self._last is None or self._last[0] is not desired:
+            self._last = (desired, render(desired))
+        return self._last[1]
+
+    def read(self) -> KernelState | None:
+        """The table as the kernel holds it; None when it is absent."""
+        return self.executor.read_state()
+
+    def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
+        """The minimal transaction from ``current`` (None: unknown/absent) to ``desired``."""
+        return plan_transaction(current, self.render(desired))
+
+    def apply(self, plan: object) -> None:
+        """Commit ``plan`` (a :class:`Transaction` from :meth:`plan`) atomically;
+        BackendError and no change on failure. Typed ``object`` to fit the agent's
+        backend-neutral ``Plan`` protocol."""
+        if not isinstance(plan, Transaction):
+            raise BackendError(f"nftables: cannot apply a {type(plan).__name__}")
+        self.executor.apply(plan)
+
+    def committed(self, desired: HostFilter) -> KernelState:
+        """The state the kernel holds once ``desired`` was applied (no round trip)."""
+        return KernelState.from_ruleset(self.render(desired))
+
+    def cleanup(self) -> None:
+        """Delete table ``inet secfw`` (and nothing else)."""
+        self.executor.delete_table()

@@ -1,0 +1,199 @@
+"""The minimal nft transaction that turns the kernel's table into the desired one.
+
+:func:`plan` compares a :class:`~.state.KernelState` (what the kernel holds, read
+back or remembered from the last commit) with a rendered
+:class:`~.render.Ruleset` and returns a :class:`Transaction`: one text batch that
+``nft -f`` / libnftables applies atomically (nft(8): a batch is committed whole
+or not at all). Its commands, in this order::
+
+    add chain X                    new chains (empty), so verdicts and jumps can name them
+    add set|map X { …; elements }  new sets and maps, with their elements
+    delete element S { … }         elements that went away (and map keys whose verdict changed)
+    add element S { … }            elements that are new
+    flush chain X, add rule X …    chains whose rules changed (the whole chain, in order);
+                                   the rules of new chains
+    flush chain X, delete chain X  chains that went away, once nothing refers to them
+    delete set|map X               sets that went away, once no rule uses them
+
+Removing a verdict-map element and deleting the chain it pointed to in the same
+transaction works on this kernel (6.18, measured; docs/nftables.md), so chains are
+deleted at once rather than flushed now and deleted on the next sync.
+
+A set whose declaration (type, flags) or a chain whose hook changed cannot be
+altered in place: the plan is then a full replacement, as when nothing is known
+about the kernel (``current is None``). A plan whose current state equals the
+desired one has no commands.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from secfw.backends.nftables.render import (
+    FAMILY,
+    TABLE,
+    Chain,
+    Element,
+    NamedSet,
+    Ruleset,
+    element_text,
+    elements_text,
+    hook_text,
+    is_safe_name,
+    rule_text,
+    set_declaration,
+    table_text,
+)
+from secfw.backends.nftables.state import KernelState, SetState
+
+_T = f"{FAMILY} {TABLE}"
+# What read-back elements must look like to be printed into a command: an
+# interface name (IFNAMSIZ), a canonical CIDR or a range.
+_IFNAME = re.compile(r"[A-Za-z0-9_.:+@*-]{1,15}")
+_ADDRESS = re.compile(r"[0-9A-Fa-f.:/-]{2,100}")
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One atomic nft batch. ``full`` replaces the whole table.
+
+    ``commands`` are nft commands in native syntax, one per item (a full
+    replacement is three: ``add table``, ``delete table`` and the table block).
+    """
+
+    commands: tuple[str, ...]
+    full: bool = False
+
+    @property
+    def text(self) -> str:
+        """The batch as ``nft -f`` input ("" when there is nothing to do)."""
+        return "".join(c + "\n" for c in self.commands)
+
+    @property
+    def count(self) -> int:
+        """How many nft commands the batch holds."""
+        return len(self.commands)
+
+    @property
+    def size(self) -> int:
+        """Alias of :attr:`count` (the agent's ``Plan`` protocol)."""
+        return len(self.commands)
+
+    @property
+    def empty(self) -> bool:
+        """True when the kernel already holds the desired state."""
+        return not self.commands
+
+
+def full_transaction(desired: Ruleset) -> Transaction:
+    """Replace table ``inet secfw`` whatever it holds (or create it)."""
+    block = table_text(desired)
+    return Transaction((f"add table {_T}", f"delete table {_T}", block), full=True)
+
+
+def plan(current: KernelState | None, desired: Ruleset) -> Transaction:
+    """The minimal transaction from ``current`` to ``desired`` (see the module doc).
+
+    ``current is None`` means the table is absent or unknown: full replacement.
+    """
+    if current is None:
+        return full_transaction(desired)
+    want = KernelState.from_ruleset(desired)
+    if _declarations_changed(current, want):
+        return full_transaction(desired)
+    try:
+        return Transaction(tuple(_commands(current, want, desired)))
+    except _Unprintable:
+        return full_transaction(desired)
+
+
+class _Unprintable(Exception):
+    """Something read back that secfw did not write and cannot name safely in nft
+    syntax (a chain, set or interface name added by other means): the full
+    replacement removes it without naming it."""
+
+
+def _safe(text: str, pattern: re.Pattern[str]) -> str:
+    if not pattern.fullmatch(text):
+        raise _Unprintable(text)
+    return text
+
+
+def _safe_name(name: str) -> str:
+    if not is_safe_name(name):
+        raise _Unprintable(name)
+    return name
+
+
+def _declarations_changed(current: KernelState, want: KernelState) -> bool:
+    sets = any(
+        name in current.sets and current.sets[name].declaration != s.declaration
+        for name, s in want.sets.items()
+    )
+    hooks = any(
+        name in current.chains and current.chains[name].hook != c.hook
+        for name, c in want.chains.items()
+    )
+    return sets or hooks
+
+
+def _commands(current: KernelState, want: KernelState, desired: Ruleset) -> Iterator[str]:
+    new_sets = [s for s in desired.sets if s.name not in current.sets]
+    new_chains = [c for c in desired.chains if c.name not in current.chains]
+    changed = [
+        c for c in desired.chains
+        if c.name in current.chains and current.chains[c.name].rules != want.chains[c.name].rules
+    ]
+    gone_chains = sorted(_safe_name(n) for n in set(current.chains) - set(want.chains))
+    yield from (_add_chain(c) for c in new_chains)
+    yield from (_add_set(s) for s in new_sets)
+    kept = sorted(set(current.sets) & set(want.sets))
+    yield from _element_changes(current, want, kept, "delete")
+    yield from _element_changes(current, want, kept, "add")
+    for chain in changed:
+        yield f"flush chain {_T} {chain.name}"
+    for chain in (*new_chains, *changed):
+        yield from (f"add rule {_T} {chain.name} {rule_text(r)}" for r in chain.rules)
+    yield from (f"flush chain {_T} {name}" for name in gone_chains)
+    yield from (f"delete chain {_T} {name}" for name in gone_chains)
+    for name in sorted(_safe_name(n) for n in set(current.sets) - set(want.sets)):
+        yield f"delete {'map' if current.sets[name].is_map else 'set'} {_T} {name}"
+
+
+def _add_chain(chain: Chain) -> str:
+    if chain.hook is None:
+        return f"add chain {_T} {chain.name}"
+    return f"add chain {_T} {chain.name} {{ {hook_text(chain.hook)} }}"
+
+
+def _add_set(named: NamedSet) -> str:
+    kind = "map" if named.is_map else "set"
+    elements = f" elements = {{ {elements_text(named.key_type, named.elements)} }};"
+    return (f"add {kind} {_T} {named.name} {{ {set_declaration(named)}"
+            f"{elements if named.elements else ''} }}")
+
+
+def _element_changes(
+    current: KernelState, want: KernelState, names: Iterable[str], verb: str
+) -> Iterator[str]:
+    """``delete element`` (elements only in current) or ``add element`` (only in want),
+    one command per set with all its elements (faster than one per element)."""
+    for name in names:
+        have, need = current.sets[name], want.sets[name]
+        elements = have.elements - need.elements if verb == "delete" else (
+            need.elements - have.elements)
+        if elements:
+            yield f"{verb} element {_T} {name} {{ {_elements(have, verb, elements)} }}"
+
+
+def _elements(named: SetState, verb: str, elements: Iterable[Element]) -> str:
+    """Sorted element text; a map element is deleted by its key alone."""
+    ordered = sorted(elements, key=lambda e: e.key)
+    if verb == "delete":  # read back: only what was checked to be printable
+        ordered = [Element(e.key) for e in ordered]
+        for element in ordered:
+            for value, key_type in zip(element.key, named.key_type, strict=True):
+                _safe(value, _IFNAME if key_type == "ifname" else _ADDRESS)
+    return ", ".join(element_text(named.key_type, e) for e in ordered)

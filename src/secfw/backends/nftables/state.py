@@ -1,0 +1,210 @@
+"""A normalised snapshot of table ``inet secfw``: what is compared to plan a sync.
+
+:class:`KernelState` holds, per set or map, its declaration and its elements and,
+per chain, its hook and the *comments* of its rules in order. Both sides come to
+the same normal form:
+
+* :meth:`KernelState.from_ruleset` — the desired state, from a rendered
+  :class:`~.render.Ruleset` (no kernel round trip);
+* :meth:`KernelState.from_nft_json` — the actual state, from libnftables' JSON
+  listing of ``list table inet secfw``.
+
+Rules are identified by their comment (a digest of the rule's text, see
+:func:`.render.make_rule`): nft prints a rule back differently from how it was
+written (``meta l4proto 6 th dport 80`` comes back as ``tcp dport 80``), so text
+comparison would never converge. A rule without a comment (added by hand) reads
+as ``""`` and so makes its chain differ, which rewrites the chain.
+
+Elements: interface names stay strings; addresses become canonical CIDRs
+(``"10.0.0.5"`` → ``10.0.0.5/32``, ``{"prefix": …}`` → ``a/len``, a range that is
+exactly one CIDR → that CIDR, any other range → ``lo-hi``; canonical text by
+:mod:`ipaddress` on both sides); verdicts become
+:class:`~.render.Verdict`. nft 1.0.6 lists interval elements as they were added
+(measured: adjacent elements are not merged on output), so this per-element
+normal form is exact and a second sync plans nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from secfw.backends.nftables.render import (
+    ADDRESS_TYPES,
+    FAMILY,
+    TABLE,
+    Element,
+    Hook,
+    NamedSet,
+    Ruleset,
+    Verdict,
+    canonical_cidr,
+)
+from secfw.errors import BackendError
+
+_VERDICTS = frozenset({"accept", "drop", "continue", "return", "jump", "goto"})
+
+
+@dataclass(frozen=True)
+class SetState:
+    """A set or map: its declaration and its elements (normal form)."""
+
+    key_type: tuple[str, ...]
+    flags: tuple[str, ...]
+    is_map: bool
+    elements: frozenset[Element]
+
+    @property
+    def declaration(self) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+        """What cannot change in place: a set whose declaration differs is recreated."""
+        return self.key_type, self.flags, self.is_map
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """A chain: its hook (None for a regular chain) and its rules' comments in order."""
+
+    hook: Hook | None
+    rules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """The content of table ``inet secfw`` in normal form. Treat as read-only.
+
+    Two states are equal exactly when the kernel would hold the same sets,
+    elements, chains, hooks and rules (rules by their identifying comments).
+    """
+
+    sets: Mapping[str, SetState]
+    chains: Mapping[str, ChainState]
+
+    @classmethod
+    def from_ruleset(cls, ruleset: Ruleset) -> KernelState:
+        """The state the kernel holds once ``ruleset`` was applied."""
+        return cls(
+            sets={s.name: _set_state(s) for s in ruleset.sets},
+            chains={
+                c.name: ChainState(c.hook, tuple(r.comment for r in c.rules))
+                for c in ruleset.chains
+            },
+        )
+
+    @classmethod
+    def from_nft_json(cls, listing: Mapping[str, Any]) -> KernelState:
+        """Parse libnftables' JSON output of ``list table inet secfw``.
+
+        Objects of any other table are ignored. Raises BackendError when the
+        listing is not shaped as libnftables-json(5) describes.
+        """
+        try:
+            return _parse_listing(listing.get("nftables", []))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BackendError(f"nftables: unexpected listing: {exc!r}") from exc
+
+
+def _set_state(named: NamedSet) -> SetState:
+    return SetState(named.key_type, tuple(sorted(named.flags)), named.is_map,
+                    frozenset(named.elements))
+
+
+def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
+    sets: dict[str, SetState] = {}
+    hooks: dict[str, Hook | None] = {}
+    rules: dict[str, list[str]] = {}
+    interned: dict[str, Element] = {}
+    for obj in objects:
+        for kind, body in obj.items():
+            if not isinstance(body, Mapping) or not _ours(kind, body):
+                continue
+            if kind in ("set", "map"):
+                sets[body["name"]] = _parse_set(kind == "map", body, interned)
+            elif kind == "chain":
+                hooks[body["name"]] = _parse_hook(body)
+            elif kind == "rule":
+                rules.setdefault(body["chain"], []).append(str(body.get("comment", "")))
+    chains = {name: ChainState(hook, tuple(rules.get(name, ()))) for name, hook in hooks.items()}
+    return KernelState(sets=sets, chains=chains)
+
+
+def _ours(kind: str, body: Mapping[str, Any]) -> bool:
+    if kind == "table":
+        return False
+    return body.get("family") == FAMILY and body.get("table") == TABLE
+
+
+def _parse_hook(body: Mapping[str, Any]) -> Hook | None:
+    if "hook" not in body:
+        return None
+    return Hook(str(body["type"]), str(body["hook"]), int(body["prio"]),
+                str(body.get("policy", "accept")))
+
+
+def _parse_set(is_map: bool, body: Mapping[str, Any], interned: dict[str, Element]) -> SetState:
+    raw_type = body["type"]
+    key_type = (raw_type,) if isinstance(raw_type, str) else tuple(raw_type)
+    if is_map and body.get("map") != "verdict":
+        raise ValueError(f"map {body['name']} does not map to verdicts")
+    flags = tuple(sorted(str(f) for f in body.get("flags", ())))
+    raws = body.get("elem", ())
+    if key_type == ("ifname",) and not is_map:
+        elements = frozenset(_ifname_element(raw, interned) for raw in raws)
+    else:
+        elements = frozenset(_parse_element(raw, key_type, is_map) for raw in raws)
+    return SetState(key_type, flags, is_map, elements)
+
+
+def _ifname_element(raw: Any, interned: dict[str, Element]) -> Element:
+    """Fast path for the <G>-ports sets (most elements of a big table): a tap is in
+    ~20 of them and shares one Element, as in :func:`.render.render`."""
+    if not isinstance(raw, str):
+        return _parse_element(raw, ("ifname",), False)
+    element = interned.get(raw)
+    if element is None:
+        element = interned[raw] = Element((raw,))
+    return element
+
+
+def _parse_element(raw: Any, key_type: tuple[str, ...], is_map: bool) -> Element:
+    """One listed element (a map element is ``[key, verdict]``) in normal form."""
+    verdict = None
+    if is_map:
+        raw, data = raw
+        verdict = parse_verdict(data)
+    raw = _unwrap(raw)
+    if len(key_type) == 1:  # fast path: no concatenation
+        return Element((_component(raw, key_type[0]),), verdict)
+    parts = raw["concat"] if isinstance(raw, dict) and "concat" in raw else [raw]
+    if len(parts) != len(key_type):
+        raise ValueError(f"element {raw!r} does not match type {key_type}")
+    key = tuple(_component(_unwrap(p), t) for p, t in zip(parts, key_type, strict=True))
+    return Element(key, verdict)
+
+
+def _unwrap(raw: Any) -> Any:
+    """An element with attributes (timeout, comment, counter) is ``{"elem": {"val": …}}``."""
+    while isinstance(raw, dict) and "elem" in raw:  # JSON objects are dicts
+        raw = raw["elem"]["val"]
+    return raw
+
+
+def _component(raw: Any, key_type: str) -> str:
+    if key_type not in ADDRESS_TYPES:
+        return str(raw)
+    if isinstance(raw, str):
+        return canonical_cidr(raw)
+    if "prefix" in raw:
+        return canonical_cidr(f"{raw['prefix']['addr']}/{raw['prefix']['len']}")
+    low, high = (ipaddress.ip_address(a) for a in raw["range"])
+    cidrs = list(ipaddress.summarize_address_range(low, high))
+    return canonical_cidr(str(cidrs[0])) if len(cidrs) == 1 else f"{low}-{high}"
+
+
+def parse_verdict(data: Any) -> Verdict:
+    """``{"goto": {"target": "x"}}`` → ``Verdict("goto", "x")``; ``{"accept": null}`` → accept."""
+    ((kind, arg),) = data.items()
+    if kind not in _VERDICTS:
+        raise ValueError(f"unknown verdict {data!r}")
+    return Verdict(kind, None if arg is None else str(arg["target"]))

@@ -1,0 +1,388 @@
+"""nftables backend against the real kernel, each test in a fresh network namespace.
+
+What only the kernel can tell: the rendered text and JSON load; read-back parses
+to exactly the state that was planned (so a second sync plans nothing); the
+incremental transactions apply in their order; a failed batch changes nothing;
+another program's table is never touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+
+from secfw.backends import get_backend
+from secfw.backends.nftables import (
+    KernelState,
+    NftablesBackend,
+    NftablesExecutor,
+    Transaction,
+    plan,
+    render,
+    to_nft_json,
+)
+from secfw.compiler.ir import (
+    AddressSet,
+    GroupChain,
+    HostFilter,
+    IcmpMatch,
+    IRRule,
+    PortPolicy,
+    PortRange,
+)
+from secfw.errors import BackendError
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.timeout(60),
+]
+
+WEB, SSH, OPS = "sg-0a0a-web-in", "sg-0b0b-ssh-in", "sg-0c0c-ops-out"
+WEB_V4, WEB_V6 = "sg-0a0a-web-v4", "sg-0a0a-web-v6"
+TAPS = [f"tap{i:08x}-{i:02x}" for i in range(6)]
+FOREIGN = """table inet other {
+	set keep { type ipv4_addr; elements = { 192.0.2.1 }; }
+	chain input { type filter hook input priority 10; policy accept; tcp dport 22 accept; }
+}
+"""
+
+
+def everything() -> HostFilter:
+    """Every kind of IR rule, both families, every egress mode, same-net in v4 and v6."""
+    web = GroupChain(WEB, "web", "ingress", (
+        IRRule("a0000001", "ipv4", 6, PortRange(80, 80)),
+        IRRule("a0000002", "ipv4", 17, PortRange(1000, 2000), remote_cidr="10.0.0.0/8"),
+        IRRule("a0000003", "ipv4", 1, icmp=IcmpMatch(8)),
+        IRRule("a0000004", "ipv4", 1, icmp=IcmpMatch(3, 4)),
+        IRRule("a0000005", "ipv6", 58, icmp=IcmpMatch(128)),
+        IRRule("a0000006", "ipv4", 132, PortRange(9, 9)),
+        IRRule("a0000007", "ipv4", 136, PortRange(7, 70)),
+        IRRule("a0000008", "ipv4", 47),
+        IRRule("a0000009", "ipv6"),
+        IRRule("a000000a", "ipv6", 6, PortRange(443, 443), remote_cidr="2001:db8::/32"),
+    ))
+    ssh = GroupChain(SSH, "ssh", "ingress", (
+        IRRule("b0000001", "ipv4", 6, PortRange(22, 22), remote_set=WEB_V4),
+        IRRule("b0000002", "ipv6", 6, PortRange(22, 22), remote_set=WEB_V6),
+    ))
+    ops = GroupChain(OPS, "ops", "egress", (
+        IRRule("c0000001", "ipv4", 6, PortRange(5432, 5432), remote_cidr="192.0.2.0/24"),
+        IRRule("c0000002", "ipv4", 17, PortRange(53, 53), remote_set=WEB_V4),
+    ))
+    sets = (AddressSet(WEB_V4, "web", "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.9.0.0/16")),
+            AddressSet(WEB_V6, "web", "ipv6", ("2001:db8::5/128",)))
+    ports = (
+        _port(TAPS[0], (WEB,)),
+        _port(TAPS[1], (WEB, SSH), (OPS,), egress_open=False),
+        _port(TAPS[2], (SSH,), egress_open=False, same_net=("10.1.0.0/24", "2001:db8:1::/64")),
+    )
+    return HostFilter("h", ports, (web, ssh, ops), sets)
+
+
+def _port(tap: str, ingress: tuple[str, ...] = (), egress: tuple[str, ...] = (),
+          egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",)) -> PortPolicy:
+    return PortPolicy(tap, f"p-{tap}", f"i-{tap}", "fa:16:3e:00:00:01", ("10.0.0.5",),
+                      same_net, ingress, egress, egress_open)
+
+
+def changes() -> list[tuple[str, HostFilter]]:
+    """A sequence of desired states, each a typical change from the previous one."""
+    hf = everything()
+    web, ssh, ops = hf.chains
+    steps = [("initial", hf)]
+    hf = replace(hf, ports=(_port(TAPS[0], (WEB, SSH)), *hf.ports[1:]))
+    steps.append(("port joins a group", hf))
+    hf = replace(hf, ports=(*hf.ports, _port(TAPS[3], (SSH,)), _port(TAPS[4], (WEB,))))
+    steps.append(("two ports boot", hf))
+    hf = replace(hf, sets=(replace(hf.sets[0], elements=("10.0.0.5/32", "10.9.0.0/16",
+                                                         "10.20.0.1/32")), hf.sets[1]))
+    steps.append(("members change", hf))
+    hf = replace(hf, chains=(replace(web, rules=web.rules[:3]), ssh, ops))
+    steps.append(("rules removed", hf))
+    hf = replace(hf, ports=tuple(p for p in hf.ports if p.tap != TAPS[3]))
+    steps.append(("a port goes", hf))
+    hf = replace(hf, chains=(replace(web, rules=web.rules[:3]), ssh),
+                 ports=tuple(replace(p, egress_chains=()) for p in hf.ports))
+    steps.append(("the egress group goes (vmap element and chain in one batch)", hf))
+    hf = replace(hf, sets=(hf.sets[0],), chains=(replace(web, rules=web.rules[:3]),
+                                                 replace(ssh, rules=ssh.rules[:1])))
+    steps.append(("an address set goes", hf))
+    hf = replace(hf, ports=tuple(replace(p, same_net_cidrs=()) for p in hf.ports))
+    steps.append(("same-net traffic turned off", hf))
+    return steps
+
+
+def _sh(*argv: str, stdin: str | None = None) -> str:
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert done.returncode == 0, (argv, done.stderr)
+    return done.stdout
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    """A fresh, empty network namespace, always deleted afterwards."""
+    name = f"secfw-t-{uuid.uuid4().hex[:10]}"
+    _sh("ip", "netns", "add", name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30,
+                       check=False)
+
+
+@pytest.fixture
+def executor(ns: str) -> NftablesExecutor:
+    return NftablesExecutor(ns)
+
+
+def nft(ns: str, *args: str, stdin: str | None = None) -> str:
+    return _sh("ip", "netns", "exec", ns, "nft", *args, stdin=stdin)
+
+
+def sync(executor: NftablesExecutor, hf: HostFilter) -> Transaction:
+    """One full sync: read back, plan, apply; then check it converged."""
+    tx = plan(executor.read_state(), render(hf))
+    executor.apply(tx)
+    assert_converged(executor, hf)
+    return tx
+
+
+def assert_converged(executor: NftablesExecutor, hf: HostFilter) -> None:
+    state = executor.read_state()
+    assert state == KernelState.from_ruleset(render(hf))
+    assert plan(state, render(hf)).empty
+
+
+def test_full_apply_reads_back_exactly_and_second_sync_is_empty(
+        executor: NftablesExecutor) -> None:
+    assert executor.read_state() is None
+    tx = sync(executor, everything())
+    assert tx.full
+    assert sync(executor, everything()).empty
+
+
+@pytest.mark.parametrize("step", range(1, len(changes())))
+def test_each_incremental_change_applies_and_converges(
+        executor: NftablesExecutor, step: int) -> None:
+    (_, before), (what, after) = changes()[step - 1], changes()[step]
+    sync(executor, before)
+    tx = plan(executor.read_state(), render(after))
+    assert not tx.full and not tx.empty, what
+    assert "delete table" not in tx.text
+    executor.apply(tx)
+    assert_converged(executor, after)
+
+
+def test_chain_deleted_with_its_map_element_in_one_transaction(
+        executor: NftablesExecutor) -> None:
+    (_, before), (_, after) = changes()[5], changes()[6]
+    sync(executor, before)
+    tx = plan(executor.read_state(), render(after))
+    assert 'delete element inet secfw egress_ports { "' in tx.text
+    assert "delete chain inet secfw egress-filter" in tx.text
+    assert f"delete chain inet secfw {OPS}" in tx.text
+    executor.apply(tx)
+    assert_converged(executor, after)
+
+
+def test_another_programs_table_survives_every_apply(ns: str, executor: NftablesExecutor) -> None:
+    nft(ns, "-f", "-", stdin=FOREIGN)
+    before = nft(ns, "list", "table", "inet", "other")
+    for _, hf in changes():
+        sync(executor, hf)
+        assert nft(ns, "list", "table", "inet", "other") == before
+    executor.apply(plan(None, render(everything())))  # full replacement
+    executor.delete_table()
+    assert nft(ns, "list", "table", "inet", "other") == before
+    assert "secfw" not in nft(ns, "list", "tables")
+
+
+def test_failed_transaction_leaves_the_previous_ruleset(
+        ns: str, executor: NftablesExecutor) -> None:
+    sync(executor, everything())
+    listed = nft(ns, "list", "table", "inet", "secfw")
+    good = plan(executor.read_state(), render(changes()[2][1]))
+    broken = Transaction((*good.commands, "add rule inet secfw no-such-chain accept"))
+    with pytest.raises(BackendError, match="No such file or directory") as err:
+        executor.apply(broken)
+    assert "\n" not in str(err.value)
+    assert nft(ns, "list", "table", "inet", "secfw") == listed
+    assert_converged(executor, everything())
+    with pytest.raises(BackendError):
+        executor.apply(replace(plan(None, render(changes()[2][1])),
+                               commands=("add table inet secfw", "delete table inet secfw",
+                                         "table inet secfw { chain x { bogus; } }")))
+    assert nft(ns, "list", "table", "inet", "secfw") == listed
+
+
+def test_json_and_text_give_the_same_kernel_state(ns: str, executor: NftablesExecutor) -> None:
+    hf = everything()
+    executor.apply(plan(None, render(hf)))
+    other = f"{ns}-j"
+    _sh("ip", "netns", "add", other)
+    try:
+        NftablesExecutor(other).apply_json(to_nft_json(render(hf)))
+        assert nft(other, "list", "table", "inet", "secfw") == nft(
+            ns, "list", "table", "inet", "secfw")
+        assert NftablesExecutor(other).read_state() == KernelState.from_ruleset(render(hf))
+    finally:
+        subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=30,
+                       check=False)
+
+
+def test_hand_made_drift_is_repaired(ns: str, executor: NftablesExecutor) -> None:
+    hf = everything()
+    sync(executor, hf)
+    nft(ns, "add", "rule", "inet", "secfw", "ingress-filter", "accept")
+    nft(ns, "delete", "element", "inet", "secfw", "ingress_ports", f'{{ "{TAPS[0]}" }}')
+    nft(ns, "add", "chain", "inet", "secfw", "stray-1")
+    tx = plan(executor.read_state(), render(hf))
+    assert not tx.full and tx.count > 0
+    executor.apply(tx)
+    assert_converged(executor, hf)
+
+
+def test_names_secfw_cannot_print_are_removed_by_full_replacement(
+        executor: NftablesExecutor) -> None:
+    hf = everything()
+    sync(executor, hf)
+    chain = {"family": "inet", "table": "secfw", "name": 'tcp"\ndelete table inet other'}
+    executor.apply_json({"nftables": [{"add": {"chain": chain}}]})
+    state = executor.read_state()
+    assert state is not None and chain["name"] in state.chains
+    assert sync(executor, hf).full
+
+
+def test_delete_table_is_idempotent(executor: NftablesExecutor) -> None:
+    executor.delete_table()
+    executor.apply(plan(None, render(everything())))
+    executor.delete_table()
+    executor.delete_table()
+    assert executor.read_state() is None
+
+
+def test_missing_namespace_is_a_backend_error() -> None:
+    with pytest.raises(BackendError):
+        NftablesExecutor(f"secfw-t-missing-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(BackendError):
+        NftablesExecutor("../etc")
+
+
+def test_backend_as_the_agent_drives_it(ns: str) -> None:
+    backend = get_backend("nftables", netns=ns)
+    assert isinstance(backend, NftablesBackend)
+    committed = None
+    for _, hf in changes():
+        tx = backend.plan(committed if committed is not None else backend.read(), hf)
+        backend.apply(tx)
+        committed = backend.committed(hf)
+        assert backend.read() == committed
+        assert backend.plan(committed, hf).empty
+    with pytest.raises(BackendError, match="cannot apply"):
+        backend.apply(object())
+    backend.cleanup()
+    assert backend.read() is None
+
+
+# ------------------------------------------------------------ real packets --
+
+VM_TAPS = ("tapd0000001-01", "tapd0000002-02")
+SERVER = """import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
+while True:
+    s.accept()[0].close()
+"""
+CLIENT = """import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3])).close()
+except OSError:
+    sys.exit(1)
+"""
+
+
+@pytest.fixture
+def routed(ns: str) -> Iterator[tuple[str, str]]:
+    """Two instances routed through host namespace ``ns`` (a tap per instance, the
+    design doc's routed topology), each running TCP servers on 8080 and 8081."""
+    vms = (f"{ns}-1", f"{ns}-2")
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, (vm, tap) in enumerate(zip(vms, VM_TAPS, strict=True), start=1):
+            _sh("ip", "netns", "add", vm)
+            _sh("ip", "-n", ns, "link", "add", tap, "type", "veth", "peer", "name", "eth0",
+                "netns", vm)
+            _sh("ip", "-n", ns, "addr", "add", f"10.0.{i}.254/24", "dev", tap)
+            _sh("ip", "-n", ns, "link", "set", tap, "up")
+            _sh("ip", "-n", vm, "addr", "add", f"10.0.{i}.1/24", "dev", "eth0")
+            _sh("ip", "-n", vm, "link", "set", "eth0", "up")
+            _sh("ip", "-n", vm, "link", "set", "lo", "up")
+            _sh("ip", "-n", vm, "route", "add", "default", "via", f"10.0.{i}.254")
+            for port in ("8080", "8081"):
+                servers.append(subprocess.Popen(
+                    ["ip", "netns", "exec", vm, sys.executable, "-c", SERVER, port]))
+                assert _wait(functools.partial(connects, vm, "127.0.0.1", port, 0.2))
+        _sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        yield vms
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait(timeout=10)
+        for vm in vms:
+            subprocess.run(["ip", "netns", "del", vm], capture_output=True, timeout=30,
+                           check=False)
+
+
+def _wait(probe: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if probe():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def connects(src_ns: str, ip: str, port: str, timeout: float = 1.0) -> bool:
+    done = subprocess.run(["ip", "netns", "exec", src_ns, sys.executable, "-c", CLIENT, ip,
+                           port, str(timeout)], capture_output=True, timeout=30, check=False)
+    return done.returncode == 0
+
+
+def two_vms(*, web_rules: tuple[IRRule, ...] = (), same_net: tuple[str, ...] = (),
+            vm1_egress_open: bool = True, vm1_known: bool = True) -> HostFilter:
+    """vm1 (no groups) and vm2 (group WEB with ``web_rules``)."""
+    ports = [_port(VM_TAPS[1], (WEB,), same_net=same_net)]
+    if vm1_known:
+        ports.insert(0, _port(VM_TAPS[0], egress_open=vm1_egress_open, same_net=()))
+    return HostFilter("h", tuple(ports), (GroupChain(WEB, "web", "ingress", web_rules),), ())
+
+
+def test_packets_follow_the_ruleset(ns: str, executor: NftablesExecutor,
+                                    routed: tuple[str, str]) -> None:
+    vm1, vm2 = routed
+    assert connects(vm1, "10.0.2.1", "8081")  # no filter yet
+    web_8080 = (IRRule("d0000001", "ipv4", 6, PortRange(8080, 8080), remote_cidr="10.0.1.0/24"),)
+    sync(executor, two_vms(web_rules=web_8080))
+    assert connects(vm1, "10.0.2.1", "8080")  # allowed; the reply passes as established
+    assert not connects(vm1, "10.0.2.1", "8081")  # next port stays closed
+    assert not connects(vm2, "10.0.1.1", "8080")  # vm1 has no ingress rule
+    sync(executor, two_vms(web_rules=web_8080, same_net=("10.0.0.0/16",)))
+    assert connects(vm1, "10.0.2.1", "8081")  # same-net traffic is not filtered
+    sync(executor, two_vms(web_rules=web_8080, vm1_egress_open=False))
+    assert not connects(vm1, "10.0.2.1", "8080")  # vm1's egress closed, no egress rule
+    sync(executor, two_vms(web_rules=web_8080, vm1_known=False))
+    assert not connects(vm1, "10.0.2.1", "8080")  # a tap secfw does not know: dropped
+    sync(executor, two_vms(web_rules=web_8080))
+    assert connects(vm1, "10.0.2.1", "8080")
+    executor.delete_table()
+    assert connects(vm1, "10.0.2.1", "8081")
