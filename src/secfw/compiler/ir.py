@@ -86,14 +86,25 @@ class AddressSet:
     elements: tuple[str, ...]
 
 
+@dataclass(frozen=True, order=True)
+class AddressPair:
+    """An address (or CIDR) the port may also send from, with the MAC it may use."""
+
+    cidr: str
+    mac: str
+
+
 @dataclass(frozen=True)
 class PortPolicy:
     """The filter of one port (one tap) on this host.
 
     Ingress is evaluated as: same-net accept (when ``same_net_cidrs`` is not empty),
-    then each chain of ``ingress_chains`` in order, then drop. Egress: each chain of
-    ``egress_chains``, then drop — unless ``egress_open`` (nova semantics: a port
-    whose groups define no egress rules may send anything).
+    then each chain of ``ingress_chains`` in order, then drop. Egress: anti-spoofing
+    first (only ``mac`` with ``ipv4``/``ipv6``/link-local, or an ``allowed_pairs``
+    entry, may leave the port; DHCP/RA server traffic dropped), then each chain of
+    ``egress_chains``, then drop — unless ``egress_open`` (no group of the port has
+    an egress rule: egress stays open, as nova-network's was).
+    ``port_security=False`` means no filtering and no anti-spoofing at all.
     """
 
     tap: str
@@ -105,6 +116,9 @@ class PortPolicy:
     ingress_chains: tuple[str, ...]
     egress_chains: tuple[str, ...] = ()
     egress_open: bool = True
+    ipv6: tuple[str, ...] = ()
+    allowed_pairs: tuple[AddressPair, ...] = ()
+    port_security: bool = True
 
 
 @dataclass(frozen=True)
