@@ -12,12 +12,13 @@ its ``default`` security group is created on first use.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from secfw.cloud import CloudState, free_addresses
@@ -32,7 +33,10 @@ from secfw.model import (
     DEFAULT_GROUP,
     FLAVORS,
     MAC_PREFIX,
+    PORT_PROTOCOLS,
     UNLIMITED,
+    Direction,
+    Ethertype,
     Flavor,
     Image,
     Instance,
@@ -44,11 +48,17 @@ from secfw.model import (
     check_host,
     check_name,
     check_text,
+    parse_address_pair,
     parse_cidr,
     parse_disk_format,
+    parse_ethertype,
+    parse_icmp_field,
     parse_network_cidr,
+    parse_network_cidr6,
     parse_nova_ports,
     parse_nova_protocol,
+    parse_port_range,
+    parse_protocol,
     parse_quota,
     parse_visibility,
     parse_vlan,
@@ -74,6 +84,9 @@ class PortView:
     mac: str
     ip: str
     security_groups: tuple[str, ...]
+    ip6: str | None = None
+    port_security: bool = True
+    allowed_address_pairs: tuple[str, ...] = ()
 
 
 class Api:
@@ -254,6 +267,115 @@ class Api:
             probe = Rule("", target.id, "ingress", "IPv4", proto, low, high, None, source.id)
             return self._remove_matching(state, target, probe)
 
+    # ------------------------------------------------------------------ rules (Neutron style)
+
+    def rule_create(
+        self,
+        project: str,
+        group: str,
+        direction: str = "ingress",
+        ethertype: str = "IPv4",
+        protocol: str | None = None,
+        dst_port: str | None = None,
+        icmp_type: str | int | None = None,
+        icmp_code: str | int | None = None,
+        remote_ip: str | None = None,
+        remote_group: str | None = None,
+    ) -> Rule:
+        """The openstack-client form of a rule (see ``semantics.md`` section 3).
+
+        Rejected: ports with a portless protocol, ICMP fields with a non-ICMP
+        protocol, a code without a type, a remote of the other family, both a
+        remote IP and a remote group, and duplicates (``tcp`` equals ``6``,
+        ``0.0.0.0/0`` equals no remote).
+        """
+        match = _neutron_match(direction, ethertype, protocol, dst_port, icmp_type, icmp_code)
+        if remote_ip is not None and remote_group is not None:
+            raise ValidationError("give --remote-ip or --remote-group, not both")
+        remote = parse_cidr(remote_ip, match.ethertype) if remote_ip is not None else None
+        with self.batch() as state:
+            target = self._group(state, project, group)
+            source = (
+                self._group(state, project, remote_group, "Remote group")
+                if remote_group is not None
+                else None
+            )
+            rule = Rule(
+                new_id(),
+                target.id,
+                match.direction,
+                match.ethertype,
+                match.protocol,
+                match.port_min,
+                match.port_max,
+                remote,
+                source.id if source else None,
+            )
+            self._add_rule(state, target, rule)
+            return rule
+
+    def rule_list(self, project: str, group: str | None = None) -> list[Rule]:
+        """Every rule of the project's groups, or of one group."""
+        state = self.snapshot()
+        if group is not None:
+            groups = [self._group(state, project, group).id]
+        else:
+            groups = [g.id for g in state.groups.values() if g.project == project]
+        return _sorted_rules(r for g in groups for r in state.rules_by_group.get(g, {}).values())
+
+    def rule_delete(self, project: str, rule_id: str) -> Rule:
+        with self.batch() as state:
+            rule = state.rules.get(rule_id)
+            if rule is None or state.groups[rule.group_id].project != project:
+                raise NotFoundError(f"security group rule {rule_id!r} not found")
+            state.remove(rule)
+            return rule
+
+    # ------------------------------------------------------------------ ports
+
+    def port_update(
+        self,
+        project: str,
+        port: str,
+        allowed_address_pairs: Sequence[str] | None = None,
+        port_security: bool | None = None,
+    ) -> Port:
+        """Replace a port's allowed address pairs and/or switch its port security.
+
+        A port without port security has no filtering at all, so it cannot also
+        carry address pairs (as in Neutron): that combination is rejected.
+        """
+        pairs = None
+        if allowed_address_pairs is not None:
+            pairs = tuple(dict.fromkeys(parse_address_pair(p) for p in allowed_address_pairs))
+        if pairs is None and port_security is None:
+            raise ValidationError(
+                "nothing to update: give --allowed-address-pair, "
+                "--no-allowed-address-pairs or --[no-]port-security"
+            )
+        with self.batch() as state:
+            current = self._port(state, project, port)
+            updated = replace(
+                current,
+                allowed_address_pairs=current.allowed_address_pairs if pairs is None else pairs,
+                port_security=current.port_security if port_security is None else port_security,
+            )
+            if not updated.port_security and updated.allowed_address_pairs:
+                raise ConflictError(
+                    "a port without port security cannot have allowed address "
+                    "pairs; remove them first"
+                )
+            state.put(updated)
+            return updated
+
+    @staticmethod
+    def _port(state: CloudState, project: str, ref: str) -> Port:
+        """A port of the project by id, or by tap name."""
+        for port in state.ports.values():
+            if ref in (port.id, port.tap) and state.instances[port.instance_id].project == project:
+                return port
+        raise NotFoundError(f"port {ref!r} not found")
+
     def _add_rule(self, state: CloudState, group: SecurityGroup, rule: Rule) -> None:
         existing = state.rules_by_group.get(group.id, {})
         key = rule.match_key()
@@ -279,30 +401,42 @@ class Api:
     # ------------------------------------------------------------------ networks
 
     def net_create(
-        self, project: str, name: str, cidr: str, vlan: str | int | None = None
+        self,
+        project: str,
+        name: str,
+        cidr: str,
+        vlan: str | int | None = None,
+        cidr6: str | None = None,
     ) -> Network:
+        """A network with an IPv4 subnet and optionally an IPv6 one beside it."""
         check_name(project, "project")
         check_name(name, "network name")
         canonical = parse_network_cidr(cidr)
+        canonical6 = parse_network_cidr6(cidr6) if cidr6 is not None else None
         vlan_id = parse_vlan(vlan) if vlan is not None else None
         with self.batch() as state:
             self._check_network_unique(state, name, canonical, vlan_id)
-            network = Network(new_id(), name, canonical, vlan_id, project if vlan_id else None)
+            if canonical6:
+                self._check_network_unique(state, name, canonical6, None)
+            network = Network(
+                new_id(), name, canonical, vlan_id, project if vlan_id else None, canonical6
+            )
             state.put(network)
             return network
 
     @staticmethod
     def _check_network_unique(state: CloudState, name: str, cidr: str, vlan: int | None) -> None:
-        import ipaddress
-
         new = ipaddress.ip_network(cidr)
         for other in state.networks.values():
             if other.name == name:
                 raise ConflictError(f"network {name!r} already exists")
-            if new.overlaps(ipaddress.ip_network(other.cidr)):
-                raise ConflictError(
-                    f"network {cidr} overlaps network {other.name!r} ({other.cidr})"
-                )
+            for theirs in filter(None, (other.cidr, other.cidr6)):
+                if new.version == ipaddress.ip_network(theirs).version and new.overlaps(
+                    ipaddress.ip_network(theirs)
+                ):
+                    raise ConflictError(
+                        f"network {cidr} overlaps network {other.name!r} ({theirs})"
+                    )
             if vlan is not None and other.vlan == vlan:
                 raise ConflictError(f"VLAN {vlan} is already used by network {other.name!r}")
 
@@ -404,15 +538,10 @@ class Api:
 
     @staticmethod
     def _new_port(state: CloudState, instance_id: str, network: Network) -> Port:
-        used = state.used_ips[network.id]
-        hint = state.alloc_hint.get(network.id, 0)
-        found = next(free_addresses(network, used, hint), None)
-        if found is None:
-            raise ConflictError(f"network {network.name!r} has no free address")
-        offset, address = found
-        state.alloc_hint[network.id] = offset + 1
-        used.add(address)  # reserve now: a second port in the same batch must not take it
-        return Port(new_id(), instance_id, network.id, _new_mac(state.used_macs), address)
+        address = _allocate(state, network, network.cidr, network.id)
+        address6 = _allocate(state, network, network.cidr6, network.id + "/6")
+        mac = _new_mac(state.used_macs)
+        return Port(new_id(), instance_id, network.id, mac, address, address6)
 
     def delete(self, project: str, server: str) -> Instance:
         with self.batch() as state:
@@ -621,6 +750,49 @@ def _nova_match(
     return proto, low, high, None
 
 
+@dataclass(frozen=True)
+class _Match:
+    direction: Direction
+    ethertype: Ethertype
+    protocol: str | None
+    port_min: int | None
+    port_max: int | None
+
+
+def _neutron_match(
+    direction: str,
+    ethertype: str,
+    protocol: str | None,
+    dst_port: str | None,
+    icmp_type: str | int | None,
+    icmp_code: str | int | None,
+) -> _Match:
+    """Validate the Neutron rule fields (see :meth:`Api.rule_create`)."""
+    if direction not in ("ingress", "egress"):
+        raise ValidationError(f"direction {direction!r} must be ingress or egress")
+    way: Direction = "ingress" if direction == "ingress" else "egress"
+    family = parse_ethertype(ethertype)
+    proto = parse_protocol(protocol, family)
+    if dst_port is not None and icmp_type is not None:
+        raise ValidationError("give --dst-port or --icmp-type, not both")
+    if dst_port is not None:
+        if proto not in PORT_PROTOCOLS:
+            raise ValidationError(
+                f"ports can only be given for {', '.join(sorted(PORT_PROTOCOLS))}"
+                f", not protocol {proto or 'any'}"
+            )
+        low, high = parse_port_range(dst_port)
+        return _Match(way, family, proto, low, high)
+    if icmp_code is not None and icmp_type is None:
+        raise ValidationError("an ICMP code needs an ICMP type")
+    if icmp_type is not None:
+        if proto not in ("icmp", "icmpv6"):
+            raise ValidationError(f"--icmp-type needs protocol icmp, not {proto or 'any'}")
+        code = parse_icmp_field(icmp_code, "ICMP code") if icmp_code is not None else None
+        return _Match(way, family, proto, parse_icmp_field(icmp_type, "ICMP type"), code)
+    return _Match(way, family, proto, None, None)
+
+
 def _optional_nova_match(
     protocol: str | None, from_port: str | None, to_port: str | None
 ) -> tuple[str | None, int | None, int | None, int | None]:
@@ -674,6 +846,24 @@ def _image(state: CloudState, project: str, ref: str) -> Image:
     raise NotFoundError(f"image {ref!r} not found")
 
 
+def _allocate(state: CloudState, network: Network, cidr: str | None, hint_key: str) -> Any:
+    """The lowest free address of ``cidr`` on ``network`` (None when cidr is None).
+
+    The address is reserved at once, so a second port in the same batch cannot
+    take it; the per-subnet hint keeps bulk allocation linear.
+    """
+    if cidr is None:
+        return None
+    used = state.used_ips[network.id]
+    found = next(free_addresses(cidr, used, state.alloc_hint.get(hint_key, 0)), None)
+    if found is None:
+        raise ConflictError(f"network {network.name!r} has no free address in {cidr}")
+    offset, address = found
+    state.alloc_hint[hint_key] = offset + 1
+    used.add(address)
+    return address
+
+
 def _new_mac(used: set[str]) -> str:
     """A random, unused MAC with OpenStack's ``fa:16:3e`` prefix."""
     rng = random.SystemRandom()
@@ -702,6 +892,9 @@ def _port_view(state: CloudState, port: Port, instance: Instance) -> PortView:
         mac=port.mac,
         ip=port.ip,
         security_groups=tuple(state.groups[g].name for g in instance.security_groups),
+        ip6=port.ip6,
+        port_security=port.port_security,
+        allowed_address_pairs=port.allowed_address_pairs,
     )
 
 

@@ -329,7 +329,23 @@ RULE_COLUMNS: Columns = (
     ("IP Range", "ip_range"),
     ("Source Group", "source_group"),
 )
-NETWORK_COLUMNS: Columns = (("ID", "id"), ("Name", "name"), ("CIDR", "cidr"), ("VLAN", "vlan"))
+NETWORK_COLUMNS: Columns = (
+    ("ID", "id"),
+    ("Name", "name"),
+    ("CIDR", "cidr"),
+    ("IPv6 CIDR", "cidr6"),
+    ("VLAN", "vlan"),
+)
+NEUTRON_RULE_COLUMNS: Columns = (
+    ("ID", "id"),
+    ("Direction", "direction"),
+    ("Ethertype", "ethertype"),
+    ("IP Protocol", "protocol"),
+    ("Port Range", "port_range"),
+    ("Remote IP Prefix", "remote_ip_prefix"),
+    ("Remote Security Group", "remote_group"),
+    ("Security Group", "security_group"),
+)
 FLAVOR_COLUMNS: Columns = (
     ("ID", "id"),
     ("Name", "name"),
@@ -360,6 +376,7 @@ PORT_COLUMNS: Columns = (
     ("Tap", "tap"),
     ("MAC", "mac"),
     ("IP", "ip"),
+    ("IPv6", "ip6"),
     ("Security Groups", "security_groups"),
 )
 PROJECT_COLUMN = ("Project", "project")
@@ -406,7 +423,8 @@ def rule_row(rule: Rule, group_names: Mapping[str, str]) -> dict[str, Any]:
 
 def network_row(network: Network) -> dict[str, Any]:
     return {"id": network.id, "name": network.name, "cidr": network.cidr,
-            "gateway": network.gateway, "vlan": network.vlan, "project": network.project}
+            "gateway": network.gateway, "cidr6": network.cidr6, "gateway6": network.gateway6,
+            "vlan": network.vlan, "project": network.project}
 
 
 def flavor_row(flavor: Flavor) -> dict[str, Any]:
@@ -565,9 +583,12 @@ def secgroup_delete_group_rule(
 @click.argument("cidr")
 @click.option("--vlan", metavar="ID", help="VLAN id 1-4094: a network of this project only "
               "(default: flat, shared by every project).")
-def net_create(state: CliState, fmt: str, name: str, cidr: str, vlan: str | None) -> None:
-    """Create an IPv4 network; print it."""
-    network = state.api.net_create(state.project, name, cidr, vlan)
+@click.option("--ipv6-cidr", "cidr6", metavar="CIDR", help="An IPv6 subnet beside the IPv4 one.")
+def net_create(
+    state: CliState, fmt: str, name: str, cidr: str, vlan: str | None, cidr6: str | None
+) -> None:
+    """Create a network (IPv4, optionally also IPv6); print it."""
+    network = state.api.net_create(state.project, name, cidr, vlan, cidr6)
     emit(network_row(network), with_project(NETWORK_COLUMNS, network.vlan is not None), fmt)
 
 
@@ -692,6 +713,122 @@ def port_list(state: CliState, fmt: str, host: str | None) -> None:
     """List ports: id, instance, host, network, tap, mac, ip, security groups."""
     views = state.api.port_list(state.project, host)
     emit([asdict(v) for v in views], PORT_COLUMNS, fmt)
+
+
+@output_command("port-update")
+@click.argument("port")
+@click.option("--allowed-address-pair", "pairs", multiple=True, metavar="IP[,MAC]",
+              help="An extra address (or CIDR) the port may send from; repeatable; replaces "
+                   "the port's list.")
+@click.option("--no-allowed-address-pairs", "clear_pairs", is_flag=True,
+              help="Remove every allowed address pair.")
+@click.option("--port-security/--no-port-security", "port_security", default=None,
+              help="Turn all filtering and anti-spoofing of the port on or off.")
+def port_update(
+    state: CliState, fmt: str, port: str, pairs: tuple[str, ...], clear_pairs: bool,
+    port_security: bool | None,
+) -> None:
+    """Change a port (by id or tap name): allowed address pairs, port security."""
+    if pairs and clear_pairs:
+        raise ValidationError("give --allowed-address-pair or --no-allowed-address-pairs, "
+                              "not both")
+    new_pairs = () if clear_pairs else (pairs or None)
+    updated = state.api.port_update(state.project, port, new_pairs, port_security)
+    view = next(v for v in state.api.port_list(state.project) if v.id == updated.id)
+    emit(asdict(view), None, fmt)
+
+
+# --------------------------------------------------------------------------- openstack form
+
+
+def neutron_rule_row(rule: Rule, group_names: Mapping[str, str]) -> dict[str, Any]:
+    """A rule as the openstack client lists it."""
+    if rule.protocol in ("icmp", "icmpv6") and rule.port_min is not None:
+        span = f"type {rule.port_min}" + (f" code {rule.port_max}"
+                                           if rule.port_max is not None else "")
+    elif rule.port_min is not None:
+        span = f"{rule.port_min}:{rule.port_max}"
+    else:
+        span = ""
+    remote_group = rule.remote_group_id
+    return {
+        "id": rule.id,
+        "direction": rule.direction,
+        "ethertype": rule.ethertype,
+        "protocol": rule.protocol or "any",
+        "port_range": span,
+        "port_range_min": rule.port_min,
+        "port_range_max": rule.port_max,
+        "remote_ip_prefix": rule.remote_cidr,
+        "remote_group": group_names.get(remote_group, remote_group) if remote_group else None,
+        "remote_group_id": remote_group,
+        "security_group": group_names.get(rule.group_id, rule.group_id),
+        "security_group_id": rule.group_id,
+    }
+
+
+@main.group("security", cls=SecfwGroup)
+def security() -> None:
+    """openstack-client style commands (security group rule …)."""
+
+
+@security.group("group", cls=SecfwGroup)
+def security_group() -> None:
+    """Security groups."""
+
+
+@security_group.group("rule", cls=SecfwGroup)
+def security_group_rule() -> None:
+    """Security group rules: direction, ethertype, any protocol, ports or ICMP, remote."""
+
+
+@security_group_rule.command("create")
+@click.argument("group")
+@click.option("--ingress", "direction", flag_value="ingress", default=True,
+              help="Rule for incoming traffic (default).")
+@click.option("--egress", "direction", flag_value="egress", help="Rule for outgoing traffic.")
+@click.option("--ethertype", default="IPv4", show_default=True, help="IPv4 or IPv6.")
+@click.option("--protocol", help="Name (tcp, udp, icmp, …), number 0-255, or any.")
+@click.option("--dst-port", metavar="N[:M]", help="Destination port or range (tcp, udp, sctp, "
+              "udplite).")
+@click.option("--icmp-type", metavar="T", help="ICMP type 0-255 (icmp/icmpv6 only).")
+@click.option("--icmp-code", metavar="C", help="ICMP code 0-255 (needs --icmp-type).")
+@click.option("--remote-ip", metavar="CIDR", help="Remote address range (source for ingress, "
+              "destination for egress).")
+@click.option("--remote-group", metavar="GROUP", help="Remote security group of the project.")
+@scope_options
+@format_option
+@pass_state
+def rule_create(
+    state: CliState, fmt: str, group: str, direction: str, ethertype: str,
+    protocol: str | None, dst_port: str | None, icmp_type: str | None, icmp_code: str | None,
+    remote_ip: str | None, remote_group: str | None,
+) -> None:
+    """Create a rule in GROUP; print it."""
+    rule = state.api.rule_create(state.project, group, direction, ethertype, protocol, dst_port,
+                                 icmp_type, icmp_code, remote_ip, remote_group)
+    emit(neutron_rule_row(rule, _group_names(state.api)), NEUTRON_RULE_COLUMNS, fmt)
+
+
+@security_group_rule.command("list")
+@click.argument("group", required=False)
+@scope_options
+@format_option
+@pass_state
+def rule_list(state: CliState, fmt: str, group: str | None) -> None:
+    """List the rules of GROUP, or of every group of the project."""
+    names = _group_names(state.api)
+    rows = [neutron_rule_row(r, names) for r in state.api.rule_list(state.project, group)]
+    emit(rows, NEUTRON_RULE_COLUMNS, fmt)
+
+
+@security_group_rule.command("delete")
+@click.argument("rule_id", metavar="ID")
+@scope_options
+@pass_state
+def rule_delete(state: CliState, rule_id: str) -> None:
+    """Delete a rule by ID."""
+    state.api.rule_delete(state.project, rule_id)
 
 
 # --------------------------------------------------------------------------- quotas

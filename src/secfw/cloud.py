@@ -155,6 +155,8 @@ class CloudState:
         elif isinstance(record, Port):
             self.ports_by_instance[record.instance_id].add(record.id)
             self.used_ips[record.network_id].add(record.ip)
+            if record.ip6:
+                self.used_ips[record.network_id].add(record.ip6)
             self.used_macs.add(record.mac)
 
     def _unindex(self, record: Record) -> None:
@@ -171,6 +173,9 @@ class CloudState:
         elif isinstance(record, Port):
             _discard(self.ports_by_instance, record.instance_id, record.id)
             _discard(self.used_ips, record.network_id, record.ip)
+            if record.ip6:
+                _discard(self.used_ips, record.network_id, record.ip6)
+                self.alloc_hint.pop(record.network_id + "/6", None)
             self.used_macs.discard(record.mac)
             self.alloc_hint.pop(record.network_id, None)
 
@@ -188,13 +193,14 @@ def _discard(index: dict[str, Any], key: str, member: str) -> None:
         del index[key]
 
 
-def free_addresses(network: Network, used: set[str], start: int = 0) -> Iterator[tuple[int, str]]:
-    """Allocatable addresses of a network in order, as ``(offset, address)``.
+def free_addresses(cidr: str, used: set[str], start: int = 0) -> Iterator[tuple[int, str]]:
+    """Allocatable addresses of a subnet in order, as ``(offset, address)``.
 
-    Skips the network address, the gateway (the first host, ``.1``) and the
-    broadcast address, and anything in ``used``. ``start`` is an offset hint.
+    Skips the network address, the gateway (the first host, ``.1``/``::1``) and
+    the last address (IPv4 broadcast; kept free in IPv6 too, for symmetry), and
+    anything in ``used``. ``start`` is an offset hint.
     """
-    net = ipaddress.ip_network(network.cidr)
+    net = ipaddress.ip_network(cidr)
     first = max(start, 2)
     for offset in range(first, net.num_addresses - 1):
         address = str(net.network_address + offset)

@@ -54,6 +54,10 @@ PROTOCOL_NUMBERS: dict[str, int] = {
     "udplite": 136,
 }
 
+_PROTOCOL_NAMES: dict[int, str] = {}
+for _name, _number in PROTOCOL_NUMBERS.items():
+    _PROTOCOL_NAMES.setdefault(_number, _name)
+
 DEFAULT_GROUP = "default"
 DEFAULT_QUOTA_SECURITY_GROUPS = 10
 DEFAULT_QUOTA_SECURITY_GROUP_RULES = 20
@@ -114,7 +118,10 @@ FLAVORS: tuple[Flavor, ...] = (
 
 @dataclass(frozen=True)
 class Network(Record):
-    """An IPv4 subnet. ``vlan is None`` means flat (shared by every project)."""
+    """An IPv4 subnet, optionally with an IPv6 subnet beside it (``cidr6``).
+
+    ``vlan is None`` means flat (shared by every project).
+    """
 
     KIND: ClassVar[str] = "network"
     id: str
@@ -122,11 +129,21 @@ class Network(Record):
     cidr: str
     vlan: int | None = None
     project: str | None = None
+    cidr6: str | None = None
 
     @property
     def gateway(self) -> str:
         """The gateway address: the first host of the subnet (``.1``)."""
         return str(ipaddress.ip_network(self.cidr)[1])
+
+    @property
+    def gateway6(self) -> str | None:
+        """The IPv6 gateway: the first host of ``cidr6`` (``::1``), if any."""
+        return str(ipaddress.ip_network(self.cidr6)[1]) if self.cidr6 else None
+
+    @property
+    def prefixlen6(self) -> int | None:
+        return ipaddress.ip_network(self.cidr6).prefixlen if self.cidr6 else None
 
     @property
     def prefixlen(self) -> int:
@@ -204,16 +221,34 @@ class Instance(Record):
 
 @dataclass(frozen=True)
 class Port(Record):
+    """An instance's interface on a network.
+
+    ``allowed_address_pairs`` holds canonical ``"CIDR"`` or ``"CIDR,MAC"`` strings:
+    extra source addresses the port may use (with its own MAC when none is given).
+    ``port_security=False`` turns off all filtering and anti-spoofing for the port.
+    """
+
     KIND: ClassVar[str] = "port"
     id: str
     instance_id: str
     network_id: str
     mac: str
     ip: str
+    ip6: str | None = None
+    port_security: bool = True
+    allowed_address_pairs: tuple[str, ...] = ()
 
     @property
     def tap(self) -> str:
         return tap_name(self.id)
+
+    def address_pairs(self) -> list[tuple[str, str]]:
+        """``(cidr, mac)`` of each allowed address pair (the port's MAC when unset)."""
+        pairs = []
+        for pair in self.allowed_address_pairs:
+            cidr, _, mac = pair.partition(",")
+            pairs.append((cidr, mac or self.mac))
+        return pairs
 
 
 @dataclass(frozen=True)
@@ -404,3 +439,87 @@ def parse_nic(text: str) -> str:
     if not sep or key.strip() != "net-id" or not value.strip():
         raise ValidationError(f"--nic {text!r}: expected net-id=NETWORK")
     return value.strip()
+
+
+def parse_ethertype(text: str) -> Ethertype:
+    """IPv4 or IPv6 (case-insensitive)."""
+    value = text.strip().lower()
+    if value == "ipv4":
+        return "IPv4"
+    if value == "ipv6":
+        return "IPv6"
+    raise ValidationError(f"ethertype {text!r} must be IPv4 or IPv6")
+
+
+def parse_protocol(text: str | None, ethertype: Ethertype) -> str | None:
+    """A Neutron-style protocol: a name, a number 0-255, or any (None).
+
+    Known numbers are stored by name so that ``tcp`` and ``6`` are one protocol;
+    with IPv6, ``icmp`` means ICMPv6 (as in Neutron). ICMPv6 with IPv4 and ICMP
+    (number 1) with IPv6 are rejected as a family mismatch.
+    """
+    if text is None or text.strip().lower() in ("", "any"):
+        return None
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+", value):
+        number = int(value)
+        if number > 255:
+            raise ValidationError(f"protocol number {number} is not in the range 0..255")
+        value = _PROTOCOL_NAMES.get(number, str(number))
+    elif value not in PROTOCOL_NUMBERS:
+        raise ValidationError(f"Invalid IP protocol {text}.")
+    value = "icmpv6" if value == "ipv6-icmp" else value
+    if ethertype == "IPv6" and value == "icmp":
+        value = "icmpv6"
+    if ethertype == "IPv4" and value == "icmpv6":
+        raise ValidationError("protocol icmpv6 needs ethertype IPv6")
+    return value
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``N`` or ``N:M`` with 1 <= N <= M <= 65535."""
+    low_text, sep, high_text = text.partition(":")
+    low = parse_int(low_text, "port")
+    high = parse_int(high_text, "port") if sep else low
+    for value in (low, high):
+        if not 1 <= value <= 65535:
+            raise ValidationError(f"port {value} is not in the range 1..65535")
+    if low > high:
+        raise ValidationError(f"port range {text}: {low} is greater than {high}")
+    return low, high
+
+
+def parse_icmp_field(value: str | int, what: str) -> int:
+    number = parse_int(value, what)
+    if not 0 <= number <= 255:
+        raise ValidationError(f"{what} {number} is not in the range 0..255")
+    return number
+
+
+def parse_network_cidr6(text: str) -> str:
+    """An IPv6 subnet for a network: canonical, /64 to /120."""
+    cidr = parse_cidr(text, "IPv6")
+    if not 64 <= ipaddress.ip_network(cidr).prefixlen <= 120:
+        raise ValidationError(f"IPv6 network {cidr}: the prefix must be between /64 and /120")
+    return cidr
+
+
+def parse_mac(text: str) -> str:
+    """A unicast MAC address, lower-case, colon-separated."""
+    value = text.strip().lower().replace("-", ":")
+    if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", value):
+        raise ValidationError(f"{text!r} is not a MAC address")
+    if int(value[:2], 16) & 1:
+        raise ValidationError(f"{text!r} is a multicast MAC address")
+    return value
+
+
+def parse_address_pair(text: str) -> str:
+    """``IP[,MAC]`` or ``CIDR[,MAC]`` → the canonical ``"CIDR[,MAC]"`` form."""
+    address, _, mac = text.partition(",")
+    try:
+        version = ipaddress.ip_network(address.strip(), strict=False).version
+    except ValueError:
+        raise ValidationError(f"allowed address pair {text!r}: bad IP address") from None
+    cidr = parse_cidr(address, "IPv4" if version == 4 else "IPv6")
+    return f"{cidr},{parse_mac(mac)}" if mac.strip() else cidr
