@@ -210,7 +210,7 @@ def test_group_rule_without_protocol(cli: Cli) -> None:
 
 def test_networks(cli: Cli) -> None:
     out = cli.ok("net-create", "private", "10.0.0.0/24")
-    assert "| private | 10.0.0.0/24 |      |" in out
+    assert "| private | 10.0.0.0/24 |           |      |" in out
     vlan = cli.json("net-create", "tenant", "10.1.0.0/24", "--vlan", "100")
     assert (vlan["vlan"], vlan["project"], vlan["gateway"]) == (100, "admin", "10.1.0.1")
     nets = cli.json("net-list")
@@ -319,8 +319,8 @@ def test_port_list(booted: Cli) -> None:
     table = booted.ok("port-list", "--host", "h1")
     assert table.splitlines()[1] == (
         "| ID                                   | Instance | Host | Network | Tap            "
-        "| MAC               | IP       | Security Groups |")
-    assert f"| {vm1['tap']} | {vm1['mac']} | 10.0.0.2 | web             |" in table
+        "| MAC               | IP       | IPv6 | Security Groups |")
+    assert f"| {vm1['tap']} | {vm1['mac']} | 10.0.0.2 |      | web             |" in table
 
 
 def test_exhausted_network(cli: Cli) -> None:
