@@ -46,8 +46,10 @@ test: venv lint
 demo: venv
 	$(VENV)/bin/secfw demo
 
+# `make bench BENCH_ARGS=--quick` passes options through (see bench/README.md).
 bench: venv
-	$(PY) -m secfw.bench
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m secfw.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

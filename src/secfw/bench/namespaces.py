@@ -1,0 +1,33 @@
+"""Scratch network namespaces for the benchmark, always removed afterwards.
+
+Named ``sfw-b-<10 hex digits>`` (the lab's ``sfw-`` prefix, so the lab's probes
+accept them); created and removed with ``ip netns`` exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from secfw.lab import NS_PREFIX, netns_exists
+
+
+def _ip_netns(*args: str) -> None:
+    done = subprocess.run(["ip", "netns", *args], capture_output=True, text=True, timeout=30,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip netns {' '.join(args)}: {done.stderr.strip()}")
+
+
+@contextmanager
+def scratch_netns() -> Iterator[str]:
+    """A fresh, empty network namespace; deleted (with its nft tables) on exit."""
+    name = f"{NS_PREFIX}b-{uuid.uuid4().hex[:10]}"
+    _ip_netns("add", name)
+    try:
+        yield name
+    finally:
+        if netns_exists(name):
+            _ip_netns("del", name)

@@ -1,0 +1,248 @@
+"""The run's reports: ``latest.json``, ``latest.md`` (tables) and ``latest.png`` (plot).
+
+Files are written beside each other in the output directory, each first to a
+``.tmp`` file and then renamed, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from secfw.bench import targets
+from secfw.bench.common import Row, failed, ok
+
+STEM = "latest"
+#: An agent pass's phases in pipeline order (see :mod:`.incremental`), as printed.
+PHASES = (("changes_compile", "feed+compile"), ("read_back", "read-back"),
+          ("render_plan", "render+plan"), ("apply", "nft apply"), ("committed", "committed"))
+
+
+def write(results: Row, out: Path) -> None:
+    """Evaluate the targets, draw the plot, write the JSON and Markdown files."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets.evaluate(results)
+    results["plot"] = _plot(results, out / f"{STEM}.png")
+    _replace(out / f"{STEM}.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
+    _replace(out / f"{STEM}.md", markdown(results))
+
+
+def _plot(results: Row, path: Path) -> Row:
+    try:
+        from secfw.bench.plot import write_png
+    except ImportError:
+        return {"skipped": "matplotlib is not installed (pip install -e '.[bench]')"}
+    try:
+        write_png(results, path)
+    except Exception as exc:
+        return failed(exc)
+    return {"file": path.name}
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def dig(row: Any, *keys: str) -> Any:
+    """``row[k1][k2]…``, or None when a level is missing."""
+    for key in keys:
+        if not (isinstance(row, dict) and key in row):
+            return None
+        row = row[key]
+    return row
+
+
+def status(row: Any) -> str | None:
+    """"skipped" / "error" for a step that did not produce figures, else None."""
+    if isinstance(row, dict) and "skipped" in row:
+        return "skipped"
+    if isinstance(row, dict) and "error" in row:
+        return "error"
+    return None
+
+
+def seconds(value: Any) -> str:
+    """1.234 s, or 12.3 ms below a second."""
+    if not isinstance(value, int | float):
+        return "—"
+    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.1f} ms"
+
+
+def millis(value: Any) -> str:
+    return f"{value:,.1f} ms" if isinstance(value, int | float) else "—"
+
+
+def count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "—"
+
+
+def cell(step: Any, text: str) -> str:
+    """``text``, or the step's status when it did not run."""
+    return status(step) or text
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+# ---------------------------------------------------------------------- sections
+
+
+def markdown(results: Row) -> str:
+    """The whole Markdown report."""
+    parts = [_title(results), _targets(results), _control(results), _incremental(results),
+             _membership(results), _datapath(results), _restart(results), _problems(results)]
+    return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
+
+
+def _title(results: Row) -> list[str]:
+    m, options = results["machine"], results["options"]
+    source = m.get("source", {})
+    modified = " + local changes in src/" if source.get("src_modified") else ""
+    return [
+        f"# secfw benchmark — {m['date']}",
+        "",
+        f"Machine: {m['cores']} cores, {m.get('memory_gb')} GB, kernel {m['kernel']}, "
+        f"{m['nft']}, {m['iperf3']}, Python {m['python']}; code {source.get('commit')}"
+        f"{modified}; load average before/after {m.get('loadavg_before')} / "
+        f"{m.get('loadavg_after')}.",
+        f"Sizes {', '.join(f'{n:,}' for n in options['sizes'])} ports"
+        f"{' (--quick)' if options['quick'] else ''}; run time {results['elapsed_s']:.0f} s "
+        f"of a {options['budget_s']:.0f} s budget. Workload: {_workload(results['workload'])}",
+    ]
+
+
+def _workload(w: Row) -> str:
+    return (f"{w['groups_per_port']} groups per port drawn from {w['host_groups']}, "
+            f"{w['rules_per_group']} rules per group, {w['remote_group_rules']} referencing "
+            f"one of {w['source_groups']} source groups of {w['source_group_members']}; "
+            f"hot group {w['hot_group']}; data path: {w['data_path_pair']}.")
+
+
+def _targets(results: Row) -> list[str]:
+    rows = [[t["target"], t["figure"], targets.verdict(t["met"])] for t in results["targets"]]
+    return ["## Targets", "", *table(["target", "figure", "result"], rows)]
+
+
+def _control(results: Row) -> list[str]:
+    rows = [_control_row(row) for row in results["control_plane"]]
+    header = ["ports", "compile: model→IR / render / text", "rules", "sets", "elements",
+              "full apply (fresh ns)", "compile + apply", "agent full sync: process (sync)",
+              "agent peak RSS"]
+    return ["## 1. Control plane (one host)", "", *table(header, rows), "",
+            "Compile steps are in-process medians; the agent is a separate process "
+            "(`ip netns exec NS secfw agent --once`) into a fresh namespace: process wall "
+            "time includes interpreter start-up and the store load; (sync) is the pass "
+            "the agent logs. Peak RSS from wait4(2)."]
+
+
+def _control_row(row: Row) -> list[str]:
+    c, r, a = row.get("compile"), row.get("ruleset"), row.get("agent")
+    apply_s, compile_s = dig(row, "full_apply", "full_apply_s"), dig(c, "total_s")
+    both = isinstance(apply_s, float) and isinstance(compile_s, float)
+    total = compile_s + apply_s if both else None
+    return [
+        f"{row['ports']:,}",
+        cell(c, f"{seconds(dig(c, 'compile_s'))} / {seconds(dig(c, 'render_s'))} / "
+                f"{seconds(dig(c, 'text_s'))}"),
+        cell(r, count(dig(r, "rules"))), cell(r, count(dig(r, "sets"))),
+        cell(r, count(dig(r, "elements"))),
+        cell(row.get("full_apply"), seconds(apply_s)),
+        seconds(total),
+        cell(a, f"{seconds(dig(a, 'wall_s'))} ({seconds(dig(a, 'sync_s'))})"),
+        cell(a, f"{dig(a, 'peak_rss_mb')} MB"),
+    ]
+
+
+def _phases(row: Row) -> str:
+    phases = row.get("phases_ms") or {}
+    return ", ".join(f"{label} {phases[key]:,.0f}" for key, label in PHASES if key in phases)
+
+
+def _incremental(results: Row) -> list[str]:
+    inc = results["incremental"]
+    title = f"## 2. Incremental changes ({inc.get('ports', 0):,} ports loaded)"
+    if not ok(inc):
+        return [title, "", f"{status(inc)}: {inc.get('skipped') or inc.get('error')}"]
+    rows = [[c["change"], millis(c["store_write_ms"]), millis(c["store_to_kernel_ms"]),
+             count(c["commands"]), _phases(c)] for c in inc["changes"]]
+    resync = inc["full_resync_after"]
+    return [title, "", *table(["change", "store write", "store → kernel", "commands",
+                               "store → kernel, by phase (ms)"], rows), "",
+            "Store write: the API call until it returned (committed). Store → kernel: the "
+            "in-process agent's pass right after it, until the nft transaction was committed.",
+            f"Full resync after these changes: {resync['commands']} commands "
+            f"({millis(resync['store_to_kernel_ms'])})."]
+
+
+def _membership(results: Row) -> list[str]:
+    rows = []
+    for row in results["membership"]:
+        if not ok(row):
+            rows.append([f"{row['ports']:,}", status(row) or "", "", "", ""])
+            continue
+        rows.append([f"{row['ports']:,}", millis(row["store_write_ms"]),
+                     millis(row["store_to_kernel_ms"]), count(row["commands"]),
+                     _phases(row["runs"][-1])])
+    return ["### Membership change (one source-group member added) versus size", "",
+            *table(["ports", "store write", "store → kernel", "commands",
+                    "last run by phase (ms)"], rows)]
+
+
+def _datapath(results: Row) -> list[str]:
+    dp = results["datapath"]
+    title = "## 3. Data path (two lab instances, N other ports loaded)"
+    if not ok(dp):
+        return [title, "", f"{status(dp)}: {dp.get('skipped') or dp.get('error')}"]
+    rows = [[_datapath_label(row), f"{row['udp_pps'] / 1000:,.1f}", f"{row['udp_ratio']:.1%}",
+             f"{row['tcp_bps'] / 1e9:,.2f}", f"{row['tcp_ratio']:.1%}", row["iptables"]]
+            for row in dp["rows"]]
+    header = ["N", "UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio",
+              "iptables: not yet implemented"]
+    return [title, "", *table(header, rows), "",
+            f"{dp['method']}; {dp['reps']} repetitions of {dp['seconds']:g} s."]
+
+
+def _datapath_label(row: Row) -> str:
+    return f"{row['ports']:,}" if row["ports"] else f"0: {row['filter']}"
+
+
+def _restart(results: Row) -> list[str]:
+    rows = []
+    for row in results["restart"]:
+        rows.append([f"{row['ports']:,}", cell(row, seconds(row.get("wall_s"))),
+                     cell(row, seconds(row.get("sync_s"))), cell(row, count(row.get("commands"))),
+                     cell(row, f"{row.get('peak_rss_mb')} MB")])
+    return ["## 4. Restart (fresh agent process, table loaded, nothing changed)", "",
+            *table(["ports", "process wall", "sync (agent's log)", "commands", "peak RSS"],
+                   rows)]
+
+
+def _problems(results: Row) -> list[str]:
+    found = list(_walk_problems(results, ""))
+    return ["## Skipped or failed steps", "", *[f"- `{p}`: {r}" for p, r in found]] if found else []
+
+
+def _walk_problems(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for key in ("skipped", "error"):
+            if key in node:
+                yield path or "run", f"{key}: {node[key]}"
+        for key, value in node.items():
+            label = f"{path}.{key}" if path else str(key)
+            if isinstance(value, dict | list):
+                yield from _walk_problems(value, label)
+    elif isinstance(node, list):
+        for item in node:
+            label = f"{path}[{item.get('ports')}]" if isinstance(item, dict) and (
+                "ports" in item) else path
+            yield from _walk_problems(item, label)

@@ -1,0 +1,95 @@
+"""Smoke test of the benchmark suite: ``python -m secfw.bench --quick`` end to end.
+
+It checks the shape of the report — every section present, every step ran or
+says why it was skipped, no step failed, the plot drawn, no namespace left
+behind — and never a timing: benchmarks report, they do not fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secfw.lab import Lab, netns_exists
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
+]
+
+SECTIONS = ("machine", "options", "workload", "control_plane", "incremental", "membership",
+            "datapath", "restart", "targets", "plot")
+QUICK_SIZES = [50, 200]
+
+
+def errors(node: Any, path: str = "") -> list[str]:
+    """Every ``"error"`` recorded anywhere in the results, with where it was."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        if "error" in node:
+            found.append(f"{path}: {node['error']}")
+        for key, value in node.items():
+            found += errors(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            found += errors(item, f"{path}[{index}]")
+    return found
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """Run ``--quick`` once into a temporary directory; its output dir and JSON."""
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "secfw.bench", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out, json.loads((out / "latest.json").read_text(encoding="utf-8"))
+
+
+def test_report_has_every_section(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = quick_run
+    assert [s for s in SECTIONS if s not in results] == []
+    assert (out / "latest.md").read_text(encoding="utf-8").startswith("# secfw benchmark")
+    for key in ("cores", "kernel", "nft", "python", "date"):
+        assert results["machine"][key]
+
+
+def test_every_step_ran_without_error(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    assert errors(results) == []
+    assert [row["ports"] for row in results["control_plane"]] == QUICK_SIZES
+    for row in results["control_plane"]:
+        assert {"store", "compile", "ruleset", "full_apply", "agent"} <= set(row)
+    assert [row["ports"] for row in results["membership"]] == QUICK_SIZES
+    assert [row["ports"] for row in results["restart"]] == QUICK_SIZES
+    assert len(results["incremental"]["changes"]) == 5
+    datapath = results["datapath"]
+    assert "skipped" in datapath or [r["ports"] for r in datapath["rows"]] == [0, 0, *QUICK_SIZES]
+    assert len(results["targets"]) == 6
+
+
+def test_plot_is_drawn(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = quick_run
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # `make test` installs only the test extra
+        assert "matplotlib" in results["plot"]["skipped"]
+        return
+    assert results["plot"] == {"file": "latest.png"}
+    assert (out / "latest.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_no_namespace_left_behind(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    lab = Lab(results["workload"]["host"], Path("/nonexistent"))
+    leftovers = [ns for ns in (lab.host_ns, lab.external_ns) if netns_exists(ns)]
+    leftovers += [ns.name for ns in Path("/run/netns").glob("sfw-b-*")]
+    assert leftovers == []
