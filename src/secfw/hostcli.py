@@ -1,4 +1,4 @@
-"""Host-side commands: ``compile``, ``agent``, ``lab`` and ``demo``.
+"""Host-side commands: ``compile``, ``agent`` (and ``agent status``), ``lab`` and ``demo``.
 
 They sit beside the nova-style cloud commands of :mod:`secfw.cli` (same group,
 same one-line error contract) but act on a compute host rather than on the
@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
-from secfw.agent import AgentLoop, LoopSettings, Reconciler
+from secfw.agent import AgentLoop, LoopSettings, Reconciler, SystemdNotifier
 from secfw.api import Api
 from secfw.backends import BACKENDS, get_backend
-from secfw.cli import CliState, main, pass_state, scope_options
+from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
-from secfw.config import load_config
+from secfw.config import Config, load_config
+from secfw.daemon import configure_logging, log_event
 from secfw.demo import (
     HOST,
     Probe,
@@ -33,9 +36,14 @@ from secfw.demo import (
     reachability,
     run_agent_once,
 )
-from secfw.errors import SecfwError
+from secfw.errors import BackendError, SecfwError
+from secfw.linkwatch import LinkWatcher
+from secfw.metrics import AgentMetrics
 from secfw.model import check_host
+from secfw.output import emit
+from secfw.statusfile import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
 from secfw.store import open_store
+from secfw.storewatch import ReopeningStore
 
 _host_option = click.option("--host", required=True, help="The compute host.")
 _config_option = click.option(
@@ -44,6 +52,11 @@ _config_option = click.option(
 _backend_option = click.option(
     "--backend", type=click.Choice(BACKENDS), default="nftables", show_default=True
 )
+_state_dir_option = click.option(
+    "--state-dir", metavar="DIR", envvar="SECFW_STATE_DIR", default=DEFAULT_STATE_DIR,
+    show_default=True, help="Where the agent writes its status report [env SECFW_STATE_DIR].",
+)
+_log = logging.getLogger("secfw.agent")
 
 
 @main.command("compile")
@@ -71,54 +84,187 @@ def compile_command(
         click.echo(to_nft_text(ruleset), nl=False)
 
 
-@main.command("agent")
-@_host_option
+@main.group("agent", invoke_without_command=True, subcommand_metavar="[status]")
+@click.option("--host", help="The compute host (required to run the agent).")
 @_config_option
 @_backend_option
 @click.option("--once", is_flag=True, help="Run one full sync and exit.")
+@click.option("--cleanup", is_flag=True,
+              help="Remove secfw's table (and nothing else) and exit; 0 when already absent.")
 @click.option(
     "--resync-interval", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
-    help="Seconds between full syncs (kernel read back, drift repaired).",
+    help="Seconds between full syncs (store reloaded, kernel read back, drift repaired).",
 )
 @click.option(
     "--poll-interval", type=click.FloatRange(min=0.01, max=10), default=0.1, show_default=True,
     help="Seconds between store revision checks.",
 )
+@click.option(
+    "--backoff-max", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+    help="Longest wait between retries after failures (doubling from 0.5 s).",
+)
+@_state_dir_option
+@click.option(
+    "--metrics-address", metavar="IP:PORT", envvar="SECFW_METRICS_ADDRESS",
+    help="Serve Prometheus metrics on this address, e.g. 127.0.0.1:9468 (default: off) "
+         "[env SECFW_METRICS_ADDRESS].",
+)
 @scope_options
-@pass_state
+@click.pass_context
 def agent_command(
-    state: CliState,
-    host: str,
+    ctx: click.Context,
+    host: str | None,
     config_path: str | None,
     backend: str,
     once: bool,
+    cleanup: bool,
     resync_interval: float,
     poll_interval: float,
+    backoff_max: float,
+    state_dir: str,
+    metrics_address: str | None,
 ) -> None:
-    """Keep this network namespace's filter equal to HOST's security groups."""
-    check_host(host)
-    _configure_logging()
-    reconciler = Reconciler(
-        open_store(state.store_url), host, load_config(config_path), get_backend(backend)
-    )
-    if once:
-        result = reconciler.reconcile(full=True)
-        logging.getLogger("secfw.agent").info(
-            "sync %s", " ".join(f"{k}={v}" for k, v in result.as_fields().items())
-        )
+    """Keep this network namespace's filter equal to HOST's security groups.
+
+    Runs until SIGTERM (the current transaction finishes, the rules stay);
+    SIGHUP forces a full sync. Logs are logfmt lines on stderr; the status
+    report goes to --state-dir (read it with `secfw agent status`). See
+    docs/agent.md.
+    """
+    if ctx.invoked_subcommand is not None:
         return
-    loop = AgentLoop(reconciler, LoopSettings(poll_interval, resync_interval))
+    configure_logging()
+    if cleanup:
+        _cleanup(backend)
+        return
+    if host is None:
+        raise click.UsageError("Missing option '--host'.")
+    check_host(host)
+    state = ctx.find_object(CliState)
+    assert state is not None  # always run under main
+    if once:
+        _run_once(state.store_url, host, config_path, backend)
+        return
+    settings = LoopSettings(poll_interval, resync_interval, backoff_max=backoff_max)
+    _run_loop(state.store_url, host, load_config(config_path), backend, settings,
+              Path(state_dir), metrics_address)
+
+
+def _run_once(store_url: str, host: str, config_path: str | None, backend: str) -> None:
+    """One full sync; logs ``sync … commands=N`` (other tools rely on that line)."""
+    reconciler = Reconciler(
+        open_store(store_url), host, load_config(config_path), get_backend(backend)
+    )
+    result = reconciler.reconcile(full=True)
+    log_event(_log, logging.INFO, "sync", **result.as_fields(), **(result.changes or {}))
+
+
+def _run_loop(
+    store_url: str, host: str, config: Config, backend: str, settings: LoopSettings,
+    state_dir: Path, metrics_address: str | None,
+) -> None:
+    """The daemon: the loop with its observers and link watcher, until stopped.
+
+    Only a bad --metrics-address or a backend that cannot be opened end it with
+    an error; a store that cannot be read is a failing pass, retried.
+    """
+    store = ReopeningStore(store_url)
+    reconciler = Reconciler(store, host, config, get_backend(backend))
+    metrics = AgentMetrics()
+    if metrics_address:
+        metrics.serve(metrics_address)
+    loop = AgentLoop(reconciler, settings,
+                     observers=[StatusWriter(state_dir, host), metrics, SystemdNotifier()])
+    watcher = _start_link_watcher(loop)
+    loop.taps = watcher.taps if watcher is not None else None
     loop.install_signal_handlers()
-    loop.run()
+    log_event(_log, logging.INFO, "started", backend=backend, store=store_url,
+              resync_interval=settings.resync_interval, metrics=metrics_address or "off",
+              status=str(status_path(state_dir, host)))
+    try:
+        loop.run()
+    finally:
+        if watcher is not None:
+            watcher.stop()
+        metrics.close()
+        store.close()
 
 
-def _configure_logging() -> None:
-    """Structured (logfmt-style) lines on stderr, which journald captures as is."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("level=%(levelname)s logger=%(name)s msg=%(message)s"))
-    root = logging.getLogger("secfw")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+def _start_link_watcher(loop: AgentLoop) -> LinkWatcher | None:
+    """Follow tap events into the loop; without netlink the agent still works
+    (resync and store triggers), so a failure is logged, not fatal."""
+    watcher = LinkWatcher(loop.link_changed)
+    try:
+        watcher.start()
+    except OSError as exc:
+        log_event(_log, logging.ERROR, "linkwatch_unavailable", error=str(exc))
+        return None
+    return watcher
+
+
+def _cleanup(backend_name: str) -> None:
+    """Delete secfw's table in this namespace, touch nothing else (exit 0 if absent)."""
+    backend = get_backend(backend_name)
+    try:
+        present = backend.read() is not None
+    except BackendError:  # there, but not in a shape we parse: it goes all the same
+        present = True
+    backend.cleanup()
+    log_event(_log, logging.INFO, "cleanup", backend=backend_name, removed=present)
+
+
+@agent_command.command("status")
+@click.option("--host", required=True, help="The compute host.")
+@_state_dir_option
+@format_option
+def agent_status_command(host: str, state_dir: str, fmt: str) -> None:
+    """Show the last report of HOST's agent: health, last sync, revision, ports,
+    drift repairs, errors — and say when it stopped, died or went quiet."""
+    check_host(host)
+    report = read_report(state_dir, host)
+    if fmt == "json":
+        emit(report.as_dict(), None, "json")
+    else:
+        emit(_status_rows(report), None, "table")
+
+
+def _status_rows(report: Report) -> dict[str, Any]:
+    """The report as ``Property | Value`` rows, most important first."""
+    doc = report.doc
+    drift = doc.get("last_drift") or {}
+    return {
+        "state": report.state.upper(),
+        "why": report.reason,
+        "host": doc.get("host"),
+        "pid": doc.get("pid"),
+        "report age": f"{report.age:.1f} s",
+        "last sync": _when(doc.get("last_sync")),
+        "last full sync": _when(doc.get("last_full_sync")),
+        "revision applied": doc.get("revision"),
+        "store revision": doc.get("store_revision"),
+        "ports": doc.get("ports"),
+        "set elements": doc.get("set_elements"),
+        "syncs": doc.get("syncs"),
+        "transactions": doc.get("transactions"),
+        "drift repairs": doc.get("drift_repairs"),
+        "last drift": {k: v for k, v in drift.items() if k != "at"} if drift else None,
+        "last drift at": _when(drift.get("at")),
+        "errors": doc.get("errors"),
+        "consecutive errors": doc.get("consecutive_errors"),
+        "last error": doc.get("last_error"),
+        "last error at": _when(doc.get("last_error_at")),
+        "unknown taps (dropped)": doc.get("unknown_taps"),
+        "ports without tap": doc.get("missing_taps"),
+        "started": _when(doc.get("started_at")),
+    }
+
+
+def _when(timestamp: Any) -> str | None:
+    """A Unix time as UTC ISO 8601 plus how long ago."""
+    if not isinstance(timestamp, int | float):
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+    return f"{moment} ({time.time() - timestamp:.1f} s ago)"
 
 
 @main.group("lab")

@@ -6,11 +6,14 @@ read back or committed, :class:`.executor.NftablesExecutor` to apply.
 
 from __future__ import annotations
 
+from typing import Any
+
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
 from secfw.backends.nftables.render import Ruleset, render
 from secfw.backends.nftables.state import KernelState
+from secfw.backends.nftables.summary import element_count, summarize
 from secfw.compiler.ir import HostFilter
 from secfw.errors import BackendError
 
@@ -51,6 +54,14 @@ class NftablesBackend:
     def committed(self, desired: HostFilter) -> KernelState:
         """The state the kernel holds once ``desired`` was applied (no round trip)."""
         return KernelState.from_ruleset(self.render(desired))
+
+    def describe(self, plan: Transaction) -> dict[str, Any]:
+        """What ``plan`` changes, in a few words (chains, sets, element counts)."""
+        return summarize(plan)
+
+    def element_count(self, state: KernelState) -> int:
+        """Elements in the sets and maps of ``state`` (for metrics)."""
+        return element_count(state)
 
     def cleanup(self) -> None:
         """Delete table ``inet secfw`` (and nothing else)."""
