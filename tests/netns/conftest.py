@@ -1,0 +1,358 @@
+"""Fixtures of the packet-level engine tests: a cloud, its host's lab and its agent.
+
+:class:`CloudLab` ties together what an operator has on one compute host:
+
+* a fresh SQLite store and an :class:`~secfw.api.Api` on it (the cloud model);
+* the namespace :class:`~secfw.lab.Lab` of that host (a routed host namespace, one
+  namespace per instance, an external namespace with 203.0.113.10 / 198.51.100.10);
+* one in-process agent (:class:`~secfw.agent.Reconciler` with the nftables backend
+  running *inside the lab's host namespace*), driven by :meth:`CloudLab.sync`.
+
+Probes name their endpoints by instance name or :data:`EXTERNAL`; blocked probes
+cost :data:`PROBE_TIMEOUT` seconds. Every fixture tears down what it built (the lab,
+scratch namespaces, stores), also when the test fails.
+
+Test modules cannot import this file (pytest loads it as a plugin), so everything
+they need is reachable from the fixtures: ``cloud``, ``scratch_ns``, ``lab_factory``
+and ``helpers`` (this module's functions and constants).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secfw import netns_tools
+from secfw.agent import Reconciler, SyncResult
+from secfw.api import Api
+from secfw.backends import get_backend
+from secfw.compiler.build import set_name
+from secfw.config import Config
+from secfw.demo import lab_ports
+from secfw.lab import NS_PREFIX, Lab, netns_exists
+from secfw.model import Port
+from secfw.store import open_store
+
+PROBE_TIMEOUT = 0.3  # seconds a blocked probe waits
+EXTERNAL = "external"  # probe endpoint: the lab's external namespace, 203.0.113.10
+EXTERNAL_IP = Lab.external_addresses[0]
+FLAVOR, IMAGE = "m1.tiny", "cirros"
+VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
+
+
+def secfw_command() -> str:
+    """The project's ``secfw`` console script (the venv's), else the one on PATH."""
+    candidate = VENV_BIN / "secfw"
+    return str(candidate) if candidate.exists() else "secfw"
+
+
+def run(
+    *args: str, stdin: str | None = None, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command (no shell), capture text output; raise with stderr on failure."""
+    done = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60,
+                          check=False, env=None if env is None else {**os.environ, **env})
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr}")
+    return done
+
+
+class _RecordingBackend:
+    """The real nftables backend, remembering the transaction of the last pass."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.last_plan: Any = None
+
+    def read(self) -> Any:
+        return self.inner.read()
+
+    def plan(self, current: Any, desired: Any) -> Any:
+        self.last_plan = self.inner.plan(current, desired)
+        return self.last_plan
+
+    def apply(self, plan: Any) -> None:
+        self.inner.apply(plan)
+
+    def committed(self, desired: Any) -> Any:
+        return self.inner.committed(desired)
+
+    def cleanup(self) -> None:
+        self.inner.cleanup()
+
+    def __getattr__(self, name: str) -> Any:  # optional extras (describe, …): the real ones
+        return getattr(self.inner, name)
+
+
+class CloudLab:
+    """A cloud model, the lab of one of its hosts, and that host's agent (see module doc)."""
+
+    def __init__(self, store_url: str, lab: Lab, host: str, work_dir: Path) -> None:
+        self.store_url = store_url
+        self.work_dir = work_dir
+        self.api = Api(open_store(store_url))
+        self.lab = lab
+        self.host = host
+        self.allow_same_net = True
+        self.backend: _RecordingBackend | None = None
+        self._agent_store: Any = None
+        self._reconciler: Reconciler | None = None
+        self.api.image_create("admin", IMAGE, "qcow2", "public")
+
+    # ---- the model
+
+    def boot(
+        self,
+        name: str,
+        groups: Sequence[str] = (),
+        net: str | None = None,
+        project: str = "p",
+        host: str | None = None,
+    ) -> Any:
+        """Boot ``name`` (one NIC on ``net``) on this host unless ``host`` says otherwise."""
+        return self.api.boot(
+            project, name, FLAVOR, IMAGE, host or self.host, list(groups) or None,
+            [net] if net else None,
+        )
+
+    def group_id(self, project: str, name: str) -> str:
+        return self.api.snapshot().group_by_name[(project, name)]
+
+    def port(self, name: str) -> Port:
+        """The (only) port of the instance called ``name`` (in any project)."""
+        state = self.api.snapshot()
+        found = [p for i in state.instances.values() if i.name == name
+                 for p in state.ports_of(i.id)]
+        assert len(found) == 1, f"instance {name!r} has {len(found)} ports"
+        return found[0]
+
+    def ip(self, name: str) -> str:
+        return EXTERNAL_IP if name == EXTERNAL else self.port(name).ip
+
+    def ns(self, name: str) -> str:
+        return self.lab.external_ns if name == EXTERNAL else self.lab.instance_ns(
+            self.port(name).tap)
+
+    # ---- the agent
+
+    def configure(self, allow_same_net: bool) -> None:
+        """Set ``allow_same_net_traffic``; the next sync is a new agent's first (full) pass."""
+        self.allow_same_net = allow_same_net
+        self._reconciler = None
+
+    def sync(self, *, lab: bool = True, full: bool = False) -> SyncResult:
+        """Bring the lab in line with the store (unless ``lab=False``), then run ONE
+        agent pass inside the lab's host namespace; return what the pass did."""
+        if lab:
+            self.lab.up(lab_ports(self.api.snapshot(), self.host))
+        if self._reconciler is None:
+            if self._agent_store is None:
+                self._agent_store = open_store(self.store_url)
+            self.backend = _RecordingBackend(get_backend("nftables", netns=self.lab.host_ns))
+            self._reconciler = Reconciler(
+                self._agent_store, self.host, Config(self.allow_same_net), self.backend
+            )
+        assert self.backend is not None
+        self.backend.last_plan = None
+        return self._reconciler.reconcile(full=full)
+
+    @property
+    def last_commands(self) -> tuple[str, ...]:
+        """The nft commands of the last pass's transaction."""
+        assert self.backend is not None and self.backend.last_plan is not None
+        return tuple(self.backend.last_plan.commands)
+
+    def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``ip netns exec HOSTNS secfw --store URL agent --host H ARGS`` (a real process)."""
+        return run("ip", "netns", "exec", self.lab.host_ns, secfw_command(), "--store",
+                   self.store_url, "agent", "--host", self.host, *args, check=check,
+                   env=self.agent_env())
+
+    def agent_env(self) -> dict[str, str]:
+        """Environment for agent processes: their status report stays in the test's dir."""
+        return {"SECFW_STATE_DIR": str(self.work_dir / "agent-state")}
+
+    # ---- the kernel, as nft(8) sees it in the host namespace
+
+    def nft(self, *args: str, stdin: str | None = None) -> str:
+        return run("ip", "netns", "exec", self.lab.host_ns, "nft", *args, stdin=stdin).stdout
+
+    def table(self) -> list[dict[str, Any]]:
+        """``nft -j list table inet secfw``: the table's objects (sets, maps, chains, rules)."""
+        listing = json.loads(self.nft("-j", "list", "table", "inet", "secfw"))
+        return [obj for obj in listing["nftables"] if "metainfo" not in obj]
+
+    def set_elements(self, name: str) -> list[Any]:
+        """Elements of set/map ``name`` of table inet secfw, as nft's JSON gives them."""
+        for obj in self.table():
+            body = obj.get("set") or obj.get("map")
+            if body and body["name"] == name:
+                return list(body.get("elem", []))
+        raise AssertionError(f"no set or map {name!r} in table inet secfw")
+
+    def group_set(self, project: str, group: str) -> str:
+        """The name of the address set of source group ``group``."""
+        return set_name(self.group_id(project, group))
+
+    # ---- probes (endpoints: instance names or EXTERNAL)
+
+    def tcp(self, src: str, dst: str, port: int) -> bool:
+        """A real TCP handshake from ``src`` to ``dst:port`` (a listener runs on ``dst``)."""
+        with netns_tools.listen(self.ns(dst), "tcp", port):
+            return netns_tools.tcp_connect(self.ns(src), self.ip(dst), port, PROBE_TIMEOUT)
+
+    def udp(self, src: str, dst: str, port: int) -> bool:
+        """A real UDP datagram from ``src`` reaches a listener on ``dst:port``."""
+        dst_ns = self.ns(dst)
+        with netns_tools.listen(dst_ns, "udp", port):
+            return netns_tools.udp_probe(self.ns(src), dst_ns, self.ip(dst), port, PROBE_TIMEOUT)
+
+    def ping(self, src: str, dst: str) -> bool:
+        """An ICMP echo request from ``src`` to ``dst`` is answered."""
+        return netns_tools.ping(self.ns(src), self.ip(dst), 1, PROBE_TIMEOUT)
+
+    def arrives(
+        self,
+        dst: str,
+        proto: str,
+        port: int | None = None,
+        *,
+        src_ip: str = EXTERNAL_IP,
+        from_ns: str | None = None,
+        icmp_type: int = 8,
+        icmp_code: int = 0,
+    ) -> bool:
+        """A crafted packet (scapy) with source ``src_ip`` — spoofed if need be — sent
+        from ``from_ns`` (default: the external namespace) is seen on ``dst``'s eth0.
+
+        ``proto`` is ``tcp`` (a SYN to ``port``), ``udp`` (a datagram to ``port``) or
+        ``icmp`` (``icmp_type``/``icmp_code``). Each packet carries a unique token,
+        so only this very packet counts.
+        """
+        return crafted_arrives(
+            from_ns or self.lab.external_ns, self.ns(dst), src_ip, self.ip(dst), proto, port,
+            icmp_type, icmp_code,
+        )
+
+
+def crafted_arrives(
+    from_ns: str,
+    dst_ns: str,
+    src_ip: str,
+    dst_ip: str,
+    proto: str,
+    port: int | None = None,
+    icmp_type: int = 8,
+    icmp_code: int = 0,
+    iface: str = "eth0",
+) -> bool:
+    """See :meth:`CloudLab.arrives`; usable for namespaces outside a :class:`CloudLab`."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.packet import Raw
+
+    token = b"secfw-" + uuid.uuid4().hex.encode()
+    sport = random.randrange(20000, 60000)
+    l4: Any
+    if proto == "tcp":
+        l4 = TCP(sport=sport, dport=port, flags="S", seq=random.randrange(1 << 32))
+    elif proto == "udp":
+        l4 = UDP(sport=sport, dport=port)
+    elif proto == "icmp":
+        l4 = ICMP(type=icmp_type, code=icmp_code)
+        if icmp_type in (0, 8, 13, 14, 15, 16, 17, 18):
+            l4.id, l4.seq = random.randrange(1, 0x10000), 1
+    else:
+        raise ValueError(f"unknown protocol {proto!r}")
+    packet = IP(src=src_ip, dst=dst_ip) / l4 / Raw(token)
+    frame = netns_tools.send_and_sniff(
+        packet,
+        src_ns=from_ns,
+        dst_ns=dst_ns,
+        bpf=f"{proto} and src host {src_ip} and dst host {dst_ip}",
+        match=lambda f: token in bytes(f),
+        timeout=PROBE_TIMEOUT,
+        sniff_iface=iface,
+    )
+    return frame is not None
+
+
+@pytest.fixture
+def lab_factory(tmp_path: Path) -> Iterator[Callable[[str], Lab]]:
+    """Labs for host names of the test's choice, all brought down afterwards."""
+    labs: list[Lab] = []
+
+    def make(host: str) -> Lab:
+        lab = Lab(host, tmp_path / f"lab-{len(labs)}")
+        labs.append(lab)
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            lab.down()
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, lab_factory: Callable[[str], Lab]) -> Iterator[CloudLab]:
+    """A fresh store + Api, the lab of a unique host and its in-process agent.
+
+    Nothing exists in the kernel until the first :meth:`CloudLab.sync`.
+    """
+    host = f"h-{uuid.uuid4().hex[:8]}"
+    env = CloudLab(f"sqlite:///{tmp_path}/secfw.db", lab_factory(host), host, tmp_path)
+    try:
+        yield env
+    finally:
+        env._reconciler = None
+        env.backend = None  # drop the libnftables context (and its netlink socket)
+        if env._agent_store is not None:
+            env._agent_store.close()
+        env.api.store.close()
+
+
+@pytest.fixture
+def scratch_ns() -> Iterator[Callable[[], str]]:
+    """Create throw-away ``sfw-s-…`` namespaces (so lab probes accept them); all are
+    removed afterwards, with every interface in them."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"{NS_PREFIX}s-{uuid.uuid4().hex[:10]}"
+        run("ip", "netns", "add", name)
+        created.append(name)
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in created:
+            if netns_exists(name):
+                with contextlib.suppress(AssertionError):
+                    run("ip", "netns", "del", name)
+
+
+@pytest.fixture
+def helpers() -> Any:
+    """Module-level helpers of this conftest, for tests (which cannot import it)."""
+    import types
+
+    return types.SimpleNamespace(
+        run=run,
+        secfw_command=secfw_command,
+        crafted_arrives=crafted_arrives,
+        EXTERNAL=EXTERNAL,
+        EXTERNAL_IP=EXTERNAL_IP,
+        PROBE_TIMEOUT=PROBE_TIMEOUT,
+        CloudLab=CloudLab,
+    )

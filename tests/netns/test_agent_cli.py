@@ -1,0 +1,243 @@
+"""The real ``secfw`` processes: ``agent --once``, the agent loop, and ``compile``.
+
+Each agent runs as an operator would run it on a compute host — ``ip netns exec
+HOSTNS secfw --store URL agent --host H`` — filtering the lab's host namespace, and
+the tests judge it with real packets and ``nft`` listings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from secfw import netns_tools
+from secfw.demo import lab_ports
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
+]
+
+EXT = "external"
+
+
+def web_cloud(cloud) -> None:
+    """``web`` (global_http: tcp 80, 443) and ``db`` (ssh from global_http), two networks."""
+    api = cloud.api
+    api.net_create("p", "net-a", "10.1.0.0/24")
+    api.net_create("p", "net-b", "10.2.0.0/24")
+    api.secgroup_create("p", "global_http", "allow web traffic from the internet")
+    api.secgroup_add_rule("p", "global_http", "tcp", "80", "80", "0.0.0.0/0")
+    api.secgroup_add_rule("p", "global_http", "tcp", "443", "443", "0.0.0.0/0")
+    api.secgroup_create("p", "cluster", "ssh from the web servers")
+    api.secgroup_add_group_rule("p", "cluster", "global_http", "tcp", "22", "22")
+    cloud.boot("web", ["global_http"], "net-a")
+    cloud.boot("db", ["cluster"], "net-b")
+
+
+def lab_up(cloud) -> None:
+    """Bring the lab in line with the store WITHOUT running any agent."""
+    cloud.lab.up(lab_ports(cloud.api.snapshot(), cloud.host))
+
+
+def sync_line(stderr: str) -> str:
+    """The agent's one ``sync …`` log line of a ``--once`` run."""
+    lines = [line for line in stderr.splitlines() if "msg=sync " in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def commands_of(line: str) -> int:
+    """``commands=N`` of an agent ``sync`` log line."""
+    found = re.search(r"\bcommands=(\d+)\b", line)
+    assert found, line
+    return int(found.group(1))
+
+
+def table_exists(cloud) -> bool:
+    return cloud.helpers.run("ip", "netns", "exec", cloud.lab.host_ns, "nft", "list", "table",
+                             "inet", "secfw", check=False).returncode == 0
+
+
+@pytest.fixture
+def env(cloud, helpers):
+    """The ``cloud`` fixture with the conftest helpers attached."""
+    cloud.helpers = helpers
+    return cloud
+
+
+# --------------------------------------------------------------------------- --once
+
+
+def test_agent_once_cli_filters_and_second_run_changes_nothing(env):
+    """Scenarios 11 and the real CLI: ``agent --once`` in the host namespace loads the
+    filter (traffic is filtered per the groups); a second ``--once`` with no store
+    change logs ``commands=0`` and leaves the table byte-identical."""
+    web_cloud(env)
+    lab_up(env)
+    assert not table_exists(env)
+    assert env.tcp(EXT, "web", 22)  # nothing filters yet: the lab alone lets it in
+
+    first = sync_line(env.agent_cli("--once").stderr)
+    assert "full=True" in first and commands_of(first) > 0, first
+    listing = env.nft("-a", "list", "table", "inet", "secfw")
+    assert env.tcp(EXT, "web", 80)
+    assert not env.tcp(EXT, "web", 22)
+    assert env.tcp("web", "db", 22)
+    assert not env.tcp(EXT, "db", 22)
+
+    second = sync_line(env.agent_cli("--once").stderr)
+    assert commands_of(second) == 0, second
+    assert env.nft("-a", "list", "table", "inet", "secfw") == listing
+
+    env.api.secgroup_add_rule("p", "global_http", "tcp", "22", "22", "203.0.113.0/24")
+    third = sync_line(env.agent_cli("--once").stderr)
+    assert commands_of(third) > 0, third
+    assert env.tcp(EXT, "web", 22)
+
+
+def test_agent_cli_reads_allow_same_net_from_config(env, tmp_path):
+    """``agent --once --config FILE`` honours ``allow_same_net_traffic``: two default-group
+    instances on one network talk only while it is true."""
+    env.api.net_create("p", "net-a", "10.1.0.0/24")
+    env.boot("a", [], "net-a")
+    env.boot("b", [], "net-a")
+    lab_up(env)
+    config = tmp_path / "nova.conf"
+    config.write_text("[DEFAULT]\nallow_same_net_traffic = false\n")
+    env.agent_cli("--once", "--config", str(config))
+    assert not env.tcp("a", "b", 22)
+    config.write_text("[DEFAULT]\nallow_same_net_traffic = true\n")
+    env.agent_cli("--once", "--config", str(config))
+    assert env.tcp("a", "b", 22)
+    assert not env.tcp(EXT, "b", 22)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_compile_is_deterministic_and_loads_as_text_and_json(env, scratch_ns):
+    """Scenario 13: ``secfw compile --host H`` prints the same bytes twice; the text
+    loads with ``nft -f`` and the JSON with ``nft -j -f`` in fresh namespaces, both
+    giving the very table the agent loads on its first pass."""
+    web_cloud(env)
+    run = env.helpers.run
+    base = [env.helpers.secfw_command(), "--store", env.store_url, "compile", "--host",
+            env.host]
+    text = run(*base).stdout
+    assert text == run(*base).stdout
+    assert text.startswith("# generated by secfw")
+    document = run(*base, "-f", "json").stdout
+    assert document == run(*base, "-f", "json").stdout
+    assert "nftables" in json.loads(document)
+
+    listings = []
+    for flags, source in (((), text), (("-j",), document)):
+        ns = scratch_ns()
+        run("ip", "netns", "exec", ns, "nft", *flags, "-f", "-", stdin=source)
+        listings.append(run("ip", "netns", "exec", ns, "nft", "list", "table", "inet",
+                            "secfw").stdout)
+    assert listings[0] == listings[1]
+
+    env.sync()  # one full pass of the agent, same store
+    assert env.nft("list", "table", "inet", "secfw") == listings[0]
+    assert env.tcp(EXT, "web", 80)
+    assert not env.tcp(EXT, "web", 22)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class AgentProcess:
+    """``secfw agent`` (the loop) in the host namespace, its stderr collected."""
+
+    def __init__(self, env, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", env.lab.host_ns, env.helpers.secfw_command(), "--store",
+             env.store_url, "agent", "--host", env.host, *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **env.agent_env()},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for_sync(self, timeout: float = 15.0) -> None:
+        """Until the agent logged its first sync (or fail, with its output)."""
+        deadline = time.monotonic() + timeout
+        while not any("msg=sync " in line for line in self.lines):
+            assert self.proc.poll() is None, f"agent exited: {self.lines}"
+            assert time.monotonic() < deadline, f"no sync within {timeout}s: {self.lines}"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+
+
+@pytest.fixture
+def agents(env) -> Iterator[list[AgentProcess]]:
+    """Agent processes a test starts; any still running at the end are killed."""
+    started: list[AgentProcess] = []
+    try:
+        yield started
+    finally:
+        for agent in started:
+            agent.stop()
+
+
+def test_agent_loop_picks_up_changes_and_survives_sigterm_and_kill(env, agents):
+    """Scenario 14: the agent loop applies a store change within seconds (measured with
+    real traffic); on SIGTERM it exits 0 and the table stays, still filtering; after
+    ``kill -9`` of another agent the table is still there and filtering too."""
+    web_cloud(env)
+    lab_up(env)
+    agent = AgentProcess(env, "--poll-interval", "0.1")
+    agents.append(agent)
+    agent.wait_for_sync()
+    assert env.tcp(EXT, "web", 80)
+    assert not env.tcp(EXT, "web", 8080)
+
+    web_ns, web_ip, ext_ns = env.ns("web"), env.ip("web"), env.lab.external_ns
+    with netns_tools.listen(web_ns, "tcp", 8080):
+        env.api.secgroup_add_rule("p", "global_http", "tcp", "8080", "8080", "0.0.0.0/0")
+        changed = time.monotonic()
+        while not netns_tools.tcp_connect(ext_ns, web_ip, 8080, 0.02):
+            assert time.monotonic() - changed < 5.0, f"not applied in 5 s: {agent.lines}"
+        latency = time.monotonic() - changed
+    print(f"\nagent pick-up latency (store change -> traffic passes): {latency * 1000:.0f} ms")
+    env.pickup_latency = latency
+
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(timeout=10) == 0, agent.lines
+    assert table_exists(env)
+    assert env.tcp(EXT, "web", 8080)
+    assert not env.tcp(EXT, "web", 22)
+
+    second = AgentProcess(env, "--poll-interval", "0.1")
+    agents.append(second)
+    second.wait_for_sync()
+    second.proc.send_signal(signal.SIGKILL)
+    assert second.proc.wait(timeout=10) == -signal.SIGKILL
+    env.api.secgroup_add_rule("p", "global_http", "tcp", "9090", "9090", "0.0.0.0/0")
+    time.sleep(0.3)  # no agent left to apply it: the last ruleset stays in force
+    assert table_exists(env)
+    assert env.tcp(EXT, "web", 80)
+    assert env.tcp(EXT, "web", 8080)
+    assert not env.tcp(EXT, "web", 9090)
+    assert not env.tcp(EXT, "web", 22)
