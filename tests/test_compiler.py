@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,12 @@ import pytest
 from secfw.api import Api
 from secfw.cloud import CloudState
 from secfw.compiler.build import chain_name, compile_host, normalise_addresses, set_name
+from secfw.compiler.evaluate import Packet, PolicyIndex
 from secfw.compiler.explain import Flow, decide
-from secfw.compiler.ir import IcmpMatch, PortRange
+from secfw.compiler.ir import AddressPair, IcmpMatch, PortPolicy, PortRange
+from secfw.compiler.sources import link_local, nd_targets, port_sources
 from secfw.config import load_config
+from secfw.conntrack import Entry, affected_ports, revoked_entries
 from secfw.errors import ConfigError
 from secfw.store.sqlite import SqliteStore
 
@@ -139,3 +143,226 @@ def test_config_file(tmp_path: Path) -> None:
         load_config(str(conf))
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(str(tmp_path / "missing.conf"))
+
+
+# --------------------------------------------------------------- egress, IPv6, ports
+
+
+def neutron_cloud(api: Api) -> dict[str, str]:
+    """A dual-stack network; ``web`` has an egress rule, ``nova`` only ingress rules;
+    ``peers`` admits ICMPv6 echo and tcp/22 from members of ``web`` (both families)."""
+    api.net_create("p", "dual", "10.0.0.0/24", cidr6="2001:db8:1::/64")
+    api.image_create("p", "cirros")
+    for name in ("web", "nova", "peers"):
+        api.secgroup_create("p", name, name)
+    api.rule_create("p", "web", "egress", "IPv4", "tcp", "5432", remote_ip="192.0.2.0/24")
+    api.secgroup_add_rule("p", "nova", "tcp", "80", "80", "0.0.0.0/0")
+    api.rule_create("p", "peers", "ingress", "IPv6", "icmp", icmp_type="128")
+    api.rule_create("p", "peers", "ingress", "IPv6", "tcp", "22", remote_group="web")
+    api.rule_create("p", "peers", "ingress", "IPv4", "tcp", "22", remote_group="web")
+    web = api.boot("p", "web", "m1.tiny", "cirros", "h1", ["web", "nova"])
+    old = api.boot("p", "old", "m1.tiny", "cirros", "h1", ["nova", "peers"])
+    state = api.snapshot()
+    ports = {i.name: state.ports_of(i.id)[0] for i in state.instances.values()}
+    return {"web": web.id, "old": old.id, **{f"port_{k}": v.id for k, v in ports.items()}}
+
+
+def test_egress_is_open_unless_a_group_has_an_egress_rule(api: Api) -> None:
+    ids = neutron_cloud(api)
+    state = api.snapshot()
+    hf = compile_host(state, "h1")
+    web_gid, nova_gid = (state.group_by_name[("p", n)] for n in ("web", "nova"))
+    by_instance = {p.instance_id: p for p in hf.ports}
+    web, old = by_instance[ids["web"]], by_instance[ids["old"]]
+    assert web.egress_chains == (chain_name(web_gid, "egress"),) and not web.egress_open
+    assert old.egress_chains == () and old.egress_open
+    out = hf.chain(chain_name(web_gid, "egress"))
+    assert out is not None and out.direction == "egress"
+    assert [(r.protocol, r.ports, r.remote_cidr) for r in out.rules] == [
+        (6, PortRange(5432, 5432), "192.0.2.0/24")]
+    assert hf.chain(chain_name(nova_gid, "egress")) is None  # no egress rule: no chain
+
+
+def test_ipv6_addresses_subnets_and_rules(api: Api) -> None:
+    ids = neutron_cloud(api)
+    state = api.snapshot()
+    hf = compile_host(state, "h1")
+    web_port = state.ports[ids["port_web"]]
+    policy = next(p for p in hf.ports if p.instance_id == ids["web"])
+    assert policy.ipv6 == (web_port.ip6,) and web_port.ip6 is not None
+    assert policy.same_net_cidrs == ("10.0.0.0/24", "2001:db8:1::/64")
+    peers = hf.chain(chain_name(state.group_by_name[("p", "peers")], "ingress"))
+    assert peers is not None
+    web_gid = state.group_by_name[("p", "web")]
+    assert {(r.family, r.protocol, r.icmp, r.remote_set) for r in peers.rules} == {
+        ("ipv6", 58, IcmpMatch(128), None),
+        ("ipv6", 6, None, set_name(web_gid, "ipv6")),
+        ("ipv4", 6, None, set_name(web_gid, "ipv4")),
+    }
+    sets = {s.name: s for s in hf.sets}
+    assert sets[set_name(web_gid, "ipv6")].elements == (f"{web_port.ip6}/128",)
+    assert sets[set_name(web_gid, "ipv4")].family == "ipv4"
+
+
+def test_address_pairs_join_the_remote_group_sets_and_the_port(api: Api) -> None:
+    ids = neutron_cloud(api)
+    port = api.port_update("p", ids["port_web"], allowed_address_pairs=[
+        "10.0.0.200", "10.5.0.0/24,fa:16:3e:aa:bb:cc", "2001:db8:9::/64"])
+    state = api.snapshot()
+    hf = compile_host(state, "h1")
+    policy = next(p for p in hf.ports if p.instance_id == ids["web"])
+    assert policy.allowed_pairs == (
+        AddressPair("10.0.0.200/32", port.mac), AddressPair("10.5.0.0/24", "fa:16:3e:aa:bb:cc"),
+        AddressPair("2001:db8:9::/64", port.mac))
+    web_gid = state.group_by_name[("p", "web")]
+    sets = {s.name: s.elements for s in hf.sets}
+    assert sets[set_name(web_gid, "ipv4")] == (
+        f"{port.ip}/32", "10.0.0.200/32", "10.5.0.0/24")
+    assert sets[set_name(web_gid, "ipv6")] == (f"{port.ip6}/128", "2001:db8:9::/64")
+
+
+def test_port_security_off_reaches_the_ir(api: Api) -> None:
+    ids = neutron_cloud(api)
+    api.port_update("p", ids["port_old"], port_security=False)
+    hf = compile_host(api.snapshot(), "h1")
+    assert {p.instance_id: p.port_security for p in hf.ports} == {
+        ids["web"]: True, ids["old"]: False}
+
+
+def test_link_local_and_sources() -> None:
+    policy = PortPolicy("tapx", "p", "i", "FA:16:3E:00:00:01", ("10.0.0.5",), (), (),
+                        ipv6=("2001:db8::5",),
+                        allowed_pairs=(AddressPair("10.9.0.0/28", "fa:16:3e:00:00:09"),))
+    assert link_local("fa:16:3e:00:00:01") == "fe80::f816:3eff:fe00:1/128"
+    assert {(s.mac, s.cidr) for s in port_sources(policy)} == {
+        ("fa:16:3e:00:00:01", "10.0.0.5/32"), ("fa:16:3e:00:00:01", "2001:db8::5/128"),
+        ("fa:16:3e:00:00:09", "10.9.0.0/28"),
+        ("fa:16:3e:00:00:01", "fe80::f816:3eff:fe00:1/128"),
+        ("fa:16:3e:00:00:09", "fe80::f816:3eff:fe00:9/128"),
+        ("fa:16:3e:00:00:01", "0.0.0.0/32"), ("fa:16:3e:00:00:01", "::/128"),
+    }
+    assert nd_targets(policy) == ("2001:db8::5/128", "fe80::f816:3eff:fe00:1/128",
+                                  "fe80::f816:3eff:fe00:9/128")
+    assert port_sources(replace(policy, port_security=False)) == ()
+
+
+# --------------------------------------------------------------- the oracle, extended
+
+
+def test_oracle_judges_egress_of_the_source(api: Api) -> None:
+    ids = neutron_cloud(api)
+    state = api.snapshot()
+    web, old = state.ports[ids["port_web"]], state.ports[ids["port_old"]]
+    # web's egress is restricted to tcp/5432 towards 192.0.2.0/24
+    assert decide(state, Flow(web.ip, "192.0.2.7", 6, 5432)).allowed
+    denied = decide(state, Flow(web.ip, "192.0.2.7", 6, 5433))
+    assert not denied.allowed and "egress" in denied.reason
+    assert not decide(state, Flow(web.ip, "198.51.100.1", 6, 5432)).allowed
+    assert decide(state, Flow(web.ip, "255.255.255.255", 17, 67, sport=68)).allowed  # DHCP
+    # old's groups have no egress rule: open (nova-network)
+    assert decide(state, Flow(old.ip, "198.51.100.1", 17, 53)).allowed
+    assert not decide(state, Flow(old.ip, "10.0.0.99", 17, 68, sport=67)).allowed  # a server
+    # instance to instance: web's egress closes what old's ingress would open
+    assert not decide(state, Flow(web.ip, old.ip, 6, 80, ), allow_same_net=False).allowed
+    assert decide(state, Flow(old.ip, web.ip, 6, 80), allow_same_net=False).allowed
+
+
+def test_oracle_ipv6_pairs_and_port_security(api: Api) -> None:
+    ids = neutron_cloud(api)
+    api.port_update("p", ids["port_web"], allowed_address_pairs=["10.0.0.200"])
+    api.rule_create("p", "web", "egress", "IPv4", "tcp", "22")
+    state = api.snapshot()
+    web, old = state.ports[ids["port_web"]], state.ports[ids["port_old"]]
+    assert web.ip6 and old.ip6
+    ping6 = Flow("2001:db8:ffff::10", old.ip6, 58, icmp_type=128, icmp_code=0)
+    assert decide(state, ping6, allow_same_net=False).allowed
+    assert not decide(state, replace(ping6, icmp_type=1), allow_same_net=False).allowed
+    ns = Flow("2001:db8:ffff::10", old.ip6, 58, icmp_type=135)
+    assert decide(state, ns, allow_same_net=False).allowed  # neighbour discovery
+    ra = Flow(old.ip6, "2001:db8:ffff::10", 58, icmp_type=134)
+    assert not decide(state, ra).allowed  # no router advertisements from an instance
+    # the pair's address counts as a member of web for peers' tcp/22 rule (and web's
+    # egress allows tcp/22)
+    assert decide(state, Flow("10.0.0.200", old.ip, 6, 22), allow_same_net=False).allowed
+    assert not decide(state, Flow("10.0.0.201", old.ip, 6, 22), allow_same_net=False).allowed
+    assert not decide(state, Flow("203.0.113.10", old.ip, 6, 23)).allowed
+    api.port_update("p", ids["port_old"], port_security=False)
+    assert decide(api.snapshot(), Flow("203.0.113.10", old.ip, 6, 23)).allowed
+
+
+# --------------------------------------------------------------- IR evaluation, revocation
+
+
+def test_ir_evaluator_agrees_with_the_oracle_on_the_cloud(api: Api) -> None:
+    """PolicyIndex (over the IR) and decide (over the model) on the same flows."""
+    ids = neutron_cloud(api)
+    api.port_update("p", ids["port_web"], allowed_address_pairs=["10.0.0.200"])
+    state = api.snapshot()
+    index = PolicyIndex(compile_host(state, "h1", allow_same_net=False))
+    web, old = state.ports[ids["port_web"]], state.ports[ids["port_old"]]
+    assert web.ip6 and old.ip6
+    flows = [
+        Flow(web.ip, "192.0.2.7", 6, 5432), Flow(web.ip, "192.0.2.7", 6, 5433),
+        Flow("203.0.113.10", web.ip, 6, 80), Flow("203.0.113.10", web.ip, 6, 81),
+        Flow(old.ip, web.ip, 6, 80), Flow(web.ip, old.ip, 6, 80),
+        Flow("10.0.0.200", old.ip, 6, 22), Flow("203.0.113.10", old.ip, 6, 22),
+        Flow("2001:db8:ffff::10", old.ip6, 58, icmp_type=128, icmp_code=0),
+        Flow("2001:db8:ffff::10", web.ip6, 58, icmp_type=128, icmp_code=0),
+        Flow(old.ip, "198.51.100.1", 17, 53), Flow(old.ip, "10.9.9.9", 17, 68, sport=67),
+    ]
+    for flow in flows:
+        packet = Packet(flow.src, flow.dst, flow.protocol, flow.sport, flow.port,
+                        flow.icmp_type, flow.icmp_code)
+        assert index.allows(packet) == decide(state, flow, allow_same_net=False).allowed, flow
+
+
+def _entry(src: str, dst: str, dport: int, proto: int = 6) -> Entry:
+    return Entry(Packet(src, dst, proto, 40000, dport))
+
+
+def test_revocation_cuts_exactly_what_the_change_revoked(api: Api) -> None:
+    ids = neutron_cloud(api)
+    before = compile_host(api.snapshot(), "h1")
+    state = api.snapshot()
+    web, old = state.ports[ids["port_web"]], state.ports[ids["port_old"]]
+    to_web, to_old = _entry("203.0.113.10", web.ip, 80), _entry("203.0.113.10", old.ip, 80)
+    web_out, old_out = _entry(web.ip, "192.0.2.7", 5432), _entry(old.ip, "198.51.100.1", 443)
+    from_host = _entry("10.0.0.1", web.ip, 9999)  # the host's own: never touched
+    elsewhere = _entry("198.51.100.7", "203.0.113.10", 80)  # no port of this host
+    entries = [to_web, to_old, web_out, old_out, from_host, elsewhere]
+    local = ["10.0.0.1"]
+    assert list(revoked_entries(entries, before, before, local)) == []
+    api.remove_secgroup("p", "web", "nova")  # web loses tcp/80
+    after = compile_host(api.snapshot(), "h1")
+    assert list(revoked_entries(entries, before, after, local)) == [to_web]
+    entries.remove(to_web)
+    rule = next(r for r in api.rule_list("p", "web") if r.direction == "egress")
+    api.rule_delete("p", rule.id)  # web's only egress rule: egress open again
+    opened = compile_host(api.snapshot(), "h1")
+    assert list(revoked_entries(entries, after, opened, local)) == []
+    api.delete("p", "old")  # a port goes: its connections go
+    gone = compile_host(api.snapshot(), "h1")
+    assert list(revoked_entries(entries, opened, gone, local)) == [to_old, old_out]
+
+
+def test_revocation_follows_source_group_members_and_pairs(api: Api) -> None:
+    ids = neutron_cloud(api)
+    api.port_update("p", ids["port_web"], allowed_address_pairs=["10.0.0.200"])
+    api.rule_create("p", "web", "egress", "IPv4", "tcp", "22")
+    before = compile_host(api.snapshot(), "h1", allow_same_net=False)
+    old = api.snapshot().ports[ids["port_old"]]
+    via_pair = _entry("10.0.0.200", old.ip, 22)
+    assert list(revoked_entries([via_pair], None, before)) == []  # first pass: all checked
+    api.port_update("p", ids["port_web"], allowed_address_pairs=[])
+    after = compile_host(api.snapshot(), "h1", allow_same_net=False)
+    assert list(revoked_entries([via_pair], before, after)) == [via_pair]
+
+
+def test_affected_ports_are_only_those_whose_verdicts_can_change(api: Api) -> None:
+    ids = neutron_cloud(api)
+    before = compile_host(api.snapshot(), "h1")
+    api.rule_create("p", "peers", "ingress", "IPv4", "udp", "53")  # only old uses peers
+    after = compile_host(api.snapshot(), "h1")
+    assert {p.instance_id for p in affected_ports(before, after)} == {ids["old"]}
+    assert affected_ports(after, after) == []
+    assert len(affected_ports(None, after)) == 2

@@ -34,6 +34,7 @@ from secfw.backends.nftables.render import (
 )
 from secfw.backends.nftables.state import ChainState, SetState
 from secfw.compiler.ir import (
+    AddressPair,
     AddressSet,
     GroupChain,
     HostFilter,
@@ -57,14 +58,20 @@ def rule(rid: str = "r0000000-x", family: str = "ipv4", **kw: Any) -> IRRule:
     return IRRule(rid, family, **kw)  # type: ignore[arg-type]
 
 
+MACS = {TAP_A: "fa:16:3e:00:00:0a", TAP_B: "fa:16:3e:00:00:0b", TAP_C: "fa:16:3e:00:00:0c"}
+IPS = {TAP_A: "10.0.0.10", TAP_B: "10.0.0.11", TAP_C: "10.0.0.12"}
+
+
 def port(tap: str, ingress: tuple[str, ...] = (), egress: tuple[str, ...] = (),
-         egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",)) -> PortPolicy:
-    return PortPolicy(tap, f"port-{tap}", f"inst-{tap}", "fa:16:3e:00:00:01", ("10.0.0.5",),
-                      same_net, ingress, egress, egress_open)
+         egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",),
+         **kw: Any) -> PortPolicy:
+    return PortPolicy(tap, f"port-{tap}", f"inst-{tap}", MACS.get(tap, "fa:16:3e:00:00:01"),
+                      (IPS.get(tap, "10.0.0.5"),), same_net, ingress, egress, egress_open, **kw)
 
 
 def small() -> HostFilter:
-    """Three ports, two groups (one with an egress chain), one address set."""
+    """Three ports, two groups (one with an egress chain), one address set; port A
+    has IPv6 and two allowed address pairs, port C has no port security."""
     web_in = GroupChain(WEB_IN, WEB, "ingress", (
         rule("a1111111-1", protocol=6, ports=PortRange(80, 80)),
         rule("a2222222-2", protocol=6, ports=PortRange(443, 443)),
@@ -77,10 +84,13 @@ def small() -> HostFilter:
         rule("b2222222-2", protocol=1, icmp=IcmpMatch(8, 0)),
     ))
     web_v4 = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.9.0.0/16"))
+    pairs = (AddressPair("10.0.0.100/32", MACS[TAP_A]),
+             AddressPair("10.9.9.0/28", "fa:16:3e:00:00:99"))
     ports = (
-        port(TAP_A, (WEB_IN,)),
+        port(TAP_A, (WEB_IN,), ipv6=("2001:db8::a",), allowed_pairs=pairs,
+             same_net=("10.0.0.0/24", "2001:db8::/64")),
         port(TAP_B, (WEB_IN, SSH_IN), (WEB_OUT,), egress_open=False),
-        port(TAP_C, (SSH_IN,), egress_open=False, same_net=()),
+        port(TAP_C, (SSH_IN,), same_net=(), port_security=False),
     )
     return HostFilter("h1", ports, (web_in, web_out, ssh_in), (web_v4,))
 
@@ -102,6 +112,11 @@ def chain_rules(ruleset: Ruleset, name: str) -> list[str]:
 
 def named(ruleset: Ruleset, name: str) -> list[Element]:
     return list(next(s for s in ruleset.sets if s.name == name).elements)
+
+
+def key(name: str, family: str = "inet") -> tuple[str, str]:
+    """A KernelState key."""
+    return (family, name)
 
 
 # ----------------------------------------------------------------- rendering --
@@ -199,14 +214,14 @@ def test_inconsistent_rules_are_backend_errors(ir: IRRule) -> None:
 @pytest.mark.parametrize(
     "name",
     ["tcp", "filter", "1abc-in", 'sg-x"in', "sg-x in", "sg-x;drop", "sg-x{", "", "é-x",
-     "ingress-filter", "sg-" + "x" * 200],
+     "ingress-filter", "egress-guard", "nd-tapaaaaaaaa-aa", "sg-" + "x" * 200],
 )
 def test_only_safe_identifiers_reach_the_ruleset(name: str) -> None:
     chain = GroupChain(name, "g", "ingress", ())
     with pytest.raises(BackendError):
         render(HostFilter("h", (), (chain,), ()))
     address_set = AddressSet(name, "g", "ipv4", ())
-    if name != "ingress-filter":  # a chain name, free as a set name
+    if name not in ("ingress-filter", "egress-guard", "nd-tapaaaaaaaa-aa"):  # chain names
         with pytest.raises(BackendError):
             render(HostFilter("h", (), (), (address_set,)))
 
@@ -246,19 +261,28 @@ def test_rendering_is_deterministic_whatever_the_ir_order() -> None:
         assert to_nft_text(render(shuffled)) == text
 
 
+CT = "ct state vmap { established : accept, related : accept, invalid : drop }"
+NOT_SYN = "tcp flags & (fin | syn | rst | ack) != syn drop"
+ND_IN = ("icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, "
+         "mld-listener-query } accept")
+
+
 def test_port_membership_is_data_in_per_group_sets() -> None:
     ruleset = render(small())
     assert named(ruleset, f"{WEB_IN}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
     assert named(ruleset, f"{SSH_IN}-ports") == [Element((TAP_B,)), Element((TAP_C,))]
     assert named(ruleset, f"{WEB_OUT}-ports") == [Element((TAP_B,))]
     assert chain_rules(ruleset, "ingress-filter") == [
+        CT, NOT_SYN, ND_IN,
         "oifname . ip saddr @same_net4 accept",
+        "oifname . ip6 saddr @same_net6 accept",
         f"oifname @{WEB_IN}-ports jump {WEB_IN}",
         f"oifname @{SSH_IN}-ports jump {SSH_IN}",
         "drop",
     ]
     assert chain_rules(ruleset, "egress-filter") == [
-        f"iifname @{WEB_OUT}-ports jump {WEB_OUT}", "drop"]
+        "jump egress-guard", f"iifname @{WEB_OUT}-ports jump {WEB_OUT}", "drop"]
+    assert chain_rules(ruleset, "egress-open") == ["jump egress-guard", "accept"]
 
 
 def test_verdict_maps_dispatch_every_port() -> None:
@@ -266,40 +290,136 @@ def test_verdict_maps_dispatch_every_port() -> None:
     to_ingress = Verdict("goto", "ingress-filter")
     assert named(ruleset, "ingress_ports") == [
         Element((TAP_A,), to_ingress), Element((TAP_B,), to_ingress),
-        Element((TAP_C,), to_ingress)]
+        Element((TAP_C,), Verdict("accept"))]  # no port security: no filtering at all
     assert named(ruleset, "egress_ports") == [
-        Element((TAP_A,), Verdict("accept")),  # egress open
-        Element((TAP_B,), Verdict("goto", "egress-filter")),  # closed, has egress rules
-        Element((TAP_C,), Verdict("drop")),  # closed, no egress rules at all
+        Element((TAP_A,), Verdict("goto", "egress-open")),  # no egress rule in its groups
+        Element((TAP_B,), Verdict("goto", "egress-filter")),  # its groups' egress rules
+        Element((TAP_C,), Verdict("accept")),  # no port security
     ]
+    assert named(ruleset, "nd_ports") == [
+        Element((TAP_A,), Verdict("goto", f"nd-{TAP_A}")),
+        Element((TAP_B,), Verdict("goto", f"nd-{TAP_B}"))]
 
 
-def test_no_egress_chain_means_no_egress_filter() -> None:
+def test_closed_egress_without_egress_chains_drops_after_the_guard() -> None:
     hf = small()
     hf = replace(hf, chains=tuple(c for c in hf.chains if c.direction == "ingress"),
                  ports=tuple(replace(p, egress_chains=()) for p in hf.ports))
     ruleset = render(hf)
-    assert "egress-filter" not in {c.name for c in ruleset.chains}
-    assert {e.verdict for e in named(ruleset, "egress_ports")} == {
-        Verdict("accept"), Verdict("drop")}
+    assert chain_rules(ruleset, "egress-filter") == ["jump egress-guard", "drop"]
+    assert named(ruleset, "egress_ports")[1] == Element((TAP_B,), Verdict("goto",
+                                                                          "egress-filter"))
 
 
 def test_base_chains_fail_closed_and_leave_other_traffic_alone() -> None:
     ruleset = render(HostFilter("h", (), (), ()))
-    hooks = {c.name: c.hook for c in ruleset.chains if c.hook}
+    hooks = {(c.family, c.name): c.hook for c in ruleset.chains if c.hook}
     assert hooks == {
-        "forward-egress": Hook("filter", "forward", -1, "accept"),
-        "forward-ingress": Hook("filter", "forward", 0, "accept"),
-        "input-egress": Hook("filter", "input", 0, "accept"),
+        ("inet", "forward-egress"): Hook("filter", "forward", -1, "accept"),
+        ("inet", "forward-ingress"): Hook("filter", "forward", 0, "accept"),
+        ("inet", "input-egress"): Hook("filter", "input", 0, "accept"),
+        ("arp", "arp-input"): Hook("filter", "input", 0, "accept"),
     }
-    ct = "ct state vmap { established : accept, related : accept, invalid : drop }"
     assert chain_rules(ruleset, "forward-ingress") == [
-        'oifname != "tap*" accept', ct, "oifname vmap @ingress_ports", 'oifname "tap*" drop']
+        'oifname != "tap*" accept', "oifname vmap @ingress_ports", 'oifname "tap*" drop']
     for name in ("forward-egress", "input-egress"):
         assert chain_rules(ruleset, name) == [
-            'iifname != "tap*" accept', ct, "iifname vmap @egress_ports", 'iifname "tap*" drop']
+            'iifname != "tap*" accept', "iifname vmap @egress_ports", 'iifname "tap*" drop']
     assert "same_net4" not in {s.name for s in ruleset.sets}
-    assert chain_rules(ruleset, "ingress-filter") == ["drop"]
+    assert chain_rules(ruleset, "ingress-filter") == [CT, NOT_SYN, ND_IN, "drop"]
+
+
+# ----------------------------------------------------------- port protection --
+
+
+def test_anti_spoofing_sets_hold_every_source_of_protected_ports() -> None:
+    ruleset = render(small())
+    a, b = MACS[TAP_A], MACS[TAP_B]
+    assert named(ruleset, "spoof4") == sorted([
+        Element((TAP_A, a, "0.0.0.0/32")), Element((TAP_A, a, "10.0.0.10/32")),
+        Element((TAP_A, a, "10.0.0.100/32")),
+        Element((TAP_B, b, "0.0.0.0/32")), Element((TAP_B, b, "10.0.0.11/32"))])
+    assert named(ruleset, "spoof4_nets") == [
+        Element((TAP_A, "fa:16:3e:00:00:99", "10.9.9.0/28"))]  # the pair's own MAC
+    assert named(ruleset, "spoof6") == sorted([
+        Element((TAP_A, a, "2001:db8::a/128")), Element((TAP_A, a, "::/128")),
+        Element((TAP_A, a, "fe80::f816:3eff:fe00:a/128")),
+        Element((TAP_A, "fa:16:3e:00:00:99", "fe80::f816:3eff:fe00:99/128")),
+        Element((TAP_B, b, "::/128")), Element((TAP_B, b, "fe80::f816:3eff:fe00:b/128"))])
+    assert named(ruleset, "spoof6_nets") == []
+    assert all(TAP_C not in e.key for s in ruleset.sets if s.name.startswith("spoof")
+               for e in s.elements)  # port security off: not checked at all
+
+
+def test_neighbour_advertisements_only_for_the_ports_own_addresses() -> None:
+    ruleset = render(small())
+    assert chain_rules(ruleset, f"nd-{TAP_A}") == [
+        "@th,64,128 0x20010db800000000000000000000000a accept",
+        "@th,64,128 0xfe80000000000000f8163efffe000099 accept",
+        "@th,64,128 0xfe80000000000000f8163efffe00000a accept",
+        "drop",
+    ]
+    assert f"nd-{TAP_C}" not in {c.name for c in ruleset.chains}
+
+
+def test_guard_and_protections() -> None:
+    ruleset = render(small())
+    assert chain_rules(ruleset, "egress-guard") == [
+        "iifname . ether saddr . ip saddr @spoof4 goto egress-protect",
+        "iifname . ether saddr . ip saddr @spoof4_nets goto egress-protect",
+        "iifname . ether saddr . ip6 saddr @spoof6 goto egress-protect",
+        "iifname . ether saddr . ip6 saddr @spoof6_nets goto egress-protect",
+        "drop",
+    ]
+    assert chain_rules(ruleset, "egress-protect") == [
+        "ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
+        "ip saddr 0.0.0.0 drop",
+        "ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept",
+        "ip6 saddr :: drop",
+        "udp sport 67 udp dport 68 drop",
+        "udp sport 547 udp dport 546 drop",
+        "icmpv6 type { nd-router-advert, nd-redirect } drop",
+        "icmpv6 type nd-neighbor-advert iifname vmap @nd_ports",
+        "icmpv6 type nd-neighbor-advert drop",
+        "udp sport 68 udp dport 67 accept",
+        "udp sport 546 udp dport 547 accept",
+        "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, mld-listener-report, "
+        "mld-listener-done, mld2-listener-report } accept",
+        CT, NOT_SYN,
+    ]
+
+
+def test_arp_table_binds_sender_to_the_port() -> None:
+    ruleset = render(small())
+    a, b = MACS[TAP_A], MACS[TAP_B]
+    arp = {s.name for s in ruleset.sets if s.family == "arp"}
+    assert arp == {"arp_open", "arp_hosts", "arp_nets"}
+    assert named(ruleset, "arp_open") == [Element((TAP_C,))]
+    assert named(ruleset, "arp_hosts") == sorted([
+        Element((TAP_A, a, a, "0.0.0.0/32")), Element((TAP_A, a, a, "10.0.0.10/32")),
+        Element((TAP_A, a, a, "10.0.0.100/32")),
+        Element((TAP_B, b, b, "0.0.0.0/32")), Element((TAP_B, b, b, "10.0.0.11/32"))])
+    mac = "fa:16:3e:00:00:99"
+    assert named(ruleset, "arp_nets") == [Element((TAP_A, mac, mac, "10.9.9.0/28"))]
+    key_ = "iifname . ether saddr . arp saddr ether . arp saddr ip"
+    assert chain_rules(ruleset, "arp-input") == [
+        'iifname != "tap*" accept', "iifname @arp_open accept",
+        f"{key_} @arp_hosts accept", f"{key_} @arp_nets accept", 'iifname "tap*" drop']
+
+
+def test_overlapping_pair_networks_are_merged() -> None:
+    mac = "fa:16:3e:00:00:01"
+    pairs = (AddressPair("10.8.0.0/24", mac), AddressPair("10.8.0.0/28", mac),
+             AddressPair("10.8.1.0/24", mac))
+    ruleset = render(HostFilter("h", (port("tapdddddddd-dd", allowed_pairs=pairs),), (), ()))
+    assert named(ruleset, "spoof4_nets") == [Element(("tapdddddddd-dd", mac, "10.8.0.0/23"))]
+
+
+def test_bad_macs_are_rejected() -> None:
+    for mac in ("01:00:5e:00:00:01", "fa:16:3e:00:00", 'x"; drop'):
+        bad = replace(port(TAP_A), mac=mac)
+        with pytest.raises(BackendError, match="MAC"):
+            render(HostFilter("h", (bad,), (), ()))
 
 
 def test_same_net_networks_are_merged_per_tap_and_per_family() -> None:
@@ -311,7 +431,7 @@ def test_same_net_networks_are_merged_per_tap_and_per_family() -> None:
     assert named(ruleset, "same_net4") == [
         Element((TAP_A, "10.0.0.0/24")), Element((TAP_B, "10.0.0.0/16"))]
     assert named(ruleset, "same_net6") == [Element((TAP_A, "2001:db8:1::/64"))]
-    assert chain_rules(ruleset, "ingress-filter")[:2] == [
+    assert chain_rules(ruleset, "ingress-filter")[3:5] == [
         "oifname . ip saddr @same_net4 accept", "oifname . ip6 saddr @same_net6 accept"]
 
 
@@ -356,23 +476,25 @@ def test_canonical_cidr_rejects_garbage(text: str) -> None:
 
 
 def listing_from(batch: dict[str, Any]) -> dict[str, Any]:
-    """What ``list table`` would print after ``batch``: its added objects, in order."""
+    """What ``list table`` would print after ``batch``: its added objects, in order
+    (tables once each)."""
     objects = [cmd["add"] for cmd in batch["nftables"] if "add" in cmd]
-    return {"nftables": [o for o in objects if "table" not in o]}
+    tables = [o for o in objects if "table" in o]
+    return {"nftables": [o for o in objects if "table" not in o] + tables[::2]}
 
 
 def test_json_batch_holds_the_same_objects_as_the_text() -> None:
     ruleset = render(small())
     batch = to_nft_json(ruleset)
     commands = batch["nftables"]
-    assert commands[:3] == [{"add": {"table": {"family": "inet", "name": "secfw"}}},
-                            {"delete": {"table": {"family": "inet", "name": "secfw"}}},
-                            {"add": {"table": {"family": "inet", "name": "secfw"}}}]
-    kinds = [next(iter(c["add"])) for c in commands[3:]]
+    for family, at in (("inet", 0), ("arp", 3)):
+        table = {"table": {"family": family, "name": "secfw"}}
+        assert commands[at:at + 3] == [{"add": table}, {"delete": table}, {"add": table}]
+    kinds = [next(iter(c["add"])) for c in commands[6:]]
     # Chains first (map verdicts name them), then sets and maps, then rules.
     assert kinds == sorted(kinds, key=["chain", "map", "set", "rule"].index)
     text = to_nft_text(ruleset)
-    for cmd in commands[3:]:
+    for cmd in commands[6:]:
         kind, body = next(iter(cmd["add"].items()))
         assert (f'comment "{body["comment"]}"' if kind == "rule"
                 else f"{kind} {body['name']} {{") in text
@@ -394,7 +516,7 @@ def test_json_rule_expressions() -> None:
                    "right": 0}},
         {"accept": None},
     ]
-    same_net = next(r for c in ruleset.chains if c.name == "ingress-filter" for r in c.rules)
+    same_net = [r for c in ruleset.chains if c.name == "ingress-filter" for r in c.rules][3]
     assert rules[same_net.comment][0] == {"match": {
         "op": "==", "right": "@same_net4",
         "left": {"concat": [{"meta": {"key": "oifname"}},
@@ -419,6 +541,13 @@ def test_read_back_normalises_every_element_form() -> None:
                  "type": ["ifname", "ipv4_addr"], "flags": ["interval"], "elem": [
                      {"concat": ["tap1", {"prefix": {"addr": "10.0.0.0", "len": 24}}]},
                      {"elem": {"val": {"concat": ["tap2", "10.0.0.9"]}}}]}},
+        {"set": {"family": "inet", "table": "secfw", "name": "spoof6",
+                 "type": ["ifname", "ether_addr", "ipv6_addr"], "elem": [
+                     {"concat": ["tap1", "FA:16:3E:00:00:01", "fe80::1"]}]}},
+        {"table": {"family": "arp", "name": "secfw", "handle": 7}},
+        {"set": {"family": "arp", "table": "secfw", "name": "arp_hosts",
+                 "type": ["ifname", "ether_addr", "ether_addr", "ipv4_addr"], "elem": [
+                     {"concat": ["tap1", "fa:16:3e:00:00:01", "fa:16:3e:00:00:01", "0.0.0.0"]}]}},
         {"map": {"family": "inet", "table": "secfw", "name": "ingress_ports", "type": "ifname",
                  "map": "verdict", "elem": [["tap1", {"goto": {"target": "ingress-filter"}}],
                                             ["tap2", {"drop": None}]]}},
@@ -435,21 +564,29 @@ def test_read_back_normalises_every_element_form() -> None:
     state = KernelState.from_nft_json(listing)
     v4 = frozenset({Element((c,)) for c in ("10.0.0.5/32", "10.1.0.0/16", "10.2.0.0/24",
                                              "10.3.0.1-10.3.0.9", "10.4.0.1/32")})
+    mac = "fa:16:3e:00:00:01"
     assert state == KernelState(
         sets={
-            "a-v4": SetState(("ipv4_addr",), ("interval",), False, v4),
-            "a-v6": SetState(("ipv6_addr",), ("interval",), False,
-                             frozenset({Element(("2001:db8::1/128",))})),
-            "same_net4": SetState(("ifname", "ipv4_addr"), ("interval",), False, frozenset({
+            key("a-v4"): SetState(("ipv4_addr",), ("interval",), False, v4),
+            key("a-v6"): SetState(("ipv6_addr",), ("interval",), False,
+                                  frozenset({Element(("2001:db8::1/128",))})),
+            key("same_net4"): SetState(("ifname", "ipv4_addr"), ("interval",), False, frozenset({
                 Element(("tap1", "10.0.0.0/24")), Element(("tap2", "10.0.0.9/32"))})),
-            "ingress_ports": SetState(("ifname",), (), True, frozenset({
+            key("spoof6"): SetState(("ifname", "ether_addr", "ipv6_addr"), (), False,
+                                    frozenset({Element(("tap1", mac, "fe80::1/128"))})),
+            key("ingress_ports"): SetState(("ifname",), (), True, frozenset({
                 Element(("tap1",), Verdict("goto", "ingress-filter")),
                 Element(("tap2",), Verdict("drop"))})),
+            key("arp_hosts", "arp"): SetState(
+                ("ifname", "ether_addr", "ether_addr", "ipv4_addr"), (), False,
+                frozenset({Element(("tap1", mac, mac, "0.0.0.0/32"))})),
         },
         chains={
-            "forward-ingress": ChainState(Hook("filter", "forward", 0, "accept"), ("abc", "")),
-            "empty-chain": ChainState(None, ()),
+            key("forward-ingress"): ChainState(Hook("filter", "forward", 0, "accept"),
+                                               ("abc", "")),
+            key("empty-chain"): ChainState(None, ()),
         },
+        tables=frozenset({"inet", "arp"}),
     )
 
 
@@ -475,9 +612,19 @@ def plan_between(before: HostFilter, after: HostFilter) -> Transaction:
 
 def test_plan_from_nothing_replaces_the_whole_table() -> None:
     tx = plan(None, render(small()))
-    assert tx.full and tx.count == 3 and not tx.empty
-    assert tx.commands[:2] == ("add table inet secfw", "delete table inet secfw")
+    assert tx.full and tx.count == 6 and not tx.empty
+    assert tx.commands[:4] == ("add table inet secfw", "delete table inet secfw",
+                               "add table arp secfw", "delete table arp secfw")
     assert tx.text == to_nft_text(render(small())).split("\n", 1)[1]
+
+
+def test_a_missing_table_means_full_replacement() -> None:
+    ruleset = render(small())
+    state = KernelState.from_ruleset(ruleset)
+    inet_only = KernelState({k: v for k, v in state.sets.items() if k[0] == "inet"},
+                            {k: v for k, v in state.chains.items() if k[0] == "inet"},
+                            frozenset({"inet"}))
+    assert plan(inet_only, ruleset).full
 
 
 def test_plan_without_change_is_empty() -> None:
@@ -487,7 +634,8 @@ def test_plan_without_change_is_empty() -> None:
 
 def test_membership_change_touches_one_set() -> None:
     hf = small()
-    joined = replace(hf, ports=(port(TAP_A, (WEB_IN, SSH_IN)), *hf.ports[1:]))
+    joined = replace(hf, ports=(replace(hf.ports[0], ingress_chains=(WEB_IN, SSH_IN)),
+                                *hf.ports[1:]))
     assert plan_between(hf, joined).commands == (
         f'add element inet secfw {SSH_IN}-ports {{ "{TAP_A}" }}',)
     assert plan_between(joined, hf).commands == (
@@ -502,24 +650,36 @@ def test_member_address_change_touches_its_address_set() -> None:
         f"add element inet secfw {WEB_V4} {{ 10.10.0.1/32 }}",)
 
 
-def test_new_port_is_only_elements() -> None:
+def test_new_port_is_only_elements_and_its_own_nd_chain() -> None:
     hf = small()
-    more = replace(hf, ports=(*hf.ports, port("tapdddddddd-dd", (WEB_IN, SSH_IN))))
+    tap = "tapdddddddd-dd"
+    more = replace(hf, ports=(*hf.ports, port(tap, (WEB_IN, SSH_IN))))
     commands = plan_between(hf, more).commands
-    assert all(c.startswith("add element ") for c in commands)
-    assert sorted(c.split()[4] for c in commands) == sorted(
-        ["egress_ports", "ingress_ports", "same_net4", f"{WEB_IN}-ports", f"{SSH_IN}-ports"])
-    assert all('"tapdddddddd-dd"' in c for c in commands)
+    nd = f"nd-{tap}"
+    assert commands[0] == f"add chain inet secfw {nd}"
+    elements = [c for c in commands[1:] if c.startswith("add element ")]
+    assert sorted(c.split()[4] for c in elements) == sorted(
+        ["egress_ports", "ingress_ports", "same_net4", f"{WEB_IN}-ports", f"{SSH_IN}-ports",
+         "spoof4", "spoof6", "nd_ports", "arp_hosts"])
+    assert all(f'"{tap}"' in c for c in elements)
+    nd_rules = next(c for c in render(more).chains if c.name == nd).rules
+    assert commands[len(elements) + 1:] == tuple(
+        f"add rule inet secfw {nd} {r}" for r in (
+            f'@th,64,128 0xfe80000000000000f8163efffe000001 accept comment '
+            f'"{nd_rules[0].comment}"',
+            'drop comment "d90ee9ccf6bea1d2"'))
     removed = plan_between(more, hf).commands
-    assert len(removed) == 5 and all(c.startswith("delete element ") for c in removed)
+    assert removed[-2:] == (f"flush chain inet secfw {nd}", f"delete chain inet secfw {nd}")
+    assert all(c.startswith("delete element ") for c in removed[:-2])
 
 
 def test_changed_verdict_is_delete_then_add_of_the_map_element() -> None:
     hf = small()
-    opened = replace(hf, ports=(hf.ports[0], hf.ports[1], replace(hf.ports[2], egress_open=True)))
+    opened = replace(hf, ports=(hf.ports[0], replace(hf.ports[1], egress_open=True),
+                                hf.ports[2]))
     assert plan_between(hf, opened).commands == (
-        f'delete element inet secfw egress_ports {{ "{TAP_C}" }}',
-        f'add element inet secfw egress_ports {{ "{TAP_C}" : accept }}',
+        f'delete element inet secfw egress_ports {{ "{TAP_B}" }}',
+        f'add element inet secfw egress_ports {{ "{TAP_B}" : goto egress-open }}',
     )
 
 
@@ -538,7 +698,8 @@ def test_new_group_adds_chain_set_and_dispatch() -> None:
     hf = small()
     new = GroupChain("sg-new-in", "new", "ingress", (rule(protocol=17),))
     grown = replace(hf, chains=(*hf.chains, new),
-                    ports=(port(TAP_A, (WEB_IN, "sg-new-in")), *hf.ports[1:]))
+                    ports=(replace(hf.ports[0], ingress_chains=(WEB_IN, "sg-new-in")),
+                           *hf.ports[1:]))
     commands = plan_between(hf, grown).commands
     assert commands[0] == "add chain inet secfw sg-new-in"
     assert commands[1] == (
@@ -554,12 +715,13 @@ def test_removed_group_goes_after_everything_that_refers_to_it() -> None:
         hf, chains=tuple(c for c in hf.chains if c.name != WEB_OUT),
         ports=tuple(replace(p, egress_chains=()) for p in hf.ports))
     commands = plan_between(hf, without_egress).commands
+    guard, drop = render(hf).chains[0].rules[0], render(hf).chains[0].rules[-1]
+    assert [guard.comment, drop.comment] == ["bd72ddd08c18d772", "d90ee9ccf6bea1d2"]
     assert commands == (
-        f'delete element inet secfw egress_ports {{ "{TAP_B}" }}',
-        f'add element inet secfw egress_ports {{ "{TAP_B}" : drop }}',
         "flush chain inet secfw egress-filter",
+        f'add rule inet secfw egress-filter jump egress-guard comment "{guard.comment}"',
+        f'add rule inet secfw egress-filter drop comment "{drop.comment}"',
         f"flush chain inet secfw {WEB_OUT}",
-        "delete chain inet secfw egress-filter",
         f"delete chain inet secfw {WEB_OUT}",
         f"delete set inet secfw {WEB_OUT}-ports",
     )
@@ -568,12 +730,15 @@ def test_removed_group_goes_after_everything_that_refers_to_it() -> None:
 def test_foreign_objects_in_our_table_are_removed() -> None:
     ruleset = render(small())
     state = KernelState.from_ruleset(ruleset)
-    chains = {**state.chains, "intruder-1": ChainState(None, ("",)),
-              "forward-ingress": replace(state.chains["forward-ingress"], rules=("",))}
-    sets = {**state.sets, "left.over": SetState(("ifname",), (), False, frozenset())}
+    chains = {**state.chains, key("intruder-1"): ChainState(None, ("",)),
+              key("arp-intruder", "arp"): ChainState(None, ()),
+              key("forward-ingress"): replace(state.chains[key("forward-ingress")], rules=("",))}
+    sets = {**state.sets, key("left.over"): SetState(("ifname",), (), False, frozenset())}
     commands = plan(KernelState(sets, chains), ruleset).commands
     assert commands[0] == "flush chain inet secfw forward-ingress"
-    assert commands[-3:] == ("flush chain inet secfw intruder-1",
+    assert commands[-5:] == ("flush chain arp secfw arp-intruder",
+                             "flush chain inet secfw intruder-1",
+                             "delete chain arp secfw arp-intruder",
                              "delete chain inet secfw intruder-1",
                              "delete set inet secfw left.over")
 
@@ -581,10 +746,10 @@ def test_foreign_objects_in_our_table_are_removed() -> None:
 def test_changed_declaration_or_hook_means_full_replacement() -> None:
     ruleset = render(small())
     state = KernelState.from_ruleset(ruleset)
-    flags = {**state.sets, WEB_V4: replace(state.sets[WEB_V4], flags=())}
+    flags = {**state.sets, key(WEB_V4): replace(state.sets[key(WEB_V4)], flags=())}
     assert plan(KernelState(flags, state.chains), ruleset).full
     hook = Hook("filter", "forward", 10, "accept")
-    chains = {**state.chains, "forward-ingress": ChainState(hook, ())}
+    chains = {**state.chains, key("forward-ingress"): ChainState(hook, ())}
     assert plan(KernelState(state.sets, chains), ruleset).full
 
 
@@ -594,14 +759,18 @@ def test_unknown_backend_name() -> None:
 
 
 @pytest.mark.parametrize("state_change", [
-    lambda s: KernelState(s.sets, {**s.chains, "tcp": ChainState(None, ())}),
-    lambda s: KernelState(s.sets, {**s.chains, 'x"; delete table inet other': ChainState(None,
-                                                                                     ())}),
-    lambda s: KernelState({**s.sets, "bad name": SetState(("ifname",), (), False, frozenset())},
-                          s.chains),
-    lambda s: KernelState({**s.sets, "ingress_ports": replace(
-        s.sets["ingress_ports"], elements=s.sets["ingress_ports"].elements | {
+    lambda s: KernelState(s.sets, {**s.chains, key("tcp"): ChainState(None, ())}),
+    lambda s: KernelState(s.sets, {**s.chains, key('x"; delete table inet other'):
+                                   ChainState(None, ())}),
+    lambda s: KernelState({**s.sets, key("bad name"): SetState(("ifname",), (), False,
+                                                               frozenset())}, s.chains),
+    lambda s: KernelState({**s.sets, key("ingress_ports"): replace(
+        s.sets[key("ingress_ports")], elements=s.sets[key("ingress_ports")].elements | {
             Element(('eth0" }\ndelete table inet other #',), Verdict("accept"))})}, s.chains),
+    lambda s: KernelState({**s.sets, key("arp_hosts", "arp"): replace(
+        s.sets[key("arp_hosts", "arp")], elements=frozenset({
+            Element(("tap1", "fa:16:3e:00:00:01", "x } ; flush ruleset", "10.0.0.1/32"))}))},
+        s.chains),
 ])
 def test_unprintable_read_back_means_full_replacement(state_change: Any) -> None:
     """Names or elements secfw did not write and cannot safely name are never
@@ -613,5 +782,6 @@ def test_unprintable_read_back_means_full_replacement(state_change: Any) -> None
 
 def test_fixed_names_that_went_away_are_deleted_by_name() -> None:
     hf = small()
-    v6 = replace(hf, ports=(port(TAP_A, (WEB_IN,), same_net=("2001:db8::/64",)), *hf.ports[1:]))
-    assert plan_between(v6, hf).commands[-1] == "delete set inet secfw same_net6"
+    v4 = replace(hf, ports=(replace(hf.ports[0], same_net_cidrs=("10.0.0.0/24",)),
+                            *hf.ports[1:]))
+    assert plan_between(hf, v4).commands[-1] == "delete set inet secfw same_net6"

@@ -141,6 +141,8 @@ class Reconciler:
         # transaction changes nothing): the reference that tells drift apart.
         self._last_applied: Any = None
         self._has_applied = False
+        # The filter of the last successful pass: what revocation diffs against.
+        self._previous: HostFilter | None = None
 
     @property
     def applied_revision(self) -> int | None:
@@ -170,7 +172,12 @@ class Reconciler:
         full = full or not self._committed_valid or self.cloud is None
         cloud = self._load_cloud(full)
         desired = compile_host(cloud, self.host, self.config.allow_same_net_traffic)
-        return self._converge(desired, cloud.revision, full, started)
+        result = self._converge(desired, cloud.revision, full, started)
+        revoke = getattr(self.backend, "revoke", None)
+        if revoke is not None:  # cut established connections the change revoked
+            revoke(self._previous, desired)
+        self._previous = desired
+        return result
 
     def hold(self) -> SyncResult | None:
         """Keep the kernel at the last desired state known, without the store.

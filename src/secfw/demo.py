@@ -100,8 +100,14 @@ def lab_ports(state: CloudState, host: str) -> list[LabPort]:
             continue
         for port in state.ports_of(instance.id):
             net = state.networks[port.network_id]
+            v6 = port.ip6 is not None and net.cidr6 is not None
             ports.append(
-                LabPort(port.tap, port.mac, port.ip, net.prefixlen, net.gateway, instance.name)
+                LabPort(
+                    port.tap, port.mac, port.ip, net.prefixlen, net.gateway, instance.name,
+                    ip6=port.ip6 if v6 else None,
+                    prefixlen6=net.prefixlen6 if v6 else None,
+                    gateway6=net.gateway6 if v6 else None,
+                )
             )
     return sorted(ports, key=lambda p: p.tap)
 

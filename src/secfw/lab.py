@@ -4,13 +4,16 @@
 can exercise the firewall. Everything lives in namespaces the lab creates; the root
 namespace is never touched (apart from the ``/run/netns`` entries of those namespaces)::
 
-    sfw-i-<h>-<tap>  eth0 (port MAC, ip/prefixlen, default via gateway)
+    sfw-i-<h>-<tap>  eth0 (port MAC, ip/prefixlen, default via gateway;
+                           ip6/prefixlen6 nodad noprefixroute, default via gateway6)
           │ veth
-    sfw-h-<h>        <tap>  /32 route, proxy_arp, permanent neighbour ip → MAC
-                     sfw-gw (veth, peer sfw-gw-p): every gateway address as /32
-                     sfw-ext 203.0.113.1/24, 198.51.100.1/24
+    sfw-h-<h>        <tap>  /32 and /128 routes, proxy_arp, proxy_ndp for gateway6,
+                            permanent neighbour entries ip → MAC and ip6 → MAC
+                     sfw-gw (veth, peer sfw-gw-p): every gateway address as /32 or /128
+                     sfw-ext 203.0.113.1/24, 198.51.100.1/24, 2001:db8:ffff::1/64
           │ veth
-    sfw-x-<h>        eth0 203.0.113.10/24, 198.51.100.10/24, default via 203.0.113.1
+    sfw-x-<h>        eth0 203.0.113.10/24, 198.51.100.10/24, 2001:db8:ffff::10/64,
+                          default via 203.0.113.1 and 2001:db8:ffff::1
 
 ``<h>`` is 8 hex digits of the SHA-256 of the host name (host names are user data and
 labs for different hosts must not collide); ``<tap>`` is the tap name without ``tap``.
@@ -27,6 +30,15 @@ Why each host-side setting exists (see docs/nftables-design.md, "Routed topology
 * ``rp_filter=0``: tests send spoofed sources on purpose; the firewall, not reverse
   path filtering, must be what drops them.
 * the gateways sit on a veth pair (``sfw-gw``) because this kernel has no ``dummy``.
+* IPv6 (ports with ``ip6``): the instance's address is added ``nodad`` (usable at
+  once) and ``noprefixroute``, with an on-link /128 route to ``gateway6`` and the
+  default route through it — so the instance sends everything, same subnet
+  included, to the gateway, the routed-topology equivalent of ``proxy_arp``
+  (``proxy_ndp`` answers only for addresses with a proxy entry, and one entry per
+  peer per tap would grow with the square of the ports). The host side: a /128
+  route and a permanent neighbour entry per instance, ``proxy_ndp=1`` (``proxy_delay=0``
+  as for ARP) and a proxy entry for ``gateway6`` on the tap, IPv6 forwarding on; no
+  duplicate address detection on the host's and external side's own interfaces.
 
 Implementation choices:
 
@@ -65,6 +77,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from secfw.errors import LabError
 
 __all__ = [
+    "EXTERNAL_NETWORK6",
     "EXTERNAL_NETWORKS",
     "NETNS_DIR",
     "NS_PREFIX",
@@ -85,12 +98,24 @@ EXT_LINK = "sfw-ext"  # must not start with "tap": the firewall drops unknown ta
 INSTANCE_IFNAME = "eth0"
 CLONE_NEWNET = 0x40000000
 SCOPE_LINK = 253  # rtnetlink RT_SCOPE_LINK, what `ip route add X dev Y` uses
+AF_INET, AF_INET6 = 2, 10
+NTF_PROXY = 0x08  # linux/neighbour.h: a proxy (ND/ARP) entry
+IFA_F_NODAD, IFA_F_NOPREFIXROUTE = 0x02, 0x200  # linux/if_addr.h
 
 _TAP_RE = re.compile(r"tap[A-Za-z0-9_.-]{1,12}")  # ≤ 15 chars: IFNAMSIZ - 1
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
 _STATE_VERSION = 1
+#: No duplicate address detection on the lab's own (host and external) interfaces:
+#: for its first second a tentative link-local address cannot be used, and the
+#: first IPv6 packets through the lab would be lost (measured).
+_NO_DAD = {
+    "net/ipv6/conf/all/accept_dad": "0",
+    "net/ipv6/conf/default/accept_dad": "0",
+}
 _HOST_SYSCTLS = {
+    **_NO_DAD,
     "net/ipv4/ip_forward": "1",
+    "net/ipv6/conf/all/forwarding": "1",
     "net/ipv4/conf/all/rp_filter": "0",  # effective value is max(all, interface)
     "net/ipv4/conf/default/rp_filter": "0",
 }
@@ -109,6 +134,8 @@ EXTERNAL_NETWORKS = (
     ExternalNetwork("203.0.113.1", "203.0.113.10", 24),
     ExternalNetwork("198.51.100.1", "198.51.100.10", 24),
 )
+#: The external side's IPv6 network (its address routes through the host).
+EXTERNAL_NETWORK6 = ExternalNetwork("2001:db8:ffff::1", "2001:db8:ffff::10", 64)
 
 
 @dataclass(frozen=True)
@@ -117,8 +144,9 @@ class LabPort:
 
     ``tap`` is ``tap`` + 1-12 of ``[A-Za-z0-9_.-]`` (the host-side interface name);
     ``mac`` a unicast MAC; ``ip``/``prefixlen`` an IPv4 address and its network;
-    ``gateway`` an address of that network other than ``ip``. ``name`` is user data
-    and is only ever carried along, never used in a name, path or command.
+    ``gateway`` an address of that network other than ``ip``. Optionally the same
+    for IPv6: ``ip6``/``prefixlen6``/``gateway6`` (all three or none). ``name`` is
+    user data and is only ever carried along, never used in a name, path or command.
     """
 
     tap: str
@@ -127,6 +155,9 @@ class LabPort:
     prefixlen: int
     gateway: str
     name: str = ""
+    ip6: str | None = None
+    prefixlen6: int | None = None
+    gateway6: str | None = None
 
     def __post_init__(self) -> None:
         if not _TAP_RE.fullmatch(self.tap):
@@ -137,6 +168,20 @@ class LabPort:
         gateway = _ipv4(self.gateway, f"port {self.tap} gateway")
         if gateway not in network or gateway == self.address:
             raise LabError(f"lab: port {self.tap}: gateway {self.gateway} not usable in {network}")
+        self._check_ipv6()
+
+    def _check_ipv6(self) -> None:
+        given = (self.ip6, self.prefixlen6, self.gateway6)
+        if all(v is None for v in given):
+            return
+        if any(v is None for v in given):
+            raise LabError(f"lab: port {self.tap}: ip6, prefixlen6 and gateway6 go together")
+        network6 = self.network6
+        assert network6 is not None and self.gateway6 is not None
+        gateway6 = _ipv6(self.gateway6, f"port {self.tap} gateway6")
+        if gateway6 not in network6 or gateway6 == self.address6:
+            raise LabError(
+                f"lab: port {self.tap}: gateway6 {self.gateway6} not usable in {network6}")
 
     @property
     def address(self) -> ipaddress.IPv4Address:
@@ -150,14 +195,32 @@ class LabPort:
             raise LabError(f"lab: port {self.tap}: prefixlen {self.prefixlen!r} not in 1..31")
         return ipaddress.IPv4Interface(f"{self.address}/{self.prefixlen}").network
 
+    @property
+    def address6(self) -> ipaddress.IPv6Address | None:
+        """The port's IPv6 address, if it has one (raises LabError if malformed)."""
+        return None if self.ip6 is None else _ipv6(self.ip6, f"port {self.tap} ip6")
+
+    @property
+    def network6(self) -> ipaddress.IPv6Network | None:
+        """The port's IPv6 network, ``ip6/prefixlen6`` with host bits cleared."""
+        address = self.address6
+        if address is None:
+            return None
+        if not isinstance(self.prefixlen6, int) or not 1 <= self.prefixlen6 <= 127:
+            raise LabError(f"lab: port {self.tap}: prefixlen6 {self.prefixlen6!r} not in 1..127")
+        return ipaddress.IPv6Interface(f"{address}/{self.prefixlen6}").network
+
     def spec(self) -> dict[str, Any]:
         """What the topology depends on (not ``name``), as recorded in the state file."""
-        return {
+        spec: dict[str, Any] = {
             "mac": self.mac.lower(),
             "ip": self.ip,
             "prefixlen": self.prefixlen,
             "gateway": self.gateway,
         }
+        if self.ip6 is not None:
+            spec |= {"ip6": self.ip6, "prefixlen6": self.prefixlen6, "gateway6": self.gateway6}
+        return spec
 
 
 def _ipv4(text: str, what: str) -> ipaddress.IPv4Address:
@@ -165,6 +228,13 @@ def _ipv4(text: str, what: str) -> ipaddress.IPv4Address:
         return ipaddress.IPv4Address(text)
     except (ValueError, TypeError) as exc:
         raise LabError(f"lab: {what} {text!r} is not an IPv4 address") from exc
+
+
+def _ipv6(text: str, what: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(text)
+    except (ValueError, TypeError) as exc:
+        raise LabError(f"lab: {what} {text!r} is not an IPv6 address") from exc
 
 
 # --------------------------------------------------------------------------- namespaces
@@ -317,6 +387,7 @@ class Lab:
     """
 
     external_addresses: tuple[str, ...] = tuple(n.external_ip for n in EXTERNAL_NETWORKS)
+    external_address6: str = EXTERNAL_NETWORK6.external_ip
 
     def __init__(self, host: str, state_dir: Path) -> None:
         if not host:
@@ -406,6 +477,7 @@ class Lab:
     def _ensure_external(self, state: _State, host: Any) -> None:
         """Create/repair the external namespace and its veth to the host."""
         created = self._ensure_ns(state, self.external_ns)
+        _write_sysctls(self.external_ns, _NO_DAD)
         with _netlink(self.external_ns) as ext:
             if (
                 created
@@ -424,6 +496,12 @@ class Lab:
                     "replace", index=ext_index, address=net.external_ip, prefixlen=net.prefixlen
                 )
             ext.route("replace", dst="0.0.0.0/0", gateway=EXTERNAL_NETWORKS[0].host_ip)
+            net6 = EXTERNAL_NETWORK6
+            for ipr, index, address in ((host, host_index, net6.host_ip),
+                                        (ext, ext_index, net6.external_ip)):
+                ipr.addr("replace", index=index, address=address, prefixlen=net6.prefixlen,
+                         family=AF_INET6, flags=IFA_F_NODAD)
+            ext.route("replace", dst="::/0", gateway=net6.host_ip, family=AF_INET6)
 
     # ---- instances
 
@@ -458,6 +536,8 @@ class Lab:
             index = _up(inst, INSTANCE_IFNAME)
             inst.addr("replace", index=index, address=port.ip, prefixlen=port.prefixlen)
             inst.route("replace", dst="0.0.0.0/0", gateway=port.gateway, oif=index)
+            if port.ip6 is not None:
+                _configure_ipv6(inst, index, port)
 
     def _remove_instance(self, state: _State, host: Any, tap: str) -> None:
         """Remove the tap and namespace of ``tap`` if the lab recorded them."""
@@ -549,50 +629,80 @@ class Lab:
             os.close(fd)  # releases the lock
 
 
+def _configure_ipv6(inst: Any, index: int, port: LabPort) -> None:
+    """The instance's IPv6: address ``nodad noprefixroute``, gateway6 on-link, default
+    route through it (see the module docstring)."""
+    flags = IFA_F_NODAD | IFA_F_NOPREFIXROUTE
+    inst.addr("replace", index=index, address=port.ip6, prefixlen=port.prefixlen6,
+              family=AF_INET6, flags=flags)
+    inst.route("replace", dst=f"{port.gateway6}/128", oif=index, family=AF_INET6)
+    inst.route("replace", dst="::/0", gateway=port.gateway6, oif=index, family=AF_INET6)
+
+
 def _wire_host_side(host_ns: str, host: Any, port: LabPort) -> None:
     """Route, neighbour and sysctls for ``port`` on its tap (idempotent)."""
     index = _up(host, port.tap)
-    _write_sysctls(
-        host_ns,
-        {
-            f"net/ipv4/conf/{port.tap}/proxy_arp": "1",
-            f"net/ipv4/conf/{port.tap}/rp_filter": "0",
-            f"net/ipv4/neigh/{port.tap}/proxy_delay": "0",
-        },
-    )
+    sysctls = {
+        f"net/ipv4/conf/{port.tap}/proxy_arp": "1",
+        f"net/ipv4/conf/{port.tap}/rp_filter": "0",
+        f"net/ipv4/neigh/{port.tap}/proxy_delay": "0",
+    }
+    if port.ip6 is not None:  # proxy_delay: as for ARP, proxied answers wait up to 0.8 s
+        sysctls[f"net/ipv6/conf/{port.tap}/proxy_ndp"] = "1"
+        sysctls[f"net/ipv6/neigh/{port.tap}/proxy_delay"] = "0"
+    _write_sysctls(host_ns, sysctls)
     host.route("replace", dst=f"{port.ip}/32", oif=index, scope=SCOPE_LINK)
     host.neigh("replace", dst=port.ip, lladdr=port.mac.lower(), ifindex=index, state="permanent")
+    if port.ip6 is not None:
+        host.route("replace", dst=f"{port.ip6}/128", oif=index, family=AF_INET6)
+        host.neigh("replace", dst=port.ip6, lladdr=port.mac.lower(), ifindex=index,
+                   state="permanent", family=AF_INET6)
+        host.neigh("replace", dst=port.gateway6, ifindex=index, flags=NTF_PROXY,
+                   family=AF_INET6)
 
 
 def _sync_gateways(host: Any, ports: Iterable[LabPort]) -> None:
-    """Make sfw-gw carry exactly the gateway addresses of ``ports`` (as /32)."""
+    """Make sfw-gw carry exactly the gateway addresses of ``ports`` (as /32 or /128)."""
     index = _up(host, GW_LINK)
-    wanted = {p.gateway for p in ports}
-    present = {a.get("IFA_ADDRESS") for a in host.addr("dump", index=index, family=2)}
-    for address in sorted(wanted - present):
-        host.addr("add", index=index, address=address, prefixlen=32)
-    for address in sorted(present - wanted):
-        host.addr("del", index=index, address=address, prefixlen=32)
+    for family, length, wanted in (
+        (AF_INET, 32, {p.gateway for p in ports}),
+        (AF_INET6, 128, {p.gateway6 for p in ports if p.gateway6 is not None}),
+    ):
+        present = {a.get("IFA_ADDRESS") for a in host.addr("dump", index=index, family=family)
+                   if a.get("IFA_ADDRESS") and not str(a.get("IFA_ADDRESS")).startswith("fe80:")}
+        for address in sorted(wanted - present):
+            host.addr("add", index=index, address=address, prefixlen=length, family=family,
+                      **({"flags": IFA_F_NODAD} if family == AF_INET6 else {}))
+        for address in sorted(present - wanted):
+            host.addr("del", index=index, address=address, prefixlen=length, family=family)
 
 
 def _check_ports(ports: Sequence[LabPort]) -> dict[str, LabPort]:
     """Ports by tap; LabError on duplicates or clashes with lab addresses."""
     by_tap: dict[str, LabPort] = {}
     owner: dict[str, str] = {}  # address or MAC -> tap that uses it
-    external = [
-        ipaddress.IPv4Interface(f"{n.host_ip}/{n.prefixlen}").network for n in EXTERNAL_NETWORKS
-    ]
-    gateways = {p.gateway for p in ports}
+    gateways = {p.gateway for p in ports} | {p.gateway6 for p in ports if p.gateway6}
     for port in ports:
         if port.tap in by_tap:
             raise LabError(f"lab: tap {port.tap} listed twice")
         by_tap[port.tap] = port
-        for key in (port.ip, port.mac.lower()):
+        addresses = [port.ip] + ([str(port.address6)] if port.ip6 else [])
+        for key in (*addresses, port.mac.lower()):
             if key in owner:
                 raise LabError(f"lab: {key} used by both {owner[key]} and {port.tap}")
             owner[key] = port.tap
-        if port.ip in gateways:
-            raise LabError(f"lab: port {port.tap} address {port.ip} is also a gateway")
-        if any(port.network.overlaps(net) for net in external):
-            raise LabError(f"lab: port {port.tap}: {port.network} overlaps the external networks")
+        for address in addresses:
+            if address in gateways:
+                raise LabError(f"lab: port {port.tap} address {address} is also a gateway")
+        _check_not_external(port)
     return by_tap
+
+
+def _check_not_external(port: LabPort) -> None:
+    """A port's networks must not overlap the external side's."""
+    external = [ipaddress.ip_interface(f"{n.host_ip}/{n.prefixlen}").network
+                for n in (*EXTERNAL_NETWORKS, EXTERNAL_NETWORK6)]
+    for network in (port.network, port.network6):
+        if network is not None and any(
+                network.version == net.version and network.overlaps(net) for net in external):
+            raise LabError(f"lab: port {port.tap}: {network} overlaps the external networks")

@@ -12,7 +12,8 @@ an allowed probe costs about a millisecond, a blocked one costs its timeout.
 Timeouts: every ``timeout`` parameter defaults to ``None``, meaning the module-level
 :data:`DEFAULT_TIMEOUT` read at call time (so a test suite can lower it in one place).
 
-Probes and what "True" means:
+Probes speak IPv4 or IPv6, chosen by the destination address; listeners are
+dual-stack. Probes and what "True" means:
 
 * :func:`tcp_connect` -- the three-way handshake completed (a listener must exist).
 * :func:`udp_probe` -- a datagram with a unique token reached a :func:`listen` UDP
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Listener",
+    "family_of",
     "listen",
     "ping",
     "ping_replies",
@@ -68,6 +70,7 @@ PACKET_OUTGOING = 4  # sll_pkttype of frames this host sent (linux/if_packet.h)
 SO_ATTACH_FILTER = 26
 DLT_EN10MB = 1  # every lab interface is a veth or lo: Ethernet framing
 ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
+ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
 _SNAPLEN = 65535
 
 
@@ -116,12 +119,15 @@ class Listener:
         self._thread.start()
 
     def _bind(self) -> socket.socket:
+        """A dual-stack socket: ``[::]:port`` with ``IPV6_V6ONLY`` off also receives
+        IPv4 (as v4-mapped addresses, ipv6(7))."""
         kind = socket.SOCK_STREAM if self.proto == "tcp" else socket.SOCK_DGRAM
-        sock = socket_in_netns(self.ns, socket.AF_INET, kind)
+        sock = socket_in_netns(self.ns, socket.AF_INET6, kind)
         try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             if self.proto == "tcp":  # for UDP it would let a second listener steal the port
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", self.port))
+            sock.bind(("::", self.port))
             if self.proto == "tcp":
                 sock.listen(128)
         except OSError as exc:
@@ -192,14 +198,24 @@ def listen(ns: str, proto: Proto, port: int) -> Iterator[Listener]:
 # --------------------------------------------------------------------------- TCP / UDP
 
 
-def tcp_connect(src_ns: str, dst_ip: str, port: int, timeout: float | None = None) -> bool:
-    """Whether a TCP handshake from ``src_ns`` to ``dst_ip:port`` completes in time.
+def family_of(address: str) -> socket.AddressFamily:
+    """AF_INET or AF_INET6, from an address's text."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def tcp_connect(
+    src_ns: str, dst_ip: str, port: int, timeout: float | None = None, src_ip: str | None = None
+) -> bool:
+    """Whether a TCP handshake from ``src_ns`` (from ``src_ip`` if given) to
+    ``dst_ip:port`` completes in time (IPv4 or IPv6, by ``dst_ip``).
 
     False on timeout (dropped), refusal (RST: closed port or reject) or any ICMP error.
     """
-    with socket_in_netns(src_ns, socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket_in_netns(src_ns, family_of(dst_ip), socket.SOCK_STREAM) as sock:
         sock.settimeout(_timeout(timeout))
         try:
+            if src_ip is not None:
+                sock.bind((src_ip, 0))
             sock.connect((dst_ip, port))
         except OSError:  # TimeoutError and ConnectionRefusedError are OSErrors
             return False
@@ -217,7 +233,7 @@ def udp_probe(
     """
     _require_lab_ns(dst_ns)
     token = b"secfw-probe-" + uuid.uuid4().hex.encode()
-    with socket_in_netns(src_ns, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with socket_in_netns(src_ns, family_of(dst_ip), socket.SOCK_DGRAM) as sock:
         try:
             sock.sendto(token, (dst_ip, port))
         except OSError:  # no route, or rejected on output
@@ -241,15 +257,19 @@ def ping_replies(
     """How many of ``count`` echo requests from ``src_ns`` to ``dst_ip`` were answered.
 
     Requests go ``interval`` seconds apart; after the last one the probe waits at most
-    ``timeout`` for the missing replies. Uses a raw ICMP socket (root): replies are
-    matched on source address, identifier and sequence number.
+    ``timeout`` for the missing replies. Uses a raw ICMP or ICMPv6 socket (root, by
+    ``dst_ip``'s family): replies are matched on source address, identifier and
+    sequence number. A link-local ``dst_ip`` takes its interface as a numeric zone
+    (``fe80::1%5``).
     """
     ident = random.randrange(1, 0x10000)
     answered: set[int] = set()
-    with socket_in_netns(src_ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as sock:
+    family = family_of(dst_ip)
+    proto = socket.IPPROTO_ICMPV6 if family == socket.AF_INET6 else socket.IPPROTO_ICMP
+    with socket_in_netns(src_ns, family, socket.SOCK_RAW, proto) as sock:
         for seq in range(count):
             try:
-                sock.sendto(_echo_request(ident, seq), (dst_ip, 0))
+                sock.sendto(_echo_request(ident, seq, family), _sockaddr(dst_ip))
             except OSError:
                 continue  # no route or rejected on output: counts as unanswered
             _collect_replies(sock, dst_ip, ident, answered, interval, count)
@@ -257,8 +277,12 @@ def ping_replies(
     return len(answered)
 
 
-def _echo_request(ident: int, seq: int) -> bytes:
+def _echo_request(ident: int, seq: int, family: int = socket.AF_INET) -> bytes:
+    """An echo request; for ICMPv6 the kernel fills in the checksum (raw(7):
+    IPPROTO_ICMPV6 sockets always compute it)."""
     payload = b"secfw-ping" + bytes(22)
+    if family == socket.AF_INET6:
+        return struct.pack("!BBHHH", ICMPV6_ECHO_REQUEST, 0, 0, ident, seq) + payload
     header = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
     checksum = _inet_checksum(header + payload)
     return struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, checksum, ident, seq) + payload
@@ -283,11 +307,31 @@ def _collect_replies(
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
             return
-        packet, (source, _) = sock.recvfrom(_SNAPLEN)
-        header_len = (packet[0] & 0x0F) * 4  # raw ICMP sockets deliver the IP header
+        packet, address = sock.recvfrom(_SNAPLEN)
+        if sock.family == socket.AF_INET6:  # raw ICMPv6 sockets deliver no IPv6 header
+            header_len, reply = 0, ICMPV6_ECHO_REPLY
+        else:  # raw ICMP sockets deliver the IP header
+            header_len, reply = (packet[0] & 0x0F) * 4, ICMP_ECHO_REPLY
         kind, _, _, reply_ident, seq = struct.unpack_from("!BBHHH", packet, header_len)
-        if source == dst_ip and kind == ICMP_ECHO_REPLY and reply_ident == ident:
+        same = _same_address(sock.family, address[0], dst_ip)
+        if same and kind == reply and reply_ident == ident:
             answered.add(seq)
+
+
+def _sockaddr(address: str) -> tuple[str, int] | tuple[str, int, int, int]:
+    """``(address, 0)``; for ``fe80::1%5`` (a *numeric* zone: interface names are
+    per namespace) the IPv6 4-tuple with that scope id — CPython ignores a zone
+    written in the address text of a 2-tuple."""
+    host, _, zone = address.partition("%")
+    return (host, 0, 0, int(zone)) if zone else (host, 0)
+
+
+def _same_address(family: int, one: str, other: str) -> bool:
+    """Equal addresses, whatever their spelling (a ``%zone`` suffix is ignored)."""
+    def packed(text: str) -> bytes:
+        return socket.inet_pton(family, text.split("%", 1)[0])
+
+    return packed(one) == packed(other)
 
 
 # --------------------------------------------------------------------------- crafted packets

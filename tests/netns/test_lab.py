@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -250,6 +251,11 @@ def test_a_malicious_instance_name_is_harmless(lab: Lab) -> None:
         {"gateway": "10.9.9.1"},
         {"gateway": "10.0.0.3"},
         {"prefixlen": 0},
+        {"ip6": "2001:db8::5"},  # without prefixlen6 and gateway6
+        {"ip6": "10.0.0.9", "prefixlen6": 64, "gateway6": "2001:db8::1"},
+        {"ip6": "2001:db8::5", "prefixlen6": 64, "gateway6": "2001:db9::1"},
+        {"ip6": "2001:db8::5", "prefixlen6": 64, "gateway6": "2001:db8::5"},
+        {"ip6": "2001:db8::5", "prefixlen6": 128, "gateway6": "2001:db8::1"},
     ],
 )
 def test_invalid_ports_are_rejected(kwargs: dict[str, Any]) -> None:
@@ -273,6 +279,53 @@ def test_clashing_ports_are_rejected(lab: Lab) -> None:
     with pytest.raises(LabError, match="external"):
         lab.up([outside])
     assert not lab.exists()
+
+
+# --------------------------------------------------------------------------- IPv6
+
+DUAL = (
+    LabPort("tape0000001-01", "fa:16:3e:00:01:01", "10.6.0.3", 24, "10.6.0.1", "v6 one",
+            ip6="2001:db8:6::3", prefixlen6=64, gateway6="2001:db8:6::1"),
+    LabPort("tape0000002-02", "fa:16:3e:00:01:02", "10.6.0.4", 24, "10.6.0.1", "v6 two",
+            ip6="2001:db8:6::4", prefixlen6=64, gateway6="2001:db8:6::1"),
+)
+
+
+def test_ipv6_wiring_and_traffic(lab: Lab) -> None:
+    """Dual-stack ports: the instance's address is usable at once (nodad), the host
+    has a /128 route, a permanent neighbour entry and a proxy entry for gateway6 on
+    the tap, gateway6 sits on sfw-gw; instances reach each other (through the
+    gateway, same subnet included) and the external side over IPv6."""
+    lab.up(DUAL)
+    one, two = DUAL
+    assert one.ip6 and two.ip6
+    with IPRoute(netns=lab.host_ns, flags=0) as host:
+        index = host.link_lookup(ifname=one.tap)[0]
+        routes = {r.get_attr("RTA_DST") for r in host.get_routes(family=10, oif=index)}
+        assert one.ip6 in routes
+        neighbours = {(n.get_attr("NDA_DST"), n["state"]) for n in host.get_neighbours(
+            family=10, ifindex=index)}
+        assert (one.ip6, 0x80) in neighbours  # NUD_PERMANENT
+        gw = host.link_lookup(ifname=lab_module.GW_LINK)[0]
+        assert "2001:db8:6::1" in {a.get_attr("IFA_ADDRESS") for a in host.get_addr(
+            family=10, index=gw)}
+    assert nt.ping_replies(lab.instance_ns(one.tap), two.ip6, 3, 1.0, 0.05) > 0
+    assert nt.ping_replies(lab.instance_ns(one.tap), Lab.external_address6, 3, 1.0, 0.05) > 0
+    with nt.listen(lab.instance_ns(two.tap), "tcp", 8080):
+        assert nt.tcp_connect(lab.external_ns, two.ip6, 8080, 1.0)
+        assert nt.tcp_connect(lab.instance_ns(one.tap), two.ip, 8080, 1.0)  # dual-stack
+    lab.up(DUAL)  # idempotent with IPv6 too
+    assert nt.ping_replies(lab.instance_ns(two.tap), one.ip6, 2, 1.0, 0.05) > 0
+
+
+def test_an_ipv6_address_change_rebuilds_the_port(lab: Lab) -> None:
+    lab.up(DUAL)
+    moved = replace(DUAL[0], ip6="2001:db8:6::30")
+    lab.up([moved, DUAL[1]])
+    with IPRoute(netns=lab.instance_ns(moved.tap), flags=0) as inst:
+        assert {a.get_attr("IFA_ADDRESS") for a in inst.get_addr(family=10)} >= {
+            "2001:db8:6::30"}
+    assert nt.ping_replies(lab.instance_ns(DUAL[1].tap), "2001:db8:6::30", 3, 1.0, 0.05) > 0
 
 
 # --------------------------------------------------------------------------- probe tools

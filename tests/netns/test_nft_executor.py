@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from secfw.backends.nftables import (
     to_nft_json,
 )
 from secfw.compiler.ir import (
+    AddressPair,
     AddressSet,
     GroupChain,
     HostFilter,
@@ -80,18 +82,25 @@ def everything() -> HostFilter:
     ))
     sets = (AddressSet(WEB_V4, "web", "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.9.0.0/16")),
             AddressSet(WEB_V6, "web", "ipv6", ("2001:db8::5/128",)))
+    pairs = (AddressPair("10.0.0.200/32", "fa:16:3e:00:00:01"),
+             AddressPair("10.7.0.0/28", "fa:16:3e:00:00:77"),
+             AddressPair("2001:db8:7::/120", "fa:16:3e:00:00:01"))
     ports = (
-        _port(TAPS[0], (WEB,)),
+        _port(TAPS[0], (WEB,), ipv6=("2001:db8::10",), allowed_pairs=pairs),
         _port(TAPS[1], (WEB, SSH), (OPS,), egress_open=False),
         _port(TAPS[2], (SSH,), egress_open=False, same_net=("10.1.0.0/24", "2001:db8:1::/64")),
+        _port(TAPS[5], (SSH,), port_security=False),
     )
     return HostFilter("h", ports, (web, ssh, ops), sets)
 
 
 def _port(tap: str, ingress: tuple[str, ...] = (), egress: tuple[str, ...] = (),
-          egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",)) -> PortPolicy:
-    return PortPolicy(tap, f"p-{tap}", f"i-{tap}", "fa:16:3e:00:00:01", ("10.0.0.5",),
-                      same_net, ingress, egress, egress_open)
+          egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",),
+          mac: str | None = None, ip: str | None = None, **kw: Any) -> PortPolicy:
+    """A port; by default its MAC and address derive from the tap's index."""
+    index = int(tap[3:11], 16) % 200 + 1
+    return PortPolicy(tap, f"p-{tap}", f"i-{tap}", mac or f"fa:16:3e:00:01:{index:02x}",
+                      (ip or f"10.0.0.{index}",), same_net, ingress, egress, egress_open, **kw)
 
 
 def changes() -> list[tuple[str, HostFilter]]:
@@ -118,6 +127,15 @@ def changes() -> list[tuple[str, HostFilter]]:
     steps.append(("an address set goes", hf))
     hf = replace(hf, ports=tuple(replace(p, same_net_cidrs=()) for p in hf.ports))
     steps.append(("same-net traffic turned off", hf))
+    first = hf.ports[0]
+    hf = replace(hf, ports=(replace(first, allowed_pairs=(
+        *first.allowed_pairs, AddressPair("2001:db8:8::/64", "fa:16:3e:00:00:88"))),
+        *hf.ports[1:]))
+    steps.append(("an address pair is added", hf))
+    hf = replace(hf, ports=tuple(replace(p, port_security=True) for p in hf.ports))
+    steps.append(("port security turned on", hf))
+    hf = replace(hf, ports=(replace(hf.ports[0], port_security=False), *hf.ports[1:]))
+    steps.append(("port security turned off", hf))
     return steps
 
 
@@ -168,6 +186,7 @@ def test_full_apply_reads_back_exactly_and_second_sync_is_empty(
     assert executor.read_state() is None
     tx = sync(executor, everything())
     assert tx.full
+    assert tx.full
     assert sync(executor, everything()).empty
 
 
@@ -185,14 +204,27 @@ def test_each_incremental_change_applies_and_converges(
 
 def test_chain_deleted_with_its_map_element_in_one_transaction(
         executor: NftablesExecutor) -> None:
-    (_, before), (_, after) = changes()[5], changes()[6]
+    (_, before), (what, after) = changes()[4], changes()[5]
+    assert what == "a port goes"
     sync(executor, before)
     tx = plan(executor.read_state(), render(after))
-    assert 'delete element inet secfw egress_ports { "' in tx.text
-    assert "delete chain inet secfw egress-filter" in tx.text
-    assert f"delete chain inet secfw {OPS}" in tx.text
+    assert f'delete element inet secfw nd_ports {{ "{TAPS[3]}" }}' in tx.text
+    assert f"delete chain inet secfw nd-{TAPS[3]}" in tx.text
     executor.apply(tx)
     assert_converged(executor, after)
+
+
+def test_both_tables_are_ours_and_go_together(ns: str, executor: NftablesExecutor) -> None:
+    sync(executor, everything())
+    assert nft(ns, "list", "tables").split() == [
+        "table", "inet", "secfw", "table", "arp", "secfw"]
+    nft(ns, "delete", "table", "arp", "secfw")
+    tx = plan(executor.read_state(), render(everything()))
+    assert tx.full  # a table missing: both are rewritten in one batch
+    executor.apply(tx)
+    assert_converged(executor, everything())
+    executor.delete_table()
+    assert nft(ns, "list", "tables") == ""
 
 
 def test_another_programs_table_survives_every_apply(ns: str, executor: NftablesExecutor) -> None:
@@ -205,6 +237,7 @@ def test_another_programs_table_survives_every_apply(ns: str, executor: Nftables
     executor.delete_table()
     assert nft(ns, "list", "table", "inet", "other") == before
     assert "secfw" not in nft(ns, "list", "tables")
+    assert "inet other" in nft(ns, "list", "tables")
 
 
 def test_failed_transaction_leaves_the_previous_ruleset(
@@ -232,8 +265,9 @@ def test_json_and_text_give_the_same_kernel_state(ns: str, executor: NftablesExe
     _sh("ip", "netns", "add", other)
     try:
         NftablesExecutor(other).apply_json(to_nft_json(render(hf)))
-        assert nft(other, "list", "table", "inet", "secfw") == nft(
-            ns, "list", "table", "inet", "secfw")
+        for family in ("inet", "arp"):
+            assert nft(other, "list", "table", family, "secfw") == nft(
+                ns, "list", "table", family, "secfw")
         assert NftablesExecutor(other).read_state() == KernelState.from_ruleset(render(hf))
     finally:
         subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=30,
@@ -259,7 +293,7 @@ def test_names_secfw_cannot_print_are_removed_by_full_replacement(
     chain = {"family": "inet", "table": "secfw", "name": 'tcp"\ndelete table inet other'}
     executor.apply_json({"nftables": [{"add": {"chain": chain}}]})
     state = executor.read_state()
-    assert state is not None and chain["name"] in state.chains
+    assert state is not None and ("inet", chain["name"]) in state.chains
     assert sync(executor, hf).full
 
 
@@ -297,6 +331,7 @@ def test_backend_as_the_agent_drives_it(ns: str) -> None:
 # ------------------------------------------------------------ real packets --
 
 VM_TAPS = ("tapd0000001-01", "tapd0000002-02")
+VM_MACS = ("fa:16:3e:0d:00:01", "fa:16:3e:0d:00:02")
 SERVER = """import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
@@ -321,7 +356,7 @@ def routed(ns: str) -> Iterator[tuple[str, str]]:
         for i, (vm, tap) in enumerate(zip(vms, VM_TAPS, strict=True), start=1):
             _sh("ip", "netns", "add", vm)
             _sh("ip", "-n", ns, "link", "add", tap, "type", "veth", "peer", "name", "eth0",
-                "netns", vm)
+                "address", VM_MACS[i - 1], "netns", vm)
             _sh("ip", "-n", ns, "addr", "add", f"10.0.{i}.254/24", "dev", tap)
             _sh("ip", "-n", ns, "link", "set", tap, "up")
             _sh("ip", "-n", vm, "addr", "add", f"10.0.{i}.1/24", "dev", "eth0")
@@ -360,10 +395,12 @@ def connects(src_ns: str, ip: str, port: str, timeout: float = 1.0) -> bool:
 
 def two_vms(*, web_rules: tuple[IRRule, ...] = (), same_net: tuple[str, ...] = (),
             vm1_egress_open: bool = True, vm1_known: bool = True) -> HostFilter:
-    """vm1 (no groups) and vm2 (group WEB with ``web_rules``)."""
-    ports = [_port(VM_TAPS[1], (WEB,), same_net=same_net)]
+    """vm1 (no groups) and vm2 (group WEB with ``web_rules``), with their real MAC and
+    address (anti-spoofing checks both)."""
+    ports = [_port(VM_TAPS[1], (WEB,), same_net=same_net, mac=VM_MACS[1], ip="10.0.2.1")]
     if vm1_known:
-        ports.insert(0, _port(VM_TAPS[0], egress_open=vm1_egress_open, same_net=()))
+        ports.insert(0, _port(VM_TAPS[0], egress_open=vm1_egress_open, same_net=(),
+                              mac=VM_MACS[0], ip="10.0.1.1"))
     return HostFilter("h", tuple(ports), (GroupChain(WEB, "web", "ingress", web_rules),), ())
 
 

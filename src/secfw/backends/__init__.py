@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from secfw.errors import BackendError
 
 if TYPE_CHECKING:
+    from secfw.backends.iptables import IptablesBackend
     from secfw.backends.nftables import NftablesBackend
 
-BACKENDS = ("nftables",)
+BACKENDS = ("nftables", "iptables")
 
 
-def get_backend(name: str, **options: Any) -> NftablesBackend:
+@overload
+def get_backend(name: Literal["nftables"], **options: Any) -> NftablesBackend: ...
+
+
+@overload
+def get_backend(name: Literal["iptables"], **options: Any) -> IptablesBackend: ...
+
+
+@overload
+def get_backend(name: str, **options: Any) -> NftablesBackend | IptablesBackend: ...
+
+
+def get_backend(name: str, **options: Any) -> NftablesBackend | IptablesBackend:
     """A new backend object by name (``options`` go to its constructor).
 
     Imported lazily, so a host without a backend's libraries can still use others.
@@ -22,4 +35,8 @@ def get_backend(name: str, **options: Any) -> NftablesBackend:
         from secfw.backends.nftables import NftablesBackend
 
         return NftablesBackend(**options)
+    if name == "iptables":
+        from secfw.backends.iptables import IptablesBackend
+
+        return IptablesBackend(**options)
     raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")

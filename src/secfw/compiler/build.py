@@ -3,13 +3,22 @@
 ``compile_host(state, host, allow_same_net)`` reads the ports of the instances on
 ``host`` and produces a :class:`~secfw.compiler.ir.HostFilter`:
 
-* a :class:`PortPolicy` per port, naming the group chains of its instance's
-  security groups in the instance's order;
+* a :class:`PortPolicy` per port: its MAC and addresses (IPv4, IPv6, allowed
+  address pairs — what anti-spoofing lets it send from), its port-security
+  switch, the subnets it may talk to freely, and the group chains of its
+  instance's security groups in the instance's order;
 * one :class:`GroupChain` per (group, direction) used by a port on this host,
   shared by all of them — compiled size grows with ports + rules, never with
-  ports × rules;
+  ports × rules. Every group used here has an ingress chain; only groups with
+  at least one egress rule have an egress chain;
 * one :class:`AddressSet` per (source group, family) referenced by those chains,
-  holding the addresses of every port (on any host) of the group's members.
+  holding the addresses of every port (on any host) of the group's members,
+  their allowed address pairs of that family included (as Neutron does).
+
+Egress default (README, "Semantics decisions"): a port whose groups have no
+egress rule at all keeps egress open (``egress_open``, nova-network); otherwise
+its egress is the union of its groups' egress rules (Neutron). Anti-spoofing
+and the DHCP/RA protections apply either way, unless port security is off.
 
 Names in the IR are derived from generated ids only (never from user names), so
 nothing a user types can reach a ruleset as syntax.
@@ -17,12 +26,14 @@ nothing a user types can reach a ruleset as syntax.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 import netaddr
 
 from secfw.cloud import CloudState
 from secfw.compiler.ir import (
+    AddressPair,
     AddressSet,
     Family,
     GroupChain,
@@ -52,13 +63,15 @@ def set_name(group_id: str, family: str = "ipv4") -> str:
 def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> HostFilter:
     """The filter of ``host`` for the cloud in ``state`` (see the module docstring)."""
     instances = sorted((i for i in state.instances.values() if i.host == host), key=lambda i: i.id)
+    group_ids = sorted({g for i in instances for g in i.security_groups})
+    with_egress = {g for g in group_ids if _has_egress_rule(state, g)}
     ports = [
-        _port_policy(state, instance, port, allow_same_net)
+        _port_policy(state, instance, port, allow_same_net, with_egress)
         for instance in instances
         for port in state.ports_of(instance.id)
     ]
-    group_ids = sorted({g for i in instances for g in i.security_groups})
     chains = [_group_chain(state, g, "ingress") for g in group_ids]
+    chains += [_group_chain(state, g, "egress") for g in sorted(with_egress)]
     referenced = sorted({r.remote_set for c in chains for r in c.rules if r.remote_set})
     sets = [_address_set(state, name) for name in referenced]
     return HostFilter(
@@ -69,19 +82,43 @@ def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> H
     )
 
 
+def _has_egress_rule(state: CloudState, group_id: str) -> bool:
+    return any(r.direction == "egress" for r in state.rules_by_group.get(group_id, {}).values())
+
+
 def _port_policy(
-    state: CloudState, instance: Instance, port: Port, allow_same_net: bool
+    state: CloudState, instance: Instance, port: Port, allow_same_net: bool,
+    with_egress: set[str],
 ) -> PortPolicy:
+    """The policy of one port; ``with_egress`` are the groups that have an egress rule."""
     network = state.networks[port.network_id]
+    subnets = (network.cidr,) + ((network.cidr6,) if network.cidr6 else ())
+    groups = instance.security_groups
+    egress = tuple(chain_name(g, "egress") for g in groups if g in with_egress)
     return PortPolicy(
         tap=port.tap,
         port_id=port.id,
         instance_id=instance.id,
         mac=port.mac,
         ipv4=(port.ip,),
-        same_net_cidrs=(network.cidr,) if allow_same_net else (),
-        ingress_chains=tuple(chain_name(g, "ingress") for g in instance.security_groups),
+        same_net_cidrs=subnets if allow_same_net else (),
+        ingress_chains=tuple(chain_name(g, "ingress") for g in groups),
+        egress_chains=egress,
+        egress_open=not egress,
+        ipv6=(port.ip6,) if port.ip6 else (),
+        allowed_pairs=address_pairs(port),
+        port_security=port.port_security,
     )
+
+
+def address_pairs(port: Port) -> tuple[AddressPair, ...]:
+    """The port's allowed address pairs: canonical CIDRs, lower-case MACs, sorted,
+    without duplicates (the port's own MAC where the pair names none)."""
+    pairs = {
+        AddressPair(str(ipaddress.ip_network(cidr, strict=False)), mac.lower())
+        for cidr, mac in port.address_pairs()
+    }
+    return tuple(sorted(pairs))
 
 
 def _group_chain(state: CloudState, group_id: str, direction: IRDirection) -> GroupChain:
@@ -129,9 +166,22 @@ def _address_set(state: CloudState, name: str) -> AddressSet:
     group_id = name[len("sg-") : -len("-v4")]
     family: Family = "ipv4" if name.endswith("-v4") else "ipv6"
     addresses = [
-        port.ip for member in state.group_members(group_id) for port in state.ports_of(member.id)
+        address
+        for member in state.group_members(group_id)
+        for port in state.ports_of(member.id)
+        for address in port_addresses(port, family)
     ]
     return AddressSet(name, group_id, family, normalise_addresses(addresses))
+
+
+def port_addresses(port: Port, family: Family) -> list[str]:
+    """What a port may send from, in ``family``: its fixed address and the CIDRs of
+    its allowed address pairs (Neutron counts these as the member's addresses in
+    remote-group rules)."""
+    fixed = port.ip if family == "ipv4" else port.ip6
+    version = 4 if family == "ipv4" else 6
+    pairs = [c for c, _ in port.address_pairs() if ipaddress.ip_network(c).version == version]
+    return ([fixed] if fixed else []) + pairs
 
 
 def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:

@@ -1,10 +1,29 @@
 """Who can reach what, and why: the security-group semantics as a decision function.
 
-:func:`decide` answers, for one packet opening a connection towards an instance's
-port, whether the security groups allow it and which rule does. It is written from
-``semantics.md`` directly against the model — not against the IR — so that it is
-an independent oracle: the differential tests compare it with the kernel's verdict
-on real packets, and ``make demo`` prints its reason next to each measured result.
+:func:`decide` answers, for the first packet of a connection, whether the security
+groups let it through and which rule does. It is written from ``semantics.md``
+directly against the model — not against the IR — so that it is an independent
+oracle: the differential tests compare it with the kernel's verdict on real
+packets, and ``make demo`` prints its reason next to each measured result.
+
+A flow is judged on both ends (``semantics.md`` sections 3 and 4):
+
+* when its source is an instance's port, by that port's **egress**: open when
+  none of the instance's groups has an egress rule (nova-network), otherwise the
+  union of the groups' egress rules (Neutron), the remote being the
+  *destination*; DHCP client traffic always passes, an instance acting as a DHCP
+  or DHCPv6 server never does;
+* when its destination is an instance's port, by that port's **ingress**: same
+  network (``allow_same_net_traffic``), then the groups' ingress rules, the remote
+  being the *source*;
+* a port without port security is not filtered at all;
+* a remote group selects its members' addresses: fixed IPv4 and IPv6 addresses
+  and the allowed address pairs of their ports (as Neutron does);
+* ICMP and ICMPv6 as conntrack sees them: only request types open a connection;
+  neighbour discovery and MLD are untracked and handled by the protection rules.
+
+Anti-spoofing is not the oracle's business: a flow's source is taken to be what
+the sender may use (the tests that spoof check the kernel directly).
 """
 
 from __future__ import annotations
@@ -21,14 +40,25 @@ _PORT_PROTOS = {protocol_number(p) for p in PORT_PROTOCOLS}
 #: Any other ICMP type without a connection behind it is INVALID and dropped by the
 #: stateful filter before a single rule is consulted.
 ICMP_NEW_TYPES = frozenset({8, 13, 15, 17})
+#: The same for ICMPv6: echo request and node information query
+#: (nf_conntrack_proto_icmpv6.c, valid_new[]).
+ICMPV6_NEW_TYPES = frozenset({128, 139})
+#: ICMPv6 that conntrack leaves untracked (noct_valid_new[]): neighbour discovery
+#: and MLD. What an instance may send of them, and what it may receive, whatever
+#: the rules say (secfw's protection rules; RFC 4861, RFC 3810).
+ND_FROM_INSTANCE = frozenset({130, 131, 132, 133, 135, 136, 143})
+ND_TO_INSTANCE = frozenset({130, 134, 135, 136})
+DHCP_CLIENT = {4: (68, 67), 6: (546, 547)}  # (source port, destination port)
+DHCP_SERVER = {4: (67, 68), 6: (547, 546)}
 
 
 @dataclass(frozen=True)
 class Flow:
-    """The first packet of a connection: ``src`` → ``dst`` (an instance's address).
+    """The first packet of a connection: ``src`` → ``dst``.
 
     ``protocol`` is an IP protocol number. ``port`` is the destination port for
-    tcp/udp; for ICMP, ``icmp_type``/``icmp_code``.
+    tcp/udp/sctp/udplite (``sport`` the source port, which only matters for DHCP);
+    for ICMP and ICMPv6, ``icmp_type``/``icmp_code``.
     """
 
     src: str
@@ -37,6 +67,7 @@ class Flow:
     port: int | None = None
     icmp_type: int | None = None
     icmp_code: int | None = None
+    sport: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,16 +78,78 @@ class Decision:
 
 
 def decide(state: CloudState, flow: Flow, allow_same_net: bool = True) -> Decision:
-    """Whether the destination's security groups let ``flow`` in, and why."""
-    port = _port_by_ip(state, flow.dst)
-    if port is None:
+    """Whether the security groups of the source (egress) and of the destination
+    (ingress) let ``flow`` through, and why (see the module docstring)."""
+    src_port, dst_port = port_by_address(state, flow.src), port_by_address(state, flow.dst)
+    if dst_port is None and src_port is None:
         return Decision(False, f"{flow.dst} is not an instance port")
+    stateless = _conntrack_verdict(flow, src_port, dst_port)
+    if stateless is not None:
+        return stateless
+    egress = _egress(state, src_port, flow) if src_port is not None else None
+    if egress is not None and not egress.allowed:
+        return egress
+    if dst_port is None:
+        assert egress is not None
+        return egress
+    ingress = _ingress(state, dst_port, flow, allow_same_net)
+    if ingress.allowed and egress is not None and egress.rule_id is not None:
+        return Decision(True, f"{ingress.reason}; out: {egress.reason}", ingress.rule_id)
+    return ingress
+
+
+def _conntrack_verdict(flow: Flow, src: Port | None, dst: Port | None) -> Decision | None:
+    """The verdict of ICMP that no rule decides: types that cannot open a
+    connection (invalid), and untracked neighbour discovery / MLD."""
     if flow.protocol == 1 and flow.icmp_type not in ICMP_NEW_TYPES:
         return Decision(False, f"ICMP type {flow.icmp_type} cannot open a connection (invalid)")
+    if flow.protocol != 58 or flow.icmp_type in ICMPV6_NEW_TYPES:
+        return None
+    kind = flow.icmp_type
+    sent = src is None or not src.port_security or kind in ND_FROM_INSTANCE
+    received = dst is None or not dst.port_security or kind in ND_TO_INSTANCE
+    if kind in ND_FROM_INSTANCE | ND_TO_INSTANCE:
+        if sent and received:
+            return Decision(True, f"ICMPv6 type {kind}: neighbour discovery, no rule needed")
+        return Decision(False, f"ICMPv6 type {kind} may not be sent this way (protection)")
+    return Decision(False, f"ICMPv6 type {kind} cannot open a connection (invalid)")
+
+
+def _egress(state: CloudState, port: Port, flow: Flow) -> Decision:
+    """The egress verdict of the source port."""
+    if not port.port_security:
+        return Decision(True, "source port without port security")
+    version = ipaddress.ip_address(flow.src).version
+    ports = (flow.sport, flow.port)
+    if flow.protocol == 17 and ports == DHCP_SERVER[version]:
+        return Decision(False, "an instance may not act as a DHCP server (protection)")
+    if flow.protocol == 17 and ports == DHCP_CLIENT[version]:
+        return Decision(True, "DHCP client traffic (protection)")
     instance = state.instances[port.instance_id]
+    rules = [
+        (group_id, rule)
+        for group_id in instance.security_groups
+        for rule in sorted(state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)
+        if rule.direction == "egress"
+    ]
+    if not rules:
+        return Decision(True, "egress open (no egress rule in the instance's groups)")
+    for group_id, rule in rules:
+        if rule_matches(state, rule, flow, remote=flow.dst):
+            name = state.groups[group_id].name
+            return Decision(True, f"{name}: {describe_rule(state, rule)}", rule.id)
+    return Decision(False, "no egress rule of the source instance's groups allows it")
+
+
+def _ingress(state: CloudState, port: Port, flow: Flow, allow_same_net: bool) -> Decision:
+    """The ingress verdict of the destination port."""
+    if not port.port_security:
+        return Decision(True, "destination port without port security")
     network = state.networks[port.network_id]
-    if allow_same_net and _contains(network.cidr, flow.src):
+    subnets = [c for c in (network.cidr, network.cidr6) if c]
+    if allow_same_net and any(_contains(c, flow.src) for c in subnets):
         return Decision(True, f"same network {network.name} (allow_same_net_traffic)")
+    instance = state.instances[port.instance_id]
     for group_id in instance.security_groups:
         group = state.groups[group_id]
         for rule in sorted(state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id):
@@ -65,9 +158,12 @@ def decide(state: CloudState, flow: Flow, allow_same_net: bool = True) -> Decisi
     return Decision(False, "no rule of the instance's security groups allows it")
 
 
-def rule_matches(state: CloudState, rule: Rule, flow: Flow) -> bool:
-    """Does an ingress ``rule`` allow ``flow`` (protocol, ports/ICMP, remote)?"""
-    if ipaddress.ip_address(flow.src).version != (4 if rule.ethertype == "IPv4" else 6):
+def rule_matches(state: CloudState, rule: Rule, flow: Flow, remote: str | None = None) -> bool:
+    """Does ``rule`` allow ``flow`` (protocol, ports/ICMP, remote)? ``remote`` is
+    the address the rule's remote is compared with: the source (default, ingress)
+    or the destination (egress)."""
+    address = flow.src if remote is None else remote
+    if ipaddress.ip_address(address).version != (4 if rule.ethertype == "IPv4" else 6):
         return False
     proto = protocol_number(rule.protocol)
     if proto is not None and proto != flow.protocol:
@@ -81,25 +177,31 @@ def rule_matches(state: CloudState, rule: Rule, flow: Flow) -> bool:
             return False
         if rule.port_max is not None and flow.icmp_code != rule.port_max:
             return False
-    return _remote_matches(state, rule, flow.src)
+    return _remote_matches(state, rule, address)
 
 
-def _remote_matches(state: CloudState, rule: Rule, src: str) -> bool:
+def _remote_matches(state: CloudState, rule: Rule, address: str) -> bool:
     if rule.remote_group_id is not None:
         return any(
-            p.ip == src
+            address in member_addresses(p)
+            or any(_contains(cidr, address) for cidr, _ in p.address_pairs())
             for member in state.group_members(rule.remote_group_id)
             for p in state.ports_of(member.id)
         )
-    return rule.remote_cidr is None or _contains(rule.remote_cidr, src)
+    return rule.remote_cidr is None or _contains(rule.remote_cidr, address)
+
+
+def member_addresses(port: Port) -> set[str]:
+    """The fixed addresses of a port (IPv4 and, if any, IPv6), canonical text."""
+    return {str(ipaddress.ip_address(a)) for a in (port.ip, port.ip6) if a}
 
 
 def describe_rule(state: CloudState, rule: Rule) -> str:
-    """A short human description, e.g. ``tcp 80-80 from 0.0.0.0/0``."""
+    """A short human description, e.g. ``tcp 80-80 from 0.0.0.0/0`` (``to`` for egress)."""
     proto = rule.protocol or "any"
     if rule.port_min is None and rule.port_max is None:
         span = ""
-    elif rule.protocol == "icmp":
+    elif rule.protocol in ("icmp", "icmpv6"):
         span = f" type {rule.port_min}" + (
             f" code {rule.port_max}" if rule.port_max is not None else ""
         )
@@ -110,11 +212,20 @@ def describe_rule(state: CloudState, rule: Rule) -> str:
         remote = f"group {source.name if source else rule.remote_group_id}"
     else:
         remote = rule.remote_cidr or "anywhere"
-    return f"{proto}{span} from {remote}"
+    way = "from" if rule.direction == "ingress" else "to"
+    return f"{proto}{span} {way} {remote}"
 
 
-def _port_by_ip(state: CloudState, address: str) -> Port | None:
-    return next((p for p in state.ports.values() if p.ip == address), None)
+def port_by_address(state: CloudState, address: str) -> Port | None:
+    """The port whose fixed address is ``address``, else the first port (by id)
+    with an allowed address pair containing it; None when no port has it."""
+    canonical = str(ipaddress.ip_address(address))
+    ports = sorted(state.ports.values(), key=lambda p: p.id)
+    fixed = next((p for p in ports if canonical in member_addresses(p)), None)
+    if fixed is not None:
+        return fixed
+    return next((p for p in ports
+                 if any(_contains(c, canonical) for c, _ in p.address_pairs())), None)
 
 
 def _contains(cidr: str, address: str) -> bool:

@@ -11,8 +11,9 @@
 from secfw.backends.nftables.backend import NftablesBackend
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.plan import Transaction, full_transaction, plan
-from secfw.backends.nftables.render import Ruleset, render, to_nft_json, to_nft_text
+from secfw.backends.nftables.render import render
 from secfw.backends.nftables.state import KernelState
+from secfw.backends.nftables.syntax import Ruleset, to_nft_json, to_nft_text
 
 __all__ = [
     "KernelState",

@@ -6,7 +6,8 @@ read back or committed, :class:`.executor.NftablesExecutor` to apply.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.plan import Transaction
@@ -17,9 +18,14 @@ from secfw.backends.nftables.summary import element_count, summarize
 from secfw.compiler.ir import HostFilter
 from secfw.errors import BackendError
 
+if TYPE_CHECKING:
+    from secfw.conntrack import Revocation
+
+log = logging.getLogger(__name__)
+
 
 class NftablesBackend:
-    """Renders, plans and applies one host's filter as table ``inet secfw``."""
+    """Renders, plans and applies one host's filter as secfw's nftables tables."""
 
     name = "nftables"
 
@@ -63,6 +69,26 @@ class NftablesBackend:
         """Elements in the sets and maps of ``state`` (for metrics)."""
         return element_count(state)
 
+    def revoke(self, previous: HostFilter | None, desired: HostFilter) -> Revocation | None:
+        """Delete the conntrack entries of established connections that ``desired``
+        (already committed) no longer allows but ``previous`` did — in the
+        executor's namespace (:func:`secfw.conntrack.revoke`). ``previous`` None:
+        check every connection of every port.
+
+        Never raises: the filter is already right; a failure is logged and the
+        result is None (entries then only expire by their timeouts).
+        """
+        from secfw.conntrack import revoke
+
+        try:
+            result = revoke(previous, desired, self.executor.netns)
+        except BackendError as exc:
+            log.warning("conntrack revocation failed: %s", exc)
+            return None
+        if result.deleted:
+            log.info("revoked %d connection(s) of %d examined", result.deleted, result.examined)
+        return result
+
     def cleanup(self) -> None:
-        """Delete table ``inet secfw`` (and nothing else)."""
+        """Delete secfw's tables ``inet secfw`` and ``arp secfw`` (and nothing else)."""
         self.executor.delete_table()

@@ -2,9 +2,10 @@
 ``nftables`` Python module (PyPI ``pip-nftables``, upstream's ``py/`` binding).
 
 :class:`NftablesExecutor` wraps ONE ``nftables.Nftables()`` context. It only ever
-lists, changes or deletes table ``inet secfw`` (design rule 1: never list or touch
-anyone else's tables). Every batch is atomic (nft(8): the kernel commits a batch
-whole or not at all), so when :meth:`apply` raises, nothing was applied.
+lists, changes or deletes secfw's own tables, ``inet secfw`` and ``arp secfw``
+(design rule 1: never list or touch anyone else's tables). Every batch is atomic
+(nft(8): the kernel commits a batch whole or not at all), so when :meth:`apply`
+raises, nothing was applied.
 
 The context filters the network namespace it was created in: libnftables binds
 its netlink socket when the context is created (measured: a context created
@@ -16,6 +17,7 @@ thread only: use an executor from one thread at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,12 +28,12 @@ from typing import Any, TypeVar
 import nftables
 from pyroute2 import netns as pyroute2_netns
 
+from secfw.backends.nftables.layout import collector_paused
 from secfw.backends.nftables.plan import Transaction
-from secfw.backends.nftables.render import FAMILY, TABLE
 from secfw.backends.nftables.state import KernelState
+from secfw.backends.nftables.syntax import FAMILIES, TABLE, table_header
 from secfw.errors import BackendError
 
-_T = f"{FAMILY} {TABLE}"
 _R = TypeVar("_R")
 #: Where ``ip netns add`` keeps named namespaces (ip-netns(8)).
 NETNS_DIR = "/run/netns"
@@ -59,24 +61,38 @@ class NftablesExecutor:
         return nft
 
     def read_json(self) -> dict[str, Any] | None:
-        """libnftables' JSON listing of ``list table inet secfw``; None if it is absent."""
-        rc, out, err = self._call(lambda: self._nft.cmd(f"list table {_T}"))
+        """libnftables' JSON listing of secfw's tables (``list table`` of each, the
+        objects concatenated); None when the main table ``inet secfw`` is absent —
+        whatever else is left then, the next transaction replaces all of it."""
+        objects: list[Any] = []
+        for family in FAMILIES:
+            listing = self._list_table(family)
+            if listing is None and family == FAMILIES[0]:
+                return None
+            objects += [] if listing is None else listing.get("nftables", [])
+        return {"nftables": objects}
+
+    def _list_table(self, family: str) -> dict[str, Any] | None:
+        command = f"list table {family} {TABLE}"
+        rc, out, err = self._call(lambda: self._nft.cmd(command))
         if rc != 0:
             if "No such file or directory" in err:
                 return None
-            raise BackendError(f"nft list table {_T}: {_first_line(err)}")
+            raise BackendError(f"nft {command}: {_first_line(err)}")
         try:
             listing = json.loads(out)
         except ValueError as exc:
-            raise BackendError(f"nft list table {_T}: output is not JSON: {exc}") from exc
+            raise BackendError(f"nft {command}: output is not JSON: {exc}") from exc
         if not isinstance(listing, dict):
-            raise BackendError(f"nft list table {_T}: unexpected output")
+            raise BackendError(f"nft {command}: unexpected output")
         return listing
 
     def read_state(self) -> KernelState | None:
-        """The table as the kernel holds it, in normal form; None if it is absent."""
-        listing = self.read_json()
-        return None if listing is None else KernelState.from_nft_json(listing)
+        """The tables as the kernel holds them, in normal form; None when the main
+        table is absent."""
+        with collector_paused():
+            listing = self.read_json()
+            return None if listing is None else KernelState.from_nft_json(listing)
 
     def apply(self, tx: Transaction) -> None:
         """Commit ``tx`` atomically. An empty transaction is not sent at all.
@@ -99,12 +115,12 @@ class NftablesExecutor:
             raise BackendError(f"nft (json): {_first_line(err)}")
 
     def delete_table(self) -> None:
-        """Remove table ``inet secfw`` and everything in it; absent is not an error.
+        """Remove secfw's tables and everything in them; absent is not an error.
 
-        ``add`` first makes the ``delete`` valid either way (nft 1.0.6 has no
-        ``destroy``), in one atomic batch.
+        ``add`` first makes each ``delete`` valid either way (nft 1.0.6 has no
+        ``destroy``), all in one atomic batch.
         """
-        self.apply_text(f"add table {_T}\ndelete table {_T}\n")
+        self.apply_text("".join(table_header(f) + "\n" for f in FAMILIES))
 
     def _call(self, fn: Callable[[], _R]) -> _R:
         try:
@@ -113,29 +129,36 @@ class NftablesExecutor:
         except OSError as exc:
             raise BackendError(f"nftables: {exc}") from exc
 
-    @contextmanager
-    def _namespace(self) -> Iterator[None]:
-        """Run the body in ``self.netns`` (this thread only), then come back.
+    def _namespace(self) -> contextlib.AbstractContextManager[None]:
+        return inside_netns(self.netns)
 
-        Not ``pyroute2.netns.pushns``: it creates a namespace that does not exist
-        (``setns`` defaults to ``O_CREAT``), where a missing one must be an error.
-        """
-        if self.netns is None:
-            yield
-            return
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+
+@contextmanager
+def inside_netns(netns: str | None) -> Iterator[None]:
+    """Run the body in network namespace ``netns`` (this thread only), then come
+    back; ``None`` stays where it is. A missing namespace is an OSError.
+
+    Not ``pyroute2.netns.pushns``: it creates a namespace that does not exist
+    (``setns`` defaults to ``O_CREAT``), where a missing one must be an error.
+    """
+    if netns is None:
+        yield
+        return
+    if netns in (".", "..") or not _NETNS.fullmatch(netns):
+        raise OSError(f"{netns!r} is not a network namespace name")
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
         try:
-            target = os.open(os.path.join(NETNS_DIR, self.netns), os.O_RDONLY)
-            try:
-                pyroute2_netns.setns(target)
-            finally:
-                os.close(target)
-            try:
-                yield
-            finally:
-                pyroute2_netns.setns(home)
+            pyroute2_netns.setns(target)
         finally:
-            os.close(home)
+            os.close(target)
+        try:
+            yield
+        finally:
+            pyroute2_netns.setns(home)
+    finally:
+        os.close(home)
 
 
 def _first_line(err: str) -> str:

@@ -1,10 +1,11 @@
-"""The minimal nft transaction that turns the kernel's table into the desired one.
+"""The minimal nft transaction that turns the kernel's tables into the desired ones.
 
 :func:`plan` compares a :class:`~.state.KernelState` (what the kernel holds, read
 back or remembered from the last commit) with a rendered
 :class:`~.render.Ruleset` and returns a :class:`Transaction`: one text batch that
 ``nft -f`` / libnftables applies atomically (nft(8): a batch is committed whole
-or not at all). Its commands, in this order::
+or not at all). Commands name the table of each object (``inet secfw`` or
+``arp secfw``); in this order::
 
     add chain X                    new chains (empty), so verdicts and jumps can name them
     add set|map X { …; elements }  new sets and maps, with their elements
@@ -21,8 +22,8 @@ deleted at once rather than flushed now and deleted on the next sync.
 
 A set whose declaration (type, flags) or a chain whose hook changed cannot be
 altered in place: the plan is then a full replacement, as when nothing is known
-about the kernel (``current is None``). A plan whose current state equals the
-desired one has no commands.
+about the kernel (``current is None``) or when one of secfw's tables is missing.
+A plan whose current state equals the desired one has no commands.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from secfw.backends.nftables.render import (
-    FAMILY,
+from secfw.backends.nftables.layout import is_safe_name
+from secfw.backends.nftables.state import KernelState, ObjectKey, SetState
+from secfw.backends.nftables.syntax import (
+    FAMILIES,
     TABLE,
     Chain,
     Element,
@@ -41,26 +44,29 @@ from secfw.backends.nftables.render import (
     element_text,
     elements_text,
     hook_text,
-    is_safe_name,
     rule_text,
     set_declaration,
+    table_header,
     table_text,
 )
-from secfw.backends.nftables.state import KernelState, SetState
 
-_T = f"{FAMILY} {TABLE}"
 # What read-back elements must look like to be printed into a command: an
-# interface name (IFNAMSIZ), a canonical CIDR or a range.
+# interface name (IFNAMSIZ), a MAC, a canonical CIDR or a range.
 _IFNAME = re.compile(r"[A-Za-z0-9_.:+@*-]{1,15}")
 _ADDRESS = re.compile(r"[0-9A-Fa-f.:/-]{2,100}")
 
 
+def _t(family: str) -> str:
+    """``FAMILY secfw``: how commands name one of secfw's tables."""
+    return f"{family} {TABLE}"
+
+
 @dataclass(frozen=True)
 class Transaction:
-    """One atomic nft batch. ``full`` replaces the whole table.
+    """One atomic nft batch. ``full`` replaces secfw's tables.
 
     ``commands`` are nft commands in native syntax, one per item (a full
-    replacement is three: ``add table``, ``delete table`` and the table block).
+    replacement is, per table, ``add table``, ``delete table`` and the table block).
     """
 
     commands: tuple[str, ...]
@@ -88,20 +94,24 @@ class Transaction:
 
 
 def full_transaction(desired: Ruleset) -> Transaction:
-    """Replace table ``inet secfw`` whatever it holds (or create it)."""
-    block = table_text(desired)
-    return Transaction((f"add table {_T}", f"delete table {_T}", block), full=True)
+    """Replace secfw's tables whatever they hold (or create them): every table is
+    added and deleted first, then written whole, in one batch."""
+    families = desired.families()
+    headers = [line for f in families for line in table_header(f).split("\n")]
+    blocks = [table_text(desired, f) for f in families]
+    return Transaction((*headers, *blocks), full=True)
 
 
 def plan(current: KernelState | None, desired: Ruleset) -> Transaction:
     """The minimal transaction from ``current`` to ``desired`` (see the module doc).
 
-    ``current is None`` means the table is absent or unknown: full replacement.
+    ``current is None`` means the tables are absent or unknown: full replacement.
+    So is a table of ``desired`` that ``current`` lacks.
     """
     if current is None:
         return full_transaction(desired)
     want = KernelState.from_ruleset(desired)
-    if _declarations_changed(current, want):
+    if not want.tables <= current.tables or _declarations_changed(current, want):
         return full_transaction(desired)
     try:
         return Transaction(tuple(_commands(current, want, desired)))
@@ -121,71 +131,76 @@ def _safe(text: str, pattern: re.Pattern[str]) -> str:
     return text
 
 
-def _safe_name(name: str) -> str:
-    if not is_safe_name(name):
+def _safe_key(key: ObjectKey) -> ObjectKey:
+    family, name = key
+    if family not in FAMILIES or not is_safe_name(name):
         raise _Unprintable(name)
-    return name
+    return key
 
 
 def _declarations_changed(current: KernelState, want: KernelState) -> bool:
     sets = any(
-        name in current.sets and current.sets[name].declaration != s.declaration
-        for name, s in want.sets.items()
+        key in current.sets and current.sets[key].declaration != s.declaration
+        for key, s in want.sets.items()
     )
     hooks = any(
-        name in current.chains and current.chains[name].hook != c.hook
-        for name, c in want.chains.items()
+        key in current.chains and current.chains[key].hook != c.hook
+        for key, c in want.chains.items()
     )
     return sets or hooks
 
 
 def _commands(current: KernelState, want: KernelState, desired: Ruleset) -> Iterator[str]:
-    new_sets = [s for s in desired.sets if s.name not in current.sets]
-    new_chains = [c for c in desired.chains if c.name not in current.chains]
+    new_sets = [s for s in desired.sets if (s.family, s.name) not in current.sets]
+    new_chains = [c for c in desired.chains if (c.family, c.name) not in current.chains]
     changed = [
         c for c in desired.chains
-        if c.name in current.chains and current.chains[c.name].rules != want.chains[c.name].rules
+        if (key := (c.family, c.name)) in current.chains
+        and current.chains[key].rules != want.chains[key].rules
     ]
-    gone_chains = sorted(_safe_name(n) for n in set(current.chains) - set(want.chains))
+    gone_chains = sorted(_safe_key(k) for k in set(current.chains) - set(want.chains))
     yield from (_add_chain(c) for c in new_chains)
     yield from (_add_set(s) for s in new_sets)
     kept = sorted(set(current.sets) & set(want.sets))
     yield from _element_changes(current, want, kept, "delete")
     yield from _element_changes(current, want, kept, "add")
     for chain in changed:
-        yield f"flush chain {_T} {chain.name}"
+        yield f"flush chain {_t(chain.family)} {chain.name}"
     for chain in (*new_chains, *changed):
-        yield from (f"add rule {_T} {chain.name} {rule_text(r)}" for r in chain.rules)
-    yield from (f"flush chain {_T} {name}" for name in gone_chains)
-    yield from (f"delete chain {_T} {name}" for name in gone_chains)
-    for name in sorted(_safe_name(n) for n in set(current.sets) - set(want.sets)):
-        yield f"delete {'map' if current.sets[name].is_map else 'set'} {_T} {name}"
+        yield from (f"add rule {_t(chain.family)} {chain.name} {rule_text(r)}"
+                    for r in chain.rules)
+    yield from (f"flush chain {_t(family)} {name}" for family, name in gone_chains)
+    yield from (f"delete chain {_t(family)} {name}" for family, name in gone_chains)
+    for key in sorted(_safe_key(k) for k in set(current.sets) - set(want.sets)):
+        yield f"delete {'map' if current.sets[key].is_map else 'set'} {_t(key[0])} {key[1]}"
 
 
 def _add_chain(chain: Chain) -> str:
     if chain.hook is None:
-        return f"add chain {_T} {chain.name}"
-    return f"add chain {_T} {chain.name} {{ {hook_text(chain.hook)} }}"
+        return f"add chain {_t(chain.family)} {chain.name}"
+    return f"add chain {_t(chain.family)} {chain.name} {{ {hook_text(chain.hook)} }}"
 
 
 def _add_set(named: NamedSet) -> str:
     kind = "map" if named.is_map else "set"
-    elements = f" elements = {{ {elements_text(named.key_type, named.elements)} }};"
-    return (f"add {kind} {_T} {named.name} {{ {set_declaration(named)}"
+    elements = f" elements = {{ {elements_text(named, named.elements)} }};"
+    return (f"add {kind} {_t(named.family)} {named.name} {{ {set_declaration(named)}"
             f"{elements if named.elements else ''} }}")
 
 
 def _element_changes(
-    current: KernelState, want: KernelState, names: Iterable[str], verb: str
+    current: KernelState, want: KernelState, keys: Iterable[ObjectKey], verb: str
 ) -> Iterator[str]:
     """``delete element`` (elements only in current) or ``add element`` (only in want),
     one command per set with all its elements (faster than one per element)."""
-    for name in names:
-        have, need = current.sets[name], want.sets[name]
+    for key in keys:
+        have, need = current.sets[key], want.sets[key]
         elements = have.elements - need.elements if verb == "delete" else (
             need.elements - have.elements)
         if elements:
-            yield f"{verb} element {_T} {name} {{ {_elements(have, verb, elements)} }}"
+            family, name = key
+            yield (f"{verb} element {_t(family)} {name} "
+                   f"{{ {_elements(have, verb, elements)} }}")
 
 
 def _elements(named: SetState, verb: str, elements: Iterable[Element]) -> str:
@@ -196,4 +211,5 @@ def _elements(named: SetState, verb: str, elements: Iterable[Element]) -> str:
         for element in ordered:
             for value, key_type in zip(element.key, named.key_type, strict=True):
                 _safe(value, _IFNAME if key_type == "ifname" else _ADDRESS)
-    return ", ".join(element_text(named.key_type, e) for e in ordered)
+    interval = "interval" in named.flags
+    return ", ".join(element_text(named.key_type, e, interval) for e in ordered)

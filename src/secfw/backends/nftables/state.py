@@ -1,13 +1,14 @@
-"""A normalised snapshot of table ``inet secfw``: what is compared to plan a sync.
+"""A normalised snapshot of secfw's tables: what is compared to plan a sync.
 
 :class:`KernelState` holds, per set or map, its declaration and its elements and,
-per chain, its hook and the *comments* of its rules in order. Both sides come to
-the same normal form:
+per chain, its hook and the *comments* of its rules in order, each keyed by
+``(family, name)`` (``inet`` or ``arp``), and which of secfw's tables exist. Both
+sides come to the same normal form:
 
 * :meth:`KernelState.from_ruleset` — the desired state, from a rendered
   :class:`~.render.Ruleset` (no kernel round trip);
 * :meth:`KernelState.from_nft_json` — the actual state, from libnftables' JSON
-  listing of ``list table inet secfw``.
+  listing of ``list table inet secfw`` and ``list table arp secfw``.
 
 Rules are identified by their comment (a digest of the rule's text, see
 :func:`.render.make_rule`): nft prints a rule back differently from how it was
@@ -15,7 +16,8 @@ written (``meta l4proto 6 th dport 80`` comes back as ``tcp dport 80``), so text
 comparison would never converge. A rule without a comment (added by hand) reads
 as ``""`` and so makes its chain differ, which rewrites the chain.
 
-Elements: interface names stay strings; addresses become canonical CIDRs
+Elements: interface names stay strings, MAC addresses lower case; addresses
+become canonical CIDRs
 (``"10.0.0.5"`` → ``10.0.0.5/32``, ``{"prefix": …}`` → ``a/len``, a range that is
 exactly one CIDR → that CIDR, any other range → ``lo-hi``; canonical text by
 :mod:`ipaddress` on both sides); verdicts become
@@ -31,20 +33,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from secfw.backends.nftables.render import (
+from secfw.backends.nftables.layout import canonical_cidr
+from secfw.backends.nftables.syntax import (
     ADDRESS_TYPES,
-    FAMILY,
+    FAMILIES,
     TABLE,
     Element,
     Hook,
     NamedSet,
     Ruleset,
     Verdict,
-    canonical_cidr,
 )
 from secfw.errors import BackendError
 
 _VERDICTS = frozenset({"accept", "drop", "continue", "return", "jump", "goto"})
+
+#: A set or chain of one of secfw's tables: ``(family, name)``.
+ObjectKey = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -72,29 +77,34 @@ class ChainState:
 
 @dataclass(frozen=True)
 class KernelState:
-    """The content of table ``inet secfw`` in normal form. Treat as read-only.
+    """The content of secfw's tables in normal form. Treat as read-only.
 
-    Two states are equal exactly when the kernel would hold the same sets,
-    elements, chains, hooks and rules (rules by their identifying comments).
+    ``sets`` and ``chains`` are keyed by ``(family, name)``; ``tables`` are the
+    families whose table exists (a table can exist empty). Two states are equal
+    exactly when the kernel would hold the same tables, sets, elements, chains,
+    hooks and rules (rules by their identifying comments).
     """
 
-    sets: Mapping[str, SetState]
-    chains: Mapping[str, ChainState]
+    sets: Mapping[ObjectKey, SetState]
+    chains: Mapping[ObjectKey, ChainState]
+    tables: frozenset[str] = frozenset(FAMILIES)
 
     @classmethod
     def from_ruleset(cls, ruleset: Ruleset) -> KernelState:
         """The state the kernel holds once ``ruleset`` was applied."""
         return cls(
-            sets={s.name: _set_state(s) for s in ruleset.sets},
+            sets={(s.family, s.name): _set_state(s) for s in ruleset.sets},
             chains={
-                c.name: ChainState(c.hook, tuple(r.comment for r in c.rules))
+                (c.family, c.name): ChainState(c.hook, tuple(r.comment for r in c.rules))
                 for c in ruleset.chains
             },
+            tables=frozenset(ruleset.families()),
         )
 
     @classmethod
     def from_nft_json(cls, listing: Mapping[str, Any]) -> KernelState:
-        """Parse libnftables' JSON output of ``list table inet secfw``.
+        """Parse libnftables' JSON output of ``list table`` for secfw's tables (one
+        listing, or the objects of several concatenated).
 
         Objects of any other table are ignored. Raises BackendError when the
         listing is not shaped as libnftables-json(5) describes.
@@ -111,28 +121,32 @@ def _set_state(named: NamedSet) -> SetState:
 
 
 def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
-    sets: dict[str, SetState] = {}
-    hooks: dict[str, Hook | None] = {}
-    rules: dict[str, list[str]] = {}
+    sets: dict[ObjectKey, SetState] = {}
+    hooks: dict[ObjectKey, Hook | None] = {}
+    rules: dict[ObjectKey, list[str]] = {}
+    tables: set[str] = set()
     interned: dict[str, Element] = {}
     for obj in objects:
         for kind, body in obj.items():
             if not isinstance(body, Mapping) or not _ours(kind, body):
                 continue
-            if kind in ("set", "map"):
-                sets[body["name"]] = _parse_set(kind == "map", body, interned)
+            family = str(body["family"])
+            if kind == "table":
+                tables.add(family)
+            elif kind in ("set", "map"):
+                sets[(family, body["name"])] = _parse_set(kind == "map", body, interned)
             elif kind == "chain":
-                hooks[body["name"]] = _parse_hook(body)
+                hooks[(family, body["name"])] = _parse_hook(body)
             elif kind == "rule":
-                rules.setdefault(body["chain"], []).append(str(body.get("comment", "")))
-    chains = {name: ChainState(hook, tuple(rules.get(name, ()))) for name, hook in hooks.items()}
-    return KernelState(sets=sets, chains=chains)
+                key = (family, body["chain"])
+                rules.setdefault(key, []).append(str(body.get("comment", "")))
+    chains = {key: ChainState(hook, tuple(rules.get(key, ()))) for key, hook in hooks.items()}
+    return KernelState(sets=sets, chains=chains, tables=frozenset(tables))
 
 
 def _ours(kind: str, body: Mapping[str, Any]) -> bool:
-    if kind == "table":
-        return False
-    return body.get("family") == FAMILY and body.get("table") == TABLE
+    table = body.get("name") if kind == "table" else body.get("table")
+    return body.get("family") in FAMILIES and table == TABLE
 
 
 def _parse_hook(body: Mapping[str, Any]) -> Hook | None:
@@ -191,6 +205,8 @@ def _unwrap(raw: Any) -> Any:
 
 
 def _component(raw: Any, key_type: str) -> str:
+    if key_type == "ether_addr":
+        return str(raw).lower()
     if key_type not in ADDRESS_TYPES:
         return str(raw)
     if isinstance(raw, str):

@@ -13,13 +13,13 @@ import re
 from typing import Any
 
 from secfw.backends.nftables.plan import Transaction
-from secfw.backends.nftables.render import FAMILY, TABLE
 from secfw.backends.nftables.state import KernelState
+from secfw.backends.nftables.syntax import FAMILIES, TABLE
 
-# "<verb> <object> inet secfw <name> …" — the form of every command plan() emits.
+# "<verb> <object> inet|arp secfw <name> …" — the form of every command plan() emits.
 _COMMAND = re.compile(
     rf"(?P<verb>add|delete|flush) (?P<kind>chain|rule|set|map|element) "
-    rf"{FAMILY} {TABLE} (?P<name>\S+)(?P<rest>.*)", re.DOTALL)
+    rf"(?:{'|'.join(FAMILIES)}) {TABLE} (?P<name>\S+)(?P<rest>.*)", re.DOTALL)
 
 
 def summarize(tx: Transaction) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""The iptables backend as the agent uses it (``secfw.agent.FilterBackend``).
+
+Glue only: :func:`.render.render` the IR, :func:`.plan.plan` against the state
+read back or committed, :class:`.executor.IptablesExecutor` to apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from secfw.backends.iptables.executor import IptablesExecutor, Runner, Variant
+from secfw.backends.iptables.plan import IptPlan
+from secfw.backends.iptables.plan import plan as plan_changes
+from secfw.backends.iptables.render import DEFAULT_MARK, IptState, RenderOptions, render
+from secfw.backends.iptables.state import element_count
+from secfw.compiler.ir import HostFilter
+from secfw.errors import BackendError
+
+if TYPE_CHECKING:
+    from secfw.conntrack import Revocation
+
+log = logging.getLogger(__name__)
+
+#: Names a plan description lists at most (a big change would flood the log).
+DESCRIBE_NAMES = 20
+
+
+class IptablesBackend:
+    """Renders, plans and applies one host's filter as ``secfw-…`` chains in the
+    filter tables of iptables and ip6tables, and ``secfw-…`` ipsets."""
+
+    name = "iptables"
+
+    def __init__(
+        self,
+        executor: IptablesExecutor | None = None,
+        netns: str | None = None,
+        variant: Variant | None = None,
+        *,
+        strict: bool = False,
+        mark: int = DEFAULT_MARK,
+        runner: Runner | None = None,
+    ) -> None:
+        """Use ``executor``, or one in the current namespace or ``netns`` with
+        ``variant`` ("nft" or "legacy"; detected when None). ``strict``: refuse
+        (UnsupportedError) what iptables cannot enforce, i.e. ARP anti-spoofing;
+        ``mark``: the packet-mark bit the group chains use (render.DEFAULT_MARK)."""
+        self.executor = executor if executor is not None else IptablesExecutor(
+            netns, variant, runner)
+        self.options = RenderOptions(mark=mark, strict=strict)
+        self._last: tuple[HostFilter, IptState] | None = None
+
+    def render(self, desired: HostFilter) -> IptState:
+        """The state of ``desired``; the last one is kept, as plan and committed
+        are called with the same IR in one sync."""
+        if self._last is None or self._last[0] is not desired:
+            self._last = (desired, render(desired, self.options))
+        return self._last[1]
+
+    def read(self) -> IptState | None:
+        """secfw's chains and sets as the kernel holds them; None when absent."""
+        return self.executor.read_state()
+
+    def plan(self, current: IptState | None, desired: HostFilter) -> IptPlan:
+        """The minimal plan from ``current`` (None: nothing known) to ``desired``."""
+        return plan_changes(current, self.render(desired))
+
+    def apply(self, plan: object) -> None:
+        """Apply ``plan`` (an :class:`IptPlan` from :meth:`plan`); BackendError on
+        failure (each table's commit is atomic). Typed ``object`` to fit the
+        agent's backend-neutral ``Plan`` protocol."""
+        if not isinstance(plan, IptPlan):
+            raise BackendError(f"iptables: cannot apply a {type(plan).__name__}")
+        self.executor.apply(plan)
+
+    def committed(self, desired: HostFilter) -> IptState:
+        """The state the kernel holds once ``desired`` was applied (no round trip)."""
+        return self.render(desired)
+
+    def describe(self, plan: IptPlan) -> dict[str, Any]:
+        """What ``plan`` changes, in a few words (chains, sets, element counts):
+        ``{"replaced": True}`` for a plan made from nothing (everything is
+        written); otherwise at most :data:`DESCRIBE_NAMES` chain and set names,
+        with their counts when there are more."""
+        if plan.full:
+            return {"replaced": True}
+        found: dict[str, Any] = {"replaced": False, **plan.summary}
+        for key in ("chains", "sets"):
+            names = found.get(key, [])
+            if len(names) > DESCRIBE_NAMES:
+                found[key] = [*names[:DESCRIBE_NAMES], "…"]
+                found[f"{key}_count"] = len(names)
+        return found
+
+    def element_count(self, state: IptState | None) -> int:
+        """Elements in the sets of ``state`` (for metrics)."""
+        return element_count(state)
+
+    def revoke(self, previous: HostFilter | None, desired: HostFilter) -> Revocation | None:
+        """Delete the conntrack entries of established connections that ``desired``
+        (already committed) no longer allows but ``previous`` did, in the
+        executor's namespace — :func:`secfw.conntrack.revoke`, which judges them
+        on the IR, so both backends revoke alike. ``previous`` None: check every
+        connection of every port.
+
+        Never raises: the filter is already right; a failure (ctnetlink
+        unusable, its module unavailable) is logged and the result is None
+        (entries then only expire by their timeouts).
+        """
+        try:
+            from secfw.conntrack import revoke
+
+            result = revoke(previous, desired, self.executor.netns)
+        except (BackendError, ImportError) as exc:
+            log.warning("conntrack revocation failed: %s", exc)
+            return None
+        if result.deleted:
+            log.info("revoked %d connection(s) of %d examined", result.deleted, result.examined)
+        return result
+
+    def cleanup(self) -> None:
+        """Remove secfw's jumps, chains and sets (and nothing else)."""
+        self.executor.cleanup()

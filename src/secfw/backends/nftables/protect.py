@@ -1,0 +1,288 @@
+"""Port protection: anti-spoofing, DHCP/RA/ND protections and the ARP table.
+
+Everything here is compiled per port **as data** (set and map elements keyed by
+tap) behind a handful of fixed chains, except the neighbour-advertisement
+targets (one small chain per port, see :func:`nd_chains`)::
+
+    table inet secfw
+      set spoof4 / spoof6            tap . MAC . address     (hash: one lookup per packet)
+      set spoof4_nets / spoof6_nets  tap . MAC . network     (interval: address pairs only)
+      map nd_ports                   tap -> goto nd-<tap>
+      chain egress-guard             source (tap, MAC, address) known? else drop
+      chain egress-protect           DHCP/RA/ND protections, then conntrack state
+      chain nd-<tap>                 the NA targets the port may advertise, else drop
+    table arp secfw
+      set arp_open                   taps without port security
+      set arp_hosts / arp_nets       tap . frame MAC . sender MAC . sender address
+      chain arp-input                hook arp input: known sender? else drop (taps only)
+
+Why ``ether saddr`` works in the ``inet`` hooks: on the input and forward hooks
+the packet still carries the link-layer header it arrived with, and nft loads
+``ether saddr`` relative to it (nft(8), "ETHER HEADER EXPRESSION"; measured on
+kernel 6.18: a frame from a tap with a foreign source MAC is dropped on both
+hooks). ARP never reaches the ``inet`` hooks, hence the ``arp`` table.
+
+Why the NA targets are chains and not a set: nft 1.0.6 has no ``icmpv6 taddr``;
+the target is ``@th,64,128``, a raw payload whose type (a 128-bit integer) only a
+``typeof`` set declaration can give, and libnftables 1.0.6 JSON cannot express
+``typeof`` (measured: "can not use variable sized data types (integer) in concat
+expressions"). A per-port chain of raw-payload comparisons loads identically from
+text and JSON. Neighbour advertisements are rare, and the chain is reached
+through a verdict map: per-packet cost O(1), size O(addresses).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+import netaddr
+
+from secfw.backends.nftables.layout import (
+    ARP_HOSTS,
+    ARP_INPUT,
+    ARP_INPUT_HOOK,
+    ARP_NETS,
+    ARP_OPEN,
+    CT_STATE,
+    EGRESS_GUARD,
+    EGRESS_PROTECT,
+    ND_PORTS,
+    NEW_NOT_SYN,
+    SPOOF,
+    SPOOF_NETS,
+    TAP_WILDCARD,
+    canonical_cidr,
+    check_mac,
+    check_tap,
+    nd_chain_name,
+)
+from secfw.backends.nftables.syntax import (
+    ACCEPT,
+    ARP_FAMILY,
+    DROP,
+    Chain,
+    Concat,
+    Element,
+    HexSpan,
+    Match,
+    Meta,
+    NamedSet,
+    Payload,
+    RawPayload,
+    Rule,
+    SetRef,
+    Statement,
+    Symbol,
+    SymbolSet,
+    Verdict,
+    VMap,
+    make_rule,
+)
+from secfw.compiler.ir import Family, PortPolicy
+from secfw.compiler.sources import UNSPECIFIED, nd_targets, port_sources
+
+_ADDRESS = {"ipv4": ("ip", "ipv4_addr"), "ipv6": ("ip6", "ipv6_addr")}
+#: The target address of a neighbour advertisement: 8 bytes into the ICMPv6
+#: header (RFC 4861 4.4), 128 bits.
+ND_TARGET = RawPayload("th", 64, 128)
+_ICMPV6_TYPE = Payload("icmpv6", "type")
+_ARP_KEY = Concat((Meta("iifname"), Payload("ether", "saddr"), Payload("arp", "saddr ether"),
+                   Payload("arp", "saddr ip")))
+_ARP_TYPE = ("ifname", "ether_addr", "ether_addr", "ipv4_addr")
+_DROP_RULE = make_rule((DROP,))
+
+
+# --------------------------------------------------------------------------- sets
+
+
+def spoof_sets(ports: Iterable[PortPolicy]) -> list[NamedSet]:
+    """``spoof4``/``spoof6`` (hash) and ``spoof4_nets``/``spoof6_nets`` (interval):
+    ``tap . MAC . address`` for every source of every protected port.
+
+    Single addresses go to the hash sets (adding one costs nothing, measured);
+    only address-pair networks need the interval (pipapo) sets, whose update cost
+    grows with their size — they stay small.
+    """
+    per_port = [_port_elements(p) for p in sorted(ports, key=lambda p: p.tap)]
+    found = []
+    for index, family in enumerate(("ipv4", "ipv6")):
+        key = ("ifname", "ether_addr", _ADDRESS[family][1])
+        hosts = tuple(e for elements in per_port for e in elements[index])
+        nets = [e for elements in per_port for e in elements[2 + index]]
+        found.append(NamedSet(SPOOF[family], key, (), hosts))
+        found.append(NamedSet(SPOOF_NETS[family], key, ("interval",), _without_overlaps(nets)))
+    return found
+
+
+_PortElements = tuple[tuple[Element, ...], ...]
+
+
+@lru_cache(maxsize=1 << 15)
+def _port_elements(port: PortPolicy) -> _PortElements:
+    """The elements one port contributes, sorted (its sources are): IPv4 hosts, IPv6
+    hosts, IPv4 networks, IPv6 networks (``tap . MAC . address``), then ARP hosts
+    and ARP networks (``tap . MAC . MAC . address``). Cached per policy: a big
+    host re-renders ten thousand unchanged ports on every pass."""
+    tap = check_tap(port.tap)
+    for mac in (port.mac, *(p.mac for p in port.allowed_pairs)):
+        check_mac(mac)
+    sources = port_sources(port)  # canonical already: parsed and printed by ipaddress
+    kinds: list[list[Element]] = [[], [], [], [], [], []]
+    for source in sources:
+        v6 = source.family == "ipv6"
+        kinds[(0 if source.is_host else 2) + v6].append(Element((tap, source.mac, source.cidr)))
+        if not v6:
+            arp = Element((tap, source.mac, source.mac, source.cidr))
+            kinds[4 if source.is_host else 5].append(arp)
+    return tuple(tuple(k) for k in kinds)
+
+
+def _without_overlaps(elements: Iterable[Element]) -> tuple[Element, ...]:
+    """Interval elements with the same leading keys merged: an interval set
+    rejects overlapping elements."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for element in elements:
+        groups.setdefault(element.key[:-1], []).append(element.key[-1])
+    merged = [
+        Element((*head, canonical_cidr(str(net))))
+        for head, cidrs in groups.items()
+        for net in netaddr.cidr_merge(cidrs)
+    ]
+    return tuple(sorted(merged))
+
+
+def nd_map(ports: Iterable[PortPolicy]) -> NamedSet:
+    """``tap → goto nd-<tap>`` for every protected port."""
+    elements = tuple(Element((p.tap,), Verdict("goto", nd_chain_name(p.tap)))
+                     for p in sorted(ports, key=lambda p: p.tap) if p.port_security)
+    return NamedSet(ND_PORTS, ("ifname",), (), elements, is_map=True)
+
+
+# --------------------------------------------------------------------------- chains
+
+
+def nd_chains(ports: Iterable[PortPolicy]) -> list[Chain]:
+    """``nd-<tap>``: accept a neighbour advertisement whose target is one of the
+    port's IPv6 sources (RFC 4861 7.2.4 lets a node advertise only its own
+    addresses), drop any other."""
+    return [_nd_chain(p) for p in ports if p.port_security]
+
+
+@lru_cache(maxsize=1 << 15)
+def _nd_chain(port: PortPolicy) -> Chain:
+    check_mac(port.mac)
+    rules = [_nd_rule(cidr) for cidr in nd_targets(port)]
+    return Chain(nd_chain_name(port.tap), None, (*rules, _DROP_RULE))
+
+
+@lru_cache(maxsize=1 << 15)
+def _nd_rule(cidr: str) -> Rule:
+    """Accept an advertisement for ``cidr`` (cached: a shared pair or a re-render
+    gives the same rule)."""
+    net = ipaddress.IPv6Network(canonical_cidr(cidr, "ipv6"))
+    span = HexSpan(int(net.network_address), int(net.broadcast_address), 128)
+    return make_rule((Match(ND_TARGET, span), ACCEPT))
+
+
+def egress_guard() -> Chain:
+    """Anti-spoofing: a packet whose (tap, source MAC, source address) is a source
+    of the port goes on to :func:`egress_protect`; anything else is dropped."""
+    rules = [
+        make_rule((Match(_spoof_key(family), SetRef(name)), Verdict("goto", EGRESS_PROTECT)))
+        for family in ("ipv4", "ipv6")
+        for name in (SPOOF[family], SPOOF_NETS[family])
+    ]
+    return Chain(EGRESS_GUARD, None, (*rules, make_rule((DROP,))))
+
+
+def _spoof_key(family: Family) -> Concat:
+    keyword = _ADDRESS[family][0]
+    return Concat((Meta("iifname"), Payload("ether", "saddr"), Payload(keyword, "saddr")))
+
+
+def egress_protect() -> Chain:
+    """What no security-group rule can open or close, then conntrack state.
+
+    Falling off its end returns to the chain that jumped to the guard
+    (``egress-open`` accepts, ``egress-filter`` applies the egress rules).
+    """
+    rules: list[tuple[Statement, ...]] = [
+        *_unspecified_source(),
+        (*_udp(67, 68), DROP),  # a DHCP server on an instance (RFC 2131)
+        (*_udp(547, 546), DROP),  # a DHCPv6 server or relay (RFC 8415)
+        (Match(_ICMPV6_TYPE, SymbolSet(("nd-router-advert", "nd-redirect"))), DROP),
+        (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")),
+         VMap(Meta("iifname"), SetRef(ND_PORTS))),
+        (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")), DROP),
+        (*_udp(68, 67), ACCEPT),  # DHCP client
+        (*_udp(546, 547), ACCEPT),  # DHCPv6 client
+        (Match(_ICMPV6_TYPE, SymbolSet((
+            "nd-router-solicit", "nd-neighbor-solicit", "mld-listener-report",
+            "mld-listener-done", "mld2-listener-report"))), ACCEPT),
+        (CT_STATE,),
+        (NEW_NOT_SYN, DROP),
+    ]
+    return Chain(EGRESS_PROTECT, None, tuple(make_rule(r) for r in rules))
+
+
+def _unspecified_source() -> list[tuple[Statement, ...]]:
+    """From ``0.0.0.0`` only DHCP discovery; from ``::`` only duplicate address
+    detection (a neighbour solicitation) and the MLD report that goes with it."""
+    v4 = Match(Payload("ip", "saddr"), Symbol(UNSPECIFIED["ipv4"].split("/")[0]))
+    v6 = Match(Payload("ip6", "saddr"), Symbol("::"))
+    dad = SymbolSet(("nd-neighbor-solicit", "mld2-listener-report"))
+    return [
+        (v4, *_udp(68, 67), ACCEPT),
+        (v4, DROP),
+        (v6, Match(_ICMPV6_TYPE, dad), ACCEPT),
+        (v6, DROP),
+    ]
+
+
+def _udp(sport: int, dport: int) -> tuple[Match, Match]:
+    return Match(Payload("udp", "sport"), sport), Match(Payload("udp", "dport"), dport)
+
+
+def neighbour_discovery_in() -> tuple[Statement, ...]:
+    """Neighbour discovery to a port works without rules (router advertisements,
+    solicitations, advertisements, MLD queries), as in Neutron."""
+    kinds = ("nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert",
+             "mld-listener-query")
+    return Match(_ICMPV6_TYPE, SymbolSet(kinds)), ACCEPT
+
+
+# --------------------------------------------------------------------------- table arp secfw
+
+
+def arp_sets(ports: Sequence[PortPolicy]) -> list[NamedSet]:
+    """``arp_open`` (taps without port security) and ``arp_hosts``/``arp_nets``:
+    ``tap . MAC . MAC . IPv4`` — the frame's source MAC and the ARP sender MAC must
+    both be a MAC the port may use, with a sender address it may use."""
+    ordered = sorted(ports, key=lambda p: p.tap)
+    per_port = [_port_elements(p) for p in ordered]
+    hosts = tuple(e for elements in per_port for e in elements[4])
+    nets = [e for elements in per_port for e in elements[5]]
+    open_taps = tuple(Element((p.tap,)) for p in ordered if not p.port_security)
+    return [
+        NamedSet(ARP_OPEN, ("ifname",), (), open_taps, family=ARP_FAMILY),
+        NamedSet(ARP_HOSTS, _ARP_TYPE, (), hosts, family=ARP_FAMILY),
+        NamedSet(ARP_NETS, _ARP_TYPE, ("interval",), _without_overlaps(nets),
+                 family=ARP_FAMILY),
+    ]
+
+
+def arp_input() -> Chain:
+    """The ``arp`` input hook: non-tap ARP untouched; taps without port security
+    accepted; a known (tap, MAC, sender) accepted; any other tap's ARP dropped —
+    including an unknown tap's (fail closed)."""
+    iifname = Meta("iifname")
+    rules = (
+        make_rule((Match(iifname, TAP_WILDCARD, "!="), ACCEPT)),
+        make_rule((Match(iifname, SetRef(ARP_OPEN)), ACCEPT)),
+        make_rule((Match(_ARP_KEY, SetRef(ARP_HOSTS)), ACCEPT)),
+        make_rule((Match(_ARP_KEY, SetRef(ARP_NETS)), ACCEPT)),
+        make_rule((Match(iifname, TAP_WILDCARD), DROP)),
+    )
+    return Chain(ARP_INPUT, ARP_INPUT_HOOK, rules, family=ARP_FAMILY)

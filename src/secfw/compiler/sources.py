@@ -1,0 +1,92 @@
+"""What a port may send from: the anti-spoofing view of a :class:`PortPolicy`.
+
+Shared by the backends (which compile it into sets keyed by tap) and by the
+conntrack revocation (which checks existing connections against it), so both
+read the IR the same way:
+
+* its own MAC with each of its IPv4 and IPv6 addresses;
+* every allowed address pair: the pair's CIDR with the pair's MAC (the port's
+  own MAC when the pair names none — the compiler already filled it in);
+* for every MAC it may use, the IPv6 link-local address derived from it
+  (modified EUI-64, RFC 4291 appendix A): instances send router and neighbour
+  solicitations, MLD reports and DHCPv6 from it;
+* with its own MAC only, the unspecified addresses ``0.0.0.0`` (a DHCP client
+  before it has an address, RFC 2131 4.1; ARP probes, RFC 5227) and ``::``
+  (duplicate address detection, RFC 4862 5.4.2; MLD reports during it). The
+  protection rules restrict what may be sent from these two.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from functools import lru_cache
+
+from secfw.compiler.ir import Family, PortPolicy
+
+UNSPECIFIED = {"ipv4": "0.0.0.0/32", "ipv6": "::/128"}
+_LINK_LOCAL_PREFIX = bytes([0xFE, 0x80]) + bytes(6)  # fe80::/64
+
+
+@dataclass(frozen=True, order=True)
+class Source:
+    """One (MAC, CIDR) a port may send from; ``cidr`` is canonical."""
+
+    mac: str
+    cidr: str
+
+    @property
+    def family(self) -> Family:
+        return "ipv6" if ":" in self.cidr else "ipv4"
+
+    @property
+    def is_host(self) -> bool:
+        """A single address (``/32``, ``/128``) rather than a network."""
+        return self.cidr.endswith("/32" if self.family == "ipv4" else "/128")
+
+
+@lru_cache(maxsize=1 << 14)
+def link_local(mac: str) -> str:
+    """The IPv6 link-local address of ``mac`` as a /128 (modified EUI-64:
+    ``fa:16:3e:00:00:01`` → ``fe80::f816:3eff:fe00:1/128``)."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    octets[0] ^= 0x02  # the universal/local bit is inverted (RFC 4291 2.5.1)
+    eui = bytes([*octets[:3], 0xFF, 0xFE, *octets[3:]])
+    address = ipaddress.IPv6Address(_LINK_LOCAL_PREFIX + eui)
+    return f"{address}/128"
+
+
+@lru_cache(maxsize=1 << 16)
+def _host(address: str) -> str:
+    return ipaddress.ip_network(address).with_prefixlen
+
+
+def port_macs(port: PortPolicy) -> tuple[str, ...]:
+    """Every MAC the port may send from: its own first, then its pairs', sorted."""
+    others = sorted({p.mac.lower() for p in port.allowed_pairs} - {port.mac.lower()})
+    return (port.mac.lower(), *others)
+
+
+@lru_cache(maxsize=1 << 15)
+def port_sources(port: PortPolicy) -> tuple[Source, ...]:
+    """Every (MAC, CIDR) ``port`` may send from (see the module docstring), sorted.
+
+    Empty when port security is off: nothing is checked then. Cached: the backend
+    and the revocation ask for the same ports again and again."""
+    if not port.port_security:
+        return ()
+    mac = port.mac.lower()
+    found = {Source(mac, _host(a)) for a in (*port.ipv4, *port.ipv6)}
+    found |= {Source(p.mac.lower(), _host(p.cidr)) for p in port.allowed_pairs}
+    found |= {Source(m, link_local(m)) for m in port_macs(port)}
+    found |= {Source(mac, u) for u in UNSPECIFIED.values()}
+    return tuple(sorted(found))
+
+
+@lru_cache(maxsize=1 << 15)
+def nd_targets(port: PortPolicy) -> tuple[str, ...]:
+    """The IPv6 CIDRs ``port`` may advertise in a neighbour advertisement: its
+    IPv6 sources except ``::``, sorted and without duplicates."""
+    targets = {s.cidr for s in port_sources(port)
+               if s.family == "ipv6" and s.cidr != UNSPECIFIED["ipv6"]}
+    return tuple(sorted(targets))

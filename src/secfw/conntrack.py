@@ -1,0 +1,275 @@
+"""Revocation: cut the established connections a filter change no longer allows.
+
+The nftables filter accepts ``ct state established,related`` before any rule, so a
+connection accepted under the old rules would live on after its rule, its group
+membership or its port is gone (the peers' recurring bug, docs/protection.md).
+After the new ruleset is live, :func:`revoke` deletes exactly those conntrack
+entries:
+
+1. **What changed** (:func:`affected_networks`): the ports whose policy differs
+   between the previous and the new :class:`HostFilter`, or one of whose group
+   chains, or a source-group set one of those chains uses, differs. Their
+   addresses — fixed ones and allowed-address-pair networks, from both versions —
+   are the only ones whose connections can have been revoked. Without a previous
+   filter (the agent's first pass) every port is affected.
+2. **Dump** the conntrack table of the agent's namespace through ctnetlink
+   (pyroute2 ``NFCTSocket``, one dump per address family) and keep the entries
+   whose original source or destination is such an address.
+3. **Judge** each with the *new* filter (:class:`~secfw.compiler.evaluate.PolicyIndex`):
+   egress of the port that owns the source, ingress of the port that owns the
+   destination. An entry to or from an address that belonged to a port of the old
+   filter and belongs to none of the new one is revoked too (its port is gone).
+   Entries whose source is an address of the host itself were created by the
+   host's own output, which secfw does not filter: they are left alone.
+4. **Delete** the ones no longer allowed, one ctnetlink message each (no
+   subprocess). An entry that expired meanwhile is not an error.
+
+Entries still allowed are never touched, so unrelated updates cut nothing.
+
+No conntrack zones: in the routed topology a packet between two instances of one
+host crosses the forward hook once — one conntrack entry, on which the sender's
+egress and the receiver's ingress were both evaluated. Neutron needed a zone per
+port because its hybrid bridge made the packet traverse netfilter twice (bridge
+and routing) with the same tuple. Entries in a non-zero zone belong to someone
+else and are skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute, NFCTSocket
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from secfw.backends.nftables.executor import inside_netns
+from secfw.compiler.evaluate import IPNetwork, Packet, PolicyIndex
+from secfw.compiler.ir import HostFilter, PortPolicy
+from secfw.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+_IP_ATTR = {4: "CTA_IP_V4", 6: "CTA_IP_V6"}
+_ICMP_ATTR = {1: "CTA_PROTO_ICMP", 58: "CTA_PROTO_ICMPV6"}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A conntrack entry: its original tuple (:class:`Packet`), ICMP id and zone."""
+
+    packet: Packet
+    icmp_id: int | None = None
+    zone: int = 0
+
+
+@dataclass
+class Revocation:
+    """What :func:`revoke` did: entries examined, deleted, and their tuples (for logs)."""
+
+    examined: int = 0
+    deleted: int = 0
+    revoked: list[Packet] = field(default_factory=list)
+
+    def as_fields(self) -> dict[str, Any]:
+        return {"examined": self.examined, "deleted": self.deleted}
+
+
+# --------------------------------------------------------------------------- what changed
+
+
+def affected_ports(previous: HostFilter | None, new: HostFilter) -> list[PortPolicy]:
+    """Ports (both versions of each) whose verdicts may have changed: added,
+    removed or changed policies, and ports using a changed chain or a chain whose
+    source-group set changed. Every port of ``new`` when ``previous`` is None."""
+    if previous is None:
+        return list(new.ports)
+    dirty = _changed_chains(previous, new)
+    old_ports, new_ports = {p.tap: p for p in previous.ports}, {p.tap: p for p in new.ports}
+    found: list[PortPolicy] = []
+    for tap in sorted(old_ports.keys() | new_ports.keys()):
+        versions = [p for p in (old_ports.get(tap), new_ports.get(tap)) if p is not None]
+        uses_dirty = any(c in dirty for p in versions for c in _chains_of(p))
+        if uses_dirty or len(versions) == 1 or versions[0] != versions[1]:
+            found += versions
+    return found
+
+
+def _chains_of(port: PortPolicy) -> tuple[str, ...]:
+    return (*port.ingress_chains, *port.egress_chains)
+
+
+def _changed_chains(previous: HostFilter, new: HostFilter) -> set[str]:
+    """Chains whose rules changed, appeared or went, and chains using a changed set."""
+    old_chains = {c.name: c for c in previous.chains}
+    new_chains = {c.name: c for c in new.chains}
+    old_sets = {s.name: s.elements for s in previous.sets}
+    new_sets = {s.name: s.elements for s in new.sets}
+    sets = {n for n in old_sets.keys() | new_sets.keys() if old_sets.get(n) != new_sets.get(n)}
+    chains = {n for n in old_chains.keys() | new_chains.keys()
+              if old_chains.get(n) != new_chains.get(n)}
+    chains |= {c.name for c in new.chains if any(r.remote_set in sets for r in c.rules)}
+    return chains
+
+
+def affected_networks(ports: Iterable[PortPolicy]) -> list[IPNetwork]:
+    """The addresses (fixed ones as /32 or /128, address pairs as networks) of ``ports``."""
+    texts = {t for p in ports for t in (*p.ipv4, *p.ipv6, *(a.cidr for a in p.allowed_pairs))}
+    return sorted((ipaddress.ip_network(t) for t in texts),
+                  key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
+# --------------------------------------------------------------------------- the judgement
+
+
+def revoked_entries(
+    entries: Iterable[Entry], previous: HostFilter | None, new: HostFilter,
+    local: Iterable[str] = (),
+) -> Iterator[Entry]:
+    """The entries of ``entries`` that the change from ``previous`` to ``new``
+    revoked (see the module docstring, steps 1 and 3). ``local``: the host's own
+    addresses. Pure."""
+    affected = affected_ports(previous, new)
+    if not affected:
+        return
+    watched = _Matcher(affected_networks(affected))
+    own = {ipaddress.ip_address(a) for a in local}
+    candidates = [
+        e for e in entries
+        if not e.zone and ipaddress.ip_address(e.packet.src) not in own
+        and (watched.contains(e.packet.src) or watched.contains(e.packet.dst))
+    ]
+    if not candidates:
+        return
+    index = PolicyIndex(new)
+    for entry in candidates:
+        if not index.allows(entry.packet) or _owner_gone(index, watched, entry.packet):
+            yield entry
+
+
+def _owner_gone(index: PolicyIndex, watched: _Matcher, packet: Packet) -> bool:
+    """An end of ``packet`` belonged to an affected port and belongs to no port of
+    the new filter (its port is gone, or no longer has that address). Only the
+    addresses of affected ports can have lost their owner."""
+    return any(watched.contains(a) and not index.owners.ports(a)
+               for a in (packet.src, packet.dst))
+
+
+class _Matcher:
+    """Membership in a list of networks: exact lookup for hosts, a scan for the rest."""
+
+    def __init__(self, networks: Iterable[IPNetwork]) -> None:
+        nets = list(networks)
+        self.hosts = {n.network_address for n in nets if n.num_addresses == 1}
+        self.networks = [n for n in nets if n.num_addresses > 1]
+
+    def contains(self, address: str) -> bool:
+        addr = ipaddress.ip_address(address)
+        if addr in self.hosts:
+            return True
+        return any(n.version == addr.version and addr in n for n in self.networks)
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = None) -> Revocation:
+    """Delete the conntrack entries of ``netns`` (default: this one) that the change
+    from ``previous`` to ``new`` revoked; call it once ``new`` is live.
+
+    Raises BackendError when ctnetlink cannot be used (module missing, no
+    permission); the kernel's filter is unaffected either way.
+    """
+    result = Revocation()
+    if not affected_ports(previous, new):
+        return result
+    try:
+        with inside_netns(netns), Conntrack() as table:
+            entries = list(table.entries())
+            result.examined = len(entries)
+            doomed = list(revoked_entries(entries, previous, new, _local_addresses()))
+            result.deleted = sum(table.delete(entry) for entry in doomed)
+            result.revoked = [e.packet for e in doomed]
+    except (OSError, NetlinkError) as exc:
+        raise BackendError(f"conntrack: {exc}") from exc
+    return result
+
+
+class Conntrack:
+    """The conntrack table of the namespace it is opened in: one ctnetlink socket
+    per address family, for dumping and deleting entries. A context manager."""
+
+    def __init__(self) -> None:
+        self._socks = {v: NFCTSocket(nfgen_family=f) for v, f in _FAMILIES.items()}
+
+    def __enter__(self) -> Conntrack:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+
+    def entries(self) -> Iterator[Entry]:
+        """Every IPv4 and IPv6 entry (its original tuple)."""
+        for version, sock in self._socks.items():
+            for message in sock.dump():
+                entry = _parse(version, message)
+                if entry is not None:
+                    yield entry
+
+    def delete(self, entry: Entry) -> bool:
+        """Delete one entry by its original tuple (and zone); False when it was
+        already gone (expired, or closed meanwhile)."""
+        packet = entry.packet
+        version = ipaddress.ip_address(packet.src).version
+        tuple_orig = NFCTAttrTuple(
+            family=_FAMILIES[version], saddr=packet.src, daddr=packet.dst,
+            proto=packet.protocol, sport=packet.sport, dport=packet.dport,
+            icmp_id=entry.icmp_id, icmp_type=packet.icmp_type, icmp_code=packet.icmp_code,
+        )
+        zone = {"zone": entry.zone} if entry.zone else {}
+        try:
+            self._socks[version].entry("del", tuple_orig=tuple_orig, **zone)
+        except NetlinkError as exc:
+            if exc.code == errno.ENOENT:
+                return False
+            raise
+        return True
+
+
+def _parse(version: int, message: Any) -> Entry | None:
+    """An :class:`Entry` from a ctnetlink message; None if it has no usable tuple."""
+    orig = message.get_attr("CTA_TUPLE_ORIG")
+    if orig is None:
+        return None
+    ip, proto = orig.get_attr("CTA_TUPLE_IP"), orig.get_attr("CTA_TUPLE_PROTO")
+    prefix = _IP_ATTR[version]
+    number = proto.get_attr("CTA_PROTO_NUM")
+    icmp = _ICMP_ATTR.get(number)
+    packet = Packet(
+        src=str(ipaddress.ip_address(ip.get_attr(prefix + "_SRC"))),
+        dst=str(ipaddress.ip_address(ip.get_attr(prefix + "_DST"))),
+        protocol=number,
+        sport=proto.get_attr("CTA_PROTO_SRC_PORT"),
+        dport=proto.get_attr("CTA_PROTO_DST_PORT"),
+        icmp_type=proto.get_attr(icmp + "_TYPE") if icmp else None,
+        icmp_code=proto.get_attr(icmp + "_CODE") if icmp else None,
+    )
+    icmp_id = proto.get_attr(icmp + "_ID") if icmp else None
+    return Entry(packet, icmp_id, message.get_attr("CTA_ZONE") or 0)
+
+
+def _local_addresses() -> list[str]:
+    """Every address configured in the current namespace."""
+    with IPRoute() as ipr:
+        return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()
+                if a.get_attr("IFA_ADDRESS")]
