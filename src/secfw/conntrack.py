@@ -13,8 +13,10 @@ entries:
    are the only ones whose connections can have been revoked. Without a previous
    filter (the agent's first pass) every port is affected.
 2. **Dump** the conntrack table of the agent's namespace through ctnetlink
-   (pyroute2 ``NFCTSocket``, one dump per address family) and keep the entries
-   whose original source or destination is such an address.
+   (pyroute2 ``NFCTSocket``) and keep the entries whose original source or
+   destination is such an address. For a few single addresses (the usual
+   incremental change) the kernel filters the dump (``CTA_FILTER``); otherwise one
+   full dump per address family.
 3. **Judge** each with the *new* filter (:class:`~secfw.compiler.evaluate.PolicyIndex`):
    egress of the port that owns the source, ingress of the port that owns the
    destination. An entry to or from an address that belonged to a port of the old
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 _IP_ATTR = {4: "CTA_IP_V4", 6: "CTA_IP_V6"}
 _ICMP_ATTR = {1: "CTA_PROTO_ICMP", 58: "CTA_PROTO_ICMPV6"}
+#: Up to this many watched addresses, the kernel filters the dump (two filtered
+#: dumps per address); beyond, one full dump is cheaper.
+_MAX_FILTERED = 32
 
 
 @dataclass(frozen=True)
@@ -187,11 +192,12 @@ def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = Non
     permission); the kernel's filter is unaffected either way.
     """
     result = Revocation()
-    if not affected_ports(previous, new):
+    affected = affected_ports(previous, new)
+    if not affected:
         return result
     try:
         with inside_netns(netns), Conntrack() as table:
-            entries = list(table.entries())
+            entries = list(table.entries(_filter_addresses(affected_networks(affected))))
             result.examined = len(entries)
             doomed = list(revoked_entries(entries, previous, new, _local_addresses()))
             result.deleted = sum(table.delete(entry) for entry in doomed)
@@ -218,13 +224,24 @@ class Conntrack:
         for sock in self._socks.values():
             sock.close()
 
-    def entries(self) -> Iterator[Entry]:
-        """Every IPv4 and IPv6 entry (its original tuple)."""
-        for version, sock in self._socks.items():
-            for message in sock.dump():
-                entry = _parse(version, message)
-                if entry is not None:
-                    yield entry
+    def entries(self, addresses: Iterable[str] | None = None) -> Iterator[Entry]:
+        """Every IPv4 and IPv6 entry (its original tuple); with ``addresses``, only
+        those whose original source or destination is one of them, filtered by the
+        kernel (``CTA_FILTER``, Linux 5.8+: the table is walked in the kernel and
+        only matches cross netlink). An entry is yielded once."""
+        if addresses is None:
+            for version, sock in self._socks.items():
+                yield from _parsed(version, sock.dump())
+            return
+        seen: set[Entry] = set()
+        for address in addresses:
+            version = ipaddress.ip_address(address).version
+            for end in ("saddr", "daddr"):
+                wanted = NFCTAttrTuple(family=_FAMILIES[version], **{end: address})
+                for entry in _parsed(version, self._socks[version].dump(tuple_orig=wanted)):
+                    if entry not in seen:
+                        seen.add(entry)
+                        yield entry
 
     def delete(self, entry: Entry) -> bool:
         """Delete one entry by its original tuple (and zone); False when it was
@@ -244,6 +261,21 @@ class Conntrack:
                 return False
             raise
         return True
+
+
+def _filter_addresses(networks: list[IPNetwork]) -> list[str] | None:
+    """The addresses to ask the kernel for, or None (dump everything) when a
+    network is not a single address or there are too many to ask one by one."""
+    if len(networks) > _MAX_FILTERED or any(n.num_addresses != 1 for n in networks):
+        return None
+    return [str(n.network_address) for n in networks]
+
+
+def _parsed(version: int, messages: Iterable[Any]) -> Iterator[Entry]:
+    for message in messages:
+        entry = _parse(version, message)
+        if entry is not None:
+            yield entry
 
 
 def _parse(version: int, message: Any) -> Entry | None:
