@@ -32,14 +32,20 @@ class NftablesBackend:
     def __init__(self, executor: NftablesExecutor | None = None, netns: str | None = None) -> None:
         """Use ``executor``, or open one in the current namespace or in ``netns``."""
         self.executor = executor if executor is not None else NftablesExecutor(netns)
-        self._last: tuple[HostFilter, Ruleset] | None = None
+        self._last: tuple[HostFilter, Ruleset, KernelState] | None = None
 
     def render(self, desired: HostFilter) -> Ruleset:
         """The ruleset of ``desired``; the last one is kept, as plan and committed
         are called with the same IR in one sync."""
+        return self._rendered(desired)[1]
+
+    def _rendered(self, desired: HostFilter) -> tuple[HostFilter, Ruleset, KernelState]:
+        """``desired`` rendered, and the state it gives the kernel — built once per
+        sync, shared by :meth:`plan` and :meth:`committed`."""
         if self._last is None or self._last[0] is not desired:
-            self._last = (desired, render(desired))
-        return self._last[1]
+            ruleset = render(desired)
+            self._last = (desired, ruleset, KernelState.from_ruleset(ruleset))
+        return self._last
 
     def read(self) -> KernelState | None:
         """The table as the kernel holds it; None when it is absent."""
@@ -47,7 +53,8 @@ class NftablesBackend:
 
     def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
         """The minimal transaction from ``current`` (None: unknown/absent) to ``desired``."""
-        return plan_transaction(current, self.render(desired))
+        _, ruleset, want = self._rendered(desired)
+        return plan_transaction(current, ruleset, want)
 
     def apply(self, plan: object) -> None:
         """Commit ``plan`` (a :class:`Transaction` from :meth:`plan`) atomically;
@@ -59,7 +66,7 @@ class NftablesBackend:
 
     def committed(self, desired: HostFilter) -> KernelState:
         """The state the kernel holds once ``desired`` was applied (no round trip)."""
-        return KernelState.from_ruleset(self.render(desired))
+        return self._rendered(desired)[2]
 
     def describe(self, plan: Transaction) -> dict[str, Any]:
         """What ``plan`` changes, in a few words (chains, sets, element counts)."""

@@ -102,15 +102,18 @@ def full_transaction(desired: Ruleset) -> Transaction:
     return Transaction((*headers, *blocks), full=True)
 
 
-def plan(current: KernelState | None, desired: Ruleset) -> Transaction:
+def plan(
+    current: KernelState | None, desired: Ruleset, want: KernelState | None = None
+) -> Transaction:
     """The minimal transaction from ``current`` to ``desired`` (see the module doc).
 
     ``current is None`` means the tables are absent or unknown: full replacement.
-    So is a table of ``desired`` that ``current`` lacks.
+    So is a table of ``desired`` that ``current`` lacks. ``want`` is
+    ``KernelState.from_ruleset(desired)`` when the caller already has it.
     """
     if current is None:
         return full_transaction(desired)
-    want = KernelState.from_ruleset(desired)
+    want = want if want is not None else KernelState.from_ruleset(desired)
     if not want.tables <= current.tables or _declarations_changed(current, want):
         return full_transaction(desired)
     try:
