@@ -33,6 +33,7 @@ from secfw.backends.nftables.render import (
     rule_text,
 )
 from secfw.backends.nftables.state import ChainState, SetState
+from secfw.backends.nftables.syntax import Datum
 from secfw.compiler.ir import (
     AddressPair,
     AddressSet,
@@ -612,9 +613,10 @@ def plan_between(before: HostFilter, after: HostFilter) -> Transaction:
 
 def test_plan_from_nothing_replaces_the_whole_table() -> None:
     tx = plan(None, render(small()))
-    assert tx.full and tx.count == 6 and not tx.empty
-    assert tx.commands[:4] == ("add table inet secfw", "delete table inet secfw",
-                               "add table arp secfw", "delete table arp secfw")
+    assert tx.full and tx.count == 8 and not tx.empty
+    assert tx.commands[:6] == ("add table inet secfw", "delete table inet secfw",
+                               "add table arp secfw", "delete table arp secfw",
+                               "add table bridge secfw", "delete table bridge secfw")
     assert tx.text == to_nft_text(render(small())).split("\n", 1)[1]
 
 
@@ -734,7 +736,7 @@ def test_foreign_objects_in_our_table_are_removed() -> None:
               key("arp-intruder", "arp"): ChainState(None, ()),
               key("forward-ingress"): replace(state.chains[key("forward-ingress")], rules=("",))}
     sets = {**state.sets, key("left.over"): SetState(("ifname",), (), False, frozenset())}
-    commands = plan(KernelState(sets, chains), ruleset).commands
+    commands = plan(KernelState(sets, chains, state.tables), ruleset).commands
     assert commands[0] == "flush chain inet secfw forward-ingress"
     assert commands[-5:] == ("flush chain arp secfw arp-intruder",
                              "flush chain inet secfw intruder-1",
@@ -785,3 +787,90 @@ def test_fixed_names_that_went_away_are_deleted_by_name() -> None:
     v4 = replace(hf, ports=(replace(hf.ports[0], same_net_cidrs=("10.0.0.0/24",)),
                             *hf.ports[1:]))
     assert plan_between(hf, v4).commands[-1] == "delete set inet secfw same_net6"
+
+
+# ------------------------------------------------------------ bridged hosts --
+
+
+def test_bridged_host_uses_a_bridge_table_and_marks_instead_of_interface_names() -> None:
+    ruleset = render(small(), "bridged")
+    assert ruleset.families() == ("inet", "bridge")  # no arp table: ARP is bridged
+    marks = {e.key[0]: int(e.verdict.text) for e in named(ruleset, "egress_marks")
+             if isinstance(e.verdict, Datum)}
+    ingress = {e.key[0]: int(e.verdict.text) for e in named(ruleset, "ingress_marks")
+               if isinstance(e.verdict, Datum)}
+    assert set(marks) == set(ingress) == {TAP_A, TAP_B, TAP_C}
+    assert len(set(marks.values())) == 3 and all(0 < m < 1 << 31 for m in marks.values())
+    assert all(ingress[tap] == marks[tap] | 1 << 31 for tap in marks)
+    # The inet table keys every port by mark; no interface name is left in it.
+    assert chain_rules(ruleset, "forward-egress") == ["meta mark vmap @egress_ports"]
+    assert chain_rules(ruleset, "postrouting-ingress") == ["meta mark vmap @ingress_ports"]
+    assert chain_rules(ruleset, "input-egress") == ["meta mark vmap @egress_ports"]
+    assert "forward-ingress" not in {c.name for c in ruleset.chains}
+    inet_sets = [s for s in ruleset.sets if s.family == "inet"]
+    assert all("ifname" not in s.key_type for s in inet_sets)
+    egress_keys = {e.key[0] for e in named(ruleset, "egress_ports")}
+    assert egress_keys == {str(m) for m in marks.values()}
+    assert {e.key[0] for e in named(ruleset, "ingress_ports")} == {
+        str(m) for m in ingress.values()}
+    assert {e.key[0] for e in named(ruleset, "spoof4")} <= egress_keys
+
+
+def test_bridged_layer2_chain_checks_macs_and_arp_before_marking() -> None:
+    ruleset = render(small(), "bridged")
+    assert chain_rules(ruleset, "from-tap") == [
+        'iifname != "tap*" accept',
+        "iifname @arp_open accept",
+        "iifname . ether saddr != @port_macs drop",
+        "ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @arp_hosts accept",
+        "ether type arp iifname . ether saddr . arp saddr ether . arp saddr ip @arp_nets accept",
+        "ether type != { ip, ip6 } drop",
+        "meta mark set iifname map @egress_marks accept",
+        "drop",
+    ]
+    assert chain_rules(ruleset, "to-tap") == [
+        'oifname != "tap*" accept', "meta mark set oifname map @ingress_marks accept", "drop"]
+    hooks = {c.name: c.hook for c in ruleset.chains if c.family == "bridge"}
+    assert hooks["from-tap"] == Hook("filter", "prerouting", -200, "accept")
+    assert hooks["to-tap"] == Hook("filter", "postrouting", -200, "accept")
+    # tap C has port security off: no MAC of its in port_macs, it is in arp_open.
+    assert {e.key for e in named(ruleset, "port_macs")} == {
+        (TAP_A, MACS[TAP_A]), (TAP_A, "fa:16:3e:00:00:99"), (TAP_B, MACS[TAP_B])}
+    assert [e.key for e in named(ruleset, "arp_open")] == [(TAP_C,)]
+    text = to_nft_text(ruleset)
+    assert "priority -200;" in text and "type ifname : mark;" in text
+
+
+def test_bridged_state_round_trips_and_plans_nothing() -> None:
+    ruleset = render(small(), "bridged")
+    state = KernelState.from_ruleset(ruleset)
+    assert plan(state, ruleset).empty
+    document = to_nft_json(ruleset)["nftables"]
+    maps = [c["add"]["map"] for c in document if "map" in c.get("add", {})]
+    egress_marks = next(m for m in maps if m["name"] == "egress_marks")
+    assert egress_marks["map"] == "mark" and isinstance(egress_marks["elem"][0][1], int)
+
+
+def test_switching_topology_replaces_every_table() -> None:
+    routed = KernelState.from_ruleset(render(small(), "routed"))
+    tx = plan(routed, render(small(), "bridged"))
+    assert tx.full and "delete table arp secfw" in tx.commands
+    back = plan(KernelState.from_ruleset(render(small(), "bridged")), render(small()))
+    assert back.full and "delete table bridge secfw" in back.commands
+
+
+def test_unknown_topology_is_refused() -> None:
+    with pytest.raises(BackendError, match="unknown topology 'flat'"):
+        render(small(), "flat")
+    with pytest.raises(BackendError, match="unknown topology"):
+        get_backend("nftables", topology="flat")
+
+
+def test_marks_are_distinct_even_when_names_collide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CRC-32 collisions (forced here) probe for the next free mark, in sorted order."""
+    from secfw.backends.nftables import layout
+
+    monkeypatch.setattr(layout.zlib, "crc32", lambda data: 0)
+    assert layout.assign_marks(["tapb", "tapa", "tapc"]) == {"tapa": 1, "tapb": 2, "tapc": 3}
+    monkeypatch.setattr(layout.zlib, "crc32", lambda data: (1 << 31) - 1)
+    assert layout.assign_marks(["tapa", "tapb"]) == {"tapa": (1 << 31) - 1, "tapb": 1}

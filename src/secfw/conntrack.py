@@ -50,10 +50,10 @@ from pyroute2 import IPRoute, NFCTSocket
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-from secfw.backends.nftables.executor import inside_netns
 from secfw.compiler.evaluate import IPNetwork, Packet, PolicyIndex
 from secfw.compiler.ir import HostFilter, PortPolicy
 from secfw.errors import BackendError
+from secfw.netns import inside_netns
 
 log = logging.getLogger(__name__)
 

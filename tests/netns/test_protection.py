@@ -35,12 +35,12 @@ from pyroute2 import IPRoute
 from secfw import netns_tools
 from secfw.agent import AgentLoop, LoopSettings, Reconciler, SyncResult
 from secfw.backends import get_backend
-from secfw.backends.nftables.executor import inside_netns
 from secfw.compiler.sources import link_local
 from secfw.config import Config
 from secfw.conntrack import Conntrack
 from secfw.demo import lab_ports
 from secfw.model import Port
+from secfw.netns import inside_netns
 from secfw.store import open_store
 
 pytestmark = [

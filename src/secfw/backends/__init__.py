@@ -11,6 +11,11 @@ if TYPE_CHECKING:
     from secfw.backends.nftables import NftablesBackend
 
 BACKENDS = ("nftables", "iptables")
+#: Host topologies (README, "Backends and topologies"): ``routed`` — each tap is a
+#: routed point-to-point link (Calico style); ``bridged`` — taps are ports of Linux
+#: bridges (nova-network, Neutron's hybrid driver) and br_netfilter hands bridged IP
+#: traffic to the IP hooks. Every backend takes ``topology=`` and refuses others.
+TOPOLOGIES = ("routed", "bridged")
 
 
 @overload

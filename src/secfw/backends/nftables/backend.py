@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
@@ -17,6 +18,7 @@ from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.summary import element_count, summarize
 from secfw.compiler.ir import HostFilter
 from secfw.errors import BackendError
+from secfw.netns import bridge_netfilter_enabled, enable_bridge_netfilter
 
 if TYPE_CHECKING:
     from secfw.conntrack import Revocation
@@ -29,8 +31,14 @@ class NftablesBackend:
 
     name = "nftables"
 
-    def __init__(self, executor: NftablesExecutor | None = None, netns: str | None = None) -> None:
-        """Use ``executor``, or open one in the current namespace or in ``netns``."""
+    def __init__(self, executor: NftablesExecutor | None = None, netns: str | None = None,
+                 topology: str = "routed") -> None:
+        """Use ``executor``, or open one in the current namespace or in ``netns``,
+        for a ``routed`` or ``bridged`` host (BackendError for anything else)."""
+        if topology not in TOPOLOGIES:
+            raise BackendError(
+                f"nftables: unknown topology {topology!r} (known: {', '.join(TOPOLOGIES)})")
+        self.topology = topology
         self.executor = executor if executor is not None else NftablesExecutor(netns)
         self._last: tuple[HostFilter, Ruleset, KernelState] | None = None
 
@@ -43,12 +51,17 @@ class NftablesBackend:
         """``desired`` rendered, and the state it gives the kernel — built once per
         sync, shared by :meth:`plan` and :meth:`committed`."""
         if self._last is None or self._last[0] is not desired:
-            ruleset = render(desired)
+            ruleset = render(desired, self.topology)
             self._last = (desired, ruleset, KernelState.from_ruleset(ruleset))
         return self._last
 
     def read(self) -> KernelState | None:
-        """The table as the kernel holds it; None when it is absent."""
+        """The tables as the kernel holds them; None when absent — and, on a
+        bridged host, when br_netfilter's switches are off (someone turned them
+        off: bridged traffic then bypasses the inet table, so the state counts as
+        lost and the next apply, a full one, turns them back on)."""
+        if self.topology == "bridged" and not bridge_netfilter_enabled(self.executor.netns):
+            return None
         return self.executor.read_state()
 
     def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
@@ -62,6 +75,8 @@ class NftablesBackend:
         backend-neutral ``Plan`` protocol."""
         if not isinstance(plan, Transaction):
             raise BackendError(f"nftables: cannot apply a {type(plan).__name__}")
+        if self.topology == "bridged":  # before the marks: they are useless without it
+            enable_bridge_netfilter(self.executor.netns)
         self.executor.apply(plan)
 
     def committed(self, desired: HostFilter) -> KernelState:
@@ -97,5 +112,6 @@ class NftablesBackend:
         return result
 
     def cleanup(self) -> None:
-        """Delete secfw's tables ``inet secfw`` and ``arp secfw`` (and nothing else)."""
+        """Delete secfw's tables ``inet``, ``arp`` and ``bridge secfw`` (and nothing
+        else; br_netfilter's switches stay as they are: others may rely on them)."""
         self.executor.delete_table()

@@ -19,24 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import nftables
-from pyroute2 import netns as pyroute2_netns
 
 from secfw.backends.nftables.layout import collector_paused
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.syntax import FAMILIES, TABLE, table_header
 from secfw.errors import BackendError
+from secfw.netns import inside_netns
 
 _R = TypeVar("_R")
-#: Where ``ip netns add`` keeps named namespaces (ip-netns(8)).
-NETNS_DIR = "/run/netns"
 _NETNS = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -131,34 +127,6 @@ class NftablesExecutor:
 
     def _namespace(self) -> contextlib.AbstractContextManager[None]:
         return inside_netns(self.netns)
-
-
-@contextmanager
-def inside_netns(netns: str | None) -> Iterator[None]:
-    """Run the body in network namespace ``netns`` (this thread only), then come
-    back; ``None`` stays where it is. A missing namespace is an OSError.
-
-    Not ``pyroute2.netns.pushns``: it creates a namespace that does not exist
-    (``setns`` defaults to ``O_CREAT``), where a missing one must be an error.
-    """
-    if netns is None:
-        yield
-        return
-    if netns in (".", "..") or not _NETNS.fullmatch(netns):
-        raise OSError(f"{netns!r} is not a network namespace name")
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
-        try:
-            pyroute2_netns.setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            pyroute2_netns.setns(home)
-    finally:
-        os.close(home)
 
 
 def _first_line(err: str) -> str:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import gc
 import ipaddress
 import re
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 
+from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.syntax import (
     ACCEPT,
     DROP,
@@ -21,6 +24,7 @@ from secfw.backends.nftables.syntax import (
     Hook,
     Masked,
     Match,
+    Meta,
     Payload,
     Quoted,
     Symbol,
@@ -47,6 +51,7 @@ EGRESS_GUARD = "egress-guard"
 EGRESS_PROTECT = "egress-protect"
 FORWARD_EGRESS = "forward-egress"
 FORWARD_INGRESS = "forward-ingress"
+POSTROUTING_INGRESS = "postrouting-ingress"  # bridged hosts (see PortIdentity)
 INPUT_EGRESS = "input-egress"
 ND_CHAIN_PREFIX = "nd-"  # nd-<tap>: one per protected port
 PORTS_SUFFIX = "-ports"
@@ -57,13 +62,22 @@ ARP_HOSTS = "arp_hosts"  # tap . frame MAC . sender MAC . sender IPv4
 ARP_NETS = "arp_nets"  # the same with networks (address pairs)
 ARP_INPUT = "arp-input"
 
+# ---- table bridge secfw (bridged hosts; ARP_OPEN/HOSTS/NETS live here then)
+EGRESS_MARKS = "egress_marks"  # tap -> the mark of packets it sends
+INGRESS_MARKS = "ingress_marks"  # tap -> the mark of packets sent to it
+PORT_MACS = "port_macs"  # tap . MAC: the source MACs a protected tap may use
+FROM_TAP = "from-tap"  # hook prerouting: layer-2 checks, egress mark
+TO_TAP = "to-tap"  # hook postrouting: ingress mark
+
 FIXED_SETS = frozenset({
     INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SAME_NET.values(), *SPOOF.values(),
-    *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS,
+    *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
+    PORT_MACS,
 })
 FIXED_CHAINS = frozenset({
     INGRESS_FILTER, EGRESS_OPEN, EGRESS_FILTER, EGRESS_GUARD, EGRESS_PROTECT,
-    FORWARD_EGRESS, FORWARD_INGRESS, INPUT_EGRESS, ARP_INPUT,
+    FORWARD_EGRESS, FORWARD_INGRESS, POSTROUTING_INGRESS, INPUT_EGRESS, ARP_INPUT,
+    FROM_TAP, TO_TAP,
 })
 
 # Egress filters run before ingress filters on forward (an arbitrary but fixed
@@ -75,6 +89,17 @@ INPUT_EGRESS_HOOK = Hook("filter", "input", 0, "accept")
 # The arp family has input and output hooks only (nft(8), "ADDRESS FAMILIES"):
 # an instance's ARP is addressed to the host in the routed topology.
 ARP_INPUT_HOOK = Hook("filter", "input", 0, "accept")
+# Bridged hosts. br_netfilter hands bridged IP frames to the IP hooks from its own
+# bridge hooks at priority 0 (prerouting, NF_BR_PRI_BRNF), -1 (forward) and
+# INT_MAX (postrouting) (net/bridge/br_netfilter_hooks.c); the bridge family's
+# "filter" priority is -200 (nft(8), "CHAINS"), so secfw's bridge chains always
+# run first and the marks they set are there when the inet chains look.
+FROM_TAP_HOOK = Hook("filter", "prerouting", -200, "accept")
+TO_TAP_HOOK = Hook("filter", "postrouting", -200, "accept")
+# On a bridge the egress side of a packet is judged on forward (or input) as on a
+# routed host; the ingress side on postrouting, where br_netfilter calls the IP
+# postrouting hook with the mark TO_TAP set for the bridge port the frame leaves by.
+POSTROUTING_INGRESS_HOOK = Hook("filter", "postrouting", 0, "accept")
 
 ADDRESS_TYPE: dict[Family, str] = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
 ADDRESS_KEYWORD: dict[Family, str] = {"ipv4": "ip", "ipv6": "ip6"}
@@ -143,6 +168,77 @@ def check_mac(mac: str) -> str:
     if not _MAC.fullmatch(value) or int(value[:2], 16) & 1:
         raise BackendError(f"nftables: {mac!r} is not a unicast MAC address")
     return value
+
+
+#: The bit that tells an ingress mark from an egress one (see :class:`PortIdentity`).
+INGRESS_MARK_BIT = 1 << 31
+
+
+@dataclass(frozen=True)
+class PortIdentity:
+    """How table ``inet secfw`` tells which port a packet leaves (egress side) or
+    goes to (ingress side), and the set elements that name that port.
+
+    * routed: the tap is the interface the IP hooks see: ``iifname``/``oifname``,
+      keys of type ``ifname``.
+    * bridged: the IP hooks see the *bridge* (br_netfilter passes the bridge as the
+      device), so the bridge table marks each frame with its port, and the inet
+      table keys on ``meta mark`` (type ``mark``): a tap's egress mark is a 31-bit
+      number, its ingress mark the same with :data:`INGRESS_MARK_BIT` set, so a frame
+      that leaves by a non-tap bridge port (still carrying its egress mark) never
+      matches an ingress element.
+
+    ``marks`` maps each tap to its egress mark (bridged only, see :func:`assign_marks`).
+    """
+
+    topology: str
+    marks: Mapping[str, int]
+
+    @property
+    def key_type(self) -> str:
+        return "mark" if self.topology == "bridged" else "ifname"
+
+    @property
+    def egress_key(self) -> Meta:
+        return Meta("mark") if self.topology == "bridged" else Meta("iifname")
+
+    @property
+    def ingress_key(self) -> Meta:
+        return Meta("mark") if self.topology == "bridged" else Meta("oifname")
+
+    def egress(self, tap: str) -> str:
+        """The element key that names ``tap`` on the egress side."""
+        return tap if self.topology == "routed" else str(self.marks[tap])
+
+    def ingress(self, tap: str) -> str:
+        """The element key that names ``tap`` on the ingress side."""
+        return tap if self.topology == "routed" else str(self.marks[tap] | INGRESS_MARK_BIT)
+
+
+def port_identity(topology: str, taps: Iterable[str]) -> PortIdentity:
+    """The :class:`PortIdentity` of a host with ``taps`` (BackendError for an
+    unknown topology)."""
+    if topology == "routed":
+        return PortIdentity("routed", {})
+    if topology == "bridged":
+        return PortIdentity("bridged", assign_marks(taps))
+    raise BackendError(f"nftables: unknown topology {topology!r} (known: {', '.join(TOPOLOGIES)})")
+
+
+def assign_marks(taps: Iterable[str]) -> dict[str, int]:
+    """A distinct non-zero 31-bit mark per tap: CRC-32 of the name, probing the
+    next value on a collision, taps taken in sorted order. Stable: a tap keeps its
+    mark while it exists unless a new tap that sorts before it collides with it
+    (then both change in the same atomic transaction)."""
+    marks: dict[str, int] = {}
+    used: set[int] = set()
+    for tap in sorted(set(taps)):
+        mark = zlib.crc32(check_tap(tap).encode()) & (INGRESS_MARK_BIT - 1)
+        while mark == 0 or mark in used:
+            mark = (mark + 1) & (INGRESS_MARK_BIT - 1)
+        used.add(mark)
+        marks[tap] = mark
+    return marks
 
 
 def ports_set_name(chain: str) -> str:

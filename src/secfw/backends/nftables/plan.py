@@ -94,11 +94,12 @@ class Transaction:
 
 
 def full_transaction(desired: Ruleset) -> Transaction:
-    """Replace secfw's tables whatever they hold (or create them): every table is
-    added and deleted first, then written whole, in one batch."""
-    families = desired.families()
-    headers = [line for f in families for line in table_header(f).split("\n")]
-    blocks = [table_text(desired, f) for f in families]
+    """Replace secfw's tables whatever they hold (or create them): every table of
+    :data:`FAMILIES` is added and deleted first — also one ``desired`` does not
+    use, left from another topology — then ``desired``'s are written whole, in
+    one batch."""
+    headers = [line for f in FAMILIES for line in table_header(f).split("\n")]
+    blocks = [table_text(desired, f) for f in desired.families()]
     return Transaction((*headers, *blocks), full=True)
 
 
@@ -108,13 +109,14 @@ def plan(
     """The minimal transaction from ``current`` to ``desired`` (see the module doc).
 
     ``current is None`` means the tables are absent or unknown: full replacement.
-    So is a table of ``desired`` that ``current`` lacks. ``want`` is
+    So is a table of ``desired`` that ``current`` lacks, or one ``current`` has
+    that ``desired`` does not use (the host changed topology). ``want`` is
     ``KernelState.from_ruleset(desired)`` when the caller already has it.
     """
     if current is None:
         return full_transaction(desired)
     want = want if want is not None else KernelState.from_ruleset(desired)
-    if not want.tables <= current.tables or _declarations_changed(current, want):
+    if want.tables != current.tables or _declarations_changed(current, want):
         return full_transaction(desired)
     try:
         return Transaction(tuple(_commands(current, want, desired)))

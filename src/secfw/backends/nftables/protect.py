@@ -47,12 +47,20 @@ from secfw.backends.nftables.layout import (
     ARP_OPEN,
     CT_STATE,
     EGRESS_GUARD,
+    EGRESS_MARKS,
     EGRESS_PROTECT,
+    FROM_TAP,
+    FROM_TAP_HOOK,
+    INGRESS_MARKS,
     ND_PORTS,
     NEW_NOT_SYN,
+    PORT_MACS,
     SPOOF,
     SPOOF_NETS,
     TAP_WILDCARD,
+    TO_TAP,
+    TO_TAP_HOOK,
+    PortIdentity,
     canonical_cidr,
     check_mac,
     check_tap,
@@ -61,17 +69,21 @@ from secfw.backends.nftables.layout import (
 from secfw.backends.nftables.syntax import (
     ACCEPT,
     ARP_FAMILY,
+    BRIDGE_FAMILY,
     DROP,
     Chain,
     Concat,
+    Datum,
     Element,
     HexSpan,
+    MapLookup,
     Match,
     Meta,
     NamedSet,
     Payload,
     RawPayload,
     Rule,
+    SetMeta,
     SetRef,
     Statement,
     Symbol,
@@ -97,7 +109,7 @@ _DROP_RULE = make_rule((DROP,))
 # --------------------------------------------------------------------------- sets
 
 
-def spoof_sets(ports: Iterable[PortPolicy]) -> list[NamedSet]:
+def spoof_sets(ports: Iterable[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
     """``spoof4``/``spoof6`` (hash) and ``spoof4_nets``/``spoof6_nets`` (interval):
     ``tap . MAC . address`` for every source of every protected port.
 
@@ -105,11 +117,13 @@ def spoof_sets(ports: Iterable[PortPolicy]) -> list[NamedSet]:
     only address-pair networks need the interval (pipapo) sets, whose update cost
     grows with their size — they stay small.
     """
-    per_port = [_port_elements(p) for p in sorted(ports, key=lambda p: p.tap)]
+    per_port = [_port_elements(p, ident.egress(p.tap)) for p in sorted(ports, key=lambda p: p.tap)]
     found = []
     for index, family in enumerate(("ipv4", "ipv6")):
-        key = ("ifname", "ether_addr", _ADDRESS[family][1])
+        key = (ident.key_type, "ether_addr", _ADDRESS[family][1])
         hosts = tuple(e for elements in per_port for e in elements[index])
+        if ident.topology == "bridged":
+            hosts = tuple(sorted(hosts))
         nets = [e for elements in per_port for e in elements[2 + index]]
         found.append(NamedSet(SPOOF[family], key, (), hosts))
         found.append(NamedSet(SPOOF_NETS[family], key, ("interval",), _without_overlaps(nets)))
@@ -120,11 +134,12 @@ _PortElements = tuple[tuple[Element, ...], ...]
 
 
 @lru_cache(maxsize=1 << 15)
-def _port_elements(port: PortPolicy) -> _PortElements:
+def _port_elements(port: PortPolicy, egress_key: str) -> _PortElements:
     """The elements one port contributes, sorted (its sources are): IPv4 hosts, IPv6
-    hosts, IPv4 networks, IPv6 networks (``tap . MAC . address``), then ARP hosts
-    and ARP networks (``tap . MAC . MAC . address``). Cached per policy: a big
-    host re-renders ten thousand unchanged ports on every pass."""
+    hosts, IPv4 networks, IPv6 networks (``egress_key . MAC . address``: the tap,
+    or its egress mark on a bridged host), then ARP hosts and ARP networks
+    (``tap . MAC . MAC . address``). Cached per policy: a big host re-renders ten
+    thousand unchanged ports on every pass."""
     tap = check_tap(port.tap)
     for mac in (port.mac, *(p.mac for p in port.allowed_pairs)):
         check_mac(mac)
@@ -132,7 +147,8 @@ def _port_elements(port: PortPolicy) -> _PortElements:
     kinds: list[list[Element]] = [[], [], [], [], [], []]
     for source in sources:
         v6 = source.family == "ipv6"
-        kinds[(0 if source.is_host else 2) + v6].append(Element((tap, source.mac, source.cidr)))
+        kinds[(0 if source.is_host else 2) + v6].append(
+            Element((egress_key, source.mac, source.cidr)))
         if not v6:
             arp = Element((tap, source.mac, source.mac, source.cidr))
             kinds[4 if source.is_host else 5].append(arp)
@@ -153,11 +169,12 @@ def _without_overlaps(elements: Iterable[Element]) -> tuple[Element, ...]:
     return tuple(sorted(merged))
 
 
-def nd_map(ports: Iterable[PortPolicy]) -> NamedSet:
-    """``tap → goto nd-<tap>`` for every protected port."""
-    elements = tuple(Element((p.tap,), Verdict("goto", nd_chain_name(p.tap)))
-                     for p in sorted(ports, key=lambda p: p.tap) if p.port_security)
-    return NamedSet(ND_PORTS, ("ifname",), (), elements, is_map=True)
+def nd_map(ports: Iterable[PortPolicy], ident: PortIdentity) -> NamedSet:
+    """``tap → goto nd-<tap>`` for every protected port (keyed by egress mark on a
+    bridged host)."""
+    elements = sorted(Element((ident.egress(p.tap),), Verdict("goto", nd_chain_name(p.tap)))
+                      for p in ports if p.port_security)
+    return NamedSet(ND_PORTS, (ident.key_type,), (), tuple(elements), is_map=True)
 
 
 # --------------------------------------------------------------------------- chains
@@ -186,23 +203,28 @@ def _nd_rule(cidr: str) -> Rule:
     return make_rule((Match(ND_TARGET, span), ACCEPT))
 
 
-def egress_guard() -> Chain:
+def egress_guard(ident: PortIdentity) -> Chain:
     """Anti-spoofing: a packet whose (tap, source MAC, source address) is a source
-    of the port goes on to :func:`egress_protect`; anything else is dropped."""
+    of the port goes on to :func:`egress_protect`; anything else is dropped.
+
+    On a bridged host the inet hooks still see the frame's Ethernet header
+    (br_netfilter keeps it; measured on kernel 6.18: ``ether saddr`` matches in the
+    forward hook), so the same check works keyed by the egress mark."""
     rules = [
-        make_rule((Match(_spoof_key(family), SetRef(name)), Verdict("goto", EGRESS_PROTECT)))
+        make_rule((Match(_spoof_key(family, ident.egress_key), SetRef(name)),
+                   Verdict("goto", EGRESS_PROTECT)))
         for family in ("ipv4", "ipv6")
         for name in (SPOOF[family], SPOOF_NETS[family])
     ]
     return Chain(EGRESS_GUARD, None, (*rules, make_rule((DROP,))))
 
 
-def _spoof_key(family: Family) -> Concat:
+def _spoof_key(family: Family, port_key: Meta) -> Concat:
     keyword = _ADDRESS[family][0]
-    return Concat((Meta("iifname"), Payload("ether", "saddr"), Payload(keyword, "saddr")))
+    return Concat((port_key, Payload("ether", "saddr"), Payload(keyword, "saddr")))
 
 
-def egress_protect() -> Chain:
+def egress_protect(ident: PortIdentity) -> Chain:
     """What no security-group rule can open or close, then conntrack state.
 
     Falling off its end returns to the chain that jumped to the guard
@@ -214,7 +236,7 @@ def egress_protect() -> Chain:
         (*_udp(547, 546), DROP),  # a DHCPv6 server or relay (RFC 8415)
         (Match(_ICMPV6_TYPE, SymbolSet(("nd-router-advert", "nd-redirect"))), DROP),
         (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")),
-         VMap(Meta("iifname"), SetRef(ND_PORTS))),
+         VMap(ident.egress_key, SetRef(ND_PORTS))),
         (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")), DROP),
         (*_udp(68, 67), ACCEPT),  # DHCP client
         (*_udp(546, 547), ACCEPT),  # DHCPv6 client
@@ -256,21 +278,92 @@ def neighbour_discovery_in() -> tuple[Statement, ...]:
 # --------------------------------------------------------------------------- table arp secfw
 
 
-def arp_sets(ports: Sequence[PortPolicy]) -> list[NamedSet]:
+def layer2_sets(ports: Sequence[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
+    """The sets of the layer-2 table: ``arp secfw`` on a routed host, ``bridge
+    secfw`` on a bridged one (:func:`arp_sets` + :func:`bridge_sets`)."""
+    if ident.topology == "bridged":
+        return [*arp_sets(ports, ident, BRIDGE_FAMILY), *bridge_sets(ports, ident)]
+    return arp_sets(ports, ident, ARP_FAMILY)
+
+
+def layer2_chains(ident: PortIdentity) -> list[Chain]:
+    """The chains of the layer-2 table (see :func:`layer2_sets`)."""
+    if ident.topology == "bridged":
+        return bridge_chains()
+    return [arp_input()]
+
+
+def arp_sets(ports: Sequence[PortPolicy], ident: PortIdentity, family: str) -> list[NamedSet]:
     """``arp_open`` (taps without port security) and ``arp_hosts``/``arp_nets``:
     ``tap . MAC . MAC . IPv4`` — the frame's source MAC and the ARP sender MAC must
     both be a MAC the port may use, with a sender address it may use."""
     ordered = sorted(ports, key=lambda p: p.tap)
-    per_port = [_port_elements(p) for p in ordered]
+    per_port = [_port_elements(p, ident.egress(p.tap)) for p in ordered]
     hosts = tuple(e for elements in per_port for e in elements[4])
     nets = [e for elements in per_port for e in elements[5]]
     open_taps = tuple(Element((p.tap,)) for p in ordered if not p.port_security)
     return [
-        NamedSet(ARP_OPEN, ("ifname",), (), open_taps, family=ARP_FAMILY),
-        NamedSet(ARP_HOSTS, _ARP_TYPE, (), hosts, family=ARP_FAMILY),
-        NamedSet(ARP_NETS, _ARP_TYPE, ("interval",), _without_overlaps(nets),
-                 family=ARP_FAMILY),
+        NamedSet(ARP_OPEN, ("ifname",), (), open_taps, family=family),
+        NamedSet(ARP_HOSTS, _ARP_TYPE, (), hosts, family=family),
+        NamedSet(ARP_NETS, _ARP_TYPE, ("interval",), _without_overlaps(nets), family=family),
     ]
+
+
+def bridge_sets(ports: Sequence[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
+    """``egress_marks``/``ingress_marks`` (tap → mark, every port) and
+    ``port_macs`` (tap . MAC for every MAC a protected port may use)."""
+    ordered = sorted(ports, key=lambda p: p.tap)
+    macs = sorted({
+        Element((check_tap(p.tap), check_mac(mac)))
+        for p in ordered if p.port_security
+        for mac in (p.mac, *(pair.mac for pair in p.allowed_pairs))
+    })
+    return [
+        NamedSet(EGRESS_MARKS, ("ifname",), (),
+                 tuple(Element((p.tap,), Datum(ident.egress(p.tap))) for p in ordered),
+                 is_map=True, family=BRIDGE_FAMILY, data_type="mark"),
+        NamedSet(INGRESS_MARKS, ("ifname",), (),
+                 tuple(Element((p.tap,), Datum(ident.ingress(p.tap))) for p in ordered),
+                 is_map=True, family=BRIDGE_FAMILY, data_type="mark"),
+        NamedSet(PORT_MACS, ("ifname", "ether_addr"), (), tuple(macs), family=BRIDGE_FAMILY),
+    ]
+
+
+def bridge_chains() -> list[Chain]:
+    """``from-tap`` (bridge prerouting) and ``to-tap`` (bridge postrouting).
+
+    ``from-tap`` runs before the bridge learns the frame's source MAC
+    (br_handle_frame_finish comes after the prerouting hook), so a protected tap
+    cannot claim another port's MAC in the forwarding database even with a frame
+    the inet table would drop. Then: taps without port security pass (unmarked:
+    the inet maps have nothing to check for them); a protected tap's ARP must come
+    from a known (tap, MAC, sender MAC, sender IPv4) — ARP is bridged here and never
+    reaches the host's ARP hook; only IPv4, IPv6 and ARP frames are bridged for it
+    (no VLAN tags, no other ethertypes); its IP frames get its egress mark; a tap
+    secfw does not know is dropped (fail closed). ``to-tap`` gives frames that
+    leave by a tap that tap's ingress mark (drop for an unknown tap).
+    """
+    iifname, oifname = Meta("iifname"), Meta("oifname")
+    ether_type = Payload("ether", "type")
+    arp = Match(ether_type, Symbol("arp"))
+    from_tap = (
+        make_rule((Match(iifname, TAP_WILDCARD, "!="), ACCEPT)),
+        make_rule((Match(iifname, SetRef(ARP_OPEN)), ACCEPT)),
+        make_rule((Match(Concat((iifname, Payload("ether", "saddr"))), SetRef(PORT_MACS), "!="),
+                   DROP)),
+        make_rule((arp, Match(_ARP_KEY, SetRef(ARP_HOSTS)), ACCEPT)),
+        make_rule((arp, Match(_ARP_KEY, SetRef(ARP_NETS)), ACCEPT)),
+        make_rule((Match(ether_type, SymbolSet(("ip", "ip6")), "!="), DROP)),
+        make_rule((SetMeta("mark", MapLookup(iifname, SetRef(EGRESS_MARKS))), ACCEPT)),
+        _DROP_RULE,
+    )
+    to_tap = (
+        make_rule((Match(oifname, TAP_WILDCARD, "!="), ACCEPT)),
+        make_rule((SetMeta("mark", MapLookup(oifname, SetRef(INGRESS_MARKS))), ACCEPT)),
+        _DROP_RULE,
+    )
+    return [Chain(FROM_TAP, FROM_TAP_HOOK, from_tap, family=BRIDGE_FAMILY),
+            Chain(TO_TAP, TO_TAP_HOOK, to_tap, family=BRIDGE_FAMILY)]
 
 
 def arp_input() -> Chain:

@@ -63,14 +63,18 @@ from secfw.backends.nftables.layout import (
     NEW_NOT_SYN,
     PORT_PROTOCOLS,
     PORTS_SUFFIX,
+    POSTROUTING_INGRESS,
+    POSTROUTING_INGRESS_HOOK,
     SAME_NET,
     TAP_WILDCARD,
+    PortIdentity,
     canonical_cidr,
     check_name,
     check_tap,
     cidr_family,
     collector_paused,
     is_safe_name,
+    port_identity,
     ports_set_name,
 )
 from secfw.backends.nftables.syntax import (
@@ -119,43 +123,49 @@ _RULE_ID = re.compile(r"[A-Za-z0-9-]+")
 # --------------------------------------------------------------------------- #
 
 
-def render(hf: HostFilter) -> Ruleset:
-    """The ruleset that enforces ``hf``. Deterministic: equal IR, equal ruleset.
+def render(hf: HostFilter, topology: str = "routed") -> Ruleset:
+    """The ruleset that enforces ``hf`` on a ``routed`` or ``bridged`` host
+    (:class:`~.layout.PortIdentity`). Deterministic: equal input, equal ruleset.
 
     Raises BackendError when the IR is inconsistent (unknown chain or set, a name,
     tap or MAC that is not safe to print, duplicate names) and UnsupportedError
     when a rule asks for something this backend cannot express.
     """
     with collector_paused():
-        return _render(hf)
+        return _render(hf, topology)
 
 
-def _render(hf: HostFilter) -> Ruleset:
+def _render(hf: HostFilter, topology: str) -> Ruleset:
     groups = _index_chains(hf.chains)
     address_sets = _index_sets(hf.sets)
     members = _members(hf.ports, groups)
-    interned = {p.tap: Element((p.tap,)) for p in hf.ports}
-    same_net = _same_net_sets(p for p in hf.ports if p.port_security)
+    ident = port_identity(topology, (p.tap for p in hf.ports))
+    interned = {
+        "egress": {p.tap: Element((ident.egress(p.tap),)) for p in hf.ports},
+        "ingress": {p.tap: Element((ident.ingress(p.tap),)) for p in hf.ports},
+    }
+    same_net = _same_net_sets((p for p in hf.ports if p.port_security), ident)
     sets = [
-        _ingress_map(hf.ports),
-        _egress_map(hf.ports),
+        _ingress_map(hf.ports, ident),
+        _egress_map(hf.ports, ident),
         *same_net,
-        *(_ports_set(name, taps, interned) for name, taps in members.items()),
+        *(_ports_set(name, taps, interned[groups[name].direction], ident.key_type)
+          for name, taps in members.items()),
         *(_address_set(s) for s in hf.sets),
-        *protect.spoof_sets(hf.ports),
-        protect.nd_map(hf.ports),
-        *protect.arp_sets(hf.ports),
+        *protect.spoof_sets(hf.ports, ident),
+        protect.nd_map(hf.ports, ident),
+        *protect.layer2_sets(hf.ports, ident),
     ]
     chains = [
         *(_group_chain(c, address_sets) for c in hf.chains),
         _ingress_filter(sorted(c.name for c in hf.chains if c.direction == "ingress"),
-                        [s.name for s in same_net]),
-        *_egress_chains(sorted(c.name for c in hf.chains if c.direction == "egress")),
-        protect.egress_guard(),
-        protect.egress_protect(),
+                        [s.name for s in same_net], ident),
+        *_egress_chains(sorted(c.name for c in hf.chains if c.direction == "egress"), ident),
+        protect.egress_guard(ident),
+        protect.egress_protect(ident),
         *protect.nd_chains(hf.ports),
-        *_base_chains(),
-        protect.arp_input(),
+        *_base_chains(ident),
+        *protect.layer2_chains(ident),
     ]
     _check_unique([s.name for s in sets], "set")
     _check_unique([c.name for c in chains], "chain")
@@ -210,15 +220,20 @@ def _members(ports: Iterable[PortPolicy], groups: dict[str, GroupChain]) -> dict
     return {name: sorted(taps) for name, taps in members.items()}
 
 
-def _ingress_map(ports: Iterable[PortPolicy]) -> NamedSet:
+def _ingress_map(ports: Iterable[PortPolicy], ident: PortIdentity) -> NamedSet:
     """tap → goto ingress-filter, or accept when port security is off."""
     to_filter = Verdict("goto", INGRESS_FILTER)
-    elements = tuple(Element((p.tap,), to_filter if p.port_security else ACCEPT)
+    elements = tuple(Element((ident.ingress(p.tap),), to_filter if p.port_security else ACCEPT)
                      for p in sorted(ports, key=lambda p: p.tap))
-    return NamedSet(INGRESS_PORTS, ("ifname",), (), elements, is_map=True)
+    return NamedSet(INGRESS_PORTS, (ident.key_type,), (), _by_key(elements), is_map=True)
 
 
-def _egress_map(ports: Iterable[PortPolicy]) -> NamedSet:
+def _by_key(elements: Iterable[Element]) -> tuple[Element, ...]:
+    """Elements sorted by key (marks sort otherwise than the taps they stand for)."""
+    return tuple(sorted(elements, key=lambda e: e.key))
+
+
+def _egress_map(ports: Iterable[PortPolicy], ident: PortIdentity) -> NamedSet:
     """tap → goto egress-open (no egress rule in its groups), goto egress-filter,
     or accept when port security is off (no anti-spoofing either)."""
     to_open, to_filter = Verdict("goto", EGRESS_OPEN), Verdict("goto", EGRESS_FILTER)
@@ -228,18 +243,18 @@ def _egress_map(ports: Iterable[PortPolicy]) -> NamedSet:
             return ACCEPT
         return to_open if port.egress_open else to_filter
 
-    elements = tuple(Element((p.tap,), verdict(p)) for p in sorted(ports, key=lambda p: p.tap))
-    return NamedSet(EGRESS_PORTS, ("ifname",), (), elements, is_map=True)
+    elements = tuple(Element((ident.egress(p.tap),), verdict(p)) for p in ports)
+    return NamedSet(EGRESS_PORTS, (ident.key_type,), (), _by_key(elements), is_map=True)
 
 
-def _same_net_sets(ports: Iterable[PortPolicy]) -> list[NamedSet]:
+def _same_net_sets(ports: Iterable[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
     """``tap . network`` interval sets, one per family that has any element."""
     elements: dict[Family, list[Element]] = {"ipv4": [], "ipv6": []}
     for port in ports:
         for cidr in _merged(port.same_net_cidrs):
-            elements[cidr_family(cidr)].append(Element((port.tap, cidr)))
+            elements[cidr_family(cidr)].append(Element((ident.ingress(port.tap), cidr)))
     return [
-        NamedSet(SAME_NET[family], ("ifname", ADDRESS_TYPE[family]), ("interval",),
+        NamedSet(SAME_NET[family], (ident.key_type, ADDRESS_TYPE[family]), ("interval",),
                  tuple(sorted(elements[family], key=lambda e: e.key)))
         for family in ("ipv4", "ipv6")
         if elements[family]
@@ -260,11 +275,14 @@ def _merged(cidrs: tuple[str, ...]) -> tuple[str, ...]:
         n.with_prefixlen for n in ipaddress.collapse_addresses(v6))
 
 
-def _ports_set(chain: str, taps: list[str], interned: dict[str, Element]) -> NamedSet:
+def _ports_set(chain: str, taps: list[str], interned: dict[str, Element],
+               key_type: str) -> NamedSet:
     """``interned`` holds one Element per tap, shared by every set it is in: a port
     is in ~20 sets, and creating ~200k tuples would cost more than rendering them."""
     elements = tuple(interned[tap] for tap in taps)
-    return NamedSet(check_name(ports_set_name(chain)), ("ifname",), (), elements)
+    if key_type != "ifname":
+        elements = _by_key(elements)
+    return NamedSet(check_name(ports_set_name(chain)), (key_type,), (), elements)
 
 
 def _address_set(address_set: AddressSet) -> NamedSet:
@@ -356,51 +374,66 @@ def _icmp(rule: IRRule) -> list[Statement]:
     return [Match(Payload(keyword, name), value) for name, value in values]
 
 
-def _ingress_filter(chains: list[str], same_net: list[str]) -> Chain:
+def _ingress_filter(chains: list[str], same_net: list[str], ident: PortIdentity) -> Chain:
     """What reaches a protected port: replies, neighbour discovery, same-net
     traffic, then every ingress group chain of the port, then drop."""
     rules = [make_rule((CT_STATE,)), make_rule((NEW_NOT_SYN, DROP)),
              make_rule(protect.neighbour_discovery_in())]
     rules += [
-        make_rule((Match(_same_net_key("oifname", name), SetRef(name)), ACCEPT))
+        make_rule((Match(_same_net_key(ident.ingress_key, name), SetRef(name)), ACCEPT))
         for name in same_net
     ]
-    rules += [_dispatch("oifname", name) for name in chains]
+    rules += [_dispatch(ident.ingress_key, name) for name in chains]
     rules.append(make_rule((DROP,)))
     return Chain(INGRESS_FILTER, None, tuple(rules))
 
 
-def _egress_chains(chains: list[str]) -> list[Chain]:
+def _egress_chains(chains: list[str], ident: PortIdentity) -> list[Chain]:
     """``egress-open`` and ``egress-filter``: both first ``jump`` to the guard
     (anti-spoofing, protections, conntrack state: it drops or accepts what it
     decides and returns the rest); then open egress accepts, restricted egress
     tries the port's egress group chains and drops."""
     guard = make_rule((Verdict("jump", EGRESS_GUARD),))
-    dispatch = [_dispatch("iifname", name) for name in chains]
+    dispatch = [_dispatch(ident.egress_key, name) for name in chains]
     return [
         Chain(EGRESS_OPEN, None, (guard, make_rule((ACCEPT,)))),
         Chain(EGRESS_FILTER, None, (guard, *dispatch, make_rule((DROP,)))),
     ]
 
 
-def _same_net_key(ifname: str, set_name: str) -> Concat:
+def _same_net_key(port_key: Meta, set_name: str) -> Concat:
     family: Family = "ipv6" if set_name == SAME_NET["ipv6"] else "ipv4"
-    return Concat((Meta(ifname), Payload(ADDRESS_KEYWORD[family], "saddr")))
+    return Concat((port_key, Payload(ADDRESS_KEYWORD[family], "saddr")))
 
 
-def _dispatch(ifname: str, chain: str) -> Rule:
+def _dispatch(port_key: Meta, chain: str) -> Rule:
     """``oifname @<chain>-ports jump <chain>``: the group's rules apply to its ports.
 
     ``jump`` (not ``goto``): a group that does not accept returns here so the next
     group of the port is tried; the groups' rules add up (semantics.md)."""
-    return make_rule((Match(Meta(ifname), SetRef(ports_set_name(chain))),
+    return make_rule((Match(port_key, SetRef(ports_set_name(chain))),
                       Verdict("jump", chain)))
 
 
-def _base_chains() -> list[Chain]:
-    """The three hooked chains of ``inet secfw``. Each first lets non-tap traffic
-    go on untouched, so secfw never decides about the host's own traffic, then
-    dispatches by tap; a tap secfw does not know is dropped (fail closed)."""
+def _base_chains(ident: PortIdentity) -> list[Chain]:
+    """The hooked chains of ``inet secfw``.
+
+    Routed: each first lets non-tap traffic go on untouched, so secfw never decides
+    about the host's own traffic, then dispatches by tap; a tap secfw does not
+    know is dropped (fail closed). Bridged: they dispatch by the mark the bridge
+    table set (a frame without one of secfw's marks is not a tap's and passes);
+    the bridge table already dropped frames of unknown taps.
+    """
+    if ident.topology == "bridged":
+        mark = Meta("mark")
+        return [
+            Chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK,
+                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)),)),
+            Chain(POSTROUTING_INGRESS, POSTROUTING_INGRESS_HOOK,
+                  (make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)),)),
+            Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK,
+                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)),)),
+        ]
     return [
         _base_chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK, "iifname", EGRESS_PORTS),
         _base_chain(FORWARD_INGRESS, FORWARD_INGRESS_HOOK, "oifname", INGRESS_PORTS),

@@ -38,6 +38,7 @@ from secfw.backends.nftables.syntax import (
     ADDRESS_TYPES,
     FAMILIES,
     TABLE,
+    Datum,
     Element,
     Hook,
     NamedSet,
@@ -47,6 +48,8 @@ from secfw.backends.nftables.syntax import (
 from secfw.errors import BackendError
 
 _VERDICTS = frozenset({"accept", "drop", "continue", "return", "jump", "goto"})
+#: What secfw's maps map to: verdicts, or packet marks (the bridge table's).
+_DATA_TYPES = ("verdict", "mark")
 
 #: A set or chain of one of secfw's tables: ``(family, name)``.
 ObjectKey = tuple[str, str]
@@ -60,11 +63,12 @@ class SetState:
     flags: tuple[str, ...]
     is_map: bool
     elements: frozenset[Element]
+    data_type: str = "verdict"
 
     @property
-    def declaration(self) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    def declaration(self) -> tuple[tuple[str, ...], tuple[str, ...], bool, str]:
         """What cannot change in place: a set whose declaration differs is recreated."""
-        return self.key_type, self.flags, self.is_map
+        return self.key_type, self.flags, self.is_map, self.data_type
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class KernelState:
 
 def _set_state(named: NamedSet) -> SetState:
     return SetState(named.key_type, tuple(sorted(named.flags)), named.is_map,
-                    frozenset(named.elements))
+                    frozenset(named.elements), named.data_type if named.is_map else "verdict")
 
 
 def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
@@ -159,15 +163,16 @@ def _parse_hook(body: Mapping[str, Any]) -> Hook | None:
 def _parse_set(is_map: bool, body: Mapping[str, Any], interned: dict[str, Element]) -> SetState:
     raw_type = body["type"]
     key_type = (raw_type,) if isinstance(raw_type, str) else tuple(raw_type)
-    if is_map and body.get("map") != "verdict":
-        raise ValueError(f"map {body['name']} does not map to verdicts")
+    data_type = str(body.get("map", "verdict"))
+    if is_map and data_type not in _DATA_TYPES:
+        raise ValueError(f"map {body['name']} maps to {data_type}, not to {_DATA_TYPES}")
     flags = tuple(sorted(str(f) for f in body.get("flags", ())))
     raws = body.get("elem", ())
     if key_type == ("ifname",) and not is_map:
         elements = frozenset(_ifname_element(raw, interned) for raw in raws)
     else:
         elements = frozenset(_parse_element(raw, key_type, is_map) for raw in raws)
-    return SetState(key_type, flags, is_map, elements)
+    return SetState(key_type, flags, is_map, elements, data_type if is_map else "verdict")
 
 
 def _ifname_element(raw: Any, interned: dict[str, Element]) -> Element:
@@ -186,7 +191,7 @@ def _parse_element(raw: Any, key_type: tuple[str, ...], is_map: bool) -> Element
     verdict = None
     if is_map:
         raw, data = raw
-        verdict = parse_verdict(data)
+        verdict = Datum(str(int(data))) if isinstance(data, int) else parse_verdict(data)
     raw = _unwrap(raw)
     if len(key_type) == 1:  # fast path: no concatenation
         return Element((_component(raw, key_type[0]),), verdict)

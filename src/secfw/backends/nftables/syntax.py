@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 
 TABLE = "secfw"
 FAMILY = "inet"  # the main table's family
-ARP_FAMILY = "arp"
+ARP_FAMILY = "arp"  # ARP anti-spoofing on routed hosts
+BRIDGE_FAMILY = "bridge"  # port marks and layer-2 anti-spoofing on bridged hosts
 #: Every table secfw owns, in the order they are written: ``(family, name)``.
-FAMILIES = (FAMILY, ARP_FAMILY)
+FAMILIES = (FAMILY, ARP_FAMILY, BRIDGE_FAMILY)
 
 #: Set key types whose elements are addresses (CIDRs in the normal form).
 ADDRESS_TYPES = {"ipv4_addr": "ipv4", "ipv6_addr": "ipv6"}
@@ -156,7 +157,24 @@ class VMap(NamedTuple):
     data: SetRef | VerdictTable
 
 
-Statement = Match | VMap | Verdict
+class MapLookup(NamedTuple):
+    """``KEY map @name``: the data a named data map holds for ``KEY``."""
+
+    key: Key
+    map: SetRef
+
+
+class SetMeta(NamedTuple):
+    """``meta KEY set VALUE`` (a statement): ``meta mark set iifname map @m``.
+
+    If VALUE is a map lookup that finds nothing, the rule stops there (nft's
+    lookup breaks the rule), so the statements after it do not run either."""
+
+    key: str
+    value: MapLookup
+
+
+Statement = Match | VMap | Verdict | SetMeta
 
 
 # --------------------------------------------------------------------------- #
@@ -180,23 +198,32 @@ class Hook(NamedTuple):
     policy: str
 
 
+class Datum(NamedTuple):
+    """The value of a data-map element (not a verdict): a packet mark, as decimal
+    digits (how :mod:`.state` normalises the kernel's read-back)."""
+
+    text: str
+
+
 class Element(NamedTuple):
-    """A set element (``key``: one string per key type) or a map element (+ verdict).
+    """A set element (``key``: one string per key type) or a map element (+ its
+    verdict, or its :class:`Datum` in a data map).
 
     Addresses are canonical CIDRs (``10.0.0.1/32``), interface names plain strings,
-    MAC addresses lower case: the same normal form :mod:`.state` produces from a
-    kernel read-back.
+    MAC addresses lower case, marks decimal digits: the same normal form
+    :mod:`.state` produces from a kernel read-back.
     """
 
     key: tuple[str, ...]
-    verdict: Verdict | None = None
+    verdict: Verdict | Datum | None = None
 
 
 @dataclass(frozen=True)
 class NamedSet:
-    """A named set, or a verdict map when ``is_map``; elements are sorted by key.
+    """A named set, or a map when ``is_map``; elements are sorted by key.
 
-    ``family`` is the table it lives in (``inet`` or ``arp``)."""
+    A map maps to verdicts unless ``data_type`` names another type (``mark``).
+    ``family`` is the table it lives in (``inet``, ``arp`` or ``bridge``)."""
 
     name: str
     key_type: tuple[str, ...]
@@ -204,6 +231,7 @@ class NamedSet:
     elements: tuple[Element, ...]
     is_map: bool = False
     family: str = FAMILY
+    data_type: str = "verdict"
 
 
 @dataclass(frozen=True)
@@ -292,13 +320,19 @@ def value_text(value: Value) -> str:
     return value.name
 
 
-def verdict_text(verdict: Verdict) -> str:
+def verdict_text(verdict: Verdict | Datum) -> str:
+    """A verdict, or the datum of a data-map element."""
+    if isinstance(verdict, Datum):
+        return verdict.text
     return verdict.kind if verdict.target is None else f"{verdict.kind} {verdict.target}"
 
 
 def statement_text(statement: Statement) -> str:
     if isinstance(statement, Verdict):
         return verdict_text(statement)
+    if isinstance(statement, SetMeta):
+        lookup = statement.value
+        return f"meta {statement.key} set {key_text(lookup.key)} map @{lookup.map.name}"
     if isinstance(statement, VMap):
         if isinstance(statement.data, SetRef):
             return f"{key_text(statement.key)} vmap @{statement.data.name}"
@@ -318,8 +352,13 @@ def rule_text(rule: Rule) -> str:
 
 
 def hook_text(hook: Hook) -> str:
-    prio = "filter" if hook.priority == 0 else (
-        f"filter {'+' if hook.priority > 0 else '-'} {abs(hook.priority)}")
+    """Priorities near 0 print relative to ``filter`` (0 in inet and arp); far ones
+    (the bridge family's filter is -200, nft(8) "CHAINS") as plain numbers."""
+    if abs(hook.priority) >= 100:
+        prio = str(hook.priority)
+    else:
+        prio = "filter" if hook.priority == 0 else (
+            f"filter {'+' if hook.priority > 0 else '-'} {abs(hook.priority)}")
     return f"type {hook.type} hook {hook.hook} priority {prio}; policy {hook.policy};"
 
 
@@ -345,7 +384,7 @@ def element_text(key_type: tuple[str, ...], element: Element, interval: bool = T
 def set_declaration(named: NamedSet) -> str:
     """``type …; flags …;`` of a set or map."""
     key_type = " . ".join(named.key_type)
-    text = f"type {key_type} : verdict;" if named.is_map else f"type {key_type};"
+    text = f"type {key_type} : {named.data_type};" if named.is_map else f"type {key_type};"
     return text + (f" flags {', '.join(named.flags)};" if named.flags else "")
 
 
@@ -370,14 +409,15 @@ def table_header(family: str) -> str:
 
 
 def to_nft_text(ruleset: Ruleset) -> str:
-    """A complete ``nft -f`` file that atomically replaces secfw's tables.
+    """A complete ``nft -f`` file that atomically replaces secfw's tables (all of
+    :data:`FAMILIES`: a table the ruleset does not use, left from the other
+    topology, is removed).
 
     The whole file is one transaction, so the old tables stay in force until the
     new ones are complete (nft(8), "nft -f": a file is applied atomically).
     """
-    families = ruleset.families()
-    headers = "\n".join(table_header(f) for f in families)
-    blocks = "\n".join(table_text(ruleset, f) for f in families)
+    headers = "\n".join(table_header(f) for f in FAMILIES)  # also a table left unused
+    blocks = "\n".join(table_text(ruleset, f) for f in ruleset.families())
     return (f"# generated by secfw: the whole of secfw's tables, applied atomically\n"
             f"{headers}\n{blocks}\n")
 
@@ -452,13 +492,20 @@ def prefix_json(cidr: str) -> Json:
     return {"prefix": {"addr": addr, "len": int(length)}}
 
 
-def verdict_json(verdict: Verdict) -> Json:
+def verdict_json(verdict: Verdict | Datum) -> Json:
+    """A verdict, or the datum of a data-map element (a mark: an integer)."""
+    if isinstance(verdict, Datum):
+        return int(verdict.text)
     return {verdict.kind: None if verdict.target is None else {"target": verdict.target}}
 
 
 def statement_json(statement: Statement) -> Json:
     if isinstance(statement, Verdict):
         return verdict_json(statement)
+    if isinstance(statement, SetMeta):
+        lookup = statement.value
+        value = {"map": {"key": key_json(lookup.key), "data": "@" + lookup.map.name}}
+        return {"mangle": {"key": {"meta": {"key": statement.key}}, "value": value}}
     if isinstance(statement, VMap):
         data: Json = "@" + statement.data.name if isinstance(statement.data, SetRef) else {
             "set": [[k.name, verdict_json(v)] for k, v in statement.data.entries]}
@@ -468,6 +515,8 @@ def statement_json(statement: Statement) -> Json:
 
 
 def _component_json(value: str, key_type: str, interval: bool) -> Json:
+    if key_type == "mark":
+        return int(value)
     if key_type not in ADDRESS_TYPES:
         return value
     return prefix_json(value) if interval else value.split("/", 1)[0]
@@ -486,7 +535,7 @@ def _set_json(named: NamedSet) -> Json:
                              "type": named.key_type[0] if len(named.key_type) == 1
                              else list(named.key_type)}
     if named.is_map:
-        body["map"] = "verdict"
+        body["map"] = named.data_type
     if named.flags:
         body["flags"] = list(named.flags)
     if named.elements:
