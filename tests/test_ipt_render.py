@@ -850,3 +850,44 @@ def test_compile_text_is_the_whole_script() -> None:
     assert text.startswith("# ipset -exist restore\ncreate secfw-a-")
     assert text.count("*filter") == 2 and text.count("COMMIT") == 2
     assert "-I FORWARD 1 -j secfw-fwd" in text
+
+
+# ------------------------------------------------------------ bridged hosts --
+
+
+def test_bridged_dispatch_matches_bridge_ports_with_physdev() -> None:
+    """On a bridge iptables sees the bridge as -i/-o: every tap match becomes an
+    xt_physdev match; the output port only for bridged frames."""
+    routed = render(small())
+    bridged = render(small(), RenderOptions(topology="bridged"))
+    v4 = bridged.tables["ipv4"].chains
+    assert v4["secfw-fwd"] == (
+        "-m physdev --physdev-in tap+ -j secfw-egress",
+        "-m physdev --physdev-out tap+ --physdev-is-bridged -j secfw-ingress")
+    assert v4["secfw-in"] == ("-m physdev --physdev-in tap+ -j secfw-egress",)
+    text = to_text(bridged)
+    assert not re.search(r" -[io] tap", text)  # no interface match is left
+    assert f"-m physdev --physdev-in {TAP_A} -m mac --mac-source" in text
+    assert f"-m physdev --physdev-out {TAP_A} --physdev-is-bridged -g secfw-pi-" in text
+    # the same chains otherwise: only the dispatch differs
+    assert set(v4) == set(routed.tables["ipv4"].chains)
+    assert bridged.sets == routed.sets
+    assert compile_text(small(), topology="bridged") == text
+
+
+def test_bridged_buckets_match_tap_prefixes_with_physdev() -> None:
+    ports = tuple(port(f"tapab{i:02d}", mac=f"fa:16:3e:00:01:{i:02x}", ipv4=(f"10.0.2.{i + 2}",))
+                  for i in range(8))
+    hf = HostFilter("h", ports, (), ())
+    chains = render(hf, RenderOptions(leaf_rules=4, topology="bridged")).tables["ipv4"].chains
+    buckets = [r for r in chains[EGRESS] if "-g secfw-eb-" in r]
+    assert buckets and all(r.startswith("-m physdev --physdev-in tapab") for r in buckets)
+    assert chains[EGRESS][-1] == "-j DROP"
+
+
+def test_unknown_topology_is_refused_by_the_iptables_backend() -> None:
+    with pytest.raises(BackendError, match="unknown topology 'flat'"):
+        RenderOptions(topology="flat")
+    with pytest.raises(BackendError, match="unknown topology"):
+        IptablesBackend(executor=IptablesExecutor(variant="nft", runner=lambda a, s: None),
+                        topology="flat")

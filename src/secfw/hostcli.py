@@ -21,7 +21,7 @@ import click
 
 from secfw.agent import AgentLoop, LoopSettings, Reconciler, SystemdNotifier
 from secfw.api import Api
-from secfw.backends import BACKENDS, get_backend
+from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
 from secfw.config import Config, load_config
@@ -52,6 +52,12 @@ _config_option = click.option(
 _backend_option = click.option(
     "--backend", type=click.Choice(BACKENDS), default="nftables", show_default=True
 )
+_topology_option = click.option(
+    "--topology", type=click.Choice(TOPOLOGIES), envvar="SECFW_TOPOLOGY", default="routed",
+    show_default=True,
+    help="routed: taps are routed links; bridged: taps are ports of Linux bridges "
+         "(needs br_netfilter) [env SECFW_TOPOLOGY].",
+)
 _state_dir_option = click.option(
     "--state-dir", metavar="DIR", envvar="SECFW_STATE_DIR", default=DEFAULT_STATE_DIR,
     show_default=True, help="Where the agent writes its status report [env SECFW_STATE_DIR].",
@@ -63,21 +69,34 @@ _log = logging.getLogger("secfw.agent")
 @_host_option
 @_config_option
 @_backend_option
+@_topology_option
 @click.option(
-    "-f", "--format", "fmt", type=click.Choice(["nft", "json"]), default="nft", show_default=True,
-    help="nft: text that `nft -f` loads as is; json: libnftables JSON.",
+    "-f", "--format", "fmt", type=click.Choice(["text", "nft", "json"]), default="text",
+    show_default=True,
+    help="text: what the backend loads as is (`nft -f` input; for iptables the "
+         "ipset/iptables-restore input); nft: the same as text for nftables; "
+         "json: libnftables JSON (nftables only).",
 )
 @scope_options
 @pass_state
 def compile_command(
-    state: CliState, host: str, config_path: str | None, backend: str, fmt: str
+    state: CliState, host: str, config_path: str | None, backend: str, topology: str, fmt: str
 ) -> None:
-    """Print HOST's ruleset (deterministic: same model, same bytes)."""
+    """Print HOST's ruleset for a backend and topology (deterministic: same model,
+    same bytes)."""
+    check_host(host)
+    if backend != "nftables" and fmt != "text":
+        raise click.UsageError(f"-f {fmt} exists for the nftables backend only")
+    config = load_config(config_path)
+    hf = compile_host(state.api.snapshot(), host, config.allow_same_net_traffic)
+    if backend == "iptables":
+        from secfw.backends.iptables import compile_text
+
+        click.echo(compile_text(hf, topology=topology), nl=False)
+        return
     from secfw.backends.nftables import render, to_nft_json, to_nft_text
 
-    check_host(host)
-    config = load_config(config_path)
-    ruleset = render(compile_host(state.api.snapshot(), host, config.allow_same_net_traffic))
+    ruleset = render(hf, topology)
     if fmt == "json":
         click.echo(json.dumps(to_nft_json(ruleset), indent=2, sort_keys=True))
     else:
@@ -88,6 +107,7 @@ def compile_command(
 @click.option("--host", help="The compute host (required to run the agent).")
 @_config_option
 @_backend_option
+@_topology_option
 @click.option("--once", is_flag=True, help="Run one full sync and exit.")
 @click.option("--cleanup", is_flag=True,
               help="Remove secfw's table (and nothing else) and exit; 0 when already absent.")
@@ -116,6 +136,7 @@ def agent_command(
     host: str | None,
     config_path: str | None,
     backend: str,
+    topology: str,
     once: bool,
     cleanup: bool,
     resync_interval: float,
@@ -135,7 +156,7 @@ def agent_command(
         return
     configure_logging()
     if cleanup:
-        _cleanup(backend)
+        _cleanup(backend, topology)
         return
     if host is None:
         raise click.UsageError("Missing option '--host'.")
@@ -143,33 +164,37 @@ def agent_command(
     state = ctx.find_object(CliState)
     assert state is not None  # always run under main
     if once:
-        _run_once(state.store_url, host, config_path, backend)
+        _run_once(state.store_url, host, config_path, backend, topology)
         return
     settings = LoopSettings(poll_interval, resync_interval, backoff_max=backoff_max)
-    _run_loop(state.store_url, host, load_config(config_path), backend, settings,
+    _run_loop(state.store_url, host, load_config(config_path), (backend, topology), settings,
               Path(state_dir), metrics_address)
 
 
-def _run_once(store_url: str, host: str, config_path: str | None, backend: str) -> None:
+def _run_once(
+    store_url: str, host: str, config_path: str | None, backend: str, topology: str
+) -> None:
     """One full sync; logs ``sync … commands=N`` (other tools rely on that line)."""
     reconciler = Reconciler(
-        open_store(store_url), host, load_config(config_path), get_backend(backend)
+        open_store(store_url), host, load_config(config_path),
+        get_backend(backend, topology=topology),
     )
     result = reconciler.reconcile(full=True)
     log_event(_log, logging.INFO, "sync", **result.as_fields(), **(result.changes or {}))
 
 
 def _run_loop(
-    store_url: str, host: str, config: Config, backend: str, settings: LoopSettings,
-    state_dir: Path, metrics_address: str | None,
+    store_url: str, host: str, config: Config, backend_topology: tuple[str, str],
+    settings: LoopSettings, state_dir: Path, metrics_address: str | None,
 ) -> None:
     """The daemon: the loop with its observers and link watcher, until stopped.
 
     Only a bad --metrics-address or a backend that cannot be opened end it with
     an error; a store that cannot be read is a failing pass, retried.
     """
+    backend, topology = backend_topology
     store = ReopeningStore(store_url)
-    reconciler = Reconciler(store, host, config, get_backend(backend))
+    reconciler = Reconciler(store, host, config, get_backend(backend, topology=topology))
     metrics = AgentMetrics()
     if metrics_address:
         metrics.serve(metrics_address)
@@ -178,7 +203,8 @@ def _run_loop(
     watcher = _start_link_watcher(loop)
     loop.taps = watcher.taps if watcher is not None else None
     loop.install_signal_handlers()
-    log_event(_log, logging.INFO, "started", backend=backend, store=store_url,
+    log_event(_log, logging.INFO, "started", backend=backend, topology=topology,
+              store=store_url,
               resync_interval=settings.resync_interval, metrics=metrics_address or "off",
               status=str(status_path(state_dir, host)))
     try:
@@ -202,9 +228,9 @@ def _start_link_watcher(loop: AgentLoop) -> LinkWatcher | None:
     return watcher
 
 
-def _cleanup(backend_name: str) -> None:
+def _cleanup(backend_name: str, topology: str) -> None:
     """Delete secfw's table in this namespace, touch nothing else (exit 0 if absent)."""
-    backend = get_backend(backend_name)
+    backend = get_backend(backend_name, topology=topology)
     try:
         present = backend.read() is not None
     except BackendError:  # there, but not in a shape we parse: it goes all the same
@@ -272,30 +298,44 @@ def lab_group() -> None:
     """A compute host's instances as network namespaces (see secfw.lab)."""
 
 
+_lab_topology_option = click.option(
+    "--topology", type=click.Choice(TOPOLOGIES), envvar="SECFW_TOPOLOGY", default="routed",
+    show_default=True,
+    help="routed: every tap a routed link (Calico style); bridged: taps are ports of one "
+         "Linux bridge per network and a router namespace routes (nova-network style). "
+         "A lab keeps its topology until `lab down` [env SECFW_TOPOLOGY].",
+)
+
+
 @lab_group.command("up")
 @_host_option
+@_lab_topology_option
 @scope_options
 @pass_state
-def lab_up(state: CliState, host: str) -> None:
+def lab_up(state: CliState, host: str, topology: str) -> None:
     """Create (or bring in line) the lab of HOST from the store."""
-    _lab_sync(state, host)
+    _lab_sync(state, host, topology)
 
 
 @lab_group.command("sync")
 @_host_option
+@_lab_topology_option
 @scope_options
 @pass_state
-def lab_sync(state: CliState, host: str) -> None:
+def lab_sync(state: CliState, host: str, topology: str) -> None:
     """Add namespaces of new instances of HOST, remove those of deleted ones."""
-    _lab_sync(state, host)
+    _lab_sync(state, host, topology)
 
 
-def _lab_sync(state: CliState, host: str) -> None:
+def _lab_sync(state: CliState, host: str, topology: str) -> None:
+    from secfw.lab import Lab
+
     check_host(host)
-    lab = lab_for(host)
+    lab = Lab(host, lab_for(host).state_dir, topology=topology)  # lab_for: the state dir
     lab.up(lab_ports(state.api.snapshot(), host))
-    click.echo(f"lab of {host}: host namespace {lab.host_ns}, external {lab.external_ns}, "
-               f"{len(lab.taps())} instance(s)")
+    router = f", router {lab.router_ns}" if topology == "bridged" else ""
+    click.echo(f"lab of {host} ({topology}): host namespace {lab.host_ns}{router}, "
+               f"external {lab.external_ns}, {len(lab.taps())} instance(s)")
 
 
 @lab_group.command("down")

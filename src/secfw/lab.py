@@ -1,8 +1,11 @@
 """The network-namespace lab: a compute host's instances, materialised on this machine.
 
-``secfw lab up --host H`` builds a routed (Calico-style) topology so that real packets
-can exercise the firewall. Everything lives in namespaces the lab creates; the root
-namespace is never touched (apart from the ``/run/netns`` entries of those namespaces)::
+``secfw lab up --host H [--topology routed|bridged]`` builds one of two topologies so
+that real packets can exercise the firewall. Everything lives in namespaces the lab
+creates; the root namespace is never touched (apart from the ``/run/netns`` entries of
+those namespaces).
+
+Routed (Calico-style, the default)::
 
     sfw-i-<h>-<tap>  eth0 (port MAC, ip/prefixlen, default via gateway;
                            ip6/prefixlen6 nodad noprefixroute, default via gateway6)
@@ -40,6 +43,47 @@ Why each host-side setting exists (see docs/nftables-design.md, "Routed topology
   as for ARP) and a proxy entry for ``gateway6`` on the tap, IPv6 forwarding on; no
   duplicate address detection on the host's and external side's own interfaces.
 
+Bridged (nova-network / Neutron "hybrid" style): the host namespace only bridges,
+a separate router namespace routes between the networks and to the outside::
+
+    sfw-i-<h>-<tap>  eth0 (port MAC, ip/prefixlen with its prefix route, default via
+                           gateway; ip6/prefixlen6 nodad with its prefix route,
+                           default via gateway6)
+          │ veth
+    sfw-h-<h>        <tap> ──┐ master              (no addresses, routes or neighbours)
+                     <tap> ──┤
+                     sfwbr<n> bridge, one per IPv4 network (stp 0, mcast_snooping 0,
+                              forward_delay 0)
+                     sfwrl<n> ──┘ master
+          │ veth (one leg per network)
+    sfw-r-<h>        sfwgw<n> gateway/prefixlen (+ gateway6/prefixlen6 nodad)
+                     sfw-ext  203.0.113.1/24, 198.51.100.1/24, 2001:db8:ffff::1/64
+          │ veth
+    sfw-x-<h>        eth0 as in the routed topology, default routes via the router
+
+``<n>`` is 8 hex digits of the SHA-256 of the IPv4 network (``10.0.0.0/24``): a
+network's IPv6 network shares its bridge and leg. The ports of a network must agree
+on its gateway (and IPv6 network and gateway6), and networks must not overlap
+(LabError otherwise). Same-subnet instances talk directly at layer 2 through their
+bridge; everything else goes through the router. Why each setting exists:
+
+* ``stp_state 0`` and ``forward_delay 0``: a new bridge port forwards at once, instead
+  of listening and learning for 2 × 15 s while frames are dropped.
+* ``mcast_snooping 0``: IPv6 neighbour discovery is multicast (solicited-node
+  groups); with snooping on, the bridge forwards a group's frames only to ports that
+  sent an MLD report for it, and the lab's instances may not have sent one yet.
+* ``addr_gen_mode 1`` (none) in the host namespace, set before any interface
+  exists: bridges and taps get no IPv6 link-local address, so the host namespace
+  has no addresses at all and never speaks on the instance networks.
+* the bridge and leg names start with ``sfw``, never ``tap``: the firewall treats
+  every ``tap*`` interface as an instance port.
+* the router namespace: IPv4 and IPv6 forwarding on, ``rp_filter=0`` (spoofed
+  sources are the firewall's job) and no duplicate address detection, as for the
+  routed host namespace; gateway addresses carry the network's real prefix length,
+  so the router has a connected route per network.
+* the instance's IPv6 address keeps its prefix route (same-subnet peers are on the
+  link) and is ``nodad``, usable at once.
+
 Implementation choices:
 
 * pyroute2 for every netlink operation (namespaces, veths, addresses, routes,
@@ -50,9 +94,10 @@ Implementation choices:
   namespace with ``setns(2)`` (:func:`run_in_netns`): ``setns(CLONE_NEWNET)`` affects
   only the calling thread and ``/proc/sys/net`` follows the calling thread's
   namespace, so the caller's own namespace never changes.
-* A JSON state file records every namespace and host-side link *before* it is created,
-  so :meth:`Lab.down` removes exactly what the lab made, even after a crash half-way
-  through :meth:`Lab.up`. A name that exists but is not recorded is never adopted.
+* A JSON state file records the topology and every namespace, link and (bridged)
+  network *before* it is created, so :meth:`Lab.down` removes exactly what the lab
+  made, even after a crash half-way through :meth:`Lab.up`. A name that exists but
+  is not recorded is never adopted. Files without a topology (older ones) are routed.
 """
 
 from __future__ import annotations
@@ -62,14 +107,15 @@ import ctypes
 import fcntl
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -81,14 +127,21 @@ __all__ = [
     "EXTERNAL_NETWORKS",
     "NETNS_DIR",
     "NS_PREFIX",
+    "TOPOLOGIES",
     "ExternalNetwork",
     "Lab",
     "LabPort",
+    "Topology",
+    "bridge_name",
     "netns_exists",
+    "router_leg_names",
     "run_in_netns",
 ]
 
 T = TypeVar("T")
+Topology = Literal["routed", "bridged"]
+#: The topologies the lab builds (the same names as :data:`secfw.backends.TOPOLOGIES`).
+TOPOLOGIES: tuple[Topology, ...] = ("routed", "bridged")
 
 NETNS_DIR = Path(netns.NETNS_RUN_DIR)  # where iproute2 and pyroute2 bind namespaces
 NS_PREFIX = "sfw-"  # every namespace the lab creates starts with this
@@ -104,7 +157,7 @@ IFA_F_NODAD, IFA_F_NOPREFIXROUTE = 0x02, 0x200  # linux/if_addr.h
 
 _TAP_RE = re.compile(r"tap[A-Za-z0-9_.-]{1,12}")  # ≤ 15 chars: IFNAMSIZ - 1
 _MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
-_STATE_VERSION = 1
+_STATE_VERSION = 1  # "topology" and "networks" are optional keys: absent means routed
 #: No duplicate address detection on the lab's own (host and external) interfaces:
 #: for its first second a tentative link-local address cannot be used, and the
 #: first IPv6 packets through the lab would be lost (measured).
@@ -119,6 +172,14 @@ _HOST_SYSCTLS = {
     "net/ipv4/conf/all/rp_filter": "0",  # effective value is max(all, interface)
     "net/ipv4/conf/default/rp_filter": "0",
 }
+#: The bridged topology's router namespace routes exactly like the routed host.
+_ROUTER_SYSCTLS = _HOST_SYSCTLS
+#: The bridged topology's host namespace only bridges: interfaces created after this
+#: get no IPv6 link-local address (IN6_ADDR_GEN_MODE_NONE), so it has no addresses.
+_BRIDGE_HOST_SYSCTLS = {**_NO_DAD, "net/ipv6/conf/default/addr_gen_mode": "1"}
+#: IFLA_BR_* settings of every lab bridge (see the module docstring).
+_BRIDGE_OPTIONS = {"br_stp_state": 0, "br_mcast_snooping": 0, "br_forward_delay": 0}
+BRIDGE_PREFIX, LEG_PREFIX, ROUTER_LEG_PREFIX = "sfwbr", "sfwrl", "sfwgw"  # never "tap"
 
 
 @dataclass(frozen=True)
@@ -221,6 +282,60 @@ class LabPort:
         if self.ip6 is not None:
             spec |= {"ip6": self.ip6, "prefixlen6": self.prefixlen6, "gateway6": self.gateway6}
         return spec
+
+
+def bridge_name(network: str) -> str:
+    """The host-namespace bridge of an IPv4 network (``10.0.0.0/24``), bridged topology:
+    ``sfwbr`` + 8 hex digits of its SHA-256 (13 characters)."""
+    return BRIDGE_PREFIX + _network_hash(network)
+
+
+def router_leg_names(network: str) -> tuple[str, str]:
+    """The veth between an IPv4 network's bridge and the router, bridged topology:
+    (host-side end, a port of the bridge: ``sfwrl<n>``; router-side end, carrying the
+    gateway addresses: ``sfwgw<n>``)."""
+    digest = _network_hash(network)
+    return LEG_PREFIX + digest, ROUTER_LEG_PREFIX + digest
+
+
+def _network_hash(network: str) -> str:
+    try:
+        canonical = str(ipaddress.IPv4Network(network))
+    except (ValueError, TypeError) as exc:
+        raise LabError(f"lab: {network!r} is not an IPv4 network") from exc
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class _Network:
+    """One instance network of the bridged topology: its bridge, leg and gateways."""
+
+    key: str  # the IPv4 network, e.g. "10.0.0.0/24"
+    gateway: str
+    prefixlen: int
+    gateway6: str | None = None
+    prefixlen6: int | None = None
+
+    @property
+    def bridge(self) -> str:
+        return bridge_name(self.key)
+
+    @property
+    def legs(self) -> tuple[str, str]:
+        return router_leg_names(self.key)
+
+    def addresses(self) -> set[tuple[int, str, int]]:
+        """(family, address, prefixlen) the router-side leg must carry."""
+        wanted = {(AF_INET, self.gateway, self.prefixlen)}
+        if self.gateway6 is not None and self.prefixlen6 is not None:
+            wanted.add((AF_INET6, str(ipaddress.IPv6Address(self.gateway6)), self.prefixlen6))
+        return wanted
+
+    @property
+    def network6(self) -> ipaddress.IPv6Network | None:
+        if self.gateway6 is None:
+            return None
+        return ipaddress.IPv6Interface(f"{self.gateway6}/{self.prefixlen6}").network
 
 
 def _ipv4(text: str, what: str) -> ipaddress.IPv4Address:
@@ -356,6 +471,8 @@ class _State:
     namespaces: list[str] = field(default_factory=list)
     links: list[list[str]] = field(default_factory=list)  # [namespace, ifname]
     ports: dict[str, dict[str, Any]] = field(default_factory=dict)  # tap -> spec
+    topology: str = "routed"
+    networks: list[str] = field(default_factory=list)  # bridged: IPv4 networks with a bridge
 
     def to_json(self) -> str:
         return json.dumps({"version": _STATE_VERSION, **asdict(self)}, indent=1, sort_keys=True)
@@ -365,11 +482,15 @@ class _State:
         data = json.loads(text)
         if data.get("version") != _STATE_VERSION:
             raise ValueError(f"unknown state version {data.get('version')!r}")
+        if data.get("topology", "routed") not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {data.get('topology')!r}")
         return cls(
             host=str(data["host"]),
             namespaces=[str(n) for n in data["namespaces"]],
             links=[[str(ns), str(ifname)] for ns, ifname in data["links"]],
             ports={str(tap): dict(spec) for tap, spec in data["ports"].items()},
+            topology=str(data.get("topology", "routed")),
+            networks=[str(n) for n in data.get("networks", [])],
         )
 
 
@@ -381,19 +502,26 @@ class Lab:
 
     Contract: :meth:`up` makes the topology match a list of ports (creating what is
     missing, rebuilding ports whose address or MAC changed, removing ports no longer
-    listed); :meth:`down` removes everything recorded in the state file and nothing
-    else. Calls for the same ``state_dir`` are serialised with ``flock``. Every
-    failure is a :class:`LabError` with a one-line message.
+    listed; bridged: creating and removing the bridges and router legs of networks
+    as they appear and disappear); :meth:`down` removes everything recorded in the
+    state file and nothing else. ``topology`` is ``"routed"`` (default) or
+    ``"bridged"`` (see the module docstring); a lab keeps the topology it was built
+    with until it is brought down. Calls for the same ``state_dir`` are serialised
+    with ``flock``. Every failure is a :class:`LabError` with a one-line message.
     """
 
     external_addresses: tuple[str, ...] = tuple(n.external_ip for n in EXTERNAL_NETWORKS)
     external_address6: str = EXTERNAL_NETWORK6.external_ip
 
-    def __init__(self, host: str, state_dir: Path) -> None:
+    def __init__(self, host: str, state_dir: Path, topology: str = "routed") -> None:
         if not host:
             raise LabError("lab: the host name must not be empty")
+        if topology not in TOPOLOGIES:
+            raise LabError(
+                f"lab: unknown topology {topology!r} (known: {', '.join(TOPOLOGIES)})")
         self.host = host
         self.state_dir = Path(state_dir)
+        self.topology: Topology = topology
         self._hash = hashlib.sha256(host.encode()).hexdigest()[:8]
 
     # ---- names
@@ -405,8 +533,15 @@ class Lab:
 
     @property
     def external_ns(self) -> str:
-        """The external namespace, routed through the host namespace."""
+        """The external namespace, routed through the host namespace (routed) or the
+        router namespace (bridged)."""
         return f"{NS_PREFIX}x-{self._hash}"
+
+    @property
+    def router_ns(self) -> str:
+        """The router namespace of the bridged topology: ``sfw-r-<h>`` (the routed
+        topology has none; the name is the same either way)."""
+        return f"{NS_PREFIX}r-{self._hash}"
 
     def instance_ns(self, tap: str) -> str:
         """The namespace of the instance behind ``tap`` (deterministic)."""
@@ -428,13 +563,31 @@ class Lab:
         state = self._load()
         return sorted(state.ports) if state else []
 
+    def networks(self) -> list[str]:
+        """Bridged: the IPv4 networks that have a bridge and a router leg (from the
+        state file); routed: always empty."""
+        state = self._load()
+        return sorted(state.networks) if state else []
+
     # ---- up / down
 
     def up(self, ports: Sequence[LabPort]) -> None:
         """Make the lab contain exactly ``ports`` (idempotent; this is also ``lab sync``)."""
         desired = _check_ports(ports)
+        networks = _check_networks(desired.values()) if self.topology == "bridged" else {}
         with self._locked():
-            state = self._load() or _State(host=self.host)
+            state = self._load()
+            if state is None:
+                state = _State(host=self.host, topology=self.topology)
+            elif state.topology != self.topology:
+                raise LabError(
+                    f"lab: the lab of host {self.host!r} was built with the {state.topology} "
+                    f"topology, not {self.topology}; run `secfw lab down --host "
+                    f"{self.host!r}` first"
+                )
+            if self.topology == "bridged":
+                self._up_bridged(state, desired, networks)
+                return
             self._ensure_host(state)
             with _lab_errors(f"opening {self.host_ns}"), _netlink(self.host_ns) as host:
                 for tap in [t for t in state.ports if t not in desired]:
@@ -443,6 +596,44 @@ class Lab:
                     self._ensure_instance(state, host, port)
                 with _lab_errors("configuring gateway addresses"):
                     _sync_gateways(host, desired.values())
+
+    def _up_bridged(
+        self, state: _State, desired: dict[str, LabPort], networks: dict[str, _Network]
+    ) -> None:
+        """:meth:`up` for the bridged topology: host, router and external namespaces,
+        then ports gone, networks gone, networks, ports — in that order, so a bridge
+        is only removed once its taps are, and exists before its taps are enslaved."""
+        self._ensure_bridged_base(state)
+        with (
+            _lab_errors(f"opening {self.host_ns} and {self.router_ns}"),
+            _netlink(self.host_ns) as host,
+            _netlink(self.router_ns) as router,
+        ):
+            before = {tap: dict(spec) for tap, spec in state.ports.items()}
+            for tap in [t for t in state.ports if t not in desired]:
+                self._remove_instance(state, host, tap)
+            for key in [k for k in state.networks if k not in networks]:
+                self._remove_network(state, host, key)
+            for network in networks.values():
+                self._ensure_network(state, host, router, network)
+            for port in desired.values():
+                self._ensure_instance(state, host, port)
+            moved = {address for tap, spec in before.items() if state.ports.get(tap) != spec
+                     for address in (spec.get("ip"), spec.get("ip6")) if address}
+            if moved:
+                self._forget_neighbours(router, desired.values(), moved)
+
+    def _forget_neighbours(self, router: Any, ports: Iterable[LabPort],
+                           addresses: set[str]) -> None:
+        """Bridged topology: an address whose port went or was rebuilt (another MAC)
+        must not linger in the neighbour caches of the router and the other
+        instances — on a real network the new owner announces itself; here they
+        would keep sending to the old MAC for up to a minute."""
+        with _lab_errors("forgetting neighbours of rebuilt ports"):
+            _delete_neighbours(router, addresses)
+            for port in ports:
+                with _netlink(self.instance_ns(port.tap)) as inst:
+                    _delete_neighbours(inst, addresses)
 
     def down(self) -> None:
         """Remove every namespace and link recorded in the state file; no-op if none."""
@@ -472,10 +663,26 @@ class Lab:
                 host.link("add", ifname=GW_LINK, kind="veth", peer={"ifname": GW_PEER})
             _up(host, GW_PEER)
             _up(host, GW_LINK)
-            self._ensure_external(state, host)
+            self._ensure_external(state, host, self.host_ns)
 
-    def _ensure_external(self, state: _State, host: Any) -> None:
-        """Create/repair the external namespace and its veth to the host."""
+    def _ensure_bridged_base(self, state: _State) -> None:
+        """Bridged: create/repair the host namespace (bridges only), the router
+        namespace with its sysctls, and the external side behind the router."""
+        self._ensure_ns(state, self.host_ns)
+        self._ensure_ns(state, self.router_ns)
+        # Defaults before any interface is created, so interfaces inherit them.
+        with _lab_errors(f"setting sysctls in {self.host_ns} and {self.router_ns}"):
+            _write_sysctls(self.host_ns, _BRIDGE_HOST_SYSCTLS)
+            _write_sysctls(self.router_ns, _ROUTER_SYSCTLS)
+        with _lab_errors(f"configuring {self.host_ns}"), _netlink(self.host_ns) as host:
+            _up(host, "lo")
+        with _lab_errors(f"configuring {self.router_ns}"), _netlink(self.router_ns) as router:
+            _up(router, "lo")
+            self._ensure_external(state, router, self.router_ns)
+
+    def _ensure_external(self, state: _State, host: Any, host_ns: str) -> None:
+        """Create/repair the external namespace and its veth to ``host`` (the socket of
+        ``host_ns``: the host namespace when routed, the router namespace when bridged)."""
         created = self._ensure_ns(state, self.external_ns)
         _write_sysctls(self.external_ns, _NO_DAD)
         with _netlink(self.external_ns) as ext:
@@ -484,7 +691,7 @@ class Lab:
                 or _link_index(host, EXT_LINK) is None
                 or (_link_index(ext, INSTANCE_IFNAME) is None)
             ):
-                self._record_links(state, [EXT_LINK])
+                self._record_links(state, [EXT_LINK], host_ns)
                 _delete_link(host, EXT_LINK)
                 peer = {"ifname": INSTANCE_IFNAME, "net_ns_fd": self.external_ns}
                 host.link("add", ifname=EXT_LINK, kind="veth", peer=peer)
@@ -503,6 +710,43 @@ class Lab:
                          family=AF_INET6, flags=IFA_F_NODAD)
             ext.route("replace", dst="::/0", gateway=net6.host_ip, family=AF_INET6)
 
+    # ---- bridged networks
+
+    def _ensure_network(self, state: _State, host: Any, router: Any, network: _Network) -> None:
+        """Create/repair a network's bridge (host namespace) and its veth leg to the
+        router, and make the router-side end carry exactly the network's gateways."""
+        bridge, (leg, router_leg) = network.bridge, network.legs
+        with _lab_errors(f"network {network.key} ({bridge})"):
+            new = network.key not in state.networks
+            if new:
+                state.networks.append(network.key)  # saved by _record_links
+            self._record_links(state, [bridge, leg], force_save=new)
+            if _link_index(host, bridge) is None:
+                host.link("add", ifname=bridge, kind="bridge", **_BRIDGE_OPTIONS)
+            else:  # re-asserted: a sync repairs settings changed behind the lab's back
+                host.link("set", index=_link_index(host, bridge), kind="bridge",
+                          **_BRIDGE_OPTIONS)
+            bridge_index = _up(host, bridge)
+            if _link_index(host, leg) is None or _link_index(router, router_leg) is None:
+                _delete_link(host, leg)  # a leftover end whose peer went with its namespace
+                _delete_link(router, router_leg)
+                peer = {"ifname": router_leg, "net_ns_fd": self.router_ns}
+                host.link("add", ifname=leg, kind="veth", peer=peer)
+            _enslave(host, leg, bridge_index)
+            _sync_leg_addresses(router, _up(router, router_leg), network.addresses())
+
+    def _remove_network(self, state: _State, host: Any, key: str) -> None:
+        """Remove a recorded network's leg (both ends) and bridge."""
+        bridge, (leg, _) = bridge_name(key), router_leg_names(key)
+        with _lab_errors(f"removing network {key} ({bridge})"):
+            for ifname in (leg, bridge):
+                link = [self.host_ns, ifname]
+                if link in state.links:
+                    _delete_link(host, ifname)
+                    state.links.remove(link)
+            state.networks.remove(key)
+            self._save(state)
+
     # ---- instances
 
     def _ensure_instance(self, state: _State, host: Any, port: LabPort) -> None:
@@ -518,7 +762,10 @@ class Lab:
                 self._remove_instance(state, host, port.tap)
                 self._build_instance(state, host, port)
             # Re-asserted every time (idempotent), so a sync repairs host-side drift.
-            _wire_host_side(self.host_ns, host, port)
+            if self.topology == "bridged":
+                _enslave(host, port.tap, _up(host, bridge_name(str(port.network))))
+            else:
+                _wire_host_side(self.host_ns, host, port)
             if not intact:
                 state.ports[port.tap] = port.spec()  # only now is the port complete
                 self._save(state)
@@ -537,7 +784,10 @@ class Lab:
             inst.addr("replace", index=index, address=port.ip, prefixlen=port.prefixlen)
             inst.route("replace", dst="0.0.0.0/0", gateway=port.gateway, oif=index)
             if port.ip6 is not None:
-                _configure_ipv6(inst, index, port)
+                if self.topology == "bridged":
+                    _configure_ipv6_on_link(inst, index, port)
+                else:
+                    _configure_ipv6(inst, index, port)
 
     def _remove_instance(self, state: _State, host: Any, tap: str) -> None:
         """Remove the tap and namespace of ``tap`` if the lab recorded them."""
@@ -577,21 +827,32 @@ class Lab:
             netns.create(name)
         return True
 
-    def _record_links(self, state: _State, ifnames: list[str]) -> None:
-        """Record host-namespace links before creating them, so down() finds them."""
-        new = [[self.host_ns, n] for n in ifnames if [self.host_ns, n] not in state.links]
-        if new:
+    def _record_links(
+        self, state: _State, ifnames: list[str], ns: str | None = None, force_save: bool = False
+    ) -> None:
+        """Record links of ``ns`` (default: the host namespace) before creating them,
+        so down() finds them. Saves if anything is new (or ``force_save``)."""
+        ns = ns or self.host_ns
+        new = [[ns, n] for n in ifnames if [ns, n] not in state.links]
+        if new or force_save:
             state.links.extend(new)
             self._save(state)
 
     def _delete_recorded_links(self, state: _State) -> None:
-        """Delete recorded links first: veths then go at once, not when netns cleanup runs."""
-        if not netns_exists(self.host_ns) or self.host_ns not in state.namespaces:
-            return
-        with _netlink(self.host_ns) as host:
-            for ns, ifname in state.links:
-                if ns == self.host_ns:
-                    _delete_link(host, ifname)
+        """Delete recorded links first: veths then go at once, not when netns cleanup runs.
+
+        Only in recorded namespaces that still exist; in recording order (taps, then
+        bridges and legs, in the host namespace; then the router's external link).
+        """
+        by_ns: dict[str, list[str]] = {}
+        for ns, ifname in state.links:
+            by_ns.setdefault(ns, []).append(ifname)
+        for ns, ifnames in by_ns.items():
+            if ns not in state.namespaces or not netns_exists(ns):
+                continue
+            with _netlink(ns) as ipr:
+                for ifname in ifnames:
+                    _delete_link(ipr, ifname)
 
     def _load(self) -> _State | None:
         """The recorded state, or None if the lab does not exist."""
@@ -637,6 +898,49 @@ def _configure_ipv6(inst: Any, index: int, port: LabPort) -> None:
               family=AF_INET6, flags=flags)
     inst.route("replace", dst=f"{port.gateway6}/128", oif=index, family=AF_INET6)
     inst.route("replace", dst="::/0", gateway=port.gateway6, oif=index, family=AF_INET6)
+
+
+def _configure_ipv6_on_link(inst: Any, index: int, port: LabPort) -> None:
+    """Bridged: the instance's IPv6 address ``nodad`` with its prefix route (peers of
+    the subnet are on the link), default route via ``gateway6``."""
+    inst.addr("replace", index=index, address=port.ip6, prefixlen=port.prefixlen6,
+              family=AF_INET6, flags=IFA_F_NODAD)
+    inst.route("replace", dst="::/0", gateway=port.gateway6, oif=index, family=AF_INET6)
+
+
+def _delete_neighbours(ipr: Any, addresses: set[str]) -> None:
+    """Delete the neighbour entries (any interface, any state) for ``addresses``."""
+    for family in (AF_INET, AF_INET6):
+        for entry in ipr.neigh("dump", family=family):
+            if entry.get_attr("NDA_DST") in addresses:
+                with contextlib.suppress(NetlinkError):
+                    ipr.neigh("del", dst=entry.get_attr("NDA_DST"), ifindex=entry["ifindex"],
+                              family=family)
+
+
+def _enslave(host: Any, ifname: str, bridge_index: int) -> None:
+    """Make ``ifname`` an up port of the bridge ``bridge_index`` (idempotent)."""
+    index = _link_index(host, ifname)
+    if index is None:
+        raise LabError(f"lab: interface {ifname} vanished while configuring it")
+    host.link("set", index=index, master=bridge_index)
+    _up(host, ifname)
+
+
+def _sync_leg_addresses(router: Any, index: int, wanted: set[tuple[int, str, int]]) -> None:
+    """Make a router leg carry exactly ``wanted`` (family, address, prefixlen), apart
+    from its IPv6 link-local address; IPv6 ones ``nodad``."""
+    present: set[tuple[int, str, int]] = set()
+    for family in (AF_INET, AF_INET6):
+        for msg in router.addr("dump", index=index, family=family):
+            address = msg.get("IFA_ADDRESS")
+            if address and not str(address).startswith("fe80:"):
+                present.add((family, str(address), int(msg["prefixlen"])))
+    for family, address, length in sorted(present - wanted):
+        router.addr("del", index=index, address=address, prefixlen=length, family=family)
+    for family, address, length in sorted(wanted - present):
+        router.addr("add", index=index, address=address, prefixlen=length, family=family,
+                    **({"flags": IFA_F_NODAD} if family == AF_INET6 else {}))
 
 
 def _wire_host_side(host_ns: str, host: Any, port: LabPort) -> None:
@@ -696,6 +1000,51 @@ def _check_ports(ports: Sequence[LabPort]) -> dict[str, LabPort]:
                 raise LabError(f"lab: port {port.tap} address {address} is also a gateway")
         _check_not_external(port)
     return by_tap
+
+
+def _check_networks(ports: Iterable[LabPort]) -> dict[str, _Network]:
+    """Bridged: the networks of ``ports`` by IPv4 network; LabError when ports of a
+    network disagree on its gateway or IPv6 network, or networks overlap."""
+    networks: dict[str, _Network] = {}
+    for port in ports:
+        key = str(port.network)
+        have = networks.setdefault(key, _Network(key, port.gateway, port.prefixlen))
+        if have.gateway != port.gateway:
+            raise LabError(f"lab: ports of network {key} disagree on the gateway "
+                           f"({have.gateway}, {port.gateway} of {port.tap})")
+        if port.gateway6 is None or port.prefixlen6 is None:
+            continue
+        gateway6 = str(ipaddress.IPv6Address(port.gateway6))
+        if have.gateway6 is None:
+            networks[key] = replace(have, gateway6=gateway6, prefixlen6=port.prefixlen6)
+        elif (have.gateway6, have.prefixlen6) != (gateway6, port.prefixlen6):
+            raise LabError(
+                f"lab: ports of network {key} disagree on the IPv6 gateway ({have.gateway6}/"
+                f"{have.prefixlen6}, {gateway6}/{port.prefixlen6} of {port.tap})")
+    owner6: dict[ipaddress.IPv6Network, str] = {}  # IPv6 network -> its IPv4 network
+    for network in networks.values():
+        if network.network6 is not None:
+            other = owner6.setdefault(network.network6, network.key)
+            if other != network.key:
+                raise LabError(f"lab: IPv6 network {network.network6} is on both {other} and "
+                               f"{network.key} (each network has its own bridge)")
+    _check_disjoint([ipaddress.IPv4Network(k) for k in networks], "networks")
+    _check_disjoint(list(owner6), "IPv6 networks")
+    bridges = {n.bridge for n in networks.values()}
+    if len(bridges) != len(networks):  # 8 hex digits of SHA-256: never seen, but checked
+        raise LabError("lab: two networks hash to the same bridge name")
+    return networks
+
+
+def _check_disjoint(
+    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network], what: str
+) -> None:
+    """LabError if two of ``networks`` overlap (each would need its own bridge and
+    router route for the same addresses)."""
+    ordered = sorted(networks, key=lambda n: (int(n.network_address), n.prefixlen))
+    for first, second in itertools.pairwise(ordered):
+        if first.overlaps(second):
+            raise LabError(f"lab: {what} {first} and {second} overlap")
 
 
 def _check_not_external(port: LabPort) -> None:

@@ -3,10 +3,17 @@
 :class:`CloudLab` ties together what an operator has on one compute host:
 
 * a fresh SQLite store and an :class:`~secfw.api.Api` on it (the cloud model);
-* the namespace :class:`~secfw.lab.Lab` of that host (a routed host namespace, one
-  namespace per instance, an external namespace with 203.0.113.10 / 198.51.100.10);
-* one in-process agent (:class:`~secfw.agent.Reconciler` with the nftables backend
+* the namespace :class:`~secfw.lab.Lab` of that host (a routed or bridged host
+  namespace, one namespace per instance, an external namespace with 203.0.113.10 /
+  198.51.100.10);
+* one in-process agent (:class:`~secfw.agent.Reconciler` with a real backend
   running *inside the lab's host namespace*), driven by :meth:`CloudLab.sync`.
+
+The ``cloud`` fixture is parametrised over every backend × topology combination
+(:data:`COMBINATIONS`), so each scenario runs four times. A test that inspects one
+backend's own tables declares it with ``@pytest.mark.backends("nftables")``; a test
+for one topology with ``@pytest.mark.topologies("routed")``; the other combinations
+are then skipped with that reason, never silently.
 
 Probes name their endpoints by instance name or :data:`EXTERNAL`; blocked probes
 cost :data:`PROBE_TIMEOUT` seconds. Every fixture tears down what it built (the lab,
@@ -23,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -34,8 +42,8 @@ import pytest
 from secfw import netns_tools
 from secfw.agent import Reconciler, SyncResult
 from secfw.api import Api
-from secfw.backends import get_backend
-from secfw.compiler.build import set_name
+from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
+from secfw.compiler.build import chain_name, set_name
 from secfw.config import Config
 from secfw.demo import lab_ports
 from secfw.lab import NS_PREFIX, Lab, netns_exists
@@ -43,6 +51,8 @@ from secfw.model import Port
 from secfw.store import open_store
 
 PROBE_TIMEOUT = 0.3  # seconds a blocked probe waits
+#: backend × topology: the namespace suite runs every scenario in each.
+COMBINATIONS = tuple((b, t) for t in TOPOLOGIES for b in BACKENDS)
 EXTERNAL = "external"  # probe endpoint: the lab's external namespace, 203.0.113.10
 EXTERNAL_IP = Lab.external_addresses[0]
 FLAVOR, IMAGE = "m1.tiny", "cirros"
@@ -97,9 +107,11 @@ class _RecordingBackend:
 class CloudLab:
     """A cloud model, the lab of one of its hosts, and that host's agent (see module doc)."""
 
-    def __init__(self, store_url: str, lab: Lab, host: str, work_dir: Path) -> None:
+    def __init__(self, store_url: str, lab: Lab, host: str, work_dir: Path,
+                 backend: str = "nftables", topology: str = "routed") -> None:
         self.store_url = store_url
         self.work_dir = work_dir
+        self.backend_name, self.topology = backend, topology
         self.api = Api(open_store(store_url))
         self.lab = lab
         self.host = host
@@ -158,13 +170,22 @@ class CloudLab:
         if self._reconciler is None:
             if self._agent_store is None:
                 self._agent_store = open_store(self.store_url)
-            self.backend = _RecordingBackend(get_backend("nftables", netns=self.lab.host_ns))
+            self.backend = _RecordingBackend(self.make_backend())
             self._reconciler = Reconciler(
                 self._agent_store, self.host, Config(self.allow_same_net), self.backend
             )
         assert self.backend is not None
         self.backend.last_plan = None
         return self._reconciler.reconcile(full=full)
+
+    def make_backend(self) -> Any:
+        """A new backend of this combination, inside the lab's host namespace."""
+        return get_backend(self.backend_name, netns=self.lab.host_ns, topology=self.topology)
+
+    @property
+    def agent_args(self) -> tuple[str, ...]:
+        """The agent CLI options of this combination."""
+        return ("--backend", self.backend_name, "--topology", self.topology)
 
     @property
     def last_commands(self) -> tuple[str, ...]:
@@ -175,8 +196,8 @@ class CloudLab:
     def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``ip netns exec HOSTNS secfw --store URL agent --host H ARGS`` (a real process)."""
         return run("ip", "netns", "exec", self.lab.host_ns, secfw_command(), "--store",
-                   self.store_url, "agent", "--host", self.host, *args, check=check,
-                   env=self.agent_env())
+                   self.store_url, "agent", "--host", self.host, *self.agent_args, *args,
+                   check=check, env=self.agent_env())
 
     def agent_env(self) -> dict[str, str]:
         """Environment for agent processes: their status report stays in the test's dir."""
@@ -188,21 +209,93 @@ class CloudLab:
         return run("ip", "netns", "exec", self.lab.host_ns, "nft", *args, stdin=stdin).stdout
 
     def table(self) -> list[dict[str, Any]]:
-        """``nft -j list table inet secfw``: the table's objects (sets, maps, chains, rules)."""
-        listing = json.loads(self.nft("-j", "list", "table", "inet", "secfw"))
-        return [obj for obj in listing["nftables"] if "metainfo" not in obj]
+        """The objects (sets, maps, chains, rules) of secfw's tables: ``inet secfw``
+        and the layer-2 one of the topology (``arp secfw`` or ``bridge secfw``)."""
+        layer2 = "bridge" if self.topology == "bridged" else "arp"
+        objects = []
+        for family in ("inet", layer2):
+            listing = json.loads(self.nft("-j", "list", "table", family, "secfw"))
+            objects += [obj for obj in listing["nftables"] if "metainfo" not in obj]
+        return objects
 
     def set_elements(self, name: str) -> list[Any]:
-        """Elements of set/map ``name`` of table inet secfw, as nft's JSON gives them."""
+        """Elements of set/map ``name`` of secfw's tables, as nft's JSON gives them."""
         for obj in self.table():
             body = obj.get("set") or obj.get("map")
             if body and body["name"] == name:
                 return list(body.get("elem", []))
-        raise AssertionError(f"no set or map {name!r} in table inet secfw")
+        raise AssertionError(f"no set or map {name!r} in secfw's tables")
 
     def group_set(self, project: str, group: str) -> str:
-        """The name of the address set of source group ``group``."""
+        """The name of the address set of source group ``group`` (nftables)."""
         return set_name(self.group_id(project, group))
+
+    # ---- the kernel, whichever backend filled it
+
+    def ruleset_text(self) -> str:
+        """Everything secfw holds in the host namespace as text: its nftables tables,
+        or its iptables/ip6tables chains (both variants) and ipsets."""
+        if self.backend_name == "nftables":
+            layer2 = "bridge" if self.topology == "bridged" else "arp"
+            # -a: rule handles too, so "unchanged" means no rule was rewritten
+            return self.nft("-a", "list", "table", "inet", "secfw") + self.nft(
+                "-a", "list", "table", layer2, "secfw")
+        lines = []
+        for tool in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save",
+                     "ip6tables-legacy-save"):
+            out = run("ip", "netns", "exec", self.lab.host_ns, tool, "-t", "filter").stdout
+            lines += [line for line in out.splitlines() if "secfw" in line]
+        ipsets = run("ip", "netns", "exec", self.lab.host_ns, "ipset", "list", "-o", "save")
+        lines += [line for line in ipsets.stdout.splitlines() if "secfw" in line]
+        return "\n".join(lines) + "\n"
+
+    def group_chain(self, project: str, group: str, direction: str = "ingress") -> str:
+        """The name the backend gives the chain of ``group``'s ``direction`` rules."""
+        ir_name = chain_name(self.group_id(project, group), direction)
+        if self.backend_name == "nftables":
+            return ir_name
+        from secfw.backends.iptables.render import group_chain_name
+
+        return group_chain_name(ir_name)
+
+    def secfw_present(self) -> bool:
+        """Whether secfw's table (nftables) or chains (iptables) exist in the host."""
+        if self.backend_name == "nftables":
+            return run("ip", "netns", "exec", self.lab.host_ns, "nft", "list", "table",
+                       "inet", "secfw", check=False).returncode == 0
+        return ":secfw-" in self.ruleset_text()
+
+    def iptables_variant(self) -> str:
+        """The iptables variant holding secfw's chains (``nft`` or ``legacy``)."""
+        for variant in ("nft", "legacy"):
+            out = run("ip", "netns", "exec", self.lab.host_ns, f"iptables-{variant}-save",
+                      "-t", "filter").stdout
+            if ":secfw-" in out:
+                return variant
+        raise AssertionError("no secfw chains in either iptables variant")
+
+    def tamper(self, *command: str) -> None:
+        """Run ``command`` in the host namespace behind the agent's back; a leading
+        ``iptables`` is the variant secfw uses."""
+        if command[0] == "iptables":
+            command = (f"iptables-{self.iptables_variant()}", *command[1:])
+        run("ip", "netns", "exec", self.lab.host_ns, *command)
+
+    def taps_in_ruleset(self) -> set[str]:
+        """Every tap name secfw's rules or sets mention (``tap*``/``tap+`` excepted)."""
+        return set(_TAP_NAME.findall(self.ruleset_text())) - {"tap"}
+
+    def group_addresses(self, project: str, group: str) -> set[str]:
+        """The IPv4 addresses in source group ``group``'s set (``10.1.0.2``)."""
+        name = self.group_set(project, group)
+        if self.backend_name == "nftables":
+            return {_without_host_prefix(e) for e in self.set_elements(name)}
+        from secfw.backends.iptables.render import set_name as ipset_name
+
+        out = run("ip", "netns", "exec", self.lab.host_ns, "ipset", "list", "-o", "save",
+                  ipset_name(name)).stdout
+        return {line.split()[2].removesuffix("/32") for line in out.splitlines()
+                if line.startswith("add ")}
 
     # ---- probes (endpoints: instance names or EXTERNAL)
 
@@ -243,6 +336,17 @@ class CloudLab:
             from_ns or self.lab.external_ns, self.ns(dst), src_ip, self.ip(dst), proto, port,
             icmp_type, icmp_code,
         )
+
+
+_TAP_NAME = re.compile(r"\btap[A-Za-z0-9_.-]*[A-Za-z0-9_]")
+
+
+def _without_host_prefix(element: Any) -> str:
+    """An nft JSON set element (``"10.0.0.1"``, a prefix object, or wrapped) as text."""
+    value = element["elem"]["val"] if isinstance(element, dict) and "elem" in element else element
+    if isinstance(value, dict) and "prefix" in value:
+        value = f"{value['prefix']['addr']}/{value['prefix']['len']}"
+    return str(value).removesuffix("/32")
 
 
 def crafted_arrives(
@@ -287,12 +391,13 @@ def crafted_arrives(
 
 
 @pytest.fixture
-def lab_factory(tmp_path: Path) -> Iterator[Callable[[str], Lab]]:
-    """Labs for host names of the test's choice, all brought down afterwards."""
+def lab_factory(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
+    """Labs for host names (and topologies) of the test's choice, all brought down
+    afterwards."""
     labs: list[Lab] = []
 
-    def make(host: str) -> Lab:
-        lab = Lab(host, tmp_path / f"lab-{len(labs)}")
+    def make(host: str, topology: str = "routed") -> Lab:
+        lab = Lab(host, tmp_path / f"lab-{len(labs)}", topology=topology)
         labs.append(lab)
         return lab
 
@@ -303,14 +408,26 @@ def lab_factory(tmp_path: Path) -> Iterator[Callable[[str], Lab]]:
             lab.down()
 
 
-@pytest.fixture
-def cloud(tmp_path: Path, lab_factory: Callable[[str], Lab]) -> Iterator[CloudLab]:
-    """A fresh store + Api, the lab of a unique host and its in-process agent.
+def _combination_id(combination: tuple[str, str]) -> str:
+    return "-".join(combination)
+
+
+@pytest.fixture(params=COMBINATIONS, ids=_combination_id)
+def cloud(
+    request: pytest.FixtureRequest, tmp_path: Path, lab_factory: Callable[..., Lab]
+) -> Iterator[CloudLab]:
+    """A fresh store + Api, the lab of a unique host and its in-process agent, for
+    one backend × topology combination (skipped with the test's stated reason when
+    it declared other ``backends``/``topologies``).
 
     Nothing exists in the kernel until the first :meth:`CloudLab.sync`.
     """
+    backend, topology = request.param
+    _skip_unless_declared(request, "backends", backend)
+    _skip_unless_declared(request, "topologies", topology)
     host = f"h-{uuid.uuid4().hex[:8]}"
-    env = CloudLab(f"sqlite:///{tmp_path}/secfw.db", lab_factory(host), host, tmp_path)
+    env = CloudLab(f"sqlite:///{tmp_path}/secfw.db", lab_factory(host, topology), host,
+                   tmp_path, backend, topology)
     try:
         yield env
     finally:
@@ -319,6 +436,14 @@ def cloud(tmp_path: Path, lab_factory: Callable[[str], Lab]) -> Iterator[CloudLa
         if env._agent_store is not None:
             env._agent_store.close()
         env.api.store.close()
+
+
+def _skip_unless_declared(request: pytest.FixtureRequest, marker: str, value: str) -> None:
+    """Skip when the test's ``marker`` (``backends``/``topologies``) excludes ``value``;
+    the marker's ``reason=`` says why."""
+    mark = request.node.get_closest_marker(marker)
+    if mark is not None and value not in mark.args:
+        pytest.skip(f"{value}: {mark.kwargs.get('reason', f'test is for {mark.args} only')}")
 
 
 @pytest.fixture

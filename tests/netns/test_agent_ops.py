@@ -108,8 +108,8 @@ class AgentProcess:
         if drop_dac:  # root without CAP_DAC_OVERRIDE: chmod 000 makes the store unreadable
             command += ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
         command += [env.helpers.secfw_command(), "--store", store_url or env.store_url, "agent",
-                    "--host",
-                    env.host, "--state-dir", str(state_dir), "--resync-interval", RESYNC,
+                    "--host", env.host, *env.agent_args, "--state-dir", str(state_dir),
+                    "--resync-interval", RESYNC,
                     "--poll-interval", "0.05", "--backoff-max", "1", *args]
         self.env, self.state_dir = env, state_dir
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -217,17 +217,13 @@ def filtered_as_expected(env: Any) -> bool:
 
 
 def table_exists(env: Any) -> bool:
-    return env.helpers.run("ip", "netns", "exec", env.lab.host_ns, "nft", "list", "table",
-                           "inet", "secfw", check=False).returncode == 0
-
-
-def nft(env: Any, command: str) -> None:
-    env.helpers.run("ip", "netns", "exec", env.lab.host_ns, "nft", command)
+    """secfw's table (nftables) or chains (iptables) exist."""
+    return bool(env.secfw_present())
 
 
 def foreign_listing(env: Any) -> tuple[str, str]:
-    return (env.nft("-a", "list", "table", "inet", "other"),
-            env.nft("-a", "list", "table", "ip", "foreign"))
+    return (env.nft("-a", "-s", "list", "table", "inet", "other"),
+            env.nft("-a", "-s", "list", "table", "ip", "foreign"))
 
 
 class Stream:
@@ -390,14 +386,41 @@ def test_tap_before_its_port_is_dropped_then_filtered(env: Any, agents: Any,
 # --------------------------------------------------------------------------- drift
 
 
-DRIFTS = (
-    ("flush a chain", "flush chain inet secfw forward-ingress", "chains", "forward-ingress"),
-    ("delete a map element", 'delete element inet secfw ingress_ports { "%(web)s" }', "sets",
-     "ingress_ports"),
-    ("insert a rule", "insert rule inet secfw forward-ingress accept", "chains",
-     "forward-ingress"),
-    ("delete the table", "delete table inet secfw", "table", "absent"),
-)
+#: Tamperings with what secfw holds: (what, command, key of the drift_repaired
+#: event, what that key must name), per backend and topology — on a bridged host
+#: nftables judges ingress on postrouting and names taps in the bridge table.
+DRIFTS: dict[tuple[str, str], tuple[tuple[str, tuple[str, ...], str, str], ...]] = {
+    ("nftables", "routed"): (
+        ("flush a chain", ("nft", "flush chain inet secfw forward-ingress"), "chains",
+         "forward-ingress"),
+        ("delete a map element",
+         ("nft", 'delete element inet secfw ingress_ports { "%(web)s" }'), "sets",
+         "ingress_ports"),
+        ("insert a rule", ("nft", "insert rule inet secfw forward-ingress accept"), "chains",
+         "forward-ingress"),
+        ("delete the table", ("nft", "delete table inet secfw"), "table", "absent"),
+    ),
+    ("nftables", "bridged"): (
+        ("flush a chain", ("nft", "flush chain inet secfw postrouting-ingress"), "chains",
+         "postrouting-ingress"),
+        ("delete a map element",
+         ("nft", 'delete element bridge secfw ingress_marks { "%(web)s" }'), "sets",
+         "ingress_marks"),
+        ("insert a rule", ("nft", "insert rule inet secfw postrouting-ingress accept"),
+         "chains", "postrouting-ingress"),
+        ("delete the table", ("nft", "delete table inet secfw"), "table", "absent"),
+        # one of two tables gone: the whole is rewritten (``replaced``)
+        ("delete the bridge table", ("nft", "delete table bridge secfw"), "replaced", "True"),
+    ),
+}
+for _topology in ("routed", "bridged"):
+    DRIFTS[("iptables", _topology)] = (
+        ("flush a chain", ("iptables", "-F", "secfw-ingress"), "chains", "secfw-ingress"),
+        ("insert a rule", ("iptables", "-I", "secfw-ingress", "-j", "RETURN"), "chains",
+         "secfw-ingress"),
+        ("delete the jump", ("iptables", "-D", "FORWARD", "-j", "secfw-fwd"), "replaced",
+         "False"),
+    )
 
 
 def test_drift_is_repaired_within_one_period_and_foreign_tables_untouched(
@@ -415,14 +438,15 @@ def test_drift_is_repaired_within_one_period_and_foreign_tables_untouched(
     assert agent.status()["drift_repairs"] == 0
     assert filtered_as_expected(env)
 
-    for count, (name, command, key, value) in enumerate(DRIFTS, start=1):
-        nft(env, command % {"web": env.port("web").tap})
+    drifts = DRIFTS[(env.backend_name, env.topology)]
+    for count, (name, command, key, value) in enumerate(drifts, start=1):
+        env.tamper(*(part % {"web": env.port("web").tap} for part in command))
         tampered = time.time()
         event = agent.wait_event("drift_repaired", count=count)
         measured(f"drift repair ({name})", log_time(event) - tampered)
         assert value in event.get(key, ""), (name, event)
         assert filtered_as_expected(env), name
-    assert agent.status()["drift_repairs"] == len(DRIFTS)
+    assert agent.status()["drift_repairs"] == len(drifts)
     assert foreign_listing(env) == foreign
 
 
@@ -440,7 +464,7 @@ def test_kill_and_restart_keep_filtering_and_established_flows(env: Any, agents:
     stream = Stream(env.lab.external_ns, env.ns("web"), env.ip("web"), 443)
     try:
         assert stream.flowing()
-        listing = env.nft("-a", "list", "table", "inet", "secfw")
+        listing = env.ruleset_text()
         assert first.kill() == -signal.SIGKILL
         assert first.status()["state"] == "gone"
         assert filtered_as_expected(env) and stream.flowing()
@@ -448,7 +472,7 @@ def test_kill_and_restart_keep_filtering_and_established_flows(env: Any, agents:
         second = agents()
         sync = second.wait_event("sync")
         assert sync["full"] == "True" and sync["commands"] == "0", sync
-        assert env.nft("-a", "list", "table", "inet", "secfw") == listing
+        assert env.ruleset_text() == listing
         assert second.kill() == -signal.SIGKILL
         assert stream.flowing()
 
@@ -598,7 +622,7 @@ def test_metrics_status_and_sd_notify(env: Any, agents: Any, tmp_path: Path) -> 
                      'secfw_agent_sync_failures_total{reason="store"} 0.0',
                      "secfw_agent_sync_duration_seconds_bucket", "secfw_agent_set_elements"):
         assert expected in text, expected
-    nft(env, "flush chain inet secfw forward-ingress")
+    env.tamper(*DRIFTS[(env.backend_name, env.topology)][0][1])  # flush a chain
     poll(lambda: "secfw_agent_drift_repairs_total 1.0" in scrape(), "drift counted")
 
     status = env.helpers.run(env.helpers.secfw_command(), "agent", "status", "--host", env.host,
@@ -618,9 +642,12 @@ def test_cleanup_removes_exactly_secfws_table(env: Any) -> None:
     assert table_exists(env)
     for _ in range(2):  # the second run finds nothing to remove
         done = env.helpers.run("ip", "netns", "exec", env.lab.host_ns,
-                               env.helpers.secfw_command(), "agent", "--cleanup")
+                               env.helpers.secfw_command(), "agent", *env.agent_args,
+                               "--cleanup")
         assert done.returncode == 0 and "msg=cleanup" in done.stderr
         assert not table_exists(env)
     assert foreign_listing(env) == foreign
     tables = env.nft("list", "tables")
     assert "inet other" in tables and "ip foreign" in tables and "secfw" not in tables
+    if env.backend_name == "iptables":  # neither chains nor sets left
+        assert "secfw" not in env.ruleset_text()

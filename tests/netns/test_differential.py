@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from secfw import netns_tools
 from secfw.agent import Reconciler
 from secfw.api import Api
-from secfw.backends import get_backend
+from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cloud import CloudState
 from secfw.compiler.explain import Flow, decide
 from secfw.config import Config
@@ -289,13 +289,21 @@ def draw_some(data: st.DataObject, pool: list[Sample], count: int, label: str) -
 # --------------------------------------------------------------------------- the test
 
 
-@pytest.fixture(scope="module")
-def shared_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Path]]:
-    """One lab for every example (a unique host namespace), always brought down."""
+#: Every backend × topology, as the ``cloud`` fixture of conftest runs them.
+COMBINATIONS = [(backend, topology) for topology in TOPOLOGIES for backend in BACKENDS]
+
+
+@pytest.fixture(scope="module", params=COMBINATIONS, ids=["-".join(c) for c in COMBINATIONS])
+def shared_lab(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Lab, Path, str]]:
+    """One lab per backend × topology for every example (a unique host namespace),
+    always brought down; and the backend's name."""
+    backend, topology = request.param
     work = tmp_path_factory.mktemp("differential")
-    lab = Lab(f"{HOST}-{uuid.uuid4().hex[:8]}", work / "lab")
+    lab = Lab(f"{HOST}-{uuid.uuid4().hex[:8]}", work / "lab", topology=topology)
     try:
-        yield lab, work
+        yield lab, work, backend
     finally:
         lab.down()
 
@@ -304,11 +312,11 @@ def shared_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, 
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(spec=cloud_specs(), data=st.data())
 def test_kernel_agrees_with_oracle(
-    shared_lab: tuple[Lab, Path], spec: CloudSpec, data: st.DataObject
+    shared_lab: tuple[Lab, Path, str], spec: CloudSpec, data: st.DataObject
 ) -> None:
     """For random clouds, every sampled flow is let through by the kernel exactly when
-    ``decide`` says the security groups allow it."""
-    lab, work = shared_lab
+    ``decide`` says the security groups allow it — with each backend on each topology."""
+    lab, work, backend = shared_lab
     url = f"sqlite:///{work}/{uuid.uuid4().hex}.db"
     api = Api(open_store(url))
     agent_store = open_store(url)
@@ -325,7 +333,8 @@ def test_kernel_agrees_with_oracle(
         # revocation gap behind this is test_engine's xfail'ed revocation test.
         run(["ip", "netns", "exec", lab.host_ns, "conntrack", "-F"])
         reconciler = Reconciler(agent_store, HOST, Config(spec.allow_same_net),
-                                get_backend("nftables", netns=lab.host_ns))
+                                get_backend(backend, netns=lab.host_ns,
+                                            topology=lab.topology))
         assert reconciler.reconcile().full
         assert reconciler.reconcile().commands == 0
 

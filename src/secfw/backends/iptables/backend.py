@@ -16,6 +16,7 @@ from secfw.backends.iptables.render import DEFAULT_MARK, IptState, RenderOptions
 from secfw.backends.iptables.state import element_count
 from secfw.compiler.ir import HostFilter
 from secfw.errors import BackendError
+from secfw.netns import bridge_netfilter_enabled, enable_bridge_netfilter
 
 if TYPE_CHECKING:
     from secfw.conntrack import Revocation
@@ -41,14 +42,16 @@ class IptablesBackend:
         strict: bool = False,
         mark: int = DEFAULT_MARK,
         runner: Runner | None = None,
+        topology: str = "routed",
     ) -> None:
         """Use ``executor``, or one in the current namespace or ``netns`` with
         ``variant`` ("nft" or "legacy"; detected when None). ``strict``: refuse
         (UnsupportedError) what iptables cannot enforce, i.e. ARP anti-spoofing;
-        ``mark``: the packet-mark bit the group chains use (render.DEFAULT_MARK)."""
+        ``mark``: the packet-mark bit the group chains use (render.DEFAULT_MARK);
+        ``topology``: ``routed`` or ``bridged`` (BackendError for anything else)."""
+        self.options = RenderOptions(mark=mark, strict=strict, topology=topology)
         self.executor = executor if executor is not None else IptablesExecutor(
             netns, variant, runner)
-        self.options = RenderOptions(mark=mark, strict=strict)
         self._last: tuple[HostFilter, IptState] | None = None
 
     def render(self, desired: HostFilter) -> IptState:
@@ -59,7 +62,12 @@ class IptablesBackend:
         return self._last[1]
 
     def read(self) -> IptState | None:
-        """secfw's chains and sets as the kernel holds them; None when absent."""
+        """secfw's chains and sets as the kernel holds them; None when absent —
+        and on a bridged host when br_netfilter's switches are off (bridged
+        traffic then bypasses iptables: the next, full, apply turns them on)."""
+        if self.options.topology == "bridged" and not bridge_netfilter_enabled(
+                self.executor.netns):
+            return None
         return self.executor.read_state()
 
     def plan(self, current: IptState | None, desired: HostFilter) -> IptPlan:
@@ -72,6 +80,8 @@ class IptablesBackend:
         agent's backend-neutral ``Plan`` protocol."""
         if not isinstance(plan, IptPlan):
             raise BackendError(f"iptables: cannot apply a {type(plan).__name__}")
+        if self.options.topology == "bridged":  # bridged IP must reach the filter
+            enable_bridge_netfilter(self.executor.netns)
         self.executor.apply(plan)
 
     def committed(self, desired: HostFilter) -> IptState:

@@ -103,10 +103,11 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import NamedTuple, TypeVar
 
+from secfw.backends import TOPOLOGIES
 from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, IRRule, PortPolicy
 from secfw.compiler.sources import port_sources
 from secfw.errors import BackendError, UnsupportedError
@@ -226,17 +227,43 @@ class IptState:
 class RenderOptions:
     """``mark``: the mark bit (one bit); ``strict``: raise UnsupportedError for
     what iptables cannot enforce (ARP anti-spoofing) instead of documenting it;
-    ``leaf_rules``: the longest dispatch list (in rules) before it is split."""
+    ``leaf_rules``: the longest dispatch list (in rules) before it is split;
+    ``topology``: ``routed`` (taps are the interfaces iptables sees) or
+    ``bridged`` (taps are bridge ports: matched with xt_physdev)."""
 
     mark: int = DEFAULT_MARK
     strict: bool = False
     leaf_rules: int = LEAF_RULES
+    topology: str = "routed"
 
     def __post_init__(self) -> None:
         if self.mark <= 0 or self.mark >= 1 << 32 or self.mark & (self.mark - 1):
             raise BackendError(f"iptables: mark {self.mark:#x} is not one bit of 32")
         if self.leaf_rules < 2:
             raise BackendError("iptables: leaf_rules must be at least 2")
+        if self.topology not in TOPOLOGIES:
+            raise BackendError(f"iptables: unknown topology {self.topology!r} "
+                               f"(known: {', '.join(TOPOLOGIES)})")
+
+    def from_port(self, name: str) -> str:
+        """The match for packets a tap (or ``tap…+`` prefix) sent.
+
+        On a bridge iptables sees the bridge as ``-i``; xt_physdev matches the
+        bridge port the frame came in by (iptables-extensions(8), "physdev"),
+        bridged or then routed by the host."""
+        if self.topology == "bridged":
+            return f"-m physdev --physdev-in {name}"
+        return f"-i {name}"
+
+    def to_port(self, name: str) -> str:
+        """The match for packets going to a tap (or ``tap…+`` prefix).
+
+        On a bridge the output port is known in FORWARD only for bridged frames
+        (``--physdev-is-bridged``): what the host itself routes into a bridge is
+        not ingress-filtered (docs/iptables.md, "Bridged hosts")."""
+        if self.topology == "bridged":
+            return f"-m physdev --physdev-out {name} --physdev-is-bridged"
+        return f"-o {name}"
 
 
 # --------------------------------------------------------------------------- #
@@ -449,9 +476,10 @@ def _chains(hf: HostFilter, family: Family, ctx: _Context) -> dict[str, tuple[st
     """Every secfw chain of ``family``: fixed ones, dispatch, groups, then ports."""
     ports = sorted(hf.ports, key=lambda p: p.tap)
     mark, clear = mark_text(ctx.options.mark, ctx.options.mark), mark_text(0, ctx.options.mark)
+    taps, opts = f"{TAP_PREFIX}+", ctx.options
     chains: dict[str, tuple[str, ...]] = {
-        FORWARD: (f"-i {TAP_PREFIX}+ -j {EGRESS}", f"-o {TAP_PREFIX}+ -j {INGRESS}"),
-        INPUT: (f"-i {TAP_PREFIX}+ -j {EGRESS}",),
+        FORWARD: (f"{opts.from_port(taps)} -j {EGRESS}", f"{opts.to_port(taps)} -j {INGRESS}"),
+        INPUT: (f"{opts.from_port(taps)} -j {EGRESS}",),
         ALLOW: (f"-j MARK --set-xmark {mark}",),
         PASS: (f"-j MARK --set-xmark {clear}",),
         EGRESS_OPEN: _egress_open(family),
@@ -461,8 +489,8 @@ def _chains(hf: HostFilter, family: Family, ctx: _Context) -> dict[str, tuple[st
     egress_head = (f"-j MARK --set-xmark {clear}",)
     ingress_head = (CT_ESTABLISHED, f"-j MARK --set-xmark {clear}")
     policies = {p.tap: _policy_chains(p, family, ctx) for p in ports if p.port_security}
-    egress = {p.tap: _egress_dispatch(p, family, policies.get(p.tap)) for p in ports}
-    ingress = {p.tap: _ingress_dispatch(p, policies.get(p.tap)) for p in ports}
+    egress = {p.tap: _egress_dispatch(p, family, policies.get(p.tap), opts) for p in ports}
+    ingress = {p.tap: _ingress_dispatch(p, policies.get(p.tap), opts) for p in ports}
     chains |= _dispatch(EGRESS, "eb", egress_head, egress, ctx)
     chains |= _dispatch(INGRESS, "ib", ingress_head, ingress, ctx)
     for chain in sorted(hf.chains, key=lambda c: ctx.group_names[c.name]):
@@ -479,8 +507,8 @@ def _chains(hf: HostFilter, family: Family, ctx: _Context) -> dict[str, tuple[st
 # --------------------------------------------------------------------------- #
 
 
-def _egress_dispatch(port: PortPolicy, family: Family, policy: _Policy | None
-                     ) -> tuple[str, ...]:
+def _egress_dispatch(port: PortPolicy, family: Family, policy: _Policy | None,
+                     opts: RenderOptions) -> tuple[str, ...]:
     """The egress dispatch rules of one port: with port security off, allowed;
     else each (source, MAC) the port may send from goes on to its egress (the
     shared open tail, or its policy chain when closed), anything else is dropped.
@@ -490,11 +518,12 @@ def _egress_dispatch(port: PortPolicy, family: Family, policy: _Policy | None
     port's MAC, address pairs with theirs, the EUI-64 link-local address of each
     MAC, and the unspecified address with the port's MAC (DHCP/ND before it has
     an address; the protections restrict what it may send)."""
-    match = f"-i {port.tap}"
+    match = opts.from_port(port.tap)
     if policy is None:  # port security off
         return (f"{match} {RETURN}",)
     target = policy.egress
-    # iptables-save prints -s before -i (read-back compares text: keep its order)
+    # iptables-save prints -s before -i and before -m physdev (read-back compares
+    # text: keep its order)
     rules = [" ".join([*address_option("-s", cidr), match, "-m mac --mac-source", mac,
                        "-g", target]) for cidr, mac in sources(port, family)]
     return (*rules, f"{match} {DROP}")
@@ -511,10 +540,11 @@ def sources(port: PortPolicy, family: Family) -> list[tuple[str, str]]:
     return [(canonical_cidr(s.cidr), s.mac) for s in port_sources(port) if s.family == family]
 
 
-def _ingress_dispatch(port: PortPolicy, policy: _Policy | None) -> tuple[str, ...]:
+def _ingress_dispatch(port: PortPolicy, policy: _Policy | None,
+                      opts: RenderOptions) -> tuple[str, ...]:
     """The ingress dispatch rule of one port: port security off (no policy),
     allowed; else its ingress policy chain."""
-    match = f"-o {port.tap}"
+    match = opts.to_port(port.tap)
     if policy is None:
         return (f"{match} {RETURN}",)
     return (f"{match} -g {policy.ingress}",)
@@ -545,7 +575,8 @@ def _dispatch(top: str, bucket: str, head: tuple[str, ...],
     Each ends in DROP: a chain entered with -g that ran off its end would
     return "allowed".
     """
-    flag = "-i" if bucket == "eb" else "-o"
+    opts = ctx.options
+    flag = opts.from_port if bucket == "eb" else opts.to_port
     chains: dict[str, tuple[str, ...]] = {}
     rules = list(_bucket(TAP_PREFIX, sorted(rules_of), flag, bucket, rules_of, ctx, chains))
     return {top: (*head, *rules, DROP), **dict(sorted(chains.items()))}
@@ -561,7 +592,7 @@ def common_prefix(first: str, last: str) -> str:
     return first[:length]
 
 
-def _bucket(prefix: str, taps: list[str], flag: str, bucket: str,
+def _bucket(prefix: str, taps: list[str], flag: Callable[[str], str], bucket: str,
             rules_of: Mapping[str, tuple[str, ...]], ctx: _Context,
             chains: dict[str, tuple[str, ...]]) -> Iterator[str]:
     """The dispatch rules for ``taps`` (sorted, all starting with ``prefix``),
@@ -584,7 +615,7 @@ def _bucket(prefix: str, taps: list[str], flag: str, bucket: str,
         name = f"{PREFIX}{bucket}-{child.removeprefix(TAP_PREFIX)}"
         rules = tuple(_bucket(child, group, flag, bucket, rules_of, ctx, chains))
         chains[name] = (*rules, DROP)
-        yield f"{flag} {child}+ -g {name}"
+        yield f"{flag(child + '+')} -g {name}"
 
 
 # --------------------------------------------------------------------------- #
@@ -821,6 +852,11 @@ def to_text(state: IptState) -> str:
     return "".join(parts)
 
 
-def compile_text(hf: HostFilter, options: RenderOptions | None = None) -> str:
-    """:func:`to_text` of :func:`render`: the entry point for ``secfw compile``."""
+def compile_text(hf: HostFilter, options: RenderOptions | None = None, *,
+                 topology: str | None = None) -> str:
+    """:func:`to_text` of :func:`render`: the entry point for ``secfw compile``;
+    ``topology`` overrides the options' one."""
+    options = options or RenderOptions()
+    if topology is not None:
+        options = replace(options, topology=topology)
     return to_text(render(hf, options))
