@@ -93,3 +93,23 @@ def test_no_namespace_left_behind(quick_run: tuple[Path, dict[str, Any]]) -> Non
     leftovers = [ns for ns in (lab.host_ns, lab.external_ns) if netns_exists(ns)]
     leftovers += [ns.name for ns in Path("/run/netns").glob("sfw-b-*")]
     assert leftovers == []
+
+
+def test_backends_comparison_runs_every_backend_and_topology(tmp_path: Path) -> None:
+    """``python -m secfw.bench.backends`` at a tiny size: one row per backend ×
+    topology, each with figures (no error) and converged (nothing to do after)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "secfw.bench.backends", "--sizes", "10", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "backends.json").read_text())
+    combos = {(row["backend"], row["topology"]) for row in results["rows"]}
+    assert combos == {(b, t) for b in ("nftables", "iptables-nft", "iptables-legacy")
+                      for t in ("routed", "bridged")}
+    assert errors(results) == []
+    assert all(row["commands_after"] == 0 and row["full_apply_s"] > 0
+               for row in results["rows"])
+    assert "| 10 | iptables-legacy | bridged |" in (tmp_path / "backends.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "secfw.bench.backends", "--sizes", "x"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "--sizes" in bad.stderr

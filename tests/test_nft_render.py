@@ -874,3 +874,23 @@ def test_marks_are_distinct_even_when_names_collide(monkeypatch: pytest.MonkeyPa
     assert layout.assign_marks(["tapb", "tapa", "tapc"]) == {"tapa": 1, "tapb": 2, "tapc": 3}
     monkeypatch.setattr(layout.zlib, "crc32", lambda data: (1 << 31) - 1)
     assert layout.assign_marks(["tapa", "tapb"]) == {"tapa": (1 << 31) - 1, "tapb": 1}
+
+
+def test_source_group_sets_are_hash_sets_until_they_hold_a_network() -> None:
+    """Hosts only: no interval flag (cheap element adds in libnftables 1.0.6); with
+    a network (an address pair's CIDR): interval; the change is a full replacement."""
+    hosts = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32"))
+    with_net = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.9.0.0/16"))
+    base = small()
+    only_hosts = replace(base, sets=(hosts,))
+    ruleset = render(only_hosts)
+    (named,) = [s for s in ruleset.sets if s.name == WEB_V4]
+    assert named.flags == ()
+    assert f"set {WEB_V4} {{\n\t\ttype ipv4_addr;\n\t\telements = {{\n\t\t\t10.0.0.5,\n" \
+        in to_nft_text(ruleset)
+    assert [s for s in render(replace(base, sets=(with_net,))).sets
+            if s.name == WEB_V4][0].flags == ("interval",)
+    assert plan_between(only_hosts, replace(base, sets=(with_net,))).full
+    grown = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.7/32"))
+    assert plan_between(only_hosts, replace(base, sets=(grown,))).commands == (
+        f"add element inet secfw {WEB_V4} {{ 10.0.0.7 }}",)

@@ -73,6 +73,7 @@ from secfw.backends.nftables.layout import (
     check_tap,
     cidr_family,
     collector_paused,
+    is_host,
     is_safe_name,
     port_identity,
     ports_set_name,
@@ -289,11 +290,19 @@ def _address_set(address_set: AddressSet) -> NamedSet:
     """The set as the IR gives it: canonical, sorted, already merged (ir.AddressSet).
 
     Not re-merged here: the compiler keeps single hosts apart on purpose so that a
-    member joining or leaving is one element added or removed."""
+    member joining or leaving is one element added or removed.
+
+    A plain hash set while every element is one address (a source group's members
+    usually are), an interval set only once it holds a network (an allowed address
+    pair's CIDR): libnftables 1.0.6 reads every interval set of the table back
+    before it adds an element to one (measured at 10k ports: 45 ms per membership
+    change, 0.7 ms with hash sets). A set changing kind is a declaration change,
+    which the planner turns into a full replacement (rare)."""
     family = address_set.family
     cidrs = dict.fromkeys(canonical_cidr(c, family) for c in address_set.elements)
     elements = tuple(Element((c,)) for c in cidrs)
-    return NamedSet(address_set.name, (ADDRESS_TYPE[family],), ("interval",), elements)
+    flags = () if all(is_host(c) for c in cidrs) else ("interval",)
+    return NamedSet(address_set.name, (ADDRESS_TYPE[family],), flags, elements)
 
 
 # --------------------------------------------------------------------------- #
