@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.executor import NftablesExecutor
+from secfw.backends.nftables.layout import collector_paused
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
 from secfw.backends.nftables.render import Ruleset, render
@@ -52,7 +53,8 @@ class NftablesBackend:
         sync, shared by :meth:`plan` and :meth:`committed`."""
         if self._last is None or self._last[0] is not desired:
             ruleset = render(desired, self.topology)
-            self._last = (desired, ruleset, KernelState.from_ruleset(ruleset))
+            with collector_paused():  # ~10^5 small acyclic objects (layout.collector_paused)
+                self._last = (desired, ruleset, KernelState.from_ruleset(ruleset))
         return self._last
 
     def read(self) -> KernelState | None:
@@ -67,7 +69,8 @@ class NftablesBackend:
     def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
         """The minimal transaction from ``current`` (None: unknown/absent) to ``desired``."""
         _, ruleset, want = self._rendered(desired)
-        return plan_transaction(current, ruleset, want)
+        with collector_paused():
+            return plan_transaction(current, ruleset, want)
 
     def apply(self, plan: object) -> None:
         """Commit ``plan`` (a :class:`Transaction` from :meth:`plan`) atomically;
