@@ -800,8 +800,11 @@ def test_bridged_host_uses_a_bridge_table_and_marks_instead_of_interface_names()
     ingress = {e.key[0]: int(e.verdict.text) for e in named(ruleset, "ingress_marks")
                if isinstance(e.verdict, Datum)}
     assert set(marks) == set(ingress) == {TAP_A, TAP_B, TAP_C}
-    assert len(set(marks.values())) == 3 and all(0 < m < 1 << 31 for m in marks.values())
-    assert all(ingress[tap] == marks[tap] | 1 << 31 for tap in marks)
+    assert len(set(marks.values())) == 3 and all(m and not m & 0x80000080 for m in marks.values())
+    assert all(ingress[tap] == marks[tap] | 0x80000080 for tap in marks)
+    swapped = {m: int.from_bytes(m.to_bytes(4, "little"), "big")
+               for m in (*marks.values(), *ingress.values())}
+    assert all(m == s for m, s in swapped.items())  # byte order cannot change them
     # The inet table keys every port by mark; no interface name is left in it.
     assert chain_rules(ruleset, "forward-egress") == ["meta mark vmap @egress_ports"]
     assert chain_rules(ruleset, "postrouting-ingress") == ["meta mark vmap @ingress_ports"]
@@ -871,9 +874,12 @@ def test_marks_are_distinct_even_when_names_collide(monkeypatch: pytest.MonkeyPa
     from secfw.backends.nftables import layout
 
     monkeypatch.setattr(layout.zlib, "crc32", lambda data: 0)
-    assert layout.assign_marks(["tapb", "tapa", "tapc"]) == {"tapa": 1, "tapb": 2, "tapc": 3}
-    monkeypatch.setattr(layout.zlib, "crc32", lambda data: (1 << 31) - 1)
-    assert layout.assign_marks(["tapa", "tapb"]) == {"tapa": (1 << 31) - 1, "tapb": 1}
+    assert layout.assign_marks(["tapb", "tapa", "tapc"]) == {
+        "tapa": 0x00010100, "tapb": 0x00020200, "tapc": 0x00030300}
+    monkeypatch.setattr(layout.zlib, "crc32", lambda data: layout.MAX_MARKED_TAPS - 1)
+    assert layout.assign_marks(["tapa", "tapb"]) == {"tapa": 0x7FFFFF7F, "tapb": 0x00010100}
+    with pytest.raises(BackendError, match="at most 32767 taps"):
+        layout.assign_marks(f"tap{i}" for i in range(layout.MAX_MARKED_TAPS + 1))
 
 
 def test_source_group_sets_are_hash_sets_until_they_hold_a_network() -> None:
@@ -888,8 +894,8 @@ def test_source_group_sets_are_hash_sets_until_they_hold_a_network() -> None:
     assert named.flags == ()
     assert f"set {WEB_V4} {{\n\t\ttype ipv4_addr;\n\t\telements = {{\n\t\t\t10.0.0.5,\n" \
         in to_nft_text(ruleset)
-    assert [s for s in render(replace(base, sets=(with_net,))).sets
-            if s.name == WEB_V4][0].flags == ("interval",)
+    assert next(s for s in render(replace(base, sets=(with_net,))).sets
+            if s.name == WEB_V4).flags == ("interval",)
     assert plan_between(only_hosts, replace(base, sets=(with_net,))).full
     grown = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.7/32"))
     assert plan_between(only_hosts, replace(base, sets=(grown,))).commands == (
