@@ -27,14 +27,13 @@ ruleset in force, and a new agent's first (full) pass sends only the difference.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import os
 import select
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
@@ -45,26 +44,13 @@ from secfw.compiler.ir import HostFilter
 from secfw.config import Config
 from secfw.daemon import log_event, sd_notify, watchdog_interval
 from secfw.errors import BackendError, SecfwError, StoreError
+from secfw.gcpause import collector_paused
 from secfw.store.base import Store
 from secfw.storewatch import Reopenable
 
 log = logging.getLogger("secfw.agent")
 
 
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection in the body: compiling a big host allocates
-    ~10^5 small acyclic objects, and each generation-2 collection they trigger
-    walks the agent's whole heap (the cloud of every host) — ~30 % of a pass at
-    10k ports (bench/README.md). Reference counting still frees everything."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 class Plan(Protocol):
     """A backend transaction: empty when the kernel already matches."""
@@ -187,7 +173,7 @@ class Reconciler:
         started = time.perf_counter()
         full = full or not self._committed_valid or self.cloud is None
         cloud = self._load_cloud(full)
-        with _collector_paused():
+        with collector_paused():
             desired = compile_host(cloud, self.host, self.config.allow_same_net_traffic)
         result = self._converge(desired, cloud.revision, full, started)
         revoke = getattr(self.backend, "revoke", None)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.executor import NftablesExecutor
-from secfw.backends.nftables.layout import collector_paused
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
 from secfw.backends.nftables.render import Ruleset, render
@@ -19,6 +18,7 @@ from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.summary import element_count, summarize
 from secfw.compiler.ir import HostFilter
 from secfw.errors import BackendError
+from secfw.gcpause import collector_paused
 from secfw.netns import bridge_netfilter_enabled, enable_bridge_netfilter
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ class NftablesBackend:
         sync, shared by :meth:`plan` and :meth:`committed`."""
         if self._last is None or self._last[0] is not desired:
             ruleset = render(desired, self.topology)
-            with collector_paused():  # ~10^5 small acyclic objects (layout.collector_paused)
+            with collector_paused():  # ~10^5 small acyclic objects (secfw.gcpause)
                 self._last = (desired, ruleset, KernelState.from_ruleset(ruleset))
         return self._last
 

@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 
 import nftables
 
-from secfw.backends.nftables.layout import collector_paused
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.syntax import FAMILIES, TABLE, table_header
 from secfw.errors import BackendError
+from secfw.gcpause import collector_paused
 from secfw.netns import inside_netns
 
 _R = TypeVar("_R")

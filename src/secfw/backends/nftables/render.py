@@ -72,7 +72,6 @@ from secfw.backends.nftables.layout import (
     check_name,
     check_tap,
     cidr_family,
-    collector_paused,
     is_host,
     is_safe_name,
     port_identity,
@@ -108,6 +107,7 @@ from secfw.backends.nftables.syntax import (
 )
 from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, IRRule, PortPolicy
 from secfw.errors import BackendError, UnsupportedError
+from secfw.gcpause import collector_paused
 
 __all__ = [
     "ADDRESS_TYPES", "EGRESS_FILTER", "EGRESS_PORTS", "FAMILY", "FIXED_CHAINS", "FIXED_SETS",
