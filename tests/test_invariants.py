@@ -111,6 +111,10 @@ class CloudMachine(RuleBasedStateMachine):
         else:
             changed = after.docs != before.docs
             assert after.revision == before.revision + int(changed)
+        self.follow()
+
+    def follow(self) -> None:
+        """Replay the store's change feed onto the follower, as an agent does."""
         self.follower.apply_changes(*self.api.store.changes_since(self.follower.revision))
 
     # ------------------------------------------------------------------ groups and rules

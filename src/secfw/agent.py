@@ -38,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any, Protocol, runtime_checkable
 
-from secfw.cloud import CloudState
+from secfw.cloud import CloudState, Replaced
 from secfw.compiler.build import compile_host
+from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
 from secfw.config import Config
 from secfw.daemon import log_event, sd_notify, watchdog_interval
@@ -145,6 +146,7 @@ class Reconciler:
         self._has_applied = False
         # The filter of the last successful pass: what revocation diffs against.
         self._previous: HostFilter | None = None
+        self._compiler = HostCompiler(host, config.allow_same_net_traffic)
 
     @property
     def applied_revision(self) -> int | None:
@@ -172,9 +174,16 @@ class Reconciler:
         """
         started = time.perf_counter()
         full = full or not self._committed_valid or self.cloud is None
-        cloud = self._load_cloud(full)
-        with collector_paused():
-            desired = compile_host(cloud, self.host, self.config.allow_same_net_traffic)
+        try:
+            cloud, replaced = self._load_cloud(full)
+            with collector_paused():
+                if replaced is None:
+                    desired = self._compiler.full(cloud)
+                else:  # the cost of the change, not of the cloud (compiler.incremental)
+                    desired = self._compiler.update(cloud, replaced)
+        except BaseException:
+            self.invalidate()  # the change feed was consumed: only a full pass is sure
+            raise
         result = self._converge(desired, cloud.revision, full, started)
         revoke = getattr(self.backend, "revoke", None)
         if revoke is not None:  # cut established connections the change revoked
@@ -249,18 +258,20 @@ class Reconciler:
             return self.backend.element_count(self._committed)
         return None
 
-    def _load_cloud(self, full: bool) -> CloudState:
+    def _load_cloud(self, full: bool) -> tuple[CloudState, list[Replaced] | None]:
+        """The cloud at the store's revision, and the records replaced since the
+        last pass (None when it was loaded whole: the compile must be full)."""
         if full or self.cloud is None:
             if isinstance(self.store, Reopenable):
                 self.store.reopen()  # a fresh look: notices a file unreadable or corrupt
             self.cloud = CloudState.from_snapshot(self.store.load())
-            return self.cloud
+            return self.cloud, None
         revision, changes = self.store.changes_since(self.cloud.revision)
         if revision < self.cloud.revision:  # the store went back (a restore): start over
             return self._load_cloud(True)
-        if revision != self.cloud.revision:
-            self.cloud.apply_changes(revision, changes)
-        return self.cloud
+        if revision == self.cloud.revision:
+            return self.cloud, []
+        return self.cloud, self.cloud.apply_changes(revision, changes)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -30,6 +30,8 @@ from secfw.model import (
 from secfw.store.base import Change, Snapshot
 
 R = TypeVar("R", bound=Record)
+#: A record as it was and as it is now (None: did not exist / no longer exists).
+Replaced = tuple[Record | None, Record | None]
 
 
 class CloudState:
@@ -65,8 +67,13 @@ class CloudState:
                 state._index(record_type.from_doc(doc))
         return state
 
-    def apply_changes(self, revision: int, changes: Iterable[Change]) -> None:
-        """Replay a change feed (see :meth:`Store.changes_since`) onto this state."""
+    def apply_changes(self, revision: int, changes: Iterable[Change]) -> list[Replaced]:
+        """Replay a change feed (see :meth:`Store.changes_since`) onto this state.
+
+        Returns every record replaced, in feed order, as ``(old, new)``: ``old`` None
+        for a record created, ``new`` None for one deleted (what an incremental
+        compiler needs to know what to recompute)."""
+        replaced: list[Replaced] = []
         for change in changes:
             record_type = RECORD_TYPES.get(change.kind)
             if record_type is None:
@@ -74,9 +81,12 @@ class CloudState:
             old = self.records[change.kind].get(change.id)
             if old is not None:
                 self._unindex(old)
-            if change.doc is not None:
-                self._index(record_type.from_doc(change.doc))
+            new = record_type.from_doc(change.doc) if change.doc is not None else None
+            if new is not None:
+                self._index(new)
+            replaced.append((old, new))
         self.revision = revision
+        return replaced
 
     # ------------------------------------------------------------------ mutation
 

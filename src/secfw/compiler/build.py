@@ -64,16 +64,16 @@ def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> H
     """The filter of ``host`` for the cloud in ``state`` (see the module docstring)."""
     instances = sorted((i for i in state.instances.values() if i.host == host), key=lambda i: i.id)
     group_ids = sorted({g for i in instances for g in i.security_groups})
-    with_egress = {g for g in group_ids if _has_egress_rule(state, g)}
+    with_egress = {g for g in group_ids if has_egress_rule(state, g)}
     ports = [
-        _port_policy(state, instance, port, allow_same_net, with_egress)
+        port_policy(state, instance, port, allow_same_net, with_egress)
         for instance in instances
         for port in state.ports_of(instance.id)
     ]
-    chains = [_group_chain(state, g, "ingress") for g in group_ids]
-    chains += [_group_chain(state, g, "egress") for g in sorted(with_egress)]
+    chains = [group_chain(state, g, "ingress") for g in group_ids]
+    chains += [group_chain(state, g, "egress") for g in sorted(with_egress)]
     referenced = sorted({r.remote_set for c in chains for r in c.rules if r.remote_set})
-    sets = [_address_set(state, name) for name in referenced]
+    sets = [address_set(state, name) for name in referenced]
     return HostFilter(
         host=host,
         ports=tuple(sorted(ports, key=lambda p: p.tap)),
@@ -82,11 +82,12 @@ def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> H
     )
 
 
-def _has_egress_rule(state: CloudState, group_id: str) -> bool:
+def has_egress_rule(state: CloudState, group_id: str) -> bool:
+    """Whether the group has at least one egress rule (its ports' egress is then filtered)."""
     return any(r.direction == "egress" for r in state.rules_by_group.get(group_id, {}).values())
 
 
-def _port_policy(
+def port_policy(
     state: CloudState, instance: Instance, port: Port, allow_same_net: bool,
     with_egress: set[str],
 ) -> PortPolicy:
@@ -121,7 +122,8 @@ def address_pairs(port: Port) -> tuple[AddressPair, ...]:
     return tuple(sorted(pairs))
 
 
-def _group_chain(state: CloudState, group_id: str, direction: IRDirection) -> GroupChain:
+def group_chain(state: CloudState, group_id: str, direction: IRDirection) -> GroupChain:
+    """The group's rules of one direction, normalised, deduplicated and sorted."""
     rules = [r for r in state.rules_by_group.get(group_id, {}).values() if r.direction == direction]
     compiled = sorted({ir_rule(r) for r in rules}, key=_rule_sort_key)
     return GroupChain(chain_name(group_id, direction), group_id, direction, tuple(compiled))
@@ -162,7 +164,9 @@ def _rule_sort_key(rule: IRRule) -> tuple[object, ...]:
     )
 
 
-def _address_set(state: CloudState, name: str) -> AddressSet:
+def address_set(state: CloudState, name: str) -> AddressSet:
+    """The address set ``name`` (see :func:`set_name`): every address, on any host,
+    of the ports of the source group's members."""
     group_id = name[len("sg-") : -len("-v4")]
     family: Family = "ipv4" if name.endswith("-v4") else "ipv6"
     addresses = [

@@ -13,8 +13,8 @@ from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
-from secfw.backends.nftables.render import Ruleset, render
-from secfw.backends.nftables.state import KernelState
+from secfw.backends.nftables.render import Renderer, Ruleset
+from secfw.backends.nftables.state import KernelState, StateCache
 from secfw.backends.nftables.summary import element_count, summarize
 from secfw.compiler.ir import HostFilter
 from secfw.errors import BackendError
@@ -42,6 +42,10 @@ class NftablesBackend:
         self.topology = topology
         self.executor = executor if executor is not None else NftablesExecutor(netns)
         self._last: tuple[HostFilter, Ruleset, KernelState] | None = None
+        # Successive syncs share unchanged pieces, rendered once (render.Renderer,
+        # state.StateCache): a membership change costs the set it changes.
+        self._renderer = Renderer(self.topology)
+        self._states = StateCache()
 
     def render(self, desired: HostFilter) -> Ruleset:
         """The ruleset of ``desired``; the last one is kept, as plan and committed
@@ -52,9 +56,9 @@ class NftablesBackend:
         """``desired`` rendered, and the state it gives the kernel — built once per
         sync, shared by :meth:`plan` and :meth:`committed`."""
         if self._last is None or self._last[0] is not desired:
-            ruleset = render(desired, self.topology)
+            ruleset = self._renderer.render(desired)
             with collector_paused():  # ~10^5 small acyclic objects (secfw.gcpause)
-                self._last = (desired, ruleset, KernelState.from_ruleset(ruleset))
+                self._last = (desired, ruleset, self._states.state(ruleset))
         return self._last
 
     def read(self) -> KernelState | None:

@@ -144,12 +144,15 @@ def _safe_key(key: ObjectKey) -> ObjectKey:
 
 
 def _declarations_changed(current: KernelState, want: KernelState) -> bool:
+    # ``is`` first: states rendered from the same objects are shared (StateCache).
     sets = any(
-        key in current.sets and current.sets[key].declaration != s.declaration
+        (have := current.sets.get(key)) is not None and have is not s
+        and have.declaration != s.declaration
         for key, s in want.sets.items()
     )
     hooks = any(
-        key in current.chains and current.chains[key].hook != c.hook
+        (have_chain := current.chains.get(key)) is not None and have_chain is not c
+        and have_chain.hook != c.hook
         for key, c in want.chains.items()
     )
     return sets or hooks
@@ -160,8 +163,8 @@ def _commands(current: KernelState, want: KernelState, desired: Ruleset) -> Iter
     new_chains = [c for c in desired.chains if (c.family, c.name) not in current.chains]
     changed = [
         c for c in desired.chains
-        if (key := (c.family, c.name)) in current.chains
-        and current.chains[key].rules != want.chains[key].rules
+        if (have := current.chains.get((c.family, c.name))) is not None
+        and (need := want.chains[(c.family, c.name)]) is not have and have.rules != need.rules
     ]
     gone_chains = sorted(_safe_key(k) for k in set(current.chains) - set(want.chains))
     yield from (_add_chain(c) for c in new_chains)
@@ -200,6 +203,8 @@ def _element_changes(
     one command per set with all its elements (faster than one per element)."""
     for key in keys:
         have, need = current.sets[key], want.sets[key]
+        if have is need:
+            continue
         elements = have.elements - need.elements if verb == "delete" else (
             need.elements - have.elements)
         if elements:

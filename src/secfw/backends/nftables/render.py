@@ -112,8 +112,8 @@ from secfw.gcpause import collector_paused
 __all__ = [
     "ADDRESS_TYPES", "EGRESS_FILTER", "EGRESS_PORTS", "FAMILY", "FIXED_CHAINS", "FIXED_SETS",
     "INGRESS_FILTER", "INGRESS_PORTS", "PORTS_SUFFIX", "TABLE", "Chain", "Element", "Hook",
-    "NamedSet", "Rule", "Ruleset", "Verdict", "canonical_cidr", "check_name", "check_tap",
-    "is_safe_name", "make_rule", "render", "rule_text", "to_nft_json", "to_nft_text",
+    "NamedSet", "Renderer", "Rule", "Ruleset", "Verdict", "canonical_cidr", "check_name",
+    "check_tap", "is_safe_name", "make_rule", "render", "rule_text", "to_nft_json", "to_nft_text",
 ]
 
 _RULE_ID = re.compile(r"[A-Za-z0-9-]+")
@@ -132,13 +132,78 @@ def render(hf: HostFilter, topology: str = "routed") -> Ruleset:
     tap or MAC that is not safe to print, duplicate names) and UnsupportedError
     when a rule asks for something this backend cannot express.
     """
-    with collector_paused():
-        return _render(hf, topology)
+    return Renderer(topology).render(hf)
 
 
-def _render(hf: HostFilter, topology: str) -> Ruleset:
+_PortPart = tuple[list[NamedSet], list[Chain]]
+
+
+class Renderer:
+    """:func:`render` for successive filters of one host, at the cost of what changed.
+
+    It keeps the pieces of the last ruleset and reuses, as the same objects, the
+    rendering of every :class:`~secfw.compiler.ir.AddressSet` and
+    :class:`~secfw.compiler.ir.GroupChain` it sees again (by identity: the
+    incremental compiler hands unchanged pieces over as the same objects) and of
+    everything derived from the ports while the ports and the chains' names are
+    unchanged. The result always equals ``render(hf, topology)``.
+    """
+
+    def __init__(self, topology: str = "routed") -> None:
+        self.topology = topology
+        self._port_key: tuple[tuple[PortPolicy, ...], tuple[tuple[str, str], ...]] | None = None
+        self._port_part: _PortPart = ([], [])
+        self._set_signature: tuple[tuple[str, str], ...] = ()
+        self._sets: dict[str, tuple[AddressSet, NamedSet]] = {}
+        self._chains: dict[str, tuple[GroupChain, Chain]] = {}
+
+    def render(self, hf: HostFilter) -> Ruleset:
+        """The ruleset of ``hf`` (see :func:`render`)."""
+        with collector_paused():
+            return self._render(hf)
+
+    def _render(self, hf: HostFilter) -> Ruleset:
+        address_sets = _index_sets(hf.sets)
+        signature = tuple((s.name, s.family) for s in hf.sets)
+        if signature != self._set_signature:  # cached chains were checked against others
+            self._chains, self._set_signature = {}, signature
+        port_sets, port_chains = self._ports(hf)
+        sets = [*port_sets, *(self._address_set(s) for s in hf.sets)]
+        chains = [*(self._group_chain(c, address_sets) for c in hf.chains), *port_chains]
+        _check_unique([s.name for s in sets], "set")
+        _check_unique([c.name for c in chains], "chain")
+        return Ruleset(
+            sets=tuple(sorted(sets, key=lambda s: (s.family != FAMILY, s.name))),
+            chains=tuple(sorted(chains, key=lambda c: (c.family != FAMILY, c.name))),
+        )
+
+    def _ports(self, hf: HostFilter) -> _PortPart:
+        """What the ports and the chains' names and directions determine."""
+        key = (hf.ports, tuple((c.name, c.direction) for c in hf.chains))
+        if self._port_key is None or self._port_key[0] is not key[0] or self._port_key[1] != key[1]:
+            self._port_part = _port_part(hf, self.topology)
+            self._port_key = key
+        return self._port_part
+
+    def _address_set(self, address_set: AddressSet) -> NamedSet:
+        hit = self._sets.get(address_set.name)
+        if hit is None or hit[0] is not address_set:
+            hit = self._sets[address_set.name] = (address_set, _address_set(address_set))
+        return hit[1]
+
+    def _group_chain(self, chain: GroupChain, sets: dict[str, AddressSet]) -> Chain:
+        """A chain is checked against the sets it names when rendered, so the cache
+        is dropped whenever the sets' names or families change (:meth:`_render`)."""
+        hit = self._chains.get(chain.name)
+        if hit is None or hit[0] is not chain:
+            hit = self._chains[chain.name] = (chain, _group_chain(chain, sets))
+        return hit[1]
+
+
+def _port_part(hf: HostFilter, topology: str) -> _PortPart:
+    """The sets and chains that depend on the ports (and the chains' names), not on
+    the group chains' rules or the address sets' elements."""
     groups = _index_chains(hf.chains)
-    address_sets = _index_sets(hf.sets)
     members = _members(hf.ports, groups)
     ident = port_identity(topology, (p.tap for p in hf.ports))
     interned = {
@@ -152,13 +217,11 @@ def _render(hf: HostFilter, topology: str) -> Ruleset:
         *same_net,
         *(_ports_set(name, taps, interned[groups[name].direction], ident.key_type)
           for name, taps in members.items()),
-        *(_address_set(s) for s in hf.sets),
         *protect.spoof_sets(hf.ports, ident),
         protect.nd_map(hf.ports, ident),
         *protect.layer2_sets(hf.ports, ident),
     ]
     chains = [
-        *(_group_chain(c, address_sets) for c in hf.chains),
         _ingress_filter(sorted(c.name for c in hf.chains if c.direction == "ingress"),
                         [s.name for s in same_net], ident),
         *_egress_chains(sorted(c.name for c in hf.chains if c.direction == "egress"), ident),
@@ -168,12 +231,7 @@ def _render(hf: HostFilter, topology: str) -> Ruleset:
         *_base_chains(ident),
         *protect.layer2_chains(ident),
     ]
-    _check_unique([s.name for s in sets], "set")
-    _check_unique([c.name for c in chains], "chain")
-    return Ruleset(
-        sets=tuple(sorted(sets, key=lambda s: (s.family != FAMILY, s.name))),
-        chains=tuple(sorted(chains, key=lambda c: (c.family != FAMILY, c.name))),
-    )
+    return sets, chains
 
 
 def _index_chains(chains: Iterable[GroupChain]) -> dict[str, GroupChain]:

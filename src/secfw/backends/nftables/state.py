@@ -38,6 +38,7 @@ from secfw.backends.nftables.syntax import (
     ADDRESS_TYPES,
     FAMILIES,
     TABLE,
+    Chain,
     Datum,
     Element,
     Hook,
@@ -98,10 +99,7 @@ class KernelState:
         """The state the kernel holds once ``ruleset`` was applied."""
         return cls(
             sets={(s.family, s.name): _set_state(s) for s in ruleset.sets},
-            chains={
-                (c.family, c.name): ChainState(c.hook, tuple(r.comment for r in c.rules))
-                for c in ruleset.chains
-            },
+            chains={(c.family, c.name): _chain_state(c) for c in ruleset.chains},
             tables=frozenset(ruleset.families()),
         )
 
@@ -117,6 +115,41 @@ class KernelState:
             return _parse_listing(listing.get("nftables", []))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BackendError(f"nftables: unexpected listing: {exc!r}") from exc
+
+
+class StateCache:
+    """:meth:`KernelState.from_ruleset` for successive rulesets that share objects.
+
+    A set or chain that is the same object (``is``) as one of the previous ruleset
+    keeps the same :class:`SetState` / :class:`ChainState` object, so a planner
+    comparing two states skips it by identity instead of comparing its elements.
+    """
+
+    def __init__(self) -> None:
+        self._sets: dict[int, tuple[NamedSet, SetState]] = {}
+        self._chains: dict[int, tuple[Chain, ChainState]] = {}
+
+    def state(self, ruleset: Ruleset) -> KernelState:
+        """Equal to ``KernelState.from_ruleset(ruleset)``."""
+        sets: dict[int, tuple[NamedSet, SetState]] = {}
+        for named in ruleset.sets:
+            hit = self._sets.get(id(named))
+            sets[id(named)] = hit if hit and hit[0] is named else (named, _set_state(named))
+        chains: dict[int, tuple[Chain, ChainState]] = {}
+        for chain in ruleset.chains:
+            hit_chain = self._chains.get(id(chain))
+            chains[id(chain)] = (hit_chain if hit_chain and hit_chain[0] is chain
+                                 else (chain, _chain_state(chain)))
+        self._sets, self._chains = sets, chains
+        return KernelState(
+            sets={(n.family, n.name): state for n, state in sets.values()},
+            chains={(c.family, c.name): state for c, state in chains.values()},
+            tables=frozenset(ruleset.families()),
+        )
+
+
+def _chain_state(chain: Chain) -> ChainState:
+    return ChainState(chain.hook, tuple(r.comment for r in chain.rules))
 
 
 def _set_state(named: NamedSet) -> SetState:
