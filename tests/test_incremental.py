@@ -121,14 +121,16 @@ class IncrementalMachine(CloudMachine):
         for (host, topology), (renderer, states) in self.renderers.items():
             result = self.compilers[host].result
             assert result is not None
-            before = states.state(renderer.render(self.previous.get(host, result)))
+            previous = self.previous.get(host, result)
+            before = states.state(renderer.render(previous), renderer.delta)
             ruleset = renderer.render(result)
             assert ruleset == render(result, topology)
-            after = states.state(ruleset)
-            fresh_before = KernelState.from_ruleset(render(self.previous.get(host, result),
-                                                           topology))
+            after = states.state(ruleset, renderer.delta)
             assert after == KernelState.from_ruleset(ruleset)
-            assert plan(before, ruleset, after) == plan(fresh_before, ruleset)
+            fresh_before = KernelState.from_ruleset(render(previous, topology))
+            expected = plan(fresh_before, ruleset)
+            assert plan(before, ruleset, after) == expected
+            assert plan(before, ruleset, after, renderer.delta) == expected
 
 
 def _assert_reused(before: tuple[object, ...], after: tuple[object, ...],

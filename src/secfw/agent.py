@@ -147,6 +147,7 @@ class Reconciler:
         # The filter of the last successful pass: what revocation diffs against.
         self._previous: HostFilter | None = None
         self._compiler = HostCompiler(host, config.allow_same_net_traffic)
+        self._taps: tuple[object, frozenset[str]] = ((), frozenset())
 
     @property
     def applied_revision(self) -> int | None:
@@ -235,8 +236,15 @@ class Reconciler:
             elements=self._element_count(),
             changes=None if plan.empty else self._describe(plan),
             drift=drift,
-            taps=frozenset(p.tap for p in desired.ports),
+            taps=self._taps_of(desired),
         )
+
+    def _taps_of(self, desired: HostFilter) -> frozenset[str]:
+        """The taps of ``desired``'s ports, recomputed only when the ports tuple is a
+        new one (the incremental compiler keeps it while no port changes)."""
+        if self._taps[0] is not desired.ports:
+            self._taps = (desired.ports, frozenset(p.tap for p in desired.ports))
+        return self._taps[1]
 
     def _drift(self, current: Any, plan: Plan) -> dict[str, Any] | None:
         """What differed, when the kernel no longer holds what this process committed

@@ -46,6 +46,7 @@ class NftablesBackend:
         # state.StateCache): a membership change costs the set it changes.
         self._renderer = Renderer(self.topology)
         self._states = StateCache()
+        self._before: KernelState | None = None  # the state of the rendering before _last
 
     def render(self, desired: HostFilter) -> Ruleset:
         """The ruleset of ``desired``; the last one is kept, as plan and committed
@@ -56,9 +57,11 @@ class NftablesBackend:
         """``desired`` rendered, and the state it gives the kernel — built once per
         sync, shared by :meth:`plan` and :meth:`committed`."""
         if self._last is None or self._last[0] is not desired:
+            self._before = self._last[2] if self._last is not None else None
             ruleset = self._renderer.render(desired)
             with collector_paused():  # ~10^5 small acyclic objects (secfw.gcpause)
-                self._last = (desired, ruleset, self._states.state(ruleset))
+                state = self._states.state(ruleset, self._renderer.delta)
+                self._last = (desired, ruleset, state)
         return self._last
 
     def read(self) -> KernelState | None:
@@ -73,8 +76,12 @@ class NftablesBackend:
     def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
         """The minimal transaction from ``current`` (None: unknown/absent) to ``desired``."""
         _, ruleset, want = self._rendered(desired)
+        # The renderer's delta is relative to the previous rendering: it is all
+        # that needs comparing only when the kernel holds exactly that (the
+        # agent's incremental pass); a state read back is compared whole.
+        delta = self._renderer.delta if current is self._before is not None else None
         with collector_paused():
-            return plan_transaction(current, ruleset, want)
+            return plan_transaction(current, ruleset, want, delta)
 
     def apply(self, plan: object) -> None:
         """Commit ``plan`` (a :class:`Transaction` from :meth:`plan`) atomically;

@@ -29,13 +29,15 @@ A plan whose current state equals the desired one has no commands.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from secfw.backends.nftables.layout import is_safe_name
 from secfw.backends.nftables.state import KernelState, ObjectKey, SetState
 from secfw.backends.nftables.syntax import (
     FAMILIES,
+    FAMILY,
     TABLE,
     Chain,
     Element,
@@ -49,6 +51,9 @@ from secfw.backends.nftables.syntax import (
     table_header,
     table_text,
 )
+
+if TYPE_CHECKING:
+    from secfw.backends.nftables.render import Delta
 
 # What read-back elements must look like to be printed into a command: an
 # interface name (IFNAMSIZ), a MAC, a canonical CIDR or a range.
@@ -104,7 +109,8 @@ def full_transaction(desired: Ruleset) -> Transaction:
 
 
 def plan(
-    current: KernelState | None, desired: Ruleset, want: KernelState | None = None
+    current: KernelState | None, desired: Ruleset, want: KernelState | None = None,
+    delta: Delta | None = None,
 ) -> Transaction:
     """The minimal transaction from ``current`` to ``desired`` (see the module doc).
 
@@ -112,16 +118,51 @@ def plan(
     So is a table of ``desired`` that ``current`` lacks, or one ``current`` has
     that ``desired`` does not use (the host changed topology). ``want`` is
     ``KernelState.from_ruleset(desired)`` when the caller already has it.
+    ``delta`` (:class:`.render.Delta`) may be given only when ``current`` is the
+    state of the ruleset ``desired`` was rendered after: objects it does not list
+    are then known to be unchanged, and only the listed ones are compared.
     """
     if current is None:
         return full_transaction(desired)
     want = want if want is not None else KernelState.from_ruleset(desired)
-    if want.tables != current.tables or _declarations_changed(current, want):
+    scope = _Scope.of(current, want, desired, delta)
+    if want.tables != current.tables or _declarations_changed(current, want, scope):
         return full_transaction(desired)
     try:
-        return Transaction(tuple(_commands(current, want, desired)))
+        return Transaction(tuple(_commands(current, want, scope)))
     except _Unprintable:
         return full_transaction(desired)
+
+
+def _ruleset_order(key: ObjectKey) -> tuple[bool, str]:
+    """Sort key of ``(family, name)`` in a Ruleset's order (inet first, then by name)."""
+    return key[0] != FAMILY, key[1]
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The sets and chains a plan compares: every one of either side, or only those
+    of a delta; each list in a Ruleset's order."""
+
+    sets: tuple[ObjectKey, ...]
+    chains: tuple[ObjectKey, ...]
+    set_objects: Mapping[ObjectKey, NamedSet]
+    chain_objects: Mapping[ObjectKey, Chain]
+
+    @classmethod
+    def of(cls, current: KernelState, want: KernelState, desired: Ruleset,
+           delta: Delta | None) -> _Scope:
+        if delta is not None:
+            sets = {k: v for k, v in delta.sets.items() if v is not None}
+            chains = {k: v for k, v in delta.chains.items() if v is not None}
+            return cls(tuple(sorted(delta.sets, key=_ruleset_order)),
+                       tuple(sorted(delta.chains, key=_ruleset_order)), sets, chains)
+        set_objects = {(s.family, s.name): s for s in desired.sets}
+        chain_objects = {(c.family, c.name): c for c in desired.chains}
+        return cls(
+            tuple(sorted(set(current.sets) | set(want.sets), key=_ruleset_order)),
+            tuple(sorted(set(current.chains) | set(want.chains), key=_ruleset_order)),
+            set_objects, chain_objects)
 
 
 class _Unprintable(Exception):
@@ -143,33 +184,36 @@ def _safe_key(key: ObjectKey) -> ObjectKey:
     return key
 
 
-def _declarations_changed(current: KernelState, want: KernelState) -> bool:
+def _declarations_changed(current: KernelState, want: KernelState, scope: _Scope) -> bool:
     # ``is`` first: states rendered from the same objects are shared (StateCache).
     sets = any(
-        (have := current.sets.get(key)) is not None and have is not s
-        and have.declaration != s.declaration
-        for key, s in want.sets.items()
+        (have := current.sets.get(key)) is not None and (need := want.sets.get(key)) is not None
+        and have is not need and have.declaration != need.declaration
+        for key in scope.sets
     )
     hooks = any(
-        (have_chain := current.chains.get(key)) is not None and have_chain is not c
-        and have_chain.hook != c.hook
-        for key, c in want.chains.items()
+        (was := current.chains.get(key)) is not None and (now := want.chains.get(key)) is not None
+        and was is not now and was.hook != now.hook
+        for key in scope.chains
     )
     return sets or hooks
 
 
-def _commands(current: KernelState, want: KernelState, desired: Ruleset) -> Iterator[str]:
-    new_sets = [s for s in desired.sets if (s.family, s.name) not in current.sets]
-    new_chains = [c for c in desired.chains if (c.family, c.name) not in current.chains]
+def _commands(current: KernelState, want: KernelState, scope: _Scope) -> Iterator[str]:
+    wanted_sets = [k for k in scope.sets if k in want.sets]
+    wanted_chains = [k for k in scope.chains if k in want.chains]
+    new_sets = [scope.set_objects[k] for k in wanted_sets if k not in current.sets]
+    new_chains = [scope.chain_objects[k] for k in wanted_chains if k not in current.chains]
     changed = [
-        c for c in desired.chains
-        if (have := current.chains.get((c.family, c.name))) is not None
-        and (need := want.chains[(c.family, c.name)]) is not have and have.rules != need.rules
+        scope.chain_objects[k] for k in wanted_chains
+        if (have := current.chains.get(k)) is not None
+        and (need := want.chains[k]) is not have and have.rules != need.rules
     ]
-    gone_chains = sorted(_safe_key(k) for k in set(current.chains) - set(want.chains))
+    gone_chains = sorted(_safe_key(k) for k in scope.chains
+                         if k in current.chains and k not in want.chains)
     yield from (_add_chain(c) for c in new_chains)
     yield from (_add_set(s) for s in new_sets)
-    kept = sorted(set(current.sets) & set(want.sets))
+    kept = sorted(k for k in wanted_sets if k in current.sets)
     yield from _element_changes(current, want, kept, "delete")
     yield from _element_changes(current, want, kept, "add")
     for chain in changed:
@@ -179,7 +223,8 @@ def _commands(current: KernelState, want: KernelState, desired: Ruleset) -> Iter
                     for r in chain.rules)
     yield from (f"flush chain {_t(family)} {name}" for family, name in gone_chains)
     yield from (f"delete chain {_t(family)} {name}" for family, name in gone_chains)
-    for key in sorted(_safe_key(k) for k in set(current.sets) - set(want.sets)):
+    gone_sets = sorted(_safe_key(k) for k in scope.sets if k in current.sets and k not in want.sets)
+    for key in gone_sets:
         yield f"delete {'map' if current.sets[key].is_map else 'set'} {_t(key[0])} {key[1]}"
 
 

@@ -37,7 +37,9 @@ import ipaddress
 import re
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from secfw.backends.nftables import protect
 from secfw.backends.nftables.layout import (
@@ -110,10 +112,34 @@ from secfw.errors import BackendError, UnsupportedError
 from secfw.gcpause import collector_paused
 
 __all__ = [
-    "ADDRESS_TYPES", "EGRESS_FILTER", "EGRESS_PORTS", "FAMILY", "FIXED_CHAINS", "FIXED_SETS",
-    "INGRESS_FILTER", "INGRESS_PORTS", "PORTS_SUFFIX", "TABLE", "Chain", "Element", "Hook",
-    "NamedSet", "Renderer", "Rule", "Ruleset", "Verdict", "canonical_cidr", "check_name",
-    "check_tap", "is_safe_name", "make_rule", "render", "rule_text", "to_nft_json", "to_nft_text",
+    "ADDRESS_TYPES",
+    "EGRESS_FILTER",
+    "EGRESS_PORTS",
+    "FAMILY",
+    "FIXED_CHAINS",
+    "FIXED_SETS",
+    "INGRESS_FILTER",
+    "INGRESS_PORTS",
+    "PORTS_SUFFIX",
+    "TABLE",
+    "Chain",
+    "Delta",
+    "Element",
+    "Hook",
+    "NamedSet",
+    "Renderer",
+    "Rule",
+    "Ruleset",
+    "Verdict",
+    "canonical_cidr",
+    "check_name",
+    "check_tap",
+    "is_safe_name",
+    "make_rule",
+    "render",
+    "rule_text",
+    "to_nft_json",
+    "to_nft_text",
 ]
 
 _RULE_ID = re.compile(r"[A-Za-z0-9-]+")
@@ -136,6 +162,18 @@ def render(hf: HostFilter, topology: str = "routed") -> Ruleset:
 
 
 _PortPart = tuple[list[NamedSet], list[Chain]]
+#: A set or chain by ``(family, name)``.
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a :class:`Renderer`'s ruleset changed relative to its previous one:
+    every set and chain that may differ, by key, as it is now (None: gone). A key
+    not listed holds the very same object in both rulesets."""
+
+    sets: dict[Key, NamedSet | None]
+    chains: dict[Key, Chain | None]
 
 
 class Renderer:
@@ -146,16 +184,20 @@ class Renderer:
     :class:`~secfw.compiler.ir.GroupChain` it sees again (by identity: the
     incremental compiler hands unchanged pieces over as the same objects) and of
     everything derived from the ports while the ports and the chains' names are
-    unchanged. The result always equals ``render(hf, topology)``.
+    unchanged. The result always equals ``render(hf, topology)``; :attr:`delta`
+    says what changed since the previous result (None after the first).
     """
 
     def __init__(self, topology: str = "routed") -> None:
         self.topology = topology
+        self.delta: Delta | None = None
         self._port_key: tuple[tuple[PortPolicy, ...], tuple[tuple[str, str], ...]] | None = None
         self._port_part: _PortPart = ([], [])
         self._set_signature: tuple[tuple[str, str], ...] = ()
         self._sets: dict[str, tuple[AddressSet, NamedSet]] = {}
         self._chains: dict[str, tuple[GroupChain, Chain]] = {}
+        self._result: Ruleset | None = None
+        self._positions: _Positions = ({}, {})
 
     def render(self, hf: HostFilter) -> Ruleset:
         """The ruleset of ``hf`` (see :func:`render`)."""
@@ -163,41 +205,105 @@ class Renderer:
             return self._render(hf)
 
     def _render(self, hf: HostFilter) -> Ruleset:
+        first = self._port_key is None
+        delta = Delta({}, {})
         address_sets = _index_sets(hf.sets)
         signature = tuple((s.name, s.family) for s in hf.sets)
-        if signature != self._set_signature:  # cached chains were checked against others
-            self._chains, self._set_signature = {}, signature
-        port_sets, port_chains = self._ports(hf)
-        sets = [*port_sets, *(self._address_set(s) for s in hf.sets)]
-        chains = [*(self._group_chain(c, address_sets) for c in hf.chains), *port_chains]
+        recheck = signature != self._set_signature  # cached chains were checked against others
+        self._set_signature = signature
+        port_sets, port_chains = self._ports(hf, delta)
+        sets = [*port_sets, *self._address_sets(hf.sets, delta)]
+        chains = [*self._group_chains(hf.chains, address_sets, delta, recheck), *port_chains]
+        self.delta = None if first else delta
+        if self._result is not None and _replaces_only(delta, self._positions):
+            self._result = _replaced(self._result, delta, self._positions)
+            return self._result
         _check_unique([s.name for s in sets], "set")
         _check_unique([c.name for c in chains], "chain")
-        return Ruleset(
+        self._result = Ruleset(
             sets=tuple(sorted(sets, key=lambda s: (s.family != FAMILY, s.name))),
             chains=tuple(sorted(chains, key=lambda c: (c.family != FAMILY, c.name))),
         )
+        self._positions = _positions(self._result)
+        return self._result
 
-    def _ports(self, hf: HostFilter) -> _PortPart:
+    def _ports(self, hf: HostFilter, delta: Delta) -> _PortPart:
         """What the ports and the chains' names and directions determine."""
         key = (hf.ports, tuple((c.name, c.direction) for c in hf.chains))
         if self._port_key is None or self._port_key[0] is not key[0] or self._port_key[1] != key[1]:
+            old_sets, old_chains = self._port_part
             self._port_part = _port_part(hf, self.topology)
             self._port_key = key
+            _changed(delta.sets, old_sets, self._port_part[0])
+            _changed(delta.chains, old_chains, self._port_part[1])
         return self._port_part
 
-    def _address_set(self, address_set: AddressSet) -> NamedSet:
-        hit = self._sets.get(address_set.name)
-        if hit is None or hit[0] is not address_set:
-            hit = self._sets[address_set.name] = (address_set, _address_set(address_set))
-        return hit[1]
+    def _address_sets(self, address_sets: Iterable[AddressSet], delta: Delta) -> list[NamedSet]:
+        cache: dict[str, tuple[AddressSet, NamedSet]] = {}
+        for address_set in address_sets:
+            hit = self._sets.get(address_set.name)
+            if hit is None or hit[0] is not address_set:
+                hit = (address_set, _address_set(address_set))
+                delta.sets[(FAMILY, address_set.name)] = hit[1]
+            cache[address_set.name] = hit
+        for gone in self._sets.keys() - cache.keys():
+            delta.sets[(FAMILY, gone)] = None
+        self._sets = cache
+        return [named for _, named in cache.values()]
 
-    def _group_chain(self, chain: GroupChain, sets: dict[str, AddressSet]) -> Chain:
-        """A chain is checked against the sets it names when rendered, so the cache
-        is dropped whenever the sets' names or families change (:meth:`_render`)."""
-        hit = self._chains.get(chain.name)
-        if hit is None or hit[0] is not chain:
-            hit = self._chains[chain.name] = (chain, _group_chain(chain, sets))
-        return hit[1]
+    def _group_chains(self, chains: Iterable[GroupChain], sets: dict[str, AddressSet],
+                      delta: Delta, recheck: bool) -> list[Chain]:
+        """A chain is checked against the sets it names when rendered, so every
+        chain is rendered again when the sets' names or families changed
+        (``recheck``)."""
+        cache: dict[str, tuple[GroupChain, Chain]] = {}
+        for chain in chains:
+            hit = self._chains.get(chain.name)
+            if hit is None or hit[0] is not chain or recheck:
+                hit = (chain, _group_chain(chain, sets))
+                delta.chains[(FAMILY, chain.name)] = hit[1]
+            cache[chain.name] = hit
+        for gone in self._chains.keys() - cache.keys():
+            delta.chains[(FAMILY, gone)] = None
+        self._chains = cache
+        return [rendered for _, rendered in cache.values()]
+
+
+#: Where each set and each chain of a ruleset is, by key.
+_Positions = tuple[dict[Key, int], dict[Key, int]]
+
+
+def _positions(ruleset: Ruleset) -> _Positions:
+    return ({(s.family, s.name): i for i, s in enumerate(ruleset.sets)},
+            {(c.family, c.name): i for i, c in enumerate(ruleset.chains)})
+
+
+def _replaces_only(delta: Delta, positions: _Positions) -> bool:
+    """Whether ``delta`` only swaps objects for others of the same name: the names
+    (checked unique before) and so the order stay as they were."""
+    return (all(v is not None and k in positions[0] for k, v in delta.sets.items())
+            and all(v is not None and k in positions[1] for k, v in delta.chains.items()))
+
+
+def _replaced(ruleset: Ruleset, delta: Delta, positions: _Positions) -> Ruleset:
+    """``ruleset`` with the objects of ``delta`` (:func:`_replaces_only`) in place:
+    a membership change costs one set, not a sort of every set and chain."""
+    sets, chains = list(ruleset.sets), list(ruleset.chains)
+    for key, named in delta.sets.items():
+        assert named is not None
+        sets[positions[0][key]] = named
+    for key, chain in delta.chains.items():
+        assert chain is not None
+        chains[positions[1][key]] = chain
+    return Ruleset(tuple(sets), tuple(chains))
+
+
+def _changed(found: dict[Key, Any], old: Iterable[NamedSet | Chain],
+             new: Iterable[NamedSet | Chain]) -> None:
+    """Record every object of ``new`` and every key of ``old`` gone from it."""
+    fresh = {(o.family, o.name): o for o in new}
+    found.update(fresh)
+    found.update({(o.family, o.name): None for o in old if (o.family, o.name) not in fresh})
 
 
 def _port_part(hf: HostFilter, topology: str) -> _PortPart:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from secfw.backends.nftables.layout import canonical_cidr
 from secfw.backends.nftables.syntax import (
@@ -47,6 +47,9 @@ from secfw.backends.nftables.syntax import (
     Verdict,
 )
 from secfw.errors import BackendError
+
+if TYPE_CHECKING:
+    from secfw.backends.nftables.render import Delta
 
 _VERDICTS = frozenset({"accept", "drop", "continue", "return", "jump", "goto"})
 #: What secfw's maps map to: verdicts, or packet marks (the bridge table's).
@@ -128,9 +131,15 @@ class StateCache:
     def __init__(self) -> None:
         self._sets: dict[int, tuple[NamedSet, SetState]] = {}
         self._chains: dict[int, tuple[Chain, ChainState]] = {}
+        self._last: KernelState | None = None
 
-    def state(self, ruleset: Ruleset) -> KernelState:
-        """Equal to ``KernelState.from_ruleset(ruleset)``."""
+    def state(self, ruleset: Ruleset, delta: Delta | None = None) -> KernelState:
+        """Equal to ``KernelState.from_ruleset(ruleset)``. With ``delta`` (what
+        ``ruleset`` changed relative to the one of the previous call, see
+        :class:`.render.Delta`) only the changed objects are looked at."""
+        if delta is not None and self._last is not None:
+            self._last = _patched(self._last, delta)
+            return self._last
         sets: dict[int, tuple[NamedSet, SetState]] = {}
         for named in ruleset.sets:
             hit = self._sets.get(id(named))
@@ -141,11 +150,34 @@ class StateCache:
             chains[id(chain)] = (hit_chain if hit_chain and hit_chain[0] is chain
                                  else (chain, _chain_state(chain)))
         self._sets, self._chains = sets, chains
-        return KernelState(
+        self._last = KernelState(
             sets={(n.family, n.name): state for n, state in sets.values()},
             chains={(c.family, c.name): state for c, state in chains.values()},
             tables=frozenset(ruleset.families()),
         )
+        return self._last
+
+
+def _patched(base: KernelState, delta: Delta) -> KernelState:
+    """``base`` with the objects of ``delta`` replaced (copies: ``base`` stays as it
+    is, it may be what the kernel holds)."""
+    sets, chains = dict(base.sets), dict(base.chains)
+    for key, named in delta.sets.items():
+        if named is None:
+            sets.pop(key, None)
+        else:
+            sets[key] = _set_state(named)
+    for key, chain in delta.chains.items():
+        if chain is None:
+            chains.pop(key, None)
+        else:
+            chains[key] = _chain_state(chain)
+    removed = any(v is None for v in (*delta.sets.values(), *delta.chains.values()))
+    if removed:  # a table may have lost its last object
+        tables = frozenset(k[0] for k in sets) | frozenset(k[0] for k in chains)
+    else:
+        tables = base.tables | {k[0] for k in (*delta.sets, *delta.chains)}
+    return KernelState(sets=sets, chains=chains, tables=tables)
 
 
 def _chain_state(chain: Chain) -> ChainState:
