@@ -76,6 +76,34 @@ def test_every_step_ran_without_error(quick_run: tuple[Path, dict[str, Any]]) ->
     assert len(results["targets"]) == 6
 
 
+def test_datapath_measures_both_backends_at_every_size(
+        quick_run: tuple[Path, dict[str, Any]]) -> None:
+    """One row per N with numbers for nftables and, under "iptables", for the
+    iptables backend (its default variant); the baselines have no iptables part."""
+    out, results = quick_run
+    datapath = results["datapath"]
+    if "skipped" in datapath:
+        pytest.skip(f"data path skipped: {datapath['skipped']}")
+    variant = datapath["iptables_variant"]
+    assert variant in ("nft", "legacy")
+    baseline, conntrack, *secfw = datapath["rows"]
+    assert baseline["iptables"] is None and conntrack["iptables"] is None
+    assert [row["ports"] for row in secfw] == QUICK_SIZES
+    for row in secfw:
+        assert row["filter"] == "secfw (nftables)"
+        assert row["iptables"]["filter"] == f"secfw (iptables-{variant})"
+        for figures in (row, row["iptables"]):
+            for key in ("udp_pps", "tcp_bps", "udp_ratio", "tcp_ratio", "load_s"):
+                assert isinstance(figures[key], float) and figures[key] > 0, key
+            assert len(figures["udp_ratio_runs"]) == len(figures["tcp_ratio_runs"]) == 1
+    markdown = (out / "latest.md").read_text(encoding="utf-8")
+    assert f"| iptables-{variant}: UDP 64 B (kpps) |" in markdown
+    assert f"iptables-{variant}" in datapath["method"]
+    target = next(t for t in results["targets"] if t["target"].startswith("data path"))
+    assert target["met"] is None  # 10,000 ports are not run with --quick
+    assert "not yet implemented" not in markdown + json.dumps(results)
+
+
 def test_plot_is_drawn(quick_run: tuple[Path, dict[str, Any]]) -> None:
     out, results = quick_run
     try:

@@ -9,7 +9,8 @@ and writes ``latest.json``, ``latest.md`` and ``latest.png`` to ``bench/results`
 2. **Incremental** changes with 10,000 ports loaded, store-to-kernel through an
    in-process agent, and the membership change at every size (:mod:`.incremental`).
 3. **Data path** in the namespace lab: iperf3 UDP packet rate and TCP throughput
-   with N ports loaded, as ratios to no filter (:mod:`.datapath`).
+   with N ports loaded, nftables and iptables backends side by side, as ratios to
+   no filter (:mod:`.datapath`).
 4. **Restart**: a fresh agent process over an unchanged, loaded kernel table.
 
 Benchmarks report, they do not fail: a step that errors or would overrun the

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds; steps that would overrun it are skipped (default 780)")
+                        help="seconds; steps that would overrun it are skipped (default 1200)")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> Options:
         out=args.out,
         quick=quick,
         datapath=not args.skip_datapath,
-        budget_s=args.budget or (240.0 if quick else 780.0),
+        budget_s=args.budget or (240.0 if quick else 1200.0),
         seed=args.seed,
         reps=1 if quick else 5,
         iperf_seconds=1.0 if quick else 3.0,

@@ -28,6 +28,7 @@ from secfw.bench.common import Row, median, rounded, timed
 from secfw.bench.namespaces import scratch_netns
 from secfw.cloud import CloudState
 from secfw.compiler.build import compile_host
+from secfw.compiler.ir import HostFilter
 from secfw.store.base import Store
 
 _SYNC_LINE = re.compile(r"^(?=.*\bsync\b)(?=.*\bcommands=(\d+))(?=.*\bms=([\d.]+)).*$", re.M)
@@ -35,9 +36,11 @@ _SYNC_LINE = re.compile(r"^(?=.*\bsync\b)(?=.*\bcommands=(\d+))(?=.*\bms=([\d.]+
 
 @dataclass
 class Compiled:
-    """One size's compile figures, its ruleset and the full transaction's text."""
+    """One size's compile figures, its IR, its ruleset and the full transaction's
+    text (the IR is kept for the data path's iptables ruleset)."""
 
     row: Row
+    host_filter: HostFilter
     ruleset: Ruleset
     text: str
 
@@ -50,7 +53,8 @@ def measure_compile(store: Store, host: str, repeat: int) -> Compiled:
     for key in ("compile_s", "render_s", "text_s"):
         row[key] = rounded(median([run.row[key] for run in runs]))
     row["total_s"] = rounded(row["compile_s"] + row["render_s"] + row["text_s"])
-    return Compiled(row, runs[-1].ruleset, runs[-1].text)
+    last = runs[-1]
+    return Compiled(row, last.host_filter, last.ruleset, last.text)
 
 
 def _compile_once(state: CloudState, host: str) -> Compiled:
@@ -59,7 +63,7 @@ def _compile_once(state: CloudState, host: str) -> Compiled:
     ruleset, render_s = timed(lambda: render(host_filter))
     text, text_s = timed(lambda: full_transaction(ruleset).text)
     return Compiled({"compile_s": compile_s, "render_s": render_s, "text_s": text_s},
-                    ruleset, text)
+                    host_filter, ruleset, text)
 
 
 def ruleset_size(ruleset: Ruleset, text: str) -> Row:

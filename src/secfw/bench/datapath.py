@@ -6,18 +6,29 @@ runs in one instance namespace, the client in the other (``ip netns exec``).
 For every repetition, each configuration is measured in turn — so slow drift of
 the machine hits them alike:
 
-* ``N = 0``: no filter, table ``inet secfw`` absent (the baseline);
+* ``N = 0``: no filter, nothing of either backend loaded (the baseline);
 * ``conntrack only``: one ``ct state`` rule, to tell what any stateful filter
   costs (no conntrack runs in a namespace until a rule needs it) from what
   secfw's ruleset adds;
-* ``N > 0``: the full ruleset of the host with N other ports loaded (those ports
-  have no namespaces: they only exist in the ruleset), applied as one full
-  transaction into the lab's host namespace.
+* ``N > 0``, nftables: the full ruleset of the host with N other ports loaded
+  (those ports have no namespaces: they only exist in the ruleset), applied as
+  one full transaction into the lab's host namespace;
+* ``N > 0``, iptables: the same host filter (the same IR) rendered by the
+  iptables backend and loaded by that backend's own ``apply`` of a plan made
+  from nothing, in the backend's default variant (:func:`~secfw.backends.
+  iptables.detect_variant`: in the empty namespace, whichever plain
+  ``iptables`` is). Rendering and planning 10,000 ports takes seconds, so each
+  plan is made once and applied in every repetition.
+
+Before each configuration is loaded, both backends remove what they own
+(:class:`HostFilters`), so exactly one filter is ever present, and nothing is
+left at the end.
 
 Measured: UDP datagrams with a 64-byte payload (``iperf3 -u -b 0 -l 64``),
 packets received per second; and TCP throughput (``iperf3``, one stream, bits
 per second received). Reported: medians over the repetitions, and the median of
-the ratios to the baseline measured in the same repetition.
+the ratios to the baseline measured in the same repetition. One row per N: the
+nftables figures, and the iptables figures under ``"iptables"``.
 """
 
 from __future__ import annotations
@@ -27,19 +38,21 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from secfw.backends.iptables import IptablesBackend, IptPlan
 from secfw.backends.nftables import NftablesExecutor
-from secfw.bench.common import Row, median, rounded
+from secfw.bench.common import Row, median, rounded, timed
+from secfw.compiler.ir import HostFilter
 from secfw.lab import Lab, LabPort
 
 IPERF_PORT = 5201
-IPTABLES = "not yet implemented"
-NO_FILTER = "no filter (table absent)"
+NFTABLES, IPTABLES = "nftables", "iptables"
+NO_FILTER = "no filter (nothing loaded)"
 CONNTRACK_ONLY = "conntrack only"
 SECFW = "secfw (nftables)"
 #: Only what every stateful filter pays: conntrack on, one ``ct state`` rule on the
@@ -52,6 +65,14 @@ CONNTRACK_ONLY_TEXT = (
     "  }\n"
     "}\n"
 )
+#: The nftables tables iptables-nft keeps the ``filter`` tables of iptables and
+#: ip6tables in (family, name).
+IPTABLES_NFT_TABLES = (("ip", "filter"), ("ip6", "filter"))
+
+
+def iptables_label(variant: str) -> str:
+    """The ``filter`` label of the iptables configurations, e.g. ``secfw (iptables-nft)``."""
+    return f"secfw (iptables-{variant})"
 
 
 @dataclass(frozen=True)
@@ -116,92 +137,217 @@ class Iperf:
 
 
 @dataclass(frozen=True)
+class HostRuleset:
+    """One size's host filter for the data path: the IR, and the full nftables
+    transaction's text rendered from it (the iptables plan is made from ``ir``)."""
+
+    ir: HostFilter
+    nft_text: str
+
+
+class HostFilters:
+    """secfw's two backends in one namespace, holding at most one filter at a time."""
+
+    def __init__(self, netns: str) -> None:
+        """Both backends in ``netns``, which must be empty of filters: the iptables
+        variant is fixed here, while no variant holds a rule, so it is the
+        backend's default (what plain ``iptables`` is), never the one a previous
+        configuration happened to fill."""
+        self.netns = netns
+        self.nftables = NftablesExecutor(netns=netns)
+        self.iptables = IptablesBackend(netns=netns)
+        self.variant: str = self.iptables.executor.variant
+
+    def iptables_plan(self, ir: HostFilter) -> IptPlan:
+        """The iptables backend's plan loading ``ir`` into a namespace without
+        secfw's chains and sets (what :meth:`clear` leaves). Pure: make it once,
+        apply it in every repetition."""
+        return self.iptables.plan(None, ir)
+
+    def load(self, config: Configuration) -> float:
+        """:meth:`clear`, then load ``config``'s ruleset, if any; the seconds the
+        load took (the clear not counted). Raises what the backend raises."""
+        self.clear()
+        text, plan = config.nft_text, config.ipt_plan
+        if text is not None:
+            return timed(lambda: self.nftables.apply_text(text))[1]
+        if plan is not None:
+            return timed(lambda: self.iptables.apply(plan))[1]
+        return 0.0
+
+    def clear(self) -> None:
+        """Remove everything either backend loaded, with the backends' own
+        methods: table ``inet secfw``; secfw's iptables jumps, chains and ipsets;
+        then, with iptables-nft, its emptied ``filter`` tables
+        (:func:`drop_empty_tables`). Nothing loaded is not an error."""
+        self.nftables.delete_table()
+        self.iptables.cleanup()
+        if self.variant == "nft":
+            drop_empty_tables(self.netns)
+
+
+def drop_empty_tables(netns: str) -> None:
+    """Delete iptables-nft's ``filter`` tables in ``netns`` when they hold no rule.
+
+    secfw's iptables cleanup removes its own jumps, chains and sets but, rightly,
+    not the built-in chains, which are not secfw's. With iptables-nft these stay
+    behind as hooked base chains of an nftables table, and every forwarded packet
+    would still pass through them — in the baseline too. The lab's host
+    namespace belongs to the benchmark, so an empty one is deleted (iptables-nft
+    creates it again when it is next needed). RuntimeError when that fails.
+    """
+    for family, name in IPTABLES_NFT_TABLES:
+        listed = _nft(netns, "-j", "list", "table", family, name)
+        if listed.returncode != 0:  # no such table
+            continue
+        objects = json.loads(listed.stdout).get("nftables", [])
+        if any("rule" in item for item in objects):
+            continue
+        deleted = _nft(netns, "delete", "table", family, name)
+        if deleted.returncode != 0:
+            raise RuntimeError(f"nft delete table {family} {name}: {deleted.stderr.strip()}")
+
+
+def _nft(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``nft ARGS`` in ``netns`` (the CLI: table ``ip filter`` is not secfw's,
+    so not the nftables executor's business); never raises for an exit status."""
+    return subprocess.run(["ip", "netns", "exec", netns, "nft", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@dataclass(frozen=True, eq=False)
 class Configuration:
-    """One filter setting of the host namespace: ``text`` applied (None: no table)."""
+    """One filter setting of the host namespace.
+
+    ``filter`` labels it, ``ports`` is N (0 for the baselines), ``backend`` is
+    the secfw backend whose ruleset it is (None for the baselines). What is
+    loaded: ``nft_text``, a full nftables transaction, or ``ipt_plan``, the
+    iptables backend's plan from nothing; neither: no filter.
+    """
 
     filter: str
     ports: int
-    text: str | None
+    backend: str | None = None
+    nft_text: str | None = None
+    ipt_plan: IptPlan | None = None
 
 
-def configurations(texts: Mapping[int, str]) -> list[Configuration]:
-    """No filter, conntrack only, then the secfw ruleset at every N of ``texts``."""
+def configurations(rulesets: Mapping[int, HostRuleset],
+                   iptables_plan: Callable[[HostFilter], IptPlan],
+                   variant: str) -> list[Configuration]:
+    """No filter, conntrack only, secfw's nftables ruleset at every N of
+    ``rulesets``, then its iptables ruleset at every N (``iptables_plan`` of
+    the same IR, labelled with ``variant``). The no-filter baseline is first."""
+    sizes = sorted(rulesets)
     return [
-        Configuration(NO_FILTER, 0, None),
-        Configuration(CONNTRACK_ONLY, 0, CONNTRACK_ONLY_TEXT),
-        *(Configuration(SECFW, n, texts[n]) for n in sorted(texts)),
+        Configuration(NO_FILTER, 0),
+        Configuration(CONNTRACK_ONLY, 0, nft_text=CONNTRACK_ONLY_TEXT),
+        *(Configuration(SECFW, n, NFTABLES, nft_text=rulesets[n].nft_text) for n in sizes),
+        *(Configuration(iptables_label(variant), n, IPTABLES,
+                        ipt_plan=iptables_plan(rulesets[n].ir)) for n in sizes),
     ]
 
 
-def run_datapath(pair: tuple[LabPort, LabPort], host: str, texts: Mapping[int, str],
-                 settings: Settings) -> Row:
-    """Measure every configuration (see :func:`configurations`); see the module doc."""
+@dataclass
+class Measured:
+    """One configuration's values, one per repetition."""
+
+    udp_pps: list[float] = field(default_factory=list)
+    tcp_bps: list[float] = field(default_factory=list)
+    load_s: list[float] = field(default_factory=list)
+
+
+def run_datapath(pair: tuple[LabPort, LabPort], host: str,
+                 rulesets: Mapping[int, HostRuleset], settings: Settings) -> Row:
+    """Measure every configuration (see :func:`configurations`); see the module doc.
+
+    Whatever happens, both backends' filters are removed and the lab is torn down.
+    """
     if shutil.which("iperf3") is None:
         return {"skipped": "iperf3 is not installed"}
     server, client = pair
-    configs = configurations(texts)
     with tempfile.TemporaryDirectory(prefix="secfw-bench-lab-") as state_dir:
         lab = Lab(host, Path(state_dir))
         try:
             lab.up([server, client])
-            runs = _measure(lab, pair, configs, settings)
+            filters = HostFilters(lab.host_ns)
+            try:
+                configs = configurations(rulesets, filters.iptables_plan, filters.variant)
+                iperf = Iperf(lab.instance_ns(server.tap), lab.instance_ns(client.tap),
+                              server.ip)
+                runs = _measure(iperf, filters, configs, settings)
+            finally:
+                filters.clear()
         finally:
             lab.down()
-    return _summarise(configs, runs, settings)
+    return _summarise(configs, runs, settings, filters.variant)
 
 
-Runs = list[dict[str, list[float]]]
-
-
-def _measure(lab: Lab, pair: tuple[LabPort, LabPort], configs: list[Configuration],
-             settings: Settings) -> Runs:
+def _measure(iperf: Iperf, filters: HostFilters, configs: list[Configuration],
+             settings: Settings) -> list[Measured]:
     """Every repetition, every configuration in turn: per configuration, its values."""
-    server, client = pair
-    executor = NftablesExecutor(netns=lab.host_ns)
-    iperf = Iperf(lab.instance_ns(server.tap), lab.instance_ns(client.tap), server.ip)
-    runs: Runs = [{"udp_pps": [], "tcp_bps": []} for _ in configs]
+    runs = [Measured() for _ in configs]
     with iperf.serving():
         iperf.udp_pps(1.0)  # warm-up, not counted: neighbours resolved, caches hot
         for _ in range(settings.reps):
             for config, measured in zip(configs, runs, strict=True):
-                _load(executor, config.text)
-                measured["udp_pps"].append(iperf.udp_pps(settings.seconds))
-                measured["tcp_bps"].append(iperf.tcp_bps(settings.seconds))
-    executor.delete_table()
+                measured.load_s.append(filters.load(config))
+                measured.udp_pps.append(iperf.udp_pps(settings.seconds))
+                measured.tcp_bps.append(iperf.tcp_bps(settings.seconds))
     return runs
 
 
-def _load(executor: NftablesExecutor, text: str | None) -> None:
-    """No filter (table absent) for None, else the full transaction ``text``."""
-    if text is None:
-        executor.delete_table()
-    else:
-        executor.apply_text(text)
-
-
-def _summarise(configs: list[Configuration], runs: Runs, settings: Settings) -> Row:
-    """Per configuration: medians, and the median of its ratios to the baseline run
-    of the same repetition (paired, so drift of the machine between repetitions
-    cancels out)."""
-    rows = []
-    for config, measured in zip(configs, runs, strict=True):
-        row: Row = {"ports": config.ports, "filter": config.filter}
-        for key, values in measured.items():
-            paired = [v / b for v, b in zip(values, runs[0][key], strict=True) if b]
-            row[key] = rounded(median(values), 1)
-            row[f"{key}_runs"] = [round(v, 1) for v in values]
-            row[f"{key.split('_')[0]}_ratio"] = rounded(median(paired), 4)
-            row[f"{key.split('_')[0]}_ratio_runs"] = [round(r, 3) for r in paired]
-        row["iptables"] = IPTABLES
-        rows.append(row)
+def _summarise(configs: list[Configuration], runs: list[Measured], settings: Settings,
+               variant: str) -> Row:
+    """One row per baseline and per N (``runs[0]`` is the no-filter baseline): the
+    nftables figures, and the iptables ones of the same N under ``"iptables"``
+    (None in the baseline rows, which both backends share)."""
+    figures = [_figures(measured, runs[0]) for measured in runs]
+    rows: list[Row] = [{"ports": config.ports, "filter": config.filter, **found,
+                        "iptables": None}
+                       for config, found in zip(configs, figures, strict=True)
+                       if config.backend != IPTABLES]
+    for config, found in zip(configs, figures, strict=True):
+        if config.backend == IPTABLES:
+            row = next(r for r in rows if r["ports"] == config.ports and r["filter"] == SECFW)
+            row["iptables"] = {"filter": config.filter, **found}
     return {
-        "method": "iperf3 between two lab instances, routed through the host namespace; "
-                  "UDP 64-byte payload (-u -b 0 -l 64), received packets/s; TCP one "
-                  "stream, received bits/s; every configuration measured in turn in each "
-                  "repetition; value: median; ratio: median of the per-repetition ratios "
-                  "to no filter",
+        "method": method(variant),
         "seconds": settings.seconds,
         "reps": settings.reps,
-        "iptables": IPTABLES,
+        "iptables_variant": variant,
         "rows": rows,
     }
+
+
+def _figures(measured: Measured, baseline: Measured) -> Row:
+    """Medians of ``measured``, and the median of its ratios to the ``baseline``
+    run of the same repetition (paired, so drift of the machine between
+    repetitions cancels out); the per-repetition values too; the median load time."""
+    row: Row = {}
+    for key, values, base in (("udp_pps", measured.udp_pps, baseline.udp_pps),
+                              ("tcp_bps", measured.tcp_bps, baseline.tcp_bps)):
+        kind = key.split("_")[0]
+        paired = [v / b for v, b in zip(values, base, strict=True) if b]
+        row[key] = rounded(median(values), 1)
+        row[f"{key}_runs"] = [round(v, 1) for v in values]
+        row[f"{kind}_ratio"] = rounded(median(paired), 4)
+        row[f"{kind}_ratio_runs"] = [round(r, 3) for r in paired]
+    row["load_s"] = rounded(median(measured.load_s), 3)
+    return row
+
+
+def method(variant: str) -> str:
+    """How the data path was measured, for the report (``variant``: iptables')."""
+    return (
+        "iperf3 between two lab instances, routed through the host namespace; UDP 64-byte "
+        "payload (-u -b 0 -l 64), received packets/s; TCP one stream, received bits/s; "
+        "every configuration measured in turn in each repetition; value: median; ratio: "
+        "median of the per-repetition ratios to no filter; nftables: the full transaction; "
+        f"iptables: the same IR through the iptables backend in its default variant, "
+        f"iptables-{variant} here (no variant holds rules in the fresh namespace, so the "
+        "backend takes the one plain `iptables` is), loaded by the backend's apply of a "
+        "plan from nothing, made once per N; before each configuration both backends' "
+        "cleanup runs (and iptables-nft's emptied filter tables are deleted), so only one "
+        "filter is ever loaded"
+    )

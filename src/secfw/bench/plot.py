@@ -1,7 +1,8 @@
 """``latest.png``: cost versus number of ports (matplotlib, no display needed).
 
 Three panels: control-plane times (log–log), the agent's peak RSS, and the
-data-path ratios to the unfiltered baseline. Targets are drawn as dashed lines.
+data-path ratios to the unfiltered baseline, nftables and iptables side by side.
+Targets are drawn as dashed lines.
 """
 
 from __future__ import annotations
@@ -92,14 +93,42 @@ def _panel_rss(ax: Any, results: Row) -> None:
     ax.grid(True, alpha=0.3)
 
 
+#: The data-path bars of each N, left to right: (backend, ratio key, label).
+DATAPATH_BARS = (("nftables", "udp_ratio", "UDP 64 B pps"), ("nftables", "tcp_ratio", "TCP"),
+                 ("iptables", "udp_ratio", "UDP 64 B pps"), ("iptables", "tcp_ratio", "TCP"))
+BAR_WIDTH = 0.2
+
+
+def _figures(row: Row, backend: str) -> Any:
+    """A data-path row's figures for ``backend`` (iptables' are nested; None in
+    the baseline rows)."""
+    return row.get("iptables") if backend == "iptables" else row
+
+
+def _ratio_bars(rows: list[Row], backend: str, key: str, offset: float
+                ) -> list[tuple[float, float]]:
+    """(x, percent of no filter) for every row where ``backend`` has a ratio."""
+    bars = []
+    for index, row in enumerate(rows):
+        value = dig(_figures(row, backend), key)
+        if isinstance(value, int | float):
+            bars.append((index + offset, value * 100))
+    return bars
+
+
 def _panel_datapath(ax: Any, results: Row) -> None:
+    """Both backends' ratios side by side for every N (and conntrack only)."""
     datapath = results["datapath"]
     rows = datapath["rows"][1:] if ok(datapath) else []  # all but the baseline
     labels = [f"{r['ports']:,}" if r["ports"] else "conntrack\nonly" for r in rows]
-    for offset, key, label in ((-0.2, "udp_ratio", "UDP 64 B pps"),
-                               (0.2, "tcp_ratio", "TCP throughput")):
-        values = [(r.get(key) or 0) * 100 for r in rows]
-        ax.bar([i + offset for i in range(len(rows))], values, width=0.4, label=label)
+    names = {"nftables": "nftables",
+             "iptables": f"iptables-{datapath.get('iptables_variant', '?')}"}
+    for slot, (backend, key, label) in enumerate(DATAPATH_BARS):
+        offset = (slot - (len(DATAPATH_BARS) - 1) / 2) * BAR_WIDTH
+        bars = _ratio_bars(rows, backend, key, offset)
+        if bars:
+            ax.bar(*zip(*bars, strict=True), width=BAR_WIDTH, label=f"{names[backend]} {label}",
+                   hatch="//" if backend == "iptables" else None)
     ax.axhline(95, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(rows)), labels)
     ax.set(xlabel="other ports loaded (N)", ylabel="% of no filter",

@@ -199,17 +199,44 @@ def _membership(results: Row) -> list[str]:
 
 
 def _datapath(results: Row) -> list[str]:
+    """nftables and iptables side by side, one row per N (the baselines are shared)."""
     dp = results["datapath"]
     title = "## 3. Data path (two lab instances, N other ports loaded)"
     if not ok(dp):
         return [title, "", f"{status(dp)}: {dp.get('skipped') or dp.get('error')}"]
-    rows = [[_datapath_label(row), f"{row['udp_pps'] / 1000:,.1f}", f"{row['udp_ratio']:.1%}",
-             f"{row['tcp_bps'] / 1e9:,.2f}", f"{row['tcp_ratio']:.1%}", row["iptables"]]
+    iptables = f"iptables-{dp.get('iptables_variant', '?')}"
+    rows = [[_datapath_label(row), *_datapath_cells(row), *_datapath_cells(row.get("iptables"))]
             for row in dp["rows"]]
-    header = ["N", "UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio",
-              "iptables: not yet implemented"]
+    header = ["N", "nftables: UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio",
+              f"{iptables}: UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio"]
     return [title, "", *table(header, rows), "",
-            f"{dp['method']}; {dp['reps']} repetitions of {dp['seconds']:g} s."]
+            f"{dp['method']}; {dp['reps']} repetitions of {dp['seconds']:g} s. The two "
+            f"N = 0 rows are the baselines both backends are compared with.",
+            f"Ruleset load (median, not part of the figures): {_load_times(dp, iptables)}."]
+
+
+def _datapath_cells(figures: Any) -> list[str]:
+    """UDP kpps, its ratio, TCP Gbit/s, its ratio — or dashes (nothing measured)."""
+    if not isinstance(figures, dict):
+        return ["—"] * 4
+    return [_scaled(figures.get("udp_pps"), 1e3, ",.1f"), _percent(figures.get("udp_ratio")),
+            _scaled(figures.get("tcp_bps"), 1e9, ",.2f"), _percent(figures.get("tcp_ratio"))]
+
+
+def _scaled(value: Any, unit: float, spec: str) -> str:
+    return format(value / unit, spec) if isinstance(value, int | float) else "—"
+
+
+def _percent(value: Any) -> str:
+    return f"{value:.1%}" if isinstance(value, int | float) else "—"
+
+
+def _load_times(dp: Row, iptables: str) -> str:
+    """Per N: how long each backend took to load its ruleset."""
+    parts = [f"{row['ports']:,}: nftables {seconds(row.get('load_s'))}, "
+             f"{iptables} {seconds(dig(row, 'iptables', 'load_s'))}"
+             for row in dp["rows"] if row["ports"]]
+    return "; ".join(parts) or "—"
 
 
 def _datapath_label(row: Row) -> str:

@@ -5,8 +5,9 @@ same cloud with more ports on the host. At each size (:func:`measure_size`):
 compile, ruleset size, full apply into a fresh namespace, the agent as a process
 (full sync, then the restart over the loaded table), then an in-process agent for
 the membership change — and, at the incremental size (10,000), every change of
-the issue. The data path runs once every size up to 10,000 has its ruleset,
-before larger sizes, which are the first to be cut when the budget runs short.
+the issue. The data path runs once every size up to 10,000 has its ruleset (its
+IR and nftables text are kept for it: both backends load the same IR), before
+larger sizes, which are the first to be cut when the budget runs short.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from secfw.api import Api
 from secfw.bench import control, incremental, report
 from secfw.bench.budget import Budget
 from secfw.bench.common import Row, guarded, ok, rounded, skipped, timed
-from secfw.bench.datapath import Settings, run_datapath
+from secfw.bench.datapath import HostRuleset, Settings, run_datapath
 from secfw.bench.machine import machine_info
 from secfw.bench.namespaces import scratch_netns
 from secfw.bench.workload import BenchCloud, describe
@@ -40,7 +41,7 @@ class Options:
     out: Path
     quick: bool = False
     datapath: bool = True
-    budget_s: float = 780.0
+    budget_s: float = 1200.0
     seed: int = 1
     reps: int = 5
     iperf_seconds: float = 3.0
@@ -70,7 +71,7 @@ class Run:
     restart: list[Row] = field(default_factory=list)
     membership: list[Row] = field(default_factory=list)
     incremental: Row = field(default_factory=dict)
-    texts: dict[int, str] = field(default_factory=dict)
+    rulesets: dict[int, HostRuleset] = field(default_factory=dict)
     datapath: Row = field(default_factory=dict)
 
 
@@ -171,7 +172,7 @@ def _compile(state: Run, n: int, row: Row) -> control.Compiled | None:
     compiled = holder[0]
     row["ruleset"] = control.ruleset_size(compiled.ruleset, compiled.text)
     if n in state.options.datapath_sizes and state.options.datapath:
-        state.texts[n] = compiled.text
+        state.rulesets[n] = HostRuleset(compiled.host_filter, compiled.text)
     return compiled
 
 
@@ -233,7 +234,8 @@ def _is_root() -> bool:
 
 
 def _datapath(state: Run) -> None:
-    """The data-path measurements over every ruleset kept (sizes ≤ 10,000)."""
+    """The data-path measurements over every ruleset kept (sizes ≤ 10,000), with
+    both backends; the rulesets are dropped afterwards (they are big)."""
     options = state.options
     if not options.datapath:
         state.datapath = skipped("--skip-datapath")
@@ -243,7 +245,7 @@ def _datapath(state: Run) -> None:
         settings = Settings(options.iperf_seconds, options.reps)
         cloud = state.cloud
         state.datapath = state.budget.run("datapath", 0, lambda: run_datapath(
-            cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.texts, settings))
-    state.texts.clear()
+            cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings))
+    state.rulesets.clear()
     if not state.datapath:
         state.datapath = skipped("nothing to measure")

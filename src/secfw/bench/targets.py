@@ -78,12 +78,26 @@ def membership_flat(results: Row) -> tuple[bool | None, str]:
 
 
 def datapath_ratio(results: Row) -> tuple[bool | None, str]:
+    """The target is nftables' (the default backend); the iptables backend's
+    ratios at the same size are shown beside it, for comparison only."""
     datapath = results["datapath"]
     row = find(datapath["rows"], TARGET_SIZE) if ok(datapath) else None
     if row is None:
         raise KeyError("datapath")
     udp, tcp = row["udp_ratio"], row["tcp_ratio"]
-    return min(udp, tcp) >= 0.95, f"UDP {udp:.0%}, TCP {tcp:.0%} of unfiltered"
+    figure = f"UDP {udp:.0%}, TCP {tcp:.0%} of unfiltered"
+    return min(udp, tcp) >= 0.95, f"{figure} ({_iptables_ratio(datapath, row)})"
+
+
+def _iptables_ratio(datapath: Row, row: Row) -> str:
+    """``iptables-nft: UDP 80 %, TCP 95 %``, or that it was not measured."""
+    name = f"iptables-{datapath.get('iptables_variant', '?')}"
+    figures = row.get("iptables")
+    ratios = [figures.get(key) for key in ("udp_ratio", "tcp_ratio")] if isinstance(
+        figures, dict) else []
+    if len(ratios) != 2 or not all(isinstance(r, int | float) for r in ratios):
+        return f"{name}: not measured"
+    return f"{name}: UDP {ratios[0]:.0%}, TCP {ratios[1]:.0%}"
 
 
 def restart_quiet(results: Row) -> tuple[bool | None, str]:
