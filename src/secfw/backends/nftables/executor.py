@@ -29,7 +29,7 @@ from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.syntax import FAMILIES, TABLE, table_header
 from secfw.errors import BackendError
-from secfw.gcpause import collector_paused
+from secfw.gcpause import collector_paused, release_free_memory
 from secfw.netns import inside_netns
 
 _R = TypeVar("_R")
@@ -88,7 +88,10 @@ class NftablesExecutor:
         table is absent."""
         with collector_paused():
             listing = self.read_json()
-            return None if listing is None else KernelState.from_nft_json(listing)
+            state = None if listing is None else KernelState.from_nft_json(listing)
+        del listing
+        release_free_memory()
+        return state
 
     def apply(self, tx: Transaction) -> None:
         """Commit ``tx`` atomically. An empty transaction is not sent at all.
@@ -97,6 +100,8 @@ class NftablesExecutor:
         """
         if not tx.empty:
             self.apply_text(tx.text)
+        if tx.full:  # libnftables parsed the whole table: hundreds of MB at 10k ports
+            release_free_memory()
 
     def apply_text(self, text: str) -> None:
         """Commit a native-syntax batch (as ``nft -f``) atomically."""
