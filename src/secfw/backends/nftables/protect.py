@@ -73,6 +73,7 @@ from secfw.backends.nftables.syntax import (
     DROP,
     Chain,
     Concat,
+    Ct,
     Datum,
     Element,
     HexSpan,
@@ -231,6 +232,7 @@ def egress_protect(ident: PortIdentity) -> Chain:
     (``egress-open`` accepts, ``egress-filter`` applies the egress rules).
     """
     rules: list[tuple[Statement, ...]] = [
+        _ESTABLISHED_FAST_PATH,
         *_unspecified_source(),
         (*_udp(67, 68), DROP),  # a DHCP server on an instance (RFC 2131)
         (*_udp(547, 546), DROP),  # a DHCPv6 server or relay (RFC 8415)
@@ -247,6 +249,20 @@ def egress_protect(ident: PortIdentity) -> Chain:
         (NEW_NOT_SYN, DROP),
     ]
     return Chain(EGRESS_PROTECT, None, tuple(make_rule(r) for r in rules))
+
+
+#: Most packets belong to an established TCP or UDP flow: accept them before the
+#: ~12 rules below, which cannot decide otherwise for them — a flow from an
+#: unspecified source never got past its first packet, and the ICMPv6 rules do not
+#: match TCP or UDP — except that a DHCP(v6) server's replies stay dropped even when
+#: established (as in Neutron's iptables driver), hence the source ports excluded
+#: (docs/protection.md, "DHCP, RA, ND").
+_ESTABLISHED_FAST_PATH: tuple[Statement, ...] = (
+    Match(Meta("l4proto"), SymbolSet(("tcp", "udp"))),
+    Match(Payload("th", "sport"), SymbolSet(("67", "547")), "!="),
+    Match(Ct("state"), Symbol("established")),
+    ACCEPT,
+)
 
 
 def _unspecified_source() -> list[tuple[Statement, ...]]:
