@@ -18,6 +18,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
+from test_invariants import GROUPS, PROJECTS, CloudMachine
 
 from secfw.api import Api
 from secfw.backends.nftables.plan import plan
@@ -28,7 +29,6 @@ from secfw.compiler.build import compile_host
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
 from secfw.store import open_store
-from test_invariants import GROUPS, PROJECTS, CloudMachine
 
 HOST_NAMES = ("h1", "h2")
 PAIRS = st.sampled_from([[], ["10.9.0.0/24"], ["10.9.0.7"], ["10.0.0.3,fa:16:3e:00:00:99"],
