@@ -36,10 +36,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from secfw.backends.nftables import protect
 from secfw.backends.nftables.layout import (
@@ -239,34 +239,43 @@ class Renderer:
         return self._port_part
 
     def _address_sets(self, address_sets: Iterable[AddressSet], delta: Delta) -> list[NamedSet]:
-        cache: dict[str, tuple[AddressSet, NamedSet]] = {}
-        for address_set in address_sets:
-            hit = self._sets.get(address_set.name)
-            if hit is None or hit[0] is not address_set:
-                hit = (address_set, _address_set(address_set))
-                delta.sets[(FAMILY, address_set.name)] = hit[1]
-            cache[address_set.name] = hit
-        for gone in self._sets.keys() - cache.keys():
-            delta.sets[(FAMILY, gone)] = None
-        self._sets = cache
-        return [named for _, named in cache.values()]
+        self._sets, rendered = _reuse(self._sets, address_sets, _address_set, delta.sets)
+        return rendered
 
     def _group_chains(self, chains: Iterable[GroupChain], sets: dict[str, AddressSet],
                       delta: Delta, recheck: bool) -> list[Chain]:
         """A chain is checked against the sets it names when rendered, so every
         chain is rendered again when the sets' names or families changed
         (``recheck``)."""
-        cache: dict[str, tuple[GroupChain, Chain]] = {}
-        for chain in chains:
-            hit = self._chains.get(chain.name)
-            if hit is None or hit[0] is not chain or recheck:
-                hit = (chain, _group_chain(chain, sets))
-                delta.chains[(FAMILY, chain.name)] = hit[1]
-            cache[chain.name] = hit
-        for gone in self._chains.keys() - cache.keys():
-            delta.chains[(FAMILY, gone)] = None
-        self._chains = cache
-        return [rendered for _, rendered in cache.values()]
+        known = {} if recheck else self._chains
+        self._chains, rendered = _reuse(known, chains, lambda c: _group_chain(c, sets),
+                                        delta.chains, gone_from=self._chains)
+        return rendered
+
+
+_Piece = TypeVar("_Piece", AddressSet, GroupChain)
+_Out = TypeVar("_Out", NamedSet, Chain)
+
+
+def _reuse(
+    cache: dict[str, tuple[_Piece, _Out]], pieces: Iterable[_Piece],
+    render_piece: Callable[[_Piece], _Out], changed: dict[Key, Any],
+    gone_from: dict[str, tuple[_Piece, _Out]] | None = None,
+) -> tuple[dict[str, tuple[_Piece, _Out]], list[_Out]]:
+    """Render each IR piece (by name) unless ``cache`` holds that very object;
+    record in ``changed`` what was rendered anew and, as None, the names of
+    ``gone_from`` (default ``cache``) no longer present. Returns the new cache
+    and the renderings in ``pieces`` order."""
+    fresh: dict[str, tuple[_Piece, _Out]] = {}
+    for piece in pieces:
+        hit = cache.get(piece.name)
+        if hit is None or hit[0] is not piece:
+            hit = (piece, render_piece(piece))
+            changed[(FAMILY, piece.name)] = hit[1]
+        fresh[piece.name] = hit
+    for gone in (cache if gone_from is None else gone_from).keys() - fresh.keys():
+        changed[(FAMILY, gone)] = None
+    return fresh, [out for _, out in fresh.values()]
 
 
 #: Where each set and each chain of a ruleset is, by key.
