@@ -373,6 +373,7 @@ def test_guard_and_protections() -> None:
         "drop",
     ]
     assert chain_rules(ruleset, "egress-protect") == [
+        "meta l4proto { tcp, udp } th sport != { 67, 547 } ct state established accept",
         "ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
         "ip saddr 0.0.0.0 drop",
         "ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } accept",
