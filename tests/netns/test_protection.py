@@ -514,6 +514,44 @@ def test_dhcp_client_passes_without_rules_and_a_dhcp_server_is_dropped(env: Env)
     assert not arrives(env.ns("a"), env.ns("b"), unicast, f"udp and dst host {b.ip}")
 
 
+def test_a_dhcp_servers_reply_is_dropped_even_when_established(env: Env) -> None:
+    """Established TCP/UDP skips the protection rules (docs/protection.md), except
+    replies from the DHCP server ports: b, allowed to receive on 67 and 5067,
+    answers both requests from the same socket pair shape; only the reply from
+    5067 (the control: the flow and its reply path work) reaches a."""
+    env.group("servers", {"protocol": "udp", "dst_port": "67"},
+              {"protocol": "udp", "dst_port": "5067"})
+    a = env.boot("a")
+    b = env.boot("b", ("servers",))
+    env.sync()
+    assert _udp_reply_arrives(env, a, b, server_port=5067, client_port=5068)
+    assert not _udp_reply_arrives(env, a, b, server_port=67, client_port=68)
+
+
+def _udp_reply_arrives(env: Env, a: Port, b: Port, server_port: int,
+                       client_port: int) -> bool:
+    """a sends from ``client_port`` to b:``server_port`` (b receives it: the flow
+    is then established), b replies from the same port; did the reply arrive?"""
+    client = netns_tools.socket_in_netns(env.ns("a"), socket.AF_INET, socket.SOCK_DGRAM)
+    server = netns_tools.socket_in_netns(env.ns("b"), socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind((a.ip, client_port))
+        server.bind((b.ip, server_port))
+        client.settimeout(TIMEOUT)
+        server.settimeout(TIMEOUT)
+        client.sendto(b"request", (b.ip, server_port))
+        data, source = server.recvfrom(64)
+        assert data == b"request" and source == (a.ip, client_port)
+        server.sendto(b"reply", source)
+        try:
+            return client.recvfrom(64)[0] == b"reply"
+        except TimeoutError:
+            return False
+    finally:
+        client.close()
+        server.close()
+
+
 def _dhcp_on_a_bridge(env: Env, a: Port, b: Port) -> None:
     """The DHCP test on a bridged host: the DHCP server would be another port of
     the network, so the neighbour ``b`` is where a's DHCP traffic is looked for."""
