@@ -15,7 +15,6 @@ previous pass's state must be what it is without any sharing.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
 from test_invariants import GROUPS, PROJECTS, CloudMachine
@@ -155,10 +154,5 @@ def test_update_without_a_result_compiles_in_full(tmp_path: object) -> None:
     assert HostCompiler("h1").update(state, []) == compile_host(state, "h1")
 
 
-IncrementalMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+IncrementalMachine.TestCase.settings = CloudMachine.TestCase.settings  # same budget
 TestIncrementalCompile = IncrementalMachine.TestCase
