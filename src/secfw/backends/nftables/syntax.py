@@ -510,8 +510,20 @@ def statement_json(statement: Statement) -> Json:
         data: Json = "@" + statement.data.name if isinstance(statement.data, SetRef) else {
             "set": [[k.name, verdict_json(v)] for k, v in statement.data.entries]}
         return {"vmap": {"key": key_json(statement.key), "data": data}}
-    return {"match": {"op": statement.op, "left": key_json(statement.left),
+    return {"match": {"op": _json_op(statement), "left": key_json(statement.left),
                       "right": value_json(statement.right)}}
+
+
+def _json_op(match: Match) -> str:
+    """Native ``ct state established`` has no operator: on a bitmask type that is
+    nft's implicit "flag set" test, JSON op ``in`` (libnftables-json(5)); ``==``
+    would be exact equality, which nft lists back differently."""
+    if match.op == "==" and isinstance(match.left, Ct) and match.left.key in _CT_BITMASKS:
+        return "in"
+    return match.op
+
+
+_CT_BITMASKS = frozenset({"state", "status"})
 
 
 def _component_json(value: str, key_type: str, interval: bool) -> Json:
