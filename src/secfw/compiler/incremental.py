@@ -23,7 +23,7 @@ anything else       nothing (names, images and quotas are not in the IR)
 
 Contract: after :meth:`HostCompiler.update` the result equals what
 ``compile_host`` returns for the same state — property-tested against it over
-random change sequences (``tests/test_incremental_compile.py``). Pieces that did
+random change sequences (``tests/test_incremental.py``). Pieces that did
 not change are the *same objects* as in the previous result, and so are the
 ``ports``, ``chains`` and ``sets`` tuples when nothing in them changed: a backend
 can skip what is identical (``is``) instead of comparing it. Pure, like the rest
@@ -162,14 +162,12 @@ class HostCompiler:
     def _retrack(self, state: CloudState, instance_ids: set[str]) -> set[str]:
         """Re-track the dirty instances that are (or were) on this host; returns the
         groups whose use on this host began or ended (their chains appear or go)."""
+        instances = {i: state.instances.get(i) for i in instance_ids}
         touched = {g for i in instance_ids for g in self._instance_groups.get(i, ())}
-        for instance_id in instance_ids:
-            instance = state.instances.get(instance_id)
-            touched.update(instance.security_groups if instance is not None else ())
+        touched.update(g for inst in instances.values() if inst for g in inst.security_groups)
         used_before = {g for g in touched if self._group_use[g] > 0}
-        for instance_id in instance_ids:
+        for instance_id, instance in instances.items():
             ports_before = self._untrack_instance(instance_id)
-            instance = state.instances.get(instance_id)
             if instance is not None and instance.host == self.host:
                 self._track_instance(state, instance)
             for port_id in set(ports_before) - set(self._instance_ports.get(instance_id, ())):
