@@ -138,13 +138,16 @@ class Listener:
         return sock
 
     def _serve(self) -> None:
-        """Accept or receive until close() writes to the wake-up pipe."""
+        """Accept or receive until close() writes to the wake-up pipe — after what
+        is already queued: a handshake the kernel completed just before close()
+        still counts as accepted."""
         while True:
             ready, _, _ = select.select([self._sock.fileno(), self._wake_r], [], [])
-            if self._wake_r in ready:
+            if self._sock.fileno() in ready:
+                with contextlib.suppress(OSError):  # e.g. an aborted connection
+                    self._handle_one()
+            elif self._wake_r in ready:
                 return
-            with contextlib.suppress(OSError):  # e.g. an aborted connection
-                self._handle_one()
 
     def _handle_one(self) -> None:
         if self.proto == "tcp":
