@@ -38,18 +38,18 @@ from secfw.agent import (
     SystemdNotifier,
     Trigger,
 )
+from secfw.agent.daemon import LogfmtFormatter, logfmt, sd_notify
+from secfw.agent.metrics import AgentMetrics, parse_address
+from secfw.agent.status import StatusWriter, classify, read_report, status_path, write_report
+from secfw.agent.storewatch import ReopeningStore
 from secfw.api import Api
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.summary import summarize
 from secfw.compiler.ir import HostFilter
 from secfw.config import Config
-from secfw.daemon import LogfmtFormatter, logfmt, sd_notify
 from secfw.errors import BackendError, ConfigError, NotFoundError, StoreError
-from secfw.metrics import AgentMetrics, parse_address
-from secfw.statusfile import StatusWriter, classify, read_report, status_path, write_report
 from secfw.store import open_store
 from secfw.store.base import Change, Snapshot, Store, WriteTxn
-from secfw.storewatch import ReopeningStore
 
 HOST = "compute1"
 

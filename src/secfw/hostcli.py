@@ -20,12 +20,16 @@ from typing import Any
 import click
 
 from secfw.agent import AgentLoop, LoopSettings, Reconciler, SystemdNotifier
+from secfw.agent.daemon import configure_logging, log_event
+from secfw.agent.linkwatch import LinkWatcher
+from secfw.agent.metrics import AgentMetrics
+from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
+from secfw.agent.storewatch import ReopeningStore
 from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
 from secfw.config import Config, load_config
-from secfw.daemon import configure_logging, log_event
 from secfw.demo import (
     HOST,
     Probe,
@@ -37,13 +41,9 @@ from secfw.demo import (
     run_agent_once,
 )
 from secfw.errors import BackendError, SecfwError
-from secfw.linkwatch import LinkWatcher
-from secfw.metrics import AgentMetrics
 from secfw.model import check_host
 from secfw.output import emit
-from secfw.statusfile import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
 from secfw.store import open_store
-from secfw.storewatch import ReopeningStore
 
 _host_option = click.option("--host", required=True, help="The compute host.")
 _config_option = click.option(

@@ -30,10 +30,10 @@ from typing import Any
 import pytest
 
 from secfw import netns_tools
+from secfw.agent.status import read_report, status_path
 from secfw.api import Api
 from secfw.demo import lab_ports
 from secfw.lab import run_in_netns
-from secfw.statusfile import read_report, status_path
 from secfw.store import open_store
 
 pytestmark = [

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from secfw.agent import LoopObserver
-from secfw.daemon import log_event
+from secfw.agent.daemon import log_event
+from secfw.agent.loop import LoopObserver
 from secfw.errors import NotFoundError, StoreError
 
 if TYPE_CHECKING:
-    from secfw.agent import AgentStatus
+    from secfw.agent.loop import AgentStatus
 
 log = logging.getLogger("secfw.agent")
 

@@ -36,9 +36,9 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from secfw.daemon import log_event
+from secfw.agent.daemon import log_event
 
-log = logging.getLogger("secfw.linkwatch")
+log = logging.getLogger("secfw.agent.linkwatch")
 
 TAP_PREFIX = "tap"
 _RCVBUF = 4 << 20  # room for the burst of events of many taps created at once

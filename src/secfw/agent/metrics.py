@@ -45,11 +45,12 @@ from prometheus_client import (
     start_http_server,
 )
 
-from secfw.agent import LoopObserver
+from secfw.agent.loop import LoopObserver
 from secfw.errors import ConfigError
 
 if TYPE_CHECKING:
-    from secfw.agent import AgentStatus, SyncResult
+    from secfw.agent.loop import AgentStatus
+    from secfw.agent.reconciler import SyncResult
 
 PREFIX = "secfw_agent_"
 DEFAULT_ADDRESS = "127.0.0.1:9468"
