@@ -8,6 +8,7 @@ wrapped where a test needs it to fail. Time is a fake clock the tests move.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -335,8 +336,11 @@ def test_sighup_cuts_a_backoff_short(agent: Agent) -> None:
 def test_an_unexpected_exception_does_not_end_the_daemon(agent: Agent) -> None:
     """run() (in this thread: SQLite connections are per thread) survives a bug-like
     exception and a backend error, retries, and is healthy again; a helper thread
-    moves the fake clock and stops the loop."""
-    agent.backend.fail = [RuntimeError("bug"), BackendError("nft: refused")]
+    moves the fake clock and stops the loop. After each failure the agent tries to
+    close the taps (the kernel has no table yet): the first try fails too (hold
+    failures are logged, not counted), the second installs the closed filter."""
+    agent.backend.fail = [RuntimeError("bug"), BackendError("nft: refused"),
+                          BackendError("nft: refused")]
 
     def drive() -> None:
         deadline = time.monotonic() + 10
@@ -353,6 +357,7 @@ def test_an_unexpected_exception_does_not_end_the_daemon(agent: Agent) -> None:
     reasons = [r for e, r in agent.recorder.events if e == "failure"]
     assert reasons == ["internal", "backend"]
     assert agent.loop.status.last_error == "nft: refused"  # the latest, kept as history
+    assert agent.backend.applied[0].target == frozenset()  # the closed filter came first
 
 
 def test_a_failing_observer_is_ignored(agent: Agent) -> None:
@@ -559,7 +564,10 @@ def test_sd_notify_ready_once_then_status_and_stopping(
     monkeypatch.setenv("WATCHDOG_USEC", "20000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     notifier = SystemdNotifier()
-    notifier.on_status(_status())
+    notifier.on_status(_status(healthy=False, last_error="nft: refused"))  # nothing filters yet
+    unready = notify_socket.recv(4096).decode().splitlines()
+    assert "READY=1" not in unready and "kernel holds none" in unready[0]
+    notifier.on_status(_status(enforcing="closed"))
     first = notify_socket.recv(4096).decode().splitlines()
     assert first[0] == "READY=1" and first[1].startswith("STATUS=healthy")
     assert "WATCHDOG=1" in first
@@ -568,6 +576,31 @@ def test_sd_notify_ready_once_then_status_and_stopping(
     assert "READY=1" not in second and "UNHEALTHY" in second
     notifier.on_stop(_status())
     assert notify_socket.recv(4096) == b"STOPPING=1"
+
+
+def test_watchdog_pinged_during_a_long_pass_until_it_is_stuck(
+    notify_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass longer than WatchdogSec keeps the watchdog fed (a 50k-port first pass
+    takes a minute); one longer than max_pass_seconds does not (systemd kills it)."""
+    monkeypatch.setenv("WATCHDOG_USEC", "40000")  # pings every 20 ms
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    clock = Clock()
+    notifier = SystemdNotifier(max_pass_seconds=30, clock=clock)
+    notify_socket.settimeout(2)
+    notifier.on_pass(True)
+    assert notify_socket.recv(4096) == b"WATCHDOG=1"
+    clock.now += 31  # the pass is stuck
+    time.sleep(0.1)  # let a ping already under way arrive, then drain
+    notify_socket.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while notify_socket.recv(4096):
+            pass
+    notify_socket.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        notify_socket.recv(4096)
+    notifier.on_pass(False)
+    notifier.on_stop(_status())
 
 
 def test_sd_notify_outside_systemd_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

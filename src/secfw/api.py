@@ -62,12 +62,18 @@ from secfw.model import (
     parse_quota,
     parse_visibility,
     parse_vlan,
+    tap_name,
 )
 from secfw.store.base import Store, WriteTxn
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+def new_port_id() -> str:
+    """A new port id (its first 11 characters name the port's tap)."""
+    return new_id()
 
 
 @dataclass(frozen=True)
@@ -501,7 +507,8 @@ class Api:
                 "ACTIVE",
                 time.time_ns(),
             )
-            ports = [self._new_port(state, instance.id, net) for net in networks]
+            taps = {p.tap for p in state.ports.values()}
+            ports = [self._new_port(state, instance.id, net, taps) for net in networks]
             state.put(instance)
             for port in ports:
                 state.put(port)
@@ -537,11 +544,16 @@ class Api:
         return usable
 
     @staticmethod
-    def _new_port(state: CloudState, instance_id: str, network: Network) -> Port:
+    def _new_port(
+        state: CloudState, instance_id: str, network: Network, taps: set[str]
+    ) -> Port:
+        """A port on ``network`` with a fresh address, MAC and a tap name no other
+        port has (``taps``, updated): two ports on one tap would filter as one."""
         address = _allocate(state, network, network.cidr, network.id)
         address6 = _allocate(state, network, network.cidr6, network.id + "/6")
         mac = _new_mac(state.used_macs)
-        return Port(new_id(), instance_id, network.id, mac, address, address6)
+        port_id = _new_port_id(taps)
+        return Port(port_id, instance_id, network.id, mac, address, address6)
 
     def delete(self, project: str, server: str) -> Instance:
         with self.batch() as state:
@@ -862,6 +874,24 @@ def _allocate(state: CloudState, network: Network, cidr: str | None, hint_key: s
     state.alloc_hint[hint_key] = offset + 1
     used.add(address)
     return address
+
+
+#: Fresh ids tried before a boot gives up on finding an unused tap name.
+PORT_ID_ATTEMPTS = 8
+
+
+def _new_port_id(taps: set[str]) -> str:
+    """A new port id whose tap name (``tap`` + its first 11 characters) is not in
+    ``taps`` (then added to it). ConflictError when every attempt collides —
+    with random UUIDs that means the id source is broken, not bad luck."""
+    for _ in range(PORT_ID_ATTEMPTS):
+        port_id = new_port_id()
+        tap = tap_name(port_id)
+        if tap not in taps:
+            taps.add(tap)
+            return port_id
+    raise ConflictError(f"could not allocate a port whose tap name is unused "
+                        f"({PORT_ID_ATTEMPTS} attempts)")
 
 
 def _new_mac(used: set[str]) -> str:

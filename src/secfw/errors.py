@@ -11,7 +11,8 @@ Hierarchy::
     ├── StoreError              the store cannot be opened, read or written
     ├── ConfigError             bad configuration file or value
     ├── BackendError            the kernel refused a transaction, a tool failed
-    │   └── UnsupportedError    a backend cannot express part of the IR faithfully
+    │   ├── UnsupportedError    a backend cannot express part of the IR faithfully
+    │   └── TopologyError       the host's taps are not laid out as the agent was told
     └── LabError                the network-namespace lab could not be built
 
 Lower-level exceptions (sqlite3, OSError, netlink) are translated at the edge with
@@ -80,6 +81,19 @@ class BackendError(SecfwError):
 
 class UnsupportedError(BackendError):
     """A backend cannot express part of the IR as well as the IR asks."""
+
+
+class TopologyError(BackendError):
+    """The taps of the host are not laid out as the configured topology says
+    (bridge ports on a ``routed`` host, or the other way round).
+
+    ``actual`` is the topology the taps show (None when they show none, or both):
+    the one whose closed filter really closes them.
+    """
+
+    def __init__(self, message: str, actual: str | None = None) -> None:
+        super().__init__(message)
+        self.actual = actual
 
 
 class LabError(SecfwError):

@@ -19,12 +19,14 @@ from typing import Any
 
 import click
 
-from secfw.agent import AgentLoop, LoopSettings, Reconciler, SystemdNotifier
+from secfw.agent import AgentLoop, LoopSettings, SystemdNotifier
 from secfw.agent.daemon import configure_logging, log_event
+from secfw.agent.host import host_reconciler
 from secfw.agent.linkwatch import LinkWatcher
 from secfw.agent.metrics import AgentMetrics
 from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
 from secfw.agent.storewatch import ReopeningStore
+from secfw.agent.topology import AUTO, CHOICES
 from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
@@ -57,6 +59,14 @@ _topology_option = click.option(
     show_default=True,
     help="routed: taps are routed links; bridged: taps are ports of Linux bridges "
          "(needs br_netfilter) [env SECFW_TOPOLOGY].",
+)
+_agent_topology_option = click.option(
+    "--topology", type=click.Choice(CHOICES), envvar="SECFW_TOPOLOGY", default=AUTO,
+    show_default=True,
+    help="auto: what the taps show (bridge ports: bridged; else routed); routed: taps "
+         "are routed links; bridged: taps are ports of Linux bridges (needs br_netfilter). "
+         "Taps that contradict an explicit choice are refused and kept closed "
+         "[env SECFW_TOPOLOGY].",
 )
 _state_dir_option = click.option(
     "--state-dir", metavar="DIR", envvar="SECFW_STATE_DIR", default=DEFAULT_STATE_DIR,
@@ -107,7 +117,7 @@ def compile_command(
 @click.option("--host", help="The compute host (required to run the agent).")
 @_config_option
 @_backend_option
-@_topology_option
+@_agent_topology_option
 @click.option("--once", is_flag=True, help="Run one full sync and exit.")
 @click.option("--cleanup", is_flag=True,
               help="Remove secfw's table (and nothing else) and exit; 0 when already absent.")
@@ -156,7 +166,7 @@ def agent_command(
         return
     configure_logging()
     if cleanup:
-        _cleanup(backend, topology)
+        _cleanup(backend, "routed" if topology == AUTO else topology)
         return
     if host is None:
         raise click.UsageError("Missing option '--host'.")
@@ -174,13 +184,41 @@ def agent_command(
 def _run_once(
     store_url: str, host: str, config_path: str | None, backend: str, topology: str
 ) -> None:
-    """One full sync; logs ``sync … commands=N`` (other tools rely on that line)."""
-    reconciler = Reconciler(
-        open_store(store_url), host, load_config(config_path),
-        get_backend(backend, topology=topology),
-    )
-    result = reconciler.reconcile(full=True)
+    """One full sync; logs ``sync … commands=N`` (other tools rely on that line).
+
+    Closed first, as the daemon: a kernel without secfw's table gets the closed
+    filter before the store is read, and a failed sync leaves the last ruleset or
+    the closed filter behind (then the error is raised: exit status non-zero).
+    """
+    reconciler = host_reconciler(open_store(store_url), host, load_config(config_path),
+                                 backend, topology)
+    try:
+        reconciler.close_if_absent()
+        result = reconciler.reconcile(full=True)
+    except SecfwError as exc:
+        held = _hold_after(reconciler, exc)
+        log_event(_log, logging.ERROR, "sync_failed", error=str(exc),
+                  kernel="closed filter" if held else "last ruleset kept")
+        raise
+    for port in result.isolated:
+        log_event(_log, logging.ERROR, "port_isolated", tap=port.tap, port=port.port_id,
+                  reason=port.reason)
     log_event(_log, logging.INFO, "sync", **result.as_fields(), **(result.changes or {}))
+    if result.isolated:
+        raise BackendError(f"{len(result.isolated)} port(s) left closed: "
+                           + "; ".join(f"{p.tap}: {p.reason}" for p in result.isolated))
+
+
+def _hold_after(reconciler: Any, exc: SecfwError) -> bool:
+    """Keep the last ruleset or close; whether the closed filter was installed."""
+    from secfw.agent.loop import failure_reason
+
+    try:
+        held = reconciler.hold(failure_reason(exc))
+    except SecfwError as hold_exc:
+        log_event(_log, logging.ERROR, "hold_failed", error=str(hold_exc))
+        return False
+    return held is not None and held.closed
 
 
 def _run_loop(
@@ -194,12 +232,13 @@ def _run_loop(
     """
     backend, topology = backend_topology
     store = ReopeningStore(store_url)
-    reconciler = Reconciler(store, host, config, get_backend(backend, topology=topology))
+    reconciler = host_reconciler(store, host, config, backend, topology)
     metrics = AgentMetrics()
     if metrics_address:
         metrics.serve(metrics_address)
+    notifier = SystemdNotifier(settings.max_pass_seconds)
     loop = AgentLoop(reconciler, settings,
-                     observers=[StatusWriter(state_dir, host), metrics, SystemdNotifier()])
+                     observers=[StatusWriter(state_dir, host), metrics, notifier])
     watcher = _start_link_watcher(loop)
     loop.taps = watcher.taps if watcher is not None else None
     loop.install_signal_handlers()

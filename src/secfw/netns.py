@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 
 from secfw.errors import BackendError
@@ -26,6 +27,7 @@ __all__ = [
     "enable_bridge_netfilter",
     "has_nf_conntrack_bridge",
     "inside_netns",
+    "tap_links",
 ]
 
 #: Where ``ip netns add`` keeps named namespaces (ip-netns(8)).
@@ -124,3 +126,26 @@ def has_nf_conntrack_bridge() -> bool:
         if "nf_conntrack_bridge.ko" in text:
             return True
     return False
+
+
+def tap_links(netns: str | None, prefix: str = "tap") -> tuple[dict[str, bool], bool]:
+    """The interfaces of ``netns`` whose name starts with ``prefix``, each mapped to
+    whether it is a port of a Linux bridge (its ``IFLA_MASTER`` is a link of kind
+    ``bridge``, rtnetlink(7)); and whether the namespace holds any bridge at all.
+
+    What the agent checks its topology against: on a routed host taps have no
+    master, on a bridged host they are bridge ports. Raises OSError when the
+    namespace or rtnetlink cannot be used.
+    """
+    with inside_netns(netns), IPRoute() as ipr:
+        links = list(ipr.get_links())
+    kinds: dict[int, str | None] = {}
+    for link in links:
+        info = link.get_attr("IFLA_LINKINFO")
+        kinds[link["index"]] = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    taps: dict[str, bool] = {}
+    for link in links:
+        name = link.get_attr("IFLA_IFNAME") or ""
+        if name.startswith(prefix):
+            taps[name] = kinds.get(link.get_attr("IFLA_MASTER") or 0) == "bridge"
+    return taps, "bridge" in kinds.values()

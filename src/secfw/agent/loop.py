@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -108,6 +109,11 @@ class LoopSettings:
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
     heartbeat_interval: float = 5.0
+    #: How often kernel switches the filter depends on are checked (br_netfilter).
+    kernel_check_interval: float = 0.2
+    #: Longest pass the watchdog tolerates: past it, pings stop and systemd's
+    #: WatchdogSec kills the stuck agent (a 50k-port first pass takes ~1 min).
+    max_pass_seconds: float = 600.0
 
     @property
     def heartbeat(self) -> float:
@@ -121,6 +127,11 @@ class AgentStatus:
 
     ``unknown_taps`` (present, claimed by no port: dropped) and ``missing_taps``
     (ports whose tap is absent) are None when link watching is off.
+    ``enforcing`` is what the kernel holds: ``none`` (nothing yet: taps
+    unfiltered), ``previous`` (a ruleset an earlier agent left), ``closed`` (the
+    closed filter: every tap dropped) or ``ruleset`` (this agent's last
+    successful pass). ``isolated_ports`` are ports left closed because the
+    backend cannot express them (tap, port id, reason).
     """
 
     healthy: bool = False
@@ -146,6 +157,9 @@ class AgentStatus:
     resync_interval: float = 0.0
     heartbeat_interval: float = 0.0
     last_result: dict[str, Any] = field(default_factory=dict)
+    enforcing: str = "none"
+    topology: str | None = None
+    isolated_ports: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +178,9 @@ class LoopObserver:
     def on_failure(self, reason: str) -> None:
         """A pass failed; ``reason`` is store, backend or internal."""
 
+    def on_pass(self, running: bool) -> None:
+        """A pass (or the first closing step) starts (True) or ends (False)."""
+
     def on_link(self, present: bool) -> None:
         """A tap appeared (True) or disappeared."""
 
@@ -175,25 +192,55 @@ class LoopObserver:
 
 
 class SystemdNotifier(LoopObserver):
-    """sd_notify(3): READY=1 after the first pass attempt (success or not: the
-    daemon is up and retries by itself), STATUS= lines, WATCHDOG=1 pings when
-    ``WatchdogSec`` is set, STOPPING=1 at the end. No-op outside systemd."""
+    """sd_notify(3): READY=1 once the kernel holds a ruleset or the closed filter
+    (whatever failed: never while taps could still run unfiltered), STATUS=
+    lines, WATCHDOG=1 pings when ``WatchdogSec`` is set, STOPPING=1 at the end.
+    No-op outside systemd.
 
-    def __init__(self) -> None:
+    Between passes the loop's heartbeat pings the watchdog. During a pass a
+    thread keeps pinging — a 50k-port full pass takes longer than any sane
+    ``WatchdogSec`` — but only for ``max_pass_seconds``: a pass stuck longer
+    stops the pings, and systemd kills and restarts the agent (the kernel keeps
+    the last ruleset meanwhile).
+    """
+
+    def __init__(self, max_pass_seconds: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._ready = False
-        self._watchdog = watchdog_interval() is not None
+        self._interval = watchdog_interval()
+        self._max_pass = max_pass_seconds
+        self._clock = clock
+        self._pass_started: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def on_pass(self, running: bool) -> None:
+        self._pass_started = self._clock() if running else None
+        if running and self._interval is not None and self._thread is None:
+            self._thread = threading.Thread(target=self._ping_during_passes,
+                                            name="secfw-watchdog", daemon=True)
+            self._thread.start()
+
+    def _ping_during_passes(self) -> None:
+        assert self._interval is not None
+        while not self._stop.wait(self._interval / 2):
+            started = self._pass_started
+            if started is not None and self._clock() - started < self._max_pass:
+                sd_notify("WATCHDOG=1")
 
     def on_status(self, status: AgentStatus) -> None:
         health = "healthy" if status.healthy else f"UNHEALTHY: {status.last_error}"
-        lines = [f"STATUS={health}; revision {status.revision}; {status.ports} ports"]
-        if not self._ready:
+        lines = [f"STATUS={health}; kernel holds {status.enforcing}; "
+                 f"revision {status.revision}; {status.ports} ports"]
+        if not self._ready and status.enforcing != "none":
             lines.insert(0, "READY=1")
             self._ready = True
-        if self._watchdog:
+        if self._interval is not None:
             lines.append("WATCHDOG=1")
         sd_notify("\n".join(lines))
 
     def on_stop(self, status: AgentStatus) -> None:
+        self._stop.set()
         sd_notify("STOPPING=1")
 
 
@@ -246,6 +293,8 @@ class AgentLoop:
         self._retry_at: float | None = None
         self._next_resync = clock() + self.settings.resync_interval
         self._next_heartbeat = clock()
+        self._next_kernel_check = clock()
+        self.status.topology = getattr(reconciler.backend, "topology", None)
 
     # ---- control
 
@@ -282,7 +331,9 @@ class AgentLoop:
     # ---- running
 
     def run(self) -> None:
-        """Reconcile on every trigger until stopped; then report the stop."""
+        """Close the taps if nothing filters them yet, then reconcile on every
+        trigger until stopped; then report the stop."""
+        self.close_first()
         while True:
             try:
                 delay = self.step()
@@ -296,6 +347,28 @@ class AgentLoop:
                   reason="the last ruleset stays in force")
         self._notify("on_stop", self.status)
 
+    def close_first(self) -> None:
+        """Before the store is read: the closed filter when secfw has no table in
+        the kernel (:meth:`Reconciler.close_if_absent`). A failure is handled as a
+        failed pass (logged, retried; the first pass follows at once anyway)."""
+        self._notify("on_pass", True)
+        try:
+            result = self.reconciler.close_if_absent()
+        except Exception as exc:
+            self._failed(exc)
+            return
+        finally:
+            self._notify("on_pass", False)
+        self.status.topology = getattr(self.reconciler.backend, "topology", None)
+        if result is None:
+            self.status.enforcing = "previous"
+            return
+        self.status.enforcing = "closed"
+        self._note(result)
+        log_event(log, logging.WARNING, "closed", reason="no table of secfw's in the kernel",
+                  action="every tap dropped until the first pass", **result.as_fields())
+        self._report()
+
     def step(self) -> float:
         """One turn: take the queued triggers, run at most ONE pass for all of them,
         report; return the seconds until the next turn is due. Never raises for a
@@ -303,6 +376,7 @@ class AgentLoop:
         self._collect()
         if self.stopping:
             return 0.0
+        self._guard_kernel()
         now = self.clock()
         if self._retry_at is not None:
             if now < self._retry_at and "hup" not in self._pending:
@@ -312,6 +386,24 @@ class AgentLoop:
             self._pending.add("resync")
         self._attempt()
         return self._idle(self.clock())
+
+    def _guard_kernel(self) -> None:
+        """Every :attr:`LoopSettings.kernel_check_interval`: restore kernel switches
+        the filter depends on at once (a drift repair), and ask for a full pass."""
+        now = self.clock()
+        if now < self._next_kernel_check:
+            return
+        self._next_kernel_check = now + self.settings.kernel_check_interval
+        try:
+            restored = self.reconciler.guard_kernel()
+        except Exception as exc:
+            log_event(log, logging.ERROR, "kernel_guard_failed", error=error_text(exc))
+            return
+        if restored is not None:
+            self.status.drift_repairs += 1
+            self.status.last_drift = {"at": self.wall(), "restored": restored}
+            log_event(log, logging.WARNING, "drift_repaired", restored=restored)
+            self._pending.add("resync")
 
     def _collect(self) -> None:
         for trigger in self.wakeup.take():
@@ -346,12 +438,15 @@ class AgentLoop:
             if not triggers:
                 return
             self._pending = set()
+            self._notify("on_pass", True)
             result = self.reconciler.reconcile(full=bool(triggers & FULL_TRIGGERS))
         except Exception as exc:
             self._pending = set()
             self._failed(exc)
         else:
             self._succeeded(result, triggers)
+        finally:
+            self._notify("on_pass", False)
 
     def _store_moved(self) -> bool:
         revision = self.reconciler.store_revision()
@@ -362,7 +457,7 @@ class AgentLoop:
         """Report if a heartbeat is due; the seconds until the next turn."""
         if now >= self._next_heartbeat:
             self._report()
-        deadlines = [self._next_heartbeat]
+        deadlines = [self._next_heartbeat, self._next_kernel_check]
         if self._retry_at is not None:
             deadlines.append(self._retry_at)
         else:
@@ -385,6 +480,8 @@ class AgentLoop:
         status.transactions += 1 if result.commands else 0
         status.consecutive_errors, status.retry_in = 0, None
         status.last_result = result.as_fields()
+        status.enforcing = "ruleset"
+        status.topology = getattr(self.reconciler.backend, "topology", None)
         self._note(result)
         if result.commands or result.full:
             log_event(log, logging.INFO, "sync", trigger=sorted(triggers), **result.as_fields(),
@@ -407,23 +504,26 @@ class AgentLoop:
             "reason": reason, "error": status.last_error, "retry_in": delay,
             "consecutive_errors": status.consecutive_errors}})
         self._notify("on_failure", reason)
-        if reason == "store":
-            self._hold()
+        self._hold(reason)
         self._report()
 
-    def _hold(self) -> None:
-        """The store is down: keep (or, at worst, close) the kernel's ruleset."""
+    def _hold(self, reason: str) -> None:
+        """A pass failed: keep the kernel's last ruleset, or close it when there is
+        none (:meth:`Reconciler.hold`)."""
         try:
-            result = self.reconciler.hold()
+            result = self.reconciler.hold(reason)
         except Exception as exc:
-            log_event(log, logging.ERROR, "hold_failed", error=str(exc))
+            log_event(log, logging.ERROR, "hold_failed", error=error_text(exc))
             return
         if result is None:
+            if self.status.enforcing == "none":  # a table is there: an earlier ruleset
+                self.status.enforcing = "previous"
             return
         self._note(result)
+        if result.closed:
+            self.status.enforcing = "closed"
         if result.commands:
-            action = "closed filter installed" if result.revision == 0 and not result.ports \
-                else "last ruleset kept"
+            action = "closed filter installed" if result.closed else "last ruleset kept"
             log_event(log, logging.WARNING, "hold", action=action, **result.as_fields(),
                       **(result.changes or {}))
 
@@ -431,6 +531,7 @@ class AgentLoop:
         """Record what a pass left in the kernel: ports, elements, taps, drift."""
         status = self.status
         status.ports, status.set_elements = result.ports, result.elements
+        status.isolated_ports = [port.as_dict() for port in result.isolated]
         self._known_taps = result.taps
         if result.drift is not None:
             status.drift_repairs += 1

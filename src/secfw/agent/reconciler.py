@@ -1,24 +1,23 @@
-"""The host agent: keeps the kernel's filter equal to the store, for one host.
+"""The reconciler: one pass that makes the kernel's filter equal to the store.
 
-Two parts, kept apart as in controller-runtime:
+Level-based, as in controller-runtime: each pass reads the *whole* desired state
+(the cloud, followed incrementally through the store's change feed) and the
+actual state (what it last committed, or the kernel's table read back on a full
+sync), and applies the difference as **one** atomic transaction. No per-event
+logic: a pass does not care *why* it runs (the triggers are
+:mod:`secfw.agent.loop`'s). A full pass also tells whether the kernel still held
+what this process last committed; if not, someone changed secfw's table (drift)
+and the pass repaired it.
 
-* :class:`Reconciler` — the logic. Level-based: each pass reads the *whole*
-  desired state (the cloud, followed incrementally through the store's change
-  feed) and the actual state (what it last committed, or the kernel's table read
-  back on a full sync), and applies the difference as **one** atomic transaction.
-  No per-event logic: a pass does not care *why* it runs. A full pass also
-  tells whether the kernel still held what this process last committed; if
-  not, someone changed secfw's table (drift) and the pass repaired it.
-* :class:`AgentLoop` — the triggers. Store revision moves (polled), taps
-  appearing or disappearing (:mod:`secfw.agent.linkwatch`), the periodic resync
-  timer, SIGHUP, and retries after failures all queue a :class:`Trigger`;
-  whatever is queued when the loop wakes is coalesced into ONE pass, full when
-  any trigger asks for it (start, resync, SIGHUP, retry). Failures back off
-  exponentially up to a cap, and no exception ends the daemon. While the store
-  cannot be read the last ruleset stays in force (and drift from it is still
-  repaired). SIGTERM/SIGINT stop the loop between passes: a transaction in
-  flight always finishes. :class:`LoopObserver` subclasses (the status file,
-  Prometheus metrics, systemd notification) watch every pass.
+Never open, whatever fails (docs/agent.md, "Fail-closed guarantees"):
+
+* before the store is read, a kernel without secfw's table gets the *closed*
+  filter (:meth:`Reconciler.close_if_absent`); after any failed pass the last
+  ruleset stays, or the closed filter when there is none (:meth:`Reconciler.hold`);
+* a port the backend cannot express is left closed and the others are applied
+  (:mod:`secfw.agent.isolation`);
+* the host's taps are checked against the topology before every pass
+  (:mod:`secfw.agent.topology`).
 
 The kernel table outlives the agent: stopping or killing it leaves the last
 ruleset in force, and a new agent's first (full) pass sends only the difference.
@@ -28,15 +27,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from secfw.agent.daemon import log_event
+from secfw.agent.isolation import IsolatedPort, Isolation
 from secfw.agent.storewatch import Reopenable
+from secfw.agent.topology import TapLayout, decide
 from secfw.cloud import CloudState, Replaced
 from secfw.compiler.build import compile_host
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
 from secfw.config import Config
+from secfw.errors import SecfwError, TopologyError
 from secfw.gcpause import collector_paused
 from secfw.store.base import Store
 
@@ -86,6 +90,27 @@ class DescribingBackend(Protocol):
         """How many set/map elements ``state`` holds."""
 
 
+@dataclass(frozen=True)
+class TopologyGuard:
+    """How the reconciler checks the host's topology before every pass.
+
+    ``configured``: ``auto``, ``routed`` or ``bridged``; ``probe`` reads the tap
+    layout (raises SecfwError when it cannot); ``make_backend`` opens a backend
+    of the same kind for another topology (to switch in ``auto`` mode, or to
+    close the taps with the layout that really closes them).
+    """
+
+    configured: str
+    probe: Callable[[], TapLayout]
+    make_backend: Callable[[str], Any]
+
+
+def closed_filter(host: str) -> HostFilter:
+    """The *closed* filter of ``host``: secfw's tables with no port in them, so
+    the fail-closed rules drop every tap's traffic and nothing else is touched."""
+    return HostFilter(host, (), (), ())
+
+
 # --------------------------------------------------------------------------- the logic
 
 
@@ -96,7 +121,10 @@ class SyncResult:
     ``changes`` describes a non-empty transaction (backend's words); ``drift`` is
     set when a full pass found the kernel different from what this process had
     committed — what differed, i.e. what the pass rewrote; ``taps`` are the taps
-    of the ports the filter now covers.
+    of the ports the filter now covers; ``closed`` says the pass committed the
+    closed filter (no store data: every tap dropped); ``isolated`` are ports left
+    closed because the backend cannot express them; ``programmed`` is the filter
+    the kernel now holds (the desired one less the isolated ports).
     """
 
     revision: int
@@ -108,6 +136,9 @@ class SyncResult:
     changes: dict[str, Any] | None = None
     drift: dict[str, Any] | None = None
     taps: frozenset[str] = frozenset()
+    closed: bool = False
+    isolated: tuple[IsolatedPort, ...] = ()
+    programmed: HostFilter | None = None
 
     def as_fields(self) -> dict[str, Any]:
         """The fields of the ``sync`` log line (``--once`` prints exactly these)."""
@@ -123,11 +154,15 @@ class SyncResult:
 class Reconciler:
     """Makes one host's filter equal to the store (see the module docstring)."""
 
-    def __init__(self, store: Store, host: str, config: Config, backend: FilterBackend) -> None:
+    def __init__(self, store: Store, host: str, config: Config, backend: FilterBackend,
+                 topology: TopologyGuard | None = None) -> None:
         self.store = store
         self.host = host
         self.config = config
         self.backend = backend
+        self.topology = topology
+        #: Ports left closed because the backend cannot express them.
+        self.isolation = Isolation()
         self.cloud: CloudState | None = None
         self._committed: Any = None
         self._committed_valid = False
@@ -165,6 +200,7 @@ class Reconciler:
         next pass is full.
         """
         started = time.perf_counter()
+        self.check_topology()
         full = full or not self._committed_valid or self.cloud is None
         try:
             cloud, replaced = self._load_cloud(full)
@@ -177,34 +213,107 @@ class Reconciler:
             self.invalidate()  # the change feed was consumed: only a full pass is sure
             raise
         result = self._converge(desired, cloud.revision, full, started)
+        assert result.programmed is not None
         revoke = getattr(self.backend, "revoke", None)
         if revoke is not None:  # cut established connections the change revoked
-            revoke(self._previous, desired)
-        self._previous = desired
+            revoke(self._previous, result.programmed)
+        self._previous = result.programmed
         return result
 
-    def hold(self) -> SyncResult | None:
-        """Keep the kernel at the last desired state known, without the store.
+    def close_if_absent(self) -> SyncResult | None:
+        """The agent's first act, before the store is even read: when the kernel
+        holds no table of secfw's (or one it cannot read), commit the closed
+        filter in a transaction of its own, so that no tap runs unfiltered
+        whatever happens next. A table already there (the last agent's ruleset)
+        is left alone. Returns what was done (None: nothing). Raises like
+        :meth:`reconcile` (TopologyError after closing the taps for the
+        topology they really have)."""
+        started = time.perf_counter()
+        self.check_topology()
+        try:
+            if self._table_present():
+                return None
+            return self._converge(closed_filter(self.host), 0, True, started, current=None)
+        finally:
+            self.invalidate()
 
-        For when the store cannot be read. With a cloud loaded earlier the kernel
-        is read back and any drift from that cloud's filter repaired. With none
-        (the store has been down since start) a table already in the kernel is
-        left alone — the last agent's ruleset — and a missing one is replaced by
-        the *closed* filter (no ports: every tap dropped), so taps never run
-        unfiltered. Returns what was done (None: nothing). The next
-        :meth:`reconcile` is full either way. Raises like :meth:`reconcile`.
+    def check_topology(self) -> None:
+        """Check the host's taps against the configured topology (a no-op without
+        a :class:`TopologyGuard`). ``auto`` switches the backend to what the taps
+        show (the next pass is full); a contradiction closes the taps with the
+        layout of the topology they really have, then raises TopologyError."""
+        guard = self.topology
+        if guard is None:
+            return
+        try:
+            wanted = decide(guard.configured, guard.probe())
+        except TopologyError as exc:
+            self._close_for(exc.actual)
+            raise
+        current = getattr(self.backend, "topology", None)
+        if wanted != current:
+            log_event(log, logging.WARNING, "topology", configured=guard.configured,
+                      previous=current, now=wanted)
+            self.backend = guard.make_backend(wanted)
+            self.invalidate()
+
+    def _close_for(self, topology: str | None) -> None:
+        """Commit the closed filter rendered for ``topology`` (the current
+        backend's when None: taps of both kinds), replacing what secfw's tables
+        hold."""
+        assert self.topology is not None
+        ours = getattr(self.backend, "topology", None)
+        backend = self.backend if topology in (None, ours) else self.topology.make_backend(topology)
+        self.invalidate()
+        try:
+            current = backend.read()
+        except SecfwError:
+            current = None
+        plan = backend.plan(current, closed_filter(self.host))
+        if not plan.empty:
+            backend.apply(plan)
+            log_event(log, logging.WARNING, "closed", reason="topology",
+                      topology=topology or ours, commands=plan.size)
+
+    def _table_present(self) -> bool:
+        """Whether the kernel holds a table of secfw's that the backend can read (one
+        it cannot parse counts as absent: it is replaced, never trusted)."""
+        try:
+            return self.backend.read() is not None
+        except SecfwError as exc:
+            log_event(log, logging.WARNING, "unreadable_table", error=str(exc),
+                      action="replaced by the closed filter")
+            return False
+
+    def hold(self, reason: str = "store") -> SyncResult | None:
+        """After a failed pass: keep the kernel safe without what failed.
+
+        ``reason`` ``store`` (the store cannot be read) with a cloud loaded
+        earlier: the kernel is read back and any drift from that cloud's filter
+        repaired. Otherwise (any other failure, or the store down since start) a
+        table already in the kernel is left alone — the last successful pass's
+        ruleset — and a missing or unreadable one is replaced by the *closed*
+        filter (no ports: every tap dropped), so taps never run unfiltered.
+        Returns what was done (None: nothing). The next :meth:`reconcile` is full
+        either way. Raises like :meth:`reconcile`.
         """
         started = time.perf_counter()
         try:
-            if self.cloud is not None:
+            if reason == "store" and self.cloud is not None:
                 desired = compile_host(self.cloud, self.host, self.config.allow_same_net_traffic)
                 return self._converge(desired, self.cloud.revision, True, started)
-            if self.backend.read() is not None:
+            if self._table_present():
                 return None
-            closed = compile_host(CloudState(0), self.host, self.config.allow_same_net_traffic)
-            return self._converge(closed, 0, True, started, current=None)
+            return self._converge(closed_filter(self.host), 0, True, started, current=None)
         finally:
             self.invalidate()
+
+    def guard_kernel(self) -> str | None:
+        """Restore, at once, kernel switches the filter depends on and someone
+        turned off (br_netfilter's on a bridged host); what was restored, or None.
+        Cheap (two sysctl reads): the loop calls it on every turn."""
+        restore = getattr(self.backend, "restore_switches", None)
+        return restore() if restore is not None else None
 
     def _converge(
         self, desired: HostFilter, revision: int, full: bool, started: float, **known: Any
@@ -214,7 +323,7 @@ class Reconciler:
             current = known["current"]
         else:
             current = self.backend.read() if full else self._committed
-        plan = self.backend.plan(current, desired)
+        desired, plan = self._plan(current, desired)
         drift = self._drift(current, plan) if full else None
         self._committed_valid = False
         if not plan.empty:
@@ -228,7 +337,42 @@ class Reconciler:
             changes=None if plan.empty else self._describe(plan),
             drift=drift,
             taps=self._taps_of(desired),
+            closed=not desired.ports and revision == 0,
+            isolated=self.isolation.isolated,
+            programmed=desired,
         )
+
+    def _plan(self, current: Any, desired: HostFilter) -> tuple[HostFilter, Plan]:
+        """The filter to program and its plan: ``desired``, or — when the backend
+        refuses it — ``desired`` without the ports it cannot express
+        (:mod:`secfw.agent.isolation`; they stay closed). Raises when the
+        backend refuses even that, or cannot check ports one by one."""
+        cached = self.isolation.cached(desired)
+        if cached is not None:
+            return cached, self.backend.plan(current, cached)
+        try:
+            plan = self.backend.plan(current, desired)
+        except SecfwError:
+            check = getattr(self.backend, "check", None)
+            if check is None or not desired.ports:
+                raise
+            self._reset_backend()
+            restricted = self.isolation.compute(desired, check)
+            if not self.isolation.isolated:
+                raise
+            for port in self.isolation.isolated:
+                log_event(log, logging.ERROR, "port_isolated", tap=port.tap,
+                          port=port.port_id, reason=port.reason, action="tap left closed")
+            return restricted, self.backend.plan(current, restricted)
+        self.isolation.clear()
+        return desired, plan
+
+    def _reset_backend(self) -> None:
+        """Drop the backend's render caches (a refused render may have left them
+        half-updated)."""
+        reset = getattr(self.backend, "reset", None)
+        if reset is not None:
+            reset()
 
     def _taps_of(self, desired: HostFilter) -> frozenset[str]:
         """The taps of ``desired``'s ports, recomputed only when the ports tuple is a

@@ -54,6 +54,29 @@ class IptablesBackend:
             netns, variant, runner)
         self._last: tuple[HostFilter, IptState] | None = None
 
+    @property
+    def topology(self) -> str:
+        """``routed`` or ``bridged``."""
+        return self.options.topology
+
+    def reset(self) -> None:
+        """Forget the cached rendering."""
+        self._last = None
+
+    def check(self, desired: HostFilter) -> None:
+        """Render ``desired`` from scratch, touching no cache and no kernel: raises
+        BackendError (or UnsupportedError) exactly when :meth:`plan` would."""
+        render(desired, self.options)
+
+    def restore_switches(self) -> str | None:
+        """On a bridged host, turn br_netfilter's switches back on at once when
+        someone turned them off (bridged traffic bypasses iptables while they are
+        off); what was restored, or None. BackendError when they cannot be."""
+        if self.topology != "bridged" or bridge_netfilter_enabled(self.executor.netns):
+            return None
+        enable_bridge_netfilter(self.executor.netns)
+        return "br_netfilter switches (net.bridge.bridge-nf-call-ip*tables) were off"
+
     def render(self, desired: HostFilter) -> IptState:
         """The state of ``desired``; the last one is kept, as plan and committed
         are called with the same IR in one sync."""

@@ -13,7 +13,7 @@ from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
-from secfw.backends.nftables.render import Renderer, Ruleset
+from secfw.backends.nftables.render import Renderer, Ruleset, render
 from secfw.backends.nftables.state import KernelState, StateCache
 from secfw.backends.nftables.summary import element_count, summarize
 from secfw.compiler.ir import HostFilter
@@ -41,12 +41,22 @@ class NftablesBackend:
                 f"nftables: unknown topology {topology!r} (known: {', '.join(TOPOLOGIES)})")
         self.topology = topology
         self.executor = executor if executor is not None else NftablesExecutor(netns)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every cached rendering (after a refused render: the caches may be
+        half-updated); the next plan renders and compares everything."""
         self._last: tuple[HostFilter, Ruleset, KernelState] | None = None
         # Successive syncs share unchanged pieces, rendered once (render.Renderer,
         # state.StateCache): a membership change costs the set it changes.
         self._renderer = Renderer(self.topology)
         self._states = StateCache()
         self._before: KernelState | None = None  # the state of the rendering before _last
+
+    def check(self, desired: HostFilter) -> None:
+        """Render ``desired`` from scratch, touching no cache and no kernel: raises
+        BackendError (or UnsupportedError) exactly when :meth:`plan` would."""
+        render(desired, self.topology)
 
     def render(self, desired: HostFilter) -> Ruleset:
         """The ruleset of ``desired``; the last one is kept, as plan and committed
@@ -90,8 +100,30 @@ class NftablesBackend:
         if not isinstance(plan, Transaction):
             raise BackendError(f"nftables: cannot apply a {type(plan).__name__}")
         if self.topology == "bridged":  # before the marks: they are useless without it
-            enable_bridge_netfilter(self.executor.netns)
+            self._enable_bridge_netfilter()
         self.executor.apply(plan)
+
+    def _enable_bridge_netfilter(self) -> None:
+        """Turn br_netfilter's switches on; without br_netfilter only the closed
+        filter may be applied: its bridge table drops every tap's frames at layer
+        2 by itself, where any port's ruleset needs the inet hooks to see them."""
+        try:
+            enable_bridge_netfilter(self.executor.netns)
+        except BackendError:
+            if self._last is not None and not self._last[0].ports:
+                log.warning("br_netfilter unavailable: applying the closed filter only")
+                return
+            raise
+
+    def restore_switches(self) -> str | None:
+        """On a bridged host, turn br_netfilter's switches back on at once when
+        someone turned them off (bridged traffic bypasses the inet table while
+        they are off); what was restored, or None. BackendError when they cannot
+        be turned on."""
+        if self.topology != "bridged" or bridge_netfilter_enabled(self.executor.netns):
+            return None
+        enable_bridge_netfilter(self.executor.netns)
+        return "br_netfilter switches (net.bridge.bridge-nf-call-ip*tables) were off"
 
     def committed(self, desired: HostFilter) -> KernelState:
         """The state the kernel holds once ``desired`` was applied (no round trip)."""
