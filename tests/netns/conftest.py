@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agentproc import AgentProcess
 
 from secfw import netns_tools
 from secfw.agent import Reconciler, SyncResult
@@ -481,3 +482,28 @@ def helpers() -> Any:
         PROBE_TIMEOUT=PROBE_TIMEOUT,
         CloudLab=CloudLab,
     )
+
+
+@pytest.fixture
+def env(cloud: Any, helpers: Any) -> Any:
+    """The ``cloud`` fixture with :func:`helpers` attached (for agentproc)."""
+    cloud.helpers = helpers
+    return cloud
+
+
+@pytest.fixture
+def agents(env: Any, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start agents (all killed at the end); they share one state directory."""
+    started: list[AgentProcess] = []
+    state_dir = tmp_path / "state"
+
+    def start(*args: str, **kwargs: Any) -> AgentProcess:
+        agent = AgentProcess(env, state_dir, *args, **kwargs)
+        started.append(agent)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            agent.stop()

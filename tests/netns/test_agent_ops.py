@@ -14,23 +14,29 @@ they observe are printed (run with ``-s`` to see them) and collected in
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import sqlite3
-import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from agentproc import (
+    EXT,
+    POLL_LIMIT,
+    filtered_as_expected,
+    lab_sync,
+    log_time,
+    measured,
+    poll,
+    table_exists,
+    web_cloud,
+)
 
 from secfw import netns_tools
-from secfw.agent.status import read_report, status_path
 from secfw.api import Api
 from secfw.demo import lab_ports
 from secfw.lab import run_in_netns
@@ -40,11 +46,6 @@ pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
 ]
-
-EXT = "external"
-POLL_LIMIT = 10.0  # seconds any wait may take before the test fails
-RESYNC = "0.5"
-MEASURED: dict[str, float] = {}
 
 FOREIGN_TABLES = """\
 table inet other {
@@ -64,161 +65,6 @@ table ip foreign {
 	}
 }
 """
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def poll(check: Callable[[], Any], what: str, limit: float = POLL_LIMIT) -> float:
-    """Seconds until ``check()`` is truthy; fails after ``limit`` seconds."""
-    started = time.monotonic()
-    while not check():
-        elapsed = time.monotonic() - started
-        assert elapsed < limit, f"not within {limit} s: {what}"
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
-def measured(name: str, seconds: float) -> None:
-    MEASURED[name] = seconds
-    print(f"\nMEASURED {name}: {seconds * 1000:.0f} ms")
-
-
-_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
-
-
-def parse_logfmt(line: str) -> dict[str, str]:
-    """``k=v k="v w"`` → dict (quotes removed, escapes kept)."""
-    return {k: v[1:-1] if v.startswith('"') else v for k, v in _FIELD.findall(line)}
-
-
-def log_time(event: dict[str, str]) -> float:
-    """The Unix time of a log event's ``ts``."""
-    stamp = datetime.strptime(event["ts"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    return stamp.replace(tzinfo=UTC).timestamp()
-
-
-class AgentProcess:
-    """``secfw agent`` in the host namespace (optionally without DAC override, so
-    that file permissions bind it), its stderr parsed as logfmt events."""
-
-    def __init__(self, env: Any, state_dir: Path, *args: str, drop_dac: bool = False,
-                 extra_env: dict[str, str] | None = None, store_url: str | None = None) -> None:
-        command = ["ip", "netns", "exec", env.lab.host_ns]
-        if drop_dac:  # root without CAP_DAC_OVERRIDE: chmod 000 makes the store unreadable
-            command += ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
-        command += [env.helpers.secfw_command(), "--store", store_url or env.store_url, "agent",
-                    "--host", env.host, *env.agent_args, "--state-dir", str(state_dir),
-                    "--resync-interval", RESYNC,
-                    "--poll-interval", "0.05", "--backoff-max", "1", *args]
-        self.env, self.state_dir = env, state_dir
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(extra_env or {})})
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-
-    def events(self, msg: str) -> list[dict[str, str]]:
-        return [e for e in map(parse_logfmt, list(self.lines)) if e.get("msg") == msg]
-
-    def wait_event(self, msg: str, count: int = 1, **match: str) -> dict[str, str]:
-        """The ``count``-th event ``msg`` whose fields include ``match``."""
-
-        def found() -> list[dict[str, str]]:
-            assert self.proc.poll() is None, f"agent exited: {self.lines}"
-            return [e for e in self.events(msg)
-                    if all(e.get(k) == v for k, v in match.items())]
-
-        poll(lambda: len(found()) >= count, f"{count} x {msg} {match}: {self.lines[-20:]}")
-        return found()[count - 1]
-
-    def status(self) -> dict[str, Any]:
-        """The agent's report (waiting for the first one: it follows the first log line)."""
-        path = status_path(self.state_dir, self.env.host)
-        poll(path.exists, f"a status report in {self.state_dir}: {self.lines[-5:]}")
-        return read_report(self.state_dir, self.env.host).as_dict()
-
-    def kill(self, sig: int = signal.SIGKILL) -> int:
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=15)
-        self._reader.join(timeout=5)
-        return code
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.kill()
-
-
-@pytest.fixture
-def env(cloud: Any, helpers: Any) -> Any:
-    cloud.helpers = helpers
-    return cloud
-
-
-@pytest.fixture
-def agents(env: Any, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Start agents (all killed at the end); they share one state directory."""
-    started: list[AgentProcess] = []
-    state_dir = tmp_path / "state"
-
-    def start(*args: str, **kwargs: Any) -> AgentProcess:
-        agent = AgentProcess(env, state_dir, *args, **kwargs)
-        started.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in started:
-            agent.stop()
-
-
-def web_cloud(env: Any) -> None:
-    """``web`` (global_http: tcp 80 and 443 from anywhere) on net-a, and ``db``
-    (ssh from global_http) on net-b; the lab brought up, no agent yet."""
-    api = env.api
-    api.net_create("p", "net-a", "10.1.0.0/24")
-    api.net_create("p", "net-b", "10.2.0.0/24")
-    api.secgroup_create("p", "global_http", "web")
-    api.secgroup_add_rule("p", "global_http", "tcp", "80", "80", "0.0.0.0/0")
-    api.secgroup_add_rule("p", "global_http", "tcp", "443", "443", "0.0.0.0/0")
-    api.secgroup_create("p", "cluster", "ssh from web")
-    api.secgroup_add_group_rule("p", "cluster", "global_http", "tcp", "22", "22")
-    env.boot("web", ["global_http"], "net-a")
-    env.boot("db", ["cluster"], "net-b")
-    lab_sync(env)
-
-
-def lab_sync(env: Any, api: Api | None = None) -> None:
-    env.lab.up(lab_ports((api or env.api).snapshot(), env.host))
-
-
-def filtered_as_expected(env: Any) -> bool:
-    """web:80 open from outside, web:22 closed, db:22 open from web only.
-
-    Namespaces and addresses are looked up once per test (cached on ``env``), so
-    this works while the store is unreadable.
-    """
-    if not hasattr(env, "endpoints"):
-        env.endpoints = {n: (env.ns(n), env.ip(n)) for n in ("web", "db", EXT)}
-    ends = env.endpoints
-
-    def tcp(src: str, dst: str, port: int) -> bool:
-        with netns_tools.listen(ends[dst][0], "tcp", port):
-            return netns_tools.tcp_connect(ends[src][0], ends[dst][1], port, 0.3)
-
-    return (tcp(EXT, "web", 80) and not tcp(EXT, "web", 22)
-            and tcp("web", "db", 22) and not tcp(EXT, "db", 22))
-
-
-def table_exists(env: Any) -> bool:
-    """secfw's table (nftables) or chains (iptables) exist."""
-    return bool(env.secfw_present())
 
 
 def foreign_listing(env: Any) -> tuple[str, str]:
@@ -580,7 +426,8 @@ def test_store_missing_at_start_fails_closed_then_filters(
     measured("closed filter installed while the store is missing", time.monotonic() - started)
     assert not env.tcp("web", "db", 22)
     assert agent.status()["state"] == "unhealthy" and not missing.exists()
-    assert agent.events("hold")[0]["action"] == "closed filter installed"
+    # closed before the store was even read (not after the first failed pass)
+    assert agent.events("closed")[0]["action"].startswith("every tap dropped")
     copy_store(env.store_url, missing)
     appeared = time.monotonic()
     poll(lambda: filtered_as_expected(env), "filtering per the groups once the store exists")

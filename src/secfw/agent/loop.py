@@ -229,7 +229,8 @@ class SystemdNotifier(LoopObserver):
                 sd_notify("WATCHDOG=1")
 
     def on_status(self, status: AgentStatus) -> None:
-        health = "healthy" if status.healthy else f"UNHEALTHY: {status.last_error}"
+        health = ("healthy" if status.healthy else
+                  f"UNHEALTHY: {status.last_error}" if status.last_error else "starting")
         lines = [f"STATUS={health}; kernel holds {status.enforcing}; "
                  f"revision {status.revision}; {status.ports} ports"]
         if not self._ready and status.enforcing != "none":
@@ -367,7 +368,7 @@ class AgentLoop:
         self._note(result)
         log_event(log, logging.WARNING, "closed", reason="no table of secfw's in the kernel",
                   action="every tap dropped until the first pass", **result.as_fields())
-        self._report()
+        # No report yet: the first pass follows at once, and READY=1 comes with it.
 
     def step(self) -> float:
         """One turn: take the queued triggers, run at most ONE pass for all of them,
