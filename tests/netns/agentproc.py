@@ -141,22 +141,22 @@ def lab_sync(env: Any, api: Api | None = None) -> None:
     env.lab.up(lab_ports((api or env.api).snapshot(), env.host))
 
 
-def filtered_as_expected(env: Any) -> bool:
-    """web:80 open from outside, web:22 closed, db:22 open from web only.
-
-    Namespaces and addresses are looked up once per test (cached on ``env``), so
-    this works while the store is unreadable.
-    """
+def cached_tcp(env: Any, src: str, dst: str, port: int) -> bool:
+    """Whether a TCP connection ``src`` → ``dst:port`` (web, db or external) is
+    accepted. Namespaces and addresses are looked up once per test (cached on
+    ``env``), so this works while the store is unreadable or unloadable."""
     if not hasattr(env, "endpoints"):
         env.endpoints = {n: (env.ns(n), env.ip(n)) for n in ("web", "db", EXT)}
     ends = env.endpoints
+    with netns_tools.listen(ends[dst][0], "tcp", port):
+        return netns_tools.tcp_connect(ends[src][0], ends[dst][1], port, 0.3)
 
-    def tcp(src: str, dst: str, port: int) -> bool:
-        with netns_tools.listen(ends[dst][0], "tcp", port):
-            return netns_tools.tcp_connect(ends[src][0], ends[dst][1], port, 0.3)
 
-    return (tcp(EXT, "web", 80) and not tcp(EXT, "web", 22)
-            and tcp("web", "db", 22) and not tcp(EXT, "db", 22))
+def filtered_as_expected(env: Any) -> bool:
+    """web:80 open from outside, web:22 closed, db:22 open from web only
+    (:func:`cached_tcp`: works while the store is unreadable)."""
+    return (cached_tcp(env, EXT, "web", 80) and not cached_tcp(env, EXT, "web", 22)
+            and cached_tcp(env, "web", "db", 22) and not cached_tcp(env, EXT, "db", 22))
 
 
 def table_exists(env: Any) -> bool:
