@@ -197,3 +197,39 @@ def test_close_if_absent_closes_an_empty_kernel_and_leaves_a_table_alone(api: Ap
     assert result is not None and result.closed and tables["state"] == ("routed", ())
     tables["state"] = ("routed", ("tapold",))  # an earlier agent's ruleset
     assert reconciler.close_if_absent() is None and tables["state"] == ("routed", ("tapold",))
+
+
+# --------------------------------------------------------------------------- br_netfilter
+
+
+class _Executor:
+    """Records what would be applied (no kernel)."""
+
+    netns = None
+
+    def __init__(self) -> None:
+        self.applied: list[Any] = []
+
+    def apply(self, tx: Any) -> None:
+        self.applied.append(tx)
+
+
+def test_without_br_netfilter_only_the_closed_filter_is_applied_on_a_bridged_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """br_netfilter missing: the bridge table of the closed filter drops every
+    tap's frames at layer 2 by itself, so it is applied; a ruleset with ports
+    would pass bridged IP unfiltered (the inet hooks never see it): refused."""
+    from secfw.backends.nftables import backend as nft_backend
+
+    def missing(_netns: Any) -> None:
+        raise BackendError("bridged topology needs br_netfilter: load it")
+
+    monkeypatch.setattr(nft_backend, "enable_bridge_netfilter", missing)
+    executor = _Executor()
+    backend = nft_backend.NftablesBackend(executor=executor, topology="bridged")  # type: ignore[arg-type]
+    backend.apply(backend.plan(None, HostFilter(HOST, (), (), ())))
+    assert len(executor.applied) == 1
+    with pytest.raises(BackendError, match="br_netfilter"):
+        backend.apply(backend.plan(None, HostFilter(HOST, (_port("tap01"),), (WEB,), ())))
+    assert len(executor.applied) == 1

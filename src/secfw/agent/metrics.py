@@ -16,8 +16,9 @@ syncs_total{kind}               counter   successful passes
 transactions_total              counter   non-empty transactions committed to the kernel
 transaction_commands_total      counter   backend commands in those transactions
 sync_failures_total{reason}     counter   failed passes (reason=store|backend|internal)
-drift_repairs_total             counter   full passes that found the kernel changed behind
-                                          the agent's back and rewrote it
+drift_repairs_total             counter   kernel state changed behind the agent's back and
+                                          repaired (by a full pass, or br_netfilter's
+                                          switches turned back on)
 link_events_total{event}        counter   taps appearing / disappearing (event=appeared|gone)
 ports                           gauge     ports filtered on this host
 set_elements                    gauge     elements in secfw's sets and maps
@@ -26,6 +27,9 @@ applied_revision                gauge     store revision the kernel reflects
 store_revision                  gauge     latest store revision seen
 healthy                         gauge     1 when the last pass succeeded, else 0
 last_sync_timestamp_seconds     gauge     Unix time of the last successful pass
+isolated_ports                  gauge     ports left closed: the backend cannot express them
+enforcing{state}                gauge     1 for what the kernel holds (state=none|previous|
+                                          closed|ruleset), 0 for the others
 =============================== ========= ===============================================
 
 Plus the standard ``process_*`` metrics (CPU, memory, open descriptors).
@@ -56,6 +60,8 @@ PREFIX = "secfw_agent_"
 DEFAULT_ADDRESS = "127.0.0.1:9468"
 #: From 1 ms (an empty incremental pass) to 30 s (a full sync of a large host).
 _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: Values of :attr:`AgentStatus.enforcing`.
+ENFORCING_STATES = ("none", "previous", "closed", "ruleset")
 
 
 class AgentMetrics(LoopObserver):
@@ -68,6 +74,7 @@ class AgentMetrics(LoopObserver):
         self.server: Any = None
         self._define_counters()
         self._define_gauges()
+        self._drift_seen = 0
 
     def _define_counters(self) -> None:
         reg = self.registry
@@ -109,6 +116,14 @@ class AgentMetrics(LoopObserver):
         self.last_sync = Gauge(
             PREFIX + "last_sync_timestamp_seconds", "Unix time of the last successful pass.",
             registry=reg)
+        self.isolated_ports = Gauge(
+            PREFIX + "isolated_ports",
+            "Ports left closed because the backend cannot express them.", registry=reg)
+        self.enforcing = Gauge(
+            PREFIX + "enforcing",
+            "1 for what the kernel holds: none (taps unfiltered), previous (an earlier "
+            "agent's ruleset), closed (every tap dropped) or ruleset (this agent's).",
+            ["state"], registry=reg)
 
     # ---- LoopObserver
 
@@ -120,8 +135,6 @@ class AgentMetrics(LoopObserver):
         if result.commands:
             self.transactions.inc()
             self.commands.inc(result.commands)
-        if result.drift is not None:
-            self.drift_repairs.inc()
 
     def on_failure(self, reason: str) -> None:
         """Count a failed pass (``reason``: store, backend or internal)."""
@@ -137,6 +150,12 @@ class AgentMetrics(LoopObserver):
         self.ports.set(status.ports)
         self.set_elements.set(status.set_elements or 0)
         self.unknown_taps.set(len(status.unknown_taps or ()))
+        self.isolated_ports.set(len(status.isolated_ports))
+        for state in ENFORCING_STATES:
+            self.enforcing.labels(state).set(1 if status.enforcing == state else 0)
+        # Repairs by a pass and by the kernel guard (br_netfilter) alike.
+        self.drift_repairs.inc(max(0, status.drift_repairs - self._drift_seen))
+        self._drift_seen = max(self._drift_seen, status.drift_repairs)
         if status.revision is not None:
             self.applied_revision.set(status.revision)
         if status.store_revision is not None:
