@@ -320,7 +320,12 @@ def test_base_chains_fail_closed_and_leave_other_traffic_alone() -> None:
         ("inet", "forward-ingress"): Hook("filter", "forward", 0, "accept"),
         ("inet", "input-egress"): Hook("filter", "input", 0, "accept"),
         ("arp", "arp-input"): Hook("filter", "input", 0, "accept"),
+        # a tap that is a bridge port is closed on a routed host (wrong topology)
+        ("bridge", "from-tap"): Hook("filter", "prerouting", -200, "accept"),
+        ("bridge", "to-tap"): Hook("filter", "postrouting", -200, "accept"),
     }
+    assert chain_rules(ruleset, "from-tap") == ['iifname "tap*" drop']
+    assert chain_rules(ruleset, "to-tap") == ['oifname "tap*" drop']
     assert chain_rules(ruleset, "forward-ingress") == [
         'oifname != "tap*" accept', "oifname vmap @ingress_ports", 'oifname "tap*" drop']
     for name in ("forward-egress", "input-egress"):
@@ -489,14 +494,14 @@ def test_json_batch_holds_the_same_objects_as_the_text() -> None:
     ruleset = render(small())
     batch = to_nft_json(ruleset)
     commands = batch["nftables"]
-    for family, at in (("inet", 0), ("arp", 3)):
+    for family, at in (("inet", 0), ("arp", 3), ("bridge", 6)):
         table = {"table": {"family": family, "name": "secfw"}}
         assert commands[at:at + 3] == [{"add": table}, {"delete": table}, {"add": table}]
-    kinds = [next(iter(c["add"])) for c in commands[6:]]
+    kinds = [next(iter(c["add"])) for c in commands[9:]]
     # Chains first (map verdicts name them), then sets and maps, then rules.
     assert kinds == sorted(kinds, key=["chain", "map", "set", "rule"].index)
     text = to_nft_text(ruleset)
-    for cmd in commands[6:]:
+    for cmd in commands[9:]:
         kind, body = next(iter(cmd["add"].items()))
         assert (f'comment "{body["comment"]}"' if kind == "rule"
                 else f"{kind} {body['name']} {{") in text
@@ -614,7 +619,7 @@ def plan_between(before: HostFilter, after: HostFilter) -> Transaction:
 
 def test_plan_from_nothing_replaces_the_whole_table() -> None:
     tx = plan(None, render(small()))
-    assert tx.full and tx.count == 8 and not tx.empty
+    assert tx.full and tx.count == 9 and not tx.empty
     assert tx.commands[:6] == ("add table inet secfw", "delete table inet secfw",
                                "add table arp secfw", "delete table arp secfw",
                                "add table bridge secfw", "delete table bridge secfw")
@@ -806,10 +811,15 @@ def test_bridged_host_uses_a_bridge_table_and_marks_instead_of_interface_names()
     swapped = {m: int.from_bytes(m.to_bytes(4, "little"), "big")
                for m in (*marks.values(), *ingress.values())}
     assert all(m == s for m, s in swapped.items())  # byte order cannot change them
-    # The inet table keys every port by mark; no interface name is left in it.
-    assert chain_rules(ruleset, "forward-egress") == ["meta mark vmap @egress_ports"]
-    assert chain_rules(ruleset, "postrouting-ingress") == ["meta mark vmap @ingress_ports"]
-    assert chain_rules(ruleset, "input-egress") == ["meta mark vmap @egress_ports"]
+    # The inet table keys every port by mark.
+    # A tap seen as an IP interface is not a bridge port (wrong topology, not yet
+    # plugged): dropped, where the routed layout would have dispatched it.
+    assert chain_rules(ruleset, "forward-egress") == [
+        "meta mark vmap @egress_ports", 'iifname "tap*" drop']
+    assert chain_rules(ruleset, "postrouting-ingress") == [
+        "meta mark vmap @ingress_ports", 'oifname "tap*" drop']
+    assert chain_rules(ruleset, "input-egress") == [
+        "meta mark vmap @egress_ports", 'iifname "tap*" drop']
     assert "forward-ingress" not in {c.name for c in ruleset.chains}
     inet_sets = [s for s in ruleset.sets if s.family == "inet"]
     assert all("ifname" not in s.key_type for s in inet_sets)

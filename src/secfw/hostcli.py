@@ -258,7 +258,7 @@ def _run_loop(
 def _start_link_watcher(loop: AgentLoop) -> LinkWatcher | None:
     """Follow tap events into the loop; without netlink the agent still works
     (resync and store triggers), so a failure is logged, not fatal."""
-    watcher = LinkWatcher(loop.link_changed)
+    watcher = LinkWatcher(loop.link_changed, on_move=loop.link_moved)
     try:
         watcher.start()
     except OSError as exc:

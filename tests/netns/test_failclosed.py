@@ -191,3 +191,61 @@ def test_br_netfilter_switched_off_is_switched_on_at_once(env: Any, agents: Any)
 def _sysctl(env: Any, key: str) -> str:
     return str(env.helpers.run("ip", "netns", "exec", env.lab.host_ns, "sysctl", "-n",
                                key).stdout.strip())
+
+
+# --------------------------------------------------------------------------- 3, in the kernel
+
+
+@pytest.mark.backends("nftables", reason="iptables sees a bridge port only through "
+                      "br_netfilter, which a routed host need not have: it relies on the "
+                      "agent's topology check (docs/iptables.md)")
+def test_the_wrong_layout_in_the_kernel_closes_the_taps_rather_than_opening_them(
+    env: Any,
+) -> None:
+    """Whatever the agent decides, the kernel fails closed: the routed layout on a
+    bridged host drops the frames of taps that are bridge ports (its bridge
+    table), the bridged layout on a routed host drops packets of taps that are IP
+    interfaces (its inet hooks). Before, both let every instance's traffic through."""
+    from secfw.agent import Reconciler
+    from secfw.backends import get_backend
+    from secfw.config import Config
+
+    web_cloud(env)
+    wrong = "routed" if env.topology == "bridged" else "bridged"
+    store = open_store(env.store_url)
+    try:
+        backend = get_backend("nftables", netns=env.lab.host_ns, topology=wrong)
+        Reconciler(store, env.host, Config(), backend).reconcile(full=True)
+    finally:
+        store.close()
+    assert not cached_tcp(env, EXT, "web", 22) and not cached_tcp(env, EXT, "web", 80)
+    assert not cached_tcp(env, "web", "db", 22) and not cached_tcp(env, EXT, "db", 22)
+
+
+# --------------------------------------------------------------------------- the evidence
+
+
+def test_taps_joining_and_leaving_a_bridge_are_seen(scratch_ns: Any, helpers: Any) -> None:
+    """What the topology check reads: rtnetlink says which taps are bridge ports
+    (``tap_links``), and the link watcher reports a tap joining or leaving a
+    bridge (libvirt plugs a tap after creating it), so the agent checks again."""
+    from secfw.agent.linkwatch import LinkWatcher
+    from secfw.lab import run_in_netns
+    from secfw.netns import tap_links
+
+    ns = scratch_ns()
+    ip = ("ip", "-n", ns, "link")
+    helpers.run(*ip, "add", "sfwbr0", "type", "bridge")
+    helpers.run(*ip, "add", "tapmove", "type", "dummy")
+    assert tap_links(ns) == ({"tapmove": False}, True)
+    moves: list[str] = []
+    watcher = LinkWatcher(lambda _name, _present: None, on_move=moves.append)
+    run_in_netns(ns, watcher.start)
+    try:
+        helpers.run(*ip, "set", "tapmove", "master", "sfwbr0")
+        poll(lambda: moves == ["tapmove"], "the move into the bridge reported")
+        assert tap_links(ns) == ({"tapmove": True}, True)
+        helpers.run(*ip, "set", "tapmove", "nomaster")
+        poll(lambda: moves == ["tapmove", "tapmove"], "the move out reported")
+    finally:
+        watcher.stop()

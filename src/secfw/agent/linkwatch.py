@@ -45,6 +45,8 @@ _RCVBUF = 4 << 20  # room for the burst of events of many taps created at once
 _RECV = 1 << 16
 
 OnChange = Callable[[str, bool], None]
+#: Called with a tap's name when it joins or leaves a bridge (its IFLA_MASTER changed).
+OnMove = Callable[[str], None]
 
 
 class LinkWatcher:
@@ -56,10 +58,13 @@ class LinkWatcher:
     watcher's thread; :meth:`stop` ends the thread and closes the socket.
     """
 
-    def __init__(self, on_change: OnChange, prefix: str = TAP_PREFIX) -> None:
+    def __init__(self, on_change: OnChange, prefix: str = TAP_PREFIX,
+                 on_move: OnMove | None = None) -> None:
         self._on_change = on_change
+        self._on_move = on_move
         self._prefix = prefix
         self._names: dict[int, str] = {}  # ifindex -> name, every link
+        self._masters: dict[int, int] = {}  # ifindex -> IFLA_MASTER (0: none), every link
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -123,14 +128,22 @@ class LinkWatcher:
             event = message.get("event")
             index = int(message["index"])
             if event == "RTM_NEWLINK":
-                self._update({index: str(message.get_attr("IFLA_IFNAME"))}, {index})
+                name = str(message.get_attr("IFLA_IFNAME"))
+                self._moved(index, name, int(message.get_attr("IFLA_MASTER") or 0))
+                self._update({index: name}, {index})
             elif event == "RTM_DELLINK":
+                self._masters.pop(index, None)
                 self._update({}, {index})
 
     def _resync(self, notify: bool) -> None:
         """Replace the link table by a fresh dump (at start and after an overflow)."""
         with IPRoute() as ipr:
-            links = {int(m["index"]): str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()}
+            dump = list(ipr.get_links())
+        links = {int(m["index"]): str(m.get_attr("IFLA_IFNAME")) for m in dump}
+        for message in dump:
+            index = int(message["index"])
+            self._moved(index, links[index], int(message.get_attr("IFLA_MASTER") or 0),
+                        notify=notify)
         if not notify:
             with self._lock:
                 self._names = links
@@ -152,6 +165,19 @@ class LinkWatcher:
             self._notify(name, True)
         for name in sorted(before - after):
             self._notify(name, False)
+
+    def _moved(self, index: int, name: str, master: int, notify: bool = True) -> None:
+        """Record a link's master; report a known tap that joined or left a bridge
+        (the agent then checks its topology: libvirt plugs a tap after creating it)."""
+        before = self._masters.get(index)
+        self._masters[index] = master
+        known = before is not None
+        if notify and known and before != master and name.startswith(self._prefix) \
+                and self._on_move is not None:
+            try:
+                self._on_move(name)
+            except Exception:  # a callback bug must not end the watcher
+                log.exception("link_callback_failed")
 
     def _tap_set(self) -> set[str]:
         return {n for n in self._names.values() if n.startswith(self._prefix)}

@@ -34,11 +34,13 @@ log = logging.getLogger("secfw.agent")
 @dataclass(frozen=True)
 class Trigger:
     """A reason to run a pass. ``kind``: start, store, link, resync, hup, retry or
-    stop; for ``link``, ``name`` is the tap and ``present`` whether it appeared."""
+    stop; for ``link``, ``name`` is the tap, ``present`` whether it appeared and
+    ``moved`` whether it joined or left a bridge instead."""
 
     kind: str
     name: str = ""
     present: bool = True
+    moved: bool = False
 
 
 #: Triggers whose pass must be full: it reopens the store and reads the kernel back.
@@ -311,6 +313,10 @@ class AgentLoop:
         """A tap appeared or disappeared (called from the link watcher's thread)."""
         self.wakeup.notify(Trigger("link", name, present))
 
+    def link_moved(self, name: str) -> None:
+        """A tap joined or left a bridge (called from the link watcher's thread)."""
+        self.wakeup.notify(Trigger("link", name, True, moved=True))
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop after the current pass; SIGHUP: a full pass now.
 
@@ -419,14 +425,15 @@ class AgentLoop:
                 self._pending.add(trigger.kind)
 
     def _link_event(self, trigger: Trigger) -> None:
+        self.reconciler.links_changed()  # the next pass checks the topology
         known = trigger.name in self._known_taps
-        fields: dict[str, Any] = {"tap": trigger.name,
-                                  "event": "appeared" if trigger.present else "gone",
-                                  "known": known}
+        event = "moved" if trigger.moved else "appeared" if trigger.present else "gone"
+        fields: dict[str, Any] = {"tap": trigger.name, "event": event, "known": known}
         if trigger.present and not known:
             fields["action"] = "dropped until its port is known"
         log_event(log, logging.INFO, "link", **fields)
-        self._notify("on_link", trigger.present)
+        if not trigger.moved:
+            self._notify("on_link", trigger.present)
         self._pending.add("link")
 
     def _attempt(self) -> None:

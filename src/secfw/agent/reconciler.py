@@ -161,6 +161,7 @@ class Reconciler:
         self.config = config
         self.backend = backend
         self.topology = topology
+        self._links_changed = True
         #: Ports left closed because the backend cannot express them.
         self.isolation = Isolation()
         self.cloud: CloudState | None = None
@@ -200,8 +201,10 @@ class Reconciler:
         next pass is full.
         """
         started = time.perf_counter()
-        self.check_topology()
         full = full or not self._committed_valid or self.cloud is None
+        if full or self._links_changed:
+            self.check_topology()  # may switch the backend: then the pass is full
+            full = full or not self._committed_valid
         try:
             cloud, replaced = self._load_cloud(full)
             with collector_paused():
@@ -237,20 +240,26 @@ class Reconciler:
         finally:
             self.invalidate()
 
+    def links_changed(self) -> None:
+        """A tap appeared, went or changed its bridge: the next pass checks the
+        topology again (otherwise only full passes do: a dump of every link)."""
+        self._links_changed = True
+
     def check_topology(self) -> None:
         """Check the host's taps against the configured topology (a no-op without
         a :class:`TopologyGuard`). ``auto`` switches the backend to what the taps
-        show (the next pass is full); a contradiction closes the taps with the
+        show (the pass is then full); a contradiction closes the taps with the
         layout of the topology they really have, then raises TopologyError."""
         guard = self.topology
         if guard is None:
             return
+        current = getattr(self.backend, "topology", None)
         try:
-            wanted = decide(guard.configured, guard.probe())
+            wanted = decide(guard.configured, guard.probe(), current)
         except TopologyError as exc:
             self._close_for(exc.actual)
             raise
-        current = getattr(self.backend, "topology", None)
+        self._links_changed = False
         if wanted != current:
             log_event(log, logging.WARNING, "topology", configured=guard.configured,
                       previous=current, now=wanted)

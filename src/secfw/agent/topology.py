@@ -1,20 +1,26 @@
 """Which topology the host really has, checked against the one configured.
 
 The layouts differ in how a packet is tied to its port: by interface name on a
-routed host, by the bridge table's mark on a bridged one. Each layout's
-``iifname != "tap*" accept`` / unmarked-packet rules let everything else
-through — so the *wrong* layout lets every instance's traffic through (a bridged
-tap's IP traffic reaches the inet hooks with the bridge as its interface). The
-agent therefore looks at the taps themselves before every pass: a tap enslaved
-to a Linux bridge means bridged, a tap with no bridge master means routed.
+routed host, by the bridge table's mark on a bridged one. The *wrong* layout
+must never let a tap's traffic through: each layout drops the other kind of tap
+in the kernel (nftables: the routed layout's bridge table drops frames of taps
+that are bridge ports, the bridged layout's inet hooks drop packets that enter
+or leave by a tap as an IP interface). On top of that the agent looks at the
+taps before full passes and after link events: a tap enslaved to a Linux
+bridge is certain evidence of a bridged host; a tap with no master is a routed
+tap — or a bridged host's tap that the hypervisor has not plugged into its
+bridge yet (libvirt creates the tap, then enslaves it).
 
-* ``auto`` (the default): follow what the taps show; with no tap yet, bridged
-  when the namespace holds a bridge (nova-network creates its bridges before any
-  instance), else routed.
-* ``routed`` / ``bridged``: refuse taps that contradict it (:class:`TopologyError`,
-  whose ``actual`` tells the agent which closed filter really closes them).
-
-A host whose taps show both is refused in every mode: one host, one layout.
+* ``auto`` (the default): bridged as soon as any tap is a bridge port (unplugged
+  taps beside them are being plugged); routed when there are taps and none is;
+  with no tap, the current choice, or at start bridged when the namespace holds
+  a bridge (nova-network creates its bridges before any instance), else routed.
+* ``routed``: a tap that is a bridge port contradicts it — :class:`TopologyError`
+  (``actual`` bridged: the layout whose closed filter really closes the taps).
+* ``bridged``: taps without a master contradict it only when the namespace has
+  no bridge at all (they cannot be waiting to be plugged) — TopologyError with
+  ``actual`` routed. Otherwise they are dropped by the bridged layout until
+  they are plugged.
 """
 
 from __future__ import annotations
@@ -44,33 +50,27 @@ class TapLayout:
         return cls(tuple(sorted(t for t, b in taps.items() if b)),
                    tuple(sorted(t for t, b in taps.items() if not b)), has_bridge)
 
-    @property
-    def shown(self) -> str | None:
-        """The topology the taps show; None when there is no tap (or both kinds)."""
-        if self.bridged and not self.routed:
-            return "bridged"
-        if self.routed and not self.bridged:
-            return "routed"
-        return None
 
-
-def decide(configured: str, layout: TapLayout) -> str:
+def decide(configured: str, layout: TapLayout, current: str | None = None) -> str:
     """The topology to program for ``configured`` (``auto``, ``routed`` or
-    ``bridged``) given what the namespace shows; TopologyError when they clash."""
-    if layout.bridged and layout.routed:
-        raise TopologyError(
-            f"taps {_few(layout.bridged)} are bridge ports but {_few(layout.routed)} are "
-            "not: one host must have one topology", actual=None)
-    shown = layout.shown
+    ``bridged``) given what the namespace shows and the topology programmed now
+    (None at start); TopologyError when they clash (module docstring)."""
     if configured == AUTO:
-        return shown or ("bridged" if layout.has_bridge else "routed")
-    if shown is None or shown == configured:
-        return configured
-    which = layout.bridged if shown == "bridged" else layout.routed
-    kind = "are bridge ports" if shown == "bridged" else "are not bridge ports"
-    raise TopologyError(
-        f"--topology {configured}, but taps {_few(which)} {kind}: this host is {shown} "
-        f"(use --topology {shown} or auto); taps stay closed", actual=shown)
+        if layout.bridged:
+            return "bridged"
+        if layout.routed:
+            return "routed"
+        return current or ("bridged" if layout.has_bridge else "routed")
+    if configured == "routed" and layout.bridged:
+        raise TopologyError(
+            f"--topology routed, but taps {_few(layout.bridged)} are bridge ports: this host "
+            "is bridged (use --topology bridged or auto); taps stay closed", actual="bridged")
+    if configured == "bridged" and layout.routed and not layout.has_bridge:
+        raise TopologyError(
+            f"--topology bridged, but taps {_few(layout.routed)} are not bridge ports and "
+            "there is no bridge: this host is routed (use --topology routed or auto); "
+            "taps stay closed", actual="routed")
+    return configured
 
 
 def _few(taps: tuple[str, ...]) -> str:

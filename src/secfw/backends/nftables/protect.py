@@ -303,10 +303,29 @@ def layer2_sets(ports: Sequence[PortPolicy], ident: PortIdentity) -> list[NamedS
 
 
 def layer2_chains(ident: PortIdentity) -> list[Chain]:
-    """The chains of the layer-2 table (see :func:`layer2_sets`)."""
+    """The chains of the layer-2 tables (see :func:`layer2_sets`); a routed host
+    also gets :func:`bridged_taps_closed`."""
     if ident.topology == "bridged":
         return bridge_chains()
-    return [arp_input()]
+    return [arp_input(), *bridged_taps_closed()]
+
+
+def bridged_taps_closed() -> list[Chain]:
+    """On a routed host, a ``bridge secfw`` table that drops every frame from or to
+    a tap that is a bridge port.
+
+    Routed taps are never bridge ports, so this touches none of their traffic;
+    it makes the routed layout fail *closed* on a tap that is (a wrong topology,
+    a host half converted): bridged IP reaches the inet hooks with the bridge as
+    its interface, where the routed layout's ``iifname != "tap*" accept`` would
+    let it through. The agent refuses such a host too (secfw.agent.topology);
+    this holds in the kernel while it does.
+    """
+    iifname, oifname = Meta("iifname"), Meta("oifname")
+    return [Chain(FROM_TAP, FROM_TAP_HOOK, (make_rule((Match(iifname, TAP_WILDCARD), DROP)),),
+                  family=BRIDGE_FAMILY),
+            Chain(TO_TAP, TO_TAP_HOOK, (make_rule((Match(oifname, TAP_WILDCARD), DROP)),),
+                  family=BRIDGE_FAMILY)]
 
 
 def arp_sets(ports: Sequence[PortPolicy], ident: PortIdentity, family: str) -> list[NamedSet]:

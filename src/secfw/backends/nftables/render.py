@@ -604,17 +604,22 @@ def _base_chains(ident: PortIdentity) -> list[Chain]:
     about the host's own traffic, then dispatches by tap; a tap secfw does not
     know is dropped (fail closed). Bridged: they dispatch by the mark the bridge
     table set (a frame without one of secfw's marks is not a tap's and passes);
-    the bridge table already dropped frames of unknown taps.
+    the bridge table already dropped frames of unknown taps. A packet that
+    enters or leaves by a tap *as an IP interface* on a bridged host — a tap that
+    is not a bridge port (not plugged yet, or a wrong topology) — is dropped:
+    bridged frames carry the bridge's name here, never a tap's.
     """
     if ident.topology == "bridged":
         mark = Meta("mark")
+        iif_drop = make_rule((Match(Meta("iifname"), TAP_WILDCARD), DROP))
+        oif_drop = make_rule((Match(Meta("oifname"), TAP_WILDCARD), DROP))
         return [
             Chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK,
-                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)),)),
+                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
             Chain(POSTROUTING_INGRESS, POSTROUTING_INGRESS_HOOK,
-                  (make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)),)),
+                  (make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)), oif_drop)),
             Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK,
-                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)),)),
+                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
         ]
     return [
         _base_chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK, "iifname", EGRESS_PORTS),
