@@ -25,14 +25,19 @@ Not emulated: the seccomp filters (``RestrictAddressFamilies=``, ``RestrictNames
 
 The agent then runs ``--once`` in the lab's host namespace for each backend and
 topology, and for iptables also with the legacy variant, and real packets judge
-the filter it installed. On a bridged host br_netfilter's switches start off (as
-some distributions ship them), so the agent has to write them.
+the filter it installed; the daemon runs too, with the unit's environment and a
+``NOTIFY_SOCKET``, and must have its filter in place once it says ``READY=1``.
+On a bridged host br_netfilter's switches start off (as some distributions ship
+them), so the agent has to write them.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,13 +150,25 @@ def sandbox_script(settings: dict[str, list[str]], state_dir: Path) -> str:
     return "\n".join(["set -eu", *steps])
 
 
-def sandboxed_agent(env, unit: Path) -> list[str]:
-    """The command line that runs ``secfw agent --once`` for ``env``'s host as the
-    unit would, in the lab's host namespace."""
+def unit_environment(settings: dict[str, list[str]]) -> dict[str, str]:
+    """The unit's ``Environment=`` variables, except those with specifiers (``%H``:
+    the tests pass ``--host`` instead)."""
+    variables = {}
+    for value in settings.get("Environment", []):
+        for word in shlex.split(value):
+            name, _, setting = word.partition("=")
+            if "%" not in setting:
+                variables[name] = setting
+    return variables
+
+
+def sandboxed_agent(env, unit: Path, *args: str) -> list[str]:
+    """The command line that runs ``secfw agent ARGS`` for ``env``'s host as the
+    unit would, in the lab's host namespace (environment: :func:`unit_environment`)."""
     settings = service_settings(unit.read_text())
     store_dir = Path(env.store_url.removeprefix("sqlite:///")).parent
     agent = [env.helpers.secfw_command(), "--store", env.store_url, "agent", "--host",
-             env.host, *env.agent_args, "--once"]
+             env.host, *env.agent_args, *args]
     return ["ip", "netns", "exec", env.lab.host_ns, "unshare", "--mount",
             "--propagation", "private", "sh", "-c", sandbox_script(settings, store_dir),
             "sandbox", *agent]
@@ -197,8 +214,8 @@ def run_under_unit(env, unit: Path = UNIT) -> None:
     assert env.tcp(EXT, "web", 22), "the lab alone must let tcp/22 in (else no proof)"
     if env.topology == "bridged":
         bridge_netfilter_off(env)
-    done = env.helpers.run(*sandboxed_agent(env, unit), check=False,
-                           env={"SECFW_STATE_DIR": "/run/secfw"})
+    done = env.helpers.run(*sandboxed_agent(env, unit, "--once"), check=False,
+                           env=unit_environment(service_settings(unit.read_text())))
     assert done.returncode == 0, f"agent failed under the unit's sandbox: {done.stderr}"
     assert "msg=sync " in done.stderr, done.stderr
     if env.topology == "bridged":
@@ -230,3 +247,51 @@ def test_iptables_legacy_filters_with_exactly_the_units_privileges(env):
         "-j", "RETURN")
     run_under_unit(env)
     assert env.iptables_variant() == "legacy"
+
+
+def wait_for_ready(notify: socket.socket, most: int = 100) -> None:
+    """Read sd_notify datagrams until one says ``READY=1`` (at most ``most``; each
+    wait is bounded by the socket's timeout)."""
+    for _ in range(most):
+        try:
+            message = notify.recv(4096).decode()
+        except TimeoutError:
+            raise AssertionError("no READY=1 before the socket timed out") from None
+        if "READY=1" in message.splitlines():
+            return
+    raise AssertionError(f"no READY=1 in {most} notifications")
+
+
+def test_agent_daemon_is_ready_only_with_the_filter_in_place(env, tmp_path):
+    """The daemon itself (not ``--once``) under the unit: by its ``READY=1`` (which
+    releases the units ordered after it) the filter is in place, and SIGTERM ends
+    it with status 0 and no error logged: its status reports go to the read-only
+    /run's ``RuntimeDirectory``, metrics (the unit's address) and link events work
+    with the unit's capabilities."""
+    web_instance(env)
+    if env.topology == "bridged":
+        bridge_netfilter_off(env)
+    notify_path = tmp_path / "notify"
+    log_path = tmp_path / "agent.log"
+    settings = service_settings(UNIT.read_text())
+    environment = {**os.environ, **unit_environment(settings),
+                   "NOTIFY_SOCKET": str(notify_path)}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, \
+            log_path.open("w") as log:
+        notify.bind(str(notify_path))
+        notify.settimeout(60)  # a bound on a hang, not a measurement
+        agent = subprocess.Popen(sandboxed_agent(env, UNIT), stdout=subprocess.DEVNULL,
+                                 stderr=log, env=environment)
+        try:
+            wait_for_ready(notify)
+            assert env.tcp(EXT, "web", 80)
+            assert not env.tcp(EXT, "web", 22)
+            agent.send_signal(signal.SIGTERM)
+            assert agent.wait(timeout=60) == 0, log_path.read_text()
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(timeout=10)
+    lines = log_path.read_text().splitlines()
+    assert not [line for line in lines if "level=error" in line], lines
+    assert any("msg=started" in line and "metrics=127.0.0.1:" in line for line in lines), lines
