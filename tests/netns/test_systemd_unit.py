@@ -41,6 +41,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -276,22 +277,45 @@ def test_iptables_legacy_filters_with_exactly_the_units_privileges(env):
     assert env.iptables_variant() == "legacy"
 
 
-def wait_for_ready(notify: socket.socket, most: int = 100) -> None:
-    """Read sd_notify datagrams until one says ``READY=1`` (at most ``most``; each
-    wait is bounded by the socket's timeout)."""
-    for _ in range(most):
+def forget_neighbours(env) -> None:
+    """Flush the neighbour caches of the lab's namespaces on the path to ``web``.
+
+    While the closed filter held, ARP to and from the instance was dropped: the
+    entries are left INCOMPLETE/FAILED, and the kernel sends its next request only
+    after the retransmit time (1 s, ip-neighbour(8)), longer than a probe waits. A
+    flush makes the next packet resolve at once, so the probe sees the filter only.
+    """
+    namespaces = {env.lab.host_ns, env.lab.external_ns, env.ns("web")}
+    if env.topology == "bridged":
+        namespaces.add(env.lab.router_ns)
+    for ns in sorted(namespaces):
+        env.helpers.run("ip", "-n", ns, "neigh", "flush", "all")
+
+
+def wait_for_notification(notify: socket.socket, line: str, seconds: float = 60.0) -> str:
+    """The first sd_notify datagram with ``line`` in it (a whole line, or a part of a
+    ``STATUS=`` line); AssertionError with what came instead when none arrives
+    within ``seconds`` (a bound on a hang, not a measurement)."""
+    deadline = time.monotonic() + seconds
+    seen: list[str] = []
+    while (left := deadline - time.monotonic()) > 0:
+        notify.settimeout(left)
         try:
             message = notify.recv(4096).decode()
         except TimeoutError:
-            raise AssertionError("no READY=1 before the socket timed out") from None
-        if "READY=1" in message.splitlines():
-            return
-    raise AssertionError(f"no READY=1 in {most} notifications")
+            break
+        if line in message.splitlines() or any(
+                line in status for status in message.splitlines()
+                if status.startswith("STATUS=")):
+            return message
+        seen.append(message)
+    raise AssertionError(f"no {line!r} within {seconds} s; got {seen[-3:]}")
 
 
 def test_agent_daemon_is_ready_only_with_the_filter_in_place(env, tmp_path):
     """The daemon itself (not ``--once``) under the unit: by its ``READY=1`` (which
-    releases the units ordered after it) the filter is in place, and SIGTERM ends
+    releases the units ordered after it) disallowed traffic is dropped, its first
+    pass then puts the groups' ruleset in place, and SIGTERM ends
     it with status 0 and no error logged: its status reports go to the read-only
     /run's ``RuntimeDirectory``, metrics (the unit's address) and link events work
     with the unit's capabilities."""
@@ -306,11 +330,15 @@ def test_agent_daemon_is_ready_only_with_the_filter_in_place(env, tmp_path):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, \
             log_path.open("w") as log:
         notify.bind(str(notify_path))
-        notify.settimeout(60)  # a bound on a hang, not a measurement
         agent = subprocess.Popen(sandboxed_agent(env, UNIT), stdout=subprocess.DEVNULL,
                                  stderr=log, env=environment)
         try:
-            wait_for_ready(notify)
+            # READY=1 (units ordered after it start now): never while taps could
+            # still be reached unfiltered — the closed filter or a ruleset is in place
+            wait_for_notification(notify, "READY=1")
+            assert not env.tcp(EXT, "web", 22)
+            wait_for_notification(notify, "kernel holds ruleset")
+            forget_neighbours(env)
             assert env.tcp(EXT, "web", 80)
             assert not env.tcp(EXT, "web", 22)
             agent.send_signal(signal.SIGTERM)
