@@ -3,13 +3,15 @@
 ``packaging/secfw-agent.service`` runs the agent as root with a capability bounding
 set, ``ProtectSystem=strict`` (every mount read-only but the unit's writable paths)
 and ``ProtectKernelTunables=yes`` (``/proc/sys`` and ``/sys`` read-only). PID 1 here
-is not systemd, so :func:`sandboxed` rebuilds that environment for one command,
+is not systemd, so :func:`sandbox_script` rebuilds that environment for one command,
 from the settings parsed out of the unit file itself:
 
 * a private mount namespace (``unshare --mount``, private propagation: nothing
   leaks to the host) with a fresh tmpfs on ``/run``, as on a booted host, where
   nothing has created ``/run/xtables.lock`` yet;
 * the unit's ``ExecStartPre=+…`` commands, which systemd runs outside the sandbox;
+* ``PrivateDevices=yes``: a ``/dev`` with only the pseudo devices (null, zero, full,
+  random, urandom, tty), ``shm`` and ``pts``;
 * every mount remounted read-only except ``/proc`` and ``/dev`` (``ProtectSystem=
   strict`` leaves those API trees to other options), ``/proc/sys`` made read-only
   (``ProtectKernelTunables=yes``), then ``ReadWritePaths=``, ``RuntimeDirectory=``
@@ -19,9 +21,6 @@ from the settings parsed out of the unit file itself:
   unit sets no ``User=``), so after ``execve`` its permitted and effective sets are
   exactly the bounding set (capabilities(7), "Transformation of capabilities during
   execve()"), as under systemd.
-
-* ``PrivateDevices=yes``: a ``/dev`` with only the pseudo devices (null, zero, full,
-  random, urandom, tty), ``shm`` and ``pts``.
 
 Not emulated: the seccomp filters (``RestrictAddressFamilies=``, ``RestrictNamespaces=``,
 …), ``PrivateTmp=`` and ``ProtectHome=``.
@@ -147,6 +146,7 @@ def sandbox_script(settings: dict[str, list[str]], state_dir: Path) -> str:
     in the mount namespace it runs in, then execs ``setpriv … "$@"``."""
     assert settings.get("ProtectSystem") == ["strict"], settings.get("ProtectSystem")
     assert settings.get("ProtectKernelTunables") == ["yes"]
+    assert "User" not in settings, "the emulation runs the agent as root, as the unit does"
     runtime = [f"/run/{name}" for value in settings.get("RuntimeDirectory", [])
                for name in value.split()]
     steps = ["mount -t tmpfs -o mode=0755,nosuid,nodev secfw-run /run"]
@@ -252,7 +252,7 @@ def run_under_unit(env, unit: Path = UNIT) -> None:
 
 
 def test_agent_filters_with_exactly_the_units_privileges(env):
-    """Each backend × topology (iptables: the default, nft, variant): the agent run
+    """Each backend × topology (iptables: the system's default variant): the agent run
     with the unit's capabilities and read-only file system installs a filter that
     passes allowed and drops disallowed traffic."""
     web_instance(env)
