@@ -204,13 +204,6 @@ def sandboxed_agent(env, unit: Path, *args: str) -> list[str]:
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture
-def env(cloud, helpers):
-    """The ``cloud`` fixture with the conftest helpers attached."""
-    cloud.helpers = helpers
-    return cloud
-
-
 def web_instance(env) -> None:
     """One instance, ``web``, whose only group allows tcp/80 from anywhere; the lab
     is brought up without any agent (then nothing filters)."""
