@@ -216,8 +216,8 @@ def test_chain_deleted_with_its_map_element_in_one_transaction(
 
 def test_both_tables_are_ours_and_go_together(ns: str, executor: NftablesExecutor) -> None:
     sync(executor, everything())
-    assert nft(ns, "list", "tables").split() == [
-        "table", "inet", "secfw", "table", "arp", "secfw"]
+    assert nft(ns, "list", "tables").split() == [  # bridge: closes bridge-port taps
+        "table", "inet", "secfw", "table", "arp", "secfw", "table", "bridge", "secfw"]
     nft(ns, "delete", "table", "arp", "secfw")
     tx = plan(executor.read_state(), render(everything()))
     assert tx.full  # a table missing: both are rewritten in one batch
