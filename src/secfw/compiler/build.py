@@ -5,15 +5,24 @@
 
 * a :class:`PortPolicy` per port: its MAC and addresses (IPv4, IPv6, allowed
   address pairs — what anti-spoofing lets it send from), its port-security
-  switch, the subnets it may talk to freely, and the group chains of its
-  instance's security groups in the instance's order;
+  switch, the same-net sets it accepts sources from, and the group chains of
+  its instance's security groups in the instance's order;
 * one :class:`GroupChain` per (group, direction) used by a port on this host,
   shared by all of them — compiled size grows with ports + rules, never with
   ports × rules. Every group used here has an ingress chain; only groups with
   at least one egress rule have an egress chain;
 * one :class:`AddressSet` per (source group, family) referenced by those chains,
   holding the addresses of every port (on any host) of the group's members,
-  their allowed address pairs of that family included (as Neutron does).
+  their allowed address pairs of that family included (as Neutron does);
+* with ``allow_same_net``, one *same-net* :class:`AddressSet` per (network,
+  family) of a protected port here: the addresses of every port of the network,
+  on any host, pairs included, clipped to the network's subnet.
+
+Same-net means "from the network's ports", not "from the network's CIDR"
+(README, "Semantics"): a port's addresses are anti-spoofed on its own host, so
+these sources are what the network's instances really send from, while any
+other in-subnet source — a packet the uplink delivers with a forged address —
+is left to the security groups. nova-network accepted the whole CIDR.
 
 Egress default (README, "Semantics decisions"): a port whose groups have no
 egress rule at all keeps egress open (``egress_open``, nova-network); otherwise
@@ -47,6 +56,8 @@ from secfw.compiler.ir import (
 from secfw.model import PORT_PROTOCOLS, Instance, Port, Rule, canonical_remote, protocol_number
 
 ICMP_PROTOCOLS = frozenset({1, 58})
+SAME_NET_PREFIX = "net-"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PORT_PROTOCOL_NUMBERS = frozenset(protocol_number(p) for p in PORT_PROTOCOLS)
 
 
@@ -58,6 +69,11 @@ def chain_name(group_id: str, direction: IRDirection) -> str:
 def set_name(group_id: str, family: str = "ipv4") -> str:
     """The IR name of a source group's address set: ``sg-<group id>-v4`` or ``-v6``."""
     return f"sg-{group_id}-{'v4' if family == 'ipv4' else 'v6'}"
+
+
+def same_net_set_name(network_id: str, family: str = "ipv4") -> str:
+    """The IR name of a network's same-net address set: ``net-<network id>-v4`` or ``-v6``."""
+    return f"{SAME_NET_PREFIX}{network_id}-{'v4' if family == 'ipv4' else 'v6'}"
 
 
 def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> HostFilter:
@@ -72,8 +88,9 @@ def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> H
     ]
     chains = [group_chain(state, g, "ingress") for g in group_ids]
     chains += [group_chain(state, g, "egress") for g in sorted(with_egress)]
-    referenced = sorted({r.remote_set for c in chains for r in c.rules if r.remote_set})
-    sets = [address_set(state, name) for name in referenced]
+    referenced = {r.remote_set for c in chains for r in c.rules if r.remote_set}
+    referenced.update(name for p in ports for name in p.same_net_sets)
+    sets = [address_set(state, name) for name in sorted(referenced)]
     return HostFilter(
         host=host,
         ports=tuple(sorted(ports, key=lambda p: p.tap)),
@@ -93,7 +110,8 @@ def port_policy(
 ) -> PortPolicy:
     """The policy of one port; ``with_egress`` are the groups that have an egress rule."""
     network = state.networks[port.network_id]
-    subnets = (network.cidr,) + ((network.cidr6,) if network.cidr6 else ())
+    families = ("ipv4", "ipv6") if network.cidr6 else ("ipv4",)
+    same_net = allow_same_net and port.port_security
     groups = instance.security_groups
     egress = tuple(chain_name(g, "egress") for g in groups if g in with_egress)
     return PortPolicy(
@@ -102,7 +120,7 @@ def port_policy(
         instance_id=instance.id,
         mac=port.mac,
         ipv4=(port.ip,),
-        same_net_cidrs=subnets if allow_same_net else (),
+        same_net_sets=tuple(same_net_set_name(network.id, f) for f in families if same_net),
         ingress_chains=tuple(chain_name(g, "ingress") for g in groups),
         egress_chains=egress,
         egress_open=not egress,
@@ -165,10 +183,13 @@ def _rule_sort_key(rule: IRRule) -> tuple[object, ...]:
 
 
 def address_set(state: CloudState, name: str) -> AddressSet:
-    """The address set ``name`` (see :func:`set_name`): every address, on any host,
-    of the ports of the source group's members."""
-    group_id = name[len("sg-") : -len("-v4")]
+    """The address set ``name``: a source group's (see :func:`set_name`): every
+    address, on any host, of the ports of the group's members; or a network's
+    same-net set (:func:`same_net_set_name`, :func:`same_net_set`)."""
     family: Family = "ipv4" if name.endswith("-v4") else "ipv6"
+    if name.startswith(SAME_NET_PREFIX):
+        return same_net_set(state, name[len(SAME_NET_PREFIX) : -len("-v4")], family)
+    group_id = name[len("sg-") : -len("-v4")]
     addresses = [
         address
         for member in state.group_members(group_id)
@@ -176,6 +197,36 @@ def address_set(state: CloudState, name: str) -> AddressSet:
         for address in port_addresses(port, family)
     ]
     return AddressSet(name, group_id, family, normalise_addresses(addresses))
+
+
+def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressSet:
+    """The same-net set of a network in ``family``: what every port of the network,
+    on any host, may send from (fixed address and allowed address pairs), clipped
+    to the network's subnet of that family — same-net never reaches beyond the
+    subnet, as nova-network's never did. A port joining or leaving is one element."""
+    network = state.networks[network_id]
+    text = network.cidr if family == "ipv4" else network.cidr6
+    subnet = ipaddress.ip_network(text) if text else None
+    addresses = [
+        clipped
+        for port in state.ports_on_network(network_id)
+        for address in port_addresses(port, family)
+        if (clipped := _clip(address, subnet)) is not None
+    ]
+    name = same_net_set_name(network_id, family)
+    return AddressSet(name, network_id, family, normalise_addresses(addresses))
+
+
+def _clip(cidr: str, subnet: IPNetwork | None) -> str | None:
+    """The part of ``cidr`` inside ``subnet`` (two CIDRs are nested or disjoint)."""
+    if subnet is None:
+        return None
+    network = ipaddress.ip_network(cidr)
+    if network.version != subnet.version:
+        return None
+    if network.subnet_of(subnet):  # type: ignore[arg-type]
+        return cidr
+    return subnet.with_prefixlen if subnet.subnet_of(network) else None  # type: ignore[arg-type]
 
 
 def port_addresses(port: Port, family: Family) -> list[str]:
