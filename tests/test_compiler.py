@@ -16,9 +16,9 @@ from secfw.compiler.build import (
     same_net_set_name,
     set_name,
 )
-from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.evaluate import Packet, PolicyIndex
 from secfw.compiler.explain import Flow, decide
+from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import AddressPair, IcmpMatch, PortPolicy, PortRange
 from secfw.compiler.sources import link_local, nd_targets, port_sources
 from secfw.config import load_config
