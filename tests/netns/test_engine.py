@@ -296,6 +296,43 @@ def test_same_net_emulated_by_default_group_when_off(cloud):
     assert not cloud.tcp("alpha1", "alpha2", 31337)  # from the flat network: not the subnet
 
 
+def test_same_net_trusts_the_networks_ports_not_its_cidr(cloud):
+    """Issue #12, item 6: with ``allow_same_net_traffic`` on, "the same network"
+    means the addresses of the network's ports (any host, allowed address pairs
+    included), not every address of its CIDR.
+
+    ``vm`` (default group: nothing in) is reached by its same-net peer on this
+    host, and by the address of a port of the network booted on another host (the
+    lab has one host, so that peer's packet is sent from the external namespace
+    with its address, as the uplink would deliver it) and of a peer's address
+    pair. A packet from the uplink with an in-subnet source no port has is
+    dropped: before, it skipped the groups. Deleting the remote peer takes its
+    address out of the set on the next pass.
+    """
+    make_networks(cloud, 1)
+    cloud.boot("vm", [], NET_A)
+    cloud.boot("peer", [], NET_A)
+    remote = cloud.boot("remote", [], NET_A, host="elsewhere")
+    cloud.api.port_update("p", cloud.port("peer").id, allowed_address_pairs=["10.1.0.200"])
+    cloud.sync()
+    remote_ip, spoofed = cloud.ip("remote"), "10.1.0.250"
+    assert remote.host == "elsewhere"
+    assert spoofed not in {p.ip for p in cloud.api.snapshot().ports.values()}
+
+    assert cloud.tcp("peer", "vm", 31337)  # a real same-net peer: not filtered
+    assert cloud.udp("peer", "vm", 53)
+    assert cloud.arrives("vm", "tcp", 31337, src_ip=remote_ip)  # a port on another host
+    assert cloud.arrives("vm", "tcp", 31337, src_ip="10.1.0.200")  # a peer's pair
+    assert not cloud.arrives("vm", "tcp", 31337, src_ip=spoofed)  # in the CIDR, no port's
+    assert not cloud.arrives("vm", "udp", 53, src_ip=spoofed)
+    assert not cloud.arrives("vm", "icmp", src_ip=spoofed)
+
+    cloud.api.delete("p", "remote")
+    cloud.sync()
+    assert not cloud.arrives("vm", "tcp", 31337, src_ip=remote_ip)
+    assert cloud.tcp("peer", "vm", 31337)
+
+
 # --------------------------------------------------------------------------- 8
 
 
