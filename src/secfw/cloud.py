@@ -142,10 +142,6 @@ class CloudState:
             (self.ports[p] for p in self.ports_by_instance.get(instance_id, ())), key=lambda p: p.id
         )
 
-    def ports_on_network(self, network_id: str) -> list[Port]:
-        """Every port of the network, on any host, by id (what a same-net set holds)."""
-        return [self.ports[p] for p in sorted(self.ports_by_network.get(network_id, ()))]
-
     def group_members(self, group_id: str) -> list[Instance]:
         """Instances that use the group (what a source-group rule selects)."""
         return [self.instances[i] for i in sorted(self.instances_by_group.get(group_id, ()))]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 import netaddr
 
@@ -57,7 +58,6 @@ from secfw.model import PORT_PROTOCOLS, Instance, Port, Rule, canonical_remote, 
 
 ICMP_PROTOCOLS = frozenset({1, 58})
 SAME_NET_PREFIX = "net-"
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PORT_PROTOCOL_NUMBERS = frozenset(protocol_number(p) for p in PORT_PROTOCOLS)
 
 
@@ -205,28 +205,28 @@ def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressS
     to the network's subnet of that family — same-net never reaches beyond the
     subnet, as nova-network's never did. A port joining or leaving is one element."""
     network = state.networks[network_id]
-    text = network.cidr if family == "ipv4" else network.cidr6
-    subnet = ipaddress.ip_network(text) if text else None
+    subnet = network.cidr if family == "ipv4" else network.cidr6
     addresses = [
         clipped
-        for port in state.ports_on_network(network_id)
-        for address in port_addresses(port, family)
-        if (clipped := _clip(address, subnet)) is not None
+        for port_id in state.ports_by_network.get(network_id, ())  # any order: sorted below
+        for address in port_addresses(state.ports[port_id], family)
+        if subnet and (clipped := _clip(address, subnet)) is not None
     ]
     name = same_net_set_name(network_id, family)
     return AddressSet(name, network_id, family, normalise_addresses(addresses))
 
 
-def _clip(cidr: str, subnet: IPNetwork | None) -> str | None:
-    """The part of ``cidr`` inside ``subnet`` (two CIDRs are nested or disjoint)."""
-    if subnet is None:
+@lru_cache(maxsize=1 << 17)
+def _clip(cidr: str, subnet: str) -> str | None:
+    """The part of ``cidr`` inside ``subnet`` (two CIDRs are nested or disjoint).
+    Cached: a same-net set is recomputed whole when one port of a big network
+    changes, and every other address is the same as the time before."""
+    network, outer = ipaddress.ip_network(cidr), ipaddress.ip_network(subnet)
+    if network.version != outer.version:
         return None
-    network = ipaddress.ip_network(cidr)
-    if network.version != subnet.version:
-        return None
-    if network.subnet_of(subnet):  # type: ignore[arg-type]
+    if network.subnet_of(outer):  # type: ignore[arg-type]
         return cidr
-    return subnet.with_prefixlen if subnet.subnet_of(network) else None  # type: ignore[arg-type]
+    return outer.with_prefixlen if outer.subnet_of(network) else None  # type: ignore[arg-type]
 
 
 def port_addresses(port: Port, family: Family) -> list[str]:
@@ -246,9 +246,13 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
     addresses stay ``/32`` (``/128``) unless a network already covers them, so
     one member joining or leaving is one element added or removed.
     """
+    texts = list(cidrs)
+    single = [key for text in texts if (key := _host_key(text)) is not None]
+    if len(single) == len(texts):  # only single addresses (the usual set): nothing to merge
+        return tuple(key[2] for key in sorted(set(single)))
     hosts: set[netaddr.IPNetwork] = set()
     networks: list[netaddr.IPNetwork] = []
-    for text in cidrs:
+    for text in texts:
         net = netaddr.IPNetwork(text)
         is_host = net.prefixlen == (32 if net.version == 4 else 128)
         (hosts.add(net.cidr) if is_host else networks.append(net.cidr))
@@ -257,3 +261,14 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
     return tuple(
         str(n) for n in sorted([*kept, *merged], key=lambda n: (n.version, n.first, n.last))
     )
+
+
+@lru_cache(maxsize=1 << 17)
+def _host_key(text: str) -> tuple[int, int, str] | None:
+    """(version, address, canonical text) when ``text`` is one address, else None;
+    the text is :func:`normalise_addresses`' own. Cached: big sets are recomputed
+    whole on a change, and their addresses are parsed once."""
+    net = netaddr.IPNetwork(text)
+    if net.prefixlen != (32 if net.version == 4 else 128):
+        return None
+    return net.version, net.first, str(net.cidr)
