@@ -234,8 +234,9 @@ def assign_marks(taps: Iterable[str]) -> dict[str, int]:
 
     Why palindromes: nft 1.0.6 lists some elements of a ``mark . ipv4_addr``
     interval set with the mark byte-swapped (measured at 10k ports: 5 of 10,000
-    ``same_net4`` elements came back swapped, so every full sync rewrote them). A
-    mark that reads the same in both byte orders cannot be misread."""
+    elements of the former ``same_net4`` set came back swapped, so every full sync
+    rewrote them; ``spoof4_nets`` still has mark-led interval keys). A mark that
+    reads the same in both byte orders cannot be misread."""
     unique = sorted(set(taps))
     if len(unique) > MAX_MARKED_TAPS:
         raise BackendError(f"nftables: a bridged host takes at most {MAX_MARKED_TAPS} taps "
