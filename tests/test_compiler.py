@@ -9,13 +9,20 @@ import pytest
 
 from secfw.api import Api
 from secfw.cloud import CloudState
-from secfw.compiler.build import chain_name, compile_host, normalise_addresses, set_name
+from secfw.compiler.build import (
+    chain_name,
+    compile_host,
+    normalise_addresses,
+    same_net_set_name,
+    set_name,
+)
 from secfw.compiler.evaluate import Packet, PolicyIndex
 from secfw.compiler.explain import Flow, decide
+from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import AddressPair, IcmpMatch, PortPolicy, PortRange
 from secfw.compiler.sources import link_local, nd_targets, port_sources
 from secfw.config import load_config
-from secfw.conntrack import Entry, affected_ports, revoked_entries
+from secfw.conntrack import Entry, affected_ports, left_same_net, revoked_entries
 from secfw.errors import ConfigError
 from secfw.store.sqlite import SqliteStore
 
@@ -68,17 +75,130 @@ def test_source_group_set_holds_members_on_every_host(api: Api) -> None:
     state = api.snapshot()
     http = state.group_by_name[("p", "global_http")]
     hf = compile_host(state, "h1")
-    (address_set,) = hf.sets
+    (address_set,) = [s for s in hf.sets if s.name.startswith("sg-")]
     assert address_set.name == set_name(http)
     assert set(address_set.elements) == {f"{ids['ip_web']}/32", f"{ids['ip_elsewhere']}/32"}
 
 
 def test_same_net_follows_the_switch(api: Api) -> None:
     guide_cloud(api)
+    (net,) = api.snapshot().networks
     on = compile_host(api.snapshot(), "h1", allow_same_net=True)
     off = compile_host(api.snapshot(), "h1", allow_same_net=False)
-    assert {p.same_net_cidrs for p in on.ports} == {("10.0.0.0/24",)}
-    assert {p.same_net_cidrs for p in off.ports} == {()}
+    assert {p.same_net_sets for p in on.ports} == {(same_net_set_name(net),)}
+    assert {p.same_net_sets for p in off.ports} == {()}
+    assert not any(s.name.startswith("net-") for s in off.sets)
+
+
+def same_net_cloud(api: Api) -> dict[str, str]:
+    """The guide's cloud plus a VLAN network with one instance on h1, and on the
+    flat network a second remote instance (h2) with address pairs: one inside the
+    subnet, one outside it."""
+    ids = guide_cloud(api)
+    api.net_create("p", "vlan", "10.1.0.0/24", vlan=5)
+    api.boot("p", "other", "m1.tiny", "cirros", "h1", ["cluster"], ["vlan"])
+    peer = api.boot("p", "peer", "m1.tiny", "cirros", "h2", ["cluster"], ["flat"])
+    state = api.snapshot()
+    port = state.ports_of(peer.id)[0]
+    api.port_update("p", port.id, allowed_address_pairs=["10.0.0.128/25", "192.168.7.0/24"])
+    return {**ids, "peer": peer.id, "ip_peer": port.ip, "port_peer": port.id}
+
+
+def test_same_net_set_holds_the_networks_ports_on_every_host_not_its_cidr(api: Api) -> None:
+    """One set per network and family: every port of the network on any host (the
+    remote ``elsewhere`` and ``peer`` included), pairs clipped to the subnet,
+    nothing of another network; the ports of the network name it."""
+    ids = same_net_cloud(api)
+    state = api.snapshot()
+    flat = next(n.id for n in state.networks.values() if n.name == "flat")
+    hf = compile_host(state, "h1")
+    net = next(s for s in hf.sets if s.name == same_net_set_name(flat))
+    hosts = {f"{ids[k]}/32" for k in ("ip_web", "ip_db", "ip_elsewhere", "ip_peer")}
+    assert all(int(h.split(".")[3].split("/")[0]) < 128 for h in hosts)  # not in the pair
+    assert set(net.elements) == hosts | {"10.0.0.128/25"}
+    assert net.owner_id == flat and net.family == "ipv4"
+    web = next(p for p in hf.ports if p.instance_id == ids["web"])
+    assert web.same_net_sets == (same_net_set_name(flat),)
+    vlan_sets = [s for s in hf.sets if s.name.startswith("net-") and s.owner_id != flat]
+    assert len(vlan_sets) == 1 and all(e.startswith("10.1.0.") for e in vlan_sets[0].elements)
+
+
+def test_same_net_pair_covering_the_subnet_is_clipped_to_it(api: Api) -> None:
+    ids = same_net_cloud(api)
+    api.port_update("p", ids["port_peer"], allowed_address_pairs=["0.0.0.0/0"])
+    state = api.snapshot()
+    flat = next(n.id for n in state.networks.values() if n.name == "flat")
+    net = next(s for s in compile_host(state, "h1").sets if s.name == same_net_set_name(flat))
+    assert net.elements == ("10.0.0.0/24",)
+
+
+def test_oracle_same_net_means_a_port_of_the_network_not_an_address_of_it(api: Api) -> None:
+    """From a port of the network (local, remote, an in-subnet pair): same-net.
+    From an in-subnet address no port has, from a pair outside the subnet, from
+    another network: the groups decide (``cluster`` allows only tcp/22 from web)."""
+    ids = same_net_cloud(api)
+    state = api.snapshot()
+    db = ids["ip_db"]
+    for source in (ids["ip_web"], ids["ip_elsewhere"], ids["ip_peer"], "10.0.0.200"):
+        assert decide(state, Flow(source, db, 6, 5555)).reason.startswith("same network")
+    for source in ("10.0.0.99", "192.168.7.1", "10.1.0.2", "203.0.113.1"):
+        assert not decide(state, Flow(source, db, 6, 5555)).allowed, source
+        assert decide(state, Flow(source, db, 6, 5555), allow_same_net=False) == decide(
+            state, Flow(source, db, 6, 5555))
+
+
+def test_ir_evaluator_agrees_with_the_oracle_on_same_net(api: Api) -> None:
+    ids = same_net_cloud(api)
+    state = api.snapshot()
+    index = PolicyIndex(compile_host(state, "h1"))
+    for source in (ids["ip_web"], ids["ip_elsewhere"], ids["ip_peer"], "10.0.0.200",
+                   "10.0.0.99", "192.168.7.1", "10.1.0.2", "203.0.113.1"):
+        for dport in (22, 5555):
+            flow = Flow(source, ids["ip_db"], 6, dport)
+            packet = Packet(flow.src, flow.dst, 6, 40000, dport)
+            assert index.allows(packet) == decide(state, flow).allowed, flow
+
+
+def test_revocation_cuts_same_net_flows_of_a_peer_deleted_on_another_host(api: Api) -> None:
+    """A remote peer deleted: its address leaves the same-net set, and only its
+    connections into the network's ports here are judged again (and cut); the
+    affected addresses are the peer's, not every port of the network."""
+    ids = same_net_cloud(api)
+    api.port_update("p", ids["port_peer"], allowed_address_pairs=[])
+    before = compile_host(api.snapshot(), "h1")
+    from_peer = _entry(ids["ip_peer"], ids["ip_db"], 5555)
+    from_elsewhere = _entry(ids["ip_elsewhere"], ids["ip_db"], 5555)
+    entries = [from_peer, from_elsewhere]
+    assert list(revoked_entries(entries, None, before)) == []
+    api.delete("p", "peer")  # on h2
+    after = compile_host(api.snapshot(), "h1")
+    assert affected_ports(before, after) == []  # no policy of h1 changed
+    assert [str(n) for n in left_same_net(before, after)] == [f"{ids['ip_peer']}/32"]
+    assert list(revoked_entries(entries, before, after)) == [from_peer]
+
+
+def test_incremental_same_net_follows_ports_of_other_hosts(api: Api) -> None:
+    """A port booted, readdressed (pairs) or deleted on h2 changes h1's same-net
+    set of that network, one element at a time, and nothing else of h1."""
+    ids = same_net_cloud(api)
+    state = CloudState.from_snapshot(api.store.load())
+    compiler = HostCompiler("h1")
+    first = compiler.full(state)
+    steps = [
+        lambda: api.boot("p", "late", "m1.tiny", "cirros", "h2", ["cluster"], ["flat"]),
+        lambda: api.port_update("p", ids["port_peer"], allowed_address_pairs=["10.0.0.77"]),
+        lambda: api.delete("p", "late"),
+    ]
+    previous = first
+    for step in steps:
+        step()
+        revision, changes = api.store.changes_since(state.revision)
+        result = compiler.update(state, state.apply_changes(revision, changes))
+        assert result == compile_host(state, "h1")
+        assert result.ports is previous.ports and result.chains is previous.chains
+        changed = [s.name for s in result.sets if s not in previous.sets]
+        assert len(changed) == 1 and changed[0].startswith("net-")
+        previous = result
 
 
 def test_compile_is_deterministic(api: Api) -> None:
@@ -190,7 +310,11 @@ def test_ipv6_addresses_subnets_and_rules(api: Api) -> None:
     web_port = state.ports[ids["port_web"]]
     policy = next(p for p in hf.ports if p.instance_id == ids["web"])
     assert policy.ipv6 == (web_port.ip6,) and web_port.ip6 is not None
-    assert policy.same_net_cidrs == ("10.0.0.0/24", "2001:db8:1::/64")
+    dual = web_port.network_id
+    assert policy.same_net_sets == (same_net_set_name(dual, "ipv4"),
+                                    same_net_set_name(dual, "ipv6"))
+    v6 = next(s for s in hf.sets if s.name == same_net_set_name(dual, "ipv6"))
+    assert f"{web_port.ip6}/128" in v6.elements and v6.family == "ipv6"
     peers = hf.chain(chain_name(state.group_by_name[("p", "peers")], "ingress"))
     assert peers is not None
     web_gid = state.group_by_name[("p", "web")]

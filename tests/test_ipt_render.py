@@ -72,6 +72,13 @@ SSH = "0b0b0b0b-0000-4000-8000-00000000000b"
 WEB_IN, WEB_OUT, SSH_IN = f"sg-{WEB}-in", f"sg-{WEB}-out", f"sg-{SSH}-in"
 WEB_V4, WEB_V6 = f"sg-{WEB}-v4", f"sg-{WEB}-v6"
 TAP_A, TAP_B, TAP_C = "tapaaaaaaaa-aa", "tapbbbbbbbb-bb", "tapcccccccc-cc"
+NET = "0c0c0c0c-0000-4000-8000-00000000000c"
+NET_V4, NET_V6 = f"net-{NET}-v4", f"net-{NET}-v6"
+NET_SETS = (
+    AddressSet(NET_V4, NET, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.100/32",
+                                     "10.0.0.200/32")),
+    AddressSet(NET_V6, NET, "ipv6", ("2001:db8::5/128",)),
+)
 MARK = "0x1000000/0x1000000"
 
 
@@ -80,7 +87,7 @@ def rule(rid: str = "r0000000-x", family: str = "ipv4", **kw: Any) -> IRRule:
 
 
 def port(tap: str, ingress: tuple[str, ...] = (), egress: tuple[str, ...] = (),
-         egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",),
+         egress_open: bool = True, same_net: tuple[str, ...] = (),
          **kw: Any) -> PortPolicy:
     return PortPolicy(tap, f"port-{tap}", f"inst-{tap}", kw.pop("mac", "fa:16:3e:00:00:01"),
                       kw.pop("ipv4", ("10.0.0.5",)), same_net, ingress, egress, egress_open, **kw)
@@ -101,11 +108,11 @@ def small() -> HostFilter:
     ))
     web_v4 = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.9.0.0/16"))
     ports = (
-        port(TAP_A, (WEB_IN, SSH_IN), (WEB_OUT,), egress_open=False),
-        port(TAP_B, (SSH_IN,), mac="fa:16:3e:00:00:02", ipv4=("10.0.0.6",)),
-        port(TAP_C, (), same_net=(), mac="fa:16:3e:00:00:03", ipv4=("10.0.1.7",)),
+        port(TAP_A, (WEB_IN, SSH_IN), (WEB_OUT,), egress_open=False, same_net=(NET_V4,)),
+        port(TAP_B, (SSH_IN,), mac="fa:16:3e:00:00:02", ipv4=("10.0.0.6",), same_net=(NET_V4,)),
+        port(TAP_C, (), mac="fa:16:3e:00:00:03", ipv4=("10.0.1.7",)),
     )
-    return HostFilter("compute1", ports, (ssh_in, web_in, web_out), (web_v4,))
+    return HostFilter("compute1", ports, (ssh_in, web_in, web_out), (web_v4, NET_SETS[0]))
 
 
 def protection() -> HostFilter:
@@ -126,13 +133,13 @@ def protection() -> HostFilter:
              AddressPair("2001:db8:9::/64", "fa:16:3e:00:00:99"))
     ports = (
         port(TAP_A, (WEB_IN,), (WEB_OUT,), egress_open=False, ipv6=("2001:db8::5",),
-             same_net=("10.0.0.0/24", "2001:db8::/64"), allowed_pairs=pairs),
+             same_net=(NET_V4, NET_V6), allowed_pairs=pairs),
         port(TAP_B, (WEB_IN,), (), egress_open=False, mac="FA:16:3E:00:00:02",
-             ipv4=("10.0.0.6",)),
+             ipv4=("10.0.0.6",), same_net=(NET_V4,)),
         port(TAP_C, (WEB_IN,), port_security=False, mac="fa:16:3e:00:00:03",
              ipv4=("10.0.0.7",)),
     )
-    return HostFilter("compute1", ports, (web_in, web_out), sets)
+    return HostFilter("compute1", ports, (web_in, web_out), (*sets, *NET_SETS))
 
 
 def chains(state: IptState, family: str = "ipv4") -> dict[str, tuple[str, ...]]:
@@ -388,13 +395,20 @@ def test_dhcp_nd_router_advertisements_and_conntrack_protections() -> None:
 
 
 def test_same_net_sources_pass_after_the_base_and_before_the_groups() -> None:
+    """The port's same-net set of the family (its network's port addresses, an
+    ipset like a source group's), never the network's CIDR."""
     web = group_chain_name(WEB_IN)
-    for family, nets in (("ipv4", ["10.0.0.0/24"]), ("ipv6", ["2001:db8::/64"])):
-        c = chains(render(protection()), family)
-        name = policy_chain("ingress", [web], nets)
+    for family, net in (("ipv4", NET_V4), ("ipv6", NET_V6)):
+        state = render(protection())
+        c = chains(state, family)
+        name = policy_chain("ingress", [web], [set_name(net)])
         assert [r for r in c[INGRESS] if TAP_A in r] == [f"-o {TAP_A} -g {name}"]
-        assert c[name] == ("-j secfw-ingress-base", f"-s {nets[0]} -g {PASS}", f"-j {web}",
+        assert c[name] == ("-j secfw-ingress-base",
+                           f"-m set --match-set {set_name(net)} src -g {PASS}", f"-j {web}",
                            f"-m mark --mark {MARK} -g {PASS}", "-j DROP")
+        assert state.sets[set_name(net)].family == family
+    with pytest.raises(BackendError, match="unknown same-net set"):
+        render(replace(protection(), sets=protection().sets[:-1]))
 
 
 # --------------------------------------------------------------------------- chains
@@ -429,7 +443,7 @@ def test_group_chains_are_shared_and_per_family() -> None:
 def test_ports_with_the_same_groups_and_network_share_their_policy_chain() -> None:
     state = render(protection())
     ingress = chains(state)[INGRESS]
-    shared = policy_chain("ingress", [group_chain_name(WEB_IN)], ["10.0.0.0/24"])
+    shared = policy_chain("ingress", [group_chain_name(WEB_IN)], [set_name(NET_V4)])
     assert sum(r.endswith(f"-g {shared}") for r in ingress) == 2  # TAP_A and TAP_B
 
 
@@ -487,7 +501,7 @@ def test_large_dispatch_lists_are_split_into_buckets_that_reach_every_tap() -> N
     for tap in taps:
         assert len(_dispatch_rules(state, EGRESS, tap)) == 3  # 0.0.0.0, its address, drop
         assert _dispatch_rules(state, INGRESS, tap) == [
-            f"-o {tap} -g {policy_chain('ingress', [], ['10.0.0.0/24'])}"]
+            f"-o {tap} -g {policy_chain('ingress', [])}"]
     assert _dispatch_rules(state, EGRESS, "tap00000000000") == []  # unknown: the final drop
 
 
@@ -505,7 +519,7 @@ def test_address_sets_are_hash_net_in_ipset_save_form() -> None:
 
 def test_big_sets_get_room_to_grow() -> None:
     many = tuple(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}/32" for i in range(40_000))
-    hf = replace(small(), sets=(AddressSet(WEB_V4, WEB, "ipv4", many),))
+    hf = replace(small(), sets=(AddressSet(WEB_V4, WEB, "ipv4", many), NET_SETS[0]))
     assert render(hf).sets[set_name(WEB_V4)].maxelem == 131072
 
 
@@ -616,7 +630,7 @@ def test_membership_change_is_only_ipset_element_commands() -> None:
     hf = small()
     old = render(hf)
     grown = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.7/32", "10.9.0.0/16"))
-    p = plan(old, render(replace(hf, sets=(grown,))))
+    p = plan(old, render(replace(hf, sets=(grown, NET_SETS[0]))))
     assert p.commands == (f"add {set_name(WEB_V4)} 10.0.0.7", f"del {set_name(WEB_V4)} 10.0.0.6")
     assert p.summary == {"sets": [set_name(WEB_V4)], "elements_added": 1, "elements_deleted": 1}
 
@@ -639,10 +653,12 @@ def test_changed_rule_rewrites_only_its_group_chain() -> None:
 
 def test_new_port_touches_its_dispatch_and_maybe_a_policy_chain() -> None:
     hf = small()
-    new = port("tapdddddddd-dd", (WEB_IN,), mac="fa:16:3e:00:00:04", ipv4=("10.0.0.8",))
+    new = port("tapdddddddd-dd", (WEB_IN,), mac="fa:16:3e:00:00:04", ipv4=("10.0.0.8",),
+               same_net=(NET_V4,))
     p = plan(render(hf), render(replace(hf, ports=(*hf.ports, new))))
     assert set(p.summary["chains"]) == {
-        EGRESS, INGRESS, policy_chain("ingress", [group_chain_name(WEB_IN)], ["10.0.0.0/24"])}
+        EGRESS, INGRESS,
+        policy_chain("ingress", [group_chain_name(WEB_IN)], [set_name(NET_V4)])}
     assert not p.ipset_before and not p.ipset_after
 
 
@@ -651,7 +667,7 @@ def test_removed_group_goes_after_everything_that_refers_to_it() -> None:
     ports = tuple(replace(p, ingress_chains=tuple(c for c in p.ingress_chains if c != SSH_IN))
                   for p in hf.ports)
     chains_ = tuple(c for c in hf.chains if c.name != SSH_IN)
-    p = plan(render(hf), render(HostFilter(hf.host, ports, chains_, ())))
+    p = plan(render(hf), render(HostFilter(hf.host, ports, chains_, NET_SETS[:1])))
     t = p.tables["ipv4"]  # type: ignore[index]
     assert group_chain_name(SSH_IN) in t.removed
     lines = t.lines()
@@ -834,11 +850,12 @@ def test_backend_is_registered_and_plans_like_the_functions() -> None:
     assert backend.plan(backend.committed(hf), hf).empty
     assert backend.describe(backend.plan(None, hf)) == {"replaced": True}
     many = HostFilter("h", tuple(port(f"tap{i:011x}", ipv4=(f"10.1.{i}.1",), same_net=(
-        f"10.1.{i}.0/24",)) for i in range(30)), (), ())
+        f"net-n{i}-v4",)) for i in range(30)), (), tuple(
+            AddressSet(f"net-n{i}-v4", f"n{i}", "ipv4", (f"10.1.{i}.1/32",)) for i in range(30)))
     described = backend.describe(backend.plan(backend.committed(hf), many))
     assert described["replaced"] is False and described["chains_count"] > 20
     assert len(described["chains"]) == 21 and described["chains"][-1] == "…"
-    assert backend.element_count(render(hf)) == 3
+    assert backend.element_count(render(hf)) == 3 + 4  # web's set, the network's
     with pytest.raises(BackendError, match="cannot apply"):
         backend.apply(object())
     with pytest.raises(UnsupportedError):

@@ -52,6 +52,8 @@ WEB = "0a0a0a0a-0000-4000-8000-00000000000a"
 SSH = "0b0b0b0b-0000-4000-8000-00000000000b"
 WEB_IN, WEB_OUT, SSH_IN = f"sg-{WEB}-in", f"sg-{WEB}-out", f"sg-{SSH}-in"
 WEB_V4 = f"sg-{WEB}-v4"
+NET = "0c0c0c0c-0000-4000-8000-00000000000c"
+NET_V4, NET_V6 = f"net-{NET}-v4", f"net-{NET}-v6"
 TAP_A, TAP_B, TAP_C = "tapaaaaaaaa-aa", "tapbbbbbbbb-bb", "tapcccccccc-cc"
 
 
@@ -64,15 +66,16 @@ IPS = {TAP_A: "10.0.0.10", TAP_B: "10.0.0.11", TAP_C: "10.0.0.12"}
 
 
 def port(tap: str, ingress: tuple[str, ...] = (), egress: tuple[str, ...] = (),
-         egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",),
+         egress_open: bool = True, same_net: tuple[str, ...] = (),
          **kw: Any) -> PortPolicy:
     return PortPolicy(tap, f"port-{tap}", f"inst-{tap}", MACS.get(tap, "fa:16:3e:00:00:01"),
                       (IPS.get(tap, "10.0.0.5"),), same_net, ingress, egress, egress_open, **kw)
 
 
 def small() -> HostFilter:
-    """Three ports, two groups (one with an egress chain), one address set; port A
-    has IPv6 and two allowed address pairs, port C has no port security."""
+    """Three ports, two groups (one with an egress chain), one source-group set and
+    a network's same-net sets; port A has IPv6 and two allowed address pairs,
+    port C has no port security."""
     web_in = GroupChain(WEB_IN, WEB, "ingress", (
         rule("a1111111-1", protocol=6, ports=PortRange(80, 80)),
         rule("a2222222-2", protocol=6, ports=PortRange(443, 443)),
@@ -89,11 +92,18 @@ def small() -> HostFilter:
              AddressPair("10.9.9.0/28", "fa:16:3e:00:00:99"))
     ports = (
         port(TAP_A, (WEB_IN,), ipv6=("2001:db8::a",), allowed_pairs=pairs,
-             same_net=("10.0.0.0/24", "2001:db8::/64")),
-        port(TAP_B, (WEB_IN, SSH_IN), (WEB_OUT,), egress_open=False),
-        port(TAP_C, (SSH_IN,), same_net=(), port_security=False),
+             same_net=(NET_V4, NET_V6)),
+        port(TAP_B, (WEB_IN, SSH_IN), (WEB_OUT,), egress_open=False, same_net=(NET_V4,)),
+        port(TAP_C, (SSH_IN,), port_security=False),
     )
-    return HostFilter("h1", ports, (web_in, web_out, ssh_in), (web_v4,))
+    return HostFilter("h1", ports, (web_in, web_out, ssh_in), (web_v4, *NET_SETS))
+
+
+NET_SETS = (
+    AddressSet(NET_V4, NET, "ipv4", ("10.0.0.10/32", "10.0.0.11/32", "10.0.0.12/32",
+                                     "10.0.0.100/32", "10.0.0.200/32")),
+    AddressSet(NET_V6, NET, "ipv6", ("2001:db8::a/128",)),
+)
 
 
 def group_rule_text(ir: IRRule, direction: str = "ingress",
@@ -273,10 +283,12 @@ def test_port_membership_is_data_in_per_group_sets() -> None:
     assert named(ruleset, f"{WEB_IN}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
     assert named(ruleset, f"{SSH_IN}-ports") == [Element((TAP_B,)), Element((TAP_C,))]
     assert named(ruleset, f"{WEB_OUT}-ports") == [Element((TAP_B,))]
+    assert named(ruleset, f"{NET_V4}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
+    assert named(ruleset, f"{NET_V6}-ports") == [Element((TAP_A,))]
     assert chain_rules(ruleset, "ingress-filter") == [
         CT, NOT_SYN, ND_IN,
-        "oifname . ip saddr @same_net4 accept",
-        "oifname . ip6 saddr @same_net6 accept",
+        f"oifname @{NET_V4}-ports ip saddr @{NET_V4} accept",
+        f"oifname @{NET_V6}-ports ip6 saddr @{NET_V6} accept",
         f"oifname @{WEB_IN}-ports jump {WEB_IN}",
         f"oifname @{SSH_IN}-ports jump {SSH_IN}",
         "drop",
@@ -331,7 +343,7 @@ def test_base_chains_fail_closed_and_leave_other_traffic_alone() -> None:
     for name in ("forward-egress", "input-egress"):
         assert chain_rules(ruleset, name) == [
             'iifname != "tap*" accept', "iifname vmap @egress_ports", 'iifname "tap*" drop']
-    assert "same_net4" not in {s.name for s in ruleset.sets}
+    assert not any(s.name.startswith("net-") for s in ruleset.sets)
     assert chain_rules(ruleset, "ingress-filter") == [CT, NOT_SYN, ND_IN, "drop"]
 
 
@@ -429,17 +441,19 @@ def test_bad_macs_are_rejected() -> None:
             render(HostFilter("h", (bad,), (), ()))
 
 
-def test_same_net_networks_are_merged_per_tap_and_per_family() -> None:
-    ports = (
-        port(TAP_A, same_net=("10.0.0.0/25", "10.0.0.128/25", "2001:db8:1::/64")),
-        port(TAP_B, same_net=("10.0.0.0/24", "10.0.0.0/16")),
-    )
-    ruleset = render(HostFilter("h", ports, (), ()))
-    assert named(ruleset, "same_net4") == [
-        Element((TAP_A, "10.0.0.0/24")), Element((TAP_B, "10.0.0.0/16"))]
-    assert named(ruleset, "same_net6") == [Element((TAP_A, "2001:db8:1::/64"))]
-    assert chain_rules(ruleset, "ingress-filter")[3:5] == [
-        "oifname . ip saddr @same_net4 accept", "oifname . ip6 saddr @same_net6 accept"]
+def test_same_net_sources_are_the_networks_port_addresses_not_its_cidr() -> None:
+    """A same-net set is an address set like a source group's (its elements as the
+    IR gives them, no subnet anywhere); which ports accept from it is a set of
+    taps; a port without port security is in none; an unknown set is an error."""
+    ports = (port(TAP_A, same_net=(NET_V4, NET_V6)), port(TAP_B, same_net=(NET_V4,)),
+             port(TAP_C, same_net=(NET_V4,), port_security=False))
+    ruleset = render(HostFilter("h", ports, (), NET_SETS))
+    assert named(ruleset, NET_V4) == [Element((e,)) for e in NET_SETS[0].elements]
+    assert named(ruleset, f"{NET_V4}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
+    assert named(ruleset, f"{NET_V6}-ports") == [Element((TAP_A,))]
+    assert "10.0.0.0/24" not in to_nft_text(ruleset)
+    with pytest.raises(BackendError, match="unknown same-net set"):
+        render(HostFilter("h", ports, (), NET_SETS[:1]))
 
 
 def test_address_sets_keep_the_irs_elements() -> None:
@@ -524,10 +538,13 @@ def test_json_rule_expressions() -> None:
         {"accept": None},
     ]
     same_net = [r for c in ruleset.chains if c.name == "ingress-filter" for r in c.rules][3]
-    assert rules[same_net.comment][0] == {"match": {
-        "op": "==", "right": "@same_net4",
-        "left": {"concat": [{"meta": {"key": "oifname"}},
-                            {"payload": {"protocol": "ip", "field": "saddr"}}]}}}
+    assert rules[same_net.comment] == [
+        {"match": {"op": "==", "left": {"meta": {"key": "oifname"}},
+                   "right": f"@{NET_V4}-ports"}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                   "right": f"@{NET_V4}"}},
+        {"accept": None},
+    ]
 
 
 # ------------------------------------------------------------------ read-back --
@@ -653,7 +670,7 @@ def test_membership_change_touches_one_set() -> None:
 def test_member_address_change_touches_its_address_set() -> None:
     hf = small()
     grown = replace(hf, sets=(replace(hf.sets[0], elements=(*hf.sets[0].elements,
-                                                            "10.10.0.1/32")),))
+                                                            "10.10.0.1/32")), *hf.sets[1:]))
     assert plan_between(hf, grown).commands == (
         f"add element inet secfw {WEB_V4} {{ 10.10.0.1/32 }}",)
 
@@ -661,13 +678,13 @@ def test_member_address_change_touches_its_address_set() -> None:
 def test_new_port_is_only_elements_and_its_own_nd_chain() -> None:
     hf = small()
     tap = "tapdddddddd-dd"
-    more = replace(hf, ports=(*hf.ports, port(tap, (WEB_IN, SSH_IN))))
+    more = replace(hf, ports=(*hf.ports, port(tap, (WEB_IN, SSH_IN), same_net=(NET_V4,))))
     commands = plan_between(hf, more).commands
     nd = f"nd-{tap}"
     assert commands[0] == f"add chain inet secfw {nd}"
     elements = [c for c in commands[1:] if c.startswith("add element ")]
     assert sorted(c.split()[4] for c in elements) == sorted(
-        ["egress_ports", "ingress_ports", "same_net4", f"{WEB_IN}-ports", f"{SSH_IN}-ports",
+        ["egress_ports", "ingress_ports", f"{NET_V4}-ports", f"{WEB_IN}-ports", f"{SSH_IN}-ports",
          "spoof4", "spoof6", "nd_ports", "arp_hosts"])
     assert all(f'"{tap}"' in c for c in elements)
     nd_rules = next(c for c in render(more).chains if c.name == nd).rules
@@ -788,11 +805,13 @@ def test_unprintable_read_back_means_full_replacement(state_change: Any) -> None
     assert tx.full and "other" not in tx.text
 
 
-def test_fixed_names_that_went_away_are_deleted_by_name() -> None:
+def test_a_same_net_set_no_port_names_goes_after_its_rule() -> None:
     hf = small()
-    v4 = replace(hf, ports=(replace(hf.ports[0], same_net_cidrs=("10.0.0.0/24",)),
-                            *hf.ports[1:]))
-    assert plan_between(hf, v4).commands[-1] == "delete set inet secfw same_net6"
+    v4 = replace(hf, ports=(replace(hf.ports[0], same_net_sets=(NET_V4,)), *hf.ports[1:]))
+    commands = plan_between(hf, v4).commands
+    assert commands[-1] == f"delete set inet secfw {NET_V6}-ports"
+    assert commands[0] == "flush chain inet secfw ingress-filter"
+    assert not any(NET_V6 in c for c in commands[1:-1])
 
 
 # ------------------------------------------------------------ bridged hosts --
@@ -899,15 +918,15 @@ def test_source_group_sets_are_hash_sets_until_they_hold_a_network() -> None:
     hosts = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32"))
     with_net = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.9.0.0/16"))
     base = small()
-    only_hosts = replace(base, sets=(hosts,))
+    only_hosts = replace(base, sets=(hosts, *NET_SETS))
     ruleset = render(only_hosts)
     (named,) = [s for s in ruleset.sets if s.name == WEB_V4]
     assert named.flags == ()
     assert f"set {WEB_V4} {{\n\t\ttype ipv4_addr;\n\t\telements = {{\n\t\t\t10.0.0.5,\n" \
         in to_nft_text(ruleset)
-    assert next(s for s in render(replace(base, sets=(with_net,))).sets
+    assert next(s for s in render(replace(base, sets=(with_net, *NET_SETS))).sets
             if s.name == WEB_V4).flags == ("interval",)
-    assert plan_between(only_hosts, replace(base, sets=(with_net,))).full
+    assert plan_between(only_hosts, replace(base, sets=(with_net, *NET_SETS))).full
     grown = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.7/32"))
-    assert plan_between(only_hosts, replace(base, sets=(grown,))).commands == (
+    assert plan_between(only_hosts, replace(base, sets=(grown, *NET_SETS))).commands == (
         f"add element inet secfw {WEB_V4} {{ 10.0.0.7 }}",)

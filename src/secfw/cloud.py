@@ -2,8 +2,8 @@
 
 :class:`CloudState` holds every record by id plus the indexes the API and the
 compiler need to stay O(1) per operation (groups by project and name, rules by
-group, ports by instance and host, instances by group, used addresses per
-network). Every mutation goes through :meth:`put` / :meth:`remove`, which keep the
+group, ports by instance and by network, instances by group, used addresses
+per network). Every mutation goes through :meth:`put` / :meth:`remove`, which keep the
 indexes exact and record the change in :attr:`dirty` so a write transaction can
 persist exactly what changed. :meth:`apply_changes` replays a store change feed,
 which is how a long-running agent follows the cloud without reloading it.
@@ -46,6 +46,7 @@ class CloudState:
         self.rules_by_remote: dict[str, set[str]] = defaultdict(set)
         self.instances_by_group: dict[str, set[str]] = defaultdict(set)
         self.ports_by_instance: dict[str, set[str]] = defaultdict(set)
+        self.ports_by_network: dict[str, set[str]] = defaultdict(set)
         self.used_ips: dict[str, set[str]] = defaultdict(set)
         self.used_macs: set[str] = set()
         #: lowest offset that may be free, per network (reset when an address is freed)
@@ -164,6 +165,7 @@ class CloudState:
                 self.instances_by_group[group_id].add(record.id)
         elif isinstance(record, Port):
             self.ports_by_instance[record.instance_id].add(record.id)
+            self.ports_by_network[record.network_id].add(record.id)
             self.used_ips[record.network_id].add(record.ip)
             if record.ip6:
                 self.used_ips[record.network_id].add(record.ip6)
@@ -182,6 +184,7 @@ class CloudState:
                 _discard(self.instances_by_group, group_id, record.id)
         elif isinstance(record, Port):
             _discard(self.ports_by_instance, record.instance_id, record.id)
+            _discard(self.ports_by_network, record.network_id, record.id)
             _discard(self.used_ips, record.network_id, record.ip)
             if record.ip6:
                 _discard(self.used_ips, record.network_id, record.ip6)

@@ -11,7 +11,11 @@ entries:
    chains, or a source-group set one of those chains uses, differs. Their
    addresses — fixed ones and allowed-address-pair networks, from both versions —
    are the only ones whose connections can have been revoked. Without a previous
-   filter (the agent's first pass) every port is affected.
+   filter (the agent's first pass) every port is affected. And the addresses
+   that left a same-net set (:func:`left_same_net`: a port of the network, on any
+   host, deleted or readdressed): a connection *from* one of them to a port of
+   the network was let in as same-net traffic. Watching these rather than every
+   port of the network keeps a change on a big flat network one filtered dump.
 2. **Dump** the conntrack table of the agent's namespace through ctnetlink
    (pyroute2 ``NFCTSocket``) and keep the entries whose original source or
    destination is such an address. For a few single addresses (the usual
@@ -106,6 +110,29 @@ def affected_ports(previous: HostFilter | None, new: HostFilter) -> list[PortPol
     return found
 
 
+def left_same_net(previous: HostFilter | None, new: HostFilter) -> list[IPNetwork]:
+    """The elements of same-net sets (of both filters) that ``new`` no longer has.
+
+    Only a removal can revoke anything, and only a connection whose source is the
+    removed address (same-net is an ingress permission, remote = source). A set
+    gone altogether is no one's: the ports that named it changed their policy and
+    are affected anyway. Over-inclusive is harmless (a removed host a network
+    element now covers): every candidate is judged by the new filter."""
+    if previous is None:
+        return []
+    new_sets = {s.name: s for s in new.sets}
+    changed = [(old, fresh) for old in previous.sets
+               if (fresh := new_sets.get(old.name)) is not None and fresh is not old
+               and fresh.elements != old.elements]
+    if not changed:
+        return []
+    same_net = {name for p in new.ports for name in p.same_net_sets}
+    gone = {e for old, fresh in changed if old.name in same_net
+            for e in set(old.elements) - set(fresh.elements)}
+    return sorted((ipaddress.ip_network(t) for t in gone),
+                  key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
 def _chains_of(port: PortPolicy) -> tuple[str, ...]:
     return (*port.ingress_chains, *port.egress_chains)
 
@@ -141,14 +168,16 @@ def revoked_entries(
     revoked (see the module docstring, steps 1 and 3). ``local``: the host's own
     addresses. Pure."""
     affected = affected_ports(previous, new)
-    if not affected:
+    peers = _Matcher(left_same_net(previous, new))
+    if not affected and peers.empty:
         return
     watched = _Matcher(affected_networks(affected))
     own = {ipaddress.ip_address(a) for a in local}
     candidates = [
         e for e in entries
         if not e.zone and ipaddress.ip_address(e.packet.src) not in own
-        and (watched.contains(e.packet.src) or watched.contains(e.packet.dst))
+        and (watched.contains(e.packet.src) or watched.contains(e.packet.dst)
+             or peers.contains(e.packet.src))
     ]
     if not candidates:
         return
@@ -174,6 +203,10 @@ class _Matcher:
         self.hosts = {n.network_address for n in nets if n.num_addresses == 1}
         self.networks = [n for n in nets if n.num_addresses > 1]
 
+    @property
+    def empty(self) -> bool:
+        return not self.hosts and not self.networks
+
     def contains(self, address: str) -> bool:
         addr = ipaddress.ip_address(address)
         if addr in self.hosts:
@@ -192,12 +225,12 @@ def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = Non
     permission); the kernel's filter is unaffected either way.
     """
     result = Revocation()
-    affected = affected_ports(previous, new)
-    if not affected:
+    watched = affected_networks(affected_ports(previous, new)) + left_same_net(previous, new)
+    if not watched:
         return result
     try:
         with inside_netns(netns), Conntrack() as table:
-            entries = list(table.entries(_filter_addresses(affected_networks(affected))))
+            entries = list(table.entries(_filter_addresses(watched)))
             result.examined = len(entries)
             doomed = list(revoked_entries(entries, previous, new, _local_addresses()))
             result.deleted = sum(table.delete(entry) for entry in doomed)

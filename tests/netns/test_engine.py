@@ -296,6 +296,102 @@ def test_same_net_emulated_by_default_group_when_off(cloud):
     assert not cloud.tcp("alpha1", "alpha2", 31337)  # from the flat network: not the subnet
 
 
+def test_same_net_trusts_the_networks_ports_not_its_cidr(cloud):
+    """Issue #12, item 6: with ``allow_same_net_traffic`` on, "the same network"
+    means the addresses of the network's ports (any host, allowed address pairs
+    included), not every address of its CIDR.
+
+    ``vm`` (default group: nothing in) is reached by its same-net peer on this
+    host, and by the address of a port of the network booted on another host (the
+    lab has one host, so that peer's packet is sent from the external namespace
+    with its address, as the uplink would deliver it) and of a peer's address
+    pair. A packet from the uplink with an in-subnet source no port has is
+    dropped: before, it skipped the groups. Deleting the remote peer takes its
+    address out of the set on the next pass.
+    """
+    make_networks(cloud, 1)
+    cloud.boot("vm", [], NET_A)
+    cloud.boot("peer", [], NET_A)
+    remote = cloud.boot("remote", [], NET_A, host="elsewhere")
+    cloud.api.port_update("p", cloud.port("peer").id, allowed_address_pairs=["10.1.0.200"])
+    cloud.sync()
+    remote_ip, spoofed = cloud.ip("remote"), "10.1.0.250"
+    assert remote.host == "elsewhere"
+    assert spoofed not in {p.ip for p in cloud.api.snapshot().ports.values()}
+
+    assert cloud.tcp("peer", "vm", 31337)  # a real same-net peer: not filtered
+    assert cloud.udp("peer", "vm", 53)
+    assert cloud.arrives("vm", "tcp", 31337, src_ip=remote_ip)  # a port on another host
+    assert cloud.arrives("vm", "tcp", 31337, src_ip="10.1.0.200")  # a peer's pair
+    assert not cloud.arrives("vm", "tcp", 31337, src_ip=spoofed)  # in the CIDR, no port's
+    assert not cloud.arrives("vm", "udp", 53, src_ip=spoofed)
+    assert not cloud.arrives("vm", "icmp", src_ip=spoofed)
+
+    cloud.api.delete("p", "remote")
+    cloud.sync()
+    assert not cloud.arrives("vm", "tcp", 31337, src_ip=remote_ip)
+    assert cloud.tcp("peer", "vm", 31337)
+
+
+@pytest.mark.topologies("routed", reason="a port on another host of a bridged network talks "
+                        "to the instance at layer 2 through the bridge's uplink, which the "
+                        "lab's bridged host does not have (admission is tested on both)")
+def test_same_net_connections_of_a_deleted_remote_peer_are_cut(cloud):
+    """Revocation follows same-net membership: ``vm`` (default group) holds TCP
+    connections, let in as same-net, from two ports of its network on another host
+    (the lab has one host: their addresses sit on the external namespace, routed
+    to it, as the uplink would carry them). One peer is deleted: its connection
+    stops carrying data after one pass — though no policy of this host changed —
+    while the other's goes on."""
+    import socket
+    import subprocess
+
+    from secfw import netns_tools as nt
+
+    make_networks(cloud, 1)
+    cloud.boot("vm", [], NET_A)
+    peers = ("remote", "stays")
+    for name in peers:
+        cloud.boot(name, [], NET_A, host="elsewhere")
+    cloud.sync()
+    for name in peers:
+        address = f"{cloud.ip(name)}/32"
+        for command in (("ip", "-n", cloud.ns(EXT), "addr", "add", address, "dev", "eth0"),
+                        ("ip", "-n", cloud.lab.host_ns, "route", "add", address, "via",
+                         cloud.ip(EXT))):
+            subprocess.run(command, check=True, capture_output=True, timeout=10)
+    server = nt.socket_in_netns(cloud.ns("vm"), socket.AF_INET, socket.SOCK_STREAM)
+    clients = {n: nt.socket_in_netns(cloud.ns(EXT), socket.AF_INET, socket.SOCK_STREAM)
+               for n in peers}
+    try:
+        server.bind(("0.0.0.0", 80))
+        server.listen(2)
+        conns = {}
+        for name, client in clients.items():
+            client.bind((cloud.ip(name), 0))
+            client.settimeout(1.0)
+            client.connect((cloud.ip("vm"), 80))
+            conns[name], _ = server.accept()
+            conns[name].settimeout(0.5)
+            client.sendall(b"before")
+            assert conns[name].recv(100) == b"before", name
+
+        cloud.api.delete("p", "remote")
+        cloud.sync(lab=False)
+        for client in clients.values():
+            client.sendall(b"after")
+        assert conns["stays"].recv(100) == b"after"
+        try:
+            received = conns["remote"].recv(100)
+        except TimeoutError:
+            received = b""
+        assert received == b"", "a same-net connection outlived the peer that made it same-net"
+    finally:
+        for client in clients.values():
+            client.close()
+        server.close()
+
+
 # --------------------------------------------------------------------------- 8
 
 

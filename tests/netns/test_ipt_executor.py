@@ -60,6 +60,11 @@ VARIANTS = [v for v in ("legacy", "nft") if shutil.which(f"iptables-{v}-restore"
 WEB, SSH, OPS = "sg-0a0a-web-in", "sg-0b0b-ssh-in", "sg-0c0c-ops-out"
 WEB_V4, WEB_V6 = "sg-0a0a-web-v4", "sg-0a0a-web-v6"
 TAPS = [f"tap{i:08x}-{i:02x}" for i in range(6)]
+NET_V4, NET1_V4, NET1_V6 = "net-0d0d-n-v4", "net-0e0e-m-v4", "net-0e0e-m-v6"
+#: same-net sets: the addresses of a network's ports (tail of every filter's sets)
+NET_SETS = (AddressSet(NET_V4, "n", "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.200/32")),
+            AddressSet(NET1_V4, "m", "ipv4", ("10.1.0.7/32",)),
+            AddressSet(NET1_V6, "m", "ipv6", ("2001:db8:1::7/128", "2001:db8:1::8/128")))
 
 
 # --------------------------------------------------------------------------- the IR
@@ -99,14 +104,14 @@ def everything() -> HostFilter:
         _port(TAPS[0], (WEB,)),
         _port(TAPS[1], (WEB, SSH), (OPS,), egress_open=False, allowed_pairs=pairs,
               ipv6=("2001:db8::5",)),
-        _port(TAPS[2], (SSH,), egress_open=False, same_net=("10.1.0.0/24", "2001:db8:1::/64")),
+        _port(TAPS[2], (SSH,), egress_open=False, same_net=(NET1_V4, NET1_V6)),
         _port(TAPS[5], (WEB,), port_security=False),
     )
-    return HostFilter("h", ports, (web, ssh, ops), sets)
+    return HostFilter("h", ports, (web, ssh, ops), (*sets, *NET_SETS))
 
 
 def _port(tap: str, ingress: tuple[str, ...] = (), egress: tuple[str, ...] = (),
-          egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",),
+          egress_open: bool = True, same_net: tuple[str, ...] = (NET_V4,),
           **kw: Any) -> PortPolicy:
     index = TAPS.index(tap)
     return PortPolicy(tap, f"p-{tap}", f"i-{tap}", f"fa:16:3e:00:01:{index:02x}",
@@ -123,7 +128,7 @@ def changes() -> list[tuple[str, HostFilter]]:
     hf = replace(hf, ports=(*hf.ports, _port(TAPS[3], (SSH,)), _port(TAPS[4], (WEB,))))
     steps.append(("two ports boot", hf))
     hf = replace(hf, sets=(replace(hf.sets[0], elements=("10.0.0.5/32", "10.9.0.0/16",
-                                                         "10.20.0.1/32")), hf.sets[1]))
+                                                         "10.20.0.1/32")), *hf.sets[1:]))
     steps.append(("members change", hf))
     hf = replace(hf, chains=(replace(web, rules=web.rules[:3]), ssh, ops))
     steps.append(("rules removed", hf))
@@ -132,14 +137,14 @@ def changes() -> list[tuple[str, HostFilter]]:
     hf = replace(hf, chains=(replace(web, rules=web.rules[:3]), ssh),
                  ports=tuple(replace(p, egress_chains=()) for p in hf.ports))
     steps.append(("the egress group goes", hf))
-    hf = replace(hf, sets=(hf.sets[0],), chains=(replace(web, rules=web.rules[:3]),
+    hf = replace(hf, sets=(hf.sets[0], *hf.sets[2:]), chains=(replace(web, rules=web.rules[:3]),
                                                  replace(ssh, rules=ssh.rules[:1])))
     steps.append(("an address set goes", hf))
-    hf = replace(hf, ports=tuple(replace(p, same_net_cidrs=(), port_security=True,
+    hf = replace(hf, ports=tuple(replace(p, same_net_sets=(), port_security=True,
                                          allowed_pairs=()) for p in hf.ports))
     steps.append(("same-net off, port security back on, pairs gone", hf))
     big = tuple(f"10.{i // 256}.{i % 256}.1/32" for i in range(300))
-    hf = replace(hf, sets=(replace(hf.sets[0], elements=big),))
+    hf = replace(hf, sets=(replace(hf.sets[0], elements=big), *hf.sets[1:]))
     steps.append(("an address set replaced wholesale (swap)", hf))
     hf = HostFilter("h", (), (), ())
     steps.append(("every port gone (closed filter)", hf))
@@ -265,7 +270,7 @@ def test_membership_change_is_only_ipset_commands(backend: IptablesBackend,
     hf = everything()
     backend.apply(backend.plan(None, hf))
     grown = replace(hf, sets=(replace(hf.sets[0], elements=(*hf.sets[0].elements,
-                                                            "10.30.0.7/32")), hf.sets[1]))
+                                                            "10.30.0.7/32")), *hf.sets[1:]))
     before = everything_saved(ns, variant)
     tx = backend.plan(backend.read(), grown)
     assert tx.commands == (f"add {set_name(WEB_V4)} 10.30.0.7",)

@@ -51,6 +51,11 @@ pytestmark = [
 WEB, SSH, OPS = "sg-0a0a-web-in", "sg-0b0b-ssh-in", "sg-0c0c-ops-out"
 WEB_V4, WEB_V6 = "sg-0a0a-web-v4", "sg-0a0a-web-v6"
 TAPS = [f"tap{i:08x}-{i:02x}" for i in range(6)]
+NET_V4, NET1_V4, NET1_V6 = "net-0d0d-n-v4", "net-0e0e-m-v4", "net-0e0e-m-v6"
+#: same-net sets: the addresses of a network's ports (tail of every filter's sets)
+NET_SETS = (AddressSet(NET_V4, "n", "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.200/32")),
+            AddressSet(NET1_V4, "m", "ipv4", ("10.1.0.7/32",)),
+            AddressSet(NET1_V6, "m", "ipv6", ("2001:db8:1::7/128", "2001:db8:1::8/128")))
 FOREIGN = """table inet other {
 	set keep { type ipv4_addr; elements = { 192.0.2.1 }; }
 	chain input { type filter hook input priority 10; policy accept; tcp dport 22 accept; }
@@ -88,14 +93,14 @@ def everything() -> HostFilter:
     ports = (
         _port(TAPS[0], (WEB,), ipv6=("2001:db8::10",), allowed_pairs=pairs),
         _port(TAPS[1], (WEB, SSH), (OPS,), egress_open=False),
-        _port(TAPS[2], (SSH,), egress_open=False, same_net=("10.1.0.0/24", "2001:db8:1::/64")),
+        _port(TAPS[2], (SSH,), egress_open=False, same_net=(NET1_V4, NET1_V6)),
         _port(TAPS[5], (SSH,), port_security=False),
     )
-    return HostFilter("h", ports, (web, ssh, ops), sets)
+    return HostFilter("h", ports, (web, ssh, ops), (*sets, *NET_SETS))
 
 
 def _port(tap: str, ingress: tuple[str, ...] = (), egress: tuple[str, ...] = (),
-          egress_open: bool = True, same_net: tuple[str, ...] = ("10.0.0.0/24",),
+          egress_open: bool = True, same_net: tuple[str, ...] = (NET_V4,),
           mac: str | None = None, ip: str | None = None, **kw: Any) -> PortPolicy:
     """A port; by default its MAC and address derive from the tap's index."""
     index = int(tap[3:11], 16) % 200 + 1
@@ -113,7 +118,7 @@ def changes() -> list[tuple[str, HostFilter]]:
     hf = replace(hf, ports=(*hf.ports, _port(TAPS[3], (SSH,)), _port(TAPS[4], (WEB,))))
     steps.append(("two ports boot", hf))
     hf = replace(hf, sets=(replace(hf.sets[0], elements=("10.0.0.5/32", "10.9.0.0/16",
-                                                         "10.20.0.1/32")), hf.sets[1]))
+                                                         "10.20.0.1/32")), *hf.sets[1:]))
     steps.append(("members change", hf))
     hf = replace(hf, chains=(replace(web, rules=web.rules[:3]), ssh, ops))
     steps.append(("rules removed", hf))
@@ -122,10 +127,10 @@ def changes() -> list[tuple[str, HostFilter]]:
     hf = replace(hf, chains=(replace(web, rules=web.rules[:3]), ssh),
                  ports=tuple(replace(p, egress_chains=()) for p in hf.ports))
     steps.append(("the egress group goes (vmap element and chain in one batch)", hf))
-    hf = replace(hf, sets=(hf.sets[0],), chains=(replace(web, rules=web.rules[:3]),
+    hf = replace(hf, sets=(hf.sets[0], *hf.sets[2:]), chains=(replace(web, rules=web.rules[:3]),
                                                  replace(ssh, rules=ssh.rules[:1])))
     steps.append(("an address set goes", hf))
-    hf = replace(hf, ports=tuple(replace(p, same_net_cidrs=()) for p in hf.ports))
+    hf = replace(hf, ports=tuple(replace(p, same_net_sets=()) for p in hf.ports))
     steps.append(("same-net traffic turned off", hf))
     first = hf.ports[0]
     hf = replace(hf, ports=(replace(first, allowed_pairs=(
@@ -395,13 +400,16 @@ def connects(src_ns: str, ip: str, port: str, timeout: float = 1.0) -> bool:
 
 def two_vms(*, web_rules: tuple[IRRule, ...] = (), same_net: tuple[str, ...] = (),
             vm1_egress_open: bool = True, vm1_known: bool = True) -> HostFilter:
-    """vm1 (no groups) and vm2 (group WEB with ``web_rules``), with their real MAC and
-    address (anti-spoofing checks both)."""
-    ports = [_port(VM_TAPS[1], (WEB,), same_net=same_net, mac=VM_MACS[1], ip="10.0.2.1")]
+    """vm1 (no groups) and vm2 (group WEB with ``web_rules``, and a same-net set of
+    the addresses ``same_net`` when given), with their real MAC and address
+    (anti-spoofing checks both)."""
+    sets = (AddressSet(NET_V4, "n", "ipv4", same_net),) if same_net else ()
+    ports = [_port(VM_TAPS[1], (WEB,), same_net=tuple(s.name for s in sets), mac=VM_MACS[1],
+                   ip="10.0.2.1")]
     if vm1_known:
         ports.insert(0, _port(VM_TAPS[0], egress_open=vm1_egress_open, same_net=(),
                               mac=VM_MACS[0], ip="10.0.1.1"))
-    return HostFilter("h", tuple(ports), (GroupChain(WEB, "web", "ingress", web_rules),), ())
+    return HostFilter("h", tuple(ports), (GroupChain(WEB, "web", "ingress", web_rules),), sets)
 
 
 def test_packets_follow_the_ruleset(ns: str, executor: NftablesExecutor,
@@ -413,7 +421,9 @@ def test_packets_follow_the_ruleset(ns: str, executor: NftablesExecutor,
     assert connects(vm1, "10.0.2.1", "8080")  # allowed; the reply passes as established
     assert not connects(vm1, "10.0.2.1", "8081")  # next port stays closed
     assert not connects(vm2, "10.0.1.1", "8080")  # vm1 has no ingress rule
-    sync(executor, two_vms(web_rules=web_8080, same_net=("10.0.0.0/16",)))
+    sync(executor, two_vms(web_rules=web_8080, same_net=("10.0.2.9/32",)))
+    assert not connects(vm1, "10.0.2.1", "8081")  # vm1's address is not in the set
+    sync(executor, two_vms(web_rules=web_8080, same_net=("10.0.1.1/32", "10.0.2.9/32")))
     assert connects(vm1, "10.0.2.1", "8081")  # same-net traffic is not filtered
     sync(executor, two_vms(web_rules=web_8080, vm1_egress_open=False))
     assert not connects(vm1, "10.0.2.1", "8080")  # vm1's egress closed, no egress rule

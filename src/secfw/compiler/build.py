@@ -5,15 +5,24 @@
 
 * a :class:`PortPolicy` per port: its MAC and addresses (IPv4, IPv6, allowed
   address pairs — what anti-spoofing lets it send from), its port-security
-  switch, the subnets it may talk to freely, and the group chains of its
-  instance's security groups in the instance's order;
+  switch, the same-net sets it accepts sources from, and the group chains of
+  its instance's security groups in the instance's order;
 * one :class:`GroupChain` per (group, direction) used by a port on this host,
   shared by all of them — compiled size grows with ports + rules, never with
   ports × rules. Every group used here has an ingress chain; only groups with
   at least one egress rule have an egress chain;
 * one :class:`AddressSet` per (source group, family) referenced by those chains,
   holding the addresses of every port (on any host) of the group's members,
-  their allowed address pairs of that family included (as Neutron does).
+  their allowed address pairs of that family included (as Neutron does);
+* with ``allow_same_net``, one *same-net* :class:`AddressSet` per (network,
+  family) of a protected port here: the addresses of every port of the network,
+  on any host, pairs included, clipped to the network's subnet.
+
+Same-net means "from the network's ports", not "from the network's CIDR"
+(README, "Semantics"): a port's addresses are anti-spoofed on its own host, so
+these sources are what the network's instances really send from, while any
+other in-subnet source — a packet the uplink delivers with a forged address —
+is left to the security groups. nova-network accepted the whole CIDR.
 
 Egress default (README, "Semantics decisions"): a port whose groups have no
 egress rule at all keeps egress open (``egress_open``, nova-network); otherwise
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 import netaddr
 
@@ -47,6 +57,7 @@ from secfw.compiler.ir import (
 from secfw.model import PORT_PROTOCOLS, Instance, Port, Rule, canonical_remote, protocol_number
 
 ICMP_PROTOCOLS = frozenset({1, 58})
+SAME_NET_PREFIX = "net-"
 _PORT_PROTOCOL_NUMBERS = frozenset(protocol_number(p) for p in PORT_PROTOCOLS)
 
 
@@ -58,6 +69,11 @@ def chain_name(group_id: str, direction: IRDirection) -> str:
 def set_name(group_id: str, family: str = "ipv4") -> str:
     """The IR name of a source group's address set: ``sg-<group id>-v4`` or ``-v6``."""
     return f"sg-{group_id}-{'v4' if family == 'ipv4' else 'v6'}"
+
+
+def same_net_set_name(network_id: str, family: str = "ipv4") -> str:
+    """The IR name of a network's same-net address set: ``net-<network id>-v4`` or ``-v6``."""
+    return f"{SAME_NET_PREFIX}{network_id}-{'v4' if family == 'ipv4' else 'v6'}"
 
 
 def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> HostFilter:
@@ -72,8 +88,9 @@ def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> H
     ]
     chains = [group_chain(state, g, "ingress") for g in group_ids]
     chains += [group_chain(state, g, "egress") for g in sorted(with_egress)]
-    referenced = sorted({r.remote_set for c in chains for r in c.rules if r.remote_set})
-    sets = [address_set(state, name) for name in referenced]
+    referenced = {r.remote_set for c in chains for r in c.rules if r.remote_set}
+    referenced.update(name for p in ports for name in p.same_net_sets)
+    sets = [address_set(state, name) for name in sorted(referenced)]
     return HostFilter(
         host=host,
         ports=tuple(sorted(ports, key=lambda p: p.tap)),
@@ -93,7 +110,8 @@ def port_policy(
 ) -> PortPolicy:
     """The policy of one port; ``with_egress`` are the groups that have an egress rule."""
     network = state.networks[port.network_id]
-    subnets = (network.cidr,) + ((network.cidr6,) if network.cidr6 else ())
+    families = ("ipv4", "ipv6") if network.cidr6 else ("ipv4",)
+    same_net = allow_same_net and port.port_security
     groups = instance.security_groups
     egress = tuple(chain_name(g, "egress") for g in groups if g in with_egress)
     return PortPolicy(
@@ -102,7 +120,7 @@ def port_policy(
         instance_id=instance.id,
         mac=port.mac,
         ipv4=(port.ip,),
-        same_net_cidrs=subnets if allow_same_net else (),
+        same_net_sets=tuple(same_net_set_name(network.id, f) for f in families if same_net),
         ingress_chains=tuple(chain_name(g, "ingress") for g in groups),
         egress_chains=egress,
         egress_open=not egress,
@@ -165,10 +183,13 @@ def _rule_sort_key(rule: IRRule) -> tuple[object, ...]:
 
 
 def address_set(state: CloudState, name: str) -> AddressSet:
-    """The address set ``name`` (see :func:`set_name`): every address, on any host,
-    of the ports of the source group's members."""
-    group_id = name[len("sg-") : -len("-v4")]
+    """The address set ``name``: a source group's (see :func:`set_name`): every
+    address, on any host, of the ports of the group's members; or a network's
+    same-net set (:func:`same_net_set_name`, :func:`same_net_set`)."""
     family: Family = "ipv4" if name.endswith("-v4") else "ipv6"
+    if name.startswith(SAME_NET_PREFIX):
+        return same_net_set(state, name[len(SAME_NET_PREFIX) : -len("-v4")], family)
+    group_id = name[len("sg-") : -len("-v4")]
     addresses = [
         address
         for member in state.group_members(group_id)
@@ -176,6 +197,36 @@ def address_set(state: CloudState, name: str) -> AddressSet:
         for address in port_addresses(port, family)
     ]
     return AddressSet(name, group_id, family, normalise_addresses(addresses))
+
+
+def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressSet:
+    """The same-net set of a network in ``family``: what every port of the network,
+    on any host, may send from (fixed address and allowed address pairs), clipped
+    to the network's subnet of that family — same-net never reaches beyond the
+    subnet, as nova-network's never did. A port joining or leaving is one element."""
+    network = state.networks[network_id]
+    subnet = network.cidr if family == "ipv4" else network.cidr6
+    addresses = [
+        clipped
+        for port_id in state.ports_by_network.get(network_id, ())  # any order: sorted below
+        for address in port_addresses(state.ports[port_id], family)
+        if subnet and (clipped := _clip(address, subnet)) is not None
+    ]
+    name = same_net_set_name(network_id, family)
+    return AddressSet(name, network_id, family, normalise_addresses(addresses))
+
+
+@lru_cache(maxsize=1 << 17)
+def _clip(cidr: str, subnet: str) -> str | None:
+    """The part of ``cidr`` inside ``subnet`` (two CIDRs are nested or disjoint).
+    Cached: a same-net set is recomputed whole when one port of a big network
+    changes, and every other address is the same as the time before."""
+    network, outer = ipaddress.ip_network(cidr), ipaddress.ip_network(subnet)
+    if network.version != outer.version:
+        return None
+    if network.subnet_of(outer):  # type: ignore[arg-type]
+        return cidr
+    return outer.with_prefixlen if outer.subnet_of(network) else None  # type: ignore[arg-type]
 
 
 def port_addresses(port: Port, family: Family) -> list[str]:
@@ -195,9 +246,13 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
     addresses stay ``/32`` (``/128``) unless a network already covers them, so
     one member joining or leaving is one element added or removed.
     """
+    texts = list(cidrs)
+    single = [key for text in texts if (key := _host_key(text)) is not None]
+    if len(single) == len(texts):  # only single addresses (the usual set): nothing to merge
+        return tuple(key[2] for key in sorted(set(single)))
     hosts: set[netaddr.IPNetwork] = set()
     networks: list[netaddr.IPNetwork] = []
-    for text in cidrs:
+    for text in texts:
         net = netaddr.IPNetwork(text)
         is_host = net.prefixlen == (32 if net.version == 4 else 128)
         (hosts.add(net.cidr) if is_host else networks.append(net.cidr))
@@ -206,3 +261,14 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
     return tuple(
         str(n) for n in sorted([*kept, *merged], key=lambda n: (n.version, n.first, n.last))
     )
+
+
+@lru_cache(maxsize=1 << 17)
+def _host_key(text: str) -> tuple[int, int, str] | None:
+    """(version, address, canonical text) when ``text`` is one address, else None;
+    the text is :func:`normalise_addresses`' own. Cached: big sets are recomputed
+    whole on a change, and their addresses are parsed once."""
+    net = netaddr.IPNetwork(text)
+    if net.prefixlen != (32 if net.version == 4 else 128):
+        return None
+    return net.version, net.first, str(net.cidr)

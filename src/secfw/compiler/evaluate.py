@@ -10,8 +10,8 @@ semantics the nftables backend renders, evaluated in Python over the IR:
   always pass, then open egress passes and restricted egress needs a rule of one
   of the port's egress chains (remote = destination);
 * a packet *to* a port of the host passes that port's **ingress**: port security
-  off passes, then same-net, then a rule of one of its ingress chains (remote =
-  source);
+  off passes, then a source in one of its same-net sets, then a rule of one of
+  its ingress chains (remote = source);
 * a packet between two ports of the host must pass both (one forward traversal).
 
 Used by the conntrack revocation (:mod:`secfw.conntrack`) to decide which
@@ -138,7 +138,7 @@ class PolicyIndex:
         if not port.port_security:
             return True
         src = ipaddress.ip_address(packet.src)
-        if any(_contains(ipaddress.ip_network(c), src) for c in port.same_net_cidrs):
+        if any(_contains(n, src) for name in port.same_net_sets for n in self.members(name)):
             return True
         return self._any_rule(port.ingress_chains, packet, packet.src)
 

@@ -14,8 +14,10 @@ A flow is judged on both ends (``semantics.md`` sections 3 and 4):
   *destination*; DHCP client traffic always passes, an instance acting as a DHCP
   or DHCPv6 server never does;
 * when its destination is an instance's port, by that port's **ingress**: same
-  network (``allow_same_net_traffic``), then the groups' ingress rules, the remote
-  being the *source*;
+  network (``allow_same_net_traffic``: the source is an address of a port of the
+  destination's network — fixed or an allowed address pair — inside the
+  network's subnet; any other address of the subnet is not trusted), then the
+  groups' ingress rules, the remote being the *source*;
 * a port without port security is not filtered at all;
 * a remote group selects its members' addresses: fixed IPv4 and IPv6 addresses
   and the allowed address pairs of their ports (as Neutron does);
@@ -146,8 +148,7 @@ def _ingress(state: CloudState, port: Port, flow: Flow, allow_same_net: bool) ->
     if not port.port_security:
         return Decision(True, "destination port without port security")
     network = state.networks[port.network_id]
-    subnets = [c for c in (network.cidr, network.cidr6) if c]
-    if allow_same_net and any(_contains(c, flow.src) for c in subnets):
+    if allow_same_net and _from_same_net(state, port, flow.src):
         return Decision(True, f"same network {network.name} (allow_same_net_traffic)")
     instance = state.instances[port.instance_id]
     for group_id in instance.security_groups:
@@ -156,6 +157,21 @@ def _ingress(state: CloudState, port: Port, flow: Flow, allow_same_net: bool) ->
             if rule.direction == "ingress" and rule_matches(state, rule, flow):
                 return Decision(True, f"{group.name}: {describe_rule(state, rule)}", rule.id)
     return Decision(False, "no rule of the instance's security groups allows it")
+
+
+def _from_same_net(state: CloudState, port: Port, address: str) -> bool:
+    """Is ``address`` inside ``port``'s network's subnet and what a port of that
+    network (any host) may send from: its fixed address or an address pair?"""
+    network = state.networks[port.network_id]
+    if not any(_contains(c, address) for c in (network.cidr, network.cidr6) if c):
+        return False
+    canonical = str(ipaddress.ip_address(address))
+    return any(
+        canonical in member_addresses(peer)
+        or any(_contains(cidr, address) for cidr, _ in peer.address_pairs())
+        for peer in state.ports.values()
+        if peer.network_id == port.network_id
+    )
 
 
 def rule_matches(state: CloudState, rule: Rule, flow: Flow, remote: str | None = None) -> bool:

@@ -16,7 +16,8 @@ rule of group G     G's chains; if G's "has an egress rule" flipped, the policie
 instance I          I's ports' policies when I is (or was) on this host; the
                     address sets of every group I is (or was) in
 port P              P's policy when its instance is on this host; the address
-                    sets of its instance's groups
+                    sets of its instance's groups; the same-net sets of its
+                    network (old and new: a port on *any* host counts)
 network             everything (rare: a network's CIDRs reach every port on it)
 anything else       nothing (names, images and quotas are not in the IR)
 ==================  ============================================================
@@ -44,11 +45,13 @@ from secfw.compiler.build import (
     group_chain,
     has_egress_rule,
     port_policy,
+    same_net_set_name,
 )
-from secfw.compiler.ir import AddressSet, GroupChain, HostFilter, PortPolicy
+from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, PortPolicy
 from secfw.model import Instance, Network, Port, Rule
 
 FAMILY_SUFFIXES = ("v4", "v6")
+FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 
 
 @dataclass
@@ -58,6 +61,7 @@ class _Dirty:
     instances: set[str] = field(default_factory=set)
     rule_groups: set[str] = field(default_factory=set)
     member_groups: set[str] = field(default_factory=set)
+    networks: set[str] = field(default_factory=set)
     everything: bool = False
 
 
@@ -75,6 +79,7 @@ class HostCompiler:
         self._with_egress: set[str] = set()
         self._chains: dict[str, GroupChain] = {}
         self._references: Counter[str] = Counter()
+        self._same_net_use: Counter[str] = Counter()
         self._sets: dict[str, AddressSet] = {}
 
     @property
@@ -100,7 +105,7 @@ class HostCompiler:
         ports_changed = self._refresh_policies(state, stale) or (
             len(self._policies) != len(self._result.ports))
         chains_changed = self._refresh_chains(state, dirty.rule_groups | use_changed)
-        sets_changed = self._refresh_sets(state, dirty.member_groups)
+        sets_changed = self._refresh_sets(state, _stale_sets(dirty))
         return self._assemble(ports_changed, chains_changed, sets_changed)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -108,6 +113,7 @@ class HostCompiler:
     def _remember(self, state: CloudState, result: HostFilter) -> None:
         self._result = result
         self._policies = {p.port_id: p for p in result.ports}
+        self._same_net_use = Counter(name for p in result.ports for name in p.same_net_sets)
         self._instance_groups, self._instance_ports = {}, {}
         self._group_use = Counter()
         for instance in state.instances.values():
@@ -143,6 +149,7 @@ class HostCompiler:
                     dirty.instances.add(record.id)
                 elif isinstance(record, Port):
                     self._port_touched(state, record, dirty)
+                    dirty.networks.add(record.network_id)
             if isinstance(old, Instance) or isinstance(new, Instance):
                 dirty.member_groups |= _membership_change(old, new)
         return dirty
@@ -171,7 +178,7 @@ class HostCompiler:
             if instance is not None and instance.host == self.host:
                 self._track_instance(state, instance)
             for port_id in set(ports_before) - set(self._instance_ports.get(instance_id, ())):
-                del self._policies[port_id]
+                self._set_policy(port_id, None)
         for group_id in touched:
             if self._group_use[group_id] <= 0:
                 del self._group_use[group_id]
@@ -204,9 +211,18 @@ class HostCompiler:
                 fresh = port_policy(state, instance, state.ports[port_id],
                                     self.allow_same_net, self._with_egress)
                 if self._policies.get(port_id) != fresh:
-                    self._policies[port_id] = fresh
+                    self._set_policy(port_id, fresh)
                     changed = True
         return changed
+
+    def _set_policy(self, port_id: str, policy: PortPolicy | None) -> None:
+        """Replace (None: drop) a port's policy, counting the same-net sets in use."""
+        old = self._policies.pop(port_id, None)
+        if old is not None:
+            self._same_net_use.subtract(old.same_net_sets)
+        if policy is not None:
+            self._policies[port_id] = policy
+            self._same_net_use.update(policy.same_net_sets)
 
     def _refresh_chains(self, state: CloudState, groups: set[str]) -> bool:
         """Recompute the chains of ``groups`` (present while used; egress only with
@@ -233,14 +249,14 @@ class HostCompiler:
             self._chains[name] = chain
         return True
 
-    def _refresh_sets(self, state: CloudState, member_groups: set[str]) -> bool:
-        """Drop sets no chain references, compute new ones, recompute those of
-        ``member_groups``; returns whether any set changed."""
+    def _refresh_sets(self, state: CloudState, stale: set[str]) -> bool:
+        """Drop sets no chain and no port references, compute new ones, recompute
+        the ``stale`` ones; returns whether any set changed."""
         referenced = {name for name, n in self._references.items() if n > 0}
+        referenced.update(name for name, n in self._same_net_use.items() if n > 0)
         gone = set(self._sets) - referenced
         for name in gone:
             del self._sets[name]
-        stale = {f"sg-{g}-{suffix}" for g in member_groups for suffix in FAMILY_SUFFIXES}
         changed = bool(gone)
         for name in sorted((referenced - set(self._sets)) | (stale & referenced)):
             fresh = address_set(state, name)
@@ -267,6 +283,13 @@ class HostCompiler:
             return previous
         self._result = HostFilter(self.host, ports, chains, sets)
         return self._result
+
+
+def _stale_sets(dirty: _Dirty) -> set[str]:
+    """The address sets a batch may have changed: its groups' and its networks'."""
+    stale = {f"sg-{g}-{suffix}" for g in dirty.member_groups for suffix in FAMILY_SUFFIXES}
+    stale.update(same_net_set_name(n, f) for n in dirty.networks for f in FAMILIES)
+    return stale
 
 
 def _references(chain: GroupChain) -> list[str]:

@@ -3,14 +3,18 @@
 The IR says *what* must be filtered, never *how* a technology does it:
 
 * :class:`PortPolicy` — one per port on the host, keyed by its tap: its addresses,
-  the network it may talk to freely (``allow_same_net_traffic``) and the ordered
-  security groups whose rules apply to it.
+  the same-net address sets whose sources it accepts freely
+  (``allow_same_net_traffic``) and the ordered security groups whose rules apply
+  to it.
 * :class:`GroupChain` — one per (security group, direction) used on the host,
   **shared** by every port that uses the group. Its rules are the group's allow
   rules, already normalised.
 * :class:`AddressSet` — one per (source group, family) referenced by a rule of a
   group on this host: the addresses of every port, on any host, of an instance
-  that uses the source group. Shared by every rule that references it.
+  that uses the source group. Shared by every rule that references it. And one
+  per (network, family) of a protected port on this host while
+  ``allow_same_net_traffic`` is on: the addresses of every port of that network,
+  on any host (its *same-net* set).
 
 Everything is frozen and sorted, so the same model always gives an equal IR and a
 backend renders it byte for byte the same.
@@ -74,14 +78,16 @@ class GroupChain:
 
 @dataclass(frozen=True)
 class AddressSet:
-    """Addresses of the members of a source group, for one family.
+    """Addresses of the members of a source group, or of the ports of a network
+    (a same-net set), for one family.
 
-    ``elements`` are canonical, sorted, non-overlapping CIDRs (single addresses as
-    /32 or /128), merged so that interval-based sets accept them as they are.
+    ``owner_id`` is the source group's id, or the network's. ``elements`` are
+    canonical, sorted, non-overlapping CIDRs (single addresses as /32 or /128),
+    merged so that interval-based sets accept them as they are.
     """
 
     name: str
-    group_id: str
+    owner_id: str
     family: Family
     elements: tuple[str, ...]
 
@@ -98,8 +104,10 @@ class AddressPair:
 class PortPolicy:
     """The filter of one port (one tap) on this host.
 
-    Ingress is evaluated as: same-net accept (when ``same_net_cidrs`` is not empty),
-    then each chain of ``ingress_chains`` in order, then drop. Egress: anti-spoofing
+    Ingress is evaluated as: accept a source in one of the address sets named by
+    ``same_net_sets`` (the port's network's port addresses, one set per family;
+    empty when ``allow_same_net_traffic`` is off or port security is off), then
+    each chain of ``ingress_chains`` in order, then drop. Egress: anti-spoofing
     first (only ``mac`` with ``ipv4``/``ipv6``/link-local, or an ``allowed_pairs``
     entry, may leave the port; DHCP/RA server traffic dropped), then each chain of
     ``egress_chains``, then drop — unless ``egress_open`` (no group of the port has
@@ -112,7 +120,7 @@ class PortPolicy:
     instance_id: str
     mac: str
     ipv4: tuple[str, ...]
-    same_net_cidrs: tuple[str, ...]
+    same_net_sets: tuple[str, ...]
     ingress_chains: tuple[str, ...]
     egress_chains: tuple[str, ...] = ()
     egress_open: bool = True

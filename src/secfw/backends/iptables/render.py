@@ -27,12 +27,14 @@ Layout, per family (``docs/iptables.md`` says why)::
     secfw-egress-base  shared start of closed egress: the same protections
     secfw-pe-<hash> closed egress: the base, then a list of egress groups
     secfw-pi-<hash> secfw-ingress-base (INVALID, TCP not SYN dropped; IPv6
-                   neighbour discovery allowed), same-net sources, a list of
-                   ingress groups (policy chains, named by their content:
-                   shared by every port with the same groups and network)
+                   neighbour discovery allowed), sources in the port's
+                   same-net ipset, a list of ingress groups (policy chains,
+                   named by their content: shared by every port with the
+                   same groups and network)
     secfw-g-<hash> one per GroupChain and family, shared by its ports
     secfw-allow / secfw-pass  set / clear the "allowed" mark bit
-    ipsets secfw-a-<hash> (hash:net), one per AddressSet
+    ipsets secfw-a-<hash> (hash:net), one per AddressSet (source groups and
+                   same-net sets: a network's port addresses)
 
 **Dispatch is a scan, not a lookup.** iptables has no verdict maps: the port of
 a packet is found by matching ``-i``/``-o`` rule after rule (iptables(8),
@@ -46,7 +48,7 @@ one bucket. Every dispatch chain ends in DROP: a tap secfw does not know gets
 nothing (fail closed).
 
 **No chain per port.** A port's anti-spoofing pairs are rules of the egress
-dispatch list; its same-net networks and list of groups are a policy chain
+dispatch list; its same-net set and list of groups are a policy chain
 named by a hash of them, shared by every port with the same groups on the same
 network (at worst one per port); what every port shares lives in shared
 chains. Chains are what makes iptables-nft slow (its restore does a linear
@@ -553,16 +555,29 @@ def _ingress_dispatch(port: PortPolicy, policy: _Policy | None,
 def _ingress_policy(port: PortPolicy, family: Family, ctx: _Context
                     ) -> tuple[str, tuple[str, ...]]:
     """(name, rules) of the ingress policy chain of a protected port: the shared
-    base (conntrack, TCP not SYN, neighbour discovery), same-net sources, the
-    port's groups with rules in ``family``, then drop — the nftables backend's
+    base (conntrack, TCP not SYN, neighbour discovery), sources in its same-net
+    ipsets of ``family`` (the addresses of its network's ports), the port's
+    groups with rules in ``family``, then drop — the nftables backend's
     ``ingress-filter`` order."""
-    same_net = [c for c in dict.fromkeys(canonical_cidr(c) for c in port.same_net_cidrs)
-                if cidr_family(c) == family]
+    same_net = _same_net_sets(port, family, ctx)
     groups = ctx.groups_of(port.ingress_chains, family)
     rules = (f"-j {INGRESS_BASE}",
-             *(" ".join([*address_option("-s", c), "-g", PASS]) for c in same_net),
+             *(f"-m set --match-set {name} src -g {PASS}" for name in same_net),
              *_groups(groups, ctx))
     return policy_chain("ingress", groups, same_net), rules
+
+
+def _same_net_sets(port: PortPolicy, family: Family, ctx: _Context) -> list[str]:
+    """The ipsets of the port's same-net sets of ``family`` (BackendError for an
+    unknown one)."""
+    found = []
+    for name in dict.fromkeys(port.same_net_sets):
+        address_set = ctx.sets.get(name)
+        if address_set is None:
+            raise BackendError(f"iptables: port {port.tap} uses unknown same-net set {name!r}")
+        if address_set.family == family:
+            found.append(ctx.set_names[name])
+    return found
 
 
 def _dispatch(top: str, bucket: str, head: tuple[str, ...],

@@ -37,7 +37,6 @@ from secfw.model import TAP_PREFIX
 INGRESS_PORTS = "ingress_ports"  # tap -> goto ingress-filter | accept (port security off)
 EGRESS_PORTS = "egress_ports"  # tap -> goto egress-open | goto egress-filter | accept
 ND_PORTS = "nd_ports"  # tap -> goto nd-<tap> (its neighbour-advertisement targets)
-SAME_NET = {"ipv4": "same_net4", "ipv6": "same_net6"}
 SPOOF = {"ipv4": "spoof4", "ipv6": "spoof6"}  # tap . MAC . host address
 SPOOF_NETS = {"ipv4": "spoof4_nets", "ipv6": "spoof6_nets"}  # tap . MAC . network
 
@@ -68,7 +67,7 @@ FROM_TAP = "from-tap"  # hook prerouting: layer-2 checks, egress mark
 TO_TAP = "to-tap"  # hook postrouting: ingress mark
 
 FIXED_SETS = frozenset({
-    INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SAME_NET.values(), *SPOOF.values(),
+    INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SPOOF.values(),
     *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
     PORT_MACS,
 })
@@ -235,8 +234,9 @@ def assign_marks(taps: Iterable[str]) -> dict[str, int]:
 
     Why palindromes: nft 1.0.6 lists some elements of a ``mark . ipv4_addr``
     interval set with the mark byte-swapped (measured at 10k ports: 5 of 10,000
-    ``same_net4`` elements came back swapped, so every full sync rewrote them). A
-    mark that reads the same in both byte orders cannot be misread."""
+    elements of the former ``same_net4`` set came back swapped, so every full sync
+    rewrote them; ``spoof4_nets`` still has mark-led interval keys). A mark that
+    reads the same in both byte orders cannot be misread."""
     unique = sorted(set(taps))
     if len(unique) > MAX_MARKED_TAPS:
         raise BackendError(f"nftables: a bridged host takes at most {MAX_MARKED_TAPS} taps "

@@ -9,12 +9,14 @@ the tables (sets and maps with their elements, chains with their rules);
 
     map ingress_ports   tap → goto ingress-filter | accept (port security off)
     map egress_ports    tap → goto egress-open | goto egress-filter | accept (off)
-    set same_net4/6     tap . network        (only when a port has same-net networks)
     set <G>-ports       taps whose policy uses group chain G (one per GroupChain)
-    set <S>             one per AddressSet: its CIDRs
+    set <N>-ports       taps whose policy names same-net set N
+    set <S>             one per AddressSet (source groups, same-net sets): its CIDRs
     … + the port-protection sets and maps of :mod:`.protect`
     chain <G>           one per GroupChain: one rule per IRRule, each ends in accept
-    chain ingress-filter   conntrack state, ND, same-net accept, group dispatch, drop
+    chain ingress-filter   conntrack state, ND, one same-net accept per same-net
+                           set (``oifname @<N>-ports ip saddr @<N>``), group
+                           dispatch, drop
     chain egress-open      jump egress-guard, accept
     chain egress-filter    jump egress-guard, group dispatch, drop
     chain egress-guard / egress-protect / nd-<tap>    (:mod:`.protect`)
@@ -33,12 +35,10 @@ compares these identities instead of text (see :mod:`.state`).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, TypeVar
 
 from secfw.backends.nftables import protect
@@ -67,13 +67,11 @@ from secfw.backends.nftables.layout import (
     PORTS_SUFFIX,
     POSTROUTING_INGRESS,
     POSTROUTING_INGRESS_HOOK,
-    SAME_NET,
     TAP_WILDCARD,
     PortIdentity,
     canonical_cidr,
     check_name,
     check_tap,
-    cidr_family,
     is_host,
     is_safe_name,
     port_identity,
@@ -86,7 +84,6 @@ from secfw.backends.nftables.syntax import (
     FAMILY,
     TABLE,
     Chain,
-    Concat,
     Element,
     Hook,
     Match,
@@ -191,7 +188,7 @@ class Renderer:
     def __init__(self, topology: str = "routed") -> None:
         self.topology = topology
         self.delta: Delta | None = None
-        self._port_key: tuple[tuple[PortPolicy, ...], tuple[tuple[str, str], ...]] | None = None
+        self._port_key: tuple[tuple[PortPolicy, ...], object] | None = None
         self._port_part: _PortPart = ([], [])
         self._set_signature: tuple[tuple[str, str], ...] = ()
         self._sets: dict[str, tuple[AddressSet, NamedSet]] = {}
@@ -228,8 +225,9 @@ class Renderer:
         return self._result
 
     def _ports(self, hf: HostFilter, delta: Delta) -> _PortPart:
-        """What the ports and the chains' names and directions determine."""
-        key = (hf.ports, tuple((c.name, c.direction) for c in hf.chains))
+        """What the ports, the chains' names and directions and the sets' names
+        and families determine."""
+        key = (hf.ports, (tuple((c.name, c.direction) for c in hf.chains), self._set_signature))
         if self._port_key is None or self._port_key[0] is not key[0] or self._port_key[1] != key[1]:
             old_sets, old_chains = self._port_part
             self._port_part = _port_part(hf, self.topology)
@@ -325,20 +323,21 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
         "egress": {p.tap: Element((ident.egress(p.tap),)) for p in hf.ports},
         "ingress": {p.tap: Element((ident.ingress(p.tap),)) for p in hf.ports},
     }
-    same_net = _same_net_sets((p for p in hf.ports if p.port_security), ident)
+    same_net = _same_net_members(hf.ports, _index_sets(hf.sets))
     sets = [
         _ingress_map(hf.ports, ident),
         _egress_map(hf.ports, ident),
-        *same_net,
         *(_ports_set(name, taps, interned[groups[name].direction], ident.key_type)
           for name, taps in members.items()),
+        *(_ports_set(name, taps, interned["ingress"], ident.key_type)
+          for (name, _), taps in same_net.items()),
         *protect.spoof_sets(hf.ports, ident),
         protect.nd_map(hf.ports, ident),
         *protect.layer2_sets(hf.ports, ident),
     ]
     chains = [
         _ingress_filter(sorted(c.name for c in hf.chains if c.direction == "ingress"),
-                        [s.name for s in same_net], ident),
+                        sorted(same_net), ident),
         *_egress_chains(sorted(c.name for c in hf.chains if c.direction == "egress"), ident),
         protect.egress_guard(ident),
         protect.egress_protect(ident),
@@ -421,32 +420,26 @@ def _egress_map(ports: Iterable[PortPolicy], ident: PortIdentity) -> NamedSet:
     return NamedSet(EGRESS_PORTS, (ident.key_type,), (), _by_key(elements), is_map=True)
 
 
-def _same_net_sets(ports: Iterable[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
-    """``tap . network`` interval sets, one per family that has any element."""
-    elements: dict[Family, list[Element]] = {"ipv4": [], "ipv6": []}
+def _same_net_members(ports: Iterable[PortPolicy], sets: dict[str, AddressSet]
+                      ) -> dict[tuple[str, Family], list[str]]:
+    """(same-net set, its family) → sorted taps of the protected ports that name it.
+
+    The port → network membership is data (a ``<N>-ports`` set per same-net set)
+    and the network's addresses are the set ``<N>`` itself, as for a source group:
+    a port of the network joining or leaving, here or on another host, is one
+    element, and the rules stay one per network and family on this host. (A
+    ``tap . address`` set would hold local ports × the network's ports.)"""
+    members: dict[tuple[str, Family], list[str]] = {}
     for port in ports:
-        for cidr in _merged(port.same_net_cidrs):
-            elements[cidr_family(cidr)].append(Element((ident.ingress(port.tap), cidr)))
-    return [
-        NamedSet(SAME_NET[family], (ident.key_type, ADDRESS_TYPE[family]), ("interval",),
-                 tuple(sorted(elements[family], key=lambda e: e.key)))
-        for family in ("ipv4", "ipv6")
-        if elements[family]
-    ]
-
-
-@lru_cache(maxsize=1 << 12)
-def _merged(cidrs: tuple[str, ...]) -> tuple[str, ...]:
-    """Canonical CIDRs without overlaps (interval sets reject overlapping elements).
-
-    Cached: the ports of one network all have the same same-net CIDRs."""
-    canonical = tuple(canonical_cidr(c) for c in cidrs)
-    if len(canonical) <= 1:
-        return canonical
-    v4 = [ipaddress.IPv4Network(c) for c in canonical if cidr_family(c) == "ipv4"]
-    v6 = [ipaddress.IPv6Network(c) for c in canonical if cidr_family(c) == "ipv6"]
-    return tuple(n.with_prefixlen for n in ipaddress.collapse_addresses(v4)) + tuple(
-        n.with_prefixlen for n in ipaddress.collapse_addresses(v6))
+        if not port.port_security:
+            continue
+        for name in dict.fromkeys(port.same_net_sets):
+            address_set = sets.get(name)
+            if address_set is None:
+                raise BackendError(f"nftables: port {port.tap} uses unknown same-net set "
+                                   f"{name!r}")
+            members.setdefault((name, address_set.family), []).append(port.tap)
+    return {key: sorted(taps) for key, taps in members.items()}
 
 
 def _ports_set(chain: str, taps: list[str], interned: dict[str, Element],
@@ -556,14 +549,18 @@ def _icmp(rule: IRRule) -> list[Statement]:
     return [Match(Payload(keyword, name), value) for name, value in values]
 
 
-def _ingress_filter(chains: list[str], same_net: list[str], ident: PortIdentity) -> Chain:
-    """What reaches a protected port: replies, neighbour discovery, same-net
-    traffic, then every ingress group chain of the port, then drop."""
+def _ingress_filter(chains: list[str], same_net: list[tuple[str, Family]],
+                    ident: PortIdentity) -> Chain:
+    """What reaches a protected port: replies, neighbour discovery, traffic from
+    an address of its network's ports (``oifname @<N>-ports ip saddr @<N>
+    accept``, one rule per same-net set), then every ingress group chain of the
+    port, then drop."""
     rules = [make_rule((CT_STATE,)), make_rule((NEW_NOT_SYN, DROP)),
              make_rule(protect.neighbour_discovery_in())]
     rules += [
-        make_rule((Match(_same_net_key(ident.ingress_key, name), SetRef(name)), ACCEPT))
-        for name in same_net
+        make_rule((Match(ident.ingress_key, SetRef(ports_set_name(name))),
+                   Match(Payload(ADDRESS_KEYWORD[family], "saddr"), SetRef(name)), ACCEPT))
+        for name, family in same_net
     ]
     rules += [_dispatch(ident.ingress_key, name) for name in chains]
     rules.append(make_rule((DROP,)))
@@ -581,11 +578,6 @@ def _egress_chains(chains: list[str], ident: PortIdentity) -> list[Chain]:
         Chain(EGRESS_OPEN, None, (guard, make_rule((ACCEPT,)))),
         Chain(EGRESS_FILTER, None, (guard, *dispatch, make_rule((DROP,)))),
     ]
-
-
-def _same_net_key(port_key: Meta, set_name: str) -> Concat:
-    family: Family = "ipv6" if set_name == SAME_NET["ipv6"] else "ipv4"
-    return Concat((port_key, Payload(ADDRESS_KEYWORD[family], "saddr")))
 
 
 def _dispatch(port_key: Meta, chain: str) -> Rule:
