@@ -100,23 +100,25 @@ Dependency = tuple[str, int]  # ("l4proto", 6), ("nfproto", 2), ("ether", 0x806)
 def canonical_expr(expr: Sequence[Any]) -> Canon:
     """The canonical form of a rule's ``expr`` (libnftables JSON statements,
     libnftables-json(5)); see the module docstring."""
-    statements = list(_retarget_th(expr))
+    dependencies = [_dependency(s) for s in expr]
+    if not any(dependencies):  # most rules: nothing nft would rewrite but constants
+        return tuple(_freeze(s) for s in expr)
+    statements = list(_retarget_th(expr, dependencies))
     kept: list[Any] = []
     implied: set[Dependency] = set()
-    for statement in reversed(statements):
-        dependency = _dependency(statement)
+    for statement, dependency in zip(reversed(statements), reversed(dependencies), strict=True):
         if dependency is not None and dependency in implied:
             continue  # nft adds (and hides) it anyway: see the module docstring
-        implied |= _implications(statement)
+        implied |= _implications(statement, dependency)
         kept.append(statement)
     return tuple(_freeze(s) for s in reversed(kept))
 
 
-def _retarget_th(expr: Iterable[Any]) -> Iterator[Any]:
+def _retarget_th(expr: Iterable[Any], dependencies: Iterable[Dependency | None]
+                 ) -> Iterator[Any]:
     """``th sport|dport`` after ``meta l4proto N`` (one value) → ``<N's name> …``."""
     l4: int | None = None
-    for statement in expr:
-        dependency = _dependency(statement)
+    for statement, dependency in zip(expr, dependencies, strict=True):
         if dependency is not None and dependency[0] == "l4proto":
             l4 = dependency[1]
         elif l4 in _TH:
@@ -127,10 +129,10 @@ def _retarget_th(expr: Iterable[Any]) -> Iterator[Any]:
 def _renamed_th(node: Any, protocol: str) -> Any:
     if isinstance(node, list):
         return [_renamed_th(item, protocol) for item in node]
-    if not isinstance(node, Mapping):
+    if not isinstance(node, dict):
         return node
     payload = node.get("payload")
-    if (isinstance(payload, Mapping) and payload.get("protocol") == "th"
+    if (isinstance(payload, dict) and payload.get("protocol") == "th"
             and payload.get("field") in ("sport", "dport")):
         return {"payload": {"protocol": protocol, "field": payload["field"]}}
     return {key: _renamed_th(value, protocol) for key, value in node.items()}
@@ -139,27 +141,28 @@ def _renamed_th(node: Any, protocol: str) -> Any:
 def _dependency(statement: Any) -> Dependency | None:
     """``meta l4proto N`` / ``meta nfproto F`` / ``ether type T`` with one value
     (an equality): the protocol dependency it states, as numbers."""
-    match = statement.get("match") if isinstance(statement, Mapping) else None
-    if not isinstance(match, Mapping) or match.get("op") not in ("==", None):
+    match = statement.get("match") if isinstance(statement, dict) else None
+    if not isinstance(match, dict) or match.get("op") not in ("==", None):
         return None
     left, right = match.get("left"), match.get("right")
-    if not isinstance(left, Mapping) or isinstance(right, (Mapping, list)):
+    if not isinstance(left, dict) or isinstance(right, (dict, list)):
         return None
     meta = left.get("meta")
-    if isinstance(meta, Mapping) and meta.get("key") in ("l4proto", "nfproto"):
+    if isinstance(meta, dict) and meta.get("key") in ("l4proto", "nfproto"):
         key = str(meta["key"])
         number = protocol_number(right) if key == "l4proto" else _symbol(right, NFPROTO)
         return None if number is None else (key, number)
     payload = left.get("payload")
-    if isinstance(payload, Mapping) and (payload.get("protocol"), payload.get("field")) == (
+    if isinstance(payload, dict) and (payload.get("protocol"), payload.get("field")) == (
             "ether", "type"):
         number = _symbol(right, ETHER_TYPES)
         return None if number is None else ("ether", number)
     return None
 
 
-def _implications(statement: Any) -> set[Dependency]:
-    """The dependencies a statement implies: those of every header it reads."""
+def _implications(statement: Any, dependency: Dependency | None) -> set[Dependency]:
+    """The dependencies a statement (stating ``dependency``) implies: those of
+    every header it reads."""
     found: set[Dependency] = set()
     for protocol in _protocols(statement):
         if protocol in _L4:
@@ -168,7 +171,6 @@ def _implications(statement: Any) -> set[Dependency]:
             found.add(("nfproto", _NF[protocol]))
         if protocol in _ETHER:
             found.add(("ether", _ETHER[protocol]))
-    dependency = _dependency(statement)
     if dependency is not None and dependency[0] == "l4proto" and dependency[1] in _L4_NF:
         found.add(("nfproto", _L4_NF[dependency[1]]))
     return found
@@ -179,9 +181,9 @@ def _protocols(node: Any) -> Iterator[str]:
     if isinstance(node, list):
         for item in node:
             yield from _protocols(item)
-    elif isinstance(node, Mapping):
+    elif isinstance(node, dict):
         payload = node.get("payload")
-        if isinstance(payload, Mapping) and "protocol" in payload:
+        if isinstance(payload, dict) and "protocol" in payload:
             yield str(payload["protocol"])
         for value in node.values():
             yield from _protocols(value)
@@ -226,7 +228,7 @@ def _freeze(node: Any, table: Mapping[str, int] | None = None, l4: bool = False)
     table of the value being frozen; ``l4``: it is a ``meta l4proto`` value)."""
     if isinstance(node, list):
         return ("list", *(_freeze(item, table, l4) for item in node))
-    if isinstance(node, Mapping):
+    if isinstance(node, dict):
         return _freeze_object(node, table, l4)
     return _atom(node, table, l4)
 
@@ -255,14 +257,14 @@ def _freeze_match(match: Mapping[str, Any]) -> Any:
 def _values(left: Any) -> tuple[Mapping[str, int] | None, bool]:
     """The symbol table of what ``left`` is compared with, and whether it is a
     ``meta l4proto``."""
-    if not isinstance(left, Mapping):
+    if not isinstance(left, dict):
         return None, False
     meta = left.get("meta")
-    if isinstance(meta, Mapping):
+    if isinstance(meta, dict):
         key = meta.get("key")
         return _META_SYMBOLS.get(str(key)), key == "l4proto"
     payload = left.get("payload")
-    if isinstance(payload, Mapping):
+    if isinstance(payload, dict):
         field = (str(payload.get("protocol")), str(payload.get("field")))
         return _PAYLOAD_SYMBOLS.get(field), False
     return None, False
