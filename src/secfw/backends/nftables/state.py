@@ -49,6 +49,7 @@ from secfw.backends.nftables.syntax import (
     NamedSet,
     Rule,
     Ruleset,
+    Statement,
     Verdict,
     statement_json,
 )
@@ -197,22 +198,26 @@ def _chain_state(chain: Chain) -> ChainState:
     return ChainState(chain.hook, tuple(rule_state(r) for r in chain.rules))
 
 
-#: Rendered rules' states by comment: a rendered comment is a digest of the rule's
-#: text (:func:`.syntax.make_rule`), so one comment is one content. Bounded: a
-#: long-lived agent's churn only costs recomputing.
-_RULE_STATES: dict[str, RuleState] = {}
+#: Rendered rules' states by comment (a rendered comment is a digest of the
+#: rule's text, :func:`.syntax.make_rule`), each with the statements it was
+#: computed from, checked on a hit. Bounded: a long-lived agent's churn only
+#: costs recomputing.
+_RULE_STATES: dict[str, tuple[tuple[Statement, ...], RuleState]] = {}
 _RULE_STATES_MAX = 1 << 18
 
 
 def rule_state(rule: Rule) -> RuleState:
-    """The state of a rendered rule (its JSON rendering, canonical)."""
+    """The state of a rendered rule: its comment and its JSON rendering in
+    canonical form (computed once per rule content)."""
     known = _RULE_STATES.get(rule.comment)
-    if known is None:
-        if len(_RULE_STATES) >= _RULE_STATES_MAX:
-            _RULE_STATES.clear()
-        expr = canonical_expr([statement_json(s) for s in rule.statements])
-        known = _RULE_STATES[rule.comment] = RuleState(rule.comment, expr)
-    return known
+    if known is not None and (known[0] is rule.statements or known[0] == rule.statements):
+        return known[1]
+    if len(_RULE_STATES) >= _RULE_STATES_MAX:
+        _RULE_STATES.clear()
+    state = RuleState(rule.comment,
+                      canonical_expr([statement_json(s) for s in rule.statements]))
+    _RULE_STATES[rule.comment] = (rule.statements, state)
+    return state
 
 
 def _set_state(named: NamedSet) -> SetState:
