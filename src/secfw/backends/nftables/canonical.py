@@ -234,17 +234,20 @@ def _freeze(node: Any, table: Mapping[str, int] | None = None, l4: bool = False)
 
 
 def _freeze_object(node: Mapping[str, Any], table: Mapping[str, int] | None, l4: bool) -> Any:
-    if "set" in node and len(node) == 1:  # anonymous set / verdict map: unordered
-        items = node["set"] if isinstance(node["set"], list) else [node["set"]]
+    if len(node) != 1:  # keys sorted: the listing need not keep the rendering's order
+        return tuple(sorted((str(k), _freeze(v, table, l4)) for k, v in node.items()))
+    ((kind, body),) = node.items()
+    if kind == "set":  # anonymous set / verdict map: unordered
+        items = body if isinstance(body, list) else [body]
         return ("set", tuple(sorted((_freeze(i, table, l4) for i in items), key=repr)))
-    if "prefix" in node and len(node) == 1:
-        return _prefix(node["prefix"])
-    if "match" in node and len(node) == 1:
-        return ("match", _freeze_match(node["match"]))
-    if "vmap" in node and len(node) == 1:  # its keys are values of its key expression
-        key = node["vmap"].get("key")
-        return ("vmap", _freeze(key), _freeze(node["vmap"].get("data"), *_values(key)))
-    return tuple(sorted((str(k), _freeze(v, table, l4)) for k, v in node.items()))
+    if kind == "prefix":
+        return _prefix(body)
+    if kind == "match":
+        return ("match", _freeze_match(body))
+    if kind == "vmap":  # its keys are values of its key expression
+        key = body.get("key")
+        return ("vmap", _freeze(key), _freeze(body.get("data"), *_values(key)))
+    return ((str(kind), _freeze(body, table, l4)),)
 
 
 def _freeze_match(match: Mapping[str, Any]) -> Any:
