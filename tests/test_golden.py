@@ -11,16 +11,20 @@ input — so the four files of one cloud can be read side by side:
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import secfw.api
 from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES
+from secfw.backends.nftables import KernelState, Ruleset, plan, render, to_nft_text
 from secfw.compiler.build import compile_host
 from secfw.compiler.ir import HostFilter
 from secfw.store import open_store
@@ -123,3 +127,88 @@ def test_golden_clouds_are_deterministic(tmp_path: Path, monkeypatch: pytest.Mon
         guide_cloud(api)
         texts.append(printed(compile_host(api.snapshot(), HOST, True), "nftables", "bridged"))
     assert texts[0] == texts[1]
+
+
+# --------------------------------------------------------------------------- read-back
+
+
+def listing_path(cloud: str, topology: str) -> Path:
+    """libnftables' JSON listing of a golden cloud's nftables tables (nft 1.0.6)."""
+    return GOLDEN / f"{cloud}.nftables-{topology}.listing.json"
+
+
+def listing_text(listing: dict[str, Any]) -> str:
+    """A listing as stored: one object a line, handles and metainfo left out (they
+    are not part of what is compared)."""
+    objects = [{kind: {k: v for k, v in body.items() if k != "handle"}}
+               for obj in listing["nftables"] for kind, body in obj.items()
+               if kind != "metainfo"]
+    lines = ",\n".join(json.dumps(obj, sort_keys=True) for obj in objects)
+    return '{"nftables": [\n' + lines + "\n]}\n"
+
+
+def golden_ruleset(api: Api, cloud: str, topology: str) -> Ruleset:
+    allow_same_net = CLOUDS[cloud](api)  # builds the cloud: before the snapshot
+    return render(compile_host(api.snapshot(), HOST, allow_same_net), topology)
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("cloud", sorted(CLOUDS))
+def test_kernel_listing_reads_back_equal_rule_by_rule(api: Api, cloud: str,
+                                                      topology: str) -> None:
+    """What nft lists for a golden ruleset (stored; the netns test below checks the
+    file is the kernel's own output) normalises to exactly the rendered state —
+    every rule by comment and expressions — so a full pass plans nothing."""
+    ruleset = golden_ruleset(api, cloud, topology)
+    listing = json.loads(listing_path(cloud, topology).read_text())
+    read, want = KernelState.from_nft_json(listing), KernelState.from_ruleset(ruleset)
+    for key, chain in want.chains.items():
+        assert read.chains[key] == chain, key
+    assert read == want
+    assert plan(read, ruleset).empty
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("cloud", sorted(CLOUDS))
+def test_any_rule_replaced_under_its_comment_is_seen(api: Api, cloud: str,
+                                                     topology: str) -> None:
+    """Each rule of a golden listing in turn given other content (``accept``, or
+    ``drop`` where it was ``accept``) under the same comment: the plan rewrites
+    exactly that chain, never the whole table."""
+    ruleset = golden_ruleset(api, cloud, topology)
+    listing = json.loads(listing_path(cloud, topology).read_text())
+    rules = [i for i, obj in enumerate(listing["nftables"]) if "rule" in obj]
+    assert rules
+    for index in rules:
+        tampered = copy.deepcopy(listing)
+        body = tampered["nftables"][index]["rule"]
+        body["expr"] = [{"drop": None}] if body["expr"] == [{"accept": None}] else [
+            {"accept": None}]
+        tx = plan(KernelState.from_nft_json(tampered), ruleset)
+        family, chain = body["family"], body["chain"]
+        assert not tx.full and tx.commands[0] == f"flush chain {family} secfw {chain}", (
+            body, tx.commands[:2])
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a network namespace)")
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("cloud", sorted(CLOUDS))
+def test_listing_files_are_what_the_kernel_lists(api: Api, cloud: str, topology: str) -> None:
+    """The stored listing is what this kernel and libnftables list after applying
+    the golden ruleset (``SECFW_UPDATE_GOLDEN=1`` rewrites it)."""
+    from secfw.backends.nftables import NftablesExecutor
+    from secfw.bench.namespaces import scratch_netns
+
+    ruleset = golden_ruleset(api, cloud, topology)
+    with scratch_netns() as ns:
+        executor = NftablesExecutor(ns)
+        executor.apply_text(to_nft_text(ruleset))
+        listing = executor.read_json()
+        del executor
+    assert listing is not None
+    path = listing_path(cloud, topology)
+    if os.environ.get("SECFW_UPDATE_GOLDEN"):
+        path.write_text(listing_text(listing))
+    assert listing_text(listing) == path.read_text(), (
+        f"{path.name} differs (SECFW_UPDATE_GOLDEN=1 rewrites it)")

@@ -702,6 +702,43 @@ def test_missing_jump_is_ensured_not_duplicated() -> None:
     assert t.ensure_jumps == (("FORWARD", "-j secfw-fwd"),) and t.size == 1
 
 
+def test_a_foreign_rule_above_secfw_jump_reads_as_buried() -> None:
+    """A rule that is not secfw's jump, above it, in a built-in chain (a foreign
+    ``-j ACCEPT`` there bypasses every group); foreign rules below do not count."""
+    text = save_text(render(small()))
+    assert parse_table(text, "ipv4").buried == frozenset()
+    above = text.replace("-A FORWARD -j secfw-fwd", "-A FORWARD -j ACCEPT\n-A FORWARD -j secfw-fwd")
+    assert parse_table(above, "ipv4").buried == {"FORWARD"}
+    table = parse_table(above.replace("-A INPUT -j secfw-in",
+                                      "-A INPUT -i lo -j ACCEPT\n-A INPUT -j secfw-in"), "ipv4")
+    assert table.buried == {"FORWARD", "INPUT"}
+    assert table.jumps == {("INPUT", "-j secfw-in"): 1, ("FORWARD", "-j secfw-fwd"): 1}
+
+
+def test_buried_jump_moves_back_to_the_top_and_the_foreign_rule_stays() -> None:
+    """One commit deletes secfw's jump and inserts it at position 1 (atomic: the
+    chain is never without it); the foreign rule is not secfw's to delete."""
+    state = render(small())
+    v4 = state.tables["ipv4"]  # type: ignore[index]
+    buried = IptState({**state.tables, "ipv4": replace(v4, buried=frozenset({"FORWARD"}))},
+                      state.sets)
+    p = plan(buried, state)
+    t = p.tables["ipv4"]  # type: ignore[index]
+    assert t.commit == ("-D FORWARD -j secfw-fwd", "-I FORWARD 1 -j secfw-fwd")
+    assert not t.ensure_jumps and not t.created and not t.removed
+    assert p.summary["chains"] == ["FORWARD"]
+    assert plan(state, state).empty  # rendered: never buried
+
+
+def test_duplicated_and_buried_jump_is_moved_once() -> None:
+    state = render(small())
+    v4 = state.tables["ipv4"]  # type: ignore[index]
+    table = replace(v4, jumps={**v4.jumps, ("FORWARD", "-j secfw-fwd"): 2},
+                    buried=frozenset({"FORWARD"}))
+    t = plan(IptState({**state.tables, "ipv4": table}, state.sets), state).tables["ipv4"]  # type: ignore[index]
+    assert t.commit == ("-D FORWARD -j secfw-fwd",) * 2 + ("-I FORWARD 1 -j secfw-fwd",)
+
+
 def test_changed_set_header_or_most_members_means_swap() -> None:
     state = render(small())
     name = set_name(WEB_V4)

@@ -32,7 +32,7 @@ from secfw.backends.nftables.render import (
     canonical_cidr,
     rule_text,
 )
-from secfw.backends.nftables.state import ChainState, SetState
+from secfw.backends.nftables.state import ChainState, RuleState, SetState
 from secfw.backends.nftables.syntax import Datum
 from secfw.compiler.ir import (
     AddressPair,
@@ -607,7 +607,7 @@ def test_read_back_normalises_every_element_form() -> None:
         },
         chains={
             key("forward-ingress"): ChainState(Hook("filter", "forward", 0, "accept"),
-                                               ("abc", "")),
+                                               (RuleState("abc", ()), RuleState("", ()))),
             key("empty-chain"): ChainState(None, ()),
         },
         tables=frozenset({"inet", "arp"}),
@@ -755,9 +755,10 @@ def test_removed_group_goes_after_everything_that_refers_to_it() -> None:
 def test_foreign_objects_in_our_table_are_removed() -> None:
     ruleset = render(small())
     state = KernelState.from_ruleset(ruleset)
-    chains = {**state.chains, key("intruder-1"): ChainState(None, ("",)),
+    chains = {**state.chains, key("intruder-1"): ChainState(None, (RuleState("", ()),)),
               key("arp-intruder", "arp"): ChainState(None, ()),
-              key("forward-ingress"): replace(state.chains[key("forward-ingress")], rules=("",))}
+              key("forward-ingress"): replace(state.chains[key("forward-ingress")],
+                                                   rules=(RuleState("", ()),))}
     sets = {**state.sets, key("left.over"): SetState(("ifname",), (), False, frozenset())}
     commands = plan(KernelState(sets, chains, state.tables), ruleset).commands
     assert commands[0] == "flush chain inet secfw forward-ingress"

@@ -266,6 +266,9 @@ for _topology in ("routed", "bridged"):
          "secfw-ingress"),
         ("delete the jump", ("iptables", "-D", "FORWARD", "-j", "secfw-fwd"), "replaced",
          "False"),
+        # a foreign ACCEPT above secfw's jump: the jump is moved back on top
+        ("accept above the jump", ("iptables", "-I", "FORWARD", "1", "-j", "ACCEPT"),
+         "chains", "FORWARD"),
     )
 
 

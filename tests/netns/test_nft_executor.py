@@ -26,6 +26,7 @@ from secfw.backends.nftables import (
     NftablesBackend,
     NftablesExecutor,
     Transaction,
+    canonical,
     plan,
     render,
     to_nft_json,
@@ -193,6 +194,69 @@ def test_full_apply_reads_back_exactly_and_second_sync_is_empty(
     assert tx.full
     assert tx.full
     assert sync(executor, everything()).empty
+
+
+def every_rule_shape() -> HostFilter:
+    """One group chain holding every rule the renderer can emit for one remote:
+    each IP protocol 0..255 over IPv4 and IPv6, each ICMP and ICMPv6 type (with
+    no code, and with each code for one type), each port protocol with one port,
+    a range and every port — so every symbol nft may print back is met."""
+    rules: list[IRRule] = []
+
+    def add(family: str, *args: Any, **kw: Any) -> None:
+        rules.append(IRRule(f"{len(rules):08x}", family, *args, **kw))  # type: ignore[arg-type]
+
+    for family in ("ipv4", "ipv6"):
+        for proto in range(256):
+            add(family, proto)
+        for proto in (6, 17, 132, 136):
+            for low, high in ((1, 1), (1000, 2000), (0, 65535)):
+                add(family, proto, PortRange(low, high))
+    for family, proto, with_codes in (("ipv4", 1, 3), ("ipv6", 58, 1)):
+        for icmp_type in range(256):
+            add(family, proto, icmp=IcmpMatch(icmp_type))
+        for code in range(256):
+            add(family, proto, icmp=IcmpMatch(with_codes, code))
+    add("ipv4", 6, PortRange(22, 22), remote_cidr="192.0.2.7/32")
+    add("ipv6", 17, PortRange(53, 53), remote_cidr="2001:db8::/48")
+    add("ipv4", 6, PortRange(22, 22), remote_set=WEB_V4)
+    chain = GroupChain(WEB, "web", "ingress", tuple(rules))
+    sets = (AddressSet(WEB_V4, "web", "ipv4", ("10.0.0.5/32",)),)
+    return HostFilter("h", (_port(TAPS[0], (WEB,)),), (chain,), sets)
+
+
+@pytest.mark.parametrize("topology", ["routed", "bridged"])
+def test_every_rule_shape_lists_back_equal(ns: str, topology: str) -> None:
+    """Drift is judged by content (:mod:`secfw.backends.nftables.canonical`): each
+    rule the renderer emits must list back, after nft's own rewriting, to the
+    same canonical expressions — else every full pass would rewrite it."""
+    backend = NftablesBackend(netns=ns, topology=topology)
+    hf = every_rule_shape()
+    backend.apply(backend.plan(None, hf))
+    read, want = backend.read(), backend.committed(hf)
+    assert read is not None
+    differing = [(have, need) for key, chain in want.chains.items()
+                 for have, need in zip(read.chains[key].rules, chain.rules, strict=True)
+                 if have != need]
+    assert not differing, differing[:3]
+    assert read == want and backend.plan(read, hf).empty
+
+
+@pytest.mark.parametrize(("expression", "table"), [
+    ("icmp type", canonical.ICMP_TYPES), ("icmp code", canonical.ICMP_CODES),
+    ("icmpv6 type", canonical.ICMPV6_TYPES), ("icmpv6 code", canonical.ICMPV6_CODES),
+    ("ether type", canonical.ETHER_TYPES),
+])
+def test_symbol_tables_are_the_installed_nfts(expression: str, table: dict[str, int]) -> None:
+    """The names the canonical form turns back into numbers are exactly those
+    ``nft describe`` lists (a name nft knows but secfw did not would read as a
+    difference and be rewritten on every full pass)."""
+    out = _sh("nft", "describe", *expression.split())
+    _, _, constants = out.partition("symbolic constants")
+    words = constants.split(":", 1)[1].split()
+    described = {name: int(value, 0) for name, value in zip(words[::2], words[1::2],
+                                                            strict=True)}
+    assert described == table
 
 
 @pytest.mark.parametrize("step", range(1, len(changes())))

@@ -10,7 +10,9 @@ A plan has three phases, applied in order by :mod:`.executor`:
    verdict either); then ONE ``iptables-restore --noflush`` commit rewrites
    the chains that changed (a declaration of an existing chain flushes it in
    --noflush mode, measured with both variants; an explicit ``-F`` follows
-   anyway), deletes surplus jumps, and inserts at position 1 the jumps from
+   anyway), deletes surplus jumps, moves a jump that another rule precedes
+   back to position 1 (delete and insert; the other rule is left, below it),
+   and inserts at position 1 the jumps from
    FORWARD/INPUT that ``iptables -C`` does not find (never twice); last,
    chains that went away are flushed and deleted, after every rule that
    pointed at them is gone. The commit is atomic (iptables-restore(8); both
@@ -152,12 +154,18 @@ def table_changes(old: Table, new: Table, touched: set[str]) -> TableChanges:
     commit = [f":{name} - [0:0]" for name in changed]
     for name in changed:
         commit += [f"-F {name}", *(f"-A {name} {rule}" for rule in new.chains[name])]
+    moved = [j for j in new.jumps if j[0] in old.buried and old.jumps.get(j, 0) > 0]
     for (builtin, rule), count in old.jumps.items():
-        surplus = count - new.jumps.get((builtin, rule), 0)
+        wanted = 0 if (builtin, rule) in moved else new.jumps.get((builtin, rule), 0)
+        surplus = count - wanted
         commit += [f"-D {builtin} {rule}"] * max(surplus, 0)
+    # Back to the top, in the same commit (atomic: no moment without the jump);
+    # the rule that was above stays, now below: it is not secfw's to delete.
+    commit += [f"-I {builtin} 1 {rule}" for builtin, rule in reversed(moved)]
     ensure = tuple(j for j in new.jumps if old.jumps.get(j, 0) == 0)
     touched.update(name for name, _ in created)
     touched.update(changed, removed)
+    touched.update(builtin for builtin, _ in moved)
     return TableChanges(created, tuple(commit), ensure, removed)
 
 

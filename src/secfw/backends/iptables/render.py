@@ -207,13 +207,17 @@ class Table:
 
     ``chains`` maps each ``secfw-…`` chain to its rules (the text after ``-A
     NAME``, as :mod:`.state` normalises ``iptables-save`` output); ``jumps``
-    maps (built-in chain, rule) to how often that rule is there.
+    maps (built-in chain, rule) to how often that rule is there; ``buried`` are
+    the built-in chains where a rule that is not one of secfw's jumps comes
+    before one of them (read back; secfw's jumps must come first, or a foreign
+    ``-j ACCEPT`` above them bypasses every security group).
     """
 
     family: Family
     chains: Mapping[str, tuple[str, ...]]
     jumps: Mapping[tuple[str, str], int] = field(
         default_factory=lambda: {jump: 1 for jump in JUMPS})
+    buried: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

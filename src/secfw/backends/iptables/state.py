@@ -19,7 +19,10 @@ things differently from how secfw writes them; each difference is undone here
 * ipset prints a host without ``/32``/``/128``: the form render uses too.
 
 Anything else that differs (a rule edited by hand, a foreign rule in a secfw
-chain) reads back as different, and the plan rewrites that chain.
+chain) reads back as different, and the plan rewrites that chain. In the
+built-in chains only secfw's jumps are kept, and whether some other rule comes
+before one of them (``Table.buried``): the plan then moves the jump back to the
+top, leaving the other rule where it is (below).
 """
 
 from __future__ import annotations
@@ -126,15 +129,27 @@ def quote(token: str) -> str:
 
 
 def parse_table(text: str, family: Family) -> Table:
-    """secfw's chains and jumps in ``iptables-save -t filter`` output ``text``."""
+    """secfw's chains and jumps in ``iptables-save -t filter`` output ``text``,
+    and the built-in chains where another rule precedes one of secfw's jumps
+    (iptables-save lists each chain's rules in order)."""
     chains: dict[str, list[str]] = {}
     jumps: Counter[tuple[str, str]] = Counter()
+    foreign: set[str] = set()  # built-in chains where a rule not secfw's was seen
+    buried: set[str] = set()
     for line in _filter_section(text):
         if line.startswith(":" + PREFIX):
             chains.setdefault(line[1:].split(" ", 1)[0], [])
         elif line.startswith("-A "):
-            _parse_append(line, chains, jumps)
-    return Table(family, {name: tuple(rules) for name, rules in chains.items()}, dict(jumps))
+            builtin = _parse_append(line, chains, jumps)
+            if builtin is None:
+                continue
+            name, ours = builtin
+            if not ours:
+                foreign.add(name)
+            elif name in foreign:
+                buried.add(name)
+    return Table(family, {name: tuple(rules) for name, rules in chains.items()}, dict(jumps),
+                 frozenset(buried))
 
 
 def _filter_section(text: str) -> Iterator[str]:
@@ -150,15 +165,22 @@ def _filter_section(text: str) -> Iterator[str]:
 
 
 def _parse_append(line: str, chains: dict[str, list[str]],
-                  jumps: Counter[tuple[str, str]]) -> None:
+                  jumps: Counter[tuple[str, str]]) -> tuple[str, bool] | None:
+    """Record one ``-A`` line; for a built-in chain, return (chain, whether the
+    rule is one of secfw's jumps)."""
     _, chain, *rest = line.split(" ", 2)
     rule = rest[0] if rest else ""
     if chain.startswith(PREFIX):
         chains.setdefault(chain, []).append(normalise_rule(rule))
-    elif chain in BUILTIN_CHAINS and PREFIX in rule:
+        return None
+    if chain not in BUILTIN_CHAINS:
+        return None
+    if PREFIX in rule:
         normal = normalise_rule(rule)
         if _TARGET.search(normal):
             jumps[(chain, normal)] += 1
+            return chain, True
+    return chain, False
 
 
 # --------------------------------------------------------------------------- #

@@ -1,7 +1,7 @@
 """A normalised snapshot of secfw's tables: what is compared to plan a sync.
 
 :class:`KernelState` holds, per set or map, its declaration and its elements and,
-per chain, its hook and the *comments* of its rules in order, each keyed by
+per chain, its hook and its rules in order, each keyed by
 ``(family, name)`` (``inet`` or ``arp``), and which of secfw's tables exist. Both
 sides come to the same normal form:
 
@@ -10,11 +10,14 @@ sides come to the same normal form:
 * :meth:`KernelState.from_nft_json` — the actual state, from libnftables' JSON
   listing of ``list table inet secfw`` and ``list table arp secfw``.
 
-Rules are identified by their comment (a digest of the rule's text, see
-:func:`.render.make_rule`): nft prints a rule back differently from how it was
-written (``meta l4proto 6 th dport 80`` comes back as ``tcp dport 80``), so text
-comparison would never converge. A rule without a comment (added by hand) reads
-as ``""`` and so makes its chain differ, which rewrites the chain.
+A rule is its comment (a digest of the rule's text, see
+:func:`.syntax.make_rule`) *and* its expressions in the canonical form of
+:mod:`.canonical`: nft prints a rule back differently from how it was written
+(``meta l4proto 6 th dport 80`` comes back as ``tcp dport 80``), so raw text
+would never converge, and the comment alone would not see a rule whose content
+was replaced under the same comment (``nft replace rule … accept comment
+"<digest>"``). A rule without a comment (added by hand) reads as ``""``; either
+difference makes its chain differ, which rewrites the chain.
 
 Elements: interface names stay strings, MAC addresses lower case; addresses
 become canonical CIDRs
@@ -31,8 +34,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from secfw.backends.nftables.canonical import Canon, canonical_expr
 from secfw.backends.nftables.layout import canonical_cidr
 from secfw.backends.nftables.syntax import (
     ADDRESS_TYPES,
@@ -43,8 +47,11 @@ from secfw.backends.nftables.syntax import (
     Element,
     Hook,
     NamedSet,
+    Rule,
     Ruleset,
+    Statement,
     Verdict,
+    statement_json,
 )
 from secfw.errors import BackendError
 
@@ -75,12 +82,19 @@ class SetState:
         return self.key_type, self.flags, self.is_map, self.data_type
 
 
+class RuleState(NamedTuple):
+    """A rule: the comment it carries and its expressions (:mod:`.canonical`)."""
+
+    comment: str
+    expr: Canon
+
+
 @dataclass(frozen=True)
 class ChainState:
-    """A chain: its hook (None for a regular chain) and its rules' comments in order."""
+    """A chain: its hook (None for a regular chain) and its rules in order."""
 
     hook: Hook | None
-    rules: tuple[str, ...]
+    rules: tuple[RuleState, ...]
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,7 @@ class KernelState:
     ``sets`` and ``chains`` are keyed by ``(family, name)``; ``tables`` are the
     families whose table exists (a table can exist empty). Two states are equal
     exactly when the kernel would hold the same tables, sets, elements, chains,
-    hooks and rules (rules by their identifying comments).
+    hooks (type, hook, priority, policy) and rules (comments and expressions).
     """
 
     sets: Mapping[ObjectKey, SetState]
@@ -181,7 +195,29 @@ def _patched(base: KernelState, delta: Delta) -> KernelState:
 
 
 def _chain_state(chain: Chain) -> ChainState:
-    return ChainState(chain.hook, tuple(r.comment for r in chain.rules))
+    return ChainState(chain.hook, tuple(rule_state(r) for r in chain.rules))
+
+
+#: Rendered rules' states by comment (a rendered comment is a digest of the
+#: rule's text, :func:`.syntax.make_rule`), each with the statements it was
+#: computed from, checked on a hit. Bounded: a long-lived agent's churn only
+#: costs recomputing.
+_RULE_STATES: dict[str, tuple[tuple[Statement, ...], RuleState]] = {}
+_RULE_STATES_MAX = 1 << 18
+
+
+def rule_state(rule: Rule) -> RuleState:
+    """The state of a rendered rule: its comment and its JSON rendering in
+    canonical form (computed once per rule content)."""
+    known = _RULE_STATES.get(rule.comment)
+    if known is not None and (known[0] is rule.statements or known[0] == rule.statements):
+        return known[1]
+    if len(_RULE_STATES) >= _RULE_STATES_MAX:
+        _RULE_STATES.clear()
+    state = RuleState(rule.comment,
+                      canonical_expr([statement_json(s) for s in rule.statements]))
+    _RULE_STATES[rule.comment] = (rule.statements, state)
+    return state
 
 
 def _set_state(named: NamedSet) -> SetState:
@@ -192,9 +228,10 @@ def _set_state(named: NamedSet) -> SetState:
 def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
     sets: dict[ObjectKey, SetState] = {}
     hooks: dict[ObjectKey, Hook | None] = {}
-    rules: dict[ObjectKey, list[str]] = {}
+    rules: dict[ObjectKey, list[RuleState]] = {}
     tables: set[str] = set()
     interned: dict[str, Element] = {}
+    shared: dict[RuleState, RuleState] = {}  # equal rules read back share one object
     for obj in objects:
         for kind, body in obj.items():
             if not isinstance(body, Mapping) or not _ours(kind, body):
@@ -207,8 +244,8 @@ def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
             elif kind == "chain":
                 hooks[(family, body["name"])] = _parse_hook(body)
             elif kind == "rule":
-                key = (family, body["chain"])
-                rules.setdefault(key, []).append(str(body.get("comment", "")))
+                rule = RuleState(str(body.get("comment", "")), canonical_expr(body["expr"]))
+                rules.setdefault((family, body["chain"]), []).append(shared.setdefault(rule, rule))
     chains = {key: ChainState(hook, tuple(rules.get(key, ()))) for key, hook in hooks.items()}
     return KernelState(sets=sets, chains=chains, tables=frozenset(tables))
 
