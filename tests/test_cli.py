@@ -628,7 +628,9 @@ def test_empty_lists(cli: Cli) -> None:
 def test_store_errors_are_one_line(cli: Cli, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not a database, just some text" * 100)
-    for url in (str(garbage), f"sqlite:///{garbage}", "etcd://localhost:2379", str(tmp_path)):
+    unreachable = "etcd://127.0.0.1:1"  # nothing listens on port 1: connection refused
+    for url in (str(garbage), f"sqlite:///{garbage}", unreachable, "etcd://127.0.0.1",
+                str(tmp_path)):
         result = cli.runner.invoke(main, ["--store", url, "secgroup-list"])
         assert result.exit_code == 7, (url, result.stderr)
         lines = result.stderr.splitlines()
