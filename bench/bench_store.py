@@ -56,7 +56,8 @@ def bench_store(kind: str, url: str, sizes: list[int], repeat: int) -> None:
         cloud = BenchCloud(api, HOST)
         start = time.perf_counter()
         cloud.build_base()
-        print(f"{kind:<6} base cloud built in one batch        {time.perf_counter() - start:8.2f} s")
+        built = time.perf_counter() - start
+        print(f"{kind:<6} base cloud built in one batch        {built:8.2f} s")
         port = 20_000
         for size in sizes:
             start = time.perf_counter()
