@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import base64
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+import secfw.store.etcd
 from secfw.errors import StoreError
 from secfw.store import open_store
 from secfw.store.etcd import DEFAULT_PREFIX, EtcdStore, parse_url
@@ -103,3 +104,38 @@ def test_a_refused_transaction_says_which_limit(etcd_server: EtcdServer) -> None
         assert store.revision() == 0
     finally:
         store.close()
+
+
+def test_load_reads_pages_at_one_revision(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading reads pages of keys, all at the first page's revision: a write
+    committed between two pages is not half in the snapshot."""
+    monkeypatch.setattr(secfw.store.etcd, "PAGE_KEYS", 2)
+    url = etcd_server.url()
+    store, writer = EtcdStore(url), EtcdStore(url)
+    try:
+        with writer.write() as txn:
+            for name in "abcdefg":
+                txn.put("secgroup", name, {"name": name})
+        before = writer.load()
+        real_call = store._members.call
+        pages = []
+
+        def call_then_write(what: str, request: Any) -> Any:
+            answer = real_call(what, request)
+            if what == "load" and not pages:
+                with writer.write() as txn:  # between the first and the second page
+                    txn.put("secgroup", "a", {"name": "changed"})
+                    txn.put("secgroup", "zzz", {"name": "zzz"})
+            pages.append(what)
+            return answer
+
+        monkeypatch.setattr(store._members, "call", call_then_write)
+        assert store.load() == before
+        assert pages.count("load") > 2  # it did read in pages
+        monkeypatch.undo()
+        assert store.load() == writer.load() != before
+    finally:
+        store.close()
+        writer.close()

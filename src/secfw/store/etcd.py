@@ -71,6 +71,9 @@ DEFAULT_PREFIX = "/secfw"
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
 _TIMEOUTS = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+#: Keys per range answer when loading everything (see EtcdStore._load).
+PAGE_KEYS = 5000
+LOAD_ATTEMPTS = 3
 #: The gateway's path for etcd >= 3.4 (no discovery request per process).
 API_PATH = "/v3/"
 
@@ -145,7 +148,10 @@ class _Members:
                 last = exc
                 continue
             except Etcd3Exception as exc:
-                raise StoreError(f"store {self.url}: etcd refused {what}: {_detail(exc)}") from exc
+                detail = _detail(exc)
+                if "required revision has been compacted" in detail:
+                    raise HistoryCompactedError(f"store {self.url}: {what}: {detail}") from exc
+                raise StoreError(f"store {self.url}: etcd refused {what}: {detail}") from exc
             except (requests.RequestException, ValueError) as exc:
                 raise StoreError(f"store {self.url}: {what}: {exc}") from exc
             self.current = index
@@ -209,9 +215,38 @@ class EtcdStore(Store):
         return self._load()[0]
 
     def _load(self) -> tuple[Snapshot, int]:
-        """Every document and the marker, in one range (one consistent revision);
-        also the marker's mod_revision, which the write transaction compares."""
-        kvs, _ = self._range("load", self.prefix, _prefix_end(self.prefix))
+        """Every document and the marker at one etcd revision; also the marker's
+        mod_revision, which the write transaction compares.
+
+        Read in pages of :data:`PAGE_KEYS` keys, every page at the revision of
+        the first (etcd's MVCC keeps it consistent), so no single answer has to
+        hold the whole cloud. A compaction between two pages (the pinned
+        revision is gone) restarts the read, a bounded number of times."""
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            try:
+                return self._parse(self._range_pages())
+            except HistoryCompactedError:
+                if attempt == LOAD_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _range_pages(self) -> list[dict[str, Any]]:
+        kvs: list[dict[str, Any]] = []
+        key, end, revision = self.prefix, _prefix_end(self.prefix), 0
+        while True:
+            payload: dict[str, Any] = {"key": _b64(key), "range_end": _b64(end),
+                                       "limit": PAGE_KEYS}
+            if revision:
+                payload["revision"] = str(revision)
+            answer = self._post("load", "/kv/range", payload)
+            page = answer.get("kvs", [])
+            kvs.extend(page)
+            revision = revision or int(answer["header"]["revision"])
+            if not answer.get("more") or not page:
+                return kvs
+            key = _unb64(page[-1]["key"]) + b"\0"  # the next key after the last one read
+
+    def _parse(self, kvs: list[dict[str, Any]]) -> tuple[Snapshot, int]:
         snapshot = Snapshot(0)
         for kv in kvs:
             key = _unb64(kv["key"])
@@ -353,13 +388,16 @@ class EtcdStore(Store):
             payload["range_end"] = _b64(range_end)
         if keys_only:
             payload["keys_only"] = True
-        answer: dict[str, Any] = self._members.call(what, lambda client: client.post(
-            client.get_url("/kv/range"), json=payload))
+        answer = self._post(what, "/kv/range", payload)
         return answer.get("kvs", []), int(answer["header"]["revision"])
 
     def _txn(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
-        answer: dict[str, Any] = self._members.call(what, lambda client: client.post(
-            client.get_url("/kv/txn"), json=body))
+        return self._post(what, "/kv/txn", body)
+
+    def _post(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One gateway request (JSON in, JSON out) on a reachable member."""
+        answer: dict[str, Any] = self._members.call(
+            what, lambda client: client.post(client.get_url(path), json=body))
         return answer
 
 
