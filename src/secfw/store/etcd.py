@@ -71,6 +71,9 @@ DEFAULT_PREFIX = "/secfw"
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
 _TIMEOUTS = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+#: A watch with no message for this long is reopened (a member that vanished
+#: without closing the connection is noticed; an idle reopen costs one request).
+WATCH_IDLE_S = 30.0
 #: Keys per range answer when loading everything (see EtcdStore._load).
 PAGE_KEYS = 5000
 LOAD_ATTEMPTS = 3
@@ -211,6 +214,11 @@ class EtcdStore(Store):
         kvs, _ = self._range("read the revision", self._marker, None, keys_only=True)
         return int(kvs[0]["mod_revision"]) if kvs else 0
 
+    def cluster_revision(self) -> int:
+        """etcd's current revision (writes under every prefix move it): where a
+        watch "from now on" starts."""
+        return self._range("read the cluster revision", self._marker, None, keys_only=True)[1]
+
     def load(self) -> Snapshot:
         return self._load()[0]
 
@@ -323,6 +331,43 @@ class EtcdStore(Store):
                 f"(kept from {compacted}): reload everything"
             )
         raise StoreError(f"store {self.url}: watch canceled: {result.get('cancel_reason', '?')}")
+
+    # ------------------------------------------------------------------ watching
+
+    def watch_marker(self, start: int) -> requests.Response:
+        """Open a watch on the revision marker from revision ``start``: a stream
+        (read it with :meth:`marker_revisions`; close it to stop). Every write
+        of ours puts the marker once, so each event is one committed write.
+        Blocking reads time out after :data:`WATCH_IDLE_S` without a message."""
+        request = {"create_request": {"key": _b64(self._marker), "start_revision": str(start)}}
+
+        def connect(client: Etcd3Client) -> requests.Response:
+            response = client.session.post(client.get_url("/watch"), json=request, stream=True,
+                                           timeout=(CONNECT_TIMEOUT_S, WATCH_IDLE_S))
+            if response.status_code != requests.codes.ok:
+                response.close()
+                raise StoreError(f"store {self.url}: watch refused: HTTP {response.status_code}")
+            return response
+
+        return self._members.call("watch", connect)
+
+    def marker_revisions(self, response: requests.Response, start: int) -> Iterator[int | None]:
+        """The revision of each write seen on a :meth:`watch_marker` stream, as
+        it comes; None for a message without events (the watch's creation).
+        Raises HistoryCompactedError when ``start`` is compacted."""
+        for line in response.iter_lines():
+            if not line.strip():
+                continue
+            result = json.loads(line).get("result")
+            if result is None:
+                raise StoreError(f"store {self.url}: watch failed: {line[:200]!r}")
+            if result.get("canceled"):
+                self._raise_canceled(result, start)
+            events = result.get("events", [])
+            if not events:
+                yield None
+            for event in events:
+                yield int(event["kv"]["mod_revision"])
 
     # ------------------------------------------------------------------ writes
 
