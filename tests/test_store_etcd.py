@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import secfw.store.etcd
+from secfw.agent.storewatch import ReopeningStore
 from secfw.errors import StoreError
 from secfw.store import open_store
 from secfw.store.etcd import DEFAULT_PREFIX, EtcdStore, parse_url
@@ -139,3 +140,22 @@ def test_load_reads_pages_at_one_revision(
     finally:
         store.close()
         writer.close()
+
+
+def test_the_agent_refuses_a_prefix_that_holds_no_store(etcd_server: EtcdServer) -> None:
+    """A mistyped prefix must not read as an empty cloud (the agent would drop
+    every port's traffic): the agent's store refuses it and creates nothing."""
+    url = etcd_server.url()
+    agent_view = ReopeningStore(url)
+    with pytest.raises(StoreError, match="no secfw store under this prefix"):
+        agent_view.load()
+    with pytest.raises(StoreError, match="no secfw store under this prefix"):
+        agent_view.load()  # still nothing: the first attempt did not initialise it
+    created = open_store(url)
+    try:
+        with created.write() as txn:
+            txn.put("secgroup", "a", {"name": "a"})
+        assert agent_view.load().docs == {"secgroup": {"a": {"name": "a"}}}
+    finally:
+        agent_view.close()
+        created.close()

@@ -69,7 +69,7 @@ class EtcdWatcher:
         while not self._stopped.is_set():
             try:
                 if store is None:
-                    store = EtcdStore(self.url)
+                    store = EtcdStore(self.url, create=False)
                 if revision is None:  # from now on: the past is changes_since's
                     revision = store.cluster_revision()
                 delivered, revision = self._follow(store, revision)

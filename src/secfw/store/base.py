@@ -156,8 +156,10 @@ def store_url(explicit: str | None = None) -> str:
     return explicit or os.environ.get("SECFW_STORE") or DEFAULT_URL
 
 
-def open_store(url: str | None = None) -> Store:
-    """Open the store named by ``url`` (see :func:`store_url`).
+def open_store(url: str | None = None, create: bool = True) -> Store:
+    """Open the store named by ``url`` (see :func:`store_url`); with ``create``
+    False an etcd prefix that holds no store is refused (SQLite: the caller
+    checks that the file exists, see :mod:`secfw.agent.storewatch`).
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` follow the
     usual SQLAlchemy convention; a bare filesystem path is accepted as SQLite too.
@@ -173,7 +175,7 @@ def open_store(url: str | None = None) -> Store:
     if resolved.startswith("etcd://"):
         from secfw.store.etcd import EtcdStore
 
-        return EtcdStore(resolved)
+        return EtcdStore(resolved, create=create)
     if "://" not in resolved:
         return _sqlite(resolved, resolved)
     scheme = resolved.split("://", 1)[0]

@@ -169,7 +169,10 @@ class _Members:
 class EtcdStore(Store):
     """A :class:`~secfw.store.base.Store` in an etcd v3 cluster (module docstring)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create: bool = True) -> None:
+        """Connect; with ``create`` False a prefix never initialised (no schema
+        key) is refused instead of initialised — what a reader that must not
+        take a mistyped prefix for an empty cloud wants (the agent)."""
         parsed = parse_url(url)
         self.url = url
         self.prefix = parsed.prefix.encode() + b"/"
@@ -178,7 +181,7 @@ class EtcdStore(Store):
         self._docs = self.prefix + b"doc/"
         self._members = _Members(url, parsed.endpoints)
         try:
-            self._check_schema()
+            self._check_schema(create)
         except BaseException:
             self._members.close()
             raise
@@ -188,17 +191,23 @@ class EtcdStore(Store):
 
     # ------------------------------------------------------------------ set-up
 
-    def _check_schema(self) -> None:
-        """Write the schema version if the prefix has none (a compare on its
-        absence: two first opens do not race); refuse another version."""
+    def _check_schema(self, create: bool) -> None:
+        """Write the schema version if the prefix has none and ``create`` (a
+        compare on its absence: two first opens do not race); refuse a missing
+        one otherwise, and another version always."""
         version = _b64(str(SCHEMA_VERSION).encode())
         answer = self._txn("schema check", {
             "compare": [{"key": _b64(self._schema), "target": "CREATE", "result": "EQUAL",
                          "create_revision": "0"}],
-            "success": [{"request_put": {"key": _b64(self._schema), "value": version}}],
+            "success": [{"request_put": {"key": _b64(self._schema), "value": version}}]
+            if create else [],
             "failure": [{"request_range": {"key": _b64(self._schema)}}],
         })
         if answer.get("succeeded"):
+            if not create:
+                raise StoreError(
+                    f"store {self.url}: no secfw store under this prefix (no schema key): "
+                    "refusing to read it as an empty cloud")
             return
         kvs = answer["responses"][0]["response_range"].get("kvs", [])
         found = _unb64(kvs[0].get("value", "")).decode(errors="replace") if kvs else "?"
