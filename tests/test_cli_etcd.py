@@ -18,6 +18,7 @@ from test_cli import (  # noqa: F401  (collected by pytest from this module)
     cloud,
     test_bad_input_is_one_line_and_changes_nothing,
     test_boot_prints_the_server,
+    test_default_group_created_on_first_use,
     test_delete_server_frees_its_ports,
     test_group_quota_exceeded,
     test_guide_cluster_source_group,
