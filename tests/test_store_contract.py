@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import secfw.store.sqlite
+from secfw.api import Api
 from secfw.errors import HistoryCompactedError, StoreError, WriteConflictError
 from secfw.store import Change, Snapshot, Store, open_store
 from secfw.store.base import retry_conflicts
@@ -258,3 +259,36 @@ def test_reopened_store_has_everything(url: str) -> None:
             Change("group", "b", snapshot.revision, {"name": "b"})]
     finally:
         again.close()
+
+
+def test_concurrent_commands_all_land(url: str) -> None:
+    """Commands racing through the Api (each its own store connection, as
+    separate ``secfw`` processes would): every one succeeds and every rule is
+    there. On etcd this needs the Api's re-run of a conflicting transaction."""
+    setup = Api(open_store(url))
+    setup.secgroup_create("p", "web", "racing rules")
+    setup.store.close()
+    errors: list[BaseException] = []
+
+    def add_rules(worker: int) -> None:
+        api = Api(open_store(url))
+        try:
+            for number in range(4):
+                port = str(1000 + worker * 10 + number)
+                api.secgroup_add_rule("p", "web", "tcp", port, port, "0.0.0.0/0")
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+        finally:
+            api.store.close()
+
+    workers = [threading.Thread(target=add_rules, args=(n,)) for n in range(4)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    assert errors == []
+    check = Api(open_store(url))
+    try:
+        assert len(check.secgroup_list_rules("p", "web")) == 16
+    finally:
+        check.store.close()
