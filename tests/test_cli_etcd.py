@@ -11,8 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from click.testing import CliRunner
-from conftest import CLEAN_ENV
 from test_cli import (  # noqa: F401  (collected by pytest from this module)
     booted,
     cloud,
@@ -35,7 +33,7 @@ from secfw.cli import main
 from secfw.store import open_store
 
 if TYPE_CHECKING:
-    from conftest import EtcdServer
+    from conftest import Cli, EtcdServer
 
 
 @pytest.fixture
@@ -44,13 +42,12 @@ def store_url(etcd_server: EtcdServer) -> str:
     return etcd_server.url()
 
 
-def test_store_from_the_environment(etcd_server: EtcdServer) -> None:
+def test_store_from_the_environment(cli: Cli) -> None:
     """``$SECFW_STORE=etcd://…`` selects the etcd store as ``--store`` does."""
-    url = etcd_server.url()
-    runner = CliRunner(env={**CLEAN_ENV, "SECFW_STORE": url})
-    created = runner.invoke(main, ["secgroup-create", "envgroup", "from the environment"])
+    created = cli.runner.invoke(main, ["secgroup-create", "envgroup", "from the environment"],
+                                env={"SECFW_STORE": cli.store_url})
     assert created.exit_code == 0, created.stderr
-    store = open_store(url)
+    store = open_store(cli.store_url)
     try:
         names = {doc["name"] for doc in store.load().docs["secgroup"].values()}
     finally:
