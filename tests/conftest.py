@@ -1,8 +1,11 @@
-"""Shared fixtures: a temporary store, an :class:`Api` on it, and a CLI driver."""
+"""Shared fixtures: a temporary store, an :class:`Api` on it, a CLI driver, and an
+etcd server of our own (started on 127.0.0.1 for the session, only when a test
+asks for it)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,8 +13,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from secfw import etcdlocal
 from secfw.api import Api
 from secfw.cli import main
+from secfw.etcdlocal import LocalEtcd
 from secfw.store import open_store
 
 #: Environment variables the CLI reads; unset so the host's settings never leak in.
@@ -104,3 +109,29 @@ def cli(store_url: str) -> Cli:
 def store_state_fixture() -> StoreState:
     """:func:`read_store_state`, for tests (conftest is not importable from them)."""
     return read_store_state
+
+
+# --------------------------------------------------------------------------- etcd
+
+#: The session's etcd member (secfw.etcdlocal): ``url()``, ``compact()``, ``post()``.
+EtcdServer = LocalEtcd
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """An etcd (Debian's etcd-server) on 127.0.0.1, free ports, a temporary data
+    dir; stopped and removed at the end of the session. Missing etcd is a failure,
+    not a skip: ``make test`` installs it."""
+    base = tmp_path_factory.mktemp("etcd")
+    member = etcdlocal.start(base)
+    try:
+        yield member
+    finally:
+        member.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd_url(etcd_server: EtcdServer) -> str:
+    """A store URL on the session's etcd, under a prefix of this test's own."""
+    return etcd_server.url()

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -51,6 +51,9 @@ from secfw.config import Config
 from secfw.errors import BackendError, ConfigError, NotFoundError, StoreError
 from secfw.store import open_store
 from secfw.store.base import Change, Snapshot, Store, WriteTxn
+
+if TYPE_CHECKING:
+    from conftest import EtcdServer
 
 HOST = "compute1"
 
@@ -446,6 +449,30 @@ def test_store_revision_going_back_reloads_everything(agent: Agent, tmp_path: Pa
     agent.reconciler.cloud.revision += 5  # as if the store had been restored from a backup
     result = agent.reconciler.reconcile()
     assert result.revision == agent.api.store.revision()
+
+
+def test_compacted_store_history_reloads_everything(etcd_server: EtcdServer) -> None:
+    """etcd discards old history (compaction): an agent whose revision is older
+    than what is kept must load the whole store, not stop nor miss changes."""
+    api = Api(open_store(etcd_server.url()))
+    reader = open_store(api.store.url)
+    try:
+        api.net_create("p", "net", "10.0.0.0/24")
+        api.image_create("admin", "cirros", "qcow2", "public")
+        api.boot("p", "vm1", "m1.tiny", "cirros", HOST, None, ["net"])
+        backend = FakeBackend()
+        reconciler = CountingReconciler(reader, HOST, Config(), backend)
+        reconciler.reconcile(full=True)
+        api.boot("p", "vm2", "m1.tiny", "cirros", HOST, None, ["net"])
+        api.boot("p", "vm3", "m1.tiny", "cirros", HOST, None, ["net"])
+        etcd_server.compact()  # vm2's boot is now out of the history (vm3's is kept)
+        result = reconciler.reconcile()
+        assert result.revision == api.store.revision()
+        assert backend.kernel is not None
+        assert len([fact for fact in backend.kernel if fact.startswith("port:")]) == 3
+    finally:
+        reader.close()
+        api.store.close()
 
 
 # --------------------------------------------------------------------------- status file

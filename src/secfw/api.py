@@ -16,10 +16,11 @@ import ipaddress
 import random
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from secfw.cloud import CloudState, free_addresses
 from secfw.errors import (
@@ -64,7 +65,7 @@ from secfw.model import (
     parse_vlan,
     tap_name,
 )
-from secfw.store.base import Store, WriteTxn
+from secfw.store.base import Store, WriteTxn, retry_conflicts
 
 
 def new_id() -> str:
@@ -95,8 +96,32 @@ class PortView:
     allowed_address_pairs: tuple[str, ...] = ()
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _retried(method: Callable[Concatenate[Api, P], R]) -> Callable[Concatenate[Api, P], R]:
+    """Run an Api operation again when its transaction lost an optimistic-
+    concurrency race (etcd; see :func:`secfw.store.base.retry_conflicts`).
+
+    Only the outermost operation retries: inside a :meth:`Api.batch` the
+    conflict belongs to the caller's whole batch, which alone can re-run it."""
+
+    @wraps(method)
+    def run(api: Api, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if api._state is not None:
+            return method(api, *args, **kwargs)
+        return retry_conflicts(lambda: method(api, *args, **kwargs), what=method.__name__)
+
+    return run
+
+
 class Api:
-    """Operations on the cloud model stored in ``store``."""
+    """Operations on the cloud model stored in ``store``.
+
+    Every public operation is one transaction; on a store with optimistic
+    concurrency (etcd) it is re-run a bounded number of times when another
+    writer committed first, then fails with a StoreError (exit 7)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -135,6 +160,7 @@ class Api:
 
     # ------------------------------------------------------------------ security groups
 
+    @_retried
     def secgroup_list(self, project: str, all_projects: bool = False) -> list[SecurityGroup]:
         state = self._read(check_name(project, "project"))
         groups: Iterable[SecurityGroup] = state.groups.values()
@@ -142,6 +168,7 @@ class Api:
             groups = [g for g in groups if g.project == project]
         return sorted(groups, key=lambda g: (g.project, g.name != DEFAULT_GROUP, g.name, g.id))
 
+    @_retried
     def secgroup_create(self, project: str, name: str, description: str) -> SecurityGroup:
         check_name(project, "project")
         check_name(name, "security group name")
@@ -157,6 +184,7 @@ class Api:
             state.put(group)
             return group
 
+    @_retried
     def secgroup_update(
         self, project: str, group: str, name: str, description: str
     ) -> SecurityGroup:
@@ -174,6 +202,7 @@ class Api:
             state.put(updated)
             return updated
 
+    @_retried
     def secgroup_delete(self, project: str, group: str) -> None:
         with self.batch() as state:
             target = self._group(state, project, group)
@@ -197,6 +226,7 @@ class Api:
                 state.remove(rule)
             state.remove(target)
 
+    @_retried
     def secgroup_list_rules(self, project: str, group: str) -> list[Rule]:
         state = self.snapshot()
         if group == DEFAULT_GROUP and (project, DEFAULT_GROUP) not in state.group_by_name:
@@ -215,6 +245,7 @@ class Api:
 
     # ------------------------------------------------------------------ rules (nova style)
 
+    @_retried
     def secgroup_add_rule(
         self, project: str, group: str, protocol: str, from_port: str, to_port: str, cidr: str
     ) -> Rule:
@@ -228,6 +259,7 @@ class Api:
             self._add_rule(state, target, rule)
             return rule
 
+    @_retried
     def secgroup_delete_rule(
         self, project: str, group: str, protocol: str, from_port: str, to_port: str, cidr: str
     ) -> Rule:
@@ -238,6 +270,7 @@ class Api:
             probe = Rule("", target.id, "ingress", "IPv4", proto, low, high, remote, None)
             return self._remove_matching(state, target, probe)
 
+    @_retried
     def secgroup_add_group_rule(
         self,
         project: str,
@@ -257,6 +290,7 @@ class Api:
             self._add_rule(state, target, rule)
             return rule
 
+    @_retried
     def secgroup_delete_group_rule(
         self,
         project: str,
@@ -275,6 +309,7 @@ class Api:
 
     # ------------------------------------------------------------------ rules (Neutron style)
 
+    @_retried
     def rule_create(
         self,
         project: str,
@@ -329,6 +364,7 @@ class Api:
             groups = [g.id for g in state.groups.values() if g.project == project]
         return _sorted_rules(r for g in groups for r in state.rules_by_group.get(g, {}).values())
 
+    @_retried
     def rule_delete(self, project: str, rule_id: str) -> Rule:
         with self.batch() as state:
             rule = state.rules.get(rule_id)
@@ -339,6 +375,7 @@ class Api:
 
     # ------------------------------------------------------------------ ports
 
+    @_retried
     def port_update(
         self,
         project: str,
@@ -406,6 +443,7 @@ class Api:
 
     # ------------------------------------------------------------------ networks
 
+    @_retried
     def net_create(
         self,
         project: str,
@@ -457,6 +495,7 @@ class Api:
     def flavor_list() -> list[Flavor]:
         return list(FLAVORS)
 
+    @_retried
     def image_create(
         self, project: str, name: str, disk_format: str = "qcow2", visibility: str = "private"
     ) -> Image:
@@ -476,6 +515,7 @@ class Api:
 
     # ------------------------------------------------------------------ instances
 
+    @_retried
     def boot(
         self,
         project: str,
@@ -555,6 +595,7 @@ class Api:
         port_id = _new_port_id(taps)
         return Port(port_id, instance_id, network.id, mac, address, address6)
 
+    @_retried
     def delete(self, project: str, server: str) -> Instance:
         with self.batch() as state:
             instance = self._instance(state, project, server)
@@ -599,6 +640,7 @@ class Api:
         instance = self._instance(state, project, server)
         return [state.groups[g] for g in instance.security_groups]
 
+    @_retried
     def add_secgroup(self, project: str, server: str, group: str) -> Instance:
         with self.batch() as state:
             instance = self._instance(state, project, server)
@@ -611,6 +653,7 @@ class Api:
             state.put(updated)
             return updated
 
+    @_retried
     def remove_secgroup(self, project: str, server: str, group: str) -> Instance:
         with self.batch() as state:
             instance = self._instance(state, project, server)
@@ -641,6 +684,7 @@ class Api:
 
     # ------------------------------------------------------------------ quotas
 
+    @_retried
     def quota_show(self, project: str) -> dict[str, int]:
         state = self._read(check_name(project, "project"))
         quota = state.quota(project)
@@ -649,6 +693,7 @@ class Api:
             "security_group_rules": quota.security_group_rules,
         }
 
+    @_retried
     def quota_update(
         self,
         project: str,

@@ -9,6 +9,8 @@ Hierarchy::
     ├── QuotaError              over a project quota (names the quota)
     ├── InUseError              deleting something still referenced
     ├── StoreError              the store cannot be opened, read or written
+    │   ├── WriteConflictError  another writer committed since this transaction read
+    │   └── HistoryCompactedError  the change history asked for is gone: reload whole
     ├── ConfigError             bad configuration file or value
     ├── BackendError            the kernel refused a transaction, a tool failed
     │   ├── UnsupportedError    a backend cannot express part of the IR faithfully
@@ -65,6 +67,18 @@ class StoreError(SecfwError):
     """The store could not be opened, read or written."""
 
     exit_code = 7
+
+
+class WriteConflictError(StoreError):
+    """A write transaction lost an optimistic-concurrency race: another writer
+    committed after it read, so it committed nothing. Re-running the whole
+    transaction on fresh state is safe (see :func:`secfw.store.base.retry_conflicts`)."""
+
+
+class HistoryCompactedError(StoreError):
+    """:meth:`~secfw.store.base.Store.changes_since` cannot answer: the store has
+    discarded (compacted) the history after the revision asked for. The reader
+    must load everything again; carrying on would silently miss changes."""
 
 
 class ConfigError(SecfwError):

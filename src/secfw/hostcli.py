@@ -21,8 +21,10 @@ import click
 
 from secfw.agent import AgentLoop, LoopSettings, SystemdNotifier
 from secfw.agent.daemon import configure_logging, log_event
+from secfw.agent.etcdwatch import EtcdWatcher
 from secfw.agent.host import host_reconciler
 from secfw.agent.linkwatch import LinkWatcher
+from secfw.agent.loop import Trigger
 from secfw.agent.metrics import AgentMetrics
 from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
 from secfw.agent.storewatch import ReopeningStore
@@ -241,6 +243,7 @@ def _run_loop(
                      observers=[StatusWriter(state_dir, host), metrics, notifier])
     watcher = _start_link_watcher(loop)
     loop.taps = watcher.taps if watcher is not None else None
+    store_watcher = _start_store_watcher(store_url, loop)
     loop.install_signal_handlers()
     log_event(_log, logging.INFO, "started", backend=backend, topology=topology,
               store=store_url,
@@ -251,8 +254,20 @@ def _run_loop(
     finally:
         if watcher is not None:
             watcher.stop()
+        if store_watcher is not None:
+            store_watcher.stop()
         metrics.close()
         store.close()
+
+
+def _start_store_watcher(store_url: str, loop: AgentLoop) -> EtcdWatcher | None:
+    """On etcd, a watch wakes the loop on every write (the poll stays, as a
+    fallback); SQLite has none yet: the poll alone notices its changes."""
+    if not store_url.startswith("etcd://"):
+        return None
+    watcher = EtcdWatcher(store_url, lambda _revision: loop.wakeup.notify(Trigger("store")))
+    watcher.start()
+    return watcher
 
 
 def _start_link_watcher(loop: AgentLoop) -> LinkWatcher | None:

@@ -413,9 +413,17 @@ def _combination_id(combination: tuple[str, str]) -> str:
     return "-".join(combination)
 
 
+@pytest.fixture
+def cloud_store_url(tmp_path: Path) -> str:
+    """The store of the ``cloud`` fixture: a SQLite file (a module may override
+    this fixture, e.g. with an etcd prefix: test_agent_etcd.py)."""
+    return f"sqlite:///{tmp_path}/secfw.db"
+
+
 @pytest.fixture(params=COMBINATIONS, ids=_combination_id)
 def cloud(
-    request: pytest.FixtureRequest, tmp_path: Path, lab_factory: Callable[..., Lab]
+    request: pytest.FixtureRequest, tmp_path: Path, lab_factory: Callable[..., Lab],
+    cloud_store_url: str,
 ) -> Iterator[CloudLab]:
     """A fresh store + Api, the lab of a unique host and its in-process agent, for
     one backend × topology combination (skipped with the test's stated reason when
@@ -427,8 +435,8 @@ def cloud(
     _skip_unless_declared(request, "backends", backend)
     _skip_unless_declared(request, "topologies", topology)
     host = f"h-{uuid.uuid4().hex[:8]}"
-    env = CloudLab(f"sqlite:///{tmp_path}/secfw.db", lab_factory(host, topology), host,
-                   tmp_path, backend, topology)
+    env = CloudLab(cloud_store_url, lab_factory(host, topology), host, tmp_path, backend,
+                   topology)
     try:
         yield env
     finally:

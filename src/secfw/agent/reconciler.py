@@ -40,7 +40,7 @@ from secfw.compiler.build import compile_host
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
 from secfw.config import Config
-from secfw.errors import SecfwError, TopologyError
+from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
 from secfw.gcpause import collector_paused
 from secfw.store.base import Store
 
@@ -418,7 +418,10 @@ class Reconciler:
                 self.store.reopen()  # a fresh look: notices a file unreadable or corrupt
             self.cloud = CloudState.from_snapshot(self.store.load())
             return self.cloud, None
-        revision, changes = self.store.changes_since(self.cloud.revision)
+        try:
+            revision, changes = self.store.changes_since(self.cloud.revision)
+        except HistoryCompactedError:  # the history since our revision is gone (etcd)
+            return self._load_cloud(True)
         if revision < self.cloud.revision:  # the store went back (a restore): start over
             return self._load_cloud(True)
         if revision == self.cloud.revision:

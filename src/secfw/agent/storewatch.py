@@ -21,7 +21,9 @@ both:
   agent accepts it.
 
 It is a read-only :class:`~secfw.store.base.Store`: :meth:`write` refuses.
-Stores that are not files (a future etcd) are opened once and never "replaced".
+Stores that are not files (etcd) are never "replaced"; reopening one just opens
+a new connection, and an etcd prefix that holds no store (a mistyped prefix) is
+refused like a missing file, never initialised.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class ReopeningStore(Store):
         """
         self.close()
         identity = self._file_identity()
-        store = open_store(self.url)
+        store = open_store(self.url, create=False)
         try:
             if self._file_identity() != identity:  # replaced while opening: next time
                 raise StoreError(f"store {self.path or self.url} changed while being opened")

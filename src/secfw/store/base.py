@@ -1,33 +1,60 @@
 """The store interface: a revisioned document store.
 
-The model is kept as JSON documents addressed by ``(kind, id)``. Every committed
-write transaction that changes anything increases the store's **revision** by
-exactly one and stamps the documents it wrote (or deleted) with it, so a reader
-can ask what changed since the revision it last saw. That is all an agent needs,
-and it is what etcd offers natively (mod_revision, watch), so a distributed store
-implements the same small interface.
+The model is kept as JSON documents addressed by ``(kind, id)``. Two stores
+implement it: SQLite (one file, the embedded default) and etcd v3 (a cluster
+shared by many hosts). Both pass one contract suite (tests/test_store_contract.py).
 
-Write transactions are serialisable: a writer sees the latest committed state and
-no other writer commits in between (SQLite: ``BEGIN IMMEDIATE``; etcd: a
-compare-and-swap on the revision with retry). A transaction that raises commits
-nothing.
+Revisions
+    Every committed write transaction that changes anything makes the store's
+    **revision** strictly greater, and stamps the documents it wrote (or deleted)
+    with that new revision; a transaction that changes nothing leaves it as it
+    was. That is all: revisions are monotonic but **not** consecutive. SQLite
+    happens to count 1, 2, 3…; etcd's revision is the cluster's, which also moves
+    on writes to other prefixes, so its steps are arbitrary. Callers compare
+    revisions (equal, smaller, greater) and never do arithmetic on them.
+
+Change feed
+    :meth:`Store.changes_since` returns every document changed after a revision,
+    deletions included, one entry per document (its latest state). A store that
+    keeps a bounded history (etcd compacts) raises
+    :class:`~secfw.errors.HistoryCompactedError` when the revision asked for is
+    older than what it kept: the reader must :meth:`Store.load` again. A gap is
+    never silent.
+
+Write transactions
+    ``with store.write() as txn`` sees the latest committed state
+    (``txn.snapshot``) and commits its writes atomically, or nothing when the
+    body raises. Either no other writer commits in between (SQLite: ``BEGIN
+    IMMEDIATE`` holds the write lock), or the commit fails with
+    :class:`~secfw.errors.WriteConflictError` and nothing is written (etcd: a
+    compare-and-swap, optimistic concurrency). A conflict is never a lost update;
+    :func:`retry_conflicts` re-runs a transaction a bounded number of times.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from secfw.errors import StoreError
+from secfw.errors import StoreError, WriteConflictError
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:////var/lib/secfw/secfw.db"
 
 Doc = dict[str, Any]
+T = TypeVar("T")
+
+#: How many times :func:`retry_conflicts` runs a transaction that keeps conflicting.
+WRITE_ATTEMPTS = 10
+#: Upper bound of the random pause between two attempts (seconds): jitter spreads
+#: writers that collided so they do not collide again in lock-step.
+RETRY_PAUSE_MAX_S = 0.25
 
 
 @dataclass
@@ -72,7 +99,8 @@ class Store(ABC):
 
     @abstractmethod
     def revision(self) -> int:
-        """The current revision; cheap enough to poll several times a second."""
+        """The current revision (0: nothing ever written); cheap enough to poll
+        several times a second."""
 
     @abstractmethod
     def load(self) -> Snapshot:
@@ -80,11 +108,17 @@ class Store(ABC):
 
     @abstractmethod
     def changes_since(self, revision: int) -> tuple[int, list[Change]]:
-        """``(current revision, changes after revision)``, oldest first, one per doc."""
+        """``(current revision, changes after revision)``, oldest first, one per doc.
+
+        When the current revision is not greater than ``revision`` the list is
+        empty (a smaller one means the store went back: a restore). Raises
+        :class:`~secfw.errors.HistoryCompactedError` when the history after
+        ``revision`` is no longer kept."""
 
     @abstractmethod
     def write(self) -> AbstractContextManager[WriteTxn]:
-        """Begin a serialisable write transaction (see :class:`WriteTxn`)."""
+        """Begin a serialisable write transaction (see :class:`WriteTxn` and the
+        module docstring: it may raise WriteConflictError on exit)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -94,16 +128,43 @@ class Store(ABC):
         yield from self.load().docs.get(kind, {}).values()
 
 
+def retry_conflicts(
+    transaction: Callable[[], T], attempts: int = WRITE_ATTEMPTS, what: str = "write"
+) -> T:
+    """Run ``transaction`` (one whole read-modify-write, e.g. an Api method) and
+    run it again after a :class:`~secfw.errors.WriteConflictError`, at most
+    ``attempts`` times in all; then the last conflict is raised, as a
+    StoreError whose message says it gave up.
+
+    Re-running is correct because a conflicting attempt committed nothing and
+    the next one reads the state that beat it."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return transaction()
+        except WriteConflictError as exc:
+            if attempt == attempts:
+                raise WriteConflictError(
+                    f"{what}: gave up after {attempts} attempts, other writers kept "
+                    f"committing first ({exc})"
+                ) from exc
+            time.sleep(random.uniform(0, min(RETRY_PAUSE_MAX_S, 0.005 * 2**attempt)))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def store_url(explicit: str | None = None) -> str:
     """The store URL: the explicit one, else ``$SECFW_STORE``, else the default."""
     return explicit or os.environ.get("SECFW_STORE") or DEFAULT_URL
 
 
-def open_store(url: str | None = None) -> Store:
-    """Open the store named by ``url`` (see :func:`store_url`).
+def open_store(url: str | None = None, create: bool = True) -> Store:
+    """Open the store named by ``url`` (see :func:`store_url`); with ``create``
+    False an etcd prefix that holds no store is refused (SQLite: the caller
+    checks that the file exists, see :mod:`secfw.agent.storewatch`).
 
     ``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db`` follow the
     usual SQLAlchemy convention; a bare filesystem path is accepted as SQLite too.
+    ``etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`` is an etcd v3 cluster (see
+    :mod:`secfw.store.etcd`).
     """
     resolved = store_url(url)
     if resolved.startswith("sqlite://"):
@@ -111,10 +172,16 @@ def open_store(url: str | None = None) -> Store:
         if not path.startswith("/") or len(path) < 2:
             raise StoreError(f"store URL {resolved!r}: expected sqlite:///PATH")
         return _sqlite(path[1:], resolved)
+    if resolved.startswith("etcd://"):
+        from secfw.store.etcd import EtcdStore
+
+        return EtcdStore(resolved, create=create)
     if "://" not in resolved:
         return _sqlite(resolved, resolved)
     scheme = resolved.split("://", 1)[0]
-    raise StoreError(f"store URL {resolved!r}: unsupported scheme {scheme!r} (supported: sqlite)")
+    raise StoreError(
+        f"store URL {resolved!r}: unsupported scheme {scheme!r} (supported: sqlite, etcd)"
+    )
 
 
 def _sqlite(path: str, url: str) -> Store:

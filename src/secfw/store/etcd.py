@@ -1,0 +1,487 @@
+"""The distributed store: etcd v3, for a cloud of many hosts.
+
+URL: ``etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`` (default prefix ``/secfw``).
+Several endpoints are members of one cluster: a request that cannot reach one
+(connection refused or reset, timeout, 503) goes to the next, and the store
+sticks with the one that answered.
+
+Client: etcd3gw (OpenStack's; pure Python over ``requests``) talking to etcd's
+gRPC-JSON gateway, ``/v3/`` (etcd >= 3.4; Debian 12 ships 3.4.23). It was
+picked over ``etcd3`` (gRPC; last release 2020, pins old protobuf) because it
+is maintained, has no compiled dependency and is what OpenStack services run in
+production. Its ranges and transactions are used as they are; its watch helper
+is not: it drops the ``canceled``/``compact_revision`` answer etcd sends when
+the history asked for is compacted (a silent gap), so :meth:`changes_since`
+reads the watch stream itself, through the client's HTTP session.
+
+Key layout under PREFIX::
+
+    PREFIX/schema             the schema version (written on first open)
+    PREFIX/doc/KIND/ID        one JSON document
+    PREFIX/revision           the revision marker: put by every write transaction
+
+Revisions are etcd's own mod_revisions. The store's revision is the marker's
+mod_revision: the etcd revision of our last committed write, so it moves on
+every change of ours and not when other prefixes of the cluster are written.
+
+Writes: the contract's :class:`~secfw.store.base.WriteTxn` hands the caller
+the whole snapshot, so a transaction has read *every* key under the prefix,
+including the absence of every key it did not find. Comparing the mod_revision
+of each key read cannot express those absences, and etcd caps the operations
+of one transaction (``--max-txn-ops``, default 128). So the transaction
+compares the one key every write of ours changes, the marker: equal to the
+mod_revision read with the snapshot, or nothing is written and
+:class:`~secfw.errors.WriteConflictError` is raised (the Api re-runs the
+command; :func:`~secfw.store.base.retry_conflicts`). This is exact for a
+whole-store read; its cost is that any two concurrent writers conflict, even on
+disjoint records — per-key compares come with writes that read only what they
+need (issue #13, later phase).
+
+A large single batch (bench_api.py imports a cloud in one transaction) needs
+etcd started with a ``--max-txn-ops`` and ``--max-request-bytes`` that fit it;
+etcd's refusal is reported as a StoreError naming the option.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import requests
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import (
+    ConnectionFailedError,
+    ConnectionTimeoutError,
+    Etcd3Exception,
+)
+
+from secfw.errors import HistoryCompactedError, StoreError, WriteConflictError
+from secfw.store.base import SCHEMA_VERSION, Change, Doc, Snapshot, Store, WriteTxn
+
+T = TypeVar("T")
+
+DEFAULT_PREFIX = "/secfw"
+#: Seconds to connect to a member, and to wait for each answer (a watch chunk too):
+#: past them the member counts as unreachable and the next one is asked.
+CONNECT_TIMEOUT_S = 3.0
+READ_TIMEOUT_S = 10.0
+_TIMEOUTS = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
+#: A watch with no message for this long is reopened (a member that vanished
+#: without closing the connection is noticed; an idle reopen costs one request).
+WATCH_IDLE_S = 30.0
+#: Keys per range answer when loading everything (see EtcdStore._load).
+PAGE_KEYS = 5000
+LOAD_ATTEMPTS = 3
+#: The gateway's path for etcd >= 3.4 (no discovery request per process).
+API_PATH = "/v3/"
+
+_UNREACHABLE = (
+    ConnectionFailedError,
+    ConnectionTimeoutError,
+    requests.ConnectionError,
+    requests.Timeout,
+)
+
+
+@dataclass(frozen=True)
+class EtcdUrl:
+    """A parsed ``etcd://`` URL."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str
+
+
+def parse_url(url: str) -> EtcdUrl:
+    """Split ``etcd://HOST:PORT[,HOST:PORT…][/PREFIX]``; StoreError when malformed."""
+    if not url.startswith("etcd://"):
+        raise StoreError(f"store URL {url!r}: expected etcd://HOST:PORT[,HOST:PORT...][/PREFIX]")
+    hosts, _, path = url[len("etcd://") :].partition("/")
+    endpoints = tuple(_endpoint(url, item) for item in hosts.split(","))
+    prefix = "/" + path.strip("/") if path.strip("/") else DEFAULT_PREFIX
+    return EtcdUrl(endpoints, prefix)
+
+
+def _endpoint(url: str, item: str) -> tuple[str, int]:
+    host, sep, port = item.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise StoreError(f"store URL {url!r}: endpoint {item!r} is not HOST:PORT")
+    return host, int(port)
+
+
+class _EtcdTxn(WriteTxn):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.writes: dict[tuple[str, str], Doc | None] = {}
+
+    def put(self, kind: str, doc_id: str, doc: Doc) -> None:
+        self.writes[(kind, doc_id)] = doc
+
+    def delete(self, kind: str, doc_id: str) -> None:
+        self.writes[(kind, doc_id)] = None
+
+
+class _Members:
+    """The cluster's endpoints, with fail-over (see the module docstring)."""
+
+    def __init__(self, url: str, endpoints: tuple[tuple[str, int], ...]) -> None:
+        self.url = url
+        self.clients = [Etcd3Client(host, port, api_path=API_PATH) for host, port in endpoints]
+        for client in self.clients:
+            # requests takes a (connect, read) pair; etcd3gw's annotation is narrower
+            client.timeout = _TIMEOUTS  # type: ignore[assignment]
+        self.current = 0
+
+    def call(self, what: str, request: Callable[[Etcd3Client], T]) -> T:
+        """``request`` on the current member, else on each next one in turn.
+
+        Only failures to reach a member move on; an answer that is an error
+        (etcd refused the request) is reported at once as a StoreError."""
+        last: BaseException | None = None
+        for step in range(len(self.clients)):
+            index = (self.current + step) % len(self.clients)
+            try:
+                result = request(self.clients[index])
+            except _UNREACHABLE as exc:
+                last = exc
+                continue
+            except Etcd3Exception as exc:
+                detail = _detail(exc)
+                if "required revision has been compacted" in detail:
+                    raise HistoryCompactedError(f"store {self.url}: {what}: {detail}") from exc
+                raise StoreError(f"store {self.url}: etcd refused {what}: {detail}") from exc
+            except (requests.RequestException, ValueError) as exc:
+                raise StoreError(f"store {self.url}: {what}: {exc}") from exc
+            self.current = index
+            return result
+        raise StoreError(f"store {self.url}: no etcd member reachable ({what}): {_reason(last)}")
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.session.close()
+
+
+class EtcdStore(Store):
+    """A :class:`~secfw.store.base.Store` in an etcd v3 cluster (module docstring)."""
+
+    def __init__(self, url: str, create: bool = True) -> None:
+        """Connect; with ``create`` False a prefix never initialised (no schema
+        key) is refused instead of initialised — what a reader that must not
+        take a mistyped prefix for an empty cloud wants (the agent)."""
+        parsed = parse_url(url)
+        self.url = url
+        self.prefix = parsed.prefix.encode() + b"/"
+        self._marker = self.prefix + b"revision"
+        self._schema = self.prefix + b"schema"
+        self._docs = self.prefix + b"doc/"
+        self._members = _Members(url, parsed.endpoints)
+        try:
+            self._check_schema(create)
+        except BaseException:
+            self._members.close()
+            raise
+
+    def close(self) -> None:
+        self._members.close()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _check_schema(self, create: bool) -> None:
+        """Write the schema version if the prefix has none and ``create`` (a
+        compare on its absence: two first opens do not race); refuse a missing
+        one otherwise, and another version always."""
+        version = _b64(str(SCHEMA_VERSION).encode())
+        answer = self._txn("schema check", {
+            "compare": [{"key": _b64(self._schema), "target": "CREATE", "result": "EQUAL",
+                         "create_revision": "0"}],
+            "success": [{"request_put": {"key": _b64(self._schema), "value": version}}]
+            if create else [],
+            "failure": [{"request_range": {"key": _b64(self._schema)}}],
+        })
+        if answer.get("succeeded"):
+            if not create:
+                raise StoreError(
+                    f"store {self.url}: no secfw store under this prefix (no schema key): "
+                    "refusing to read it as an empty cloud")
+            return
+        kvs = answer["responses"][0]["response_range"].get("kvs", [])
+        found = _unb64(kvs[0].get("value", "")).decode(errors="replace") if kvs else "?"
+        if found != str(SCHEMA_VERSION):
+            raise StoreError(
+                f"store {self.url}: schema version {found} is not the supported "
+                f"version {SCHEMA_VERSION}"
+            )
+
+    # ------------------------------------------------------------------ reads
+
+    def revision(self) -> int:
+        kvs, _ = self._range("read the revision", self._marker, None, keys_only=True)
+        return int(kvs[0]["mod_revision"]) if kvs else 0
+
+    def cluster_revision(self) -> int:
+        """etcd's current revision (writes under every prefix move it): where a
+        watch "from now on" starts."""
+        return self._range("read the cluster revision", self._marker, None, keys_only=True)[1]
+
+    def load(self) -> Snapshot:
+        return self._load()[0]
+
+    def _load(self) -> tuple[Snapshot, int]:
+        """Every document and the marker at one etcd revision; also the marker's
+        mod_revision, which the write transaction compares.
+
+        Read in pages of :data:`PAGE_KEYS` keys, every page at the revision of
+        the first (etcd's MVCC keeps it consistent), so no single answer has to
+        hold the whole cloud. A compaction between two pages (the pinned
+        revision is gone) restarts the read, a bounded number of times."""
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            try:
+                return self._parse(self._range_pages())
+            except HistoryCompactedError:
+                if attempt == LOAD_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _range_pages(self) -> list[dict[str, Any]]:
+        kvs: list[dict[str, Any]] = []
+        key, end, revision = self.prefix, _prefix_end(self.prefix), 0
+        while True:
+            payload: dict[str, Any] = {"key": _b64(key), "range_end": _b64(end),
+                                       "limit": PAGE_KEYS}
+            if revision:
+                payload["revision"] = str(revision)
+            answer = self._post("load", "/kv/range", payload)
+            page = answer.get("kvs", [])
+            kvs.extend(page)
+            revision = revision or int(answer["header"]["revision"])
+            if not answer.get("more") or not page:
+                return kvs
+            key = _unb64(page[-1]["key"]) + b"\0"  # the next key after the last one read
+
+    def _parse(self, kvs: list[dict[str, Any]]) -> tuple[Snapshot, int]:
+        snapshot = Snapshot(0)
+        for kv in kvs:
+            key = _unb64(kv["key"])
+            if key == self._marker:
+                snapshot.revision = int(kv["mod_revision"])
+            elif key.startswith(self._docs):
+                kind, doc_id = self._split(key)
+                snapshot.docs.setdefault(kind, {})[doc_id] = json.loads(_unb64(kv["value"]))
+        return snapshot, snapshot.revision
+
+    def changes_since(self, revision: int) -> tuple[int, list[Change]]:
+        """The etcd history of the documents after ``revision``, up to the
+        marker's revision, read with a watch that starts at ``revision + 1``
+        and stops at the marker's event (each write puts the marker last, so
+        that event closes the history: nothing after it is taken)."""
+        current = self.revision()
+        if current <= revision:
+            return current, []
+        changes: dict[bytes, Change] = {}
+        for key, rev, value in self._history(revision + 1, current):
+            if key.startswith(self._docs):
+                kind, doc_id = self._split(key)
+                changes.pop(key, None)  # one per document, at its latest place
+                doc = json.loads(value) if value is not None else None
+                changes[key] = Change(kind, doc_id, rev, doc)
+        return current, sorted(changes.values(), key=lambda change: change.revision)
+
+    def _history(self, start: int, until: int) -> list[tuple[bytes, int, bytes | None]]:
+        """``(key, mod_revision, value or None for a delete)`` of every event
+        under the prefix from ``start`` to ``until`` (the marker's revision)."""
+        request = {"create_request": {
+            "key": _b64(self.prefix), "range_end": _b64(_prefix_end(self.prefix)),
+            "start_revision": str(start),
+        }}
+
+        def read(client: Etcd3Client) -> list[tuple[bytes, int, bytes | None]]:
+            with client.session.post(client.get_url("/watch"), json=request, stream=True,
+                                     timeout=_TIMEOUTS) as response:
+                if response.status_code != requests.codes.ok:
+                    raise StoreError(f"store {self.url}: watch refused: {response.text[:200]}")
+                return self._read_stream(response.iter_lines(), start, until)
+
+        return self._members.call("read the history", read)
+
+    def _read_stream(
+        self, lines: Iterator[bytes], start: int, until: int
+    ) -> list[tuple[bytes, int, bytes | None]]:
+        events: list[tuple[bytes, int, bytes | None]] = []
+        for line in lines:
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            result = message.get("result")
+            if result is None:
+                raise StoreError(f"store {self.url}: watch failed: {message.get('error', line)}")
+            if result.get("canceled"):
+                self._raise_canceled(result, start)
+            for event in result.get("events", []):
+                kv = event["kv"]
+                key, rev = _unb64(kv["key"]), int(kv["mod_revision"])
+                if rev > until:
+                    return events
+                deleted = event.get("type") == "DELETE"
+                events.append((key, rev, None if deleted else _unb64(kv.get("value", ""))))
+                if key == self._marker and rev == until:
+                    return events
+        raise StoreError(f"store {self.url}: the watch ended before revision {until}")
+
+    def _raise_canceled(self, result: dict[str, Any], start: int) -> None:
+        compacted = int(result.get("compact_revision", 0))
+        if compacted:
+            raise HistoryCompactedError(
+                f"store {self.url}: history from revision {start} is compacted "
+                f"(kept from {compacted}): reload everything"
+            )
+        raise StoreError(f"store {self.url}: watch canceled: {result.get('cancel_reason', '?')}")
+
+    # ------------------------------------------------------------------ watching
+
+    def watch_marker(self, start: int) -> requests.Response:
+        """Open a watch on the revision marker from revision ``start``: a stream
+        (read it with :meth:`marker_revisions`; close it to stop). Every write
+        of ours puts the marker once, so each event is one committed write.
+        Blocking reads time out after :data:`WATCH_IDLE_S` without a message."""
+        request = {"create_request": {"key": _b64(self._marker), "start_revision": str(start)}}
+
+        def connect(client: Etcd3Client) -> requests.Response:
+            response = client.session.post(client.get_url("/watch"), json=request, stream=True,
+                                           timeout=(CONNECT_TIMEOUT_S, WATCH_IDLE_S))
+            if response.status_code != requests.codes.ok:
+                response.close()
+                raise StoreError(f"store {self.url}: watch refused: HTTP {response.status_code}")
+            return response
+
+        return self._members.call("watch", connect)
+
+    def marker_revisions(self, response: requests.Response, start: int) -> Iterator[int | None]:
+        """The revision of each write seen on a :meth:`watch_marker` stream, as
+        it comes; None for a message without events (the watch's creation).
+        Raises HistoryCompactedError when ``start`` is compacted."""
+        for line in response.iter_lines():
+            if not line.strip():
+                continue
+            result = json.loads(line).get("result")
+            if result is None:
+                raise StoreError(f"store {self.url}: watch failed: {line[:200]!r}")
+            if result.get("canceled"):
+                self._raise_canceled(result, start)
+            events = result.get("events", [])
+            if not events:
+                yield None
+            for event in events:
+                yield int(event["kv"]["mod_revision"])
+
+    # ------------------------------------------------------------------ writes
+
+    @contextmanager
+    def write(self) -> Iterator[WriteTxn]:
+        snapshot, marker_revision = self._load()
+        txn = _EtcdTxn(snapshot)
+        yield txn
+        if txn.writes:
+            self._commit(txn.writes, marker_revision)
+
+    def _commit(self, writes: dict[tuple[str, str], Doc | None], marker_revision: int) -> None:
+        """One etcd transaction: if the marker is still at ``marker_revision``,
+        every put and delete and the marker (last, see :meth:`changes_since`).
+
+        The marker's value is a fresh token, and a failed compare returns the
+        marker: if a member did commit an attempt whose answer was lost (the
+        request is then re-sent to the next member), the token says so and the
+        write is not reported as a conflict."""
+        token = uuid.uuid4().hex
+        ops: list[dict[str, Any]] = []
+        for (kind, doc_id), doc in writes.items():
+            key = _b64(self._doc_key(kind, doc_id))
+            if doc is None:
+                ops.append({"request_delete_range": {"key": key}})
+            else:
+                value = _b64(json.dumps(doc, sort_keys=True).encode())
+                ops.append({"request_put": {"key": key, "value": value}})
+        ops.append({"request_put": {"key": _b64(self._marker), "value": _b64(token.encode())}})
+        answer = self._txn("write", {
+            "compare": [{"key": _b64(self._marker), "target": "MOD", "result": "EQUAL",
+                         "mod_revision": str(marker_revision)}],
+            "success": ops,
+            "failure": [{"request_range": {"key": _b64(self._marker)}}],
+        })
+        if answer.get("succeeded"):
+            return
+        kvs = answer["responses"][0]["response_range"].get("kvs", [])
+        if kvs and _unb64(kvs[0].get("value", "")) == token.encode():
+            return
+        raise WriteConflictError(
+            f"store {self.url}: another writer committed since this transaction read "
+            f"revision {marker_revision}"
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _doc_key(self, kind: str, doc_id: str) -> bytes:
+        if not kind or "/" in kind:
+            raise StoreError(f"document kind {kind!r} cannot be a key segment")
+        return self._docs + kind.encode() + b"/" + doc_id.encode()
+
+    def _split(self, key: bytes) -> tuple[str, str]:
+        kind, _, doc_id = key[len(self._docs) :].partition(b"/")
+        return kind.decode(), doc_id.decode()
+
+    def _range(
+        self, what: str, key: bytes, range_end: bytes | None, keys_only: bool = False
+    ) -> tuple[list[dict[str, Any]], int]:
+        """``(kvs, header revision)`` of a linearizable range read."""
+        payload: dict[str, Any] = {"key": _b64(key)}
+        if range_end is not None:
+            payload["range_end"] = _b64(range_end)
+        if keys_only:
+            payload["keys_only"] = True
+        answer = self._post(what, "/kv/range", payload)
+        return answer.get("kvs", []), int(answer["header"]["revision"])
+
+    def _txn(self, what: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._post(what, "/kv/txn", body)
+
+    def _post(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One gateway request (JSON in, JSON out) on a reachable member."""
+        answer: dict[str, Any] = self._members.call(
+            what, lambda client: client.post(client.get_url(path), json=body))
+        return answer
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(data: str) -> bytes:
+    return base64.b64decode(data)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix`` (etcd's range_end)."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def _detail(exc: Etcd3Exception) -> str:
+    """etcd's own message out of a gateway error body, with a hint for size limits."""
+    text = exc.detail_text or str(exc)
+    with suppress(ValueError, AttributeError):  # not JSON, or not an object
+        text = json.loads(text).get("message", text)
+    if "too many operations" in text:
+        text += " (raise etcd's --max-txn-ops)"
+    elif "request is too large" in text:
+        text += " (raise etcd's --max-request-bytes)"
+    return str(text)
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no endpoint"
+    text = str(exc.args[0] if exc.args else exc) or getattr(exc, "detail_text", "") or ""
+    return text.splitlines()[0][:200] if text else type(exc).__name__

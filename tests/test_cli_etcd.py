@@ -1,0 +1,55 @@
+"""Representative ``secfw`` command-line flows run again on the etcd store.
+
+The tests are test_cli.py's own, imported here so pytest collects them in this
+module, where the ``store_url`` fixture names a fresh prefix on the session's
+etcd (tests/conftest.py). The error contract's "a failed command changes
+nothing" check (``Cli.fails``) then holds on etcd too.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from test_cli import (  # noqa: F401  (collected by pytest from this module)
+    booted,
+    cloud,
+    test_bad_input_is_one_line_and_changes_nothing,
+    test_boot_prints_the_server,
+    test_default_group_created_on_first_use,
+    test_delete_server_frees_its_ports,
+    test_group_quota_exceeded,
+    test_guide_cluster_source_group,
+    test_guide_global_http,
+    test_guide_open_group,
+    test_list_and_show,
+    test_port_list,
+    test_rules_add_list_delete_both_formats,
+    test_secgroup_delete,
+    test_secgroup_membership,
+)
+
+from secfw.cli import main
+from secfw.store import open_store
+
+if TYPE_CHECKING:
+    from conftest import Cli, EtcdServer
+
+
+@pytest.fixture
+def store_url(etcd_server: EtcdServer) -> str:
+    """A fresh prefix on the session's etcd instead of a SQLite file."""
+    return etcd_server.url()
+
+
+def test_store_from_the_environment(cli: Cli) -> None:
+    """``$SECFW_STORE=etcd://…`` selects the etcd store as ``--store`` does."""
+    created = cli.runner.invoke(main, ["secgroup-create", "envgroup", "from the environment"],
+                                env={"SECFW_STORE": cli.store_url})
+    assert created.exit_code == 0, created.stderr
+    store = open_store(cli.store_url)
+    try:
+        names = {doc["name"] for doc in store.load().docs["secgroup"].values()}
+    finally:
+        store.close()
+    assert "envgroup" in names
