@@ -91,14 +91,16 @@ is no router namespace and no leg::
 
     sfw-i-<h>-<tap>  eth0 as in the bridged topology
           │ veth
-    sfw-h-<h>        <tap> ── master  sfwbr<n> gateway/prefixlen (+ gateway6/prefixlen6 nodad)
+    sfw-h-<h>        <tap> ── master  sfwbr<n> gateway/prefixlen (+ gateway6/prefixlen6
+                                      and fe80::1/64, nodad)
                      sfw-ext  203.0.113.1/24, 198.51.100.1/24, 2001:db8:ffff::1/64
           │ veth
     sfw-x-<h>        eth0 as in the routed topology, default routes via the host
 
 The host namespace gets the router's sysctls (forwarding on, ``rp_filter=0``, no
 duplicate address detection) on top of the bridged host's (``addr_gen_mode 1``: no
-link-local addresses on taps and bridges; the gateways are global addresses). Here
+link-local addresses on taps; each bridge gets ``fe80::1``, without which the kernel
+sends no neighbour solicitation from it and cannot route IPv6 into it). Here
 the host's own IP stack routes traffic into the bridges, which the firewall must
 filter too (docs/nftables.md, "Bridged hosts").
 
@@ -200,6 +202,7 @@ _GATEWAY_HOST_SYSCTLS = {**_BRIDGE_HOST_SYSCTLS, **_ROUTER_SYSCTLS}
 #: IFLA_BR_* settings of every lab bridge (see the module docstring).
 _BRIDGE_OPTIONS = {"br_stp_state": 0, "br_mcast_snooping": 0, "br_forward_delay": 0}
 BRIDGE_PREFIX, LEG_PREFIX, ROUTER_LEG_PREFIX = "sfwbr", "sfwrl", "sfwgw"  # never "tap"
+BRIDGE_LINK_LOCAL = "fe80::1"  # gateway on the bridge: the bridge's link-local address
 
 
 @dataclass(frozen=True)
@@ -529,8 +532,9 @@ class Lab:
     state file and nothing else. ``topology`` is ``"routed"`` (default) or
     ``"bridged"``; ``gateway_on_bridge`` (bridged only) puts the gateways on the
     host's bridges instead of a router namespace (see the module docstring); a lab
-    keeps the layout it was built with until it is brought down. Calls for the same ``state_dir`` are serialised
-    with ``flock``. Every failure is a :class:`LabError` with a one-line message.
+    keeps the layout it was built with until it is brought down. Calls for the same
+    ``state_dir`` are serialised with ``flock``. Every failure is a
+    :class:`LabError` with a one-line message.
     """
 
     external_addresses: tuple[str, ...] = tuple(n.external_ip for n in EXTERNAL_NETWORKS)
@@ -783,6 +787,11 @@ class Lab:
             bridge_index = _up(host, bridge)
             if self.gateway_on_bridge:
                 _sync_leg_addresses(host, bridge_index, network.addresses())
+                # The kernel sends no neighbour solicitation from an interface
+                # without a link-local address (ndisc_send_ns), so it could not
+                # route IPv6 into the bridge without one.
+                host.addr("replace", index=bridge_index, address=BRIDGE_LINK_LOCAL,
+                          prefixlen=64, family=AF_INET6, flags=IFA_F_NODAD)
                 return
             if _link_index(host, leg) is None or _link_index(router, router_leg) is None:
                 _delete_link(host, leg)  # a leftover end whose peer went with its namespace
