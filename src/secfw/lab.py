@@ -615,7 +615,7 @@ class Lab:
             elif (state.topology, state.gateway_on_bridge) != self.layout:
                 raise LabError(
                     f"lab: the lab of host {self.host!r} was built with the "
-                    f"{_layout_name(state.topology, state.gateway_on_bridge)} layout, not "
+                    f"{_layout_name(state.topology, state.gateway_on_bridge)}, not the "
                     f"{_layout_name(*self.layout)}; run `secfw lab down --host "
                     f"{self.host!r}` first"
                 )
@@ -957,7 +957,10 @@ class Lab:
 
 
 def _layout_name(topology: str, gateway_on_bridge: bool) -> str:
-    return f"{topology} (gateway on the bridge)" if gateway_on_bridge else topology
+    """``routed topology``, ``bridged topology``, ``bridged topology with the
+    gateway on the bridge``."""
+    return f"{topology} topology" + (" with the gateway on the bridge" if gateway_on_bridge
+                                     else "")
 
 
 def _configure_ipv6(inst: Any, index: int, port: LabPort) -> None:
