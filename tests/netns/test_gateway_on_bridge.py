@@ -113,10 +113,43 @@ def test_each_packet_meets_the_ingress_filter_exactly_once(gw_cloud: Any) -> Non
     assert read() == {"routed": 1, "bridged": 1}
 
 
+def test_allowed_pairs_are_routed_to_their_port_and_a_shared_address_is_dropped(
+        gw_cloud: Any) -> None:
+    """What the host routes to an allowed address pair's network is filtered by the
+    port's groups, like its own address; an address two ports claim (both have it as
+    a pair) is dropped when routed, whichever port answers for it; the kernel read
+    back afterwards plans nothing (the address maps are interval maps now)."""
+    cloud = gw_cloud
+    cloud.boot("web", ("web",), net=NET_A)
+    cloud.boot("peer", ("web",), net=NET_A)
+    cloud.api.port_update("p", cloud.port("web").tap,
+                          allowed_address_pairs=["10.1.0.64/28", "10.1.0.200"])
+    cloud.sync()
+    for address in ("10.1.0.70/32", "10.1.0.200/32"):
+        _run(cloud, "ip", "netns", "exec", cloud.ns("web"), "ip", "addr", "add", address,
+             "dev", "eth0", in_host=False)
+    assert _tcp_to(cloud, "web", "10.1.0.70", 80)
+    assert not _tcp_to(cloud, "web", "10.1.0.70", 22)
+    assert _tcp_to(cloud, "web", "10.1.0.200", 80)
+    cloud.api.port_update("p", cloud.port("peer").tap, allowed_address_pairs=["10.1.0.200"])
+    cloud.sync()
+    assert not _tcp_to(cloud, "web", "10.1.0.200", 80)
+    assert cloud.tcp(EXT, "web", 80)  # its own address still works
+    assert cloud.sync(full=True).commands == 0
+    cloud.configure(cloud.allow_same_net)  # a new agent: reads the kernel back
+    assert cloud.sync().commands == 0
+
+
 # --------------------------------------------------------------------------- helpers
 
 
 def _tcp6(cloud: Any, dst: str, address: str, port: int) -> bool:
+    return _tcp_to(cloud, dst, address, port)
+
+
+def _tcp_to(cloud: Any, dst: str, address: str, port: int) -> bool:
+    """A TCP handshake from the external namespace to ``address:port``, a listener
+    running in ``dst``'s namespace."""
     with netns_tools.listen(cloud.ns(dst), "tcp", port):
         return netns_tools.tcp_connect(cloud.ns(EXT), address, port, 0.3)
 
@@ -130,11 +163,13 @@ def _bridge_mac(cloud: Any, network: str) -> str:
     return found.group(1)
 
 
-def _run(cloud: Any, *command: str) -> str:
+def _run(cloud: Any, *command: str, in_host: bool = True) -> str:
+    """Run ``command`` (no shell) in the host namespace, or as it is."""
     import subprocess
 
-    done = subprocess.run(("ip", "netns", "exec", cloud.lab.host_ns, *command),
-                          capture_output=True, text=True, timeout=30, check=True)
+    prefix = ("ip", "netns", "exec", cloud.lab.host_ns) if in_host else ()
+    done = subprocess.run((*prefix, *command), capture_output=True, text=True, timeout=30,
+                          check=True)
     return done.stdout
 
 
