@@ -264,6 +264,8 @@ def test_address_owners_split_shared_addresses_out_of_networks() -> None:
         "10.0.0.5/32": "tapb", "10.0.1.9/32": None, "10.0.1.10/32": "tapc"}
     assert address_owners([a, b, c], "ipv6") == {"2001:db8::6/128": "tapa"}
     assert address_owners([], "ipv4") == {}
+    with pytest.raises(ValueError):
+        address_owners([replace(c, ipv4=("10.0.1.10/24",))], "ipv4")  # host bits set
 
 
 # --------------------------------------------------------------- the oracle, extended

@@ -919,3 +919,10 @@ def test_unknown_topology_is_refused_by_the_iptables_backend() -> None:
     with pytest.raises(BackendError, match="unknown topology"):
         IptablesBackend(executor=IptablesExecutor(variant="nft", runner=lambda a, s: None),
                         topology="flat")
+
+
+def test_bridged_port_without_port_security_with_a_bad_address_is_a_backend_error() -> None:
+    hf = small()
+    bad = replace(hf.ports[2], ipv4=("10.0.1.7/24",), port_security=False)
+    with pytest.raises(BackendError, match="not a CIDR"):
+        render(replace(hf, ports=(*hf.ports[:2], bad)), RenderOptions(topology="bridged"))

@@ -943,3 +943,12 @@ def test_source_group_sets_are_hash_sets_until_they_hold_a_network() -> None:
     grown = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.7/32"))
     assert plan_between(only_hosts, replace(base, sets=(grown,))).commands == (
         f"add element inet secfw {WEB_V4} {{ 10.0.0.7 }}",)
+
+
+def test_bridged_port_without_port_security_with_a_bad_address_is_a_backend_error() -> None:
+    """Ports without port security skip the anti-spoofing sets that check addresses;
+    the address maps still refuse a malformed one as a BackendError."""
+    hf = small()
+    bad = replace(hf.ports[2], ipv4=("10.0.0.12/24",))
+    with pytest.raises(BackendError, match="not a CIDR"):
+        render(replace(hf, ports=(*hf.ports[:2], bad)), "bridged")

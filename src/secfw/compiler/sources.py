@@ -101,7 +101,8 @@ def address_owners(ports: Iterable[PortPolicy], family: Family) -> dict[str, str
     covering every address a port has or may use (its addresses, its allowed
     address pairs), each mapped to the one tap that claims it — or to None where
     several ports claim it (a shared address pair: the host's neighbour table, not
-    the model, decides which port receives it)."""
+    the model, decides which port receives it). ValueError for a malformed CIDR
+    (the backends turn it into their BackendError)."""
     claims: dict[str, set[str]] = {}
     for port in ports:
         for cidr in (*port.ipv4, *port.ipv6, *(pair.cidr for pair in port.allowed_pairs)):

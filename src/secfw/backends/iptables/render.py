@@ -568,8 +568,12 @@ def _routed_dispatch(ports: Sequence[PortPolicy], family: Family,
     several ports claim (:func:`~secfw.compiler.sources.address_owners`). Any
     other destination is not an instance's: the chain runs off its end (it is
     entered with -j) and the packet goes on."""
+    try:
+        owners = address_owners(ports, family)
+    except ValueError as exc:
+        raise BackendError(f"iptables: a port address is not a CIDR: {exc}") from exc
     rules = []
-    for cidr, tap in address_owners(ports, family).items():
+    for cidr, tap in owners.items():
         policy = None if tap is None else policies.get(tap)
         target = DROP if tap is None else RETURN if policy is None else f"-g {policy.ingress}"
         rules.append(" ".join([*address_option("-d", canonical_cidr(cidr)), target]))

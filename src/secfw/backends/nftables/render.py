@@ -465,7 +465,10 @@ def _ingress_address_maps(ports: Iterable[PortPolicy], ident: PortIdentity) -> l
     ports = list(ports)
     maps = []
     for family in ("ipv4", "ipv6"):
-        owners = address_owners(ports, family)
+        try:
+            owners = address_owners(ports, family)
+        except ValueError as exc:
+            raise BackendError(f"nftables: a port address is not a CIDR: {exc}") from exc
         elements = tuple(
             Element((canonical_cidr(cidr),),
                     Datum(str(SHARED_MARK) if tap is None else ident.ingress(tap)))
