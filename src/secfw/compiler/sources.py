@@ -103,15 +103,16 @@ def address_owners(ports: Iterable[PortPolicy], family: Family) -> dict[str, str
     several ports claim it (a shared address pair: the host's neighbour table, not
     the model, decides which port receives it). ValueError for a malformed CIDR
     (the backends turn it into their BackendError)."""
+    version = 4 if family == "ipv4" else 6
     claims: dict[str, set[str]] = {}
     for port in ports:
         for cidr in (*port.ipv4, *port.ipv6, *(pair.cidr for pair in port.allowed_pairs)):
-            network = ipaddress.ip_network(cidr)
-            if network.version == (4 if family == "ipv4" else 6):
-                claims.setdefault(network.with_prefixlen, set()).add(port.tap)
+            key = _network_key(cidr)
+            if key[0] == version:
+                claims.setdefault(key[3], set()).add(port.tap)
     if all(_is_host(cidr) for cidr in claims):  # the usual case: fixed addresses only
         return {cidr: next(iter(taps)) if len(taps) == 1 else None
-                for cidr, taps in sorted(claims.items(), key=lambda kv: _cidr_key(kv[0]))}
+                for cidr, taps in sorted(claims.items(), key=lambda kv: _network_key(kv[0]))}
     return _split(claims, family)
 
 
@@ -149,6 +150,10 @@ def _is_host(cidr: str) -> bool:
     return cidr.endswith("/32") or cidr.endswith("/128")
 
 
-def _cidr_key(cidr: str) -> tuple[int, int]:
+@lru_cache(maxsize=1 << 16)
+def _network_key(cidr: str) -> tuple[int, int, int, str]:
+    """(IP version, first address, prefix length, canonical CIDR) of ``cidr``:
+    parsed once (a render meets every address again and again); sorts by address."""
     network = ipaddress.ip_network(cidr)
-    return int(network.network_address), network.prefixlen
+    return network.version, int(network.network_address), network.prefixlen, \
+        network.with_prefixlen
