@@ -20,7 +20,7 @@ from secfw.compiler.evaluate import Packet, PolicyIndex
 from secfw.compiler.explain import Flow, decide
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import AddressPair, IcmpMatch, PortPolicy, PortRange
-from secfw.compiler.sources import link_local, nd_targets, port_sources
+from secfw.compiler.sources import address_owners, link_local, nd_targets, port_sources
 from secfw.config import load_config
 from secfw.conntrack import Entry, affected_ports, left_same_net, revoked_entries
 from secfw.errors import ConfigError
@@ -368,6 +368,28 @@ def test_link_local_and_sources() -> None:
     assert nd_targets(policy) == ("2001:db8::5/128", "fe80::f816:3eff:fe00:1/128",
                                   "fe80::f816:3eff:fe00:9/128")
     assert port_sources(replace(policy, port_security=False)) == ()
+
+
+def test_address_owners_split_shared_addresses_out_of_networks() -> None:
+    """Every address a port has or may use, by tap; an address two ports claim has
+    no owner (None); a network another port's address falls into is split around
+    it; the result has no overlaps (interval sets refuse them) and is sorted."""
+    a = PortPolicy("tapa", "p", "i", "fa:16:3e:00:00:01", ("10.0.0.6",), (), (),
+                   ipv6=("2001:db8::6",),
+                   allowed_pairs=(AddressPair("10.0.0.0/29", "fa:16:3e:00:00:01"),))
+    b = PortPolicy("tapb", "p", "i", "fa:16:3e:00:00:02", ("10.0.0.5",), (), (),
+                   allowed_pairs=(AddressPair("10.0.1.9/32", "fa:16:3e:00:00:02"),))
+    c = PortPolicy("tapc", "p", "i", "fa:16:3e:00:00:03", ("10.0.1.10",), (), (),
+                   allowed_pairs=(AddressPair("10.0.1.9/32", "fa:16:3e:00:00:03"),))
+    assert address_owners([a, b, c], "ipv4") == {
+        "10.0.0.0/30": "tapa", "10.0.0.4/32": "tapa", "10.0.0.5/32": None,
+        "10.0.0.6/31": "tapa", "10.0.1.9/32": None, "10.0.1.10/32": "tapc"}
+    assert address_owners([b, c], "ipv4") == {
+        "10.0.0.5/32": "tapb", "10.0.1.9/32": None, "10.0.1.10/32": "tapc"}
+    assert address_owners([a, b, c], "ipv6") == {"2001:db8::6/128": "tapa"}
+    assert address_owners([], "ipv4") == {}
+    with pytest.raises(ValueError):
+        address_owners([replace(c, ipv4=("10.0.1.10/24",))], "ipv4")  # host bits set
 
 
 # --------------------------------------------------------------- the oracle, extended

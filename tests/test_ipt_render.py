@@ -917,16 +917,44 @@ def test_bridged_dispatch_matches_bridge_ports_with_physdev() -> None:
     v4 = bridged.tables["ipv4"].chains
     assert v4["secfw-fwd"] == (
         "-m physdev --physdev-in tap+ -j secfw-egress",
-        "-m physdev --physdev-out tap+ --physdev-is-bridged -j secfw-ingress")
+        "-m physdev --physdev-out tap+ --physdev-is-bridged -j secfw-ingress",
+        "-m physdev ! --physdev-is-bridged -j secfw-routed-in")
     assert v4["secfw-in"] == ("-m physdev --physdev-in tap+ -j secfw-egress",)
     text = to_text(bridged)
     assert not re.search(r" -[io] tap", text)  # no interface match is left
     assert f"-m physdev --physdev-in {TAP_A} -m mac --mac-source" in text
     assert f"-m physdev --physdev-out {TAP_A} --physdev-is-bridged -g secfw-pi-" in text
-    # the same chains otherwise: only the dispatch differs
-    assert set(v4) == set(routed.tables["ipv4"].chains)
+    # the same chains otherwise: only the dispatch differs, and what the host
+    # routes into a bridge is dispatched by destination address
+    assert set(v4) == set(routed.tables["ipv4"].chains) | {"secfw-routed-in"}
+    assert v4["secfw-routed-in"] == (
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        "-j MARK --set-xmark 0x0/0x1000000",
+        *(f"-d {address}/32 -g secfw-pi-{_policy_hash(text, tap)}"
+          for address, tap in (("10.0.0.5", TAP_A), ("10.0.0.6", TAP_B), ("10.0.1.7", TAP_C))))
     assert bridged.sets == routed.sets
     assert compile_text(small(), topology="bridged") == text
+
+
+def _policy_hash(text: str, tap: str) -> str:
+    found = re.search(rf"--physdev-out {tap} --physdev-is-bridged -g secfw-pi-(\S+)", text)
+    assert found
+    return found.group(1)
+
+
+def test_bridged_routed_dispatch_drops_shared_and_returns_without_port_security() -> None:
+    """An address two ports claim is dropped when routed; a port without port
+    security is not filtered, routed or bridged; IPv6 has its own list."""
+    hf = small()
+    pair = (AddressPair("10.0.0.6/32", "fa:16:3e:00:00:01"),)
+    ports = (replace(hf.ports[0], allowed_pairs=pair, ipv6=("2001:db8::5",)), hf.ports[1],
+             replace(hf.ports[2], port_security=False))
+    state = render(replace(hf, ports=ports), RenderOptions(topology="bridged"))
+    v4, v6 = (state.tables[f].chains["secfw-routed-in"] for f in ("ipv4", "ipv6"))
+    assert v4[2:] == ("-d 10.0.0.5/32 -g " + v4[2].split(" -g ")[1], "-d 10.0.0.6/32 -j DROP",
+                      "-d 10.0.1.7/32 -j RETURN")
+    assert v4[2].split(" -g ")[1].startswith("secfw-pi-")
+    assert [r.split(" -g ")[0] for r in v6[2:]] == ["-d 2001:db8::5/128"]
 
 
 def test_bridged_buckets_match_tap_prefixes_with_physdev() -> None:
@@ -945,3 +973,10 @@ def test_unknown_topology_is_refused_by_the_iptables_backend() -> None:
     with pytest.raises(BackendError, match="unknown topology"):
         IptablesBackend(executor=IptablesExecutor(variant="nft", runner=lambda a, s: None),
                         topology="flat")
+
+
+def test_bridged_port_without_port_security_with_a_bad_address_is_a_backend_error() -> None:
+    hf = small()
+    bad = replace(hf.ports[2], ipv4=("10.0.1.7/24",), port_security=False)
+    with pytest.raises(BackendError, match="not a CIDR"):
+        render(replace(hf, ports=(*hf.ports[:2], bad)), RenderOptions(topology="bridged"))

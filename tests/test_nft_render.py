@@ -837,10 +837,11 @@ def test_bridged_host_uses_a_bridge_table_and_marks_instead_of_interface_names()
     assert chain_rules(ruleset, "forward-egress") == [
         "meta mark vmap @egress_ports", 'iifname "tap*" drop']
     assert chain_rules(ruleset, "postrouting-ingress") == [
-        "meta mark vmap @ingress_ports", 'oifname "tap*" drop']
+        "meta mark vmap @ingress_ports", 'oifname "tap*" drop', "meta mark 2147483776 drop"]
     assert chain_rules(ruleset, "input-egress") == [
         "meta mark vmap @egress_ports", 'iifname "tap*" drop']
-    assert "forward-ingress" not in {c.name for c in ruleset.chains}
+    assert chain_rules(ruleset, "forward-ingress") == [
+        "meta mark set ip daddr map @ingress_addrs4", "meta mark set ip6 daddr map @ingress_addrs6"]
     inet_sets = [s for s in ruleset.sets if s.family == "inet"]
     assert all("ifname" not in s.key_type for s in inet_sets)
     egress_keys = {e.key[0] for e in named(ruleset, "egress_ports")}
@@ -863,6 +864,7 @@ def test_bridged_layer2_chain_checks_macs_and_arp_before_marking() -> None:
         "drop",
     ]
     assert chain_rules(ruleset, "to-tap") == [
+        'oifname != "tap*" meta mark & 0x80000080 2147483776 meta mark set 0 accept',
         'oifname != "tap*" accept', "meta mark set oifname map @ingress_marks accept", "drop"]
     hooks = {c.name: c.hook for c in ruleset.chains if c.family == "bridge"}
     assert hooks["from-tap"] == Hook("filter", "prerouting", -200, "accept")
@@ -873,6 +875,36 @@ def test_bridged_layer2_chain_checks_macs_and_arp_before_marking() -> None:
     assert [e.key for e in named(ruleset, "arp_open")] == [(TAP_C,)]
     text = to_nft_text(ruleset)
     assert "priority -200;" in text and "type ifname : mark;" in text
+
+
+def test_bridged_host_marks_what_it_routes_to_a_port_by_destination_address() -> None:
+    """Every address a port has or may use maps to its ingress mark (port security
+    off included: its ingress_ports element accepts); a network an allowed pair
+    gives makes the map an interval map; an address two ports claim maps to the
+    shared mark, which postrouting-ingress drops."""
+    ruleset = render(small(), "bridged")
+    ingress = {e.key[0]: e.verdict.text for e in named(ruleset, "ingress_marks")
+               if isinstance(e.verdict, Datum)}
+    v4 = {e.key[0]: e.verdict for e in named(ruleset, "ingress_addrs4")}
+    assert v4 == {
+        "10.0.0.10/32": Datum(ingress[TAP_A]), "10.0.0.11/32": Datum(ingress[TAP_B]),
+        "10.0.0.12/32": Datum(ingress[TAP_C]), "10.0.0.100/32": Datum(ingress[TAP_A]),
+        "10.9.9.0/28": Datum(ingress[TAP_A])}
+    assert next(s for s in ruleset.sets if s.name == "ingress_addrs4").flags == ("interval",)
+    v6 = next(s for s in ruleset.sets if s.name == "ingress_addrs6")
+    assert v6.flags == () and [e.key[0] for e in v6.elements] == ["2001:db8::a/128"]
+    # tap B also claims 10.9.9.4: that address is shared, the rest of the /28 is A's.
+    pairs = (AddressPair("10.9.9.4/32", MACS[TAP_B]),)
+    hf = small()
+    hf = replace(hf, ports=(hf.ports[0], replace(hf.ports[1], allowed_pairs=pairs),
+                            hf.ports[2]))
+    shared = {e.key[0]: e.verdict for e in named(render(hf, "bridged"), "ingress_addrs4")}
+    assert shared["10.9.9.4/32"] == Datum("2147483776")
+    assert [c for c in shared if c.startswith("10.9.9.")] == [
+        "10.9.9.0/30", "10.9.9.4/32", "10.9.9.5/32", "10.9.9.6/31", "10.9.9.8/29"]
+    assert {shared[c] for c in ("10.9.9.0/30", "10.9.9.5/32", "10.9.9.6/31",
+                                "10.9.9.8/29")} == {Datum(ingress[TAP_A])}
+    assert plan(KernelState.from_ruleset(render(hf, "bridged")), render(hf, "bridged")).empty
 
 
 def test_bridged_state_round_trips_and_plans_nothing() -> None:
@@ -931,3 +963,12 @@ def test_source_group_sets_are_hash_sets_until_they_hold_a_network() -> None:
     grown = AddressSet(WEB_V4, WEB, "ipv4", ("10.0.0.5/32", "10.0.0.6/32", "10.0.0.7/32"))
     assert plan_between(only_hosts, replace(base, sets=(grown, *NET_SETS))).commands == (
         f"add element inet secfw {WEB_V4} {{ 10.0.0.7 }}",)
+
+
+def test_bridged_port_without_port_security_with_a_bad_address_is_a_backend_error() -> None:
+    """Ports without port security skip the anti-spoofing sets that check addresses;
+    the address maps still refuse a malformed one as a BackendError."""
+    hf = small()
+    bad = replace(hf.ports[2], ipv4=("10.0.0.12/24",))
+    with pytest.raises(BackendError, match="not a CIDR"):
+        render(replace(hf, ports=(*hf.ports[:2], bad)), "bridged")

@@ -364,34 +364,47 @@ _lab_topology_option = click.option(
 )
 
 
+_lab_gateway_option = click.option(
+    "--gateway-on-bridge", is_flag=True, envvar="SECFW_LAB_GATEWAY_ON_BRIDGE",
+    help="With --topology bridged: the host namespace holds each network's gateway on its "
+         "bridge and routes (nova-network's layout) instead of a router namespace "
+         "[env SECFW_LAB_GATEWAY_ON_BRIDGE].",
+)
+
+
 @lab_group.command("up")
 @_host_option
 @_lab_topology_option
+@_lab_gateway_option
 @scope_options
 @pass_state
-def lab_up(state: CliState, host: str, topology: str) -> None:
+def lab_up(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
     """Create (or bring in line) the lab of HOST from the store."""
-    _lab_sync(state, host, topology)
+    _lab_sync(state, host, topology, gateway_on_bridge)
 
 
 @lab_group.command("sync")
 @_host_option
 @_lab_topology_option
+@_lab_gateway_option
 @scope_options
 @pass_state
-def lab_sync(state: CliState, host: str, topology: str) -> None:
+def lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
     """Add namespaces of new instances of HOST, remove those of deleted ones."""
-    _lab_sync(state, host, topology)
+    _lab_sync(state, host, topology, gateway_on_bridge)
 
 
-def _lab_sync(state: CliState, host: str, topology: str) -> None:
+def _lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
     from secfw.lab import Lab
 
     check_host(host)
-    lab = Lab(host, lab_for(host).state_dir, topology=topology)  # lab_for: the state dir
+    lab = Lab(host, lab_for(host).state_dir, topology=topology,  # lab_for: the state dir
+              gateway_on_bridge=gateway_on_bridge)
     lab.up(lab_ports(state.api.snapshot(), host))
-    router = f", router {lab.router_ns}" if topology == "bridged" else ""
-    click.echo(f"lab of {host} ({topology}): host namespace {lab.host_ns}{router}, "
+    router = f", router {lab.router_ns}" if topology == "bridged" and not gateway_on_bridge \
+        else ""
+    layout = f"{topology}, gateway on the bridge" if gateway_on_bridge else topology
+    click.echo(f"lab of {host} ({layout}): host namespace {lab.host_ns}{router}, "
                f"external {lab.external_ns}, {len(lab.taps())} instance(s)")
 
 

@@ -1,7 +1,7 @@
 """The network-namespace lab: a compute host's instances, materialised on this machine.
 
-``secfw lab up --host H [--topology routed|bridged]`` builds one of two topologies so
-that real packets can exercise the firewall. Everything lives in namespaces the lab
+``secfw lab up --host H [--topology routed|bridged] [--gateway-on-bridge]`` builds one of
+three layouts so that real packets can exercise the firewall. Everything lives in namespaces the lab
 creates; the root namespace is never touched (apart from the ``/run/netns`` entries of
 those namespaces).
 
@@ -83,6 +83,26 @@ bridge; everything else goes through the router. Why each setting exists:
   so the router has a connected route per network.
 * the instance's IPv6 address keeps its prefix route (same-subnet peers are on the
   link) and is ``nodad``, usable at once.
+
+Bridged with the gateway on the bridge (``gateway_on_bridge=True``; nova-network's
+layout in the operations guide): the host namespace itself holds each network's
+gateway addresses on its bridge and routes between the bridges and the outside; there
+is no router namespace and no leg::
+
+    sfw-i-<h>-<tap>  eth0 as in the bridged topology
+          │ veth
+    sfw-h-<h>        <tap> ── master  sfwbr<n> gateway/prefixlen (+ gateway6/prefixlen6
+                                      and fe80::1/64, nodad)
+                     sfw-ext  203.0.113.1/24, 198.51.100.1/24, 2001:db8:ffff::1/64
+          │ veth
+    sfw-x-<h>        eth0 as in the routed topology, default routes via the host
+
+The host namespace gets the router's sysctls (forwarding on, ``rp_filter=0``, no
+duplicate address detection) on top of the bridged host's (``addr_gen_mode 1``: no
+link-local addresses on taps; each bridge gets ``fe80::1``, without which the kernel
+sends no neighbour solicitation from it and cannot route IPv6 into it). Here
+the host's own IP stack routes traffic into the bridges, which the firewall must
+filter too (docs/nftables.md, "Bridged hosts").
 
 Implementation choices:
 
@@ -177,9 +197,12 @@ _ROUTER_SYSCTLS = _HOST_SYSCTLS
 #: The bridged topology's host namespace only bridges: interfaces created after this
 #: get no IPv6 link-local address (IN6_ADDR_GEN_MODE_NONE), so it has no addresses.
 _BRIDGE_HOST_SYSCTLS = {**_NO_DAD, "net/ipv6/conf/default/addr_gen_mode": "1"}
+#: The host namespace of the gateway-on-bridge layout both bridges and routes.
+_GATEWAY_HOST_SYSCTLS = {**_BRIDGE_HOST_SYSCTLS, **_ROUTER_SYSCTLS}
 #: IFLA_BR_* settings of every lab bridge (see the module docstring).
 _BRIDGE_OPTIONS = {"br_stp_state": 0, "br_mcast_snooping": 0, "br_forward_delay": 0}
 BRIDGE_PREFIX, LEG_PREFIX, ROUTER_LEG_PREFIX = "sfwbr", "sfwrl", "sfwgw"  # never "tap"
+BRIDGE_LINK_LOCAL = "fe80::1"  # gateway on the bridge: the bridge's link-local address
 
 
 @dataclass(frozen=True)
@@ -473,6 +496,7 @@ class _State:
     ports: dict[str, dict[str, Any]] = field(default_factory=dict)  # tap -> spec
     topology: str = "routed"
     networks: list[str] = field(default_factory=list)  # bridged: IPv4 networks with a bridge
+    gateway_on_bridge: bool = False  # bridged: the host routes, gateways on the bridges
 
     def to_json(self) -> str:
         return json.dumps({"version": _STATE_VERSION, **asdict(self)}, indent=1, sort_keys=True)
@@ -491,6 +515,7 @@ class _State:
             ports={str(tap): dict(spec) for tap, spec in data["ports"].items()},
             topology=str(data.get("topology", "routed")),
             networks=[str(n) for n in data.get("networks", [])],
+            gateway_on_bridge=bool(data.get("gateway_on_bridge", False)),
         )
 
 
@@ -505,23 +530,29 @@ class Lab:
     listed; bridged: creating and removing the bridges and router legs of networks
     as they appear and disappear); :meth:`down` removes everything recorded in the
     state file and nothing else. ``topology`` is ``"routed"`` (default) or
-    ``"bridged"`` (see the module docstring); a lab keeps the topology it was built
-    with until it is brought down. Calls for the same ``state_dir`` are serialised
-    with ``flock``. Every failure is a :class:`LabError` with a one-line message.
+    ``"bridged"``; ``gateway_on_bridge`` (bridged only) puts the gateways on the
+    host's bridges instead of a router namespace (see the module docstring); a lab
+    keeps the layout it was built with until it is brought down. Calls for the same
+    ``state_dir`` are serialised with ``flock``. Every failure is a
+    :class:`LabError` with a one-line message.
     """
 
     external_addresses: tuple[str, ...] = tuple(n.external_ip for n in EXTERNAL_NETWORKS)
     external_address6: str = EXTERNAL_NETWORK6.external_ip
 
-    def __init__(self, host: str, state_dir: Path, topology: str = "routed") -> None:
+    def __init__(self, host: str, state_dir: Path, topology: str = "routed",
+                 gateway_on_bridge: bool = False) -> None:
         if not host:
             raise LabError("lab: the host name must not be empty")
         if topology not in TOPOLOGIES:
             raise LabError(
                 f"lab: unknown topology {topology!r} (known: {', '.join(TOPOLOGIES)})")
+        if gateway_on_bridge and topology != "bridged":
+            raise LabError("lab: the gateway can only be on the bridge in the bridged topology")
         self.host = host
         self.state_dir = Path(state_dir)
         self.topology: Topology = topology
+        self.gateway_on_bridge = gateway_on_bridge
         self._hash = hashlib.sha256(host.encode()).hexdigest()[:8]
 
     # ---- names
@@ -533,14 +564,15 @@ class Lab:
 
     @property
     def external_ns(self) -> str:
-        """The external namespace, routed through the host namespace (routed) or the
-        router namespace (bridged)."""
+        """The external namespace, routed through the host namespace (routed, and
+        bridged with the gateway on the bridge) or the router namespace (bridged)."""
         return f"{NS_PREFIX}x-{self._hash}"
 
     @property
     def router_ns(self) -> str:
         """The router namespace of the bridged topology: ``sfw-r-<h>`` (the routed
-        topology has none; the name is the same either way)."""
+        topology and the gateway-on-bridge layout have none; the name is the same
+        either way)."""
         return f"{NS_PREFIX}r-{self._hash}"
 
     def instance_ns(self, tap: str) -> str:
@@ -578,11 +610,13 @@ class Lab:
         with self._locked():
             state = self._load()
             if state is None:
-                state = _State(host=self.host, topology=self.topology)
-            elif state.topology != self.topology:
+                state = _State(host=self.host, topology=self.topology,
+                               gateway_on_bridge=self.gateway_on_bridge)
+            elif (state.topology, state.gateway_on_bridge) != self.layout:
                 raise LabError(
-                    f"lab: the lab of host {self.host!r} was built with the {state.topology} "
-                    f"topology, not {self.topology}; run `secfw lab down --host "
+                    f"lab: the lab of host {self.host!r} was built with the "
+                    f"{_layout_name(state.topology, state.gateway_on_bridge)}, not the "
+                    f"{_layout_name(*self.layout)}; run `secfw lab down --host "
                     f"{self.host!r}` first"
                 )
             if self.topology == "bridged":
@@ -597,6 +631,11 @@ class Lab:
                 with _lab_errors("configuring gateway addresses"):
                     _sync_gateways(host, desired.values())
 
+    @property
+    def layout(self) -> tuple[str, bool]:
+        """(topology, gateway on the bridge): what a lab keeps until it is brought down."""
+        return self.topology, self.gateway_on_bridge
+
     def _up_bridged(
         self, state: _State, desired: dict[str, LabPort], networks: dict[str, _Network]
     ) -> None:
@@ -604,10 +643,11 @@ class Lab:
         then ports gone, networks gone, networks, ports — in that order, so a bridge
         is only removed once its taps are, and exists before its taps are enslaved."""
         self._ensure_bridged_base(state)
+        router_ns = self.host_ns if self.gateway_on_bridge else self.router_ns
         with (
-            _lab_errors(f"opening {self.host_ns} and {self.router_ns}"),
+            _lab_errors(f"opening {self.host_ns} and {router_ns}"),
             _netlink(self.host_ns) as host,
-            _netlink(self.router_ns) as router,
+            _netlink(router_ns) as router,
         ):
             before = {tap: dict(spec) for tap, spec in state.ports.items()}
             for tap in [t for t in state.ports if t not in desired]:
@@ -667,7 +707,12 @@ class Lab:
 
     def _ensure_bridged_base(self, state: _State) -> None:
         """Bridged: create/repair the host namespace (bridges only), the router
-        namespace with its sysctls, and the external side behind the router."""
+        namespace with its sysctls, and the external side behind the router — or,
+        with the gateway on the bridge, the routing host namespace and the external
+        side behind it."""
+        if self.gateway_on_bridge:
+            self._ensure_gateway_host(state)
+            return
         self._ensure_ns(state, self.host_ns)
         self._ensure_ns(state, self.router_ns)
         # Defaults before any interface is created, so interfaces inherit them.
@@ -679,6 +724,17 @@ class Lab:
         with _lab_errors(f"configuring {self.router_ns}"), _netlink(self.router_ns) as router:
             _up(router, "lo")
             self._ensure_external(state, router, self.router_ns)
+
+    def _ensure_gateway_host(self, state: _State) -> None:
+        """Gateway on the bridge: create/repair the host namespace, which both bridges
+        and routes, and the external side behind it."""
+        self._ensure_ns(state, self.host_ns)
+        # Defaults before any interface is created, so interfaces inherit them.
+        with _lab_errors(f"setting sysctls in {self.host_ns}"):
+            _write_sysctls(self.host_ns, _GATEWAY_HOST_SYSCTLS)
+        with _lab_errors(f"configuring {self.host_ns}"), _netlink(self.host_ns) as host:
+            _up(host, "lo")
+            self._ensure_external(state, host, self.host_ns)
 
     def _ensure_external(self, state: _State, host: Any, host_ns: str) -> None:
         """Create/repair the external namespace and its veth to ``host`` (the socket of
@@ -714,19 +770,29 @@ class Lab:
 
     def _ensure_network(self, state: _State, host: Any, router: Any, network: _Network) -> None:
         """Create/repair a network's bridge (host namespace) and its veth leg to the
-        router, and make the router-side end carry exactly the network's gateways."""
+        router, and make the router-side end carry exactly the network's gateways —
+        or, with the gateway on the bridge, the bridge itself."""
         bridge, (leg, router_leg) = network.bridge, network.legs
         with _lab_errors(f"network {network.key} ({bridge})"):
             new = network.key not in state.networks
             if new:
                 state.networks.append(network.key)  # saved by _record_links
-            self._record_links(state, [bridge, leg], force_save=new)
+            links = [bridge] if self.gateway_on_bridge else [bridge, leg]
+            self._record_links(state, links, force_save=new)
             if _link_index(host, bridge) is None:
                 host.link("add", ifname=bridge, kind="bridge", **_BRIDGE_OPTIONS)
             else:  # re-asserted: a sync repairs settings changed behind the lab's back
                 host.link("set", index=_link_index(host, bridge), kind="bridge",
                           **_BRIDGE_OPTIONS)
             bridge_index = _up(host, bridge)
+            if self.gateway_on_bridge:
+                _sync_leg_addresses(host, bridge_index, network.addresses())
+                # The kernel sends no neighbour solicitation from an interface
+                # without a link-local address (ndisc_send_ns), so it could not
+                # route IPv6 into the bridge without one.
+                host.addr("replace", index=bridge_index, address=BRIDGE_LINK_LOCAL,
+                          prefixlen=64, family=AF_INET6, flags=IFA_F_NODAD)
+                return
             if _link_index(host, leg) is None or _link_index(router, router_leg) is None:
                 _delete_link(host, leg)  # a leftover end whose peer went with its namespace
                 _delete_link(router, router_leg)
@@ -890,6 +956,13 @@ class Lab:
             os.close(fd)  # releases the lock
 
 
+def _layout_name(topology: str, gateway_on_bridge: bool) -> str:
+    """``routed topology``, ``bridged topology``, ``bridged topology with the
+    gateway on the bridge``."""
+    return f"{topology} topology" + (" with the gateway on the bridge" if gateway_on_bridge
+                                     else "")
+
+
 def _configure_ipv6(inst: Any, index: int, port: LabPort) -> None:
     """The instance's IPv6: address ``nodad noprefixroute``, gateway6 on-link, default
     route through it (see the module docstring)."""
@@ -928,8 +1001,9 @@ def _enslave(host: Any, ifname: str, bridge_index: int) -> None:
 
 
 def _sync_leg_addresses(router: Any, index: int, wanted: set[tuple[int, str, int]]) -> None:
-    """Make a router leg carry exactly ``wanted`` (family, address, prefixlen), apart
-    from its IPv6 link-local address; IPv6 ones ``nodad``."""
+    """Make a router leg (or a bridge holding the gateways) carry exactly ``wanted``
+    (family, address, prefixlen), apart from its IPv6 link-local address; IPv6 ones
+    ``nodad``."""
     present: set[tuple[int, str, int]] = set()
     for family in (AF_INET, AF_INET6):
         for msg in router.addr("dump", index=index, family=family):

@@ -397,8 +397,9 @@ def lab_factory(tmp_path: Path) -> Iterator[Callable[..., Lab]]:
     afterwards."""
     labs: list[Lab] = []
 
-    def make(host: str, topology: str = "routed") -> Lab:
-        lab = Lab(host, tmp_path / f"lab-{len(labs)}", topology=topology)
+    def make(host: str, topology: str = "routed", gateway_on_bridge: bool = False) -> Lab:
+        lab = Lab(host, tmp_path / f"lab-{len(labs)}", topology=topology,
+                  gateway_on_bridge=gateway_on_bridge)
         labs.append(lab)
         return lab
 

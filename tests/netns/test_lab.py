@@ -487,14 +487,16 @@ def fdb(lab: Lab) -> dict[str, int]:
 
 
 def bridged_snapshot(lab: Lab, ports: tuple[LabPort, ...] = BRIDGED) -> dict[str, Any]:
-    """Links (index, master, up), addresses and routes of the host, router and external
-    namespaces, each instance's eth0 index, and the state file.
+    """Links (index, master, up), addresses and routes of the host, router (if any) and
+    external namespaces, each instance's eth0 index, and the state file.
 
     IPv6 link-local addresses and their routes are left out: the kernel adds them
     on its own, some time after an interface's carrier comes up.
     """
     snap: dict[str, Any] = {"state": lab.state_file.read_text()}
     for ns in (lab.host_ns, lab.router_ns, lab.external_ns):
+        if not netns_exists(ns):  # no router namespace with the gateway on the bridge
+            continue
         with IPRoute(netns=ns, flags=0) as ipr:
             snap[ns] = {
                 "links": sorted((ln.get("ifname"), ln["index"], ln.get("master") or 0,
@@ -854,3 +856,83 @@ def test_cli_lab_up_sync_down_with_a_topology(
     finally:
         cli.ok("lab", "down", "--host", host, env=env)
     assert not netns_exists(lab.router_ns) and not lab.exists()
+
+
+# --------------------------------------------------------------------------- gateway on the bridge
+
+
+@pytest.fixture
+def gateway_lab(tmp_path: Path) -> Iterator[Lab]:
+    """A bridged lab of BRIDGED with the gateways on the host's bridges."""
+    the_lab = Lab(f"test-host-{uuid.uuid4().hex[:8]}", tmp_path / "state", topology="bridged",
+                  gateway_on_bridge=True)
+    try:
+        the_lab.up(BRIDGED)
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+def test_gateway_on_bridge_host_routes_between_its_bridges(gateway_lab: Lab) -> None:
+    """The host namespace holds the gateways on the bridges (no router namespace,
+    no legs) and routes: to and from the external namespace and between the two
+    networks, IPv4 and IPv6; same-subnet peers talk through the bridge."""
+    lab = gateway_lab
+    assert not netns_exists(lab.router_ns)
+    bridge_a, bridge_b = lab_module.bridge_name(NET_A), lab_module.bridge_name(NET_B)
+    assert {a for a in addresses(lab.host_ns) if a[0].startswith("sfwbr")} == {
+        (bridge_a, "10.7.0.1", 24), (bridge_a, "2001:db8:7::1", 64),
+        (bridge_b, "10.8.0.1", 24), (bridge_b, "2001:db8:8::1", 64)}
+    host = links_by_name(lab.host_ns)
+    assert not any(name.startswith(lab_module.LEG_PREFIX) for name in host)
+    assert host[BRIDGED[0].tap].get("master") == host[bridge_a]["index"]
+    assert nt.ping(lab.external_ns, BRIDGED[0].ip)
+    assert nt.ping(lab.external_ns, str(BRIDGED[2].address6))
+    assert nt.ping(ns_of(lab, BRIDGED[2]), BRIDGED[0].ip)  # routed by the host
+    assert nt.ping(ns_of(lab, BRIDGED[0]), BRIDGED[1].ip)  # bridged
+    before = bridged_snapshot(lab)
+    lab.up(BRIDGED)  # idempotent
+    assert bridged_snapshot(lab) == before
+
+
+def test_gateway_on_bridge_is_a_layout_a_lab_keeps(gateway_lab: Lab) -> None:
+    """A lab built with the gateway on the bridge refuses the router layout and the
+    other way round, until it is brought down; down removes everything."""
+    other = Lab(gateway_lab.host, gateway_lab.state_dir, topology="bridged")
+    with pytest.raises(LabError, match=r"gateway on the bridge, not the bridged topology;"):
+        other.up(BRIDGED)
+    gateway_lab.down()
+    assert not any(netns_exists(ns) for ns in lab_namespaces(gateway_lab, BRIDGED))
+    other.up(BRIDGED[:1])
+    with pytest.raises(LabError, match=r"bridged topology, not the bridged topology with"):
+        gateway_lab.up(BRIDGED[:1])
+    other.down()
+
+
+def test_gateway_on_bridge_needs_the_bridged_topology(tmp_path: Path) -> None:
+    with pytest.raises(LabError, match="bridged topology"):
+        Lab("test-host", tmp_path, gateway_on_bridge=True)
+
+
+def test_cli_lab_up_with_the_gateway_on_the_bridge(cli: Any, tmp_path: Path) -> None:
+    host = f"test-host-{uuid.uuid4().hex[:8]}"
+    env: dict[str, str | None] = {"SECFW_LAB_DIR": str(tmp_path / "lab"), "SECFW_TOPOLOGY": None}
+    cli.ok("net-create", "public", "10.9.0.0/24")
+    cli.ok("image-create", "cirros", "--visibility", "public")
+    cli.ok("boot", "vm1", "--flavor", "m1.tiny", "--image", "cirros", "--nic", "net-id=public",
+           "--host", host)
+    lab = Lab(host, tmp_path / "lab", topology="bridged", gateway_on_bridge=True)
+    try:
+        out = cli.ok("lab", "up", "--host", host, "--topology", "bridged",
+                     "--gateway-on-bridge", env=env)
+        assert "gateway on the bridge" in out and lab.router_ns not in out
+        assert not netns_exists(lab.router_ns) and len(lab.taps()) == 1
+        (spec,) = json.loads(lab.state_file.read_text())["ports"].values()
+        assert nt.ping(lab.external_ns, spec["ip"])
+        assert "lab down" in cli.fails("lab", "sync", "--host", host, "--topology", "bridged",
+                                       env=env)  # without the flag: the router layout
+        assert "bridged topology" in cli.fails("lab", "up", "--host", host,
+                                               "--gateway-on-bridge", env=env)  # routed
+    finally:
+        cli.ok("lab", "down", "--host", host, env=env)
+    assert not lab.exists()

@@ -19,6 +19,9 @@ read the IR the same way:
 from __future__ import annotations
 
 import ipaddress
+import itertools
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -90,3 +93,67 @@ def nd_targets(port: PortPolicy) -> tuple[str, ...]:
     targets = {s.cidr for s in port_sources(port)
                if s.family == "ipv6" and s.cidr != UNSPECIFIED["ipv6"]}
     return tuple(sorted(targets))
+
+
+def address_owners(ports: Iterable[PortPolicy], family: Family) -> dict[str, str | None]:
+    """Who an address of ``family`` belongs to, as the bridged backends dispatch
+    what the host routes into a bridge: non-overlapping canonical CIDRs, sorted,
+    covering every address a port has or may use (its addresses, its allowed
+    address pairs), each mapped to the one tap that claims it — or to None where
+    several ports claim it (a shared address pair: the host's neighbour table, not
+    the model, decides which port receives it). ValueError for a malformed CIDR
+    (the backends turn it into their BackendError)."""
+    version = 4 if family == "ipv4" else 6
+    claims: dict[str, set[str]] = {}
+    for port in ports:
+        for cidr in (*port.ipv4, *port.ipv6, *(pair.cidr for pair in port.allowed_pairs)):
+            key = _network_key(cidr)
+            if key[0] == version:
+                claims.setdefault(key[3], set()).add(port.tap)
+    if all(_is_host(cidr) for cidr in claims):  # the usual case: fixed addresses only
+        return {cidr: next(iter(taps)) if len(taps) == 1 else None
+                for cidr, taps in sorted(claims.items(), key=lambda kv: _network_key(kv[0]))}
+    return _split(claims, family)
+
+
+def _split(claims: dict[str, set[str]], family: Family) -> dict[str, str | None]:
+    """:func:`address_owners` with networks: a sweep over the networks' boundaries;
+    each stretch between two boundaries belongs to the taps of the networks that
+    cover it, and adjacent stretches of one owner are merged before they are
+    written as CIDRs."""
+    events: dict[int, list[tuple[int, str]]] = {}
+    for cidr, taps in claims.items():
+        network = ipaddress.ip_network(cidr)
+        for tap in taps:
+            events.setdefault(int(network.network_address), []).append((1, tap))
+            events.setdefault(int(network.broadcast_address) + 1, []).append((-1, tap))
+    active: Counter[str] = Counter()
+    stretches: list[tuple[int, int, str | None]] = []
+    points = sorted(events)
+    for start, end in itertools.pairwise(points):
+        for delta, tap in events[start]:
+            active[tap] += delta
+        owners = [tap for tap, count in active.items() if count > 0]
+        if not owners:
+            continue
+        owner = owners[0] if len(owners) == 1 else None
+        if stretches and stretches[-1][1] == start and stretches[-1][2] == owner:
+            stretches[-1] = (stretches[-1][0], end, owner)
+        else:
+            stretches.append((start, end, owner))
+    address = ipaddress.IPv4Address if family == "ipv4" else ipaddress.IPv6Address
+    return {net.with_prefixlen: owner for start, end, owner in stretches
+            for net in ipaddress.summarize_address_range(address(start), address(end - 1))}
+
+
+def _is_host(cidr: str) -> bool:
+    return cidr.endswith("/32") or cidr.endswith("/128")
+
+
+@lru_cache(maxsize=1 << 16)
+def _network_key(cidr: str) -> tuple[int, int, int, str]:
+    """(IP version, first address, prefix length, canonical CIDR) of ``cidr``:
+    parsed once (a render meets every address again and again); sorts by address."""
+    network = ipaddress.ip_network(cidr)
+    return network.version, int(network.network_address), network.prefixlen, \
+        network.with_prefixlen

@@ -111,7 +111,7 @@ from typing import NamedTuple, TypeVar
 
 from secfw.backends import TOPOLOGIES
 from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, IRRule, PortPolicy
-from secfw.compiler.sources import port_sources
+from secfw.compiler.sources import address_owners, port_sources
 from secfw.errors import BackendError, UnsupportedError
 from secfw.model import TAP_PREFIX
 
@@ -122,6 +122,7 @@ FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
 PREFIX = "secfw-"
 FORWARD, INPUT = "secfw-fwd", "secfw-in"
 EGRESS, INGRESS = "secfw-egress", "secfw-ingress"
+ROUTED_INGRESS = "secfw-routed-in"  # bridged: what the host routes to a port's address
 EGRESS_OPEN, EGRESS_BASE = "secfw-egress-open", "secfw-egress-base"
 INGRESS_BASE = "secfw-ingress-base"
 ALLOW, PASS = "secfw-allow", "secfw-pass"
@@ -158,6 +159,9 @@ PORT_MATCH: dict[int, str] = {
 }
 UDP = 17
 
+#: Bridged hosts: a packet the host routes, not one the bridge forwards
+#: (iptables-extensions(8), "physdev": --physdev-is-bridged).
+ROUTED = "-m physdev ! --physdev-is-bridged"
 CT_ESTABLISHED = "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
 CT_INVALID = "-m conntrack --ctstate INVALID -j DROP"
 #: A TCP packet that is not a SYN (``--syn`` is SYN set and FIN, RST, ACK clear,
@@ -266,7 +270,7 @@ class RenderOptions:
 
         On a bridge the output port is known in FORWARD only for bridged frames
         (``--physdev-is-bridged``): what the host itself routes into a bridge is
-        not ingress-filtered (docs/iptables.md, "Bridged hosts")."""
+        dispatched by destination address instead (:func:`_routed_dispatch`)."""
         if self.topology == "bridged":
             return f"-m physdev --physdev-out {name} --physdev-is-bridged"
         return f"-o {name}"
@@ -499,6 +503,9 @@ def _chains(hf: HostFilter, family: Family, ctx: _Context) -> dict[str, tuple[st
     ingress = {p.tap: _ingress_dispatch(p, policies.get(p.tap), opts) for p in ports}
     chains |= _dispatch(EGRESS, "eb", egress_head, egress, ctx)
     chains |= _dispatch(INGRESS, "ib", ingress_head, ingress, ctx)
+    if opts.topology == "bridged":
+        chains[FORWARD] += (f"{ROUTED} -j {ROUTED_INGRESS}",)
+        chains[ROUTED_INGRESS] = (*ingress_head, *_routed_dispatch(ports, family, policies))
     for chain in sorted(hf.chains, key=lambda c: ctx.group_names[c.name]):
         rules = [r for r in chain.rules if r.family == family]
         if rules:
@@ -554,6 +561,29 @@ def _ingress_dispatch(port: PortPolicy, policy: _Policy | None,
     if policy is None:
         return (f"{match} {RETURN}",)
     return (f"{match} -g {policy.ingress}",)
+
+
+def _routed_dispatch(ports: Sequence[PortPolicy], family: Family,
+                     policies: Mapping[str, _Policy]) -> tuple[str, ...]:
+    """Bridged hosts: what the host's own IP stack routes into a bridge (a gateway
+    on the bridge) is not bridged, so ``--physdev-out`` does not know its port in
+    FORWARD, and br_netfilter does not call FORWARD again when the bridge sends it
+    on. It is dispatched by destination address instead (instance addresses are
+    anti-spoofed, so an address names its port), as nova-network did: the port's
+    ingress policy chain, RETURN with port security off, DROP for an address
+    several ports claim (:func:`~secfw.compiler.sources.address_owners`). Any
+    other destination is not an instance's: the chain runs off its end (it is
+    entered with -j) and the packet goes on."""
+    try:
+        owners = address_owners(ports, family)
+    except ValueError as exc:
+        raise BackendError(f"iptables: a port address is not a CIDR: {exc}") from exc
+    rules = []
+    for cidr, tap in owners.items():
+        policy = None if tap is None else policies.get(tap)
+        target = DROP if tap is None else RETURN if policy is None else f"-g {policy.ingress}"
+        rules.append(" ".join([*address_option("-d", canonical_cidr(cidr)), target]))
+    return tuple(rules)
 
 
 def _ingress_policy(port: PortPolicy, family: Family, ctx: _Context

@@ -39,6 +39,9 @@ EGRESS_PORTS = "egress_ports"  # tap -> goto egress-open | goto egress-filter | 
 ND_PORTS = "nd_ports"  # tap -> goto nd-<tap> (its neighbour-advertisement targets)
 SPOOF = {"ipv4": "spoof4", "ipv6": "spoof6"}  # tap . MAC . host address
 SPOOF_NETS = {"ipv4": "spoof4_nets", "ipv6": "spoof6_nets"}  # tap . MAC . network
+#: Bridged hosts: a port's address → its ingress mark, for what the host routes into
+#: a bridge (see FORWARD_INGRESS_BRIDGED_HOOK).
+INGRESS_ADDRS = {"ipv4": "ingress_addrs4", "ipv6": "ingress_addrs6"}
 
 # ---- table inet secfw: chains of fixed name
 INGRESS_FILTER = "ingress-filter"
@@ -67,7 +70,7 @@ FROM_TAP = "from-tap"  # hook prerouting: layer-2 checks, egress mark
 TO_TAP = "to-tap"  # hook postrouting: ingress mark
 
 FIXED_SETS = frozenset({
-    INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SPOOF.values(),
+    INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SPOOF.values(), *INGRESS_ADDRS.values(),
     *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
     PORT_MACS,
 })
@@ -97,6 +100,15 @@ TO_TAP_HOOK = Hook("filter", "postrouting", -200, "accept")
 # routed host; the ingress side on postrouting, where br_netfilter calls the IP
 # postrouting hook with the mark TO_TAP set for the bridge port the frame leaves by.
 POSTROUTING_INGRESS_HOOK = Hook("filter", "postrouting", 0, "accept")
+# A packet the host's own IP stack routes into a bridge (a gateway on the bridge)
+# meets no bridge hook before its IP postrouting hook, and br_netfilter does not call
+# that hook again when the bridge sends it on (br_nf_post_routing returns at once
+# without nf_bridge info, net/bridge/br_netfilter_hooks.c). So on forward, after the
+# egress filter (which needs the egress mark), the mark is set from the destination
+# address (INGRESS_ADDRS): the packet's own IP postrouting hook then filters it as
+# traffic to that port. Bridged frames get the mark of the port they really leave by
+# from TO_TAP, which runs before br_netfilter's postrouting call.
+FORWARD_INGRESS_BRIDGED_HOOK = Hook("filter", "forward", 0, "accept")
 
 ADDRESS_TYPE: dict[Family, str] = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
 ADDRESS_KEYWORD: dict[Family, str] = {"ipv4": "ip", "ipv6": "ip6"}
@@ -169,6 +181,9 @@ def check_mac(mac: str) -> str:
 
 #: The bit that tells an ingress mark from an egress one (see :class:`PortIdentity`).
 INGRESS_MARK_BIT = 0x80000080
+#: The ingress mark of an address several ports claim (a shared allowed address
+#: pair): no port's (egress indices start at 1), dropped when the host routes to it.
+SHARED_MARK = INGRESS_MARK_BIT
 #: Egress marks are byte palindromes ``b0 b1 b1 b0`` with ``b0 < 0x80``: this many.
 MAX_MARKED_TAPS = (1 << 15) - 1
 

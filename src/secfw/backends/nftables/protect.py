@@ -51,6 +51,7 @@ from secfw.backends.nftables.layout import (
     EGRESS_PROTECT,
     FROM_TAP,
     FROM_TAP_HOOK,
+    INGRESS_MARK_BIT,
     INGRESS_MARKS,
     ND_PORTS,
     NEW_NOT_SYN,
@@ -78,6 +79,7 @@ from secfw.backends.nftables.syntax import (
     Element,
     HexSpan,
     MapLookup,
+    Masked,
     Match,
     Meta,
     NamedSet,
@@ -376,7 +378,10 @@ def bridge_chains() -> list[Chain]:
     reaches the host's ARP hook; only IPv4, IPv6 and ARP frames are bridged for it
     (no VLAN tags, no other ethertypes); its IP frames get its egress mark; a tap
     secfw does not know is dropped (fail closed). ``to-tap`` gives frames that
-    leave by a tap that tap's ingress mark (drop for an unknown tap).
+    leave by a tap that tap's ingress mark (drop for an unknown tap); a frame that
+    leaves by another port (a router's, the uplink) loses the ingress mark the
+    inet forward hook gave it by destination address, so that the IP postrouting
+    hook br_netfilter calls next does not filter it as traffic to that port.
     """
     iifname, oifname = Meta("iifname"), Meta("oifname")
     ether_type = Payload("ether", "type")
@@ -392,7 +397,10 @@ def bridge_chains() -> list[Chain]:
         make_rule((SetMeta("mark", MapLookup(iifname, SetRef(EGRESS_MARKS))), ACCEPT)),
         _DROP_RULE,
     )
+    ingress_marked = Match(Masked(Meta("mark"), INGRESS_MARK_BIT), INGRESS_MARK_BIT)
     to_tap = (
+        make_rule((Match(oifname, TAP_WILDCARD, "!="), ingress_marked, SetMeta("mark", 0),
+                   ACCEPT)),
         make_rule((Match(oifname, TAP_WILDCARD, "!="), ACCEPT)),
         make_rule((SetMeta("mark", MapLookup(oifname, SetRef(INGRESS_MARKS))), ACCEPT)),
         _DROP_RULE,

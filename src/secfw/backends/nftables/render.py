@@ -55,8 +55,10 @@ from secfw.backends.nftables.layout import (
     FORWARD_EGRESS,
     FORWARD_EGRESS_HOOK,
     FORWARD_INGRESS,
+    FORWARD_INGRESS_BRIDGED_HOOK,
     FORWARD_INGRESS_HOOK,
     ICMP_KEYWORD,
+    INGRESS_ADDRS,
     INGRESS_FILTER,
     INGRESS_PORTS,
     INPUT_EGRESS,
@@ -67,6 +69,7 @@ from secfw.backends.nftables.layout import (
     PORTS_SUFFIX,
     POSTROUTING_INGRESS,
     POSTROUTING_INGRESS_HOOK,
+    SHARED_MARK,
     TAP_WILDCARD,
     PortIdentity,
     canonical_cidr,
@@ -84,8 +87,10 @@ from secfw.backends.nftables.syntax import (
     FAMILY,
     TABLE,
     Chain,
+    Datum,
     Element,
     Hook,
+    MapLookup,
     Match,
     Meta,
     NamedSet,
@@ -93,6 +98,7 @@ from secfw.backends.nftables.syntax import (
     Prefix,
     Rule,
     Ruleset,
+    SetMeta,
     SetRef,
     Span,
     Statement,
@@ -105,6 +111,7 @@ from secfw.backends.nftables.syntax import (
     to_nft_text,
 )
 from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, IRRule, PortPolicy
+from secfw.compiler.sources import address_owners
 from secfw.errors import BackendError, UnsupportedError
 from secfw.gcpause import collector_paused
 
@@ -334,6 +341,7 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
         *protect.spoof_sets(hf.ports, ident),
         protect.nd_map(hf.ports, ident),
         *protect.layer2_sets(hf.ports, ident),
+        *(_ingress_address_maps(hf.ports, ident) if ident.topology == "bridged" else ()),
     ]
     chains = [
         _ingress_filter(sorted(c.name for c in hf.chains if c.direction == "ingress"),
@@ -440,6 +448,28 @@ def _same_net_members(ports: Iterable[PortPolicy], sets: dict[str, AddressSet]
                                    f"{name!r}")
             members.setdefault((name, address_set.family), []).append(port.tap)
     return {key: sorted(taps) for key, taps in members.items()}
+
+
+def _ingress_address_maps(ports: Iterable[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
+    """Bridged hosts: ``ingress_addrs4``/``6``, every address a port has or may use
+    → the port's ingress mark, an address several ports claim → :data:`SHARED_MARK`
+    (:func:`~secfw.compiler.sources.address_owners`). Plain maps while every element
+    is one address, interval maps once one is a network (as :func:`_address_set`)."""
+    ports = list(ports)
+    maps = []
+    for family in ("ipv4", "ipv6"):
+        try:
+            owners = address_owners(ports, family)
+        except ValueError as exc:
+            raise BackendError(f"nftables: a port address is not a CIDR: {exc}") from exc
+        elements = tuple(
+            Element((canonical_cidr(cidr),),
+                    Datum(str(SHARED_MARK) if tap is None else ident.ingress(tap)))
+            for cidr, tap in owners.items())
+        flags = () if all(is_host(c) for c in owners) else ("interval",)
+        maps.append(NamedSet(INGRESS_ADDRS[family], (ADDRESS_TYPE[family],), flags,
+                             elements, is_map=True, data_type="mark"))
+    return maps
 
 
 def _ports_set(chain: str, taps: list[str], interned: dict[str, Element],
@@ -599,7 +629,11 @@ def _base_chains(ident: PortIdentity) -> list[Chain]:
     the bridge table already dropped frames of unknown taps. A packet that
     enters or leaves by a tap *as an IP interface* on a bridged host — a tap that
     is not a bridge port (not plugged yet, or a wrong topology) — is dropped:
-    bridged frames carry the bridge's name here, never a tap's.
+    bridged frames carry the bridge's name here, never a tap's. ``forward-ingress``
+    marks what is forwarded to an instance's address with that port's ingress mark,
+    after ``forward-egress`` used the egress mark: a packet the host routes into a
+    bridge is then filtered on its IP postrouting hook (layout.py,
+    FORWARD_INGRESS_BRIDGED_HOOK); a bridged frame's mark is set again by ``to-tap``.
     """
     if ident.topology == "bridged":
         mark = Meta("mark")
@@ -608,8 +642,13 @@ def _base_chains(ident: PortIdentity) -> list[Chain]:
         return [
             Chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK,
                   (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
+            Chain(FORWARD_INGRESS, FORWARD_INGRESS_BRIDGED_HOOK, tuple(
+                make_rule((SetMeta("mark", MapLookup(Payload(ADDRESS_KEYWORD[family], "daddr"),
+                                                     SetRef(INGRESS_ADDRS[family]))),))
+                for family in ("ipv4", "ipv6"))),
             Chain(POSTROUTING_INGRESS, POSTROUTING_INGRESS_HOOK,
-                  (make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)), oif_drop)),
+                  (make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)), oif_drop,
+                   make_rule((Match(mark, SHARED_MARK), DROP)))),
             Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK,
                   (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
         ]

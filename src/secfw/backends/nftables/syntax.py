@@ -65,10 +65,11 @@ class Ct(NamedTuple):
 
 
 class Masked(NamedTuple):
-    """``KEY & (a | b | …)``: a bit field masked with named flags (``tcp flags``)."""
+    """``KEY & (a | b | …)``: a bit field masked with named flags (``tcp flags``),
+    or ``KEY & 0x…`` with an integer mask (``meta mark``)."""
 
-    key: Payload
-    flags: tuple[str, ...]
+    key: Payload | Meta
+    flags: tuple[str, ...] | int
 
 
 class Concat(NamedTuple):
@@ -165,13 +166,14 @@ class MapLookup(NamedTuple):
 
 
 class SetMeta(NamedTuple):
-    """``meta KEY set VALUE`` (a statement): ``meta mark set iifname map @m``.
+    """``meta KEY set VALUE`` (a statement): ``meta mark set iifname map @m`` or
+    ``meta mark set 0``.
 
     If VALUE is a map lookup that finds nothing, the rule stops there (nft's
     lookup breaks the rule), so the statements after it do not run either."""
 
     key: str
-    value: MapLookup
+    value: MapLookup | int
 
 
 Statement = Match | VMap | Verdict | SetMeta
@@ -291,6 +293,8 @@ def key_text(key: Key) -> str:
     if isinstance(key, Ct):
         return f"ct {key.key}"
     if isinstance(key, Masked):
+        if isinstance(key.flags, int):
+            return f"{key_text(key.key)} & {hex_text(key.flags, 32)}"
         return f"{key_text(key.key)} & ({' | '.join(key.flags)})"
     return " . ".join(key_text(part) for part in key.parts)
 
@@ -332,6 +336,8 @@ def statement_text(statement: Statement) -> str:
         return verdict_text(statement)
     if isinstance(statement, SetMeta):
         lookup = statement.value
+        if isinstance(lookup, int):
+            return f"meta {statement.key} set {lookup}"
         return f"meta {statement.key} set {key_text(lookup.key)} map @{lookup.map.name}"
     if isinstance(statement, VMap):
         if isinstance(statement.data, SetRef):
@@ -464,7 +470,8 @@ def key_json(key: Key) -> Json:
     if isinstance(key, Ct):
         return {"ct": {"key": key.key}}
     if isinstance(key, Masked):
-        return {"&": [key_json(key.key), list(key.flags)]}
+        mask = key.flags if isinstance(key.flags, int) else list(key.flags)
+        return {"&": [key_json(key.key), mask]}
     return {"concat": [key_json(part) for part in key.parts]}
 
 
@@ -504,7 +511,8 @@ def statement_json(statement: Statement) -> Json:
         return verdict_json(statement)
     if isinstance(statement, SetMeta):
         lookup = statement.value
-        value = {"map": {"key": key_json(lookup.key), "data": "@" + lookup.map.name}}
+        value: Json = lookup if isinstance(lookup, int) else {
+            "map": {"key": key_json(lookup.key), "data": "@" + lookup.map.name}}
         return {"mangle": {"key": {"meta": {"key": statement.key}}, "value": value}}
     if isinstance(statement, VMap):
         data: Json = "@" + statement.data.name if isinstance(statement.data, SetRef) else {
