@@ -916,12 +916,14 @@ def test_bridged_dispatch_matches_bridge_ports_with_physdev() -> None:
     bridged = render(small(), RenderOptions(topology="bridged"))
     v4 = bridged.tables["ipv4"].chains
     assert v4["secfw-fwd"] == (
+        "-i tap+ -j DROP", "-o tap+ -j DROP",  # a tap that is no bridge port: closed
         "-m physdev --physdev-in tap+ -j secfw-egress",
         "-m physdev --physdev-out tap+ --physdev-is-bridged -j secfw-ingress",
         "-m physdev ! --physdev-is-bridged -j secfw-routed-in")
-    assert v4["secfw-in"] == ("-m physdev --physdev-in tap+ -j secfw-egress",)
+    assert v4["secfw-in"] == ("-i tap+ -j DROP", "-m physdev --physdev-in tap+ -j secfw-egress")
     text = to_text(bridged)
-    assert not re.search(r" -[io] tap", text)  # no interface match is left
+    # no interface match is left but the drops of taps seen as IP interfaces
+    assert not re.search(r" -[io] tap(?!\+ -j DROP)", text)
     assert f"-m physdev --physdev-in {TAP_A} -m mac --mac-source" in text
     assert f"-m physdev --physdev-out {TAP_A} --physdev-is-bridged -g secfw-pi-" in text
     # the same chains otherwise: only the dispatch differs, and what the host

@@ -125,6 +125,10 @@ class LinkWatcher:
         assert self._sock is not None
         data = self._sock.recv(_RECV)
         for message in self._marshal.parse(data):
+            if message.get("family") == socket.AF_BRIDGE:
+                # The bridge's own view of a port (rtnetlink(7) with PF_BRIDGE): an
+                # RTM_DELLINK here means "left the bridge", not "the link is gone".
+                continue
             event = message.get("event")
             index = int(message["index"])
             if event == "RTM_NEWLINK":

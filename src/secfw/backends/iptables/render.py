@@ -482,6 +482,15 @@ def element_key(element: str) -> tuple[int, int, str]:
     return int(network.network_address), network.prefixlen, iface or element
 
 
+def _ip_taps_dropped(taps: str, sides: tuple[str, ...]) -> tuple[str, ...]:
+    """Bridged hosts: drop packets entering (``-i``) or leaving (``-o``) by a tap
+    as an IP interface. Bridged frames show the *bridge* there (br_netfilter), so
+    only a tap that is not a bridge port — not plugged yet, or a routed tap on a
+    host wrongly run as bridged — matches: closed, where the physdev rules below
+    would never see it."""
+    return tuple(f"{side} {taps} -j DROP" for side in sides)
+
+
 def _chains(hf: HostFilter, family: Family, ctx: _Context) -> dict[str, tuple[str, ...]]:
     """Every secfw chain of ``family``: fixed ones, dispatch, groups, then ports."""
     ports = sorted(hf.ports, key=lambda p: p.tap)
@@ -504,7 +513,9 @@ def _chains(hf: HostFilter, family: Family, ctx: _Context) -> dict[str, tuple[st
     chains |= _dispatch(EGRESS, "eb", egress_head, egress, ctx)
     chains |= _dispatch(INGRESS, "ib", ingress_head, ingress, ctx)
     if opts.topology == "bridged":
-        chains[FORWARD] += (f"{ROUTED} -j {ROUTED_INGRESS}",)
+        chains[FORWARD] = (*_ip_taps_dropped(taps, ("-i", "-o")), *chains[FORWARD],
+                           f"{ROUTED} -j {ROUTED_INGRESS}")
+        chains[INPUT] = (*_ip_taps_dropped(taps, ("-i",)), *chains[INPUT])
         chains[ROUTED_INGRESS] = (*ingress_head, *_routed_dispatch(ports, family, policies))
     for chain in sorted(hf.chains, key=lambda c: ctx.group_names[c.name]):
         rules = [r for r in chain.rules if r.family == family]
