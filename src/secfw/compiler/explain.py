@@ -18,11 +18,15 @@ A flow is judged on both ends (``semantics.md`` sections 3 and 4):
   destination's network — fixed or an allowed address pair — inside the
   network's subnet; any other address of the subnet is not trusted), then the
   groups' ingress rules, the remote being the *source*;
-* a port without port security is not filtered at all;
+* a port without port security is not filtered at all (not even what conntrack
+  calls invalid, when the other end is not a filtered port either);
 * a remote group selects its members' addresses: fixed IPv4 and IPv6 addresses
   and the allowed address pairs of their ports (as Neutron does);
 * ICMP and ICMPv6 as conntrack sees them: only request types open a connection;
-  neighbour discovery and MLD are untracked and handled by the protection rules.
+  neighbour discovery and MLD are untracked (never "established"): the protection
+  rules accept what a host sends of them from an instance and what it receives to
+  one (docs/protection.md), drop router advertisements from an instance, and leave
+  every other untracked message to the rules of that end, like a new packet.
 
 Anti-spoofing is not the oracle's business: a flow's source is taken to be what
 the sender may use (the tests that spoof check the kernel directly).
@@ -45,10 +49,22 @@ ICMP_NEW_TYPES = frozenset({8, 13, 15, 17})
 #: The same for ICMPv6: echo request and node information query
 #: (nf_conntrack_proto_icmpv6.c, valid_new[]).
 ICMPV6_NEW_TYPES = frozenset({128, 139})
-#: ICMPv6 that conntrack leaves untracked (noct_valid_new[]): neighbour discovery
-#: and MLD. What an instance may send of them, and what it may receive, whatever
-#: the rules say (secfw's protection rules; RFC 4861, RFC 3810).
-ND_FROM_INSTANCE = frozenset({130, 131, 132, 133, 135, 136, 143})
+#: ICMPv6 that conntrack leaves untracked (noct_valid_new[]): MLD query, report and
+#: done, router solicitation and advertisement, neighbour solicitation and
+#: advertisement, MLDv2 report. No ``ct state`` applies to them.
+ICMPV6_UNTRACKED = frozenset({130, 131, 132, 133, 134, 135, 136, 143})
+#: What an instance may send of them whatever its egress rules say: what a *host*
+#: sends (RFC 4861 section 3, RFC 3810 sections 5-6: MLD reports and done, router
+#: and neighbour solicitations, neighbour advertisements for its own addresses —
+#: ``Flow`` has no target address, the oracle takes it to be the port's own). Not
+#: an MLD query (130): queries come from multicast routers, so one an instance
+#: sends is judged by its egress rules like any other packet (docs/protection.md).
+ND_FROM_INSTANCE = frozenset({131, 132, 133, 135, 136, 143})
+#: Untracked ICMPv6 an instance may never send: router advertisements.
+ND_DROPPED_FROM_INSTANCE = frozenset({134})
+#: What a port receives whatever its ingress rules say: MLD query, router
+#: advertisement, neighbour solicitation and advertisement. Other untracked types
+#: *to* a port (an MLD report, a router solicitation) meet its ingress rules.
 ND_TO_INSTANCE = frozenset({130, 134, 135, 136})
 DHCP_CLIENT = {4: (68, 67), 6: (546, 547)}  # (source port, destination port)
 DHCP_SERVER = {4: (67, 68), 6: (547, 546)}
@@ -85,7 +101,10 @@ def decide(state: CloudState, flow: Flow, allow_same_net: bool = True) -> Decisi
     src_port, dst_port = port_by_address(state, flow.src), port_by_address(state, flow.dst)
     if dst_port is None and src_port is None:
         return Decision(False, f"{flow.dst} is not an instance port")
-    stateless = _conntrack_verdict(flow, src_port, dst_port)
+    # Only a filter drops what conntrack calls invalid: between ports without port
+    # security (or one and the outside) nothing is filtered at all.
+    filtered = any(p is not None and p.port_security for p in (src_port, dst_port))
+    stateless = _conntrack_verdict(flow) if filtered else None
     if stateless is not None:
         return stateless
     egress = _egress(state, src_port, flow) if src_port is not None else None
@@ -100,21 +119,30 @@ def decide(state: CloudState, flow: Flow, allow_same_net: bool = True) -> Decisi
     return ingress
 
 
-def _conntrack_verdict(flow: Flow, src: Port | None, dst: Port | None) -> Decision | None:
-    """The verdict of ICMP that no rule decides: types that cannot open a
-    connection (invalid), and untracked neighbour discovery / MLD."""
+def _conntrack_verdict(flow: Flow) -> Decision | None:
+    """The verdict of ICMP that no rule decides: types that can neither open a
+    connection nor are left untracked (conntrack calls them invalid)."""
     if flow.protocol == 1 and flow.icmp_type not in ICMP_NEW_TYPES:
         return Decision(False, f"ICMP type {flow.icmp_type} cannot open a connection (invalid)")
-    if flow.protocol != 58 or flow.icmp_type in ICMPV6_NEW_TYPES:
+    if flow.protocol == 58 and flow.icmp_type not in ICMPV6_NEW_TYPES | ICMPV6_UNTRACKED:
+        return Decision(
+            False, f"ICMPv6 type {flow.icmp_type} cannot open a connection (invalid)")
+    return None
+
+
+def _neighbour_discovery(flow: Flow, allowed: frozenset[int], dropped: frozenset[int],
+                         way: str) -> Decision | None:
+    """The protection rules' verdict on untracked ICMPv6 ``way`` (``from``/``to``)
+    a port with port security; None when its rules decide."""
+    if flow.protocol != 58:
         return None
-    kind = flow.icmp_type
-    sent = src is None or not src.port_security or kind in ND_FROM_INSTANCE
-    received = dst is None or not dst.port_security or kind in ND_TO_INSTANCE
-    if kind in ND_FROM_INSTANCE | ND_TO_INSTANCE:
-        if sent and received:
-            return Decision(True, f"ICMPv6 type {kind}: neighbour discovery, no rule needed")
-        return Decision(False, f"ICMPv6 type {kind} may not be sent this way (protection)")
-    return Decision(False, f"ICMPv6 type {kind} cannot open a connection (invalid)")
+    if flow.icmp_type in allowed:
+        return Decision(True, f"ICMPv6 type {flow.icmp_type} {way} an instance: "
+                              "neighbour discovery, no rule needed")
+    if flow.icmp_type in dropped:
+        return Decision(False, f"ICMPv6 type {flow.icmp_type} {way} an instance is "
+                               "dropped (protection)")
+    return None
 
 
 def _egress(state: CloudState, port: Port, flow: Flow) -> Decision:
@@ -127,6 +155,9 @@ def _egress(state: CloudState, port: Port, flow: Flow) -> Decision:
         return Decision(False, "an instance may not act as a DHCP server (protection)")
     if flow.protocol == 17 and ports == DHCP_CLIENT[version]:
         return Decision(True, "DHCP client traffic (protection)")
+    protected = _neighbour_discovery(flow, ND_FROM_INSTANCE, ND_DROPPED_FROM_INSTANCE, "from")
+    if protected is not None:
+        return protected
     instance = state.instances[port.instance_id]
     rules = [
         (group_id, rule)
@@ -147,6 +178,9 @@ def _ingress(state: CloudState, port: Port, flow: Flow, allow_same_net: bool) ->
     """The ingress verdict of the destination port."""
     if not port.port_security:
         return Decision(True, "destination port without port security")
+    protected = _neighbour_discovery(flow, ND_TO_INSTANCE, frozenset(), "to")
+    if protected is not None:
+        return protected
     network = state.networks[port.network_id]
     if allow_same_net and _from_same_net(state, port, flow.src):
         return Decision(True, f"same network {network.name} (allow_same_net_traffic)")
