@@ -266,7 +266,8 @@ class Endpoint:
     ns: str
     ip: str
     real: bool  # True: its own sockets (tcp_connect/udp_probe/ping); False: crafted
-    kind: str  # "instance", "pair" (an instance sending from its pair) or "external"
+    kind: str  # "instance", "pair" (an instance sending from its pair), "external",
+    # or "spoofed" (the external namespace sending from an address of a subnet)
     network: int | None = None  # an instance's network index
 
     @property
@@ -302,14 +303,19 @@ class Sample:
 
 
 def endpoints_of(lab: Lab, state: CloudState) -> list[Endpoint]:
-    """The external namespace's four sources and every instance port's addresses
-    (IPv4, IPv6, and the first host of each allowed address pair)."""
+    """The external namespace's four sources, a spoofed source in each subnet that
+    no port holds (sent from the uplink: same-net must not trust it), and every
+    instance port's addresses (IPv4, IPv6, and the first host of each allowed
+    address pair)."""
     found = [
         Endpoint("external", lab.external_ns, EXT_REAL, True, "external"),
         Endpoint("external-2", lab.external_ns, EXT_OTHER, False, "external"),
         Endpoint("external6", lab.external_ns, EXT6_REAL, True, "external"),
         Endpoint("external6-2", lab.external_ns, EXT6_OTHER, False, "external"),
     ]
+    for cidr in (c for _, *cidrs in NETWORKS for c in cidrs):  # spoofed: in no port's hands
+        found.append(Endpoint("spoofed", lab.external_ns, str(ipaddress.ip_network(cidr)[250]),
+                              False, "spoofed"))
     nets = {n.id: [name for name, _, _ in NETWORKS].index(n.name)
             for n in state.networks.values()}
     for port in sorted(state.ports.values(), key=lambda p: p.tap):
@@ -364,13 +370,13 @@ def candidate_samples(state: CloudState, endpoints: list[Endpoint],
     for src in endpoints:
         for dst in endpoints:
             involved = {src.kind, dst.kind} & {"instance", "pair"}
-            if (src.family != dst.family or dst.kind == "pair" or src.ns == dst.ns
+            if (src.family != dst.family or dst.kind in ("pair", "spoofed") or src.ns == dst.ns
                     or not involved):
                 continue
             if allow_same_net and src.kind == "pair" and src.network == dst.network:
                 continue
             services: set[Service] = set(BASE_SERVICES[src.family])
-            if src.kind != "external":
+            if src.kind in ("instance", "pair"):
                 services |= rule_services(state, src.name.removesuffix("-pair"),
                                           src.family, "egress")
             if dst.kind == "instance":
