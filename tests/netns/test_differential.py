@@ -14,9 +14,10 @@ namespace, and a sample of flows is sent for real: towards instances (their
 ingress) and from instances to the external namespace and to each other (their
 egress), both families, aimed at the rules' edges (port range ends ±1, ICMP
 type/code neighbours, sources on both sides of CIDRs, an instance's address-pair
-address as source) plus ICMP that no rule decides (neighbour discovery, MLD,
-types that cannot open a connection). The sample takes one flow of every kind
-there is — family × source kind × destination kind × verdict — then random ones.
+address as source, a spoofed in-subnet source from the uplink) plus ICMP that no
+rule decides (neighbour discovery, MLD, types that cannot open a connection).
+The sample takes one flow of every kind there is — family × source kind ×
+destination kind × verdict — then random ones.
 :func:`secfw.compiler.explain.decide` — written from the semantics, not from the
 compiler — must agree with every measured result.
 
@@ -112,7 +113,9 @@ ICMP_TYPES = {4: (None, 0, 3, 8, 13), 6: (None, 1, 128, 129, 130, 131, 135)}
 ICMP_CODES = (None, 0, 1)
 #: What every pair of endpoints is probed with besides the rules' edges: a service
 #: each, ICMP that no rule can open (invalid: an echo reply, an unreachable), and
-#: for IPv6 the untracked neighbour discovery and MLD messages (docs/protection.md).
+#: for IPv6 the untracked neighbour discovery and MLD messages (docs/protection.md)
+#: — except neighbour advertisements: their target address decides (``Flow`` has
+#: none; ip6tables cannot match it: docs/iptables.md, a documented gap).
 BASE_SERVICES = {
     4: (("tcp", 22, None, None), ("udp", 53, None, None), ("icmp", None, 8, 0),
         ("icmp", None, 0, 0), ("icmp", None, 13, 0)),
