@@ -271,7 +271,6 @@ class Endpoint:
     real: bool  # True: its own sockets (tcp_connect/udp_probe/ping); False: crafted
     kind: str  # "instance", "pair" (an instance sending from its pair), "external",
     # or "spoofed" (the external namespace sending from an address of a subnet)
-    network: int | None = None  # an instance's network index
 
     @property
     def family(self) -> int:
@@ -319,18 +318,16 @@ def endpoints_of(lab: Lab, state: CloudState) -> list[Endpoint]:
     for cidr in (c for _, *cidrs in NETWORKS for c in cidrs):  # spoofed: in no port's hands
         found.append(Endpoint("spoofed", lab.external_ns, str(ipaddress.ip_network(cidr)[250]),
                               False, "spoofed"))
-    nets = {n.id: [name for name, _, _ in NETWORKS].index(n.name)
-            for n in state.networks.values()}
     for port in sorted(state.ports.values(), key=lambda p: p.tap):
         name = state.instances[port.instance_id].name
-        ns, net = lab.instance_ns(port.tap), nets[port.network_id]
+        ns = lab.instance_ns(port.tap)
         for ip in (port.ip, port.ip6):
             if ip is not None:
-                found.append(Endpoint(name, ns, ip, True, "instance", net))
+                found.append(Endpoint(name, ns, ip, True, "instance"))
         for cidr, _ in port.address_pairs():
             pair = ipaddress.ip_network(cidr)
             first = pair[1] if pair.num_addresses > 1 else pair[0]
-            found.append(Endpoint(f"{name}-pair", ns, str(first), False, "pair", net))
+            found.append(Endpoint(f"{name}-pair", ns, str(first), False, "pair"))
     return found
 
 
@@ -362,21 +359,17 @@ def edges(protocol: str | None, low: int | None, high: int | None,
     return set()
 
 
-def candidate_samples(state: CloudState, endpoints: list[Endpoint],
-                      allow_same_net: bool) -> list[Sample]:
+def candidate_samples(state: CloudState, endpoints: list[Endpoint]) -> list[Sample]:
     """Every flow between two endpoints of a family that involves an instance, with
     the base services and the edges of the source's egress and the destination's
-    ingress rules. Skipped: flows from a pair to its owner's network while same-net
-    is on (whether a pair counts as "the same network" is being redefined; the
-    instances' own addresses test same-net under either definition)."""
+    ingress rules. (The pairs lie outside both subnets: same-net never admits them,
+    whether "the same network" means the subnet or its ports' addresses in it.)"""
     samples = []
     for src in endpoints:
         for dst in endpoints:
             involved = {src.kind, dst.kind} & {"instance", "pair"}
             if (src.family != dst.family or dst.kind in ("pair", "spoofed") or src.ns == dst.ns
                     or not involved):
-                continue
-            if allow_same_net and src.kind == "pair" and src.network == dst.network:
                 continue
             services: set[Service] = set(BASE_SERVICES[src.family])
             if src.kind in ("instance", "pair"):
@@ -592,8 +585,7 @@ def test_kernel_agrees_with_oracle(
     no shrinking: a failure reports its cloud and every mismatch at once)."""
     with deployed(shared_lab, spec) as cloud:
         verdicts = {s: decide(cloud.state, s.flow(), spec.allow_same_net)
-                    for s in candidate_samples(cloud.state, cloud.endpoints,
-                                               spec.allow_same_net)}
+                    for s in candidate_samples(cloud.state, cloud.endpoints)}
         mismatches = cloud.mismatches(choose(data, verdicts))
         report = f"cloud:\n{spec}\nmismatches:\n" + "\n".join(mismatches)
         note(report)
