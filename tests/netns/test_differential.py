@@ -113,16 +113,17 @@ ICMP_TYPES = {4: (None, 0, 3, 8, 13), 6: (None, 1, 128, 129, 130, 131, 135)}
 ICMP_CODES = (None, 0, 1)
 #: What every pair of endpoints is probed with besides the rules' edges: a service
 #: each, ICMP that no rule can open (invalid: an echo reply, an unreachable), and
-#: for IPv6 the untracked neighbour discovery and MLD messages (docs/protection.md)
-#: — except neighbour advertisements: their target address decides (``Flow`` has
-#: none; ip6tables cannot match it: docs/iptables.md, a documented gap).
+#: for IPv6 the untracked neighbour discovery and MLD messages (docs/protection.md).
+#: A neighbour advertisement always names the sender's own address as its target:
+#: ``Flow`` has no target, and ip6tables cannot match one (docs/iptables.md, a
+#: documented gap), so a foreign target is test_protection's business.
 BASE_SERVICES = {
     4: (("tcp", 22, None, None), ("udp", 53, None, None), ("icmp", None, 8, 0),
         ("icmp", None, 0, 0), ("icmp", None, 13, 0)),
     6: (("tcp", 22, None, None), ("udp", 53, None, None), ("icmp", None, 128, 0),
         ("icmp", None, 129, 0), ("icmp", None, 1, 4), ("icmp", None, 130, 0),
         ("icmp", None, 131, 0), ("icmp", None, 133, 0), ("icmp", None, 134, 0),
-        ("icmp", None, 135, 0), ("icmp", None, 143, 0)),
+        ("icmp", None, 135, 0), ("icmp", None, 136, 0), ("icmp", None, 143, 0)),
 }
 PROBE_TIMEOUT = 0.3
 FLOWS_PER_EXAMPLE = 24
@@ -446,7 +447,12 @@ def l4(sample: Sample) -> Any:
     """The transport header: a SYN, a datagram, or an ICMP(v6) message with an
     identifier for the echo-like types (conntrack keys them on it)."""
     from scapy.layers.inet import ICMP, TCP, UDP
-    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6Unknown
+    from scapy.layers.inet6 import (
+        ICMPv6EchoReply,
+        ICMPv6EchoRequest,
+        ICMPv6ND_NA,
+        ICMPv6Unknown,
+    )
 
     sport = 20000 + uuid.uuid4().int % 40000
     ident = 1 + uuid.uuid4().int % 0xFFFF
@@ -459,6 +465,8 @@ def l4(sample: Sample) -> Any:
         if sample.icmp_type in (0, 8, 13, 14, 15, 16, 17, 18):
             icmp.id = ident
         return icmp
+    if sample.icmp_type == 136:  # for its own address (see BASE_SERVICES)
+        return ICMPv6ND_NA(code=sample.icmp_code, tgt=sample.src.ip, R=0, S=0, O=0)
     echo = {128: ICMPv6EchoRequest, 129: ICMPv6EchoReply}.get(sample.icmp_type or 0)
     if echo is not None:
         return echo(code=sample.icmp_code, id=ident)
@@ -611,6 +619,7 @@ UNTRACKED_EXPECTED = (
     ("vm0", "external6", 6, 143, True, "an MLDv2 report leaves any instance"),
     ("external6", "vm1", 6, 131, False, "a report to a port meets its rules: none"),
     ("vm0", "external6", 6, 134, False, "no router advertisement from an instance"),
+    ("vm0", "vm1", 6, 136, True, "an advertisement of its own address leaves any instance"),
     ("vm2", "external", 4, 0, True, "port security off: nothing filtered, not even invalid"),
     ("external", "vm2", 4, 0, True, "port security off: nothing filtered, not even invalid"),
     ("external", "vm1", 4, 0, False, "an echo reply without a request: invalid, dropped"),
