@@ -600,10 +600,11 @@ def test_kernel_agrees_with_oracle(
         assert not mismatches, report
 
 
-#: A fixed cloud for the ICMP that no rule of the other end decides: vm0's egress
-#: is limited (tcp/80, and MLD queries to the external network), vm1's is open
-#: (the default group), vm2 has no port security; same-net on.
-UNTRACKED_CLOUD = CloudSpec(
+#: A fixed cloud for the ICMP that no rule of the other end decides, and same-net:
+#: vm0's egress is limited (tcp/80, and MLD queries to the external network),
+#: vm1's is open (the default group), vm2 has no port security; all on n0,
+#: same-net on.
+FIXED_CLOUD = CloudSpec(
     groups=((RuleSpec("egress", 4, "tcp", 80, 80, "0.0.0.0/0", None),
              RuleSpec("egress", 6, "icmp", 130, None, "2001:db8:ffff::/64", None)),),
     instances=(InstanceSpec(0, (0,)), InstanceSpec(0, ()), InstanceSpec(0, (), False)),
@@ -611,7 +612,7 @@ UNTRACKED_CLOUD = CloudSpec(
 )
 #: (source, destination, family, ICMP type, contract verdict, why):
 #: docs/protection.md and semantics.md section 4.
-UNTRACKED_EXPECTED = (
+FIXED_EXPECTED = (
     ("vm0", "vm1", 6, 130, False, "an MLD query is a router's: vm0's egress rules decide"),
     ("vm0", "external6", 6, 130, True, "vm0's egress rule allows MLD queries out there"),
     ("vm1", "vm0", 6, 130, True, "vm1's egress is open; queries to a port need no rule"),
@@ -623,20 +624,24 @@ UNTRACKED_EXPECTED = (
     ("vm2", "external", 4, 0, True, "port security off: nothing filtered, not even invalid"),
     ("external", "vm2", 4, 0, True, "port security off: nothing filtered, not even invalid"),
     ("external", "vm1", 4, 0, False, "an echo reply without a request: invalid, dropped"),
+    ("vm2", "vm1", 4, 8, True, "same-net: vm2 is a port of n0"),
+    ("spoofed", "vm1", 4, 8, False, "same-net: an address of n0's subnet no port holds"),
+    ("spoofed", "vm1", 6, 128, False, "same-net: an address of n0's subnet no port holds"),
 )
 
 
-def test_untracked_and_invalid_icmp_as_the_contract_says(
+def test_a_fixed_cloud_as_the_contract_says(
     shared_lab: tuple[Lab, Path, str]
 ) -> None:
     """MLD queries from an instance are judged by its egress rules (a host sends
     reports, a router queries: RFC 3810 sections 5-6), MLD reports to an instance
     by its ingress, router advertisements never leave one, and a port without port
-    security filters nothing — the kernel of each backend × topology and the oracle
-    both say what the contract says, on real packets."""
-    with deployed(shared_lab, UNTRACKED_CLOUD) as cloud:
+    security filters nothing, and same-net trusts the network's ports, not a
+    spoofed address of its subnet from the uplink — the kernel of each backend ×
+    topology and the oracle both say what the contract says, on real packets."""
+    with deployed(shared_lab, FIXED_CLOUD) as cloud:
         wrong = []
-        for src, dst, family, kind, expected, why in UNTRACKED_EXPECTED:
+        for src, dst, family, kind, expected, why in FIXED_EXPECTED:
             code = 0 if family == 4 or kind != 1 else 4
             sample = Sample(cloud.endpoint(src, family), cloud.endpoint(dst, family), "icmp",
                             None, kind, code)
