@@ -221,7 +221,7 @@ def every_rule_shape() -> HostFilter:
     add("ipv6", 17, PortRange(53, 53), remote_cidr="2001:db8::/48")
     add("ipv4", 6, PortRange(22, 22), remote_set=WEB_V4)
     chain = GroupChain(WEB, "web", "ingress", tuple(rules))
-    sets = (AddressSet(WEB_V4, "web", "ipv4", ("10.0.0.5/32",)),)
+    sets = (AddressSet(WEB_V4, "web", "ipv4", ("10.0.0.5/32",)), NET_SETS[0])
     return HostFilter("h", (_port(TAPS[0], (WEB,)),), (chain,), sets)
 
 
