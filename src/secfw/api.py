@@ -12,6 +12,8 @@ its ``default`` security group is created on first use.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import random
 import time
@@ -19,21 +21,28 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from secfw import keypairs
 from secfw.cloud import CloudState, free_addresses
 from secfw.errors import (
     ConflictError,
+    ForbiddenError,
     InUseError,
     NotFoundError,
     QuotaError,
     ValidationError,
 )
+from secfw.imagefiles import ByteSource, ImageFiles, directory_for
 from secfw.model import (
+    ADMIN_PROJECT,
     DEFAULT_GROUP,
     FLAVORS,
     MAC_PREFIX,
+    MAX_METADATA_ITEMS,
+    MAX_USER_DATA_B64,
     PORT_PROTOCOLS,
     UNLIMITED,
     Direction,
@@ -41,19 +50,26 @@ from secfw.model import (
     Flavor,
     Image,
     Instance,
+    Keypair,
     Network,
     Port,
     Quota,
     Rule,
     SecurityGroup,
+    Setting,
     check_host,
     check_name,
     check_text,
     parse_address_pair,
+    parse_bool,
     parse_cidr,
+    parse_container_format,
     parse_disk_format,
     parse_ethertype,
+    parse_flavor_id,
     parse_icmp_field,
+    parse_key_value,
+    parse_location,
     parse_network_cidr,
     parse_network_cidr6,
     parse_nova_ports,
@@ -61,6 +77,8 @@ from secfw.model import (
     parse_port_range,
     parse_protocol,
     parse_quota,
+    parse_rxtx_factor,
+    parse_size,
     parse_visibility,
     parse_vlan,
     tap_name,
@@ -123,9 +141,17 @@ class Api:
     concurrency (etcd) it is re-run a bounded number of times when another
     writer committed first, then fails with a StoreError (exit 7)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, image_files: ImageFiles | None = None) -> None:
         self.store = store
         self._state: CloudState | None = None
+        self._image_files = image_files
+
+    @property
+    def image_files(self) -> ImageFiles:
+        """Where image bytes go (by default beside the store: :mod:`secfw.imagefiles`)."""
+        if self._image_files is None:
+            self._image_files = ImageFiles(directory_for(self.store))
+        return self._image_files
 
     # ------------------------------------------------------------------ transactions
 
@@ -489,29 +515,329 @@ class Api:
         nets = [n for n in state.networks.values() if all_projects or n.usable_by(project)]
         return sorted(nets, key=lambda n: (n.name, n.id))
 
-    # ------------------------------------------------------------------ flavors and images
+    # ------------------------------------------------------------------ flavors
 
-    @staticmethod
-    def flavor_list() -> list[Flavor]:
-        return list(FLAVORS)
+    def flavor_list(self, project: str = ADMIN_PROJECT) -> list[Flavor]:
+        """The flavors ``project`` may boot, by ID (numeric IDs in numeric order)."""
+        flavors = visible_flavors(self.snapshot()).values()
+        return sorted((f for f in flavors if f.usable_by(project)), key=_flavor_order)
+
+    def flavor_show(self, project: str, flavor: str) -> Flavor:
+        return _flavor(self.snapshot(), project, flavor)
+
+    @_retried
+    def flavor_create(
+        self,
+        project: str,
+        name: str,
+        flavor_id: str,
+        ram_mb: str | int,
+        disk_gb: str | int,
+        vcpus: str | int,
+        ephemeral_gb: str | int = 0,
+        swap_mb: str | int = 0,
+        rxtx_factor: str | float = 1.0,
+        is_public: str | bool = True,
+    ) -> Flavor:
+        """A new flavor (admin only). ``flavor_id`` ``auto`` means a generated UUID."""
+        _require_admin(project, "create flavors")
+        check_name(name, "flavor name")
+        new_flavor_id = new_id() if flavor_id == "auto" else parse_flavor_id(flavor_id)
+        flavor = Flavor(
+            new_flavor_id,
+            name,
+            parse_size(ram_mb, "memory (MB)", 1),
+            parse_size(disk_gb, "disk (GB)"),
+            parse_size(ephemeral_gb, "ephemeral disk (GB)"),
+            parse_size(vcpus, "VCPUs", 1),
+            parse_size(swap_mb, "swap (MB)"),
+            parse_rxtx_factor(rxtx_factor),
+            parse_bool(is_public, "is-public"),
+        )
+        with self.batch() as state:
+            _seed_flavors(state)
+            for other in state.flavors.values():
+                if other.name == name:
+                    raise ConflictError(f"Flavor with name {name} already exists.")
+                if other.id == flavor.id:
+                    raise ConflictError(f"Flavor with ID {flavor.id} already exists.")
+            state.put(flavor)
+            return flavor
+
+    @_retried
+    def flavor_delete(self, project: str, flavor: str) -> Flavor:
+        """Delete a flavor (admin only). Instances booted with it keep its name and ID."""
+        _require_admin(project, "delete flavors")
+        with self.batch() as state:
+            _seed_flavors(state)
+            target = _flavor(state, project, flavor)
+            state.remove(target)
+            return target
+
+    @_retried
+    def flavor_key(self, project: str, flavor: str, action: str, pairs: Sequence[str]) -> Flavor:
+        """``set`` K=V… or ``unset`` K… of a flavor's extra_specs (admin only)."""
+        _require_admin(project, "change flavor extra_specs")
+        if action not in ("set", "unset"):
+            raise ValidationError(f"action {action!r} must be set or unset")
+        if not pairs:
+            raise ValidationError("give at least one KEY=VALUE (set) or KEY (unset)")
+        items = [parse_key_value(p, "extra_spec", action == "set") for p in pairs]
+        if action == "unset" and any("=" in p for p in pairs):
+            raise ValidationError("unset takes keys only (KEY, not KEY=VALUE)")
+        with self.batch() as state:
+            _seed_flavors(state)
+            target = _flavor(state, project, flavor)
+            specs = dict(target.extra_specs)
+            for key, value in items:
+                if action == "set":
+                    specs[key] = value
+                elif key not in specs:
+                    raise NotFoundError(f"Flavor {target.id} has no extra specs with key {key}.")
+                else:
+                    del specs[key]
+            updated = replace(target, extra_specs=specs)
+            state.put(updated)
+            return updated
+
+    @_retried
+    def flavor_access(self, project: str, flavor: str, tenant: str, add: bool) -> Flavor:
+        """Give (``add``) or take away a project's access to a private flavor (admin only)."""
+        _require_admin(project, "change flavor access")
+        check_name(tenant, "project")
+        with self.batch() as state:
+            _seed_flavors(state)
+            target = _flavor(state, project, flavor)
+            if target.is_public:
+                raise ConflictError("Can not add access to a public flavor." if add else
+                                    "Can not remove access from a public flavor.")
+            if add and tenant in target.access:
+                raise ConflictError(
+                    f"Flavor access already exists for flavor {target.id} and project {tenant}."
+                )
+            if not add and tenant not in target.access:
+                raise NotFoundError(f"Flavor access not found for {target.id} / {tenant}.")
+            access = (*target.access, tenant) if add else tuple(
+                t for t in target.access if t != tenant)
+            updated = replace(target, access=access)
+            state.put(updated)
+            return updated
+
+    def flavor_access_list(self, project: str, flavor: str) -> list[tuple[str, str]]:
+        """``(flavor ID, project)`` of each project given access to a private flavor."""
+        _require_admin(project, "list flavor access")
+        target = _flavor(self.snapshot(), project, flavor)
+        if target.is_public:
+            raise ConflictError("Access list not available for public flavors.")
+        return [(target.id, tenant) for tenant in target.access]
+
+    # ------------------------------------------------------------------ keypairs
+
+    @_retried
+    def keypair_add(
+        self, project: str, name: str, public_key: bytes | str | None = None
+    ) -> tuple[Keypair, str | None]:
+        """Register ``public_key``, or generate a pair: ``(keypair, private key PEM)``.
+
+        The private key is returned once (generated pairs only) and never stored.
+        """
+        check_name(project, "project")
+        check_name(name, "keypair name")
+        private = None
+        if public_key is None:
+            public, private = keypairs.generate()
+        else:
+            public = keypairs.check_public_key(public_key)
+        with self.batch() as state:
+            if (project, name) in state.keypair_by_name:
+                raise ConflictError(f"Key pair '{name}' already exists.")
+            used = sum(1 for k in state.keypairs.values() if k.project == project)
+            if used >= MAX_KEYPAIRS:
+                raise QuotaError(
+                    f"Quota exceeded for key_pairs: {used} of {MAX_KEYPAIRS} used in "
+                    f"project {project!r}"
+                )
+            pair = Keypair(new_id(), project, name, public, keypairs.fingerprint(public),
+                           "ssh", time.time_ns())
+            state.put(pair)
+            return pair, private
+
+    def keypair_list(self, project: str) -> list[Keypair]:
+        state = self.snapshot()
+        return sorted((k for k in state.keypairs.values() if k.project == project),
+                      key=lambda k: k.name)
+
+    def keypair_show(self, project: str, name: str) -> Keypair:
+        return _keypair(self.snapshot(), project, name)
+
+    @_retried
+    def keypair_delete(self, project: str, name: str) -> Keypair:
+        """Delete a keypair; instances booted with it keep its name (as nova does)."""
+        with self.batch() as state:
+            pair = _keypair(state, project, name)
+            state.remove(pair)
+            return pair
+
+    # ------------------------------------------------------------------ images
 
     @_retried
     def image_create(
-        self, project: str, name: str, disk_format: str = "qcow2", visibility: str = "private"
+        self,
+        project: str,
+        name: str,
+        disk_format: str = "qcow2",
+        visibility: str = "private",
+        *,
+        container_format: str = "bare",
+        min_disk: str | int = 0,
+        min_ram: str | int = 0,
+        properties: Sequence[str] = (),
+        location: str | None = None,
+        data: ByteSource | None = None,
     ) -> Image:
+        """Register an image; with ``data``, its bytes are stored (see :mod:`secfw.imagefiles`).
+
+        ``location`` is recorded as given, never fetched; it excludes ``data``.
+        """
         check_name(project, "project")
         check_name(name, "image name")
-        fmt = parse_disk_format(disk_format)
-        vis = parse_visibility(visibility)
+        now = time.time_ns()
+        image = Image(
+            new_id(), name, project, parse_disk_format(disk_format), parse_visibility(visibility),
+            parse_container_format(container_format), parse_size(min_disk, "min-disk (GB)"),
+            parse_size(min_ram, "min-ram (MB)"), "active",
+            location=parse_location(location) if location is not None else None,
+            properties=_properties({}, properties), created=now, updated=now,
+        )
+        if data is not None and location is not None:
+            raise ValidationError("give image data or --location, not both")
+        if data is None:
+            return self._put_image(project, image)
+        with self.image_files.locked():
+            stored = self.image_files.add(data, MAX_IMAGE_BYTES)
+            image = replace(image, size=stored.size, checksum=stored.checksum,
+                            sha256=stored.sha256)
+            try:
+                return self._put_image(project, image)
+            except BaseException:
+                if not self._image_file_used(stored.sha256):
+                    self.image_files.remove(stored.sha256)
+                raise
+
+    def _put_image(self, project: str, image: Image) -> Image:
         with self.batch() as state:
-            if any(i.name == name for i in _visible_images(state, project)):
-                raise ConflictError(f"image {name!r} already exists")
-            image = Image(new_id(), name, project, fmt, vis)
+            self._check_image_name(state, project, image.name, image.id)
+            state.put(image)
+            return image
+
+    def _image_file_used(self, sha256: str) -> bool:
+        return any(i.sha256 == sha256 for i in self.snapshot().images.values())
+
+    @staticmethod
+    def _check_image_name(state: CloudState, project: str, name: str, image_id: str) -> None:
+        if any(i.name == name and i.id != image_id for i in _visible_images(state, project)):
+            raise ConflictError(f"image {name!r} already exists")
+
+    @_retried
+    def image_snapshot(self, project: str, server: str, name: str) -> Image:
+        """nova's ``image-create SERVER NAME``: an image of the instance, marked as a
+        snapshot in its properties (as the guide lists them)."""
+        check_name(name, "image name")
+        with self.batch() as state:
+            instance = self._instance(state, project, server)
+            base = state.images.get(instance.image_id)
+            flavor = visible_flavors(state).get(instance.flavor_id or "")
+            now = time.time_ns()
+            image = Image(
+                new_id(), name, project,
+                base.disk_format if base else "qcow2", "private",
+                base.container_format if base else "bare",
+                max(base.min_disk if base else 0, flavor.disk_gb if flavor else 0),
+                base.min_ram if base else 0, "active",
+                properties={
+                    "image_type": "snapshot",
+                    "instance_uuid": instance.id,
+                    "base_image_ref": instance.image_id,
+                    "image_location": "snapshot",
+                    "owner_id": project,
+                },
+                created=now, updated=now,
+            )
+            self._check_image_name(state, project, name, image.id)
             state.put(image)
             return image
 
     def image_list(self, project: str) -> list[Image]:
         return sorted(_visible_images(self.snapshot(), project), key=lambda i: (i.name, i.id))
+
+    def image_show(self, project: str, image: str) -> Image:
+        return _image(self.snapshot(), project, image)
+
+    @_retried
+    def image_update(
+        self,
+        project: str,
+        image: str,
+        *,
+        name: str | None = None,
+        disk_format: str | None = None,
+        container_format: str | None = None,
+        min_disk: str | int | None = None,
+        min_ram: str | int | None = None,
+        visibility: str | None = None,
+        properties: Sequence[str] = (),
+        purge_props: bool = False,
+    ) -> Image:
+        """Change an image's attributes (its owner, or the admin project, only).
+
+        ``properties`` are set (KEY=VALUE); ``purge_props`` first drops every
+        property not given. The bytes of an image never change.
+        """
+        changes: dict[str, Any] = {}
+        if name is not None:
+            changes["name"] = check_name(name, "image name")
+        if disk_format is not None:
+            changes["disk_format"] = parse_disk_format(disk_format)
+        if container_format is not None:
+            changes["container_format"] = parse_container_format(container_format)
+        if min_disk is not None:
+            changes["min_disk"] = parse_size(min_disk, "min-disk (GB)")
+        if min_ram is not None:
+            changes["min_ram"] = parse_size(min_ram, "min-ram (MB)")
+        if visibility is not None:
+            changes["visibility"] = parse_visibility(visibility)
+        if not changes and not properties and not purge_props:
+            raise ValidationError("nothing to update: give at least one attribute to change")
+        with self.batch() as state:
+            current = _owned_image(state, project, image)
+            props = _properties({} if purge_props else current.properties, properties)
+            updated = replace(current, **changes, properties=props)
+            if updated == current:
+                return current
+            updated = replace(updated, updated=time.time_ns())
+            self._check_image_name(state, project, updated.name, updated.id)
+            state.put(updated)
+            return updated
+
+    @_retried
+    def image_delete(self, project: str, image: str) -> Image:
+        """Delete an image (its owner, or the admin project). Instances and snapshots
+        based on it keep working and keep showing its ID; its bytes are removed
+        when no other image has the same ones."""
+        peek = _owned_image(self.snapshot(), project, image)
+        if peek.sha256 is None:
+            return self._remove_image(project, image)
+        with self.image_files.locked():
+            removed = self._remove_image(project, image)
+            if removed.sha256 and not self._image_file_used(removed.sha256):
+                self.image_files.remove(removed.sha256)
+            return removed
+
+    def _remove_image(self, project: str, image: str) -> Image:
+        with self.batch() as state:
+            target = _owned_image(state, project, image)
+            state.remove(target)
+            return target
 
     # ------------------------------------------------------------------ instances
 
@@ -525,15 +851,31 @@ class Api:
         host: str,
         security_groups: Sequence[str] | None = None,
         nics: Sequence[str] | None = None,
+        *,
+        key_name: str | None = None,
+        meta: Sequence[str] = (),
+        user_data: bytes | None = None,
     ) -> Instance:
-        """Create an instance and one port per network (see ``semantics.md``)."""
+        """Create an instance and one port per network (see ``semantics.md``).
+
+        The image's ``min_disk``/``min_ram`` (and its size) must fit the flavor (a
+        flavor disk of 0 means "the image's own size", as in nova); ``key_name``
+        must name one of the project's keypairs; ``meta`` is KEY=VALUE items;
+        ``user_data`` at most MAX_USER_DATA_B64 bytes once base64-encoded.
+        """
         check_name(project, "project")
         check_name(name, "instance name")
         check_host(host)
-        flavor_obj = _flavor(flavor)
+        metadata = _metadata({}, meta)
+        encoded = _user_data(user_data)
+        now = time.time_ns()
         with self.batch() as state:
+            flavor_obj = _flavor(state, project, flavor)
             self._ensure_project(state, project)
             image_obj = _image(state, project, image)
+            _check_fits(flavor_obj, image_obj)
+            if key_name is not None:
+                _keypair(state, project, key_name)
             group_ids = self._boot_groups(state, project, security_groups)
             networks = self._boot_networks(state, project, nics)
             instance = Instance(
@@ -545,7 +887,12 @@ class Api:
                 host,
                 group_ids,
                 "ACTIVE",
-                time.time_ns(),
+                now,
+                flavor_obj.id,
+                key_name,
+                metadata,
+                encoded,
+                now,
             )
             taps = {p.tap for p in state.ports.values()}
             ports = [self._new_port(state, instance.id, net, taps) for net in networks]
@@ -553,6 +900,34 @@ class Api:
             for port in ports:
                 state.put(port)
             return instance
+
+    @_retried
+    def meta(self, project: str, server: str, action: str, items: Sequence[str]) -> Instance:
+        """nova's ``meta SERVER set K=V…`` / ``meta SERVER delete K…``."""
+        if action not in ("set", "delete"):
+            raise ValidationError(f"action {action!r} must be set or delete")
+        if not items:
+            raise ValidationError("give at least one KEY=VALUE (set) or KEY (delete)")
+        if action == "delete" and any("=" in item for item in items):
+            raise ValidationError("delete takes keys only (KEY, not KEY=VALUE)")
+        pairs = [parse_key_value(item, "metadata", action == "set") for item in items]
+        with self.batch() as state:
+            instance = self._instance(state, project, server)
+            if action == "set":
+                metadata = _metadata(instance.metadata, items)
+            else:
+                metadata = dict(instance.metadata)
+                for key, _ in pairs:
+                    if key not in metadata:
+                        raise NotFoundError(
+                            f"server {instance.name!r} has no metadata item {key!r}"
+                        )
+                    del metadata[key]
+            if metadata == instance.metadata:
+                return instance
+            updated = replace(instance, metadata=metadata, updated=time.time_ns())
+            state.put(updated)
+            return updated
 
     def _boot_groups(
         self, state: CloudState, project: str, names: Sequence[str] | None
@@ -617,23 +992,44 @@ class Api:
         return sorted(found, key=lambda i: (i.created, i.name, i.id))
 
     def show(self, project: str, server: str) -> dict[str, Any]:
+        """An instance as ``nova show`` lists it (its properties, sorted as nova sorts
+        them). The admin project sees the compute host as ``host`` and ``hostId``;
+        other projects see nova's opaque ``hostId`` (a hash of project and host)."""
         state = self.snapshot()
         instance = self._instance(state, project, server)
         networks: dict[str, list[str]] = {}
         for port in state.ports_of(instance.id):
             networks.setdefault(state.networks[port.network_id].name, []).append(port.ip)
         image = state.images.get(instance.image_id)
-        return {
+        admin = project == ADMIN_PROJECT
+        host_id = instance.host if admin else hashlib.sha224(
+            (instance.project + instance.host).encode()).hexdigest()
+        shown: dict[str, Any] = {
+            "OS-EXT-STS:vm_state": instance.state.lower(),
+            "created": iso_time(instance.created),
+            "flavor": f"{instance.flavor} ({instance.flavor_id})" if instance.flavor_id
+            else instance.flavor,
+            "host": instance.host if admin else None,
+            "hostId": host_id,
             "id": instance.id,
+            "image": f"{image.name} ({image.id})" if image else instance.image_id,
+            "key_name": instance.key_name,
+            "metadata": dict(instance.metadata),
             "name": instance.name,
-            "project": instance.project,
-            "status": instance.state,
-            "host": instance.host,
-            "flavor": instance.flavor,
-            "image": image.name if image else instance.image_id,
-            "security_groups": [state.groups[g].name for g in instance.security_groups],
             "networks": networks,
+            "security_groups": [state.groups[g].name for g in instance.security_groups],
+            "status": instance.state,
+            "tenant_id": instance.project,
+            "updated": iso_time(instance.updated or instance.created),
         }
+        if not admin:
+            del shown["host"]
+        return shown
+
+    def user_data(self, project: str, server: str) -> bytes | None:
+        """The user data an instance was booted with (None: none)."""
+        instance = self._instance(self.snapshot(), project, server)
+        return base64.b64decode(instance.user_data) if instance.user_data is not None else None
 
     def list_secgroup(self, project: str, server: str) -> list[SecurityGroup]:
         state = self.snapshot()
@@ -885,11 +1281,60 @@ def _sorted_rules(rules: Any) -> list[Rule]:
     return sorted(rules, key=key)
 
 
-def _flavor(ref: str) -> Flavor:
-    for flavor in FLAVORS:
-        if ref in (flavor.name, flavor.id):
-            return flavor
-    raise NotFoundError(f"flavor {ref!r} not found")
+#: nova's default key_pairs quota, as a fixed limit per project.
+MAX_KEYPAIRS = 100
+#: The largest image a secfw store accepts on stdin or --file (glance has no limit;
+#: this one keeps a mistyped device path from filling the disk).
+MAX_IMAGE_BYTES = 64 * 2**30
+#: The setting that says the five default flavors were stored (and may have been
+#: deleted since): before it, the defaults are shown without being stored.
+FLAVORS_SEEDED = "flavors"
+
+
+def visible_flavors(state: CloudState) -> dict[str, Flavor]:
+    """Every flavor by ID: the stored ones, or the five defaults of a store in which
+    no flavor was ever created, deleted or changed (reads never write)."""
+    if FLAVORS_SEEDED in state.settings:
+        return state.flavors
+    return {f.id: f for f in FLAVORS}
+
+
+def _seed_flavors(state: CloudState) -> None:
+    """Store the five defaults before the first change to flavors."""
+    if FLAVORS_SEEDED not in state.settings:
+        for flavor in FLAVORS:
+            state.put(flavor)
+        state.put(Setting(FLAVORS_SEEDED, "seeded"))
+
+
+def _flavor_order(flavor: Flavor) -> tuple[Any, ...]:
+    numeric = flavor.id.isdigit()
+    return (not numeric, int(flavor.id) if numeric else 0, flavor.id)
+
+
+def _flavor(state: CloudState, project: str, ref: str) -> Flavor:
+    """A flavor ``project`` may use, by ID, else by name."""
+    flavors = visible_flavors(state)
+    found = flavors.get(ref)
+    if found is None:
+        found = next((f for f in flavors.values() if f.name == ref), None)
+    if found is None or not found.usable_by(project):
+        raise NotFoundError(f"flavor {ref!r} not found")
+    return found
+
+
+def _require_admin(project: str, what: str) -> None:
+    if project != ADMIN_PROJECT:
+        raise ForbiddenError(
+            f"only the {ADMIN_PROJECT!r} project may {what} (project {project!r} may not)"
+        )
+
+
+def _keypair(state: CloudState, project: str, name: str) -> Keypair:
+    pair_id = state.keypair_by_name.get((project, name))
+    if pair_id is None:
+        raise NotFoundError(f"The resource could not be found: keypair {name!r}")
+    return state.keypairs[pair_id]
 
 
 def _visible_images(state: CloudState, project: str) -> list[Image]:
@@ -897,10 +1342,88 @@ def _visible_images(state: CloudState, project: str) -> list[Image]:
 
 
 def _image(state: CloudState, project: str, ref: str) -> Image:
-    for image in _visible_images(state, project):
-        if ref in (image.id, image.name):
+    """An image ``project`` may use, by ID, else by name (its own first)."""
+    visible = _visible_images(state, project)
+    for image in visible:
+        if image.id == ref:
             return image
-    raise NotFoundError(f"image {ref!r} not found")
+    named = sorted((i for i in visible if i.name == ref), key=lambda i: i.project != project)
+    if not named:
+        raise NotFoundError(f"image {ref!r} not found")
+    if len(named) > 1 and named[1].project == named[0].project:
+        raise ConflictError(f"Multiple images named {ref!r} exist; use the ID")
+    return named[0]
+
+
+def _owned_image(state: CloudState, project: str, ref: str) -> Image:
+    image = _image(state, project, ref)
+    if image.project != project and project != ADMIN_PROJECT:
+        raise ForbiddenError(
+            f"image {image.name!r} belongs to project {image.project!r}; "
+            "only its owner may change or delete it"
+        )
+    return image
+
+
+def _properties(current: dict[str, str], items: Sequence[str]) -> dict[str, str]:
+    """``current`` with each ``KEY=VALUE`` of ``items`` set."""
+    props = dict(current)
+    for item in items:
+        key, value = parse_key_value(item, "property")
+        props[key] = value
+    return props
+
+
+def _metadata(current: dict[str, str], items: Sequence[str]) -> dict[str, str]:
+    """``current`` with each ``KEY=VALUE`` set; at most MAX_METADATA_ITEMS items."""
+    metadata = dict(current)
+    for item in items:
+        key, value = parse_key_value(item, "metadata")
+        metadata[key] = value
+    if len(metadata) > MAX_METADATA_ITEMS:
+        raise QuotaError(
+            f"Quota exceeded for metadata_items: {len(metadata)} items, "
+            f"at most {MAX_METADATA_ITEMS}"
+        )
+    return metadata
+
+
+def _user_data(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    encoded = base64.b64encode(data).decode("ascii")
+    if len(encoded) > MAX_USER_DATA_B64:
+        raise ValidationError(
+            f"User data too large. User data must be no larger than {MAX_USER_DATA_B64} "
+            f"bytes once base64 encoded. Your data is {len(encoded)} bytes"
+        )
+    return encoded
+
+
+def _check_fits(flavor: Flavor, image: Image) -> None:
+    """nova's checks of an image against the flavor it boots with."""
+    if image.min_ram > flavor.ram_mb:
+        raise ConflictError(
+            f"Flavor's memory is too small for requested image: flavor {flavor.name!r} has "
+            f"{flavor.ram_mb} MB, image {image.name!r} needs {image.min_ram} MB"
+        )
+    if flavor.disk_gb == 0:  # "0" is the image's own size (the guide's Disk column)
+        return
+    if image.min_disk > flavor.disk_gb:
+        raise ConflictError(
+            f"Flavor's disk is too small for requested image: flavor {flavor.name!r} has "
+            f"{flavor.disk_gb} GB, image {image.name!r} needs {image.min_disk} GB"
+        )
+    if image.size is not None and image.size > flavor.disk_gb * 2**30:
+        raise ConflictError(
+            f"Flavor's disk is too small for requested image: flavor {flavor.name!r} has "
+            f"{flavor.disk_gb} GB, image {image.name!r} is {image.size} bytes"
+        )
+
+
+def iso_time(ns: int) -> str:
+    """A time in nanoseconds as nova prints it (``2012-05-16T20:48:23Z``)."""
+    return datetime.fromtimestamp(ns / 1e9, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _allocate(state: CloudState, network: Network, cidr: str | None, hint_key: str) -> Any:
@@ -950,9 +1473,7 @@ def _new_mac(used: set[str]) -> str:
 
 
 def _with_groups(instance: Instance, groups: tuple[str, ...]) -> Instance:
-    from dataclasses import replace
-
-    return replace(instance, security_groups=groups)
+    return replace(instance, security_groups=groups, updated=time.time_ns())
 
 
 def _port_view(state: CloudState, port: Port, instance: Instance) -> PortView:

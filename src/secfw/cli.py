@@ -50,13 +50,10 @@ import click
 from secfw.api import Api
 from secfw.errors import SecfwError, ValidationError
 from secfw.model import (
-    Flavor,
-    Image,
     Network,
     Rule,
     SecurityGroup,
     check_name,
-    parse_nic,
 )
 from secfw.output import FORMATS, Columns, cell_text, emit
 from secfw.store.base import open_store, store_url
@@ -346,21 +343,6 @@ NEUTRON_RULE_COLUMNS: Columns = (
     ("Remote Security Group", "remote_group"),
     ("Security Group", "security_group"),
 )
-FLAVOR_COLUMNS: Columns = (
-    ("ID", "id"),
-    ("Name", "name"),
-    ("Memory_MB", "memory_mb"),
-    ("Disk", "disk"),
-    ("Ephemeral", "ephemeral"),
-    ("VCPUs", "vcpus"),
-)
-IMAGE_COLUMNS: Columns = (
-    ("ID", "id"),
-    ("Name", "name"),
-    ("Disk Format", "disk_format"),
-    ("Visibility", "visibility"),
-    ("Project", "project"),
-)
 SERVER_COLUMNS: Columns = (
     ("ID", "id"),
     ("Name", "name"),
@@ -425,16 +407,6 @@ def network_row(network: Network) -> dict[str, Any]:
     return {"id": network.id, "name": network.name, "cidr": network.cidr,
             "gateway": network.gateway, "cidr6": network.cidr6, "gateway6": network.gateway6,
             "vlan": network.vlan, "project": network.project}
-
-
-def flavor_row(flavor: Flavor) -> dict[str, Any]:
-    return {"id": flavor.id, "name": flavor.name, "memory_mb": flavor.ram_mb,
-            "disk": flavor.disk_gb, "ephemeral": flavor.ephemeral_gb, "vcpus": flavor.vcpus}
-
-
-def image_row(image: Image) -> dict[str, Any]:
-    return {"id": image.id, "name": image.name, "disk_format": image.disk_format,
-            "visibility": image.visibility, "project": image.project}
 
 
 def _group_names(api: Api) -> dict[str, str]:
@@ -575,7 +547,7 @@ def secgroup_delete_group_rule(
     )
 
 
-# --------------------------------------------------------------------------- networks, images
+# --------------------------------------------------------------------------- networks
 
 
 @output_command("net-create")
@@ -600,56 +572,7 @@ def net_list(state: CliState, fmt: str, all_projects: bool) -> None:
     emit([network_row(n) for n in networks], with_project(NETWORK_COLUMNS, all_projects), fmt)
 
 
-@output_command("flavor-list")
-def flavor_list(state: CliState, fmt: str) -> None:
-    """List flavors: ID | Name | Memory_MB | Disk | Ephemeral | VCPUs."""
-    emit([flavor_row(f) for f in Api.flavor_list()], FLAVOR_COLUMNS, fmt)
-
-
-@output_command("image-create")
-@click.argument("name")
-@click.option("--disk-format", default="qcow2", show_default=True,
-              help="ami, ari, aki, vhd, vmdk, raw, qcow2, vdi or iso.")
-@click.option("--visibility", default="private", show_default=True, help="public or private.")
-def image_create(state: CliState, fmt: str, name: str, disk_format: str, visibility: str) -> None:
-    """Register an image; print it."""
-    image = state.api.image_create(state.project, name, disk_format, visibility)
-    emit(image_row(image), IMAGE_COLUMNS, fmt)
-
-
-@output_command("image-list")
-def image_list(state: CliState, fmt: str) -> None:
-    """List the images the project can boot: its own and public ones."""
-    emit([image_row(i) for i in state.api.image_list(state.project)], IMAGE_COLUMNS, fmt)
-
-
 # --------------------------------------------------------------------------- servers
-
-
-@output_command("boot")
-@click.argument("name")
-@click.option("--flavor", required=True, help="Flavor name or ID.")
-@click.option("--image", required=True, help="Image name or ID.")
-@click.option("--security-groups", "security_groups", multiple=True, metavar="A,B",
-              help="Comma-separated groups (repeatable; default: default).")
-@click.option("--nic", "nics", multiple=True, metavar="net-id=NET",
-              help="Attach to network NET (repeatable; default: the only usable network).")
-@click.option("--host", required=True, help="Compute host to run on.")
-def boot(
-    state: CliState,
-    fmt: str,
-    name: str,
-    flavor: str,
-    image: str,
-    security_groups: Sequence[str],
-    nics: Sequence[str],
-    host: str,
-) -> None:
-    """Boot an instance (one port per network); print it like show."""
-    groups = _split_groups(security_groups)
-    networks = [parse_nic(nic) for nic in nics]
-    instance = state.api.boot(state.project, name, flavor, image, host, groups, networks)
-    emit(state.api.show(state.project, instance.id), None, fmt)
 
 
 @silent_command("delete")
@@ -674,13 +597,6 @@ def list_servers(state: CliState, fmt: str, host: str | None, all_projects: bool
         rows.append({"id": instance.id, "name": instance.name, "status": instance.state,
                      "host": instance.host, "networks": networks, "project": instance.project})
     emit(rows, with_project(SERVER_COLUMNS, all_projects or host is not None), fmt)
-
-
-@output_command("show")
-@click.argument("server")
-def show(state: CliState, fmt: str, server: str) -> None:
-    """Show an instance: Property | Value."""
-    emit(state.api.show(state.project, server), None, fmt)
 
 
 @output_command("list-secgroup")
@@ -866,5 +782,6 @@ __all__ = [
     "silent_command",
 ]
 
-# The host-side commands (compile, agent, lab, demo) register themselves on ``main``.
-from secfw import hostcli  # noqa: E402, F401
+# The host-side commands (compile, agent, lab, demo) and the compute model's
+# (flavors, keypairs, images, boot, show, meta) register themselves on ``main``.
+from secfw import computecli, hostcli  # noqa: E402, F401

@@ -18,14 +18,17 @@ from typing import Any, TypeVar
 
 from secfw.model import (
     RECORD_TYPES,
+    Flavor,
     Image,
     Instance,
+    Keypair,
     Network,
     Port,
     Quota,
     Record,
     Rule,
     SecurityGroup,
+    Setting,
 )
 from secfw.store.base import Change, Snapshot
 
@@ -52,6 +55,7 @@ class CloudState:
         #: lowest offset that may be free, per network (reset when an address is freed)
         self.alloc_hint: dict[str, int] = {}
         self.projects: set[str] = set()
+        self.keypair_by_name: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ loading
 
@@ -137,6 +141,20 @@ class CloudState:
     def quotas(self) -> dict[str, Quota]:
         return self.records[Quota.KIND]
 
+    @property
+    def flavors(self) -> dict[str, Flavor]:
+        """Stored flavors by flavor ID (see :func:`secfw.api.visible_flavors` for the
+        five defaults of a store that never stored a flavor)."""
+        return self.records[Flavor.KIND]
+
+    @property
+    def keypairs(self) -> dict[str, Keypair]:
+        return self.records[Keypair.KIND]
+
+    @property
+    def settings(self) -> dict[str, Setting]:
+        return self.records[Setting.KIND]
+
     def ports_of(self, instance_id: str) -> list[Port]:
         return sorted(
             (self.ports[p] for p in self.ports_by_instance.get(instance_id, ())), key=lambda p: p.id
@@ -163,6 +181,8 @@ class CloudState:
         elif isinstance(record, Instance):
             for group_id in record.security_groups:
                 self.instances_by_group[group_id].add(record.id)
+        elif isinstance(record, Keypair):
+            self.keypair_by_name[(record.project, record.name)] = record.id
         elif isinstance(record, Port):
             self.ports_by_instance[record.instance_id].add(record.id)
             self.ports_by_network[record.network_id].add(record.id)
@@ -182,6 +202,8 @@ class CloudState:
         elif isinstance(record, Instance):
             for group_id in record.security_groups:
                 _discard(self.instances_by_group, group_id, record.id)
+        elif isinstance(record, Keypair):
+            self.keypair_by_name.pop((record.project, record.name), None)
         elif isinstance(record, Port):
             _discard(self.ports_by_instance, record.instance_id, record.id)
             _discard(self.ports_by_network, record.network_id, record.id)

@@ -8,6 +8,7 @@ Hierarchy::
     ├── ConflictError           duplicate rule/name, overlapping network, address exhausted
     ├── QuotaError              over a project quota (names the quota)
     ├── InUseError              deleting something still referenced
+    ├── ForbiddenError          an admin-only operation from another project
     ├── StoreError              the store cannot be opened, read or written
     │   ├── WriteConflictError  another writer committed since this transaction read
     │   └── HistoryCompactedError  the change history asked for is gone: reload whole
@@ -61,6 +62,13 @@ class InUseError(SecfwError):
     """The object is still referenced and cannot be deleted."""
 
     exit_code = 6
+
+
+class ForbiddenError(SecfwError):
+    """The operation is reserved to the admin project (nova's policy: flavor
+    management), or to the owner of the object (changing another project's image)."""
+
+    exit_code = 11
 
 
 class StoreError(SecfwError):

@@ -59,11 +59,15 @@ for _name, _number in PROTOCOL_NUMBERS.items():
     _PROTOCOL_NAMES.setdefault(_number, _name)
 
 DEFAULT_GROUP = "default"
+#: The project whose users are the cloud's administrators (flavor management).
+ADMIN_PROJECT = "admin"
 DEFAULT_QUOTA_SECURITY_GROUPS = 10
 DEFAULT_QUOTA_SECURITY_GROUP_RULES = 20
 UNLIMITED = -1
 
 DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vmdk", "raw", "qcow2", "vdi", "iso")
+#: glance v1's container formats.
+CONTAINER_FORMATS = ("ami", "ari", "aki", "bare", "ovf", "ova")
 VISIBILITIES = ("public", "private")
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -96,17 +100,35 @@ class Record:
 
 
 @dataclass(frozen=True)
-class Flavor:
-    """A virtual hardware template (the operations guide's five defaults)."""
+class Flavor(Record):
+    """A virtual hardware template; ``id`` is the flavor's own (user-given) ID.
 
+    A private flavor (``is_public`` False) is usable by the admin project and the
+    projects in ``access`` only. ``extra_specs`` are the key/value pairs a compute
+    host must match (the scheduler's business). Flavors are never modified, only
+    created and deleted (as the guide says); only ``extra_specs`` and ``access``
+    change.
+    """
+
+    KIND: ClassVar[str] = "flavor"
     id: str
     name: str
     ram_mb: int
     disk_gb: int
     ephemeral_gb: int
     vcpus: int
+    swap_mb: int = 0
+    rxtx_factor: float = 1.0
+    is_public: bool = True
+    extra_specs: dict[str, str] = field(default_factory=dict)
+    access: tuple[str, ...] = ()
+
+    def usable_by(self, project: str) -> bool:
+        """Public flavors are everyone's; a private one is the admin's and its access list's."""
+        return self.is_public or project == ADMIN_PROJECT or project in self.access
 
 
+#: The default install's five flavors (the guide's ``nova flavor-list``).
 FLAVORS: tuple[Flavor, ...] = (
     Flavor("1", "m1.tiny", 512, 1, 0, 1),
     Flavor("2", "m1.small", 2048, 10, 20, 1),
@@ -114,6 +136,29 @@ FLAVORS: tuple[Flavor, ...] = (
     Flavor("4", "m1.large", 8192, 10, 80, 4),
     Flavor("5", "m1.xlarge", 16384, 10, 160, 8),
 )
+
+
+@dataclass(frozen=True)
+class Setting(Record):
+    """A cloud-wide fact kept in the store (``flavors``: the defaults were seeded)."""
+
+    KIND: ClassVar[str] = "setting"
+    id: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class Keypair(Record):
+    """An SSH public key a project registered (or had generated) under a name."""
+
+    KIND: ClassVar[str] = "keypair"
+    id: str
+    project: str
+    name: str
+    public_key: str
+    fingerprint: str
+    type: str = "ssh"
+    created: int = 0
 
 
 @dataclass(frozen=True)
@@ -197,16 +242,37 @@ class Rule(Record):
 
 @dataclass(frozen=True)
 class Image(Record):
+    """A glance image. ``checksum`` (MD5, as glance shows it) and ``sha256`` describe
+    the bytes stored for it, if any (the file is named by ``sha256``);
+    ``location`` is a reference recorded as given (nothing is downloaded).
+    ``properties`` are glance's extra properties (a snapshot's ``image_type``,
+    ``instance_uuid``, ``base_image_ref``, ``image_location``)."""
+
     KIND: ClassVar[str] = "image"
     id: str
     name: str
     project: str
     disk_format: str = "qcow2"
     visibility: str = "private"
+    container_format: str = "bare"
+    min_disk: int = 0
+    min_ram: int = 0
+    status: str = "active"
+    size: int | None = None
+    checksum: str | None = None
+    sha256: str | None = None
+    location: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+    created: int = 0
+    updated: int = 0
 
 
 @dataclass(frozen=True)
 class Instance(Record):
+    """A server. ``metadata`` is nova's key/value metadata; ``user_data`` the
+    (base64-encoded) user data given at boot; ``key_name`` the keypair's name
+    when booted with one (kept as nova keeps it, even after the keypair goes)."""
+
     KIND: ClassVar[str] = "instance"
     id: str
     project: str
@@ -217,6 +283,11 @@ class Instance(Record):
     security_groups: tuple[str, ...] = ()
     state: str = "ACTIVE"
     created: int = 0
+    flavor_id: str | None = None
+    key_name: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    user_data: str | None = None
+    updated: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,7 +333,10 @@ class Quota(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.KIND: cls for cls in (Network, SecurityGroup, Rule, Image, Instance, Port, Quota)
+    cls.KIND: cls
+    for cls in (
+        Network, SecurityGroup, Rule, Image, Instance, Port, Quota, Flavor, Keypair, Setting
+    )
 }
 
 
@@ -523,3 +597,91 @@ def parse_address_pair(text: str) -> str:
         raise ValidationError(f"allowed address pair {text!r}: bad IP address") from None
     cidr = parse_cidr(address, "IPv4" if version == 4 else "IPv6")
     return f"{cidr},{parse_mac(mac)}" if mac.strip() else cidr
+
+
+# ------------------------------------------------- flavors, images, metadata
+
+#: nova's limits: metadata keys and values are at most 255 characters, 128 items.
+MAX_METADATA_ITEMS = 128
+#: nova's limit on user data: 65535 bytes once base64-encoded.
+MAX_USER_DATA_B64 = 65535
+#: Flavor IDs: what nova accepts (letters, digits, ``-``, ``_``, ``.``, space), 1-255.
+_FLAVOR_ID = re.compile(r"[A-Za-z0-9_.\- ]{1,255}")
+_TRUE = ("true", "1", "yes", "on", "t", "y")
+_FALSE = ("false", "0", "no", "off", "f", "n")
+
+
+def parse_flavor_id(text: str) -> str:
+    """A flavor ID as the user gave it (not stripped): nova's characters, not blank."""
+    if not text.strip() or not _FLAVOR_ID.fullmatch(text):
+        raise ValidationError(
+            f"flavor ID {text!r} must be 1-255 letters, digits, '-', '_', '.' or spaces"
+        )
+    return text
+
+
+def parse_size(value: str | int, what: str, minimum: int = 0) -> int:
+    """A whole number of MB/GB/CPUs, at least ``minimum``, at most 2**31 - 1 (nova's)."""
+    number = parse_int(value, what)
+    if not minimum <= number <= 2**31 - 1:
+        raise ValidationError(f"{what} must be an integer from {minimum} to {2**31 - 1}")
+    return number
+
+
+def parse_rxtx_factor(value: str | float) -> float:
+    """A positive bandwidth factor (nova: greater than 0)."""
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError(f"rxtx factor must be a number, not {value!r}") from None
+    if not 0 < factor <= 3.4e38:  # nova's column is a float; NaN fails both sides
+        raise ValidationError(f"rxtx factor must be a positive number, not {value!r}")
+    return factor
+
+
+def parse_bool(value: str | bool, what: str) -> bool:
+    """``true``/``false`` (and 1/0, yes/no, on/off), case-insensitive."""
+    if isinstance(value, bool):
+        return value
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValidationError(f"{what} must be true or false, not {value!r}")
+
+
+def parse_key_value(text: str, what: str, value_required: bool = True) -> tuple[str, str]:
+    """``KEY=VALUE`` (the value may hold ``=``); keys 1-255 characters, values 0-255.
+
+    With ``value_required`` False a bare ``KEY`` is accepted (value ""): the form
+    of ``meta … delete KEY`` and ``flavor-key … unset KEY``.
+    """
+    key, sep, value = text.partition("=")
+    if not sep and value_required:
+        raise ValidationError(f"{what} {text!r}: expected KEY=VALUE")
+    check_name(key, f"{what} key")
+    if len(value) > MAX_NAME_LEN:
+        raise ValidationError(f"{what} value of {key!r} is longer than {MAX_NAME_LEN} characters")
+    if _CONTROL_CHARS.search(value):
+        raise ValidationError(f"{what} value of {key!r} must not contain control characters")
+    check_text(value, f"{what} value")
+    return key, value
+
+
+def parse_container_format(text: str) -> str:
+    fmt = text.strip().lower()
+    if fmt not in CONTAINER_FORMATS:
+        raise ValidationError(
+            f"container format {text!r} is not one of {', '.join(CONTAINER_FORMATS)}"
+        )
+    return fmt
+
+
+def parse_location(text: str) -> str:
+    """An image location: an absolute URL (``scheme://…``), recorded, never fetched."""
+    match = re.fullmatch(r"([a-z][a-z0-9+.\-]*)://\S+", text.strip(), re.IGNORECASE)
+    if match is None or len(text) > 2048:
+        raise ValidationError(f"location {text!r} is not a URL (scheme://…)")
+    check_text(text, "location")
+    return text.strip()
