@@ -3,30 +3,42 @@
 Every step runs one API call, valid or not, then checks the invariants on the
 raw store documents (not on the API's own indexes): referential integrity,
 quotas, one ``default`` group per project, address and MAC allocation, tap
-names, revision accounting, and that a failed call changed nothing.
+names, revision accounting, and that a failed call changed nothing. The compute
+model's commands (flavors, keypairs, images with their bytes, snapshots,
+instance metadata) run among them: flavors and keypairs stay unique, image
+files match their records exactly (no orphan, no missing or altered file), and
+the agent's compiler sees exactly the ports of the ACTIVE instances of a host.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import ipaddress
+import os
 import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from secfw.api import Api
+from secfw import keypairs
+from secfw.api import MAX_KEYPAIRS, Api
 from secfw.cloud import CloudState
+from secfw.compiler.build import compile_host
 from secfw.errors import SecfwError
 from secfw.model import (
     DEFAULT_GROUP,
     DEFAULT_QUOTA_SECURITY_GROUP_RULES,
     DEFAULT_QUOTA_SECURITY_GROUPS,
     MAC_PREFIX,
+    MAX_METADATA_ITEMS,
     UNLIMITED,
 )
 from secfw.store import open_store
@@ -57,6 +69,39 @@ HOSTS = mostly(["h1", "h2"], ["", "h 1"])
 QUOTAS = st.sampled_from([None, "-1", "0", "1", "2", "3", "5", "x"])
 MATCH = st.one_of(st.none(), st.tuples(PROTOCOLS, PORT_RANGES))
 
+# the compute model
+ADMINS = mostly(["admin"], ["p1"])
+FLAVOR_REFS = mostly(["1", "m1.tiny", "10", "big", "priv"], ["nosuch"])
+#: (name, id, ram, disk, vcpus, is_public): "priv" is private, "big" needs a big image
+NEW_FLAVORS = mostly(
+    [("big", "10", "4096", "20", "2", "true"), ("priv", "11", "512", "1", "1", "false"),
+     ("tiny2", "12", "64", "0", "1", "true")],
+    [("m1.tiny", "13", "512", "1", "1", "true"), ("dup", "1", "512", "1", "1", "true"),
+     ("bad", "14", "0", "1", "1", "true"), ("bad", "15", "512", "-1", "1", "true"),
+     ("bad", "16", "x", "1", "1", "true"), ("", "17", "1", "1", "1", "true"),
+     ("bad", "18", "1", "1", "1", "maybe")],
+)
+SPEC_ITEMS = mostly([["gpu=true"], ["a=1", "b=2"], ["gpu"]], [[], ["=x"], ["k=" + "v" * 256]])
+
+
+def _ed25519_public() -> str:
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    return key.public_bytes(serialization.Encoding.OpenSSH,
+                            serialization.PublicFormat.OpenSSH).decode() + " test"
+
+
+PUBLIC_KEYS = mostly([_ed25519_public(), _ed25519_public()],
+                     ["ssh-rsa AAAAB3NzaC1yc2E= broken", "not a key", "", "a\nb"])
+KEYPAIR_NAMES = mostly(["k1", "k1", "k2"], ["", "x" * 256])
+IMAGE_NAMES = mostly(["img2", "img3", "snap"], ["", "img"])
+IMAGE_DATA = st.sampled_from([None, b"same bytes", b"same bytes", b"other bytes", b"x" * 5000])
+MIN_SIZES = mostly(["0", "1", "10", "8192"], ["-1", "x"])
+PROPERTIES = mostly([[], ["os_distro=cirros"], ["a=b", "c=d"]], [["novalue"], ["=v"]])
+META_SET = mostly([["role=web"], ["a=1", "b=2"], ["role=db", "a=3"]],
+                 [[], ["k=" + "v" * 256], ["role"]])
+META_KEYS = mostly([["role"], ["a", "b"], ["a"]], [[], ["a=1"]])
+KEY_NAMES = mostly([None, None, "k1"], ["k9"])
+
 #: usable addresses: 10.0.0.2-6 (flat, every project), 10.1.0.2 (VLAN 7, project p2 only)
 FLAT_CIDR, VLAN_CIDR = "10.0.0.0/29", "10.1.0.0/30"
 
@@ -68,6 +113,7 @@ class CloudMachine(RuleBasedStateMachine):
         super().__init__()
         self.tmp = tempfile.mkdtemp(prefix="secfw-invariants-")
         self.api = Api(open_store(f"sqlite:///{self.tmp}/secfw.db"))
+        self.image_dir = f"{self.tmp}/secfw.db-images"
         self.api.net_create("p1", "flat", FLAT_CIDR)
         self.api.net_create("p2", "vlan", VLAN_CIDR, vlan=7)
         self.api.image_create("p1", "img", visibility="public")
@@ -192,6 +238,83 @@ class CloudMachine(RuleBasedStateMachine):
     def remove_secgroup(self, project: str, server: str, group: str) -> None:
         self.attempt(lambda: self.api.remove_secgroup(project, server, group))
 
+    # ------------------------------------------------------------------ flavors, keypairs
+
+    @rule(project=ADMINS, flavor=NEW_FLAVORS)
+    def create_flavor(self, project: str, flavor: tuple[str, str, str, str, str, str]) -> None:
+        name, flavor_id, ram, disk, vcpus, public = flavor
+        self.attempt(lambda: self.api.flavor_create(project, name, flavor_id, ram, disk, vcpus,
+                                                    is_public=public))
+
+    @rule(project=ADMINS, flavor=FLAVOR_REFS)
+    def delete_flavor(self, project: str, flavor: str) -> None:
+        self.attempt(lambda: self.api.flavor_delete(project, flavor))
+
+    @rule(project=ADMINS, flavor=FLAVOR_REFS, action=mostly(["set", "unset"], ["modify"]),
+          items=SPEC_ITEMS)
+    def flavor_key(self, project: str, flavor: str, action: str, items: list[str]) -> None:
+        self.attempt(lambda: self.api.flavor_key(project, flavor, action, items))
+
+    @rule(project=ADMINS, flavor=mostly(["priv"], ["1", "nosuch"]), tenant=PROJECTS,
+          add=st.booleans())
+    def flavor_access(self, project: str, flavor: str, tenant: str, add: bool) -> None:
+        self.attempt(lambda: self.api.flavor_access(project, flavor, tenant, add))
+
+    @rule(project=PROJECTS, name=KEYPAIR_NAMES, key=PUBLIC_KEYS)
+    def add_keypair(self, project: str, name: str, key: str) -> None:
+        self.attempt(lambda: self.api.keypair_add(project, name, key))
+
+    @rule(project=PROJECTS, name=KEYPAIR_NAMES)
+    def delete_keypair(self, project: str, name: str) -> None:
+        self.attempt(lambda: self.api.keypair_delete(project, name))
+
+    # ------------------------------------------------------------------ images
+
+    @rule(project=PROJECTS, name=IMAGE_NAMES, data=IMAGE_DATA, min_disk=MIN_SIZES,
+          min_ram=MIN_SIZES, properties=PROPERTIES, public=st.booleans())
+    def create_image(self, project: str, name: str, data: bytes | None, min_disk: str,
+                     min_ram: str, properties: list[str], public: bool) -> None:
+        stream = io.BytesIO(data) if data is not None else None
+        self.attempt(lambda: self.api.image_create(
+            project, name, "raw", "public" if public else "private", min_disk=min_disk,
+            min_ram=min_ram, properties=properties, data=stream))
+
+    @rule(project=PROJECTS, image=IMAGE_NAMES, name=st.one_of(st.none(), IMAGE_NAMES),
+          min_disk=st.one_of(st.none(), MIN_SIZES), properties=PROPERTIES,
+          purge=st.booleans())
+    def update_image(self, project: str, image: str, name: str | None, min_disk: str | None,
+                     properties: list[str], purge: bool) -> None:
+        self.attempt(lambda: self.api.image_update(project, image, name=name,
+                                                   min_disk=min_disk, properties=properties,
+                                                   purge_props=purge))
+
+    @rule(project=PROJECTS, image=mostly(["img2", "img3", "snap", "img"], ["nosuch"]))
+    def delete_image(self, project: str, image: str) -> None:
+        self.attempt(lambda: self.api.image_delete(project, image))
+
+    @rule(project=PROJECTS, server=SERVERS, name=IMAGE_NAMES)
+    def snapshot(self, project: str, server: str, name: str) -> None:
+        self.attempt(lambda: self.api.image_snapshot(project, server, name))
+
+    # ------------------------------------------------------------------ instance data
+
+    @rule(project=PROJECTS, name=SERVERS, flavor=FLAVOR_REFS,
+          image=mostly(["img", "img2", "img3", "snap"], ["nosuch"]), key_name=KEY_NAMES,
+          meta=META_SET, user_data=mostly([None, b"#!/bin/sh\n", b"u" * 49149], [b"u" * 49150]))
+    def boot_with_data(self, project: str, name: str, flavor: str, image: str,
+                       key_name: str | None, meta: list[str], user_data: bytes | None) -> None:
+        self.attempt(lambda: self.api.boot(project, name, flavor, image, "h1", None, ["flat"],
+                                           key_name=key_name, meta=meta, user_data=user_data))
+
+    @rule(project=PROJECTS, server=SERVERS, items=META_SET)
+    def meta_set(self, project: str, server: str, items: list[str]) -> None:
+        self.attempt(lambda: self.api.meta(project, server, "set", items))
+
+    @rule(project=PROJECTS, server=SERVERS, action=mostly(["delete"], ["unset"]),
+          items=META_KEYS)
+    def meta_delete(self, project: str, server: str, action: str, items: list[str]) -> None:
+        self.attempt(lambda: self.api.meta(project, server, action, items))
+
     # ------------------------------------------------------------------ invariants
 
     def docs(self, kind: str) -> dict[str, dict[str, Any]]:
@@ -281,6 +404,58 @@ class CloudMachine(RuleBasedStateMachine):
         for view in views:
             assert view.tap == "tap" + view.id[:11]
             assert len(view.tap) <= 15
+
+    @invariant()
+    def flavors_are_unique_and_seeded_once(self) -> None:
+        flavors = self.docs("flavor")
+        names = Counter(f["name"] for f in flavors.values())
+        assert all(count == 1 for count in names.values()), names
+        assert all(doc_id == f["id"] for doc_id, f in flavors.items())
+        if flavors:
+            assert "flavors" in self.docs("setting")
+        for flavor in flavors.values():
+            assert len(set(flavor["access"])) == len(flavor["access"])
+            assert not (flavor["is_public"] and flavor["access"])
+            assert flavor["ram_mb"] >= 1 and flavor["vcpus"] >= 1 and flavor["disk_gb"] >= 0
+
+    @invariant()
+    def keypairs_are_unique_real_keys(self) -> None:
+        pairs = self.docs("keypair").values()
+        names = Counter((k["project"], k["name"]) for k in pairs)
+        assert all(count == 1 for count in names.values()), names
+        assert all(count <= MAX_KEYPAIRS for count in Counter(k["project"] for k in pairs).values())
+        for pair in pairs:
+            assert keypairs.check_public_key(pair["public_key"]) == pair["public_key"]
+            assert pair["fingerprint"] == keypairs.fingerprint(pair["public_key"])
+
+    @invariant()
+    def image_files_match_their_records(self) -> None:
+        """Every stored image's bytes are there, unaltered; no file is left over."""
+        images = self.docs("image").values()
+        named = {i["sha256"]: i for i in images if i["sha256"] is not None}
+        files = set(os.listdir(self.image_dir)) - {".lock"} if os.path.isdir(
+            self.image_dir) else set()
+        assert files == set(named), (files, set(named))
+        for digest, image in named.items():
+            with open(os.path.join(self.image_dir, digest), "rb") as handle:
+                content = handle.read()
+            assert hashlib.sha256(content).hexdigest() == digest
+            assert hashlib.md5(content).hexdigest() == image["checksum"]
+            assert len(content) == image["size"]
+
+    @invariant()
+    def instance_data_is_bounded(self) -> None:
+        for instance in self.docs("instance").values():
+            assert len(instance["metadata"]) <= MAX_METADATA_ITEMS
+            assert instance["updated"] >= instance["created"]
+
+    @invariant()
+    def the_compiler_sees_exactly_the_active_ports_of_each_host(self) -> None:
+        state = CloudState.from_snapshot(self.api.store.load())
+        for host in ("h1", "h2"):
+            active = {port.tap for i in state.instances.values()
+                      if i.host == host and i.state == "ACTIVE" for port in state.ports_of(i.id)}
+            assert {p.tap for p in compile_host(state, host).ports} == active
 
     @invariant()
     def change_feed_follower_matches_the_store(self) -> None:

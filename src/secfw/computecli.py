@@ -49,7 +49,7 @@ MAX_SMALL_FILE = 1 << 20
 
 
 def _specs_cell(specs: dict[str, str], fmt: str) -> Any:
-    """extra_specs as the guide prints them (``{}``) in a table; an object in JSON."""
+    """extra_specs (and metadata) as the guide prints them (``{}``) in a table; an object in JSON."""
     return specs if fmt == "json" else json.dumps(specs, sort_keys=True, ensure_ascii=False)
 
 
@@ -429,14 +429,21 @@ def boot(
     data = _read_file(user_data, "user data file") if user_data is not None else None
     instance = state.api.boot(state.project, name, flavor, image, host, groups, networks,
                               key_name=key_name, meta=meta, user_data=data)
-    emit(state.api.show(state.project, instance.id), None, fmt)
+    emit(_server(state, instance.id, fmt), None, fmt)
+
+
+def _server(state: CliState, server: str, fmt: str) -> dict[str, Any]:
+    """``show``'s properties; in a table, metadata reads as the guide's ``{…}``."""
+    shown = state.api.show(state.project, server)
+    shown["metadata"] = _specs_cell(shown["metadata"], fmt)
+    return shown
 
 
 @output_command("show")
 @click.argument("server")
 def show(state: CliState, fmt: str, server: str) -> None:
     """Show an instance: Property | Value (nova's properties)."""
-    emit(state.api.show(state.project, server), None, fmt)
+    emit(_server(state, server, fmt), None, fmt)
 
 
 @silent_command("meta")
