@@ -49,7 +49,7 @@ MAX_SMALL_FILE = 1 << 20
 
 
 def _specs_cell(specs: dict[str, str], fmt: str) -> Any:
-    """extra_specs (and metadata) as the guide prints them (``{}``) in a table; an object in JSON."""
+    """extra_specs and metadata as the guide prints them (``{}``) in a table; JSON: an object."""
     return specs if fmt == "json" else json.dumps(specs, sort_keys=True, ensure_ascii=False)
 
 
