@@ -98,6 +98,11 @@ def test_image_file_location_and_properties(cli: Cli, tmp_path: Path) -> None:
     assert (remote["location"], remote["size"], remote["checksum"]) == (
         "http://127.0.0.1:9/cirros.img", None, None)
     assert "| Property 'os_distro' | cirros " in cli.ok("image-show", "f")
+    # the short form NAME takes --file too (but never reads stdin)
+    short = cli.json("image-create", "s", "--file", str(source), "--disk-format", "raw")
+    assert (short["size"], short["disk_format"]) == (8, "raw")
+    result = run_with_stdin(cli, b"ignored", "image-create", "t", "-f", "json")
+    assert json.loads(result.stdout)["size"] is None
 
 
 def test_image_update_and_delete_keeps_servers_and_shared_bytes(cli: Cli, tmp_path: Path
@@ -350,6 +355,7 @@ BAD_INPUT: list[tuple[tuple[str, ...], int, str]] = [
     (("image-create", "nosuch", "snap"), 3, "No server with a name or ID of 'nosuch'"),
     (("image-create", "vm1", "cirros"), 4, "image 'cirros' already exists"),
     (("image-create", "vm1", "snap", "--property", "a=b"), 2, "takes no image options"),
+    (("image-create", "vm1", "snap", "--disk-format", "raw"), 2, "takes no image options"),
     (("image-show", "nosuch"), 3, "image 'nosuch' not found"),
     (("image-update", "cirros"), 2, "nothing to update"),
     (("image-update", "cirros", "--name", "big"), 4, "image 'big' already exists"),

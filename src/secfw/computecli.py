@@ -256,9 +256,9 @@ def _visibility(is_public: str | None, visibility: str | None) -> str | None:
     return visibility
 
 
-def _image_data(file: str | None, location: str | None) -> _Source | None:
-    """The stream of image bytes: --file, else stdin when it is not a terminal and
-    holds something (glance reads a redirected stdin), else None."""
+def _image_data(file: str | None, location: str | None, stdin: bool) -> _Source | None:
+    """The stream of image bytes: --file, else (with ``stdin``) stdin when it is not a
+    terminal and holds something (glance reads a redirected stdin), else None."""
     if file is not None:
         if location is not None:
             raise ValidationError("give --file (or stdin) or --location, not both")
@@ -266,15 +266,15 @@ def _image_data(file: str | None, location: str | None) -> _Source | None:
             return open(file, "rb")
         except OSError as exc:
             raise ValidationError(f"cannot read image file {file!r}: {exc.strerror}") from exc
-    if location is not None:
+    if location is not None or not stdin:
         return None
-    stdin = sys.stdin.buffer
-    if stdin.isatty():
+    stream = sys.stdin.buffer
+    if stream.isatty():
         return None
-    peek = stdin.read(1)
+    peek = stream.read(1)
     if not peek:
         return None
-    return _Prepended(peek, stdin)
+    return _Prepended(peek, stream)
 
 
 class _Source(Protocol):
@@ -303,14 +303,10 @@ class _Prepended:
 @output_command("image-create")
 @click.argument("args", nargs=-1, metavar="[NAME] | [SERVER NAME]")
 @click.option("--name", help="Image name (glance form).")
-@click.option("--disk-format", default="qcow2", show_default=True,
-              help="ami, ari, aki, vhd, vmdk, raw, qcow2, vdi or iso.")
-@click.option("--container-format", default="bare", show_default=True,
-              help="ami, ari, aki, bare, ovf or ova.")
-@click.option("--min-disk", default="0", show_default=True, metavar="GB",
-              help="Smallest root disk the image boots on.")
-@click.option("--min-ram", default="0", show_default=True, metavar="MB",
-              help="Smallest memory the image boots with.")
+@click.option("--disk-format", help="ami, ari, aki, vhd, vmdk, raw, qcow2 (default), vdi or iso.")
+@click.option("--container-format", help="ami, ari, aki, bare (default), ovf or ova.")
+@click.option("--min-disk", metavar="GB", help="Smallest root disk the image boots on (0).")
+@click.option("--min-ram", metavar="MB", help="Smallest memory the image boots with (0).")
 @click.option("--is-public", metavar="true|false", help="Visible to every project.")
 @click.option("--visibility", help="public or private (default private).")
 @click.option("--property", "properties", multiple=True, metavar="KEY=VALUE",
@@ -318,17 +314,23 @@ class _Prepended:
 @click.option("--location", metavar="URL", help="Where the image is (recorded; not fetched).")
 @click.option("--copy-from", metavar="URL", help="Refused: secfw downloads nothing.")
 @click.option("--file", "file", metavar="FILE", help="Read the image bytes from FILE "
-              "(else from stdin when it is redirected).")
+              "(with --name, else from stdin when it is redirected).")
 def image_create(
-    state: CliState, fmt: str, args: tuple[str, ...], name: str | None, disk_format: str,
-    container_format: str, min_disk: str, min_ram: str, is_public: str | None,
-    visibility: str | None, properties: tuple[str, ...], location: str | None,
-    copy_from: str | None, file: str | None,
+    state: CliState, fmt: str, args: tuple[str, ...], name: str | None,
+    disk_format: str | None, container_format: str | None, min_disk: str | None,
+    min_ram: str | None, is_public: str | None, visibility: str | None,
+    properties: tuple[str, ...], location: str | None, copy_from: str | None,
+    file: str | None,
 ) -> None:
     """Register an image (glance: --name N [options] [--location URL | --file F | < F]),
-    or snapshot a server (nova: SERVER NAME); print it like image-show."""
+    or snapshot a server (nova: SERVER NAME); print it like image-show.
+
+    The short form NAME [options] registers an image without reading stdin.
+    """
+    options = (name, disk_format, container_format, min_disk, min_ram, is_public, visibility,
+               location, copy_from, file)
     if len(args) == 2:
-        if name is not None or file is not None or location is not None or properties:
+        if properties or any(option is not None for option in options):
             raise ValidationError("image-create SERVER NAME (a snapshot) takes no image options")
         image = state.api.image_snapshot(state.project, args[0], args[1])
         emit(image_details(image, fmt), None, fmt)
@@ -338,14 +340,13 @@ def image_create(
     if copy_from is not None:
         raise ValidationError("--copy-from is not supported: secfw downloads nothing; give the "
                               "bytes with --file or on stdin, or record --location")
-    image_name = name if name is not None else args[0]
-    vis = _visibility(is_public, visibility) or "private"
-    data = _image_data(file, location) if name is not None else None
+    data = _image_data(file, location, stdin=name is not None)
     try:
         image = state.api.image_create(
-            state.project, image_name, disk_format, vis, container_format=container_format,
-            min_disk=min_disk, min_ram=min_ram, properties=properties, location=location,
-            data=data)
+            state.project, name if name is not None else args[0], disk_format or "qcow2",
+            _visibility(is_public, visibility) or "private",
+            container_format=container_format or "bare", min_disk=min_disk or "0",
+            min_ram=min_ram or "0", properties=properties, location=location, data=data)
     finally:
         if data is not None:
             data.close()
