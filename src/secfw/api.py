@@ -680,7 +680,6 @@ class Api:
 
     # ------------------------------------------------------------------ images
 
-    @_retried
     def image_create(
         self,
         project: str,
@@ -698,6 +697,8 @@ class Api:
         """Register an image; with ``data``, its bytes are stored (see :mod:`secfw.imagefiles`).
 
         ``location`` is recorded as given, never fetched; it excludes ``data``.
+        Only the record's transaction is re-run on a lost race (etcd): the bytes
+        are read once.
         """
         check_name(project, "project")
         check_name(name, "image name")
@@ -724,6 +725,7 @@ class Api:
                     self.image_files.remove(stored.sha256)
                 raise
 
+    @_retried
     def _put_image(self, project: str, image: Image) -> Image:
         with self.batch() as state:
             self._check_image_name(state, project, image.name, image.id)
@@ -819,7 +821,6 @@ class Api:
             state.put(updated)
             return updated
 
-    @_retried
     def image_delete(self, project: str, image: str) -> Image:
         """Delete an image (its owner, or the admin project). Instances and snapshots
         based on it keep working and keep showing its ID; its bytes are removed
@@ -833,6 +834,7 @@ class Api:
                 self.image_files.remove(removed.sha256)
             return removed
 
+    @_retried
     def _remove_image(self, project: str, image: str) -> Image:
         with self.batch() as state:
             target = _owned_image(state, project, image)
