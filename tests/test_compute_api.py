@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from secfw import keypairs
 from secfw.api import Api
-from secfw.errors import StoreError, ValidationError
+from secfw.errors import StoreError, ValidationError, WriteConflictError
 
 
 def test_default_flavors_are_read_without_writing(api: Api) -> None:
@@ -72,3 +76,35 @@ def test_ssh_keygen_public_keys_are_accepted(tmp_path: Path, key_type: str) -> N
 def test_malformed_public_keys_are_refused(text: str) -> None:
     with pytest.raises(ValidationError):
         keypairs.check_public_key(text)
+
+
+def test_a_lost_race_rewrites_the_record_not_the_bytes(
+    api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On etcd a transaction that lost a race is re-run; the image's bytes were read
+    from a stream that cannot be read twice, so only the record may be re-run."""
+    real_write = api.store.write
+    lost = []
+
+    class Abort(Exception):
+        """Leaves the real transaction without committing."""
+
+    @contextlib.contextmanager
+    def write_losing_once() -> Iterator[Any]:
+        if lost:
+            with real_write() as txn:
+                yield txn
+            return
+        lost.append(True)
+        try:
+            with real_write() as txn:
+                yield txn
+                raise Abort
+        except Abort:
+            raise WriteConflictError("another writer committed first") from None
+
+    monkeypatch.setattr(api.store, "write", write_losing_once)
+    image = api.image_create("p", "img", data=io.BytesIO(b"read once"))
+    assert lost and image.size == len(b"read once")
+    assert api.image_show("p", "img").checksum == hashlib.md5(b"read once").hexdigest()
+    assert api.store.revision() == 1
