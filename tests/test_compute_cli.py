@@ -407,3 +407,10 @@ def test_failed_image_create_with_bytes_leaves_no_file(cloud: Cli) -> None:
     again = run_with_stdin(cloud, b"kept", "image-create", "--name", "k")
     assert again.exit_code == 4
     assert image_files(cloud) == {hashlib.sha256(b"kept").hexdigest(): b"kept"}
+
+
+def test_readme_flavor_list_is_the_commands_output(cli: Cli) -> None:
+    """The README's ``flavor-list`` example is what the command prints, byte for byte."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("$ secfw flavor-list\n", 1)[1].split("\n$ ", 1)[0] + "\n"
+    assert block == cli.ok("flavor-list")
