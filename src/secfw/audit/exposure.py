@@ -1,0 +1,120 @@
+"""``secfw audit exposure``: per instance, what its own filter opens to the whole
+internet or very broad prefixes, and to other projects.
+
+* ``internet`` / ``broad``: the regions of the port's ingress (its groups,
+  same-net, port security — the reach of :mod:`.reach` without the senders'
+  egress, which a host outside the cloud does not have) whose sources hold
+  ``0.0.0.0/0`` / ``::/0``, or a prefix at most :data:`BROAD_PREFIX` long;
+* ``other_project_group``: a source-group rule whose group has members of
+  another project;
+* ``same_net_other_projects``: with ``allow_same_net_traffic``, a flat network's
+  ports of other projects reach the port on every protocol and port.
+
+Rows that open an administration or database port (:data:`ADMIN_PORTS`) come
+first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from secfw.audit.policy import CloudPolicy, PortView
+from secfw.audit.reach import Answer, ingress_openers, region_row, specials
+from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Region, sweep
+from secfw.compiler.ir import Family
+
+#: Administration and database ports an auditor wants to see first.
+ADMIN_PORTS = {
+    22: "ssh", 23: "telnet", 135: "msrpc", 445: "smb", 1433: "mssql", 2379: "etcd",
+    3306: "mysql", 3389: "rdp", 5432: "postgresql", 5900: "vnc", 5984: "couchdb",
+    6379: "redis", 9200: "elasticsearch", 11211: "memcached", 27017: "mongodb",
+}
+#: The longest prefix still counted as "very broad", per family.
+BROAD_PREFIX: dict[Family, int] = {"ipv4": 8, "ipv6": 32}
+
+
+def admin_ports(region: Region) -> list[int]:
+    """The admin ports a region opens (port protocols only)."""
+    box = region.box
+    if not any(box.proto_lo <= p <= box.proto_hi for p in PORT_PROTOCOL_NUMBERS):
+        return []
+    return [p for p in sorted(ADMIN_PORTS) if box.sel_lo <= p <= box.sel_hi]
+
+
+def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]:
+    """The exposure rows of ``views`` (module docstring), admin ports first."""
+    rows: list[dict[str, Any]] = []
+    for view in views:
+        for family in ("ipv4", "ipv6"):
+            rows += _broad(cp, view, family)
+        rows += _other_project_groups(cp, view)
+        rows += _same_net(cp, view)
+    return sorted(rows, key=lambda r: (not r["admin_ports"], r["instance"], r["port"],
+                                       r["kind"]))
+
+
+def _broad(cp: CloudPolicy, view: PortView, family: Family) -> list[dict[str, Any]]:
+    address = view.address(family)
+    if address is None:
+        return []
+    openers = ingress_openers(cp, view, family)
+    answer = Answer(view, family, address, "ingress",
+                    sweep(family, openers, (), specials(cp, view, "ingress", family)), openers)
+    rows = []
+    for region in answer.regions:
+        broad = [c for c in region.addresses.iter_cidrs()
+                 if c.prefixlen <= BROAD_PREFIX[family]]
+        if not broad:
+            continue
+        row = region_row(answer, region)
+        kind = "internet" if any(c.prefixlen == 0 for c in broad) else "broad"
+        rows.append({**_base(view, kind), **{k: row[k] for k in (
+            "address", "ethertype", "protocol", "ports", "icmp_type", "icmp_code", "rules")},
+            "sources": [str(c) for c in broad], "admin_ports": admin_ports(region),
+            "detail": f"open to {', '.join(str(c) for c in broad)}"})
+    return rows
+
+
+def _base(view: PortView, kind: str) -> dict[str, Any]:
+    return {"instance": view.instance.name, "instance_id": view.instance.id,
+            "project": view.instance.project, "port": view.port.tap, "kind": kind}
+
+
+def _other_project_groups(cp: CloudPolicy, view: PortView) -> list[dict[str, Any]]:
+    if not view.policy.port_security:
+        return []
+    rows = []
+    for chain in cp.chains(view, "ingress"):
+        for rule in chain.rules:
+            model = cp.state.rules.get(rule.rule_id)
+            if model is None or model.remote_group_id is None:
+                continue
+            others = sorted({m.project for m in cp.state.group_members(model.remote_group_id)}
+                            - {view.instance.project})
+            if others:
+                ref = cp.rule_ref(chain, rule)
+                rows.append({**_base(view, "other_project_group"), "address": view.port.ip,
+                             "protocol": model.protocol or "any", "ports": None,
+                             "sources": [f"group {cp.group_name(model.remote_group_id)}"],
+                             "admin_ports": [], "rules": [ref],
+                             "detail": "members of projects " + ", ".join(others)})
+    return rows
+
+
+def _same_net(cp: CloudPolicy, view: PortView) -> list[dict[str, Any]]:
+    if not view.policy.same_net_sets:
+        return []
+    peers = [cp.state.instances[cp.state.ports[p].instance_id]
+             for p in cp.state.ports_by_network.get(view.network.id, ())]
+    others = sorted({i.project for i in peers} - {view.instance.project})
+    if not others:
+        return []
+    count = sum(1 for i in peers if i.project != view.instance.project)
+    return [{**_base(view, "same_net_other_projects"), "address": view.port.ip,
+             "protocol": "any", "ports": "any", "sources": [f"network {view.network.name}"],
+             "admin_ports": sorted(ADMIN_PORTS),
+             "rules": [{"reason": "same-net", "network": view.network.name,
+                        "network_id": view.network.id}],
+             "detail": f"{count} port(s) of projects {', '.join(others)} on network "
+                       f"{view.network.name} reach it on every protocol and port"}]

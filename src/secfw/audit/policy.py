@@ -1,0 +1,167 @@
+"""The whole cloud's filters, indexed for audits.
+
+:class:`CloudPolicy` compiles the IR of every host that has instances
+(:func:`secfw.compiler.build.compile_host`) and keeps, per port, its
+:class:`~secfw.compiler.ir.PortPolicy` with the
+:class:`~secfw.compiler.evaluate.PolicyIndex` of its host: a flow between two
+hosts is judged by the egress of the source port on its host and the ingress of
+the destination port on its own — what the two kernels do.
+
+Who sends from an address (the audits' one convention, the oracle's too): the
+port whose fixed address it is (the lowest port id if several), else the lowest
+port id among the ports with an allowed address pair containing it; an address
+no port has is outside the cloud (only the destination's ingress applies).
+Anti-spoofing makes this true for packets leaving a tap; a packet the uplink
+delivers with a port's address is judged the same way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+import netaddr
+
+from secfw.cloud import CloudState
+from secfw.compiler.build import compile_host
+from secfw.compiler.evaluate import PolicyIndex
+from secfw.compiler.explain import describe_rule
+from secfw.compiler.ir import Family, GroupChain, IRRule, PortPolicy
+from secfw.model import Instance, Network, Port
+
+#: The whole address space of a family.
+EVERYWHERE = {"ipv4": "0.0.0.0/0", "ipv6": "::/0"}
+
+
+def family_of(address: str) -> Family:
+    """``ipv4`` or ``ipv6`` for an address or CIDR."""
+    return "ipv4" if ipaddress.ip_network(address, strict=False).version == 4 else "ipv6"
+
+
+def everywhere(family: Family) -> netaddr.IPSet:
+    """Every address of ``family``."""
+    return netaddr.IPSet([EVERYWHERE[family]])
+
+
+@dataclass(frozen=True)
+class PortView:
+    """One port as the audits see it: its model records and its host's filter."""
+
+    port: Port
+    instance: Instance
+    network: Network
+    policy: PortPolicy
+    index: PolicyIndex
+
+    def address(self, family: Family) -> str | None:
+        """The port's fixed address of ``family`` (None when it has none)."""
+        return self.port.ip if family == "ipv4" else self.port.ip6
+
+
+class CloudPolicy:
+    """The compiled filters of every host of ``state`` (see the module docstring)."""
+
+    def __init__(self, state: CloudState, allow_same_net: bool = True) -> None:
+        self.state = state
+        self.allow_same_net = allow_same_net
+        self.ports: dict[str, PortView] = {}
+        hosts = sorted({i.host for i in state.instances.values()})
+        for host in hosts:
+            index = PolicyIndex(compile_host(state, host, allow_same_net))
+            for policy in index.hf.ports:
+                port = state.ports[policy.port_id]
+                instance = state.instances[port.instance_id]
+                self.ports[port.id] = PortView(
+                    port, instance, state.networks[port.network_id], policy, index)
+        self._fixed: dict[str, str] = {}
+        for port_id in sorted(self.ports, reverse=True):  # the lowest id wins
+            for address in _fixed_addresses(self.ports[port_id].port):
+                self._fixed[address] = port_id
+        self._paired = sorted(
+            (port_id, netaddr.IPNetwork(cidr))
+            for port_id, view in self.ports.items()
+            for cidr, _ in view.port.address_pairs()
+        )
+        self._attributed: dict[Family, dict[str, netaddr.IPSet]] = {}
+
+    # ------------------------------------------------------------------ addresses
+
+    def owner(self, address: str) -> PortView | None:
+        """The port that sends from ``address`` (module docstring), or None."""
+        canonical = str(ipaddress.ip_address(address))
+        port_id = self._fixed.get(canonical)
+        if port_id is None:
+            addr = netaddr.IPAddress(canonical)
+            port_id = next((pid for pid, net in self._paired
+                            if net.version == addr.version and addr in net), None)
+        return None if port_id is None else self.ports[port_id]
+
+    def attributed(self, family: Family) -> dict[str, netaddr.IPSet]:
+        """For each port id, the addresses of ``family`` :meth:`owner` gives it
+        (an exact partition of the addresses the cloud's ports have)."""
+        found = self._attributed.get(family)
+        if found is not None:
+            return found
+        version = 4 if family == "ipv4" else 6
+        fixed = netaddr.IPSet(a for a in self._fixed if ":" in a) if version == 6 else \
+            netaddr.IPSet(a for a in self._fixed if ":" not in a)
+        found = {pid: netaddr.IPSet() for pid in self.ports}
+        for address, port_id in self._fixed.items():
+            if netaddr.IPAddress(address).version == version:
+                found[port_id].add(address)
+        claimed = netaddr.IPSet()
+        for port_id, network in self._paired:  # sorted by port id: the lowest wins
+            if network.version != version:
+                continue
+            found[port_id] |= netaddr.IPSet([network]) - fixed - claimed
+            claimed.add(network)
+        self._attributed[family] = found
+        return found
+
+    # ------------------------------------------------------------------ naming
+
+    def group_name(self, group_id: str) -> str:
+        group = self.state.groups.get(group_id)
+        return group.name if group is not None else group_id
+
+    def rule_ref(self, chain: GroupChain, rule: IRRule) -> dict[str, Any]:
+        """A rule as the audits name it: group (name), group_id, project, rule_id,
+        direction and a short description."""
+        group = self.state.groups.get(chain.group_id)
+        model = self.state.rules.get(rule.rule_id)
+        return {
+            "group": group.name if group else chain.group_id,
+            "group_id": chain.group_id,
+            "project": group.project if group else None,
+            "rule_id": rule.rule_id,
+            "direction": chain.direction,
+            "rule": describe_rule(self.state, model) if model else rule.rule_id,
+        }
+
+    def chains(self, view: PortView, direction: str) -> list[GroupChain]:
+        """The group chains of ``view`` in ``direction``, in the instance's order."""
+        names = view.policy.ingress_chains if direction == "ingress" else \
+            view.policy.egress_chains
+        return [chain for name in names
+                if (chain := view.index.chains.get(name)) is not None]
+
+    def same_net_members(self, view: PortView, family: Family) -> netaddr.IPSet:
+        """The same-net sources ``view`` accepts in ``family`` (empty when off)."""
+        found = netaddr.IPSet()
+        for name in view.policy.same_net_sets:
+            if name.endswith("-v4" if family == "ipv4" else "-v6"):
+                found |= netaddr.IPSet(str(n) for n in view.index.members(name))
+        return found
+
+    def remote_set(self, view: PortView, rule: IRRule) -> netaddr.IPSet:
+        """The remote addresses ``rule`` (of ``view``'s host) accepts."""
+        if rule.remote_set is not None:
+            return netaddr.IPSet(str(n) for n in view.index.members(rule.remote_set))
+        if rule.remote_cidr is not None:
+            return netaddr.IPSet([rule.remote_cidr])
+        return everywhere(rule.family)
+
+
+def _fixed_addresses(port: Port) -> list[str]:
+    return [str(ipaddress.ip_address(a)) for a in (port.ip, port.ip6) if a]

@@ -1,0 +1,280 @@
+"""``secfw audit reach``: the exact flow space that reaches a port, or leaves it.
+
+For one address ``d`` of a port P, ``reach --to`` answers: which (source address,
+protocol, port or ICMP type/code) may open a connection to ``d``. It is the
+sweep (:func:`secfw.audit.space.sweep`) of
+
+* the *openers* of P's ingress: port security off (everything), its same-net
+  sources (every protocol), each rule of its groups' ingress chains;
+* the *constraints* of the senders: a source address owned by a port whose
+  egress is restricted (port security on, an egress rule in its groups) passes
+  only what that port's egress rules let out towards ``d``;
+* the flows no rule decides (:func:`specials`): ICMP types that cannot open a
+  connection (conntrack calls them invalid: only echo, timestamp, info and
+  address-mask requests can; ICMPv6 echo request and node information query),
+  and untracked ICMPv6 neighbour discovery / MLD, which the protection rules pass
+  or drop whatever the groups say.
+
+``reach --from`` is the mirror: the openers of P's egress (everything when its
+egress is open), the constraints of the receivers' ingress (same-net and rules,
+remote = P's address).
+
+Flows are those with an ordinary source port: DHCP's fixed ports (udp 68→67,
+546→547, always out; 67→68, 547→546, never) are left out, as are packets from
+the unspecified address. An empty answer is a guarantee: no such flow opens.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import netaddr
+
+from secfw.audit.policy import CloudPolicy, PortView, everywhere
+from secfw.audit.space import (
+    ALL,
+    ICMP_OF,
+    PORT_PROTOCOL_NUMBERS,
+    PROTO_MAX,
+    SEL_MAX,
+    Box,
+    Constraint,
+    Label,
+    Opener,
+    Region,
+    Special,
+    restrict,
+    rule_box,
+    sweep,
+)
+from secfw.compiler.explain import (
+    ICMP_NEW_TYPES,
+    ICMPV6_NEW_TYPES,
+    ND_FROM_INSTANCE,
+    ND_TO_INSTANCE,
+)
+from secfw.compiler.ir import Family, IRRule
+from secfw.model import PROTOCOL_NUMBERS
+
+_PROTOCOL_NAMES: dict[int, str] = {}
+for _name, _number in PROTOCOL_NUMBERS.items():
+    _PROTOCOL_NAMES.setdefault(_number, _name)
+ND_TYPES = ND_FROM_INSTANCE | ND_TO_INSTANCE
+ND_LABEL: Label = {"reason": "neighbour discovery / MLD (protection rules, no group rule)"}
+
+
+@dataclass
+class Answer:
+    """The regions of one address of one port, in one direction."""
+
+    view: PortView
+    family: Family
+    address: str
+    direction: str  # ingress (reach --to) or egress (reach --from)
+    regions: list[Region]
+    openers: list[Opener]
+
+
+def reach(cp: CloudPolicy, view: PortView, direction: str, family: Family) -> Answer | None:
+    """The exact space of ``view``'s address of ``family`` in ``direction`` (None:
+    the port has no address of that family)."""
+    address = view.address(family)
+    if address is None:
+        return None
+    if direction == "ingress":
+        openers = ingress_openers(cp, view, family)
+        constraints = sender_constraints(cp, family, address)
+    else:
+        openers = egress_openers(cp, view, family)
+        constraints = receiver_constraints(cp, family, address)
+    regions = sweep(family, openers, constraints, specials(cp, view, direction, family))
+    return Answer(view, family, address, direction, regions, openers)
+
+
+def ingress_openers(cp: CloudPolicy, view: PortView, family: Family) -> list[Opener]:
+    """What ``view``'s ingress admits, opener by opener (see the module docstring)."""
+    if not view.policy.port_security:
+        return [Opener(everywhere(family), ALL, {"reason": "port security off"})]
+    openers = []
+    same = cp.same_net_members(view, family)
+    if same:
+        openers.append(Opener(same, ALL, {"reason": "same-net", "network": view.network.name,
+                                          "network_id": view.network.id}))
+    openers += _rule_openers(cp, view, "ingress", family)
+    return openers
+
+
+def egress_openers(cp: CloudPolicy, view: PortView, family: Family) -> list[Opener]:
+    """What ``view``'s egress lets out (destinations as the remote)."""
+    if not view.policy.port_security:
+        return [Opener(everywhere(family), ALL, {"reason": "port security off"})]
+    if view.policy.egress_open:
+        return [Opener(everywhere(family), ALL,
+                       {"reason": "egress open (no egress rule in the instance's groups)"})]
+    return _rule_openers(cp, view, "egress", family)
+
+
+def _rule_openers(cp: CloudPolicy, view: PortView, direction: str,
+                  family: Family) -> list[Opener]:
+    return [Opener(cp.remote_set(view, rule), rule_box(rule), cp.rule_ref(chain, rule))
+            for chain in cp.chains(view, direction)
+            for rule in chain.rules if rule.family == family]
+
+
+def remote_matches(view: PortView, rule: IRRule, address: str) -> bool:
+    """Does ``rule`` (of ``view``'s host) accept ``address`` as its remote end?"""
+    addr = ipaddress.ip_address(address)
+    if rule.remote_set is not None:
+        return any(n.version == addr.version and addr in n
+                   for n in view.index.members(rule.remote_set))
+    if rule.remote_cidr is not None:
+        net = ipaddress.ip_network(rule.remote_cidr)
+        return net.version == addr.version and addr in net
+    return True
+
+
+def sender_constraints(cp: CloudPolicy, family: Family, address: str) -> list[Constraint]:
+    """The egress of every port that may send to ``address`` with restrictions,
+    grouped by egress chains (ports of the same groups let out the same)."""
+    attributed = cp.attributed(family)
+    grouped: dict[tuple[str, ...], tuple[PortView, netaddr.IPSet]] = {}
+    for port_id, view in cp.ports.items():
+        owned = attributed.get(port_id)
+        if not view.policy.port_security or view.policy.egress_open or not owned:
+            continue
+        key = view.policy.egress_chains
+        first, addresses = grouped.get(key, (view, netaddr.IPSet()))
+        grouped[key] = (first, addresses | owned)
+    return [Constraint(addresses, [rule_box(r) for chain in cp.chains(view, "egress")
+                                   for r in chain.rules
+                                   if r.family == family and remote_matches(view, r, address)])
+            for view, addresses in grouped.values()]
+
+
+def receiver_constraints(cp: CloudPolicy, family: Family, address: str) -> list[Constraint]:
+    """The ingress of every protected port ``address`` may send to, grouped by
+    (same-net sets, ingress chains); ports that take ``address`` as same-net
+    accept everything from it."""
+    attributed = cp.attributed(family)
+    grouped: dict[tuple[tuple[str, ...], ...], tuple[PortView, netaddr.IPSet]] = {}
+    for port_id, view in cp.ports.items():
+        owned = attributed.get(port_id)
+        if not view.policy.port_security or not owned:
+            continue
+        key = (view.policy.same_net_sets, view.policy.ingress_chains)
+        first, addresses = grouped.get(key, (view, netaddr.IPSet()))
+        grouped[key] = (first, addresses | owned)
+    found = []
+    for view, addresses in grouped.values():
+        if netaddr.IPAddress(address) in cp.same_net_members(view, family):
+            continue
+        boxes = [rule_box(r) for chain in cp.chains(view, "ingress") for r in chain.rules
+                 if r.family == family and remote_matches(view, r, address)]
+        found.append(Constraint(addresses, boxes))
+    return found
+
+
+def specials(cp: CloudPolicy, view: PortView, direction: str, family: Family) -> list[Special]:
+    """The ICMP cells no rule decides (module docstring), for ``family``."""
+    proto = ICMP_OF[family]
+    if family == "ipv4":
+        cuts = [b for t in ICMP_NEW_TYPES for b in (t * 256, (t + 1) * 256)]
+        return [Special(proto, cuts,
+                        lambda sel: None if sel // 256 in ICMP_NEW_TYPES else (netaddr.IPSet(),
+                                                                              None))]
+    protected = netaddr.IPSet()
+    for port_id, owned in cp.attributed(family).items():
+        if cp.ports[port_id].policy.port_security:
+            protected |= owned
+    cuts = [b for t in ICMPV6_NEW_TYPES | ND_TYPES for b in (t * 256, (t + 1) * 256)]
+
+    def decide(sel: int) -> tuple[netaddr.IPSet, Label | None] | None:
+        kind = sel // 256
+        if kind in ICMPV6_NEW_TYPES:
+            return None
+        if kind not in ND_TYPES:
+            return netaddr.IPSet(), None
+        # this end must be allowed to send (egress) or receive (ingress) the type,
+        # the other end (any address) likewise: outside the cloud or unprotected
+        # ports always may, protected ports only the types of their list
+        mine, theirs = (ND_TO_INSTANCE, ND_FROM_INSTANCE) if direction == "ingress" else \
+            (ND_FROM_INSTANCE, ND_TO_INSTANCE)
+        if view.policy.port_security and kind not in mine:
+            return netaddr.IPSet(), None
+        remotes = everywhere(family) if kind in theirs else everywhere(family) - protected
+        return remotes, ND_LABEL
+
+    return [Special(proto, cuts, decide)]
+
+
+# ---------------------------------------------------------------------- filters and rows
+
+
+def narrow(answer: Answer, protocol: int | None, port: int | None,
+           prefix: str | None) -> list[Region]:
+    """The regions of ``answer`` restricted to a protocol, a destination port (port
+    protocols only) and a remote prefix (each None: no restriction)."""
+    if protocol is not None:
+        selector = (port, port) if port is not None and protocol in PORT_PROTOCOL_NUMBERS \
+            else (0, SEL_MAX)
+        boxes = [Box(protocol, protocol, *selector)]
+    elif port is not None:
+        boxes = [Box(p, p, port, port) for p in sorted(PORT_PROTOCOL_NUMBERS)]
+    else:
+        boxes = [ALL]
+    addresses = netaddr.IPSet([prefix]) if prefix is not None else None
+    return [r for box in boxes for r in restrict(answer.regions, box, addresses, answer.openers)]
+
+
+def protocol_text(box: Box) -> str:
+    """``tcp``, ``47``, ``any`` or ``2-5`` for a region's protocols."""
+    if box.proto_lo == box.proto_hi:
+        return _PROTOCOL_NAMES.get(box.proto_lo, str(box.proto_lo))
+    if box.proto_lo == 0 and box.proto_hi == PROTO_MAX:
+        return "any"
+    return f"{box.proto_lo}-{box.proto_hi}"
+
+
+def _span(low: int, high: int, full: tuple[int, int]) -> str:
+    if (low, high) == full:
+        return "any"
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def region_row(answer: Answer, region: Region) -> dict[str, Any]:
+    """One region as a JSON-ready row."""
+    box = region.box
+    single = box.proto_lo == box.proto_hi
+    ports = _span(box.sel_lo, box.sel_hi, (0, SEL_MAX)) \
+        if single and box.proto_lo in PORT_PROTOCOL_NUMBERS else None
+    icmp = single and box.proto_lo == ICMP_OF[answer.family]
+    remote = "sources" if answer.direction == "ingress" else "destinations"
+    return {
+        "instance": answer.view.instance.name,
+        "instance_id": answer.view.instance.id,
+        "port": answer.view.port.tap,
+        "address": answer.address,
+        "direction": answer.direction,
+        "ethertype": "IPv4" if answer.family == "ipv4" else "IPv6",
+        remote: [str(c) for c in region.addresses.iter_cidrs()],
+        "protocol": protocol_text(box),
+        "ports": ports,
+        "icmp_type": box.sel_lo // 256 if icmp else None,
+        "icmp_code": _span(box.sel_lo % 256, box.sel_hi % 256, (0, 255)) if icmp else None,
+        "rules": region.labels,
+    }
+
+
+def answers_rows(answers: Sequence[Answer], protocol: int | None, port: int | None,
+                 prefix: str | None) -> list[dict[str, Any]]:
+    """Every region of ``answers`` after the filters, as rows."""
+    rows = []
+    for answer in answers:
+        if prefix is not None and ipaddress.ip_network(prefix).version != (
+                4 if answer.family == "ipv4" else 6):
+            continue
+        rows += [region_row(answer, r) for r in narrow(answer, protocol, port, prefix)]
+    return rows

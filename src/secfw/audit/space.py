@@ -1,0 +1,260 @@
+"""Flow spaces: remote addresses × protocol × selector, and the sweep that makes
+minimal regions of allow rules.
+
+A flow to (or from) one address of a port is a point (remote address, protocol,
+selector). The *selector* is one integer in 0..65535: the destination port for
+the port protocols (tcp, udp, sctp, udplite); ``type × 256 + code`` for ICMP in
+IPv4 and ICMPv6 in IPv6 (so "type 8, any code" is the interval 2048..2303);
+always 0..65535 for the other protocols, which have neither.
+
+A :class:`Box` is a protocol interval × a selector interval (what one rule
+covers); an :class:`Opener` is a box with the remote addresses it admits and the
+rule (or other reason) behind it; a :class:`Constraint` is the other end of the
+flow: the addresses of a port whose own filter lets only its boxes through.
+:func:`sweep` splits the space at every box boundary, decides each elementary
+cell (the union of the openers' addresses, minus the addresses of every
+constraint that does not let the cell through, or what :class:`Special` forces),
+and merges neighbouring cells with equal addresses: the result is exact (a point
+is in a region iff it is allowed) and has no two mergeable neighbours.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import netaddr
+
+from secfw.compiler.ir import Family, IRRule
+from secfw.model import PORT_PROTOCOLS, protocol_number
+
+SEL_MAX = 65535
+PROTO_MAX = 255
+PORT_PROTOCOL_NUMBERS = frozenset(n for p in PORT_PROTOCOLS if (n := protocol_number(p)))
+#: The ICMP protocol of each family: its selector is type × 256 + code.
+ICMP_OF = {"ipv4": 1, "ipv6": 58}
+Label = dict[str, Any]
+
+
+@dataclass(frozen=True, order=True)
+class Box:
+    """Protocols ``proto_lo..proto_hi`` × selectors ``sel_lo..sel_hi`` (inclusive)."""
+
+    proto_lo: int
+    proto_hi: int
+    sel_lo: int = 0
+    sel_hi: int = SEL_MAX
+
+    def covers(self, other: Box) -> bool:
+        return (self.proto_lo <= other.proto_lo and other.proto_hi <= self.proto_hi
+                and self.sel_lo <= other.sel_lo and other.sel_hi <= self.sel_hi)
+
+    def meets(self, other: Box) -> bool:
+        return (self.proto_lo <= other.proto_hi and other.proto_lo <= self.proto_hi
+                and self.sel_lo <= other.sel_hi and other.sel_lo <= self.sel_hi)
+
+    def intersect(self, other: Box) -> Box | None:
+        box = Box(max(self.proto_lo, other.proto_lo), min(self.proto_hi, other.proto_hi),
+                  max(self.sel_lo, other.sel_lo), min(self.sel_hi, other.sel_hi))
+        return box if box.proto_lo <= box.proto_hi and box.sel_lo <= box.sel_hi else None
+
+
+ALL = Box(0, PROTO_MAX, 0, SEL_MAX)
+
+
+def rule_box(rule: IRRule) -> Box:
+    """The protocols × selectors an IR rule matches."""
+    proto = rule.protocol
+    if proto is None:
+        return ALL
+    if rule.ports is not None:
+        return Box(proto, proto, rule.ports.low, rule.ports.high)
+    if rule.icmp is not None:
+        low = rule.icmp.type * 256
+        if rule.icmp.code is None:
+            return Box(proto, proto, low, low + 255)
+        return Box(proto, proto, low + rule.icmp.code, low + rule.icmp.code)
+    return Box(proto, proto)
+
+
+def point_box(protocol: int, port: int | None, icmp_type: int | None,
+              icmp_code: int | None, family: Family) -> Box:
+    """The one-point box of a concrete flow."""
+    if protocol in PORT_PROTOCOL_NUMBERS:
+        sel = port or 0
+    elif protocol == ICMP_OF[family]:
+        sel = (icmp_type or 0) * 256 + (icmp_code or 0)
+    else:
+        return Box(protocol, protocol)
+    return Box(protocol, protocol, sel, sel)
+
+
+@dataclass
+class Opener:
+    """``box`` is allowed from (or to) ``addresses``, because of ``label``."""
+
+    addresses: netaddr.IPSet
+    box: Box
+    label: Label
+
+
+@dataclass
+class Constraint:
+    """The other end's own filter: flows of ``addresses`` pass only in ``boxes``."""
+
+    addresses: netaddr.IPSet
+    boxes: list[Box]
+
+
+@dataclass
+class Special:
+    """Cells no rule decides (conntrack and the protection rules): for protocol
+    ``protocol``, ``decide(selector)`` returns None (the rules decide) or the
+    addresses allowed whatever the rules say, with a label (empty: denied)."""
+
+    protocol: int
+    breakpoints: Sequence[int]
+    decide: Callable[[int], tuple[netaddr.IPSet, Label | None] | None]
+
+
+@dataclass
+class Region:
+    """Remote ``addresses`` × ``box``, allowed; ``labels`` say which rules (or
+    reasons) open it."""
+
+    family: Family
+    addresses: netaddr.IPSet
+    box: Box
+    labels: list[Label] = field(default_factory=list)
+
+
+def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Constraint] = (),
+          specials: Sequence[Special] = ()) -> list[Region]:
+    """The exact allowed space as minimal regions (see the module docstring)."""
+    boxes = [o.box for o in openers] + [b for c in constraints for b in c.boxes]
+    by_proto = {s.protocol: s for s in specials}
+    single = {b.proto_lo for b in boxes if b.proto_lo == b.proto_hi} | set(by_proto)
+    regions: list[Region] = []
+    for piece in _protocol_pieces(single):
+        cells = _cells(piece, boxes, by_proto.get(piece[0]) if piece[0] == piece[1] else None)
+        merged: list[Region] = []
+        for cell in cells:
+            region = _decide(family, cell, openers, constraints,
+                             by_proto.get(cell.proto_lo) if piece[0] == piece[1] else None)
+            if merged and _mergeable(merged[-1], region, by_proto):
+                merged[-1] = _merge(merged[-1], region)
+            else:
+                merged.append(region)
+        for region in merged:
+            if regions and _full(regions[-1]) and _full(region) and \
+                    regions[-1].box.proto_hi + 1 == region.box.proto_lo and \
+                    regions[-1].addresses == region.addresses:
+                regions[-1] = _merge(regions[-1], region)
+            else:
+                regions.append(region)
+    return [r for r in regions if r.addresses]
+
+
+def _protocol_pieces(single: set[int]) -> list[tuple[int, int]]:
+    """0..255 cut into the singletons ``single`` and the intervals between them."""
+    pieces, start = [], 0
+    for proto in sorted(single):
+        if start < proto:
+            pieces.append((start, proto - 1))
+        pieces.append((proto, proto))
+        start = proto + 1
+    if start <= PROTO_MAX:
+        pieces.append((start, PROTO_MAX))
+    return pieces
+
+
+def _cells(piece: tuple[int, int], boxes: Sequence[Box], special: Special | None) -> list[Box]:
+    """The elementary boxes of one protocol piece."""
+    lo, hi = piece
+    cuts = {0, SEL_MAX + 1}
+    if lo == hi:
+        for box in boxes:
+            if box.proto_lo <= lo <= box.proto_hi:
+                cuts.update((box.sel_lo, box.sel_hi + 1))
+        if special is not None:
+            cuts.update(special.breakpoints)
+    ordered = sorted(c for c in cuts if 0 <= c <= SEL_MAX + 1)
+    return [Box(lo, hi, a, b - 1) for a, b in itertools.pairwise(ordered)]
+
+
+def _decide(family: Family, cell: Box, openers: Sequence[Opener],
+            constraints: Sequence[Constraint], special: Special | None) -> Region:
+    if special is not None:
+        forced = special.decide(cell.sel_lo)
+        if forced is not None:
+            addresses, label = forced
+            return Region(family, addresses, cell, [label] if label and addresses else [])
+    covering = [o for o in openers if o.box.covers(cell)]
+    addresses = netaddr.IPSet()
+    for opener in covering:
+        addresses |= opener.addresses
+    for constraint in constraints:
+        if addresses and not any(b.covers(cell) for b in constraint.boxes):
+            addresses -= constraint.addresses
+    labels = [o.label for o in covering if addresses and (o.addresses & addresses)]
+    return Region(family, addresses, cell, labels)
+
+
+def _mergeable(left: Region, right: Region, specials: dict[int, Special]) -> bool:
+    """Neighbouring cells of one protocol with the same addresses; ICMP cells only
+    within one type (a region names one ICMP type)."""
+    if left.box.sel_hi + 1 != right.box.sel_lo or left.addresses != right.addresses:
+        return False
+    icmp = left.box.proto_lo in ICMP_OF.values() and left.box.proto_lo in specials
+    return not icmp or left.box.sel_lo // 256 == right.box.sel_hi // 256
+
+
+def _merge(left: Region, right: Region) -> Region:
+    box = Box(min(left.box.proto_lo, right.box.proto_lo), max(left.box.proto_hi,
+              right.box.proto_hi), min(left.box.sel_lo, right.box.sel_lo),
+              max(left.box.sel_hi, right.box.sel_hi))
+    return Region(left.family, left.addresses, box, unique_labels([*left.labels, *right.labels]))
+
+
+def _full(region: Region) -> bool:
+    return region.box.sel_lo == 0 and region.box.sel_hi == SEL_MAX
+
+
+def unique_labels(labels: Sequence[Label]) -> list[Label]:
+    """``labels`` without repeats, in first-seen order."""
+    seen: set[str] = set()
+    found = []
+    for label in labels:
+        key = json.dumps(label, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            found.append(label)
+    return found
+
+
+def restrict(regions: Sequence[Region], box: Box, addresses: netaddr.IPSet | None,
+             openers: Sequence[Opener]) -> list[Region]:
+    """The parts of ``regions`` inside ``box`` and ``addresses`` (None: any), their
+    labels recomputed from ``openers`` for the smaller regions."""
+    found = []
+    for region in regions:
+        inner = region.box.intersect(box)
+        if inner is None:
+            continue
+        kept = region.addresses if addresses is None else region.addresses & addresses
+        if not kept:
+            continue
+        labels = [lab for lab in region.labels
+                  if any(o.label == lab and o.box.meets(inner) and o.addresses & kept
+                         for o in openers)] or region.labels
+        found.append(Region(region.family, kept, inner, labels))
+    return found
+
+
+def contains(regions: Sequence[Region], address: str, box: Box) -> bool:
+    """Whether the point (``address``, one-point ``box``) lies in a region."""
+    addr = netaddr.IPAddress(address)
+    return any(r.box.covers(box) and addr in r.addresses for r in regions)
