@@ -11,7 +11,7 @@ internet or very broad prefixes, and to other projects.
   ports of other projects reach the port on every protocol and port.
 
 Rows that open an administration or database port (:data:`ADMIN_PORTS`) come
-first.
+first, then by kind (:data:`KINDS`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ ADMIN_PORTS = {
     3306: "mysql", 3389: "rdp", 5432: "postgresql", 5900: "vnc", 5984: "couchdb",
     6379: "redis", 9200: "elasticsearch", 11211: "memcached", 27017: "mongodb",
 }
+#: The kinds of rows, most exposed first.
+KINDS = ("internet", "broad", "other_project_group", "same_net_other_projects")
 #: The longest prefix still counted as "very broad", per family.
 BROAD_PREFIX: dict[Family, int] = {"ipv4": 8, "ipv6": 32}
 
@@ -50,8 +52,8 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]
             rows += _broad(cp, view, family)
         rows += _other_project_groups(cp, view)
         rows += _same_net(cp, view)
-    return sorted(rows, key=lambda r: (not r["admin_ports"], r["instance"], r["port"],
-                                       r["kind"]))
+    return sorted(rows, key=lambda r: (not r["admin_ports"], KINDS.index(r["kind"]),
+                                       r["instance"], r["port"]))
 
 
 def _broad(cp: CloudPolicy, view: PortView, family: Family) -> list[dict[str, Any]]:
