@@ -16,7 +16,7 @@ import click
 
 from secfw.audit.explain import FlowQuery, explain
 from secfw.audit.exposure import exposure
-from secfw.audit.lint import lint
+from secfw.audit.lint import capped, lint
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import answers_rows, reach
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
@@ -282,6 +282,7 @@ def exposure_command(state: CliState, fmt: str, config_path: str | None,
         emit(rows, None, fmt)
         return
     emit([{**r, "service": _reach_cells({"icmp_type": None, **r})["service"],
+           "admin_ports": capped([str(p) for p in r["admin_ports"]]),
            "why": [_label_text(lab) for lab in r["rules"]]} for r in rows],
          EXPOSURE_COLUMNS, fmt)
 

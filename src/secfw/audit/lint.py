@@ -129,7 +129,13 @@ def _broad_admin(rule: Rule) -> str | None:
     opened = [f"{p} ({ADMIN_PORTS[p]})" for p in sorted(ADMIN_PORTS) if low <= p <= high]
     if not opened:
         return None
-    return f"opens {', '.join(opened)} to {rule.remote_cidr or 'anywhere'}"
+    return f"opens {capped(opened)} to {rule.remote_cidr or 'anywhere'}"
+
+
+def capped(items: list[str], limit: int = 4) -> str:
+    """The first ``limit`` items and how many more (a table cell stays readable)."""
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> list[dict[str, Any]] | None:

@@ -49,6 +49,7 @@ from secfw.audit.space import (
     restrict,
     rule_box,
     sweep,
+    union,
 )
 from secfw.compiler.explain import (
     ICMP_NEW_TYPES,
@@ -140,18 +141,16 @@ def sender_constraints(cp: CloudPolicy, family: Family, address: str) -> list[Co
     """The egress of every port that may send to ``address`` with restrictions,
     grouped by egress chains (ports of the same groups let out the same)."""
     attributed = cp.attributed(family)
-    grouped: dict[tuple[str, ...], tuple[PortView, netaddr.IPSet]] = {}
+    grouped: dict[tuple[str, ...], tuple[PortView, list[netaddr.IPSet]]] = {}
     for port_id, view in cp.ports.items():
         owned = attributed.get(port_id)
         if not view.policy.port_security or view.policy.egress_open or not owned:
             continue
-        key = view.policy.egress_chains
-        first, addresses = grouped.get(key, (view, netaddr.IPSet()))
-        grouped[key] = (first, addresses | owned)
-    return [Constraint(addresses, [rule_box(r) for chain in cp.chains(view, "egress")
-                                   for r in chain.rules
-                                   if r.family == family and remote_matches(view, r, address)])
-            for view, addresses in grouped.values()]
+        grouped.setdefault(view.policy.egress_chains, (view, []))[1].append(owned)
+    return [Constraint(union(sets), [rule_box(r) for chain in cp.chains(view, "egress")
+                                      for r in chain.rules
+                                      if r.family == family and remote_matches(view, r, address)])
+            for view, sets in grouped.values()]
 
 
 def receiver_constraints(cp: CloudPolicy, family: Family, address: str) -> list[Constraint]:
@@ -159,21 +158,20 @@ def receiver_constraints(cp: CloudPolicy, family: Family, address: str) -> list[
     (same-net sets, ingress chains); ports that take ``address`` as same-net
     accept everything from it."""
     attributed = cp.attributed(family)
-    grouped: dict[tuple[tuple[str, ...], ...], tuple[PortView, netaddr.IPSet]] = {}
+    grouped: dict[tuple[tuple[str, ...], ...], tuple[PortView, list[netaddr.IPSet]]] = {}
     for port_id, view in cp.ports.items():
         owned = attributed.get(port_id)
         if not view.policy.port_security or not owned:
             continue
         key = (view.policy.same_net_sets, view.policy.ingress_chains)
-        first, addresses = grouped.get(key, (view, netaddr.IPSet()))
-        grouped[key] = (first, addresses | owned)
+        grouped.setdefault(key, (view, []))[1].append(owned)
     found = []
-    for view, addresses in grouped.values():
+    for view, sets in grouped.values():
         if netaddr.IPAddress(address) in cp.same_net_members(view, family):
             continue
         boxes = [rule_box(r) for chain in cp.chains(view, "ingress") for r in chain.rules
                  if r.family == family and remote_matches(view, r, address)]
-        found.append(Constraint(addresses, boxes))
+        found.append(Constraint(union(sets), boxes))
     return found
 
 
@@ -185,10 +183,8 @@ def specials(cp: CloudPolicy, view: PortView, direction: str, family: Family) ->
         return [Special(proto, cuts,
                         lambda sel: None if sel // 256 in ICMP_NEW_TYPES else (netaddr.IPSet(),
                                                                               None))]
-    protected = netaddr.IPSet()
-    for port_id, owned in cp.attributed(family).items():
-        if cp.ports[port_id].policy.port_security:
-            protected |= owned
+    protected = union([owned for port_id, owned in cp.attributed(family).items()
+                       if owned and cp.ports[port_id].policy.port_security] or [netaddr.IPSet()])
     cuts = [b for t in ICMPV6_NEW_TYPES | ND_TYPES for b in (t * 256, (t + 1) * 256)]
 
     def decide(sel: int) -> tuple[netaddr.IPSet, Label | None] | None:

@@ -134,6 +134,7 @@ class Region:
 def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Constraint] = (),
           specials: Sequence[Special] = ()) -> list[Region]:
     """The exact allowed space as minimal regions (see the module docstring)."""
+    constraints = _merged(constraints)
     boxes = [o.box for o in openers] + [b for c in constraints for b in c.boxes]
     by_proto = {s.protocol: s for s in specials}
     single = {b.proto_lo for b in boxes if b.proto_lo == b.proto_hi} | set(by_proto)
@@ -156,6 +157,23 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
             else:
                 regions.append(region)
     return [r for r in regions if r.addresses]
+
+
+def _merged(constraints: Sequence[Constraint]) -> list[Constraint]:
+    """One constraint per distinct list of boxes (their addresses united): the
+    ports of a big cloud share few distinct filters towards one address."""
+    by_boxes: dict[tuple[Box, ...], list[netaddr.IPSet]] = {}
+    for constraint in constraints:
+        by_boxes.setdefault(tuple(sorted(set(constraint.boxes))), []).append(
+            constraint.addresses)
+    return [Constraint(union(sets), list(boxes)) for boxes, sets in by_boxes.items()]
+
+
+def union(sets: Sequence[netaddr.IPSet]) -> netaddr.IPSet:
+    """The union of ``sets`` in one merge (not one set operation per set)."""
+    if len(sets) == 1:
+        return sets[0]
+    return netaddr.IPSet(cidr for found in sets for cidr in found.iter_cidrs())
 
 
 def _protocol_pieces(single: set[int]) -> list[tuple[int, int]]:
@@ -196,9 +214,10 @@ def _decide(family: Family, cell: Box, openers: Sequence[Opener],
     addresses = netaddr.IPSet()
     for opener in covering:
         addresses |= opener.addresses
-    for constraint in constraints:
-        if addresses and not any(b.covers(cell) for b in constraint.boxes):
-            addresses -= constraint.addresses
+    if addresses:
+        closed = [c.addresses for c in constraints if not any(b.covers(cell) for b in c.boxes)]
+        if closed:
+            addresses = addresses - union(closed)
     labels = [o.label for o in covering if addresses and (o.addresses & addresses)]
     return Region(family, addresses, cell, labels)
 
