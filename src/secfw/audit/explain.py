@@ -194,13 +194,13 @@ def _near_misses(cp: CloudPolicy, view: PortView, direction: str, flow: FlowQuer
         for rule in chain.rules:
             if rule.family != family:
                 continue
-            failed = _failed_criteria(view, rule, flow, remote, direction)
+            failed = _failed_criteria(cp, view, rule, flow, remote, direction)
             if len(failed) == 1:
                 found.append({**cp.rule_ref(chain, rule), "mismatch": failed[0]})
     return found
 
 
-def _failed_criteria(view: PortView, rule: IRRule, flow: FlowQuery, remote: str,
+def _failed_criteria(cp: CloudPolicy, view: PortView, rule: IRRule, flow: FlowQuery, remote: str,
                      direction: str) -> list[str]:
     failed = []
     if rule.protocol is not None and rule.protocol != flow.protocol:
@@ -211,6 +211,6 @@ def _failed_criteria(view: PortView, rule: IRRule, flow: FlowQuery, remote: str,
     elif rule.icmp is not None and (flow.icmp_type != rule.icmp.type or (
             rule.icmp.code is not None and flow.icmp_code != rule.icmp.code)):
         failed.append("icmp type/code")
-    if not remote_matches(view, rule, remote):
+    if not remote_matches(cp, view, rule, remote):
         failed.append("source" if direction == "ingress" else "destination")
     return failed

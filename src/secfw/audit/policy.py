@@ -84,6 +84,7 @@ class CloudPolicy:
             for cidr, _ in view.port.address_pairs()
         )
         self._attributed: dict[Family, dict[str, netaddr.IPSet]] = {}
+        self._sets: dict[str, netaddr.IPSet] = {}
 
     # ------------------------------------------------------------------ addresses
 
@@ -146,18 +147,31 @@ class CloudPolicy:
         return [chain for name in names
                 if (chain := view.index.chains.get(name)) is not None]
 
+    def address_set(self, view: PortView, name: str) -> netaddr.IPSet:
+        """The IR address set ``name`` of ``view``'s host. Cached by name: a set's
+        name is derived from its group's or network's id, and its elements are the
+        same on every host (members on any host)."""
+        found = self._sets.get(name)
+        if found is None:
+            found = netaddr.IPSet(str(n) for n in view.index.members(name))
+            self._sets[name] = found
+        return found
+
     def same_net_members(self, view: PortView, family: Family) -> netaddr.IPSet:
         """The same-net sources ``view`` accepts in ``family`` (empty when off)."""
+        names = [n for n in view.policy.same_net_sets
+                 if n.endswith("-v4" if family == "ipv4" else "-v6")]
+        if len(names) == 1:
+            return self.address_set(view, names[0])
         found = netaddr.IPSet()
-        for name in view.policy.same_net_sets:
-            if name.endswith("-v4" if family == "ipv4" else "-v6"):
-                found |= netaddr.IPSet(str(n) for n in view.index.members(name))
+        for name in names:
+            found |= self.address_set(view, name)
         return found
 
     def remote_set(self, view: PortView, rule: IRRule) -> netaddr.IPSet:
         """The remote addresses ``rule`` (of ``view``'s host) accepts."""
         if rule.remote_set is not None:
-            return netaddr.IPSet(str(n) for n in view.index.members(rule.remote_set))
+            return self.address_set(view, rule.remote_set)
         if rule.remote_cidr is not None:
             return netaddr.IPSet([rule.remote_cidr])
         return everywhere(rule.family)

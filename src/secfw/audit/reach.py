@@ -125,16 +125,26 @@ def _rule_openers(cp: CloudPolicy, view: PortView, direction: str,
             for rule in chain.rules if rule.family == family]
 
 
-def remote_matches(view: PortView, rule: IRRule, address: str) -> bool:
+def remote_matches(cp: CloudPolicy, view: PortView, rule: IRRule, address: str) -> bool:
     """Does ``rule`` (of ``view``'s host) accept ``address`` as its remote end?"""
-    addr = ipaddress.ip_address(address)
-    if rule.remote_set is not None:
-        return any(n.version == addr.version and addr in n
-                   for n in view.index.members(rule.remote_set))
-    if rule.remote_cidr is not None:
-        net = ipaddress.ip_network(rule.remote_cidr)
-        return net.version == addr.version and addr in net
-    return True
+    if rule.remote_set is None and rule.remote_cidr is None:
+        return True
+    return netaddr.IPAddress(address) in cp.remote_set(view, rule)
+
+
+def _boxes_towards(cp: CloudPolicy, view: PortView, direction: str, family: Family,
+                   address: str, memo: dict[str, list[Box]]) -> list[Box]:
+    """The boxes ``view``'s chains in ``direction`` open towards ``address``
+    (memoised per chain: the ports of a cloud share their groups' chains)."""
+    boxes = []
+    for chain in cp.chains(view, direction):
+        found = memo.get(chain.name)
+        if found is None:
+            found = [rule_box(r) for r in chain.rules
+                     if r.family == family and remote_matches(cp, view, r, address)]
+            memo[chain.name] = found
+        boxes += found
+    return boxes
 
 
 def sender_constraints(cp: CloudPolicy, family: Family, address: str) -> list[Constraint]:
@@ -147,9 +157,8 @@ def sender_constraints(cp: CloudPolicy, family: Family, address: str) -> list[Co
         if not view.policy.port_security or view.policy.egress_open or not owned:
             continue
         grouped.setdefault(view.policy.egress_chains, (view, []))[1].append(owned)
-    return [Constraint(union(sets), [rule_box(r) for chain in cp.chains(view, "egress")
-                                      for r in chain.rules
-                                      if r.family == family and remote_matches(view, r, address)])
+    memo: dict[str, list[Box]] = {}
+    return [Constraint(union(sets), _boxes_towards(cp, view, "egress", family, address, memo))
             for view, sets in grouped.values()]
 
 
@@ -166,11 +175,11 @@ def receiver_constraints(cp: CloudPolicy, family: Family, address: str) -> list[
         key = (view.policy.same_net_sets, view.policy.ingress_chains)
         grouped.setdefault(key, (view, []))[1].append(owned)
     found = []
+    memo: dict[str, list[Box]] = {}
     for view, sets in grouped.values():
         if netaddr.IPAddress(address) in cp.same_net_members(view, family):
             continue
-        boxes = [rule_box(r) for chain in cp.chains(view, "ingress") for r in chain.rules
-                 if r.family == family and remote_matches(view, r, address)]
+        boxes = _boxes_towards(cp, view, "ingress", family, address, memo)
         found.append(Constraint(union(sets), boxes))
     return found
 
