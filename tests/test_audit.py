@@ -318,19 +318,18 @@ def test_reach_is_exactly_the_oracles_allowed_space(spec: CloudSpec, data: st.Da
         owned = [a for p in state.ports.values() for a in (p.ip, p.ip6) if a]
         owned += [str(netaddr.IPNetwork(c.split(",")[0]).ip) for p in state.ports.values()
                   for c in p.allowed_address_pairs]
-        for view in cp.ports.values():
+        extra = data.draw(st.lists(st.tuples(
+            st.sampled_from(["203.0.113.9", "10.1.0.200", "10.2.0.3", "10.1.0.77",
+                             "2001:db8:1::2", "2001:db8:1::200", "::1"]),
+            st.sampled_from([6, 17, 1, 58, 47, 0]),
+            st.sampled_from([0, 22, 80, 2048, 2049, 768, 32768, 34560, 65535])), max_size=8))
+        for view in sorted(cp.ports.values(), key=lambda v: v.instance.name):
             for direction in ("ingress", "egress"):
                 for family in ("ipv4", "ipv6"):
                     answer = reach(cp, view, direction, family)
                     if answer is None:
                         continue
                     points = sorted(sample_points(answer, owned))
-                    extra = data.draw(st.lists(st.tuples(
-                        st.sampled_from(["203.0.113.9", "10.1.0.200", "10.2.0.3", "10.1.0.77",
-                                         "2001:db8:1::2", "2001:db8:1::200", "::1"]),
-                        st.sampled_from([6, 17, 1, 58, 47, 0]),
-                        st.sampled_from([0, 22, 80, 2048, 2049, 768, 32768, 34560, 65535])),
-                        max_size=6))
                     points += [p for p in extra if netaddr.IPAddress(p[0]).version ==
                                (4 if family == "ipv4" else 6)]
                     for address, proto, sel in points:
@@ -352,7 +351,8 @@ def test_explain_verdict_is_the_oracles(spec: CloudSpec, data: st.DataObject) ->
         state = build(api, spec)
         note(str(spec))
         cp = CloudPolicy(state, spec.allow_same_net)
-        addresses = [a for p in state.ports.values() for a in (p.ip, p.ip6) if a]
+        ports = sorted(state.ports.values(), key=lambda p: state.instances[p.instance_id].name)
+        addresses = [a for p in ports for a in (p.ip, p.ip6) if a]
         addresses += ["203.0.113.9", "10.1.0.200", "10.1.0.130", "10.1.0.77", "10.9.0.1",
                       "2001:db8:1::200", "2001:db8:99::1"]
         for _ in range(25):

@@ -3,13 +3,15 @@
 A flow (the first packet of a connection) is judged as the kernels judge it:
 
 1. what no rule decides: ICMP types that cannot open a connection (conntrack:
-   invalid), untracked ICMPv6 neighbour discovery / MLD (the protection rules);
+   invalid), dropped when either end is a filtered port;
 2. the **egress** of the source port, when the source is an address of a port
    (:meth:`~secfw.audit.policy.CloudPolicy.owner`), on that port's host;
 3. the **ingress** of the destination port, when the destination is one, on its
    host.
 
-Steps 2 and 3 are decided by :class:`secfw.compiler.evaluate.PolicyIndex`
+On each filtered end, untracked ICMPv6 (neighbour discovery, MLD) is first
+judged by the protection rules (what an instance may send, what it receives).
+Otherwise steps 2 and 3 are decided by :class:`secfw.compiler.evaluate.PolicyIndex`
 (shared with the conntrack revocation); the reasons — the rules that admit the
 flow, same-net, port security off, egress open — are read from the same IR. For
 a side that denies, the *near misses* are its rules that fail on one criterion
@@ -25,12 +27,14 @@ from typing import Any
 import netaddr
 
 from secfw.audit.policy import CloudPolicy, PortView, family_of
-from secfw.audit.reach import ND_TYPES, remote_matches
+from secfw.audit.reach import remote_matches
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
 from secfw.compiler.evaluate import Packet
 from secfw.compiler.explain import (
     ICMP_NEW_TYPES,
     ICMPV6_NEW_TYPES,
+    ICMPV6_UNTRACKED,
+    ND_DROPPED_FROM_INSTANCE,
     ND_FROM_INSTANCE,
     ND_TO_INSTANCE,
 )
@@ -108,25 +112,32 @@ def _end(view: PortView | None, address: str) -> dict[str, Any]:
 
 def _stateless(flow: FlowQuery, source: PortView | None,
                destination: PortView | None) -> tuple[bool, str] | None:
-    """The verdict of the flows no rule decides, else None."""
+    """The verdict of ICMP conntrack calls invalid (neither a request nor an
+    untracked ICMPv6 type): dropped by any filtered end; else None."""
     family = family_of(flow.src)
     if flow.protocol != ICMP_OF[family]:
         return None
+    if not any(v is not None and v.policy.port_security for v in (source, destination)):
+        return None  # no filter on either end: nothing drops it
     kind = flow.icmp_type
-    if family == "ipv4":
-        if kind in ICMP_NEW_TYPES:
-            return None
-        return False, f"ICMP type {kind} cannot open a connection (conntrack: invalid)"
-    if kind in ICMPV6_NEW_TYPES:
+    valid = ICMP_NEW_TYPES if family == "ipv4" else ICMPV6_NEW_TYPES | ICMPV6_UNTRACKED
+    if kind in valid:
         return None
-    if kind not in ND_TYPES:
-        return False, f"ICMPv6 type {kind} cannot open a connection (conntrack: invalid)"
-    sent = source is None or not source.policy.port_security or kind in ND_FROM_INSTANCE
-    received = destination is None or not destination.policy.port_security or \
-        kind in ND_TO_INSTANCE
-    if sent and received:
-        return True, f"ICMPv6 type {kind}: neighbour discovery / MLD, passed by protection"
-    return False, f"ICMPv6 type {kind} may not be sent this way (protection rules)"
+    name = "ICMP" if family == "ipv4" else "ICMPv6"
+    return False, f"{name} type {kind} cannot open a connection (conntrack: invalid)"
+
+
+def _protection(view: PortView, flow: FlowQuery, direction: str) -> bool | None:
+    """The protection rules' verdict on untracked ICMPv6 leaving (egress) or
+    reaching (ingress) a filtered port; None when its rules decide."""
+    if not view.policy.port_security or family_of(flow.src) != "ipv6" or \
+            flow.protocol != ICMP_OF["ipv6"] or flow.icmp_type not in ICMPV6_UNTRACKED:
+        return None
+    if direction == "egress":
+        if flow.icmp_type in ND_FROM_INSTANCE:
+            return True
+        return False if flow.icmp_type in ND_DROPPED_FROM_INSTANCE else None
+    return True if flow.icmp_type in ND_TO_INSTANCE else None
 
 
 def _side(view: PortView, direction: str) -> dict[str, Any]:
@@ -139,6 +150,13 @@ def _egress(cp: CloudPolicy, view: PortView, flow: FlowQuery) -> dict[str, Any]:
     """The egress side: verdict by the shared evaluator, reasons from the IR."""
     side = _side(view, "egress")
     packet = flow.packet()
+    protected = _protection(view, flow, "egress")
+    if protected is not None:
+        side["verdict"] = "allow" if protected else "deny"
+        side["reasons"].append(f"ICMPv6 type {flow.icmp_type} from an instance: "
+                               + ("neighbour discovery / MLD, passed by protection"
+                                  if protected else "dropped by protection"))
+        return side
     allowed = view.index.egress(view.policy, packet)
     side["verdict"] = "allow" if allowed else "deny"
     if not view.policy.port_security:
@@ -155,6 +173,11 @@ def _egress(cp: CloudPolicy, view: PortView, flow: FlowQuery) -> dict[str, Any]:
 def _ingress(cp: CloudPolicy, view: PortView, flow: FlowQuery) -> dict[str, Any]:
     side = _side(view, "ingress")
     packet = flow.packet()
+    if _protection(view, flow, "ingress"):
+        side["verdict"] = "allow"
+        side["reasons"].append(f"ICMPv6 type {flow.icmp_type} to an instance: neighbour "
+                               "discovery / MLD, passed by protection")
+        return side
     allowed = view.index.ingress(view.policy, packet)
     side["verdict"] = "allow" if allowed else "deny"
     family = family_of(flow.src)

@@ -13,9 +13,9 @@ Each finding has a ``kind``, the ``group`` (name), ``group_id``, ``rule_id``
   are left out);
 * ``empty_source_group`` — a source-group rule whose group admits nobody today
   (no member has an address of the rule's family);
-* ``never_matches`` — a rule no flow can use: ICMP types that cannot open a
-  connection, ICMPv6 types the protection rules decide, IPv6 rules of groups
-  whose ports have no IPv6 address;
+* ``never_matches`` — a rule no flow can use: ICMP and ICMPv6 types that cannot
+  open a connection (conntrack: invalid), IPv6 rules of groups whose ports have
+  no IPv6 address;
 * ``broad_admin_port`` — an ingress rule opening an administration or database
   port to the internet or a prefix at most /8 (/32 in IPv6);
 * ``self_reference`` — a note: the group's members may reach each other.
@@ -29,10 +29,15 @@ from typing import Any
 
 from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX
 from secfw.audit.policy import CloudPolicy, PortView
-from secfw.audit.reach import ND_TYPES, ingress_openers
+from secfw.audit.reach import ingress_openers
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, Opener, rule_box, sweep
 from secfw.compiler.build import ir_rule, port_addresses
-from secfw.compiler.explain import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, describe_rule
+from secfw.compiler.explain import (
+    ICMP_NEW_TYPES,
+    ICMPV6_NEW_TYPES,
+    ICMPV6_UNTRACKED,
+    describe_rule,
+)
 from secfw.compiler.ir import Family
 from secfw.model import DEFAULT_GROUP, Rule, SecurityGroup, protocol_number
 
@@ -102,9 +107,7 @@ def _never_matches(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> str | N
     if proto == ICMP_OF[family] and rule.port_min is not None:
         if family == "ipv4" and rule.port_min not in ICMP_NEW_TYPES:
             return f"ICMP type {rule.port_min} cannot open a connection (conntrack: invalid)"
-        if family == "ipv6" and rule.port_min in ND_TYPES:
-            return f"ICMPv6 type {rule.port_min} is decided by the protection rules"
-        if family == "ipv6" and rule.port_min not in ICMPV6_NEW_TYPES:
+        if family == "ipv6" and rule.port_min not in ICMPV6_NEW_TYPES | ICMPV6_UNTRACKED:
             return f"ICMPv6 type {rule.port_min} cannot open a connection (conntrack: invalid)"
     members = cp.state.group_members(group.id)
     if family == "ipv6" and members and not any(

@@ -9,11 +9,12 @@ sweep (:func:`secfw.audit.space.sweep`) of
 * the *constraints* of the senders: a source address owned by a port whose
   egress is restricted (port security on, an egress rule in its groups) passes
   only what that port's egress rules let out towards ``d``;
-* the flows no rule decides (:func:`specials`): ICMP types that cannot open a
-  connection (conntrack calls them invalid: only echo, timestamp, info and
-  address-mask requests can; ICMPv6 echo request and node information query),
-  and untracked ICMPv6 neighbour discovery / MLD, which the protection rules pass
-  or drop whatever the groups say.
+* the flows the rules alone do not decide (:func:`specials`): ICMP types that
+  cannot open a connection (conntrack calls them invalid: only echo, timestamp,
+  info and address-mask requests can; ICMPv6 echo request and node information
+  query), dropped by any filtered end; untracked ICMPv6 neighbour discovery /
+  MLD, which the protection rules of each end pass or drop (the other untracked
+  types meet the rules).
 
 ``reach --from`` is the mirror: the openers of P's egress (everything when its
 egress is open), the constraints of the receivers' ingress (same-net and rules,
@@ -41,6 +42,7 @@ from secfw.audit.space import (
     PROTO_MAX,
     SEL_MAX,
     Box,
+    CellPolicy,
     Constraint,
     Label,
     Opener,
@@ -54,6 +56,8 @@ from secfw.audit.space import (
 from secfw.compiler.explain import (
     ICMP_NEW_TYPES,
     ICMPV6_NEW_TYPES,
+    ICMPV6_UNTRACKED,
+    ND_DROPPED_FROM_INSTANCE,
     ND_FROM_INSTANCE,
     ND_TO_INSTANCE,
 )
@@ -63,8 +67,8 @@ from secfw.model import PROTOCOL_NUMBERS
 _PROTOCOL_NAMES: dict[int, str] = {}
 for _name, _number in PROTOCOL_NUMBERS.items():
     _PROTOCOL_NAMES.setdefault(_number, _name)
-ND_TYPES = ND_FROM_INSTANCE | ND_TO_INSTANCE
 ND_LABEL: Label = {"reason": "neighbour discovery / MLD (protection rules, no group rule)"}
+UNFILTERED_LABEL: Label = {"reason": "neither end is a filtered port (port security off)"}
 
 
 @dataclass
@@ -185,34 +189,54 @@ def receiver_constraints(cp: CloudPolicy, family: Family, address: str) -> list[
 
 
 def specials(cp: CloudPolicy, view: PortView, direction: str, family: Family) -> list[Special]:
-    """The ICMP cells no rule decides (module docstring), for ``family``."""
-    proto = ICMP_OF[family]
-    if family == "ipv4":
-        cuts = [b for t in ICMP_NEW_TYPES for b in (t * 256, (t + 1) * 256)]
-        return [Special(proto, cuts,
-                        lambda sel: None if sel // 256 in ICMP_NEW_TYPES else (netaddr.IPSet(),
-                                                                              None))]
+    """The ICMP cells the rules alone do not decide, for ``family`` (module doc).
+
+    * invalid (ICMP types other than the requests; ICMPv6 types neither requests
+      nor untracked): dropped by whichever end is a filtered port — allowed only
+      between this end without port security and an unfiltered other end;
+    * untracked ICMPv6 (neighbour discovery, MLD): the protection rules decide the
+      types they know on each filtered end (an instance may send
+      :data:`ND_FROM_INSTANCE`, never a router advertisement, and receives
+      :data:`ND_TO_INSTANCE`); any other untracked type meets that end's rules.
+    """
+    everything = everywhere(family)
     protected = union([owned for port_id, owned in cp.attributed(family).items()
-                       if owned and cp.ports[port_id].policy.port_security] or [netaddr.IPSet()])
-    cuts = [b for t in ICMPV6_NEW_TYPES | ND_TYPES for b in (t * 256, (t + 1) * 256)]
+                       if owned and cp.ports[port_id].policy.port_security]
+                      or [netaddr.IPSet()])
+    secured = view.policy.port_security
+    invalid = CellPolicy(netaddr.IPSet() if secured else everything - protected,
+                         UNFILTERED_LABEL, constraints=False)
+    new_types = ICMP_NEW_TYPES if family == "ipv4" else ICMPV6_NEW_TYPES
+    untracked = frozenset() if family == "ipv4" else ICMPV6_UNTRACKED
 
-    def decide(sel: int) -> tuple[netaddr.IPSet, Label | None] | None:
+    def decide(sel: int) -> CellPolicy | None:
         kind = sel // 256
-        if kind in ICMPV6_NEW_TYPES:
+        if kind in new_types:
             return None
-        if kind not in ND_TYPES:
-            return netaddr.IPSet(), None
-        # this end must be allowed to send (egress) or receive (ingress) the type,
-        # the other end (any address) likewise: outside the cloud or unprotected
-        # ports always may, protected ports only the types of their list
-        mine, theirs = (ND_TO_INSTANCE, ND_FROM_INSTANCE) if direction == "ingress" else \
-            (ND_FROM_INSTANCE, ND_TO_INSTANCE)
-        if view.policy.port_security and kind not in mine:
-            return netaddr.IPSet(), None
-        remotes = everywhere(family) if kind in theirs else everywhere(family) - protected
-        return remotes, ND_LABEL
+        if kind not in untracked:
+            return invalid
+        return _untracked(kind, direction, secured, everything, protected)
 
-    return [Special(proto, cuts, decide)]
+    cuts = [b for t in new_types | untracked for b in (t * 256, (t + 1) * 256)]
+    return [Special(ICMP_OF[family], cuts, decide)]
+
+
+def _untracked(kind: int, direction: str, secured: bool, everything: netaddr.IPSet,
+               protected: netaddr.IPSet) -> CellPolicy:
+    """An untracked ICMPv6 type: the protection rules of this end and of the other."""
+    if direction == "ingress":
+        primary = everything if secured and kind in ND_TO_INSTANCE else None
+        lifted = kind in ND_FROM_INSTANCE  # every sender may send it
+        block = protected if kind in ND_DROPPED_FROM_INSTANCE else None
+    else:
+        primary = None
+        if secured and kind in ND_FROM_INSTANCE:
+            primary = everything
+        elif secured and kind in ND_DROPPED_FROM_INSTANCE:
+            primary = netaddr.IPSet()
+        lifted = kind in ND_TO_INSTANCE  # every receiver accepts it
+        block = None
+    return CellPolicy(primary, ND_LABEL, constraints=not lifted, block=block)
 
 
 # ---------------------------------------------------------------------- filters and rows

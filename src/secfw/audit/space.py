@@ -13,7 +13,7 @@ rule (or other reason) behind it; a :class:`Constraint` is the other end of the
 flow: the addresses of a port whose own filter lets only its boxes through.
 :func:`sweep` splits the space at every box boundary, decides each elementary
 cell (the union of the openers' addresses, minus the addresses of every
-constraint that does not let the cell through, or what :class:`Special` forces),
+constraint that does not let the cell through, or as :class:`Special` says),
 and merges neighbouring cells with equal addresses: the result is exact (a point
 is in a region iff it is allowed) and has no two mergeable neighbours.
 """
@@ -109,15 +109,28 @@ class Constraint:
     boxes: list[Box]
 
 
+@dataclass(frozen=True)
+class CellPolicy:
+    """How a cell no rule alone decides is decided: ``primary`` replaces the
+    openers' addresses (None: the openers decide) with ``label``; ``constraints``
+    False ignores the other end's filter; ``block`` is subtracted whatever the
+    constraints say (the other end's ports that may never send or receive it)."""
+
+    primary: netaddr.IPSet | None = None
+    label: Label | None = None
+    constraints: bool = True
+    block: netaddr.IPSet | None = None
+
+
 @dataclass
 class Special:
-    """Cells no rule decides (conntrack and the protection rules): for protocol
-    ``protocol``, ``decide(selector)`` returns None (the rules decide) or the
-    addresses allowed whatever the rules say, with a label (empty: denied)."""
+    """Cells of protocol ``protocol`` that conntrack or the protection rules decide
+    (not the rules alone): ``decide(selector)`` gives their :class:`CellPolicy`, or
+    None where the rules decide as usual."""
 
     protocol: int
     breakpoints: Sequence[int]
-    decide: Callable[[int], tuple[netaddr.IPSet, Label | None] | None]
+    decide: Callable[[int], CellPolicy | None]
 
 
 @dataclass
@@ -205,20 +218,23 @@ def _cells(piece: tuple[int, int], boxes: Sequence[Box], special: Special | None
 
 def _decide(family: Family, cell: Box, openers: Sequence[Opener],
             constraints: Sequence[Constraint], special: Special | None) -> Region:
-    if special is not None:
-        forced = special.decide(cell.sel_lo)
-        if forced is not None:
-            addresses, label = forced
-            return Region(family, addresses, cell, [label] if label and addresses else [])
+    policy = special.decide(cell.sel_lo) if special is not None else None
+    policy = policy or CellPolicy()
     covering = [o for o in openers if o.box.covers(cell)]
-    addresses = netaddr.IPSet()
-    for opener in covering:
-        addresses |= opener.addresses
-    if addresses:
+    if policy.primary is not None:
+        addresses = policy.primary
+    else:
+        addresses = union([o.addresses for o in covering] or [netaddr.IPSet()])
+    if addresses and policy.constraints:
         closed = [c.addresses for c in constraints if not any(b.covers(cell) for b in c.boxes)]
         if closed:
             addresses = addresses - union(closed)
-    labels = [o.label for o in covering if addresses and (o.addresses & addresses)]
+    if addresses and policy.block:
+        addresses = addresses - policy.block
+    if policy.primary is not None:
+        labels = [policy.label] if policy.label and addresses else []
+    else:
+        labels = [o.label for o in covering if addresses and (o.addresses & addresses)]
     return Region(family, addresses, cell, labels)
 
 
