@@ -128,6 +128,32 @@ def test_exposure_and_lint_on_the_guide(guide: CloudPolicy) -> None:
     assert {(f["kind"], f["group"]) for f in findings} == {("broad_admin_port", "open")}
 
 
+def test_explain_across_hosts_judges_both_ends(api: Api) -> None:
+    """A flow between two hosts: the egress of the source port (host h1, only
+    tcp 5432 out) and the ingress of the destination port (host h2, tcp 22-5432
+    in); each side says its own verdict, a deny names the side and its near miss;
+    ``--egress`` in the CLI is the same flow turned round."""
+    api.net_create("p", "n", "10.1.0.0/24")
+    api.image_create("admin", "cirros", "qcow2", "public")
+    api.secgroup_create("p", "client", "")
+    api.secgroup_create("p", "server", "")
+    api.rule_create("p", "client", "egress", "IPv4", "tcp", dst_port="5432")
+    api.secgroup_add_rule("p", "server", "tcp", "22", "5432", "10.0.0.0/8")
+    api.boot("p", "app", "m1.tiny", "cirros", "h1", ["client"], ["n"])
+    api.boot("p", "db", "m1.tiny", "cirros", "h2", ["server"], ["n"])
+    cp = CloudPolicy(api.snapshot(), allow_same_net=False)
+    app, db = view_of(cp, "app"), view_of(cp, "db")
+    ok = explain(cp, FlowQuery(app.port.ip, db.port.ip, 6, 5432))
+    assert ok["verdict"] == "allow"
+    assert [(r["group"], r["direction"]) for r in ok["rules"]] == [
+        ("client", "egress"), ("server", "ingress")]
+    assert (ok["egress"]["host"], ok["ingress"]["host"]) == ("h1", "h2")
+    out = explain(cp, FlowQuery(app.port.ip, db.port.ip, 6, 22))
+    assert out["verdict"] == "deny" and out["egress"]["verdict"] == "deny"
+    assert out["ingress"]["verdict"] == "allow"
+    assert [m["mismatch"] for m in out["egress"]["near_misses"]] == ["port"]
+
+
 # --------------------------------------------------------------------------- lint kinds
 
 
@@ -400,5 +426,10 @@ def test_cli_json_and_errors(cli: Any, store_url: str) -> None:
     assert "nosuch" in out  # fails() checked the one-line contract
     run.fails("--project", "alpha", "audit", "explain", "--to", "db1", "--from",
               "web1", "--protocol", "tcp", code=2)
+    turned = run.json("--project", "alpha", "audit", "explain", "--to", "web1", "--from",
+                      "203.0.113.5", "--protocol", "tcp", "--port", "80", "--egress")
+    assert (turned["flow"]["src"], turned["flow"]["dst"]) == (
+        result["source"]["address"], "203.0.113.5")
+    assert turned["verdict"] == "allow" and turned["ingress"] is None
     assert json.loads(run.ok("--project", "alpha", "audit", "reach", "--from", "web1",
                              "-f", "json", "--protocol", "tcp", "--port", "5432"))

@@ -46,7 +46,8 @@ KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_m
 
 
 def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup]) -> list[dict[str, Any]]:
-    """Every finding about ``groups``, ordered by kind (:data:`KINDS`), group, rule."""
+    """Every finding about ``groups``, ordered by kind (:data:`KINDS`), group, rule
+    (its description, then its id)."""
     findings: list[dict[str, Any]] = []
     for group in groups:
         rules = sorted(cp.state.rules_by_group.get(group.id, {}).values(), key=lambda r: r.id)
@@ -58,7 +59,7 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup]) -> list[dict[str, Any
             findings += _rule_findings(cp, group, rule, used)
     findings += _duplicates(cp, {g.id for g in groups})
     return sorted(findings, key=lambda f: (KINDS.index(f["kind"]), f["group"], f["group_id"],
-                                           f["rule_id"] or ""))
+                                           f["rule"] or "", f["rule_id"] or ""))
 
 
 def _finding(cp: CloudPolicy, kind: str, group: SecurityGroup, rule: Rule | None,
