@@ -85,6 +85,7 @@ class CloudPolicy:
         )
         self._attributed: dict[Family, dict[str, netaddr.IPSet]] = {}
         self._sets: dict[str, netaddr.IPSet] = {}
+        self._protected: dict[Family, netaddr.IPSet] = {}
 
     # ------------------------------------------------------------------ addresses
 
@@ -118,6 +119,16 @@ class CloudPolicy:
             found[port_id] |= netaddr.IPSet([network]) - fixed - claimed
             claimed.add(network)
         self._attributed[family] = found
+        return found
+
+    def protected(self, family: Family) -> netaddr.IPSet:
+        """The addresses of ``family`` that filtered ports (port security on) own."""
+        found = self._protected.get(family)
+        if found is None:
+            cidrs = [cidr for port_id, owned in self.attributed(family).items()
+                     if self.ports[port_id].policy.port_security for cidr in owned.iter_cidrs()]
+            found = netaddr.IPSet(cidrs)
+            self._protected[family] = found
         return found
 
     # ------------------------------------------------------------------ naming

@@ -200,9 +200,7 @@ def specials(cp: CloudPolicy, view: PortView, direction: str, family: Family) ->
       :data:`ND_TO_INSTANCE`); any other untracked type meets that end's rules.
     """
     everything = everywhere(family)
-    protected = union([owned for port_id, owned in cp.attributed(family).items()
-                       if owned and cp.ports[port_id].policy.port_security]
-                      or [netaddr.IPSet()])
+    protected = cp.protected(family)
     secured = view.policy.port_security
     invalid = CellPolicy(netaddr.IPSet() if secured else everything - protected,
                          UNFILTERED_LABEL, constraints=False)
