@@ -92,6 +92,22 @@ class WriteTxn(ABC):
     def delete(self, kind: str, doc_id: str) -> None: ...
 
 
+class BufferedTxn(WriteTxn):
+    """A write transaction that records its writes in :attr:`writes` (``None`` for
+    a deletion, the last write of a document wins), for the store to commit in one
+    go when the context manager exits."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.writes: dict[tuple[str, str], Doc | None] = {}
+
+    def put(self, kind: str, doc_id: str, doc: Doc) -> None:
+        self.writes[(kind, doc_id)] = doc
+
+    def delete(self, kind: str, doc_id: str) -> None:
+        self.writes[(kind, doc_id)] = None
+
+
 class Store(ABC):
     """A revisioned document store (see the module docstring)."""
 

@@ -61,7 +61,15 @@ from etcd3gw.exceptions import (
 )
 
 from secfw.errors import HistoryCompactedError, StoreError, WriteConflictError
-from secfw.store.base import SCHEMA_VERSION, Change, Doc, Snapshot, Store, WriteTxn
+from secfw.store.base import (
+    SCHEMA_VERSION,
+    BufferedTxn,
+    Change,
+    Doc,
+    Snapshot,
+    Store,
+    WriteTxn,
+)
 
 T = TypeVar("T")
 
@@ -112,18 +120,6 @@ def _endpoint(url: str, item: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise StoreError(f"store URL {url!r}: endpoint {item!r} is not HOST:PORT")
     return host, int(port)
-
-
-class _EtcdTxn(WriteTxn):
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.writes: dict[tuple[str, str], Doc | None] = {}
-
-    def put(self, kind: str, doc_id: str, doc: Doc) -> None:
-        self.writes[(kind, doc_id)] = doc
-
-    def delete(self, kind: str, doc_id: str) -> None:
-        self.writes[(kind, doc_id)] = None
 
 
 class _Members:
@@ -383,7 +379,7 @@ class EtcdStore(Store):
     @contextmanager
     def write(self) -> Iterator[WriteTxn]:
         snapshot, marker_revision = self._load()
-        txn = _EtcdTxn(snapshot)
+        txn = BufferedTxn(snapshot)
         yield txn
         if txn.writes:
             self._commit(txn.writes, marker_revision)

@@ -16,7 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from secfw.errors import StoreError
-from secfw.store.base import SCHEMA_VERSION, Change, Doc, Snapshot, Store, WriteTxn
+from secfw.store.base import (
+    SCHEMA_VERSION,
+    BufferedTxn,
+    Change,
+    Doc,
+    Snapshot,
+    Store,
+    WriteTxn,
+)
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -30,18 +38,6 @@ CREATE TABLE IF NOT EXISTS tombstones (
     kind TEXT NOT NULL, id TEXT NOT NULL, rev INTEGER NOT NULL, PRIMARY KEY (kind, id));
 CREATE INDEX IF NOT EXISTS tombstones_rev ON tombstones (rev);
 """
-
-
-class _SqliteTxn(WriteTxn):
-    def __init__(self, snapshot: Snapshot) -> None:
-        self.snapshot = snapshot
-        self.writes: dict[tuple[str, str], Doc | None] = {}
-
-    def put(self, kind: str, doc_id: str, doc: Doc) -> None:
-        self.writes[(kind, doc_id)] = doc
-
-    def delete(self, kind: str, doc_id: str) -> None:
-        self.writes[(kind, doc_id)] = None
 
 
 class SqliteStore(Store):
@@ -101,7 +97,7 @@ class SqliteStore(Store):
             self._conn.execute("BEGIN IMMEDIATE")
         try:
             with _translated(self.path):
-                txn = _SqliteTxn(_load(self._conn))
+                txn = BufferedTxn(_load(self._conn))
             yield txn
             with _translated(self.path):
                 if txn.writes:
