@@ -44,8 +44,12 @@ unit: venv
 netns: venv
 	$(VENV)/bin/pytest -q -m netns
 
+# Three workers on two cores: most namespace tests wait on packets and timers, not
+# the CPU. --dist loadscope keeps a module's (or class's) tests on one worker, so
+# module-scoped labs are built once. Every test owns uniquely named namespaces.
+PYTEST_WORKERS ?= 3
 test: venv lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadscope
 
 demo: venv
 	$(VENV)/bin/secfw demo
