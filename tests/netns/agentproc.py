@@ -121,9 +121,10 @@ class AgentProcess:
             self.kill()
 
 
-def web_cloud(env: Any) -> None:
+def web_cloud(env: Any, *, lab: bool = True) -> None:
     """``web`` (global_http: tcp 80 and 443 from anywhere) on net-a, and ``db``
-    (ssh from global_http) on net-b; the lab brought up, no agent yet."""
+    (ssh from global_http) on net-b; the lab brought up unless ``lab`` is false, no
+    agent yet."""
     api = env.api
     api.net_create("p", "net-a", "10.1.0.0/24")
     api.net_create("p", "net-b", "10.2.0.0/24")
@@ -134,7 +135,8 @@ def web_cloud(env: Any) -> None:
     api.secgroup_add_group_rule("p", "cluster", "global_http", "tcp", "22", "22")
     env.boot("web", ["global_http"], "net-a")
     env.boot("db", ["cluster"], "net-b")
-    lab_sync(env)
+    if lab:
+        lab_sync(env)
 
 
 def lab_sync(env: Any, api: Api | None = None) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from agentproc import web_cloud
 
 from secfw import netns_tools
 from secfw.demo import lab_ports
@@ -27,20 +28,6 @@ pytestmark = [
 ]
 
 EXT = "external"
-
-
-def web_cloud(cloud) -> None:
-    """``web`` (global_http: tcp 80, 443) and ``db`` (ssh from global_http), two networks."""
-    api = cloud.api
-    api.net_create("p", "net-a", "10.1.0.0/24")
-    api.net_create("p", "net-b", "10.2.0.0/24")
-    api.secgroup_create("p", "global_http", "allow web traffic from the internet")
-    api.secgroup_add_rule("p", "global_http", "tcp", "80", "80", "0.0.0.0/0")
-    api.secgroup_add_rule("p", "global_http", "tcp", "443", "443", "0.0.0.0/0")
-    api.secgroup_create("p", "cluster", "ssh from the web servers")
-    api.secgroup_add_group_rule("p", "cluster", "global_http", "tcp", "22", "22")
-    cloud.boot("web", ["global_http"], "net-a")
-    cloud.boot("db", ["cluster"], "net-b")
 
 
 def lab_up(cloud) -> None:
@@ -82,7 +69,6 @@ def test_agent_once_cli_filters_and_second_run_changes_nothing(env):
     filter (traffic is filtered per the groups); a second ``--once`` with no store
     change logs ``commands=0`` and leaves the table byte-identical."""
     web_cloud(env)
-    lab_up(env)
     assert not table_exists(env)
     assert env.tcp(EXT, "web", 22)  # nothing filters yet: the lab alone lets it in
 
@@ -130,7 +116,7 @@ def test_compile_is_deterministic_and_loads_as_text_and_json(env, scratch_ns):
     """Scenario 13: ``secfw compile --host H`` prints the same bytes twice; the text
     loads with ``nft -f`` and the JSON with ``nft -j -f`` in fresh namespaces, both
     giving the very table the agent loads on its first pass."""
-    web_cloud(env)
+    web_cloud(env, lab=False)
     run = env.helpers.run
     base = [env.helpers.secfw_command(), "--store", env.store_url, "compile", "--host",
             env.host, "--topology", env.topology]
@@ -161,7 +147,7 @@ def test_compile_for_iptables(env):
     """``secfw compile --backend iptables --topology T`` prints the same bytes twice,
     refuses the nftables-only formats with one line, and prints exactly the rules
     and set elements the agent's first pass puts in the kernel."""
-    web_cloud(env)
+    web_cloud(env, lab=False)
     run = env.helpers.run
     base = [env.helpers.secfw_command(), "--store", env.store_url, "compile", "--host",
             env.host, "--backend", "iptables", "--topology", env.topology]
@@ -239,7 +225,6 @@ def test_agent_loop_picks_up_changes_and_survives_sigterm_and_kill(env, agents):
     real traffic); on SIGTERM it exits 0 and the table stays, still filtering; after
     ``kill -9`` of another agent the table is still there and filtering too."""
     web_cloud(env)
-    lab_up(env)
     agent = AgentProcess(env, "--poll-interval", "0.1")
     agents.append(agent)
     agent.wait_for_sync()
