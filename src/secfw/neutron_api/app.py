@@ -93,11 +93,12 @@ def create_app(api_factory: ApiFactory, config: ServiceConfig | None = None) -> 
     _register(app)
     if config.auth_strategy != "keystone":
         return app
-    guarded = wrap_keystone(app.wsgi_app, config)
+    public = app.wsgi_app
+    guarded = wrap_keystone(public, config)
 
     def dispatch(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO", "") in ("", "/"):
-            return app.wsgi_app(environ, start_response)
+            return public(environ, start_response)
         return guarded(environ, start_response)
 
     app.wsgi_app = dispatch  # type: ignore[method-assign]
@@ -458,12 +459,21 @@ def create_rule() -> Response:
     checked = validate.parse_rule(attrs)
     api = _api()
     state = _state(ctx)
-    if checked.remote_group_id is not None:
+    remote = (
         _group(state, ctx, checked.remote_group_id)
+        if checked.remote_group_id is not None
+        else None
+    )
     group = _group(state, ctx, checked.security_group_id)
     if checked.project is not None and checked.project != group.project:
-        _target_project(ctx, attrs)  # a non-admin naming another project: 400
+        _target_project(ctx, attrs)  # a non-admin naming another project: Neutron's 400
         raise validate.bad_request("project_id must be the security group's project")
+    if remote is not None and remote.project != group.project:
+        # Only an admin gets here (others do not see the group: 404 above).
+        raise validate.bad_request(
+            f"Invalid input for remote_group_id. Reason: security group {remote.id} belongs "
+            "to another project; secfw's rules name groups of their own project only."
+        )
     duplicate = _duplicate(api, group, checked)
     if duplicate is not None:
         raise NeutronApiError(
