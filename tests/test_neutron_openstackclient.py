@@ -140,3 +140,33 @@ def test_port_set_security_group(server: dict[str, str]) -> None:
     assert [g["name"] for g in secfw(server, "list-secgroup", "vm1")] == ["default"]
     assert openstack(server, "security", "group", "delete", "db").returncode == 0
 
+
+
+def test_keystone_mode_rejects_requests_without_a_token(store_url: str) -> None:
+    """The real auth_token filter (the ``keystone`` extra): no token is 401 even
+    with a forged ``X-Project-Id`` (auth_token strips and refills identity
+    headers), while the version document stays public. No Keystone is contacted:
+    a request without a token is refused before any validation."""
+    if os.environ.get("SECFW_REQUIRE_CONFORMANCE") != "1":
+        pytest.importorskip("keystonemiddleware.auth_token")
+    from secfw.api import Api
+    from secfw.neutron_api.app import create_app
+    from secfw.neutron_api.auth import ServiceConfig
+    from secfw.store import open_store
+
+    config = ServiceConfig(auth_strategy="keystone", keystone_authtoken={
+        "www_authenticate_uri": "http://127.0.0.1:9/identity",
+        "auth_url": "http://127.0.0.1:9/identity",
+        "delay_auth_decision": "false",
+    })
+    api = Api(open_store(store_url))
+    try:
+        client = create_app(lambda: api, config).test_client()
+        assert client.get("/").status_code == 200
+        forged = client.get("/v2.0/security-groups",
+                            headers={"X-Project-Id": "alpha", "X-Roles": "admin",
+                                     "X-Identity-Status": "Confirmed"})
+        assert forged.status_code == 401
+        assert "alpha" not in {g.project for g in api.snapshot().groups.values()}
+    finally:
+        api.store.close()
