@@ -227,7 +227,7 @@ def test_duplicate_group_name_and_quota_are_409(neutron: Neutron) -> None:
         neutron.group(f"g{n}")
     message = neutron.error("POST", "/v2.0/security-groups",
                             {"security_group": {"name": "one-more"}}, 409, "OverQuota")
-    assert "security_groups" in message
+    assert message == "Quota exceeded for resources: ['security_group']."
 
 
 def test_project_id_in_body(neutron: Neutron) -> None:
@@ -288,6 +288,7 @@ def test_rule_create_show_list_delete(neutron: Neutron) -> None:
 def test_protocol_by_name_or_number_and_duplicates(neutron: Neutron) -> None:
     web = neutron.group("web")
     first = neutron.rule(web["id"], protocol="6", port_range_min=22, port_range_max=22)
+    assert first["protocol"] == "6"  # shown as given, as Neutron does
     body = {"security_group_rule": {"security_group_id": web["id"], "direction": "ingress",
                                     "protocol": "tcp", "port_range_min": 22,
                                     "port_range_max": 22, "remote_ip_prefix": "0.0.0.0/0"}}
@@ -299,7 +300,13 @@ def test_protocol_by_name_or_number_and_duplicates(neutron: Neutron) -> None:
             icmp6["port_range_max"]) == ("IPv6", "ipv6-icmp", 128, None)
     any_proto = neutron.rule(web["id"], direction="egress", protocol="any")
     assert any_proto["protocol"] is None
-    assert neutron.rule(web["id"], protocol="dccp")["protocol"] == "33"
+    assert neutron.rule(web["id"], protocol="DCCP")["protocol"] == "dccp"
+    legacy = neutron.rule(web["id"], direction="egress", ethertype="IPv6", protocol="1")
+    assert legacy["protocol"] == "58"  # Neutron's canonical form of ICMP with IPv6
+    message = neutron.error("POST", "/v2.0/security-group-rules", {"security_group_rule": {
+        "security_group_id": web["id"], "direction": "egress", "ethertype": "IPv6",
+        "protocol": "ipv6-icmp"}}, 409, "SecurityGroupRuleExists")
+    assert legacy["id"] in message
 
 
 @pytest.mark.parametrize(("attrs", "kind", "message"), [
@@ -401,7 +408,8 @@ def test_rule_quota_is_409(neutron: Neutron) -> None:
         neutron.rule(web["id"], protocol="tcp", port_range_min=port, port_range_max=port)
     body = {"security_group_rule": {"security_group_id": web["id"], "direction": "ingress",
                                     "protocol": "udp"}}
-    neutron.error("POST", "/v2.0/security-group-rules", body, 409, "OverQuota")
+    message = neutron.error("POST", "/v2.0/security-group-rules", body, 409, "OverQuota")
+    assert message == "Quota exceeded for resources: ['security_group_rule']."
 
 
 # --------------------------------------------------------------------------- ports, networks

@@ -360,13 +360,15 @@ class Api:
         remote_ip: str | None = None,
         remote_group: str | None = None,
         description: str = "",
+        protocol_text: str | None = None,
     ) -> Rule:
         """The openstack-client form of a rule (see ``semantics.md`` section 3).
 
         Rejected: ports with a portless protocol, ICMP fields with a non-ICMP
         protocol, a code without a type, a remote of the other family, both a
         remote IP and a remote group, and duplicates (``tcp`` equals ``6``,
-        ``0.0.0.0/0`` equals no remote).
+        ``0.0.0.0/0`` equals no remote). ``protocol_text`` is kept for display
+        only (the Neutron API shows a protocol as it was given).
         """
         match = _neutron_match(direction, ethertype, protocol, dst_port, icmp_type, icmp_code)
         if remote_ip is not None and remote_group is not None:
@@ -392,6 +394,7 @@ class Api:
                 source.id if source else None,
                 description=description,
                 created=time.time_ns(),
+                protocol_text=protocol_text,
             )
             self._add_rule(state, target, rule)
             return rule

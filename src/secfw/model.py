@@ -238,6 +238,9 @@ class Rule(Record):
     description: str = ""
     #: nanoseconds since the epoch (0: stored before it was kept).
     created: int = 0
+    #: the protocol as the Neutron API was given it (Neutron shows ``6`` as ``6``,
+    #: not ``tcp``); display only, ``protocol`` is what it means. None: not given so.
+    protocol_text: str | None = None
 
     def match_key(self) -> tuple[Any, ...]:
         """The rule's meaning: two rules with equal keys are duplicates."""

@@ -148,6 +148,12 @@ _STATUS: tuple[tuple[type[SecfwError], int, str], ...] = (
 )
 
 
+def over_quota(resource: str) -> NeutronApiError:
+    """Neutron's 409 for a create over the project's quota (secfw's quotas:
+    security groups per project, rules per group)."""
+    return NeutronApiError(409, "OverQuota", f"Quota exceeded for resources: ['{resource}'].")
+
+
 def _secfw_error(exc: SecfwError) -> Response:
     if isinstance(exc, NeutronApiError):
         return neutron_error(exc.status, exc.kind, str(exc))
@@ -385,7 +391,10 @@ def _create_group(api: Api, project: str, name: str, description: str) -> Securi
         raise validate.bad_request(
             "Invalid input for name. Reason: secfw needs a non-blank security group name."
         )
-    return api.secgroup_create(project, name, description)
+    try:
+        return api.secgroup_create(project, name, description)
+    except QuotaError:
+        raise over_quota("security_group") from None
 
 
 def _check_stateful(attrs: dict[str, Any]) -> None:
@@ -480,12 +489,21 @@ def create_rule() -> Response:
             409, "SecurityGroupRuleExists",
             f"Security group rule already exists. Rule id is {duplicate}.",
         )
-    rule = api.rule_create(
+    try:
+        rule = _create_rule(api, group, checked)
+    except QuotaError:
+        raise over_quota("security_group_rule") from None
+    return _one("security_group_rule", rule_view(api.snapshot(), rule), 201)
+
+
+def _create_rule(api: Api, group: SecurityGroup, checked: validate.RuleRequest) -> Rule:
+    """One transaction; a duplicate created since :func:`_duplicate` looked is
+    still refused there (a ConflictError: 409)."""
+    return api.rule_create(
         group.project, group.id, checked.direction, checked.ethertype, checked.protocol,
         checked.dst_port, checked.icmp_type, checked.icmp_code, checked.remote_ip,
-        checked.remote_group_id, checked.description,
+        checked.remote_group_id, checked.description, checked.protocol_text,
     )
-    return _one("security_group_rule", rule_view(api.snapshot(), rule), 201)
 
 
 def _duplicate(api: Api, group: SecurityGroup, req: validate.RuleRequest) -> str | None:

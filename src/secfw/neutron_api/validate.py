@@ -110,6 +110,8 @@ class RuleRequest:
     remote_ip: str | None
     remote_group_id: str | None
     description: str
+    #: the protocol as Neutron stores and shows it (name or number, as given)
+    protocol_text: str | None
 
 
 def parse_rule(attrs: Mapping[str, Any]) -> RuleRequest:
@@ -131,8 +133,10 @@ def parse_rule(attrs: Mapping[str, Any]) -> RuleRequest:
     description = text_attr(attrs, "description")
     if attrs.get("remote_address_group_id") is not None:
         raise bad_request("remote_address_group_id is not supported by secfw")
-    if ethertype == "IPv6" and protocol in ("icmp", "icmpv6", "1"):
+    if ethertype == "IPv6" and protocol in ("icmp", "icmpv6"):
         protocol = "ipv6-icmp"  # Neutron's canonical IPv6 ICMP (legacy names converted)
+    elif ethertype == "IPv6" and protocol == "1":
+        protocol = "58"  # ... and number 1 becomes 58
     _check_port_range(protocol, low, high)
     if remote_ip is not None:
         version = ipaddress.ip_network(remote_ip, strict=False).version
@@ -187,6 +191,7 @@ def _request(
         remote_group_id=None if attrs.get("remote_group_id") is None
         else str(attrs["remote_group_id"]),
         description=description,
+        protocol_text=protocol,
     )
 
 

@@ -46,7 +46,8 @@ def rule_view(state: CloudState, rule: Rule) -> dict[str, Any]:
         "security_group_id": rule.group_id,
         "direction": rule.direction,
         "ethertype": rule.ethertype,
-        "protocol": neutron_protocol(rule),
+        "protocol": rule.protocol_text if rule.protocol_text is not None
+        else neutron_protocol(rule),
         "port_range_min": low,
         "port_range_max": high,
         "remote_ip_prefix": rule.remote_cidr,
