@@ -642,3 +642,23 @@ def test_parse_listen() -> None:
     for bad in ("9696", "localhost:9696", "127.0.0.1:65536", "127.0.0.1:x"):
         with pytest.raises(ValidationError):
             parse_listen(bad)
+
+
+def test_serve_refuses_bad_listen_and_config(cli: Any, tmp_path: Path) -> None:
+    assert "expected ADDR:PORT" in cli.fails("api", "serve", "--listen", "nope", code=2)
+    missing = str(tmp_path / "missing.conf")
+    assert "cannot read config" in cli.fails("api", "serve", "--config", missing, code=8)
+
+
+def test_names_through_the_api_stay_data(
+    neutron: Neutron, booted: dict[str, Any], cli: Any
+) -> None:
+    name = 'x"; flush ruleset; add table inet pwn { $(reboot) }'
+    group = neutron.group(name, description="} drop;")
+    assert group["name"] == name
+    neutron.ok("PUT", f"/v2.0/ports/{booted['port']}",
+               {"port": {"security_groups": [group["id"]]}})
+    neutron.rule(group["id"], protocol="tcp", port_range_min=443, port_range_max=443)
+    ruleset = cli.ok("compile", "--host", "h1")
+    assert "443" in ruleset
+    assert "pwn" not in ruleset and "reboot" not in ruleset and "flush ruleset" not in ruleset
