@@ -270,6 +270,9 @@ def _state(ctx: Context) -> CloudState:
     """The cloud, with the caller's ``default`` group created on first use
     (Neutron creates it on a project's first security-group request)."""
     api = _api()
+    state = api.snapshot()
+    if (ctx.project, DEFAULT_GROUP) in state.group_by_name:
+        return state  # the common case: one read of the store, no write
     api.secgroup_list(ctx.project)
     return api.snapshot()
 
