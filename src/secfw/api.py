@@ -206,7 +206,8 @@ class Api:
                     f"Security group {name!r} already exists in project {project!r}"
                 )
             self._check_group_quota(state, project)
-            group = SecurityGroup(new_id(), project, name, description)
+            now = time.time_ns()
+            group = SecurityGroup(new_id(), project, name, description, now, now)
             state.put(group)
             return group
 
@@ -224,7 +225,15 @@ class Api:
                 raise ConflictError(
                     f"Security group {name!r} already exists in project {project!r}"
                 )
-            updated = SecurityGroup(current.id, project, name, description)
+            updated = replace(
+                current,
+                name=name,
+                description=description,
+                updated=time.time_ns(),
+                revision=current.revision + 1,
+            )
+            if updated == replace(current, updated=updated.updated, revision=updated.revision):
+                return current  # nothing changed: no write, no new revision
             state.put(updated)
             return updated
 
@@ -280,7 +289,8 @@ class Api:
         with self.batch() as state:
             target = self._group(state, project, group)
             rule = Rule(
-                new_id(), target.id, "ingress", "IPv4", proto, low, high, remote, None, display
+                new_id(), target.id, "ingress", "IPv4", proto, low, high, remote, None, display,
+                created=time.time_ns(),
             )
             self._add_rule(state, target, rule)
             return rule
@@ -311,7 +321,8 @@ class Api:
             target = self._group(state, project, group)
             source = self._group(state, project, source_group, "Source group")
             rule = Rule(
-                new_id(), target.id, "ingress", "IPv4", proto, low, high, None, source.id, display
+                new_id(), target.id, "ingress", "IPv4", proto, low, high, None, source.id, display,
+                created=time.time_ns(),
             )
             self._add_rule(state, target, rule)
             return rule
@@ -348,18 +359,22 @@ class Api:
         icmp_code: str | int | None = None,
         remote_ip: str | None = None,
         remote_group: str | None = None,
+        description: str = "",
+        protocol_text: str | None = None,
     ) -> Rule:
         """The openstack-client form of a rule (see ``semantics.md`` section 3).
 
         Rejected: ports with a portless protocol, ICMP fields with a non-ICMP
         protocol, a code without a type, a remote of the other family, both a
         remote IP and a remote group, and duplicates (``tcp`` equals ``6``,
-        ``0.0.0.0/0`` equals no remote).
+        ``0.0.0.0/0`` equals no remote). ``protocol_text`` is kept for display
+        only (the Neutron API shows a protocol as it was given).
         """
         match = _neutron_match(direction, ethertype, protocol, dst_port, icmp_type, icmp_code)
         if remote_ip is not None and remote_group is not None:
             raise ValidationError("give --remote-ip or --remote-group, not both")
         remote = parse_cidr(remote_ip, match.ethertype) if remote_ip is not None else None
+        _check_description(description)
         with self.batch() as state:
             target = self._group(state, project, group)
             source = (
@@ -377,9 +392,55 @@ class Api:
                 match.port_max,
                 remote,
                 source.id if source else None,
+                description=description,
+                created=time.time_ns(),
+                protocol_text=protocol_text,
             )
             self._add_rule(state, target, rule)
             return rule
+
+    def rule_find(
+        self,
+        project: str,
+        group: str,
+        direction: str = "ingress",
+        ethertype: str = "IPv4",
+        protocol: str | None = None,
+        dst_port: str | None = None,
+        icmp_type: str | int | None = None,
+        icmp_code: str | int | None = None,
+        remote_ip: str | None = None,
+        remote_group: str | None = None,
+    ) -> Rule | None:
+        """The rule of ``group`` that means what :meth:`rule_create` with these
+        arguments would mean (its duplicate), or None. Validates as rule_create."""
+        match = _neutron_match(direction, ethertype, protocol, dst_port, icmp_type, icmp_code)
+        remote = parse_cidr(remote_ip, match.ethertype) if remote_ip is not None else None
+        state = self.snapshot()
+        target = self._group(state, project, group)
+        source = (
+            self._group(state, project, remote_group, "Remote group").id
+            if remote_group is not None
+            else None
+        )
+        probe = Rule("", target.id, match.direction, match.ethertype, match.protocol,
+                     match.port_min, match.port_max, remote, source)
+        key = probe.match_key()
+        found = [r for r in state.rules_by_group.get(target.id, {}).values()
+                 if r.match_key() == key]
+        return found[0] if found else None
+
+    @_retried
+    def rule_update(self, project: str, rule_id: str, description: str) -> Rule:
+        """Change a rule's description (the only thing of a rule that changes)."""
+        _check_description(description)
+        with self.batch() as state:
+            rule = state.rules.get(rule_id)
+            if rule is None or state.groups[rule.group_id].project != project:
+                raise NotFoundError(f"security group rule {rule_id!r} not found")
+            updated = replace(rule, description=description)
+            state.put(updated)
+            return updated
 
     def rule_list(self, project: str, group: str | None = None) -> list[Rule]:
         """Every rule of the project's groups, or of one group."""
@@ -434,6 +495,25 @@ class Api:
                     "a port without port security cannot have allowed address "
                     "pairs; remove them first"
                 )
+            state.put(updated)
+            return updated
+
+    @_retried
+    def port_set_groups(self, project: str, port: str, groups: Sequence[str]) -> Instance:
+        """Make ``groups`` (names or ids of the project's groups; may be empty) the
+        security groups of ``port``.
+
+        secfw keeps security groups per instance (nova's model), so this sets
+        them for every port of the port's instance: the Neutron API's
+        ``PUT /v2.0/ports/ID {"port": {"security_groups": [...]}}``.
+        """
+        with self.batch() as state:
+            current = self._port(state, project, port)
+            instance = state.instances[current.instance_id]
+            ids = tuple(dict.fromkeys(self._group(state, project, g).id for g in groups))
+            if ids == instance.security_groups:
+                return instance
+            updated = _with_groups(instance, ids)
             state.put(updated)
             return updated
 
@@ -1127,7 +1207,8 @@ class Api:
 
     def _ensure_project(self, state: CloudState, project: str) -> None:
         if (project, DEFAULT_GROUP) not in state.group_by_name:
-            state.put(SecurityGroup(new_id(), project, DEFAULT_GROUP, "default"))
+            now = time.time_ns()
+            state.put(SecurityGroup(new_id(), project, DEFAULT_GROUP, "default", now, now))
 
     def _check_group_quota(self, state: CloudState, project: str) -> None:
         limit = state.quota(project).security_groups

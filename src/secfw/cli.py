@@ -786,3 +786,4 @@ __all__ = [
 # (flavors, keypairs, images, boot, show, meta) register themselves on ``main``.
 from secfw import computecli, hostcli  # noqa: E402, F401
 from secfw.audit import cli as _audit_cli  # noqa: E402, F401  (registers ``secfw audit``)
+from secfw.neutron_api import serve as _neutron_serve  # noqa: E402, F401  (registers ``secfw api``)

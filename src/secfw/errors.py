@@ -16,7 +16,8 @@ Hierarchy::
     ├── BackendError            the kernel refused a transaction, a tool failed
     │   ├── UnsupportedError    a backend cannot express part of the IR faithfully
     │   └── TopologyError       the host's taps are not laid out as the agent was told
-    └── LabError                the network-namespace lab could not be built
+    ├── LabError                the network-namespace lab could not be built
+    └── NeutronApiError         an error of the Neutron API, with its HTTP status and type
 
 Lower-level exceptions (sqlite3, OSError, netlink) are translated at the edge with
 ``raise ... from exc`` so callers only ever catch :class:`SecfwError`.
@@ -122,3 +123,20 @@ class LabError(SecfwError):
     """The network-namespace lab could not be created or removed."""
 
     exit_code = 10
+
+
+class NeutronApiError(SecfwError):
+    """An error the Neutron-compatible API reports exactly as Neutron does.
+
+    ``status`` is the HTTP status (400, 404, 409, ...), ``kind`` the name
+    Neutron gives the error in ``{"NeutronError": {"type": ...}}`` (its
+    exception class, e.g. ``SecurityGroupNotFound`` or ``HTTPBadRequest``), and
+    the message is Neutron's text, which clients and tempest compare.
+    """
+
+    exit_code = 2
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind

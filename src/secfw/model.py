@@ -201,11 +201,20 @@ class Network(Record):
 
 @dataclass(frozen=True)
 class SecurityGroup(Record):
+    """A named set of allow rules of one project.
+
+    ``created``/``updated`` are nanoseconds since the epoch (0: stored before
+    they were kept); ``revision`` counts the updates of the group itself (the
+    Neutron API's ``revision_number``)."""
+
     KIND: ClassVar[str] = "secgroup"
     id: str
     project: str
     name: str
     description: str = ""
+    created: int = 0
+    updated: int = 0
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +234,13 @@ class Rule(Record):
     #: ICMP code given with an "any" type (nova's ``icmp -1 255``): kept for display,
     #: it matches nothing more than "any ICMP".
     display_max: int | None = None
+    #: free text (the Neutron API's ``description``); not part of the rule's meaning.
+    description: str = ""
+    #: nanoseconds since the epoch (0: stored before it was kept).
+    created: int = 0
+    #: the protocol as the Neutron API was given it (Neutron shows ``6`` as ``6``,
+    #: not ``tcp``); display only, ``protocol`` is what it means. None: not given so.
+    protocol_text: str | None = None
 
     def match_key(self) -> tuple[Any, ...]:
         """The rule's meaning: two rules with equal keys are duplicates."""
