@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ pytestmark = [
 SECTIONS = ("machine", "options", "workload", "control_plane", "incremental", "membership",
             "datapath", "restart", "targets", "plot")
 QUICK_SIZES = [50, 200]
+#: This module's bench runs name their scratch namespaces sfw-b-<TAG>… (other tests
+#: may run benches beside it under pytest-xdist).
+NS_TAG = f"{uuid.uuid4().hex[:6]}-"
 
 
 def errors(node: Any, path: str = "") -> list[str]:
@@ -49,6 +53,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     done = subprocess.run(
         [sys.executable, "-m", "secfw.bench", "--quick", "--out", str(out)],
         capture_output=True, text=True, timeout=280, check=False,
+        env=os.environ | {"SECFW_BENCH_NS_TAG": NS_TAG},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return out, json.loads((out / "latest.json").read_text(encoding="utf-8"))
@@ -73,7 +78,7 @@ def test_every_step_ran_without_error(quick_run: tuple[Path, dict[str, Any]]) ->
     assert len(results["incremental"]["changes"]) == 5
     datapath = results["datapath"]
     assert "skipped" in datapath or [r["ports"] for r in datapath["rows"]] == [0, 0, *QUICK_SIZES]
-    assert len(results["targets"]) == 6
+    assert len(results["targets"]) == 8
 
 
 def test_datapath_measures_both_backends_at_every_size(
@@ -93,11 +98,13 @@ def test_datapath_measures_both_backends_at_every_size(
         assert row["filter"] == "secfw (nftables)"
         assert row["iptables"]["filter"] == f"secfw (iptables-{variant})"
         for figures in (row, row["iptables"]):
-            for key in ("udp_pps", "tcp_bps", "udp_ratio", "tcp_ratio", "load_s"):
+            for key in ("udp_pps", "tcp_bps", "udp_ratio", "tcp_ratio", "load_s", "conn_rate",
+                        "conn_ratio", "conn_ct_ratio", "conn_p50_us", "conn_p99_us"):
                 assert isinstance(figures[key], float) and figures[key] > 0, key
             assert len(figures["udp_ratio_runs"]) == len(figures["tcp_ratio_runs"]) == 1
     markdown = (out / "latest.md").read_text(encoding="utf-8")
     assert f"| iptables-{variant}: UDP 64 B (kpps) |" in markdown
+    assert f"| iptables-{variant}: new conn/s |" in markdown
     assert f"iptables-{variant}" in datapath["method"]
     target = next(t for t in results["targets"] if t["target"].startswith("data path"))
     assert target["met"] is None  # 10,000 ports are not run with --quick
@@ -119,7 +126,7 @@ def test_no_namespace_left_behind(quick_run: tuple[Path, dict[str, Any]]) -> Non
     _, results = quick_run
     lab = Lab(results["workload"]["host"], Path("/nonexistent"))
     leftovers = [ns for ns in (lab.host_ns, lab.external_ns) if netns_exists(ns)]
-    leftovers += [ns.name for ns in Path("/run/netns").glob("sfw-b-*")]
+    leftovers += [ns.name for ns in Path("/run/netns").glob(f"sfw-b-{NS_TAG}*")]
     assert leftovers == []
 
 

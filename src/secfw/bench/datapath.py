@@ -25,8 +25,10 @@ Before each configuration is loaded, both backends remove what they own
 left at the end.
 
 Measured: UDP datagrams with a 64-byte payload (``iperf3 -u -b 0 -l 64``),
-packets received per second; and TCP throughput (``iperf3``, one stream, bits
-per second received). Reported: medians over the repetitions, and the median of
+packets received per second; TCP throughput (``iperf3``, one stream, bits
+per second received); and new TCP connections per second with their connect()
+time p50/p99 (:mod:`secfw.bench.connrate`: the first packet of every flow walks
+the ruleset, the others ride conntrack). Reported: medians over the repetitions, and the median of
 the ratios to the baseline measured in the same repetition. One row per N: the
 nftables figures, and the iptables figures under ``"iptables"``.
 """
@@ -47,6 +49,7 @@ from typing import Any
 from secfw.backends.iptables import IptablesBackend, IptPlan
 from secfw.backends.nftables import NftablesExecutor
 from secfw.bench.common import Row, median, rounded, timed
+from secfw.bench.connrate import ConnProbe
 from secfw.compiler.ir import HostFilter
 from secfw.lab import Lab, LabPort
 
@@ -254,6 +257,9 @@ class Measured:
 
     udp_pps: list[float] = field(default_factory=list)
     tcp_bps: list[float] = field(default_factory=list)
+    conn_rate: list[float] = field(default_factory=list)
+    conn_p50_us: list[float] = field(default_factory=list)
+    conn_p99_us: list[float] = field(default_factory=list)
     load_s: list[float] = field(default_factory=list)
 
 
@@ -273,9 +279,8 @@ def run_datapath(pair: tuple[LabPort, LabPort], host: str,
             filters = HostFilters(lab.host_ns)
             try:
                 configs = configurations(rulesets, filters.iptables_plan, filters.variant)
-                iperf = Iperf(lab.instance_ns(server.tap), lab.instance_ns(client.tap),
-                              server.ip)
-                runs = _measure(iperf, filters, configs, settings)
+                ends = (lab.instance_ns(server.tap), lab.instance_ns(client.tap), server.ip)
+                runs = _measure(Iperf(*ends), ConnProbe(*ends), filters, configs, settings)
             finally:
                 filters.clear()
         finally:
@@ -283,18 +288,28 @@ def run_datapath(pair: tuple[LabPort, LabPort], host: str,
     return _summarise(configs, runs, settings, filters.variant)
 
 
-def _measure(iperf: Iperf, filters: HostFilters, configs: list[Configuration],
-             settings: Settings) -> list[Measured]:
+def _measure(iperf: Iperf, conns: ConnProbe, filters: HostFilters,
+             configs: list[Configuration], settings: Settings) -> list[Measured]:
     """Every repetition, every configuration in turn: per configuration, its values."""
     runs = [Measured() for _ in configs]
-    with iperf.serving():
+    with iperf.serving(), conns.serving():
         iperf.udp_pps(1.0)  # warm-up, not counted: neighbours resolved, caches hot
+        conns.measure(1.0)
         for _ in range(settings.reps):
             for config, measured in zip(configs, runs, strict=True):
                 measured.load_s.append(filters.load(config))
                 measured.udp_pps.append(iperf.udp_pps(settings.seconds))
                 measured.tcp_bps.append(iperf.tcp_bps(settings.seconds))
+                _measure_connections(conns, settings, measured)
     return runs
+
+
+def _measure_connections(conns: ConnProbe, settings: Settings, measured: Measured) -> None:
+    """One connection-rate run into ``measured``."""
+    found = conns.measure(settings.seconds)
+    measured.conn_rate.append(found.rate)
+    measured.conn_p50_us.append(found.p50_us)
+    measured.conn_p99_us.append(found.p99_us)
 
 
 def _summarise(configs: list[Configuration], runs: list[Measured], settings: Settings,
@@ -302,7 +317,7 @@ def _summarise(configs: list[Configuration], runs: list[Measured], settings: Set
     """One row per baseline and per N (``runs[0]`` is the no-filter baseline): the
     nftables figures, and the iptables ones of the same N under ``"iptables"``
     (None in the baseline rows, which both backends share)."""
-    figures = [_figures(measured, runs[0]) for measured in runs]
+    figures = [_figures(measured, runs[0], runs[1]) for measured in runs]
     rows: list[Row] = [{"ports": config.ports, "filter": config.filter, **found,
                         "iptables": None}
                        for config, found in zip(configs, figures, strict=True)
@@ -320,21 +335,31 @@ def _summarise(configs: list[Configuration], runs: list[Measured], settings: Set
     }
 
 
-def _figures(measured: Measured, baseline: Measured) -> Row:
+def _figures(measured: Measured, baseline: Measured, conntrack: Measured) -> Row:
     """Medians of ``measured``, and the median of its ratios to the ``baseline``
     run of the same repetition (paired, so drift of the machine between
-    repetitions cancels out); the per-repetition values too; the median load time."""
+    repetitions cancels out); the per-repetition values too; the median load time.
+    New connections are also compared with the ``conntrack`` only run (a stateful
+    filter's floor: every new flow makes a conntrack entry whatever the rules)."""
     row: Row = {}
     for key, values, base in (("udp_pps", measured.udp_pps, baseline.udp_pps),
-                              ("tcp_bps", measured.tcp_bps, baseline.tcp_bps)):
+                              ("tcp_bps", measured.tcp_bps, baseline.tcp_bps),
+                              ("conn_rate", measured.conn_rate, baseline.conn_rate)):
         kind = key.split("_")[0]
-        paired = [v / b for v, b in zip(values, base, strict=True) if b]
         row[key] = rounded(median(values), 1)
         row[f"{key}_runs"] = [round(v, 1) for v in values]
-        row[f"{kind}_ratio"] = rounded(median(paired), 4)
-        row[f"{kind}_ratio_runs"] = [round(r, 3) for r in paired]
+        row[f"{kind}_ratio"] = rounded(median(_paired(values, base)), 4)
+        row[f"{kind}_ratio_runs"] = [round(r, 3) for r in _paired(values, base)]
+    row["conn_ct_ratio"] = rounded(median(_paired(measured.conn_rate, conntrack.conn_rate)), 4)
+    row["conn_p50_us"] = rounded(median(measured.conn_p50_us), 1)
+    row["conn_p99_us"] = rounded(median(measured.conn_p99_us), 1)
     row["load_s"] = rounded(median(measured.load_s), 3)
     return row
+
+
+def _paired(values: list[float], base: list[float]) -> list[float]:
+    """Per repetition, ``values`` over ``base`` (repetitions without a base skipped)."""
+    return [v / b for v, b in zip(values, base, strict=True) if b]
 
 
 def method(variant: str) -> str:
@@ -342,6 +367,8 @@ def method(variant: str) -> str:
     return (
         "iperf3 between two lab instances, routed through the host namespace; UDP 64-byte "
         "payload (-u -b 0 -l 64), received packets/s; TCP one stream, received bits/s; "
+        "new TCP connections/s from 2 client processes and their connect() time "
+        "(secfw.bench.connrate: SYN to SYN-ACK as the client sees it); "
         "every configuration measured in turn in each repetition; value: median; ratio: "
         "median of the per-repetition ratios to no filter; nftables: the full transaction; "
         f"iptables: the same IR through the iptables backend in its default variant, "

@@ -209,10 +209,29 @@ def _datapath(results: Row) -> list[str]:
             for row in dp["rows"]]
     header = ["N", "nftables: UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio",
               f"{iptables}: UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio"]
-    return [title, "", *table(header, rows), "",
+    return [title, "", *table(header, rows), "", *_new_connections(dp, iptables), "",
             f"{dp['method']}; {dp['reps']} repetitions of {dp['seconds']:g} s. The two "
             f"N = 0 rows are the baselines both backends are compared with.",
             f"Ruleset load (median, not part of the figures): {_load_times(dp, iptables)}."]
+
+
+def _new_connections(dp: Row, iptables: str) -> list[str]:
+    """New TCP connections per N: rate, its ratio to conntrack only, connect() p50/p99."""
+    rows = [[_datapath_label(row), *_connection_cells(row),
+             *_connection_cells(row.get("iptables"))] for row in dp["rows"]]
+    header = ["N", "nftables: new conn/s", "vs conntrack only", "connect p50 (µs)", "p99",
+              f"{iptables}: new conn/s", "vs conntrack only", "connect p50 (µs)", "p99"]
+    return ["New TCP connections (the first packet walks the ruleset):", "",
+            *table(header, rows)]
+
+
+def _connection_cells(figures: Any) -> list[str]:
+    """Connections/s, ratio to conntrack only, p50 and p99 connect µs — or dashes."""
+    if not isinstance(figures, dict) or "conn_rate" not in figures:
+        return ["—"] * 4
+    return [_scaled(figures.get("conn_rate"), 1, ",.0f"), _percent(figures.get("conn_ct_ratio")),
+            _scaled(figures.get("conn_p50_us"), 1, ",.0f"),
+            _scaled(figures.get("conn_p99_us"), 1, ",.0f")]
 
 
 def _datapath_cells(figures: Any) -> list[str]:

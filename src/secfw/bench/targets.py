@@ -100,6 +100,30 @@ def _iptables_ratio(datapath: Row, row: Row) -> str:
     return f"{name}: UDP {ratios[0]:.0%}, TCP {ratios[1]:.0%}"
 
 
+def new_connections(results: Row) -> tuple[bool | None, str]:
+    """nftables' new-connection rate at the target size against conntrack only."""
+    datapath = results["datapath"]
+    row = find(datapath["rows"], TARGET_SIZE) if ok(datapath) else None
+    if row is None or not isinstance(row.get("conn_ct_ratio"), int | float):
+        raise KeyError("new connections")
+    ratio = row["conn_ct_ratio"]
+    return ratio >= 0.90, f"{ratio:.0%} of conntrack only ({row['conn_rate']:,.0f}/s)"
+
+
+def first_packet_flat(results: Row) -> tuple[bool | None, str]:
+    """nftables' p99 connect() time, smallest N > 0 against the largest."""
+    datapath = results["datapath"]
+    rows = [r for r in datapath.get("rows", []) if r.get("ports") and
+            isinstance(r.get("conn_p99_us"), int | float)] if ok(datapath) else []
+    if len(rows) < 2:
+        raise KeyError("first packet")
+    low, high = rows[0], rows[-1]
+    growth = high["conn_p99_us"] / low["conn_p99_us"] - 1
+    figure = (f"p99 {low['conn_p99_us']:,.0f} µs at {low['ports']:,} → "
+              f"{high['conn_p99_us']:,.0f} µs at {high['ports']:,} ({growth:+.0%})")
+    return growth <= 0.10, figure
+
+
 def restart_quiet(results: Row) -> tuple[bool | None, str]:
     row = find(results["restart"], TARGET_SIZE)
     if row is None or not ok(row):
@@ -114,6 +138,8 @@ TARGETS: tuple[tuple[str, Callable[[Row], tuple[bool | None, str]]], ...] = (
     ("membership change at 10k < 10 ms store→kernel", membership_fast),
     (f"membership change flat 100 → 50k (≤ {FLAT_FACTOR:g}×)", membership_flat),
     ("data path at 10k ≥ 95 % of unfiltered (UDP and TCP)", datapath_ratio),
+    ("new TCP connections/s at 10k ≥ 90 % of conntrack only", new_connections),
+    ("first-packet p99 within 10 % from 100 ports to the largest N", first_packet_flat),
     ("restart at 10k: no rule rewritten (0 commands)", restart_quiet),
 )
 

@@ -17,7 +17,8 @@ Workload (the one docs/peers.md measured Neutron with):
   their traffic is routed and reaches the group chains, not the same-net
   accept): ``dp-server`` (19 random host groups and, last, ``bench-dp``) and
   ``dp-client`` (``bench-dp``). ``bench-dp`` allows TCP and UDP 5201 (iperf3)
-  from members of ``bench-dp``.
+  and TCP 5301 (the new-connection tool, :mod:`secfw.bench.connrate`) from
+  members of ``bench-dp``.
 
 :class:`BenchCloud` grows the cloud in place (:meth:`BenchCloud.grow_to`), so one
 store serves every size and the data-path instances keep their taps. Everything
@@ -30,6 +31,7 @@ import random
 from dataclasses import dataclass, field
 
 from secfw.api import Api
+from secfw.bench.connrate import CONN_PORT
 from secfw.cloud import CloudState
 from secfw.lab import LabPort
 from secfw.model import Instance
@@ -133,6 +135,8 @@ class BenchCloud:
             self.api.secgroup_add_group_rule(
                 PROJECT, DP_GROUP, DP_GROUP, proto, str(DP_PORT), str(DP_PORT)
             )
+        self.api.secgroup_add_group_rule(
+            PROJECT, DP_GROUP, DP_GROUP, "tcp", str(CONN_PORT), str(CONN_PORT))
         groups = [*self._random_host_groups(GROUPS_PER_PORT - 1), DP_GROUP]
         self._boot(DP_SERVER, self.host, groups, DP_NETS[0][0])
         self._boot(DP_CLIENT, self.host, [DP_GROUP], DP_NETS[1][0])
