@@ -130,10 +130,13 @@ def test_instance_reaches_outside_with_its_floating_source(cloud):
 def test_dissociation_cuts_established_connections_both_ways(cloud):
     """remove-floating-ip: a connection in through the floating address and one
     out with the floating source stop carrying data after one agent pass; new
-    connections to the address fail."""
-    build(cloud, "web")
+    connections to the address fail. Another instance keeps a floating IP, so the
+    nat chains stay: removing the last nat hook makes the kernel drop every NAT
+    binding by itself (nf_nat_unregister_fn), which would hide a missing revocation."""
+    build(cloud, "web", "other")
     address = floating(cloud)
     cloud.api.add_floating_ip("p", "web", address)
+    cloud.api.add_floating_ip("p", "other", floating(cloud, 1))
     cloud.sync()
     web, ext = cloud.ns("web"), cloud.ns(EXT)
     with connection(ext, web, address, 80) as (c_in, s_in, _), \
