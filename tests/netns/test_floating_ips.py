@@ -182,3 +182,17 @@ def test_hairpin_through_a_floating_address_is_filtered(cloud):
         assert seen == cloud.ip("client")
         assert carries(client, conn, b"hairpin")
     assert not reaches(cloud, "client", web, address, 22)
+
+
+def test_removing_the_rule_cuts_connections_through_the_floating_address(cloud):
+    """Revocation judges a connection to a floating address as the filter saw it
+    (destination: the fixed address): removing tcp 80 from ``web`` cuts it."""
+    build(cloud, "web")
+    address = floating(cloud)
+    cloud.api.add_floating_ip("p", "web", address)
+    cloud.sync()
+    with connection(cloud.ns(EXT), cloud.ns("web"), address, 80) as (client, conn, _):
+        assert carries(client, conn, b"before")
+        cloud.api.secgroup_delete_rule("p", "web", "tcp", "80", "80", "0.0.0.0/0")
+        cloud.sync()
+        assert not carries(client, conn, b"after"), "a connection outlived its rule"
