@@ -102,7 +102,8 @@ def test_groups_filter_the_floating_address_by_the_original_source(cloud):
     web = cloud.ns("web")
     assert not reaches(cloud, EXT, web, address, 80), "unassociated address reaches web"
     cloud.api.add_floating_ip("p", "web", address)
-    cloud.sync()
+    assert cloud.sync().commands > 0
+    assert cloud.sync(full=True).commands == 0, "the NAT read back differs from what was written"
     assert reaches(cloud, EXT, web, address, 80)
     assert not reaches(cloud, EXT, web, address, 443)
     assert not reaches(cloud, EXT, web, address, 22, EXTERNAL_IP)
