@@ -197,3 +197,16 @@ def test_removing_the_rule_cuts_connections_through_the_floating_address(cloud):
         cloud.api.secgroup_delete_rule("p", "web", "tcp", "80", "80", "0.0.0.0/0")
         cloud.sync()
         assert not carries(client, conn, b"after"), "a connection outlived its rule"
+
+
+def test_instance_reaches_its_own_floating_address(cloud):
+    """Its own hairpin comes back from the floating address (SNATed): a packet
+    from its own fixed address arriving on eth0 would be dropped as a martian."""
+    build(cloud, "web")
+    address = floating(cloud)
+    cloud.api.add_floating_ip("p", "web", address)
+    cloud.sync()
+    web = cloud.ns("web")
+    with connection(web, web, address, 80) as (client, conn, seen):
+        assert seen == address
+        assert carries(client, conn, b"myself")

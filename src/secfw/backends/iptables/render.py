@@ -426,8 +426,10 @@ def render(hf: HostFilter, options: RenderOptions | None = None) -> IptState:
 def nat_table(hf: HostFilter) -> Table:
     """The floating IPs' 1:1 NAT: one DNAT rule per floating address in
     ``secfw-float-dnat`` (PREROUTING), and in ``secfw-float-snat`` (POSTROUTING)
-    a RETURN per instance network (no SNAT between instances) then one SNAT
-    rule per fixed address. DNAT before the filter's FORWARD chains: the groups
+    first an SNAT per fixed address for its own hairpin (an instance reaching its
+    own floating address would drop its own source coming back), then a RETURN
+    per instance network (no SNAT between instances), then one SNAT rule per
+    fixed address. DNAT before the filter's FORWARD chains: the groups
     see the original source. Empty (no chains, no jumps) without floating IPs."""
     if not hf.floating:
         return Table("ipv4", {}, {})
@@ -436,7 +438,9 @@ def nat_table(hf: HostFilter) -> Table:
             if cidr_family(address) != "ipv4" or "/" in address:
                 raise BackendError(f"iptables: floating IP address {address!r} is not IPv4")
     dnat = tuple(f"-d {n.floating}/32 -j DNAT --to-destination {n.fixed}" for n in hf.floating)
-    snat = (*(f"-d {canonical_cidr(c)} -j RETURN" for c in hf.internal),
+    snat = (*(f"-s {n.fixed}/32 -d {n.fixed}/32 -j SNAT --to-source {n.floating}"
+              for n in hf.floating),
+            *(f"-d {canonical_cidr(c)} -j RETURN" for c in hf.internal),
             *(f"-s {n.fixed}/32 -j SNAT --to-source {n.floating}" for n in hf.floating))
     return Table("ipv4", {FLOAT_DNAT: dnat, FLOAT_SNAT: snat}, {jump: 1 for jump in NAT_JUMPS})
 

@@ -5,10 +5,19 @@
     map floating_dnat { type ipv4_addr : ipv4_addr; }      floating -> fixed
     map floating_snat { type ipv4_addr : ipv4_addr; }      fixed -> floating
     set floating_internal { type ipv4_addr; flags interval; }   instance networks
+    set floating_self { type ipv4_addr . ipv4_addr; }           fixed . fixed
     chain floating-dnat { type nat hook prerouting priority -100;
         dnat ip to ip daddr map @floating_dnat }
     chain floating-snat { type nat hook postrouting priority 100;
+        ip saddr . ip daddr @floating_self snat ip to ip saddr map @floating_snat
         ip daddr != @floating_internal snat ip to ip saddr map @floating_snat }
+
+An instance that reaches its own floating address gets its packet back DNATed
+to its own fixed address: it would drop a packet from one of its own addresses
+arriving from outside (the kernel's martian-source check), so that hairpin is
+SNATed to the floating address (``floating_self``: nft cannot compare two
+header fields, so the pair is a set element). Other instances see the hairpin
+with the sender's fixed address, as any traffic between instances.
 
 An association is two map elements, never a rule. Nothing is rendered while no
 floating IP is associated on the host, so a host without any keeps exactly the
@@ -22,6 +31,7 @@ from secfw.backends.nftables.layout import (
     FLOATING_DNAT_CHAIN,
     FLOATING_DNAT_HOOK,
     FLOATING_INTERNAL,
+    FLOATING_SELF,
     FLOATING_SNAT,
     FLOATING_SNAT_CHAIN,
     FLOATING_SNAT_HOOK,
@@ -29,6 +39,7 @@ from secfw.backends.nftables.layout import (
 )
 from secfw.backends.nftables.syntax import (
     Chain,
+    Concat,
     Datum,
     Element,
     MapLookup,
@@ -59,14 +70,17 @@ def floating_part(hf: HostFilter) -> tuple[list[NamedSet], list[Chain]]:
         _address_map(FLOATING_SNAT, snat),
         NamedSet(FLOATING_INTERNAL, ("ipv4_addr",), ("interval",),
                  tuple(Element((canonical_cidr(c, "ipv4"),)) for c in hf.internal)),
+        NamedSet(FLOATING_SELF, ("ipv4_addr", "ipv4_addr"), (),
+                 tuple(Element((fixed, fixed)) for fixed in sorted(snat))),
     ]
     daddr, saddr = Payload("ip", "daddr"), Payload("ip", "saddr")
+    to_floating = Nat("snat", MapLookup(saddr, SetRef(FLOATING_SNAT)))
     chains = [
         Chain(FLOATING_DNAT_CHAIN, FLOATING_DNAT_HOOK, (
             make_rule((Nat("dnat", MapLookup(daddr, SetRef(FLOATING_DNAT))),)),)),
         Chain(FLOATING_SNAT_CHAIN, FLOATING_SNAT_HOOK, (
-            make_rule((Match(daddr, SetRef(FLOATING_INTERNAL), "!="),
-                       Nat("snat", MapLookup(saddr, SetRef(FLOATING_SNAT))))),)),
+            make_rule((Match(Concat((saddr, daddr)), SetRef(FLOATING_SELF)), to_floating)),
+            make_rule((Match(daddr, SetRef(FLOATING_INTERNAL), "!="), to_floating)))),
     ]
     return sets, chains
 

@@ -60,6 +60,7 @@ PORTS_SUFFIX = "-ports"
 FLOATING_DNAT = "floating_dnat"  # floating address -> fixed address
 FLOATING_SNAT = "floating_snat"  # fixed address -> floating address
 FLOATING_INTERNAL = "floating_internal"  # instance networks: never SNATed towards
+FLOATING_SELF = "floating_self"  # fixed . fixed: an instance reaching its own floating IP
 FLOATING_DNAT_CHAIN = "floating-dnat"  # hook nat prerouting
 FLOATING_SNAT_CHAIN = "floating-snat"  # hook nat postrouting
 
@@ -79,7 +80,7 @@ TO_TAP = "to-tap"  # hook postrouting: ingress mark
 FIXED_SETS = frozenset({
     INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SPOOF.values(), *INGRESS_ADDRS.values(),
     *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
-    PORT_MACS, FLOATING_DNAT, FLOATING_SNAT, FLOATING_INTERNAL,
+    PORT_MACS, FLOATING_DNAT, FLOATING_SNAT, FLOATING_INTERNAL, FLOATING_SELF,
 })
 FIXED_CHAINS = frozenset({
     INGRESS_FILTER, EGRESS_OPEN, EGRESS_FILTER, EGRESS_GUARD, EGRESS_PROTECT,
