@@ -120,6 +120,7 @@ def lab_ports(state: CloudState, host: str) -> list[LabPort]:
                     ip6=port.ip6 if v6 else None,
                     prefixlen6=net.prefixlen6 if v6 else None,
                     gateway6=net.gateway6 if v6 else None,
+                    floating=tuple(f.id for f in state.floating_of(port.id)),
                 )
             )
     return sorted(ports, key=lambda p: p.tap)

@@ -3,9 +3,10 @@ instances reach a floating address, which the host DNATs to the instance's fixed
 address before the security groups judge it by the original source; what the
 instance starts towards outside leaves with the floating source.
 
-The external namespace routes everything through the host (routed topology), so
-the host answers for the pool's addresses without proxy ARP: see
-docs/nftables.md, "Floating IPs".
+Routed: the external namespace routes everything through the host, so the host
+answers for the pool's addresses without proxy ARP. Bridged: the router (the
+external side's gateway) routes each floating address onto its port's network
+(``Lab._sync_floating``). See docs/nftables.md, "Floating IPs".
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from secfw.lab import Lab
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
-    pytest.mark.topologies("routed"),
 ]
 
 EXT = "external"
