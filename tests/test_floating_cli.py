@@ -149,3 +149,13 @@ def test_no_pool_and_several_pools(cli: Cli, api: Api) -> None:
     assert "several floating IP pools exist" in cli.fails("floating-ip-create", code=2)
     api.floating_pool_create("admin", "nova", "203.0.113.0/24")
     assert cli.json("floating-ip-create")["pool"] == "nova"
+
+
+def test_compile_shows_the_nat(fip: Cli, api: Api) -> None:
+    """``secfw compile`` prints the host's NAT with either backend."""
+    fixed = api.snapshot().floating_ips["192.0.2.2"].fixed_ip
+    nft = fip.ok("compile", "--host", "h1")
+    assert f"192.0.2.2 : {fixed}" in nft and "dnat ip to ip daddr map @floating_dnat" in nft
+    ipt = fip.ok("compile", "--host", "h1", "--backend", "iptables")
+    assert f"-A secfw-float-dnat -d 192.0.2.2/32 -j DNAT --to-destination {fixed}" in ipt
+    assert "floating" not in fip.ok("compile", "--host", "h2")
