@@ -132,3 +132,18 @@ def test_a_floating_address_mapped_twice_is_refused_by_the_renderer(cloud: Api) 
                                                             "x")))
     with pytest.raises(BackendError, match="mapped twice"):
         render(twice)
+
+
+@pytest.mark.parametrize("bad", ["10.1.0.9 -j ACCEPT", "10.1.0.9/32", "2001:db8::1", "010.1.0.9"])
+def test_iptables_prints_only_canonical_ipv4_addresses(cloud: Api, bad: str) -> None:
+    """Nothing but an address reaches a NAT rule (names are data)."""
+    from dataclasses import replace
+
+    from secfw.errors import BackendError
+
+    cloud.add_floating_ip("p", "vm1", "192.0.2.2")
+    hf = compile_host(cloud.snapshot(), "h1")
+    with pytest.raises(BackendError, match="not IPv4"):
+        nat_table(replace(hf, floating=(replace(hf.floating[0], fixed=bad),)))
+    with pytest.raises(BackendError):
+        render(replace(hf, floating=(replace(hf.floating[0], floating=bad),)))

@@ -435,8 +435,7 @@ def nat_table(hf: HostFilter) -> Table:
         return Table("ipv4", {}, {})
     for nat in hf.floating:
         for address in (nat.floating, nat.fixed):
-            if cidr_family(address) != "ipv4" or "/" in address:
-                raise BackendError(f"iptables: floating IP address {address!r} is not IPv4")
+            _check_ipv4(address)
     dnat = tuple(f"-d {n.floating}/32 -j DNAT --to-destination {n.fixed}" for n in hf.floating)
     snat = (*(f"-s {n.fixed}/32 -d {n.fixed}/32 -j SNAT --to-source {n.floating}"
               for n in hf.floating),
@@ -898,6 +897,17 @@ def _groups(chains: list[str], ctx: _Context) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- #
 # Text for the tools.
 # --------------------------------------------------------------------------- #
+
+
+def _check_ipv4(address: str) -> None:
+    """An address printed into a NAT rule must be exactly one IPv4 address, in
+    :mod:`ipaddress`'s own text (nothing else can reach the rule as syntax)."""
+    try:
+        canonical = str(ipaddress.IPv4Address(address))
+    except ValueError:
+        canonical = None
+    if canonical != address:
+        raise BackendError(f"iptables: floating IP address {address!r} is not IPv4")
 
 
 def restore_text(lines: Iterable[str], table: str = "filter") -> str:

@@ -26,6 +26,8 @@ tables it had. Pure: no I/O.
 
 from __future__ import annotations
 
+import ipaddress
+
 from secfw.backends.nftables.layout import (
     FLOATING_DNAT,
     FLOATING_DNAT_CHAIN,
@@ -91,11 +93,15 @@ def _address_map(name: str, entries: dict[str, Datum]) -> NamedSet:
 
 
 def _host(address: str) -> str:
-    """``a.b.c.d/32``: the normal form of an address as a set key."""
-    cidr = canonical_cidr(address, "ipv4")
-    if not cidr.endswith("/32"):
+    """``a.b.c.d/32``: the normal form of an address as a set key. The address
+    must be one IPv4 address in :mod:`ipaddress`'s own text."""
+    try:
+        canonical = str(ipaddress.IPv4Address(address))
+    except ValueError:
+        canonical = None
+    if canonical != address:
         raise BackendError(f"floating IPs: {address!r} is not one IPv4 address")
-    return cidr
+    return canonical_cidr(address, "ipv4")
 
 
 def _address(address: str) -> str:
