@@ -127,8 +127,19 @@ class IptablesExecutor:
         there is none of them."""
         saves = {family: self._run([self.tool(family, "-save"), "-t", "filter"])
                  for family in FAMILIES}
-        nat = self._run([self.tool("ipv4", "-save"), "-t", "nat"])
-        return from_save(saves, self._run(["ipset", "list", "-o", "save"]), nat)
+        return from_save(saves, self._run(["ipset", "list", "-o", "save"]), self._nat_save())
+
+    def _nat_save(self) -> str:
+        """``iptables-save -t nat``, or nothing when the variant is legacy and the
+        namespace has no nat table: iptables-legacy creates (and hooks into the
+        kernel) any table it is asked to list (measured: ``/proc/net/ip_tables_names``
+        gains ``nat``), which would give every host nat hooks for reading its state.
+        iptables-nft lists a missing table without creating it."""
+        if self.variant == "legacy":
+            names = self._try(["cat", "/proc/net/ip_tables_names"]).stdout.split()
+            if "nat" not in names:
+                return ""
+        return self._run([self.tool("ipv4", "-save"), "-t", "nat"])
 
     # ---- applying
 
@@ -201,7 +212,7 @@ class IptablesExecutor:
             unhook = tuple(f"-D {builtin} {rule}" for (builtin, rule), count
                            in table.jumps.items() for _ in range(count))
             self._apply_table(family, TableChanges(commit=unhook, removed=tuple(table.chains)))
-        nat = parse_table(self._run([self.tool("ipv4", "-save"), "-t", "nat"]), "ipv4", "nat")
+        nat = parse_table(self._nat_save(), "ipv4", "nat")
         unhook = tuple(f"-D {builtin} {rule}" for (builtin, rule), count
                        in nat.jumps.items() for _ in range(count))
         self._apply_table("ipv4", TableChanges(commit=unhook, removed=tuple(nat.chains)), "nat")
