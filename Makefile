@@ -66,6 +66,7 @@ bench: venv
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m secfw.bench $(BENCH_ARGS)
 	$(PY) -m secfw.bench.backends $(BACKENDS_ARGS)
+	$(PY) -m secfw.bench.floating $(FLOATING_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

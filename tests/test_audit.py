@@ -88,6 +88,28 @@ def test_explain_names_the_source_group_rule(guide: CloudPolicy) -> None:
     assert [m["mismatch"] for m in wrong_port["ingress"]["near_misses"]] == ["port"]
 
 
+def test_explain_a_flow_to_a_floating_ip(api: Api) -> None:
+    """A flow to web1's floating IP is judged after DNAT: to its fixed address,
+    from the original source (global_http opens 80, not 22); an unassociated
+    address is no port's."""
+    from secfw.demo import add_floating_ips
+
+    build_guide_cloud(api)
+    add_floating_ips(api)
+    cp = CloudPolicy(api.snapshot())
+    address = api.floating_ip_list("alpha")[0].id
+    web1 = view_of(cp, "web1")
+    allowed = explain(cp, FlowQuery("203.0.113.5", address, 6, 80))
+    assert allowed["verdict"] == "allow"
+    assert allowed["nat"] == {"floating": address, "fixed": web1.port.ip}
+    assert allowed["destination"]["instance"] == "web1"
+    assert allowed["reasons"][0] == f"DNAT: floating IP {address} -> {web1.port.ip}"
+    assert explain(cp, FlowQuery("203.0.113.5", address, 6, 22))["verdict"] == "deny"
+    api.remove_floating_ip("alpha", "web1", address)
+    gone = explain(CloudPolicy(api.snapshot()), FlowQuery("203.0.113.5", address, 6, 80))
+    assert "nat" not in gone and gone["destination"]["instance"] is None
+
+
 def test_explain_same_net_and_conntrack(guide: CloudPolicy) -> None:
     """beta1 (another project, default group) reaches web1 on the flat network by
     same-net; an ICMP echo reply cannot open a connection, whatever the rules."""

@@ -340,10 +340,11 @@ def test_exhausted_network(cli: Cli) -> None:
 
 
 def test_quota_show_and_update(cli: Cli) -> None:
-    assert cli.json("quota-show") == {"security_groups": 10, "security_group_rules": 20}
+    assert cli.json("quota-show") == {"security_groups": 10, "security_group_rules": 20,
+                                      "floating_ips": 10}
     assert "| security_group_rules | 20    |" in cli.ok("quota-show")
     updated = cli.json("quota-update", "--security-groups", "3", "--security-group-rules", "-1")
-    assert updated == {"security_groups": 3, "security_group_rules": -1}
+    assert updated == {"security_groups": 3, "security_group_rules": -1, "floating_ips": 10}
     assert cli.json("quota-show") == updated
     assert cli.json("quota-show", "--project", "other")["security_groups"] == 10
 

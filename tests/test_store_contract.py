@@ -292,3 +292,34 @@ def test_concurrent_commands_all_land(url: str) -> None:
         assert len(check.secgroup_list_rules("p", "web")) == 16
     finally:
         check.store.close()
+
+
+def test_floating_ip_documents_round_trip(url: str) -> None:
+    """Pools and floating IPs (issue #17) are documents like the others: a reopened
+    store, or a follower replaying the change feed, has the association and its
+    index (port → floating addresses); a dissociation reads back as such."""
+    from secfw.cloud import CloudState
+
+    api = Api(open_store(url))
+    try:
+        api.net_create("p", "n", "10.0.0.0/24")
+        api.image_create("admin", "img", visibility="public")
+        follower = CloudState.from_snapshot(api.store.load())
+        api.floating_pool_create("admin", "pool", "192.0.2.0/24")
+        vm = api.boot("p", "vm", "m1.tiny", "img", "h1")
+        address = api.floating_ip_create("p").id
+        api.add_floating_ip("p", "vm", address)
+        follower.apply_changes(*api.store.changes_since(follower.revision))
+        port = api.snapshot().ports_of(vm.id)[0]
+        reopened = open_store(url)
+        snapshot = reopened.load()
+        reopened.close()
+        for state in (follower, CloudState.from_snapshot(snapshot)):
+            assert state.floating_ips[address].fixed_ip == port.ip
+            assert state.floating_by_port[port.id] == {address}
+        api.remove_floating_ip("p", "vm", address)
+        follower.apply_changes(*api.store.changes_since(follower.revision))
+        assert follower.floating_ips[address].port_id is None
+        assert port.id not in follower.floating_by_port
+    finally:
+        api.store.close()

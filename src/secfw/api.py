@@ -48,6 +48,8 @@ from secfw.model import (
     Direction,
     Ethertype,
     Flavor,
+    FloatingIp,
+    FloatingPool,
     Image,
     Instance,
     Keypair,
@@ -68,6 +70,7 @@ from secfw.model import (
     parse_ethertype,
     parse_flavor_id,
     parse_icmp_field,
+    parse_ipv4_address,
     parse_key_value,
     parse_location,
     parse_network_cidr,
@@ -566,6 +569,7 @@ class Api:
         vlan_id = parse_vlan(vlan) if vlan is not None else None
         with self.batch() as state:
             self._check_network_unique(state, name, canonical, vlan_id)
+            _check_outside_pools(state, canonical)
             if canonical6:
                 self._check_network_unique(state, name, canonical6, None)
             network = Network(
@@ -1056,6 +1060,7 @@ class Api:
     def delete(self, project: str, server: str) -> Instance:
         with self.batch() as state:
             instance = self._instance(state, project, server)
+            self._dissociate_ports(state, state.ports_of(instance.id))
             for port in state.ports_of(instance.id):
                 state.remove(port)
             state.remove(instance)
@@ -1160,6 +1165,118 @@ class Api:
             views.append(_port_view(state, port, instance))
         return sorted(views, key=lambda v: (v.host, v.tap))
 
+    # ------------------------------------------------------------------ floating IPs
+
+    @_retried
+    def floating_pool_create(self, project: str, name: str, cidr: str) -> FloatingPool:
+        """A floating pool (admin only): an IPv4 range no network or pool overlaps."""
+        _require_admin(project, "create floating IP pools")
+        check_name(name, "pool name")
+        canonical = parse_network_cidr(cidr)
+        with self.batch() as state:
+            self._check_network_unique(state, name, canonical, None)
+            for pool in state.floating_pools.values():
+                if pool.name == name:
+                    raise ConflictError(f"floating IP pool {name!r} already exists")
+                if ipaddress.ip_network(pool.cidr).overlaps(ipaddress.ip_network(canonical)):
+                    raise ConflictError(
+                        f"pool {canonical} overlaps floating IP pool {pool.name!r} ({pool.cidr})")
+            pool = FloatingPool(new_id(), name, canonical)
+            state.put(pool)
+            return pool
+
+    def floating_pool_list(self) -> list[FloatingPool]:
+        return sorted(self.snapshot().floating_pools.values(), key=lambda p: p.name)
+
+    @_retried
+    def floating_pool_delete(self, project: str, name: str) -> FloatingPool:
+        """Delete a pool (admin only) none of whose addresses is allocated."""
+        _require_admin(project, "delete floating IP pools")
+        with self.batch() as state:
+            pool = _floating_pool(state, name)
+            used = sum(1 for f in state.floating_ips.values() if f.pool_id == pool.id)
+            if used:
+                raise InUseError(f"floating IP pool {pool.name!r} has {used} allocated address(es)")
+            state.remove(pool)
+            return pool
+
+    @_retried
+    def floating_ip_create(self, project: str, pool: str | None = None) -> FloatingIp:
+        """Allocate the lowest free address of ``pool`` (default: the pool named
+        ``nova``, else the only pool) to ``project``, within its ``floating_ips`` quota."""
+        check_name(project, "project")
+        with self.batch() as state:
+            source = _floating_pool(state, pool)
+            used = sum(1 for f in state.floating_ips.values() if f.project == project)
+            limit = state.quota(project).floating_ips
+            if limit != UNLIMITED and used >= limit:
+                raise QuotaError(
+                    f"Quota exceeded for floating_ips: {used} of {limit} used in "
+                    f"project {project!r}")
+            taken = {f.id for f in state.floating_ips.values() if f.pool_id == source.id}
+            address = next((a for _, a in free_addresses(source.cidr, taken)), None)
+            if address is None:
+                raise ConflictError(f"No more floating IPs in pool {source.name!r}")
+            floating = FloatingIp(address, project, source.id)
+            state.put(floating)
+            return floating
+
+    def floating_ip_list(self, project: str) -> list[FloatingIp]:
+        state = self.snapshot()
+        found = [f for f in state.floating_ips.values() if f.project == project]
+        return sorted(found, key=lambda f: ipaddress.ip_address(f.id))
+
+    @_retried
+    def floating_ip_delete(self, project: str, address: str) -> FloatingIp:
+        """Release a floating IP of the project (dissociated first, as nova does)."""
+        with self.batch() as state:
+            floating = _floating_ip(state, project, address)
+            state.remove(floating)
+            return floating
+
+    @_retried
+    def add_floating_ip(
+        self, project: str, server: str, address: str, fixed_address: str | None = None
+    ) -> FloatingIp:
+        """Associate a floating IP of the project with a port of ``server``: the
+        port whose IPv4 address is ``fixed_address``, by default its first port.
+        One floating IP per fixed address (1:1 NAT)."""
+        fixed = parse_ipv4_address(fixed_address, "fixed address") if fixed_address else None
+        with self.batch() as state:
+            floating = _floating_ip(state, project, address)
+            instance = self._instance(state, project, server)
+            if floating.port_id is not None:
+                raise ConflictError(f"floating IP {floating.id} is already associated with "
+                                    f"{_owner_name(state, floating)}")
+            port = _floating_port(state, instance, fixed)
+            if state.floating_by_port.get(port.id):
+                mapped = sorted(state.floating_by_port[port.id])[0]
+                raise ConflictError(f"fixed address {port.ip} of {instance.name!r} already "
+                                    f"has floating IP {mapped}")
+            associated = replace(floating, port_id=port.id, fixed_ip=port.ip)
+            state.put(associated)
+            return associated
+
+    @_retried
+    def remove_floating_ip(self, project: str, server: str, address: str) -> FloatingIp:
+        """Dissociate a floating IP from the server it is associated with."""
+        with self.batch() as state:
+            floating = _floating_ip(state, project, address)
+            instance = self._instance(state, project, server)
+            port = state.ports.get(floating.port_id or "")
+            if port is None or port.instance_id != instance.id:
+                raise ConflictError(
+                    f"floating IP {floating.id} is not associated with {instance.name!r}")
+            released = replace(floating, port_id=None, fixed_ip=None)
+            state.put(released)
+            return released
+
+    def _dissociate_ports(self, state: CloudState, ports: Iterable[Port]) -> None:
+        """Dissociate the floating IPs of ports that go away (they stay allocated)."""
+        for port in ports:
+            for floating in state.floating_of(port.id):
+                state.put(replace(floating, port_id=None, fixed_ip=None))
+
     # ------------------------------------------------------------------ quotas
 
     @_retried
@@ -1169,6 +1286,7 @@ class Api:
         return {
             "security_groups": quota.security_groups,
             "security_group_rules": quota.security_group_rules,
+            "floating_ips": quota.floating_ips,
         }
 
     @_retried
@@ -1177,12 +1295,15 @@ class Api:
         project: str,
         security_groups: str | int | None = None,
         security_group_rules: str | int | None = None,
+        floating_ips: str | int | None = None,
     ) -> dict[str, int]:
         check_name(project, "project")
-        if security_groups is None and security_group_rules is None:
-            raise ValidationError(
-                "nothing to update: give --security-groups and/or --security-group-rules"
-            )
+        if security_groups is None and security_group_rules is None and floating_ips is None:
+            raise ValidationError("nothing to update: give --security-groups, "
+                                  "--security-group-rules and/or --floating-ips")
+        floating = (
+            parse_quota(floating_ips, "floating_ips") if floating_ips is not None else None
+        )
         groups = (
             parse_quota(security_groups, "security_groups") if security_groups is not None else None
         )
@@ -1198,6 +1319,7 @@ class Api:
                 project,
                 current.security_groups if groups is None else groups,
                 current.security_group_rules if rules is None else rules,
+                current.floating_ips if floating is None else floating,
             )
             _check_quota_covers_usage(state, updated)
             state.put(updated)
@@ -1577,6 +1699,59 @@ def _port_view(state: CloudState, port: Port, instance: Instance) -> PortView:
     )
 
 
+def _check_outside_pools(state: CloudState, cidr: str) -> None:
+    """A network must not overlap a floating pool (its addresses are public)."""
+    new = ipaddress.ip_network(cidr)
+    for pool in state.floating_pools.values():
+        if ipaddress.ip_network(pool.cidr).overlaps(new):
+            raise ConflictError(f"network {cidr} overlaps floating IP pool {pool.name!r} "
+                                f"({pool.cidr})")
+
+
+def _floating_pool(state: CloudState, name: str | None) -> FloatingPool:
+    """The pool called ``name`` (or with that id); by default ``nova``, else the only one."""
+    pools = sorted(state.floating_pools.values(), key=lambda p: p.name)
+    if name is None:
+        default = [p for p in pools if p.name == "nova"] or pools
+        if len(default) == 1:
+            return default[0]
+        raise (NotFoundError("no floating IP pool exists") if not pools else
+               ValidationError("several floating IP pools exist: name one"))
+    found = next((p for p in pools if name in (p.name, p.id)), None)
+    if found is None:
+        raise NotFoundError(f"floating IP pool {name!r} not found")
+    return found
+
+
+def _floating_ip(state: CloudState, project: str, address: str) -> FloatingIp:
+    """The project's floating IP ``address``; another project's is not found."""
+    floating = state.floating_ips.get(parse_ipv4_address(address, "floating IP address"))
+    if floating is None or floating.project != project:
+        raise NotFoundError(
+            f"floating IP {address.strip()} not found (not allocated to project {project!r})")
+    return floating
+
+
+def _owner_name(state: CloudState, floating: FloatingIp) -> str:
+    port = state.ports.get(floating.port_id or "")
+    instance = state.instances.get(port.instance_id) if port else None
+    return f"server {instance.name!r}" if instance else "a server"
+
+
+def _floating_port(state: CloudState, instance: Instance, fixed: str | None) -> Port:
+    """The port of ``instance`` a floating IP maps to: the one with IPv4 ``fixed``,
+    by default the first."""
+    ports = state.ports_of(instance.id)
+    if not ports:
+        raise ConflictError(f"instance {instance.name!r} has no port to associate with")
+    if fixed is None:
+        return ports[0]
+    found = next((p for p in ports if p.ip == fixed), None)
+    if found is None:
+        raise NotFoundError(f"instance {instance.name!r} has no fixed address {fixed}")
+    return found
+
+
 def _check_quota_covers_usage(state: CloudState, quota: Quota) -> None:
     groups = [g for g in state.groups.values() if g.project == quota.id]
     if quota.security_groups != UNLIMITED and len(groups) > quota.security_groups:
@@ -1590,3 +1765,7 @@ def _check_quota_covers_usage(state: CloudState, quota: Quota) -> None:
             f"security_group_rules quota {quota.security_group_rules} is below the {most} "
             f"rules a group of project {quota.id!r} already has"
         )
+    held = sum(1 for f in state.floating_ips.values() if f.project == quota.id)
+    if quota.floating_ips != UNLIMITED and held > quota.floating_ips:
+        raise QuotaError(f"floating_ips quota {quota.floating_ips} is below the {held} "
+                         f"floating IPs project {quota.id!r} holds")

@@ -759,11 +759,14 @@ def quota_show(state: CliState, fmt: str) -> None:
 @output_command("quota-update")
 @click.option("--security-groups", metavar="N", help="Groups per project (-1 = unlimited).")
 @click.option("--security-group-rules", metavar="N", help="Rules per group (-1 = unlimited).")
+@click.option("--floating-ips", metavar="N", help="Floating IPs per project (-1 = unlimited).")
 def quota_update(
-    state: CliState, fmt: str, security_groups: str | None, security_group_rules: str | None
+    state: CliState, fmt: str, security_groups: str | None, security_group_rules: str | None,
+    floating_ips: str | None,
 ) -> None:
     """Change the project's quotas (not below what is used); print them."""
-    quota = state.api.quota_update(state.project, security_groups, security_group_rules)
+    quota = state.api.quota_update(state.project, security_groups, security_group_rules,
+                                   floating_ips)
     emit(quota, None, fmt)
 
 
@@ -784,6 +787,6 @@ __all__ = [
 
 # The host-side commands (compile, agent, lab, demo) and the compute model's
 # (flavors, keypairs, images, boot, show, meta) register themselves on ``main``.
-from secfw import computecli, hostcli  # noqa: E402, F401
+from secfw import computecli, floatingcli, hostcli  # noqa: E402, F401
 from secfw.audit import cli as _audit_cli  # noqa: E402, F401  (registers ``secfw audit``)
 from secfw.neutron_api import serve as _neutron_serve  # noqa: E402, F401  (registers ``secfw api``)

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 from secfw.model import (
     RECORD_TYPES,
     Flavor,
+    FloatingIp,
+    FloatingPool,
     Image,
     Instance,
     Keypair,
@@ -56,6 +58,8 @@ class CloudState:
         self.alloc_hint: dict[str, int] = {}
         self.projects: set[str] = set()
         self.keypair_by_name: dict[tuple[str, str], str] = {}
+        #: associated floating addresses by port id
+        self.floating_by_port: dict[str, set[str]] = defaultdict(set)
 
     # ------------------------------------------------------------------ loading
 
@@ -155,6 +159,19 @@ class CloudState:
     def settings(self) -> dict[str, Setting]:
         return self.records[Setting.KIND]
 
+    @property
+    def floating_pools(self) -> dict[str, FloatingPool]:
+        return self.records[FloatingPool.KIND]
+
+    @property
+    def floating_ips(self) -> dict[str, FloatingIp]:
+        """Allocated floating IPs by address."""
+        return self.records[FloatingIp.KIND]
+
+    def floating_of(self, port_id: str) -> list[FloatingIp]:
+        """The floating IPs associated with a port, by address."""
+        return [self.floating_ips[a] for a in sorted(self.floating_by_port.get(port_id, ()))]
+
     def ports_of(self, instance_id: str) -> list[Port]:
         return sorted(
             (self.ports[p] for p in self.ports_by_instance.get(instance_id, ())), key=lambda p: p.id
@@ -183,6 +200,9 @@ class CloudState:
                 self.instances_by_group[group_id].add(record.id)
         elif isinstance(record, Keypair):
             self.keypair_by_name[(record.project, record.name)] = record.id
+        elif isinstance(record, FloatingIp):
+            if record.port_id is not None:
+                self.floating_by_port[record.port_id].add(record.id)
         elif isinstance(record, Port):
             self.ports_by_instance[record.instance_id].add(record.id)
             self.ports_by_network[record.network_id].add(record.id)
@@ -204,6 +224,9 @@ class CloudState:
                 _discard(self.instances_by_group, group_id, record.id)
         elif isinstance(record, Keypair):
             self.keypair_by_name.pop((record.project, record.name), None)
+        elif isinstance(record, FloatingIp):
+            if record.port_id is not None:
+                _discard(self.floating_by_port, record.port_id, record.id)
         elif isinstance(record, Port):
             _discard(self.ports_by_instance, record.instance_id, record.id)
             _discard(self.ports_by_network, record.network_id, record.id)

@@ -32,6 +32,16 @@ entries:
 
 Entries still allowed are never touched, so unrelated updates cut nothing.
 
+Floating IPs (1:1 NAT, :class:`~secfw.compiler.ir.FloatingNat`). A connection to a
+floating address has the floating address as its original destination: it is
+watched when the port it maps to is affected and judged as the packet the filter
+saw, with the fixed address as destination (DNAT ran first). A mapping the change
+removed (dissociated, reassigned, its port gone) revokes every connection through
+it whatever the groups say (:func:`nat_entries`): those whose original
+destination is the floating address (DNATed, hairpin included) and those of the
+fixed address whose reply goes to the floating address (SNATed), so a reassigned
+address reaches only its new instance.
+
 No conntrack zones: in the routed topology a packet between two instances of one
 host crosses the forward hook once — one conntrack entry, on which the sender's
 egress and the receiver's ingress were both evaluated. Neutron needed a zone per
@@ -47,7 +57,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pyroute2 import IPRoute, NFCTSocket
@@ -55,7 +65,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from secfw.compiler.evaluate import IPNetwork, Packet, PolicyIndex
-from secfw.compiler.ir import HostFilter, PortPolicy
+from secfw.compiler.ir import FloatingNat, HostFilter, PortPolicy
 from secfw.errors import BackendError
 from secfw.netns import inside_netns
 
@@ -173,18 +183,43 @@ def revoked_entries(
         return
     watched = _Matcher(affected_networks(affected))
     own = {ipaddress.ip_address(a) for a in local}
+    dnat = _dnat_map(previous, new)
     candidates = [
-        e for e in entries
+        (e, packet) for e in entries
         if not e.zone and ipaddress.ip_address(e.packet.src) not in own
-        and (watched.contains(e.packet.src) or watched.contains(e.packet.dst)
-             or peers.contains(e.packet.src))
+        and (watched.contains((packet := _as_filtered(e.packet, dnat)).src)
+             or watched.contains(packet.dst) or peers.contains(packet.src))
     ]
     if not candidates:
         return
     index = PolicyIndex(new)
-    for entry in candidates:
-        if not index.allows(entry.packet) or _owner_gone(index, watched, entry.packet):
+    for entry, packet in candidates:
+        if not index.allows(packet) or _owner_gone(index, watched, packet):
             yield entry
+
+
+def _dnat_map(previous: HostFilter | None, new: HostFilter) -> dict[str, str]:
+    """Floating → fixed address, as the filter saw it: the new mappings, and the
+    old ones of addresses no longer mapped (their entries are :func:`nat_entries`')."""
+    mapping = {n.floating: n.fixed for n in (previous.floating if previous else ())}
+    mapping.update({n.floating: n.fixed for n in new.floating})
+    return mapping
+
+
+def _as_filtered(packet: Packet, dnat: dict[str, str]) -> Packet:
+    """The original tuple with a floating destination replaced by its fixed address:
+    the packet the forward hook saw after the DNAT of prerouting."""
+    fixed = dnat.get(packet.dst)
+    return packet if fixed is None else replace(packet, dst=fixed)
+
+
+def gone_mappings(previous: HostFilter | None, new: HostFilter) -> list[FloatingNat]:
+    """The NAT mappings of ``previous`` that ``new`` does not have (same floating
+    and fixed address): every connection through them is revoked."""
+    if previous is None:
+        return []
+    kept = {(n.floating, n.fixed) for n in new.floating}
+    return [n for n in previous.floating if (n.floating, n.fixed) not in kept]
 
 
 def _owner_gone(index: PolicyIndex, watched: _Matcher, packet: Packet) -> bool:
@@ -225,19 +260,45 @@ def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = Non
     permission); the kernel's filter is unaffected either way.
     """
     result = Revocation()
-    watched = affected_networks(affected_ports(previous, new)) + left_same_net(previous, new)
-    if not watched:
+    affected = affected_networks(affected_ports(previous, new))
+    watched = affected + left_same_net(previous, new) + _floating_of(affected, previous, new)
+    gone = gone_mappings(previous, new)
+    if not watched and not gone:
         return result
     try:
         with inside_netns(netns), Conntrack() as table:
-            entries = list(table.entries(_filter_addresses(watched)))
-            result.examined = len(entries)
-            doomed = list(revoked_entries(entries, previous, new, _local_addresses()))
+            doomed = list(nat_entries(table, gone))
+            if watched:
+                entries = list(table.entries(_filter_addresses(watched)))
+                result.examined = len(entries)
+                doomed += revoked_entries(entries, previous, new, _local_addresses())
+            doomed = list(dict.fromkeys(doomed))
             result.deleted = sum(table.delete(entry) for entry in doomed)
             result.revoked = [e.packet for e in doomed]
     except (OSError, NetlinkError) as exc:
         raise BackendError(f"conntrack: {exc}") from exc
     return result
+
+
+def _floating_of(affected: list[IPNetwork], previous: HostFilter | None,
+                 new: HostFilter) -> list[IPNetwork]:
+    """The floating addresses mapped to an affected address: connections to them
+    carry the floating address as their original destination."""
+    watched = _Matcher(affected)
+    mappings = [*(previous.floating if previous else ()), *new.floating]
+    return sorted({ipaddress.ip_network(n.floating) for n in mappings
+                   if watched.contains(n.fixed)}, key=lambda n: n.network_address)
+
+
+def nat_entries(table: Conntrack, gone: Iterable[FloatingNat]) -> Iterator[Entry]:
+    """Every entry through the mappings ``gone``: original destination the
+    floating address (DNATed), or original source the fixed address with the
+    reply going to the floating address (SNATed)."""
+    for mapping in gone:
+        yield from table.entries([mapping.floating], ends=("daddr",))
+        for entry, reply_dst in table.with_reply_dst(mapping.fixed):
+            if reply_dst == mapping.floating:
+                yield entry
 
 
 class Conntrack:
@@ -257,11 +318,12 @@ class Conntrack:
         for sock in self._socks.values():
             sock.close()
 
-    def entries(self, addresses: Iterable[str] | None = None) -> Iterator[Entry]:
+    def entries(self, addresses: Iterable[str] | None = None,
+                ends: tuple[str, ...] = ("saddr", "daddr")) -> Iterator[Entry]:
         """Every IPv4 and IPv6 entry (its original tuple); with ``addresses``, only
-        those whose original source or destination is one of them, filtered by the
-        kernel (``CTA_FILTER``, Linux 5.8+: the table is walked in the kernel and
-        only matches cross netlink). An entry is yielded once."""
+        those whose original source or destination (``ends``) is one of them,
+        filtered by the kernel (``CTA_FILTER``, Linux 5.8+: the table is walked in
+        the kernel and only matches cross netlink). An entry is yielded once."""
         if addresses is None:
             for version, sock in self._socks.items():
                 yield from _parsed(version, sock.dump())
@@ -269,12 +331,22 @@ class Conntrack:
         seen: set[Entry] = set()
         for address in addresses:
             version = ipaddress.ip_address(address).version
-            for end in ("saddr", "daddr"):
+            for end in ends:
                 wanted = NFCTAttrTuple(family=_FAMILIES[version], **{end: address})
                 for entry in _parsed(version, self._socks[version].dump(tuple_orig=wanted)):
                     if entry not in seen:
                         seen.add(entry)
                         yield entry
+
+    def with_reply_dst(self, source: str) -> Iterator[tuple[Entry, str]]:
+        """The IPv4 entries whose original source is ``source``, each with the
+        destination of its reply tuple (the SNATed source, if any)."""
+        wanted = NFCTAttrTuple(family=socket.AF_INET, saddr=source)
+        for message in self._socks[4].dump(tuple_orig=wanted):
+            entry, reply = _parse(4, message), message.get_attr("CTA_TUPLE_REPLY")
+            if entry is not None and reply is not None:
+                address = reply.get_attr("CTA_TUPLE_IP").get_attr("CTA_IP_V4_DST")
+                yield entry, str(ipaddress.ip_address(address))
 
     def delete(self, entry: Entry) -> bool:
         """Delete one entry by its original tuple (and zone); False when it was

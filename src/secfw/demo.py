@@ -92,6 +92,19 @@ def build_guide_cloud(api: Api) -> None:
             api.boot(project, name, "m1.tiny", "cirros", HOST, groups, [net])
 
 
+#: The demo's floating pool (TEST-NET-1; the lab's external side routes it to the host).
+FLOATING_POOL = "192.0.2.0/24"
+
+
+def add_floating_ips(api: Api) -> None:
+    """The guide's floating IPs: a pool, one address allocated by alpha and
+    associated with web1 (``nova floating-ip-create``, ``add-floating-ip``)."""
+    with api.batch():
+        api.floating_pool_create("admin", "public-pool", FLOATING_POOL)
+        address = api.floating_ip_create("alpha", "public-pool").id
+        api.add_floating_ip("alpha", "web1", address)
+
+
 def lab_ports(state: CloudState, host: str) -> list[LabPort]:
     """The lab's view of the ports of ``host``'s instances."""
     ports = []
@@ -107,6 +120,7 @@ def lab_ports(state: CloudState, host: str) -> list[LabPort]:
                     ip6=port.ip6 if v6 else None,
                     prefixlen6=net.prefixlen6 if v6 else None,
                     gateway6=net.gateway6 if v6 else None,
+                    floating=tuple(f.id for f in state.floating_of(port.id)),
                 )
             )
     return sorted(ports, key=lambda p: p.tap)
@@ -198,6 +212,30 @@ def reachability(api: Api, lab: Lab, allow_same_net: bool) -> list[Probe]:
                             expected.reason,
                         )
                     )
+        probes += floating_probes(state, lab, sources, allow_same_net)
+    return probes
+
+
+def floating_probes(state: CloudState, lab: Lab, sources: list[tuple[str, str, str]],
+                    allow_same_net: bool) -> list[Probe]:
+    """Every source → each floating address of the host × service. The oracle
+    judges the flow to the fixed address with the original source: the host
+    DNATs before the security groups filter."""
+    probes = []
+    for floating in sorted(state.floating_ips.values(), key=lambda f: f.id):
+        port = state.ports.get(floating.port_id or "")
+        if port is None or state.instances[port.instance_id].host != HOST:
+            continue
+        name = f"{state.instances[port.instance_id].name} via {floating.id}"
+        for src_name, src_ns, src_ip in sources:
+            for service in SERVICES:
+                flow = Flow(src_ip, port.ip, service.protocol, service.port,
+                            8 if service.protocol == 1 else None,
+                            0 if service.protocol == 1 else None)
+                expected = decide(state, flow, allow_same_net)
+                got = measure(lab, src_ns, lab.instance_ns(port.tap), floating.id, service)
+                probes.append(Probe(src_name, name, service.label, got, expected.allowed,
+                                    expected.reason))
     return probes
 
 

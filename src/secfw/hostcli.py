@@ -37,6 +37,7 @@ from secfw.config import Config, load_config
 from secfw.demo import (
     HOST,
     Probe,
+    add_floating_ips,
     build_guide_cloud,
     demo_paths,
     lab_for,
@@ -429,6 +430,7 @@ def demo_command(keep: bool, work_dir: Path | None, config_path: str | None) -> 
     api = Api(open_store(store_url))
     if not api.snapshot().instances:
         build_guide_cloud(api)
+        add_floating_ips(api)
     lab = lab_for(HOST, lab_dir)
     try:
         lab.up(lab_ports(api.snapshot(), HOST))

@@ -173,6 +173,8 @@ CLONE_NEWNET = 0x40000000
 SCOPE_LINK = 253  # rtnetlink RT_SCOPE_LINK, what `ip route add X dev Y` uses
 AF_INET, AF_INET6 = 2, 10
 NTF_PROXY = 0x08  # linux/neighbour.h: a proxy (ND/ARP) entry
+_SCOPE_LINK = 253  # RT_SCOPE_LINK (linux/rtnetlink.h): a route on the link, no gateway
+_MAIN_TABLE, _RTN_UNICAST = 254, 1  # RT_TABLE_MAIN, RTN_UNICAST (linux/rtnetlink.h)
 IFA_F_NODAD, IFA_F_NOPREFIXROUTE = 0x02, 0x200  # linux/if_addr.h
 
 _TAP_RE = re.compile(r"tap[A-Za-z0-9_.-]{1,12}")  # ≤ 15 chars: IFNAMSIZ - 1
@@ -231,6 +233,8 @@ class LabPort:
     ``gateway`` an address of that network other than ``ip``. Optionally the same
     for IPv6: ``ip6``/``prefixlen6``/``gateway6`` (all three or none). ``name`` is
     user data and is only ever carried along, never used in a name, path or command.
+    ``floating`` are the floating IPs (IPv4) the host NATs to ``ip``: the bridged
+    lab routes them to the port in the external side's view (``Lab._sync_floating``).
     """
 
     tap: str
@@ -242,6 +246,7 @@ class LabPort:
     ip6: str | None = None
     prefixlen6: int | None = None
     gateway6: str | None = None
+    floating: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _TAP_RE.fullmatch(self.tap):
@@ -252,6 +257,8 @@ class LabPort:
         gateway = _ipv4(self.gateway, f"port {self.tap} gateway")
         if gateway not in network or gateway == self.address:
             raise LabError(f"lab: port {self.tap}: gateway {self.gateway} not usable in {network}")
+        for address in self.floating:
+            _ipv4(address, f"port {self.tap} floating IP")
         self._check_ipv6()
 
     def _check_ipv6(self) -> None:
@@ -662,6 +669,55 @@ class Lab:
                      for address in (spec.get("ip"), spec.get("ip6")) if address}
             if moved:
                 self._forget_neighbours(router, desired.values(), moved)
+            if not self.gateway_on_bridge:
+                self._sync_floating(host, router, desired.values(), networks)
+
+    def _sync_floating(self, host: Any, router: Any, ports: Iterable[LabPort],
+                       networks: dict[str, _Network]) -> None:
+        """Bridged (router namespace): the floating IPs reach the host's bridge.
+
+        The router — the external side's gateway — routes each floating address
+        onto the leg of its port's network, to the port's MAC (a /32 route and a
+        permanent neighbour entry: the upstream's view of where the address
+        lives). The host DNATs it in br_netfilter's IP prerouting hook; when the
+        destination changed, br_netfilter looks the new one up in the host's
+        routing table and bridges the frame only if the route leads back out of
+        the same bridge (br_nf_pre_routing_finish, net/bridge/br_netfilter_hooks.c),
+        so the host namespace gets forwarding, a route to each such network via
+        its bridge and a neighbour entry per NATed port (it has no address to
+        resolve one with). A port with a floating IP gets ``hairpin_mode`` on its
+        bridge port, as nova-network set it: its packets to its own floating
+        address come back DNATed through the port they came in by, which a bridge
+        otherwise never sends a frame out of (flooded frames come back too: the
+        lab's IPv6 addresses are ``nodad``). Routes to addresses no longer floating
+        are removed."""
+        wanted = {f: p for p in ports for f in p.floating}
+        with _lab_errors("routing floating IPs"):
+            if wanted:
+                _write_sysctls(self.host_ns, {"net/ipv4/ip_forward": "1"})
+            for port in ports:
+                host.brport("set", index=_link_index(host, port.tap),
+                            mode=1 if port.floating else 0)
+            for port in {p.tap: p for p in wanted.values()}.values():
+                bridge = _link_index(host, bridge_name(str(port.network)))
+                host.route("replace", dst=str(port.network), oif=bridge, scope=_SCOPE_LINK)
+                host.neigh("replace", dst=port.ip, lladdr=port.mac.lower(), ifindex=bridge,
+                           state="permanent")
+            legs = {_link_index(router, n.legs[1]): n for n in networks.values()}
+            present = {str(r.get_attr("RTA_DST")): r.get_attr("RTA_OIF")
+                       for r in router.route("dump", family=AF_INET, table=_MAIN_TABLE)
+                       if r["dst_len"] == 32 and r["type"] == _RTN_UNICAST
+                       and r.get_attr("RTA_OIF") in legs}
+            gone = {a for a in present if a not in wanted}
+            for address in gone:
+                router.route("del", dst=f"{address}/32", oif=present[address],
+                             scope=_SCOPE_LINK)
+            _delete_neighbours(router, gone)
+            for address, port in wanted.items():
+                leg = _link_index(router, networks[str(port.network)].legs[1])
+                router.route("replace", dst=f"{address}/32", oif=leg, scope=_SCOPE_LINK)
+                router.neigh("replace", dst=address, lladdr=port.mac.lower(), ifindex=leg,
+                             state="permanent")
 
     def _forget_neighbours(self, router: Any, ports: Iterable[LabPort],
                            addresses: set[str]) -> None:

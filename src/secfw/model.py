@@ -63,6 +63,8 @@ DEFAULT_GROUP = "default"
 ADMIN_PROJECT = "admin"
 DEFAULT_QUOTA_SECURITY_GROUPS = 10
 DEFAULT_QUOTA_SECURITY_GROUP_RULES = 20
+#: nova's default ``floating_ips`` quota: addresses a project may hold at once.
+DEFAULT_QUOTA_FLOATING_IPS = 10
 UNLIMITED = -1
 
 DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vmdk", "raw", "qcow2", "vdi", "iso")
@@ -346,12 +348,49 @@ class Quota(Record):
     id: str  # the project name
     security_groups: int = DEFAULT_QUOTA_SECURITY_GROUPS
     security_group_rules: int = DEFAULT_QUOTA_SECURITY_GROUP_RULES
+    floating_ips: int = DEFAULT_QUOTA_FLOATING_IPS
+
+
+@dataclass(frozen=True)
+class FloatingPool(Record):
+    """A range of public IPv4 addresses (nova's floating pool) projects allocate
+    floating IPs from. Created by the admin project; ``cidr`` never overlaps a
+    network or another pool."""
+
+    KIND: ClassVar[str] = "floatingpool"
+    id: str
+    name: str
+    cidr: str
+
+
+@dataclass(frozen=True)
+class FloatingIp(Record):
+    """A public address a project allocated from a pool; its ``id`` is the address
+    itself (an address is allocated at most once).
+
+    While associated, ``port_id`` and ``fixed_ip`` name the instance port and the
+    IPv4 address of that port it maps to, one to one: traffic for ``id`` is
+    DNATed to ``fixed_ip`` and what the port starts towards outside leaves with
+    ``id`` as its source, on the port's host.
+    """
+
+    KIND: ClassVar[str] = "floatingip"
+    id: str
+    project: str
+    pool_id: str
+    port_id: str | None = None
+    fixed_ip: str | None = None
+
+    @property
+    def address(self) -> str:
+        return self.id
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.KIND: cls
     for cls in (
-        Network, SecurityGroup, Rule, Image, Instance, Port, Quota, Flavor, Keypair, Setting
+        Network, SecurityGroup, Rule, Image, Instance, Port, Quota, Flavor, Keypair, Setting,
+        FloatingPool, FloatingIp,
     )
 }
 
@@ -485,6 +524,17 @@ def canonical_remote(cidr: str | None, ethertype: Ethertype) -> str | None:
     if cidr in ("0.0.0.0/0", "::/0"):
         return None
     return cidr
+
+
+def parse_ipv4_address(text: str, what: str = "address") -> str:
+    """One IPv4 address in canonical form (``ValidationError`` otherwise)."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise ValidationError(f"invalid {what} {text!r}: not an IPv4 address") from None
+    if address.version != 4:
+        raise ValidationError(f"invalid {what} {text!r}: not an IPv4 address")
+    return str(address)
 
 
 def parse_network_cidr(text: str) -> str:

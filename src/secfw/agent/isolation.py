@@ -63,7 +63,7 @@ class Isolation:
         isolation was computed for; None when it must be recomputed."""
         if not self.isolated or self._key != (id(desired.ports), id(desired.chains)):
             return None
-        return HostFilter(desired.host, self._kept[0], self._kept[1], desired.sets)
+        return _with_nat(desired, self._kept[0], self._kept[1])
 
     def compute(self, desired: HostFilter, check: Check) -> HostFilter:
         """Find what ``check`` refuses (see the module docstring) and remember it;
@@ -77,11 +77,21 @@ class Isolation:
         self._key = (id(desired.ports), id(desired.chains))
         self._anchor = [desired.ports, desired.chains]
         self._kept = (kept_ports, good_chains)
-        return HostFilter(desired.host, kept_ports, good_chains, desired.sets)
+        return _with_nat(desired, kept_ports, good_chains)
 
     def clear(self) -> None:
         """Nothing isolated any more (the whole filter was accepted)."""
         self.isolated, self._key, self._anchor = (), None, []
+
+
+def _with_nat(desired: HostFilter, ports: tuple[PortPolicy, ...],
+              chains: tuple[GroupChain, ...]) -> HostFilter:
+    """``desired`` restricted to ``ports`` and ``chains``, with the floating-IP NAT
+    of the kept ports only (an isolated port gets no traffic through NAT either)."""
+    kept = {p.port_id for p in ports}
+    floating = tuple(n for n in desired.floating if n.port_id in kept)
+    return HostFilter(desired.host, ports, chains, desired.sets, floating,
+                      desired.internal if floating else ())
 
 
 def _refused(check: Check, candidate: HostFilter) -> str | None:

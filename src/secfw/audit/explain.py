@@ -21,7 +21,7 @@ only (right port from the wrong source, right source on the wrong port, …).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import netaddr
@@ -62,7 +62,23 @@ def explain(cp: CloudPolicy, flow: FlowQuery) -> dict[str, Any]:
     """The verdict on ``flow`` with its reasons (see the module docstring):
     ``verdict`` (allow/deny), ``rules`` (every rule that admits it, both sides),
     ``reasons`` (text), ``egress``/``ingress`` (each side's own verdict, reasons,
-    rules and near misses; None for an end outside the cloud)."""
+    rules and near misses; None for an end outside the cloud). A flow to an
+    associated floating IP is judged as the host filters it, after DNAT: to the
+    fixed address, from the original source (``nat`` says so)."""
+    floating = cp.state.floating_ips.get(flow.dst)
+    nat = None
+    if floating is not None and floating.fixed_ip is not None:
+        nat = {"floating": flow.dst, "fixed": floating.fixed_ip}
+        flow = replace(flow, dst=floating.fixed_ip)
+    result = _explain(cp, flow)
+    if nat is not None:
+        result["nat"] = nat
+        result["reasons"] = [f"DNAT: floating IP {nat['floating']} -> {nat['fixed']}",
+                             *result["reasons"]]
+    return result
+
+
+def _explain(cp: CloudPolicy, flow: FlowQuery) -> dict[str, Any]:
     source, destination = cp.owner(flow.src), cp.owner(flow.dst)
     result: dict[str, Any] = {
         "verdict": "deny",

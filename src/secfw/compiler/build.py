@@ -16,7 +16,9 @@
   their allowed address pairs of that family included (as Neutron does);
 * with ``allow_same_net``, one *same-net* :class:`AddressSet` per (network,
   family) of a protected port here: the addresses of every port of the network,
-  on any host, pairs included, clipped to the network's subnet.
+  on any host, pairs included, clipped to the network's subnet;
+* a :class:`FloatingNat` per floating IP associated with a port here, and then
+  the instance networks' IPv4 CIDRs (``internal``: never SNATed towards).
 
 Same-net means "from the network's ports", not "from the network's CIDR"
 (README, "Semantics"): a port's addresses are anti-spoofed on its own host, so
@@ -46,6 +48,7 @@ from secfw.compiler.ir import (
     AddressPair,
     AddressSet,
     Family,
+    FloatingNat,
     GroupChain,
     HostFilter,
     IcmpMatch,
@@ -91,12 +94,37 @@ def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> H
     referenced = {r.remote_set for c in chains for r in c.rules if r.remote_set}
     referenced.update(name for p in ports for name in p.same_net_sets)
     sets = [address_set(state, name) for name in sorted(referenced)]
+    floating = floating_nat(state, host)
     return HostFilter(
         host=host,
         ports=tuple(sorted(ports, key=lambda p: p.tap)),
         chains=tuple(sorted(chains, key=lambda c: c.name)),
         sets=tuple(sets),
+        floating=floating,
+        internal=internal_networks(state) if floating else (),
     )
+
+
+def floating_nat(state: CloudState, host: str) -> tuple[FloatingNat, ...]:
+    """The 1:1 NAT of the floating IPs associated with ports of instances on
+    ``host``, by floating address. A mapping whose fixed address is no longer the
+    port's is left out (the port was readdressed: nothing to map to)."""
+    found = []
+    for port_id, addresses in state.floating_by_port.items():
+        port = state.ports.get(port_id)
+        instance = state.instances.get(port.instance_id) if port else None
+        if port is None or instance is None or instance.host != host:
+            continue
+        for address in addresses:
+            if state.floating_ips[address].fixed_ip == port.ip:
+                found.append(FloatingNat(address, port.ip, port.tap, port.id))
+    return tuple(sorted(found, key=lambda n: ipaddress.ip_address(n.floating)))
+
+
+def internal_networks(state: CloudState) -> tuple[str, ...]:
+    """Every instance network's IPv4 CIDR, merged: what SNAT never applies towards
+    (traffic between instances keeps its fixed source, as nova-network's did)."""
+    return normalise_addresses(n.cidr for n in state.networks.values())
 
 
 def has_egress_rule(state: CloudState, group_id: str) -> bool:

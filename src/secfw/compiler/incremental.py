@@ -19,6 +19,8 @@ port P              P's policy when its instance is on this host; the address
                     sets of its instance's groups; the same-net sets of its
                     network (old and new: a port on *any* host counts)
 network             everything (rare: a network's CIDRs reach every port on it)
+floating IP, port,  the host's NAT (``floating``, ``internal``): one pass over the
+instance             associated floating IPs
 anything else       nothing (names, images and quotas are not in the IR)
 ==================  ============================================================
 
@@ -42,13 +44,22 @@ from secfw.compiler.build import (
     address_set,
     chain_name,
     compile_host,
+    floating_nat,
     group_chain,
     has_egress_rule,
+    internal_networks,
     port_policy,
     same_net_set_name,
 )
-from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, PortPolicy
-from secfw.model import Instance, Network, Port, Rule
+from secfw.compiler.ir import (
+    AddressSet,
+    Family,
+    FloatingNat,
+    GroupChain,
+    HostFilter,
+    PortPolicy,
+)
+from secfw.model import FloatingIp, Instance, Network, Port, Rule
 
 FAMILY_SUFFIXES = ("v4", "v6")
 FAMILIES: tuple[Family, ...] = ("ipv4", "ipv6")
@@ -62,6 +73,7 @@ class _Dirty:
     rule_groups: set[str] = field(default_factory=set)
     member_groups: set[str] = field(default_factory=set)
     networks: set[str] = field(default_factory=set)
+    floating: bool = False
     everything: bool = False
 
 
@@ -81,6 +93,8 @@ class HostCompiler:
         self._references: Counter[str] = Counter()
         self._same_net_use: Counter[str] = Counter()
         self._sets: dict[str, AddressSet] = {}
+        self._floating: tuple[FloatingNat, ...] = ()
+        self._internal: tuple[str, ...] = ()
 
     @property
     def result(self) -> HostFilter | None:
@@ -106,7 +120,19 @@ class HostCompiler:
             len(self._policies) != len(self._result.ports))
         chains_changed = self._refresh_chains(state, dirty.rule_groups | use_changed)
         sets_changed = self._refresh_sets(state, _stale_sets(dirty))
+        if dirty.floating:
+            self._refresh_floating(state)
         return self._assemble(ports_changed, chains_changed, sets_changed)
+
+    def _refresh_floating(self, state: CloudState) -> None:
+        """Recompute the host's NAT (one pass over the associated floating IPs:
+        they are few next to ports); equal tuples stay the same objects."""
+        floating = floating_nat(state, self.host)
+        internal = internal_networks(state) if floating else ()
+        if floating != self._floating:
+            self._floating = floating
+        if internal != self._internal:
+            self._internal = internal
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -124,6 +150,7 @@ class HostCompiler:
         self._references = Counter(
             name for c in result.chains for name in _references(c))
         self._sets = {s.name: s for s in result.sets}
+        self._floating, self._internal = result.floating, result.internal
 
     def _track_instance(self, state: CloudState, instance: Instance) -> None:
         self._instance_groups[instance.id] = tuple(dict.fromkeys(instance.security_groups))
@@ -142,6 +169,9 @@ class HostCompiler:
         for old, new in replaced:
             if isinstance(old, Network) or isinstance(new, Network):
                 dirty.everything = True
+            if isinstance(old, FloatingIp | Port | Instance) or isinstance(
+                    new, FloatingIp | Port | Instance):
+                dirty.floating = True
             for record in (old, new):
                 if isinstance(record, Rule):
                     dirty.rule_groups.add(record.group_id)
@@ -279,9 +309,11 @@ class HostCompiler:
         sets = previous.sets
         if sets_changed:
             sets = tuple(self._sets[n] for n in sorted(self._sets))
-        if (ports, chains, sets) == (previous.ports, previous.chains, previous.sets):
+        nat = (self._floating, self._internal)
+        if (ports, chains, sets, *nat) == (previous.ports, previous.chains, previous.sets,
+                                            previous.floating, previous.internal):
             return previous
-        self._result = HostFilter(self.host, ports, chains, sets)
+        self._result = HostFilter(self.host, ports, chains, sets, *nat)
         return self._result
 
 

@@ -15,6 +15,8 @@ The IR says *what* must be filtered, never *how* a technology does it:
   per (network, family) of a protected port on this host while
   ``allow_same_net_traffic`` is on: the addresses of every port of that network,
   on any host (its *same-net* set).
+* :class:`FloatingNat` — one per floating IP associated with a port on the host:
+  1:1 NAT between the floating address and the port's fixed IPv4 address.
 
 Everything is frozen and sorted, so the same model always gives an equal IR and a
 backend renders it byte for byte the same.
@@ -129,14 +131,34 @@ class PortPolicy:
     port_security: bool = True
 
 
+@dataclass(frozen=True, order=True)
+class FloatingNat:
+    """A floating IP of a port on this host: packets arriving for ``floating`` are
+    DNATed to ``fixed`` (the port's IPv4 address) before they are filtered, so the
+    port's ingress rules see the original source; connections the port starts
+    towards an address outside every instance network leave with ``floating`` as
+    their source (SNAT). ``tap`` and ``port_id`` name the port."""
+
+    floating: str
+    fixed: str
+    tap: str
+    port_id: str
+
+
 @dataclass(frozen=True)
 class HostFilter:
-    """The whole filter of one host: what a backend renders and applies."""
+    """The whole filter of one host: what a backend renders and applies.
+
+    ``floating`` is the host's 1:1 NAT, sorted by floating address; ``internal``
+    the IPv4 CIDRs of every instance network (canonical, merged), towards which
+    nothing is SNATed — both empty when no floating IP is associated here."""
 
     host: str
     ports: tuple[PortPolicy, ...]
     chains: tuple[GroupChain, ...]
     sets: tuple[AddressSet, ...]
+    floating: tuple[FloatingNat, ...] = ()
+    internal: tuple[str, ...] = ()
 
     def port(self, tap: str) -> PortPolicy | None:
         return next((p for p in self.ports if p.tap == tap), None)

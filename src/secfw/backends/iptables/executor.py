@@ -127,7 +127,19 @@ class IptablesExecutor:
         there is none of them."""
         saves = {family: self._run([self.tool(family, "-save"), "-t", "filter"])
                  for family in FAMILIES}
-        return from_save(saves, self._run(["ipset", "list", "-o", "save"]))
+        return from_save(saves, self._run(["ipset", "list", "-o", "save"]), self._nat_save())
+
+    def _nat_save(self) -> str:
+        """``iptables-save -t nat``, or nothing when the variant is legacy and the
+        namespace has no nat table: iptables-legacy creates (and hooks into the
+        kernel) any table it is asked to list (measured: ``/proc/net/ip_tables_names``
+        gains ``nat``), which would give every host nat hooks for reading its state.
+        iptables-nft lists a missing table without creating it."""
+        if self.variant == "legacy":
+            names = self._try(["cat", "/proc/net/ip_tables_names"]).stdout.split()
+            if "nat" not in names:
+                return ""
+        return self._run([self.tool("ipv4", "-save"), "-t", "nat"])
 
     # ---- applying
 
@@ -140,30 +152,34 @@ class IptablesExecutor:
             self.ipset_restore(plan.ipset_before)
         for family, changes in plan.tables.items():
             self._apply_table(family, changes)
+        # The floating IPs' NAT right after the filter commit (its own restore:
+        # iptables-restore commits each table separately, iptables-restore(8)).
+        self._apply_table("ipv4", plan.nat, "nat")
         if plan.ipset_after:
             self.ipset_restore(plan.ipset_after)
 
-    def _apply_table(self, family: Family, changes: TableChanges) -> None:
+    def _apply_table(self, family: Family, changes: TableChanges, table: str = "filter") -> None:
         """One restore (legacy, or a small change), or: creation batches, the
         commit, removal batches (nft; see the module docstring)."""
-        jumps = self._missing_jumps(family, changes.ensure_jumps)
+        jumps = self._missing_jumps(family, changes.ensure_jumps, table)
         if self.variant == "legacy" or changes.size <= BATCH_RULES:
             lines = changes.lines(jumps)
             if lines:
-                self.restore(family, lines)
+                self.restore(family, lines, table)
             return
         if changes.created:
-            self.restore(family, changes.declarations())
+            self.restore(family, changes.declarations(), table)
         for batch in batched(changes.created):
-            self.restore(family, changes.fill_lines(batch))
+            self.restore(family, changes.fill_lines(batch), table)
         if changes.commit or jumps:
-            self.restore(family, [*changes.commit, *jumps])
+            self.restore(family, [*changes.commit, *jumps], table)
         removed = [(name, ("",)) for name in changes.removed]
         for verb in ("-F", "-X"):  # every chain flushed before any is deleted
             for batch in batched(removed):
-                self.restore(family, [f"{verb} {name}" for name, _ in batch])
+                self.restore(family, [f"{verb} {name}" for name, _ in batch], table)
 
-    def _missing_jumps(self, family: Family, jumps: Sequence[tuple[str, str]]) -> list[str]:
+    def _missing_jumps(self, family: Family, jumps: Sequence[tuple[str, str]],
+                       table: str = "filter") -> list[str]:
         """``-I CHAIN 1 RULE`` for each jump ``iptables -C`` does not find.
 
         -C exits 1 when the rule is absent and 2 when its target chain does not
@@ -171,14 +187,15 @@ class IptablesExecutor:
         """
         lines = []
         for builtin, rule in jumps:
-            done = self._try([self.tool(family), "-w", "-C", builtin, *rule.split()])
+            done = self._try([self.tool(family), "-w", "-t", table, "-C", builtin,
+                              *rule.split()])
             if done.returncode != 0:
                 lines.append(f"-I {builtin} 1 {rule}")
         return lines
 
-    def restore(self, family: Family, lines: Sequence[str]) -> None:
-        """One atomic ``iptables-restore --noflush`` commit of ``lines``."""
-        self._run([self.tool(family, "-restore"), "-w", "--noflush"], restore_text(lines))
+    def restore(self, family: Family, lines: Sequence[str], table: str = "filter") -> None:
+        """One atomic ``iptables-restore --noflush`` commit of ``lines`` in ``table``."""
+        self._run([self.tool(family, "-restore"), "-w", "--noflush"], restore_text(lines, table))
 
     def ipset_restore(self, lines: Sequence[str]) -> None:
         """``ipset -exist restore`` of ``lines`` (-exist: creating an identical set
@@ -195,6 +212,10 @@ class IptablesExecutor:
             unhook = tuple(f"-D {builtin} {rule}" for (builtin, rule), count
                            in table.jumps.items() for _ in range(count))
             self._apply_table(family, TableChanges(commit=unhook, removed=tuple(table.chains)))
+        nat = parse_table(self._nat_save(), "ipv4", "nat")
+        unhook = tuple(f"-D {builtin} {rule}" for (builtin, rule), count
+                       in nat.jumps.items() for _ in range(count))
+        self._apply_table("ipv4", TableChanges(commit=unhook, removed=tuple(nat.chains)), "nat")
         names = sorted(parse_ipsets(self._run(["ipset", "list", "-o", "save"])))
         if names:
             self.ipset_restore([f"destroy {name}" for name in names])

@@ -108,6 +108,7 @@ class IptPlan:
     ipset_after: tuple[str, ...] = ()
     summary: Mapping[str, Any] = field(default_factory=dict)
     full: bool = False
+    nat: TableChanges = field(default_factory=TableChanges)
 
     @property
     def empty(self) -> bool:
@@ -117,7 +118,7 @@ class IptPlan:
     @property
     def size(self) -> int:
         """How many commands (ipset lines, iptables-restore lines, jump checks)."""
-        return (len(self.ipset_before) + len(self.ipset_after)
+        return (len(self.ipset_before) + len(self.ipset_after) + self.nat.size
                 + sum(changes.size for changes in self.tables.values()))
 
     @property
@@ -127,6 +128,8 @@ class IptPlan:
         restore = [f"{family}: {line}" for family, changes in self.tables.items()
                    for line in changes.lines(
                        [f"ensure {chain} {rule}" for chain, rule in changes.ensure_jumps])]
+        restore += [f"nat: {line}" for line in self.nat.lines(
+            [f"ensure {chain} {rule}" for chain, rule in self.nat.ensure_jumps])]
         return (*self.ipset_before, *restore, *self.ipset_after)
 
 
@@ -138,9 +141,10 @@ def plan(current: IptState | None, desired: IptState) -> IptPlan:
     chains: set[str] = set()
     for family in FAMILIES:
         tables[family] = table_changes(base.tables[family], desired.tables[family], chains)
+    nat = table_changes(base.nat, desired.nat, chains)
     before, after, counts = set_changes(base.sets, desired.sets)
-    summary = _summary(chains, counts, tables)
-    return IptPlan(before, tables, after, summary, full=current is None)
+    summary = _summary(chains, counts, {**tables, "nat": nat})
+    return IptPlan(before, tables, after, summary, full=current is None, nat=nat)
 
 
 def table_changes(old: Table, new: Table, touched: set[str]) -> TableChanges:
@@ -239,7 +243,7 @@ def _element_lines(verb: str, name: str, elements: tuple[str, ...],
 
 
 def _summary(chains: set[str], counts: dict[str, Any],
-             tables: Mapping[Family, TableChanges]) -> dict[str, Any]:
+             tables: Mapping[Any, TableChanges]) -> dict[str, Any]:
     """What the plan changes, without the empty entries (for logs)."""
     rules = sum(sum(len(r) for _, r in t.created)
                 + sum(1 for line in t.commit if line.startswith("-A ")) for t in tables.values())

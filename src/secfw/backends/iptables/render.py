@@ -128,7 +128,12 @@ INGRESS_BASE = "secfw-ingress-base"
 ALLOW, PASS = "secfw-allow", "secfw-pass"
 #: The built-in chains secfw hooks into, and the chain each one jumps to.
 JUMPS: tuple[tuple[str, str], ...] = (("FORWARD", f"-j {FORWARD}"), ("INPUT", f"-j {INPUT}"))
-BUILTIN_CHAINS = frozenset({"INPUT", "FORWARD", "OUTPUT"})
+BUILTIN_CHAINS = frozenset({"INPUT", "FORWARD", "OUTPUT", "PREROUTING", "POSTROUTING"})
+#: Floating IPs: secfw's chains in the IPv4 ``nat`` table and the jumps to them
+#: (nat chains see only a connection's first packet; conntrack does the rest).
+FLOAT_DNAT, FLOAT_SNAT = "secfw-float-dnat", "secfw-float-snat"
+NAT_JUMPS: tuple[tuple[str, str], ...] = (
+    ("PREROUTING", f"-j {FLOAT_DNAT}"), ("POSTROUTING", f"-j {FLOAT_SNAT}"))
 
 #: The packet-mark bit that carries "a group allowed it" from a group chain back
 #: to the policy chain (bit 24: clear of kube-proxy's 0x4000/0x8000 and of the low
@@ -227,10 +232,12 @@ class Table:
 @dataclass(frozen=True)
 class IptState:
     """Everything secfw owns: both tables and the ipsets (what render gives and
-    what read-back returns, in the same normal form)."""
+    what read-back returns, in the same normal form); ``nat``: secfw's part of
+    the IPv4 ``nat`` table (floating IPs; empty without any)."""
 
     tables: Mapping[Family, Table]
     sets: Mapping[str, IpSet]
+    nat: Table = field(default_factory=lambda: Table("ipv4", {}, {}))
 
 
 @dataclass(frozen=True)
@@ -413,7 +420,28 @@ def render(hf: HostFilter, options: RenderOptions | None = None) -> IptState:
     _check_ports(hf.ports, ctx)
     tables = {family: Table(family, _chains(hf, family, ctx)) for family in FAMILIES}
     sets = {ctx.set_names[s.name]: _ipset(ctx.set_names[s.name], s) for s in hf.sets}
-    return IptState(tables, dict(sorted(sets.items())))
+    return IptState(tables, dict(sorted(sets.items())), nat_table(hf))
+
+
+def nat_table(hf: HostFilter) -> Table:
+    """The floating IPs' 1:1 NAT: one DNAT rule per floating address in
+    ``secfw-float-dnat`` (PREROUTING), and in ``secfw-float-snat`` (POSTROUTING)
+    first an SNAT per fixed address for its own hairpin (an instance reaching its
+    own floating address would drop its own source coming back), then a RETURN
+    per instance network (no SNAT between instances), then one SNAT rule per
+    fixed address. DNAT before the filter's FORWARD chains: the groups
+    see the original source. Empty (no chains, no jumps) without floating IPs."""
+    if not hf.floating:
+        return Table("ipv4", {}, {})
+    for nat in hf.floating:
+        for address in (nat.floating, nat.fixed):
+            _check_ipv4(address)
+    dnat = tuple(f"-d {n.floating}/32 -j DNAT --to-destination {n.fixed}" for n in hf.floating)
+    snat = (*(f"-s {n.fixed}/32 -d {n.fixed}/32 -j SNAT --to-source {n.floating}"
+              for n in hf.floating),
+            *(f"-d {canonical_cidr(c)} -j RETURN" for c in hf.internal),
+            *(f"-s {n.fixed}/32 -j SNAT --to-source {n.floating}" for n in hf.floating))
+    return Table("ipv4", {FLOAT_DNAT: dnat, FLOAT_SNAT: snat}, {jump: 1 for jump in NAT_JUMPS})
 
 
 def _context(hf: HostFilter, options: RenderOptions) -> _Context:
@@ -871,10 +899,21 @@ def _groups(chains: list[str], ctx: _Context) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- #
 
 
-def restore_text(lines: Iterable[str]) -> str:
-    """An ``iptables-restore --noflush`` input for the filter table: ``lines``
-    between ``*filter`` and ``COMMIT`` (the whole block is one atomic commit)."""
-    return "*filter\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+def _check_ipv4(address: str) -> None:
+    """An address printed into a NAT rule must be exactly one IPv4 address, in
+    :mod:`ipaddress`'s own text (nothing else can reach the rule as syntax)."""
+    try:
+        canonical = str(ipaddress.IPv4Address(address))
+    except ValueError:
+        canonical = None
+    if canonical != address:
+        raise BackendError(f"iptables: floating IP address {address!r} is not IPv4")
+
+
+def restore_text(lines: Iterable[str], table: str = "filter") -> str:
+    """An ``iptables-restore --noflush`` input for ``table``: ``lines`` between
+    ``*TABLE`` and ``COMMIT`` (the whole block is one atomic commit)."""
+    return f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
 
 
 def table_lines(table: Table) -> Iterator[str]:
@@ -909,6 +948,8 @@ def to_text(state: IptState) -> str:
     for family in FAMILIES:
         tool = "iptables" if family == "ipv4" else "ip6tables"
         parts += [f"# {tool}-restore --noflush\n", restore_text(table_lines(state.tables[family]))]
+        if family == "ipv4" and state.nat.chains:
+            parts.append(restore_text(table_lines(state.nat), "nat"))
     return "".join(parts)
 
 

@@ -128,15 +128,15 @@ def quote(token: str) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def parse_table(text: str, family: Family) -> Table:
-    """secfw's chains and jumps in ``iptables-save -t filter`` output ``text``,
+def parse_table(text: str, family: Family, table: str = "filter") -> Table:
+    """secfw's chains and jumps in ``iptables-save -t TABLE`` output ``text``,
     and the built-in chains where another rule precedes one of secfw's jumps
     (iptables-save lists each chain's rules in order)."""
     chains: dict[str, list[str]] = {}
     jumps: Counter[tuple[str, str]] = Counter()
     foreign: set[str] = set()  # built-in chains where a rule not secfw's was seen
     buried: set[str] = set()
-    for line in _filter_section(text):
+    for line in _table_section(text, table):
         if line.startswith(":" + PREFIX):
             chains.setdefault(line[1:].split(" ", 1)[0], [])
         elif line.startswith("-A "):
@@ -152,11 +152,11 @@ def parse_table(text: str, family: Family) -> Table:
                  frozenset(buried))
 
 
-def _filter_section(text: str) -> Iterator[str]:
-    """The lines of the ``*filter`` table (up to its COMMIT)."""
+def _table_section(text: str, table: str) -> Iterator[str]:
+    """The lines of the ``*TABLE`` table (up to its COMMIT)."""
     inside = False
     for line in text.splitlines():
-        if line == "*filter":
+        if line == f"*{table}":
             inside = True
         elif line == "COMMIT":
             inside = False
@@ -235,13 +235,15 @@ def _element(words: list[str]) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def from_save(saves: dict[Family, str], ipsets: str) -> IptState | None:
-    """The state in the tools' output; None when secfw has nothing at all there."""
+def from_save(saves: dict[Family, str], ipsets: str, nat_save: str = "") -> IptState | None:
+    """The state in the tools' output (``nat_save``: ``iptables-save -t nat``);
+    None when secfw has nothing at all there."""
     tables = {family: parse_table(saves.get(family, ""), family) for family in FAMILIES}
     sets = parse_ipsets(ipsets)
-    if not sets and not any(t.chains or t.jumps for t in tables.values()):
+    nat = parse_table(nat_save, "ipv4", "nat")
+    if not sets and not any(t.chains or t.jumps for t in (*tables.values(), nat)):
         return None
-    return IptState(tables, sets)
+    return IptState(tables, sets, nat)
 
 
 def empty_state() -> IptState:

@@ -56,6 +56,14 @@ INPUT_EGRESS = "input-egress"
 ND_CHAIN_PREFIX = "nd-"  # nd-<tap>: one per protected port
 PORTS_SUFFIX = "-ports"
 
+# ---- table inet secfw: floating IPs (1:1 NAT; present only while some are associated)
+FLOATING_DNAT = "floating_dnat"  # floating address -> fixed address
+FLOATING_SNAT = "floating_snat"  # fixed address -> floating address
+FLOATING_INTERNAL = "floating_internal"  # instance networks: never SNATed towards
+FLOATING_SELF = "floating_self"  # fixed . fixed: an instance reaching its own floating IP
+FLOATING_DNAT_CHAIN = "floating-dnat"  # hook nat prerouting
+FLOATING_SNAT_CHAIN = "floating-snat"  # hook nat postrouting
+
 # ---- table arp secfw
 ARP_OPEN = "arp_open"  # taps without port security
 ARP_HOSTS = "arp_hosts"  # tap . frame MAC . sender MAC . sender IPv4
@@ -72,12 +80,12 @@ TO_TAP = "to-tap"  # hook postrouting: ingress mark
 FIXED_SETS = frozenset({
     INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SPOOF.values(), *INGRESS_ADDRS.values(),
     *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
-    PORT_MACS,
+    PORT_MACS, FLOATING_DNAT, FLOATING_SNAT, FLOATING_INTERNAL, FLOATING_SELF,
 })
 FIXED_CHAINS = frozenset({
     INGRESS_FILTER, EGRESS_OPEN, EGRESS_FILTER, EGRESS_GUARD, EGRESS_PROTECT,
     FORWARD_EGRESS, FORWARD_INGRESS, POSTROUTING_INGRESS, INPUT_EGRESS, ARP_INPUT,
-    FROM_TAP, TO_TAP,
+    FROM_TAP, TO_TAP, FLOATING_DNAT_CHAIN, FLOATING_SNAT_CHAIN,
 })
 
 # Egress filters run before ingress filters on forward (an arbitrary but fixed
@@ -109,6 +117,15 @@ POSTROUTING_INGRESS_HOOK = Hook("filter", "postrouting", 0, "accept")
 # traffic to that port. Bridged frames get the mark of the port they really leave by
 # from TO_TAP, which runs before br_netfilter's postrouting call.
 FORWARD_INGRESS_BRIDGED_HOOK = Hook("filter", "forward", 0, "accept")
+
+# Floating IPs. The nat hooks see only the first packet of a connection; conntrack
+# applies the mapping to the rest and reverses it on replies. "dstnat" (-100) and
+# "srcnat" (100) are the standard nat priorities (nft(8), "CHAINS"). DNAT on
+# prerouting runs before the forward hook, so the filter sees the fixed address as
+# the destination and the original source untouched: the security groups judge
+# DNATed traffic by its real source.
+FLOATING_DNAT_HOOK = Hook("nat", "prerouting", -100, "accept")
+FLOATING_SNAT_HOOK = Hook("nat", "postrouting", 100, "accept")
 
 ADDRESS_TYPE: dict[Family, str] = {"ipv4": "ipv4_addr", "ipv6": "ipv6_addr"}
 ADDRESS_KEYWORD: dict[Family, str] = {"ipv4": "ip", "ipv6": "ip6"}

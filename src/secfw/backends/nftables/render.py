@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from secfw.backends.nftables import protect
+from secfw.backends.nftables.floating import floating_part
 from secfw.backends.nftables.layout import (
     ADDRESS_KEYWORD,
     ADDRESS_TYPE,
@@ -202,6 +203,8 @@ class Renderer:
         self._chains: dict[str, tuple[GroupChain, Chain]] = {}
         self._result: Ruleset | None = None
         self._positions: _Positions = ({}, {})
+        self._nat_key: tuple[object, object] = ((), ())
+        self._nat_part: _PortPart = ([], [])
 
     def render(self, hf: HostFilter) -> Ruleset:
         """The ruleset of ``hf`` (see :func:`render`)."""
@@ -216,8 +219,10 @@ class Renderer:
         recheck = signature != self._set_signature  # cached chains were checked against others
         self._set_signature = signature
         port_sets, port_chains = self._ports(hf, delta)
-        sets = [*port_sets, *self._address_sets(hf.sets, delta)]
-        chains = [*self._group_chains(hf.chains, address_sets, delta, recheck), *port_chains]
+        nat_sets, nat_chains = self._floating(hf, delta)
+        sets = [*port_sets, *nat_sets, *self._address_sets(hf.sets, delta)]
+        chains = [*self._group_chains(hf.chains, address_sets, delta, recheck), *port_chains,
+                  *nat_chains]
         self.delta = None if first else delta
         if self._result is not None and _replaces_only(delta, self._positions):
             self._result = _replaced(self._result, delta, self._positions)
@@ -242,6 +247,18 @@ class Renderer:
             _changed(delta.sets, old_sets, self._port_part[0])
             _changed(delta.chains, old_chains, self._port_part[1])
         return self._port_part
+
+    def _floating(self, hf: HostFilter, delta: Delta) -> _PortPart:
+        """The floating-IP NAT (:mod:`.floating`), rendered again only when the
+        host's mappings or instance networks changed."""
+        key = (hf.floating, hf.internal)
+        if self._nat_key != key:
+            old_sets, old_chains = self._nat_part
+            self._nat_part = floating_part(hf)
+            self._nat_key = key
+            _changed(delta.sets, old_sets, self._nat_part[0])
+            _changed(delta.chains, old_chains, self._nat_part[1])
+        return self._nat_part
 
     def _address_sets(self, address_sets: Iterable[AddressSet], delta: Delta) -> list[NamedSet]:
         self._sets, rendered = _reuse(self._sets, address_sets, _address_set, delta.sets)

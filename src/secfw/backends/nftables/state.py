@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 _VERDICTS = frozenset({"accept", "drop", "continue", "return", "jump", "goto"})
 #: What secfw's maps map to: verdicts, or packet marks (the bridge table's).
-_DATA_TYPES = ("verdict", "mark")
+_DATA_TYPES = ("verdict", "mark", "ipv4_addr")
 
 #: A set or chain of one of secfw's tables: ``(family, name)``.
 ObjectKey = tuple[str, str]
@@ -293,7 +293,9 @@ def _parse_element(raw: Any, key_type: tuple[str, ...], is_map: bool) -> Element
     verdict = None
     if is_map:
         raw, data = raw
-        verdict = Datum(str(int(data))) if isinstance(data, int) else parse_verdict(data)
+        verdict = (Datum(str(int(data))) if isinstance(data, int)
+                   else Datum(str(ipaddress.IPv4Address(data))) if isinstance(data, str)
+                   else parse_verdict(data))
     raw = _unwrap(raw)
     if len(key_type) == 1:  # fast path: no concatenation
         return Element((_component(raw, key_type[0]),), verdict)

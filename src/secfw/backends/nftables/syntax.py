@@ -176,7 +176,16 @@ class SetMeta(NamedTuple):
     value: MapLookup | int
 
 
-Statement = Match | VMap | Verdict | SetMeta
+class Nat(NamedTuple):
+    """``dnat ip to KEY map @m`` / ``snat ip to KEY map @m``: the IPv4 address a
+    named data map holds for ``KEY`` (a lookup that finds nothing ends the rule:
+    no NAT)."""
+
+    kind: str  # "dnat" | "snat"
+    lookup: MapLookup
+
+
+Statement = Match | VMap | Verdict | SetMeta | Nat
 
 
 # --------------------------------------------------------------------------- #
@@ -202,7 +211,8 @@ class Hook(NamedTuple):
 
 class Datum(NamedTuple):
     """The value of a data-map element (not a verdict): a packet mark, as decimal
-    digits (how :mod:`.state` normalises the kernel's read-back)."""
+    digits, or an IPv4 address without prefix (how :mod:`.state` normalises the
+    kernel's read-back)."""
 
     text: str
 
@@ -334,6 +344,9 @@ def verdict_text(verdict: Verdict | Datum) -> str:
 def statement_text(statement: Statement) -> str:
     if isinstance(statement, Verdict):
         return verdict_text(statement)
+    if isinstance(statement, Nat):
+        nat = statement.lookup
+        return f"{statement.kind} ip to {key_text(nat.key)} map @{nat.map.name}"
     if isinstance(statement, SetMeta):
         lookup = statement.value
         if isinstance(lookup, int):
@@ -500,15 +513,20 @@ def prefix_json(cidr: str) -> Json:
 
 
 def verdict_json(verdict: Verdict | Datum) -> Json:
-    """A verdict, or the datum of a data-map element (a mark: an integer)."""
+    """A verdict, or the datum of a data-map element (a mark: an integer; an
+    address: its text)."""
     if isinstance(verdict, Datum):
-        return int(verdict.text)
+        return int(verdict.text) if verdict.text.isdigit() else verdict.text
     return {verdict.kind: None if verdict.target is None else {"target": verdict.target}}
 
 
 def statement_json(statement: Statement) -> Json:
     if isinstance(statement, Verdict):
         return verdict_json(statement)
+    if isinstance(statement, Nat):
+        nat = statement.lookup
+        return {statement.kind: {"family": "ip", "addr": {
+            "map": {"key": key_json(nat.key), "data": "@" + nat.map.name}}}}
     if isinstance(statement, SetMeta):
         lookup = statement.value
         value: Json = lookup if isinstance(lookup, int) else {
