@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from secfw.model import (
     RECORD_TYPES,
     Flavor,
+    Host,
     Image,
     Instance,
     Keypair,
@@ -29,6 +30,8 @@ from secfw.model import (
     Rule,
     SecurityGroup,
     Setting,
+    Volume,
+    VolumeSnapshot,
 )
 from secfw.store.base import Change, Snapshot
 
@@ -154,6 +157,19 @@ class CloudState:
     @property
     def settings(self) -> dict[str, Setting]:
         return self.records[Setting.KIND]
+
+    @property
+    def hosts(self) -> dict[str, Host]:
+        """Registered compute hosts by name."""
+        return self.records[Host.KIND]
+
+    @property
+    def volumes(self) -> dict[str, Volume]:
+        return self.records[Volume.KIND]
+
+    @property
+    def volume_snapshots(self) -> dict[str, VolumeSnapshot]:
+        return self.records[VolumeSnapshot.KIND]
 
     def ports_of(self, instance_id: str) -> list[Port]:
         return sorted(
