@@ -848,6 +848,7 @@ class Api:
         check_name(name, "image name")
         with self.batch() as state:
             instance = self._instance(state, project, server)
+            _check_active(instance, "snapshot")
             base = state.images.get(instance.image_id)
             flavor = visible_flavors(state).get(instance.flavor_id or "")
             now = time.time_ns()
@@ -1161,6 +1162,8 @@ class Api:
             del shown["host"]
         if instance.fault is None:  # nova shows a fault only when there is one
             del shown["fault"]
+        if not shown["os-extended-volumes:volumes_attached"]:  # as the guide's show
+            del shown["os-extended-volumes:volumes_attached"]
         return shown
 
     def user_data(self, project: str, server: str) -> bytes | None:
