@@ -8,6 +8,8 @@ fault and has no port: the compiler of any host never sees it.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -335,3 +337,42 @@ def test_bad_input_is_one_line_and_changes_nothing(
     cloud: Cli, args: tuple[str, ...], code: int, message: str
 ) -> None:
     assert message in cloud.fails(*args, code=code)
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_block(command: str) -> str:
+    """The output the README shows after ``$ secfw COMMAND`` (up to the next prompt)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme.split(f"$ secfw {command}\n", 1)[1]
+    return re.split(r"\n(?:\$ |```)", after, maxsplit=1)[0] + "\n"
+
+
+def same_but_ids_and_times(expected: str, actual: str) -> str:
+    """``actual`` with its UUIDs and times replaced by the README's, in order."""
+    for pattern in (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                    r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"):
+        wanted = iter(re.findall(pattern, expected))
+        actual = re.sub(pattern, lambda _m, w=wanted: next(w), actual)  # type: ignore[misc]
+    return actual
+
+
+def test_readme_scheduling_examples_are_the_commands_output(cli: Cli, api: Api) -> None:
+    """The README's host-list, NoValidHost show and volume-list: the commands' output,
+    byte for byte but for the generated IDs and the times."""
+    api.net_create("admin", "private", "10.0.0.0/24")
+    cli.ok("image-create", "quantal-test", "--visibility", "public")
+    cli.ok("host-add", "compute1", "--vcpus", "8", "--ram-mb", "16384", "--disk-gb", "200",
+           "--property", "ssd=true")
+    cli.ok("host-add", "compute2", "--vcpus", "4", "--ram-mb", "8192", "--disk-gb", "100")
+    cli.ok("flavor-create", "xxl.super", "11", "65536", "100", "16")
+    cli.ok("quota-update", "--ram", "131072", "--cores", "32")
+    cli.ok("boot", "test-instance", "--flavor", "xxl.super", "--image", "quantal-test")
+    shown = readme_block("show test-instance")
+    assert same_but_ids_and_times(shown, cli.ok("show", "test-instance")) == shown
+    cli.ok("boot", "web1", "--flavor", "m1.small", "--image", "quantal-test")
+    assert cli.ok("host-list") == readme_block("host-list")
+    cli.ok("volume-create", "--display-name", "test-volume", "10")
+    listed = readme_block("volume-list")
+    assert same_but_ids_and_times(listed, cli.ok("volume-list")) == listed
