@@ -1001,26 +1001,33 @@ class Api:
             sources = [_mapping_source(state, project, m) for m in mappings]
             demand = Demand(flavor_obj.vcpus, flavor_obj.ram_mb,
                             0 if boot_volume else flavor_obj.disk_gb)
-            check_quota(state.quota(project), compute_usage(state, project),
-                        {"instances": 1, "cores": demand.vcpus, "ram": demand.ram_mb})
-            _check_snapshot_volumes_quota(state, project, sources)
+            _check_boot_quotas(state, project, demand, sources)
             placed = _place(state, host, demand, required_properties(flavor_obj))
             instance = Instance(
                 new_id(), project, name, flavor_obj.name,
-                image_obj.id if image_obj is not None else "", placed or "", group_ids,
-                "ACTIVE" if placed else "ERROR", now, flavor_obj.id, key_name, metadata,
-                encoded, now, demand.vcpus, demand.ram_mb, demand.disk_gb,
-                None if placed else {"message": "NoValidHost", "code": 500,
-                                     "created": iso_time(now)},
+                image_id=image_obj.id if image_obj is not None else "", host=placed or "",
+                security_groups=group_ids, state="ACTIVE" if placed else "ERROR",
+                created=now, flavor_id=flavor_obj.id, key_name=key_name, metadata=metadata,
+                user_data=encoded, updated=now, vcpus=demand.vcpus, ram_mb=demand.ram_mb,
+                disk_gb=demand.disk_gb, fault=None if placed else _no_valid_host(now),
             )
             state.put(instance)
             if placed:
-                taps = {p.tap for p in state.ports.values()}
-                for net in networks:
-                    state.put(self._new_port(state, instance.id, net, taps))
-                for mapping, source in zip(mappings, sources, strict=True):
-                    state.put(_attach_mapping(project, instance.id, mapping, source, now))
+                self._realise(state, instance, networks, list(zip(mappings, sources,
+                                                                  strict=True)))
             return instance
+
+    def _realise(
+        self, state: CloudState, instance: Instance, networks: Sequence[Network],
+        volumes: Sequence[tuple[BlockDeviceMapping, Volume | VolumeSnapshot]],
+    ) -> None:
+        """A placed instance's ports (one per network) and its mapped volumes."""
+        taps = {p.tap for p in state.ports.values()}
+        for net in networks:
+            state.put(self._new_port(state, instance.id, net, taps))
+        for mapping, source in volumes:
+            state.put(_attach_mapping(instance.project, instance.id, mapping, source,
+                                      instance.created))
 
     @_retried
     def meta(self, project: str, server: str, action: str, items: Sequence[str]) -> Instance:
@@ -1850,6 +1857,20 @@ def _nova_fault(fault: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: fault[key] for key in (*FAULT_KEYS, *sorted(set(fault) - set(FAULT_KEYS)))
             if key in fault}
 
+
+
+def _no_valid_host(now: int) -> dict[str, Any]:
+    """nova's fault of an instance the scheduler could not place."""
+    return {"message": "NoValidHost", "code": 500, "created": iso_time(now)}
+
+
+def _check_boot_quotas(state: CloudState, project: str, demand: Demand,
+                       sources: Sequence[Volume | VolumeSnapshot]) -> None:
+    """instances, cores and ram for one more instance; volumes and gigabytes for
+    the volumes its mappings make from snapshots."""
+    check_quota(state.quota(project), compute_usage(state, project),
+                {"instances": 1, "cores": demand.vcpus, "ram": demand.ram_mb})
+    _check_snapshot_volumes_quota(state, project, sources)
 
 
 def _place(state: CloudState, host: str | None, demand: Demand,
