@@ -53,7 +53,8 @@ def build(api: Api, instances: int, groups: int, rng: random.Random) -> None:
     """Create the whole cloud in one batch (one transaction, one revision)."""
     names = [f"sg-{i:04d}" for i in range(groups)]
     with api.batch():
-        api.quota_update(PROJECT, security_groups=-1, security_group_rules=-1)
+        api.quota_update(PROJECT, security_groups=-1, security_group_rules=-1,
+                         instances=-1, cores=-1, ram=-1)
         api.net_create(PROJECT, "flat", "10.0.0.0/16")
         api.image_create(PROJECT, "cirros", visibility="public")
         with timed(f"  {groups} groups x {RULES_PER_GROUP} rules", groups):

@@ -340,11 +340,13 @@ def test_exhausted_network(cli: Cli) -> None:
 
 
 def test_quota_show_and_update(cli: Cli) -> None:
-    assert cli.json("quota-show") == {"security_groups": 10, "security_group_rules": 20,
-                                      "floating_ips": 10}
+    defaults = {"security_groups": 10, "security_group_rules": 20, "instances": 10,
+                "cores": 20, "ram": 51200, "volumes": 10, "gigabytes": 1000, "snapshots": 10,
+                "floating_ips": 10}
+    assert cli.json("quota-show") == defaults
     assert "| security_group_rules | 20    |" in cli.ok("quota-show")
     updated = cli.json("quota-update", "--security-groups", "3", "--security-group-rules", "-1")
-    assert updated == {"security_groups": 3, "security_group_rules": -1, "floating_ips": 10}
+    assert updated == {**defaults, "security_groups": 3, "security_group_rules": -1}
     assert cli.json("quota-show") == updated
     assert cli.json("quota-show", "--project", "other")["security_groups"] == 10
 
@@ -451,7 +453,7 @@ BAD_INPUT: list[tuple[tuple[str, ...], int, str]] = [
     ((*BOOT, "--host", "h1", "--nic", "nope"), 2, "expected net-id=NETWORK"),
     ((*BOOT, "--host", "h1", "--nic", "net-id=net", "--nic", "net-id=net"), 2,
      "listed more than once"),
-    (BOOT, 2, "Missing option '--host'"),
+    (("boot", "x", "--flavor", "1", "--host", "h1"), 2, "give --image, or boot from a volume"),
     ((*BOOT, "--host", ""), 2, "host must not be empty"),
     ((*BOOT, "--host", "a b"), 2, "must not contain whitespace"),
     ((*BOOT, "--host", "h1", "--security-groups", "nosuch"), 3, "'nosuch' not found"),

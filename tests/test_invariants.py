@@ -8,6 +8,10 @@ model's commands (flavors, keypairs, images with their bytes, snapshots,
 instance metadata) run among them: flavors and keypairs stay unique, image
 files match their records exactly (no orphan, no missing or altered file), and
 the agent's compiler sees exactly the ports of the ACTIVE instances of a host.
+So do scheduling, compute hosts, compute and volume quotas, volumes, attachments
+and volume snapshots: a volume is attached to at most one (ACTIVE) instance, on
+a device no other volume of it uses; no registered host is ever over capacity;
+no project over a quota; an instance in ERROR has no host, no port, no volume.
 """
 
 from __future__ import annotations
@@ -35,8 +39,14 @@ from secfw.compiler.build import compile_host
 from secfw.errors import SecfwError
 from secfw.model import (
     DEFAULT_GROUP,
+    DEFAULT_QUOTA_CORES,
+    DEFAULT_QUOTA_GIGABYTES,
+    DEFAULT_QUOTA_INSTANCES,
+    DEFAULT_QUOTA_RAM,
     DEFAULT_QUOTA_SECURITY_GROUP_RULES,
     DEFAULT_QUOTA_SECURITY_GROUPS,
+    DEFAULT_QUOTA_SNAPSHOTS,
+    DEFAULT_QUOTA_VOLUMES,
     MAC_PREFIX,
     MAX_METADATA_ITEMS,
     UNLIMITED,
@@ -102,6 +112,20 @@ META_SET = mostly([["role=web"], ["a=1", "b=2"], ["role=db", "a=3"]],
 META_KEYS = mostly([["role"], ["a", "b"], ["a"]], [[], ["a=1"]])
 KEY_NAMES = mostly([None, None, "k1"], ["k9"])
 
+# scheduling and volumes
+SCHED_HOSTS = mostly(["h1", "h2", "h3"], ["", "h 3"])
+#: (vcpus, ram_mb, disk_gb): room for a few m1.tiny (1 vCPU, 512 MB, 1 GB), or none
+CAPACITIES = mostly([("2", "1024", "2"), ("4", "4096", "20"), ("1", "512", "1")],
+                    [("0", "1", "1"), ("1", "x", "1")])
+HOST_PROPERTIES = mostly([[], ["gpu=true"]], [["novalue"]])
+COMPUTE_QUOTAS = st.sampled_from([None, None, "-1", "0", "1", "2", "3", "1024", "x"])
+VOLUME_REFS = mostly(["v1", "v2", "boot"], ["nosuch"])
+SNAPSHOT_REFS = mostly(["s1", "s2"], ["nosuch"])
+VOLUME_SIZES = mostly(["1", "2", "5"], ["0", "x"])
+DEVICES = mostly([None, "vdb", "/dev/vdc"], ["vda", "eth0"])
+MAPPINGS = mostly(["vda=boot:::1", "vda=boot:::0", "vda=s1:snap::1", "vdb=v1:::0"],
+                  ["vda=boot::9:0", "vda=nosuch:::0", "vda=", "vda=boot:::maybe"])
+
 #: usable addresses: 10.0.0.2-6 (flat, every project), 10.1.0.2 (VLAN 7, project p2 only)
 FLAT_CIDR, VLAN_CIDR = "10.0.0.0/29", "10.1.0.0/30"
 
@@ -124,6 +148,7 @@ class CloudMachine(RuleBasedStateMachine):
         """Start from a small populated cloud so that random steps hit existing objects."""
         for project in ("p1", "p2"):
             self.seed_project(project)
+        self.attempt(lambda: self.api.host_add("admin", "h3", "2", "1024", "2"))
 
     def seed_project(self, project: str) -> None:
         api = self.api
@@ -137,6 +162,9 @@ class CloudMachine(RuleBasedStateMachine):
                                                          "22"))
         self.attempt(lambda: api.boot(project, "vm1", "m1.tiny", "img", "h1", ["web"],
                                       ["flat"]))
+        self.attempt(lambda: api.volume_create(project, "2", "v1"))
+        self.attempt(lambda: api.volume_create(project, "1", "boot"))
+        self.attempt(lambda: api.snapshot_create(project, "v1", name="s1"))
 
     def teardown(self) -> None:
         self.api.store.close()
@@ -315,6 +343,64 @@ class CloudMachine(RuleBasedStateMachine):
     def meta_delete(self, project: str, server: str, action: str, items: list[str]) -> None:
         self.attempt(lambda: self.api.meta(project, server, action, items))
 
+    # ------------------------------------------------------------------ scheduling
+
+    @rule(project=ADMINS, name=SCHED_HOSTS, capacity=CAPACITIES, properties=HOST_PROPERTIES)
+    def add_host(self, project: str, name: str, capacity: tuple[str, str, str],
+                 properties: list[str]) -> None:
+        self.attempt(lambda: self.api.host_add(project, name, *capacity, properties))
+
+    @rule(project=ADMINS, name=SCHED_HOSTS)
+    def delete_host(self, project: str, name: str) -> None:
+        self.attempt(lambda: self.api.host_delete(project, name))
+
+    @rule(project=PROJECTS, name=SERVERS, flavor=FLAVOR_REFS)
+    def boot_scheduled(self, project: str, name: str, flavor: str) -> None:
+        self.attempt(lambda: self.api.boot(project, name, flavor, "img", None, None, ["flat"]))
+
+    @rule(project=PROJECTS, instances=COMPUTE_QUOTAS, cores=COMPUTE_QUOTAS, ram=COMPUTE_QUOTAS,
+          volumes=COMPUTE_QUOTAS, gigabytes=COMPUTE_QUOTAS, snapshots=COMPUTE_QUOTAS)
+    def update_compute_quota(self, project: str, instances: str | None, cores: str | None,
+                             ram: str | None, volumes: str | None, gigabytes: str | None,
+                             snapshots: str | None) -> None:
+        self.attempt(lambda: self.api.quota_update(
+            project, instances=instances, cores=cores, ram=ram, volumes=volumes,
+            gigabytes=gigabytes, snapshots=snapshots))
+
+    # ------------------------------------------------------------------ volumes
+
+    @rule(project=PROJECTS, name=VOLUME_REFS, size=VOLUME_SIZES,
+          snapshot=st.one_of(st.none(), SNAPSHOT_REFS))
+    def create_volume(self, project: str, name: str, size: str, snapshot: str | None) -> None:
+        self.attempt(lambda: self.api.volume_create(project, size, name, snapshot=snapshot))
+
+    @rule(project=PROJECTS, volume=VOLUME_REFS)
+    def delete_volume(self, project: str, volume: str) -> None:
+        self.attempt(lambda: self.api.volume_delete(project, volume))
+
+    @rule(project=PROJECTS, server=SERVERS, volume=VOLUME_REFS, device=DEVICES)
+    def attach_volume(self, project: str, server: str, volume: str, device: str | None) -> None:
+        self.attempt(lambda: self.api.volume_attach(project, server, volume, device))
+
+    @rule(project=PROJECTS, server=SERVERS, volume=VOLUME_REFS)
+    def detach_volume(self, project: str, server: str, volume: str) -> None:
+        self.attempt(lambda: self.api.volume_detach(project, server, volume))
+
+    @rule(project=PROJECTS, volume=VOLUME_REFS, force=st.booleans(), name=SNAPSHOT_REFS)
+    def create_snapshot(self, project: str, volume: str, force: bool, name: str) -> None:
+        self.attempt(lambda: self.api.snapshot_create(project, volume, force, name))
+
+    @rule(project=PROJECTS, snapshot=SNAPSHOT_REFS)
+    def delete_snapshot(self, project: str, snapshot: str) -> None:
+        self.attempt(lambda: self.api.snapshot_delete(project, snapshot))
+
+    @rule(project=PROJECTS, name=SERVERS, mapping=MAPPINGS,
+          image=st.sampled_from([None, "img"]), host=st.sampled_from([None, "h1"]))
+    def boot_from_volume(self, project: str, name: str, mapping: str, image: str | None,
+                         host: str | None) -> None:
+        self.attempt(lambda: self.api.boot(project, name, "m1.tiny", image, host, None,
+                                           ["flat"], block_devices=[mapping]))
+
     # ------------------------------------------------------------------ invariants
 
     def docs(self, kind: str) -> dict[str, dict[str, Any]]:
@@ -391,7 +477,10 @@ class CloudMachine(RuleBasedStateMachine):
             assert network["project"] in (None, owner)
         with_ports = {p["instance_id"] for p in ports.values()}
         for instance_id, instance in instances.items():
-            assert instance_id in with_ports
+            active = instance["state"] == "ACTIVE"
+            assert (instance_id in with_ports) == active, instance
+            assert (instance["fault"] is None) == active
+            assert bool(instance["host"]) == active
             for group_id in instance["security_groups"]:
                 assert groups[group_id]["project"] == instance["project"]
 
@@ -452,10 +541,57 @@ class CloudMachine(RuleBasedStateMachine):
     @invariant()
     def the_compiler_sees_exactly_the_active_ports_of_each_host(self) -> None:
         state = CloudState.from_snapshot(self.api.store.load())
-        for host in ("h1", "h2"):
+        for host in ("h1", "h2", "h3", ""):
             active = {port.tap for i in state.instances.values()
                       if i.host == host and i.state == "ACTIVE" for port in state.ports_of(i.id)}
             assert {p.tap for p in compile_host(state, host).ports} == active
+
+    @invariant()
+    def volumes_are_attached_once_to_active_instances_of_their_project(self) -> None:
+        instances = self.docs("instance")
+        volumes = self.docs("volume")
+        devices = Counter((v["attached_to"], v["device"]) for v in volumes.values()
+                          if v["attached_to"] is not None)
+        assert all(count == 1 for count in devices.values()), devices
+        for volume in volumes.values():
+            if volume["attached_to"] is None:
+                assert volume["device"] is None and not volume["delete_on_termination"]
+                continue
+            owner = instances[volume["attached_to"]]
+            assert owner["project"] == volume["project"] and owner["state"] == "ACTIVE"
+            assert volume["device"].startswith("/dev/")
+        for snap in self.docs("volume_snapshot").values():
+            assert volumes[snap["volume_id"]]["project"] == snap["project"]
+
+    @invariant()
+    def no_registered_host_is_over_capacity(self) -> None:
+        instances = self.docs("instance").values()
+        for name, host in self.docs("host").items():
+            placed = [i for i in instances if i["host"] == name]
+            for field, have in (("vcpus", "vcpus"), ("ram_mb", "ram_mb"),
+                                ("disk_gb", "disk_gb")):
+                assert sum(i[field] for i in placed) <= host[have], (name, field)
+
+    @invariant()
+    def compute_and_volume_quotas_hold(self) -> None:
+        defaults = {"instances": DEFAULT_QUOTA_INSTANCES, "cores": DEFAULT_QUOTA_CORES,
+                    "ram": DEFAULT_QUOTA_RAM, "volumes": DEFAULT_QUOTA_VOLUMES,
+                    "gigabytes": DEFAULT_QUOTA_GIGABYTES, "snapshots": DEFAULT_QUOTA_SNAPSHOTS}
+        quotas = self.docs("quota")
+        used: dict[str, Counter[str]] = {}
+        for i in self.docs("instance").values():
+            used.setdefault(i["project"], Counter()).update(
+                {"instances": 1, "cores": i["vcpus"], "ram": i["ram_mb"]})
+        for v in self.docs("volume").values():
+            used.setdefault(v["project"], Counter()).update(
+                {"volumes": 1, "gigabytes": v["size_gb"]})
+        for snap in self.docs("volume_snapshot").values():
+            used.setdefault(snap["project"], Counter()).update(
+                {"snapshots": 1, "gigabytes": snap["size_gb"]})
+        for project, amounts in used.items():
+            for name, amount in amounts.items():
+                limit = quotas.get(project, {}).get(name, defaults[name])
+                assert limit == UNLIMITED or amount <= limit, (project, name, amount, limit)
 
     @invariant()
     def change_feed_follower_matches_the_store(self) -> None:

@@ -44,12 +44,15 @@ from secfw.model import (
     MAX_METADATA_ITEMS,
     MAX_USER_DATA_B64,
     PORT_PROTOCOLS,
+    QUOTA_NAMES,
     UNLIMITED,
+    BlockDeviceMapping,
     Direction,
     Ethertype,
     Flavor,
     FloatingIp,
     FloatingPool,
+    Host,
     Image,
     Instance,
     Keypair,
@@ -59,13 +62,17 @@ from secfw.model import (
     Rule,
     SecurityGroup,
     Setting,
+    Volume,
+    VolumeSnapshot,
     check_host,
     check_name,
     check_text,
     parse_address_pair,
+    parse_block_device,
     parse_bool,
     parse_cidr,
     parse_container_format,
+    parse_device,
     parse_disk_format,
     parse_ethertype,
     parse_flavor_id,
@@ -86,7 +93,21 @@ from secfw.model import (
     parse_vlan,
     tap_name,
 )
+from secfw.scheduler import (
+    Demand,
+    HostUsage,
+    check_quota,
+    choose_host,
+    compute_usage,
+    host_fits,
+    host_usage,
+    required_properties,
+    volume_usage,
+)
 from secfw.store.base import Store, WriteTxn, retry_conflicts
+
+#: nova's ``image`` of a server booted from a volume.
+BOOT_FROM_VOLUME = "Attempt to boot from volume - no image supplied"
 
 
 def new_id() -> str:
@@ -831,6 +852,7 @@ class Api:
         check_name(name, "image name")
         with self.batch() as state:
             instance = self._instance(state, project, server)
+            _check_active(instance, "snapshot")
             base = state.images.get(instance.image_id)
             flavor = visible_flavors(state).get(instance.flavor_id or "")
             now = time.time_ns()
@@ -933,59 +955,83 @@ class Api:
         project: str,
         name: str,
         flavor: str,
-        image: str,
-        host: str,
+        image: str | None,
+        host: str | None = None,
         security_groups: Sequence[str] | None = None,
         nics: Sequence[str] | None = None,
         *,
         key_name: str | None = None,
         meta: Sequence[str] = (),
         user_data: bytes | None = None,
+        block_devices: Sequence[str] = (),
     ) -> Instance:
-        """Create an instance and one port per network (see ``semantics.md``).
+        """Create an instance (see ``semantics.md``) and schedule it.
 
         The image's ``min_disk``/``min_ram`` (and its size) must fit the flavor (a
         flavor disk of 0 means "the image's own size", as in nova); ``key_name``
         must name one of the project's keypairs; ``meta`` is KEY=VALUE items;
-        ``user_data`` at most MAX_USER_DATA_B64 bytes once base64-encoded.
+        ``user_data`` at most MAX_USER_DATA_B64 bytes once base64-encoded;
+        ``block_devices`` nova's ``DEV=ID:[snap]:SIZE:DELETE_ON_TERMINATE`` (a
+        mapping for ``vda`` boots from the volume: no image needed, the flavor's
+        disk not used). The project's instances/cores/ram quotas must hold
+        (QuotaError, nothing stored). ``host`` None: the scheduler picks a
+        registered host (:mod:`secfw.scheduler`); a registered ``host`` must fit
+        too; a name that is not registered is taken as given. When no host fits the
+        instance is stored in ERROR with nova's NoValidHost fault, and gets no port
+        and no volume.
         """
         check_name(project, "project")
         check_name(name, "instance name")
-        check_host(host)
+        if host is not None:
+            check_host(host)
         metadata = _metadata({}, meta)
         encoded = _user_data(user_data)
+        mappings = _parse_mappings(block_devices)
+        boot_volume = "/dev/vda" in {m.device for m in mappings}
+        if image is None and not boot_volume:
+            raise ValidationError("give --image, or boot from a volume with "
+                                  "--block-device-mapping vda=ID:[snap]:SIZE:DELETE")
         now = time.time_ns()
         with self.batch() as state:
             flavor_obj = _flavor(state, project, flavor)
             self._ensure_project(state, project)
-            image_obj = _image(state, project, image)
-            _check_fits(flavor_obj, image_obj)
+            image_obj = _image(state, project, image) if image is not None else None
+            if image_obj is not None:
+                _check_fits(flavor_obj, image_obj, check_disk=not boot_volume)
             if key_name is not None:
                 _keypair(state, project, key_name)
             group_ids = self._boot_groups(state, project, security_groups)
             networks = self._boot_networks(state, project, nics)
+            sources = [_mapping_source(state, project, m) for m in mappings]
+            demand = Demand(flavor_obj.vcpus, flavor_obj.ram_mb,
+                            0 if boot_volume else flavor_obj.disk_gb)
+            _check_boot_quotas(state, project, demand, sources)
+            placed = _place(state, host, demand, required_properties(flavor_obj))
             instance = Instance(
-                new_id(),
-                project,
-                name,
-                flavor_obj.name,
-                image_obj.id,
-                host,
-                group_ids,
-                "ACTIVE",
-                now,
-                flavor_obj.id,
-                key_name,
-                metadata,
-                encoded,
-                now,
+                new_id(), project, name, flavor_obj.name,
+                image_id=image_obj.id if image_obj is not None else "", host=placed or "",
+                security_groups=group_ids, state="ACTIVE" if placed else "ERROR",
+                created=now, flavor_id=flavor_obj.id, key_name=key_name, metadata=metadata,
+                user_data=encoded, updated=now, vcpus=demand.vcpus, ram_mb=demand.ram_mb,
+                disk_gb=demand.disk_gb, fault=None if placed else _no_valid_host(now),
             )
-            taps = {p.tap for p in state.ports.values()}
-            ports = [self._new_port(state, instance.id, net, taps) for net in networks]
             state.put(instance)
-            for port in ports:
-                state.put(port)
+            if placed:
+                self._realise(state, instance, networks, list(zip(mappings, sources,
+                                                                  strict=True)))
             return instance
+
+    def _realise(
+        self, state: CloudState, instance: Instance, networks: Sequence[Network],
+        volumes: Sequence[tuple[BlockDeviceMapping, Volume | VolumeSnapshot]],
+    ) -> None:
+        """A placed instance's ports (one per network) and its mapped volumes."""
+        taps = {p.tap for p in state.ports.values()}
+        for net in networks:
+            state.put(self._new_port(state, instance.id, net, taps))
+        for mapping, source in volumes:
+            state.put(_attach_mapping(instance.project, instance.id, mapping, source,
+                                      instance.created))
 
     @_retried
     def meta(self, project: str, server: str, action: str, items: Sequence[str]) -> Instance:
@@ -1058,11 +1104,20 @@ class Api:
 
     @_retried
     def delete(self, project: str, server: str) -> Instance:
+        """Delete an instance with its ports; its volumes are detached, and those
+        mapped with delete-on-terminate deleted (unless snapshots depend on them:
+        cinder refuses to delete those, so they stay, detached)."""
         with self.batch() as state:
             instance = self._instance(state, project, server)
             self._dissociate_ports(state, state.ports_of(instance.id))
             for port in state.ports_of(instance.id):
                 state.remove(port)
+            for volume in _volumes_of(state, instance.id):
+                if volume.delete_on_termination and not _snapshots_of(state, volume.id):
+                    state.remove(volume)
+                else:
+                    state.put(replace(volume, attached_to=None, device=None,
+                                      delete_on_termination=False))
             state.remove(instance)
             return instance
 
@@ -1089,21 +1144,27 @@ class Api:
             networks.setdefault(state.networks[port.network_id].name, []).append(port.ip)
         image = state.images.get(instance.image_id)
         admin = project == ADMIN_PROJECT
-        host_id = instance.host if admin else hashlib.sha224(
+        # nova: blank when scheduling failed (the guide's ERROR example)
+        host_id = instance.host if admin or not instance.host else hashlib.sha224(
             (instance.project + instance.host).encode()).hexdigest()
         shown: dict[str, Any] = {
             "OS-EXT-STS:vm_state": instance.state.lower(),
             "created": iso_time(instance.created),
+            "fault": _nova_fault(instance.fault),
             "flavor": f"{instance.flavor} ({instance.flavor_id})" if instance.flavor_id
             else instance.flavor,
             "host": instance.host if admin else None,
             "hostId": host_id,
             "id": instance.id,
-            "image": f"{image.name} ({image.id})" if image else instance.image_id,
+            "image": f"{image.name} ({image.id})" if image else (
+                instance.image_id or BOOT_FROM_VOLUME),
             "key_name": instance.key_name,
             "metadata": dict(instance.metadata),
             "name": instance.name,
             "networks": networks,
+            "os-extended-volumes:volumes_attached": [
+                {"id": v.id} for v in sorted(_volumes_of(state, instance.id),
+                                              key=lambda v: v.device or "")],
             "security_groups": [state.groups[g].name for g in instance.security_groups],
             "status": instance.state,
             "tenant_id": instance.project,
@@ -1111,6 +1172,10 @@ class Api:
         }
         if not admin:
             del shown["host"]
+        if instance.fault is None:  # nova shows a fault only when there is one
+            del shown["fault"]
+        if not shown["os-extended-volumes:volumes_attached"]:  # as the guide's show
+            del shown["os-extended-volumes:volumes_attached"]
         return shown
 
     def user_data(self, project: str, server: str) -> bytes | None:
@@ -1281,13 +1346,10 @@ class Api:
 
     @_retried
     def quota_show(self, project: str) -> dict[str, int]:
+        """Every quota of the project (``-1`` unlimited), in QUOTA_NAMES order."""
         state = self._read(check_name(project, "project"))
         quota = state.quota(project)
-        return {
-            "security_groups": quota.security_groups,
-            "security_group_rules": quota.security_group_rules,
-            "floating_ips": quota.floating_ips,
-        }
+        return {name: getattr(quota, name) for name in QUOTA_NAMES}
 
     @_retried
     def quota_update(
@@ -1295,35 +1357,208 @@ class Api:
         project: str,
         security_groups: str | int | None = None,
         security_group_rules: str | int | None = None,
+        *,
+        instances: str | int | None = None,
+        cores: str | int | None = None,
+        ram: str | int | None = None,
+        volumes: str | int | None = None,
+        gigabytes: str | int | None = None,
+        snapshots: str | int | None = None,
         floating_ips: str | int | None = None,
     ) -> dict[str, int]:
+        """Change some of the project's quotas (None: unchanged); none may be set
+        below what the project already uses."""
         check_name(project, "project")
-        if security_groups is None and security_group_rules is None and floating_ips is None:
-            raise ValidationError("nothing to update: give --security-groups, "
-                                  "--security-group-rules and/or --floating-ips")
-        floating = (
-            parse_quota(floating_ips, "floating_ips") if floating_ips is not None else None
-        )
-        groups = (
-            parse_quota(security_groups, "security_groups") if security_groups is not None else None
-        )
-        rules = (
-            parse_quota(security_group_rules, "security_group_rules")
-            if security_group_rules is not None
-            else None
-        )
+        given = {"security_groups": security_groups,
+                 "security_group_rules": security_group_rules, "instances": instances,
+                 "cores": cores, "ram": ram, "volumes": volumes, "gigabytes": gigabytes,
+                 "snapshots": snapshots, "floating_ips": floating_ips}
+        parsed = {k: parse_quota(v, k) for k, v in given.items() if v is not None}
+        if not parsed:
+            raise ValidationError(
+                "nothing to update: give at least one quota (--security-groups, "
+                "--security-group-rules, --instances, --cores, --ram, --volumes, "
+                "--gigabytes, --snapshots, --floating-ips)"
+            )
         with self.batch() as state:
             self._ensure_project(state, project)
-            current = state.quota(project)
-            updated = Quota(
-                project,
-                current.security_groups if groups is None else groups,
-                current.security_group_rules if rules is None else rules,
-                current.floating_ips if floating is None else floating,
-            )
+            updated: Quota = Quota.from_doc({**state.quota(project).to_doc(), **parsed})
             _check_quota_covers_usage(state, updated)
             state.put(updated)
         return self.quota_show(project)
+
+    # ------------------------------------------------------------------ compute hosts
+
+    @_retried
+    def host_add(
+        self, project: str, name: str, vcpus: str | int, ram_mb: str | int,
+        disk_gb: str | int, properties: Sequence[str] = (),
+    ) -> Host:
+        """Register a compute host the scheduler may use (admin only)."""
+        _require_admin(project, "register compute hosts")
+        check_host(name)
+        host = Host(name, parse_size(vcpus, "vcpus", 1), parse_size(ram_mb, "ram-mb", 1),
+                    parse_size(disk_gb, "disk-gb", 0), _properties({}, properties),
+                    time.time_ns())
+        with self.batch() as state:
+            if name in state.hosts:
+                raise ConflictError(f"compute host {name!r} is already registered")
+            _check_capacity_covers_usage(state, host)
+            state.put(host)
+            return host
+
+    def host_list(self) -> list[tuple[Host, HostUsage]]:
+        """Registered hosts by name, each with what its instances consume."""
+        state = self.snapshot()
+        return [(h, host_usage(state, h.id)) for h in sorted(state.hosts.values(),
+                                                             key=lambda h: h.id)]
+
+    def host_show(self, name: str) -> tuple[Host, HostUsage]:
+        state = self.snapshot()
+        return _host(state, name), host_usage(state, name)
+
+    @_retried
+    def host_delete(self, project: str, name: str) -> Host:
+        """Unregister a host (admin only); refused while instances run on it."""
+        _require_admin(project, "unregister compute hosts")
+        with self.batch() as state:
+            host = _host(state, name)
+            running = host_usage(state, name).instances
+            if running:
+                raise InUseError(f"compute host {name!r} still runs {running} instance(s)")
+            state.remove(host)
+            return host
+
+    # ------------------------------------------------------------------ volumes (cinder)
+
+    @_retried
+    def volume_create(
+        self, project: str, size: str | int, name: str | None = None,
+        description: str | None = None, snapshot: str | None = None,
+        image: str | None = None,
+    ) -> Volume:
+        """A new volume of ``size`` GB, empty or from a snapshot or an image (at least
+        as large as either); volumes and gigabytes quotas."""
+        check_name(project, "project")
+        size_gb = parse_size(size, "size", 1)
+        _check_volume_text(name, description)
+        if snapshot is not None and image is not None:
+            raise ValidationError("give --snapshot-id or --image-id, not both")
+        with self.batch() as state:
+            self._ensure_project(state, project)
+            snap = _volume_snapshot(state, project, snapshot) if snapshot is not None else None
+            if snap is not None and size_gb < snap.size_gb:
+                raise ValidationError(f"size {size_gb} GB is smaller than the snapshot's "
+                                      f"{snap.size_gb} GB")
+            image_obj = _image(state, project, image) if image is not None else None
+            if image_obj is not None:
+                _check_image_fits_volume(image_obj, size_gb)
+            check_quota(state.quota(project), volume_usage(state, project),
+                        {"volumes": 1, "gigabytes": size_gb})
+            volume = Volume(new_id(), project, name, size_gb, description,
+                            snap.id if snap else None, image_obj.id if image_obj else None,
+                            created=time.time_ns())
+            state.put(volume)
+            return volume
+
+    def volume_list(self, project: str) -> list[Volume]:
+        state = self.snapshot()
+        mine = (v for v in state.volumes.values() if v.project == project)
+        return sorted(mine, key=lambda v: (v.created, v.id))
+
+    def volume_show(self, project: str, volume: str) -> Volume:
+        return _volume(self.snapshot(), project, volume)
+
+    @_retried
+    def volume_delete(self, project: str, volume: str) -> Volume:
+        """Delete a volume: refused while attached or while snapshots depend on it."""
+        with self.batch() as state:
+            target = _volume(state, project, volume)
+            if target.attached_to is not None:
+                raise InUseError(f"volume {_label(target)} is attached to a server; "
+                                 "detach it first")
+            depending = _snapshots_of(state, target.id)
+            if depending:
+                raise InUseError(f"volume {_label(target)} still has {len(depending)} "
+                                 "dependent snapshot(s)")
+            state.remove(target)
+            return target
+
+    @_retried
+    def volume_attach(
+        self, project: str, server: str, volume: str, device: str | None = None
+    ) -> Volume:
+        """Attach a volume to one ACTIVE server (one at a time) on ``device`` (default:
+        the first free ``/dev/vdX`` after vda)."""
+        wanted = parse_device(device) if device not in (None, "auto") else None
+        with self.batch() as state:
+            instance = self._instance(state, project, server)
+            target = _volume(state, project, volume)
+            if target.attached_to is not None:
+                raise InUseError(f"volume {_label(target)} is already attached to a server "
+                                 "(a volume is attached to one instance at a time)")
+            _check_active(instance, "attach a volume to")
+            used = {v.device for v in _volumes_of(state, instance.id)} | {ROOT_DEVICE}
+            if wanted in used:
+                raise ConflictError(f"device {wanted} is already in use on server "
+                                    f"{instance.name!r}")
+            chosen = wanted or _free_device(used)
+            attached = replace(target, attached_to=instance.id, device=chosen)
+            state.put(attached)
+            return attached
+
+    @_retried
+    def volume_detach(self, project: str, server: str, volume: str) -> Volume:
+        """Detach a volume from the server it is attached to (not its root volume)."""
+        with self.batch() as state:
+            instance = self._instance(state, project, server)
+            target = _volume(state, project, volume)
+            if target.attached_to != instance.id:
+                raise NotFoundError(f"volume {_label(target)} is not attached to server "
+                                    f"{instance.name!r}")
+            if target.device == ROOT_DEVICE:
+                raise ConflictError(f"volume {_label(target)} is the root device of server "
+                                    f"{instance.name!r}; it cannot be detached")
+            detached = replace(target, attached_to=None, device=None,
+                               delete_on_termination=False)
+            state.put(detached)
+            return detached
+
+    @_retried
+    def snapshot_create(
+        self, project: str, volume: str, force: bool = False, name: str | None = None,
+        description: str | None = None,
+    ) -> VolumeSnapshot:
+        """A snapshot of a volume; of an attached one only with ``force`` (the guide:
+        the volume service does not snapshot an attached volume unless forced)."""
+        _check_volume_text(name, description)
+        with self.batch() as state:
+            target = _volume(state, project, volume)
+            if target.attached_to is not None and not force:
+                raise InUseError(f"volume {_label(target)} is attached to a server; "
+                                 "snapshot it with --force True")
+            check_quota(state.quota(project), volume_usage(state, project),
+                        {"snapshots": 1, "gigabytes": target.size_gb})
+            snap = VolumeSnapshot(new_id(), project, target.id, target.size_gb, name,
+                                  description, time.time_ns())
+            state.put(snap)
+            return snap
+
+    def snapshot_list(self, project: str) -> list[VolumeSnapshot]:
+        state = self.snapshot()
+        mine = (s for s in state.volume_snapshots.values() if s.project == project)
+        return sorted(mine, key=lambda s: (s.created, s.id))
+
+    def snapshot_show(self, project: str, snapshot: str) -> VolumeSnapshot:
+        return _volume_snapshot(self.snapshot(), project, snapshot)
+
+    @_retried
+    def snapshot_delete(self, project: str, snapshot: str) -> VolumeSnapshot:
+        """Delete a volume snapshot (volumes made from it keep its ID)."""
+        with self.batch() as state:
+            target = _volume_snapshot(state, project, snapshot)
+            state.remove(target)
+            return target
 
     # ------------------------------------------------------------------ lookups
 
@@ -1605,14 +1840,16 @@ def _user_data(data: bytes | None) -> str | None:
     return encoded
 
 
-def _check_fits(flavor: Flavor, image: Image) -> None:
-    """nova's checks of an image against the flavor it boots with."""
+def _check_fits(flavor: Flavor, image: Image, check_disk: bool = True) -> None:
+    """nova's checks of an image against the flavor it boots with (the disk not when
+    the instance boots from a volume: the flavor's disk is then not used)."""
     if image.min_ram > flavor.ram_mb:
         raise ConflictError(
             f"Flavor's memory is too small for requested image: flavor {flavor.name!r} has "
             f"{flavor.ram_mb} MB, image {image.name!r} needs {image.min_ram} MB"
         )
-    if flavor.disk_gb == 0:  # "0" is the image's own size (the guide's Disk column)
+    # a flavor disk of "0" is the image's own size (the guide's Disk column)
+    if flavor.disk_gb == 0 or not check_disk:
         return
     if image.min_disk > flavor.disk_gb:
         raise ConflictError(
@@ -1753,6 +1990,7 @@ def _floating_port(state: CloudState, instance: Instance, fixed: str | None) -> 
 
 
 def _check_quota_covers_usage(state: CloudState, quota: Quota) -> None:
+    _check_quota_limits(state, quota)
     groups = [g for g in state.groups.values() if g.project == quota.id]
     if quota.security_groups != UNLIMITED and len(groups) > quota.security_groups:
         raise QuotaError(
@@ -1769,3 +2007,193 @@ def _check_quota_covers_usage(state: CloudState, quota: Quota) -> None:
     if quota.floating_ips != UNLIMITED and held > quota.floating_ips:
         raise QuotaError(f"floating_ips quota {quota.floating_ips} is below the {held} "
                          f"floating IPs project {quota.id!r} holds")
+
+
+def _check_quota_limits(state: CloudState, quota: Quota) -> None:
+    """The compute and volume quotas of ``quota`` are not below what is used."""
+    used = {**compute_usage(state, quota.id), **volume_usage(state, quota.id)}
+    for name, amount in used.items():
+        limit = getattr(quota, name)
+        if limit != UNLIMITED and amount > limit:
+            raise QuotaError(f"{name} quota {limit} is below the {amount} project "
+                             f"{quota.id!r} already uses")
+
+
+# ---------------------------------------------------------------------- scheduling
+
+#: The order nova prints a fault's keys in (the guide: message, code, created);
+#: the stores keep JSON objects with sorted keys.
+FAULT_KEYS = ("message", "code", "created")
+
+
+def _nova_fault(fault: dict[str, Any] | None) -> dict[str, Any] | None:
+    if fault is None:
+        return None
+    return {key: fault[key] for key in (*FAULT_KEYS, *sorted(set(fault) - set(FAULT_KEYS)))
+            if key in fault}
+
+
+
+def _no_valid_host(now: int) -> dict[str, Any]:
+    """nova's fault of an instance the scheduler could not place."""
+    return {"message": "NoValidHost", "code": 500, "created": iso_time(now)}
+
+
+def _check_boot_quotas(state: CloudState, project: str, demand: Demand,
+                       sources: Sequence[Volume | VolumeSnapshot]) -> None:
+    """instances, cores and ram for one more instance; volumes and gigabytes for
+    the volumes its mappings make from snapshots."""
+    check_quota(state.quota(project), compute_usage(state, project),
+                {"instances": 1, "cores": demand.vcpus, "ram": demand.ram_mb})
+    _check_snapshot_volumes_quota(state, project, sources)
+
+
+def _place(state: CloudState, host: str | None, demand: Demand,
+           required: dict[str, str]) -> str | None:
+    """Where an instance goes: the scheduler's choice (``host`` None), a registered
+    ``host`` if it fits, an unregistered one as given; None: no valid host."""
+    if host is None:
+        return choose_host(state, demand, required)
+    registered = state.hosts.get(host)
+    if registered is None:
+        return host
+    return host if host_fits(state, registered, demand, required) else None
+
+
+def _host(state: CloudState, name: str) -> Host:
+    found = state.hosts.get(name)
+    if found is None:
+        raise NotFoundError(f"compute host {name!r} is not registered")
+    return found
+
+
+def _check_capacity_covers_usage(state: CloudState, host: Host) -> None:
+    """A host registered under a name instances already run on must hold them."""
+    used = host_usage(state, host.id)
+    for what, have, need in (("vcpus", host.vcpus, used.vcpus),
+                             ("ram-mb", host.ram_mb, used.ram_mb),
+                             ("disk-gb", host.disk_gb, used.disk_gb)):
+        if have < need:
+            raise ConflictError(f"compute host {host.id!r}: {what} {have} is below the {need} "
+                                "its instances already use")
+
+
+# ---------------------------------------------------------------------- volumes
+
+#: The root disk's device: a volume mapped there is booted from.
+ROOT_DEVICE = "/dev/vda"
+
+
+def _label(volume: Volume) -> str:
+    return repr(volume.name) if volume.name else volume.id
+
+
+def _check_volume_text(name: str | None, description: str | None) -> None:
+    if name is not None:
+        check_name(name, "display name")
+    if description is not None:
+        _check_description(description)
+
+
+def _volume(state: CloudState, project: str, ref: str) -> Volume:
+    """A volume of ``project`` by ID, else by display name (unique)."""
+    found = state.volumes.get(ref)
+    if found is not None and found.project == project:
+        return found
+    named = [v for v in state.volumes.values() if v.project == project and v.name == ref]
+    if not named:
+        raise NotFoundError(f"No volume with a name or ID of {ref!r} exists.")
+    if len(named) > 1:
+        raise ConflictError(f"Multiple volumes named {ref!r} exist; use the ID")
+    return named[0]
+
+
+def _volume_snapshot(state: CloudState, project: str, ref: str) -> VolumeSnapshot:
+    """A volume snapshot of ``project`` by ID, else by display name (unique)."""
+    found = state.volume_snapshots.get(ref)
+    if found is not None and found.project == project:
+        return found
+    named = [s for s in state.volume_snapshots.values()
+             if s.project == project and s.name == ref]
+    if not named:
+        raise NotFoundError(f"No snapshot with a name or ID of {ref!r} exists.")
+    if len(named) > 1:
+        raise ConflictError(f"Multiple snapshots named {ref!r} exist; use the ID")
+    return named[0]
+
+
+def _volumes_of(state: CloudState, instance_id: str) -> list[Volume]:
+    return [v for v in state.volumes.values() if v.attached_to == instance_id]
+
+
+def _snapshots_of(state: CloudState, volume_id: str) -> list[VolumeSnapshot]:
+    return [s for s in state.volume_snapshots.values() if s.volume_id == volume_id]
+
+
+def _free_device(used: set[str | None]) -> str:
+    """The first ``/dev/vdX`` not in ``used`` (nova's automatic device names)."""
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        device = f"/dev/vd{letter}"
+        if device not in used:
+            return device
+    raise ConflictError("no free device name left on the server (vdb-vdz are in use)")
+
+
+def _check_active(instance: Instance, what: str) -> None:
+    if instance.state != "ACTIVE":
+        raise ConflictError(f"Cannot {what} server {instance.name!r} while it is in "
+                            f"vm_state {instance.state.lower()}")
+
+
+def _check_image_fits_volume(image: Image, size_gb: int) -> None:
+    if image.min_disk > size_gb or (image.size or 0) > size_gb * 2**30:
+        raise ValidationError(f"size {size_gb} GB is smaller than image {image.name!r} "
+                              "needs")
+
+
+def _parse_mappings(texts: Sequence[str]) -> list[BlockDeviceMapping]:
+    """The boot's ``--block-device-mapping`` items: one per device and per source."""
+    mappings = [parse_block_device(t) for t in texts]
+    if len({m.device for m in mappings}) != len(mappings):
+        raise ValidationError("a device is mapped more than once in --block-device-mapping")
+    if len({(m.snapshot, m.source) for m in mappings}) != len(mappings):
+        raise ValidationError("a volume or snapshot is mapped more than once")
+    return mappings
+
+
+def _mapping_source(state: CloudState, project: str,
+                    mapping: BlockDeviceMapping) -> Volume | VolumeSnapshot:
+    """The volume (available) or snapshot a mapping names, its size checked."""
+    if mapping.snapshot:
+        snap = _volume_snapshot(state, project, mapping.source)
+        if mapping.size_gb is not None and mapping.size_gb < snap.size_gb:
+            raise ValidationError(f"block device size {mapping.size_gb} GB is smaller than "
+                                  f"the snapshot's {snap.size_gb} GB")
+        return snap
+    volume = _volume(state, project, mapping.source)
+    if volume.attached_to is not None:
+        raise InUseError(f"volume {_label(volume)} is already attached to a server")
+    if mapping.size_gb is not None and mapping.size_gb != volume.size_gb:
+        raise ValidationError(f"block device size {mapping.size_gb} GB does not match "
+                              f"volume {_label(volume)} ({volume.size_gb} GB)")
+    return volume
+
+
+def _check_snapshot_volumes_quota(state: CloudState, project: str,
+                                  sources: Sequence[Volume | VolumeSnapshot]) -> None:
+    """Volumes a boot makes from snapshots count against volumes and gigabytes."""
+    snaps = [s for s in sources if isinstance(s, VolumeSnapshot)]
+    if snaps:
+        check_quota(state.quota(project), volume_usage(state, project),
+                    {"volumes": len(snaps), "gigabytes": sum(s.size_gb for s in snaps)})
+
+
+def _attach_mapping(project: str, instance_id: str, mapping: BlockDeviceMapping,
+                    source: Volume | VolumeSnapshot, now: int) -> Volume:
+    """The volume a mapping attaches: the one named, or a new one from a snapshot."""
+    if isinstance(source, Volume):
+        return replace(source, attached_to=instance_id, device=mapping.device,
+                       delete_on_termination=mapping.delete_on_termination)
+    return Volume(new_id(), project, None, mapping.size_gb or source.size_gb,
+                  snapshot_id=source.id, attached_to=instance_id, device=mapping.device,
+                  delete_on_termination=mapping.delete_on_termination, created=now)

@@ -759,14 +759,23 @@ def quota_show(state: CliState, fmt: str) -> None:
 @output_command("quota-update")
 @click.option("--security-groups", metavar="N", help="Groups per project (-1 = unlimited).")
 @click.option("--security-group-rules", metavar="N", help="Rules per group (-1 = unlimited).")
+@click.option("--instances", metavar="N", help="Instances per project.")
+@click.option("--cores", metavar="N", help="vCPUs of the project's instances.")
+@click.option("--ram", metavar="MB", help="Memory of the project's instances.")
+@click.option("--volumes", metavar="N", help="Volumes per project.")
+@click.option("--gigabytes", metavar="GB", help="Size of the project's volumes and snapshots.")
+@click.option("--snapshots", metavar="N", help="Volume snapshots per project.")
 @click.option("--floating-ips", metavar="N", help="Floating IPs per project (-1 = unlimited).")
 def quota_update(
     state: CliState, fmt: str, security_groups: str | None, security_group_rules: str | None,
-    floating_ips: str | None,
+    instances: str | None, cores: str | None, ram: str | None, volumes: str | None,
+    gigabytes: str | None, snapshots: str | None, floating_ips: str | None,
 ) -> None:
     """Change the project's quotas (not below what is used); print them."""
-    quota = state.api.quota_update(state.project, security_groups, security_group_rules,
-                                   floating_ips)
+    quota = state.api.quota_update(
+        state.project, security_groups, security_group_rules, instances=instances,
+        cores=cores, ram=ram, volumes=volumes, gigabytes=gigabytes, snapshots=snapshots,
+        floating_ips=floating_ips)
     emit(quota, None, fmt)
 
 
@@ -787,6 +796,6 @@ __all__ = [
 
 # The host-side commands (compile, agent, lab, demo) and the compute model's
 # (flavors, keypairs, images, boot, show, meta) register themselves on ``main``.
-from secfw import computecli, floatingcli, hostcli  # noqa: E402, F401
+from secfw import computecli, floatingcli, hostcli, volumecli  # noqa: E402, F401
 from secfw.audit import cli as _audit_cli  # noqa: E402, F401  (registers ``secfw audit``)
 from secfw.neutron_api import serve as _neutron_serve  # noqa: E402, F401  (registers ``secfw api``)

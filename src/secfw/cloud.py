@@ -21,6 +21,7 @@ from secfw.model import (
     Flavor,
     FloatingIp,
     FloatingPool,
+    Host,
     Image,
     Instance,
     Keypair,
@@ -31,6 +32,8 @@ from secfw.model import (
     Rule,
     SecurityGroup,
     Setting,
+    Volume,
+    VolumeSnapshot,
 )
 from secfw.store.base import Change, Snapshot
 
@@ -171,6 +174,19 @@ class CloudState:
     def floating_of(self, port_id: str) -> list[FloatingIp]:
         """The floating IPs associated with a port, by address."""
         return [self.floating_ips[a] for a in sorted(self.floating_by_port.get(port_id, ()))]
+
+    @property
+    def hosts(self) -> dict[str, Host]:
+        """Registered compute hosts by name."""
+        return self.records[Host.KIND]
+
+    @property
+    def volumes(self) -> dict[str, Volume]:
+        return self.records[Volume.KIND]
+
+    @property
+    def volume_snapshots(self) -> dict[str, VolumeSnapshot]:
+        return self.records[VolumeSnapshot.KIND]
 
     def ports_of(self, instance_id: str) -> list[Port]:
         return sorted(

@@ -17,8 +17,17 @@ import click
 from secfw.api import iso_time
 from secfw.cli import CliState, _split_groups, emit, output_command, silent_command
 from secfw.errors import ValidationError
-from secfw.model import MAX_USER_DATA_B64, Flavor, Image, Keypair, parse_bool, parse_nic
+from secfw.model import (
+    MAX_USER_DATA_B64,
+    Flavor,
+    Host,
+    Image,
+    Keypair,
+    parse_bool,
+    parse_nic,
+)
 from secfw.output import Columns
+from secfw.scheduler import HostUsage
 
 #: ``nova flavor-list`` as the guide prints it.
 FLAVOR_COLUMNS: Columns = (
@@ -31,6 +40,18 @@ FLAVOR_COLUMNS: Columns = (
     ("extra_specs", "extra_specs"),
 )
 FLAVOR_ACCESS_COLUMNS: Columns = (("Flavor_ID", "flavor_id"), ("Tenant_ID", "tenant_id"))
+#: ``host-list``: capacity and what the instances placed on each host use.
+HOST_COLUMNS: Columns = (
+    ("Host", "host"),
+    ("VCPUs", "vcpus"),
+    ("VCPUs Used", "vcpus_used"),
+    ("Memory_MB", "memory_mb"),
+    ("Memory_MB Used", "memory_mb_used"),
+    ("Disk_GB", "disk_gb"),
+    ("Disk_GB Used", "disk_gb_used"),
+    ("Instances", "instances"),
+    ("Properties", "properties"),
+)
 KEYPAIR_COLUMNS: Columns = (("Name", "name"), ("Type", "type"), ("Fingerprint", "fingerprint"))
 #: ``glance image-list`` (v1).
 IMAGE_COLUMNS: Columns = (
@@ -407,36 +428,47 @@ def image_delete(state: CliState, image: str) -> None:
 @output_command("boot")
 @click.argument("name")
 @click.option("--flavor", required=True, help="Flavor name or ID.")
-@click.option("--image", required=True, help="Image name or ID.")
+@click.option("--image", help="Image name or ID (not needed to boot from a volume on vda).")
 @click.option("--security-groups", "security_groups", multiple=True, metavar="A,B",
               help="Comma-separated groups (repeatable; default: default).")
 @click.option("--nic", "nics", multiple=True, metavar="net-id=NET",
               help="Attach to network NET (repeatable; default: the only usable network).")
-@click.option("--host", required=True, help="Compute host to run on.")
+@click.option("--host", help="Compute host to run on (default: the scheduler chooses).")
 @click.option("--key-name", "--key_name", "key_name", metavar="KEYPAIR",
               help="A keypair of the project to inject.")
 @click.option("--meta", "meta", multiple=True, metavar="KEY=VALUE",
               help="Metadata item (repeatable).")
 @click.option("--user-data", "user_data", metavar="FILE",
               help=f"User data file (at most {MAX_USER_DATA_B64} bytes once base64-encoded).")
+@click.option("--block-device-mapping", "block_devices", multiple=True,
+              metavar="DEV=ID:[snap]:SIZE:DELETE_ON_TERMINATE",
+              help="Attach a volume (or a new one from a snapshot: type snap) at boot; "
+                   "vda boots from it (repeatable).")
 def boot(
-    state: CliState, fmt: str, name: str, flavor: str, image: str,
-    security_groups: Sequence[str], nics: Sequence[str], host: str, key_name: str | None,
-    meta: Sequence[str], user_data: str | None,
+    state: CliState, fmt: str, name: str, flavor: str, image: str | None,
+    security_groups: Sequence[str], nics: Sequence[str], host: str | None,
+    key_name: str | None, meta: Sequence[str], user_data: str | None,
+    block_devices: Sequence[str],
 ) -> None:
-    """Boot an instance (one port per network); print it like show."""
+    """Boot an instance (one port per network), scheduled onto a registered host
+    unless --host is given; print it like show (ERROR with a NoValidHost fault
+    when no host fits)."""
     groups = _split_groups(security_groups)
     networks = [parse_nic(nic) for nic in nics]
     data = _read_file(user_data, "user data file") if user_data is not None else None
     instance = state.api.boot(state.project, name, flavor, image, host, groups, networks,
-                              key_name=key_name, meta=meta, user_data=data)
+                              key_name=key_name, meta=meta, user_data=data,
+                              block_devices=block_devices)
     emit(_server(state, instance.id, fmt), None, fmt)
 
 
 def _server(state: CliState, server: str, fmt: str) -> dict[str, Any]:
-    """``show``'s properties; in a table, metadata reads as the guide's ``{…}``."""
+    """``show``'s properties; in a table, metadata, fault and volumes read as JSON
+    (the guide's ``{…}``)."""
     shown = state.api.show(state.project, server)
-    shown["metadata"] = _specs_cell(shown["metadata"], fmt)
+    for key in ("metadata", "fault", "os-extended-volumes:volumes_attached"):
+        if key in shown and fmt != "json":
+            shown[key] = json.dumps(shown[key], ensure_ascii=False)
     return shown
 
 
@@ -455,3 +487,47 @@ def meta(state: CliState, server: str, action: str, items: Sequence[str]) -> Non
     """Set (KEY=VALUE) or delete (KEY) metadata items of a server."""
     state.api.meta(state.project, server, action, items)
 
+
+
+# --------------------------------------------------------------------------- compute hosts
+
+
+def host_row(host: Host, used: HostUsage, fmt: str) -> dict[str, Any]:
+    return {"host": host.id, "vcpus": host.vcpus, "vcpus_used": used.vcpus,
+            "memory_mb": host.ram_mb, "memory_mb_used": used.ram_mb,
+            "disk_gb": host.disk_gb, "disk_gb_used": used.disk_gb,
+            "instances": used.instances, "properties": _specs_cell(host.properties, fmt)}
+
+
+@output_command("host-add")
+@click.argument("name")
+@click.option("--vcpus", required=True, metavar="N", help="Virtual CPUs the host offers.")
+@click.option("--ram-mb", required=True, metavar="MB", help="Memory the host offers.")
+@click.option("--disk-gb", required=True, metavar="GB", help="Disk the host offers.")
+@click.option("--property", "properties", multiple=True, metavar="KEY=VALUE",
+              help="A capability flavors' extra_specs are matched against (repeatable).")
+def host_add(state: CliState, fmt: str, name: str, vcpus: str, ram_mb: str, disk_gb: str,
+             properties: tuple[str, ...]) -> None:
+    """Register a compute host for the scheduler (admin only); print it."""
+    host = state.api.host_add(state.project, name, vcpus, ram_mb, disk_gb, properties)
+    emit(host_row(*state.api.host_show(host.id), fmt), None, fmt)
+
+
+@output_command("host-list")
+def host_list(state: CliState, fmt: str) -> None:
+    """List registered hosts with their capacity and what is used of it."""
+    emit([host_row(h, u, fmt) for h, u in state.api.host_list()], HOST_COLUMNS, fmt)
+
+
+@output_command("host-show")
+@click.argument("name")
+def host_show(state: CliState, fmt: str, name: str) -> None:
+    """Show a registered host: Property | Value."""
+    emit(host_row(*state.api.host_show(name), fmt), None, fmt)
+
+
+@silent_command("host-delete")
+@click.argument("name")
+def host_delete(state: CliState, name: str) -> None:
+    """Unregister a host (admin only); refused while instances run on it."""
+    state.api.host_delete(state.project, name)

@@ -26,6 +26,7 @@ from secfw.agent.host import host_reconciler
 from secfw.agent.linkwatch import LinkWatcher
 from secfw.agent.loop import Trigger
 from secfw.agent.metrics import AgentMetrics
+from secfw.agent.register import HostRegistrar, register_host
 from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
 from secfw.agent.storewatch import ReopeningStore
 from secfw.agent.topology import AUTO, CHOICES
@@ -122,6 +123,9 @@ def compile_command(
 @_backend_option
 @_agent_topology_option
 @click.option("--once", is_flag=True, help="Run one full sync and exit.")
+@click.option("--register", is_flag=True,
+              help="Register HOST for the scheduler (this machine's vCPUs, memory and "
+                   "/var/lib disk) after the first sync, unless it is registered.")
 @click.option("--cleanup", is_flag=True,
               help="Remove secfw's table (and nothing else) and exit; 0 when already absent.")
 @click.option(
@@ -151,6 +155,7 @@ def agent_command(
     backend: str,
     topology: str,
     once: bool,
+    register: bool,
     cleanup: bool,
     resync_interval: float,
     poll_interval: float,
@@ -178,10 +183,12 @@ def agent_command(
     assert state is not None  # always run under main
     if once:
         _run_once(state.store_url, host, config_path, backend, topology)
+        if register:
+            _register(state.store_url, host)
         return
     settings = LoopSettings(poll_interval, resync_interval, backoff_max=backoff_max)
     _run_loop(state.store_url, host, load_config(config_path), (backend, topology), settings,
-              Path(state_dir), metrics_address)
+              Path(state_dir), metrics_address, register)
 
 
 def _run_once(
@@ -212,6 +219,16 @@ def _run_once(
                            + "; ".join(f"{p.tap}: {p.reason}" for p in result.isolated))
 
 
+def _register(store_url: str, host: str) -> None:
+    store = open_store(store_url)
+    try:
+        registered = register_host(store, host)
+    finally:
+        store.close()
+    log_event(_log, logging.INFO, "registered" if registered else "already_registered",
+              host=host)
+
+
 def _hold_after(reconciler: Any, exc: SecfwError) -> bool:
     """Keep the last ruleset or close; whether the closed filter was installed."""
     from secfw.agent.loop import failure_reason
@@ -227,6 +244,7 @@ def _hold_after(reconciler: Any, exc: SecfwError) -> bool:
 def _run_loop(
     store_url: str, host: str, config: Config, backend_topology: tuple[str, str],
     settings: LoopSettings, state_dir: Path, metrics_address: str | None,
+    register: bool = False,
 ) -> None:
     """The daemon: the loop with its observers and link watcher, until stopped.
 
@@ -240,8 +258,10 @@ def _run_loop(
     if metrics_address:
         metrics.serve(metrics_address)
     notifier = SystemdNotifier(settings.max_pass_seconds)
-    loop = AgentLoop(reconciler, settings,
-                     observers=[StatusWriter(state_dir, host), metrics, notifier])
+    observers = [StatusWriter(state_dir, host), metrics, notifier]
+    if register:
+        observers.append(HostRegistrar(store, host))
+    loop = AgentLoop(reconciler, settings, observers=observers)
     watcher = _start_link_watcher(loop)
     loop.taps = watcher.taps if watcher is not None else None
     store_watcher = _start_store_watcher(store_url, loop)

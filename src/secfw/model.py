@@ -65,6 +65,16 @@ DEFAULT_QUOTA_SECURITY_GROUPS = 10
 DEFAULT_QUOTA_SECURITY_GROUP_RULES = 20
 #: nova's default ``floating_ips`` quota: addresses a project may hold at once.
 DEFAULT_QUOTA_FLOATING_IPS = 10
+#: nova's default ``floating_ips`` quota: addresses a project may hold at once.
+DEFAULT_QUOTA_FLOATING_IPS = 10
+#: nova's default compute quotas per project.
+DEFAULT_QUOTA_INSTANCES = 10
+DEFAULT_QUOTA_CORES = 20
+DEFAULT_QUOTA_RAM = 51200
+#: cinder's default volume quotas per project (gigabytes counts volumes and snapshots).
+DEFAULT_QUOTA_VOLUMES = 10
+DEFAULT_QUOTA_GIGABYTES = 1000
+DEFAULT_QUOTA_SNAPSHOTS = 10
 UNLIMITED = -1
 
 DISK_FORMATS = ("ami", "ari", "aki", "vhd", "vmdk", "raw", "qcow2", "vdi", "iso")
@@ -306,6 +316,14 @@ class Instance(Record):
     metadata: dict[str, str] = field(default_factory=dict)
     user_data: str | None = None
     updated: int = 0
+    #: what the instance consumes (copied from its flavor at boot: the flavor may go);
+    #: ``disk_gb`` is 0 when it boots from a volume (the flavor's disk is not used).
+    vcpus: int = 0
+    ram_mb: int = 0
+    disk_gb: int = 0
+    #: nova's fault of an instance in ERROR (``{"message": "NoValidHost", "code": 500,
+    #: "created": …}``); an instance in ERROR has no host and no port.
+    fault: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -348,7 +366,20 @@ class Quota(Record):
     id: str  # the project name
     security_groups: int = DEFAULT_QUOTA_SECURITY_GROUPS
     security_group_rules: int = DEFAULT_QUOTA_SECURITY_GROUP_RULES
+    instances: int = DEFAULT_QUOTA_INSTANCES
+    cores: int = DEFAULT_QUOTA_CORES
+    ram: int = DEFAULT_QUOTA_RAM
+    volumes: int = DEFAULT_QUOTA_VOLUMES
+    gigabytes: int = DEFAULT_QUOTA_GIGABYTES
+    snapshots: int = DEFAULT_QUOTA_SNAPSHOTS
     floating_ips: int = DEFAULT_QUOTA_FLOATING_IPS
+
+
+#: The quotas of :class:`Quota`, in ``quota-show`` order.
+QUOTA_NAMES: tuple[str, ...] = (
+    "security_groups", "security_group_rules", "instances", "cores", "ram",
+    "volumes", "gigabytes", "snapshots", "floating_ips",
+)
 
 
 @dataclass(frozen=True)
@@ -386,11 +417,69 @@ class FloatingIp(Record):
         return self.id
 
 
+@dataclass(frozen=True)
+class Host(Record):
+    """A compute host the scheduler may place instances on (``id`` is its name).
+
+    Capacity is what the operator registered; ``properties`` are what a flavor's
+    extra_specs are matched against. Instances booted with ``--host`` onto a name
+    that is not registered are not scheduled and not counted anywhere.
+    """
+
+    KIND: ClassVar[str] = "host"
+    id: str
+    vcpus: int
+    ram_mb: int
+    disk_gb: int
+    properties: dict[str, str] = field(default_factory=dict)
+    created: int = 0
+
+
+@dataclass(frozen=True)
+class Volume(Record):
+    """A cinder volume. ``attached_to`` is the one instance it is attached to (None:
+    available), on ``device``; a volume booted from (``/dev/vda``) with
+    ``delete_on_termination`` goes with its instance."""
+
+    KIND: ClassVar[str] = "volume"
+    id: str
+    project: str
+    name: str | None
+    size_gb: int
+    description: str | None = None
+    snapshot_id: str | None = None
+    image_id: str | None = None
+    attached_to: str | None = None
+    device: str | None = None
+    delete_on_termination: bool = False
+    created: int = 0
+
+    @property
+    def status(self) -> str:
+        """The guide's ``cinder list`` prints ``active`` for an unattached volume."""
+        return "in-use" if self.attached_to else "active"
+
+
+@dataclass(frozen=True)
+class VolumeSnapshot(Record):
+    """A block-level snapshot of a volume (cinder's ``snapshot-create``)."""
+
+    KIND: ClassVar[str] = "volume_snapshot"
+    id: str
+    project: str
+    volume_id: str
+    size_gb: int
+    name: str | None = None
+    description: str | None = None
+    created: int = 0
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.KIND: cls
     for cls in (
         Network, SecurityGroup, Rule, Image, Instance, Port, Quota, Flavor, Keypair, Setting,
         FloatingPool, FloatingIp,
+        Host, Volume, VolumeSnapshot,
     )
 }
 
@@ -751,3 +840,48 @@ def parse_location(text: str) -> str:
         raise ValidationError(f"location {text!r} is not a URL (scheme://…)")
     check_text(text, "location")
     return text.strip()
+
+
+# ------------------------------------------------------------------ volumes
+
+#: Guest device names nova accepts for block devices: ``vdb``, ``sdc``, ``xvdb``, ``hda``.
+_DEVICE = re.compile(r"(?:/dev/)?((?:x?v|s|h)d[a-z]{1,2})")
+
+
+def parse_device(text: str) -> str:
+    """A guest block device, ``vdb`` or ``/dev/vdb`` → ``/dev/vdb``."""
+    match = _DEVICE.fullmatch(text.strip())
+    if match is None:
+        raise ValidationError(f"device {text!r} is not a block device name like /dev/vdb")
+    return "/dev/" + match.group(1)
+
+
+@dataclass(frozen=True)
+class BlockDeviceMapping:
+    """One ``--block-device-mapping DEV=ID:[snap]:SIZE:DELETE_ON_TERMINATE``.
+
+    ``snapshot`` True: ``source`` is a volume snapshot, from which a new volume of
+    ``size_gb`` (default: the snapshot's size) is made; else ``source`` is a volume.
+    """
+
+    device: str
+    source: str
+    snapshot: bool
+    size_gb: int | None
+    delete_on_termination: bool
+
+
+def parse_block_device(text: str) -> BlockDeviceMapping:
+    """nova's ``DEV=ID:TYPE:SIZE:DELETE`` (the guide: TYPE is ``snap`` or anything
+    else, a blank SIZE is inferred, DELETE is True/1/False/0, blank False)."""
+    device, sep, mapping = text.partition("=")
+    fields = mapping.split(":")
+    if not sep or not fields[0].strip() or len(fields) > 4:
+        raise ValidationError(
+            f"--block-device-mapping {text!r}: expected DEV=ID:[snap]:SIZE:DELETE_ON_TERMINATE")
+    fields += [""] * (4 - len(fields))
+    source, kind, size, delete = (f.strip() for f in fields)
+    check_name(source, "block device ID")
+    size_gb = parse_size(size, "block device size", 1) if size else None
+    return BlockDeviceMapping(parse_device(device), source, kind == "snap", size_gb,
+                              parse_bool(delete, "delete-on-terminate") if delete else False)

@@ -66,7 +66,8 @@ class CloudPolicy:
         self.state = state
         self.allow_same_net = allow_same_net
         self.ports: dict[str, PortView] = {}
-        hosts = sorted({i.host for i in state.instances.values()})
+        # an instance in ERROR has no host (and no port): nothing to compile for it
+        hosts = sorted({i.host for i in state.instances.values() if i.host})
         for host in hosts:
             index = PolicyIndex(compile_host(state, host, allow_same_net))
             for policy in index.hf.ports:

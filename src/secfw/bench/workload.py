@@ -85,7 +85,8 @@ class BenchCloud:
     def build_base(self) -> None:
         """Groups, rules, networks, source-group members and the data-path pair."""
         with self.api.batch():
-            self.api.quota_update(PROJECT, security_groups=-1, security_group_rules=-1)
+            self.api.quota_update(PROJECT, security_groups=-1, security_group_rules=-1,
+                                  instances=-1, cores=-1, ram=-1)
             self.api.image_create(PROJECT, IMAGE, visibility="public")
             self.api.net_create(PROJECT, *MAIN_NET)
             for name, cidr in DP_NETS:
