@@ -63,6 +63,7 @@ from pyroute2 import netns
 
 from secfw.errors import LabError
 from secfw.lab import (
+    _ROUTER_SYSCTLS,
     AF_INET6,
     IFA_F_NODAD,
     NS_PREFIX,
@@ -73,6 +74,7 @@ from secfw.lab import (
     _lab_errors,
     _link_index,
     _netlink,
+    _sync_leg_addresses,
     _up,
     _write_sysctls,
     bridge_name,
@@ -297,29 +299,36 @@ class MultiHostLab:
                 _sync_underlay_routes(hst, _link_index(hst, UPLINK) or 0, wanted)
 
     def _join_networks(self, state: _State, ports: Mapping[str, Sequence[LabPort]]) -> None:
-        """Bridged: one fabric bridge per instance network, every host's bridge of
-        that network joined to it; only the first host's router serves it."""
-        networks = sorted({str(p.network) for plist in ports.values() for p in plist})
+        """Bridged: one fabric bridge per instance network carrying its gateways (the
+        fabric namespace is the network node and routes), every host's bridge of
+        that network joined to it, the hosts' own router legs down."""
+        networks: dict[str, LabPort] = {}
+        for plist in ports.values():
+            for port in plist:
+                networks.setdefault(str(port.network), port)
+        _write_sysctls(self.fabric_ns, _ROUTER_SYSCTLS)
         with _lab_errors(f"networks of {self.fabric_ns}"), _netlink(self.fabric_ns) as fab:
-            for key in networks:
-                fabric_bridge = "sfwfb" + bridge_name(key)[-8:]
+            for key, port in sorted(networks.items()):
+                fabric_bridge = "sfwfb" + key_hash(key)
                 if _link_index(fab, fabric_bridge) is None:
                     fab.link("add", ifname=fabric_bridge, kind="bridge", br_stp_state=0,
                              br_forward_delay=0, br_mcast_snooping=0)
                 fabric_index = _up(fab, fabric_bridge)
-                for i, host in enumerate(self.hosts):
-                    self._join_network(fab, fabric_index, host, key, serve=i == 0)
-        state.networks = networks
+                _sync_leg_addresses(fab, fabric_index, _gateways(port))
+                for host in self.hosts:
+                    self._join_network(fab, fabric_index, host, key)
+        state.networks = sorted(networks)
         self._save(state)
 
-    def _join_network(self, fab: Any, fabric_index: int, host: str, key: str,
-                      serve: bool) -> None:
+    def _join_network(self, fab: Any, fabric_index: int, host: str, key: str) -> None:
+        """Join ``host``'s bridge of network ``key`` (if it has one) to the fabric
+        bridge, and take the host's router off the segment."""
         lab = self.labs[host]
         with _netlink(lab.host_ns) as hst:
             bridge_index = _link_index(hst, bridge_name(key))
             if bridge_index is None:
                 return  # no instance of this network on the host
-            link, peer = "sfwup" + bridge_name(key)[-8:], f"sfwf{lab.host_ns[-5:]}{key_hash(key)}"
+            link, peer = "sfwup" + key_hash(key), f"sfwf{lab.host_ns[-5:]}{key_hash(key)[:6]}"
             if _link_index(hst, link) is None or _link_index(fab, peer) is None:
                 _delete_link(hst, link)
                 _delete_link(fab, peer)
@@ -327,11 +336,10 @@ class MultiHostLab:
                          peer={"ifname": link, "net_ns_fd": lab.host_ns})
             _enslave(hst, link, bridge_index)
             _enslave(fab, peer, fabric_index)
-        if not serve:
-            with _netlink(lab.router_ns) as router:
-                leg = _link_index(router, router_leg_names(key)[1])
-                if leg is not None:
-                    router.link("set", index=leg, state="down")
+        with _netlink(lab.router_ns) as router:
+            leg = _link_index(router, router_leg_names(key)[1])
+            if leg is not None:  # the same gateway on several routers of one segment
+                router.link("set", index=leg, state="down")
 
     # ---- bookkeeping
 
@@ -352,8 +360,17 @@ class MultiHostLab:
 
 
 def key_hash(key: str) -> str:
-    """6 hex digits of an IPv4 network's bridge hash (fabric-side veth names)."""
-    return bridge_name(key)[-6:]
+    """8 hex digits naming an IPv4 network (its bridge's): the fabric bridge and
+    veth names."""
+    return bridge_name(key)[-8:]
+
+
+def _gateways(port: LabPort) -> set[tuple[int, str, int]]:
+    """(family, address, prefixlen) of the gateways of ``port``'s networks."""
+    wanted = {(2, port.gateway, port.prefixlen)}
+    if port.gateway6 is not None and port.prefixlen6 is not None:
+        wanted.add((10, str(ipaddress.IPv6Address(port.gateway6)), port.prefixlen6))
+    return wanted
 
 
 def _sync_underlay_routes(ipr: Any, uplink: int, wanted: dict[str, tuple[str, int]]) -> None:
