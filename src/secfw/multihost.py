@@ -242,6 +242,13 @@ class MultiHostLab:
         self._record_process(f"agent:{host}", proc.pid, command)
         return proc
 
+    def running(self, role: str) -> bool:
+        """Whether the process the lab recorded as ``role`` (``etcd``,
+        ``agent:HOST``) is still the one it started and alive."""
+        state = self._load()
+        recorded = state.processes.get(role) if state else None
+        return recorded is not None and same_process(*recorded)
+
     def _record_process(self, role: str, pid: int, command: list[str]) -> None:
         state = self._load()
         if state is None:
@@ -391,23 +398,23 @@ def _stop_recorded(pid: int, command: list[str]) -> None:
     """SIGTERM (then SIGKILL after :data:`STOP_GRACE_S`) the recorded process —
     only if ``/proc/PID/cmdline`` still shows the command the lab started (a pid
     reused by another process is left alone)."""
-    if not _same_process(pid, command):
+    if not same_process(pid, command):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    while time.monotonic() < deadline and _same_process(pid, command):
+    while time.monotonic() < deadline and same_process(pid, command):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
-    if _same_process(pid, command):
+    if same_process(pid, command):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
 
 
-def _same_process(pid: int, command: list[str]) -> bool:
+def same_process(pid: int, command: list[str]) -> bool:
     """Whether ``pid`` is alive (not a zombie) and runs ``command``'s program: ``ip
     netns exec`` execs it, so the command line ends with the recorded one's tail."""
     try:

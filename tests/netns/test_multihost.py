@@ -9,7 +9,9 @@ uplinks. Every wait is bounded (agentproc.poll); nothing is timed.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +26,8 @@ from test_protection import Stream
 from secfw import netns_tools
 from secfw.api import Api
 from secfw.demo import lab_ports, secfw_executable
-from secfw.multihost import MultiHostLab, host_names
+from secfw.lab import netns_exists
+from secfw.multihost import MultiHostLab, host_names, same_process
 from secfw.store import open_store
 
 pytestmark = [
@@ -158,3 +161,43 @@ def test_source_group_follows_boots_removals_and_revokes_across_hosts(cloud: Clo
     _, new_ip = cloud.ns_ip("squatter")
     assert new_ip == old_ip, "the address of web1 is handed out again"
     cloud.eventually("squatter", "db", 22, allowed=False)
+
+
+def test_lab_up_hosts_builds_etcd_agents_and_down_removes_all(tmp_path: Path) -> None:
+    """``secfw lab up --hosts 2``: underlay, etcd and an agent per host; instances
+    booted afterwards appear with ``lab sync --hosts 2`` and are filtered by the
+    agents; ``lab down --hosts 2`` stops the processes and removes every namespace."""
+    name, env = f"c{uuid.uuid4().hex[:6]}h", {**os.environ, "SECFW_LAB_DIR": str(tmp_path)}
+    lab = MultiHostLab(name, host_names(name, 2), tmp_path / "multihost")
+
+    def secfw(*args: str) -> str:
+        done = subprocess.run([secfw_executable(), "lab", *args, "--hosts", "2", "--name", name],
+                              capture_output=True, text=True, env=env, timeout=120,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    try:
+        assert lab.store_url in secfw("up")
+        assert lab.running("etcd") and lab.running(f"agent:{name}1")
+        api: Api = lab.in_fabric(lambda: Api(open_store(lab.store_url)))
+        cloud = Cloud(lab, api, lab.hosts, tmp_path)
+        cloud.call(lambda a: (
+            a.image_create("admin", IMAGE, "qcow2", "public"),
+            a.net_create("p", "net-a", "10.1.0.0/24"), a.net_create("p", "net-b", "10.2.0.0/24"),
+            a.secgroup_create("p", "web", "http"),
+            a.secgroup_add_rule("p", "web", "tcp", "80", "80", "0.0.0.0/0"),
+            a.boot("p", "a", FLAVOR, IMAGE, f"{name}1", None, ["net-a"]),
+            a.boot("p", "b", FLAVOR, IMAGE, f"{name}2", ["web"], ["net-b"])))
+        secfw("sync")
+        cloud.eventually("a", "b", 80, allowed=True)
+        assert not cloud.tcp("a", "b", 22)
+        lab.in_fabric(api.store.close)
+        namespaces = [lab.fabric_ns, *(lab.labs[h].host_ns for h in lab.hosts)]
+        state = json.loads(lab.state_file.read_text())
+        processes = [state["processes"][role] for role in ("etcd", f"agent:{name}2")]
+        secfw("down")
+        assert not any(netns_exists(ns) for ns in namespaces)
+        assert not any(same_process(pid, command) for pid, command in processes)
+    finally:
+        lab.down()
