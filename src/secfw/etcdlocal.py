@@ -2,11 +2,11 @@
 
 :func:`start` runs Debian's ``etcd`` binary (package ``etcd-server``) on free
 loopback ports with a data directory of the caller's, waits (bounded) until
-``/health`` answers, and stops it. :func:`start_cluster` starts three such
-members as one cluster (the fault tests kill and restart them one by one).
-:func:`start_in_netns` runs one member inside a network namespace on an address
-of the caller's (the multi-host lab's underlay, :mod:`secfw.multihost`); the
-namespace is private to its creator, so the well-known ports are free there.
+``/health`` answers, and stops it. :func:`start_cluster` starts several
+members as one cluster (the fault tests kill and restart them one by one), on
+loopback or inside a network namespace on an address of the caller's (the
+multi-host lab's underlay, :mod:`secfw.multihost`; that namespace is private to
+its creator, so the well-known ports are free there).
 Nothing listens beyond loopback or that namespace. Not for production: no TLS.
 """
 
@@ -134,24 +134,6 @@ def _start_once(data_dir: Path) -> LocalEtcd:
     return member
 
 
-def start_in_netns(base: Path, netns: str, host: str, client: int = 2379,
-                   peer: int = 2380) -> LocalEtcd:
-    """One member inside network namespace ``netns``, listening on ``host`` (an
-    address of that namespace) and its loopback; StoreError if never healthy.
-
-    ``ip netns exec`` puts the process in the namespace; the ports are fixed
-    because nobody else listens in a namespace its creator just made."""
-    if shutil.which("etcd") is None:
-        raise StoreError("etcd is not installed (apt-get install etcd-server; `make deps`)")
-    base.mkdir(parents=True, exist_ok=True)
-    data_dir = base / "member"
-    command = _command("secfw-lab", data_dir, host, client, peer,
-                       f"secfw-lab=http://{host}:{peer}", also_loopback=True)
-    member = _launch(["ip", "netns", "exec", netns, *command], client, data_dir, host, netns)
-    _wait_healthy(member)
-    return member
-
-
 @dataclass
 class LocalCluster:
     """Members started as one cluster by :func:`start_cluster`."""
@@ -172,18 +154,26 @@ class LocalCluster:
                 member.stop()
 
 
-def start_cluster(base: Path, size: int = 3) -> LocalCluster:
-    """``size`` members on free loopback ports forming one new cluster, each with
-    its data under ``base``; healthy (quorum reached) when returned."""
+def start_cluster(base: Path, size: int = 3, netns: str | None = None,
+                  host: str = "127.0.0.1", first_port: int | None = None) -> LocalCluster:
+    """``size`` members forming one new cluster, each with its data under ``base``;
+    healthy (quorum reached) when returned. On free loopback ports by default; with
+    ``netns``, inside that namespace on ``host`` (and its loopback), member ``i``
+    on ports ``first_port + 2i`` (client) and ``+ 2i + 1`` (peer)."""
     if shutil.which("etcd") is None:
         raise StoreError("etcd is not installed (apt-get install etcd-server; `make deps`)")
     base.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(2 * size)
+    if netns is None:
+        ports = free_ports(2 * size)
+    else:
+        ports = list(range(first_port or 2379, (first_port or 2379) + 2 * size))
     names = [f"m{i}" for i in range(size)]
-    initial = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}" for i, n in enumerate(names))
+    initial = ",".join(f"{n}=http://{host}:{ports[2 * i + 1]}" for i, n in enumerate(names))
+    wrap = ["ip", "netns", "exec", netns] if netns is not None else []
     members = [
-        _launch(_command(name, base / name, "127.0.0.1", ports[2 * i], ports[2 * i + 1],
-                         initial), ports[2 * i], base / name)
+        _launch([*wrap, *_command(name, base / name, host, ports[2 * i], ports[2 * i + 1],
+                                  initial, also_loopback=netns is not None)],
+                ports[2 * i], base / name, host, netns)
         for i, name in enumerate(names)
     ]
     cluster = LocalCluster(members)

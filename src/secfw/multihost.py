@@ -115,6 +115,7 @@ class _State:
     fabric: bool = False  # the fabric namespace was (being) created
     networks: list[str] = field(default_factory=list)  # bridged: fabric bridges made
     processes: dict[str, list[Any]] = field(default_factory=dict)  # role -> [pid, argv]
+    etcd_members: int = 1
 
     def to_json(self) -> str:
         return json.dumps({"version": _STATE_VERSION, **asdict(self)}, indent=1, sort_keys=True)
@@ -126,7 +127,8 @@ class _State:
             raise ValueError(f"unknown state version {data.get('version')!r}")
         return cls(str(data["name"]), str(data["topology"]), [str(h) for h in data["hosts"]],
                    bool(data["fabric"]), [str(n) for n in data.get("networks", [])],
-                   {str(k): list(v) for k, v in data.get("processes", {}).items()})
+                   {str(k): list(v) for k, v in data.get("processes", {}).items()},
+                   int(data.get("etcd_members", 1)))
 
 
 class MultiHostLab:
@@ -161,8 +163,12 @@ class MultiHostLab:
 
     @property
     def store_url(self) -> str:
-        """The URL of the lab's etcd, as every namespace on the underlay reaches it."""
-        return f"etcd://{ETCD_ADDRESS}:{ETCD_PORT}/secfw"
+        """The URL of the lab's etcd (every member), as every namespace on the
+        underlay reaches it; prefix ``/secfw``."""
+        state = self._load()
+        members = state.etcd_members if state else 1
+        endpoints = ",".join(f"{ETCD_ADDRESS}:{ETCD_PORT + 2 * i}" for i in range(members))
+        return f"etcd://{endpoints}/secfw"
 
     def underlay_ip(self, host: str) -> str:
         """``host``'s address on the underlay: 192.0.2.<1-based index>."""
@@ -201,7 +207,7 @@ class MultiHostLab:
         state = self._load()
         if state is None:
             return
-        for role in sorted(state.processes, key=lambda r: r == "etcd"):  # agents first
+        for role in sorted(state.processes, key=lambda r: r.startswith("etcd")):  # agents first
             _stop_recorded(*state.processes[role])
         state.processes.clear()
         self._save(state)
@@ -214,15 +220,29 @@ class MultiHostLab:
 
     # ---- processes
 
-    def start_etcd(self) -> Any:
-        """Start the lab's etcd member in the fabric namespace (data in the state
-        directory); recorded, stopped by :meth:`down`. Returns the member."""
+    def start_etcd(self, members: int = 1) -> Any:
+        """Start the lab's etcd — one member, or a cluster of ``members`` — in the
+        fabric namespace on 192.0.2.254, ports 2379, 2381, … (data in the state
+        directory); recorded, stopped by :meth:`down`. Returns the
+        :class:`~secfw.etcdlocal.LocalCluster`."""
         from secfw import etcdlocal
 
-        member = etcdlocal.start_in_netns(self.state_dir / "etcd", self.fabric_ns,
+        cluster = etcdlocal.start_cluster(self.state_dir / "etcd", members, self.fabric_ns,
                                           ETCD_ADDRESS, ETCD_PORT)
-        self._record_process("etcd", member.process.pid, member.command)
-        return member
+        state = self._load()
+        if state is None:
+            raise LabError(f"lab {self.name!r} is not up")
+        state.etcd_members = members
+        self._save(state)
+        for i, member in enumerate(cluster.members):
+            self._record_process("etcd" if i == 0 else f"etcd{i}", member.process.pid,
+                                 member.command)
+        return cluster
+
+    def record_restart(self, index: int, member: Any) -> None:
+        """After ``member.restart()``: record the new process of etcd member ``index``."""
+        self._record_process("etcd" if index == 0 else f"etcd{index}", member.process.pid,
+                             member.command)
 
     def start_agent(self, host: str, executable: str, store_url: str, state_dir: Path,
                     args: Sequence[str] = (), log: Path | None = None) -> subprocess.Popen[str]:

@@ -15,7 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Cloud:
     api: Api
     hosts: list[str]
     state_dir: Path
+    seen: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def call(self, fn: Callable[[Api], Any]) -> Any:
         return self.lab.in_fabric(lambda: fn(self.api))
@@ -61,12 +62,16 @@ class Cloud:
         self.lab.up({h: lab_ports(snapshot, h) for h in self.hosts})
 
     def ns_ip(self, name: str) -> tuple[str, str]:
-        snapshot = self.call(lambda a: a.snapshot())
-        for instance in snapshot.instances.values():
-            if instance.name == name:
-                port = snapshot.ports_of(instance.id)[0]
-                return self.lab.labs[instance.host].instance_ns(port.tap), port.ip
-        raise AssertionError(f"no instance {name}")
+        """(namespace, address) of instance ``name``, read once (so probes work
+        while the store is unreachable; a name is never reused by a test)."""
+        if name not in self.seen:
+            snapshot = self.call(lambda a: a.snapshot())
+            for instance in snapshot.instances.values():
+                if instance.name == name:
+                    port = snapshot.ports_of(instance.id)[0]
+                    self.seen[name] = (self.lab.labs[instance.host].instance_ns(port.tap),
+                                       port.ip)
+        return self.seen[name]
 
     def tcp(self, src: str, dst: str, port: int) -> bool:
         src_ns, _ = self.ns_ip(src)
