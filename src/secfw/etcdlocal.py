@@ -207,7 +207,9 @@ def _launch(command: list[str], client: int, data_dir: Path, host: str = "127.0.
             netns: str | None = None) -> LocalEtcd:
     log = data_dir.with_suffix(".log")
     with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        # a session of its own: a lab's member outlives `lab up` and its terminal
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     return LocalEtcd(process, client, log, host, netns, command)
 
 

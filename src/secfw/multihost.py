@@ -190,6 +190,9 @@ class MultiHostLab:
         if state.topology != self.topology or state.hosts not in ([], self.hosts):
             raise LabError(f"lab {self.name!r} exists with other hosts or another topology; "
                            "bring it down first")
+        if not state.fabric and netns_exists(self.fabric_ns):  # someone else's: never adopted
+            raise LabError(f"lab: network namespace {self.fabric_ns} exists but is not "
+                           f"recorded in {self.state_file}")
         state.hosts = list(self.hosts)
         state.fabric = True
         self._save(state)
@@ -246,16 +249,18 @@ class MultiHostLab:
 
     def start_agent(self, host: str, executable: str, store_url: str, state_dir: Path,
                     args: Sequence[str] = (), log: Path | None = None) -> subprocess.Popen[str]:
-        """``secfw agent --host HOST`` inside ``host``'s namespace (stderr to ``log``
-        or a pipe); recorded, stopped by :meth:`down`."""
+        """``secfw agent --host HOST`` inside ``host``'s namespace (its log lines to
+        ``log``, else discarded); recorded, stopped by :meth:`down`. In a session of
+        its own: it outlives ``lab up`` and the terminal that ran it."""
         command = ["ip", "netns", "exec", self.labs[host].host_ns, executable,
                    "--store", store_url, "agent", "--host", host, "--state-dir",
                    str(state_dir), *args]
-        stderr: Any = subprocess.PIPE
+        stderr: Any = subprocess.DEVNULL
         if log is not None:
             stderr = log.open("a")
         try:
-            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    text=True, start_new_session=True)
         finally:
             if log is not None:
                 stderr.close()
