@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -46,6 +47,7 @@ from secfw.store import open_store
 FIRST_PORT = 20000
 WAIT_S = 10.0  # a change not seen in the kernel by then counts as lost
 DEFAULT_OUT = REPO / "bench" / "results"
+_PASS_MS = re.compile(r"\bms=([\d.]+)")
 
 
 class KernelMonitor:
@@ -117,17 +119,35 @@ def _measure(lab: MultiHostLab, changes: int, work: Path) -> dict[str, Any]:
     api = lab.in_fabric(lambda: Api(open_store(url)))
     try:
         _wait_for_filter(ends)
-        return {
+        log = work / f"agent-{srv_host}.log"
+        figures: dict[str, Any] = {
             "section": "multihost propagation: write return -> remote host's kernel "
                        "(3 routed hosts, 1 etcd member, nft monitor)",
             "goal": "p99 < 100 ms",
-            "cli": _changes(_cli_writer(lab, url), FIRST_PORT, monitor, ends, changes),
-            "api": _changes(_api_writer(lab, api), FIRST_PORT + changes, monitor, ends,
-                            changes),
         }
+        for series, write, first in (("cli", _cli_writer(lab, url), FIRST_PORT),
+                                     ("api", _api_writer(lab, api), FIRST_PORT + changes)):
+            before = _pass_times(log)
+            figures[series] = _changes(write, first, monitor, ends, changes)
+            passes = _pass_times(log)[len(before):]
+            figures[series]["agent_pass_p50_ms"] = (
+                round(statistics.median(passes), 1) if passes else None)
+        figures["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+        return figures
     finally:
         monitor.stop()
         lab.in_fabric(api.store.close)
+
+
+def _pass_times(log: Path) -> list[float]:
+    """The ``ms`` of every ``sync`` line the agent logged so far (its pass times:
+    store read, compile, kernel transaction)."""
+    times = []
+    for line in log.read_text().splitlines():
+        found = _PASS_MS.search(line) if " msg=sync " in line else None
+        if found:
+            times.append(float(found.group(1)))
+    return times
 
 
 def _ns_ip(lab: MultiHostLab, snapshot: Any, name: str) -> tuple[str, str]:
