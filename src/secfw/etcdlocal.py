@@ -54,6 +54,11 @@ class LocalEtcd:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def healthy(self) -> bool:
+        """Whether the member answers ``/health`` with true (in a cluster: it has a
+        leader, so reads and writes go through)."""
+        return _healthy(self)
+
     def restart(self) -> None:
         """Start the stopped member again (same data dir and ports), wait until healthy."""
         if self.running():

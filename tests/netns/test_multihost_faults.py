@@ -130,7 +130,9 @@ def test_one_member_killed_loses_nothing_and_agents_keep_up(faulty: Faulty) -> N
     before = faulty.cloud.call(lambda a: dump(a.store))["docs"]
     assert len(before["rule"]) == len(initial["rule"]) + 1
     faulty.restart(0)
-    faulty.cluster.members[1].kill()
+    faulty.cluster.members[1].kill()  # perhaps the leader: wait for the next one's election
+    poll(lambda: all(faulty.cluster.members[i].healthy() for i in (0, 2)),
+         "members 0 and 2 have a leader", SLOW_LIMIT)
     assert faulty.cloud.call(lambda a: dump(a.store))["docs"] == before
     poll(lambda: faulty.state(0) == faulty.state(1) == "healthy", "both agents healthy")
 
