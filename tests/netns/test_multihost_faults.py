@@ -124,7 +124,9 @@ def test_one_member_killed_loses_nothing_and_agents_keep_up(faulty: Faulty) -> N
     agents follow it (packets), and after that member rejoined and another one
     died, the store still holds the write."""
     initial = faulty.cloud.call(lambda a: dump(a.store))["docs"]
-    faulty.cluster.members[0].kill()
+    faulty.cluster.members[0].kill()  # perhaps the leader: a write waits for the next one
+    poll(lambda: all(faulty.cluster.members[i].healthy() for i in (1, 2)),
+         "members 1 and 2 have a leader", SLOW_LIMIT)
     _open_8080(faulty)
     faulty.cloud.eventually("client", "srv", 8080, allowed=True)
     before = faulty.cloud.call(lambda a: dump(a.store))["docs"]
