@@ -37,6 +37,9 @@ Why it is built this way:
   make the instances' ARP a race.
 * traffic between instances on different hosts therefore crosses *both* hosts'
   filters: the sender's egress on its host, the receiver's ingress on its own.
+* etcd's ports in the fabric namespace answer only underlay addresses (a table
+  ``inet sfwlab`` there): the lab's etcd has no authentication, and instances
+  must never reach the store that defines their own filters.
 
 A JSON state file records the fabric namespace and the hosts before they are made,
 and the processes started (etcd, agents) with their command lines, so
@@ -93,6 +96,7 @@ ETCD_PORT = 2379
 FABRIC_BRIDGE = "sfwfab"
 UPLINK = "sfw-ul"  # in each host namespace; never "tap*" (the firewall's instance ports)
 MAX_HOSTS = 200  # underlay addresses .1 … .200; .254 is etcd's
+MAX_ETCD_MEMBERS = 5  # ports 2379 … 2388: a client and a peer port each
 _STATE_VERSION = 1
 #: SIGTERM first, then this long before SIGKILL, when the lab stops its processes.
 STOP_GRACE_S = 10.0
@@ -230,6 +234,8 @@ class MultiHostLab:
         :class:`~secfw.etcdlocal.LocalCluster`."""
         from secfw import etcdlocal
 
+        if not 1 <= members <= MAX_ETCD_MEMBERS:
+            raise LabError(f"lab: 1..{MAX_ETCD_MEMBERS} etcd members, not {members}")
         cluster = etcdlocal.start_cluster(self.state_dir / "etcd", members, self.fabric_ns,
                                           ETCD_ADDRESS, ETCD_PORT)
         state = self._load()
@@ -297,6 +303,34 @@ class MultiHostLab:
                          br_forward_delay=0, br_mcast_snooping=0)
             index = _up(fab, FABRIC_BRIDGE)
             fab.addr("replace", index=index, address=ETCD_ADDRESS, prefixlen=UNDERLAY.prefixlen)
+        self._guard_etcd()
+
+    def _guard_etcd(self) -> None:
+        """Only the underlay (the hosts, the fabric itself) may reach etcd's ports.
+
+        Bridged, the fabric namespace is also the instances' router, so without
+        this an instance could open etcd (no authentication in the lab) and rewrite
+        the cloud; routed, only the missing route back to the instances stopped
+        it. A table of the lab's own, replaced whole on every ``up`` (``nft -f``
+        applies the file atomically: nft(8), "-f"); etcd's range is 2379 up to one
+        client and one peer port per member."""
+        last = ETCD_PORT + 2 * MAX_ETCD_MEMBERS - 1
+        ruleset = (
+            "table inet sfwlab\n"
+            "delete table inet sfwlab\n"
+            "table inet sfwlab {\n"
+            "  chain input {\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            f"    tcp dport {ETCD_PORT}-{last} ip saddr != {UNDERLAY} drop\n"
+            f"    tcp dport {ETCD_PORT}-{last} meta nfproto ipv6 iifname != \"lo\" drop\n"
+            "  }\n"
+            "}\n"
+        )
+        done = subprocess.run(["ip", "netns", "exec", self.fabric_ns, "nft", "-f", "-"],
+                              input=ruleset, capture_output=True, text=True, check=False,
+                              timeout=30)
+        if done.returncode != 0:
+            raise LabError(f"lab: guarding etcd in {self.fabric_ns}: {done.stderr.strip()}")
 
     def _ensure_uplink(self, host: str) -> None:
         """The veth host namespace ↔ fabric bridge, with the host's underlay addresses."""

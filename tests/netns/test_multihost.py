@@ -27,7 +27,7 @@ from secfw import netns_tools
 from secfw.api import Api
 from secfw.demo import lab_ports, secfw_executable
 from secfw.lab import netns_exists
-from secfw.multihost import MultiHostLab, host_names, same_process
+from secfw.multihost import ETCD_ADDRESS, ETCD_PORT, MultiHostLab, host_names, same_process
 from secfw.store import open_store
 
 pytestmark = [
@@ -130,6 +130,22 @@ def test_cross_host_traffic_is_filtered_by_both_hosts(cloud: Cloud) -> None:
     cloud.call(lambda a: a.secgroup_add_rule("p", "web", "tcp", "8080", "8080", "0.0.0.0/0"))
     cloud.eventually("client", "srv", 8080, allowed=True)
     assert not cloud.tcp("client", "srv", 80)
+
+
+def test_instances_cannot_reach_the_underlays_etcd(cloud: Cloud) -> None:
+    """etcd answers the hosts on the underlay, never an instance: the lab's store has
+    no authentication, and an instance that reached it could rewrite every security
+    group. other's egress is open, so the underlay's own filter is what stops it.
+    Bridged, the underlay namespace is the instances' router: another port of it
+    answers them (the path exists; only etcd's ports are closed to them)."""
+    cloud.boot("other", 0, [])
+    other_ns, _ = cloud.ns_ip("other")
+    poll(lambda: cloud.tcp("other", "other", 7001), "other reaches itself: booted")
+    if cloud.lab.topology == "bridged":
+        with netns_tools.listen(cloud.lab.fabric_ns, "tcp", 7000):
+            assert netns_tools.tcp_connect(other_ns, ETCD_ADDRESS, 7000, 0.5)
+    assert not netns_tools.tcp_connect(other_ns, ETCD_ADDRESS, ETCD_PORT, 0.5)
+    assert not netns_tools.tcp_connect(other_ns, ETCD_ADDRESS, ETCD_PORT + 1, 0.5)
 
 
 def test_source_group_follows_boots_removals_and_revokes_across_hosts(cloud: Cloud) -> None:
