@@ -796,6 +796,6 @@ __all__ = [
 
 # The host-side commands (compile, agent, lab, demo) and the compute model's
 # (flavors, keypairs, images, boot, show, meta) register themselves on ``main``.
-from secfw import computecli, floatingcli, hostcli, volumecli  # noqa: E402, F401
+from secfw import computecli, floatingcli, hostcli, storecli, volumecli  # noqa: E402, F401
 from secfw.audit import cli as _audit_cli  # noqa: E402, F401  (registers ``secfw audit``)
 from secfw.neutron_api import serve as _neutron_serve  # noqa: E402, F401  (registers ``secfw api``)

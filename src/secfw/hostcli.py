@@ -45,6 +45,7 @@ from secfw.demo import (
     lab_ports,
     reachability,
     run_agent_once,
+    secfw_executable,
 )
 from secfw.errors import BackendError, SecfwError
 from secfw.model import check_host
@@ -393,26 +394,57 @@ _lab_gateway_option = click.option(
 )
 
 
+_lab_host_option = click.option("--host", help="The compute host (one-host lab).")
+_lab_hosts_option = click.option(
+    "--hosts", type=click.IntRange(1, 200), metavar="N",
+    help="A multi-host lab instead: hosts NAME1..NAMEN on an underlay with its own etcd "
+         "and one agent per host (see secfw.multihost).")
+_lab_name_option = click.option(
+    "--name", default="compute", show_default=True,
+    help="With --hosts: the lab's name, and the hosts' names without their number.")
+
+
 @lab_group.command("up")
-@_host_option
+@_lab_host_option
+@_lab_hosts_option
+@_lab_name_option
 @_lab_topology_option
 @_lab_gateway_option
+@click.option("--no-agents", is_flag=True, help="With --hosts: do not start the agents.")
 @scope_options
 @pass_state
-def lab_up(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
-    """Create (or bring in line) the lab of HOST from the store."""
-    _lab_sync(state, host, topology, gateway_on_bridge)
+def lab_up(state: CliState, host: str | None, hosts: int | None, name: str, topology: str,
+           gateway_on_bridge: bool, no_agents: bool) -> None:
+    """Create (or bring in line) the lab of HOST from the store, or with --hosts N a
+    multi-host lab: underlay, etcd, the hosts' labs from that etcd, their agents."""
+    if hosts is not None:
+        _multihost_up(name, hosts, topology, gateway_on_bridge, agents=not no_agents)
+        return
+    _lab_sync(state, _one_host(host), topology, gateway_on_bridge)
 
 
 @lab_group.command("sync")
-@_host_option
+@_lab_host_option
+@_lab_hosts_option
+@_lab_name_option
 @_lab_topology_option
 @_lab_gateway_option
 @scope_options
 @pass_state
-def lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
-    """Add namespaces of new instances of HOST, remove those of deleted ones."""
-    _lab_sync(state, host, topology, gateway_on_bridge)
+def lab_sync(state: CliState, host: str | None, hosts: int | None, name: str, topology: str,
+             gateway_on_bridge: bool) -> None:
+    """Add namespaces of new instances of HOST (or of every host of a --hosts lab),
+    remove those of deleted ones."""
+    if hosts is not None:
+        _multihost_up(name, hosts, topology, gateway_on_bridge, agents=False)
+        return
+    _lab_sync(state, _one_host(host), topology, gateway_on_bridge)
+
+
+def _one_host(host: str | None) -> str:
+    if host is None:
+        raise click.UsageError("give --host HOST (or --hosts N for a multi-host lab)")
+    return host
 
 
 def _lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
@@ -429,12 +461,62 @@ def _lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool
                f"external {lab.external_ns}, {len(lab.taps())} instance(s)")
 
 
+def _multihost(name: str, hosts: int, topology: str) -> Any:
+    from secfw.multihost import MultiHostLab, host_names
+
+    for host in host_names(name, hosts):
+        check_host(host)
+    return MultiHostLab(name, host_names(name, hosts), lab_for(name).state_dir / "multihost",
+                        topology)
+
+
+def _multihost_up(name: str, hosts: int, topology: str, gateway_on_bridge: bool,
+                  agents: bool) -> None:
+    """Underlay and etcd first (the hosts' ports are read from that etcd), then the
+    hosts' labs, then an agent per host that is not running yet."""
+    if gateway_on_bridge:
+        raise click.UsageError("--gateway-on-bridge is for one-host labs")
+    lab = _multihost(name, hosts, topology)
+    lab.up({})
+    if not lab.running("etcd"):
+        lab.start_etcd()
+    url = lab.store_url
+    snapshot = lab.in_fabric(lambda: _snapshot(url))
+    lab.up({h: lab_ports(snapshot, h) for h in lab.hosts})
+    logs = lab.state_dir / "agents"
+    if agents:
+        logs.mkdir(parents=True, exist_ok=True)
+        for host in lab.hosts:
+            if not lab.running(f"agent:{host}"):
+                lab.start_agent(host, secfw_executable(), url, logs, log=logs / f"{host}.log")
+    for host in lab.hosts:
+        click.echo(f"{host}: host namespace {lab.labs[host].host_ns}, underlay "
+                   f"{lab.underlay_ip(host)}, {len(lab.labs[host].taps())} instance(s)"
+                   + (f", agent log {logs / host}.log" if agents else ""))
+    click.echo(f"store {url} in {lab.fabric_ns}: ip netns exec {lab.fabric_ns} secfw "
+               f"--store {url} ...")
+
+
+def _snapshot(url: str) -> Any:
+    store = open_store(url)
+    try:
+        return Api(store).snapshot()
+    finally:
+        store.close()
+
+
 @lab_group.command("down")
-@_host_option
-def lab_down(host: str) -> None:
-    """Remove everything the lab of HOST created, and nothing else."""
-    check_host(host)
-    lab_for(host).down()
+@_lab_host_option
+@_lab_hosts_option
+@_lab_name_option
+def lab_down(host: str | None, hosts: int | None, name: str) -> None:
+    """Remove everything the lab of HOST (or the --hosts lab) created, and nothing else
+    (a --hosts lab: its agents and etcd stopped first)."""
+    if hosts is not None:
+        _multihost(name, hosts, "routed").down()
+        return
+    check_host(_one_host(host))
+    lab_for(_one_host(host)).down()
 
 
 @main.command("demo")

@@ -1,0 +1,85 @@
+"""Backups: one consistent JSON snapshot of a store, and its restore into an empty one.
+
+``secfw store dump`` writes :func:`dump`'s document; ``secfw store restore FILE``
+feeds it to :func:`restore`. The format is the store contract's own data (every
+document by kind and id), so it does not depend on the kind of store: a dump of
+SQLite restores into etcd and back (tests/test_store_backup.py).
+
+Format (version 1)::
+
+    {"format": "secfw-store-dump", "version": 1, "schema": 1,
+     "revision": R,                  # the source store's revision, for the record
+     "docs": {KIND: {ID: DOC, ...}, ...}}
+
+A dump is one :meth:`~secfw.store.base.Store.load`: one consistent revision
+(SQLite: one read transaction; etcd: every page read at one revision).
+A restore is one write transaction: the target is either left empty or holds the
+whole dump, never a part that an agent could enforce. It refuses a store that
+already holds a document: merging two clouds is not a restore. The revision
+restarts at the target's (revisions belong to a store; agents that followed the
+source must be pointed at the target and load it whole, which a smaller or
+unknown revision makes them do).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from secfw.errors import ConflictError, ValidationError
+from secfw.store.base import SCHEMA_VERSION, Doc, Store
+
+FORMAT = "secfw-store-dump"
+VERSION = 1
+
+
+def dump(store: Store) -> dict[str, Any]:
+    """The whole store at one revision, as the version-1 dump document."""
+    snapshot = store.load()
+    docs = {kind: dict(sorted(by_id.items())) for kind, by_id in sorted(snapshot.docs.items())
+            if by_id}
+    return {"format": FORMAT, "version": VERSION, "schema": SCHEMA_VERSION,
+            "revision": snapshot.revision, "docs": docs}
+
+
+def dumps(store: Store) -> str:
+    """:func:`dump` as canonical JSON text (sorted keys, one trailing newline)."""
+    return json.dumps(dump(store), indent=1, sort_keys=True) + "\n"
+
+
+def parse(text: str) -> dict[str, dict[str, Doc]]:
+    """The documents of a dump's text; ValidationError when it is not a dump this
+    version reads (wrong format, version or schema, or malformed documents)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValidationError(f"not a secfw store dump: invalid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValidationError("not a secfw store dump (no \"format\": \"secfw-store-dump\")")
+    if data.get("version") != VERSION or data.get("schema") != SCHEMA_VERSION:
+        raise ValidationError(
+            f"store dump version {data.get('version')!r} schema {data.get('schema')!r}: "
+            f"this secfw reads version {VERSION} schema {SCHEMA_VERSION}")
+    docs = data.get("docs")
+    if not isinstance(docs, dict) or not all(
+            isinstance(kind, str) and isinstance(by_id, dict)
+            and all(isinstance(i, str) and isinstance(d, dict) for i, d in by_id.items())
+            for kind, by_id in docs.items()):
+        raise ValidationError("store dump: \"docs\" must map kind -> id -> document")
+    return docs
+
+
+def restore(store: Store, docs: dict[str, dict[str, Doc]]) -> int:
+    """Write ``docs`` into ``store`` in one transaction; the number of documents.
+
+    ConflictError (and nothing written) when the store holds any document."""
+    with store.write() as txn:
+        held = sum(len(by_id) for by_id in txn.snapshot.docs.values())
+        if held:
+            raise ConflictError(
+                f"store {store.url} is not empty ({held} document(s)): a restore only "
+                "goes into an empty store")
+        for kind, by_id in docs.items():
+            for doc_id, doc in by_id.items():
+                txn.put(kind, doc_id, doc)
+    return sum(len(by_id) for by_id in docs.values())
