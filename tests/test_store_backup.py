@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import pytest
 
 from secfw.api import Api
 from secfw.demo import HOST, build_guide_cloud
-from secfw.store import open_store
+from secfw.errors import ConflictError
+from secfw.store import backup, open_store
 
 if TYPE_CHECKING:
     from conftest import Cli, EtcdServer
@@ -71,3 +74,67 @@ def test_restore_refuses_what_is_not_a_dump(cli: Cli, tmp_path: Path) -> None:
         bad.write_text(text)
         cli.fails("store", "restore", str(bad), code=2)
     cli.fails("store", "restore", str(tmp_path / "missing.json"), code=7)
+
+
+def test_restore_into_etcd_goes_in_batches_that_only_ever_allow_less(
+        cli: Cli, etcd_server: EtcdServer) -> None:
+    """etcd caps a transaction's operations (128 by default), so a restore there
+    is written in batches of ``max_write_docs``: every document arrives, the
+    settings in the first batch, groups and rules before any instance, and ports
+    last, so no state in between allows more than the dump."""
+    _guide_cloud(cli.store_url)
+    source = open_store(cli.store_url)
+    try:
+        docs = backup.parse(backup.dumps(source))
+    finally:
+        source.close()
+    target = open_store(etcd_server.url())
+    try:
+        target.max_write_docs = 7
+        start = target.revision()
+        assert backup.restore(target, docs) == sum(len(by_id) for by_id in docs.values())
+        _, changes = target.changes_since(start)
+        assert {(k, i) for k, by_id in target.load().docs.items() for i in by_id} == {
+            (k, i) for k, by_id in docs.items() for i in by_id}
+    finally:
+        target.close()
+    batches = sorted({c.revision for c in changes})
+    assert len(batches) == -(-len(changes) // 7) > 1
+    assert {c.kind for c in changes if c.kind == "setting" and c.revision != batches[0]} == set()
+    last_describing = max(c.revision for c in changes if c.kind in ("secgroup", "rule"))
+    assert min(c.revision for c in changes if c.kind in ("instance", "port")) >= last_describing
+    assert min(c.revision for c in changes if c.kind == "port") >= max(
+        c.revision for c in changes if c.kind == "instance")
+
+
+def test_a_writer_between_restore_batches_is_a_conflict(
+        cli: Cli, etcd_server: EtcdServer) -> None:
+    """Someone writes into the store while a batched restore runs: the next batch
+    refuses (ConflictError naming the partial restore) instead of mixing clouds."""
+    _guide_cloud(cli.store_url)
+    source = open_store(cli.store_url)
+    try:
+        docs = backup.parse(backup.dumps(source))
+    finally:
+        source.close()
+    url = etcd_server.url()
+    target, intruder = open_store(url), open_store(url)
+    real_write = target.write
+    calls = 0
+
+    def write_then_intrude() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            with intruder.write() as txn:
+                txn.put("setting", "intruder", {"id": "intruder", "value": "x"})
+        return real_write()
+
+    try:
+        target.max_write_docs = 5
+        target.write = write_then_intrude  # type: ignore[method-assign]
+        with pytest.raises(ConflictError, match="changed during the restore"):
+            backup.restore(target, docs)
+    finally:
+        target.close()
+        intruder.close()

@@ -13,9 +13,17 @@ Format (version 1)::
 
 A dump is one :meth:`~secfw.store.base.Store.load`: one consistent revision
 (SQLite: one read transaction; etcd: every page read at one revision).
-A restore is one write transaction: the target is either left empty or holds the
-whole dump, never a part that an agent could enforce. It refuses a store that
-already holds a document: merging two clouds is not a restore. The revision
+A restore is one write transaction where the store allows it (SQLite): the
+target is either left empty or holds the whole dump. etcd caps the operations of
+a transaction (``Store.max_write_docs``), so there it is written in batches, in
+an order that makes every state in between allow *less* than the dump, never
+more: the store-wide settings first, then everything that only describes
+(networks, groups, rules, flavors, …), instances, and ports and floating IPs
+last — a port an agent sees already has its groups and rules, and source groups
+only grow as their members arrive. Each batch checks that the store holds exactly what the batches before
+wrote (a concurrent writer is a ConflictError); a failed batch leaves a partial
+store, which the error says. It refuses a store that already holds a document:
+merging two clouds is not a restore. The revision
 restarts at the target's (revisions belong to a store; agents that followed the
 source must be pointed at the target and load it whole, which a smaller or
 unknown revision makes them do).
@@ -69,17 +77,54 @@ def parse(text: str) -> dict[str, dict[str, Doc]]:
     return docs
 
 
-def restore(store: Store, docs: dict[str, dict[str, Doc]]) -> int:
-    """Write ``docs`` into ``store`` in one transaction; the number of documents.
+#: Written first: the store-wide settings.
+FIRST_KINDS = ("setting",)
+#: Written last, in this order: what makes agents enforce (module docstring).
+LAST_KINDS = ("instance", "port", "floatingip")
 
-    ConflictError (and nothing written) when the store holds any document."""
+
+def restore(store: Store, docs: dict[str, dict[str, Doc]]) -> int:
+    """Write ``docs`` into the empty ``store``; the number of documents.
+
+    In one transaction when ``store.max_write_docs`` allows, else in batches
+    (module docstring). ConflictError, nothing written, when the store holds any
+    document; ConflictError when another writer changes it between batches."""
+    items = _restore_order(docs)
+    size = store.max_write_docs or max(len(items), 1)
+    for start in range(0, max(len(items), 1), size):
+        _restore_batch(store, items[start:start + size], written=start, total=len(items))
+    return len(items)
+
+
+def _restore_order(docs: dict[str, dict[str, Doc]]) -> list[tuple[str, str, Doc]]:
+    """Every ``(kind, id, doc)``: :data:`FIRST_KINDS`, the others by kind name,
+    then :data:`LAST_KINDS`; by id within a kind."""
+    def rank(kind: str) -> tuple[int, int, str]:
+        if kind in FIRST_KINDS:
+            return (0, FIRST_KINDS.index(kind), kind)
+        if kind in LAST_KINDS:
+            return (2, LAST_KINDS.index(kind), kind)
+        return (1, 0, kind)
+    return [(kind, doc_id, docs[kind][doc_id])
+            for kind in sorted(docs, key=rank) for doc_id in sorted(docs[kind])]
+
+
+def _restore_batch(store: Store, batch: list[tuple[str, str, Doc]], written: int,
+                   total: int) -> None:
+    """Put ``batch`` in one transaction, if the store holds exactly the ``written``
+    documents of the batches before it."""
     with store.write() as txn:
         held = sum(len(by_id) for by_id in txn.snapshot.docs.values())
-        if held:
-            raise ConflictError(
-                f"store {store.url} is not empty ({held} document(s)): a restore only "
+        if held != written:
+            raise ConflictError(_changed(store, held, written, total))
+        for kind, doc_id, doc in batch:
+            txn.put(kind, doc_id, doc)
+
+
+def _changed(store: Store, held: int, written: int, total: int) -> str:
+    if not written:
+        return (f"store {store.url} is not empty ({held} document(s)): a restore only "
                 "goes into an empty store")
-        for kind, by_id in docs.items():
-            for doc_id, doc in by_id.items():
-                txn.put(kind, doc_id, doc)
-    return sum(len(by_id) for by_id in docs.values())
+    return (f"store {store.url} changed during the restore ({held} document(s) where "
+            f"{written} of {total} were written): it holds a partial restore; empty it "
+            "and restore again")

@@ -112,6 +112,10 @@ class Store(ABC):
     """A revisioned document store (see the module docstring)."""
 
     url: str
+    #: The most documents one write transaction may put or delete (None: no
+    #: limit). Only a writer that needs more than one command's worth, the
+    #: restore of a backup, has to split its work by it.
+    max_write_docs: int | None = None
 
     @abstractmethod
     def revision(self) -> int:

@@ -165,6 +165,11 @@ class _Members:
 class EtcdStore(Store):
     """A :class:`~secfw.store.base.Store` in an etcd v3 cluster (module docstring)."""
 
+    #: etcd refuses a transaction of more than ``--max-txn-ops`` operations (128
+    #: by default, etcd's configuration flags); each document is one operation,
+    #: the revision marker one more: 100 leaves room on a default cluster.
+    max_write_docs = 100
+
     def __init__(self, url: str, create: bool = True) -> None:
         """Connect; with ``create`` False a prefix never initialised (no schema
         key) is refused instead of initialised — what a reader that must not
