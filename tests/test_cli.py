@@ -394,7 +394,7 @@ def cloud(cli: Cli, api: Api) -> Cli:
 RULE = ("secgroup-add-rule", "spare")
 BOOT = ("boot", "x", "--flavor", "1", "--image", "cirros")
 BAD_INPUT: list[tuple[tuple[str, ...], int, str]] = [
-    # semantics.md section 2
+    # docs/semantics.md, "Validation"
     ((*RULE, "foo", "1", "2", "0.0.0.0/0"), 2, "Invalid IP protocol foo."),
     ((*RULE, "gre", "1", "2", "0.0.0.0/0"), 2, "Invalid IP protocol gre."),
     ((*RULE, "tcp", "x", "22", "0.0.0.0/0"), 2, "from-port must be an integer"),

@@ -386,7 +386,7 @@ class Api:
         description: str = "",
         protocol_text: str | None = None,
     ) -> Rule:
-        """The openstack-client form of a rule (see ``semantics.md`` section 3).
+        """The openstack-client form of a rule (see ``docs/semantics.md``).
 
         Rejected: ports with a portless protocol, ICMP fields with a non-ICMP
         protocol, a code without a type, a remote of the other family, both a
@@ -965,7 +965,7 @@ class Api:
         user_data: bytes | None = None,
         block_devices: Sequence[str] = (),
     ) -> Instance:
-        """Create an instance (see ``semantics.md``) and schedule it.
+        """Create an instance (see ``docs/semantics.md``) and schedule it.
 
         The image's ``min_disk``/``min_ram`` (and its size) must fit the flavor (a
         flavor disk of 0 means "the image's own size", as in nova); ``key_name``

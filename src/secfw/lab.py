@@ -22,7 +22,7 @@ Routed (Calico-style, the default)::
 labs for different hosts must not collide); ``<tap>`` is the tap name without ``tap``.
 Instance names are user data too and are never used anywhere in the topology.
 
-Why each host-side setting exists (see docs/nftables-design.md, "Routed topology"):
+Why each host-side setting exists (docs/nftables.md describes the routed topology):
 
 * ``proxy_arp`` on a tap: an instance ARPs for its gateway *and* for same-subnet peers
   directly; the host answers for everything it routes elsewhere. ``proxy_delay=0``

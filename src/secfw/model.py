@@ -5,7 +5,7 @@ Constructors do not validate (they are also used to load trusted data from the
 store); the ``parse_*`` and ``check_*`` functions validate untrusted input and raise
 :class:`~secfw.errors.ValidationError` with the one line a user should see.
 
-Semantics follow ``semantics.md`` (the nova operations guide, extended by Neutron):
+Semantics follow ``docs/semantics.md`` (the nova operations guide, extended by Neutron):
 
 * A :class:`Rule` is an *allow* rule. ``port_min``/``port_max`` are the local
   (destination) port range for tcp/udp, or ICMP type/code for icmp; ``None`` means
@@ -34,7 +34,7 @@ TAP_ID_CHARS = 11  # Neutron/nova: "tap" + port_id[:11] fits IFNAMSIZ (16 incl. 
 
 #: nova-network's protocols for the nova-style commands, with their IP numbers.
 NOVA_PROTOCOLS: dict[str, int] = {"tcp": 6, "udp": 17, "icmp": 1}
-#: protocols that carry ports (semantics.md section 3).
+#: protocols that carry ports (Neutron's rule model: docs/semantics.md).
 PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite"})
 #: IANA numbers of the protocol names secfw understands.
 PROTOCOL_NUMBERS: dict[str, int] = {

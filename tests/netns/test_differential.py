@@ -611,7 +611,7 @@ FIXED_CLOUD = CloudSpec(
     allow_same_net=True,
 )
 #: (source, destination, family, ICMP type, contract verdict, why):
-#: docs/protection.md and semantics.md section 4.
+#: docs/protection.md and docs/semantics.md.
 FIXED_EXPECTED = (
     ("vm0", "vm1", 6, 130, False, "an MLD query is a router's: vm0's egress rules decide"),
     ("vm0", "external6", 6, 130, True, "vm0's egress rule allows MLD queries out there"),

@@ -668,7 +668,7 @@ def test_metacharacter_names_compile_and_filter(cloud):
 
 
 def test_removing_a_rule_stops_established_connections(cloud):
-    """semantics.md §4: when a rule is removed, the connections it allowed stop,
+    """docs/semantics.md: when a rule is removed, the connections it allowed stop,
     established ones included. A TCP connection opened while ``global_http`` let
     port 80 in carries data; after ``remove-secgroup`` and one pass it must not."""
     import socket

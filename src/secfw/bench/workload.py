@@ -1,6 +1,6 @@
 """The benchmark cloud: one compute host with N ports, built through the Python API.
 
-Workload (the one docs/peers.md measured Neutron with):
+Workload (the one Neutron's iptables driver was measured with in its bug reports):
 
 * 500 **host groups** ``g000``…``g499`` with 10 rules each. A third of all rules
   (global rule index divisible by 3) reference a **source group**; the others are

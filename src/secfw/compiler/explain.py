@@ -1,12 +1,12 @@
 """Who can reach what, and why: the security-group semantics as a decision function.
 
 :func:`decide` answers, for the first packet of a connection, whether the security
-groups let it through and which rule does. It is written from ``semantics.md``
+groups let it through and which rule does. It is written from ``docs/semantics.md``
 directly against the model — not against the IR — so that it is an independent
 oracle: the differential tests compare it with the kernel's verdict on real
 packets, and ``make demo`` prints its reason next to each measured result.
 
-A flow is judged on both ends (``semantics.md`` sections 3 and 4):
+A flow is judged on both ends (``docs/semantics.md`` and ``docs/protection.md``):
 
 * when its source is an instance's port, by that port's **egress**: open when
   none of the instance's groups has an egress rule (nova-network), otherwise the

@@ -631,7 +631,7 @@ def _dispatch(port_key: Meta, chain: str) -> Rule:
     """``oifname @<chain>-ports jump <chain>``: the group's rules apply to its ports.
 
     ``jump`` (not ``goto``): a group that does not accept returns here so the next
-    group of the port is tried; the groups' rules add up (semantics.md)."""
+    group of the port is tried; the groups' rules add up (docs/semantics.md)."""
     return make_rule((Match(port_key, SetRef(ports_set_name(chain))),
                       Verdict("jump", chain)))
 
