@@ -20,10 +20,10 @@ an order that makes every state in between allow *less* than the dump, never
 more: the store-wide settings first, then everything that only describes
 (networks, groups, rules, flavors, …), instances, and ports and floating IPs
 last — a port an agent sees already has its groups and rules, and source groups
-only grow as their members arrive. Each batch checks that the store holds exactly what the batches before
-wrote (a concurrent writer is a ConflictError); a failed batch leaves a partial
-store, which the error says. It refuses a store that already holds a document:
-merging two clouds is not a restore. The revision
+only grow as their members arrive. Each batch checks that the store holds exactly
+what the batches before wrote (a concurrent writer is a ConflictError); a failed
+batch leaves a partial store, which the error says. It refuses a store that
+already holds a document: merging two clouds is not a restore. The revision
 restarts at the target's (revisions belong to a store; agents that followed the
 source must be pointed at the target and load it whole, which a smaller or
 unknown revision makes them do).
