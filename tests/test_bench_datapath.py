@@ -63,20 +63,23 @@ def test_configurations_are_baselines_then_each_backend_at_every_size() -> None:
     assert configs[5].ipt_plan == IptPlan(ipset_before=("plan 2",)) and configs[5].nft_text is None
 
 
-def measured(kpps: list[float], gbps: list[float]) -> Measured:
-    return Measured([v * 1e3 for v in kpps], [v * 1e9 for v in gbps], [0.5] * len(kpps))
+def measured(kpps: list[float], gbps: list[float], conns: list[float],
+             p99_us: float = 100.0) -> Measured:
+    return Measured(udp_pps=[v * 1e3 for v in kpps], tcp_bps=[v * 1e9 for v in gbps],
+                    conn_rate=conns, conn_p50_us=[p99_us / 2] * len(kpps),
+                    conn_p99_us=[p99_us] * len(kpps), load_s=[0.5] * len(kpps))
 
 
 def summary() -> dict[str, Any]:
     """Two repetitions; the baseline doubles between them (drift that pairing removes)."""
     configs = configurations(rulesets(), lambda ir: IptPlan(), "nft")
     runs = [
-        measured([100, 200], [10, 20]),  # no filter
-        measured([90, 180], [10, 20]),  # conntrack only
-        measured([95, 190], [10, 19]),  # nftables, 100
-        measured([96, 192], [9, 18]),  # nftables, 10,000: TCP 90 %
-        measured([60, 100], [8, 16]),  # iptables, 100
-        measured([30, 80], [5, 10]),  # iptables, 10,000
+        measured([100, 200], [10, 20], [2000, 4000]),  # no filter
+        measured([90, 180], [10, 20], [1000, 2000]),  # conntrack only
+        measured([95, 190], [10, 19], [950, 1900], 100.0),  # nftables, 100
+        measured([96, 192], [9, 18], [800, 1600], 150.0),  # nftables, 10,000: TCP 90 %
+        measured([60, 100], [8, 16], [500, 1000]),  # iptables, 100
+        measured([30, 80], [5, 10], [250, 500]),  # iptables, 10,000
     ]
     return _summarise(configs, runs, Settings(3.0, 2), "nft")
 
@@ -99,6 +102,25 @@ def test_rows_pair_each_backend_with_the_baseline_of_the_same_repetition() -> No
     assert "not yet implemented" not in json.dumps(dp)
 
 
+def test_new_connections_are_paired_with_no_filter_and_with_conntrack_only() -> None:
+    """New connections: the ratio to no filter and to conntrack only, per
+    repetition, and the median connect() percentiles."""
+    big = summary()["rows"][-1]
+    assert big["conn_rate"] == 1200.0 and big["conn_rate_runs"] == [800.0, 1600.0]
+    assert big["conn_ratio"] == 0.4 and big["conn_ct_ratio"] == 0.8
+    assert big["conn_p50_us"] == 75.0 and big["conn_p99_us"] == 150.0
+    assert big["iptables"]["conn_ct_ratio"] == 0.25
+
+
+def test_new_connection_targets() -> None:
+    """>= 90 % of conntrack only at 10k (here 80 %: missed); p99 within 10 % from the
+    smallest N to the largest (here +50 %: missed)."""
+    results = results_with(summary())
+    assert targets.new_connections(results) == (False, "80% of conntrack only (1,200/s)")
+    met, figure = targets.first_packet_flat(results)
+    assert met is False and figure == "p99 100 µs at 100 → 150 µs at 10,000 (+50%)"
+
+
 def results_with(dp: dict[str, Any]) -> dict[str, Any]:
     return {"datapath": dp, "control_plane": [], "membership": [], "restart": []}
 
@@ -113,6 +135,7 @@ def test_report_shows_both_backends_side_by_side() -> None:
     assert table[4] == ("| 10,000 | 144.0 | 96.0% | 13.50 | 90.0% "
                         "| 55.0 | 35.0% | 7.50 | 50.0% |")
     assert any("iptables-nft 500.0 ms" in line for line in lines)
+    assert ("| 10,000 | 1,200 | 80.0% | 75 | 150 | 375 | 25.0% | 50 | 100 |") in table
 
 
 def test_datapath_target_is_nftables_with_iptables_beside_it() -> None:

@@ -4,6 +4,8 @@ SQLite with nothing lost, and a restore never lands in a store that holds data."
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,22 +91,32 @@ def test_restore_into_etcd_goes_in_batches_that_only_ever_allow_less(
     finally:
         source.close()
     target = open_store(etcd_server.url())
+    revisions: list[int] = []  # the store's revision after each committed batch
+    real_write = target.write
+
+    @contextmanager
+    def counted_write() -> Iterator[Any]:
+        with real_write() as txn:
+            yield txn
+        revisions.append(target.revision())
+
     try:
         target.max_write_docs = 7
-        start = target.revision()
-        assert backup.restore(target, docs) == sum(len(by_id) for by_id in docs.values())
-        _, changes = target.changes_since(start)
-        assert {(k, i) for k, by_id in target.load().docs.items() for i in by_id} == {
-            (k, i) for k, by_id in docs.items() for i in by_id}
+        target.write = counted_write  # type: ignore[method-assign]
+        total = sum(len(by_id) for by_id in docs.values())
+        assert backup.restore(target, docs) == total
+        snapshot = target.load()
     finally:
         target.close()
-    batches = sorted({c.revision for c in changes})
-    assert len(batches) == -(-len(changes) // 7) > 1
-    assert {c.kind for c in changes if c.kind == "setting" and c.revision != batches[0]} == set()
-    last_describing = max(c.revision for c in changes if c.kind in ("secgroup", "rule"))
-    assert min(c.revision for c in changes if c.kind in ("instance", "port")) >= last_describing
-    assert min(c.revision for c in changes if c.kind == "port") >= max(
-        c.revision for c in changes if c.kind == "instance")
+    assert {(k, i) for k, by_id in snapshot.docs.items() for i in by_id} == {
+        (k, i) for k, by_id in docs.items() for i in by_id}
+    assert len(revisions) == -(-total // 7) > 1  # one transaction per batch
+    order = [kind for kind, _, _ in backup._restore_order(docs)]
+    assert order[:order.count("setting")] == ["setting"] * order.count("setting")
+    last_describing = max(i for i, k in enumerate(order) if k in ("secgroup", "rule"))
+    assert min(i for i, k in enumerate(order) if k in ("instance", "port")) > last_describing
+    assert min(i for i, k in enumerate(order) if k == "port") > max(
+        i for i, k in enumerate(order) if k == "instance")
 
 
 def test_a_writer_between_restore_batches_is_a_conflict(

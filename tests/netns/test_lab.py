@@ -32,7 +32,8 @@ pytestmark = [
 ]
 
 MALICIOUS = '"; rm -rf / #'
-UNRELATED_NS = "sfw-unrelated-test"
+#: unique per run: two runs at once (xdist workers, other checkouts) must not share it
+UNRELATED_NS = f"sfw-unrelated-{uuid.uuid4().hex[:8]}"
 
 PORTS = (
     LabPort("tapa0000001-01", "fa:16:3e:00:00:01", "10.0.0.3", 24, "10.0.0.1", "web 'one'"),
