@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
+from secfw.compiler.metadata import parse_listen
 from secfw.config import Config, load_config
 from secfw.demo import (
     HOST,
@@ -147,6 +149,12 @@ def compile_command(
     help="Serve Prometheus metrics on this address, e.g. 127.0.0.1:9468 (default: off) "
          "[env SECFW_METRICS_ADDRESS].",
 )
+@click.option(
+    "--metadata-listen", metavar="ADDR:PORT", envvar="SECFW_METADATA_LISTEN",
+    help="Redirect instances' 169.254.169.254:80 to the metadata server on this local "
+         "address (`secfw metadata serve`; default: config metadata_listen, else off) "
+         "[env SECFW_METADATA_LISTEN].",
+)
 @scope_options
 @click.pass_context
 def agent_command(
@@ -163,6 +171,7 @@ def agent_command(
     backoff_max: float,
     state_dir: str,
     metrics_address: str | None,
+    metadata_listen: str | None,
 ) -> None:
     """Keep this network namespace's filter equal to HOST's security groups.
 
@@ -182,18 +191,30 @@ def agent_command(
     check_host(host)
     state = ctx.find_object(CliState)
     assert state is not None  # always run under main
+    config = agent_config(config_path, metadata_listen)
     if once:
-        _run_once(state.store_url, host, config_path, backend, topology)
+        _run_once(state.store_url, host, config, backend, topology)
         if register:
             _register(state.store_url, host)
         return
     settings = LoopSettings(poll_interval, resync_interval, backoff_max=backoff_max)
-    _run_loop(state.store_url, host, load_config(config_path), (backend, topology), settings,
+    _run_loop(state.store_url, host, config, (backend, topology), settings,
               Path(state_dir), metrics_address, register)
 
 
+def agent_config(config_path: str | None, metadata_listen: str | None) -> Config:
+    """The configuration file's settings, ``--metadata-listen`` over the file's."""
+    config = load_config(config_path)
+    if not metadata_listen:
+        return config
+    try:
+        return replace(config, metadata_listen=parse_listen(metadata_listen))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--metadata-listen'") from exc
+
+
 def _run_once(
-    store_url: str, host: str, config_path: str | None, backend: str, topology: str
+    store_url: str, host: str, config: Config, backend: str, topology: str
 ) -> None:
     """One full sync; logs ``sync … commands=N`` (other tools rely on that line).
 
@@ -201,7 +222,7 @@ def _run_once(
     filter before the store is read, and a failed sync leaves the last ruleset or
     the closed filter behind (then the error is raised: exit status non-zero).
     """
-    reconciler = host_reconciler(open_store(store_url), host, load_config(config_path),
+    reconciler = host_reconciler(open_store(store_url), host, config,
                                  backend, topology)
     try:
         reconciler.close_if_absent()
