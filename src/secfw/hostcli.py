@@ -35,7 +35,7 @@ from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
-from secfw.compiler.metadata import parse_listen
+from secfw.compiler.metadata import parse_listen, with_metadata
 from secfw.config import Config, load_config
 from secfw.demo import (
     HOST,
@@ -105,7 +105,8 @@ def compile_command(
     if backend != "nftables" and fmt != "text":
         raise click.UsageError(f"-f {fmt} exists for the nftables backend only")
     config = load_config(config_path)
-    hf = compile_host(state.api.snapshot(), host, config.allow_same_net_traffic)
+    hf = with_metadata(compile_host(state.api.snapshot(), host, config.allow_same_net_traffic),
+                       config.metadata_listen)
     if backend == "iptables":
         from secfw.backends.iptables import compile_text
 
@@ -118,6 +119,38 @@ def compile_command(
         click.echo(json.dumps(to_nft_json(ruleset), indent=2, sort_keys=True))
     else:
         click.echo(to_nft_text(ruleset), nl=False)
+
+
+@main.group("metadata")
+def metadata_group() -> None:
+    """The metadata service of a compute host (README, "Metadata service")."""
+
+
+@metadata_group.command("serve")
+@_host_option
+@_config_option
+@click.option(
+    "--listen", metavar="ADDR:PORT", envvar="SECFW_METADATA_LISTEN",
+    help="The local address the agent redirects 169.254.169.254:80 to (default: config "
+         "metadata_listen) [env SECFW_METADATA_LISTEN].",
+)
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Requests served at once.")
+@scope_options
+@pass_state
+def metadata_serve_command(state: CliState, host: str, config_path: str | None,
+                           listen: str | None, threads: int) -> None:
+    """Serve HOST's instances their metadata, user data and public key, each
+    recognised by the kernel (the connection's conntrack mark and original
+    source), until SIGTERM."""
+    from secfw.metadata.server import serve
+
+    check_host(host)
+    config = agent_config(config_path, listen)
+    if config.metadata_listen is None:
+        raise click.UsageError("Missing option '--listen' (or metadata_listen in the config).")
+    configure_logging()
+    serve(open_store(state.store_url), host, config.metadata_listen, threads=threads)
 
 
 @main.group("agent", invoke_without_command=True, subcommand_metavar="[status]")
