@@ -150,7 +150,8 @@ def metadata_serve_command(state: CliState, host: str, config_path: str | None,
     if config.metadata_listen is None:
         raise click.UsageError("Missing option '--listen' (or metadata_listen in the config).")
     configure_logging()
-    serve(open_store(state.store_url), host, config.metadata_listen, threads=threads)
+    url = state.store_url
+    serve(lambda: open_store(url), host, config.metadata_listen, threads=threads)
 
 
 @main.group("agent", invoke_without_command=True, subcommand_metavar="[status]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from secfw.cloud import CloudState
@@ -25,20 +26,30 @@ log = logging.getLogger("secfw.metadata")
 
 class HostModel:
     """The host's :data:`~.content.HostIndex`, reloaded when the store's revision
-    moved (one revision read per request; a reload per write)."""
+    moved (one revision read per request; a reload per write). ``open_store``
+    is called once per serving thread: a SQLite connection belongs to the thread
+    that opened it."""
 
-    def __init__(self, store: Store, host: str) -> None:
-        self.store, self.host = store, host
+    def __init__(self, open_store: Callable[[], Store], host: str) -> None:
+        self.open_store, self.host = open_store, host
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._revision: int | None = None
         self._index: HostIndex = {}
 
+    def _store(self) -> Store:
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = self.open_store()
+        return store
+
     def index(self) -> HostIndex:
         """The index as of the store's current revision."""
-        revision = self.store.revision()
+        store = self._store()
+        revision = store.revision()
         with self._lock:
             if revision != self._revision:
-                snapshot = self.store.load()
+                snapshot = store.load()
                 self._index = index_host(CloudState.from_snapshot(snapshot), self.host)
                 self._revision = snapshot.revision
             return self._index
@@ -61,15 +72,17 @@ class Resolver:
         return self.model.index().get((asker.mark, asker.source))
 
 
-def make_app(store: Store, host: str, listen: tuple[str, int]) -> MetadataApp:
+def make_app(open_store: Callable[[], Store], host: str,
+             listen: tuple[str, int]) -> MetadataApp:
     """The service of ``host`` for a server listening on ``listen``."""
-    return MetadataApp(Resolver(HostModel(store, host), listen))
+    return MetadataApp(Resolver(HostModel(open_store, host), listen))
 
 
-def serve(store: Store, host: str, listen: tuple[str, int], threads: int = 4) -> None:
+def serve(open_store: Callable[[], Store], host: str, listen: tuple[str, int],
+          threads: int = 4) -> None:
     """Serve until interrupted (SIGTERM/SIGINT end waitress)."""
     from waitress import serve as waitress_serve
 
     log.info("metadata host=%s listen=%s:%d", host, *listen)
-    waitress_serve(make_app(store, host, listen), host=listen[0], port=listen[1],
+    waitress_serve(make_app(open_store, host, listen), host=listen[0], port=listen[1],
                    threads=threads, ident="secfw-metadata", clear_untrusted_proxy_headers=True)
