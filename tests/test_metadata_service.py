@@ -4,6 +4,7 @@ compiler's redirect."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from typing import Any
@@ -239,3 +240,32 @@ def test_config_metadata_listen(tmp_path: Any) -> None:
     path.write_text("[DEFAULT]\nmetadata_listen = 169.254.169.254:80\n")
     with pytest.raises(ConfigError, match="metadata_listen"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("topology", ["routed", "bridged"])
+def test_renderer_follows_the_redirect_as_ports_come_and_go(topology: str) -> None:
+    """The nftables Renderer's cached metadata part equals a fresh rendering, and
+    the plan from its delta equals the plan from scratch, at every step."""
+    from secfw.backends.nftables.plan import plan
+    from secfw.backends.nftables.render import Renderer, render
+    from secfw.backends.nftables.state import KernelState, StateCache
+
+    one, two = _port("tapa", ("10.0.0.1",)), _port("tapb", ("10.0.0.2",))
+    listen = ("192.0.2.254", 8775)
+    steps = [
+        with_metadata(HostFilter("h", (one,), (), ()), listen),
+        with_metadata(HostFilter("h", (one, two), (), ()), listen),
+        HostFilter("h", (one, two), (), ()),
+        with_metadata(HostFilter("h", (two,), (), ()), listen),
+        with_metadata(HostFilter("h", (two,), (), ()), ("192.0.2.253", 8775)),
+    ]
+    renderer, states = Renderer(topology), StateCache()
+    previous = states.state(renderer.render(steps[0]), renderer.delta)
+    for before, hf in itertools.pairwise(steps):
+        ruleset = renderer.render(hf)
+        assert ruleset == render(hf, topology)
+        after = states.state(ruleset, renderer.delta)
+        assert after == KernelState.from_ruleset(ruleset)
+        expected = plan(KernelState.from_ruleset(render(before, topology)), ruleset)
+        assert plan(previous, ruleset, after, renderer.delta) == expected
+        previous = after

@@ -50,6 +50,9 @@ def test_each_instance_gets_its_own_data(cloud: Any) -> None:
     assert cloud.metadata("a", "/latest/meta-data/public-keys/0/openssh-key") == (
         200, (PUBLIC_KEY + "\n").encode())
     assert cloud.metadata("b", "/latest/meta-data/public-keys/0/openssh-key")[0] == 404
+    _boot(cloud, "late", "n1", user_data=b"late's")  # the agent's next pass is incremental
+    assert not cloud.sync().full
+    assert cloud.metadata("late", "/latest/user-data") == (200, b"late's")
 
 
 def test_a_spoofed_request_gets_nothing(cloud: Any) -> None:
