@@ -66,7 +66,8 @@ def test_a_spoofed_request_gets_nothing(cloud: Any) -> None:
     assert cloud.metadata("a", "/latest/meta-data/hostname") == (200, b"a")
     syn = IP(src=cloud.ip("a"), dst="169.254.169.254") / TCP(sport=40123, dport=80, flags="S")
     answer = netns_tools.send_and_sniff(syn, src_ns=cloud.ns("b"), dst_ns=cloud.ns("a"),
-                                        bpf="tcp and src port 80", timeout=0.5)
+                                        bpf="tcp and src port 80 and dst port 40123",
+                                        timeout=0.5)
     assert answer is None
 
 
