@@ -269,3 +269,46 @@ def test_renderer_follows_the_redirect_as_ports_come_and_go(topology: str) -> No
         expected = plan(KernelState.from_ruleset(render(before, topology)), ruleset)
         assert plan(previous, ruleset, after, renderer.delta) == expected
         previous = after
+
+
+# ---- the command line
+
+
+def test_serve_needs_an_address(cli: Any, tmp_path: Any) -> None:
+    result = cli.run("metadata", "serve", "--host", "h1")
+    assert result.exit_code == 2 and "--listen" in result.stderr
+    result = cli.run("metadata", "serve", "--host", "h1", "--listen", "169.254.169.254:80")
+    assert result.exit_code == 2 and "'--listen'" in result.stderr
+
+
+def test_compile_shows_the_redirect_when_configured(cli: Any, tmp_path: Any) -> None:
+    cli.ok("net-create", "n1", "10.1.0.0/24")
+    cli.ok("image-create", "cirros", "--visibility", "public")
+    cli.ok("boot", "vm", "--flavor", "m1.tiny", "--image", "cirros", "--nic", "net-id=n1",
+           "--host", "h1")
+    assert "metadata" not in cli.ok("compile", "--host", "h1")
+    config = tmp_path / "secfw.conf"
+    config.write_text("[DEFAULT]\nmetadata_listen = 192.0.2.254:8775\n")
+    text = cli.ok("compile", "--host", "h1", "--config", str(config))
+    assert "dnat ip to 192.0.2.254:8775" in text and "chain metadata-in" in text
+    text = cli.ok("compile", "--host", "h1", "--config", str(config), "--backend", "iptables")
+    assert "-j DNAT --to-destination 192.0.2.254:8775" in text
+
+
+# ---- isolation keeps the redirect of the kept ports only
+
+
+def test_an_isolated_port_loses_its_redirect() -> None:
+    from secfw.agent.isolation import Isolation
+    from secfw.errors import UnsupportedError
+
+    good, bad = _port("tapa", ("10.0.0.1",)), _port("tapb", ("10.0.0.2",))
+    desired = with_metadata(HostFilter("h", (good, bad), (), ()), ("192.0.2.254", 8775))
+
+    def check(hf: HostFilter) -> None:
+        if any(p.tap == "tapb" for p in hf.ports):
+            raise UnsupportedError("refused")
+
+    kept = Isolation().compute(desired, check)
+    assert kept.metadata is not None
+    assert [p.tap for p in kept.metadata.ports] == ["tapa"]

@@ -146,7 +146,7 @@ def metadata_serve_command(state: CliState, host: str, config_path: str | None,
     from secfw.metadata.server import serve
 
     check_host(host)
-    config = agent_config(config_path, listen)
+    config = agent_config(config_path, listen, "--listen")
     if config.metadata_listen is None:
         raise click.UsageError("Missing option '--listen' (or metadata_listen in the config).")
     configure_logging()
@@ -236,15 +236,17 @@ def agent_command(
               Path(state_dir), metrics_address, register)
 
 
-def agent_config(config_path: str | None, metadata_listen: str | None) -> Config:
-    """The configuration file's settings, ``--metadata-listen`` over the file's."""
+def agent_config(config_path: str | None, metadata_listen: str | None,
+                 option: str = "--metadata-listen") -> Config:
+    """The configuration file's settings, ``metadata_listen`` (given as
+    ``option``) over the file's."""
     config = load_config(config_path)
     if not metadata_listen:
         return config
     try:
         return replace(config, metadata_listen=parse_listen(metadata_listen))
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="'--metadata-listen'") from exc
+        raise click.BadParameter(str(exc), param_hint=f"'{option}'") from exc
 
 
 def _run_once(
