@@ -198,7 +198,7 @@ def _port(tap: str, ips: tuple[str, ...], security: bool = True) -> PortPolicy:
 
 
 def test_redirect_covers_the_ipv4_addresses_of_protected_ports() -> None:
-    md = metadata_redirect([_port("tapb", ("10.0.0.2",)), _port("tapa", ("10.0.0.1", "10.9.0.1")),
+    md = metadata_redirect([_port("tapa", ("10.9.0.1", "10.0.0.1")), _port("tapb", ("10.0.0.2",)),
                             _port("tapc", ("10.0.0.3",), security=False)], "192.0.2.254", 8775)
     assert [(p.tap, p.address) for p in md.ports] == [
         ("tapa", "10.0.0.1"), ("tapa", "10.9.0.1"), ("tapb", "10.0.0.2")]

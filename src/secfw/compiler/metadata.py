@@ -24,6 +24,7 @@ import ipaddress
 import zlib
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import lru_cache
 
 from secfw.compiler.ir import HostFilter, MetadataPort, MetadataRedirect, PortPolicy
 
@@ -62,11 +63,18 @@ def metadata_redirect(ports: Iterable[PortPolicy], address: str, port: int) -> M
     """The redirect to ``address:port`` for ``ports``: one entry per IPv4 address
     of every port with port security (a port without it has no anti-spoofing,
     so neither its source address nor — on a bridged host — its frames can be
-    trusted to name it: it gets no metadata)."""
-    entries = sorted(
-        MetadataPort(p.tap, ipv4, port_mark(p.tap))
-        for p in ports if p.port_security for ipv4 in p.ipv4)
+    trusted to name it: it gets no metadata). In the order of ``ports`` (the
+    compiler's are sorted by tap), each port's addresses sorted: deterministic."""
+    entries = [e for p in ports if p.port_security for e in _entries(p.tap, p.ipv4)]
     return MetadataRedirect(address, port, tuple(entries))
+
+
+@lru_cache(maxsize=1 << 16)
+def _entries(tap: str, ipv4: tuple[str, ...]) -> tuple[MetadataPort, ...]:
+    """A port's entries, cached: every pass rebuilds the redirect of the whole
+    host, and most ports are the same as in the last one."""
+    mark = port_mark(tap)
+    return tuple(MetadataPort(tap, address, mark) for address in sorted(ipv4))
 
 
 def with_metadata(hf: HostFilter, listen: tuple[str, int] | None) -> HostFilter:
