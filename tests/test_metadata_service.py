@@ -312,3 +312,12 @@ def test_an_isolated_port_loses_its_redirect() -> None:
     kept = Isolation().compute(desired, check)
     assert kept.metadata is not None
     assert [p.tap for p in kept.metadata.ports] == ["tapa"]
+
+
+def test_a_store_that_cannot_answer_is_503() -> None:
+    from secfw.errors import StoreError
+
+    def resolve(environ: dict[str, Any]) -> InstanceData | None:
+        raise StoreError("store down")
+
+    assert Client(MetadataApp(resolve)).get("/latest/user-data").status_code == 503

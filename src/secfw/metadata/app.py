@@ -7,12 +7,14 @@ asks is decided by ``resolve`` from the connection alone (the WSGI environ's
 peer address and port: :mod:`.identity` reads the rest from the kernel); the
 request's headers, path and body never name an instance. A connection
 ``resolve`` does not recognise, and a piece the instance does not have
-(user data, a key pair), get 404. Only GET (and HEAD) are served.
+(user data, a key pair), get 404; when the store cannot be read, 503. Only GET
+(and HEAD) are served.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,7 +22,10 @@ from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
+from secfw.errors import SecfwError
 from secfw.metadata.content import InstanceData
+
+log = logging.getLogger("secfw.metadata")
 
 Resolver = Callable[[dict[str, Any]], InstanceData | None]
 StartResponse = Callable[..., Any]
@@ -71,6 +76,9 @@ class MetadataApp:
             return _ENDPOINTS[endpoint](data, **args)
         except HTTPException as exc:
             return Response(f"{exc.code} {exc.name}\n", status=exc.code, mimetype="text/plain")
+        except SecfwError as exc:  # the store or conntrack could not answer: try again
+            log.warning("metadata request failed: %s", exc)
+            return Response("503 Service Unavailable\n", status=503, mimetype="text/plain")
 
 
 def _text(lines: Iterable[str]) -> Response:

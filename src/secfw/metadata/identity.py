@@ -26,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from secfw.compiler.metadata import MARK_MASK, MARK_TAG, METADATA_ADDRESS, METADATA_PORT
+from secfw.errors import BackendError
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class ConntrackIdentity:
         except NetlinkError as exc:
             if exc.code == errno.ENOENT:
                 return None
-            raise
+            raise BackendError(f"conntrack lookup failed: {exc}") from exc
         for message in messages:
             found = redirected(message)
             if found is not None:
