@@ -68,6 +68,7 @@ bench: venv
 	$(PY) -m secfw.bench.backends $(BACKENDS_ARGS)
 	$(PY) -m secfw.bench.floating $(FLOATING_ARGS)
 	$(PY) -m secfw.bench.multihost $(MULTIHOST_ARGS)
+	$(PY) -m secfw.bench.metadata
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

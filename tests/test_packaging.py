@@ -28,18 +28,31 @@ def secfw_script() -> str:
     return found
 
 
-def verify_complaints(text: str, directory: Path) -> list[str]:
+def verify_complaints(text: str, directory: Path, name: str = UNIT.name) -> list[str]:
     """The lines ``systemd-analyze verify`` prints about the unit ``text`` (saved as
-    ``secfw-agent.service`` in ``directory``)."""
-    unit = directory / UNIT.name
+    ``name``, default ``secfw-agent.service``, in ``directory``)."""
+    unit = directory / name
     unit.write_text(text)
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                           text=True, timeout=60, check=False)
     lines = (done.stdout + done.stderr).splitlines()
-    complaints = [line for line in lines if UNIT.name in line]
+    complaints = [line for line in lines if name in line]
     if done.returncode != 0 and not complaints:
         complaints = lines or [f"exit status {done.returncode}"]
     return complaints
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="needs systemd-analyze (package systemd; `make deps` installs it)")
+def test_metadata_unit_passes_systemd_analyze_verify(tmp_path):
+    """The metadata service's unit, checked the same way."""
+    unit = UNIT.with_name("secfw-metadata.service")
+    text = unit.read_text()
+    assert f"ExecStart={INSTALLED_SECFW} metadata serve " in text
+    runnable = text.replace(f"ExecStart={INSTALLED_SECFW} ", f"ExecStart={secfw_script()} ")
+    assert verify_complaints(runnable, tmp_path, unit.name) == []
+    broken = runnable.replace("\nNoNewPrivileges=yes\n", "\nNoNewPrivileges=yes\nNoSuchKey=1\n")
+    assert any("NoSuchKey" in line for line in verify_complaints(broken, tmp_path, unit.name))
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,

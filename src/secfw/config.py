@@ -1,7 +1,8 @@
 """Agent and compiler configuration, read from a nova.conf-style INI file.
 
-Only ``[DEFAULT] allow_same_net_traffic`` is read today (default ``true``, as in
-nova-network). The file is ``--config FILE`` or ``$SECFW_CONFIG``; with neither,
+``[DEFAULT] allow_same_net_traffic`` (default ``true``, as in nova-network) and
+``metadata_listen = ADDR:PORT`` (the local metadata server; default none) are read.
+The file is ``--config FILE`` or ``$SECFW_CONFIG``; with neither,
 the defaults apply. An explicitly named file that is missing or malformed is an
 error: silently falling back to defaults could open traffic an operator closed.
 """
@@ -12,6 +13,7 @@ import configparser
 import os
 from dataclasses import dataclass
 
+from secfw.compiler.metadata import parse_listen
 from secfw.errors import ConfigError
 
 _TRUE = {"1", "yes", "true", "on"}
@@ -20,7 +22,11 @@ _FALSE = {"0", "no", "false", "off"}
 
 @dataclass(frozen=True)
 class Config:
+    """``metadata_listen``: the local metadata server ``(address, port)`` the
+    agent redirects instances' ``169.254.169.254:80`` to (None: no redirect)."""
+
     allow_same_net_traffic: bool = True
+    metadata_listen: tuple[str, int] | None = None
 
 
 def load_config(path: str | None = None) -> Config:
@@ -37,7 +43,16 @@ def load_config(path: str | None = None) -> Config:
     except configparser.Error as exc:
         raise ConfigError(f"config {path} is not a valid INI file: {_first_line(exc)}") from exc
     raw = parser.defaults().get("allow_same_net_traffic")
-    return Config(allow_same_net_traffic=_parse_bool(raw, path) if raw is not None else True)
+    listen = parser.defaults().get("metadata_listen")
+    return Config(allow_same_net_traffic=_parse_bool(raw, path) if raw is not None else True,
+                  metadata_listen=None if not listen else _parse_listen(listen, path))
+
+
+def _parse_listen(raw: str, path: str) -> tuple[str, int]:
+    try:
+        return parse_listen(raw.strip())
+    except ValueError as exc:
+        raise ConfigError(f"config {path}: metadata_listen: {exc}") from exc
 
 
 def _parse_bool(raw: str, path: str) -> bool:

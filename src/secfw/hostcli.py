@@ -13,6 +13,7 @@ import logging
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
+from secfw.compiler.metadata import parse_listen, with_metadata
 from secfw.config import Config, load_config
 from secfw.demo import (
     HOST,
@@ -103,7 +105,8 @@ def compile_command(
     if backend != "nftables" and fmt != "text":
         raise click.UsageError(f"-f {fmt} exists for the nftables backend only")
     config = load_config(config_path)
-    hf = compile_host(state.api.snapshot(), host, config.allow_same_net_traffic)
+    hf = with_metadata(compile_host(state.api.snapshot(), host, config.allow_same_net_traffic),
+                       config.metadata_listen)
     if backend == "iptables":
         from secfw.backends.iptables import compile_text
 
@@ -116,6 +119,39 @@ def compile_command(
         click.echo(json.dumps(to_nft_json(ruleset), indent=2, sort_keys=True))
     else:
         click.echo(to_nft_text(ruleset), nl=False)
+
+
+@main.group("metadata")
+def metadata_group() -> None:
+    """The metadata service of a compute host (README, "Metadata service")."""
+
+
+@metadata_group.command("serve")
+@_host_option
+@_config_option
+@click.option(
+    "--listen", metavar="ADDR:PORT", envvar="SECFW_METADATA_LISTEN",
+    help="The local address the agent redirects 169.254.169.254:80 to (default: config "
+         "metadata_listen) [env SECFW_METADATA_LISTEN].",
+)
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Requests served at once.")
+@scope_options
+@pass_state
+def metadata_serve_command(state: CliState, host: str, config_path: str | None,
+                           listen: str | None, threads: int) -> None:
+    """Serve HOST's instances their metadata, user data and public key, each
+    recognised by the kernel (the connection's conntrack mark and original
+    source), until SIGTERM."""
+    from secfw.metadata.server import serve
+
+    check_host(host)
+    config = agent_config(config_path, listen, "--listen")
+    if config.metadata_listen is None:
+        raise click.UsageError("Missing option '--listen' (or metadata_listen in the config).")
+    configure_logging()
+    url = state.store_url
+    serve(lambda: open_store(url), host, config.metadata_listen, threads=threads)
 
 
 @main.group("agent", invoke_without_command=True, subcommand_metavar="[status]")
@@ -147,6 +183,12 @@ def compile_command(
     help="Serve Prometheus metrics on this address, e.g. 127.0.0.1:9468 (default: off) "
          "[env SECFW_METRICS_ADDRESS].",
 )
+@click.option(
+    "--metadata-listen", metavar="ADDR:PORT", envvar="SECFW_METADATA_LISTEN",
+    help="Redirect instances' 169.254.169.254:80 to the metadata server on this local "
+         "address (`secfw metadata serve`; default: config metadata_listen, else off) "
+         "[env SECFW_METADATA_LISTEN].",
+)
 @scope_options
 @click.pass_context
 def agent_command(
@@ -163,6 +205,7 @@ def agent_command(
     backoff_max: float,
     state_dir: str,
     metrics_address: str | None,
+    metadata_listen: str | None,
 ) -> None:
     """Keep this network namespace's filter equal to HOST's security groups.
 
@@ -182,18 +225,32 @@ def agent_command(
     check_host(host)
     state = ctx.find_object(CliState)
     assert state is not None  # always run under main
+    config = agent_config(config_path, metadata_listen)
     if once:
-        _run_once(state.store_url, host, config_path, backend, topology)
+        _run_once(state.store_url, host, config, backend, topology)
         if register:
             _register(state.store_url, host)
         return
     settings = LoopSettings(poll_interval, resync_interval, backoff_max=backoff_max)
-    _run_loop(state.store_url, host, load_config(config_path), (backend, topology), settings,
+    _run_loop(state.store_url, host, config, (backend, topology), settings,
               Path(state_dir), metrics_address, register)
 
 
+def agent_config(config_path: str | None, metadata_listen: str | None,
+                 option: str = "--metadata-listen") -> Config:
+    """The configuration file's settings, ``metadata_listen`` (given as
+    ``option``) over the file's."""
+    config = load_config(config_path)
+    if not metadata_listen:
+        return config
+    try:
+        return replace(config, metadata_listen=parse_listen(metadata_listen))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'{option}'") from exc
+
+
 def _run_once(
-    store_url: str, host: str, config_path: str | None, backend: str, topology: str
+    store_url: str, host: str, config: Config, backend: str, topology: str
 ) -> None:
     """One full sync; logs ``sync … commands=N`` (other tools rely on that line).
 
@@ -201,7 +258,7 @@ def _run_once(
     filter before the store is read, and a failed sync leaves the last ruleset or
     the closed filter behind (then the error is raised: exit status non-zero).
     """
-    reconciler = host_reconciler(open_store(store_url), host, load_config(config_path),
+    reconciler = host_reconciler(open_store(store_url), host, config,
                                  backend, topology)
     try:
         reconciler.close_if_absent()

@@ -731,6 +731,31 @@ class Lab:
                 with _netlink(self.instance_ns(port.tap)) as inst:
                     _delete_neighbours(inst, addresses)
 
+    def wire_metadata(self, address: str, ports: Sequence[LabPort]) -> None:
+        """The host side of a metadata server listening on ``address`` in the host
+        namespace (``secfw metadata serve``; idempotent, call after :meth:`up`).
+
+        ``address`` goes on the host namespace's ``lo``. A routed host already has
+        a route and a permanent neighbour entry per tap; a bridged host that only
+        bridges gets the same per port, through its network's bridge, so that the
+        server's replies reach the instances (the redirected requests arrive by
+        br_netfilter's DNAT-to-local path). Overlapping networks stay refused by
+        :meth:`up`: by destination address alone, the host could not tell them
+        apart on the way back."""
+        with _lab_errors("wire the metadata server"), _netlink(self.host_ns) as host:
+            lo = _up(host, "lo")
+            present = {str(a.get("IFA_ADDRESS")) for a in host.addr("dump", index=lo,
+                                                                   family=AF_INET)}
+            if address not in present:
+                host.addr("add", index=lo, address=address, prefixlen=32, family=AF_INET)
+            if self.topology != "bridged" or self.gateway_on_bridge:
+                return
+            for port in ports:
+                index = _up(host, bridge_name(str(port.network)))
+                host.route("replace", dst=f"{port.ip}/32", oif=index, scope=SCOPE_LINK)
+                host.neigh("replace", dst=port.ip, lladdr=port.mac.lower(), ifindex=index,
+                           state="permanent")
+
     def down(self) -> None:
         """Remove every namespace and link recorded in the state file; no-op if none."""
         with self._locked():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import http.client
 import os
 import random
 import select
@@ -223,6 +224,28 @@ def tcp_connect(
         except OSError:  # TimeoutError and ConnectionRefusedError are OSErrors
             return False
         return True
+
+
+def http_get(
+    src_ns: str, address: str, port: int, path: str, timeout: float | None = None
+) -> tuple[int, bytes] | None:
+    """``GET path`` over a TCP connection from ``src_ns`` to ``address:port`` (IPv4):
+    the status and body, or None when no answer came in time (dropped, refused,
+    reset or closed without a response)."""
+    sock = socket_in_netns(src_ns, socket.AF_INET, socket.SOCK_STREAM)
+    connection = http.client.HTTPConnection(address, port, timeout=_timeout(timeout))
+    try:
+        sock.settimeout(_timeout(timeout))
+        sock.connect((address, port))
+        connection.sock = sock
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+        sock.close()
 
 
 def udp_probe(

@@ -32,6 +32,7 @@ import os
 import random
 import re
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -57,6 +58,9 @@ COMBINATIONS = tuple((b, t) for t in TOPOLOGIES for b in BACKENDS)
 EXTERNAL = "external"  # probe endpoint: the lab's external namespace, 203.0.113.10
 EXTERNAL_IP = Lab.external_addresses[0]
 FLAVOR, IMAGE = "m1.tiny", "cirros"
+#: Where the lab's metadata server listens in the host namespace (CloudLab.serve_metadata):
+#: the lab's own namespace, so a fixed port collides with nothing.
+METADATA_SERVER = ("192.0.2.254", 8775)
 VENV_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin"
 
 
@@ -120,6 +124,8 @@ class CloudLab:
         self.backend: _RecordingBackend | None = None
         self._agent_store: Any = None
         self._reconciler: Reconciler | None = None
+        self.metadata_listen: tuple[str, int] | None = None
+        self._metadata_server: subprocess.Popen[bytes] | None = None
         self.api.image_create("admin", IMAGE, "qcow2", "public")
 
     # ---- the model
@@ -167,17 +173,63 @@ class CloudLab:
         """Bring the lab in line with the store (unless ``lab=False``), then run ONE
         agent pass inside the lab's host namespace; return what the pass did."""
         if lab:
-            self.lab.up(lab_ports(self.api.snapshot(), self.host))
+            ports = lab_ports(self.api.snapshot(), self.host)
+            self.lab.up(ports)
+            if self.metadata_listen is not None:
+                self.lab.wire_metadata(self.metadata_listen[0], ports)
         if self._reconciler is None:
             if self._agent_store is None:
                 self._agent_store = open_store(self.store_url)
             self.backend = _RecordingBackend(self.make_backend())
-            self._reconciler = Reconciler(
-                self._agent_store, self.host, Config(self.allow_same_net), self.backend
-            )
+            config = Config(self.allow_same_net, self.metadata_listen)
+            self._reconciler = Reconciler(self._agent_store, self.host, config, self.backend)
         assert self.backend is not None
         self.backend.last_plan = None
         return self._reconciler.reconcile(full=full)
+
+    def serve_metadata(self) -> None:
+        """Start ``secfw metadata serve`` in the lab's host namespace on
+        :data:`METADATA_SERVER` (wired by the lab) and have the agent redirect to
+        it from its next pass on (a new agent: the next sync is full)."""
+        address, port = METADATA_SERVER
+        self.metadata_listen = METADATA_SERVER
+        self.lab.up(lab_ports(self.api.snapshot(), self.host))
+        self.lab.wire_metadata(address, lab_ports(self.api.snapshot(), self.host))
+        log = (self.work_dir / "metadata.log").open("wb")
+        self._metadata_server = subprocess.Popen(
+            ["ip", "netns", "exec", self.lab.host_ns, secfw_command(), "--store",
+             self.store_url, "metadata", "serve", "--host", self.host,
+             "--listen", f"{address}:{port}"], stdout=log, stderr=log)
+        self._reconciler = None
+        for _ in range(200):  # bounded: 10 s
+            if self._metadata_server.poll() is not None:
+                raise AssertionError("metadata server exited: "
+                                     + (self.work_dir / "metadata.log").read_text())
+            if netns_tools.tcp_connect(self.lab.host_ns, address, port, 0.05):
+                return
+            time.sleep(0.05)
+        raise AssertionError("metadata server not listening after 10 s")
+
+    def stop_metadata(self) -> None:
+        """Stop the metadata server started by :meth:`serve_metadata`, if any."""
+        server, self._metadata_server = self._metadata_server, None
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+    def metadata(self, name: str, path: str, address: str = "169.254.169.254",
+                 port: int = 80) -> tuple[int, bytes] | None:
+        """``GET path`` from instance ``name`` to ``address:port`` (the metadata
+        address by default): status and body, None when nothing answered."""
+        return netns_tools.http_get(self.ns(name), address, port, path, 2.0)
+
+    def lab_exec(self, name: str, *command: str) -> str:
+        """Run ``command`` in the namespace of instance ``name``; its output."""
+        return run("ip", "netns", "exec", self.ns(name), *command).stdout
 
     def make_backend(self) -> Any:
         """A new backend of this combination, inside the lab's host namespace."""
@@ -441,6 +493,7 @@ def cloud(
     try:
         yield env
     finally:
+        env.stop_metadata()
         env._reconciler = None
         env.backend = None  # drop the libnftables context (and its netlink socket)
         if env._agent_store is not None:

@@ -20,10 +20,10 @@ as the same objects), so later passes cost what they did before.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
-from secfw.compiler.ir import GroupChain, HostFilter, PortPolicy
+from secfw.compiler.ir import GroupChain, HostFilter, MetadataRedirect, PortPolicy
 from secfw.errors import SecfwError
 
 #: Renders a filter without touching the kernel; raises SecfwError when the
@@ -87,11 +87,23 @@ class Isolation:
 def _with_nat(desired: HostFilter, ports: tuple[PortPolicy, ...],
               chains: tuple[GroupChain, ...]) -> HostFilter:
     """``desired`` restricted to ``ports`` and ``chains``, with the floating-IP NAT
-    of the kept ports only (an isolated port gets no traffic through NAT either)."""
+    and the metadata redirect of the kept ports only (an isolated port gets no
+    traffic through NAT either)."""
     kept = {p.port_id for p in ports}
     floating = tuple(n for n in desired.floating if n.port_id in kept)
     return HostFilter(desired.host, ports, chains, desired.sets, floating,
-                      desired.internal if floating else ())
+                      desired.internal if floating else (),
+                      _kept_metadata(desired.metadata, ports))
+
+
+def _kept_metadata(md: MetadataRedirect | None, kept: Iterable[PortPolicy]
+                   ) -> MetadataRedirect | None:
+    """The metadata redirect of the kept ports only (an isolated port's tap stays
+    closed, its metadata included)."""
+    if md is None:
+        return None
+    taps = {p.tap for p in kept}
+    return replace(md, ports=tuple(p for p in md.ports if p.tap in taps))
 
 
 def _refused(check: Check, candidate: HostFilter) -> str | None:

@@ -39,6 +39,7 @@ from secfw.cloud import CloudState, Replaced
 from secfw.compiler.build import compile_host
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
+from secfw.compiler.metadata import with_metadata
 from secfw.config import Config
 from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
 from secfw.gcpause import collector_paused
@@ -212,6 +213,7 @@ class Reconciler:
                     desired = self._compiler.full(cloud)
                 else:  # the cost of the change, not of the cloud (compiler.incremental)
                     desired = self._compiler.update(cloud, replaced)
+                desired = with_metadata(desired, self.config.metadata_listen)
         except BaseException:
             self.invalidate()  # the change feed was consumed: only a full pass is sure
             raise
@@ -309,7 +311,9 @@ class Reconciler:
         started = time.perf_counter()
         try:
             if reason == "store" and self.cloud is not None:
-                desired = compile_host(self.cloud, self.host, self.config.allow_same_net_traffic)
+                desired = with_metadata(
+                    compile_host(self.cloud, self.host, self.config.allow_same_net_traffic),
+                    self.config.metadata_listen)
                 return self._converge(desired, self.cloud.revision, True, started)
             if self._table_present():
                 return None

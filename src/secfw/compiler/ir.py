@@ -145,13 +145,40 @@ class FloatingNat:
     port_id: str
 
 
+@dataclass(frozen=True, order=True)
+class MetadataPort:
+    """A port that may reach the metadata service: from ``tap`` with source
+    ``address`` (one of the port's own IPv4 addresses, which anti-spoofing
+    guarantees), its connections are marked ``mark`` in conntrack."""
+
+    tap: str
+    address: str
+    mark: int
+
+
+@dataclass(frozen=True)
+class MetadataRedirect:
+    """The metadata redirect of a host (``secfw.compiler.metadata``).
+
+    TCP from a port of ``ports`` (tap and own source address) to
+    ``METADATA_ADDRESS:80`` is marked with the port's conntrack mark and DNATed
+    to the local server ``address:port``, whatever the port's egress rules say;
+    nothing else from a tap reaches ``address:port``.
+    """
+
+    address: str
+    port: int
+    ports: tuple[MetadataPort, ...]
+
+
 @dataclass(frozen=True)
 class HostFilter:
     """The whole filter of one host: what a backend renders and applies.
 
     ``floating`` is the host's 1:1 NAT, sorted by floating address; ``internal``
     the IPv4 CIDRs of every instance network (canonical, merged), towards which
-    nothing is SNATed — both empty when no floating IP is associated here."""
+    nothing is SNATed — both empty when no floating IP is associated here.
+    ``metadata`` is the metadata redirect, None when the host serves none."""
 
     host: str
     ports: tuple[PortPolicy, ...]
@@ -159,6 +186,7 @@ class HostFilter:
     sets: tuple[AddressSet, ...]
     floating: tuple[FloatingNat, ...] = ()
     internal: tuple[str, ...] = ()
+    metadata: MetadataRedirect | None = None
 
     def port(self, tap: str) -> PortPolicy | None:
         return next((p for p in self.ports if p.tap == tap), None)

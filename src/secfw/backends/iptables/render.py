@@ -110,7 +110,16 @@ from functools import lru_cache
 from typing import NamedTuple, TypeVar
 
 from secfw.backends import TOPOLOGIES
-from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, IRRule, PortPolicy
+from secfw.backends.iptables import metadata
+from secfw.compiler.ir import (
+    AddressSet,
+    Family,
+    GroupChain,
+    HostFilter,
+    IRRule,
+    MetadataRedirect,
+    PortPolicy,
+)
 from secfw.compiler.sources import address_owners, port_sources
 from secfw.errors import BackendError, UnsupportedError
 from secfw.model import TAP_PREFIX
@@ -420,7 +429,10 @@ def render(hf: HostFilter, options: RenderOptions | None = None) -> IptState:
     _check_ports(hf.ports, ctx)
     tables = {family: Table(family, _chains(hf, family, ctx)) for family in FAMILIES}
     sets = {ctx.set_names[s.name]: _ipset(ctx.set_names[s.name], s) for s in hf.sets}
-    return IptState(tables, dict(sorted(sets.items())), nat_table(hf))
+    nat = nat_table(hf)
+    if hf.metadata is not None:
+        tables["ipv4"], nat = _with_metadata(tables["ipv4"], nat, hf.metadata, ctx.options)
+    return IptState(tables, dict(sorted(sets.items())), nat)
 
 
 def nat_table(hf: HostFilter) -> Table:
@@ -442,6 +454,22 @@ def nat_table(hf: HostFilter) -> Table:
             *(f"-d {canonical_cidr(c)} -j RETURN" for c in hf.internal),
             *(f"-s {n.fixed}/32 -j SNAT --to-source {n.floating}" for n in hf.floating))
     return Table("ipv4", {FLOAT_DNAT: dnat, FLOAT_SNAT: snat}, {jump: 1 for jump in NAT_JUMPS})
+
+
+def _with_metadata(table: Table, nat: Table, md: MetadataRedirect, opts: RenderOptions
+                   ) -> tuple[Table, Table]:
+    """The IPv4 filter and nat tables with the metadata redirect's rules added
+    (:mod:`.metadata`)."""
+    from_port = {p.tap: opts.from_port(check_tap(p.tap)) for p in md.ports}
+    for p in md.ports:
+        canonical_cidr(p.address)
+    chains = dict(table.chains)
+    chains[INPUT] = (metadata.to_server_rule(md, opts.from_port(f"{TAP_PREFIX}+")),
+                     *chains[INPUT])
+    chains[metadata.IN_CHAIN] = metadata.in_chain(md, from_port)
+    nat = Table("ipv4", {**nat.chains, metadata.NAT_CHAIN: metadata.nat_chain(md, from_port)},
+                {**nat.jumps, metadata.NAT_JUMP: 1})
+    return replace(table, chains=chains), nat
 
 
 def _context(hf: HostFilter, options: RenderOptions) -> _Context:

@@ -77,12 +77,19 @@ PORT_MACS = "port_macs"  # tap . MAC: the source MACs a protected tap may use
 FROM_TAP = "from-tap"  # hook prerouting: layer-2 checks, egress mark
 TO_TAP = "to-tap"  # hook postrouting: ingress mark
 
+# ---- table inet secfw: the metadata redirect (metadata.py)
+METADATA_PORTS = "metadata_ports"  # tap . own address -> conntrack mark
+METADATA_REDIRECT = "metadata-redirect"  # hook nat prerouting: the DNAT
+METADATA_IN = "metadata-in"  # what taps send to the metadata server
+
 FIXED_SETS = frozenset({
+    METADATA_PORTS,
     INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SPOOF.values(), *INGRESS_ADDRS.values(),
     *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
     PORT_MACS, FLOATING_DNAT, FLOATING_SNAT, FLOATING_INTERNAL, FLOATING_SELF,
 })
 FIXED_CHAINS = frozenset({
+    METADATA_REDIRECT, METADATA_IN,
     INGRESS_FILTER, EGRESS_OPEN, EGRESS_FILTER, EGRESS_GUARD, EGRESS_PROTECT,
     FORWARD_EGRESS, FORWARD_INGRESS, POSTROUTING_INGRESS, INPUT_EGRESS, ARP_INPUT,
     FROM_TAP, TO_TAP, FLOATING_DNAT_CHAIN, FLOATING_SNAT_CHAIN,

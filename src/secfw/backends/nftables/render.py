@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from secfw.backends.nftables import protect
+from secfw.backends.nftables import metadata, protect
 from secfw.backends.nftables.floating import floating_part
 from secfw.backends.nftables.layout import (
     ADDRESS_KEYWORD,
@@ -111,7 +111,15 @@ from secfw.backends.nftables.syntax import (
     to_nft_json,
     to_nft_text,
 )
-from secfw.compiler.ir import AddressSet, Family, GroupChain, HostFilter, IRRule, PortPolicy
+from secfw.compiler.ir import (
+    AddressSet,
+    Family,
+    GroupChain,
+    HostFilter,
+    IRRule,
+    MetadataRedirect,
+    PortPolicy,
+)
 from secfw.compiler.sources import address_owners
 from secfw.errors import BackendError, UnsupportedError
 from secfw.gcpause import collector_paused
@@ -205,6 +213,7 @@ class Renderer:
         self._positions: _Positions = ({}, {})
         self._nat_key: tuple[object, object] = ((), ())
         self._nat_part: _PortPart = ([], [])
+        self._metadata: tuple[MetadataRedirect | None, _PortPart] = (None, ([], []))
 
     def render(self, hf: HostFilter) -> Ruleset:
         """The ruleset of ``hf`` (see :func:`render`)."""
@@ -220,9 +229,10 @@ class Renderer:
         self._set_signature = signature
         port_sets, port_chains = self._ports(hf, delta)
         nat_sets, nat_chains = self._floating(hf, delta)
-        sets = [*port_sets, *nat_sets, *self._address_sets(hf.sets, delta)]
+        md_sets, md_chains = self._metadata_part(hf, delta)
+        sets = [*port_sets, *nat_sets, *md_sets, *self._address_sets(hf.sets, delta)]
         chains = [*self._group_chains(hf.chains, address_sets, delta, recheck), *port_chains,
-                  *nat_chains]
+                  *nat_chains, *md_chains]
         self.delta = None if first else delta
         if self._result is not None and _replaces_only(delta, self._positions):
             self._result = _replaced(self._result, delta, self._positions)
@@ -239,7 +249,9 @@ class Renderer:
     def _ports(self, hf: HostFilter, delta: Delta) -> _PortPart:
         """What the ports, the chains' names and directions and the sets' names
         and families determine."""
-        key = (hf.ports, (tuple((c.name, c.direction) for c in hf.chains), self._set_signature))
+        server = None if hf.metadata is None else (hf.metadata.address, hf.metadata.port)
+        key = (hf.ports, (tuple((c.name, c.direction) for c in hf.chains), self._set_signature,
+                          server))
         if self._port_key is None or self._port_key[0] is not key[0] or self._port_key[1] != key[1]:
             old_sets, old_chains = self._port_part
             self._port_part = _port_part(hf, self.topology)
@@ -259,6 +271,22 @@ class Renderer:
             _changed(delta.sets, old_sets, self._nat_part[0])
             _changed(delta.chains, old_chains, self._nat_part[1])
         return self._nat_part
+
+    def _metadata_part(self, hf: HostFilter, delta: Delta) -> _PortPart:
+        """The metadata redirect's map and chains, rendered again only when the
+        redirect changed (:mod:`.metadata`)."""
+        old_md, old_part = self._metadata
+        if old_md == hf.metadata and (old_part[0] or hf.metadata is None):
+            return old_part
+        part: _PortPart = ([], [])
+        if hf.metadata is not None:
+            ident = port_identity(self.topology, (p.tap for p in hf.ports))
+            part = (metadata.metadata_sets(hf.metadata, ident),
+                    metadata.metadata_chains(hf.metadata, ident))
+        _changed(delta.sets, old_part[0], part[0])
+        _changed(delta.chains, old_part[1], part[1])
+        self._metadata = (hf.metadata, part)
+        return part
 
     def _address_sets(self, address_sets: Iterable[AddressSet], delta: Delta) -> list[NamedSet]:
         self._sets, rendered = _reuse(self._sets, address_sets, _address_set, delta.sets)
@@ -367,7 +395,7 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
         protect.egress_guard(ident),
         protect.egress_protect(ident),
         *protect.nd_chains(hf.ports),
-        *_base_chains(ident),
+        *_base_chains(ident, metadata.to_server_rule(hf.metadata, ident)),
         *protect.layer2_chains(ident),
     ]
     return sets, chains
@@ -636,7 +664,7 @@ def _dispatch(port_key: Meta, chain: str) -> Rule:
                       Verdict("jump", chain)))
 
 
-def _base_chains(ident: PortIdentity) -> list[Chain]:
+def _base_chains(ident: PortIdentity, to_server: list[Rule] | None = None) -> list[Chain]:
     """The hooked chains of ``inet secfw``.
 
     Routed: each first lets non-tap traffic go on untouched, so secfw never decides
@@ -651,6 +679,8 @@ def _base_chains(ident: PortIdentity) -> list[Chain]:
     after ``forward-egress`` used the egress mark: a packet the host routes into a
     bridge is then filtered on its IP postrouting hook (layout.py,
     FORWARD_INGRESS_BRIDGED_HOOK); a bridged frame's mark is set again by ``to-tap``.
+    ``to_server`` (the metadata redirect's rule, :mod:`.metadata`) comes first in
+    ``input-egress``, after the routed host's non-tap accept.
     """
     if ident.topology == "bridged":
         mark = Meta("mark")
@@ -667,18 +697,21 @@ def _base_chains(ident: PortIdentity) -> list[Chain]:
                   (make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)), oif_drop,
                    make_rule((Match(mark, SHARED_MARK), DROP)))),
             Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK,
-                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
+                  (*(to_server or ()), make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)),
+                   iif_drop)),
         ]
     return [
         _base_chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK, "iifname", EGRESS_PORTS),
         _base_chain(FORWARD_INGRESS, FORWARD_INGRESS_HOOK, "oifname", INGRESS_PORTS),
-        _base_chain(INPUT_EGRESS, INPUT_EGRESS_HOOK, "iifname", EGRESS_PORTS),
+        _base_chain(INPUT_EGRESS, INPUT_EGRESS_HOOK, "iifname", EGRESS_PORTS, to_server),
     ]
 
 
-def _base_chain(name: str, hook: Hook, ifname: str, port_map: str) -> Chain:
+def _base_chain(name: str, hook: Hook, ifname: str, port_map: str,
+                first: list[Rule] | None = None) -> Chain:
     rules = (
         make_rule((Match(Meta(ifname), TAP_WILDCARD, "!="), ACCEPT)),
+        *(first or ()),
         make_rule((VMap(Meta(ifname), SetRef(port_map)),)),
         make_rule((Match(Meta(ifname), TAP_WILDCARD), DROP)),
     )

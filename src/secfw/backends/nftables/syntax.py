@@ -185,7 +185,23 @@ class Nat(NamedTuple):
     lookup: MapLookup
 
 
-Statement = Match | VMap | Verdict | SetMeta | Nat
+class SetCt(NamedTuple):
+    """``ct KEY set KEY map @name`` (a statement): ``ct mark set iifname . ip
+    saddr map @metadata_ports``. A lookup that finds nothing stops the rule, as
+    for :class:`SetMeta`."""
+
+    key: str
+    value: MapLookup
+
+
+class Dnat(NamedTuple):
+    """``dnat ip to ADDRESS:PORT`` (a statement, in a chain of type nat)."""
+
+    address: str
+    port: int
+
+
+Statement = Match | VMap | Verdict | SetMeta | Nat | SetCt | Dnat
 
 
 # --------------------------------------------------------------------------- #
@@ -352,6 +368,11 @@ def statement_text(statement: Statement) -> str:
         if isinstance(lookup, int):
             return f"meta {statement.key} set {lookup}"
         return f"meta {statement.key} set {key_text(lookup.key)} map @{lookup.map.name}"
+    if isinstance(statement, SetCt):
+        lookup = statement.value
+        return f"ct {statement.key} set {key_text(lookup.key)} map @{lookup.map.name}"
+    if isinstance(statement, Dnat):
+        return f"dnat ip to {statement.address}:{statement.port}"
     if isinstance(statement, VMap):
         if isinstance(statement.data, SetRef):
             return f"{key_text(statement.key)} vmap @{statement.data.name}"
@@ -532,6 +553,12 @@ def statement_json(statement: Statement) -> Json:
         value: Json = lookup if isinstance(lookup, int) else {
             "map": {"key": key_json(lookup.key), "data": "@" + lookup.map.name}}
         return {"mangle": {"key": {"meta": {"key": statement.key}}, "value": value}}
+    if isinstance(statement, SetCt):
+        mapped = {"map": {"key": key_json(statement.value.key),
+                          "data": "@" + statement.value.map.name}}
+        return {"mangle": {"key": {"ct": {"key": statement.key}}, "value": mapped}}
+    if isinstance(statement, Dnat):
+        return {"dnat": {"family": "ip", "addr": statement.address, "port": statement.port}}
     if isinstance(statement, VMap):
         data: Json = "@" + statement.data.name if isinstance(statement.data, SetRef) else {
             "set": [[k.name, verdict_json(v)] for k, v in statement.data.entries]}
