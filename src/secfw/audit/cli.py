@@ -9,21 +9,29 @@ contract (:mod:`secfw.cli`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
 
+from secfw.api import Api
 from secfw.audit.explain import FlowQuery, explain
 from secfw.audit.exposure import exposure
+from secfw.audit.impact import impact, scope_ports
 from secfw.audit.lint import capped, lint
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import answers_rows, reach
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
+from secfw.cloud import CloudState
 from secfw.compiler.ir import Family
 from secfw.config import load_config
 from secfw.errors import ConflictError, NotFoundError, ValidationError
+from secfw.imagefiles import ImageFiles
 from secfw.model import (
     Ethertype,
     parse_cidr,
@@ -34,6 +42,8 @@ from secfw.model import (
     protocol_number,
 )
 from secfw.output import emit
+from secfw.store.base import Snapshot
+from secfw.store.memory import MemoryStore
 
 _config_option = click.option(
     "--config", "config_path", metavar="FILE", help="nova.conf-style INI ($SECFW_CONFIG).")
@@ -43,7 +53,8 @@ _all_projects_option = click.option(
 
 @main.group("audit")
 def audit() -> None:
-    """Firewall rule audits: explain a flow, what reaches an instance, exposure, lint."""
+    """Firewall rule audits: explain a flow, what reaches an instance, exposure, lint,
+    the impact of a change."""
 
 
 def _policy(state: CliState, config_path: str | None) -> CloudPolicy:
@@ -306,3 +317,64 @@ def lint_command(state: CliState, fmt: str, config_path: str | None,
                      if all_projects or g.project == state.project),
                     key=lambda g: (g.project, g.name, g.id))
     emit(lint(cp, groups), LINT_COLUMNS, fmt)
+
+
+IMPACT_COLUMNS = (("Change", "change"), ("Instance", "instance"), ("Direction", "direction"),
+                  ("Address", "address"), ("Remote", "remote"), ("Protocol", "protocol"),
+                  ("Ports/ICMP", "service"), ("Rules", "why"))
+#: Commands that act on the host or only read: never run by ``audit impact``.
+NOT_MODEL_WRITES = frozenset({"agent", "audit", "compile", "demo", "lab"})
+
+
+@audit.command("impact", context_settings={"ignore_unknown_options": True})
+@click.option("--from-revision", type=int, help="Compare the store at this revision …")
+@click.option("--to-revision", type=int, help="… with this one (default: now).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_config_option
+@_all_projects_option
+@scope_options
+@format_option
+@pass_state
+def impact_command(state: CliState, fmt: str, from_revision: int | None,
+                   to_revision: int | None, command: tuple[str, ...],
+                   config_path: str | None, all_projects: bool) -> None:
+    """Flows a change newly allows and newly denies, per instance, as regions:
+    ``impact -- WRITE-COMMAND ARGS…`` runs the command on an in-memory copy of
+    the store (nothing changes), ``--from-revision R1 [--to-revision R2]``
+    compares two revisions of a store that keeps history (etcd). No row: the
+    change opens and closes nothing."""
+    config = load_config(config_path)
+    if command and from_revision is not None:
+        raise click.UsageError("give a command or --from-revision, not both")
+    if command:
+        before_snapshot = state.api.store.load()
+        after_snapshot = _run_in_memory(state, command)
+    elif from_revision is not None:
+        before_snapshot = state.api.store.load_at(from_revision)
+        after_snapshot = state.api.store.load() if to_revision is None else \
+            state.api.store.load_at(to_revision)
+    else:
+        raise click.UsageError("give a write command after '--', or --from-revision R1")
+    before = CloudPolicy(CloudState.from_snapshot(before_snapshot),
+                         config.allow_same_net_traffic)
+    after = CloudPolicy(CloudState.from_snapshot(after_snapshot), config.allow_same_net_traffic)
+    rows = impact(before, after, scope_ports(before, after, state.project, all_projects))
+    if fmt == "json":
+        emit(rows, None, fmt)
+        return
+    emit([_reach_cells(r) for r in rows], IMPACT_COLUMNS, fmt)
+
+
+def _run_in_memory(state: CliState, command: tuple[str, ...]) -> Snapshot:
+    """The store after ``command`` ran on an in-memory copy of it (its output
+    discarded; its errors are this command's)."""
+    name = next((a for a in command if not a.startswith("-")), "")
+    if name in NOT_MODEL_WRITES:
+        raise ValidationError(f"audit impact runs commands that change the model, not {name!r}")
+    store = MemoryStore(state.api.store.load())
+    with tempfile.TemporaryDirectory(prefix="secfw-impact-") as images:
+        api = Api(store, image_files=ImageFiles(Path(images)))
+        with contextlib.redirect_stdout(io.StringIO()):
+            main.main(args=["--project", state.project_arg, *command], prog_name="secfw",
+                      standalone_mode=False, obj=api)
+    return store.load()
