@@ -26,6 +26,7 @@ from secfw.audit.lint import capped, lint
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import answers_rows, reach
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
+from secfw.audit.verify import ipt_kernel, nft_kernel, verify
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.cloud import CloudState
 from secfw.compiler.ir import Family
@@ -378,3 +379,65 @@ def _run_in_memory(state: CliState, command: tuple[str, ...]) -> Snapshot:
             main.main(args=["--project", state.project_arg, *command], prog_name="secfw",
                       standalone_mode=False, obj=api)
     return store.load()
+
+
+VERIFY_COLUMNS = (("Instance", "instance"), ("Port", "port"), ("Direction", "direction"),
+                  ("Packet", "probe"), ("Model", "model"), ("Kernel", "kernel"))
+#: ``audit verify``'s exit status when the kernel differs from the model (as diff(1)
+#: says "different" apart from its errors, and beyond every error's status).
+VERIFY_DIFFERS = 12
+
+
+@audit.command("verify")
+@click.option("--host", required=True, help="The compute host whose kernel is read.")
+@click.option("--netns", help="Read the kernel of this network namespace (default: ours).")
+@click.option("--backend", type=click.Choice(["nftables", "iptables"]), default="nftables",
+              show_default=True)
+@click.option("--topology", type=click.Choice(["routed", "bridged"]),
+              help="Default: bridged when secfw has bridge-family state, else routed.")
+@_config_option
+@scope_options
+@format_option
+@pass_state
+def verify_command(state: CliState, fmt: str, host: str, netns: str | None, backend: str,
+                   topology: str | None, config_path: str | None) -> None:
+    """The live kernel against the model: the ruleset secfw's backend holds on
+    HOST is read back and evaluated, at the boundaries of every port's flow space,
+    against the model's verdicts. Prints each differing port with a packet that
+    shows it; exit status 12 when there is one, 0 when the kernel enforces the model."""
+    config = load_config(config_path)
+    cp = CloudPolicy(state.api.snapshot(), config.allow_same_net_traffic)
+    if backend == "nftables":
+        judge, addresses, ports = _nft_kernel(netns, topology)
+    else:
+        judge, addresses, ports = _ipt_kernel(netns, topology)
+    differences, probes = verify(cp, host, judge, addresses, ports)
+    rows = [d.row() for d in differences]
+    if fmt == "json":
+        emit({"host": host, "probes": probes, "differences": rows}, None, fmt)
+    elif rows:
+        emit([{**r, "probe": _probe_text(r["packet"])} for r in rows], VERIFY_COLUMNS, fmt)
+    else:
+        click.echo(f"{host}: the kernel enforces the model ({probes} probes, no difference)")
+    if rows:
+        raise click.exceptions.Exit(VERIFY_DIFFERS)
+
+
+def _nft_kernel(netns: str | None, topology: str | None) -> tuple[Any, list[str], list[int]]:
+    from secfw.backends.nftables.executor import NftablesExecutor
+
+    listing = NftablesExecutor(netns).read_json() or {"nftables": []}
+    return nft_kernel(listing, topology)
+
+
+def _ipt_kernel(netns: str | None, topology: str | None) -> tuple[Any, list[str], list[int]]:
+    from secfw.audit.iptkernel import read_iptables
+
+    return ipt_kernel(read_iptables(netns), topology or "routed")
+
+
+def _probe_text(packet: dict[str, Any]) -> str:
+    what = f"dport {packet['dport']}" if packet["dport"] is not None else (
+        f"type {packet['icmp_type']} code {packet['icmp_code']}"
+        if packet["icmp_type"] is not None else "")
+    return f"{packet['src']} -> {packet['dst']} proto {packet['protocol']} {what}".strip()
