@@ -11,7 +11,11 @@ model says: the difference is real, not an artefact of the evaluator.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +44,7 @@ def build(cloud: Any) -> None:
 
 
 def run_verify(cloud: Any) -> tuple[list[Difference], int]:
-    cp = CloudPolicy(cloud.api.snapshot(), allow_same_net=False)
+    cp = CloudPolicy(cloud.api.snapshot(), allow_same_net=cloud.allow_same_net)
     if cloud.backend_name == "nftables":
         from secfw.backends.nftables.executor import NftablesExecutor
 
@@ -82,7 +86,7 @@ def test_clean_host_then_tampered_kernel(cloud: Any) -> None:
     else:
         from secfw.backends.iptables.render import set_name
 
-        cloud.tamper("ipset", "del", set_name(cloud.group_set_ir("p", "ops")), peer)
+        cloud.tamper("ipset", "del", set_name(cloud.group_set("p", "ops")), peer)
     diff = only_vm_ingress(run_verify(cloud)[0])
     assert (diff.packet.src, diff.packet.dport, diff.model, diff.kernel) == (
         peer, 22, "accept", "drop")
@@ -97,11 +101,13 @@ def test_clean_host_then_tampered_kernel(cloud: Any) -> None:
         cloud.tamper("nft", "replace", "rule", "inet", "secfw", chain, "handle", handle,
                      "tcp", "dport", "8080", "accept")
     else:
-        lines = cloud.tamper_read("iptables", "-S", chain)
+        tool = f"iptables-{cloud.iptables_variant()}"
+        lines = subprocess.run(["ip", "netns", "exec", cloud.lab.host_ns, tool, "-S", chain],
+                               check=True, capture_output=True, text=True).stdout
         number = next(i for i, line in enumerate(lines.splitlines()[1:], 1)
                       if "--dport 80 " in line + " ")
-        cloud.tamper("iptables", "-R", chain, str(number), "-p", "tcp", "--dport", "8080",
-                     "-j", "ACCEPT")
+        cloud.tamper("iptables", "-R", chain, str(number), "-p", "tcp", "-m", "tcp",
+                     "--dport", "8080", "-j", "secfw-allow")
     diff = only_vm_ingress(run_verify(cloud)[0])
     assert diff.packet.dport in (80, 8080), diff.row()
     assert sent(cloud, diff) == (diff.kernel == "accept")
@@ -122,3 +128,52 @@ def rule_handle(cloud: Any, chain: str, needle: str) -> str:
     text = cloud.nft("-a", "list", "chain", "inet", "secfw", chain)
     line = next(line for line in text.splitlines() if needle in line)
     return line.rsplit("# handle ", 1)[1].strip()
+
+
+def test_a_varied_host_verifies_clean(cloud: Any) -> None:
+    """IPv4 and IPv6, same-net on, a source group, egress rules, an ICMP type, an
+    address pair and a port without port security: no false difference."""
+    api = cloud.api
+    api.net_create("p", "net-b", "10.2.0.0/24", cidr6="2001:db8:2::/64")
+    api.secgroup_create("p", "app", "")
+    api.secgroup_create("p", "client", "")
+    api.secgroup_add_rule("p", "app", "tcp", "8000", "8010", "198.51.100.0/24")
+    api.secgroup_add_rule("p", "app", "icmp", "8", "-1", "0.0.0.0/0")
+    api.secgroup_add_group_rule("p", "app", "client", "udp", "53", "53")
+    api.rule_create("p", "app", "ingress", "IPv6", "tcp", dst_port="443",
+                    remote_ip="2001:db8:ff::/48")
+    api.rule_create("p", "client", "egress", "IPv4", "tcp", dst_port="8000:8010",
+                    remote_ip="10.2.0.0/24")
+    cloud.boot("server", ["app"], "net-b")
+    client = cloud.boot("client", ["client"], "net-b")
+    cloud.boot("open", ["app"], "net-b")
+    api.port_update("p", cloud.port("server").tap, allowed_address_pairs=["10.2.0.128/28"])
+    api.port_update("p", cloud.port("open").tap, port_security=False)
+    assert client is not None
+    cloud.sync()
+    found, probes = run_verify(cloud)
+    assert found == [] and probes > 100, "\n".join(
+        f"{d.view.instance.name} {d.direction} {d.packet} model {d.model} kernel {d.kernel}"
+        for d in found)
+    # the command line, run on the host as an auditor would: clean, then tampered
+    out = cli_verify(cloud, 0)
+    assert out["differences"] == [] and out["probes"] == probes
+    chain = cloud.group_chain("p", "app")
+    if cloud.backend_name == "nftables":
+        cloud.tamper("nft", "flush", "chain", "inet", "secfw", chain)
+    else:
+        cloud.tamper("iptables", "-F", chain)
+    rows = cli_verify(cloud, 12)["differences"]
+    assert {r["instance"] for r in rows} == {"server"}, rows
+    assert all(r["model"] == "accept" and r["kernel"] == "drop" for r in rows)
+
+
+def cli_verify(cloud: Any, status: int) -> Any:
+    """``secfw audit verify`` in the host's namespace, its JSON; exit ``status``."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", cloud.lab.host_ns, str(Path(sys.executable).parent / "secfw"),
+         "--store", cloud.store_url, "-f", "json", "audit", "verify", "--host", cloud.host,
+         "--backend", cloud.backend_name, "--topology", cloud.topology],
+        capture_output=True, text=True, check=False)
+    assert done.returncode == status, (done.stdout, done.stderr)
+    return json.loads(done.stdout)

@@ -36,7 +36,7 @@ from typing import Any
 
 import netaddr
 
-from secfw.audit import nftkernel
+from secfw.audit import iptkernel, nftkernel
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import egress_openers, ingress_openers
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, PROTO_MAX, SEL_MAX, Region, sweep
@@ -256,6 +256,32 @@ def _is_address(text: str) -> bool:
     return True
 
 
-def ipt_kernel(tables: Any, topology: str) -> tuple[KernelVerdict, list[str], list[int]]:
-    """The kernel verdict of iptables-save/ipset output (:mod:`.iptkernel`)."""
-    raise NotImplementedError
+def ipt_kernel(saves: dict[str, str], topology: str
+               ) -> tuple[KernelVerdict, list[str], list[int]]:
+    """The kernel verdict of ``iptables-save``/``ip6tables-save``/``ipset save``
+    output (:mod:`.iptkernel`): the packet through the filter table's FORWARD
+    chain — routed, with the tap as its interface; bridged, as br_netfilter
+    hands it over (the bridge as both interfaces, the taps as physdev ports)."""
+    tables = iptkernel.chains_of(saves)
+
+    def judge(view: PortView, direction: str, packet: Packet) -> str:
+        tap, other = view.port.tap, nftkernel.UPLINK
+        inside, outside = (other, tap) if direction == "ingress" else (tap, other)
+        if topology == "routed":
+            where: dict[str, Any] = {"iif": inside, "oif": outside}
+        else:
+            where = {"iif": nftkernel.BRIDGE, "oif": nftkernel.BRIDGE,
+                     "physdev_in": inside, "physdev_out": outside}
+        mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
+        probe = iptkernel.IptProbe(
+            src=packet.src, dst=packet.dst, protocol=packet.protocol, mac=mac,
+            sport=packet.sport, dport=packet.dport, icmp_type=packet.icmp_type,
+            icmp_code=packet.icmp_code,
+            ct_state="invalid" if icmp_invalid(packet) else "new", **where)
+        try:
+            return tables[packet.version].verdict("FORWARD", probe)
+        except nftkernel.Unsupported as exc:
+            return f"unknown: {exc}"
+
+    addresses, ports = iptkernel.named_values(saves)
+    return judge, addresses, ports
