@@ -25,6 +25,7 @@ from secfw.audit.impact import impact, scope_ports
 from secfw.audit.lint import capped, lint
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import answers_rows, reach
+from secfw.audit.report import build_report, render_html, render_markdown
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
 from secfw.audit.verify import ipt_kernel, nft_kernel, verify
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
@@ -441,3 +442,37 @@ def _probe_text(packet: dict[str, Any]) -> str:
         f"type {packet['icmp_type']} code {packet['icmp_code']}"
         if packet["icmp_type"] is not None else "")
     return f"{packet['src']} -> {packet['dst']} proto {packet['protocol']} {what}".strip()
+
+
+@audit.command("report")
+@click.option("--html", "html_path", metavar="FILE", help="Write the HTML page here.")
+@click.option("--markdown", "markdown_path", metavar="FILE", help="Write Markdown here.")
+@_config_option
+@_all_projects_option
+@scope_options
+@pass_state
+def report_command(state: CliState, html_path: str | None, markdown_path: str | None,
+                   config_path: str | None, all_projects: bool) -> None:
+    """One page for an auditor: the instance x instance reachability matrix per
+    service class, the exposure table and the lint findings — a self-contained
+    HTML file (--html) and/or Markdown (--markdown; printed when neither is given)."""
+    cp = _policy(state, config_path)
+    groups = sorted((g for g in cp.state.groups.values()
+                     if all_projects or g.project == state.project),
+                    key=lambda g: (g.project, g.name, g.id))
+    scope = "all projects" if all_projects else f"project {state.project}"
+    report = build_report(cp, _views(cp, state.project, all_projects), groups,
+                          f"secfw audit report: {scope}")
+    outputs = [(html_path, render_html), (markdown_path, render_markdown)]
+    for path, render in outputs:
+        if path is not None:
+            _write(path, render(report))
+    if html_path is None and markdown_path is None:
+        click.echo(render_markdown(report), nl=False)
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ValidationError(f"cannot write {path}: {exc.strerror}") from exc
