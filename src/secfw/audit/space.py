@@ -29,13 +29,13 @@ from typing import Any
 import netaddr
 
 from secfw.compiler.ir import Family, IRRule
-from secfw.model import PORT_PROTOCOLS, protocol_number
+from secfw.constants import ICMP_PROTOCOL
+from secfw.constants import PORT_PROTOCOL_NUMBERS as PORT_PROTOCOL_NUMBERS
 
 SEL_MAX = 65535
 PROTO_MAX = 255
-PORT_PROTOCOL_NUMBERS = frozenset(n for p in PORT_PROTOCOLS if (n := protocol_number(p)))
 #: The ICMP protocol of each family: its selector is type × 256 + code.
-ICMP_OF = {"ipv4": 1, "ipv6": 58}
+ICMP_OF = ICMP_PROTOCOL
 Label = dict[str, Any]
 
 

@@ -41,8 +41,8 @@ from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import egress_openers, ingress_openers
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, PROTO_MAX, SEL_MAX, Region, sweep
 from secfw.compiler.evaluate import Packet
-from secfw.compiler.explain import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
 from secfw.compiler.ir import Family
+from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
 
 #: An ordinary client source port (never DHCP's 67/68/546/547).
 CLIENT_PORT = 40000

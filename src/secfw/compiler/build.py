@@ -57,11 +57,12 @@ from secfw.compiler.ir import (
     PortPolicy,
     PortRange,
 )
-from secfw.model import PORT_PROTOCOLS, Instance, Port, Rule, canonical_remote, protocol_number
+from secfw.constants import PORT_PROTOCOL_NUMBERS
+from secfw.model import Instance, Port, Rule, canonical_remote, protocol_number
 
 ICMP_PROTOCOLS = frozenset({1, 58})
 SAME_NET_PREFIX = "net-"
-_PORT_PROTOCOL_NUMBERS = frozenset(protocol_number(p) for p in PORT_PROTOCOLS)
+_PORT_PROTOCOL_NUMBERS = PORT_PROTOCOL_NUMBERS
 
 
 def chain_name(group_id: str, direction: IRDirection) -> str:
