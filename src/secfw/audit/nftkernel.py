@@ -457,5 +457,7 @@ def paths(topology: str, tap: str, direction: str) -> list[Stage]:
 
 
 def topology_of(ruleset: NftRuleset) -> str:
-    """``bridged`` when secfw's ``bridge`` table has chains, else ``routed``."""
-    return "bridged" if "bridge" in ruleset.families() else "routed"
+    """``bridged`` when secfw's ``bridge`` table names taps by mark (its
+    ``egress_marks`` map), else ``routed`` — a routed host's ``bridge`` table only
+    holds the guard chains that drop bridged tap traffic (docs/nftables.md)."""
+    return "bridged" if ("bridge", "egress_marks") in ruleset.sets else "routed"
