@@ -63,11 +63,14 @@ class _Dom(HTMLParser):
 
 
 def chromium_dom(page: Path) -> _Dom:
-    """The DOM headless Chromium built for ``page``, with no network at all."""
+    """The DOM headless Chromium built for ``page``, with no network at all and a
+    profile of its own (two Chromiums on one profile hand over to each other: the
+    suite runs in parallel)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser is not None, "chromium is one of the Makefile's APT_PACKAGES"
     done = subprocess.run(
         ["unshare", "--net", browser, "--headless", "--no-sandbox", "--disable-gpu",
+         f"--user-data-dir={page.parent / 'chromium-profile'}",
          "--dump-dom", page.resolve().as_uri()],
         capture_output=True, text=True, timeout=120, check=True)
     dom = _Dom()
