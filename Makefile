@@ -6,11 +6,12 @@ STAMP   := $(VENV)/.installed
 # Debian packages the engine, the lab and the tests need (nft + libnftables for the
 # nftables backend, iproute2 for namespaces/veth, conntrack/iperf3 for tests and bench;
 # systemd-analyze and util-linux's setpriv/unshare/mountpoint for the systemd unit's tests;
-# etcd-server for the etcd store's tests: they start their own etcd on 127.0.0.1).
+# etcd-server for the etcd store's tests: they start their own etcd on 127.0.0.1;
+# chromium for the audit report's test: the page is loaded in headless Chromium).
 APT_PACKAGES := nftables libnftables1 iproute2 iptables ipset conntrack iperf3 kmod procps libpcap0.8 \
-                systemd util-linux etcd-server
+                systemd util-linux etcd-server chromium
 APT_TOOLS    := nft ip iptables ipset conntrack iperf3 sysctl systemd-analyze setpriv unshare mountpoint \
-                etcd
+                etcd chromium
 
 .PHONY: all deps venv test unit netns lint demo bench conformance clean
 

@@ -8,6 +8,7 @@ nothing" check (``Cli.fails``) then holds on etcd too.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import pytest
@@ -53,3 +54,26 @@ def test_store_from_the_environment(cli: Cli) -> None:
     finally:
         store.close()
     assert "envgroup" in names
+
+
+def test_audit_impact_between_two_revisions(cli: Cli, store_url: str) -> None:
+    """etcd keeps its history: ``audit impact --from-revision`` compares the cloud
+    at two revisions (the rule added in between is newly allowed; reversed, denied)."""
+    from secfw.api import Api
+    from secfw.demo import build_guide_cloud
+    from secfw.store import open_store
+
+    api = Api(open_store(store_url))
+    build_guide_cloud(api)
+    before = api.store.revision()
+    api.secgroup_add_rule("alpha", "cluster", "tcp", "5432", "5432", "10.10.0.0/24")
+    after = api.store.revision()
+    api.store.close()
+    rows = json.loads(cli.ok("-f", "json", "--project", "alpha", "audit", "impact",
+                             "--from-revision", str(before), "--to-revision", str(after)))
+    ingress = [r for r in rows if r["direction"] == "ingress"]
+    assert [(r["change"], r["instance"], r["ports"], r["sources"]) for r in ingress] == [
+        ("allowed", "db1", "5432", ["10.10.0.0/24"])]
+    back = json.loads(cli.ok("-f", "json", "--project", "alpha", "audit", "impact",
+                             "--from-revision", str(after), "--to-revision", str(before)))
+    assert {r["change"] for r in back} == {"denied"} and len(back) == len(rows)

@@ -73,11 +73,12 @@ class CliState:
     ``--help`` never touch it) and closed when the command ends.
     """
 
-    def __init__(self, project: str, store: str | None, fmt: str = "table") -> None:
+    def __init__(self, project: str, store: str | None, fmt: str = "table",
+                 api: Api | None = None) -> None:
         self.project_arg = project
-        self.store_url = store_url(store)
+        self.store_url = store_url(store) if api is None else api.store.url
         self.fmt = fmt
-        self._api: Api | None = None
+        self._api: Api | None = api
 
     @property
     def project(self) -> str:
@@ -311,7 +312,10 @@ def main(ctx: click.Context, project: str, store: str | None, fmt: str) -> None:
     Global options go before the command; --project, --store and -f are also
     accepted after it. Errors are one line on stderr with a non-zero status.
     """
-    state = CliState(project, store, fmt.lower())
+    # ``secfw audit impact`` runs a command over an in-memory copy of the store:
+    # it passes that store's Api as the context object.
+    preset = ctx.obj if isinstance(ctx.obj, Api) else None
+    state = CliState(project, store, fmt.lower(), api=preset)
     ctx.obj = state
     ctx.call_on_close(state.close)
 

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from secfw.constants import PROTOCOL_NUMBERS as PROTOCOL_NUMBERS
 from secfw.errors import ValidationError
 
 Direction = Literal["ingress", "egress"]
@@ -36,23 +37,7 @@ TAP_ID_CHARS = 11  # Neutron/nova: "tap" + port_id[:11] fits IFNAMSIZ (16 incl. 
 NOVA_PROTOCOLS: dict[str, int] = {"tcp": 6, "udp": 17, "icmp": 1}
 #: protocols that carry ports (Neutron's rule model: docs/semantics.md).
 PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite"})
-#: IANA numbers of the protocol names secfw understands.
-PROTOCOL_NUMBERS: dict[str, int] = {
-    "icmp": 1,
-    "igmp": 2,
-    "tcp": 6,
-    "udp": 17,
-    "gre": 47,
-    "esp": 50,
-    "ah": 51,
-    "icmpv6": 58,
-    "ipv6-icmp": 58,
-    "ospf": 89,
-    "pim": 103,
-    "vrrp": 112,
-    "sctp": 132,
-    "udplite": 136,
-}
+#: IANA numbers of the protocol names secfw understands (:mod:`secfw.constants`).
 
 _PROTOCOL_NAMES: dict[int, str] = {}
 for _name, _number in PROTOCOL_NUMBERS.items():

@@ -9,21 +9,31 @@ contract (:mod:`secfw.cli`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
 
+from secfw.api import Api
 from secfw.audit.explain import FlowQuery, explain
 from secfw.audit.exposure import exposure
+from secfw.audit.impact import impact, scope_ports
 from secfw.audit.lint import capped, lint
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import answers_rows, reach
+from secfw.audit.report import build_report, render_html, render_markdown
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
+from secfw.audit.verify import ipt_kernel, nft_kernel, verify
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
+from secfw.cloud import CloudState
 from secfw.compiler.ir import Family
 from secfw.config import load_config
 from secfw.errors import ConflictError, NotFoundError, ValidationError
+from secfw.imagefiles import ImageFiles
 from secfw.model import (
     Ethertype,
     parse_cidr,
@@ -34,6 +44,8 @@ from secfw.model import (
     protocol_number,
 )
 from secfw.output import emit
+from secfw.store.base import Snapshot
+from secfw.store.memory import MemoryStore
 
 _config_option = click.option(
     "--config", "config_path", metavar="FILE", help="nova.conf-style INI ($SECFW_CONFIG).")
@@ -43,7 +55,8 @@ _all_projects_option = click.option(
 
 @main.group("audit")
 def audit() -> None:
-    """Firewall rule audits: explain a flow, what reaches an instance, exposure, lint."""
+    """Firewall rule audits: explain a flow, what reaches an instance, exposure, lint,
+    the impact of a change."""
 
 
 def _policy(state: CliState, config_path: str | None) -> CloudPolicy:
@@ -306,3 +319,160 @@ def lint_command(state: CliState, fmt: str, config_path: str | None,
                      if all_projects or g.project == state.project),
                     key=lambda g: (g.project, g.name, g.id))
     emit(lint(cp, groups), LINT_COLUMNS, fmt)
+
+
+IMPACT_COLUMNS = (("Change", "change"), ("Instance", "instance"), ("Direction", "direction"),
+                  ("Address", "address"), ("Remote", "remote"), ("Protocol", "protocol"),
+                  ("Ports/ICMP", "service"), ("Rules", "why"))
+#: Commands that act on the host or only read: never run by ``audit impact``.
+NOT_MODEL_WRITES = frozenset({"agent", "audit", "compile", "demo", "lab"})
+
+
+@audit.command("impact", context_settings={"ignore_unknown_options": True})
+@click.option("--from-revision", type=int, help="Compare the store at this revision …")
+@click.option("--to-revision", type=int, help="… with this one (default: now).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_config_option
+@_all_projects_option
+@scope_options
+@format_option
+@pass_state
+def impact_command(state: CliState, fmt: str, from_revision: int | None,
+                   to_revision: int | None, command: tuple[str, ...],
+                   config_path: str | None, all_projects: bool) -> None:
+    """Flows a change newly allows and newly denies, per instance, as regions:
+    ``impact -- WRITE-COMMAND ARGS…`` runs the command on an in-memory copy of
+    the store (nothing changes), ``--from-revision R1 [--to-revision R2]``
+    compares two revisions of a store that keeps history (etcd). No row: the
+    change opens and closes nothing."""
+    config = load_config(config_path)
+    if command and from_revision is not None:
+        raise click.UsageError("give a command or --from-revision, not both")
+    if command:
+        before_snapshot = state.api.store.load()
+        after_snapshot = _run_in_memory(state, command)
+    elif from_revision is not None:
+        before_snapshot = state.api.store.load_at(from_revision)
+        after_snapshot = state.api.store.load() if to_revision is None else \
+            state.api.store.load_at(to_revision)
+    else:
+        raise click.UsageError("give a write command after '--', or --from-revision R1")
+    before = CloudPolicy(CloudState.from_snapshot(before_snapshot),
+                         config.allow_same_net_traffic)
+    after = CloudPolicy(CloudState.from_snapshot(after_snapshot), config.allow_same_net_traffic)
+    rows = impact(before, after, scope_ports(before, after, state.project, all_projects))
+    if fmt == "json":
+        emit(rows, None, fmt)
+        return
+    emit([_reach_cells(r) for r in rows], IMPACT_COLUMNS, fmt)
+
+
+def _run_in_memory(state: CliState, command: tuple[str, ...]) -> Snapshot:
+    """The store after ``command`` ran on an in-memory copy of it (its output
+    discarded; its errors are this command's)."""
+    name = next((a for a in command if not a.startswith("-")), "")
+    if name in NOT_MODEL_WRITES:
+        raise ValidationError(f"audit impact runs commands that change the model, not {name!r}")
+    store = MemoryStore(state.api.store.load())
+    with tempfile.TemporaryDirectory(prefix="secfw-impact-") as images:
+        api = Api(store, image_files=ImageFiles(Path(images)))
+        with contextlib.redirect_stdout(io.StringIO()):
+            main.main(args=["--project", state.project_arg, *command], prog_name="secfw",
+                      standalone_mode=False, obj=api)
+    return store.load()
+
+
+VERIFY_COLUMNS = (("Instance", "instance"), ("Port", "port"), ("Direction", "direction"),
+                  ("Packet", "probe"), ("Model", "model"), ("Kernel", "kernel"))
+#: ``audit verify``'s exit status when the kernel differs from the model (as diff(1)
+#: says "different" apart from its errors, and beyond every error's status).
+VERIFY_DIFFERS = 12
+
+
+@audit.command("verify")
+@click.option("--host", required=True, help="The compute host whose kernel is read.")
+@click.option("--netns", help="Read the kernel of this network namespace (default: ours).")
+@click.option("--backend", type=click.Choice(["nftables", "iptables"]), default="nftables",
+              show_default=True)
+@click.option("--topology", type=click.Choice(["routed", "bridged"]),
+              help="Default: bridged when secfw has bridge-family state, else routed.")
+@_config_option
+@scope_options
+@format_option
+@pass_state
+def verify_command(state: CliState, fmt: str, host: str, netns: str | None, backend: str,
+                   topology: str | None, config_path: str | None) -> None:
+    """The live kernel against the model: the ruleset secfw's backend holds on
+    HOST is read back and evaluated, at the boundaries of every port's flow space,
+    against the model's verdicts. Prints each differing port with a packet that
+    shows it; exit status 12 when there is one, 0 when the kernel enforces the model."""
+    config = load_config(config_path)
+    cp = CloudPolicy(state.api.snapshot(), config.allow_same_net_traffic)
+    if backend == "nftables":
+        judge, addresses, ports = _nft_kernel(netns, topology)
+    else:
+        judge, addresses, ports = _ipt_kernel(netns, topology)
+    differences, probes = verify(cp, host, judge, addresses, ports)
+    rows = [d.row() for d in differences]
+    if fmt == "json":
+        emit({"host": host, "probes": probes, "differences": rows}, None, fmt)
+    elif rows:
+        emit([{**r, "probe": _probe_text(r["packet"])} for r in rows], VERIFY_COLUMNS, fmt)
+    else:
+        click.echo(f"{host}: the kernel enforces the model ({probes} probes, no difference)")
+    if rows:
+        raise click.exceptions.Exit(VERIFY_DIFFERS)
+
+
+def _nft_kernel(netns: str | None, topology: str | None) -> tuple[Any, list[str], list[int]]:
+    from secfw.backends.nftables.executor import NftablesExecutor
+
+    listing = NftablesExecutor(netns).read_json() or {"nftables": []}
+    return nft_kernel(listing, topology)
+
+
+def _ipt_kernel(netns: str | None, topology: str | None) -> tuple[Any, list[str], list[int]]:
+    from secfw.audit.iptkernel import read_iptables
+
+    return ipt_kernel(read_iptables(netns), topology or "routed")
+
+
+def _probe_text(packet: dict[str, Any]) -> str:
+    what = f"dport {packet['dport']}" if packet["dport"] is not None else (
+        f"type {packet['icmp_type']} code {packet['icmp_code']}"
+        if packet["icmp_type"] is not None else "")
+    return f"{packet['src']} -> {packet['dst']} proto {packet['protocol']} {what}".strip()
+
+
+@audit.command("report")
+@click.option("--html", "html_path", metavar="FILE", help="Write the HTML page here.")
+@click.option("--markdown", "markdown_path", metavar="FILE", help="Write Markdown here.")
+@_config_option
+@_all_projects_option
+@scope_options
+@pass_state
+def report_command(state: CliState, html_path: str | None, markdown_path: str | None,
+                   config_path: str | None, all_projects: bool) -> None:
+    """One page for an auditor: the instance x instance reachability matrix per
+    service class, the exposure table and the lint findings — a self-contained
+    HTML file (--html) and/or Markdown (--markdown; printed when neither is given)."""
+    cp = _policy(state, config_path)
+    groups = sorted((g for g in cp.state.groups.values()
+                     if all_projects or g.project == state.project),
+                    key=lambda g: (g.project, g.name, g.id))
+    scope = "all projects" if all_projects else f"project {state.project}"
+    report = build_report(cp, _views(cp, state.project, all_projects), groups,
+                          f"secfw audit report: {scope}")
+    outputs = [(html_path, render_html), (markdown_path, render_markdown)]
+    for path, render in outputs:
+        if path is not None:
+            _write(path, render(report))
+    if html_path is None and markdown_path is None:
+        click.echo(render_markdown(report), nl=False)
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ValidationError(f"cannot write {path}: {exc.strerror}") from exc

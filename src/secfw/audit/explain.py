@@ -30,7 +30,8 @@ from secfw.audit.policy import CloudPolicy, PortView, family_of
 from secfw.audit.reach import remote_matches
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
 from secfw.compiler.evaluate import Packet
-from secfw.compiler.explain import (
+from secfw.compiler.ir import IRRule
+from secfw.constants import (
     ICMP_NEW_TYPES,
     ICMPV6_NEW_TYPES,
     ICMPV6_UNTRACKED,
@@ -38,7 +39,6 @@ from secfw.compiler.explain import (
     ND_FROM_INSTANCE,
     ND_TO_INSTANCE,
 )
-from secfw.compiler.ir import IRRule
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ first, then by kind (:data:`KINDS`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import Answer, ingress_openers, region_row, specials
-from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Region, sweep
+from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Opener, Region, sweep
 from secfw.compiler.ir import Family
 
 #: Administration and database ports an auditor wants to see first.
@@ -47,22 +48,35 @@ def admin_ports(region: Region) -> list[int]:
 def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]:
     """The exposure rows of ``views`` (module docstring), admin ports first."""
     rows: list[dict[str, Any]] = []
+    memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
+    networks: dict[str, Counter[str]] = {}
     for view in views:
         for family in ("ipv4", "ipv6"):
-            rows += _broad(cp, view, family)
+            rows += _broad(cp, view, family, memo)
         rows += _other_project_groups(cp, view)
-        rows += _same_net(cp, view)
+        rows += _same_net(cp, view, networks)
     return sorted(rows, key=lambda r: (not r["admin_ports"], KINDS.index(r["kind"]),
                                        r["instance"], r["port"]))
 
 
-def _broad(cp: CloudPolicy, view: PortView, family: Family) -> list[dict[str, Any]]:
+def _broad(cp: CloudPolicy, view: PortView, family: Family,
+           memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]]
+           ) -> list[dict[str, Any]]:
+    """The internet/broad rows of one port. Its regions depend only on what its
+    ingress names (port security, same-net sets, group chains — sets and chains
+    are the same on every host), so ports that share them share one sweep."""
     address = view.address(family)
     if address is None:
         return []
-    openers = ingress_openers(cp, view, family)
-    answer = Answer(view, family, address, "ingress",
-                    sweep(family, openers, (), specials(cp, view, "ingress", family)), openers)
+    policy = view.policy
+    key = (family, policy.port_security, policy.same_net_sets, policy.ingress_chains)
+    found = memo.get(key)
+    if found is None:
+        openers = ingress_openers(cp, view, family)
+        found = memo[key] = (
+            sweep(family, openers, (), specials(cp, view, "ingress", family)), openers)
+    regions, openers = found
+    answer = Answer(view, family, address, "ingress", regions, openers)
     rows = []
     for region in answer.regions:
         broad = [c for c in region.addresses.iter_cidrs()
@@ -104,15 +118,27 @@ def _other_project_groups(cp: CloudPolicy, view: PortView) -> list[dict[str, Any
     return rows
 
 
-def _same_net(cp: CloudPolicy, view: PortView) -> list[dict[str, Any]]:
+def _network_projects(cp: CloudPolicy, network_id: str,
+                      memo: dict[str, Counter[str]]) -> Counter[str]:
+    """How many ports of the network each project has (once per network: a flat
+    network's ports are most of the cloud)."""
+    found = memo.get(network_id)
+    if found is None:
+        found = memo[network_id] = Counter(
+            cp.state.instances[cp.state.ports[p].instance_id].project
+            for p in cp.state.ports_by_network.get(network_id, ()))
+    return found
+
+
+def _same_net(cp: CloudPolicy, view: PortView,
+              memo: dict[str, Counter[str]]) -> list[dict[str, Any]]:
     if not view.policy.same_net_sets:
         return []
-    peers = [cp.state.instances[cp.state.ports[p].instance_id]
-             for p in cp.state.ports_by_network.get(view.network.id, ())]
-    others = sorted({i.project for i in peers} - {view.instance.project})
+    projects = _network_projects(cp, view.network.id, memo)
+    others = sorted(set(projects) - {view.instance.project})
     if not others:
         return []
-    count = sum(1 for i in peers if i.project != view.instance.project)
+    count = sum(projects[p] for p in others)
     return [{**_base(view, "same_net_other_projects"), "address": view.port.ip,
              "protocol": "any", "ports": "any", "sources": [f"network {view.network.name}"],
              "admin_ports": sorted(ADMIN_PORTS),

@@ -32,13 +32,9 @@ from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import ingress_openers
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, Opener, rule_box, sweep
 from secfw.compiler.build import ir_rule, port_addresses
-from secfw.compiler.explain import (
-    ICMP_NEW_TYPES,
-    ICMPV6_NEW_TYPES,
-    ICMPV6_UNTRACKED,
-    describe_rule,
-)
+from secfw.compiler.explain import describe_rule
 from secfw.compiler.ir import Family
+from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
 from secfw.model import DEFAULT_GROUP, Rule, SecurityGroup, protocol_number
 
 KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_matches",

@@ -27,7 +27,7 @@ from secfw.cloud import CloudState
 from secfw.compiler.build import compile_host
 from secfw.compiler.evaluate import PolicyIndex
 from secfw.compiler.explain import describe_rule
-from secfw.compiler.ir import Family, GroupChain, IRRule, PortPolicy
+from secfw.compiler.ir import AddressSet, Family, GroupChain, IRRule, PortPolicy
 from secfw.model import Instance, Network, Port
 
 #: The whole address space of a family.
@@ -68,8 +68,9 @@ class CloudPolicy:
         self.ports: dict[str, PortView] = {}
         # an instance in ERROR has no host (and no port): nothing to compile for it
         hosts = sorted({i.host for i in state.instances.values() if i.host})
+        set_cache: dict[str, AddressSet] = {}
         for host in hosts:
-            index = PolicyIndex(compile_host(state, host, allow_same_net))
+            index = PolicyIndex(compile_host(state, host, allow_same_net, set_cache))
             for policy in index.hf.ports:
                 port = state.ports[policy.port_id]
                 instance = state.instances[port.instance_id]
@@ -109,10 +110,12 @@ class CloudPolicy:
         version = 4 if family == "ipv4" else 6
         fixed = netaddr.IPSet(a for a in self._fixed if ":" in a) if version == 6 else \
             netaddr.IPSet(a for a in self._fixed if ":" not in a)
-        found = {pid: netaddr.IPSet() for pid in self.ports}
+        # one IPSet built per port from its list (IPSet.add re-compacts every time)
+        owned: dict[str, list[str]] = {pid: [] for pid in self.ports}
         for address, port_id in self._fixed.items():
-            if netaddr.IPAddress(address).version == version:
-                found[port_id].add(address)
+            if (":" in address) == (version == 6):
+                owned[port_id].append(address)
+        found = {pid: netaddr.IPSet(addresses) for pid, addresses in owned.items()}
         claimed = netaddr.IPSet()
         for port_id, network in self._paired:  # sorted by port id: the lowest wins
             if network.version != version:

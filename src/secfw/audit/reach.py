@@ -53,7 +53,8 @@ from secfw.audit.space import (
     sweep,
     union,
 )
-from secfw.compiler.explain import (
+from secfw.compiler.ir import Family, IRRule
+from secfw.constants import (
     ICMP_NEW_TYPES,
     ICMPV6_NEW_TYPES,
     ICMPV6_UNTRACKED,
@@ -61,7 +62,6 @@ from secfw.compiler.explain import (
     ND_FROM_INSTANCE,
     ND_TO_INSTANCE,
 )
-from secfw.compiler.ir import Family, IRRule
 from secfw.model import PROTOCOL_NUMBERS
 
 _PROTOCOL_NAMES: dict[int, str] = {}

@@ -29,13 +29,13 @@ from typing import Any
 import netaddr
 
 from secfw.compiler.ir import Family, IRRule
-from secfw.model import PORT_PROTOCOLS, protocol_number
+from secfw.constants import ICMP_PROTOCOL
+from secfw.constants import PORT_PROTOCOL_NUMBERS as PORT_PROTOCOL_NUMBERS
 
 SEL_MAX = 65535
 PROTO_MAX = 255
-PORT_PROTOCOL_NUMBERS = frozenset(n for p in PORT_PROTOCOLS if (n := protocol_number(p)))
 #: The ICMP protocol of each family: its selector is type × 256 + code.
-ICMP_OF = {"ipv4": 1, "ipv6": 58}
+ICMP_OF = ICMP_PROTOCOL
 Label = dict[str, Any]
 
 
@@ -152,12 +152,14 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
     by_proto = {s.protocol: s for s in specials}
     single = {b.proto_lo for b in boxes if b.proto_lo == b.proto_hi} | set(by_proto)
     regions: list[Region] = []
+    memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]] = {}
     for piece in _protocol_pieces(single):
         cells = _cells(piece, boxes, by_proto.get(piece[0]) if piece[0] == piece[1] else None)
         merged: list[Region] = []
         for cell in cells:
             region = _decide(family, cell, openers, constraints,
-                             by_proto.get(cell.proto_lo) if piece[0] == piece[1] else None)
+                             by_proto.get(cell.proto_lo) if piece[0] == piece[1] else None,
+                             memo)
             if merged and _mergeable(merged[-1], region, by_proto):
                 merged[-1] = _merge(merged[-1], region)
             else:
@@ -217,25 +219,53 @@ def _cells(piece: tuple[int, int], boxes: Sequence[Box], special: Special | None
 
 
 def _decide(family: Family, cell: Box, openers: Sequence[Opener],
-            constraints: Sequence[Constraint], special: Special | None) -> Region:
+            constraints: Sequence[Constraint], special: Special | None,
+            memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]]) -> Region:
+    """The region of one cell. Memoised per sweep by what decides it (the covering
+    openers, the closing constraints, the cell policy): neighbouring cells of a big
+    policy mostly share them, and IPSet unions are the sweep's cost."""
     policy = special.decide(cell.sel_lo) if special is not None else None
-    policy = policy or CellPolicy()
-    covering = [o for o in openers if o.box.covers(cell)]
+    policy = policy or _NO_POLICY
+    covering = tuple(i for i, o in enumerate(openers) if o.box.covers(cell))
+    closed = tuple(i for i, c in enumerate(constraints)
+                   if not any(b.covers(cell) for b in c.boxes)) if policy.constraints else ()
+    # id(policy) is unique only while the policy lives: the memo keeps it alive
+    # (decide() may build a new CellPolicy per cell; a freed one's id is reused)
+    key = (covering, closed, id(policy))
+    found = memo.get(key)
+    if found is None:
+        found = (*_cell_space(openers, constraints, policy, covering, closed), policy)
+        memo[key] = found
+    addresses, labels, _ = found
+    return Region(family, addresses, cell, list(labels))
+
+
+_NO_POLICY = CellPolicy()
+
+
+def _cell_space(openers: Sequence[Opener], constraints: Sequence[Constraint],
+                policy: CellPolicy, covering: tuple[int, ...],
+                closed: tuple[int, ...]) -> tuple[netaddr.IPSet, list[Label]]:
     if policy.primary is not None:
         addresses = policy.primary
     else:
-        addresses = union([o.addresses for o in covering] or [netaddr.IPSet()])
-    if addresses and policy.constraints:
-        closed = [c.addresses for c in constraints if not any(b.covers(cell) for b in c.boxes)]
-        if closed:
-            addresses = addresses - union(closed)
+        addresses = union([openers[i].addresses for i in covering] or [netaddr.IPSet()])
+    reduced = False
+    if addresses and closed:
+        addresses = addresses - union([constraints[i].addresses for i in closed])
+        reduced = True
     if addresses and policy.block:
         addresses = addresses - policy.block
+        reduced = True
     if policy.primary is not None:
         labels = [policy.label] if policy.label and addresses else []
+    elif not addresses:
+        labels = []
+    elif not reduced:  # every covering opener with addresses contributed
+        labels = [openers[i].label for i in covering if openers[i].addresses]
     else:
-        labels = [o.label for o in covering if addresses and (o.addresses & addresses)]
-    return Region(family, addresses, cell, labels)
+        labels = [openers[i].label for i in covering if openers[i].addresses & addresses]
+    return addresses, labels
 
 
 def _mergeable(left: Region, right: Region, specials: dict[int, Special]) -> bool:
@@ -293,3 +323,39 @@ def contains(regions: Sequence[Region], address: str, box: Box) -> bool:
     """Whether the point (``address``, one-point ``box``) lies in a region."""
     addr = netaddr.IPAddress(address)
     return any(r.box.covers(box) and addr in r.addresses for r in regions)
+
+
+def difference(family: Family, minuend: Sequence[Region], subtrahend: Sequence[Region],
+               openers: Sequence[Opener] = ()) -> list[Region]:
+    """The points of ``minuend`` not in ``subtrahend``, as minimal regions (what
+    ``secfw audit impact`` reports), labelled by the ``openers`` (those of
+    ``minuend``'s answer) that meet them, else by ``minuend``'s labels.
+
+    A sweep: each region of ``minuend`` is an opener; each region of
+    ``subtrahend`` a constraint whose addresses pass only *outside* its box (the
+    box's complement: at most four boxes), so a cell inside it loses them. ICMP
+    regions stay within one type, as reach's do."""
+    pieces = [Opener(r.addresses, r.box, label)
+              for r in minuend for label in (r.labels or [{}])]
+    constraints = [Constraint(r.addresses, _complement(r.box)) for r in subtrahend]
+    icmp = [Special(ICMP_OF[family], [], lambda _sel: None)]
+    regions = sweep(family, pieces, constraints, icmp)
+    for region in regions:
+        meeting = [o.label for o in openers
+                   if o.box.meets(region.box) and o.addresses & region.addresses]
+        region.labels = unique_labels(meeting) or [lab for lab in region.labels if lab]
+    return regions
+
+
+def _complement(box: Box) -> list[Box]:
+    """Boxes that together cover exactly the points of :data:`ALL` outside ``box``."""
+    found = []
+    if box.proto_lo > 0:
+        found.append(Box(0, box.proto_lo - 1))
+    if box.proto_hi < PROTO_MAX:
+        found.append(Box(box.proto_hi + 1, PROTO_MAX))
+    if box.sel_lo > 0:
+        found.append(Box(box.proto_lo, box.proto_hi, 0, box.sel_lo - 1))
+    if box.sel_hi < SEL_MAX:
+        found.append(Box(box.proto_lo, box.proto_hi, box.sel_hi + 1, SEL_MAX))
+    return found

@@ -99,8 +99,9 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(results: Row) -> str:
     """The whole Markdown report."""
-    parts = [_title(results), _targets(results), _control(results), _incremental(results),
-             _membership(results), _datapath(results), _restart(results), _problems(results)]
+    parts = [_title(results), _targets(results), _control(results), _audit(results),
+             _incremental(results), _membership(results), _datapath(results),
+             _restart(results), _problems(results)]
     return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 
 
@@ -143,6 +144,29 @@ def _control(results: Row) -> list[str]:
             "(`ip netns exec NS secfw agent --once`) into a fresh namespace: process wall "
             "time includes interpreter start-up and the store load; (sync) is the pass "
             "the agent logs. Peak RSS from wait4(2)."]
+
+
+def _audit(results: Row) -> list[str]:
+    rows = []
+    for row in results["control_plane"]:
+        a = row.get("audit")
+        if a is None:
+            continue
+        rows.append([f"{row['ports']:,}", cell(a, count(dig(a, "ports"))),
+                     cell(a, seconds(dig(a, "index_s"))),
+                     cell(a, f"{dig(a, 'explain_ms')} ms"),
+                     cell(a, f"{dig(a, 'reach_ms')} ms ({dig(a, 'reach_first_ms')} ms)"),
+                     cell(a, seconds(dig(a, "exposure_s"))), cell(a, seconds(dig(a, "lint_s"))),
+                     cell(a, f"{seconds(dig(a, 'verify_s'))} ({dig(a, 'verify_probes')} probes,"
+                             f" {dig(a, 'verify_differences')} differences)")])
+    if not rows:
+        return []
+    header = ["host ports", "cloud ports", "index", "explain", "reach (first)",
+              "exposure", "lint", "verify"]
+    return ["## 1b. Audits (issue #14)", "", *table(header, rows), "",
+            "explain and reach: medians over a few host instances (reach's first call "
+            "fills the cloud's caches); exposure and lint: the whole cloud; verify: the "
+            "agent's table read back from the namespace and evaluated."]
 
 
 def _control_row(row: Row) -> list[str]:

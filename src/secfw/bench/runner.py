@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secfw.api import Api
-from secfw.bench import control, incremental, report
+from secfw.bench import audit, control, incremental, report
 from secfw.bench.budget import Budget
 from secfw.bench.common import Row, guarded, ok, rounded, skipped, timed
 from secfw.bench.datapath import HostRuleset, Settings, run_datapath
@@ -189,6 +189,8 @@ def _in_agent_namespace(state: Run, n: int, row: Row) -> Row:
                 ns, state.store_url, state.cloud.host, max(budget.remaining(), 1.0)))
             if ok(row["agent"]) else skipped("the agent's full sync did not complete"))
         state.restart.append({"ports": n} | restart)
+        row["audit"] = budget.run("audit", n, lambda: audit.measure(
+            state.cloud.api.store, state.cloud.host, ns if ok(row["agent"]) else None))
         _incremental(state, n, ns, ready=ok(row["agent"]))
     return row
 

@@ -57,11 +57,12 @@ from secfw.compiler.ir import (
     PortPolicy,
     PortRange,
 )
-from secfw.model import PORT_PROTOCOLS, Instance, Port, Rule, canonical_remote, protocol_number
+from secfw.constants import PORT_PROTOCOL_NUMBERS
+from secfw.model import Instance, Port, Rule, canonical_remote, protocol_number
 
 ICMP_PROTOCOLS = frozenset({1, 58})
 SAME_NET_PREFIX = "net-"
-_PORT_PROTOCOL_NUMBERS = frozenset(protocol_number(p) for p in PORT_PROTOCOLS)
+_PORT_PROTOCOL_NUMBERS = PORT_PROTOCOL_NUMBERS
 
 
 def chain_name(group_id: str, direction: IRDirection) -> str:
@@ -79,8 +80,13 @@ def same_net_set_name(network_id: str, family: str = "ipv4") -> str:
     return f"{SAME_NET_PREFIX}{network_id}-{'v4' if family == 'ipv4' else 'v6'}"
 
 
-def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> HostFilter:
-    """The filter of ``host`` for the cloud in ``state`` (see the module docstring)."""
+def compile_host(state: CloudState, host: str, allow_same_net: bool = True,
+                 set_cache: dict[str, AddressSet] | None = None) -> HostFilter:
+    """The filter of ``host`` for the cloud in ``state`` (see the module docstring).
+
+    ``set_cache``: address sets already computed for the same ``state`` (by name),
+    filled as they are computed — a set's elements are the same on every host, so
+    compiling every host of a cloud (the audits) computes each set once."""
     instances = sorted((i for i in state.instances.values() if i.host == host), key=lambda i: i.id)
     group_ids = sorted({g for i in instances for g in i.security_groups})
     with_egress = {g for g in group_ids if has_egress_rule(state, g)}
@@ -93,7 +99,13 @@ def compile_host(state: CloudState, host: str, allow_same_net: bool = True) -> H
     chains += [group_chain(state, g, "egress") for g in sorted(with_egress)]
     referenced = {r.remote_set for c in chains for r in c.rules if r.remote_set}
     referenced.update(name for p in ports for name in p.same_net_sets)
-    sets = [address_set(state, name) for name in sorted(referenced)]
+    cache: dict[str, AddressSet] = {} if set_cache is None else set_cache
+    sets = []
+    for name in sorted(referenced):
+        found = cache.get(name)
+        if found is None:
+            found = cache[name] = address_set(state, name)
+        sets.append(found)
     floating = floating_nat(state, host)
     return HostFilter(
         host=host,

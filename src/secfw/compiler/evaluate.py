@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 from secfw.compiler.ir import GroupChain, HostFilter, IRRule, PortPolicy
 from secfw.compiler.sources import UNSPECIFIED, port_sources
+from secfw.constants import DHCP_CLIENT, DHCP_SERVER, PORT_PROTOCOL_NUMBERS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-_PORT_PROTOCOLS = frozenset({6, 17, 132, 136})
-_DHCP_SERVER = {4: (67, 68), 6: (547, 546)}
-_DHCP_CLIENT = {4: (68, 67), 6: (546, 547)}
+_PORT_PROTOCOLS = PORT_PROTOCOL_NUMBERS
+_DHCP_SERVER = DHCP_SERVER
+_DHCP_CLIENT = DHCP_CLIENT
 
 
 @dataclass(frozen=True)

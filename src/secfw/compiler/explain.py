@@ -38,36 +38,20 @@ import ipaddress
 from dataclasses import dataclass
 
 from secfw.cloud import CloudState
-from secfw.model import PORT_PROTOCOLS, Port, Rule, protocol_number
+from secfw.constants import (
+    DHCP_CLIENT,
+    DHCP_SERVER,
+    ICMP_NEW_TYPES,
+    ICMPV6_NEW_TYPES,
+    ICMPV6_UNTRACKED,
+    ND_DROPPED_FROM_INSTANCE,
+    ND_FROM_INSTANCE,
+    ND_TO_INSTANCE,
+    PORT_PROTOCOL_NUMBERS,
+)
+from secfw.model import Port, Rule, protocol_number
 
-_PORT_PROTOS = {protocol_number(p) for p in PORT_PROTOCOLS}
-#: ICMP types conntrack accepts as the first packet of a new "connection" (echo,
-#: timestamp, info and address-mask requests: nf_conntrack_proto_icmp.c, valid_new[]).
-#: Any other ICMP type without a connection behind it is INVALID and dropped by the
-#: stateful filter before a single rule is consulted.
-ICMP_NEW_TYPES = frozenset({8, 13, 15, 17})
-#: The same for ICMPv6: echo request and node information query
-#: (nf_conntrack_proto_icmpv6.c, valid_new[]).
-ICMPV6_NEW_TYPES = frozenset({128, 139})
-#: ICMPv6 that conntrack leaves untracked (noct_valid_new[]): MLD query, report and
-#: done, router solicitation and advertisement, neighbour solicitation and
-#: advertisement, MLDv2 report. No ``ct state`` applies to them.
-ICMPV6_UNTRACKED = frozenset({130, 131, 132, 133, 134, 135, 136, 143})
-#: What an instance may send of them whatever its egress rules say: what a *host*
-#: sends (RFC 4861 section 3, RFC 3810 sections 5-6: MLD reports and done, router
-#: and neighbour solicitations, neighbour advertisements for its own addresses —
-#: ``Flow`` has no target address, the oracle takes it to be the port's own). Not
-#: an MLD query (130): queries come from multicast routers, so one an instance
-#: sends is judged by its egress rules like any other packet (docs/protection.md).
-ND_FROM_INSTANCE = frozenset({131, 132, 133, 135, 136, 143})
-#: Untracked ICMPv6 an instance may never send: router advertisements.
-ND_DROPPED_FROM_INSTANCE = frozenset({134})
-#: What a port receives whatever its ingress rules say: MLD query, router
-#: advertisement, neighbour solicitation and advertisement. Other untracked types
-#: *to* a port (an MLD report, a router solicitation) meet its ingress rules.
-ND_TO_INSTANCE = frozenset({130, 134, 135, 136})
-DHCP_CLIENT = {4: (68, 67), 6: (546, 547)}  # (source port, destination port)
-DHCP_SERVER = {4: (67, 68), 6: (547, 546)}
+_PORT_PROTOS = PORT_PROTOCOL_NUMBERS
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,12 @@ class Store(ABC):
         :class:`~secfw.errors.HistoryCompactedError` when the history after
         ``revision`` is no longer kept."""
 
+    def load_at(self, revision: int) -> Snapshot:
+        """Every document as it was at ``revision`` — only for a store that keeps
+        its history (etcd, until it compacts). Raises StoreError otherwise."""
+        raise StoreError(f"store {self.url} keeps no history: only its current revision "
+                         f"({self.revision()}) can be read")
+
     @abstractmethod
     def write(self) -> AbstractContextManager[WriteTxn]:
         """Begin a serialisable write transaction (see :class:`WriteTxn` and the

@@ -232,6 +232,14 @@ class EtcdStore(Store):
     def load(self) -> Snapshot:
         return self._load()[0]
 
+    def load_at(self, revision: int) -> Snapshot:
+        """Every document at etcd ``revision`` (MVCC keeps it until a compaction:
+        HistoryCompactedError after one). The snapshot's revision is the marker's
+        at that point, i.e. this store's revision then."""
+        if revision <= 0:
+            raise StoreError(f"revision {revision} is not a revision of {self.url}")
+        return self._parse(self._range_pages(revision))[0]
+
     def _load(self) -> tuple[Snapshot, int]:
         """Every document and the marker at one etcd revision; also the marker's
         mod_revision, which the write transaction compares.
@@ -248,9 +256,9 @@ class EtcdStore(Store):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _range_pages(self) -> list[dict[str, Any]]:
+    def _range_pages(self, at: int = 0) -> list[dict[str, Any]]:
         kvs: list[dict[str, Any]] = []
-        key, end, revision = self.prefix, _prefix_end(self.prefix), 0
+        key, end, revision = self.prefix, _prefix_end(self.prefix), at
         while True:
             payload: dict[str, Any] = {"key": _b64(key), "range_end": _b64(end),
                                        "limit": PAGE_KEYS}

@@ -121,6 +121,18 @@ from secfw.compiler.ir import (
     PortPolicy,
 )
 from secfw.compiler.sources import address_owners, port_sources
+from secfw.constants import (
+    DHCP_CLIENT,
+    DHCP_SERVER,
+    ICMP_PROTOCOL,
+    ICMPV6,
+    ND_DROPPED_FROM_INSTANCE,
+    ND_FROM_INSTANCE,
+    ND_FROM_UNSPECIFIED,
+    ND_REDIRECT,
+    ND_TO_INSTANCE,
+    UDP,
+)
 from secfw.errors import BackendError, UnsupportedError
 from secfw.model import TAP_PREFIX
 
@@ -164,14 +176,12 @@ _MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 _RULE_ID = re.compile(r"[A-Za-z0-9-]+")
 _HASH_CHARS = 10
 IPSET_FAMILY: dict[Family, str] = {"ipv4": "inet", "ipv6": "inet6"}
-ICMP_PROTOCOL: dict[Family, int] = {"ipv4": 1, "ipv6": 58}
 #: Port matches by protocol: tcp and udp (xt_tcpudp), sctp (xt_sctp); udplite
 #: has no port match of its own, multiport covers it (iptables-extensions(8)).
 PORT_MATCH: dict[int, str] = {
     6: "-m tcp --dport", 17: "-m udp --dport", 132: "-m sctp --dport",
     136: "-m multiport --dports",
 }
-UDP = 17
 
 #: Bridged hosts: a packet the host routes, not one the bridge forwards
 #: (iptables-extensions(8), "physdev": --physdev-is-bridged).
@@ -187,17 +197,17 @@ RETURN = "-j RETURN"
 #: ICMPv6 an instance may send from ``::`` (before it has an address): neighbour
 #: solicitation for duplicate address detection (135) and the MLDv2 report that
 #: goes with it (143), RFC 4862 5.4.2.
-ND_UNSPECIFIED = (135, 143)
+ND_UNSPECIFIED = tuple(sorted(ND_FROM_UNSPECIFIED))
 #: Neighbour discovery and MLD an instance may always send (RFC 4861, RFC 3810):
 #: MLD report/done 131/132, router solicitation 133, neighbour solicitation 135,
 #: neighbour advertisement 136 (see the module docstring: its target address is
 #: not checked), MLDv2 report 143.
-ND_TYPES = (131, 132, 133, 135, 136, 143)
+ND_TYPES = tuple(sorted(ND_FROM_INSTANCE))
 #: What only a router sends: router advertisements (134) and redirects (137).
-ND_DROPPED = (134, 137)
+ND_DROPPED = (*sorted(ND_DROPPED_FROM_INSTANCE), ND_REDIRECT)
 #: Neighbour discovery an instance receives without rules: MLD query 130, router
 #: advertisement 134, neighbour solicitation 135 and advertisement 136.
-ND_INGRESS = (130, 134, 135, 136)
+ND_INGRESS = tuple(sorted(ND_TO_INSTANCE))
 
 
 @dataclass(frozen=True)
@@ -874,20 +884,26 @@ def _protections(family: Family, allow: str) -> tuple[str, ...]:
     replies allowed, invalid packets dropped; a new TCP connection must start
     with a SYN (with conntrack's loose pick-up, a mid-stream segment of a
     revoked connection would otherwise open it again)."""
+    client, server = _dhcp_match(DHCP_CLIENT, family), _dhcp_match(DHCP_SERVER, family)
     if family == "ipv4":
-        rules = [f"-s 0.0.0.0/32 -p {UDP} -m udp --sport 68 --dport 67 {allow}",
+        rules = [f"-s 0.0.0.0/32 {client} {allow}",
                  f"-s 0.0.0.0/32 {DROP}",
-                 f"-p {UDP} -m udp --sport 67 --dport 68 {DROP}",
-                 f"-p {UDP} -m udp --sport 68 --dport 67 {allow}"]
+                 f"{server} {DROP}",
+                 f"{client} {allow}"]
     else:
-        rules = [*(f"-s ::/128 -p 58 -m icmp6 --icmpv6-type {t} {allow}"
-                   for t in ND_UNSPECIFIED),
+        icmp6 = f"-p {ICMPV6} -m icmp6 --icmpv6-type"
+        rules = [*(f"-s ::/128 {icmp6} {t} {allow}" for t in ND_UNSPECIFIED),
                  f"-s ::/128 {DROP}",
-                 f"-p {UDP} -m udp --sport 547 --dport 546 {DROP}",
-                 *(f"-p 58 -m icmp6 --icmpv6-type {t} {DROP}" for t in ND_DROPPED),
-                 f"-p {UDP} -m udp --sport 546 --dport 547 {allow}",
-                 *(f"-p 58 -m icmp6 --icmpv6-type {t} {allow}" for t in ND_TYPES)]
+                 f"{server} {DROP}",
+                 *(f"{icmp6} {t} {DROP}" for t in ND_DROPPED),
+                 f"{client} {allow}",
+                 *(f"{icmp6} {t} {allow}" for t in ND_TYPES)]
     return (*rules, CT_ESTABLISHED.replace(RETURN, allow), CT_INVALID, NEW_NOT_SYN)
+
+
+def _dhcp_match(ports: Mapping[int, tuple[int, int]], family: Family) -> str:
+    sport, dport = ports[4 if family == "ipv4" else 6]
+    return f"-p {UDP} -m udp --sport {sport} --dport {dport}"
 
 
 class _Policy(NamedTuple):

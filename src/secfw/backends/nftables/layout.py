@@ -30,6 +30,7 @@ from secfw.backends.nftables.syntax import (
     VMap,
 )
 from secfw.compiler.ir import Family
+from secfw.constants import PORT_PROTOCOL_NUMBERS
 from secfw.errors import BackendError, UnsupportedError
 from secfw.model import TAP_PREFIX
 
@@ -139,7 +140,7 @@ ADDRESS_KEYWORD: dict[Family, str] = {"ipv4": "ip", "ipv6": "ip6"}
 ICMP_KEYWORD: dict[int, tuple[Family, str]] = {1: ("ipv4", "icmp"), 58: ("ipv6", "icmpv6")}
 #: Protocols whose header starts with 16-bit source and destination ports, so the
 #: transport-header match ``th dport`` applies (nft(8), "RAW PAYLOAD EXPRESSION").
-PORT_PROTOCOLS = frozenset({6, 17, 132, 136})
+PORT_PROTOCOLS = PORT_PROTOCOL_NUMBERS
 
 TAP_WILDCARD = Quoted(TAP_PREFIX + "*")
 # Replies of accepted connections pass, invalid packets never do (nft wiki,

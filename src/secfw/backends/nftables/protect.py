@@ -97,6 +97,7 @@ from secfw.backends.nftables.syntax import (
 )
 from secfw.compiler.ir import Family, PortPolicy
 from secfw.compiler.sources import UNSPECIFIED, nd_targets, port_sources
+from secfw.constants import DHCP_CLIENT, DHCP_SERVER
 
 _ADDRESS = {"ipv4": ("ip", "ipv4_addr"), "ipv6": ("ip6", "ipv6_addr")}
 #: The target address of a neighbour advertisement: 8 bytes into the ICMPv6
@@ -236,14 +237,14 @@ def egress_protect(ident: PortIdentity) -> Chain:
     rules: list[tuple[Statement, ...]] = [
         _ESTABLISHED_FAST_PATH,
         *_unspecified_source(),
-        (*_udp(67, 68), DROP),  # a DHCP server on an instance (RFC 2131)
-        (*_udp(547, 546), DROP),  # a DHCPv6 server or relay (RFC 8415)
+        (*_udp(*DHCP_SERVER[4]), DROP),  # a DHCP server on an instance (RFC 2131)
+        (*_udp(*DHCP_SERVER[6]), DROP),  # a DHCPv6 server or relay (RFC 8415)
         (Match(_ICMPV6_TYPE, SymbolSet(("nd-router-advert", "nd-redirect"))), DROP),
         (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")),
          VMap(ident.egress_key, SetRef(ND_PORTS))),
         (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")), DROP),
-        (*_udp(68, 67), ACCEPT),  # DHCP client
-        (*_udp(546, 547), ACCEPT),  # DHCPv6 client
+        (*_udp(*DHCP_CLIENT[4]), ACCEPT),  # DHCP client
+        (*_udp(*DHCP_CLIENT[6]), ACCEPT),  # DHCPv6 client
         (Match(_ICMPV6_TYPE, SymbolSet((
             "nd-router-solicit", "nd-neighbor-solicit", "mld-listener-report",
             "mld-listener-done", "mld2-listener-report"))), ACCEPT),
@@ -261,7 +262,8 @@ def egress_protect(ident: PortIdentity) -> Chain:
 #: (docs/protection.md, "DHCP, RA, ND").
 _ESTABLISHED_FAST_PATH: tuple[Statement, ...] = (
     Match(Meta("l4proto"), SymbolSet(("tcp", "udp"))),
-    Match(Payload("th", "sport"), SymbolSet(("67", "547")), "!="),
+    Match(Payload("th", "sport"), SymbolSet((str(DHCP_SERVER[4][0]), str(DHCP_SERVER[6][0]))),
+          "!="),
     Match(Ct("state"), Symbol("established")),
     ACCEPT,
 )
@@ -274,7 +276,7 @@ def _unspecified_source() -> list[tuple[Statement, ...]]:
     v6 = Match(Payload("ip6", "saddr"), Symbol("::"))
     dad = SymbolSet(("nd-neighbor-solicit", "mld2-listener-report"))
     return [
-        (v4, *_udp(68, 67), ACCEPT),
+        (v4, *_udp(*DHCP_CLIENT[4]), ACCEPT),
         (v4, DROP),
         (v6, Match(_ICMPV6_TYPE, dad), ACCEPT),
         (v6, DROP),

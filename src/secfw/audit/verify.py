@@ -1,0 +1,287 @@
+"""``secfw audit verify``: the live kernel of one host against the model.
+
+For every port of the host, each direction and each family, the model's flow
+space (the regions of the port's own filter, :func:`secfw.audit.space.sweep` of
+its openers — reach without the other ends, which other hosts enforce) is
+sampled at *boundaries*: every region's address, protocol and selector corners,
+every member of the address sets its rules and same-net name, and the points
+just outside each region; plus points the kernel itself names (addresses and
+ports written in its rules and sets), so what the kernel opens beyond the model
+is probed too. At each point the model's verdict (the host's IR through
+:class:`secfw.compiler.evaluate.PolicyIndex`, the evaluator audits and the
+conntrack revocation share) is compared with the kernel's, obtained by
+*evaluating* the ruleset read back from the kernel (:mod:`.nftkernel` for
+nftables, :mod:`.iptkernel` for iptables) along the packet's path through the
+host's hooks for its topology:
+
+* routed: ``inet forward`` then ``postrouting``, the tap as the output (ingress)
+  or input (egress) interface, the uplink as the other;
+* bridged: ``bridge prerouting`` (the frame's bridge port), the ``inet`` hooks
+  br_netfilter calls (the bridge as both interfaces: nft sees no bridge port
+  there, docs/nftables.md), then ``bridge postrouting`` and ``inet postrouting``.
+
+Probes are first packets of connections (TCP SYN, conntrack ``new``; ICMP types
+that cannot open one are ``invalid``); untracked ICMPv6 (neighbour discovery,
+MLD) is left to the protection tests. A difference is reported once per port,
+direction and family, with the first packet (in sort order) that shows it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import netaddr
+
+from secfw.audit import iptkernel, nftkernel
+from secfw.audit.policy import CloudPolicy, PortView
+from secfw.audit.reach import egress_openers, ingress_openers
+from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, PROTO_MAX, SEL_MAX, Region, sweep
+from secfw.compiler.evaluate import Packet
+from secfw.compiler.ir import Family
+from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
+
+#: An ordinary client source port (never DHCP's 67/68/546/547).
+CLIENT_PORT = 40000
+#: Addresses probed per region edge list, and kernel-named values probed, at most.
+EDGE_CIDRS = 16
+KERNEL_VALUES = 256
+Point = tuple[int, int, int, int]  # (address as int, protocol, selector, version)
+#: The kernel's verdict on a probe: "accept", "drop", or "unknown: why".
+KernelVerdict = Callable[[PortView, str, Packet], str]
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A port where the kernel and the model disagree, with the packet showing it."""
+
+    view: PortView
+    direction: str
+    packet: Packet
+    model: str
+    kernel: str
+
+    def row(self) -> dict[str, Any]:
+        p = self.packet
+        return {
+            "host": self.view.instance.host, "instance": self.view.instance.name,
+            "instance_id": self.view.instance.id, "port": self.view.port.tap,
+            "direction": self.direction,
+            "packet": {"src": p.src, "dst": p.dst, "protocol": p.protocol,
+                       "sport": p.sport, "dport": p.dport, "icmp_type": p.icmp_type,
+                       "icmp_code": p.icmp_code},
+            "model": self.model, "kernel": self.kernel,
+        }
+
+
+def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
+           extra_addresses: Iterable[str] = (), extra_ports: Iterable[int] = ()
+           ) -> tuple[list[Difference], int]:
+    """The differences on ``host`` and the number of probes compared.
+    ``extra_addresses``/``extra_ports``: values the kernel's ruleset names."""
+    views = sorted((v for v in cp.ports.values() if v.instance.host == host),
+                   key=lambda v: v.port.tap)
+    addresses = sorted({ipaddress.ip_address(a) for a in extra_addresses},
+                       key=lambda a: (a.version, a))[:KERNEL_VALUES]
+    ports = sorted(set(extra_ports))[:KERNEL_VALUES]
+    found: list[Difference] = []
+    probes = 0
+    for view in views:
+        for direction in ("ingress", "egress"):
+            for family in ("ipv4", "ipv6"):
+                local = view.address(family)
+                if local is None:
+                    continue
+                version = 4 if family == "ipv4" else 6
+                points = sample_points(cp, view, direction, family,
+                                       [int(a) for a in addresses if a.version == version],
+                                       ports)
+                for point in sorted(points):
+                    packet = probe_packet(point, local, direction, family)
+                    model = model_verdict(view, direction, packet)
+                    if model is None:
+                        continue
+                    probes += 1
+                    verdict = kernel(view, direction, packet)
+                    if verdict != model:
+                        found.append(Difference(view, direction, packet, model, verdict))
+                        break
+    return found, probes
+
+
+def model_verdict(view: PortView, direction: str, packet: Packet) -> str | None:
+    """``accept``/``drop`` by the host's IR (None: not compared, see module doc)."""
+    family: Family = "ipv4" if packet.version == 4 else "ipv6"
+    if packet.protocol == ICMP_OF[family]:
+        if family == "ipv6" and packet.icmp_type in ICMPV6_UNTRACKED:
+            return None
+        new = ICMP_NEW_TYPES if family == "ipv4" else ICMPV6_NEW_TYPES
+        if packet.icmp_type not in new and view.policy.port_security:
+            return "drop"  # conntrack: invalid, dropped by the filtered port
+    judge = view.index.ingress if direction == "ingress" else view.index.egress
+    return "accept" if judge(view.policy, packet) else "drop"
+
+
+def icmp_invalid(packet: Packet) -> bool:
+    """Whether conntrack calls this ICMP packet invalid (it opens no connection)."""
+    family: Family = "ipv4" if packet.version == 4 else "ipv6"
+    if packet.protocol != ICMP_OF[family]:
+        return False
+    new = ICMP_NEW_TYPES if family == "ipv4" else ICMPV6_NEW_TYPES | ICMPV6_UNTRACKED
+    return packet.icmp_type not in new
+
+
+def probe_packet(point: Point, local: str, direction: str, family: Family) -> Packet:
+    """The first packet of a flow between ``local`` and the point's remote."""
+    value, protocol, selector, version = point
+    remote = str(ipaddress.ip_address(value) if version == 4 else ipaddress.IPv6Address(value))
+    src, dst = (remote, local) if direction == "ingress" else (local, remote)
+    if protocol in PORT_PROTOCOL_NUMBERS:
+        return Packet(src, dst, protocol, CLIENT_PORT, selector)
+    if protocol == ICMP_OF[family]:
+        return Packet(src, dst, protocol, None, None, selector // 256, selector % 256)
+    return Packet(src, dst, protocol)
+
+
+def sample_points(cp: CloudPolicy, view: PortView, direction: str, family: Family,
+                  kernel_addresses: Sequence[int], kernel_ports: Sequence[int]) -> set[Point]:
+    """The boundary points of the port's space (module docstring)."""
+    openers = ingress_openers(cp, view, family) if direction == "ingress" else \
+        egress_openers(cp, view, family)
+    regions = sweep(family, openers)
+    version = 4 if family == "ipv4" else 6
+    top = 2 ** (32 if version == 4 else 128) - 1
+    members = sorted({int(ip) for o in openers if o.addresses.size <= 4096
+                      for cidr in o.addresses.iter_cidrs() for ip in (cidr.first, cidr.last)})
+    points: set[Point] = set()
+    for region in regions:
+        points |= _region_points(region, members, top, version)
+    anchors = [1, *(c.first for r in regions[:1] for c in r.addresses.iter_cidrs())][:2]
+    icmp = ICMP_OF[family]
+    base = [(6, 22), (6, 80), (17, 53), (icmp, (8 if version == 4 else 128) * 256), (47, 0)]
+    for address in [*anchors, *kernel_addresses]:
+        points |= {(address, proto, sel, version) for proto, sel in base}
+    for port in kernel_ports:
+        points |= {(a, proto, port, version) for a in anchors for proto in (6, 17)}
+    return {_clean(p) for p in points if 0 <= p[0] <= top}
+
+
+def _region_points(region: Region, members: Sequence[int], top: int,
+                   version: int) -> set[Point]:
+    box = region.box
+    cidrs = list(region.addresses.iter_cidrs())
+    edges = cidrs[:EDGE_CIDRS] + cidrs[-EDGE_CIDRS:]
+    inside = {v for c in edges for v in (c.first, c.last)}
+    inside |= {m for m in members if netaddr.IPAddress(m, version) in region.addresses}
+    corners = {(p, s) for p in (box.proto_lo, box.proto_hi) for s in (box.sel_lo, box.sel_hi)}
+    points = {(a, p, s, version) for a in inside for p, s in corners}
+    first = cidrs[0].first
+    points |= {(v, box.proto_lo, box.sel_lo, version)
+               for c in edges for v in (c.first - 1, c.last + 1) if 0 <= v <= top}
+    points |= {(first, p, box.sel_lo, version)
+               for p in (box.proto_lo - 1, box.proto_hi + 1) if 0 <= p <= PROTO_MAX}
+    points |= {(first, box.proto_lo, s, version)
+               for s in (box.sel_lo - 1, box.sel_hi + 1) if 0 <= s <= SEL_MAX}
+    return points
+
+
+def _clean(point: Point) -> Point:
+    """Selectors mean nothing for protocols without ports or ICMP: one probe (0)."""
+    address, protocol, _selector, version = point
+    if protocol in PORT_PROTOCOL_NUMBERS or protocol == ICMP_OF["ipv4" if version == 4
+                                                                   else "ipv6"]:
+        return point
+    return address, protocol, 0, version
+
+
+def nft_kernel(listing: dict[str, Any], topology: str | None = None
+               ) -> tuple[KernelVerdict, list[str], list[int]]:
+    """The kernel verdict of an nftables JSON listing, and the addresses and ports
+    its rules and sets name (extra probes for :func:`verify`)."""
+    ruleset = nftkernel.NftRuleset(listing)
+    shape = topology or nftkernel.topology_of(ruleset)
+
+    def judge(view: PortView, direction: str, packet: Packet) -> str:
+        mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
+        probe = nftkernel.Probe(
+            "", "", packet.src, packet.dst, packet.protocol, mac, packet.sport,
+            packet.dport, packet.icmp_type, packet.icmp_code,
+            ct_state=nftkernel.CT_STATES["invalid" if icmp_invalid(packet) else "new"])
+        try:
+            return ruleset.verdict(nftkernel.paths(shape, view.port.tap, direction), probe)
+        except nftkernel.Unsupported as exc:
+            return f"unknown: {exc}"
+
+    addresses, ports = _named_values(listing)
+    return judge, addresses, ports
+
+
+def _named_values(node: Any) -> tuple[list[str], list[int]]:
+    """Addresses (literals, prefixes' first addresses) and port numbers written
+    anywhere in a listing: where the kernel may open what the model does not."""
+    addresses: set[str] = set()
+    ports: set[int] = set()
+
+    def walk(item: Any, port_context: bool) -> None:
+        if isinstance(item, dict):
+            if "prefix" in item and isinstance(item["prefix"], dict):
+                addresses.add(str(item["prefix"].get("addr")))
+                return
+            if "match" in item and isinstance(item["match"], dict):
+                left = json.dumps(item["match"].get("left"))
+                walk(item["match"].get("right"), '"dport"' in left)
+                return
+            for value in item.values():
+                walk(value, port_context)
+        elif isinstance(item, list):
+            for value in item:
+                walk(value, port_context)
+        elif isinstance(item, int) and port_context and 0 <= item <= SEL_MAX:
+            ports.update(p for p in (item - 1, item, item + 1) if 0 <= p <= SEL_MAX)
+        elif isinstance(item, str) and _is_address(item):
+            addresses.add(item)
+
+    walk(node, False)
+    return sorted(addresses), sorted(ports)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def ipt_kernel(saves: dict[str, str], topology: str
+               ) -> tuple[KernelVerdict, list[str], list[int]]:
+    """The kernel verdict of ``iptables-save``/``ip6tables-save``/``ipset save``
+    output (:mod:`.iptkernel`): the packet through the filter table's FORWARD
+    chain — routed, with the tap as its interface; bridged, as br_netfilter
+    hands it over (the bridge as both interfaces, the taps as physdev ports)."""
+    tables = iptkernel.chains_of(saves)
+
+    def judge(view: PortView, direction: str, packet: Packet) -> str:
+        tap, other = view.port.tap, nftkernel.UPLINK
+        inside, outside = (other, tap) if direction == "ingress" else (tap, other)
+        if topology == "routed":
+            where: dict[str, Any] = {"iif": inside, "oif": outside}
+        else:
+            where = {"iif": nftkernel.BRIDGE, "oif": nftkernel.BRIDGE,
+                     "physdev_in": inside, "physdev_out": outside}
+        mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
+        probe = iptkernel.IptProbe(
+            src=packet.src, dst=packet.dst, protocol=packet.protocol, mac=mac,
+            sport=packet.sport, dport=packet.dport, icmp_type=packet.icmp_type,
+            icmp_code=packet.icmp_code,
+            ct_state="invalid" if icmp_invalid(packet) else "new", **where)
+        try:
+            return tables[packet.version].verdict("FORWARD", probe)
+        except nftkernel.Unsupported as exc:
+            return f"unknown: {exc}"
+
+    addresses, ports = iptkernel.named_values(saves)
+    return judge, addresses, ports

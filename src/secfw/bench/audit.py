@@ -1,0 +1,69 @@
+"""The audits at one size (issue #14's speed targets): on the bench cloud, after
+the agent loaded the host's table into the bench namespace.
+
+* ``index_s`` — :class:`~secfw.audit.policy.CloudPolicy` (every host's IR);
+* ``explain_ms`` / ``reach_ms`` — medians over :data:`SAMPLES` host instances
+  (explain: a source-group member to the instance on tcp 22; reach: its ingress,
+  the senders' egress included), the first reach apart (``reach_first_ms``: it
+  fills the per-cloud caches);
+* ``exposure_s`` / ``lint_s`` — the whole cloud (every port, every group);
+* ``verify_s`` — the namespace's tables read back and evaluated at every host
+  port's flow-space boundaries (``verify_probes``, ``verify_differences``: 0).
+
+Targets (10k ports, 500 groups, 5,000 rules): explain < 50 ms, reach < 200 ms,
+exposure and lint < 5 s, verify < 10 s.
+"""
+
+from __future__ import annotations
+
+import time
+
+from secfw.audit.explain import FlowQuery, explain
+from secfw.audit.exposure import exposure
+from secfw.audit.lint import lint
+from secfw.audit.policy import CloudPolicy
+from secfw.audit.reach import reach
+from secfw.audit.verify import nft_kernel, verify
+from secfw.backends.nftables import NftablesExecutor
+from secfw.bench.common import Row, median, rounded, timed
+from secfw.cloud import CloudState
+from secfw.store.base import Store
+
+SAMPLES = 9
+
+
+def measure(store: Store, host: str, netns: str | None) -> Row:
+    """The audit figures (module docstring); ``netns`` None: no verify."""
+    state = CloudState.from_snapshot(store.load())
+    cp, index_s = timed(lambda: CloudPolicy(state))
+    views = sorted((v for v in cp.ports.values() if v.instance.host == host),
+                   key=lambda v: v.port.id)[:SAMPLES]
+    others = sorted((v for v in cp.ports.values() if v.instance.host != host),
+                    key=lambda v: v.port.id)
+    source = others[0].port.ip if others else "203.0.113.5"
+    row: Row = {"ports": len(cp.ports), "index_s": rounded(index_s)}
+    explains = [_ms(lambda v=v: explain(cp, FlowQuery(source, v.port.ip, 6, 22)))
+                for v in views]
+    reaches = [_ms(lambda v=v: reach(cp, v, "ingress", "ipv4")) for v in views]
+    row.update(explain_ms=rounded(median(explains), 2), reach_first_ms=rounded(reaches[0], 1),
+               reach_ms=rounded(median(reaches[1:] or reaches), 1))
+    rows, row["exposure_s"] = timed(lambda: exposure(cp, list(cp.ports.values())))
+    row["exposure_rows"] = len(rows)
+    findings, row["lint_s"] = timed(lambda: lint(cp, list(cp.state.groups.values())))
+    row["lint_findings"] = len(findings)
+    if netns is not None:
+        start = time.perf_counter()
+        listing = NftablesExecutor(netns).read_json() or {"nftables": []}
+        judge, addresses, ports = nft_kernel(listing)
+        differences, probes = verify(cp, host, judge, addresses, ports)
+        row.update(verify_s=rounded(time.perf_counter() - start), verify_probes=probes,
+                   verify_differences=len(differences))
+    for key in ("exposure_s", "lint_s"):
+        row[key] = rounded(row[key])
+    return row
+
+
+def _ms(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return (time.perf_counter() - start) * 1000
