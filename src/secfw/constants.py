@@ -29,6 +29,14 @@ PROTOCOL_NUMBERS: dict[str, int] = {
     "udplite": 136,
 }
 ICMP, TCP, UDP, ICMPV6, SCTP, UDPLITE = 1, 6, 17, 58, 132, 136
+#: Every protocol name secfw reads anywhere, rules or the kernel tools' output
+#: (nft and iptables also print dccp, comp and mh), with its IANA number.
+IANA_PROTOCOLS: dict[str, int] = PROTOCOL_NUMBERS | {"dccp": 33, "comp": 108, "mh": 135}
+
+
+def protocols(*names: str) -> dict[str, int]:
+    """``{name: number}`` of ``names`` (each a key of :data:`IANA_PROTOCOLS`)."""
+    return {name: IANA_PROTOCOLS[name] for name in names}
 #: Protocols whose header starts with 16-bit source and destination ports: the
 #: ones a rule's port range applies to (tcp, udp, sctp, udplite).
 PORT_PROTOCOL_NUMBERS = frozenset({TCP, UDP, SCTP, UDPLITE})

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from secfw.constants import PROTOCOL_NUMBERS as PROTOCOL_NUMBERS
+from secfw.constants import protocols
 from secfw.errors import ValidationError
 
 Direction = Literal["ingress", "egress"]
@@ -34,7 +35,7 @@ TAP_PREFIX = "tap"
 TAP_ID_CHARS = 11  # Neutron/nova: "tap" + port_id[:11] fits IFNAMSIZ (16 incl. NUL)
 
 #: nova-network's protocols for the nova-style commands, with their IP numbers.
-NOVA_PROTOCOLS: dict[str, int] = {"tcp": 6, "udp": 17, "icmp": 1}
+NOVA_PROTOCOLS: dict[str, int] = protocols("tcp", "udp", "icmp")
 #: protocols that carry ports (Neutron's rule model: docs/semantics.md).
 PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "udplite"})
 #: IANA numbers of the protocol names secfw understands (:mod:`secfw.constants`).

@@ -41,6 +41,7 @@ from secfw.backends.nftables.canonical import (
     NFPROTO,
     protocol_number,
 )
+from secfw.constants import protocols
 
 #: conntrack states as ``ct state`` bits (linux/netfilter/nf_conntrack_common.h).
 CT_STATES = {"invalid": 1, "established": 2, "related": 4, "new": 8, "untracked": 64}
@@ -48,9 +49,8 @@ CT_STATES = {"invalid": 1, "established": 2, "related": 4, "new": 8, "untracked"
 TCP_FLAGS = {"fin": 1, "syn": 2, "rst": 4, "psh": 8, "ack": 16, "urg": 32, "ecn": 64,
              "cwr": 128}
 #: Protocols whose ``th`` ports nft reads (the transport header has them first).
-_PORTED = frozenset({6, 17, 33, 132, 136})
-_HEADER_PROTOCOL = {"tcp": 6, "udp": 17, "sctp": 132, "udplite": 136, "dccp": 33,
-                    "icmp": 1, "icmpv6": 58}
+_HEADER_PROTOCOL = protocols("tcp", "udp", "sctp", "udplite", "dccp", "icmp", "icmpv6")
+_PORTED = frozenset(protocols("tcp", "udp", "dccp", "sctp", "udplite").values())
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 

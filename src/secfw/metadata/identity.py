@@ -26,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from secfw.compiler.metadata import MARK_MASK, MARK_TAG, METADATA_ADDRESS, METADATA_PORT
+from secfw.constants import TCP
 from secfw.errors import BackendError
 
 
@@ -47,7 +48,7 @@ class ConntrackIdentity:
     def asker(self, local: tuple[str, int], peer: tuple[str, int]) -> Asker | None:
         """The redirected connection ``peer → local`` (TCP), or None when conntrack
         has no such entry or the redirect did not make it."""
-        reply = NFCTAttrTuple(family=socket.AF_INET, saddr=local[0], daddr=peer[0], proto=6,
+        reply = NFCTAttrTuple(family=socket.AF_INET, saddr=local[0], daddr=peer[0], proto=TCP,
                               sport=local[1], dport=peer[1])
         try:
             messages = self._socket().entry("get", tuple_reply=reply)

@@ -45,12 +45,13 @@ from secfw.backends.iptables.render import (
     element_key,
 )
 from secfw.compiler.ir import Family
+from secfw.constants import protocols
 from secfw.errors import BackendError
 
 #: Protocol names iptables knows without /etc/protocols (libxtables'
 #: ``xtables_chain_protos``), plus the name /etc/protocols gives ICMPv6.
-_PROTOCOLS = {"tcp": 6, "udp": 17, "udplite": 136, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58,
-              "esp": 50, "ah": 51, "sctp": 132, "mh": 135, "all": 0}
+_PROTOCOLS = protocols("tcp", "udp", "udplite", "icmp", "icmpv6", "ipv6-icmp", "esp", "ah",
+                       "sctp", "mh") | {"all": 0}
 _PROTO = re.compile(r"(?<=-p )([A-Za-z][\w.+-]*)")
 _MAC = re.compile(r"(?<=--mac-source )(\S+)")
 _ADDRESS = re.compile(r"(?<=-[sd] )([0-9A-Fa-f.:]+/\d+)")

@@ -41,6 +41,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
+from secfw.constants import protocols
+
 #: A rule's expressions in canonical form: nested tuples, hashable, comparable.
 Canon = tuple[Any, ...]
 
@@ -76,8 +78,7 @@ ETHER_TYPES = {"ip": 0x0800, "arp": 0x0806, "ip6": 0x86DD, "8021q": 0x8100,
 NFPROTO = {"ipv4": 2, "ipv6": 10}
 
 #: Header keywords that are a layer-4 protocol: the ``meta l4proto`` they imply.
-_L4 = {"tcp": 6, "udp": 17, "udplite": 136, "sctp": 132, "dccp": 33, "icmp": 1,
-       "icmpv6": 58, "ah": 51, "esp": 50, "comp": 108}
+_L4 = protocols("tcp", "udp", "udplite", "sctp", "dccp", "icmp", "icmpv6", "ah", "esp", "comp")
 #: Protocols whose ``th`` (transport header) ports nft names by the protocol.
 _TH = {number: name for name, number in _L4.items() if name in
        ("tcp", "udp", "udplite", "sctp", "dccp")}
