@@ -197,6 +197,8 @@ def _incremental(results: Row) -> list[str]:
     title = f"## 2. Incremental changes ({inc.get('ports', 0):,} ports loaded)"
     if not ok(inc):
         return [title, "", f"{status(inc)}: {inc.get('skipped') or inc.get('error')}"]
+    if "changes" not in inc:  # the run ended (budget) before the incremental size
+        return [title, "", "not measured: the run ended before it"]
     rows = [[c["change"], millis(c["store_write_ms"]), millis(c["store_to_kernel_ms"]),
              count(c["commands"]), _phases(c)] for c in inc["changes"]]
     resync = inc["full_resync_after"]
