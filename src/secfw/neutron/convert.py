@@ -30,6 +30,7 @@ import ipaddress
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from secfw.compiler.build import chain_name, normalise_addresses, set_name
@@ -173,23 +174,32 @@ def group_chains(group_id: str, rules: Iterable[Mapping[str, Any]]) -> tuple[Gro
     )
 
 
-def _member_address(entry: object) -> str:
-    """One member entry — ``(ip, mac)`` or a bare address — as a canonical CIDR."""
+def _member_address(entry: object) -> tuple[int, str]:
+    """One member entry — ``(ip, mac)`` or a bare address — as (IP version,
+    canonical CIDR)."""
     text = entry[0] if isinstance(entry, list | tuple) and entry else entry
+    return _canonical_network(str(text))
+
+
+@lru_cache(maxsize=1 << 17)
+def _canonical_network(text: str) -> tuple[int, str]:
+    """Cached: the agent pushes the same member addresses again and again."""
     try:
-        return str(ipaddress.ip_network(str(text), strict=False))
+        network = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValidationError(f"neutron: member address {text!r} is not an address") from None
+    return network.version, str(network)
 
 
 def member_sets(group_id: str, members: Mapping[str, Sequence[object]]
                 ) -> tuple[AddressSet, ...]:
-    """The IPv4 and IPv6 address sets of a remote group from Neutron's member dict."""
+    """The IPv4 and IPv6 address sets of a remote group from Neutron's member dict
+    (an address of the other family under an ethertype is ignored)."""
     sets = []
     for ethertype, family in _FAMILIES.items():
         version = 4 if family == "ipv4" else 6
-        addresses = [_member_address(e) for e in members.get(ethertype, ())]
-        kept = [a for a in addresses if ipaddress.ip_network(a).version == version]
+        parsed = [_member_address(e) for e in members.get(ethertype, ())]
+        kept = [cidr for v, cidr in parsed if v == version]
         sets.append(AddressSet(set_name(group_id, family), group_id, family,
                                normalise_addresses(kept)))
     return tuple(sets)

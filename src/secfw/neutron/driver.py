@@ -72,6 +72,8 @@ class SecfwFirewallDriver(_Base):
         self._policies: dict[str, PortPolicy] = {}
         self._rules: dict[str, tuple[GroupChain, ...]] = {}
         self._members: dict[str, tuple[AddressSet, ...]] = {}
+        self._pushed_rules: dict[str, list[dict[str, Any]]] = {}
+        self._pushed_members: dict[str, dict[str, list[object]]] = {}
         self._trusted: set[str] = set()
         self._deferred = 0
         self._dirty = False
@@ -112,6 +114,8 @@ class SecfwFirewallDriver(_Base):
     def _set_port(self, port: Mapping[str, Any]) -> None:
         policy = convert.port_policy(port)  # validates before anything is kept
         device = str(port["device"])
+        if self._policies.get(device) == policy and self._ports[device] == port:
+            return
         self._ports[device] = dict(port)
         self._policies[device] = policy
         self._changed()
@@ -121,7 +125,13 @@ class SecfwFirewallDriver(_Base):
     def update_security_group_rules(self, sg_id: str, rules: Iterable[Mapping[str, Any]]) -> None:
         """Replace the rules of group ``sg_id`` (Neutron sends them all each time)."""
         key = convert.group_key(sg_id)
-        self._rules[key] = convert.group_chains(key, list(rules))
+        pushed = [dict(r) for r in rules]
+        # The agent pushes every group of every port it refreshes, mostly unchanged:
+        # keeping the same chain objects lets the renderer reuse their rendering.
+        if self._pushed_rules.get(key) == pushed:
+            return
+        self._rules[key] = convert.group_chains(key, pushed)
+        self._pushed_rules[key] = pushed
         self._changed()
 
     def update_security_group_members(self, sg_id: str,
@@ -129,7 +139,11 @@ class SecfwFirewallDriver(_Base):
         """Replace the member addresses of remote group ``sg_id`` (``{"IPv4": [(ip,
         mac), …], "IPv6": […]}``; an address group's addresses come the same way)."""
         key = convert.group_key(sg_id)
-        self._members[key] = convert.member_sets(key, {k: list(v) for k, v in ips.items()})
+        pushed = {k: [tuple(e) if isinstance(e, list) else e for e in v] for k, v in ips.items()}
+        if self._pushed_members.get(key) == pushed:  # unchanged: same objects (see above)
+            return
+        self._members[key] = convert.member_sets(key, pushed)
+        self._pushed_members[key] = pushed
         self._changed()
 
     def security_group_updated(self, action_type: str, sec_group_ids: Iterable[str],
