@@ -119,6 +119,7 @@ def test_rules_as_the_server_sends_them() -> None:
     {"direction": "ingress", "ethertype": "IPv4", "protocol": "tcp; flush ruleset"},
     {"direction": "ingress", "ethertype": "IPv4", "source_ip_prefix": "2001:db8::/64"},
     {"direction": "ingress", "ethertype": "IPv4", "remote_group_id": "web } accept"},
+    {"direction": "ingress", "ethertype": "IPv4", "port_range_min": 22},  # no protocol
 ])
 def test_malformed_rules_are_refused(rule: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):

@@ -31,6 +31,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ def run(ports: int, seed: int = 1) -> Row:
         ("neutron IptablesFirewallDriver", neutron_iptables),
     ]
     for label, measure in drivers:
-        row = {"driver": label, "ports": ports, **guarded(lambda m=measure: m(load))}
+        row = {"driver": label, "ports": ports, **guarded(partial(measure, load))}
         print(f"  {row}", flush=True)
         rows.append(row)
     return {"machine": machine_info(), "workload_build_s": rounded(build_s),

@@ -45,17 +45,19 @@ from secfw.compiler.ir import (
     PortPolicy,
     PortRange,
 )
+from secfw.constants import IANA_PROTOCOLS, ICMP, ICMPV6, PORT_PROTOCOL_NUMBERS
 from secfw.errors import ValidationError
-from secfw.model import PROTOCOL_NUMBERS
 
-#: Names Neutron accepts for ``protocol`` beyond secfw's own table (IANA numbers).
-_EXTRA_PROTOCOLS = {
-    "ipip": 4, "egp": 8, "dccp": 33, "ipv6-encap": 41, "ipv6-route": 43, "ipv6-frag": 44,
+#: Names Neutron accepts for ``protocol`` beyond secfw's table (IANA numbers).
+_PROTOCOLS = IANA_PROTOCOLS | {
+    "ipip": 4, "egp": 8, "ipv6-encap": 41, "ipv6-route": 43, "ipv6-frag": 44,
     "rsvp": 46, "ipv6-nonxt": 59, "ipv6-opts": 60, "encap": 98,
 }
-_PORT_PROTOCOLS = frozenset({6, 17, 33, 132, 136})
-_ICMP = 1
-_ICMPV6 = 58
+#: Neutron takes port ranges for DCCP too; the backend refuses what it cannot
+#: express (UnsupportedError), where ignoring the ports would widen the rule.
+_PORT_PROTOCOLS = PORT_PROTOCOL_NUMBERS | {IANA_PROTOCOLS["dccp"]}
+_ICMP = ICMP
+_ICMPV6 = ICMPV6
 _FAMILIES: dict[str, Family] = {"IPv4": "ipv4", "IPv6": "ipv6"}
 #: Linux interface names hold 15 characters; Neutron's tap names are 14
 #: (``tap`` + the first 11 characters of the port id: iptables_firewall's LINUX_DEV_LEN).
@@ -90,8 +92,8 @@ def protocol_number(protocol: object, family: Family) -> int | None:
         number = int(text)
         if not 0 <= number <= 255:
             raise ValidationError(f"neutron: protocol {protocol!r} is not in 0..255")
-    elif text in PROTOCOL_NUMBERS or text in _EXTRA_PROTOCOLS:
-        number = PROTOCOL_NUMBERS.get(text, _EXTRA_PROTOCOLS.get(text, 0))
+    elif text in _PROTOCOLS:
+        number = _PROTOCOLS[text]
     else:
         raise ValidationError(f"neutron: unknown protocol {protocol!r}")
     return _ICMPV6 if family == "ipv6" and number == _ICMP else number
@@ -149,6 +151,8 @@ def ir_rule(rule: Mapping[str, Any]) -> tuple[IRDirection, IRRule]:
         ports = PortRange(low, high if high is not None else low)
     elif proto in (_ICMP, _ICMPV6) and low is not None:
         icmp = IcmpMatch(low, high)
+    elif low is not None or high is not None:  # a narrower rule must not become "all"
+        raise ValidationError(f"neutron: port range with protocol {rule.get('protocol')!r}")
     return direction, IRRule(
         rule_id=_rule_id(rule),
         family=family,
