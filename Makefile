@@ -54,10 +54,13 @@ test: venv lint
 
 # Unmodified OpenStack clients against `secfw api serve` (the conformance extra:
 # python-openstackclient + openstacksdk, and keystonemiddleware for the keystone
-# extra: ~65 s to install on a loaded 2-core VM; the tests 1.5-3 min).
+# extra: ~65 s to install on a loaded 2-core VM; the tests 1.5-3 min), and Neutron
+# loading secfw's firewall driver through its entry point (the neutron extra: 3.5
+# more minutes of install on that VM, 8 in a fresh venv; its test takes seconds).
 conformance: venv
-	$(PY) -m pip install -q -e '.[conformance,keystone]'
-	SECFW_REQUIRE_CONFORMANCE=1 $(VENV)/bin/pytest -q -m conformance tests/test_neutron_openstackclient.py
+	$(PY) -m pip install -q -e '.[conformance,keystone,neutron]'
+	SECFW_REQUIRE_CONFORMANCE=1 $(VENV)/bin/pytest -q -m conformance \
+	  tests/test_neutron_openstackclient.py tests/test_neutron_driver_conformance.py
 
 demo: venv
 	$(VENV)/bin/secfw demo
@@ -70,6 +73,7 @@ bench: venv
 	$(PY) -m secfw.bench.floating $(FLOATING_ARGS)
 	$(PY) -m secfw.bench.multihost $(MULTIHOST_ARGS)
 	$(PY) -m secfw.bench.metadata
+	$(PY) -m secfw.bench.neutron $(NEUTRON_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
