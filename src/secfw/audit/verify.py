@@ -149,7 +149,7 @@ def _judged(view: PortView, direction: str, family: Family, points: Sequence[Poi
     floating = nat.floating.get(view.port.tap, ()) if direction == "ingress" else ()
     for point in points:
         packet = probe_packet(point, local, direction, family)
-        model = model_verdict(view, direction, packet)
+        model = nat_model_verdict(view, direction, packet, nat.metadata)
         yield packet, model
         for address in floating if family == "ipv4" else ():
             yield probe_packet(point, address, direction, family), model
@@ -160,13 +160,26 @@ def _judged(view: PortView, direction: str, family: Family, points: Sequence[Poi
 def metadata_probes(view: PortView, local: str, md: MetadataRedirect
                     ) -> Iterable[tuple[Packet, str | None]]:
     """Egress probes about the metadata redirect (module docstring)."""
-    served = any(p.tap == view.port.tap and p.address == local for p in md.ports)
-    for protocol, port in ((6, METADATA_PORT), (6, METADATA_PORT - 1),
-                           (6, METADATA_PORT + 1), (17, METADATA_PORT)):
-        packet = Packet(local, METADATA_ADDRESS, protocol, CLIENT_PORT, port)
-        redirected = served and (protocol, port) == (6, METADATA_PORT)
-        yield packet, "accept" if redirected else model_verdict(view, "egress", packet)
-    yield Packet(local, md.address, 6, CLIENT_PORT, md.port), "drop"
+    probes = [Packet(local, METADATA_ADDRESS, protocol, CLIENT_PORT, port)
+              for protocol, port in ((6, METADATA_PORT), (6, METADATA_PORT - 1),
+                                     (6, METADATA_PORT + 1), (17, METADATA_PORT))]
+    probes.append(Packet(local, md.address, 6, CLIENT_PORT, md.port))
+    for packet in probes:
+        yield packet, nat_model_verdict(view, "egress", packet, md)
+
+
+def nat_model_verdict(view: PortView, direction: str, packet: Packet,
+                      md: MetadataRedirect | None) -> str | None:
+    """:func:`model_verdict`, with the metadata redirect's exceptions: a served
+    port's TCP to ``169.254.169.254:80`` is accepted whatever its egress rules
+    say; what a port sends straight to the server's address and port is dropped."""
+    if md is not None and direction == "egress" and packet.protocol == 6:
+        if (packet.dst, packet.dport) == (METADATA_ADDRESS, METADATA_PORT) and any(
+                p.tap == view.port.tap and p.address == packet.src for p in md.ports):
+            return "accept"
+        if (packet.dst, packet.dport) == (md.address, md.port):
+            return "drop"
+    return model_verdict(view, direction, packet)
 
 
 def _first_difference(view: PortView, direction: str,

@@ -1,0 +1,156 @@
+"""``secfw audit verify`` on a host with NAT: a floating IP and the metadata redirect.
+
+On every backend × topology the host verifies clean — the nat chains are evaluated
+(DNAT at prerouting, the filter on the translated packet, the metadata server's
+packets to ``input``) and the floating and metadata addresses are probed. Then the
+floating IP's DNAT is tampered with behind the agent's back (its map element or
+rule deleted; then pointed at the other server's fixed address): verify must name
+the port and give a packet to the floating address, which is then sent for real
+and does not reach the server — and does again once the agent has repaired it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from secfw import netns_tools as nt
+from secfw.audit.policy import CloudPolicy
+from secfw.audit.verify import (
+    Difference,
+    KernelVerdict,
+    ipt_kernel,
+    model_verdict,
+    nft_kernel,
+    verify,
+)
+from secfw.compiler.evaluate import Packet
+from secfw.lab import Lab
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
+]
+
+POOL = "192.0.2.0/24"
+EXTERNAL_IP = Lab.external_addresses[0]
+
+
+def build(cloud: Any) -> str:
+    """vm (web: tcp 80 from anywhere, egress only tcp 443) with a floating IP,
+    peer (web too), the metadata server; the floating address."""
+    api = cloud.api
+    api.net_create("p", "nat-net", "10.1.0.0/24")
+    api.floating_pool_create("admin", "public", POOL)
+    api.secgroup_create("p", "web", "")
+    api.secgroup_add_rule("p", "web", "tcp", "80", "80", "0.0.0.0/0")
+    api.rule_create("p", "web", "egress", "IPv4", "tcp", dst_port="443",
+                    remote_ip="0.0.0.0/0")
+    cloud.boot("vm", ["web"], "nat-net")
+    cloud.boot("peer", ["web"], "nat-net")
+    address = api.floating_ip_create("p", "public").id
+    api.add_floating_ip("p", "vm", address)
+    cloud.configure(allow_same_net=False)
+    cloud.serve_metadata()
+    cloud.sync()
+    return str(address)
+
+
+def run_verify(cloud: Any) -> list[Difference]:
+    return verified(cloud)[0]
+
+
+def verified(cloud: Any) -> tuple[list[Difference], KernelVerdict]:
+    cp = CloudPolicy(cloud.api.snapshot(), allow_same_net=cloud.allow_same_net)
+    listen = cloud.metadata_listen
+    local = (listen[0],)
+    if cloud.backend_name == "nftables":
+        from secfw.backends.nftables.executor import NftablesExecutor
+
+        listing = NftablesExecutor(cloud.lab.host_ns).read_json() or {"nftables": []}
+        judge, addresses, ports = nft_kernel(listing, cloud.topology, local)
+    else:
+        from secfw.audit.iptkernel import read_iptables
+
+        judge, addresses, ports = ipt_kernel(read_iptables(cloud.lab.host_ns),
+                                             cloud.topology, local)
+    found, probes = verify(cp, cloud.host, judge, addresses, ports, listen)
+    assert probes > 20
+    return found, judge
+
+
+def rows(found: list[Difference]) -> list[Any]:
+    return [d.row() for d in found]
+
+
+def arrives(cloud: Any, p: Any) -> bool:
+    """The difference's packet, crafted and sent from the external namespace to the
+    floating address, is seen on vm's eth0 (DNATed: the sniffer matches the source
+    and a unique token, not the destination)."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP
+    from scapy.packet import Raw
+
+    token = b"secfw-" + uuid.uuid4().hex.encode()
+    l4: Any = {6: lambda: TCP(sport=random.randrange(20000, 60000), dport=p.dport, flags="S"),
+               17: lambda: UDP(sport=random.randrange(20000, 60000), dport=p.dport),
+               1: lambda: ICMP(type=p.icmp_type, code=p.icmp_code, id=7, seq=1)}[p.protocol]()
+    frame = nt.send_and_sniff(
+        IP(src=p.src, dst=p.dst) / l4 / Raw(token), src_ns=cloud.lab.external_ns,
+        dst_ns=cloud.ns("vm"), bpf=f"src host {p.src}", match=lambda f: token in bytes(f),
+        timeout=0.5, sniff_iface="eth0")
+    return frame is not None
+
+
+def only_vm_floating(cloud: Any, address: str) -> Packet:
+    """The one difference verify finds (vm's ingress, a packet to the floating
+    address the model lets in and the kernel does not) — as a packet that can be
+    sent: from the lab's external address when verify's comes from 0.0.0.0 (the
+    corner of 0.0.0.0/0), checked to be judged the same by both."""
+    found, judge = verified(cloud)
+    assert [(d.view.instance.name, d.direction) for d in found] == [("vm", "ingress")], \
+        rows(found)
+    diff = found[0]
+    assert (diff.packet.dst, diff.model, diff.kernel) == (address, "accept", "drop"), diff.row()
+    packet = diff.packet
+    if ipaddress.ip_address(packet.src).is_unspecified:
+        packet = replace(packet, src=EXTERNAL_IP)
+        assert judge(diff.view, "ingress", packet) == "drop"
+        assert model_verdict(diff.view, "ingress", replace(packet, dst=cloud.ip("vm"))) == \
+            "accept"
+    return packet
+
+
+def test_nat_host_verifies_clean_then_tampered_dnat(cloud: Any) -> None:
+    address = build(cloud)
+    assert run_verify(cloud) == [], rows(run_verify(cloud))
+    fixed, peer = cloud.ip("vm"), cloud.ip("peer")
+
+    # 1. the floating IP's DNAT is gone: nothing for the floating address reaches vm
+    if cloud.backend_name == "nftables":
+        cloud.tamper("nft", "delete", "element", "inet", "secfw", "floating_dnat",
+                     f"{{ {address} }}")
+    else:
+        cloud.tamper("iptables", "-t", "nat", "-D", "secfw-float-dnat", "-d", f"{address}/32",
+                     "-j", "DNAT", "--to-destination", fixed)
+    packet = only_vm_floating(cloud, address)
+    assert not arrives(cloud, packet)
+    cloud.sync(full=True)
+    assert run_verify(cloud) == []
+    assert arrives(cloud, packet)  # the same packet, the NAT repaired: it does
+
+    # 2. the DNAT points at peer's fixed address instead of vm's
+    if cloud.backend_name == "nftables":
+        cloud.tamper("nft", "delete", "element", "inet", "secfw", "floating_dnat",
+                     f"{{ {address} }}")
+        cloud.tamper("nft", "add", "element", "inet", "secfw", "floating_dnat",
+                     f"{{ {address} : {peer} }}")
+    else:
+        cloud.tamper("iptables", "-t", "nat", "-R", "secfw-float-dnat", "1", "-d",
+                     f"{address}/32", "-j", "DNAT", "--to-destination", peer)
+    assert not arrives(cloud, only_vm_floating(cloud, address))
