@@ -12,8 +12,12 @@ and does not reach the server — and does again once the agent has repaired it.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -98,6 +102,23 @@ def arrives(cloud: Any, p: Packet) -> bool:
         return nt.tcp_connect(cloud.lab.external_ns, p.dst, p.dport, 0.5, p.src)
 
 
+def cli_verify(cloud: Any, tmp_path: Path) -> int:
+    """``secfw audit verify`` in the host's namespace, the metadata server named in
+    its config file: the exit status."""
+    config = tmp_path / "verify.conf"
+    address, port = cloud.metadata_listen
+    config.write_text(f"[DEFAULT]\nallow_same_net_traffic = false\n"
+                      f"metadata_listen = {address}:{port}\n")
+    done = subprocess.run(
+        ["ip", "netns", "exec", cloud.lab.host_ns, str(Path(sys.executable).parent / "secfw"),
+         "--store", cloud.store_url, "-f", "json", "audit", "verify", "--host", cloud.host,
+         "--backend", cloud.backend_name, "--topology", cloud.topology,
+         "--config", str(config)], capture_output=True, text=True, check=False)
+    assert done.returncode in (0, 12), (done.stdout, done.stderr)
+    assert json.loads(done.stdout)["probes"] > 20
+    return done.returncode
+
+
 def only_vm_floating(cloud: Any, address: str) -> Packet:
     """The one difference verify finds (vm's ingress, a packet to the floating
     address the model lets in and the kernel does not) — as a packet that can be
@@ -117,9 +138,10 @@ def only_vm_floating(cloud: Any, address: str) -> Packet:
     return packet
 
 
-def test_nat_host_verifies_clean_then_tampered_dnat(cloud: Any) -> None:
+def test_nat_host_verifies_clean_then_tampered_dnat(cloud: Any, tmp_path: Path) -> None:
     address = build(cloud)
     assert run_verify(cloud) == [], rows(run_verify(cloud))
+    assert cli_verify(cloud, tmp_path) == 0  # the auditor's command, the server in --config
     fixed, peer = cloud.ip("vm"), cloud.ip("peer")
 
     # 1. the floating IP's DNAT is gone: nothing for the floating address reaches vm
@@ -130,6 +152,7 @@ def test_nat_host_verifies_clean_then_tampered_dnat(cloud: Any) -> None:
         cloud.tamper("iptables", "-t", "nat", "-D", "secfw-float-dnat", "-d", f"{address}/32",
                      "-j", "DNAT", "--to-destination", fixed)
     packet = only_vm_floating(cloud, address)
+    assert cli_verify(cloud, tmp_path) == 12
     assert not arrives(cloud, packet)
     cloud.sync(full=True)
     assert run_verify(cloud) == []
