@@ -7,6 +7,8 @@ floating IP's DNAT is tampered with behind the agent's back (its map element or
 rule deleted; then pointed at the other server's fixed address): verify must name
 the port and give a packet to the floating address, which is then sent for real
 and does not reach the server — and does again once the agent has repaired it.
+Last, the metadata redirect is flushed: both ports' requests to 169.254.169.254:80
+are named, and a real request gets no answer.
 """
 
 from __future__ import annotations
@@ -168,3 +170,17 @@ def test_nat_host_verifies_clean_then_tampered_dnat(cloud: Any, tmp_path: Path) 
         cloud.tamper("iptables", "-t", "nat", "-R", "secfw-float-dnat", "1", "-d",
                      f"{address}/32", "-j", "DNAT", "--to-destination", peer)
     assert not arrives(cloud, only_vm_floating(cloud, address))
+    cloud.sync(full=True)
+
+    # 3. the metadata redirect is flushed: the ports' egress rules (tcp 443 only) now
+    # judge 169.254.169.254:80, and drop it
+    if cloud.backend_name == "nftables":
+        cloud.tamper("nft", "flush", "chain", "inet", "secfw", "metadata-redirect")
+    else:
+        cloud.tamper("iptables", "-t", "nat", "-F", "secfw-metadata")
+    found = run_verify(cloud)
+    assert sorted((d.view.instance.name, d.direction) for d in found) == [
+        ("peer", "egress"), ("vm", "egress")], rows(found)
+    assert all((d.packet.dst, d.packet.dport, d.model, d.kernel) ==
+               ("169.254.169.254", 80, "accept", "drop") for d in found), rows(found)
+    assert cloud.metadata("vm", "/openstack") is None  # sent for real: no answer
