@@ -408,11 +408,13 @@ def verify_command(state: CliState, fmt: str, host: str, netns: str | None, back
     shows it; exit status 12 when there is one, 0 when the kernel enforces the model."""
     config = load_config(config_path)
     cp = CloudPolicy(state.api.snapshot(), config.allow_same_net_traffic)
+    # the metadata server's address is the host's own: what is DNATed to it goes to input
+    local = () if config.metadata_listen is None else (config.metadata_listen[0],)
     if backend == "nftables":
-        judge, addresses, ports = _nft_kernel(netns, topology)
+        judge, addresses, ports = _nft_kernel(netns, topology, local)
     else:
-        judge, addresses, ports = _ipt_kernel(netns, topology)
-    differences, probes = verify(cp, host, judge, addresses, ports)
+        judge, addresses, ports = _ipt_kernel(netns, topology, local)
+    differences, probes = verify(cp, host, judge, addresses, ports, config.metadata_listen)
     rows = [d.row() for d in differences]
     if fmt == "json":
         emit({"host": host, "probes": probes, "differences": rows}, None, fmt)
@@ -424,17 +426,19 @@ def verify_command(state: CliState, fmt: str, host: str, netns: str | None, back
         raise click.exceptions.Exit(VERIFY_DIFFERS)
 
 
-def _nft_kernel(netns: str | None, topology: str | None) -> tuple[Any, list[str], list[int]]:
+def _nft_kernel(netns: str | None, topology: str | None, local: tuple[str, ...]
+                ) -> tuple[Any, list[str], list[int]]:
     from secfw.backends.nftables.executor import NftablesExecutor
 
     listing = NftablesExecutor(netns).read_json() or {"nftables": []}
-    return nft_kernel(listing, topology)
+    return nft_kernel(listing, topology, local)
 
 
-def _ipt_kernel(netns: str | None, topology: str | None) -> tuple[Any, list[str], list[int]]:
+def _ipt_kernel(netns: str | None, topology: str | None, local: tuple[str, ...]
+                ) -> tuple[Any, list[str], list[int]]:
     from secfw.audit.iptkernel import read_iptables
 
-    return ipt_kernel(read_iptables(netns), topology or "routed")
+    return ipt_kernel(read_iptables(netns), topology or "routed", local)
 
 
 def _probe_text(packet: dict[str, Any]) -> str:

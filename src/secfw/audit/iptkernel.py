@@ -8,12 +8,15 @@ iptables-extensions(8) define them: ``-s``/``-d`` (with ``!``), ``-i``/``-o``
 (``+`` is a wildcard), ``-p``, and the matches ``tcp``/``udp``/``sctp``
 (``--sport``, ``--dport``, ``--tcp-flags``, ``--syn``), ``multiport``,
 ``icmp``/``icmp6``, ``conntrack``/``state``, ``mac``, ``set``, ``physdev``,
-``mark``, ``comment``; targets ``ACCEPT``, ``DROP``, ``REJECT`` (a drop for a
-first packet), ``RETURN``, ``MARK --set-xmark``, ``-j CHAIN``, ``-g CHAIN``.
+``mark``, ``connmark``, ``comment``; targets ``ACCEPT``, ``DROP``, ``REJECT`` (a
+drop for a first packet), ``RETURN``, ``MARK``/``CONNMARK --set-xmark``, ``DNAT
+--to-destination``, ``SNAT --to-source`` (they rewrite the probe and accept:
+iptables-extensions(8), only a connection's first packet — every probe — meets
+the nat table), ``-j CHAIN``, ``-g CHAIN``.
 An option this module does not know makes its rule :class:`Unsupported` when a
-packet reaches it — reported, never guessed. Only the ``filter`` table is read:
-secfw writes nothing elsewhere. Parsing is pure; :func:`read_iptables` is the
-one function that runs the tools.
+packet reaches it — reported, never guessed. The ``filter`` tables and the IPv4
+``nat`` table (floating IPs, the metadata redirect) are read. Parsing is pure;
+:func:`read_iptables` is the one function that runs the tools.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class IptProbe:
     physdev_in: str | None = None
     physdev_out: str | None = None
     mark: int = 0
+    ctmark: int = 0
 
     @property
     def version(self) -> int:
@@ -70,6 +74,7 @@ class IptRule:
     target: str | None = None
     goto: bool = False
     xmark: tuple[int, int] | None = None
+    nat_to: tuple[str, int | None] | None = None
     unsupported: str | None = None
 
 
@@ -83,10 +88,15 @@ class IptTables:
 
     def verdict(self, chain: str, probe: IptProbe) -> str:
         """``accept`` or ``drop`` for a packet entering built-in ``chain``."""
-        verdict, _ = self._chain(chain, probe, 0)
+        return self.run(chain, probe)[0]
+
+    def run(self, chain: str, probe: IptProbe) -> tuple[str, IptProbe]:
+        """The verdict of built-in ``chain`` and the packet as it leaves it
+        (marks set, addresses translated)."""
+        verdict, probe = self._chain(chain, probe, 0)
         if verdict in (None, "RETURN"):
             verdict = self.policies.get(chain, "ACCEPT")
-        return "accept" if verdict == "ACCEPT" else "drop"
+        return ("accept" if verdict == "ACCEPT" else "drop"), probe
 
     def _chain(self, name: str, probe: IptProbe, depth: int) -> tuple[str | None, IptProbe]:
         if depth > 64:
@@ -98,12 +108,13 @@ class IptTables:
                 raise Unsupported(rule.unsupported)
             if not all(match(probe, self) for match in rule.matches):
                 continue
-            if rule.target == "MARK" and rule.xmark is not None:
-                value, mask = rule.xmark
-                probe = replace(probe, mark=(probe.mark & ~mask) ^ value)
+            if rule.target in ("MARK", "CONNMARK") and rule.xmark is not None:
+                probe = _set_mark(probe, rule.target, rule.xmark)
                 continue
-            if rule.target in (None, "MARK"):
+            if rule.target in (None, "MARK", "CONNMARK"):
                 continue
+            if rule.target in ("DNAT", "SNAT") and rule.nat_to is not None:
+                return "ACCEPT", _translated(probe, rule.target, rule.nat_to)
             if rule.target in ("ACCEPT", "DROP", "REJECT"):
                 return rule.target.replace("REJECT", "DROP"), probe
             if rule.target == "RETURN":
@@ -116,15 +127,31 @@ class IptTables:
         return None, probe
 
 
-def parse(save: str, ipset_save: str) -> IptTables:
-    """The ``filter`` table of one ``*-save`` output and the ipsets."""
+def _set_mark(probe: IptProbe, target: str, xmark: tuple[int, int]) -> IptProbe:
+    """``--set-xmark value/mask``: zero the mask's bits, then xor the value in."""
+    value, mask = xmark
+    if target == "MARK":
+        return replace(probe, mark=(probe.mark & ~mask) ^ value)
+    return replace(probe, ctmark=(probe.ctmark & ~mask) ^ value)
+
+
+def _translated(probe: IptProbe, target: str, to: tuple[str, int | None]) -> IptProbe:
+    address, port = to
+    ported = probe.protocol in _PORTED and port is not None
+    if target == "DNAT":
+        return replace(probe, dst=address, dport=port if ported else probe.dport)
+    return replace(probe, src=address, sport=port if ported else probe.sport)
+
+
+def parse(save: str, ipset_save: str, table_name: str = "filter") -> IptTables:
+    """The table ``table_name`` of one ``*-save`` output and the ipsets."""
     chains: dict[str, list[IptRule]] = {}
     policies: dict[str, str] = {}
     table = None
     for line in save.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
-        elif table != "filter" or not line or line.startswith("#") or line == "COMMIT":
+        elif table != table_name or not line or line.startswith("#") or line == "COMMIT":
             continue
         elif line.startswith(":"):
             name, policy = line[1:].split()[:2]
@@ -152,13 +179,17 @@ def parse_ipsets(text: str) -> dict[str, list[Network]]:
 def parse_rule(tokens: Sequence[str]) -> IptRule:
     """One rule's options after ``-A CHAIN``."""
     rule = IptRule()
-    i, negate = 0, False
+    i, negate, module = 0, False, ""
     try:
         while i < len(tokens):
             option = tokens[i]
             if option == "!":
                 negate, i = True, i + 1
                 continue
+            if option in ("-m", "--match"):
+                module = tokens[i + 1]
+            if module == "connmark" and option == "--mark":
+                option = "--connmark"  # the same option name as -m mark's, another mark
             used = _option(rule, option, tokens[i + 1:], negate)
             i += 1 + used
             negate = False
@@ -206,6 +237,12 @@ def _option(rule: IptRule, option: str, rest: Sequence[str], negate: bool) -> in
         key = option
         rule.matches.append(_negated(lambda p, _t: _physdev_flag(p, key), negate))
         return 0
+    if option in ("--to-destination", "--to-source"):
+        address, _, port = rest[0].partition(":")
+        if "-" in address or "-" in port:
+            raise Unsupported(f"iptables {option} range {rest[0]!r}")
+        rule.nat_to = (str(ipaddress.IPv4Address(address)), int(port) if port else None)
+        return 1
     if option in ("--comment", "--reject-with"):
         return 1
     raise Unsupported(f"iptables option {option!r}")
@@ -296,6 +333,12 @@ def _mark(text: str) -> Match:
     return lambda p, _t: (p.mark & bits) == int(value, 0)
 
 
+def _connmark(text: str) -> Match:
+    value, _, mask = text.partition("/")
+    bits = int(mask, 0) if mask else 0xFFFFFFFF
+    return lambda p, _t: (p.ctmark & bits) == int(value, 0)
+
+
 def _in_set(name: str, direction: str) -> Match:
     def match(p: IptProbe, t: IptTables) -> bool:
         members = t.ipsets.get(name)
@@ -323,7 +366,7 @@ _SIMPLE: dict[str, Callable[[str], Match]] = {
     "--dports": _port("dport"), "--sports": _port("sport"),
     "--icmp-type": _icmp(4, ICMP_TYPES), "--icmpv6-type": _icmp(6, ICMPV6_TYPES),
     "--ctstate": _ctstate, "--state": _ctstate,
-    "--mac-source": _mac, "--mark": _mark,
+    "--mac-source": _mac, "--mark": _mark, "--connmark": _connmark,
     "--physdev-in": _interface("physdev_in"), "--physdev-out": _interface("physdev_out"),
 }
 
@@ -337,6 +380,7 @@ def read_iptables(netns: str | None) -> dict[str, str]:
     return {
         "ipv4": executor._run([executor.tool("ipv4", "-save"), "-t", "filter"]),
         "ipv6": executor._run([executor.tool("ipv6", "-save"), "-t", "filter"]),
+        "ipv4_nat": executor._run([executor.tool("ipv4", "-save"), "-t", "nat"]),
         "ipsets": executor._run(["ipset", "list", "-o", "save"]),
     }
 
@@ -345,12 +389,14 @@ def named_values(saves: dict[str, str]) -> tuple[list[str], list[int]]:
     """Addresses and ports the rules and ipsets name (extra probes for verify)."""
     addresses: set[str] = set()
     ports: set[int] = set()
-    for family in ("ipv4", "ipv6"):
+    for family in ("ipv4", "ipv6", "ipv4_nat"):
         for line in saves.get(family, "").splitlines():
             tokens = line.split()
             for option, value in itertools.pairwise(tokens):
                 if option in ("-s", "-d"):
                     addresses.add(str(ipaddress.ip_network(value, strict=False)[0]))
+                elif option in ("--to-destination", "--to-source"):
+                    addresses.add(value.partition(":")[0])
                 elif option in ("--dport", "--dports"):
                     for part in value.split(","):
                         low, high = _range(part)
@@ -366,4 +412,9 @@ def chains_of(saves: dict[str, str]) -> dict[int, IptTables]:
     """The parsed filter tables by IP version."""
     ipsets = saves.get("ipsets", "")
     return {4: parse(saves.get("ipv4", ""), ipsets), 6: parse(saves.get("ipv6", ""), ipsets)}
+
+
+def nat_of(saves: dict[str, str]) -> IptTables:
+    """The parsed IPv4 ``nat`` table (empty when it was not read)."""
+    return parse(saves.get("ipv4_nat", ""), saves.get("ipsets", ""), "nat")
 

@@ -5,9 +5,9 @@ list table …``) and asks this module what they do with a probe packet — by
 *meaning*, not by text: every rule's expressions are evaluated against the
 packet's fields the way the kernel's nft_* expressions would (payload and meta
 loads, set and map lookups, bitwise ``&``, flag tests, verdict maps, ``jump`` /
-``goto`` / ``return``, ``meta mark set``), so a rule the agent never wrote, a
-missing set element or a flushed chain changes the verdict exactly when it
-changes what the kernel does.
+``goto`` / ``return``, ``meta mark set``, ``ct mark set``, ``dnat``/``snat``),
+so a rule the agent never wrote, a missing set element or a flushed chain
+changes the verdict exactly when it changes what the kernel does.
 
 Semantics followed (nft(8), "STATEMENTS", "VERDICT STATEMENT", "MAP"):
 
@@ -19,7 +19,12 @@ Semantics followed (nft(8), "STATEMENTS", "VERDICT STATEMENT", "MAP"):
 * ``accept`` ends the base chain (the next base chain on the path still runs),
   ``drop`` ends the packet; ``jump`` returns to the next rule, ``goto`` does
   not; the end of a base chain applies its policy;
-* a right-hand string ending in ``*`` is an interface-name wildcard.
+* a right-hand string ending in ``*`` is an interface-name wildcard;
+* ``dnat``/``snat`` rewrite the probe's destination (and port) or source and
+  end the chain with ``accept``: the kernel's nat expression returns
+  NF_ACCEPT once the mapping is set up (net/netfilter/nft_nat.c). Probes are
+  first packets, the only ones nat chains see (nft wiki, "Performing Network
+  Address Translation"), so every probe meets them.
 
 An expression this module does not know raises :class:`Unsupported`: the
 caller reports it rather than guessing. Pure: no I/O.
@@ -50,6 +55,8 @@ TCP_FLAGS = {"fin": 1, "syn": 2, "rst": 4, "psh": 8, "ack": 16, "urg": 32, "ecn"
              "cwr": 128}
 #: Protocols whose ``th`` ports nft reads (the transport header has them first).
 _HEADER_PROTOCOL = protocols("tcp", "udp", "sctp", "udplite", "dccp", "icmp", "icmpv6")
+#: conntrack states without a NAT binding: nat chains never see such packets.
+_NO_NAT = CT_STATES["invalid"] | CT_STATES["untracked"]
 _PORTED = frozenset(protocols("tcp", "udp", "dccp", "sctp", "udplite").values())
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -76,6 +83,7 @@ class Probe:
     tcp_flags: int = TCP_FLAGS["syn"]
     ct_state: int = CT_STATES["new"]
     mark: int = 0
+    ct_mark: int = 0
 
     @property
     def version(self) -> int:
@@ -119,6 +127,11 @@ class NftRuleset:
 
     def verdict(self, path: Sequence[Stage], probe: Probe) -> str:
         """``accept`` or ``drop``: the packet through every stage of ``path``."""
+        return self.run(path, probe)[0]
+
+    def run(self, path: Sequence[Stage], probe: Probe) -> tuple[str, Probe]:
+        """The verdict of ``path`` and the packet as it leaves it (NAT applied):
+        the caller routes a translated packet on (:func:`paths_after`)."""
         packet = probe
         for stage in path:
             bases = sorted(
@@ -127,10 +140,12 @@ class NftRuleset:
                 key=lambda c: (_priority(c.get("prio", 0)), c["name"]))
             packet = replace(packet, iifname=stage.iifname, oifname=stage.oifname)
             for chain in bases:
+                if chain.get("type") == "nat" and packet.ct_state & _NO_NAT:
+                    continue  # no conntrack entry, no NAT (nf_nat_inet_fn: no ct, accept)
                 verdict, packet = _Run(self, stage.family, packet).base(chain)
                 if verdict == "drop":
-                    return "drop"
-        return "accept"
+                    return "drop", packet
+        return "accept", packet
 
 
 def _priority(value: Any) -> int:
@@ -198,6 +213,8 @@ class _Run:
                 self.branch(verb, target["target"], depth)
         if key == "mangle":
             return self.mangle(body)
+        if key in ("dnat", "snat"):
+            return self.nat(key, body)
         if key in ("counter", "log", "comment"):
             return None
         raise Unsupported(f"statement {key!r}")
@@ -209,17 +226,48 @@ class _Run:
         return verdict  # jump: back to the caller's next rule
 
     def mangle(self, body: Mapping[str, Any]) -> str | None:
-        if body["key"] != {"meta": {"key": "mark"}}:
+        """``meta mark set`` / ``ct mark set`` (a constant or a map's value)."""
+        if body["key"] not in ({"meta": {"key": "mark"}}, {"ct": {"key": "mark"}}):
             raise Unsupported(f"mangle of {body['key']!r}")
-        value = body["value"]
-        if isinstance(value, dict) and "map" in value:
-            found = self.lookup(value["map"]["data"], self.value(value["map"]["key"]),
-                                value["map"]["key"])
-            if found is None:
-                return "break"
-            value = found
-        self.packet = replace(self.packet, mark=_int(value))
+        value = self.mapped(body["value"])
+        if value is None:
+            return "break"
+        if "ct" in body["key"]:
+            self.packet = replace(self.packet, ct_mark=_int(value))
+        else:
+            self.packet = replace(self.packet, mark=_int(value))
         return None
+
+    def mapped(self, value: Any) -> Any:
+        """A statement's argument: a constant, or what a map holds for the
+        packet (None: the map has no such key, which ends the rule)."""
+        if isinstance(value, dict) and "map" in value:
+            return self.lookup(value["map"]["data"], self.value(value["map"]["key"]),
+                               value["map"]["key"])
+        return value
+
+    def nat(self, kind: str, body: Mapping[str, Any]) -> str | None:
+        """``dnat``/``snat`` to an address (constant or mapped), and a port."""
+        if set(body) - {"addr", "port", "family"}:
+            raise Unsupported(f"{kind} with {sorted(body)!r}")
+        address = self.mapped(body.get("addr"))
+        if address is None:
+            return "break"
+        if not isinstance(address, str) or not _is_address(address):
+            raise Unsupported(f"{kind} to {address!r}")
+        port = body.get("port")
+        if port is not None and not isinstance(port, int):
+            raise Unsupported(f"{kind} to port {port!r}")
+        if kind == "dnat":
+            moved = replace(self.packet, dst=address)
+            if port is not None and self.packet.protocol in _PORTED:
+                moved = replace(moved, dport=port)
+        else:
+            moved = replace(self.packet, src=address)
+            if port is not None and self.packet.protocol in _PORTED:
+                moved = replace(moved, sport=port)
+        self.packet = moved
+        return "accept"
 
     # ------------------------------------------------------------------ values
 
@@ -238,6 +286,8 @@ class _Run:
             return self.payload(left["payload"])
         if isinstance(left, dict) and "ct" in left and left["ct"]["key"] == "state":
             return self.packet.ct_state
+        if isinstance(left, dict) and "ct" in left and left["ct"]["key"] == "mark":
+            return self.packet.ct_mark
         raise Unsupported(f"expression {left!r}")
 
     def meta(self, key: str) -> Any:
@@ -318,6 +368,14 @@ class _Run:
         if found is None:
             raise Unsupported(f"lookup in a set that does not exist: {name}")
         return found
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _key(element: Any) -> Any:
@@ -443,15 +501,33 @@ OUTSIDE_MAC = "02:00:00:00:00:01"
 
 
 def paths(topology: str, tap: str, direction: str) -> list[Stage]:
-    """The hooks a packet to (ingress) or from (egress) ``tap`` crosses (verify's
-    module docstring, :mod:`secfw.audit.verify`)."""
+    """The hooks a packet to (ingress) or from (egress) ``tap`` crosses when the
+    host forwards it (verify's module docstring, :mod:`secfw.audit.verify`)."""
+    return paths_before(topology, tap, direction) + paths_after(topology, tap, direction)
+
+
+def paths_before(topology: str, tap: str, direction: str) -> list[Stage]:
+    """The prerouting hooks: where DNAT decides which way the packet goes."""
+    iif = UPLINK if direction == "ingress" else tap
     if topology == "routed":
-        iif, oif = (UPLINK, tap) if direction == "ingress" else (tap, UPLINK)
-        return [Stage("inet", "prerouting", iif, ""), Stage("inet", "forward", iif, oif),
-                Stage("inet", "postrouting", iif, oif)]
+        return [Stage("inet", "prerouting", iif, "")]
+    return [Stage("bridge", "prerouting", iif, ""), Stage("inet", "prerouting", BRIDGE, "")]
+
+
+def paths_after(topology: str, tap: str, direction: str, local: bool = False
+                ) -> list[Stage]:
+    """The hooks after prerouting: ``local`` — the (translated) destination is
+    one of the host's own addresses — goes to ``input``; else forward and
+    postrouting. On a bridged host a frame for the host crosses the bridge's
+    ``input`` hook, then the bridge device's IP input (br_netfilter)."""
     iif, oif = (UPLINK, tap) if direction == "ingress" else (tap, UPLINK)
-    return [Stage("bridge", "prerouting", iif, ""), Stage("inet", "prerouting", BRIDGE, ""),
-            Stage("inet", "forward", BRIDGE, BRIDGE), Stage("bridge", "forward", iif, oif),
+    if topology == "routed":
+        if local:
+            return [Stage("inet", "input", iif, "")]
+        return [Stage("inet", "forward", iif, oif), Stage("inet", "postrouting", iif, oif)]
+    if local:
+        return [Stage("bridge", "input", iif, ""), Stage("inet", "input", BRIDGE, "")]
+    return [Stage("inet", "forward", BRIDGE, BRIDGE), Stage("bridge", "forward", iif, oif),
             Stage("bridge", "postrouting", iif, oif),
             Stage("inet", "postrouting", BRIDGE, BRIDGE)]
 

@@ -20,6 +20,17 @@ host's hooks for its topology:
   br_netfilter calls (the bridge as both interfaces: nft sees no bridge port
   there, docs/nftables.md), then ``bridge postrouting`` and ``inet postrouting``.
 
+NAT (floating IPs, the metadata redirect) is evaluated too: prerouting's nat
+chains may translate the destination, and the packet then goes where the
+translated destination says — to the port (the filter sees the fixed address
+and the original source), to the host itself (``input``: the metadata server),
+or elsewhere (it never reaches the port: for that port, a drop). Every ingress
+IPv4 probe is sent to each floating address of the port as well, the model
+judging it as sent to the fixed address; every port of a metadata host also
+sends egress probes to ``169.254.169.254:80`` (the model: accepted whatever the
+egress rules say, for a port the redirect serves), to neighbouring ports of
+that address (the egress rules), and straight to the server (dropped).
+
 Probes are first packets of connections (TCP SYN, conntrack ``new``; ICMP types
 that cannot open one are ``invalid``); untracked ICMPv6 (neighbour discovery,
 MLD) is left to the protection tests. A difference is reported once per port,
@@ -31,7 +42,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import netaddr
@@ -41,7 +52,8 @@ from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import egress_openers, ingress_openers
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, PROTO_MAX, SEL_MAX, Region, sweep
 from secfw.compiler.evaluate import Packet
-from secfw.compiler.ir import Family
+from secfw.compiler.ir import Family, MetadataRedirect
+from secfw.compiler.metadata import METADATA_ADDRESS, METADATA_PORT, with_metadata
 from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
 
 #: An ordinary client source port (never DHCP's 67/68/546/547).
@@ -77,13 +89,35 @@ class Difference:
         }
 
 
+@dataclass(frozen=True)
+class HostNat:
+    """The model's NAT on one host: each tap's floating addresses, the redirect."""
+
+    floating: dict[str, tuple[str, ...]]
+    metadata: MetadataRedirect | None
+
+
+def host_nat(views: Sequence[PortView], metadata_listen: tuple[str, int] | None) -> HostNat:
+    """The NAT the host's agent renders for ``views`` (one host's ports)."""
+    if not views:
+        return HostNat({}, None)
+    hf = views[0].index.hf
+    floating: dict[str, tuple[str, ...]] = {}
+    for nat in hf.floating:
+        floating[nat.tap] = (*floating.get(nat.tap, ()), nat.floating)
+    return HostNat(floating, with_metadata(hf, metadata_listen).metadata)
+
+
 def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
-           extra_addresses: Iterable[str] = (), extra_ports: Iterable[int] = ()
+           extra_addresses: Iterable[str] = (), extra_ports: Iterable[int] = (),
+           metadata_listen: tuple[str, int] | None = None
            ) -> tuple[list[Difference], int]:
     """The differences on ``host`` and the number of probes compared.
-    ``extra_addresses``/``extra_ports``: values the kernel's ruleset names."""
+    ``extra_addresses``/``extra_ports``: values the kernel's ruleset names;
+    ``metadata_listen``: the host's metadata server, when it runs one."""
     views = sorted((v for v in cp.ports.values() if v.instance.host == host),
                    key=lambda v: v.port.tap)
+    nat = host_nat(views, metadata_listen)
     addresses = sorted({ipaddress.ip_address(a) for a in extra_addresses},
                        key=lambda a: (a.version, a))[:KERNEL_VALUES]
     ports = sorted(set(extra_ports))[:KERNEL_VALUES]
@@ -99,17 +133,69 @@ def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
                 points = sample_points(cp, view, direction, family,
                                        [int(a) for a in addresses if a.version == version],
                                        ports)
-                for point in sorted(points):
-                    packet = probe_packet(point, local, direction, family)
-                    model = model_verdict(view, direction, packet)
-                    if model is None:
-                        continue
-                    probes += 1
-                    verdict = kernel(view, direction, packet)
-                    if verdict != model:
-                        found.append(Difference(view, direction, packet, model, verdict))
-                        break
+                pairs = _judged(view, direction, family, sorted(points), nat)
+                difference, compared = _first_difference(view, direction, pairs, kernel)
+                probes += compared
+                if difference is not None:
+                    found.append(difference)
     return found, probes
+
+
+def _judged(view: PortView, direction: str, family: Family, points: Sequence[Point],
+            nat: HostNat) -> Iterable[tuple[Packet, str | None]]:
+    """Each probe as the kernel gets it, with the model's verdict on it."""
+    local = view.address(family)
+    assert local is not None
+    floating = nat.floating.get(view.port.tap, ()) if direction == "ingress" else ()
+    for point in points:
+        packet = probe_packet(point, local, direction, family)
+        model = nat_model_verdict(view, direction, packet, nat.metadata)
+        yield packet, model
+        for address in floating if family == "ipv4" else ():
+            yield probe_packet(point, address, direction, family), model
+    if nat.metadata is not None and direction == "egress" and family == "ipv4":
+        yield from metadata_probes(view, local, nat.metadata)
+
+
+def metadata_probes(view: PortView, local: str, md: MetadataRedirect
+                    ) -> Iterable[tuple[Packet, str | None]]:
+    """Egress probes about the metadata redirect (module docstring)."""
+    probes = [Packet(local, METADATA_ADDRESS, protocol, CLIENT_PORT, port)
+              for protocol, port in ((6, METADATA_PORT), (6, METADATA_PORT - 1),
+                                     (6, METADATA_PORT + 1), (17, METADATA_PORT))]
+    probes.append(Packet(local, md.address, 6, CLIENT_PORT, md.port))
+    for packet in probes:
+        yield packet, nat_model_verdict(view, "egress", packet, md)
+
+
+def nat_model_verdict(view: PortView, direction: str, packet: Packet,
+                      md: MetadataRedirect | None) -> str | None:
+    """:func:`model_verdict`, with the metadata redirect's exceptions: a served
+    port's TCP to ``169.254.169.254:80`` is accepted whatever its egress rules
+    say; what a port sends straight to the server's address and port is dropped."""
+    if md is not None and direction == "egress" and packet.protocol == 6:
+        if (packet.dst, packet.dport) == (METADATA_ADDRESS, METADATA_PORT) and any(
+                p.tap == view.port.tap and p.address == packet.src for p in md.ports):
+            return "accept"
+        if (packet.dst, packet.dport) == (md.address, md.port):
+            return "drop"
+    return model_verdict(view, direction, packet)
+
+
+def _first_difference(view: PortView, direction: str,
+                      pairs: Iterable[tuple[Packet, str | None]], kernel: KernelVerdict
+                      ) -> tuple[Difference | None, int]:
+    """The first probe the kernel judges otherwise than the model, and how many
+    probes were compared up to it (all, when there is none)."""
+    compared = 0
+    for packet, model in pairs:
+        if model is None:
+            continue
+        compared += 1
+        verdict = kernel(view, direction, packet)
+        if verdict != model:
+            return Difference(view, direction, packet, model, verdict), compared
+    return None, compared
 
 
 def model_verdict(view: PortView, direction: str, packet: Packet) -> str | None:
@@ -197,12 +283,15 @@ def _clean(point: Point) -> Point:
     return address, protocol, 0, version
 
 
-def nft_kernel(listing: dict[str, Any], topology: str | None = None
-               ) -> tuple[KernelVerdict, list[str], list[int]]:
+def nft_kernel(listing: dict[str, Any], topology: str | None = None,
+               local: Iterable[str] = ()) -> tuple[KernelVerdict, list[str], list[int]]:
     """The kernel verdict of an nftables JSON listing, and the addresses and ports
-    its rules and sets name (extra probes for :func:`verify`)."""
+    its rules and sets name (extra probes for :func:`verify`). ``local``: the
+    host's own addresses that matter (the metadata server's): a packet whose
+    translated destination is one of them goes to ``input``."""
     ruleset = nftkernel.NftRuleset(listing)
     shape = topology or nftkernel.topology_of(ruleset)
+    own = frozenset(local)
 
     def judge(view: PortView, direction: str, packet: Packet) -> str:
         mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
@@ -210,13 +299,31 @@ def nft_kernel(listing: dict[str, Any], topology: str | None = None
             "", "", packet.src, packet.dst, packet.protocol, mac, packet.sport,
             packet.dport, packet.icmp_type, packet.icmp_code,
             ct_state=nftkernel.CT_STATES["invalid" if icmp_invalid(packet) else "new"])
+        tap = view.port.tap
         try:
-            return ruleset.verdict(nftkernel.paths(shape, view.port.tap, direction), probe)
+            verdict, after = ruleset.run(nftkernel.paths_before(shape, tap, direction), probe)
+            if verdict == "drop" or not _reaches_port(view, direction, after.dst, own):
+                return "drop"
+            rest = nftkernel.paths_after(shape, tap, direction, after.dst in own)
+            return ruleset.verdict(rest, after)
         except nftkernel.Unsupported as exc:
             return f"unknown: {exc}"
 
     addresses, ports = _named_values(listing)
     return judge, addresses, ports
+
+
+def _reaches_port(view: PortView, direction: str, destination: str,
+                  local: frozenset[str]) -> bool:
+    """Whether a packet for the port, its destination translated at prerouting,
+    still goes to the port: an ingress one only when it is addressed to the port's
+    fixed address (a floating address DNATed elsewhere, or not at all, is routed
+    away from the tap); an egress one always (it leaves by the uplink or, for
+    one of ``local``, goes to the host)."""
+    if direction == "egress" or destination in local:
+        return True
+    family: Family = "ipv4" if ipaddress.ip_address(destination).version == 4 else "ipv6"
+    return destination == view.address(family)
 
 
 def _named_values(node: Any) -> tuple[list[str], list[int]]:
@@ -256,32 +363,52 @@ def _is_address(text: str) -> bool:
     return True
 
 
-def ipt_kernel(saves: dict[str, str], topology: str
+def ipt_kernel(saves: dict[str, str], topology: str, local: Iterable[str] = ()
                ) -> tuple[KernelVerdict, list[str], list[int]]:
     """The kernel verdict of ``iptables-save``/``ip6tables-save``/``ipset save``
-    output (:mod:`.iptkernel`): the packet through the filter table's FORWARD
-    chain — routed, with the tap as its interface; bridged, as br_netfilter
-    hands it over (the bridge as both interfaces, the taps as physdev ports)."""
+    output (:mod:`.iptkernel`): an IPv4 packet through the ``nat`` table's
+    PREROUTING first (conntrack-less probes skip it, as the kernel's nat hooks
+    do), then the filter table's FORWARD chain — or INPUT when its translated
+    destination is one of ``local`` (the metadata server) — routed, with the tap
+    as its interface; bridged, as br_netfilter hands it over (the bridge as both
+    interfaces, the taps as physdev ports)."""
     tables = iptkernel.chains_of(saves)
+    nat = iptkernel.nat_of(saves)
+    own = frozenset(local)
 
     def judge(view: PortView, direction: str, packet: Packet) -> str:
-        tap, other = view.port.tap, nftkernel.UPLINK
-        inside, outside = (other, tap) if direction == "ingress" else (tap, other)
-        if topology == "routed":
-            where: dict[str, Any] = {"iif": inside, "oif": outside}
-        else:
-            where = {"iif": nftkernel.BRIDGE, "oif": nftkernel.BRIDGE,
-                     "physdev_in": inside, "physdev_out": outside}
-        mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
-        probe = iptkernel.IptProbe(
-            src=packet.src, dst=packet.dst, protocol=packet.protocol, mac=mac,
-            sport=packet.sport, dport=packet.dport, icmp_type=packet.icmp_type,
-            icmp_code=packet.icmp_code,
-            ct_state="invalid" if icmp_invalid(packet) else "new", **where)
+        probe = _ipt_probe(view, direction, packet, topology)
         try:
+            if packet.version == 4 and "PREROUTING" in nat.chains \
+                    and probe.ct_state not in ("invalid", "untracked"):
+                verdict, probe = nat.run("PREROUTING", probe)
+                if verdict == "drop":
+                    return "drop"
+            if not _reaches_port(view, direction, probe.dst, own):
+                return "drop"
+            if probe.dst in own:
+                probe = replace(probe, oif="", physdev_out=None)
+                return tables[packet.version].verdict("INPUT", probe)
             return tables[packet.version].verdict("FORWARD", probe)
         except nftkernel.Unsupported as exc:
             return f"unknown: {exc}"
 
     addresses, ports = iptkernel.named_values(saves)
     return judge, addresses, ports
+
+
+def _ipt_probe(view: PortView, direction: str, packet: Packet, topology: str
+               ) -> iptkernel.IptProbe:
+    tap, other = view.port.tap, nftkernel.UPLINK
+    inside, outside = (other, tap) if direction == "ingress" else (tap, other)
+    if topology == "routed":
+        where: dict[str, Any] = {"iif": inside, "oif": outside}
+    else:
+        where = {"iif": nftkernel.BRIDGE, "oif": nftkernel.BRIDGE,
+                 "physdev_in": inside, "physdev_out": outside}
+    mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
+    return iptkernel.IptProbe(
+        src=packet.src, dst=packet.dst, protocol=packet.protocol, mac=mac,
+        sport=packet.sport, dport=packet.dport, icmp_type=packet.icmp_type,
+        icmp_code=packet.icmp_code,
+        ct_state="invalid" if icmp_invalid(packet) else "new", **where)
