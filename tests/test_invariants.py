@@ -130,13 +130,14 @@ MAPPINGS = mostly(["vda=boot:::1", "vda=boot:::0", "vda=s1:snap::1", "vdb=v1:::0
 #: usable addresses: 10.0.0.2-6 (flat, every project), 10.1.0.2 (VLAN 7, project p2 only)
 FLAT_CIDR, VLAN_CIDR = "10.0.0.0/29", "10.1.0.0/30"
 
-# floating IPs: two small pools (a /30 has two usable addresses: exhaustion is reachable)
+# floating IPs: two small pools, allocated from .2 up (a /30 has one address:
+# exhaustion is reachable)
 POOL_NAMES = mostly(["public", "ext"], ["nosuch", ""])
-POOL_CIDRS = mostly(["192.0.2.0/30", "198.51.100.0/29"],
+POOL_CIDRS = mostly(["192.0.2.0/29", "198.51.100.0/30"],
                     [FLAT_CIDR, "192.0.2.0/28", "bad", "2001:db8::/64"])
 ALLOCATE_FROM = st.one_of(st.none(), POOL_NAMES)
-FLOATING_ADDRESSES = mostly(["192.0.2.1", "192.0.2.2", "198.51.100.1", "198.51.100.2"],
-                            ["192.0.2.3", "203.0.113.1", "bad"])
+FLOATING_ADDRESSES = mostly(["192.0.2.2", "192.0.2.3", "192.0.2.4", "198.51.100.2"],
+                            ["192.0.2.1", "198.51.100.3", "203.0.113.1", "bad"])
 FIXED_ADDRESSES = mostly([None], ["10.0.0.2", "10.1.0.2", "1.2.3.4", "x"])
 
 
@@ -159,8 +160,11 @@ class CloudMachine(RuleBasedStateMachine):
         for project in ("p1", "p2"):
             self.seed_project(project)
         self.attempt(lambda: self.api.host_add("admin", "h3", "2", "1024", "2"))
-        self.attempt(lambda: self.api.floating_pool_create("admin", "public", "192.0.2.0/30"))
-        self.attempt(lambda: self.api.floating_ip_create("p1", "public"))
+        self.attempt(lambda: self.api.floating_pool_create("admin", "public", "192.0.2.0/29"))
+        for project, address in (("p1", "192.0.2.2"), ("p2", "192.0.2.3")):
+            # associated from the start: server deletes and moves then hit live mappings
+            self.attempt(lambda p=project: self.api.floating_ip_create(p, "public"))
+            self.attempt(lambda p=project, a=address: self.api.add_floating_ip(p, "vm1", a))
 
     def seed_project(self, project: str) -> None:
         api = self.api
@@ -665,6 +669,7 @@ class CloudMachine(RuleBasedStateMachine):
         for doc in self.docs("floatingip").values():
             assert (doc["port_id"] is None) == (doc["fixed_ip"] is None), doc
         for doc in associated:
+            assert doc["port_id"] in ports, ("dangling floating IP", doc)
             port = ports[doc["port_id"]]
             owner = instances[port["instance_id"]]
             assert owner["project"] == doc["project"] and owner["state"] == "ACTIVE"
