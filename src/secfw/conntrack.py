@@ -282,12 +282,20 @@ def stale_nat(entries: Iterable[NatEntry], new: HostFilter, pools: Iterable[str]
                          *(ipaddress.ip_network(n.floating) for n in new.floating)])
     if floating.empty:
         return
+    known: dict[str, bool] = {}  # a table has few distinct NATed addresses: parse each once
+
+    def is_floating(address: str) -> bool:
+        found = known.get(address)
+        if found is None:
+            found = known[address] = floating.contains(address)
+        return found
+
     for nat in entries:
         packet = nat.entry.packet
-        if nat.entry.zone or ipaddress.ip_address(packet.src).version != 4:
+        if nat.entry.zone or ":" in packet.src:  # NAT here is IPv4 only
             continue
-        dnat = nat.reply_src != packet.dst and floating.contains(packet.dst)
-        snat = nat.reply_dst != packet.src and floating.contains(nat.reply_dst)
+        dnat = nat.reply_src != packet.dst and is_floating(packet.dst)
+        snat = nat.reply_dst != packet.src and is_floating(nat.reply_dst)
         if (dnat and (packet.dst, nat.reply_src) not in current) or \
                 (snat and (nat.reply_dst, packet.src) not in current):
             yield nat.entry
