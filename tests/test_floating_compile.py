@@ -19,9 +19,11 @@ from secfw.backends.nftables.render import render
 from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.syntax import to_nft_text
 from secfw.cloud import CloudState
-from secfw.compiler.build import compile_host
+from secfw.compiler.build import compile_host, floating_pools
+from secfw.compiler.evaluate import Packet
 from secfw.compiler.incremental import HostCompiler
-from secfw.compiler.ir import FloatingNat
+from secfw.compiler.ir import FloatingNat, HostFilter
+from secfw.conntrack import Entry, NatEntry, stale_nat
 from secfw.store import open_store
 
 
@@ -147,3 +149,40 @@ def test_iptables_prints_only_canonical_ipv4_addresses(cloud: Api, bad: str) -> 
         nat_table(replace(hf, floating=(replace(hf.floating[0], fixed=bad),)))
     with pytest.raises(BackendError):
         render(replace(hf, floating=(replace(hf.floating[0], floating=bad),)))
+
+
+def _nat(src: str, dst: str, reply_src: str, reply_dst: str, zone: int = 0) -> NatEntry:
+    """A TCP entry ``src -> dst:80`` whose reply tuple is ``reply_src -> reply_dst``."""
+    return NatEntry(Entry(Packet(src, dst, 6, 40000, 80), zone=zone), reply_src, reply_dst)
+
+
+def test_stale_nat_keeps_only_current_bindings_through_floating_addresses(cloud: Api) -> None:
+    """A full pass's check (conntrack.stale_nat): DNAT from a pool address to
+    anything but its current fixed address, and SNAT to a pool address that is no
+    longer the source's, are stale; current bindings, hairpins, untranslated
+    traffic, the metadata redirect and other zones are left alone."""
+    state = CloudState.from_snapshot(cloud.store.load())
+    pools = floating_pools(state)
+    assert pools == ("192.0.2.0/24",)
+    fip, other = "192.0.2.1", "192.0.2.2"
+    nat = HostFilter("h1", (), (), (), floating=(FloatingNat(fip, "10.1.0.5", "tapb", "b"),))
+    ext = "203.0.113.10"
+    current_in = _nat(ext, fip, "10.1.0.5", ext)
+    current_out = _nat("10.1.0.5", ext, ext, fip)
+    own_hairpin = _nat("10.1.0.5", fip, "10.1.0.5", fip)
+    peer_hairpin = _nat("10.2.0.7", fip, "10.1.0.5", "10.2.0.7")
+    moved_in = _nat(ext, fip, "10.1.0.9", ext)           # fip went from .9 to .5
+    moved_out = _nat("10.1.0.9", ext, ext, fip)
+    gone_in = _nat(ext, other, "10.2.0.7", ext)           # other no longer mapped
+    gone_out = _nat("10.2.0.7", ext, ext, other)
+    plain = _nat("10.1.0.5", ext, ext, "10.1.0.5")        # before association: no NAT
+    metadata = _nat("10.1.0.5", "169.254.169.254", "10.0.0.1", "10.1.0.5")
+    zoned = _nat(ext, other, "10.2.0.7", ext, zone=3)
+    entries = [current_in, current_out, own_hairpin, peer_hairpin, moved_in, moved_out,
+               gone_in, gone_out, plain, metadata, zoned]
+    stale = [moved_in.entry, moved_out.entry, gone_in.entry, gone_out.entry]
+    assert list(stale_nat(entries, nat, pools)) == stale
+    # Without the pools only the host's own mappings are known: an address no
+    # longer mapped here goes unnoticed — why the reconciler passes the pools.
+    assert list(stale_nat(entries, nat, ())) == [moved_in.entry, moved_out.entry]
+    assert list(stale_nat(entries, HostFilter("h1", (), (), ()), ())) == []

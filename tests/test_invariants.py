@@ -40,6 +40,7 @@ from secfw.errors import SecfwError
 from secfw.model import (
     DEFAULT_GROUP,
     DEFAULT_QUOTA_CORES,
+    DEFAULT_QUOTA_FLOATING_IPS,
     DEFAULT_QUOTA_GIGABYTES,
     DEFAULT_QUOTA_INSTANCES,
     DEFAULT_QUOTA_RAM,
@@ -129,6 +130,16 @@ MAPPINGS = mostly(["vda=boot:::1", "vda=boot:::0", "vda=s1:snap::1", "vdb=v1:::0
 #: usable addresses: 10.0.0.2-6 (flat, every project), 10.1.0.2 (VLAN 7, project p2 only)
 FLAT_CIDR, VLAN_CIDR = "10.0.0.0/29", "10.1.0.0/30"
 
+# floating IPs: two small pools, allocated from .2 up (a /30 has one address:
+# exhaustion is reachable)
+POOL_NAMES = mostly(["public", "ext"], ["nosuch", ""])
+POOL_CIDRS = mostly(["192.0.2.0/29", "198.51.100.0/30"],
+                    [FLAT_CIDR, "192.0.2.0/28", "bad", "2001:db8::/64"])
+ALLOCATE_FROM = st.one_of(st.none(), POOL_NAMES)
+FLOATING_ADDRESSES = mostly(["192.0.2.2", "192.0.2.3", "192.0.2.4", "198.51.100.2"],
+                            ["192.0.2.1", "198.51.100.3", "203.0.113.1", "bad"])
+FIXED_ADDRESSES = mostly([None], ["10.0.0.2", "10.1.0.2", "1.2.3.4", "x"])
+
 
 class CloudMachine(RuleBasedStateMachine):
     """A store driven by random API calls; see the module docstring."""
@@ -149,6 +160,11 @@ class CloudMachine(RuleBasedStateMachine):
         for project in ("p1", "p2"):
             self.seed_project(project)
         self.attempt(lambda: self.api.host_add("admin", "h3", "2", "1024", "2"))
+        self.attempt(lambda: self.api.floating_pool_create("admin", "public", "192.0.2.0/29"))
+        for project, address in (("p1", "192.0.2.2"), ("p2", "192.0.2.3")):
+            # associated from the start: server deletes and moves then hit live mappings
+            self.attempt(lambda p=project: self.api.floating_ip_create(p, "public"))
+            self.attempt(lambda p=project, a=address: self.api.add_floating_ip(p, "vm1", a))
 
     def seed_project(self, project: str) -> None:
         api = self.api
@@ -401,6 +417,37 @@ class CloudMachine(RuleBasedStateMachine):
         self.attempt(lambda: self.api.boot(project, name, "m1.tiny", image, host, None,
                                            ["flat"], block_devices=[mapping]))
 
+    # ------------------------------------------------------------------ floating IPs
+
+    @rule(project=ADMINS, name=POOL_NAMES, cidr=POOL_CIDRS)
+    def create_pool(self, project: str, name: str, cidr: str) -> None:
+        self.attempt(lambda: self.api.floating_pool_create(project, name, cidr))
+
+    @rule(project=ADMINS, name=POOL_NAMES)
+    def delete_pool(self, project: str, name: str) -> None:
+        self.attempt(lambda: self.api.floating_pool_delete(project, name))
+
+    @rule(project=PROJECTS, pool=ALLOCATE_FROM)
+    def allocate_floating_ip(self, project: str, pool: str | None) -> None:
+        self.attempt(lambda: self.api.floating_ip_create(project, pool))
+
+    @rule(project=PROJECTS, address=FLOATING_ADDRESSES)
+    def release_floating_ip(self, project: str, address: str) -> None:
+        self.attempt(lambda: self.api.floating_ip_delete(project, address))
+
+    @rule(project=PROJECTS, server=SERVERS, address=FLOATING_ADDRESSES, fixed=FIXED_ADDRESSES)
+    def associate_floating_ip(self, project: str, server: str, address: str,
+                              fixed: str | None) -> None:
+        self.attempt(lambda: self.api.add_floating_ip(project, server, address, fixed))
+
+    @rule(project=PROJECTS, server=SERVERS, address=FLOATING_ADDRESSES)
+    def dissociate_floating_ip(self, project: str, server: str, address: str) -> None:
+        self.attempt(lambda: self.api.remove_floating_ip(project, server, address))
+
+    @rule(project=PROJECTS, limit=QUOTAS)
+    def update_floating_quota(self, project: str, limit: str | None) -> None:
+        self.attempt(lambda: self.api.quota_update(project, floating_ips=limit))
+
     # ------------------------------------------------------------------ invariants
 
     def docs(self, kind: str) -> dict[str, dict[str, Any]]:
@@ -592,6 +639,49 @@ class CloudMachine(RuleBasedStateMachine):
             for name, amount in amounts.items():
                 limit = quotas.get(project, {}).get(name, defaults[name])
                 assert limit == UNLIMITED or amount <= limit, (project, name, amount, limit)
+
+    @invariant()
+    def floating_ips_are_allocated_once_from_a_pool_within_quota(self) -> None:
+        """An address is one document (its id), inside an existing pool, and each
+        project holds at most its ``floating_ips`` quota."""
+        pools = self.docs("floatingpool")
+        quotas = self.docs("quota")
+        floating = self.docs("floatingip")
+        for address, doc in floating.items():
+            assert doc["id"] == address
+            assert ipaddress.ip_address(address) in ipaddress.ip_network(
+                pools[doc["pool_id"]]["cidr"]), doc
+        for project, count in Counter(f["project"] for f in floating.values()).items():
+            limit = quotas.get(project, {}).get("floating_ips", DEFAULT_QUOTA_FLOATING_IPS)
+            assert limit == UNLIMITED or count <= limit, (project, count, limit)
+        cidrs = [ipaddress.ip_network(p["cidr"]) for p in pools.values()]
+        cidrs += [ipaddress.ip_network(n["cidr"]) for n in self.docs("network").values()]
+        assert not any(a.overlaps(b) for i, a in enumerate(cidrs) for b in cidrs[i + 1:])
+
+    @invariant()
+    def floating_ips_map_one_to_one_onto_live_ports_of_their_project(self) -> None:
+        """An associated address names an existing port of an ACTIVE instance of
+        its project and that port's current address (none dangles after a server
+        delete); no fixed address carries two; the compiler maps exactly these."""
+        instances = self.docs("instance")
+        ports = self.docs("port")
+        associated = [f for f in self.docs("floatingip").values() if f["port_id"] is not None]
+        for doc in self.docs("floatingip").values():
+            assert (doc["port_id"] is None) == (doc["fixed_ip"] is None), doc
+        for doc in associated:
+            assert doc["port_id"] in ports, ("dangling floating IP", doc)
+            port = ports[doc["port_id"]]
+            owner = instances[port["instance_id"]]
+            assert owner["project"] == doc["project"] and owner["state"] == "ACTIVE"
+            assert doc["fixed_ip"] == port["ip"]
+        fixed = Counter(f["port_id"] for f in associated)
+        assert all(count == 1 for count in fixed.values()), fixed
+        state = CloudState.from_snapshot(self.api.store.load())
+        for host in ("h1", "h2", "h3"):
+            expected = {(f["id"], f["fixed_ip"]) for f in associated
+                        if instances[ports[f["port_id"]]["instance_id"]]["host"] == host}
+            compiled = {(n.floating, n.fixed) for n in compile_host(state, host).floating}
+            assert compiled == expected, host
 
     @invariant()
     def change_feed_follower_matches_the_store(self) -> None:

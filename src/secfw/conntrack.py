@@ -42,6 +42,16 @@ destination is the floating address (DNATed, hairpin included) and those of the
 fixed address whose reply goes to the floating address (SNATed), so a reassigned
 address reaches only its new instance.
 
+Agent restarts (:func:`stale_nat`). The diff above only sees what changed while
+an agent watched: a mapping removed or moved while none ran is unknown to the
+next agent's first pass, and conntrack still holds its NAT bindings (a binding
+is chosen by the first packet of a connection and never revisited), so those
+connections would keep reaching the old instance. Every full pass (the first
+one included) therefore also compares the NAT bindings of the entries that
+involve a floating pool with the current mappings and deletes the ones that no
+longer match — two IPv4 dumps per full pass, filtered by the kernel to the NATed
+entries, and only when the cloud has pools or the host maps floating addresses.
+
 No conntrack zones: in the routed topology a packet between two instances of one
 host crosses the forward hook once — one conntrack entry, on which the sender's
 egress and the receiver's ingress were both evaluated. Neutron needed a zone per
@@ -74,6 +84,9 @@ log = logging.getLogger(__name__)
 _FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 _IP_ATTR = {4: "CTA_IP_V4", 6: "CTA_IP_V6"}
 _ICMP_ATTR = {1: "CTA_PROTO_ICMP", 58: "CTA_PROTO_ICMPV6"}
+#: Conntrack status bits of a translated entry (enum ip_conntrack_status,
+#: include/uapi/linux/netfilter/nf_conntrack_common.h).
+_IPS_SRC_NAT, _IPS_DST_NAT = 1 << 4, 1 << 5
 #: Up to this many watched addresses, the kernel filters the dump (two filtered
 #: dumps per address); beyond, one full dump is cheaper.
 _MAX_FILTERED = 32
@@ -249,12 +262,60 @@ class _Matcher:
         return any(n.version == addr.version and addr in n for n in self.networks)
 
 
+@dataclass(frozen=True)
+class NatEntry:
+    """A conntrack entry with the two ends of its reply tuple: ``reply_src`` differs
+    from the original destination when the entry was DNATed (to ``reply_src``),
+    ``reply_dst`` from the original source when it was SNATed (to ``reply_dst``)."""
+
+    entry: Entry
+    reply_src: str
+    reply_dst: str
+
+
+def stale_nat(entries: Iterable[NatEntry], new: HostFilter, pools: Iterable[str]
+              ) -> Iterator[Entry]:
+    """The entries of ``entries`` whose NAT binding involves a floating address (an
+    address of ``pools``, or one ``new`` maps) and is not a current mapping of
+    ``new``: DNATed from a floating address to anything but its current fixed
+    address (dissociated, moved), or SNATed to a floating address that is no
+    longer the source's mapping. Entries NAT left alone, and the other NAT of the
+    host (the metadata redirect, anyone else's), are never yielded. Pure."""
+    current = {(n.floating, n.fixed) for n in new.floating}
+    floating = _Matcher([*(ipaddress.ip_network(p) for p in pools),
+                         *(ipaddress.ip_network(n.floating) for n in new.floating)])
+    if floating.empty:
+        return
+    known: dict[str, bool] = {}  # a table has few distinct NATed addresses: parse each once
+
+    def is_floating(address: str) -> bool:
+        found = known.get(address)
+        if found is None:
+            found = known[address] = floating.contains(address)
+        return found
+
+    for nat in entries:
+        packet = nat.entry.packet
+        if nat.entry.zone or ":" in packet.src:  # NAT here is IPv4 only
+            continue
+        dnat = nat.reply_src != packet.dst and is_floating(packet.dst)
+        snat = nat.reply_dst != packet.src and is_floating(nat.reply_dst)
+        if (dnat and (packet.dst, nat.reply_src) not in current) or \
+                (snat and (nat.reply_dst, packet.src) not in current):
+            yield nat.entry
+
+
 # --------------------------------------------------------------------------- the kernel
 
 
-def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = None) -> Revocation:
+def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = None,
+           pools: Iterable[str] | None = None) -> Revocation:
     """Delete the conntrack entries of ``netns`` (default: this one) that the change
     from ``previous`` to ``new`` revoked; call it once ``new`` is live.
+
+    ``pools`` (a full pass: the CIDRs of the cloud's floating pools) also deletes
+    every NAT binding through a floating address that ``new`` no longer maps
+    that way (:func:`stale_nat`), whatever ``previous`` says.
 
     Raises BackendError when ctnetlink cannot be used (module missing, no
     permission); the kernel's filter is unaffected either way.
@@ -263,11 +324,14 @@ def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = Non
     affected = affected_networks(affected_ports(previous, new))
     watched = affected + left_same_net(previous, new) + _floating_of(affected, previous, new)
     gone = gone_mappings(previous, new)
-    if not watched and not gone:
+    floating = [] if pools is None else [*pools, *(n.floating for n in new.floating)]
+    if not watched and not gone and not floating:
         return result
     try:
         with inside_netns(netns), Conntrack() as table:
             doomed = list(nat_entries(table, gone))
+            if floating:
+                doomed += stale_nat(table.nat_entries(), new, floating)
             if watched:
                 entries = list(table.entries(_filter_addresses(watched)))
                 result.examined = len(entries)
@@ -347,6 +411,25 @@ class Conntrack:
             if entry is not None and reply is not None:
                 address = reply.get_attr("CTA_TUPLE_IP").get_attr("CTA_IP_V4_DST")
                 yield entry, str(ipaddress.ip_address(address))
+
+    def nat_entries(self) -> Iterator[NatEntry]:
+        """The IPv4 entries NAT translated, each once, with the ends of its reply
+        tuple. Two dumps the kernel filters on the status bits IPS_DST_NAT and
+        IPS_SRC_NAT (ctnetlink's CTA_STATUS/CTA_STATUS_MASK dump filter), so only
+        NATed entries cross netlink: parsing a message costs far more than the
+        kernel's walk (a whole 20k-entry table: seconds in pyroute2). A kernel
+        that ignored the filter would send every entry: :func:`stale_nat` judges
+        by the tuples, not the bits, so the result is the same, only slower."""
+        seen: set[Entry] = set()
+        for bit in (_IPS_DST_NAT, _IPS_SRC_NAT):
+            for message in self._socks[4].dump(status=bit, status_mask=bit):
+                entry, reply = _parse(4, message), message.get_attr("CTA_TUPLE_REPLY")
+                if entry is None or reply is None or entry in seen:
+                    continue
+                seen.add(entry)
+                ip = reply.get_attr("CTA_TUPLE_IP")
+                yield NatEntry(entry, str(ipaddress.ip_address(ip.get_attr("CTA_IP_V4_SRC"))),
+                               str(ipaddress.ip_address(ip.get_attr("CTA_IP_V4_DST"))))
 
     def delete(self, entry: Entry) -> bool:
         """Delete one entry by its original tuple (and zone); False when it was

@@ -169,6 +169,12 @@ class CloudLab:
         self.allow_same_net = allow_same_net
         self._reconciler = None
 
+    def stop_agent(self) -> None:
+        """Forget the in-process agent (its kernel table stays, as when the daemon
+        stops): the next :meth:`sync` is a new agent's first (full) pass, with no
+        memory of what the store held meanwhile."""
+        self._reconciler = None
+
     def sync(self, *, lab: bool = True, full: bool = False) -> SyncResult:
         """Bring the lab in line with the store (unless ``lab=False``), then run ONE
         agent pass inside the lab's host namespace; return what the pass did."""

@@ -167,6 +167,38 @@ def test_reassigned_address_reaches_only_the_new_instance(cloud):
     assert not reaches(cloud, EXT, web1, address, 80)
 
 
+@pytest.mark.parametrize("change", ["reassign", "dissociate"])
+def test_mapping_changed_while_no_agent_ran_is_revoked_at_startup(cloud, change):
+    """The change happens with the agent stopped: the next agent's first pass
+    has no previous filter to diff against, yet the old connection must die and
+    new ones reach only the new instance (or nobody). ``keep`` holds another
+    mapping, so the nat chains stay (see the dissociation test). The restarted
+    agent's pass leaves the lab as it was (``lab=False``): in the bridged lab,
+    updating it would withdraw the router's route to a dissociated address and
+    stop the old connection upstream, hiding a missing revocation."""
+    build(cloud, "web1", "web2", "keep")
+    address = floating(cloud)
+    cloud.api.add_floating_ip("p", "web1", address)
+    cloud.api.add_floating_ip("p", "keep", floating(cloud, 2))
+    cloud.sync()
+    web1, web2, ext = cloud.ns("web1"), cloud.ns("web2"), cloud.ns(EXT)
+    with connection(ext, web1, address, 80) as (client, conn, _), \
+            connection(web1, ext, EXTERNAL_IP, 8080) as (c_out, s_out, seen):
+        assert seen == address
+        assert carries(client, conn, b"to web1") and carries(c_out, s_out, b"out")
+        cloud.stop_agent()
+        cloud.api.remove_floating_ip("p", "web1", address)
+        if change == "reassign":
+            cloud.api.add_floating_ip("p", "web2", address)
+        assert carries(client, conn, b"no agent"), "the kernel changed with no agent"
+        cloud.sync(lab=False)
+        assert not carries(client, conn, b"still web1?"), "the old DNAT outlived a restart"
+        assert not carries(c_out, s_out, b"out again"), "the old SNAT outlived a restart"
+    cloud.sync()
+    assert reaches(cloud, EXT, web2, address, 80) == (change == "reassign")
+    assert not reaches(cloud, EXT, web1, address, 80)
+
+
 def test_hairpin_through_a_floating_address_is_filtered(cloud):
     """An instance reaching another's floating address on the same host: DNATed,
     not SNATed (the server sees the client's fixed address), and judged by the

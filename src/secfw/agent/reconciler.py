@@ -36,7 +36,7 @@ from secfw.agent.isolation import IsolatedPort, Isolation
 from secfw.agent.storewatch import Reopenable
 from secfw.agent.topology import TapLayout, decide
 from secfw.cloud import CloudState, Replaced
-from secfw.compiler.build import compile_host
+from secfw.compiler.build import compile_host, floating_pools
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
 from secfw.compiler.metadata import with_metadata
@@ -221,7 +221,10 @@ class Reconciler:
         assert result.programmed is not None
         revoke = getattr(self.backend, "revoke", None)
         if revoke is not None:  # cut established connections the change revoked
-            revoke(self._previous, result.programmed)
+            # A full pass also checks every NAT binding through a floating pool:
+            # mappings removed while no agent ran are in no diff (conntrack.stale_nat).
+            pools = floating_pools(cloud) if full else None
+            revoke(self._previous, result.programmed, pools)
         self._previous = result.programmed
         return result
 

@@ -133,6 +133,12 @@ def floating_nat(state: CloudState, host: str) -> tuple[FloatingNat, ...]:
     return tuple(sorted(found, key=lambda n: ipaddress.ip_address(n.floating)))
 
 
+def floating_pools(state: CloudState) -> tuple[str, ...]:
+    """The CIDRs of every floating pool, merged: the addresses a full agent pass
+    checks conntrack's NAT bindings against (:func:`secfw.conntrack.stale_nat`)."""
+    return normalise_addresses(p.cidr for p in state.floating_pools.values())
+
+
 def internal_networks(state: CloudState) -> tuple[str, ...]:
     """Every instance network's IPv4 CIDR, merged: what SNAT never applies towards
     (traffic between instances keeps its fixed source, as nova-network's did)."""

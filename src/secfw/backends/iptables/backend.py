@@ -7,6 +7,7 @@ read back or committed, :class:`.executor.IptablesExecutor` to apply.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from secfw.backends.iptables.executor import IptablesExecutor, Runner, Variant
@@ -130,12 +131,15 @@ class IptablesBackend:
         """Elements in the sets of ``state`` (for metrics)."""
         return element_count(state)
 
-    def revoke(self, previous: HostFilter | None, desired: HostFilter) -> Revocation | None:
+    def revoke(self, previous: HostFilter | None, desired: HostFilter,
+               pools: Iterable[str] | None = None) -> Revocation | None:
         """Delete the conntrack entries of established connections that ``desired``
         (already committed) no longer allows but ``previous`` did, in the
         executor's namespace — :func:`secfw.conntrack.revoke`, which judges them
         on the IR, so both backends revoke alike. ``previous`` None: check every
-        connection of every port.
+        connection of every port. ``pools`` (full passes): also delete the NAT
+        bindings through floating addresses that ``desired`` does not map that
+        way (:func:`secfw.conntrack.stale_nat`).
 
         Never raises: the filter is already right; a failure (ctnetlink
         unusable, its module unavailable) is logged and the result is None
@@ -144,7 +148,7 @@ class IptablesBackend:
         try:
             from secfw.conntrack import revoke
 
-            result = revoke(previous, desired, self.executor.netns)
+            result = revoke(previous, desired, self.executor.netns, pools)
         except (BackendError, ImportError) as exc:
             log.warning("conntrack revocation failed: %s", exc)
             return None

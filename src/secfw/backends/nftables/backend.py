@@ -7,6 +7,7 @@ read back or committed, :class:`.executor.NftablesExecutor` to apply.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from secfw.backends import TOPOLOGIES
@@ -137,11 +138,14 @@ class NftablesBackend:
         """Elements in the sets and maps of ``state`` (for metrics)."""
         return element_count(state)
 
-    def revoke(self, previous: HostFilter | None, desired: HostFilter) -> Revocation | None:
+    def revoke(self, previous: HostFilter | None, desired: HostFilter,
+               pools: Iterable[str] | None = None) -> Revocation | None:
         """Delete the conntrack entries of established connections that ``desired``
         (already committed) no longer allows but ``previous`` did — in the
         executor's namespace (:func:`secfw.conntrack.revoke`). ``previous`` None:
-        check every connection of every port.
+        check every connection of every port. ``pools`` (full passes): also delete
+        the NAT bindings through floating addresses that ``desired`` does not map
+        that way (:func:`secfw.conntrack.stale_nat`).
 
         Never raises: the filter is already right; a failure is logged and the
         result is None (entries then only expire by their timeouts).
@@ -149,7 +153,7 @@ class NftablesBackend:
         from secfw.conntrack import revoke
 
         try:
-            result = revoke(previous, desired, self.executor.netns)
+            result = revoke(previous, desired, self.executor.netns, pools)
         except BackendError as exc:
             log.warning("conntrack revocation failed: %s", exc)
             return None
