@@ -22,7 +22,7 @@ from typing import Any
 
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import Answer, ingress_openers, region_row, specials
-from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Opener, Region, sweep
+from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Opener, Region, UnionCache, sweep
 from secfw.compiler.ir import Family
 
 #: Administration and database ports an auditor wants to see first.
@@ -50,9 +50,10 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]
     rows: list[dict[str, Any]] = []
     memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
     networks: dict[str, Counter[str]] = {}
+    unions = UnionCache()  # the ports' sweeps meet the same unions of sets
     for view in views:
         for family in ("ipv4", "ipv6"):
-            rows += _broad(cp, view, family, memo)
+            rows += _broad(cp, view, family, memo, unions)
         rows += _other_project_groups(cp, view)
         rows += _same_net(cp, view, networks)
     return sorted(rows, key=lambda r: (not r["admin_ports"], KINDS.index(r["kind"]),
@@ -60,8 +61,8 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]
 
 
 def _broad(cp: CloudPolicy, view: PortView, family: Family,
-           memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]]
-           ) -> list[dict[str, Any]]:
+           memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]],
+           unions: UnionCache | None = None) -> list[dict[str, Any]]:
     """The internet/broad rows of one port. Its regions depend only on what its
     ingress names (port security, same-net sets, group chains — sets and chains
     are the same on every host), so ports that share them share one sweep."""
@@ -74,7 +75,7 @@ def _broad(cp: CloudPolicy, view: PortView, family: Family,
     if found is None:
         openers = ingress_openers(cp, view, family)
         found = memo[key] = (
-            sweep(family, openers, (), specials(cp, view, "ingress", family)), openers)
+            sweep(family, openers, (), specials(cp, view, "ingress", family), unions), openers)
     regions, openers = found
     answer = Answer(view, family, address, "ingress", regions, openers)
     rows = []
