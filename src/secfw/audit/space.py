@@ -183,11 +183,15 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
     memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]] = {}
     for piece in _protocol_pieces(single):
         cells = _cells(piece, boxes, by_proto.get(piece[0]) if piece[0] == piece[1] else None)
+        # only the openers of this piece's protocols can cover its cells (same
+        # indices, same order: the memo keys and labels do not change)
+        relevant = [i for i, o in enumerate(openers)
+                    if o.box.proto_lo <= piece[1] and piece[0] <= o.box.proto_hi]
         merged: list[Region] = []
         for cell in cells:
             region = _decide(family, cell, openers, constraints,
                              by_proto.get(cell.proto_lo) if piece[0] == piece[1] else None,
-                             memo, unite)
+                             memo, unite, relevant)
             if merged and _mergeable(merged[-1], region, by_proto):
                 merged[-1] = _merge(merged[-1], region)
             else:
@@ -250,13 +254,15 @@ def _cells(piece: tuple[int, int], boxes: Sequence[Box], special: Special | None
 def _decide(family: Family, cell: Box, openers: Sequence[Opener],
             constraints: Sequence[Constraint], special: Special | None,
             memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]],
-            unite: Callable[[Sequence[netaddr.IPSet]], netaddr.IPSet] = union) -> Region:
+            unite: Callable[[Sequence[netaddr.IPSet]], netaddr.IPSet] = union,
+            relevant: Sequence[int] | None = None) -> Region:
     """The region of one cell. Memoised per sweep by what decides it (the covering
     openers, the closing constraints, the cell policy): neighbouring cells of a big
     policy mostly share them, and IPSet unions are the sweep's cost."""
     policy = special.decide(cell.sel_lo) if special is not None else None
     policy = policy or _NO_POLICY
-    covering = tuple(i for i, o in enumerate(openers) if o.box.covers(cell))
+    indices = range(len(openers)) if relevant is None else relevant
+    covering = tuple(i for i in indices if openers[i].box.covers(cell))
     closed = tuple(i for i, c in enumerate(constraints)
                    if not any(b.covers(cell) for b in c.boxes)) if policy.constraints else ()
     # id(policy) is unique only while the policy lives: the memo keeps it alive
