@@ -274,9 +274,13 @@ def _span(low: int, high: int, full: tuple[int, int]) -> str:
 def region_row(answer: Answer, region: Region) -> dict[str, Any]:
     """One region as a JSON-ready row."""
     remote = "sources" if answer.direction == "ingress" else "destinations"
-    row = region_fields(answer, region)
-    row[remote] = [str(c) for c in region.addresses.iter_cidrs()]
-    return row
+    fields = region_fields(answer, region)
+    # the remote addresses after the ethertype, as the rows have always had them
+    keys = list(fields)
+    at = keys.index("ethertype") + 1
+    return {**{k: fields[k] for k in keys[:at]},
+            remote: [str(c) for c in region.addresses.iter_cidrs()],
+            **{k: fields[k] for k in keys[at:]}}
 
 
 def region_fields(answer: Answer, region: Region) -> dict[str, Any]:
