@@ -60,6 +60,8 @@ class _Shared:
         self.unions = UnionCache()
         # (id, id) -> (the two sets, kept alive so the ids stay theirs; overlap)
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
+        # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
+        self.adds_nothing: dict[tuple[Any, ...], bool] = {}
 
     def overlap(self, a: netaddr.IPSet, b: netaddr.IPSet) -> bool:
         """Whether ``a`` and ``b`` share an address (once per pair of sets)."""
@@ -226,8 +228,19 @@ def _covered_on(cp: CloudPolicy, view: PortView, rule: Rule,
     swept = others if run is None else \
         [o for o in others if any(o.box.meets(m.box) for m in mine)]
     unions = run.unions if run is not None else None
-    before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=unions)]
-    if before != [(r.box, r.addresses) for r in sweep(fam, swept + mine, cache=unions)]:
+    # the verdict depends only on the openers' boxes and sets, not on their rules
+    # (nor their order): ports whose rules differ but open the same share it; the
+    # sets stay alive in run.openers, so their ids are theirs for the run
+    key = (tuple(sorted((o.box, id(o.addresses)) for o in swept)),
+           tuple(sorted((m.box, id(m.addresses)) for m in mine)))
+    same = run.adds_nothing.get(key) if run is not None else None
+    if same is None:
+        before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=unions)]
+        same = before == [(r.box, r.addresses)
+                          for r in sweep(fam, swept + mine, cache=unions)]
+        if run is not None:
+            run.adds_nothing[key] = same
+    if not same:
         return None
     box, addresses = rule_box(ir_rule(rule)), mine[0].addresses
     overlap = run.overlap if run is not None else lambda a, b: bool(a & b)
