@@ -20,9 +20,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+import netaddr
+
 from secfw.audit.policy import CloudPolicy, PortView
-from secfw.audit.reach import Answer, ingress_openers, region_row, specials
-from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Opener, Region, sweep
+from secfw.audit.reach import Answer, ingress_openers, region_fields, specials
+from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Opener, Region, UnionCache, sweep
 from secfw.compiler.ir import Family
 
 #: Administration and database ports an auditor wants to see first.
@@ -50,9 +52,11 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]
     rows: list[dict[str, Any]] = []
     memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
     networks: dict[str, Counter[str]] = {}
+    unions = UnionCache()  # the ports' sweeps meet the same unions of sets
+    broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] = {}
     for view in views:
         for family in ("ipv4", "ipv6"):
-            rows += _broad(cp, view, family, memo)
+            rows += _broad(cp, view, family, memo, unions, broads)
         rows += _other_project_groups(cp, view)
         rows += _same_net(cp, view, networks)
     return sorted(rows, key=lambda r: (not r["admin_ports"], KINDS.index(r["kind"]),
@@ -60,7 +64,9 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]
 
 
 def _broad(cp: CloudPolicy, view: PortView, family: Family,
-           memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]]
+           memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]],
+           unions: UnionCache | None = None,
+           broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None = None
            ) -> list[dict[str, Any]]:
     """The internet/broad rows of one port. Its regions depend only on what its
     ingress names (port security, same-net sets, group chains — sets and chains
@@ -74,22 +80,36 @@ def _broad(cp: CloudPolicy, view: PortView, family: Family,
     if found is None:
         openers = ingress_openers(cp, view, family)
         found = memo[key] = (
-            sweep(family, openers, (), specials(cp, view, "ingress", family)), openers)
+            sweep(family, openers, (), specials(cp, view, "ingress", family), unions), openers)
     regions, openers = found
     answer = Answer(view, family, address, "ingress", regions, openers)
     rows = []
     for region in answer.regions:
-        broad = [c for c in region.addresses.iter_cidrs()
-                 if c.prefixlen <= BROAD_PREFIX[family]]
+        broad = _broad_cidrs(region.addresses, family, broads)
         if not broad:
             continue
-        row = region_row(answer, region)
+        row = region_fields(answer, region)
         kind = "internet" if any(c.prefixlen == 0 for c in broad) else "broad"
         rows.append({**_base(view, kind), **{k: row[k] for k in (
             "address", "ethertype", "protocol", "ports", "icmp_type", "icmp_code", "rules")},
             "sources": [str(c) for c in broad], "admin_ports": admin_ports(region),
             "detail": f"open to {', '.join(str(c) for c in broad)}"})
     return rows
+
+
+def _broad_cidrs(addresses: netaddr.IPSet, family: Family,
+                 memo: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None
+                 ) -> list[netaddr.IPNetwork]:
+    """The CIDRs of ``addresses`` at most :data:`BROAD_PREFIX` long; once per set
+    object with ``memo`` (the ports' regions share their sets: see UnionCache;
+    the memo keeps each set alive so its id stays its own)."""
+    found = memo.get(id(addresses)) if memo is not None else None
+    if found is None:
+        found = (addresses, [c for c in addresses.iter_cidrs()
+                             if c.prefixlen <= BROAD_PREFIX[family]])
+        if memo is not None:
+            memo[id(addresses)] = found
+    return found[1]
 
 
 def _base(view: PortView, kind: str) -> dict[str, Any]:

@@ -27,10 +27,19 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+import netaddr
+
 from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import ingress_openers
-from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, Opener, rule_box, sweep
+from secfw.audit.space import (
+    ICMP_OF,
+    PORT_PROTOCOL_NUMBERS,
+    Opener,
+    UnionCache,
+    rule_box,
+    sweep,
+)
 from secfw.compiler.build import ir_rule, port_addresses
 from secfw.compiler.explain import describe_rule
 from secfw.compiler.ir import Family
@@ -41,10 +50,40 @@ KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_m
          "broad_admin_port", "self_reference")
 
 
-def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup]) -> list[dict[str, Any]]:
+class _Shared:
+    """What the shadow checks of one lint run share: each port filter's openers
+    (built once per distinct filter, not once per rule of it) and the unions of
+    address sets (:class:`~secfw.audit.space.UnionCache`)."""
+
+    def __init__(self) -> None:
+        self.openers: dict[tuple[Any, ...], list[Opener]] = {}
+        self.unions = UnionCache()
+        # (id, id) -> (the two sets, kept alive so the ids stay theirs; overlap)
+        self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
+        # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
+        self.adds_nothing: dict[tuple[Any, ...], bool] = {}
+
+    def overlap(self, a: netaddr.IPSet, b: netaddr.IPSet) -> bool:
+        """Whether ``a`` and ``b`` share an address (once per pair of sets)."""
+        key = (id(a), id(b))
+        found = self._overlaps.get(key)
+        if found is None:
+            found = self._overlaps[key] = (a, b, bool(a & b))
+        return found[2]
+
+
+def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
+         shared: bool = True) -> list[dict[str, Any]]:
     """Every finding about ``groups``, ordered by kind (:data:`KINDS`), group, rule
-    (its description, then its id)."""
+    (its description, then its id).
+
+    ``shared`` False decides each shadow with two sweeps of the port's whole
+    filter (the reference the tests compare with); True, the default, reuses the
+    openers of each distinct filter and sweeps only the openers that meet the
+    rule's box: a rule adds a point only inside its box, and openers elsewhere do
+    not change what is allowed there, so the answer is the same."""
     findings: list[dict[str, Any]] = []
+    run = _Shared() if shared else None
     for group in groups:
         rules = sorted(cp.state.rules_by_group.get(group.id, {}).values(), key=lambda r: r.id)
         used = bool(cp.state.instances_by_group.get(group.id))
@@ -52,7 +91,7 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup]) -> list[dict[str, Any
             findings.append(_finding(cp, "unused_group", group, None,
                                      f"no instance uses it ({len(rules)} rule(s))"))
         for rule in rules:
-            findings += _rule_findings(cp, group, rule, used)
+            findings += _rule_findings(cp, group, rule, used, run)
     findings += _duplicates(cp, {g.id for g in groups})
     return sorted(findings, key=lambda f: (KINDS.index(f["kind"]), f["group"], f["group_id"],
                                            f["rule"] or "", f["rule_id"] or ""))
@@ -66,7 +105,7 @@ def _finding(cp: CloudPolicy, kind: str, group: SecurityGroup, rule: Rule | None
 
 
 def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
-                   used: bool) -> list[dict[str, Any]]:
+                   used: bool, run: _Shared | None = None) -> list[dict[str, Any]]:
     found = []
     if rule.remote_group_id == group.id:
         found.append(_finding(cp, "self_reference", group, rule,
@@ -82,7 +121,7 @@ def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     if broad:
         found.append(_finding(cp, "broad_admin_port", group, rule, broad))
     if used and not never:
-        shadow = _shadowed(cp, group, rule)
+        shadow = _shadowed(cp, group, rule, run)
         if shadow is not None:
             found.append(_finding(cp, "shadowed", group, rule,
                                   "every flow it allows is allowed without it on every port "
@@ -138,7 +177,8 @@ def capped(items: list[str], limit: int = 4) -> str:
     return ", ".join(items[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
-def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> list[dict[str, Any]] | None:
+def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
+              run: _Shared | None = None) -> list[dict[str, Any]] | None:
     """The rules covering ``rule`` on every protected port that has it, or None."""
     views = [cp.ports[p.id] for m in cp.state.group_members(group.id)
              for p in cp.state.ports_of(m.id) if p.id in cp.ports]
@@ -152,30 +192,59 @@ def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> list[dict[st
         if key in seen:
             continue
         seen.add(key)
-        found = _covered_on(cp, view, rule)
+        found = _covered_on(cp, view, rule, run)
         if found is None:
             return None
         covering += [c for c in found if c not in covering]
     return covering
 
 
-def _covered_on(cp: CloudPolicy, view: PortView, rule: Rule) -> list[dict[str, Any]] | None:
+def _openers(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
+             run: _Shared | None) -> list[Opener]:
+    """``view``'s openers in ``direction`` (once per distinct filter with ``run``)."""
+    key = (direction, fam, view.policy.same_net_sets,
+           view.policy.ingress_chains if direction == "ingress" else view.policy.egress_chains)
+    found = run.openers.get(key) if run is not None else None
+    if found is None:
+        if direction == "ingress":
+            found = ingress_openers(cp, view, fam)
+        else:
+            found = [Opener(cp.remote_set(view, r), rule_box(r), cp.rule_ref(chain, r))
+                     for chain in cp.chains(view, "egress") for r in chain.rules
+                     if r.family == fam]
+        if run is not None:
+            run.openers[key] = found
+    return found
+
+
+def _covered_on(cp: CloudPolicy, view: PortView, rule: Rule,
+                run: _Shared | None = None) -> list[dict[str, Any]] | None:
     fam = _family(rule)
-    if rule.direction == "ingress":
-        openers = ingress_openers(cp, view, fam)
-    else:
-        openers = [Opener(cp.remote_set(view, r), rule_box(r), cp.rule_ref(chain, r))
-                   for chain in cp.chains(view, "egress") for r in chain.rules
-                   if r.family == fam]
+    openers = _openers(cp, view, rule.direction, fam, run)
     mine = [o for o in openers if o.label.get("rule_id") == rule.id]
     others = [o for o in openers if o.label.get("rule_id") != rule.id]
     if not mine:
         return None
-    before = [(r.box, r.addresses) for r in sweep(fam, others)]
-    if before != [(r.box, r.addresses) for r in sweep(fam, others + mine)]:
+    swept = others if run is None else \
+        [o for o in others if any(o.box.meets(m.box) for m in mine)]
+    unions = run.unions if run is not None else None
+    # the verdict depends only on the openers' boxes and sets, not on their rules
+    # (nor their order): ports whose rules differ but open the same share it; the
+    # sets stay alive in run.openers, so their ids are theirs for the run
+    key = (tuple(sorted((o.box, id(o.addresses)) for o in swept)),
+           tuple(sorted((m.box, id(m.addresses)) for m in mine)))
+    same = run.adds_nothing.get(key) if run is not None else None
+    if same is None:
+        before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=unions)]
+        same = before == [(r.box, r.addresses)
+                          for r in sweep(fam, swept + mine, cache=unions)]
+        if run is not None:
+            run.adds_nothing[key] = same
+    if not same:
         return None
     box, addresses = rule_box(ir_rule(rule)), mine[0].addresses
-    return [o.label for o in others if o.box.meets(box) and o.addresses & addresses]
+    overlap = run.overlap if run is not None else lambda a, b: bool(a & b)
+    return [o.label for o in others if o.box.meets(box) and overlap(o.addresses, addresses)]
 
 
 def _family(rule: Rule) -> Family:

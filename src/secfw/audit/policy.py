@@ -88,6 +88,10 @@ class CloudPolicy:
         self._attributed: dict[Family, dict[str, netaddr.IPSet]] = {}
         self._sets: dict[str, netaddr.IPSet] = {}
         self._protected: dict[Family, netaddr.IPSet] = {}
+        # one object per CIDR and per rule reference: the audits of a whole cloud
+        # meet the same rules on thousands of ports (and UnionCache keys by identity)
+        self._cidrs: dict[str, netaddr.IPSet] = {}
+        self._refs: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ addresses
 
@@ -143,7 +147,15 @@ class CloudPolicy:
 
     def rule_ref(self, chain: GroupChain, rule: IRRule) -> dict[str, Any]:
         """A rule as the audits name it: group (name), group_id, project, rule_id,
-        direction and a short description."""
+        direction and a short description. Built once per (group, rule,
+        direction) and shared: callers must not mutate it."""
+        key = (chain.group_id, rule.rule_id, chain.direction)
+        found = self._refs.get(key)
+        if found is None:
+            found = self._refs[key] = self._rule_ref(chain, rule)
+        return found
+
+    def _rule_ref(self, chain: GroupChain, rule: IRRule) -> dict[str, Any]:
         group = self.state.groups.get(chain.group_id)
         model = self.state.rules.get(rule.rule_id)
         return {
@@ -187,9 +199,11 @@ class CloudPolicy:
         """The remote addresses ``rule`` (of ``view``'s host) accepts."""
         if rule.remote_set is not None:
             return self.address_set(view, rule.remote_set)
-        if rule.remote_cidr is not None:
-            return netaddr.IPSet([rule.remote_cidr])
-        return everywhere(rule.family)
+        cidr = rule.remote_cidr if rule.remote_cidr is not None else EVERYWHERE[rule.family]
+        found = self._cidrs.get(cidr)
+        if found is None:
+            found = self._cidrs[cidr] = netaddr.IPSet([cidr])
+        return found
 
 
 def _fixed_addresses(port: Port) -> list[str]:

@@ -273,12 +273,24 @@ def _span(low: int, high: int, full: tuple[int, int]) -> str:
 
 def region_row(answer: Answer, region: Region) -> dict[str, Any]:
     """One region as a JSON-ready row."""
+    remote = "sources" if answer.direction == "ingress" else "destinations"
+    fields = region_fields(answer, region)
+    # the remote addresses after the ethertype, as the rows have always had them
+    keys = list(fields)
+    at = keys.index("ethertype") + 1
+    return {**{k: fields[k] for k in keys[:at]},
+            remote: [str(c) for c in region.addresses.iter_cidrs()],
+            **{k: fields[k] for k in keys[at:]}}
+
+
+def region_fields(answer: Answer, region: Region) -> dict[str, Any]:
+    """A region's row without its remote addresses (listing them is the costly
+    part, and exposure lists only the broad ones)."""
     box = region.box
     single = box.proto_lo == box.proto_hi
     ports = _span(box.sel_lo, box.sel_hi, (0, SEL_MAX)) \
         if single and box.proto_lo in PORT_PROTOCOL_NUMBERS else None
     icmp = single and box.proto_lo == ICMP_OF[answer.family]
-    remote = "sources" if answer.direction == "ingress" else "destinations"
     return {
         "instance": answer.view.instance.name,
         "instance_id": answer.view.instance.id,
@@ -286,7 +298,6 @@ def region_row(answer: Answer, region: Region) -> dict[str, Any]:
         "address": answer.address,
         "direction": answer.direction,
         "ethertype": "IPv4" if answer.family == "ipv4" else "IPv6",
-        remote: [str(c) for c in region.addresses.iter_cidrs()],
         "protocol": protocol_text(box),
         "ports": ports,
         "icmp_type": box.sel_lo // 256 if icmp else None,

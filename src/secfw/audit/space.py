@@ -144,10 +144,38 @@ class Region:
     labels: list[Label] = field(default_factory=list)
 
 
+class UnionCache:
+    """Unions of address sets shared by several sweeps (one audit run over many
+    ports). The ports of a cloud name the same few hundred sets (a source group's
+    set, a rule's CIDR, a network's same-net set), so the same unions recur from
+    port to port, and an IPSet union (a CIDR merge) is a sweep's main cost.
+
+    Keyed by the sets' identities; the cache keeps the sets alive, so an id is
+    never reused while it is a key. Contract: the sets given must not be mutated
+    while the cache is in use (the audits never mutate a set once built)."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple[int, ...], tuple[list[netaddr.IPSet], netaddr.IPSet]] = {}
+
+    def union(self, sets: Sequence[netaddr.IPSet]) -> netaddr.IPSet:
+        """The union of ``sets`` (as :func:`union`), computed once per distinct
+        collection of set objects."""
+        distinct = list({id(s): s for s in sets}.values())
+        if len(distinct) == 1:
+            return distinct[0]
+        key = tuple(sorted(id(s) for s in distinct))
+        found = self._found.get(key)
+        if found is None:
+            found = self._found[key] = (distinct, union(distinct))
+        return found[1]
+
+
 def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Constraint] = (),
-          specials: Sequence[Special] = ()) -> list[Region]:
-    """The exact allowed space as minimal regions (see the module docstring)."""
+          specials: Sequence[Special] = (), cache: UnionCache | None = None) -> list[Region]:
+    """The exact allowed space as minimal regions (see the module docstring).
+    ``cache``: unions shared with other sweeps of the same run (same answer)."""
     constraints = _merged(constraints)
+    unite = cache.union if cache is not None else union
     boxes = [o.box for o in openers] + [b for c in constraints for b in c.boxes]
     by_proto = {s.protocol: s for s in specials}
     single = {b.proto_lo for b in boxes if b.proto_lo == b.proto_hi} | set(by_proto)
@@ -155,11 +183,15 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
     memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]] = {}
     for piece in _protocol_pieces(single):
         cells = _cells(piece, boxes, by_proto.get(piece[0]) if piece[0] == piece[1] else None)
+        # only the openers of this piece's protocols can cover its cells (same
+        # indices, same order: the memo keys and labels do not change)
+        relevant = [i for i, o in enumerate(openers)
+                    if o.box.proto_lo <= piece[1] and piece[0] <= o.box.proto_hi]
         merged: list[Region] = []
-        for cell in cells:
+        for cell, active in zip(cells, _active(openers, relevant, cells), strict=True):
             region = _decide(family, cell, openers, constraints,
                              by_proto.get(cell.proto_lo) if piece[0] == piece[1] else None,
-                             memo)
+                             memo, unite, active)
             if merged and _mergeable(merged[-1], region, by_proto):
                 merged[-1] = _merge(merged[-1], region)
             else:
@@ -167,11 +199,29 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
         for region in merged:
             if regions and _full(regions[-1]) and _full(region) and \
                     regions[-1].box.proto_hi + 1 == region.box.proto_lo and \
-                    regions[-1].addresses == region.addresses:
+                    (regions[-1].addresses is region.addresses
+                     or regions[-1].addresses == region.addresses):
                 regions[-1] = _merge(regions[-1], region)
             else:
                 regions.append(region)
     return [r for r in regions if r.addresses]
+
+
+def _active(openers: Sequence[Opener], relevant: list[int],
+            cells: list[Box]) -> list[list[int]]:
+    """For each cell (in selector order), the indices among ``relevant`` of the
+    openers whose selector interval holds the cell's first selector, ascending: a
+    superset of the openers covering the cell (:func:`_decide` still checks
+    :meth:`Box.covers`), found with one pass instead of every opener per cell."""
+    pending = sorted(relevant, key=lambda i: openers[i].box.sel_lo, reverse=True)
+    active: list[int] = []
+    found = []
+    for cell in cells:
+        while pending and openers[pending[-1]].box.sel_lo <= cell.sel_lo:
+            active.append(pending.pop())
+        active = [i for i in active if openers[i].box.sel_hi >= cell.sel_lo]
+        found.append(sorted(active))
+    return found
 
 
 def _merged(constraints: Sequence[Constraint]) -> list[Constraint]:
@@ -220,13 +270,16 @@ def _cells(piece: tuple[int, int], boxes: Sequence[Box], special: Special | None
 
 def _decide(family: Family, cell: Box, openers: Sequence[Opener],
             constraints: Sequence[Constraint], special: Special | None,
-            memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]]) -> Region:
+            memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]],
+            unite: Callable[[Sequence[netaddr.IPSet]], netaddr.IPSet] = union,
+            relevant: Sequence[int] | None = None) -> Region:
     """The region of one cell. Memoised per sweep by what decides it (the covering
     openers, the closing constraints, the cell policy): neighbouring cells of a big
     policy mostly share them, and IPSet unions are the sweep's cost."""
     policy = special.decide(cell.sel_lo) if special is not None else None
     policy = policy or _NO_POLICY
-    covering = tuple(i for i, o in enumerate(openers) if o.box.covers(cell))
+    indices = range(len(openers)) if relevant is None else relevant
+    covering = tuple(i for i in indices if openers[i].box.covers(cell))
     closed = tuple(i for i, c in enumerate(constraints)
                    if not any(b.covers(cell) for b in c.boxes)) if policy.constraints else ()
     # id(policy) is unique only while the policy lives: the memo keeps it alive
@@ -234,25 +287,29 @@ def _decide(family: Family, cell: Box, openers: Sequence[Opener],
     key = (covering, closed, id(policy))
     found = memo.get(key)
     if found is None:
-        found = (*_cell_space(openers, constraints, policy, covering, closed), policy)
+        found = (*_cell_space(openers, constraints, policy, covering, closed, unite), policy)
         memo[key] = found
     addresses, labels, _ = found
     return Region(family, addresses, cell, list(labels))
 
 
 _NO_POLICY = CellPolicy()
+#: The empty set of an uncovered cell (shared: never mutated).
+_EMPTY = netaddr.IPSet()
 
 
 def _cell_space(openers: Sequence[Opener], constraints: Sequence[Constraint],
                 policy: CellPolicy, covering: tuple[int, ...],
-                closed: tuple[int, ...]) -> tuple[netaddr.IPSet, list[Label]]:
+                closed: tuple[int, ...],
+                unite: Callable[[Sequence[netaddr.IPSet]], netaddr.IPSet] = union
+                ) -> tuple[netaddr.IPSet, list[Label]]:
     if policy.primary is not None:
         addresses = policy.primary
     else:
-        addresses = union([openers[i].addresses for i in covering] or [netaddr.IPSet()])
+        addresses = unite([openers[i].addresses for i in covering] or [_EMPTY])
     reduced = False
     if addresses and closed:
-        addresses = addresses - union([constraints[i].addresses for i in closed])
+        addresses = addresses - unite([constraints[i].addresses for i in closed])
         reduced = True
     if addresses and policy.block:
         addresses = addresses - policy.block
@@ -271,7 +328,8 @@ def _cell_space(openers: Sequence[Opener], constraints: Sequence[Constraint],
 def _mergeable(left: Region, right: Region, specials: dict[int, Special]) -> bool:
     """Neighbouring cells of one protocol with the same addresses; ICMP cells only
     within one type (a region names one ICMP type)."""
-    if left.box.sel_hi + 1 != right.box.sel_lo or left.addresses != right.addresses:
+    if left.box.sel_hi + 1 != right.box.sel_lo or (
+            left.addresses is not right.addresses and left.addresses != right.addresses):
         return False
     icmp = left.box.proto_lo in ICMP_OF.values() and left.box.proto_lo in specials
     return not icmp or left.box.sel_lo // 256 == right.box.sel_hi // 256

@@ -1,0 +1,88 @@
+"""The whole-cloud audits' shared computations give the per-port answers.
+
+``lint`` decides shadows once per distinct filter, on the openers that meet the
+rule's box, with unions of sets shared across the run; ``exposure`` (and any
+sweep given a :class:`~secfw.audit.space.UnionCache`) shares unions across
+ports. On hypothesis-generated clouds (those of ``test_audit.py``) both must
+equal the reference: two sweeps of each port's whole filter, no sharing.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import strategies as st
+from test_audit import CloudSpec, InstanceSpec, RuleSpec, build, cloud_specs, fresh_api
+
+from secfw.audit.lint import lint
+from secfw.audit.policy import CloudPolicy
+from secfw.audit.reach import ingress_openers, specials
+from secfw.audit.space import Opener, UnionCache, sweep
+
+#: Overlapping pieces: shadows need rules covered by others, wholly or in parts.
+_RANGES = ((20, 30), (20, 25), (26, 30), (22, 22), (24, 28))
+_REMOTES = ("10.0.0.0/8", "10.0.0.0/8", "10.1.0.0/16", None, 0)
+
+
+@st.composite
+def overlapping_rule(draw: st.DrawFn) -> RuleSpec:
+    low, high = draw(st.sampled_from(_RANGES))
+    protocol = draw(st.sampled_from(("tcp", "tcp", "tcp", None)))
+    ports = protocol is not None
+    return RuleSpec(draw(st.sampled_from(("ingress", "ingress", "egress"))), "IPv4", protocol,
+                    low if ports else None, high if ports else None,
+                    draw(st.sampled_from(_REMOTES)))
+
+
+@st.composite
+def shadow_prone_clouds(draw: st.DrawFn) -> CloudSpec:
+    """Three groups of overlapping rules, instances in several of them."""
+    groups = tuple(tuple(draw(st.lists(overlapping_rule(), min_size=1, max_size=5)))
+                   for _ in range(3))
+    instances = tuple(
+        InstanceSpec(draw(st.integers(0, 1)),
+                     tuple(draw(st.lists(st.integers(0, 2), unique=True, min_size=1,
+                                         max_size=3))),
+                     draw(st.sampled_from(("h1", "h2"))), (), True)
+        for _ in range(draw(st.integers(2, 4))))
+    return CloudSpec(groups, instances, draw(st.booleans()))
+
+
+#: A rule covered only by two rules that each cover part of its box.
+_SPLIT_COVER = CloudSpec(
+    ((RuleSpec("ingress", "IPv4", "tcp", 20, 30, "10.0.0.0/8"),),
+     (RuleSpec("ingress", "IPv4", "tcp", 20, 25, "10.0.0.0/8"),
+      RuleSpec("ingress", "IPv4", "tcp", 26, 30, "10.0.0.0/8"))),
+    (InstanceSpec(0, (0, 1), "h1", (), True), InstanceSpec(0, (0, 1), "h2", (), True)), False)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(spec=_SPLIT_COVER)
+@given(spec=cloud_specs() | shadow_prone_clouds())
+def test_shared_lint_equals_per_port_lint(spec: CloudSpec) -> None:
+    with fresh_api() as api:
+        state = build(api, spec)
+        note(str(spec))
+        groups = list(state.groups.values())
+        reference = lint(CloudPolicy(state, spec.allow_same_net), groups, shared=False)
+        if spec == _SPLIT_COVER:  # the example does exercise a shadow
+            assert any(f["kind"] == "shadowed" and f["rule"] == "tcp 20-30 from 10.0.0.0/8"
+                       for f in reference)
+        assert lint(CloudPolicy(state, spec.allow_same_net), groups) == reference
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=cloud_specs())
+def test_sweeps_sharing_unions_equal_lone_sweeps(spec: CloudSpec) -> None:
+    with fresh_api() as api:
+        state = build(api, spec)
+        note(str(spec))
+        cp = CloudPolicy(state, spec.allow_same_net)
+        unions = UnionCache()
+        for view in sorted(cp.ports.values(), key=lambda v: v.port.id):
+            for family in ("ipv4", "ipv6"):
+                openers: list[Opener] = ingress_openers(cp, view, family)
+                extra = specials(cp, view, "ingress", family)
+                alone = sweep(family, openers, (), extra)
+                shared = sweep(family, openers, (), extra, unions)
+                assert [(r.box, r.addresses, r.labels) for r in shared] == \
+                    [(r.box, r.addresses, r.labels) for r in alone]
