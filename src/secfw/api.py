@@ -2095,30 +2095,31 @@ def _check_volume_text(name: str | None, description: str | None) -> None:
         _check_description(description)
 
 
+BlockRecord = TypeVar("BlockRecord", Volume, VolumeSnapshot)
+
+
 def _volume(state: CloudState, project: str, ref: str) -> Volume:
     """A volume of ``project`` by ID, else by display name (unique)."""
-    found = state.volumes.get(ref)
-    if found is not None and found.project == project:
-        return found
-    named = [v for v in state.volumes.values() if v.project == project and v.name == ref]
-    if not named:
-        raise NotFoundError(f"No volume with a name or ID of {ref!r} exists.")
-    if len(named) > 1:
-        raise ConflictError(f"Multiple volumes named {ref!r} exist; use the ID")
-    return named[0]
+    return _by_id_or_name(state.volumes, project, ref, "volume")
 
 
 def _volume_snapshot(state: CloudState, project: str, ref: str) -> VolumeSnapshot:
     """A volume snapshot of ``project`` by ID, else by display name (unique)."""
-    found = state.volume_snapshots.get(ref)
+    return _by_id_or_name(state.volume_snapshots, project, ref, "snapshot")
+
+
+def _by_id_or_name(records: dict[str, BlockRecord], project: str, ref: str,
+                   what: str) -> BlockRecord:
+    """The record of ``project`` whose ID is ``ref``, else the one display name
+    ``ref`` (cinder's lookup): NotFoundError for none, ConflictError for several."""
+    found = records.get(ref)
     if found is not None and found.project == project:
         return found
-    named = [s for s in state.volume_snapshots.values()
-             if s.project == project and s.name == ref]
+    named = [r for r in records.values() if r.project == project and r.name == ref]
     if not named:
-        raise NotFoundError(f"No snapshot with a name or ID of {ref!r} exists.")
+        raise NotFoundError(f"No {what} with a name or ID of {ref!r} exists.")
     if len(named) > 1:
-        raise ConflictError(f"Multiple snapshots named {ref!r} exist; use the ID")
+        raise ConflictError(f"Multiple {what}s named {ref!r} exist; use the ID")
     return named[0]
 
 
