@@ -29,11 +29,9 @@ class Config:
     metadata_listen: tuple[str, int] | None = None
 
 
-def load_config(path: str | None = None) -> Config:
-    """The configuration from ``path`` (or ``$SECFW_CONFIG``), else the defaults."""
-    path = path or os.environ.get("SECFW_CONFIG")
-    if not path:
-        return Config()
+def read_ini(path: str) -> configparser.ConfigParser:
+    """The INI file at ``path`` parsed (no interpolation); ConfigError, one line,
+    when it cannot be read or is not INI."""
     parser = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -42,6 +40,15 @@ def load_config(path: str | None = None) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
     except configparser.Error as exc:
         raise ConfigError(f"config {path} is not a valid INI file: {_first_line(exc)}") from exc
+    return parser
+
+
+def load_config(path: str | None = None) -> Config:
+    """The configuration from ``path`` (or ``$SECFW_CONFIG``), else the defaults."""
+    path = path or os.environ.get("SECFW_CONFIG")
+    if not path:
+        return Config()
+    parser = read_ini(path)
     raw = parser.defaults().get("allow_same_net_traffic")
     listen = parser.defaults().get("metadata_listen")
     return Config(allow_same_net_traffic=_parse_bool(raw, path) if raw is not None else True,

@@ -25,11 +25,11 @@ Neutron's default policy lets admins.
 
 from __future__ import annotations
 
-import configparser
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from secfw.config import read_ini
 from secfw.errors import ConfigError
 from secfw.model import ADMIN_PROJECT
 
@@ -61,15 +61,7 @@ def load_service_config(path: str | None) -> ServiceConfig:
     """
     if path is None:
         return ServiceConfig()
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            parser.read_file(handle)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    except configparser.Error as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"config {path} is not a valid INI file: {first}") from exc
+    parser = read_ini(str(path))
     defaults = parser.defaults()
     strategy = defaults.get("auth_strategy", "noauth").strip().lower()
     if strategy not in STRATEGIES:
