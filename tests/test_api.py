@@ -172,3 +172,20 @@ def test_store_write_rolls_back_on_error(api: Api) -> None:
         raise RuntimeError("abort")
     after = api.store.load()
     assert (after.revision, after.docs) == (before.revision, before.docs)
+
+
+def test_a_write_to_a_new_projects_default_group_creates_it(api: Api) -> None:
+    """Every project has ``default``: a rule added to it before anything read the
+    project lands in it (one transaction creates both)."""
+    rule = api.secgroup_add_rule("fresh", "default", "tcp", "22", "22", "10.0.0.0/8")
+    groups = api.secgroup_list("fresh")
+    assert [g.name for g in groups] == ["default"]
+    assert rule.group_id == groups[0].id
+    assert [r.id for r in api.secgroup_list_rules("fresh", "default")] == [rule.id]
+
+
+def test_a_refused_write_to_a_new_projects_default_group_creates_nothing(api: Api) -> None:
+    before = api.store.revision()
+    with pytest.raises(NotFoundError):
+        api.secgroup_delete_rule("fresh", "default", "tcp", "22", "22", "10.0.0.0/8")
+    assert api.store.revision() == before

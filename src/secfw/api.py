@@ -1563,9 +1563,7 @@ class Api:
     # ------------------------------------------------------------------ lookups
 
     def _ensure_project(self, state: CloudState, project: str) -> None:
-        if (project, DEFAULT_GROUP) not in state.group_by_name:
-            now = time.time_ns()
-            state.put(SecurityGroup(new_id(), project, DEFAULT_GROUP, "default", now, now))
+        _ensure_default_group(state, project)
 
     def _check_group_quota(self, state: CloudState, project: str) -> None:
         limit = state.quota(project).security_groups
@@ -1580,6 +1578,11 @@ class Api:
         state: CloudState, project: str, ref: str, what: str = "Security group"
     ) -> SecurityGroup:
         group_id = state.group_by_name.get((project, ref))
+        if group_id is None and ref == DEFAULT_GROUP:
+            # Every project has its default group (nova creates it on first use): a
+            # write naming it before anything read the project creates it, in the
+            # same transaction.
+            group_id = _ensure_default_group(state, project).id
         if group_id is None and ref in state.groups and state.groups[ref].project == project:
             group_id = ref
         if group_id is None:
@@ -1607,6 +1610,17 @@ class Api:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _ensure_default_group(state: CloudState, project: str) -> SecurityGroup:
+    """``project``'s default group, created in ``state`` if it has none yet."""
+    group_id = state.group_by_name.get((project, DEFAULT_GROUP))
+    if group_id is not None:
+        return state.groups[group_id]
+    now = time.time_ns()
+    group = SecurityGroup(new_id(), project, DEFAULT_GROUP, "default", now, now)
+    state.put(group)
+    return group
 
 
 def _persist(txn: WriteTxn, state: CloudState) -> None:

@@ -37,6 +37,7 @@ Extending (how other modules add commands)
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import traceback
@@ -207,6 +208,42 @@ def _reject_unknown_options(
             next(tokens, None)  # the option's value, whatever it looks like
 
 
+#: The module that registers each command not defined in this one. A command line
+#: imports only its own command's module: ``secfw secgroup-add-rule`` must not pay
+#: for pyroute2, etcd3gw's watch, the agent, the audit and the HTTP servers, which
+#: took 1 s of CPU of every command's start-up when everything was imported
+#: eagerly. tests/test_cli_lazy.py checks that this table names every command.
+COMMAND_MODULES: dict[str, str] = {
+    **dict.fromkeys(
+        ("boot", "flavor-access-add", "flavor-access-list", "flavor-access-remove",
+         "flavor-create", "flavor-delete", "flavor-key", "flavor-list", "flavor-show",
+         "host-add", "host-delete", "host-list", "host-show", "image-create",
+         "image-delete", "image-list", "image-show", "image-update", "keypair-add",
+         "keypair-delete", "keypair-list", "keypair-show", "meta", "show"),
+        "secfw.computecli"),
+    **dict.fromkeys(
+        ("add-floating-ip", "floating-ip-create", "floating-ip-delete", "floating-ip-list",
+         "floating-ip-pool-create", "floating-ip-pool-delete", "floating-ip-pool-list",
+         "remove-floating-ip"),
+        "secfw.floatingcli"),
+    **dict.fromkeys(
+        ("snapshot-create", "snapshot-delete", "snapshot-list", "snapshot-show",
+         "volume-attach", "volume-create", "volume-delete", "volume-detach", "volume-list",
+         "volume-show"),
+        "secfw.volumecli"),
+    **dict.fromkeys(("agent", "compile", "demo", "lab", "metadata"), "secfw.hostcli"),
+    "store": "secfw.storecli",
+    "audit": "secfw.audit.cli",
+    "api": "secfw.neutron_api.serve",
+}
+
+
+def import_all_commands() -> None:
+    """Register every command on :data:`main` (help listings, tests)."""
+    for module in sorted(set(COMMAND_MODULES.values())):
+        importlib.import_module(module)
+
+
 class SecfwGroup(click.Group):
     """A click group whose errors are one line (see :func:`one_line_errors`).
 
@@ -216,6 +253,18 @@ class SecfwGroup(click.Group):
     """
 
     command_class = SecfwCommand
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, importing the module that registers it on first use."""
+        module = COMMAND_MODULES.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            importlib.import_module(module)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command (``--help`` lists them all, so it imports every module)."""
+        import_all_commands()
+        return super().list_commands(ctx)
 
     def make_context(
         self,
@@ -784,12 +833,14 @@ def quota_update(
 
 
 __all__ = [
+    "COMMAND_MODULES",
     "CliError",
     "CliState",
     "SecfwCommand",
     "SecfwGroup",
     "emit",
     "format_option",
+    "import_all_commands",
     "main",
     "one_line_errors",
     "output_command",
@@ -798,8 +849,3 @@ __all__ = [
     "silent_command",
 ]
 
-# The host-side commands (compile, agent, lab, demo) and the compute model's
-# (flavors, keypairs, images, boot, show, meta) register themselves on ``main``.
-from secfw import computecli, floatingcli, hostcli, storecli, volumecli  # noqa: E402, F401
-from secfw.audit import cli as _audit_cli  # noqa: E402, F401  (registers ``secfw audit``)
-from secfw.neutron_api import serve as _neutron_serve  # noqa: E402, F401  (registers ``secfw api``)
