@@ -255,16 +255,16 @@ def booted(cli: Cli) -> Cli:
 def test_boot_prints_the_server(booted: Cli) -> None:
     out = booted.ok("boot", "vm2", "--flavor", "2", "--image", "cirros", "--host", "h2",
                     "--security-groups", "web,db", "--nic", "net-id=private")
-    assert "| security_groups     | web, db" in out
-    assert "| networks            | private=10.0.0.3" in out
+    assert "| security_groups        | [{u'name': u'web'}, {u'name': u'db'}]" in out
+    assert "| private network        | 10.0.0.3 " in out
     server = booted.json("show", "vm2")
     assert server["flavor"] == "m1.small (2)" and server["host"] == "h2"
-    assert server["security_groups"] == ["web", "db"]
+    assert server["security_groups"] == [{"name": "web"}, {"name": "db"}]
     assert server["networks"] == {"private": ["10.0.0.3"]}
     by_id = booted.json("show", server["id"])
     assert by_id == server
     json_boot = booted.json("boot", "vm3", "--flavor", "1", "--image", "cirros", "--host", "h2")
-    assert json_boot["security_groups"] == ["default"]
+    assert json_boot["security_groups"] == [{"name": "default"}]
 
 
 def test_list_and_show(booted: Cli) -> None:
@@ -282,8 +282,8 @@ def test_list_and_show(booted: Cli) -> None:
     assert {s["name"] for s in on_h1} == {"vm1", "x"}
     assert booted.json("list", "--host", "nowhere") == []
     show = booted.ok("show", "vm1")
-    assert show.splitlines()[1].startswith("| Property            | Value ")
-    assert "| status              | ACTIVE " in show
+    assert show.splitlines()[1].startswith("| Property               | Value ")
+    assert "| status                 | ACTIVE " in show
 
 
 def test_secgroup_membership(booted: Cli) -> None:
@@ -556,7 +556,7 @@ def test_metacharacter_names_are_plain_data(cli: Cli) -> None:
         assert f"| {name} " in table
         [rule] = cli.json("secgroup-list-rules", name)
         assert rule["source_group"] == name
-        assert cli.json("show", name)["security_groups"] == [name]
+        assert cli.json("show", name)["security_groups"] == [{"name": name}]
         assert cli.json("show", name)["networks"] == {METACHAR_NAMES[0]: [
             cli.json("show", name)["networks"][METACHAR_NAMES[0]][0]]}
     assert sorted(s["name"] for s in cli.json("list")) == sorted(METACHAR_NAMES)

@@ -170,7 +170,7 @@ def test_flavor_lifecycle(cli: Cli) -> None:
     shown = cli.json("flavor-show", "11")
     assert shown["extra_specs"] == {"gpu": "true", "hw:cpu": "dedicated"}
     assert (shown["swap"], shown["rxtx_factor"], shown["ephemeral"]) == (1024, 2.0, 10)
-    assert '| extra_specs | {"gpu": "true", "hw:cpu": "dedicated"} |' in cli.ok(
+    assert "| extra_specs | {u'gpu': u'true', u'hw:cpu': u'dedicated'} |" in cli.ok(
         "flavor-show", "11")
     cli.ok("flavor-key", "11", "unset", "gpu")
     assert cli.json("flavor-show", "11")["extra_specs"] == {"hw:cpu": "dedicated"}
@@ -238,7 +238,7 @@ def test_keypairs_are_per_project(cli: Cli, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- instance data
 
 
-GUIDE_METADATA_ROW = '| metadata            | {"description": "Small test image"} '
+GUIDE_METADATA_ROW = "| metadata               | {u'description': u'Small test image'} "
 
 
 def test_guide_boot_with_key_meta_and_user_data(booted: Cli, api: Api, tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ def test_no_fitting_host_is_the_guides_novalidhost_error(hosts: Cli, api: Api) -
     assert shown["hostId"] == "" and shown["host"] == ""
     assert shown["flavor"] == "xxl.super (11)" and shown["networks"] == {}
     table = hosts.ok("show", "test-instance")
-    assert '| fault               | {"message": "NoValidHost", "code": 500, "created": ' in table
+    assert "| fault                  | {u'message': u'NoValidHost', u'code': 500, u'created': " \
+        in table
     assert hosts.json("port-list") == []
     assert all(compiled_taps(api, h) == set() for h in ("c1", "c2", ""))
     assert {h["host"]: h["instances"] for h in hosts.json("host-list")} == {"c1": 0, "c2": 0}

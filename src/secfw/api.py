@@ -1134,41 +1134,48 @@ class Api:
         return sorted(found, key=lambda i: (i.created, i.name, i.id))
 
     def show(self, project: str, server: str) -> dict[str, Any]:
-        """An instance as ``nova show`` lists it (its properties, sorted as nova sorts
-        them). The admin project sees the compute host as ``host`` and ``hostId``;
-        other projects see nova's opaque ``hostId`` (a hash of project and host)."""
+        """An instance as ``nova show`` lists it: nova's properties, sorted as nova
+        sorts them, JSON-ready. ``networks`` maps each network's name to the
+        instance's addresses on it (fixed IPv4, IPv6, then floating: nova's
+        ``<name> network`` rows). The admin project sees the compute host as
+        ``hostId`` and also as ``host``; other projects see nova's opaque ``hostId``
+        (a hash of project and host). Blank in both when scheduling failed."""
         state = self.snapshot()
         instance = self._instance(state, project, server)
-        networks: dict[str, list[str]] = {}
-        for port in state.ports_of(instance.id):
-            networks.setdefault(state.networks[port.network_id].name, []).append(port.ip)
-        image = state.images.get(instance.image_id)
         admin = project == ADMIN_PROJECT
-        # nova: blank when scheduling failed (the guide's ERROR example)
-        host_id = instance.host if admin or not instance.host else hashlib.sha224(
-            (instance.project + instance.host).encode()).hexdigest()
         shown: dict[str, Any] = {
+            # secfw has no disk partitioning, power or task states of its own: the
+            # constants are nova's for a server booted and left alone (the guide's)
+            "OS-DCF:diskConfig": "MANUAL",
+            "OS-EXT-STS:power_state": NOVA_RUNNING if instance.state == "ACTIVE" else NOVA_NOSTATE,
+            "OS-EXT-STS:task_state": None,
             "OS-EXT-STS:vm_state": instance.state.lower(),
+            "accessIPv4": "",
+            "accessIPv6": "",
+            "config_drive": "",
             "created": iso_time(instance.created),
             "fault": _nova_fault(instance.fault),
             "flavor": f"{instance.flavor} ({instance.flavor_id})" if instance.flavor_id
             else instance.flavor,
             "host": instance.host if admin else None,
-            "hostId": host_id,
+            "hostId": _host_id(instance, admin),
             "id": instance.id,
-            "image": f"{image.name} ({image.id})" if image else (
-                instance.image_id or BOOT_FROM_VOLUME),
+            "image": _image_shown(state, instance),
             "key_name": instance.key_name,
             "metadata": dict(instance.metadata),
             "name": instance.name,
-            "networks": networks,
+            "networks": _addresses_by_network(state, instance),
             "os-extended-volumes:volumes_attached": [
                 {"id": v.id} for v in sorted(_volumes_of(state, instance.id),
                                               key=lambda v: v.device or "")],
-            "security_groups": [state.groups[g].name for g in instance.security_groups],
+            "progress": 0,
+            "security_groups": [{"name": state.groups[g].name}
+                                for g in instance.security_groups],
             "status": instance.state,
             "tenant_id": instance.project,
             "updated": iso_time(instance.updated or instance.created),
+            # secfw has projects, not users: whoever acts with --project P is P's user
+            "user_id": instance.project,
         }
         if not admin:
             del shown["host"]
@@ -1176,6 +1183,8 @@ class Api:
             del shown["fault"]
         if not shown["os-extended-volumes:volumes_attached"]:  # as the guide's show
             del shown["os-extended-volumes:volumes_attached"]
+        if instance.state != "ACTIVE":  # nova reports progress only while (re)building or up
+            del shown["progress"]
         return shown
 
     def user_data(self, project: str, server: str) -> bytes | None:
@@ -2046,6 +2055,44 @@ def _nova_fault(fault: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: fault[key] for key in (*FAULT_KEYS, *sorted(set(fault) - set(FAULT_KEYS)))
             if key in fault}
 
+
+
+#: nova's power states of a server that runs (1) and of one that never started (0).
+NOVA_RUNNING = 1
+NOVA_NOSTATE = 0
+
+
+def _host_id(instance: Instance, admin: bool) -> str:
+    """nova's ``hostId``: the host itself for the admin project (the guide: admins
+    see the compute node there), else SHA-224 of project and host; blank when
+    scheduling failed."""
+    if admin or not instance.host:
+        return instance.host
+    return hashlib.sha224((instance.project + instance.host).encode()).hexdigest()
+
+
+def _image_shown(state: CloudState, instance: Instance) -> str:
+    """``name (ID)``; the bare ID once the image is deleted; nova's sentence when
+    the server boots from a volume."""
+    image = state.images.get(instance.image_id)
+    if image is not None:
+        return f"{image.name} ({image.id})"
+    return instance.image_id or BOOT_FROM_VOLUME
+
+
+def _addresses_by_network(state: CloudState, instance: Instance) -> dict[str, list[str]]:
+    """Each network's name → the instance's addresses on it, in port order: the
+    fixed IPv4 address, the IPv6 address, then the floating IPs mapped to the port."""
+    ports = state.ports_of(instance.id)
+    floating: dict[str, list[str]] = {port.id: [] for port in ports}
+    for address in sorted(state.floating_ips.values(), key=lambda f: ipaddress.ip_address(f.id)):
+        if address.port_id in floating:
+            floating[address.port_id].append(address.id)
+    networks: dict[str, list[str]] = {}
+    for port in ports:
+        found = networks.setdefault(state.networks[port.network_id].name, [])
+        found += [port.ip, *([port.ip6] if port.ip6 else []), *floating[port.id]]
+    return networks
 
 
 def _no_valid_host(now: int) -> dict[str, Any]:

@@ -7,7 +7,6 @@ commands; tables have the guide's columns where it shows them.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any, BinaryIO, Protocol
@@ -26,7 +25,7 @@ from secfw.model import (
     parse_bool,
     parse_nic,
 )
-from secfw.output import Columns
+from secfw.output import Columns, python2_cell, python2_repr
 from secfw.scheduler import HostUsage
 
 #: ``nova flavor-list`` as the guide prints it.
@@ -70,8 +69,9 @@ MAX_SMALL_FILE = 1 << 20
 
 
 def _specs_cell(specs: dict[str, str], fmt: str) -> Any:
-    """extra_specs and metadata as the guide prints them (``{}``) in a table; JSON: an object."""
-    return specs if fmt == "json" else json.dumps(specs, sort_keys=True, ensure_ascii=False)
+    """extra_specs (and a host's properties) as the guide's nova printed a dict in
+    a table (``{}``, ``{u'gpu': u'true'}``, keys sorted); JSON: an object."""
+    return specs if fmt == "json" else python2_repr(dict(sorted(specs.items())))
 
 
 def flavor_row(flavor: Flavor, fmt: str) -> dict[str, Any]:
@@ -463,13 +463,25 @@ def boot(
 
 
 def _server(state: CliState, server: str, fmt: str) -> dict[str, Any]:
-    """``show``'s properties; in a table, metadata, fault and volumes read as JSON
-    (the guide's ``{…}``)."""
+    """``show``'s properties: as the API gives them in JSON; in a table, as the
+    guide's novaclient printed them (:func:`nova_show_rows`)."""
     shown = state.api.show(state.project, server)
-    for key in ("metadata", "fault", "os-extended-volumes:volumes_attached"):
-        if key in shown and fmt != "json":
-            shown[key] = json.dumps(shown[key], ensure_ascii=False)
-    return shown
+    return shown if fmt == "json" else nova_show_rows(shown)
+
+
+def nova_show_rows(shown: dict[str, Any]) -> dict[str, str]:
+    """The ``Property | Value`` rows of ``nova show`` for :meth:`Api.show`'s data.
+
+    As novaclient (the guide's, Python 2) did: one ``<name> network`` row per
+    network with its addresses comma-separated, every row sorted by name
+    (Python's order: upper case first), and each value printed with Python 2's
+    ``str()`` (``None``, ``{u'description': u'…'}``). ``host`` is left out: the
+    guide's admin sees the compute node as ``hostId``, which holds it.
+    """
+    rows = {key: value for key, value in shown.items() if key not in ("networks", "host")}
+    for network, addresses in shown["networks"].items():
+        rows[f"{network} network"] = ", ".join(addresses)
+    return {key: python2_cell(rows[key]) for key in sorted(rows)}
 
 
 @output_command("show")

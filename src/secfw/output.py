@@ -94,6 +94,36 @@ def cell_text(value: Any) -> str:
     return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def python2_repr(value: Any) -> str:
+    """``value`` (JSON-ready data) as the Python 2 clients of the guide printed it.
+
+    nova, glance and cinder of that era put dicts and lists into their tables
+    with ``str()``, which in Python 2 is the ``repr`` of unicode strings:
+    ``{u'message': u'NoValidHost', u'code': 500}``, ``[{u'name': u'default'}]``.
+    Python 3's ``ascii()`` of a string is Python 2's ``repr`` of a unicode string
+    but for the ``u`` prefix (same quote choice; non-ASCII and control characters
+    escaped as ``\\xNN``/``\\uNNNN``), so the result is always one printable line.
+    Key order is the mapping's own.
+    """
+    if isinstance(value, str):
+        return "u" + ascii(value)
+    if isinstance(value, Mapping):
+        items = (f"{python2_repr(k)}: {python2_repr(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(python2_repr(item) for item in value) + "]"
+    return repr(value)  # None, bools and numbers read the same in Python 2
+
+
+def python2_cell(value: Any) -> str:
+    """A ``Property | Value`` cell as novaclient's ``print_dict`` printed it: ``str()``
+    of the value in Python 2 (None is ``None``, a string itself, containers their
+    :func:`python2_repr`)."""
+    if isinstance(value, str):
+        return value
+    return python2_repr(value)
+
+
 def _table_line(cells: Sequence[str], widths: Sequence[int]) -> str:
     padded = (cell + " " * (width - cell_len(cell))
               for cell, width in zip(cells, widths, strict=True))
