@@ -17,6 +17,7 @@ Where the guide is inconsistent with itself, the test says what it follows.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -323,6 +324,29 @@ def test_json_keeps_objects(cli: Cli) -> None:
     assert (shown["key_name"], shown["OS-EXT-STS:task_state"]) == (None, None)
     assert (shown["OS-EXT-STS:power_state"], shown["progress"], shown["host"]) == (
         1, 0, "compute1")
+
+
+def readme_output(command: str) -> str:
+    """What the README shows after ``$ secfw COMMAND`` (up to the next prompt or fence)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    after = readme.split(f"$ secfw {command}\n", 1)[1]
+    return re.split(r"\n(?:\$ |```)", after, maxsplit=1)[0] + "\n"
+
+
+@pytest.mark.parametrize(("command", "guide"), [
+    ("--project demo secgroup-list", GUIDE_SECGROUP_LIST),
+    ("--project demo secgroup-list-rules open", GUIDE_RULES_OPEN),
+    ('secgroup-create global_http "allow web traffic from the internet"',
+     GUIDE_SECGROUP_CREATE),
+    ("flavor-list", GUIDE_FLAVOR_LIST),
+    ("volume-list", GUIDE_CINDER_LIST),
+    ("show test-instance", GUIDE_SHOW_TEST_INSTANCE),
+    ("--project demo show smallimage", smallimage_expected()),
+])
+def test_the_readme_shows_the_guides_tables(command: str, guide: str) -> None:
+    """The README's examples are the guide's tables (but for IDs and times); that they
+    are the commands' real output is checked above and in test_sched_cli.py."""
+    assert_guide_table(readme_output(command), guide)
 
 
 @pytest.mark.parametrize(("value", "printed"), [
