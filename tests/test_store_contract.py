@@ -114,7 +114,8 @@ def test_a_transaction_reads_the_latest_committed_state(url: str, store: Store) 
     try:
         put(other, "group", "a", {"name": "from the other"})
         with store.write() as txn:
-            assert txn.snapshot.docs == {"group": {"a": {"name": "from the other"}}}
+            assert txn.snapshot.kind("group") == {"a": {"name": "from the other"}}
+            assert txn.snapshot.all_docs() == {"group": {"a": {"name": "from the other"}}}
             assert txn.snapshot.revision == other.revision()
     finally:
         other.close()
@@ -185,7 +186,7 @@ def _increment(url: str, attempts: int) -> None:
     try:
         def once() -> None:
             with store.write() as txn:
-                value = txn.snapshot.docs.get("counter", {}).get("c", {"n": 0})["n"]
+                value = txn.snapshot.kind("counter").get("c", {"n": 0})["n"]
                 txn.put("counter", "c", {"n": value + 1})
 
         retry_conflicts(once, attempts=attempts)
@@ -228,7 +229,7 @@ def test_a_writer_that_read_before_another_commit_never_overwrites_it(
     outcome = []
     try:
         with store.write() as txn_a:
-            n = txn_a.snapshot.docs["counter"]["c"]["n"]
+            n = txn_a.snapshot.kind("counter")["c"]["n"]
             try:
                 _increment(url, attempts=1)  # B, on a connection of its own
                 outcome.append("B committed")
@@ -239,6 +240,34 @@ def test_a_writer_that_read_before_another_commit_never_overwrites_it(
     except WriteConflictError:
         outcome.append("A refused")
     expected = {"sqlite": ["B locked out", "A committed"], "etcd": ["B committed", "A refused"]}
+    assert outcome == expected[url.split(":", 1)[0]]
+    assert store.load().docs["counter"]["c"]["n"] == 1
+
+
+def test_a_kind_read_late_in_a_transaction_is_still_its_starting_state(
+    url: str, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction reads each kind on first use (LazySnapshot); one first read
+    after another writer's commit still sees the state the transaction began
+    with, and the transaction is refused, never committed over the other's."""
+    monkeypatch.setattr(secfw.store.sqlite, "BUSY_TIMEOUT_S", 0.05)
+    put(store, "counter", "c", {"n": 0})
+    outcome = []
+    try:
+        with store.write() as txn_a:
+            try:
+                _increment(url, attempts=1)  # B, before A reads the counter
+                outcome.append("B committed")
+            except StoreError:
+                outcome.append("B locked out")
+            n = txn_a.snapshot.kind("counter")["c"]["n"]
+            outcome.append(f"A read {n}")
+            txn_a.put("counter", "c", {"n": n + 1})
+        outcome.append("A committed")
+    except WriteConflictError:
+        outcome.append("A refused")
+    expected = {"sqlite": ["B locked out", "A read 0", "A committed"],
+                "etcd": ["B committed", "A read 0", "A refused"]}
     assert outcome == expected[url.split(":", 1)[0]]
     assert store.load().docs["counter"]["c"]["n"] == 1
 

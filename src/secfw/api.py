@@ -186,7 +186,7 @@ class Api:
             yield self._state
             return
         with self.store.write() as txn:
-            state = CloudState.from_snapshot(txn.snapshot)
+            state = CloudState.lazy(txn.snapshot)
             self._state = state
             try:
                 yield state
@@ -1640,7 +1640,7 @@ def _persist(txn: WriteTxn, state: CloudState) -> None:
     must not bump the revision nor leave a tombstone.
     """
     for (kind, doc_id), record in state.dirty.items():
-        before = txn.snapshot.docs.get(kind, {}).get(doc_id)
+        before = txn.snapshot.kind(kind).get(doc_id)
         if record is None:
             if before is not None:
                 txn.delete(kind, doc_id)

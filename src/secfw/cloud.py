@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from secfw.model import (
     RECORD_TYPES,
@@ -45,33 +45,80 @@ Replaced = tuple[Record | None, Record | None]
 class CloudState:
     """Every record of the cloud, with exact secondary indexes."""
 
+    # Each index is derived from the records of one kind (see _INDEXES below).
+    group_by_name: dict[tuple[str, str], str]
+    projects: set[str]
+    rules_by_group: dict[str, dict[str, Rule]]
+    rules_by_remote: dict[str, set[str]]
+    instances_by_group: dict[str, set[str]]
+    ports_by_instance: dict[str, set[str]]
+    ports_by_network: dict[str, set[str]]
+    used_ips: dict[str, set[str]]
+    used_macs: set[str]
+    #: lowest offset that may be free, per network (reset when an address is freed)
+    alloc_hint: dict[str, int]
+    keypair_by_name: dict[tuple[str, str], str]
+    #: associated floating addresses by port id
+    floating_by_port: dict[str, set[str]]
+
     def __init__(self, revision: int = 0) -> None:
         self.revision = revision
         self.records: dict[str, dict[str, Any]] = {kind: {} for kind in RECORD_TYPES}
         self.dirty: dict[tuple[str, str], Record | None] = {}
-        self.group_by_name: dict[tuple[str, str], str] = {}
-        self.rules_by_group: dict[str, dict[str, Rule]] = defaultdict(dict)
-        self.rules_by_remote: dict[str, set[str]] = defaultdict(set)
-        self.instances_by_group: dict[str, set[str]] = defaultdict(set)
-        self.ports_by_instance: dict[str, set[str]] = defaultdict(set)
-        self.ports_by_network: dict[str, set[str]] = defaultdict(set)
-        self.used_ips: dict[str, set[str]] = defaultdict(set)
-        self.used_macs: set[str] = set()
-        #: lowest offset that may be free, per network (reset when an address is freed)
-        self.alloc_hint: dict[str, int] = {}
-        self.projects: set[str] = set()
-        self.keypair_by_name: dict[tuple[str, str], str] = {}
-        #: associated floating addresses by port id
-        self.floating_by_port: dict[str, set[str]] = defaultdict(set)
+        self._fetch: Callable[[str], dict[str, Any]] | None = None
+        for kind in _INDEXES:
+            self._new_indexes(kind)
+
+    def _new_indexes(self, kind: str) -> None:
+        for name, empty in _INDEXES[kind].items():
+            setattr(self, name, empty())
 
     # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def lazy(cls, snapshot: Snapshot) -> CloudState:
+        """A state that reads a kind of record from ``snapshot`` (see
+        :meth:`Snapshot.kind`) the first time anything touches that kind: its
+        records or one of its indexes. What a write command costs then follows
+        what it touches — a rule added to a group never parses the ports.
+
+        Same behaviour as :meth:`from_snapshot` otherwise: every view and index
+        is exact once read."""
+        state = cls.__new__(cls)
+        state.revision = snapshot.revision
+        state.records = _LazyRecords(state._load_kind)
+        state.dirty = {}
+        state._fetch = snapshot.kind
+        return state
+
+    def _load_kind(self, kind: str) -> None:
+        """Read and index every record of ``kind`` (a lazy state, first use)."""
+        record_type = RECORD_TYPES.get(kind)
+        dict.__setitem__(self.records, kind, {})
+        if kind in _INDEXES:
+            self._new_indexes(kind)
+        if record_type is None or self._fetch is None:
+            return
+        for doc in self._fetch(kind).values():
+            self._index(record_type.from_doc(doc))
+
+    if not TYPE_CHECKING:  # keep mypy strict about CloudState's attributes
+
+        def __getattr__(self, name: str) -> Any:
+            """An index of a lazy state not built yet: read its kind first. (Only
+            called for attributes that do not exist: an eager state never gets here.)"""
+            kind = _INDEX_KIND.get(name)
+            if kind is None or name.startswith("__") or "_fetch" not in self.__dict__:
+                raise AttributeError(name)
+            self.records[kind]  # reading the kind builds its indexes
+            return self.__dict__[name]
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> CloudState:
         state = cls(snapshot.revision)
         # Instances before ports and groups before rules keeps nothing special to
         # order: indexes only ever point by id, so any order is correct.
-        for kind, docs in snapshot.docs.items():
+        for kind, docs in snapshot.all_docs().items():
             record_type = RECORD_TYPES.get(kind)
             if record_type is None:
                 continue
@@ -252,6 +299,33 @@ class CloudState:
                 self.alloc_hint.pop(record.network_id + "/6", None)
             self.used_macs.discard(record.mac)
             self.alloc_hint.pop(record.network_id, None)
+
+
+#: The indexes of each kind, with how to make an empty one.
+_INDEXES: dict[str, dict[str, Callable[[], Any]]] = {
+    SecurityGroup.KIND: {"group_by_name": dict, "projects": set},
+    Rule.KIND: {"rules_by_group": lambda: defaultdict(dict),
+                "rules_by_remote": lambda: defaultdict(set)},
+    Instance.KIND: {"instances_by_group": lambda: defaultdict(set)},
+    Port.KIND: {"ports_by_instance": lambda: defaultdict(set),
+                "ports_by_network": lambda: defaultdict(set),
+                "used_ips": lambda: defaultdict(set), "used_macs": set, "alloc_hint": dict},
+    Keypair.KIND: {"keypair_by_name": dict},
+    FloatingIp.KIND: {"floating_by_port": lambda: defaultdict(set)},
+}
+_INDEX_KIND = {name: kind for kind, names in _INDEXES.items() for name in names}
+
+
+class _LazyRecords(dict[str, dict[str, Any]]):
+    """``records`` of a lazy state: a kind missing is read on first access."""
+
+    def __init__(self, load: Callable[[str], None]) -> None:
+        super().__init__()
+        self._load = load
+
+    def __missing__(self, kind: str) -> dict[str, Any]:
+        self._load(kind)
+        return dict.__getitem__(self, kind)
 
 
 def _discard(index: dict[str, Any], key: str, member: str) -> None:

@@ -114,7 +114,7 @@ def _restore_batch(store: Store, batch: list[tuple[str, str, Doc]], written: int
     """Put ``batch`` in one transaction, if the store holds exactly the ``written``
     documents of the batches before it."""
     with store.write() as txn:
-        held = sum(len(by_id) for by_id in txn.snapshot.docs.values())
+        held = sum(len(by_id) for by_id in txn.snapshot.all_docs().values())
         if held != written:
             raise ConflictError(_changed(store, held, written, total))
         for kind, doc_id, doc in batch:

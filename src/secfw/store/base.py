@@ -29,6 +29,9 @@ Write transactions
     :class:`~secfw.errors.WriteConflictError` and nothing is written (etcd: a
     compare-and-swap, optimistic concurrency). A conflict is never a lost update;
     :func:`retry_conflicts` re-runs a transaction a bounded number of times.
+    The snapshot is a :class:`LazySnapshot`: it reads a kind of document the
+    first time :meth:`Snapshot.kind` asks for it, still as of the transaction's
+    start, so a write costs the kinds it touches, not the whole cloud.
 """
 
 from __future__ import annotations
@@ -63,6 +66,44 @@ class Snapshot:
 
     revision: int
     docs: dict[str, dict[str, Doc]] = field(default_factory=dict)
+
+    def kind(self, kind: str) -> dict[str, Doc]:
+        """The documents of one kind by id (empty when there are none)."""
+        return self.docs.get(kind, {})
+
+    def all_docs(self) -> dict[str, dict[str, Doc]]:
+        """Every document, by kind and id."""
+        return self.docs
+
+
+class LazySnapshot(Snapshot):
+    """A snapshot that reads one kind of document at a time, on first use.
+
+    What a write transaction hands its caller: a command that touches rules
+    and groups does not read (nor parse) every port and instance of the cloud.
+    The store guarantees consistency: every read happens inside its write
+    transaction (SQLite) or at one pinned revision (etcd). :attr:`docs` holds
+    only the kinds read so far; :meth:`all_docs` reads the rest.
+    """
+
+    def __init__(self, revision: int, fetch_kind: Callable[[str], dict[str, Doc]],
+                 fetch_all: Callable[[], dict[str, dict[str, Doc]]]) -> None:
+        super().__init__(revision)
+        self._fetch_kind = fetch_kind
+        self._fetch_all = fetch_all
+        self._complete = False
+
+    def kind(self, kind: str) -> dict[str, Doc]:
+        if kind not in self.docs and not self._complete:
+            self.docs[kind] = self._fetch_kind(kind)
+        return self.docs.get(kind, {})
+
+    def all_docs(self) -> dict[str, dict[str, Doc]]:
+        if not self._complete:
+            for kind, by_id in self._fetch_all().items():
+                self.docs.setdefault(kind, by_id)
+            self._complete = True
+        return {kind: by_id for kind, by_id in self.docs.items() if by_id}
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from secfw.store.base import (
     BufferedTxn,
     Change,
     Doc,
+    LazySnapshot,
     Snapshot,
     Store,
     WriteTxn,
@@ -256,9 +257,12 @@ class EtcdStore(Store):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _range_pages(self, at: int = 0) -> list[dict[str, Any]]:
+    def _range_pages(self, at: int = 0, start: bytes | None = None) -> list[dict[str, Any]]:
+        """Every key under ``start`` (default: the whole prefix) at etcd revision
+        ``at`` (0: now), in pages."""
         kvs: list[dict[str, Any]] = []
-        key, end, revision = self.prefix, _prefix_end(self.prefix), at
+        key = self.prefix if start is None else start
+        end, revision = _prefix_end(key), at
         while True:
             payload: dict[str, Any] = {"key": _b64(key), "range_end": _b64(end),
                                        "limit": PAGE_KEYS}
@@ -391,11 +395,28 @@ class EtcdStore(Store):
 
     @contextmanager
     def write(self) -> Iterator[WriteTxn]:
-        snapshot, marker_revision = self._load()
-        txn = BufferedTxn(snapshot)
-        yield txn
+        """A transaction whose snapshot reads each kind when first asked for, all
+        at the etcd revision of its first read (MVCC keeps that consistent), and
+        commits only if the marker has not moved since."""
+        kvs, pinned = self._range("read the marker", self._marker, None)
+        marker_revision = int(kvs[0]["mod_revision"]) if kvs else 0
+        txn = BufferedTxn(LazySnapshot(marker_revision, lambda kind: self._kind_at(kind, pinned),
+                                       lambda: self._parse(self._range_pages(pinned))[0].docs))
+        try:
+            yield txn
+        except HistoryCompactedError as exc:
+            # The pinned revision was compacted while the transaction read: the
+            # cloud moved on meanwhile, so this is a conflict, retried as one.
+            raise WriteConflictError(f"store {self.url}: {exc}") from exc
         if txn.writes:
             self._commit(txn.writes, marker_revision)
+
+    def _kind_at(self, kind: str, revision: int) -> dict[str, Doc]:
+        """The documents of one kind at etcd ``revision``."""
+        docs: dict[str, Doc] = {}
+        for kv in self._range_pages(revision, self._doc_key(kind, "")):
+            docs[self._split(_unb64(kv["key"]))[1]] = json.loads(_unb64(kv["value"]))
+        return docs
 
     def _commit(self, writes: dict[tuple[str, str], Doc | None], marker_revision: int) -> None:
         """One etcd transaction: if the marker is still at ``marker_revision``,

@@ -21,6 +21,7 @@ from secfw.store.base import (
     BufferedTxn,
     Change,
     Doc,
+    LazySnapshot,
     Snapshot,
     Store,
     WriteTxn,
@@ -97,7 +98,7 @@ class SqliteStore(Store):
             self._conn.execute("BEGIN IMMEDIATE")
         try:
             with _translated(self.path):
-                txn = BufferedTxn(_load(self._conn))
+                txn = BufferedTxn(_lazy_snapshot(self._conn))
             yield txn
             with _translated(self.path):
                 if txn.writes:
@@ -141,6 +142,18 @@ def _load(conn: sqlite3.Connection) -> Snapshot:
     for kind, doc_id, doc in conn.execute("SELECT kind, id, doc FROM objects"):
         snapshot.docs.setdefault(kind, {})[doc_id] = json.loads(doc)
     return snapshot
+
+
+def _lazy_snapshot(conn: sqlite3.Connection) -> LazySnapshot:
+    """The write transaction's view: a kind is read when first asked for (the
+    transaction's BEGIN IMMEDIATE keeps every later read consistent)."""
+    return LazySnapshot(_read_revision(conn), lambda kind: _load_kind(conn, kind),
+                        lambda: _load(conn).docs)
+
+
+def _load_kind(conn: sqlite3.Connection, kind: str) -> dict[str, Doc]:
+    rows = conn.execute("SELECT id, doc FROM objects WHERE kind = ?", (kind,))
+    return {doc_id: json.loads(doc) for doc_id, doc in rows}
 
 
 def _commit_writes(
