@@ -23,10 +23,10 @@ sets SECFW_REQUIRE_CONFORMANCE=1 so their absence fails instead of skipping).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import selectors
 import subprocess
 import sys
 import time
@@ -237,8 +237,6 @@ def _results(work: Path) -> dict[str, str]:
 
     collector = StreamToDict(record)
     collector.startTestRun()
-    import io
-
     ByteStreamToStreamResult(io.BytesIO(stream), non_subunit_name="stdout").run(collector)
     collector.stopTestRun()
     return results
