@@ -119,10 +119,12 @@ def _start_keystone(base: Path) -> tuple[subprocess.Popen[bytes], str]:
         _keystone_manage(conf, command, "--keystone-user", "root", "--keystone-group", "root")
     # gunicorn reads ./gunicorn.conf.py when given no arguments (its default
     # config file); the WSGI app is named there (wsgi_app, gunicorn >= 20.1).
+    # One synchronous worker: one request at a time, since concurrent writers
+    # on keystone's SQLite file failed with "database is locked" on a loaded VM.
     (base / "gunicorn.conf.py").write_text(
         'bind = ["127.0.0.1:0"]\n'
         'wsgi_app = "keystone.wsgi.api:application"\n'
-        "workers = 1\nthreads = 4\nworker_class = 'gthread'\ntimeout = 120\n"
+        "workers = 1\nworker_class = 'sync'\ntimeout = 120\n"
     )
     log = base / "gunicorn.log"
     env = {**os.environ, "OS_KEYSTONE_CONFIG_FILES": str(conf)}
