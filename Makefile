@@ -56,11 +56,14 @@ test: venv lint
 # python-openstackclient + openstacksdk, and keystonemiddleware for the keystone
 # extra: ~65 s to install on a loaded 2-core VM; the tests 1.5-3 min), and Neutron
 # loading secfw's firewall driver through its entry point (the neutron extra: 3.5
-# more minutes of install on that VM, 8 in a fresh venv; its test takes seconds).
+# more minutes of install on that VM, 8 in a fresh venv; its test takes seconds),
+# and tempest's 45 security-group API tests through a real Keystone (the tempest
+# extra: tempest 47 + keystone 30 + gunicorn; see README, "The Neutron API").
 conformance: venv
-	$(PY) -m pip install -q -e '.[conformance,keystone,neutron]'
+	$(PY) -m pip install -q -e '.[conformance,keystone,neutron,tempest]'
 	SECFW_REQUIRE_CONFORMANCE=1 $(VENV)/bin/pytest -q -m conformance \
-	  tests/test_neutron_openstackclient.py tests/test_neutron_driver_conformance.py
+	  tests/test_neutron_openstackclient.py tests/test_neutron_driver_conformance.py \
+	  tests/test_neutron_tempest.py
 
 demo: venv
 	$(VENV)/bin/secfw demo

@@ -201,6 +201,46 @@ def test_default_group_rules(neutron: Neutron) -> None:
     assert described["security_group"]["description"] == "ours"
 
 
+def test_an_admin_deletes_a_projects_default_group(neutron: Neutron) -> None:
+    """Neutron refuses the default group's deletion to its project only; an admin
+    may (tempest's dynamic credentials do, for every project they drop). The
+    project's next request creates a new one, as Neutron does."""
+    default = neutron.ok("GET", "/v2.0/security-groups")["security_groups"][0]
+    path = f"/v2.0/security-groups/{default['id']}"
+    found = neutron.ok("GET", "/v2.0/security-groups?project_id=alpha&name=default",
+                       project="admin", roles="admin")["security_groups"]
+    assert [g["id"] for g in found] == [default["id"]]
+    code, _ = neutron.call("DELETE", path, project="admin", roles="admin")
+    assert code == 204
+    neutron.error("GET", path, None, 404, "SecurityGroupNotFound", project="admin",
+                  roles="admin")
+    again = neutron.ok("GET", "/v2.0/security-groups")["security_groups"]
+    assert [g["name"] for g in again] == ["default"] and again[0]["id"] != default["id"]
+
+
+def test_an_admin_filter_on_a_project_creates_its_default_group(neutron: Neutron) -> None:
+    """Neutron makes sure the default group of the project a list is filtered on
+    exists (a project known to Keystone but new to the network service)."""
+    found = neutron.ok("GET", "/v2.0/security-groups?project_id=gamma",
+                       project="admin", roles="admin")["security_groups"]
+    assert [(g["name"], g["project_id"]) for g in found] == [("default", "gamma")]
+    members = neutron.ok("GET", "/v2.0/security-groups?project_id=delta")["security_groups"]
+    assert members == []  # a member's filter on another project creates nothing
+    listed = neutron.ok("GET", "/v2.0/security-groups?project_id=delta",
+                        project="admin", roles="admin")["security_groups"]
+    assert [g["project_id"] for g in listed] == ["delta"]
+
+
+def test_an_admin_cannot_delete_a_default_group_in_use(neutron: Neutron) -> None:
+    """An admin's delete of a default group still refuses a group in use (409):
+    here a rule of another group names it as its remote group."""
+    default = neutron.ok("GET", "/v2.0/security-groups")["security_groups"][0]
+    web = neutron.group("web")
+    neutron.rule(web["id"], protocol="tcp", remote_group_id=default["id"])
+    neutron.error("DELETE", f"/v2.0/security-groups/{default['id']}", None, 409,
+                  "SecurityGroupInUse", project="admin", roles="admin")
+
+
 def test_group_bad_bodies(neutron: Neutron) -> None:
     sg = "/v2.0/security-groups"
     message = neutron.error("POST", sg, {"group": {}}, 400, "HTTPBadRequest")

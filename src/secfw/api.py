@@ -262,10 +262,15 @@ class Api:
             return updated
 
     @_retried
-    def secgroup_delete(self, project: str, group: str) -> None:
+    def secgroup_delete(self, project: str, group: str, *, allow_default: bool = False) -> None:
+        """Delete a group that no instance and no other group's rule uses.
+
+        The default group is refused unless ``allow_default`` (Neutron lets an
+        admin delete it; the project's next request creates a new one).
+        """
         with self.batch() as state:
             target = self._group(state, project, group)
-            if target.name == DEFAULT_GROUP:
+            if target.name == DEFAULT_GROUP and not allow_default:
                 raise ValidationError("the default security group cannot be deleted")
             users = state.group_members(target.id)
             if users:

@@ -266,15 +266,30 @@ def _rule(state: CloudState, ctx: Context, rule_id: str) -> Rule:
     return rule
 
 
-def _state(ctx: Context) -> CloudState:
-    """The cloud, with the caller's ``default`` group created on first use
-    (Neutron creates it on a project's first security-group request)."""
+def _state(ctx: Context, project: str | None = None) -> CloudState:
+    """The cloud, with the ``default`` group of ``project`` (default: the
+    caller's) created on first use (Neutron creates it on a project's first
+    security-group request)."""
+    project = project or ctx.project
     api = _api()
     state = api.snapshot()
-    if (ctx.project, DEFAULT_GROUP) in state.group_by_name:
+    if (project, DEFAULT_GROUP) in state.group_by_name:
         return state  # the common case: one read of the store, no write
-    api.secgroup_list(ctx.project)
+    api.secgroup_list(project)
     return api.snapshot()
+
+
+def _filtered_project(ctx: Context) -> str | None:
+    """The one project an admin's list is filtered on (``project_id=`` or
+    ``tenant_id=``), whose default group Neutron's ``get_security_groups``
+    makes sure of; None otherwise (members see their own project only)."""
+    values = request.args.getlist("project_id") or request.args.getlist("tenant_id")
+    if not ctx.is_admin or len(values) != 1:
+        return None
+    try:
+        return check_name(values[0], "project")
+    except ValidationError:
+        return None  # not a project secfw can hold: the filter matches nothing
 
 
 # --------------------------------------------------------------------------- routes
@@ -357,7 +372,7 @@ def extension(alias: str) -> Response:
 
 def list_groups() -> Response:
     ctx = _context()
-    state = _state(ctx)
+    state = _state(ctx, _filtered_project(ctx))
     groups = sorted(
         (g for g in state.groups.values() if _visible(ctx, g.project)),
         key=lambda g: (g.project, g.name != DEFAULT_GROUP, g.name, g.id),
@@ -432,13 +447,16 @@ def delete_group(group_id: str) -> tuple[str, int]:
     ctx = _context()
     api = _api()
     group = _group(_state(ctx), ctx, group_id)
-    if group.name == DEFAULT_GROUP:
+    # Neutron refuses a project's own delete of its default group, not an admin's
+    # (securitygroups_db.delete_security_group); tempest's credential clean-up
+    # deletes each dropped project's default group as admin.
+    if group.name == DEFAULT_GROUP and not ctx.is_admin:
         raise NeutronApiError(
             409, "SecurityGroupCannotRemoveDefault",
             "Insufficient rights for removing default security group.",
         )
     try:
-        api.secgroup_delete(group.project, group.id)
+        api.secgroup_delete(group.project, group.id, allow_default=ctx.is_admin)
     except InUseError:
         raise NeutronApiError(
             409, "SecurityGroupInUse", f"Security Group {group.id} in use."
