@@ -56,9 +56,14 @@ if TYPE_CHECKING:
     from secfw.backends.nftables.render import Delta
 
 # What read-back elements must look like to be printed into a command: an
-# interface name (IFNAMSIZ), a MAC, a canonical CIDR or a range.
+# interface name (IFNAMSIZ), a MAC, a canonical CIDR or a range, a 128-bit
+# integer (an NA target) or a range of them.
 _IFNAME = re.compile(r"[A-Za-z0-9_.:+@*-]{1,15}")
 _ADDRESS = re.compile(r"[0-9A-Fa-f.:/-]{2,100}")
+_INTEGER = re.compile(r"0x[0-9a-f]{32}(-0x[0-9a-f]{32})?")
+
+
+_PATTERNS = {"ifname": _IFNAME, "integer": _INTEGER}
 
 
 def _t(family: str) -> str:
@@ -265,6 +270,6 @@ def _elements(named: SetState, verb: str, elements: Iterable[Element]) -> str:
         ordered = [Element(e.key) for e in ordered]
         for element in ordered:
             for value, key_type in zip(element.key, named.key_type, strict=True):
-                _safe(value, _IFNAME if key_type == "ifname" else _ADDRESS)
+                _safe(value, _PATTERNS.get(key_type, _ADDRESS))
     interval = "interval" in named.flags
     return ", ".join(element_text(named.key_type, e, interval) for e in ordered)

@@ -19,7 +19,7 @@ the tables (sets and maps with their elements, chains with their rules);
                            dispatch, drop
     chain egress-open      jump egress-guard, accept
     chain egress-filter    jump egress-guard, group dispatch, drop
-    chain egress-guard / egress-protect / nd-<tap>    (:mod:`.protect`)
+    chain egress-guard / egress-protect               (:mod:`.protect`)
     chain forward-egress / forward-ingress / input-egress    the base chains
     table arp secfw     ARP anti-spoofing (:mod:`.protect`)
 
@@ -64,7 +64,6 @@ from secfw.backends.nftables.layout import (
     INGRESS_PORTS,
     INPUT_EGRESS,
     INPUT_EGRESS_HOOK,
-    ND_CHAIN_PREFIX,
     NEW_NOT_SYN,
     PORT_PROTOCOLS,
     PORTS_SUFFIX,
@@ -384,7 +383,7 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
         *(_ports_set(name, taps, interned["ingress"], ident.key_type)
           for (name, _), taps in same_net.items()),
         *protect.spoof_sets(hf.ports, ident),
-        protect.nd_map(hf.ports, ident),
+        *protect.nd_sets(hf.ports, ident),
         *protect.layer2_sets(hf.ports, ident),
         *(_ingress_address_maps(hf.ports, ident) if ident.topology == "bridged" else ()),
     ]
@@ -394,7 +393,6 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
         *_egress_chains(sorted(c.name for c in hf.chains if c.direction == "egress"), ident),
         protect.egress_guard(ident),
         protect.egress_protect(ident),
-        *protect.nd_chains(hf.ports),
         *_base_chains(ident, metadata.to_server_rule(hf.metadata, ident)),
         *protect.layer2_chains(ident),
     ]
@@ -404,8 +402,7 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
 def _index_chains(chains: Iterable[GroupChain]) -> dict[str, GroupChain]:
     index: dict[str, GroupChain] = {}
     for chain in chains:
-        reserved = chain.name in FIXED_CHAINS or chain.name.startswith(ND_CHAIN_PREFIX)
-        if check_name(chain.name) in index or reserved:
+        if check_name(chain.name) in index or chain.name in FIXED_CHAINS:
             raise BackendError(f"nftables: chain name {chain.name!r} is reserved or used twice")
         index[chain.name] = chain
     return index
