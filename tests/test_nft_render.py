@@ -253,7 +253,7 @@ def test_inconsistent_ports_are_rejected() -> None:
         render(replace(hf, ports=(port(TAP_A), port(TAP_A))))
     with pytest.raises(BackendError, match="used twice"):
         render(replace(hf, chains=(*hf.chains, hf.chains[0])))
-    clash = AddressSet(f"{WEB_IN}-ports", WEB, "ipv4", ())  # same name as a -ports set
+    clash = AddressSet(f"{NET_V4}-ports", WEB, "ipv4", ())  # same name as a -ports set
     with pytest.raises(BackendError, match="used twice"):
         render(replace(hf, sets=(*hf.sets, clash)))
 
@@ -278,23 +278,29 @@ ND_IN = ("icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-adver
          "mld-listener-query } accept")
 
 
-def test_port_membership_is_data_in_per_group_sets() -> None:
+def test_port_membership_is_data_in_slot_maps() -> None:
+    """Slot i maps a port to its i-th group chain (sorted by name): a new flow costs
+    one lookup per slot, not one per group chain of the host."""
     ruleset = render(small())
-    assert named(ruleset, f"{WEB_IN}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
-    assert named(ruleset, f"{SSH_IN}-ports") == [Element((TAP_B,)), Element((TAP_C,))]
-    assert named(ruleset, f"{WEB_OUT}-ports") == [Element((TAP_B,))]
+    web, ssh, out = Verdict("jump", WEB_IN), Verdict("jump", SSH_IN), Verdict("jump", WEB_OUT)
+    assert WEB_IN < SSH_IN
+    assert named(ruleset, "ingress_slot0") == [
+        Element((TAP_A,), web), Element((TAP_B,), web), Element((TAP_C,), ssh)]
+    assert named(ruleset, "ingress_slot1") == [Element((TAP_B,), ssh)]
+    assert named(ruleset, "egress_slot0") == [Element((TAP_B,), out)]
+    assert "egress_slot1" not in {s.name for s in ruleset.sets}
     assert named(ruleset, f"{NET_V4}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
     assert named(ruleset, f"{NET_V6}-ports") == [Element((TAP_A,))]
     assert chain_rules(ruleset, "ingress-filter") == [
         CT, NOT_SYN, ND_IN,
         f"oifname @{NET_V4}-ports ip saddr @{NET_V4} accept",
         f"oifname @{NET_V6}-ports ip6 saddr @{NET_V6} accept",
-        f"oifname @{WEB_IN}-ports jump {WEB_IN}",
-        f"oifname @{SSH_IN}-ports jump {SSH_IN}",
+        "oifname vmap @ingress_slot0",
+        "oifname vmap @ingress_slot1",
         "drop",
     ]
     assert chain_rules(ruleset, "egress-filter") == [
-        "jump egress-guard", f"iifname @{WEB_OUT}-ports jump {WEB_OUT}", "drop"]
+        "jump egress-guard", "iifname vmap @egress_slot0", "drop"]
     assert chain_rules(ruleset, "egress-open") == ["jump egress-guard", "accept"]
 
 
@@ -677,14 +683,14 @@ def test_plan_without_change_is_empty() -> None:
     assert tx.empty and tx.count == 0 and tx.size == 0 and tx.text == ""
 
 
-def test_membership_change_touches_one_set() -> None:
+def test_membership_change_touches_the_slot_maps_of_one_port() -> None:
     hf = small()
     joined = replace(hf, ports=(replace(hf.ports[0], ingress_chains=(WEB_IN, SSH_IN)),
                                 *hf.ports[1:]))
     assert plan_between(hf, joined).commands == (
-        f'add element inet secfw {SSH_IN}-ports {{ "{TAP_A}" }}',)
+        f'add element inet secfw ingress_slot1 {{ "{TAP_A}" : jump {SSH_IN} }}',)
     assert plan_between(joined, hf).commands == (
-        f'delete element inet secfw {SSH_IN}-ports {{ "{TAP_A}" }}',)
+        f'delete element inet secfw ingress_slot1 {{ "{TAP_A}" }}',)
 
 
 def test_member_address_change_touches_its_address_set() -> None:
@@ -704,7 +710,7 @@ def test_new_port_is_only_elements() -> None:
     commands = plan_between(hf, more).commands
     assert all(c.startswith("add element ") for c in commands)
     assert sorted(c.split()[4] for c in commands) == sorted(
-        ["egress_ports", "ingress_ports", f"{NET_V4}-ports", f"{WEB_IN}-ports", f"{SSH_IN}-ports",
+        ["egress_ports", "ingress_ports", f"{NET_V4}-ports", "ingress_slot0", "ingress_slot1",
          "spoof4", "spoof6", "nd_targets", "arp_hosts"])
     assert all(f'"{tap}"' in c for c in commands)
     assert (f'add element inet secfw nd_targets {{ "{tap}" . '
@@ -735,7 +741,7 @@ def test_changed_rule_rewrites_only_its_chain() -> None:
     assert all(c.startswith(f"add rule inet secfw {SSH_IN} ") for c in commands[1:])
 
 
-def test_new_group_adds_chain_set_and_dispatch() -> None:
+def test_new_group_adds_chain_and_slot_elements() -> None:
     hf = small()
     new = GroupChain("sg-new-in", "new", "ingress", (rule(protocol=17),))
     grown = replace(hf, chains=(*hf.chains, new),
@@ -743,10 +749,12 @@ def test_new_group_adds_chain_set_and_dispatch() -> None:
                            *hf.ports[1:]))
     commands = plan_between(hf, grown).commands
     assert commands[0] == "add chain inet secfw sg-new-in"
+    assert WEB_IN < "sg-new-in"  # sorted by name: the port's slot 1
     assert commands[1] == (
-        f'add set inet secfw sg-new-in-ports {{ type ifname; elements = {{ "{TAP_A}" }}; }}')
-    assert "flush chain inet secfw ingress-filter" in commands
+        f'add element inet secfw ingress_slot1 {{ "{TAP_A}" : jump sg-new-in }}')
+    assert "flush chain inet secfw ingress-filter" not in commands  # still two slots
     assert len([c for c in commands if c.startswith("add rule inet secfw sg-new-in ")]) == 1
+    assert len(commands) == 3
     assert not any("delete" in c for c in commands)
 
 
@@ -763,8 +771,8 @@ def test_removed_group_goes_after_everything_that_refers_to_it() -> None:
         f'add rule inet secfw egress-filter jump egress-guard comment "{guard.comment}"',
         f'add rule inet secfw egress-filter drop comment "{drop.comment}"',
         f"flush chain inet secfw {WEB_OUT}",
+        "delete map inet secfw egress_slot0",  # it jumps to WEB_OUT: deleted first
         f"delete chain inet secfw {WEB_OUT}",
-        f"delete set inet secfw {WEB_OUT}-ports",
     )
 
 
@@ -780,9 +788,9 @@ def test_foreign_objects_in_our_table_are_removed() -> None:
     assert commands[0] == "flush chain inet secfw forward-ingress"
     assert commands[-5:] == ("flush chain arp secfw arp-intruder",
                              "flush chain inet secfw intruder-1",
+                             "delete set inet secfw left.over",
                              "delete chain arp secfw arp-intruder",
-                             "delete chain inet secfw intruder-1",
-                             "delete set inet secfw left.over")
+                             "delete chain inet secfw intruder-1")
 
 
 def test_changed_declaration_or_hook_means_full_replacement() -> None:

@@ -169,6 +169,8 @@ NEW_NOT_SYN = Match(Masked(Payload("tcp", "flags"), ("fin", "syn", "rst", "ack")
 # not accept quoted names for chains and sets (nft 1.0.6); a bare word could be a
 # keyword (``tcp``, ``filter``), so secfw's names must also contain a '-' or '.'.
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*[-.][A-Za-z0-9_.-]*")
+#: The slot maps (slot_map_name): no ``-`` or ``.``, so never an IR name.
+_SLOT = re.compile(r"(ingress|egress)_slot[0-9]{1,5}")
 _MAX_NAME = 200  # well below NFT_NAME_MAXLEN (256), leaves room for "-ports"
 # A tap is an interface name: IFNAMSIZ is 16 bytes with the NUL.
 _TAP = re.compile(re.escape(TAP_PREFIX) + r"[A-Za-z0-9_.-]{1,12}")
@@ -181,7 +183,7 @@ _IPV4_HOST = re.compile(
 def is_safe_name(name: str) -> bool:
     """True when ``name`` can be written as a bare nft identifier: one of the
     fixed names of the layout, or a name that :func:`check_name` accepts."""
-    return name in FIXED_SETS or name in FIXED_CHAINS or (
+    return name in FIXED_SETS or name in FIXED_CHAINS or _SLOT.fullmatch(name) is not None or (
         len(name) <= _MAX_NAME and _NAME.fullmatch(name) is not None)
 
 
@@ -300,6 +302,12 @@ def palindrome_mark(index: int) -> int:
     ``b0 b1 b1 b0`` with ``b0 = index >> 8`` (< 0x80) and ``b1 = index & 0xff``."""
     high, low = index >> 8, index & 0xFF
     return high << 24 | low << 16 | low << 8 | high
+
+
+def slot_map_name(direction: str, index: int) -> str:
+    """The verdict map of slot ``index`` of ``direction`` (``ingress_slot0``, …):
+    port → ``jump`` its index-th group chain (render._slot_maps)."""
+    return f"{direction}_slot{index}"
 
 
 def ports_set_name(chain: str) -> str:

@@ -13,8 +13,9 @@ or not at all). Commands name the table of each object (``inet secfw`` or
     add element S { … }            elements that are new
     flush chain X, add rule X …    chains whose rules changed (the whole chain, in order);
                                    the rules of new chains
-    flush chain X, delete chain X  chains that went away, once nothing refers to them
+    flush chain X                  chains that went away: their rules first
     delete set|map X               sets that went away, once no rule uses them
+    delete chain X                 chains that went away, once nothing refers to them
 
 Removing a verdict-map element and deleting the chain it pointed to in the same
 transaction works on this kernel (6.18, measured; docs/nftables.md), so chains are
@@ -227,10 +228,13 @@ def _commands(current: KernelState, want: KernelState, scope: _Scope) -> Iterato
         yield from (f"add rule {_t(chain.family)} {chain.name} {rule_text(r)}"
                     for r in chain.rules)
     yield from (f"flush chain {_t(family)} {name}" for family, name in gone_chains)
-    yield from (f"delete chain {_t(family)} {name}" for family, name in gone_chains)
+    # Sets before chains: a slot map that goes away may still ``jump`` to a group
+    # chain that goes away, and the kernel refuses to delete a chain a map element
+    # names (EBUSY); flushed, no rule uses a set that goes away any more.
     gone_sets = sorted(_safe_key(k) for k in scope.sets if k in current.sets and k not in want.sets)
     for key in gone_sets:
         yield f"delete {'map' if current.sets[key].is_map else 'set'} {_t(key[0])} {key[1]}"
+    yield from (f"delete chain {_t(family)} {name}" for family, name in gone_chains)
 
 
 def _add_chain(chain: Chain) -> str:
