@@ -44,7 +44,7 @@ def test_nftables_protection_uses_the_constants() -> None:
     sets = _icmpv6_sets(egress)
     assert ND_FROM_UNSPECIFIED in sets
     assert frozenset({*ND_DROPPED_FROM_INSTANCE, ND_REDIRECT}) in sets
-    assert ND_FROM_INSTANCE - {136} in sets  # 136: the nd-<tap> target check first
+    assert ND_FROM_INSTANCE - {136} in sets  # 136: the nd_targets check comes first
     assert ND_TO_INSTANCE in _icmpv6_sets(_chain(text, "ingress-filter"))
     for sport, dport in (*DHCP_CLIENT.values(), *DHCP_SERVER.values()):
         assert f"udp sport {sport} udp dport {dport}" in egress

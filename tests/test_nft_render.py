@@ -225,14 +225,14 @@ def test_inconsistent_rules_are_backend_errors(ir: IRRule) -> None:
 @pytest.mark.parametrize(
     "name",
     ["tcp", "filter", "1abc-in", 'sg-x"in', "sg-x in", "sg-x;drop", "sg-x{", "", "é-x",
-     "ingress-filter", "egress-guard", "nd-tapaaaaaaaa-aa", "sg-" + "x" * 200],
+     "ingress-filter", "egress-guard", "sg-" + "x" * 200],
 )
 def test_only_safe_identifiers_reach_the_ruleset(name: str) -> None:
     chain = GroupChain(name, "g", "ingress", ())
     with pytest.raises(BackendError):
         render(HostFilter("h", (), (chain,), ()))
     address_set = AddressSet(name, "g", "ipv4", ())
-    if name not in ("ingress-filter", "egress-guard", "nd-tapaaaaaaaa-aa"):  # chain names
+    if name not in ("ingress-filter", "egress-guard"):  # chain names
         with pytest.raises(BackendError):
             render(HostFilter("h", (), (), (address_set,)))
 
@@ -253,7 +253,7 @@ def test_inconsistent_ports_are_rejected() -> None:
         render(replace(hf, ports=(port(TAP_A), port(TAP_A))))
     with pytest.raises(BackendError, match="used twice"):
         render(replace(hf, chains=(*hf.chains, hf.chains[0])))
-    clash = AddressSet(f"{WEB_IN}-ports", WEB, "ipv4", ())  # same name as a -ports set
+    clash = AddressSet(f"{NET_V4}-ports", WEB, "ipv4", ())  # same name as a -ports set
     with pytest.raises(BackendError, match="used twice"):
         render(replace(hf, sets=(*hf.sets, clash)))
 
@@ -278,23 +278,29 @@ ND_IN = ("icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-adver
          "mld-listener-query } accept")
 
 
-def test_port_membership_is_data_in_per_group_sets() -> None:
+def test_port_membership_is_data_in_slot_maps() -> None:
+    """Slot i maps a port to its i-th group chain (sorted by name): a new flow costs
+    one lookup per slot, not one per group chain of the host."""
     ruleset = render(small())
-    assert named(ruleset, f"{WEB_IN}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
-    assert named(ruleset, f"{SSH_IN}-ports") == [Element((TAP_B,)), Element((TAP_C,))]
-    assert named(ruleset, f"{WEB_OUT}-ports") == [Element((TAP_B,))]
+    web, ssh, out = Verdict("jump", WEB_IN), Verdict("jump", SSH_IN), Verdict("jump", WEB_OUT)
+    assert WEB_IN < SSH_IN
+    assert named(ruleset, "ingress_slot0") == [
+        Element((TAP_A,), web), Element((TAP_B,), web), Element((TAP_C,), ssh)]
+    assert named(ruleset, "ingress_slot1") == [Element((TAP_B,), ssh)]
+    assert named(ruleset, "egress_slot0") == [Element((TAP_B,), out)]
+    assert "egress_slot1" not in {s.name for s in ruleset.sets}
     assert named(ruleset, f"{NET_V4}-ports") == [Element((TAP_A,)), Element((TAP_B,))]
     assert named(ruleset, f"{NET_V6}-ports") == [Element((TAP_A,))]
     assert chain_rules(ruleset, "ingress-filter") == [
         CT, NOT_SYN, ND_IN,
         f"oifname @{NET_V4}-ports ip saddr @{NET_V4} accept",
         f"oifname @{NET_V6}-ports ip6 saddr @{NET_V6} accept",
-        f"oifname @{WEB_IN}-ports jump {WEB_IN}",
-        f"oifname @{SSH_IN}-ports jump {SSH_IN}",
+        "oifname vmap @ingress_slot0",
+        "oifname vmap @ingress_slot1",
         "drop",
     ]
     assert chain_rules(ruleset, "egress-filter") == [
-        "jump egress-guard", f"iifname @{WEB_OUT}-ports jump {WEB_OUT}", "drop"]
+        "jump egress-guard", "iifname vmap @egress_slot0", "drop"]
     assert chain_rules(ruleset, "egress-open") == ["jump egress-guard", "accept"]
 
 
@@ -309,9 +315,6 @@ def test_verdict_maps_dispatch_every_port() -> None:
         Element((TAP_B,), Verdict("goto", "egress-filter")),  # its groups' egress rules
         Element((TAP_C,), Verdict("accept")),  # no port security
     ]
-    assert named(ruleset, "nd_ports") == [
-        Element((TAP_A,), Verdict("goto", f"nd-{TAP_A}")),
-        Element((TAP_B,), Verdict("goto", f"nd-{TAP_B}"))]
 
 
 def test_closed_egress_without_egress_chains_drops_after_the_guard() -> None:
@@ -371,13 +374,35 @@ def test_anti_spoofing_sets_hold_every_source_of_protected_ports() -> None:
 
 def test_neighbour_advertisements_only_for_the_ports_own_addresses() -> None:
     ruleset = render(small())
-    assert chain_rules(ruleset, f"nd-{TAP_A}") == [
-        "@th,64,128 0x20010db800000000000000000000000a accept",
-        "@th,64,128 0xfe80000000000000f8163efffe000099 accept",
-        "@th,64,128 0xfe80000000000000f8163efffe00000a accept",
-        "drop",
-    ]
-    assert f"nd-{TAP_C}" not in {c.name for c in ruleset.chains}
+    assert named(ruleset, "nd_targets") == [
+        Element((TAP_A, "0x20010db800000000000000000000000a")),
+        Element((TAP_A, "0xfe80000000000000f8163efffe000099")),  # the pair MAC's link-local
+        Element((TAP_A, "0xfe80000000000000f8163efffe00000a")),
+        Element((TAP_B, "0xfe80000000000000f8163efffe00000b")),
+    ]  # TAP_C: no port security, not checked
+    assert named(ruleset, "nd_target_nets") == []
+    assert not any(c.name.startswith("nd-") for c in ruleset.chains)  # no chain per port
+
+
+def test_neighbour_advertisement_targets_of_pair_networks_are_merged_ranges() -> None:
+    mac, tap = "fa:16:3e:00:00:01", "tapdddddddd-dd"
+    pairs = (AddressPair("2001:db8:1::/64", mac), AddressPair("2001:db8:1::/120", mac),
+             AddressPair("2001:db8:2::5", mac))
+    ruleset = render(HostFilter("h", (port(tap, allowed_pairs=pairs),), (), ()))
+    assert named(ruleset, "nd_target_nets") == [Element((
+        tap, "0x20010db8000100000000000000000000-0x20010db800010000ffffffffffffffff"))]
+    assert Element((tap, "0x20010db8000200000000000000000005")) in named(ruleset, "nd_targets")
+    text = to_nft_text(ruleset)
+    assert "typeof iifname . @th,64,128; flags interval;" in text
+
+
+def test_neighbour_advertisement_targets_are_keyed_by_mark_on_a_bridged_host() -> None:
+    ruleset = render(small(), "bridged")
+    declared = {s.name: s.typeof for s in ruleset.sets if s.name.startswith("nd_")}
+    assert declared == {"nd_targets": "meta mark . @th,64,128",
+                        "nd_target_nets": "meta mark . @th,64,128"}
+    assert "icmpv6 type nd-neighbor-advert meta mark . @th,64,128 @nd_targets accept" in (
+        chain_rules(ruleset, "egress-protect"))
 
 
 def test_guard_and_protections() -> None:
@@ -398,7 +423,8 @@ def test_guard_and_protections() -> None:
         "udp sport 67 udp dport 68 drop",
         "udp sport 547 udp dport 546 drop",
         "icmpv6 type { nd-router-advert, nd-redirect } drop",
-        "icmpv6 type nd-neighbor-advert iifname vmap @nd_ports",
+        "icmpv6 type nd-neighbor-advert iifname . @th,64,128 @nd_targets accept",
+        "icmpv6 type nd-neighbor-advert iifname . @th,64,128 @nd_target_nets accept",
         "icmpv6 type nd-neighbor-advert drop",
         "udp sport 68 udp dport 67 accept",
         "udp sport 546 udp dport 547 accept",
@@ -657,14 +683,14 @@ def test_plan_without_change_is_empty() -> None:
     assert tx.empty and tx.count == 0 and tx.size == 0 and tx.text == ""
 
 
-def test_membership_change_touches_one_set() -> None:
+def test_membership_change_touches_the_slot_maps_of_one_port() -> None:
     hf = small()
     joined = replace(hf, ports=(replace(hf.ports[0], ingress_chains=(WEB_IN, SSH_IN)),
                                 *hf.ports[1:]))
     assert plan_between(hf, joined).commands == (
-        f'add element inet secfw {SSH_IN}-ports {{ "{TAP_A}" }}',)
+        f'add element inet secfw ingress_slot1 {{ "{TAP_A}" : jump {SSH_IN} }}',)
     assert plan_between(joined, hf).commands == (
-        f'delete element inet secfw {SSH_IN}-ports {{ "{TAP_A}" }}',)
+        f'delete element inet secfw ingress_slot1 {{ "{TAP_A}" }}',)
 
 
 def test_member_address_change_touches_its_address_set() -> None:
@@ -675,27 +701,23 @@ def test_member_address_change_touches_its_address_set() -> None:
         f"add element inet secfw {WEB_V4} {{ 10.10.0.1/32 }}",)
 
 
-def test_new_port_is_only_elements_and_its_own_nd_chain() -> None:
+def test_new_port_is_only_elements() -> None:
+    """No chain per port: a port booting or going is set elements only (so the
+    chain count libnftables lists before each element change stays O(groups))."""
     hf = small()
     tap = "tapdddddddd-dd"
     more = replace(hf, ports=(*hf.ports, port(tap, (WEB_IN, SSH_IN), same_net=(NET_V4,))))
     commands = plan_between(hf, more).commands
-    nd = f"nd-{tap}"
-    assert commands[0] == f"add chain inet secfw {nd}"
-    elements = [c for c in commands[1:] if c.startswith("add element ")]
-    assert sorted(c.split()[4] for c in elements) == sorted(
-        ["egress_ports", "ingress_ports", f"{NET_V4}-ports", f"{WEB_IN}-ports", f"{SSH_IN}-ports",
-         "spoof4", "spoof6", "nd_ports", "arp_hosts"])
-    assert all(f'"{tap}"' in c for c in elements)
-    nd_rules = next(c for c in render(more).chains if c.name == nd).rules
-    assert commands[len(elements) + 1:] == tuple(
-        f"add rule inet secfw {nd} {r}" for r in (
-            f'@th,64,128 0xfe80000000000000f8163efffe000001 accept comment '
-            f'"{nd_rules[0].comment}"',
-            'drop comment "d90ee9ccf6bea1d2"'))
+    assert all(c.startswith("add element ") for c in commands)
+    assert sorted(c.split()[4] for c in commands) == sorted(
+        ["egress_ports", "ingress_ports", f"{NET_V4}-ports", "ingress_slot0", "ingress_slot1",
+         "spoof4", "spoof6", "nd_targets", "arp_hosts"])
+    assert all(f'"{tap}"' in c for c in commands)
+    assert (f'add element inet secfw nd_targets {{ "{tap}" . '
+            f'0xfe80000000000000f8163efffe000001 }}') in commands
     removed = plan_between(more, hf).commands
-    assert removed[-2:] == (f"flush chain inet secfw {nd}", f"delete chain inet secfw {nd}")
-    assert all(c.startswith("delete element ") for c in removed[:-2])
+    assert all(c.startswith("delete element ") for c in removed)
+    assert len(removed) == len(commands)
 
 
 def test_changed_verdict_is_delete_then_add_of_the_map_element() -> None:
@@ -719,7 +741,7 @@ def test_changed_rule_rewrites_only_its_chain() -> None:
     assert all(c.startswith(f"add rule inet secfw {SSH_IN} ") for c in commands[1:])
 
 
-def test_new_group_adds_chain_set_and_dispatch() -> None:
+def test_new_group_adds_chain_and_slot_elements() -> None:
     hf = small()
     new = GroupChain("sg-new-in", "new", "ingress", (rule(protocol=17),))
     grown = replace(hf, chains=(*hf.chains, new),
@@ -727,10 +749,12 @@ def test_new_group_adds_chain_set_and_dispatch() -> None:
                            *hf.ports[1:]))
     commands = plan_between(hf, grown).commands
     assert commands[0] == "add chain inet secfw sg-new-in"
+    assert WEB_IN < "sg-new-in"  # sorted by name: the port's slot 1
     assert commands[1] == (
-        f'add set inet secfw sg-new-in-ports {{ type ifname; elements = {{ "{TAP_A}" }}; }}')
-    assert "flush chain inet secfw ingress-filter" in commands
+        f'add element inet secfw ingress_slot1 {{ "{TAP_A}" : jump sg-new-in }}')
+    assert "flush chain inet secfw ingress-filter" not in commands  # still two slots
     assert len([c for c in commands if c.startswith("add rule inet secfw sg-new-in ")]) == 1
+    assert len(commands) == 3
     assert not any("delete" in c for c in commands)
 
 
@@ -747,8 +771,8 @@ def test_removed_group_goes_after_everything_that_refers_to_it() -> None:
         f'add rule inet secfw egress-filter jump egress-guard comment "{guard.comment}"',
         f'add rule inet secfw egress-filter drop comment "{drop.comment}"',
         f"flush chain inet secfw {WEB_OUT}",
+        "delete map inet secfw egress_slot0",  # it jumps to WEB_OUT: deleted first
         f"delete chain inet secfw {WEB_OUT}",
-        f"delete set inet secfw {WEB_OUT}-ports",
     )
 
 
@@ -764,9 +788,9 @@ def test_foreign_objects_in_our_table_are_removed() -> None:
     assert commands[0] == "flush chain inet secfw forward-ingress"
     assert commands[-5:] == ("flush chain arp secfw arp-intruder",
                              "flush chain inet secfw intruder-1",
+                             "delete set inet secfw left.over",
                              "delete chain arp secfw arp-intruder",
-                             "delete chain inet secfw intruder-1",
-                             "delete set inet secfw left.over")
+                             "delete chain inet secfw intruder-1")
 
 
 def test_changed_declaration_or_hook_means_full_replacement() -> None:

@@ -31,6 +31,7 @@ from secfw.backends.nftables import (
     render,
     to_nft_json,
 )
+from secfw.backends.nftables.syntax import Match, Rule, Ruleset, SetRef
 from secfw.compiler.ir import (
     AddressPair,
     AddressSet,
@@ -271,14 +272,15 @@ def test_each_incremental_change_applies_and_converges(
     assert_converged(executor, after)
 
 
-def test_chain_deleted_with_its_map_element_in_one_transaction(
-        executor: NftablesExecutor) -> None:
+def test_a_port_going_is_element_deletions_only(executor: NftablesExecutor) -> None:
+    """No chain per port (its NA targets are elements of nd_targets): the kernel
+    accepts the deletions read back, NA targets included, in one transaction."""
     (_, before), (what, after) = changes()[4], changes()[5]
     assert what == "a port goes"
     sync(executor, before)
     tx = plan(executor.read_state(), render(after))
-    assert f'delete element inet secfw nd_ports {{ "{TAPS[3]}" }}' in tx.text
-    assert f"delete chain inet secfw nd-{TAPS[3]}" in tx.text
+    assert all(c.startswith("delete element ") for c in tx.commands)
+    assert f'delete element inet secfw nd_targets {{ "{TAPS[3]}" . 0x' in tx.text
     executor.apply(tx)
     assert_converged(executor, after)
 
@@ -327,17 +329,33 @@ def test_failed_transaction_leaves_the_previous_ruleset(
     assert nft(ns, "list", "table", "inet", "secfw") == listed
 
 
+def _without_nd_targets(ruleset: Ruleset) -> Ruleset:
+    """``ruleset`` without the NA-target sets and the rules that use them: their
+    ``typeof … @th,64,128`` declaration has no libnftables 1.0.6 JSON input form
+    (docs/protection.md), so only the native form is ever applied."""
+    sets = tuple(s for s in ruleset.sets if not s.typeof)
+    names = {SetRef(s.name) for s in ruleset.sets if s.typeof}
+
+    def kept(rule: Rule) -> bool:
+        return not any(isinstance(s, Match) and s.right in names for s in rule.statements)
+
+    chains = tuple(replace(c, rules=tuple(filter(kept, c.rules))) for c in ruleset.chains)
+    return Ruleset(sets, chains)
+
+
 def test_json_and_text_give_the_same_kernel_state(ns: str, executor: NftablesExecutor) -> None:
     hf = everything()
-    executor.apply(plan(None, render(hf)))
+    ruleset = _without_nd_targets(render(hf))
+    assert len(ruleset.sets) == len(render(hf).sets) - 2
+    executor.apply(plan(None, ruleset))
     other = f"{ns}-j"
     _sh("ip", "netns", "add", other)
     try:
-        NftablesExecutor(other).apply_json(to_nft_json(render(hf)))
+        NftablesExecutor(other).apply_json(to_nft_json(ruleset))
         for family in ("inet", "arp"):
             assert nft(other, "list", "table", family, "secfw") == nft(
                 ns, "list", "table", family, "secfw")
-        assert NftablesExecutor(other).read_state() == KernelState.from_ruleset(render(hf))
+        assert NftablesExecutor(other).read_state() == KernelState.from_ruleset(ruleset)
     finally:
         subprocess.run(["ip", "netns", "del", other], capture_output=True, timeout=30,
                        check=False)

@@ -37,7 +37,10 @@ from secfw.model import TAP_PREFIX
 # ---- table inet secfw: maps and sets of fixed name
 INGRESS_PORTS = "ingress_ports"  # tap -> goto ingress-filter | accept (port security off)
 EGRESS_PORTS = "egress_ports"  # tap -> goto egress-open | goto egress-filter | accept
-ND_PORTS = "nd_ports"  # tap -> goto nd-<tap> (its neighbour-advertisement targets)
+#: tap . target: the addresses / address-pair networks a port's neighbour
+#: advertisements may announce (``typeof … . @th,64,128``, see protect.py)
+ND_TARGETS = "nd_targets"
+ND_TARGET_NETS = "nd_target_nets"
 SPOOF = {"ipv4": "spoof4", "ipv6": "spoof6"}  # tap . MAC . host address
 SPOOF_NETS = {"ipv4": "spoof4_nets", "ipv6": "spoof6_nets"}  # tap . MAC . network
 #: Bridged hosts: a port's address → its ingress mark, for what the host routes into
@@ -54,7 +57,6 @@ FORWARD_EGRESS = "forward-egress"
 FORWARD_INGRESS = "forward-ingress"
 POSTROUTING_INGRESS = "postrouting-ingress"  # bridged hosts (see PortIdentity)
 INPUT_EGRESS = "input-egress"
-ND_CHAIN_PREFIX = "nd-"  # nd-<tap>: one per protected port
 PORTS_SUFFIX = "-ports"
 
 # ---- table inet secfw: floating IPs (1:1 NAT; present only while some are associated)
@@ -85,7 +87,8 @@ METADATA_IN = "metadata-in"  # what taps send to the metadata server
 
 FIXED_SETS = frozenset({
     METADATA_PORTS,
-    INGRESS_PORTS, EGRESS_PORTS, ND_PORTS, *SPOOF.values(), *INGRESS_ADDRS.values(),
+    INGRESS_PORTS, EGRESS_PORTS, ND_TARGETS, ND_TARGET_NETS, *SPOOF.values(),
+    *INGRESS_ADDRS.values(),
     *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
     PORT_MACS, FLOATING_DNAT, FLOATING_SNAT, FLOATING_INTERNAL, FLOATING_SELF,
 })
@@ -166,6 +169,8 @@ NEW_NOT_SYN = Match(Masked(Payload("tcp", "flags"), ("fin", "syn", "rst", "ack")
 # not accept quoted names for chains and sets (nft 1.0.6); a bare word could be a
 # keyword (``tcp``, ``filter``), so secfw's names must also contain a '-' or '.'.
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*[-.][A-Za-z0-9_.-]*")
+#: The slot maps (slot_map_name): no ``-`` or ``.``, so never an IR name.
+_SLOT = re.compile(r"(ingress|egress)_slot[0-9]{1,5}")
 _MAX_NAME = 200  # well below NFT_NAME_MAXLEN (256), leaves room for "-ports"
 # A tap is an interface name: IFNAMSIZ is 16 bytes with the NUL.
 _TAP = re.compile(re.escape(TAP_PREFIX) + r"[A-Za-z0-9_.-]{1,12}")
@@ -178,7 +183,7 @@ _IPV4_HOST = re.compile(
 def is_safe_name(name: str) -> bool:
     """True when ``name`` can be written as a bare nft identifier: one of the
     fixed names of the layout, or a name that :func:`check_name` accepts."""
-    return name in FIXED_SETS or name in FIXED_CHAINS or (
+    return name in FIXED_SETS or name in FIXED_CHAINS or _SLOT.fullmatch(name) is not None or (
         len(name) <= _MAX_NAME and _NAME.fullmatch(name) is not None)
 
 
@@ -299,15 +304,15 @@ def palindrome_mark(index: int) -> int:
     return high << 24 | low << 16 | low << 8 | high
 
 
+def slot_map_name(direction: str, index: int) -> str:
+    """The verdict map of slot ``index`` of ``direction`` (``ingress_slot0``, …):
+    port → ``jump`` its index-th group chain (render._slot_maps)."""
+    return f"{direction}_slot{index}"
+
+
 def ports_set_name(chain: str) -> str:
     """The set of taps dispatched to group chain ``chain``."""
     return chain + PORTS_SUFFIX
-
-
-@lru_cache(maxsize=1 << 15)
-def nd_chain_name(tap: str) -> str:
-    """The chain holding the neighbour-advertisement targets of ``tap``."""
-    return ND_CHAIN_PREFIX + check_tap(tap)
 
 
 def canonical_cidr(text: str, family: Family | None = None) -> str:

@@ -13,8 +13,9 @@ or not at all). Commands name the table of each object (``inet secfw`` or
     add element S { … }            elements that are new
     flush chain X, add rule X …    chains whose rules changed (the whole chain, in order);
                                    the rules of new chains
-    flush chain X, delete chain X  chains that went away, once nothing refers to them
+    flush chain X                  chains that went away: their rules first
     delete set|map X               sets that went away, once no rule uses them
+    delete chain X                 chains that went away, once nothing refers to them
 
 Removing a verdict-map element and deleting the chain it pointed to in the same
 transaction works on this kernel (6.18, measured; docs/nftables.md), so chains are
@@ -56,9 +57,14 @@ if TYPE_CHECKING:
     from secfw.backends.nftables.render import Delta
 
 # What read-back elements must look like to be printed into a command: an
-# interface name (IFNAMSIZ), a MAC, a canonical CIDR or a range.
+# interface name (IFNAMSIZ), a MAC, a canonical CIDR or a range, a 128-bit
+# integer (an NA target) or a range of them.
 _IFNAME = re.compile(r"[A-Za-z0-9_.:+@*-]{1,15}")
 _ADDRESS = re.compile(r"[0-9A-Fa-f.:/-]{2,100}")
+_INTEGER = re.compile(r"0x[0-9a-f]{32}(-0x[0-9a-f]{32})?")
+
+
+_PATTERNS = {"ifname": _IFNAME, "integer": _INTEGER}
 
 
 def _t(family: str) -> str:
@@ -222,10 +228,13 @@ def _commands(current: KernelState, want: KernelState, scope: _Scope) -> Iterato
         yield from (f"add rule {_t(chain.family)} {chain.name} {rule_text(r)}"
                     for r in chain.rules)
     yield from (f"flush chain {_t(family)} {name}" for family, name in gone_chains)
-    yield from (f"delete chain {_t(family)} {name}" for family, name in gone_chains)
+    # Sets before chains: a slot map that goes away may still ``jump`` to a group
+    # chain that goes away, and the kernel refuses to delete a chain a map element
+    # names (EBUSY); flushed, no rule uses a set that goes away any more.
     gone_sets = sorted(_safe_key(k) for k in scope.sets if k in current.sets and k not in want.sets)
     for key in gone_sets:
         yield f"delete {'map' if current.sets[key].is_map else 'set'} {_t(key[0])} {key[1]}"
+    yield from (f"delete chain {_t(family)} {name}" for family, name in gone_chains)
 
 
 def _add_chain(chain: Chain) -> str:
@@ -265,6 +274,6 @@ def _elements(named: SetState, verb: str, elements: Iterable[Element]) -> str:
         ordered = [Element(e.key) for e in ordered]
         for element in ordered:
             for value, key_type in zip(element.key, named.key_type, strict=True):
-                _safe(value, _IFNAME if key_type == "ifname" else _ADDRESS)
+                _safe(value, _PATTERNS.get(key_type, _ADDRESS))
     interval = "interval" in named.flags
     return ", ".join(element_text(named.key_type, e, interval) for e in ordered)

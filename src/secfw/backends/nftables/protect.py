@@ -1,16 +1,17 @@
 """Port protection: anti-spoofing, DHCP/RA/ND protections and the ARP table.
 
 Everything here is compiled per port **as data** (set and map elements keyed by
-tap) behind a handful of fixed chains, except the neighbour-advertisement
-targets (one small chain per port, see :func:`nd_chains`)::
+tap) behind a handful of fixed chains: the ruleset has no chain per port, so its
+chain count (which libnftables 1.0.6 lists before every element change) does not
+grow with the ports::
 
     table inet secfw
       set spoof4 / spoof6            tap . MAC . address     (hash: one lookup per packet)
       set spoof4_nets / spoof6_nets  tap . MAC . network     (interval: address pairs only)
-      map nd_ports                   tap -> goto nd-<tap>
+      set nd_targets                 tap . NA target address (hash)
+      set nd_target_nets             tap . NA target network (interval: address pairs only)
       chain egress-guard             source (tap, MAC, address) known? else drop
       chain egress-protect           DHCP/RA/ND protections, then conntrack state
-      chain nd-<tap>                 the NA targets the port may advertise, else drop
     table arp secfw
       set arp_open                   taps without port security
       set arp_hosts / arp_nets       tap . frame MAC . sender MAC . sender address
@@ -22,13 +23,15 @@ the packet still carries the link-layer header it arrived with, and nft loads
 kernel 6.18: a frame from a tap with a foreign source MAC is dropped on both
 hooks). ARP never reaches the ``inet`` hooks, hence the ``arp`` table.
 
-Why the NA targets are chains and not a set: nft 1.0.6 has no ``icmpv6 taddr``;
-the target is ``@th,64,128``, a raw payload whose type (a 128-bit integer) only a
-``typeof`` set declaration can give, and libnftables 1.0.6 JSON cannot express
-``typeof`` (measured: "can not use variable sized data types (integer) in concat
-expressions"). A per-port chain of raw-payload comparisons loads identically from
-text and JSON. Neighbour advertisements are rare, and the chain is reached
-through a verdict map: per-packet cost O(1), size O(addresses).
+The NA targets: nft 1.0.6 has no ``icmpv6 taddr``; the target is ``@th,64,128``,
+a raw payload (a 128-bit integer), so its sets are declared with ``typeof``
+(``typeof iifname . @th,64,128``), which native syntax loads. libnftables 1.0.6
+JSON cannot *load* such a set (it lists it as ``["ifname", "integer"]`` but
+rejects that type on input: "can not use variable sized data types (integer) in
+concat expressions", measured), so ``secfw compile -f json`` prints these two
+sets as the kernel lists them, and only the native form is applied. (The former
+layout, one ``nd-<tap>`` chain per port, loaded from JSON too, but made every
+element change O(ports): libnftables lists every chain first.)
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ from secfw.backends.nftables.layout import (
     FROM_TAP_HOOK,
     INGRESS_MARK_BIT,
     INGRESS_MARKS,
-    ND_PORTS,
+    ND_TARGET_NETS,
+    ND_TARGETS,
     NEW_NOT_SYN,
     PORT_MACS,
     SPOOF,
@@ -65,7 +69,6 @@ from secfw.backends.nftables.layout import (
     canonical_cidr,
     check_mac,
     check_tap,
-    nd_chain_name,
 )
 from secfw.backends.nftables.syntax import (
     ACCEPT,
@@ -77,7 +80,6 @@ from secfw.backends.nftables.syntax import (
     Ct,
     Datum,
     Element,
-    HexSpan,
     MapLookup,
     Masked,
     Match,
@@ -85,14 +87,14 @@ from secfw.backends.nftables.syntax import (
     NamedSet,
     Payload,
     RawPayload,
-    Rule,
     SetMeta,
     SetRef,
     Statement,
     Symbol,
     SymbolSet,
     Verdict,
-    VMap,
+    hex_text,
+    key_text,
     make_rule,
 )
 from secfw.compiler.ir import Family, PortPolicy
@@ -103,6 +105,8 @@ _ADDRESS = {"ipv4": ("ip", "ipv4_addr"), "ipv6": ("ip6", "ipv6_addr")}
 #: The target address of a neighbour advertisement: 8 bytes into the ICMPv6
 #: header (RFC 4861 4.4), 128 bits.
 ND_TARGET = RawPayload("th", 64, 128)
+#: Its type as libnftables lists it (a raw payload is an integer).
+ND_TARGET_TYPE = "integer"
 _ICMPV6_TYPE = Payload("icmpv6", "type")
 _ARP_KEY = Concat((Meta("iifname"), Payload("ether", "saddr"), Payload("arp", "saddr ether"),
                    Payload("arp", "saddr ip")))
@@ -173,38 +177,56 @@ def _without_overlaps(elements: Iterable[Element]) -> tuple[Element, ...]:
     return tuple(sorted(merged))
 
 
-def nd_map(ports: Iterable[PortPolicy], ident: PortIdentity) -> NamedSet:
-    """``tap → goto nd-<tap>`` for every protected port (keyed by egress mark on a
-    bridged host)."""
-    elements = sorted(Element((ident.egress(p.tap),), Verdict("goto", nd_chain_name(p.tap)))
-                      for p in ports if p.port_security)
-    return NamedSet(ND_PORTS, (ident.key_type,), (), tuple(elements), is_map=True)
+def nd_sets(ports: Iterable[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
+    """``nd_targets`` (hash) and ``nd_target_nets`` (interval): ``tap . target`` for
+    every IPv6 address or address-pair network a protected port may advertise in
+    a neighbour advertisement (keyed by egress mark on a bridged host).
+
+    Single addresses go to the hash set, as in :func:`spoof_sets`: only pair
+    networks need the interval (pipapo) set, whose update cost grows with its size.
+    """
+    hosts: list[Element] = []
+    nets: list[Element] = []
+    for port in sorted(ports, key=lambda p: p.tap):
+        if port.port_security:
+            port_hosts, port_nets = _nd_elements(port, ident.egress(port.tap))
+            hosts += port_hosts
+            nets += port_nets
+    key = (ident.key_type, ND_TARGET_TYPE)
+    declared = f"{key_text(ident.egress_key)} . {key_text(ND_TARGET)}"
+    if ident.topology == "bridged":
+        hosts.sort()
+    return [NamedSet(ND_TARGETS, key, (), tuple(hosts), typeof=declared),
+            NamedSet(ND_TARGET_NETS, key, ("interval",), tuple(sorted(nets)), typeof=declared)]
+
+
+@lru_cache(maxsize=1 << 15)
+def _nd_elements(port: PortPolicy, egress_key: str) -> tuple[tuple[Element, ...],
+                                                              tuple[Element, ...]]:
+    """The (hosts, networks) elements of one port, networks merged (an interval set
+    rejects overlaps). Cached per policy, as :func:`_port_elements`."""
+    check_mac(port.mac)
+    targets = [ipaddress.IPv6Network(canonical_cidr(c, "ipv6")) for c in nd_targets(port)]
+    hosts = tuple(Element((egress_key, nd_target_value(int(t.network_address))))
+                  for t in targets if t.prefixlen == 128)
+    merged = netaddr.cidr_merge([str(t) for t in targets if t.prefixlen < 128])
+    nets = tuple(Element((egress_key, nd_target_range(int(n.first), int(n.last))))
+                 for n in merged)
+    return hosts, nets
+
+
+def nd_target_value(address: int) -> str:
+    """A target address as an element component of the ``typeof … @th,64,128``
+    sets: ``0x`` and 32 hex digits (what :func:`.syntax.hex_text` prints)."""
+    return hex_text(address, 128)
+
+
+def nd_target_range(low: int, high: int) -> str:
+    """A target network as an element component: ``0x…-0x…`` (nft's range syntax)."""
+    return f"{hex_text(low, 128)}-{hex_text(high, 128)}"
 
 
 # --------------------------------------------------------------------------- chains
-
-
-def nd_chains(ports: Iterable[PortPolicy]) -> list[Chain]:
-    """``nd-<tap>``: accept a neighbour advertisement whose target is one of the
-    port's IPv6 sources (RFC 4861 7.2.4 lets a node advertise only its own
-    addresses), drop any other."""
-    return [_nd_chain(p) for p in ports if p.port_security]
-
-
-@lru_cache(maxsize=1 << 15)
-def _nd_chain(port: PortPolicy) -> Chain:
-    check_mac(port.mac)
-    rules = [_nd_rule(cidr) for cidr in nd_targets(port)]
-    return Chain(nd_chain_name(port.tap), None, (*rules, _DROP_RULE))
-
-
-@lru_cache(maxsize=1 << 15)
-def _nd_rule(cidr: str) -> Rule:
-    """Accept an advertisement for ``cidr`` (cached: a shared pair or a re-render
-    gives the same rule)."""
-    net = ipaddress.IPv6Network(canonical_cidr(cidr, "ipv6"))
-    span = HexSpan(int(net.network_address), int(net.broadcast_address), 128)
-    return make_rule((Match(ND_TARGET, span), ACCEPT))
 
 
 def egress_guard(ident: PortIdentity) -> Chain:
@@ -240,9 +262,7 @@ def egress_protect(ident: PortIdentity) -> Chain:
         (*_udp(*DHCP_SERVER[4]), DROP),  # a DHCP server on an instance (RFC 2131)
         (*_udp(*DHCP_SERVER[6]), DROP),  # a DHCPv6 server or relay (RFC 8415)
         (Match(_ICMPV6_TYPE, SymbolSet(("nd-router-advert", "nd-redirect"))), DROP),
-        (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")),
-         VMap(ident.egress_key, SetRef(ND_PORTS))),
-        (Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert")), DROP),
+        *_neighbour_advertisement(ident),
         (*_udp(*DHCP_CLIENT[4]), ACCEPT),  # DHCP client
         (*_udp(*DHCP_CLIENT[6]), ACCEPT),  # DHCPv6 client
         (Match(_ICMPV6_TYPE, SymbolSet((
@@ -267,6 +287,19 @@ _ESTABLISHED_FAST_PATH: tuple[Statement, ...] = (
     Match(Ct("state"), Symbol("established")),
     ACCEPT,
 )
+
+
+def _neighbour_advertisement(ident: PortIdentity) -> list[tuple[Statement, ...]]:
+    """An NA whose (port, target) is in ``nd_targets`` or ``nd_target_nets`` is
+    accepted, any other NA dropped: RFC 4861 7.2.4 lets a node advertise only its
+    own addresses. One hash lookup (and one interval lookup) per NA, whatever the
+    number of ports. A packet too short for the target fails the load: no match,
+    so it meets the drop."""
+    na = Match(_ICMPV6_TYPE, Symbol("nd-neighbor-advert"))
+    key = Concat((ident.egress_key, ND_TARGET))
+    return [(na, Match(key, SetRef(ND_TARGETS)), ACCEPT),
+            (na, Match(key, SetRef(ND_TARGET_NETS)), ACCEPT),
+            (na, DROP)]
 
 
 def _unspecified_source() -> list[tuple[Statement, ...]]:

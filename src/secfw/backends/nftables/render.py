@@ -19,7 +19,7 @@ the tables (sets and maps with their elements, chains with their rules);
                            dispatch, drop
     chain egress-open      jump egress-guard, accept
     chain egress-filter    jump egress-guard, group dispatch, drop
-    chain egress-guard / egress-protect / nd-<tap>    (:mod:`.protect`)
+    chain egress-guard / egress-protect               (:mod:`.protect`)
     chain forward-egress / forward-ingress / input-egress    the base chains
     table arp secfw     ARP anti-spoofing (:mod:`.protect`)
 
@@ -39,6 +39,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from secfw.backends.nftables import metadata, protect
@@ -64,7 +65,6 @@ from secfw.backends.nftables.layout import (
     INGRESS_PORTS,
     INPUT_EGRESS,
     INPUT_EGRESS_HOOK,
-    ND_CHAIN_PREFIX,
     NEW_NOT_SYN,
     PORT_PROTOCOLS,
     PORTS_SUFFIX,
@@ -80,6 +80,7 @@ from secfw.backends.nftables.layout import (
     is_safe_name,
     port_identity,
     ports_set_name,
+    slot_map_name,
 )
 from secfw.backends.nftables.syntax import (
     ACCEPT,
@@ -369,32 +370,27 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
     """The sets and chains that depend on the ports (and the chains' names), not on
     the group chains' rules or the address sets' elements."""
     groups = _index_chains(hf.chains)
-    members = _members(hf.ports, groups)
     ident = port_identity(topology, (p.tap for p in hf.ports))
-    interned = {
-        "egress": {p.tap: Element((ident.egress(p.tap),)) for p in hf.ports},
-        "ingress": {p.tap: Element((ident.ingress(p.tap),)) for p in hf.ports},
-    }
+    slots = {d: _slot_maps(_port_chains(hf.ports, groups, d), d, ident)
+             for d in ("ingress", "egress")}
+    interned = {p.tap: Element((ident.ingress(p.tap),)) for p in hf.ports}
     same_net = _same_net_members(hf.ports, _index_sets(hf.sets))
     sets = [
         _ingress_map(hf.ports, ident),
         _egress_map(hf.ports, ident),
-        *(_ports_set(name, taps, interned[groups[name].direction], ident.key_type)
-          for name, taps in members.items()),
-        *(_ports_set(name, taps, interned["ingress"], ident.key_type)
+        *slots["ingress"], *slots["egress"],
+        *(_ports_set(name, taps, interned, ident.key_type)
           for (name, _), taps in same_net.items()),
         *protect.spoof_sets(hf.ports, ident),
-        protect.nd_map(hf.ports, ident),
+        *protect.nd_sets(hf.ports, ident),
         *protect.layer2_sets(hf.ports, ident),
         *(_ingress_address_maps(hf.ports, ident) if ident.topology == "bridged" else ()),
     ]
     chains = [
-        _ingress_filter(sorted(c.name for c in hf.chains if c.direction == "ingress"),
-                        sorted(same_net), ident),
-        *_egress_chains(sorted(c.name for c in hf.chains if c.direction == "egress"), ident),
+        _ingress_filter(len(slots["ingress"]), sorted(same_net), ident),
+        *_egress_chains(len(slots["egress"]), ident),
         protect.egress_guard(ident),
         protect.egress_protect(ident),
-        *protect.nd_chains(hf.ports),
         *_base_chains(ident, metadata.to_server_rule(hf.metadata, ident)),
         *protect.layer2_chains(ident),
     ]
@@ -404,8 +400,7 @@ def _port_part(hf: HostFilter, topology: str) -> _PortPart:
 def _index_chains(chains: Iterable[GroupChain]) -> dict[str, GroupChain]:
     index: dict[str, GroupChain] = {}
     for chain in chains:
-        reserved = chain.name in FIXED_CHAINS or chain.name.startswith(ND_CHAIN_PREFIX)
-        if check_name(chain.name) in index or reserved:
+        if check_name(chain.name) in index or chain.name in FIXED_CHAINS:
             raise BackendError(f"nftables: chain name {chain.name!r} is reserved or used twice")
         index[chain.name] = chain
     return index
@@ -428,22 +423,47 @@ def _check_unique(names: list[str], what: str) -> None:
         raise BackendError(f"nftables: {what} name {dup[0]!r} is used twice")
 
 
-def _members(ports: Iterable[PortPolicy], groups: dict[str, GroupChain]) -> dict[str, list[str]]:
-    """Group chain name → sorted taps of the ports that use it (every chain present)."""
-    members: dict[str, list[str]] = {name: [] for name in groups}
-    seen: set[str] = set()
+def _port_chains(ports: Iterable[PortPolicy], groups: dict[str, GroupChain],
+                 direction: str) -> dict[str, tuple[str, ...]]:
+    """Tap → the names of its group chains of ``direction``, sorted, without
+    duplicates. BackendError for a tap used twice or an unknown chain."""
+    found: dict[str, tuple[str, ...]] = {}
     for port in ports:
-        if check_tap(port.tap) in seen:
+        if check_tap(port.tap) in found:
             raise BackendError(f"nftables: tap {port.tap!r} belongs to two ports")
-        seen.add(port.tap)
-        for names, direction in ((port.ingress_chains, "ingress"), (port.egress_chains, "egress")):
-            for name in dict.fromkeys(names):
-                chain = groups.get(name)
-                if chain is None or chain.direction != direction:
-                    raise BackendError(f"nftables: port {port.tap} uses unknown {direction} "
-                                       f"chain {name!r}")
-                members[name].append(port.tap)
-    return {name: sorted(taps) for name, taps in members.items()}
+        names = port.ingress_chains if direction == "ingress" else port.egress_chains
+        for name in names:
+            chain = groups.get(name)
+            if chain is None or chain.direction != direction:
+                raise BackendError(f"nftables: port {port.tap} uses unknown {direction} "
+                                   f"chain {name!r}")
+        found[port.tap] = tuple(sorted(set(names)))
+    return found
+
+
+def _slot_maps(chains: dict[str, tuple[str, ...]], direction: str,
+               ident: PortIdentity) -> list[NamedSet]:
+    """``<direction>_slot<i>``: port → ``jump`` its i-th group chain (sorted by name),
+    for i below the most chains a port of the host has.
+
+    A new flow then costs one verdict-map lookup per slot (≈ groups per port)
+    instead of one ``@<G>-ports`` lookup per group chain of the *host* (~500 in the
+    bench); membership stays data (elements), chains stay O(groups).
+    """
+    width = max((len(names) for names in chains.values()), default=0)
+    key = ident.ingress if direction == "ingress" else ident.egress
+    slots: list[list[Element]] = [[] for _ in range(width)]
+    for tap, names in chains.items():
+        for index, name in enumerate(names):
+            slots[index].append(Element((key(tap),), _jump(name)))
+    return [NamedSet(slot_map_name(direction, index), (ident.key_type,), (), _by_key(elements),
+                     is_map=True) for index, elements in enumerate(slots)]
+
+
+@lru_cache(maxsize=1 << 12)
+def _jump(chain: str) -> Verdict:
+    """One Verdict per chain, shared by its ~ports × slots elements."""
+    return Verdict("jump", chain)
 
 
 def _ingress_map(ports: Iterable[PortPolicy], ident: PortIdentity) -> NamedSet:
@@ -624,12 +644,12 @@ def _icmp(rule: IRRule) -> list[Statement]:
     return [Match(Payload(keyword, name), value) for name, value in values]
 
 
-def _ingress_filter(chains: list[str], same_net: list[tuple[str, Family]],
+def _ingress_filter(slots: int, same_net: list[tuple[str, Family]],
                     ident: PortIdentity) -> Chain:
     """What reaches a protected port: replies, neighbour discovery, traffic from
     an address of its network's ports (``oifname @<N>-ports ip saddr @<N>
     accept``, one rule per same-net set), then every ingress group chain of the
-    port, then drop."""
+    port (one verdict-map lookup per slot, :func:`_slot_maps`), then drop."""
     rules = [make_rule((CT_STATE,)), make_rule((NEW_NOT_SYN, DROP)),
              make_rule(protect.neighbour_discovery_in())]
     rules += [
@@ -637,31 +657,32 @@ def _ingress_filter(chains: list[str], same_net: list[tuple[str, Family]],
                    Match(Payload(ADDRESS_KEYWORD[family], "saddr"), SetRef(name)), ACCEPT))
         for name, family in same_net
     ]
-    rules += [_dispatch(ident.ingress_key, name) for name in chains]
+    rules += _dispatch(ident.ingress_key, "ingress", slots)
     rules.append(make_rule((DROP,)))
     return Chain(INGRESS_FILTER, None, tuple(rules))
 
 
-def _egress_chains(chains: list[str], ident: PortIdentity) -> list[Chain]:
+def _egress_chains(slots: int, ident: PortIdentity) -> list[Chain]:
     """``egress-open`` and ``egress-filter``: both first ``jump`` to the guard
     (anti-spoofing, protections, conntrack state: it drops or accepts what it
     decides and returns the rest); then open egress accepts, restricted egress
     tries the port's egress group chains and drops."""
     guard = make_rule((Verdict("jump", EGRESS_GUARD),))
-    dispatch = [_dispatch(ident.egress_key, name) for name in chains]
+    dispatch = _dispatch(ident.egress_key, "egress", slots)
     return [
         Chain(EGRESS_OPEN, None, (guard, make_rule((ACCEPT,)))),
         Chain(EGRESS_FILTER, None, (guard, *dispatch, make_rule((DROP,)))),
     ]
 
 
-def _dispatch(port_key: Meta, chain: str) -> Rule:
-    """``oifname @<chain>-ports jump <chain>``: the group's rules apply to its ports.
-
-    ``jump`` (not ``goto``): a group that does not accept returns here so the next
-    group of the port is tried; the groups' rules add up (docs/semantics.md)."""
-    return make_rule((Match(port_key, SetRef(ports_set_name(chain))),
-                      Verdict("jump", chain)))
+def _dispatch(port_key: Meta, direction: str, slots: int) -> list[Rule]:
+    """``oifname vmap @<direction>_slot<i>`` for each slot: the port's i-th group
+    chain, by ``jump`` (not ``goto``): a group that does not accept returns here
+    so the port's next group is tried; the groups' rules add up
+    (docs/semantics.md). A port with fewer groups misses the last maps: no verdict,
+    the next rule."""
+    return [make_rule((VMap(port_key, SetRef(slot_map_name(direction, index))),))
+            for index in range(slots)]
 
 
 def _base_chains(ident: PortIdentity, to_server: list[Rule] | None = None) -> list[Chain]:

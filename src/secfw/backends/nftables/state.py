@@ -51,6 +51,7 @@ from secfw.backends.nftables.syntax import (
     Ruleset,
     Statement,
     Verdict,
+    hex_text,
     statement_json,
 )
 from secfw.errors import BackendError
@@ -316,6 +317,8 @@ def _unwrap(raw: Any) -> Any:
 def _component(raw: Any, key_type: str) -> str:
     if key_type == "ether_addr":
         return str(raw).lower()
+    if key_type == "integer":  # the 128-bit NA targets (protect.nd_sets)
+        return _integer_component(raw)
     if key_type not in ADDRESS_TYPES:
         return str(raw)
     if isinstance(raw, str):
@@ -325,6 +328,17 @@ def _component(raw: Any, key_type: str) -> str:
     low, high = (ipaddress.ip_address(a) for a in raw["range"])
     cidrs = list(ipaddress.summarize_address_range(low, high))
     return canonical_cidr(str(cidrs[0])) if len(cidrs) == 1 else f"{low}-{high}"
+
+
+def _integer_component(raw: Any) -> str:
+    """A listed 128-bit integer (a small one lists as a JSON number, a big one as a
+    ``0x…`` string; a range as ``{"range": [low, high]}``) as rendered: ``0x`` and
+    32 hex digits, a range as ``low-high``."""
+    if isinstance(raw, dict) and "range" in raw:
+        low, high = raw["range"]
+        return f"{_integer_component(low)}-{_integer_component(high)}"
+    value = raw if isinstance(raw, int) else int(str(raw), 0)
+    return hex_text(value, 128)
 
 
 def parse_verdict(data: Any) -> Verdict:

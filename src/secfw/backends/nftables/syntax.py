@@ -251,7 +251,10 @@ class NamedSet:
     """A named set, or a map when ``is_map``; elements are sorted by key.
 
     A map maps to verdicts unless ``data_type`` names another type (``mark``).
-    ``family`` is the table it lives in (``inet``, ``arp`` or ``bridge``)."""
+    ``family`` is the table it lives in (``inet``, ``arp`` or ``bridge``).
+    ``typeof`` (native syntax, e.g. ``iifname . @th,64,128``) declares the key by
+    expression, for a key with a raw payload, whose type has no name to declare;
+    ``key_type`` is then that key's type as libnftables lists it."""
 
     name: str
     key_type: tuple[str, ...]
@@ -260,6 +263,7 @@ class NamedSet:
     is_map: bool = False
     family: str = FAMILY
     data_type: str = "verdict"
+    typeof: str = ""
 
 
 @dataclass(frozen=True)
@@ -423,8 +427,8 @@ def element_text(key_type: tuple[str, ...], element: Element, interval: bool = T
 
 def set_declaration(named: NamedSet) -> str:
     """``type …; flags …;`` of a set or map."""
-    key_type = " . ".join(named.key_type)
-    text = f"type {key_type} : {named.data_type};" if named.is_map else f"type {key_type};"
+    key = f"typeof {named.typeof}" if named.typeof else f"type {' . '.join(named.key_type)}"
+    text = f"{key} : {named.data_type};" if named.is_map else f"{key};"
     return text + (f" flags {', '.join(named.flags)};" if named.flags else "")
 
 
@@ -582,6 +586,8 @@ _CT_BITMASKS = frozenset({"state", "status"})
 def _component_json(value: str, key_type: str, interval: bool) -> Json:
     if key_type == "mark":
         return int(value)
+    if key_type == "integer" and "-" in value:  # a range: 0x…-0x…
+        return {"range": value.split("-", 1)}
     if key_type not in ADDRESS_TYPES:
         return value
     return prefix_json(value) if interval else value.split("/", 1)[0]
