@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +63,11 @@ class Probe:
         return self.measured == self.expected
 
 
-def build_guide_cloud(api: Api) -> None:
-    """The guide's groups and rules, two projects, a flat and a VLAN network."""
+def build_guide_cloud(api: Api, placement: Mapping[str, str] | None = None) -> None:
+    """The guide's groups and rules, two projects, a flat and a VLAN network.
+
+    Every instance is booted on :data:`HOST`, or on ``placement[name]`` when given
+    (the multi-host demo spreads them, :mod:`secfw.demohosts`)."""
     with api.batch():
         api.net_create("admin", "public", "10.10.0.0/24")
         api.net_create("alpha", "alpha-net", "10.20.0.0/24", vlan=101)
@@ -89,18 +92,19 @@ def build_guide_cloud(api: Api) -> None:
             ("beta", "beta1", [], "public"),
         )
         for project, name, groups, net in boots:
-            api.boot(project, name, "m1.tiny", "cirros", HOST, groups, [net])
+            host = (placement or {}).get(name, HOST)
+            api.boot(project, name, "m1.tiny", "cirros", host, groups, [net])
 
 
 #: The demo's floating pool (TEST-NET-1; the lab's external side routes it to the host).
 FLOATING_POOL = "192.0.2.0/24"
 
 
-def add_floating_ips(api: Api) -> None:
-    """The guide's floating IPs: a pool, one address allocated by alpha and
-    associated with web1 (``nova floating-ip-create``, ``add-floating-ip``)."""
+def add_floating_ips(api: Api, pool: str = FLOATING_POOL) -> None:
+    """The guide's floating IPs: a pool (``pool``), one address allocated by alpha
+    and associated with web1 (``nova floating-ip-create``, ``add-floating-ip``)."""
     with api.batch():
-        api.floating_pool_create("admin", "public-pool", FLOATING_POOL)
+        api.floating_pool_create("admin", "public-pool", pool)
         address = api.floating_ip_create("alpha", "public-pool").id
         api.add_floating_ip("alpha", "web1", address)
 
@@ -169,7 +173,7 @@ def listeners(lab: Lab, taps: list[str]) -> Iterator[None]:
         yield
 
 
-def measure(lab: Lab, src_ns: str, dst_ns: str, dst_ip: str, service: Service) -> bool:
+def measure(src_ns: str, dst_ns: str, dst_ip: str, service: Service) -> bool:
     """Send one real probe; True when it got through."""
     if service.protocol == 6:
         return netns_tools.tcp_connect(src_ns, dst_ip, service.port or 0, PROBE_TIMEOUT)
@@ -201,7 +205,7 @@ def reachability(api: Api, lab: Lab, allow_same_net: bool) -> list[Probe]:
                         0 if service.protocol == 1 else None,
                     )
                     expected = decide(state, flow, allow_same_net)
-                    got = measure(lab, src_ns, lab.instance_ns(dst.tap), dst.ip, service)
+                    got = measure(src_ns, lab.instance_ns(dst.tap), dst.ip, service)
                     probes.append(
                         Probe(
                             src_name,
@@ -233,7 +237,7 @@ def floating_probes(state: CloudState, lab: Lab, sources: list[tuple[str, str, s
                             8 if service.protocol == 1 else None,
                             0 if service.protocol == 1 else None)
                 expected = decide(state, flow, allow_same_net)
-                got = measure(lab, src_ns, lab.instance_ns(port.tap), floating.id, service)
+                got = measure(src_ns, lab.instance_ns(port.tap), floating.id, service)
                 probes.append(Probe(src_name, name, service.label, got, expected.allowed,
                                     expected.reason))
     return probes

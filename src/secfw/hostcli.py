@@ -580,10 +580,19 @@ def lab_down(host: str | None, hosts: int | None, name: str) -> None:
 @click.option("--keep", is_flag=True, help="Leave the lab and the store in place.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to keep the demo's store and lab state (default: a temp dir).")
+@click.option("--hosts", type=click.IntRange(3, 3), metavar="3",
+              help="Spread the cloud over 3 hosts of a multi-host lab on its own etcd, "
+                   "one agent per host (started and stopped by the demo).")
+@click.option("--topology", type=click.Choice(TOPOLOGIES), default="routed", show_default=True,
+              help="With --hosts: the multi-host lab's topology.")
 @_config_option
-def demo_command(keep: bool, work_dir: Path | None, config_path: str | None) -> None:
+def demo_command(keep: bool, work_dir: Path | None, hosts: int | None, topology: str,
+                 config_path: str | None) -> None:
     """The operations guide's example cloud, measured with real packets."""
     config = load_config(config_path)
+    if hosts is not None:
+        _demo_hosts(hosts, topology, work_dir, keep, config_path)
+        return
     work = work_dir or Path(tempfile.mkdtemp(prefix="secfw-demo-"))
     store_url, lab_dir = demo_paths(work)
     api = Api(open_store(store_url))
@@ -608,11 +617,39 @@ def demo_command(keep: bool, work_dir: Path | None, config_path: str | None) -> 
         raise SecfwError("the kernel disagreed with the security groups (see MISMATCH rows)")
 
 
-def _print_matrix(probes: list[Probe], allow_same_net: bool) -> None:
+def _demo_hosts(hosts: int, topology: str, work_dir: Path | None, keep: bool,
+                config_path: str | None) -> None:
+    """``demo --hosts 3``: :mod:`secfw.demohosts` on a multi-host lab named
+    ``demo`` (its etcd and agents stopped, its namespaces removed, unless --keep)."""
+    from secfw import demohosts
+    from secfw.multihost import MultiHostLab, host_names
+
+    config = load_config(config_path)
+    work = work_dir or Path(tempfile.mkdtemp(prefix="secfw-demo-"))
+    lab = MultiHostLab("demo", host_names("demo", hosts), work / "lab" / "multihost", topology)
+    try:
+        probes, placement = demohosts.run(lab, work, config.allow_same_net_traffic,
+                                          config_path)
+    finally:
+        if not keep:
+            lab.down()
+    where = ", ".join(f"{name} on {host}" for name, host in sorted(placement.items()))
+    _print_matrix(probes, config.allow_same_net_traffic,
+                  f"{hosts} hosts ({topology}, etcd; {where})")
+    if keep:
+        click.echo(f"kept: store {lab.store_url} in {lab.fabric_ns}; remove with "
+                   f"SECFW_LAB_DIR={work / 'lab'} secfw lab down --hosts {hosts} --name demo")
+    elif work_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if not all(p.agrees for p in probes):
+        raise SecfwError("the kernel disagreed with the security groups (see MISMATCH rows)")
+
+
+def _print_matrix(probes: list[Probe], allow_same_net: bool, where: str = HOST) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Reachability on {HOST}, measured with real packets "
+    table = Table(title=f"Reachability on {where}, measured with real packets "
                         f"(allow_same_net_traffic={str(allow_same_net).lower()})")
     for header in ("source", "destination", "service", "result", "why (security groups)"):
         table.add_column(header)

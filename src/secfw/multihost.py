@@ -350,8 +350,10 @@ class MultiHostLab:
                      prefixlen=UNDERLAY6.prefixlen, family=AF_INET6, flags=IFA_F_NODAD)
 
     def _route_between_hosts(self, ports: Mapping[str, Sequence[LabPort]]) -> None:
-        """Routed: on every host, each remote instance's addresses via its host's
-        underlay address; routes to instances that left are removed."""
+        """Routed: on every host, each remote instance's addresses — and the floating
+        IPs its host NATs to it — via its host's underlay address (the /32s Calico
+        advertises for a floating IP, so it is reached from any host: the DNAT is
+        on the instance's host); routes to instances that left are removed."""
         for host in self.hosts:
             wanted: dict[str, tuple[str, int]] = {}
             for other in self.hosts:
@@ -359,6 +361,8 @@ class MultiHostLab:
                     continue
                 for port in ports.get(other, []):
                     wanted[f"{port.ip}/32"] = (self.underlay_ip(other), 2)
+                    for floating in port.floating:
+                        wanted[f"{floating}/32"] = (self.underlay_ip(other), 2)
                     if port.ip6 is not None:
                         wanted[f"{port.ip6}/128"] = (self.underlay_ip6(other), 10)
             with _lab_errors(f"routes of {host}"), _netlink(self.labs[host].host_ns) as hst:
