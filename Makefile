@@ -75,6 +75,7 @@ bench: venv
 	$(PY) -m secfw.bench.backends $(BACKENDS_ARGS)
 	$(PY) -m secfw.bench.floating $(FLOATING_ARGS)
 	$(PY) -m secfw.bench.multihost $(MULTIHOST_ARGS)
+	$(PY) -m secfw.bench.manyhosts $(MANYHOSTS_ARGS)
 	$(PY) -m secfw.bench.metadata
 	$(PY) -m secfw.bench.neutron $(NEUTRON_BENCH_ARGS)
 

@@ -31,7 +31,8 @@ def get_backend(name: str, **options: Any) -> NftablesBackend | IptablesBackend:
 
 
 def get_backend(name: str, **options: Any) -> NftablesBackend | IptablesBackend:
-    """A new backend object by name (``options`` go to its constructor).
+    """A new backend object by name (``options`` go to its constructor); also
+    ``noop`` (not in :data:`BACKENDS`): nftables without the kernel, for the bench.
 
     Imported lazily, so a host without a backend's libraries can still use others.
     Raises BackendError for an unknown name.
@@ -44,4 +45,8 @@ def get_backend(name: str, **options: Any) -> NftablesBackend | IptablesBackend:
         from secfw.backends.iptables import IptablesBackend
 
         return IptablesBackend(**options)
+    if name == "noop":  # the scale bench's simulated hosts (backends/noop.py)
+        from secfw.backends.noop import NoopBackend
+
+        return NoopBackend(**options)
     raise BackendError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
