@@ -4,7 +4,7 @@
 ``secfw agent`` runs — :class:`~secfw.agent.storewatch.ReopeningStore`, the
 :class:`~secfw.agent.reconciler.Reconciler` (incremental compile, render, plan),
 :class:`~secfw.agent.loop.AgentLoop` with its default settings (0.1 s revision
-poll, 60 s full resync) and the etcd watch that wakes it — with
+poll, 60 s full resync unless ``--resync-interval``) and the etcd watch that wakes it — with
 :class:`~secfw.backends.noop.NoopBackend` instead of the kernel and no topology
 guard (a simulated host has no taps). SIGTERM stops it.
 
@@ -110,14 +110,14 @@ def memory(pid: int | str = "self") -> dict[str, int]:
     return found
 
 
-def run(url: str, host: str, stats: Path) -> None:
-    """The loop until SIGTERM (module docstring)."""
+def run(url: str, host: str, stats: Path, resync: float = 60.0) -> None:
+    """The loop until SIGTERM (module docstring), a full resync every ``resync`` s."""
     store = CountingStore(url)
     backend = NoopBackend()
     reconciler = MeasuredReconciler(store, host, Config(), backend)
     reconciler.passes = []
     observer = StatsFile(stats, store, reconciler, backend)
-    loop = AgentLoop(reconciler, LoopSettings(), observers=[observer])
+    loop = AgentLoop(reconciler, LoopSettings(resync_interval=resync), observers=[observer])
     watcher = EtcdWatcher(url, lambda _revision: loop.wakeup.notify(Trigger("store")))
     watcher.start()
     loop.install_signal_handlers()
@@ -134,8 +134,9 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--host", required=True)
     parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument("--resync-interval", type=float, default=60.0)
     args = parser.parse_args()
-    run(args.store, args.host, args.stats)
+    run(args.store, args.host, args.stats, args.resync_interval)
 
 
 if __name__ == "__main__":

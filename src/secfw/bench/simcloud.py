@@ -2,7 +2,9 @@
 
 Booting 50,000 instances through :class:`~secfw.api.Api` takes many minutes (each
 boot validates against the whole batch), so only the *shape* is built through the
-API — quotas, image, one /14 network, :data:`GROUPS` groups with
+API — quotas, image, one /22 network per :data:`HOSTS_PER_NETWORK` hosts (a
+flat network over 50,000 ports would put all their addresses in every host's
+same-net set, and every boot would reach every host), :data:`GROUPS` groups with
 :data:`RULES_PER_GROUP` rules each (every third rule a source-group rule, the
 others a TCP port from 10.0.0.0/8) and one template instance — and the
 instances and ports are then stamped from the template's documents: fresh
@@ -21,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from secfw.api import Api
@@ -31,7 +33,9 @@ from secfw.store.base import Doc, Snapshot
 from secfw.store.etcd import EtcdStore
 
 PROJECT = "sim"
-NETWORK = ("sim-net", "10.64.0.0/14")  # 262,142 addresses
+SUPERNET = ipaddress.ip_network("10.64.0.0/14")
+NETWORK_PREFIX = 22  # 1,022 addresses: HOSTS_PER_NETWORK hosts of 50 ports, or simbig
+HOSTS_PER_NETWORK = 10
 GROUPS = 500
 RULES_PER_GROUP = 5
 GROUPS_PER_PORT = 3
@@ -55,6 +59,7 @@ class SimCloud:
     docs: dict[str, dict[str, Doc]]
     group_ids: list[str]
     template: dict[str, Doc]  # "instance" and "port": what new instances are stamped from
+    network_of: dict[str, str] = field(default_factory=dict)  # host -> network name
 
     @property
     def count(self) -> int:
@@ -64,53 +69,64 @@ class SimCloud:
 def build(host_ports: dict[str, int], seed: int = 1) -> SimCloud:
     """The cloud with ``host_ports[host]`` instances (one port each) per host."""
     rng = random.Random(seed)
-    shape = _shape(rng)
+    hosts = sorted(host_ports)
+    network_of = {h: network_name(i // HOSTS_PER_NETWORK) for i, h in enumerate(hosts)}
+    shape = _shape(rng, len(set(network_of.values())))
     instances, ports = shape.docs.pop("instance"), shape.docs.pop("port")
     template = {"instance": next(iter(instances.values())), "port": next(iter(ports.values()))}
     shape.docs["instance"], shape.docs["port"] = {}, {}
-    index = 0
-    for host, count in sorted(host_ports.items()):
-        for _ in range(count):
-            instance, port = stamp(template, index, host, rng.sample(shape.group_ids,
-                                                                    GROUPS_PER_PORT))
+    net_ids = {doc["name"]: (doc_id, ipaddress.ip_network(doc["cidr"]))
+               for doc_id, doc in shape.docs["network"].items()}
+    index, used = 0, dict.fromkeys(net_ids, 0)
+    for host in hosts:
+        net = network_of[host]
+        for _ in range(host_ports[host]):
+            instance, port = stamp(template, index, host,
+                                   rng.sample(shape.group_ids, GROUPS_PER_PORT))
+            port["network_id"] = net_ids[net][0]
+            port["ip"] = str(net_ids[net][1].network_address + 2 + used[net])
             shape.docs["instance"][instance["id"]] = instance
             shape.docs["port"][port["id"]] = port
-            index += 1
+            index, used[net] = index + 1, used[net] + 1
     CloudState.from_snapshot(Snapshot(0, shape.docs))  # the model's checks, once
-    return SimCloud(shape.docs, shape.group_ids, template)
+    return SimCloud(shape.docs, shape.group_ids, template, network_of)
+
+
+def network_name(index: int) -> str:
+    return f"net{index:03d}"
 
 
 def stamp(template: dict[str, Doc], index: int, host: str,
           groups: list[str]) -> tuple[Doc, Doc]:
-    """Instance ``index`` on ``host`` in ``groups``, and its port (address
-    10.64.0.0 + 2 + index, MAC fa:16:3e + index)."""
+    """Instance ``index`` on ``host`` in ``groups``, and its port (MAC fa:16:3e +
+    index; :func:`build` gives it its network and address)."""
     instance_id, port_id = str(uuid.uuid4()), str(uuid.uuid4())
     instance = {**template["instance"], "id": instance_id, "name": f"vm-{index:06d}",
                 "host": host, "security_groups": list(groups)}
-    address = ipaddress.ip_network(NETWORK[1]).network_address + 2 + index
     mac = "fa:16:3e:" + ":".join(f"{(index >> s) & 0xFF:02x}" for s in (16, 8, 0))
-    port = {**template["port"], "id": port_id, "instance_id": instance_id,
-            "ip": str(address), "mac": mac}
+    port = {**template["port"], "id": port_id, "instance_id": instance_id, "mac": mac}
     return instance, port
 
 
-def _shape(rng: random.Random) -> SimCloud:
-    """Quotas, image, network, groups and rules, and one template instance,
-    through the API on an in-memory SQLite store."""
+def _shape(rng: random.Random, networks: int) -> SimCloud:
+    """Quotas, image, ``networks`` /22 networks, groups and rules, and one template
+    instance, through the API on an in-memory SQLite store."""
     store = open_store("sqlite:///:memory:")
     api = Api(store)
     with api.batch():
         api.quota_update(PROJECT, security_groups=-1, security_group_rules=-1,
                          instances=-1, cores=-1, ram=-1)
         api.image_create(PROJECT, "cirros", visibility="public")
-        api.net_create(PROJECT, *NETWORK)
+        for n, cidr in zip(range(networks), SUPERNET.subnets(new_prefix=NETWORK_PREFIX),
+                           strict=False):
+            api.net_create(PROJECT, network_name(n), str(cidr))
         for g in range(GROUPS):
             api.secgroup_create(PROJECT, group_name(g), "simulated")
         for g in range(GROUPS):
             for r in range(RULES_PER_GROUP):
                 _add_rule(api, rng, g, r)
         api.boot(PROJECT, "template", "m1.tiny", "cirros", "template", [group_name(0)],
-                 [NETWORK[0]])
+                 [network_name(0)])
     docs = store.load().docs
     store.close()
     ids = {doc["name"]: doc_id for doc_id, doc in docs["secgroup"].items()}
