@@ -247,11 +247,22 @@ class CloudState:
     def quota(self, project: str) -> Quota:
         return self.quotas.get(project) or Quota(project)
 
+    def overlapping_subnets(self, network_id: str) -> tuple[str, ...]:
+        """The subnets (IPv4 and IPv6 CIDRs) of every other network that overlaps
+        network ``network_id``, sorted; empty for nearly every network (only two
+        VLAN networks may overlap). An address inside one of them is not
+        ``network_id``'s alone: the same address exists in another network."""
+        if self._overlapping is None:
+            self._overlapping = _overlaps(self.networks.values())
+        return self._overlapping.get(network_id, ())
+
     # ------------------------------------------------------------------ indexes
 
     def _index(self, record: Record) -> None:
         self.records[record.KIND][record.id] = record  # type: ignore[attr-defined]
-        if isinstance(record, SecurityGroup):
+        if isinstance(record, Network):
+            self._overlapping = None
+        elif isinstance(record, SecurityGroup):
             self.group_by_name[(record.project, record.name)] = record.id
             self.projects.add(record.project)
         elif isinstance(record, Rule):
@@ -276,7 +287,9 @@ class CloudState:
 
     def _unindex(self, record: Record) -> None:
         del self.records[record.KIND][record.id]  # type: ignore[attr-defined]
-        if isinstance(record, SecurityGroup):
+        if isinstance(record, Network):
+            self._overlapping = None
+        elif isinstance(record, SecurityGroup):
             self.group_by_name.pop((record.project, record.name), None)
         elif isinstance(record, Rule):
             _discard(self.rules_by_group, record.group_id, record.id)
@@ -326,6 +339,32 @@ class _LazyRecords(dict[str, dict[str, Any]]):
     def __missing__(self, kind: str) -> dict[str, Any]:
         self._load(kind)
         return dict.__getitem__(self, kind)
+
+
+def _overlaps(networks: Iterable[Network]) -> dict[str, tuple[str, ...]]:
+    """network id -> the sorted subnets of the other networks overlapping it.
+
+    Two CIDRs overlap only when one contains the other, so each subnet is looked
+    up among its own supernets (at most 32 or 128 of them): O(networks × prefix
+    length), not O(networks²) — the bench clouds have thousands of networks."""
+    networks = list(networks)
+    by_subnet: dict[Any, list[str]] = defaultdict(list)
+    subnets: list[tuple[str, Any]] = []
+    for network in networks:
+        for cidr in filter(None, (network.cidr, network.cidr6)):
+            parsed = ipaddress.ip_network(cidr)
+            by_subnet[parsed].append(network.id)
+            subnets.append((network.id, parsed))
+    text = {n.id: tuple(filter(None, (n.cidr, n.cidr6))) for n in networks}
+    found: dict[str, set[str]] = defaultdict(set)
+    for network_id, subnet in subnets:
+        for prefix in range(subnet.prefixlen + 1):
+            for other in by_subnet.get(subnet.supernet(new_prefix=prefix), ()):
+                if other != network_id:  # other's subnet contains this one's
+                    found[network_id].update(
+                        c for c in text[other] if ipaddress.ip_network(c).overlaps(subnet))
+                    found[other].add(str(subnet))
+    return {k: tuple(sorted(v)) for k, v in found.items()}
 
 
 def _discard(index: dict[str, Any], key: str, member: str) -> None:

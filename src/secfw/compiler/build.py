@@ -13,7 +13,8 @@
   at least one egress rule have an egress chain;
 * one :class:`AddressSet` per (source group, family) referenced by those chains,
   holding the addresses of every port (on any host) of the group's members,
-  their allowed address pairs of that family included (as Neutron does);
+  their allowed address pairs of that family included (as Neutron does), less
+  the addresses an overlapping network also has (:func:`member_addresses`);
 * with ``allow_same_net``, one *same-net* :class:`AddressSet` per (network,
   family) of a protected port here: the addresses of every port of the network,
   on any host, pairs included, clipped to the network's subnet;
@@ -240,9 +241,27 @@ def address_set(state: CloudState, name: str) -> AddressSet:
         address
         for member in state.group_members(group_id)
         for port in state.ports_of(member.id)
-        for address in port_addresses(port, family)
+        for address in member_addresses(state, port, family)
     ]
     return AddressSet(name, group_id, family, normalise_addresses(addresses))
+
+
+def member_addresses(state: CloudState, port: Port, family: Family) -> list[str]:
+    """What a member's ``port`` puts into a source group's set: :func:`port_addresses`
+    less every address that another network overlapping the port's also holds.
+
+    Two VLAN networks may overlap (docs/semantics.md, "Overlapping networks"), and
+    a source group's set is one set of addresses shared by every port that uses
+    the group: 10.0.0.5 of network B in it would also admit 10.0.0.5 of network A
+    at A's ports. An address of an overlapping range names no one port, so it is
+    left out — fail closed: a member there is not admitted by address (on its own
+    network, ``allow_same_net_traffic`` still admits it). Empty overlap, the usual
+    case, keeps the addresses as they are."""
+    addresses = port_addresses(port, family)
+    foreign = state.overlapping_subnets(port.network_id)
+    if not foreign or not addresses:
+        return addresses
+    return [str(c) for c in (netaddr.IPSet(addresses) - netaddr.IPSet(foreign)).iter_cidrs()]
 
 
 def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressSet:
