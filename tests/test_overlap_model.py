@@ -52,10 +52,10 @@ def test_addresses_are_allocated_per_network(api: Api) -> None:
 
 
 def _members_across(api: Api) -> dict[str, str]:
-    """Group ``web`` of project ``a`` with a member on ``na`` (address .2) and one on
-    ``nb-a`` (.2 as well, plus pair 10.0.0.50): the ``db`` group admits tcp/22 from
-    ``web``; ``lone`` (.3 on ``na``) is no member; ``far`` is a member on a network
-    that overlaps nothing."""
+    """Group ``web`` of project ``a`` with a member ``m1`` on ``na`` (address .2) and
+    ``m2`` on ``nb-a`` (.2 as well, plus pair 10.0.0.50, which non-member ``spare``
+    on ``na`` has too): the ``db`` group admits tcp/22 from ``web``; ``lone`` (.3 on
+    ``nb-a``) is no member; ``far`` is a member on a network that overlaps nothing."""
     _two_overlapping(api)
     api.net_create("a", "nb-a", "10.0.0.0/24", vlan=105)  # a's own second network
     api.net_create("a", "other", "10.5.0.0/24", vlan=106)
@@ -66,10 +66,11 @@ def _members_across(api: Api) -> dict[str, str]:
     m2 = api.boot("a", "m2", "m1.tiny", "img", "h2", ["web"], ["nb-a"])
     api.boot("a", "far", "m1.tiny", "img", "h2", ["web"], ["other"])
     api.boot("a", "lone", "m1.tiny", "img", "h1", None, ["nb-a"])
-    api.boot("a", "spare", "m1.tiny", "img", "h2", None, ["na"])  # db1: .4, no twin
+    spare = api.boot("a", "spare", "m1.tiny", "img", "h2", None, ["na"])  # db1: .4, no twin
     api.boot("a", "db1", "m1.tiny", "img", "h1", ["db"], ["na"])
-    port = api.snapshot().ports_of(m2.id)[0]
-    api.port_update("a", port.id, allowed_address_pairs=["10.0.0.50"])
+    for instance in (m2, spare):  # a twin pair: m2's on nb-a, spare's on na
+        port = api.snapshot().ports_of(instance.id)[0]
+        api.port_update("a", port.id, allowed_address_pairs=["10.0.0.50"])
     state = api.snapshot()
     return {i.name: state.ports_of(i.id)[0].ip for i in state.instances.values()}
 
@@ -84,13 +85,15 @@ def test_a_source_group_set_leaves_out_addresses_two_networks_hold(api: Api) -> 
     (v4,) = [s for s in compile_host(state, "h1").sets if s.name == set_name(web)]
     assert v4.elements == (f"{ip['far']}/32",)
     v6 = address_set(state, set_name(web, "ipv6"))
-    assert v6.elements == ()  # na, nb and nb-a share 2001:db8:1::/64 too; "other" has none
+    m1 = next(p for p in state.ports.values() if p.ip6 and p.instance_id in {
+        i.id for i in state.instances.values() if i.name == "m1"})
+    assert v6.elements == (f"{m1.ip6}/128",)  # na and nb share a /64, but nb has no port
 
 
 def test_the_oracle_agrees_and_refuses_an_ambiguous_address(api: Api) -> None:
     ip = _members_across(api)
     state = api.snapshot()
-    flow = Flow("10.0.0.50", ip["db1"], 6, 22)  # m2's pair: in na's range as well
+    flow = Flow("10.0.0.50", ip["db1"], 6, 22)  # m2's pair, and non-member spare's
     assert not decide(state, flow, allow_same_net=False).allowed
     assert decide(state, Flow(ip["far"], ip["db1"], 6, 22), allow_same_net=False).allowed
     with pytest.raises(ConflictError, match="2 ports on overlapping networks"):

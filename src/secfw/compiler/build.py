@@ -14,7 +14,7 @@
 * one :class:`AddressSet` per (source group, family) referenced by those chains,
   holding the addresses of every port (on any host) of the group's members,
   their allowed address pairs of that family included (as Neutron does), less
-  the addresses an overlapping network also has (:func:`member_addresses`);
+  the addresses a port of an overlapping network also has (:func:`member_addresses`);
 * with ``allow_same_net``, one *same-net* :class:`AddressSet` per (network,
   family) of a protected port here: the addresses of every port of the network,
   on any host, pairs included, clipped to the network's subnet;
@@ -58,8 +58,9 @@ from secfw.compiler.ir import (
     PortPolicy,
     PortRange,
 )
+from secfw.compiler.metadata import route_mark
 from secfw.constants import PORT_PROTOCOL_NUMBERS
-from secfw.model import Instance, Port, Rule, canonical_remote, protocol_number
+from secfw.model import Instance, Network, Port, Rule, canonical_remote, protocol_number
 
 ICMP_PROTOCOLS = frozenset({1, 58})
 SAME_NET_PREFIX = "net-"
@@ -174,7 +175,17 @@ def port_policy(
         ipv6=(port.ip6,) if port.ip6 else (),
         allowed_pairs=address_pairs(port),
         port_security=port.port_security,
+        metadata_route=_metadata_route(state, network),
     )
+
+
+def _metadata_route(state: CloudState, network: Network) -> int:
+    """The reply routing mark of the network's ports (:func:`route_mark`): only a
+    network that overlaps another needs one — by destination address alone the
+    host cannot tell which of the two the metadata server's reply is for."""
+    if network.vlan is None or not state.overlapping_subnets(network.id):
+        return 0
+    return route_mark(network.vlan)
 
 
 def address_pairs(port: Port) -> tuple[AddressPair, ...]:
@@ -248,20 +259,22 @@ def address_set(state: CloudState, name: str) -> AddressSet:
 
 def member_addresses(state: CloudState, port: Port, family: Family) -> list[str]:
     """What a member's ``port`` puts into a source group's set: :func:`port_addresses`
-    less every address that another network overlapping the port's also holds.
+    less every address that a port of another network overlapping the port's
+    may also send from (:meth:`CloudState.twin_claims`).
 
     Two VLAN networks may overlap (docs/semantics.md, "Overlapping networks"), and
     a source group's set is one set of addresses shared by every port that uses
     the group: 10.0.0.5 of network B in it would also admit 10.0.0.5 of network A
-    at A's ports. An address of an overlapping range names no one port, so it is
-    left out — fail closed: a member there is not admitted by address (on its own
-    network, ``allow_same_net_traffic`` still admits it). Empty overlap, the usual
+    at A's ports. An address that exists twice names no one port, so it is left
+    out — fail closed: that member is not admitted by address (on its own
+    network, ``allow_same_net_traffic`` still admits it). No twin, the usual
     case, keeps the addresses as they are."""
     addresses = port_addresses(port, family)
-    foreign = state.overlapping_subnets(port.network_id)
-    if not foreign or not addresses:
+    twins = state.twin_claims(port.network_id)
+    if not twins or not addresses:
         return addresses
-    return [str(c) for c in (netaddr.IPSet(addresses) - netaddr.IPSet(foreign)).iter_cidrs()]
+    kept = netaddr.IPSet(addresses) - netaddr.IPSet(twins)
+    return [str(c) for c in kept.iter_cidrs()]
 
 
 def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressSet:

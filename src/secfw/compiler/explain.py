@@ -22,7 +22,8 @@ A flow is judged on both ends (``docs/semantics.md`` and ``docs/protection.md``)
   calls invalid, when the other end is not a filtered port either);
 * a remote group selects its members' addresses: fixed IPv4 and IPv6 addresses
   and the allowed address pairs of their ports (as Neutron does), except an
-  address that another network overlapping the member port's also holds;
+  address that a port of another network overlapping the member port's network
+  may also send from;
 * ICMP and ICMPv6 as conntrack sees them: only request types open a connection;
   neighbour discovery and MLD are untracked (never "established"): the protection
   rules accept what a host sends of them from an instance and what it receives to
@@ -229,17 +230,22 @@ def _remote_matches(state: CloudState, rule: Rule, address: str) -> bool:
 
 
 def _elsewhere_too(state: CloudState, port: Port, address: str) -> bool:
-    """Does another network that overlaps ``port``'s also hold ``address``? Then
-    the address names no one port, and a remote group does not select it
-    (docs/semantics.md, "Overlapping networks")."""
+    """May a port of another network that overlaps ``port``'s send from
+    ``address`` too, inside both networks' subnets? Then the address names no
+    one port, and a remote group does not select it (docs/semantics.md,
+    "Overlapping networks")."""
     home = state.networks[port.network_id]
-    mine = [ipaddress.ip_network(c) for c in (home.cidr, home.cidr6) if c]
-    return any(
-        _contains(theirs, address)
-        and any(ipaddress.ip_network(theirs).overlaps(m) for m in mine
-                if m.version == ipaddress.ip_network(theirs).version)
-        for other in state.networks.values() if other.id != home.id
-        for theirs in (other.cidr, other.cidr6) if theirs)
+    mine = [c for c in (home.cidr, home.cidr6) if c and _contains(c, address)]
+    for other in state.networks.values():
+        theirs = [c for c in (other.cidr, other.cidr6) if c and _contains(c, address)]
+        if other.id == home.id or not mine or not theirs:
+            continue
+        for peer_id in state.ports_by_network.get(other.id, ()):
+            peer = state.ports[peer_id]
+            if address in member_addresses(peer) or any(
+                    _contains(c, address) for c, _ in peer.address_pairs()):
+                return True
+    return False
 
 
 def member_addresses(port: Port) -> set[str]:
