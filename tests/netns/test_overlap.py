@@ -6,9 +6,11 @@ docs/semantics.md, "Overlapping networks"."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
+from test_protection import Stream
 
 pytestmark = pytest.mark.netns
 
@@ -102,3 +104,32 @@ def test_a_source_group_member_does_not_admit_its_twin(cloud: Any) -> None:
     cloud.sync()
     assert cloud.tcp("w", "db1", 22)
     assert not cloud.tcp("lone", "db1", 22)
+
+
+@pytest.mark.topologies("bridged", reason="a routed host refuses the twins (test above)")
+def test_an_established_connection_to_a_twin_is_cut_with_its_rule(cloud: Any) -> None:
+    """``c`` keeps a TCP stream open to ``a`` (10.1.0.2 on na); ``b`` (10.1.0.2 on
+    nb, same host) still admits that port. Removing a's rule must cut the stream:
+    revocation judges a conntrack entry by the ports that own its addresses, and
+    the tuple does not say which twin — a verdict taken from ``b`` would keep it."""
+    cloud.configure(allow_same_net=False)
+    api = cloud.api
+    for project, net, vlan in (("pa", "na", 101), ("pb", "nb", 102)):
+        api.net_create(project, net, CIDR, vlan=vlan)
+        api.secgroup_create(project, "svc", "tcp 8080")
+        api.secgroup_add_rule(project, "svc", "tcp", "8080", "8080", "0.0.0.0/0")
+    cloud.boot("a", ("svc",), "na", project="pa")
+    cloud.boot("b", ("svc",), "nb", project="pb")
+    cloud.boot("c", (), "na", project="pa")
+    assert cloud.ip("a") == cloud.ip("b")
+    cloud.sync()
+    rule = api.rule_list("pa", "svc")[0]
+    with Stream(cloud.ns("c"), cloud.ns("a"), cloud.ip("a"), 8080) as stream:
+        time.sleep(0.3)
+        assert stream.received_after(time.monotonic() - 0.2) > 0, "the stream must flow"
+        api.rule_delete("pa", rule.id)
+        cloud.sync()
+        synced = time.monotonic()
+        time.sleep(1.0)
+        assert stream.received_after(synced + 0.05) == 0, "data still arrives after the sync"
+    assert not cloud.tcp("c", "a", 8080)  # nor does a new one get in
