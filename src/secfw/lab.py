@@ -64,8 +64,12 @@ a separate router namespace routes between the networks and to the outside::
 ``<n>`` is 8 hex digits of the SHA-256 of the IPv4 network (``10.0.0.0/24``): a
 network's IPv6 network shares its bridge and leg. The ports of a network must agree
 on its gateway (and IPv6 network and gateway6), and networks must not overlap
-(LabError otherwise). Same-subnet instances talk directly at layer 2 through their
-bridge; everything else goes through the router. Why each setting exists:
+(LabError otherwise) unless both carry a ``segment`` (two overlapping VLAN networks:
+each then has its own bridge, ``<n>`` hashing the network with its VLAN, and the
+router's two legs carry the same gateway; the router cannot route between them,
+which the lab's tests of overlap do not need). Same-subnet instances talk directly
+at layer 2 through their bridge; everything else goes through the router. Why each
+setting exists:
 
 * ``stp_state 0`` and ``forward_delay 0``: a new bridge port forwards at once, instead
   of listening and learning for 2 × 15 s while frames are dropped.
