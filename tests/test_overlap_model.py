@@ -10,6 +10,7 @@ import pytest
 
 from secfw.api import Api
 from secfw.audit.policy import CloudPolicy
+from secfw.cloud import CloudState
 from secfw.compiler.build import address_set, compile_host, set_name
 from secfw.compiler.explain import Flow, decide, port_by_address
 from secfw.errors import ConflictError
@@ -116,3 +117,16 @@ def test_a_floating_ip_is_associated_by_port_not_by_a_shared_address(api: Api) -
     (nat,) = compile_host(state, "h1").floating
     two = next(i for i in state.instances.values() if i.name == "two")
     assert nat.port_id == associated.port_id == state.ports_of(two.id)[0].id
+
+
+def test_a_lazy_state_knows_the_overlaps_and_twins(api: Api) -> None:
+    """The API's write transactions read a lazy state (built without __init__):
+    its overlap and twin caches must be there and agree with an eager one."""
+    _members_across(api)
+    snapshot = api.store.load()
+    eager, lazy = CloudState.from_snapshot(snapshot), CloudState.lazy(snapshot)
+    for network_id in eager.networks:
+        assert lazy.overlapping_subnets(network_id) == eager.overlapping_subnets(network_id)
+        assert lazy.twin_claims(network_id) == eager.twin_claims(network_id)
+    na = next(n.id for n in eager.networks.values() if n.name == "na")
+    assert eager.twin_claims(na) == ("10.0.0.2/32", "10.0.0.3/32", "10.0.0.50/32")
