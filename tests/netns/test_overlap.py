@@ -133,3 +133,17 @@ def test_an_established_connection_to_a_twin_is_cut_with_its_rule(cloud: Any) ->
         time.sleep(1.0)
         assert stream.received_after(synced + 0.05) == 0, "data still arrives after the sync"
     assert not cloud.tcp("c", "a", 8080)  # nor does a new one get in
+
+
+@pytest.mark.topologies("bridged", reason="a routed host refuses the twins (test above)")
+@pytest.mark.backends("nftables", reason="iptables refuses the twins' metadata")
+def test_audit_verify_finds_a_twin_host_clean(cloud: Any) -> None:
+    """``secfw audit verify`` reads the twins' host (metadata-route chain included)
+    and probes it port by port: no false difference."""
+    from test_audit_verify_nat import verified
+
+    _twins(cloud)
+    cloud.serve_metadata()
+    cloud.sync()
+    found, _ = verified(cloud)
+    assert found == []
