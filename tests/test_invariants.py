@@ -654,9 +654,12 @@ class CloudMachine(RuleBasedStateMachine):
         for project, count in Counter(f["project"] for f in floating.values()).items():
             limit = quotas.get(project, {}).get("floating_ips", DEFAULT_QUOTA_FLOATING_IPS)
             assert limit == UNLIMITED or count <= limit, (project, count, limit)
-        cidrs = [ipaddress.ip_network(p["cidr"]) for p in pools.values()]
-        cidrs += [ipaddress.ip_network(n["cidr"]) for n in self.docs("network").values()]
-        assert not any(a.overlaps(b) for i, a in enumerate(cidrs) for b in cidrs[i + 1:])
+        # (CIDR, private): only two VLAN networks may overlap; pools and flat never
+        cidrs = [(ipaddress.ip_network(p["cidr"]), False) for p in pools.values()]
+        cidrs += [(ipaddress.ip_network(n["cidr"]), n.get("vlan") is not None)
+                  for n in self.docs("network").values()]
+        assert not any(a.overlaps(b) and not (pa and pb)
+                       for i, (a, pa) in enumerate(cidrs) for b, pb in cidrs[i + 1:])
 
     @invariant()
     def floating_ips_map_one_to_one_onto_live_ports_of_their_project(self) -> None:

@@ -597,7 +597,7 @@ class Api:
             self._check_network_unique(state, name, canonical, vlan_id)
             _check_outside_pools(state, canonical)
             if canonical6:
-                self._check_network_unique(state, name, canonical6, None)
+                self._check_network_unique(state, name, canonical6, vlan_id, check_vlan=False)
             network = Network(
                 new_id(), name, canonical, vlan_id, project if vlan_id else None, canonical6
             )
@@ -605,19 +605,29 @@ class Api:
             return network
 
     @staticmethod
-    def _check_network_unique(state: CloudState, name: str, cidr: str, vlan: int | None) -> None:
+    def _check_network_unique(state: CloudState, name: str, cidr: str, vlan: int | None,
+                              check_vlan: bool = True) -> None:
+        """Refuse a second network called ``name``, a VLAN already in use and an
+        address overlap — except between two VLAN (project-private) networks,
+        which may overlap as Neutron's tenant networks may: each is its own
+        layer-2 segment and address space. A flat network is shared by every
+        project and routed by the host with no notion of segment, and a floating
+        pool (``vlan`` None here too) is public: an address in either must name
+        one place, so nothing may overlap them (docs/semantics.md, "Overlapping
+        networks")."""
         new = ipaddress.ip_network(cidr)
         for other in state.networks.values():
             if other.name == name:
                 raise ConflictError(f"network {name!r} already exists")
+            private = vlan is not None and other.vlan is not None
             for theirs in filter(None, (other.cidr, other.cidr6)):
-                if new.version == ipaddress.ip_network(theirs).version and new.overlaps(
-                    ipaddress.ip_network(theirs)
-                ):
+                if not private and new.version == ipaddress.ip_network(theirs).version \
+                        and new.overlaps(ipaddress.ip_network(theirs)):
                     raise ConflictError(
                         f"network {cidr} overlaps network {other.name!r} ({theirs})"
+                        + ("" if other.vlan is None else "; only two VLAN networks may overlap")
                     )
-            if vlan is not None and other.vlan == vlan:
+            if check_vlan and vlan is not None and other.vlan == vlan:
                 raise ConflictError(f"VLAN {vlan} is already used by network {other.name!r}")
 
     def net_list(self, project: str, all_projects: bool = False) -> list[Network]:
@@ -2011,10 +2021,13 @@ def _floating_port(state: CloudState, instance: Instance, fixed: str | None) -> 
         raise ConflictError(f"instance {instance.name!r} has no port to associate with")
     if fixed is None:
         return ports[0]
-    found = next((p for p in ports if p.ip == fixed), None)
-    if found is None:
+    found = [p for p in ports if p.ip == fixed]
+    if not found:
         raise NotFoundError(f"instance {instance.name!r} has no fixed address {fixed}")
-    return found
+    if len(found) > 1:  # two overlapping VLAN networks: the address names no one port
+        raise ConflictError(f"instance {instance.name!r} has fixed address {fixed} on "
+                            f"{len(found)} networks: detach one, or associate by default")
+    return found[0]
 
 
 def _check_quota_covers_usage(state: CloudState, quota: Quota) -> None:

@@ -247,10 +247,60 @@ class CloudState:
     def quota(self, project: str) -> Quota:
         return self.quotas.get(project) or Quota(project)
 
+    def overlapping_subnets(self, network_id: str) -> tuple[str, ...]:
+        """The subnets (IPv4 and IPv6 CIDRs) of every other network that overlaps
+        network ``network_id``, sorted; empty for nearly every network (only two
+        VLAN networks may overlap). An address inside one of them is not
+        ``network_id``'s alone: the same address exists in another network."""
+        found = self.__dict__.get("_overlapping")
+        if found is None:
+            found = self.__dict__["_overlapping"] = _overlaps(self.networks.values())
+        return found.get(network_id, ())
+
+    def twin_claims(self, network_id: str) -> tuple[str, ...]:
+        """What the ports of the *other* networks overlapping ``network_id`` may send
+        from inside the overlap (their fixed addresses and address pairs, clipped
+        to both subnets), as CIDRs: the addresses that exist twice. Empty unless
+        the network overlaps another."""
+        twins: dict[str, tuple[str, ...]] = self.__dict__.setdefault("_twins", {})
+        found = twins.get(network_id)
+        if found is None:
+            found = twins[network_id] = self._claims_of_twins(network_id)
+        return found
+
+    def _forget_overlaps(self, record: Network | Port) -> None:
+        """Drop the caches of :meth:`overlapping_subnets` (a network changed) and
+        :meth:`twin_claims` (a network or a port changed). They live in
+        ``__dict__`` only: a lazy state is built without ``__init__``."""
+        if isinstance(record, Network):
+            self.__dict__.pop("_overlapping", None)
+        self.__dict__.pop("_twins", None)
+
+    def _claims_of_twins(self, network_id: str) -> tuple[str, ...]:
+        mine = self.overlapping_subnets(network_id)
+        if not mine:
+            return ()
+        home = self.networks[network_id]
+        own = [ipaddress.ip_network(c) for c in (home.cidr, home.cidr6) if c]
+        claims: list[str] = []
+        for other in self.networks.values():
+            subnets = [ipaddress.ip_network(c) for c in (other.cidr, other.cidr6) if c]
+            if other.id == network_id or not any(
+                    s.version == o.version and s.overlaps(o) for s in subnets for o in own):
+                continue
+            for port_id in self.ports_by_network.get(other.id, ()):
+                port = self.ports[port_id]
+                sent = [c for c in (port.ip, port.ip6) if c]
+                sent += [c for c, _ in port.address_pairs()]
+                claims += [str(p) for c in sent for p in _clipped(c, subnets, own)]
+        return tuple(sorted(set(claims)))
+
     # ------------------------------------------------------------------ indexes
 
     def _index(self, record: Record) -> None:
         self.records[record.KIND][record.id] = record  # type: ignore[attr-defined]
+        if isinstance(record, Network | Port):
+            self._forget_overlaps(record)
         if isinstance(record, SecurityGroup):
             self.group_by_name[(record.project, record.name)] = record.id
             self.projects.add(record.project)
@@ -276,6 +326,8 @@ class CloudState:
 
     def _unindex(self, record: Record) -> None:
         del self.records[record.KIND][record.id]  # type: ignore[attr-defined]
+        if isinstance(record, Network | Port):
+            self._forget_overlaps(record)
         if isinstance(record, SecurityGroup):
             self.group_by_name.pop((record.project, record.name), None)
         elif isinstance(record, Rule):
@@ -326,6 +378,42 @@ class _LazyRecords(dict[str, dict[str, Any]]):
     def __missing__(self, kind: str) -> dict[str, Any]:
         self._load(kind)
         return dict.__getitem__(self, kind)
+
+
+def _overlaps(networks: Iterable[Network]) -> dict[str, tuple[str, ...]]:
+    """network id -> the sorted subnets of the other networks overlapping it.
+
+    Two CIDRs overlap only when one contains the other, so each subnet is looked
+    up among its own supernets (at most 32 or 128 of them): O(networks × prefix
+    length), not O(networks²) — the bench clouds have thousands of networks."""
+    networks = list(networks)
+    by_subnet: dict[Any, list[str]] = defaultdict(list)
+    subnets: list[tuple[str, Any]] = []
+    for network in networks:
+        for cidr in filter(None, (network.cidr, network.cidr6)):
+            parsed = ipaddress.ip_network(cidr)
+            by_subnet[parsed].append(network.id)
+            subnets.append((network.id, parsed))
+    text = {n.id: tuple(filter(None, (n.cidr, n.cidr6))) for n in networks}
+    found: dict[str, set[str]] = defaultdict(set)
+    for network_id, subnet in subnets:
+        for prefix in range(subnet.prefixlen + 1):
+            for other in by_subnet.get(subnet.supernet(new_prefix=prefix), ()):
+                if other != network_id:  # other's subnet contains this one's
+                    found[network_id].update(
+                        c for c in text[other] if ipaddress.ip_network(c).overlaps(subnet))
+                    found[other].add(str(subnet))
+    return {k: tuple(sorted(v)) for k, v in found.items()}
+
+
+def _clipped(cidr: str, theirs: list[Any], mine: list[Any]) -> list[Any]:
+    """The part of ``cidr`` inside one of ``theirs`` and one of ``mine`` (CIDRs
+    are nested or disjoint: each intersection is the smaller of the two)."""
+    parts = [ipaddress.ip_network(cidr, strict=False)]
+    for bound in (theirs, mine):
+        parts = [p if p.subnet_of(b) else b for p in parts for b in bound
+                 if b.version == p.version and p.overlaps(b)]
+    return parts
 
 
 def _discard(index: dict[str, Any], key: str, member: str) -> None:

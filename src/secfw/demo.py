@@ -125,6 +125,8 @@ def lab_ports(state: CloudState, host: str) -> list[LabPort]:
                     prefixlen6=net.prefixlen6 if v6 else None,
                     gateway6=net.gateway6 if v6 else None,
                     floating=tuple(f.id for f in state.floating_of(port.id)),
+                    # only a network that overlaps another needs to be told apart
+                    segment=net.vlan if state.overlapping_subnets(net.id) else None,
                 )
             )
     return sorted(ports, key=lambda p: p.tap)

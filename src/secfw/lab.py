@@ -64,8 +64,12 @@ a separate router namespace routes between the networks and to the outside::
 ``<n>`` is 8 hex digits of the SHA-256 of the IPv4 network (``10.0.0.0/24``): a
 network's IPv6 network shares its bridge and leg. The ports of a network must agree
 on its gateway (and IPv6 network and gateway6), and networks must not overlap
-(LabError otherwise). Same-subnet instances talk directly at layer 2 through their
-bridge; everything else goes through the router. Why each setting exists:
+(LabError otherwise) unless both carry a ``segment`` (two overlapping VLAN networks:
+each then has its own bridge, ``<n>`` hashing the network with its VLAN, and the
+router's two legs carry the same gateway; the router cannot route between them,
+which the lab's tests of overlap do not need). Same-subnet instances talk directly
+at layer 2 through their bridge; everything else goes through the router. Why each
+setting exists:
 
 * ``stp_state 0`` and ``forward_delay 0``: a new bridge port forwards at once, instead
   of listening and learning for 2 × 15 s while frames are dropped.
@@ -140,6 +144,7 @@ from typing import Any, Literal, TypeVar
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from secfw.compiler.metadata import route_mark
 from secfw.errors import LabError
 
 __all__ = [
@@ -235,6 +240,9 @@ class LabPort:
     user data and is only ever carried along, never used in a name, path or command.
     ``floating`` are the floating IPs (IPv4) the host NATs to ``ip``: the bridged
     lab routes them to the port in the external side's view (``Lab._sync_floating``).
+    ``segment`` is the VLAN id of a network that overlaps another (None otherwise):
+    networks with the same addresses are told apart by it (their own bridge,
+    and the metadata replies' routing table, ``Lab.wire_metadata``).
     """
 
     tap: str
@@ -247,6 +255,7 @@ class LabPort:
     prefixlen6: int | None = None
     gateway6: str | None = None
     floating: tuple[str, ...] = ()
+    segment: int | None = None
 
     def __post_init__(self) -> None:
         if not _TAP_RE.fullmatch(self.tap):
@@ -259,7 +268,17 @@ class LabPort:
             raise LabError(f"lab: port {self.tap}: gateway {self.gateway} not usable in {network}")
         for address in self.floating:
             _ipv4(address, f"port {self.tap} floating IP")
+        if self.segment is not None and not (isinstance(self.segment, int)
+                                             and 0 < self.segment < 4096):
+            raise LabError(f"lab: port {self.tap}: segment {self.segment!r} is not a VLAN id")
         self._check_ipv6()
+
+    @property
+    def network_key(self) -> str:
+        """What names the port's network in the lab: its IPv4 network, with the
+        segment when it has one (``10.0.0.0/24 vlan 101``)."""
+        plain = str(self.network)
+        return plain if self.segment is None else f"{plain} vlan {self.segment}"
 
     def _check_ipv6(self) -> None:
         given = (self.ip6, self.prefixlen6, self.gateway6)
@@ -311,6 +330,8 @@ class LabPort:
         }
         if self.ip6 is not None:
             spec |= {"ip6": self.ip6, "prefixlen6": self.prefixlen6, "gateway6": self.gateway6}
+        if self.segment is not None:
+            spec["segment"] = self.segment
         return spec
 
 
@@ -329,8 +350,12 @@ def router_leg_names(network: str) -> tuple[str, str]:
 
 
 def _network_hash(network: str) -> str:
+    """8 hex digits of the SHA-256 of a network key (:attr:`LabPort.network_key`)."""
+    cidr, _, segment = network.partition(" vlan ")
     try:
-        canonical = str(ipaddress.IPv4Network(network))
+        canonical = str(ipaddress.IPv4Network(cidr))
+        if segment:
+            canonical += f" vlan {int(segment)}"
     except (ValueError, TypeError) as exc:
         raise LabError(f"lab: {network!r} is not an IPv4 network") from exc
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
@@ -699,7 +724,7 @@ class Lab:
                 host.brport("set", index=_link_index(host, port.tap),
                             mode=1 if port.floating else 0)
             for port in {p.tap: p for p in wanted.values()}.values():
-                bridge = _link_index(host, bridge_name(str(port.network)))
+                bridge = _link_index(host, bridge_name(port.network_key))
                 host.route("replace", dst=str(port.network), oif=bridge, scope=_SCOPE_LINK)
                 host.neigh("replace", dst=port.ip, lladdr=port.mac.lower(), ifindex=bridge,
                            state="permanent")
@@ -714,7 +739,7 @@ class Lab:
                              scope=_SCOPE_LINK)
             _delete_neighbours(router, gone)
             for address, port in wanted.items():
-                leg = _link_index(router, networks[str(port.network)].legs[1])
+                leg = _link_index(router, networks[port.network_key].legs[1])
                 router.route("replace", dst=f"{address}/32", oif=leg, scope=_SCOPE_LINK)
                 router.neigh("replace", dst=address, lladdr=port.mac.lower(), ifindex=leg,
                              state="permanent")
@@ -739,9 +764,13 @@ class Lab:
         a route and a permanent neighbour entry per tap; a bridged host that only
         bridges gets the same per port, through its network's bridge, so that the
         server's replies reach the instances (the redirected requests arrive by
-        br_netfilter's DNAT-to-local path). Overlapping networks stay refused by
-        :meth:`up`: by destination address alone, the host could not tell them
-        apart on the way back."""
+        br_netfilter's DNAT-to-local path). A port of an overlapping network
+        (``segment``) gets its route in the routing table of its segment's
+        reply mark too, with a policy rule ``fwmark M lookup M`` (M =
+        :func:`~secfw.compiler.metadata.route_mark` of the VLAN): the agent marks
+        the server's replies to it with M (docs/nftables.md, "Metadata redirect"),
+        since by destination address alone the host could not tell two such
+        ports apart on the way back."""
         with _lab_errors("wire the metadata server"), _netlink(self.host_ns) as host:
             lo = _up(host, "lo")
             present = {str(a.get("IFA_ADDRESS")) for a in host.addr("dump", index=lo,
@@ -751,10 +780,12 @@ class Lab:
             if self.topology != "bridged" or self.gateway_on_bridge:
                 return
             for port in ports:
-                index = _up(host, bridge_name(str(port.network)))
+                index = _up(host, bridge_name(port.network_key))
                 host.route("replace", dst=f"{port.ip}/32", oif=index, scope=SCOPE_LINK)
                 host.neigh("replace", dst=port.ip, lladdr=port.mac.lower(), ifindex=index,
                            state="permanent")
+                if port.segment is not None:
+                    _route_segment(host, route_mark(port.segment), port.ip, index)
 
     def down(self) -> None:
         """Remove every namespace and link recorded in the state file; no-op if none."""
@@ -910,7 +941,7 @@ class Lab:
                 self._build_instance(state, host, port)
             # Re-asserted every time (idempotent), so a sync repairs host-side drift.
             if self.topology == "bridged":
-                _enslave(host, port.tap, _up(host, bridge_name(str(port.network))))
+                _enslave(host, port.tap, _up(host, bridge_name(port.network_key)))
             else:
                 _wire_host_side(self.host_ns, host, port)
             if not intact:
@@ -1136,6 +1167,16 @@ def _sync_gateways(host: Any, ports: Iterable[LabPort]) -> None:
             host.addr("del", index=index, address=address, prefixlen=length, family=family)
 
 
+def _route_segment(host: Any, mark: int, address: str, index: int) -> None:
+    """``address`` through link ``index`` in routing table ``mark``, and the rule
+    that sends packets marked ``mark`` there (ip-rule(8): ``fwmark``; a table
+    number is any 32-bit value but 0 and the reserved 253-255)."""
+    host.route("replace", dst=f"{address}/32", oif=index, scope=SCOPE_LINK, table=mark)
+    present = {(r.get("FRA_FWMARK"), r.get("FRA_TABLE")) for r in host.rule("dump")}
+    if (mark, mark) not in present:
+        host.rule("add", table=mark, fwmark=mark, fwmask=0xFFFFFFFF, priority=100)
+
+
 def _check_ports(ports: Sequence[LabPort]) -> dict[str, LabPort]:
     """Ports by tap; LabError on duplicates or clashes with lab addresses."""
     by_tap: dict[str, LabPort] = {}
@@ -1145,12 +1186,14 @@ def _check_ports(ports: Sequence[LabPort]) -> dict[str, LabPort]:
         if port.tap in by_tap:
             raise LabError(f"lab: tap {port.tap} listed twice")
         by_tap[port.tap] = port
-        addresses = [port.ip] + ([str(port.address6)] if port.ip6 else [])
+        # one address may be in two overlapping networks: its owner is per segment
+        addresses = [f"{a} in {port.segment}" if port.segment else a
+                     for a in [port.ip] + ([str(port.address6)] if port.ip6 else [])]
         for key in (*addresses, port.mac.lower()):
             if key in owner:
                 raise LabError(f"lab: {key} used by both {owner[key]} and {port.tap}")
             owner[key] = port.tap
-        for address in addresses:
+        for address in (port.ip, *([str(port.address6)] if port.ip6 else [])):
             if address in gateways:
                 raise LabError(f"lab: port {port.tap} address {address} is also a gateway")
         _check_not_external(port)
@@ -1162,7 +1205,7 @@ def _check_networks(ports: Iterable[LabPort]) -> dict[str, _Network]:
     network disagree on its gateway or IPv6 network, or networks overlap."""
     networks: dict[str, _Network] = {}
     for port in ports:
-        key = str(port.network)
+        key = port.network_key
         have = networks.setdefault(key, _Network(key, port.gateway, port.prefixlen))
         if have.gateway != port.gateway:
             raise LabError(f"lab: ports of network {key} disagree on the gateway "
@@ -1183,12 +1226,22 @@ def _check_networks(ports: Iterable[LabPort]) -> dict[str, _Network]:
             if other != network.key:
                 raise LabError(f"lab: IPv6 network {network.network6} is on both {other} and "
                                f"{network.key} (each network has its own bridge)")
-    _check_disjoint([ipaddress.IPv4Network(k) for k in networks], "networks")
+    _check_disjoint_unless_segmented(list(networks))
     _check_disjoint(list(owner6), "IPv6 networks")
     bridges = {n.bridge for n in networks.values()}
     if len(bridges) != len(networks):  # 8 hex digits of SHA-256: never seen, but checked
         raise LabError("lab: two networks hash to the same bridge name")
     return networks
+
+
+def _check_disjoint_unless_segmented(keys: Sequence[str]) -> None:
+    """LabError if two networks overlap, unless both are segments (VLANs) of their
+    own: then each has its own bridge and leg, and the host keeps them apart."""
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:
+            a, b = (ipaddress.IPv4Network(k.partition(" vlan ")[0]) for k in (first, second))
+            if a.overlaps(b) and not (" vlan " in first and " vlan " in second):
+                raise LabError(f"lab: networks {a} and {b} overlap")
 
 
 def _check_disjoint(

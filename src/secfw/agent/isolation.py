@@ -65,12 +65,14 @@ class Isolation:
             return None
         return _with_nat(desired, self._kept[0], self._kept[1])
 
-    def compute(self, desired: HostFilter, check: Check) -> HostFilter:
+    def compute(self, desired: HostFilter, check: Check,
+                forced: dict[str, str] | None = None) -> HostFilter:
         """Find what ``check`` refuses (see the module docstring) and remember it;
-        return ``desired`` without it."""
+        return ``desired`` without it. ``forced``: port id → why, ports to leave
+        out whatever the backend says (the agent's own refusals)."""
         bad_chains = _bad_chains(desired, check)
         good_chains = tuple(c for c in desired.chains if c.name not in bad_chains)
-        isolated = _bad_ports(desired, good_chains, bad_chains, check)
+        isolated = _bad_ports(desired, good_chains, bad_chains, check, forced or {})
         bad_ids = {p.port_id for p in isolated}
         kept_ports = tuple(p for p in desired.ports if p.port_id not in bad_ids)
         self.isolated = tuple(sorted(isolated, key=lambda p: (p.tap, p.port_id)))
@@ -136,14 +138,15 @@ def _bad_chains(desired: HostFilter, check: Check) -> dict[str, str]:
 
 def _bad_ports(
     desired: HostFilter, chains: tuple[GroupChain, ...], bad_chains: dict[str, str],
-    check: Check,
+    check: Check, forced: dict[str, str],
 ) -> list[IsolatedPort]:
-    """Ports that share a tap, use a refused chain, or are refused themselves."""
+    """Ports that are ``forced`` out, share a tap, use a refused chain, or are
+    refused themselves."""
     isolated: list[IsolatedPort] = []
     claims = Counter(p.tap for p in desired.ports)
     candidates: list[PortPolicy] = []
     for port in desired.ports:
-        reason = _static_reason(port, claims, bad_chains)
+        reason = forced.get(port.port_id) or _static_reason(port, claims, bad_chains)
         if reason is None:
             candidates.append(port)
         else:

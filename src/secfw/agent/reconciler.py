@@ -40,6 +40,7 @@ from secfw.compiler.build import compile_host, floating_pools
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
 from secfw.compiler.metadata import with_metadata
+from secfw.compiler.sources import shared_fixed_addresses
 from secfw.config import Config
 from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
 from secfw.gcpause import collector_paused
@@ -150,6 +151,10 @@ class SyncResult:
             "ports": self.ports,
             "ms": round(self.seconds * 1000, 2),
         }
+
+
+def _accept_all(desired: HostFilter) -> None:
+    """A check that refuses nothing (a backend without ``check``)."""
 
 
 class Reconciler:
@@ -366,22 +371,46 @@ class Reconciler:
         cached = self.isolation.cached(desired)
         if cached is not None:
             return cached, self.backend.plan(current, cached)
+        forced = self._refused_up_front(desired)
+        if forced:
+            return self._isolate(current, desired, forced)
         try:
             plan = self.backend.plan(current, desired)
         except SecfwError:
-            check = getattr(self.backend, "check", None)
-            if check is None or not desired.ports:
+            if getattr(self.backend, "check", None) is None or not desired.ports:
                 raise
-            self._reset_backend()
-            restricted = self.isolation.compute(desired, check)
+            restricted, plan = self._isolate(current, desired, {})
             if not self.isolation.isolated:
                 raise
-            for port in self.isolation.isolated:
-                log_event(log, logging.ERROR, "port_isolated", tap=port.tap,
-                          port=port.port_id, reason=port.reason, action="tap left closed")
-            return restricted, self.backend.plan(current, restricted)
+            return restricted, plan
         self.isolation.clear()
         return desired, plan
+
+    def _refused_up_front(self, desired: HostFilter) -> dict[str, str]:
+        """Ports to leave closed before the backend is asked (port id → why): on a
+        routed host, two ports of overlapping networks with one fixed address
+        (:func:`shared_fixed_addresses`; a bridged host keeps them apart by
+        bridge, docs/agent.md); and what the backend refuses as a whole
+        (``refused_ports``: iptables and metadata on overlapping networks)."""
+        found: dict[str, str] = {}
+        refused = getattr(self.backend, "refused_ports", None)
+        if refused is not None:
+            found.update(refused(desired))
+        if getattr(self.backend, "topology", "routed") == "routed":
+            found.update(shared_fixed_addresses(desired.ports))
+        return found
+
+    def _isolate(self, current: Any, desired: HostFilter,
+                 forced: dict[str, str]) -> tuple[HostFilter, Plan]:
+        """``desired`` without the ports the backend refuses or ``forced`` names,
+        and its plan; every isolated port is logged."""
+        self._reset_backend()
+        check = getattr(self.backend, "check", None) or _accept_all
+        restricted = self.isolation.compute(desired, check, forced)
+        for port in self.isolation.isolated:
+            log_event(log, logging.ERROR, "port_isolated", tap=port.tap,
+                      port=port.port_id, reason=port.reason, action="tap left closed")
+        return restricted, self.backend.plan(current, restricted)
 
     def _reset_backend(self) -> None:
         """Drop the backend's render caches (a refused render may have left them

@@ -28,6 +28,7 @@ from secfw.compiler.build import compile_host
 from secfw.compiler.evaluate import PolicyIndex
 from secfw.compiler.explain import describe_rule
 from secfw.compiler.ir import AddressSet, Family, GroupChain, IRRule, PortPolicy
+from secfw.errors import ConflictError
 from secfw.model import Instance, Network, Port
 
 #: The whole address space of a family.
@@ -77,8 +78,12 @@ class CloudPolicy:
                 self.ports[port.id] = PortView(
                     port, instance, state.networks[port.network_id], policy, index)
         self._fixed: dict[str, str] = {}
+        #: fixed addresses of ports on two overlapping networks: they name no one port
+        self._shared: dict[str, int] = {}
         for port_id in sorted(self.ports, reverse=True):  # the lowest id wins
             for address in _fixed_addresses(self.ports[port_id].port):
+                if address in self._fixed:
+                    self._shared[address] = self._shared.get(address, 1) + 1
                 self._fixed[address] = port_id
         self._paired = sorted(
             (port_id, netaddr.IPNetwork(cidr))
@@ -98,6 +103,11 @@ class CloudPolicy:
     def owner(self, address: str) -> PortView | None:
         """The port that sends from ``address`` (module docstring), or None."""
         canonical = str(ipaddress.ip_address(address))
+        if canonical in self._shared:
+            raise ConflictError(
+                f"{canonical} is the fixed address of {self._shared[canonical]} ports on "
+                "overlapping networks: an address does not say which one (audit the "
+                "instances by name, or their host with verify)")
         port_id = self._fixed.get(canonical)
         if port_id is None:
             addr = netaddr.IPAddress(canonical)

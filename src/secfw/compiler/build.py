@@ -13,7 +13,8 @@
   at least one egress rule have an egress chain;
 * one :class:`AddressSet` per (source group, family) referenced by those chains,
   holding the addresses of every port (on any host) of the group's members,
-  their allowed address pairs of that family included (as Neutron does);
+  their allowed address pairs of that family included (as Neutron does), less
+  the addresses a port of an overlapping network also has (:func:`member_addresses`);
 * with ``allow_same_net``, one *same-net* :class:`AddressSet` per (network,
   family) of a protected port here: the addresses of every port of the network,
   on any host, pairs included, clipped to the network's subnet;
@@ -57,8 +58,9 @@ from secfw.compiler.ir import (
     PortPolicy,
     PortRange,
 )
+from secfw.compiler.metadata import route_mark
 from secfw.constants import PORT_PROTOCOL_NUMBERS
-from secfw.model import Instance, Port, Rule, canonical_remote, protocol_number
+from secfw.model import Instance, Network, Port, Rule, canonical_remote, protocol_number
 
 ICMP_PROTOCOLS = frozenset({1, 58})
 SAME_NET_PREFIX = "net-"
@@ -173,7 +175,17 @@ def port_policy(
         ipv6=(port.ip6,) if port.ip6 else (),
         allowed_pairs=address_pairs(port),
         port_security=port.port_security,
+        metadata_route=_metadata_route(state, network),
     )
+
+
+def _metadata_route(state: CloudState, network: Network) -> int:
+    """The reply routing mark of the network's ports (:func:`route_mark`): only a
+    network that overlaps another needs one — by destination address alone the
+    host cannot tell which of the two the metadata server's reply is for."""
+    if network.vlan is None or not state.overlapping_subnets(network.id):
+        return 0
+    return route_mark(network.vlan)
 
 
 def address_pairs(port: Port) -> tuple[AddressPair, ...]:
@@ -240,9 +252,29 @@ def address_set(state: CloudState, name: str) -> AddressSet:
         address
         for member in state.group_members(group_id)
         for port in state.ports_of(member.id)
-        for address in port_addresses(port, family)
+        for address in member_addresses(state, port, family)
     ]
     return AddressSet(name, group_id, family, normalise_addresses(addresses))
+
+
+def member_addresses(state: CloudState, port: Port, family: Family) -> list[str]:
+    """What a member's ``port`` puts into a source group's set: :func:`port_addresses`
+    less every address that a port of another network overlapping the port's
+    may also send from (:meth:`CloudState.twin_claims`).
+
+    Two VLAN networks may overlap (docs/semantics.md, "Overlapping networks"), and
+    a source group's set is one set of addresses shared by every port that uses
+    the group: 10.0.0.5 of network B in it would also admit 10.0.0.5 of network A
+    at A's ports. An address that exists twice names no one port, so it is left
+    out — fail closed: that member is not admitted by address (on its own
+    network, ``allow_same_net_traffic`` still admits it). No twin, the usual
+    case, keeps the addresses as they are."""
+    addresses = port_addresses(port, family)
+    twins = state.twin_claims(port.network_id)
+    if not twins or not addresses:
+        return addresses
+    kept = netaddr.IPSet(addresses) - netaddr.IPSet(twins)
+    return [str(c) for c in kept.iter_cidrs()]
 
 
 def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressSet:

@@ -21,7 +21,7 @@ established connections a new filter no longer allows. Pure: no I/O.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from secfw.compiler.ir import GroupChain, HostFilter, IRRule, PortPolicy
@@ -114,10 +114,15 @@ class PolicyIndex:
     def allows(self, packet: Packet) -> bool:
         """Whether the filter lets ``packet`` open a connection: every port of the
         host that owns its source lets it out, every port that owns its destination
-        lets it in — or, for a shared address, at least one of its owners does."""
+        lets it in — or, for an address shared through allowed address pairs, at
+        least one of its owners does. An address that is the *fixed* address of
+        several ports (two overlapping networks, docs/semantics.md) needs all of
+        them: which twin a conntrack entry belongs to is not in the tuple, and a
+        verdict borrowed from the other twin would keep a revoked connection."""
         sources, destinations = self.owners.ports(packet.src), self.owners.ports(packet.dst)
-        out = not sources or any(self.egress(p, packet) for p in sources)
-        return out and (not destinations or any(self.ingress(p, packet) for p in destinations))
+        out = not sources or _judge(sources, packet.src, lambda p: self.egress(p, packet))
+        return out and (not destinations or _judge(
+            destinations, packet.dst, lambda p: self.ingress(p, packet)))
 
     def egress(self, port: PortPolicy, packet: Packet) -> bool:
         """Does ``port`` let ``packet`` out (anti-spoofing, protections, rules)?"""
@@ -167,6 +172,15 @@ class PolicyIndex:
         if rule.remote_cidr is not None:
             return _contains(ipaddress.ip_network(rule.remote_cidr), remote)
         return True
+
+
+def _judge(owners: list[PortPolicy], address: str,
+           verdict: Callable[[PortPolicy], bool]) -> bool:
+    """All of ``owners`` when ``address`` is the fixed address of more than one of
+    them (twins), else any (see :meth:`PolicyIndex.allows`)."""
+    canonical = str(ipaddress.ip_address(address))
+    twins = sum(1 for p in owners if canonical in (*p.ipv4, *p.ipv6))
+    return all(map(verdict, owners)) if twins > 1 else any(map(verdict, owners))
 
 
 def _ports_match(rule: IRRule, packet: Packet) -> bool:

@@ -21,7 +21,9 @@ A flow is judged on both ends (``docs/semantics.md`` and ``docs/protection.md``)
 * a port without port security is not filtered at all (not even what conntrack
   calls invalid, when the other end is not a filtered port either);
 * a remote group selects its members' addresses: fixed IPv4 and IPv6 addresses
-  and the allowed address pairs of their ports (as Neutron does);
+  and the allowed address pairs of their ports (as Neutron does), except an
+  address that a port of another network overlapping the member port's network
+  may also send from;
 * ICMP and ICMPv6 as conntrack sees them: only request types open a connection;
   neighbour discovery and MLD are untracked (never "established"): the protection
   rules accept what a host sends of them from an instance and what it receives to
@@ -49,6 +51,7 @@ from secfw.constants import (
     ND_TO_INSTANCE,
     PORT_PROTOCOL_NUMBERS,
 )
+from secfw.errors import ConflictError
 from secfw.model import Port, Rule, protocol_number
 
 _PORT_PROTOS = PORT_PROTOCOL_NUMBERS
@@ -217,12 +220,32 @@ def rule_matches(state: CloudState, rule: Rule, flow: Flow, remote: str | None =
 def _remote_matches(state: CloudState, rule: Rule, address: str) -> bool:
     if rule.remote_group_id is not None:
         return any(
-            address in member_addresses(p)
-            or any(_contains(cidr, address) for cidr, _ in p.address_pairs())
+            (address in member_addresses(p)
+             or any(_contains(cidr, address) for cidr, _ in p.address_pairs()))
+            and not _elsewhere_too(state, p, address)
             for member in state.group_members(rule.remote_group_id)
             for p in state.ports_of(member.id)
         )
     return rule.remote_cidr is None or _contains(rule.remote_cidr, address)
+
+
+def _elsewhere_too(state: CloudState, port: Port, address: str) -> bool:
+    """May a port of another network that overlaps ``port``'s send from
+    ``address`` too, inside both networks' subnets? Then the address names no
+    one port, and a remote group does not select it (docs/semantics.md,
+    "Overlapping networks")."""
+    home = state.networks[port.network_id]
+    mine = [c for c in (home.cidr, home.cidr6) if c and _contains(c, address)]
+    for other in state.networks.values():
+        theirs = [c for c in (other.cidr, other.cidr6) if c and _contains(c, address)]
+        if other.id == home.id or not mine or not theirs:
+            continue
+        for peer_id in state.ports_by_network.get(other.id, ()):
+            peer = state.ports[peer_id]
+            if address in member_addresses(peer) or any(
+                    _contains(c, address) for c, _ in peer.address_pairs()):
+                return True
+    return False
 
 
 def member_addresses(port: Port) -> set[str]:
@@ -252,12 +275,17 @@ def describe_rule(state: CloudState, rule: Rule) -> str:
 
 def port_by_address(state: CloudState, address: str) -> Port | None:
     """The port whose fixed address is ``address``, else the first port (by id)
-    with an allowed address pair containing it; None when no port has it."""
+    with an allowed address pair containing it; None when no port has it.
+    ConflictError when it is the fixed address of several ports (overlapping
+    networks): a flow between addresses does not say which."""
     canonical = str(ipaddress.ip_address(address))
     ports = sorted(state.ports.values(), key=lambda p: p.id)
-    fixed = next((p for p in ports if canonical in member_addresses(p)), None)
-    if fixed is not None:
-        return fixed
+    fixed = [p for p in ports if canonical in member_addresses(p)]
+    if len(fixed) > 1:  # two overlapping VLAN networks: an address names no one port
+        raise ConflictError(f"{canonical} is the fixed address of {len(fixed)} ports "
+                            "on overlapping networks")
+    if fixed:
+        return fixed[0]
     return next((p for p in ports
                  if any(_contains(c, canonical) for c, _ in p.address_pairs())), None)
 

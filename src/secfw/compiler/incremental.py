@@ -180,6 +180,10 @@ class HostCompiler:
                 elif isinstance(record, Port):
                     self._port_touched(state, record, dirty)
                     dirty.networks.add(record.network_id)
+                    # its addresses may be another member's twins: which source-
+                    # group sets that changes is not tracked (overlap is rare)
+                    if state.overlapping_subnets(record.network_id):
+                        dirty.everything = True
             if isinstance(old, Instance) or isinstance(new, Instance):
                 dirty.member_groups |= _membership_change(old, new)
         return dirty

@@ -129,6 +129,10 @@ class PortPolicy:
     ipv6: tuple[str, ...] = ()
     allowed_pairs: tuple[AddressPair, ...] = ()
     port_security: bool = True
+    #: the packet mark that routes the host's metadata replies back to this port's
+    #: network (:func:`secfw.compiler.metadata.route_mark`); 0: the host's main
+    #: routing table can (the port's network overlaps no other)
+    metadata_route: int = 0
 
 
 @dataclass(frozen=True, order=True)
@@ -154,6 +158,9 @@ class MetadataPort:
     tap: str
     address: str
     mark: int
+    #: the packet mark the server's replies get (routed by it to the port's
+    #: network, whose address range another network shares); 0: none needed
+    route: int = 0
 
 
 @dataclass(frozen=True)

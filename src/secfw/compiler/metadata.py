@@ -36,6 +36,18 @@ METADATA_PORT = 80
 #: carry it.
 MARK_TAG = 0x5E000000
 MARK_MASK = 0xFF000000
+#: The packet marks of the server's replies to ports of overlapping networks: this
+#: tag in the top byte, the network's VLAN id below. The host routes each by a
+#: policy rule ``fwmark route_mark(VLAN) lookup route_mark(VLAN)`` to a table that
+#: leads into that network (ip-rule(8); the lab's ``wire_metadata`` sets them).
+ROUTE_TAG = 0x5F000000
+
+
+def route_mark(vlan: int) -> int:
+    """The packet mark (and routing table) of metadata replies into VLAN ``vlan``."""
+    if not 0 < vlan < 4096:
+        raise ValueError(f"VLAN {vlan} out of range")
+    return ROUTE_TAG | vlan
 
 
 def port_mark(tap: str) -> int:
@@ -65,16 +77,17 @@ def metadata_redirect(ports: Iterable[PortPolicy], address: str, port: int) -> M
     so neither its source address nor — on a bridged host — its frames can be
     trusted to name it: it gets no metadata). In the order of ``ports`` (the
     compiler's are sorted by tap), each port's addresses sorted: deterministic."""
-    entries = [e for p in ports if p.port_security for e in _entries(p.tap, p.ipv4)]
+    entries = [e for p in ports if p.port_security
+               for e in _entries(p.tap, p.ipv4, p.metadata_route)]
     return MetadataRedirect(address, port, tuple(entries))
 
 
 @lru_cache(maxsize=1 << 16)
-def _entries(tap: str, ipv4: tuple[str, ...]) -> tuple[MetadataPort, ...]:
+def _entries(tap: str, ipv4: tuple[str, ...], route: int) -> tuple[MetadataPort, ...]:
     """A port's entries, cached: every pass rebuilds the redirect of the whole
     host, and most ports are the same as in the last one."""
     mark = port_mark(tap)
-    return tuple(MetadataPort(tap, address, mark) for address in sorted(ipv4))
+    return tuple(MetadataPort(tap, address, mark, route) for address in sorted(ipv4))
 
 
 def with_metadata(hf: HostFilter, listen: tuple[str, int] | None) -> HostFilter:

@@ -95,6 +95,27 @@ def nd_targets(port: PortPolicy) -> tuple[str, ...]:
     return tuple(sorted(targets))
 
 
+def shared_fixed_addresses(ports: Iterable[PortPolicy]) -> dict[str, str]:
+    """Port id → why, for every port whose fixed IPv4 or IPv6 address another port
+    of ``ports`` also has (two overlapping VLAN networks on one host). A routed
+    host routes an instance's address to its tap (a /32 or /128 route), and one
+    address cannot lead to two taps: the agent keeps these taps closed rather than
+    let the host's routing pick one of them (docs/agent.md)."""
+    taps: dict[str, list[PortPolicy]] = {}
+    for port in ports:
+        for address in (*port.ipv4, *port.ipv6):
+            taps.setdefault(_host(address), []).append(port)
+    found: dict[str, str] = {}
+    for address, owners in sorted(taps.items()):
+        if len(owners) > 1:
+            names = ", ".join(sorted(p.tap for p in owners))
+            for port in owners:
+                found.setdefault(port.port_id, f"fixed address {address.split('/')[0]} is "
+                                 f"also another port's on this routed host ({names}): "
+                                 "overlapping networks cannot both be routed")
+    return found
+
+
 def address_owners(ports: Iterable[PortPolicy], family: Family) -> dict[str, str | None]:
     """Who an address of ``family`` belongs to, as the bridged backends dispatch
     what the host routes into a bridge: non-overlapping canonical CIDRs, sorted,

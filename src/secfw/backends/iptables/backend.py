@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from secfw.backends.iptables import metadata
 from secfw.backends.iptables.executor import IptablesExecutor, Runner, Variant
 from secfw.backends.iptables.plan import IptPlan
 from secfw.backends.iptables.plan import plan as plan_changes
@@ -63,6 +64,16 @@ class IptablesBackend:
     def reset(self) -> None:
         """Forget the cached rendering."""
         self._last = None
+
+    def refused_ports(self, desired: HostFilter) -> dict[str, str]:
+        """Port id → why, for ports this backend refuses whatever else the host
+        holds (the agent leaves them closed before it asks for a plan): with a
+        metadata redirect, the ports whose network overlaps another — their
+        server replies would need routing by network (``metadata.nat_chain``)."""
+        if desired.metadata is None:
+            return {}
+        taps = {p.tap for p in desired.metadata.ports if p.route}
+        return {p.port_id: metadata.OVERLAP_REFUSED for p in desired.ports if p.tap in taps}
 
     def check(self, desired: HostFilter) -> None:
         """Render ``desired`` from scratch, touching no cache and no kernel: raises

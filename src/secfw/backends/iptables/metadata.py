@@ -32,6 +32,9 @@ from secfw.compiler.ir import MetadataRedirect
 from secfw.compiler.metadata import MARK_MASK, MARK_TAG, METADATA_ADDRESS, METADATA_PORT
 from secfw.errors import BackendError
 
+#: Why a port of an overlapping network gets no metadata from this backend.
+OVERLAP_REFUSED = ("iptables: the port's network overlaps another, and this backend cannot "
+                   "route the metadata server's replies by network (the nftables backend can)")
 NAT_CHAIN = "secfw-metadata"
 IN_CHAIN = "secfw-metadata-in"
 #: The jump from the nat table's PREROUTING (inserted at position 1).
@@ -58,6 +61,13 @@ def nat_chain(md: MetadataRedirect, from_port: dict[str, str]) -> tuple[str, ...
     """The rules of ``secfw-metadata``; ``from_port`` maps each tap to its
     ingress-interface match (``-i tap…`` or the physdev one)."""
     address, port = _server(md)
+    overlapping = sorted({p.tap for p in md.ports if p.route})
+    if overlapping:
+        # The replies of the server would need a packet mark to be routed into the
+        # right one of two networks with the same addresses (the nftables backend's
+        # "metadata-route" chain); this backend programs no mangle table, so the
+        # port is refused and the agent keeps its tap closed.
+        raise BackendError(f"{OVERLAP_REFUSED}: {', '.join(overlapping)}")
     marks = tuple(f"-s {p.address}/32 {from_port[p.tap]} -j CONNMARK --set-xmark "
                   f"{p.mark:#010x}/0xffffffff" for p in md.ports)
     # DNAT to a port needs the protocol in the rule (iptables-extensions(8), DNAT)

@@ -84,16 +84,18 @@ TO_TAP = "to-tap"  # hook postrouting: ingress mark
 METADATA_PORTS = "metadata_ports"  # tap . own address -> conntrack mark
 METADATA_REDIRECT = "metadata-redirect"  # hook nat prerouting: the DNAT
 METADATA_IN = "metadata-in"  # what taps send to the metadata server
+METADATA_ROUTES = "metadata_routes"  # conntrack mark -> packet mark of the server's replies
+METADATA_ROUTE = "metadata-route"  # hook route output: marks them (overlapping networks)
 
 FIXED_SETS = frozenset({
-    METADATA_PORTS,
+    METADATA_PORTS, METADATA_ROUTES,
     INGRESS_PORTS, EGRESS_PORTS, ND_TARGETS, ND_TARGET_NETS, *SPOOF.values(),
     *INGRESS_ADDRS.values(),
     *SPOOF_NETS.values(), ARP_OPEN, ARP_HOSTS, ARP_NETS, EGRESS_MARKS, INGRESS_MARKS,
     PORT_MACS, FLOATING_DNAT, FLOATING_SNAT, FLOATING_INTERNAL, FLOATING_SELF,
 })
 FIXED_CHAINS = frozenset({
-    METADATA_REDIRECT, METADATA_IN,
+    METADATA_REDIRECT, METADATA_IN, METADATA_ROUTE,
     INGRESS_FILTER, EGRESS_OPEN, EGRESS_FILTER, EGRESS_GUARD, EGRESS_PROTECT,
     FORWARD_EGRESS, FORWARD_INGRESS, POSTROUTING_INGRESS, INPUT_EGRESS, ARP_INPUT,
     FROM_TAP, TO_TAP, FLOATING_DNAT_CHAIN, FLOATING_SNAT_CHAIN,

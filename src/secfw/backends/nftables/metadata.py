@@ -27,6 +27,8 @@ from secfw.backends.nftables.layout import (
     METADATA_IN,
     METADATA_PORTS,
     METADATA_REDIRECT,
+    METADATA_ROUTE,
+    METADATA_ROUTES,
     PortIdentity,
     canonical_cidr,
     check_tap,
@@ -50,6 +52,7 @@ from secfw.backends.nftables.syntax import (
     Quoted,
     Rule,
     SetCt,
+    SetMeta,
     SetRef,
     Span,
     Verdict,
@@ -64,6 +67,10 @@ from secfw.errors import BackendError
 # traverses nat chains: later ones follow the conntrack entry (nft wiki,
 # "Performing Network Address Translation").
 METADATA_REDIRECT_HOOK = Hook("nat", "prerouting", -100, "accept")
+# A "route" chain on output: when it changes the packet mark, the kernel looks the
+# route up again (nft(8), "CHAINS": type route; nf_tables_ipv4.c → ip_route_me_harder).
+# Priority mangle (-150): after conntrack (-200) attached the entry and its mark.
+METADATA_ROUTE_HOOK = Hook("route", "output", -150, "accept")
 
 _TCP = Match(Meta("l4proto"), 6)
 
@@ -74,8 +81,26 @@ def metadata_sets(md: MetadataRedirect, ident: PortIdentity) -> list[NamedSet]:
         Element((ident.egress(check_tap(p.tap)), canonical_cidr(p.address, "ipv4")),
                 Datum(str(p.mark)))
         for p in md.ports)
-    return [NamedSet(METADATA_PORTS, (ident.key_type, "ipv4_addr"), (), tuple(elements),
-                     is_map=True, data_type="mark")]
+    found = [NamedSet(METADATA_PORTS, (ident.key_type, "ipv4_addr"), (), tuple(elements),
+                      is_map=True, data_type="mark")]
+    routes = reply_routes(md)
+    if routes:
+        found.append(NamedSet(METADATA_ROUTES, ("mark",), (), tuple(
+            Element((str(mark),), Datum(str(route))) for mark, route in routes),
+            is_map=True, data_type="mark"))
+    return found
+
+
+def reply_routes(md: MetadataRedirect) -> tuple[tuple[int, int], ...]:
+    """(conntrack mark, reply packet mark) of the ports whose network overlaps
+    another, sorted. Two taps whose marks collide but whose networks differ are
+    left out: which network a reply is for would be a guess (the server then
+    serves neither anyway, docs/nftables.md)."""
+    routes: dict[int, set[int]] = {}
+    for port in md.ports:
+        routes.setdefault(port.mark, set()).add(port.route)
+    return tuple(sorted((mark, next(iter(found))) for mark, found in routes.items()
+                        if len(found) == 1 and 0 not in found))
 
 
 def metadata_chains(md: MetadataRedirect, ident: PortIdentity) -> list[Chain]:
@@ -92,8 +117,14 @@ def metadata_chains(md: MetadataRedirect, ident: PortIdentity) -> list[Chain]:
     tagged = Match(Ct("mark"), Span(MARK_TAG, MARK_TAG | (~MARK_MASK & 0xFFFFFFFF)), "!=")
     inbound = (make_rule((tagged, DROP)), make_rule((Verdict("jump", EGRESS_GUARD),)),
                make_rule((ACCEPT,)))
-    return [Chain(METADATA_REDIRECT, METADATA_REDIRECT_HOOK, (redirect,)),
-            Chain(METADATA_IN, None, inbound)]
+    chains = [Chain(METADATA_REDIRECT, METADATA_REDIRECT_HOOK, (redirect,)),
+              Chain(METADATA_IN, None, inbound)]
+    if reply_routes(md):
+        # The server's replies (SYN-ACK included: it is sent on output and belongs
+        # to the redirected entry) get the packet mark their network is routed by.
+        marked = make_rule((SetMeta("mark", MapLookup(Ct("mark"), SetRef(METADATA_ROUTES))),))
+        chains.append(Chain(METADATA_ROUTE, METADATA_ROUTE_HOOK, (marked,)))
+    return chains
 
 
 def to_server_rule(md: MetadataRedirect | None, ident: PortIdentity) -> list[Rule]:
