@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import select
 import socket
@@ -41,24 +42,31 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import netaddr
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
 from secfw import netns_tools
 from secfw.agent import Reconciler
 from secfw.api import Api
+from secfw.audit.policy import CloudPolicy, PortView
+from secfw.audit.reach import Answer, reach
+from secfw.audit.space import ICMP_OF, Box, Region, contains
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
+from secfw.cli import main
 from secfw.cloud import CloudState
 from secfw.compiler.explain import Decision, Flow, decide
+from secfw.compiler.ir import Family
 from secfw.config import Config
 from secfw.demo import lab_ports
 from secfw.errors import ConflictError
-from secfw.lab import Lab
+from secfw.lab import Lab, netns_exists
 from secfw.store import open_store
 
 pytestmark = [
@@ -529,25 +537,70 @@ def shared_lab(
 
 @dataclass
 class Deployed:
-    """A cloud applied to the shared lab by one agent pass."""
+    """A cloud applied to the shared lab by one agent pass; its store (``url``),
+    the agent's ``reconciler`` (for a change after the first pass) and the
+    ``config`` file the audit commands read (``allow_same_net_traffic``)."""
 
     state: CloudState
     endpoints: list[Endpoint]
     allow_same_net: bool
+    lab: Lab
+    backend: str
+    api: Api
+    reconciler: Reconciler
+    url: str
+    config: Path
+    #: The kernel's verdict on every sample sent so far (before any change).
+    measured: dict[Sample, bool] = field(default_factory=dict)
 
     def endpoint(self, name: str, family: int = 4) -> Endpoint:
         return next(e for e in self.endpoints if e.name == name and e.family == family)
 
     def mismatches(self, samples: list[Sample]) -> list[str]:
-        """Each sample sent for real; a line per kernel/oracle disagreement."""
+        """Each sample sent for real; a line per sample where the kernel, the
+        oracle and ``secfw audit explain`` do not all agree."""
         found = []
         for sample in samples:
             expected = decide(self.state, sample.flow(), self.allow_same_net)
-            got = measure(sample)
-            if got != expected.allowed:
+            audit = audit_explain(self, sample)
+            got = self.measured[sample] = measure(sample)
+            if got != expected.allowed or audit["verdict"] != verdict_word(got):
                 found.append(f"  {sample}: kernel {'passed' if got else 'dropped'}, oracle "
-                             f"{'allows' if expected.allowed else 'denies'} ({expected.reason})")
+                             f"{'allows' if expected.allowed else 'denies'} ({expected.reason})"
+                             f", audit explain {audit['verdict']} "
+                             f"({'; '.join(audit['reasons'])})")
         return found
+
+
+def verdict_word(allowed: bool) -> str:
+    return "allow" if allowed else "deny"
+
+
+def audit_cli(cloud: Deployed, *args: str, status: int = 0) -> Any:
+    """``secfw --store URL --project p ARGS… -f json`` run in this process by
+    click's runner (the command line's own code path), its parsed JSON; the exit
+    status must be ``status``."""
+    result = CliRunner().invoke(main, ["--store", cloud.url, "--project", PROJECT, *args,
+                                       "-f", "json"], env=AUDIT_ENV)
+    assert result.exit_code == status, (args, result.output, result.exception)
+    return json.loads(result.stdout)
+
+
+#: What the audit commands must not pick up from the environment.
+AUDIT_ENV: dict[str, str | None] = {"SECFW_CONFIG": None, "SECFW_PROJECT": None,
+                                    "SECFW_STORE": None}
+
+
+def audit_explain(cloud: Deployed, sample: Sample) -> Any:
+    """``secfw audit explain -f json`` on ``sample``'s flow."""
+    args = ["audit", "explain", "--config", str(cloud.config), "--from", sample.src.ip,
+            "--to", sample.dst.ip, "--protocol", sample.proto,
+            "--ethertype", f"IPv{sample.src.family}"]
+    if sample.port is not None:
+        args += ["--port", str(sample.port)]
+    if sample.icmp_type is not None:
+        args += ["--icmp-type", str(sample.icmp_type), "--icmp-code", str(sample.icmp_code or 0)]
+    return audit_cli(cloud, *args)
 
 
 @contextlib.contextmanager
@@ -555,6 +608,8 @@ def deployed(shared_lab: tuple[Lab, Path, str], spec: CloudSpec) -> Iterator[Dep
     """``spec`` stored, the lab brought in line, ONE full agent pass of the backend."""
     lab, work, backend = shared_lab
     url = f"sqlite:///{work}/{uuid.uuid4().hex}.db"
+    config = work / f"{uuid.uuid4().hex}.conf"
+    config.write_text(f"[DEFAULT]\nallow_same_net_traffic = {str(spec.allow_same_net).lower()}\n")
     api = Api(open_store(url))
     agent_store = open_store(url)
     try:
@@ -574,10 +629,414 @@ def deployed(shared_lab: tuple[Lab, Path, str], spec: CloudSpec) -> Iterator[Dep
                                 get_backend(backend, netns=lab.host_ns, topology=lab.topology))
         assert reconciler.reconcile().full
         assert reconciler.reconcile().commands == 0
-        yield Deployed(state, endpoints_of(lab, state), spec.allow_same_net)
+        yield Deployed(state, endpoints_of(lab, state), spec.allow_same_net, lab, backend, api,
+                       reconciler, url, config)
     finally:
         api.store.close()
         agent_store.close()
+
+
+# --------------------------------------------------------------------------- audit: reach
+
+
+#: Real packets per example at the edges of one port's ``reach`` regions.
+REACH_PROBES = 8
+#: The direction and family of each example's ``reach``, in turn (per lab: the
+#: examples of a backend × topology run in a fixed order).
+REACH_KINDS: tuple[tuple[str, Family], ...] = (
+    ("ingress", "ipv4"), ("egress", "ipv6"), ("ingress", "ipv6"), ("egress", "ipv4"))
+REACH_TURNS: dict[str, int] = {}
+#: Protocols a crafted packet can be, per family (see :func:`l4`).
+CRAFTED = {"ipv4": {6: "tcp", 17: "udp", 1: "icmp"}, "ipv6": {6: "tcp", 17: "udp", 58: "icmp"}}
+#: Sources no packet can have on the wire here (the kernel drops them as martians,
+#: or they are not unicast): never a probe's remote address.
+UNSENDABLE = netaddr.IPSet(["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3",
+                            "::/127", "::ffff:0:0/96", "fe80::/10", "ff00::/8",
+                            # the subnet-router anycast addresses of the lab's networks
+                            "2001:db8:1::/128", "2001:db8:2::/128", "2001:db8:ffff::/128"])
+
+
+def local_addresses(*namespaces: str) -> netaddr.IPSet:
+    """Every address configured in ``namespaces`` (the host's and the router's own:
+    a packet from one of them is a martian on arrival there)."""
+    found = netaddr.IPSet()
+    for ns in namespaces:
+        done = subprocess.run(["ip", "-n", ns, "-j", "addr", "show"], capture_output=True,
+                              text=True, timeout=30, check=True)
+        for link in json.loads(done.stdout):
+            for info in link.get("addr_info", []):
+                found.add(info["local"])
+    return found
+
+
+@dataclass(frozen=True)
+class ReachPoint:
+    """One point of the flow space of a port (``answer``) and how it is sent."""
+
+    sample: Sample
+    inside: bool  # what the reach answer says
+    where: str  # "corner", "inside" or "outside" (of the region it was taken from)
+
+
+def reach_candidates(cloud: Deployed, cp: CloudPolicy, answer: Answer) -> list[ReachPoint]:
+    """For each region of ``answer``: its corners (first and last address × first
+    and last selector), one point inside, and the points just outside each
+    boundary (the neighbouring address before and after, the selector before and
+    after), with the protocols a crafted packet can be; each point is in the
+    answer or not as :func:`contains` says. Ingress sources are sent from the
+    namespace of the port that owns them, else from the uplink; egress
+    destinations are only the addresses something listens on (instances, the
+    external namespace), nearest to the region's edges."""
+    banned = UNSENDABLE | local_addresses(cloud.lab.host_ns, *router_ns(cloud.lab))
+    me = replace(next(e for e in cloud.endpoints if e.ip == answer.address), real=False)
+    points: list[ReachPoint] = []
+    for region in answer.regions:
+        for proto, name in CRAFTED[answer.family].items():
+            box = region.box.intersect(Box(proto, proto))
+            if box is None:
+                continue
+            sel_in, sel_out = selectors(proto, box)
+            for where, address, sel in region_points(cloud, region, answer.direction, banned,
+                                                     sel_in, sel_out):
+                remote = remote_endpoint(cloud, cp, address, answer.direction)
+                if remote is None or remote.ns == me.ns:
+                    continue
+                src, dst = (remote, me) if answer.direction == "ingress" else (me, remote)
+                port, icmp = (sel, (None, None)) if name != "icmp" else (None, divmod(sel, 256))
+                sample = Sample(src, dst, name, port, *icmp)
+                inside = contains(answer.regions, address, Box(proto, proto, sel, sel))
+                points.append(ReachPoint(sample, inside, where))
+    return sorted(set(points), key=lambda p: (str(p.sample), p.where))
+
+
+def router_ns(lab: Lab) -> list[str]:
+    return [lab.router_ns] if lab.topology == "bridged" and netns_exists(lab.router_ns) else []
+
+
+def selectors(proto: int, box: Box) -> tuple[list[int], list[int]]:
+    """A box's first, middle and last selector, and the ones just outside it (a
+    port protocol's port 0 left out: no probe is sent to it)."""
+    low = 1 if proto in (6, 17) else 0
+    inside = [s for s in (box.sel_lo, (box.sel_lo + box.sel_hi) // 2, box.sel_hi) if s >= low]
+    outside = [s for s in (box.sel_lo - 1, box.sel_hi + 1) if low <= s <= 65535]
+    return inside, outside
+
+
+def region_points(cloud: Deployed, region: Region, direction: str, banned: netaddr.IPSet,
+                  sel_in: list[int], sel_out: list[int]) -> list[tuple[str, str, int]]:
+    """(where, address, selector) of one region: see :func:`reach_candidates`."""
+    if not sel_in:
+        return []
+    version = 4 if region.family == "ipv4" else 6
+    inside, outside = (edge_addresses(region.addresses, banned) if direction == "ingress"
+                       else receiver_addresses(cloud, region.addresses, version))
+    found = []
+    for i, address in enumerate(inside[:2]):
+        found += [("corner", address, sel_in[0]), ("corner", address, sel_in[-1])]
+        found += [("outside", address, sel) for sel in sel_out[i:i + 1]]
+    if inside:
+        found.append(("inside", inside[len(inside) // 2], sel_in[len(sel_in) // 2]))
+    found += [("outside", address, sel_in[i % len(sel_in)]) for i, address in enumerate(outside)]
+    return found
+
+
+def edge_addresses(addresses: netaddr.IPSet, banned: netaddr.IPSet) -> tuple[list[str], list[str]]:
+    """The sendable addresses of ``addresses`` nearest to its first and last one
+    (and one in between), and those nearest outside it, below and above."""
+    cidrs = list(addresses.iter_cidrs())
+    first, last = cidrs[0], cidrs[-1]
+    middle = cidrs[len(cidrs) // 2]
+    version = first.version
+    inside = [nearest(first.first, +1, addresses, banned, True, version),
+              nearest(last.last, -1, addresses, banned, True, version),
+              nearest((middle.first + middle.last) // 2, +1, addresses, banned, True, version)]
+    outside = [nearest(first.first - 1, -1, addresses, banned, False, version),
+               nearest(last.last + 1, +1, addresses, banned, False, version)]
+    return ([str(netaddr.IPAddress(a, version)) for a in dict.fromkeys(inside) if a is not None],
+            [str(netaddr.IPAddress(a, version)) for a in outside if a is not None])
+
+
+def nearest(start: int, step: int, addresses: netaddr.IPSet, banned: netaddr.IPSet,
+            member: bool, version: int, tries: int = 64) -> int | None:
+    """The first sendable address of IP ``version`` from ``start`` in direction
+    ``step`` that is (``member``) or is not in ``addresses`` — within ``tries``
+    steps (a banned range is stepped over by its CIDR), else None."""
+    value = start
+    for _ in range(tries):
+        if not 0 <= value < 1 << (32 if version == 4 else 128):
+            return None
+        address = netaddr.IPAddress(value, version)
+        if (address in addresses) != member:
+            return None
+        if address not in banned:
+            return value
+        cidr = next(c for c in banned.iter_cidrs() if address in c)
+        value = cidr.last + 1 if step > 0 else cidr.first - 1
+    return None
+
+
+def receiver_addresses(cloud: Deployed, addresses: netaddr.IPSet,
+                       version: int) -> tuple[list[str], list[str]]:
+    """The addresses something listens on (instances, the external namespace) in
+    ``addresses`` (the first and last, and one between) and outside it (the
+    nearest below and above its first and last)."""
+    listening = sorted({int(netaddr.IPAddress(e.ip)) for e in cloud.endpoints
+                        if e.kind in ("instance", "external") and e.family == version})
+    inside = [a for a in listening if netaddr.IPAddress(a, version) in addresses]
+    outside = [a for a in listening if netaddr.IPAddress(a, version) not in addresses]
+    if inside:
+        inside = list(dict.fromkeys([inside[0], inside[-1], inside[len(inside) // 2]]))
+        below = [a for a in outside if a < inside[0]][-1:]
+        above = [a for a in outside if a > inside[-1]][:1]
+        outside = below + above
+    else:
+        outside = outside[:1] + outside[-1:]
+    return ([str(netaddr.IPAddress(a, version)) for a in inside],
+            [str(netaddr.IPAddress(a, version)) for a in dict.fromkeys(outside)])
+
+
+def remote_endpoint(cloud: Deployed, cp: CloudPolicy, address: str,
+                    direction: str) -> Endpoint | None:
+    """Who sends from ``address`` (ingress: the port that owns it — anti-spoofing
+    lets it — else the uplink) or listens on it (egress); crafted packets."""
+    if direction == "egress":
+        found = [e for e in cloud.endpoints if e.ip == address
+                 and e.kind in ("instance", "external")]
+        return replace(found[0], real=False) if found else None
+    owner = cp.owner(address)
+    if owner is None:
+        return Endpoint("uplink", cloud.lab.external_ns, address, False, "external")
+    own = address in (owner.port.ip, owner.port.ip6)
+    return Endpoint(owner.instance.name + ("" if own else "-pair"),
+                    cloud.lab.instance_ns(owner.port.tap), address, False,
+                    "instance" if own else "pair")
+
+
+def choose_points(data: st.DataObject, points: list[ReachPoint], count: int) -> list[ReachPoint]:
+    """One point of each kind there is (where, inside, ICMP or not), then random
+    others, ``count`` in all — drawn by hypothesis."""
+    strata: dict[tuple[str, bool, bool], list[ReachPoint]] = {}
+    for point in points:
+        key = (point.where, point.inside, point.sample.proto == "icmp")
+        strata.setdefault(key, []).append(point)
+    chosen = [data.draw(st.sampled_from(strata[key]), label=f"reach {key}")
+              for key in sorted(strata)][:count]
+    rest = [p for p in points if p not in chosen]
+    more = min(len(rest), count - len(chosen))
+    if more > 0:
+        chosen += data.draw(st.lists(st.sampled_from(rest), min_size=more, max_size=more,
+                                     unique=True), label="more reach points")
+    return chosen
+
+
+def reach_mismatches(cloud: Deployed, data: st.DataObject) -> list[str]:
+    """``reach`` of a port drawn by hypothesis (a direction, a family): every
+    candidate point (:func:`reach_candidates`) is in the answer exactly when the
+    oracle allows it, and a bounded sample of them is sent for real: a line per
+    disagreement."""
+    cp = CloudPolicy(cloud.state, cloud.allow_same_net)
+    view: PortView = data.draw(st.sampled_from(sorted(cp.ports.values(),
+                                                      key=lambda v: v.instance.name)),
+                               label="reach port")
+    turn = REACH_TURNS[cloud.lab.host_ns] = REACH_TURNS.get(cloud.lab.host_ns, -1) + 1
+    direction, family = REACH_KINDS[turn % len(REACH_KINDS)]
+    answer = reach(cp, view, direction, family)
+    if answer is None:
+        return []
+    note(f"reach {direction} of {view.instance.name} {family}: "
+         + "; ".join(f"{r.box} {r.addresses}" for r in answer.regions))
+    points = reach_candidates(cloud, cp, answer)
+    found = []
+    for point in points:
+        oracle = decide(cloud.state, point.sample.flow(), cloud.allow_same_net).allowed
+        if oracle != point.inside:
+            found.append(f"  reach {direction} of {view.instance.name}, {point.where} point "
+                         f"{point.sample}: reach {'holds' if point.inside else 'lacks'} it, "
+                         f"oracle {'allows' if oracle else 'denies'}")
+    for point in choose_points(data, points, REACH_PROBES):
+        got = measure(point.sample)
+        if got != point.inside:
+            found.append(f"  reach {direction} of {view.instance.name}, {point.where} point "
+                         f"{point.sample}: kernel {'passed' if got else 'dropped'}, reach "
+                         f"{'holds' if point.inside else 'lacks'} it")
+    return found
+
+
+# --------------------------------------------------------------------------- audit: impact
+
+
+#: Flows sent after the change whose impact is predicted (and before it, unless
+#: the first part of the example sent them already).
+IMPACT_FLOWS = 6
+
+
+@dataclass(frozen=True)
+class Change:
+    """A rule added to group ``g<group>`` (``rule``) or a rule deleted (``rule_id``)."""
+
+    group: int
+    rule: RuleSpec | None = None
+    rule_id: str | None = None
+
+    def command(self) -> list[str]:
+        """The CLI command that makes the change."""
+        if self.rule_id is not None:
+            return ["security", "group", "rule", "delete", self.rule_id]
+        rule = self.rule
+        assert rule is not None
+        args = ["security", "group", "rule", "create", f"g{self.group}", f"--{rule.direction}",
+                "--ethertype", f"IPv{rule.family}"]
+        if rule.protocol is not None:
+            args += ["--protocol", rule.protocol]
+        if rule.protocol in ("tcp", "udp"):
+            args += ["--dst-port", f"{rule.low}:{rule.high}"]
+        elif rule.protocol == "icmp" and rule.low is not None:
+            args += ["--icmp-type", str(rule.low)]
+            args += [] if rule.high is None else ["--icmp-code", str(rule.high)]
+        if rule.source is not None:
+            return [*args, "--remote-group", f"g{rule.source}"]
+        return [*args, "--remote-ip", str(rule.cidr)]
+
+    def apply(self, api: Api) -> None:
+        """The same change, made in the store."""
+        if self.rule_id is not None:
+            api.rule_delete(PROJECT, self.rule_id)
+        else:
+            assert self.rule is not None
+            add_rule(api, f"g{self.group}", self.rule)
+
+    def __str__(self) -> str:
+        if self.rule_id is not None:
+            return f"delete rule {self.rule_id}"
+        return f"add to g{self.group}: {self.rule}"
+
+
+def draw_change(data: st.DataObject, spec: CloudSpec, state: CloudState) -> Change:
+    """A random rule added to a random group, or one of the cloud's rules deleted."""
+    rules = sorted(r.id for r in state.rules.values())
+    delete: bool = data.draw(st.booleans(), label="delete a rule")
+    if rules and delete:
+        return Change(-1, rule_id=data.draw(st.sampled_from(rules), label="rule deleted"))
+    group = data.draw(st.integers(0, len(spec.groups) - 1), label="group changed")
+    return Change(group, rule=data.draw(rule_specs(len(spec.groups)), label="rule added"))
+
+
+def row_box(row: dict[str, Any], family: str) -> Box:
+    """The box of an impact (or reach) row: its protocol, ports or ICMP type/code."""
+    text = row["protocol"]
+    if text == "any":
+        low, high = 0, 255
+    elif text.replace("-", "").isdigit():
+        first, _, top = text.partition("-")
+        low, high = int(first), int(top or first)
+    else:
+        low = high = {"tcp": 6, "udp": 17}.get(text, ICMP_OF[family])
+    if row["icmp_type"] is not None:
+        base = row["icmp_type"] * 256
+        codes = (0, 255) if row["icmp_code"] == "any" else span(row["icmp_code"])
+        return Box(low, high, base + codes[0], base + codes[1])
+    return Box(low, high, *((0, 65535) if row["ports"] in (None, "any") else span(row["ports"])))
+
+
+def span(text: str) -> tuple[int, int]:
+    """``80`` or ``80-81`` as an interval."""
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+def predicted(rows: list[dict[str, Any]], cp: CloudPolicy, sample: Sample) -> str | None:
+    """``allowed`` / ``denied`` when an impact row holds ``sample``'s flow, else
+    None. The flow is read in the destination port's ingress space, or the source
+    port's egress space when the destination is outside the cloud: each holds the
+    other end's filter too (reach's senders and receivers)."""
+    family = "ipv4" if sample.src.family == 4 else "ipv6"
+    flow = sample.flow()
+    sel = flow.port if flow.port is not None else (flow.icmp_type or 0) * 256 + (
+        flow.icmp_code or 0)
+    box = Box(flow.protocol, flow.protocol, sel, sel)
+    inside = cp.owner(sample.dst.ip) is not None
+    direction, address, remote = ("ingress", sample.dst.ip, sample.src.ip) if inside else \
+        ("egress", sample.src.ip, sample.dst.ip)
+    found = {row["change"] for row in rows
+             if row["direction"] == direction and row["address"] == address
+             and row_box(row, family).covers(box)
+             and netaddr.IPAddress(remote) in netaddr.IPSet(
+                 row["sources" if direction == "ingress" else "destinations"])}
+    assert len(found) <= 1, (str(sample), found)
+    return found.pop() if found else None
+
+
+def impact_mismatches(cloud: Deployed, spec: CloudSpec, data: st.DataObject) -> list[str]:
+    """``secfw audit impact -- <a random change>``, then a bounded sample of flows
+    sent before and after the change is made (the agent's incremental pass): a
+    flow's verdict changes exactly when an impact row holds it, in the row's
+    direction. A line per disagreement."""
+    change = draw_change(data, spec, cloud.state)
+    note(f"change: {change}")
+    result = CliRunner().invoke(main, ["--store", cloud.url, "--project", PROJECT, "audit",
+                                       "impact", "--config", str(cloud.config), "-f", "json",
+                                       "--", *change.command()], env=AUDIT_ENV)
+    if result.exit_code == ConflictError.exit_code:  # the group has that rule already
+        return []
+    assert result.exit_code == 0, (change.command(), result.output, result.exception)
+    rows = json.loads(result.stdout)
+    note(f"impact rows: {rows}")
+    cp = CloudPolicy(cloud.state, cloud.allow_same_net)
+    change.apply(cloud.api)
+    after = cloud.api.snapshot()
+    samples = {s: predicted(rows, cp, s) for s in candidate_samples(cloud.state, cloud.endpoints)
+               + candidate_samples(after, cloud.endpoints)}
+    chosen = choose_changes(data, samples, cloud.measured)
+    # the kernel's verdicts before the change: those of the flows already sent
+    before = {s: cloud.measured[s] if s in cloud.measured else measure(s) for s in chosen}
+    cloud.reconciler.reconcile()
+    found = []
+    for sample in chosen:
+        got, expected = measure(sample), samples[sample]
+        want = before[sample] if expected is None else expected == "allowed"
+        if got != want or (expected is not None and before[sample] == want):
+            found.append(f"  after {change}: {sample}: kernel "
+                         f"{'passed' if before[sample] else 'dropped'} then "
+                         f"{'passed' if got else 'dropped'}, impact says "
+                         f"{expected or 'no change'}")
+    return found
+
+
+def choose_changes(data: st.DataObject, samples: dict[Sample, str | None],
+                   measured: dict[Sample, bool]) -> list[Sample]:
+    """One flow of each predicted change there is (per family), then random others
+    (among the ``measured`` ones if possible), :data:`IMPACT_FLOWS` in all — drawn
+    by hypothesis."""
+    strata: dict[tuple[int, str], list[Sample]] = {}
+    for sample, change in samples.items():
+        strata.setdefault((sample.src.family, change or "none"), []).append(sample)
+    chosen = [data.draw(st.sampled_from(strata[key]), label=f"impact {key}")
+              for key in sorted(strata) if key[1] != "none"][:IMPACT_FLOWS]
+    # the others among the flows already sent, when there are enough
+    rest = sorted((s for s in samples if s not in chosen and s in measured), key=str) or \
+        sorted((s for s in samples if s not in chosen), key=str)
+    more = min(len(rest), IMPACT_FLOWS - len(chosen))
+    if more > 0:
+        chosen += data.draw(st.lists(st.sampled_from(rest), min_size=more, max_size=more,
+                                     unique=True), label="more impact flows")
+    return chosen
+
+
+def verify_differences(cloud: Deployed) -> list[dict[str, Any]]:
+    """``secfw audit verify`` of the lab's host kernel: its differences (exit 0
+    when there are none, 12 otherwise)."""
+    result = CliRunner().invoke(main, [
+        "--store", cloud.url, "--project", PROJECT, "audit", "verify", "--host", HOST,
+        "--netns", cloud.lab.host_ns, "--backend", cloud.backend,
+        "--topology", cloud.lab.topology, "--config", str(cloud.config), "-f", "json"],
+        env=AUDIT_ENV)
+    assert result.exit_code in (0, 12), (result.output, result.exception)
+    differences: list[dict[str, Any]] = json.loads(result.stdout)["differences"]
+    assert (result.exit_code == 12) == bool(differences), result.output
+    return differences
+
+
+# --------------------------------------------------------------------------- the test
 
 
 @settings(max_examples=6, deadline=None, derandomize=True, database=None,
@@ -589,12 +1048,22 @@ def test_kernel_agrees_with_oracle(
 ) -> None:
     """For random clouds, every sampled flow — ingress and egress, IPv4 and IPv6 —
     is let through by the kernel exactly when ``decide`` says the security groups
-    allow it, with each backend on each topology. Fixed examples (derandomized,
-    no shrinking: a failure reports its cloud and every mismatch at once)."""
+    allow it and ``secfw audit explain`` says "allow", with each backend on each
+    topology; the ``reach`` answer of a port drawn at random holds exactly what
+    the oracle allows at its regions' edges, and a sample of those points sent
+    for real passes exactly when it is in the answer; ``secfw audit verify``
+    finds no difference after the agent's pass; and ``secfw audit impact`` of a
+    random change predicts exactly which sampled flows change verdict once the
+    agent has applied it. Fixed examples (derandomized, no shrinking: a failure
+    reports its cloud and every mismatch at once)."""
     with deployed(shared_lab, spec) as cloud:
         verdicts = {s: decide(cloud.state, s.flow(), spec.allow_same_net)
                     for s in candidate_samples(cloud.state, cloud.endpoints)}
         mismatches = cloud.mismatches(choose(data, verdicts))
+        mismatches += reach_mismatches(cloud, data)
+        mismatches += impact_mismatches(cloud, spec, data)
+        mismatches += [f"  audit verify after the agent's passes: {d}"
+                       for d in verify_differences(cloud)]
         report = f"cloud:\n{spec}\nmismatches:\n" + "\n".join(mismatches)
         note(report)
         assert not mismatches, report
