@@ -136,6 +136,32 @@ def test_reach_db1_ssh(guide: CloudPolicy) -> None:
     assert answers_rows([answer], 6, 22, "203.0.113.0/24") == []  # a guarantee
 
 
+def test_reach_rows_name_one_icmp_type(api: Api) -> None:
+    """A port without port security takes the ICMP types no connection starts
+    with (conntrack: invalid) from unfiltered senders, types 0-7 in one sweep
+    cell: every row names one type, and the types and codes the rows list for a
+    source outside the cloud are exactly those ``explain`` allows from it (a
+    row once said "type 0, any code" for the whole of types 0-7)."""
+    api.image_create("admin", "cirros", "qcow2", "public")
+    api.net_create("p", "n0", "10.1.0.0/24")
+    api.boot("p", "vm", "m1.tiny", "cirros", "h1", None, ["n0"])
+    (port,) = api.snapshot().ports.values()
+    api.port_update("p", port.id, port_security=False)
+    cp = CloudPolicy(api.snapshot())
+    vm = view_of(cp, "vm")
+    answer = reach(cp, vm, "ingress", "ipv4")
+    assert answer is not None
+    source = "203.0.113.9"
+    listed = {(row["icmp_type"], code) for row in answers_rows([answer], 1, None, None)
+              if netaddr.IPAddress(source) in netaddr.IPSet(row["sources"])
+              for code in (0, 255) if row["icmp_code"] == "any" or
+              int(row["icmp_code"].split("-")[0]) <= code <= int(row["icmp_code"].split("-")[-1])}
+    allowed = {(kind, code) for kind in range(256) for code in (0, 255)
+               if explain(cp, FlowQuery(source, vm.port.ip, 1, None, kind, code))["verdict"]
+               == "allow"}
+    assert listed == allowed, sorted(allowed ^ listed)
+
+
 def test_exposure_and_lint_on_the_guide(guide: CloudPolicy) -> None:
     views = sorted(guide.ports.values(), key=lambda v: v.instance.name)
     rows = exposure(guide, views)

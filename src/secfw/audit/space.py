@@ -196,7 +196,7 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
                 merged[-1] = _merge(merged[-1], region)
             else:
                 merged.append(region)
-        for region in merged:
+        for region in (piece for whole in merged for piece in _one_type_each(whole, by_proto)):
             if regions and _full(regions[-1]) and _full(region) and \
                     regions[-1].box.proto_hi + 1 == region.box.proto_lo and \
                     (regions[-1].addresses is region.addresses
@@ -333,6 +333,22 @@ def _mergeable(left: Region, right: Region, specials: dict[int, Special]) -> boo
         return False
     icmp = left.box.proto_lo in ICMP_OF.values() and left.box.proto_lo in specials
     return not icmp or left.box.sel_lo // 256 == right.box.sel_hi // 256
+
+
+def _one_type_each(region: Region, specials: dict[int, Special]) -> list[Region]:
+    """``region`` cut at each ICMP type it spans (a region names one ICMP type, as
+    its rows say: type T, codes a-b). A cell spans several types where neither a
+    rule nor the :class:`Special` cuts them — e.g. the invalid types 0-7 a port
+    without port security takes from unfiltered senders."""
+    box = region.box
+    first, last = box.sel_lo // 256, box.sel_hi // 256
+    if first == last or box.proto_lo != box.proto_hi or box.proto_lo not in specials \
+            or box.proto_lo not in ICMP_OF.values():
+        return [region]
+    return [Region(region.family, region.addresses,
+                   Box(box.proto_lo, box.proto_hi, max(box.sel_lo, kind * 256),
+                       min(box.sel_hi, kind * 256 + 255)), list(region.labels))
+            for kind in range(first, last + 1)]
 
 
 def _merge(left: Region, right: Region) -> Region:
