@@ -67,6 +67,7 @@ from secfw.config import Config
 from secfw.demo import lab_ports
 from secfw.errors import ConflictError
 from secfw.lab import Lab, netns_exists
+from secfw.model import Rule
 from secfw.store import open_store
 
 pytestmark = [
@@ -640,12 +641,12 @@ def deployed(shared_lab: tuple[Lab, Path, str], spec: CloudSpec) -> Iterator[Dep
 
 
 #: Real packets per example at the edges of one port's ``reach`` regions.
-REACH_PROBES = 8
-#: The direction and family of each example's ``reach``, in turn (per lab: the
-#: examples of a backend × topology run in a fixed order).
+REACH_PROBES = 6
+#: The direction and family of an example's ``reach`` (ingress, where any source
+#: address can be sent, twice as often).
 REACH_KINDS: tuple[tuple[str, Family], ...] = (
-    ("ingress", "ipv4"), ("egress", "ipv6"), ("ingress", "ipv6"), ("egress", "ipv4"))
-REACH_TURNS: dict[str, int] = {}
+    ("ingress", "ipv4"), ("ingress", "ipv6"), ("egress", "ipv4"), ("egress", "ipv6"),
+    ("ingress", "ipv4"), ("ingress", "ipv6"))
 #: Protocols a crafted packet can be, per family (see :func:`l4`).
 CRAFTED = {"ipv4": {6: "tcp", 17: "udp", 1: "icmp"}, "ipv6": {6: "tcp", 17: "udp", 58: "icmp"}}
 #: Sources no packet can have on the wire here (the kernel drops them as martians,
@@ -838,8 +839,7 @@ def reach_mismatches(cloud: Deployed, data: st.DataObject) -> list[str]:
     view: PortView = data.draw(st.sampled_from(sorted(cp.ports.values(),
                                                       key=lambda v: v.instance.name)),
                                label="reach port")
-    turn = REACH_TURNS[cloud.lab.host_ns] = REACH_TURNS.get(cloud.lab.host_ns, -1) + 1
-    direction, family = REACH_KINDS[turn % len(REACH_KINDS)]
+    direction, family = data.draw(st.sampled_from(REACH_KINDS), label="reach of")
     answer = reach(cp, view, direction, family)
     if answer is None:
         return []
@@ -913,12 +913,23 @@ class Change:
 
 def draw_change(data: st.DataObject, spec: CloudSpec, state: CloudState) -> Change:
     """A random rule added to a random group, or one of the cloud's rules deleted."""
-    rules = sorted(r.id for r in state.rules.values())
+    rules = [r.id for r in sorted(state.rules.values(), key=lambda r: rule_key(state, r))]
     delete: bool = data.draw(st.booleans(), label="delete a rule")
     if rules and delete:
         return Change(-1, rule_id=data.draw(st.sampled_from(rules), label="rule deleted"))
     group = data.draw(st.integers(0, len(spec.groups) - 1), label="group changed")
     return Change(group, rule=data.draw(rule_specs(len(spec.groups)), label="rule added"))
+
+
+def rule_key(state: CloudState, rule: Rule) -> tuple[str, ...]:
+    """A rule's meaning, with group names for ids: an order that does not depend
+    on the random ids (hypothesis replays a draw only on the same choices)."""
+    def name(group_id: str | None) -> str:
+        return "" if group_id is None else state.groups[group_id].name
+
+    return (name(rule.group_id), rule.direction, rule.ethertype, str(rule.protocol),
+            str(rule.port_min), str(rule.port_max), str(rule.remote_cidr),
+            name(rule.remote_group_id))
 
 
 def row_box(row: dict[str, Any], family: str) -> Box:
@@ -931,10 +942,10 @@ def row_box(row: dict[str, Any], family: str) -> Box:
         low, high = int(first), int(top or first)
     else:
         low = high = {"tcp": 6, "udp": 17}.get(text, ICMP_OF[family])
-    if row["icmp_type"] is not None:
-        base = row["icmp_type"] * 256
+    if row["icmp_type"] is not None:  # whole types icmp_type..icmp_type_last, or codes of one
+        first, last = row["icmp_type"], row["icmp_type_last"]
         codes = (0, 255) if row["icmp_code"] == "any" else span(row["icmp_code"])
-        return Box(low, high, base + codes[0], base + codes[1])
+        return Box(low, high, first * 256 + codes[0], last * 256 + codes[1])
     return Box(low, high, *((0, 65535) if row["ports"] in (None, "any") else span(row["ports"])))
 
 
@@ -984,8 +995,11 @@ def impact_mismatches(cloud: Deployed, spec: CloudSpec, data: st.DataObject) -> 
     cp = CloudPolicy(cloud.state, cloud.allow_same_net)
     change.apply(cloud.api)
     after = cloud.api.snapshot()
+    # not from an address pair to outside the cloud: reach and impact answer for
+    # a port's fixed addresses (a pair's flows show in the ingress of a port only)
     samples = {s: predicted(rows, cp, s) for s in candidate_samples(cloud.state, cloud.endpoints)
-               + candidate_samples(after, cloud.endpoints)}
+               + candidate_samples(after, cloud.endpoints)
+               if s.src.kind != "pair" or cp.owner(s.dst.ip) is not None}
     chosen = choose_changes(data, samples, cloud.measured)
     # the kernel's verdicts before the change: those of the flows already sent
     before = {s: cloud.measured[s] if s in cloud.measured else measure(s) for s in chosen}
@@ -1062,8 +1076,11 @@ def test_kernel_agrees_with_oracle(
         mismatches = cloud.mismatches(choose(data, verdicts))
         mismatches += reach_mismatches(cloud, data)
         mismatches += impact_mismatches(cloud, spec, data)
-        mismatches += [f"  audit verify after the agent's passes: {d}"
-                       for d in verify_differences(cloud)]
+        # verify evaluates thousands of probes: every other cloud (drawn), to keep
+        # the test's cost (README, Tests)
+        if data.draw(st.booleans(), label="audit verify"):
+            mismatches += [f"  audit verify after the agent's passes: {d}"
+                           for d in verify_differences(cloud)]
         report = f"cloud:\n{spec}\nmismatches:\n" + "\n".join(mismatches)
         note(report)
         assert not mismatches, report
@@ -1107,7 +1124,8 @@ def test_a_fixed_cloud_as_the_contract_says(
     by its ingress, router advertisements never leave one, and a port without port
     security filters nothing, and same-net trusts the network's ports, not a
     spoofed address of its subnet from the uplink — the kernel of each backend ×
-    topology and the oracle both say what the contract says, on real packets."""
+    topology, the oracle and ``secfw audit explain`` all say what the contract
+    says, on real packets."""
     with deployed(shared_lab, FIXED_CLOUD) as cloud:
         wrong = []
         for src, dst, family, kind, expected, why in FIXED_EXPECTED:
@@ -1115,8 +1133,9 @@ def test_a_fixed_cloud_as_the_contract_says(
             sample = Sample(cloud.endpoint(src, family), cloud.endpoint(dst, family), "icmp",
                             None, kind, code)
             oracle = decide(cloud.state, sample.flow(), cloud.allow_same_net).allowed
+            audit = audit_explain(cloud, sample)["verdict"] == "allow"
             kernel = measure(sample)
-            if (kernel, oracle) != (expected, expected):
-                wrong.append(f"  {sample}: kernel {kernel}, oracle {oracle}, "
-                             f"contract {expected} ({why})")
+            if (kernel, oracle, audit) != (expected, expected, expected):
+                wrong.append(f"  {sample}: kernel {kernel}, oracle {oracle}, audit explain "
+                             f"{audit}, contract {expected} ({why})")
         assert not wrong, "\n".join(wrong)

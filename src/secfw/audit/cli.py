@@ -260,10 +260,17 @@ def _parses(text: str) -> bool:
 
 def _reach_cells(row: dict[str, Any]) -> dict[str, Any]:
     service = row["ports"] if row["ports"] is not None else (
-        f"type {row['icmp_type']} code {row['icmp_code']}" if row["icmp_type"] is not None
+        f"type {_types(row)} code {row['icmp_code']}" if row["icmp_type"] is not None
         else "")
     return {**row, "remote": row.get("sources", row.get("destinations")), "service": service,
             "why": [_label_text(lab) for lab in row["rules"]]}
+
+
+def _types(row: dict[str, Any]) -> str:
+    """``8``, or ``18-255`` for a row of several whole ICMP types."""
+    last = row.get("icmp_type_last")
+    return str(row["icmp_type"]) if last in (None, row["icmp_type"]) else \
+        f"{row['icmp_type']}-{last}"
 
 
 def _label_text(label: dict[str, Any]) -> str:

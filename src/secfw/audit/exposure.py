@@ -91,7 +91,8 @@ def _broad(cp: CloudPolicy, view: PortView, family: Family,
         row = region_fields(answer, region)
         kind = "internet" if any(c.prefixlen == 0 for c in broad) else "broad"
         rows.append({**_base(view, kind), **{k: row[k] for k in (
-            "address", "ethertype", "protocol", "ports", "icmp_type", "icmp_code", "rules")},
+            "address", "ethertype", "protocol", "ports", "icmp_type", "icmp_type_last", "icmp_code",
+            "rules")},
             "sources": [str(c) for c in broad], "admin_ports": admin_ports(region),
             "detail": f"open to {', '.join(str(c) for c in broad)}"})
     return rows

@@ -27,7 +27,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from secfw.audit.nftkernel import TCP_FLAGS, Unsupported
+from secfw.audit.nftkernel import TCP_FLAGS, Unsupported, parsed_address
 from secfw.backends.nftables.canonical import ICMP_TYPES, ICMPV6_TYPES, protocol_number
 
 _CT = {"INVALID": "invalid", "ESTABLISHED": "established", "RELATED": "related",
@@ -60,7 +60,7 @@ class IptProbe:
 
     @property
     def version(self) -> int:
-        return ipaddress.ip_address(self.src).version
+        return parsed_address(self.src).version
 
 
 Match = Callable[[IptProbe, "IptTables"], bool]
@@ -264,7 +264,7 @@ def _address(attribute: str) -> Callable[[str], Match]:
 
 
 def _within(address: str, network: Network) -> bool:
-    addr = ipaddress.ip_address(address)
+    addr = parsed_address(address)  # parsed once per text: verify's hot path
     return addr.version == network.version and addr in network
 
 

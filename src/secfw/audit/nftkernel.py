@@ -32,6 +32,7 @@ caller reports it rather than guessing. Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -87,7 +88,7 @@ class Probe:
 
     @property
     def version(self) -> int:
-        return ipaddress.ip_address(self.src).version
+        return parsed_address(self.src).version
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ class _Run:
         if protocol in ("ip", "ip6"):
             if (protocol == "ip") != (p.version == 4) or field not in ("saddr", "daddr"):
                 return None
-            return ipaddress.ip_address(p.src if field == "saddr" else p.dst)
+            return parsed_address(p.src if field == "saddr" else p.dst)
         if protocol == "arp":
             return None  # an IP probe has no ARP header
         if protocol == "th":
@@ -370,9 +371,23 @@ class _Run:
         return found
 
 
+@functools.lru_cache(maxsize=65536)
+def parsed_address(text: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``ipaddress.ip_address``, each text parsed once: verify evaluates thousands
+    of probes against the same few hundred addresses, and parsing them was most
+    of its time (immutable values: sharing them is safe). ValueError as it."""
+    return ipaddress.ip_address(text)
+
+
+@functools.lru_cache(maxsize=65536)
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``ipaddress.ip_network(text, strict=False)``, each text parsed once."""
+    return ipaddress.ip_network(text, strict=False)
+
+
 def _is_address(text: str) -> bool:
     try:
-        ipaddress.ip_address(text)
+        parsed_address(text)
     except ValueError:
         return False
     return True
@@ -401,7 +416,7 @@ def _element_matches(element: Any, found: Any, left: Any) -> bool:
                    for e, f, p in zip(element["concat"], found, parts, strict=True))
     if isinstance(element, dict) and "prefix" in element:
         prefix = element["prefix"]
-        network = ipaddress.ip_network(f"{prefix['addr']}/{prefix['len']}", strict=False)
+        network = _network(f"{prefix['addr']}/{prefix['len']}")
         return isinstance(found, Address) and found.version == network.version \
             and found in network
     if isinstance(element, dict) and "range" in element:
@@ -416,8 +431,8 @@ def _literal(value: Any, found: Any, left: Any) -> Any:
     """A right-hand constant in the domain of the left-hand expression's value."""
     if isinstance(found, Address):
         try:
-            return ipaddress.ip_address(value)
-        except ValueError:
+            return parsed_address(value)
+        except (TypeError, ValueError):
             return None
     if isinstance(found, str):
         return str(value)

@@ -301,6 +301,8 @@ def region_fields(answer: Answer, region: Region) -> dict[str, Any]:
         "protocol": protocol_text(box),
         "ports": ports,
         "icmp_type": box.sel_lo // 256 if icmp else None,
+        # a region of whole types spans several (the sweep cuts partial ones apart)
+        "icmp_type_last": box.sel_hi // 256 if icmp else None,
         "icmp_code": _span(box.sel_lo % 256, box.sel_hi % 256, (0, 255)) if icmp else None,
         "rules": region.labels,
     }

@@ -138,8 +138,10 @@ def _table(header: list[str], rows: list[list[Any]], name: str) -> str:
 
 
 def _exposure_cells(row: dict[str, Any]) -> list[Any]:
-    service = row.get("ports") or (f"type {row['icmp_type']}"
-                                   if row.get("icmp_type") is not None else "")
+    last = row.get("icmp_type_last")
+    types = f"{row.get('icmp_type')}" if last in (None, row.get("icmp_type")) else \
+        f"{row.get('icmp_type')}-{last}"
+    service = row.get("ports") or (f"type {types}" if row.get("icmp_type") is not None else "")
     return [row["instance"], row["kind"], row["protocol"], service or "",
             ", ".join(row["sources"]), ", ".join(str(p) for p in row["admin_ports"][:8]),
             row["detail"]]

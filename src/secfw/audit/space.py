@@ -336,19 +336,26 @@ def _mergeable(left: Region, right: Region, specials: dict[int, Special]) -> boo
 
 
 def _one_type_each(region: Region, specials: dict[int, Special]) -> list[Region]:
-    """``region`` cut at each ICMP type it spans (a region names one ICMP type, as
-    its rows say: type T, codes a-b). A cell spans several types where neither a
-    rule nor the :class:`Special` cuts them — e.g. the invalid types 0-7 a port
-    without port security takes from unfiltered senders."""
+    """``region`` cut where it spans ICMP types, so that its row can say exactly
+    what it holds: a partial first type (its codes), the whole types between
+    (every code), a partial last type. A cell spans types where neither a rule
+    nor the :class:`Special` cuts them — e.g. the invalid types a port without
+    port security takes from unfiltered senders (at most three pieces: one per
+    type would make hundreds of rows)."""
     box = region.box
     first, last = box.sel_lo // 256, box.sel_hi // 256
     if first == last or box.proto_lo != box.proto_hi or box.proto_lo not in specials \
             or box.proto_lo not in ICMP_OF.values():
         return [region]
-    return [Region(region.family, region.addresses,
-                   Box(box.proto_lo, box.proto_hi, max(box.sel_lo, kind * 256),
-                       min(box.sel_hi, kind * 256 + 255)), list(region.labels))
-            for kind in range(first, last + 1)]
+    cuts = [box.sel_lo]
+    if box.sel_lo % 256:
+        cuts.append((first + 1) * 256)
+    if box.sel_hi % 256 != 255:
+        cuts.append(last * 256)
+    bounds = [*sorted(set(cuts)), box.sel_hi + 1]
+    return [Region(region.family, region.addresses, Box(box.proto_lo, box.proto_hi, lo, hi - 1),
+                   list(region.labels))
+            for lo, hi in itertools.pairwise(bounds) if lo < hi]
 
 
 def _merge(left: Region, right: Region) -> Region:
