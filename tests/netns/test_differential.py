@@ -19,7 +19,17 @@ rule decides (neighbour discovery, MLD, types that cannot open a connection).
 The sample takes one flow of every kind there is — family × source kind ×
 destination kind × verdict — then random ones.
 :func:`secfw.compiler.explain.decide` — written from the semantics, not from the
-compiler — must agree with every measured result.
+compiler — must agree with every measured result, and so must ``secfw audit
+explain -f json`` (the audit's own evaluator, run through the command line).
+
+The audits are held to the same packets: the ``reach`` answer of one port (a
+direction and family drawn) is checked against the oracle at every region's
+corners, a point inside and the points just outside each boundary, and a
+stratified sample of those points is sent (:data:`REACH_PROBES`); ``secfw audit
+impact -- <a random rule added or deleted>`` must predict exactly which of a
+sample of flows (:data:`IMPACT_FLOWS`) change verdict once the agent's
+incremental pass has applied the change; then ``secfw audit verify`` of the
+host (every other cloud: it evaluates thousands of probes) finds no difference.
 
 The lab (host and external namespaces) is shared by all examples of a backend ×
 topology: each example's ``lab.up`` swaps the instance namespaces, and its agent
