@@ -1,41 +1,48 @@
-"""The Neutron firewall driver through the L2 agent's calls: full sync, port added,
-member joined.
+"""Neutron's firewall drivers through the L2 agent's calls: full sync, port added,
+member joined — secfw's and Neutron's own IptablesFirewallDriver, side by side.
 
-``python -m secfw.bench.neutron [--ports 1000] [--out DIR]`` builds issue 18's
-workload in memory — 500 security groups of 10 rules each, a third of the rules
-with a remote group, every port in 20 groups, ~50 member addresses per remote
-group — and drives :class:`~secfw.neutron.SecfwFirewallDriver` (bridged topology,
-applying into a fresh namespace) exactly as neutron/agent/securitygroups_rpc.py
-does:
+``python -m secfw.bench.neutron [--sizes 100,1000] [--repeat 3] [--timeout S]
+[--budget S] [--out DIR]`` builds issue 18's workload in memory — 500 security
+groups of 10 rules each, a third of the rules with a remote group, every port
+in 20 groups, ~50 member addresses per remote group — and drives each driver
+exactly as neutron/agent/securitygroups_rpc.py does:
 
-* **full sync**: one ``defer_apply()`` with every group's rules, every remote
-  group's members and ``prepare_port_filter`` for every port;
+* **full sync**: one ``defer_apply()`` (``filter_defer_apply_on``/``_off``)
+  with the ports' groups' rules, their remote groups' members and
+  ``prepare_port_filter`` for every port;
 * **port added**: one ``defer_apply()`` with the new port's groups' rules and
   remote groups' members, then ``prepare_port_filter``;
 * **member joined** (a port elsewhere joins a remote group): the agent refreshes
   every local port whose groups use that remote group — ``defer_apply()`` with
   those ports' groups' rules and members and ``update_port_filter`` for each.
 
-Neutron's own IptablesFirewallDriver is listed beside it when it can be driven
-here (see :func:`neutron_iptables`). Writes ``neutron.json`` and ``neutron.md``
-to ``--out``. Single runs: figures report, never assert.
+Both drivers go through one harness (:func:`run_child`): every repetition is a
+fresh process (:mod:`secfw.bench.neutron_child`) inside a fresh namespace, given
+the same workload on stdin, killed (and reported) when it outlives
+``--timeout``. Figures are medians over the repetitions. Writes ``neutron.json``
+and ``neutron.md`` to ``--out``. Benchmarks report, never assert.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import ipaddress
 import json
+import os
 import random
+import signal
+import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secfw.bench.common import Row, guarded, rounded, timed
+from secfw.bench.budget import Budget
+from secfw.bench.common import Row, median, ok, rounded, skipped, timed
 from secfw.bench.machine import REPO, machine_info
 from secfw.bench.namespaces import scratch_netns
 
@@ -63,6 +70,23 @@ class Workload:
         """The local ports whose groups reference ``remote``."""
         return [p for p in self.ports if remote in self.remotes_of(p["security_groups"])]
 
+    def groups_of_ports(self) -> list[str]:
+        """The groups of the local ports: what the server sends on a full sync."""
+        return sorted({g for p in self.ports for g in p["security_groups"]})
+
+    def to_json(self) -> str:
+        """The workload as one JSON document (what a driver's child process reads)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Workload:
+        """The workload :meth:`to_json` wrote; member pairs are tuples again, as
+        the agent hands them over."""
+        data = json.loads(text)
+        members = {g: {v: [tuple(m) for m in ms] for v, ms in per.items()}
+                   for g, per in data["members"].items()}
+        return cls(data["ports"], data["rules"], members)
+
 
 def _rule(rng: random.Random, index: int, groups: list[str]) -> dict[str, Any]:
     port = 1000 + rng.randrange(60000)
@@ -79,7 +103,7 @@ def _rule(rng: random.Random, index: int, groups: list[str]) -> dict[str, Any]:
 
 def _port(index: int, groups: list[str]) -> dict[str, Any]:
     ip = str(_LOCAL.network_address + 10 + index)
-    return {"device": f"tapnb{index:08x}", "id": str(uuid.uuid4()),
+    return {"device": f"tapnb{index:08x}", "id": str(uuid.UUID(int=0x5EC << 64 | index)),
             "mac_address": f"fa:16:3e:{index >> 16 & 255:02x}:{index >> 8 & 255:02x}:"
                            f"{index & 255:02x}",
             "fixed_ips": [ip], "security_groups": groups, "allowed_address_pairs": [],
@@ -87,15 +111,17 @@ def _port(index: int, groups: list[str]) -> dict[str, Any]:
             "device_owner": "compute:nova"}
 
 
-def build(ports: int, seed: int = 1) -> Workload:
-    """``ports`` ports in 20 of 500 groups each; remote groups of ~50 members
-    (the local ports in the group, topped up with addresses on other hosts)."""
+def build(ports: int, seed: int = 1, groups: int = GROUPS,
+          per_port: int = GROUPS_PER_PORT) -> Workload:
+    """``ports`` ports in ``per_port`` of ``groups`` groups each (issue 18: 20 of
+    500); remote groups of ~50 members (the local ports in the group, topped up
+    with addresses on other hosts). Deterministic for a given seed."""
     rng = random.Random(seed)
-    groups = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(GROUPS)]
-    rules = {g: [_rule(rng, i, groups) for i in range(RULES_PER_GROUP)] for g in groups}
-    load = Workload([_port(i, rng.sample(groups, GROUPS_PER_PORT)) for i in range(ports)], rules)
+    ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(groups)]
+    rules = {g: [_rule(rng, i, ids) for i in range(RULES_PER_GROUP)] for g in ids}
+    load = Workload([_port(i, rng.sample(ids, per_port)) for i in range(ports)], rules)
     off_host = iter(_OFF_HOST.hosts())
-    for remote in sorted(load.remotes_of(groups)):
+    for remote in sorted(load.remotes_of(ids)):
         local = [(p["fixed_ips"][0], p["mac_address"]) for p in load.ports
                  if remote in p["security_groups"]][:MEMBERS]
         extra = [(str(next(off_host)), "fa:16:3e:ff:00:01") for _ in range(MEMBERS - len(local))]
@@ -113,7 +139,7 @@ def push(driver: Any, load: Workload, groups: list[str]) -> None:
 
 def scenario(driver: Any, load: Workload) -> Row:
     """Full sync, then one port added, then one member joined (see the module doc)."""
-    everything = sorted(load.rules)
+    everything = load.groups_of_ports()
 
     def full() -> None:
         with driver.defer_apply():
@@ -145,76 +171,164 @@ def scenario(driver: Any, load: Workload) -> Row:
             "member_joined_s": rounded(join_s), "ports_refreshed_on_join": len(users)}
 
 
-def secfw_driver(load: Workload) -> Row:
-    """secfw's driver (bridged, nftables) in a fresh namespace."""
-    from secfw.neutron import SecfwFirewallDriver
-
-    with scratch_netns() as ns:
-        driver = SecfwFirewallDriver(netns=ns, topology="bridged")
-        row = scenario(driver, load)
-        driver.cleanup()
-    return {**row, "transactions": driver.applies}
+#: The drivers the harness knows: ``neutron_child`` argument → report label.
+DRIVERS = {"secfw": "secfw (nftables, bridged)",
+           "neutron": "Neutron IptablesFirewallDriver (iptables + ipset)"}
+METRICS = ("full_sync_s", "port_added_s", "member_joined_s")
 
 
-def neutron_iptables(load: Workload) -> Row:
-    """Neutron's IptablesFirewallDriver, when Neutron is importable and its
-    driver can run here; otherwise the reason it cannot (recorded, not raised)."""
-    try:
-        from neutron.agent.linux import iptables_firewall  # noqa: F401
-    except ImportError:
-        return {"skipped": "neutron is not installed (pip install -e '.[neutron]')"}
-    # Tried by hand (2026-12-07): constructed in-process with root_helper "",
-    # privsep's client mode off and a lock_path, in a scratch namespace, a 10-port
-    # full sync had not finished after 10 minutes on the loaded 2-core VM; why
-    # (iptables-save/restore through `ip netns exec`, a lock, conntrack zones) was
-    # not found in the time available.
-    return {"skipped": "not driven: in-process IptablesFirewallDriver (root_helper '', "
-                       "privsep client mode off) did not finish a 10-port sync in 10 min "
-                       "here; cause not found"}
+def neutron_missing() -> str | None:
+    """Why Neutron's driver cannot run here, or None when it can."""
+    # find_spec, not an import: importing Neutron takes seconds, and the driver
+    # runs in the child process anyway.
+    if importlib.util.find_spec("neutron") is None:
+        return "neutron is not installed (pip install -e '.[neutron]')"
+    return None
 
 
-def run(ports: int, seed: int = 1) -> Row:
-    load, build_s = timed(lambda: build(ports, seed))
-    rows: list[Row] = []
-    drivers: list[tuple[str, Callable[[Workload], Row]]] = [
-        ("secfw (nftables, bridged)", secfw_driver),
-        ("neutron IptablesFirewallDriver", neutron_iptables),
-    ]
-    for label, measure in drivers:
-        row = {"driver": label, "ports": ports, **guarded(partial(measure, load))}
-        print(f"  {row}", flush=True)
-        rows.append(row)
-    return {"machine": machine_info(), "workload_build_s": rounded(build_s),
+def _kill_group(pid: int) -> None:
+    """SIGKILL the session the child leads (it, ``ip netns exec``, privsep's daemon)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_child(which: str, load: Workload, timeout: float, names: bool = False) -> Row:
+    """One repetition: ``which`` driver in a fresh process inside a fresh namespace.
+
+    The row :func:`secfw.bench.neutron_child.run` wrote, an ``error`` row when
+    the child failed or outlived ``timeout`` seconds (then it is killed: a hang
+    is reported, never waited on), or a ``skipped`` row when Neutron is missing.
+    ``names`` asks for the chain and set names the driver left in the kernel.
+    """
+    if which == "neutron" and (reason := neutron_missing()):
+        return skipped(reason)
+    with scratch_netns() as ns, tempfile.TemporaryDirectory(prefix="secfw-nb-") as tmp:
+        result, log = Path(tmp) / "result.json", Path(tmp) / "stderr.log"
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "secfw.bench.neutron_child",
+               which, str(result), *(["--listing"] if names else [])]
+        with log.open("w") as err:
+            child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=err, stderr=err,
+                                     text=True, start_new_session=True)
+            try:
+                child.communicate(load.to_json(), timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(child.pid)
+                child.wait()
+                return {"error": f"timed out after {timeout:.0f} s (killed)"}
+            finally:
+                _kill_group(child.pid)
+        if not result.exists():
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            return {"error": f"exit {child.returncode}: {' | '.join(tail)}"[:2000]}
+        row: Row = json.loads(result.read_text())
+        return row
+
+
+def measure(which: str, load: Workload, repeat: int, timeout: float,
+            budget: Budget | None = None) -> Row:
+    """Up to ``repeat`` runs; medians of the good ones, and every run's figures.
+
+    Stops at the first failed run (a hang would otherwise cost ``repeat`` ×
+    ``timeout``) and before a run the budget has no room for (judged by the
+    slowest run so far).
+    """
+    runs: list[Row] = []
+    while len(runs) < repeat:
+        slowest = max((sum(r[m] for m in METRICS) for r in runs), default=0.0)
+        if runs and budget is not None and budget.remaining() < 1.5 * slowest:
+            break
+        runs.append(run_child(which, load, timeout))
+        if not ok(runs[-1]):
+            break
+    good = [r for r in runs if ok(r)]
+    if not good:
+        return runs[0]
+    row: Row = {m: rounded(median([r[m] for r in good])) for m in METRICS}
+    row.update(repetitions=len(good), runs=[{m: r[m] for m in METRICS} for r in good],
+               ruleset=good[0]["ruleset"], ports_refreshed_on_join=good[0][
+                   "ports_refreshed_on_join"],
+               peak_rss_mb=max(r["peak_rss_mb"] for r in good))
+    if "transactions" in good[0]:
+        row["transactions"] = good[0]["transactions"]
+    if len(runs) > len(good):
+        row["error"] = runs[-1].get("error") or runs[-1].get("skipped")
+    return row
+
+
+def run(sizes: list[int], repeat: int, timeout: float, budget_s: float,
+        seed: int = 1) -> Row:
+    """Every driver at every size, within ``budget_s`` seconds (a step the
+    budget has no room for is recorded as skipped)."""
+    budget, rows = Budget(budget_s), []
+    for ports in sizes:
+        load, build_s = timed(lambda n=ports: build(n, seed))  # type: ignore[misc]
+        for which, label in DRIVERS.items():
+            row = budget.run(which, ports, lambda w=which, ld=load: measure(  # type: ignore[misc]
+                w, ld, repeat, timeout, budget))
+            row = {"driver": label, "ports": ports, "workload_build_s": rounded(build_s), **row}
+            print(f"  {row}", flush=True)
+            rows.append(row)
+    return {"machine": machine_info(), "repeat": repeat, "timeout_s": timeout,
+            "budget_s": budget_s, "elapsed_s": round(budget.elapsed(), 1),
             "workload": {"groups": GROUPS, "rules_per_group": RULES_PER_GROUP,
                          "groups_per_port": GROUPS_PER_PORT, "members": MEMBERS},
             "rows": rows}
 
 
+def _note(row: Row) -> str:
+    parts = []
+    if "ruleset" in row:
+        r = row["ruleset"]
+        parts.append(f"{r['rules']:,} rules, {r['chains']:,} chains, {r['sets']:,} sets")
+        parts.append(f"{row['ports_refreshed_on_join']} ports refreshed on the join")
+    if "transactions" in row:
+        parts.append(f"{row['transactions']} nft transactions")
+    for key in ("error", "skipped"):
+        if row.get(key):
+            parts.append(f"{key}: {row[key]}")
+    return "; ".join(parts)
+
+
 def markdown(results: Row) -> str:
+    """The comparison table, with the medians and each run's figures."""
     machine = results["machine"]
-    lines = [f"Neutron firewall drivers, {machine.get('date', '')}: "
-             f"{machine.get('cores', '?')} cores. Issue 18's workload; single runs.", "",
-             "| driver | ports | full sync | port added | member joined | note |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"# Neutron firewall drivers — {machine.get('date', '')}", "",
+             f"{machine.get('cores', '?')} cores, load average before/after "
+             f"{machine.get('loadavg_before')} / {machine.get('loadavg_after')}. Issue 18's "
+             f"workload, the L2 agent's calls; each run a fresh process in a fresh "
+             f"namespace; medians of up to {results['repeat']} runs (per-run figures in "
+             f"neutron.json); {results['elapsed_s']:.0f} s of a {results['budget_s']:.0f} s "
+             "budget.", "",
+             "| driver | ports | full sync | port added | member joined | runs | peak RSS "
+             "| ruleset, notes |", "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
-        note = row.get("skipped") or row.get("error") or (
-            f"{row['transactions']} transactions; {row['ports_refreshed_on_join']} ports "
-            "refreshed on the join")
-        cells = [f"{row[k]} s" if k in row else "—"
-                 for k in ("full_sync_s", "port_added_s", "member_joined_s")]
-        lines.append(f"| {row['driver']} | {row['ports']:,} | {' | '.join(cells)} | {note} |")
+        cells = [f"{row[k]:.2f} s" if row.get(k) is not None else "—" for k in METRICS]
+        rss = f"{row['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in row else "—"
+        lines.append(f"| {row['driver']} | {row['ports']:,} | {' | '.join(cells)} | "
+                     f"{row.get('repetitions', 0)} | {rss} | {_note(row)} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m secfw.bench.neutron",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ports", type=int, default=1000)
+                                     description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,1000",
+                        help="comma-separated port counts (default 100,1000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per driver and size")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds before one run is killed and reported")
+    parser.add_argument("--budget", type=float, default=1800.0,
+                        help="seconds for the whole comparison")
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
-    if args.ports < 1:
-        parser.error("--ports must be positive")
-    results = run(args.ports)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        parser.error("--sizes: comma-separated integers")
+    if min(sizes) < 1 or args.repeat < 1 or args.timeout <= 0:
+        parser.error("--sizes, --repeat and --timeout must be positive")
+    results = run(sizes, args.repeat, args.timeout, args.budget, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "neutron.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "neutron.md").write_text(markdown(results))
