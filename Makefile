@@ -63,7 +63,7 @@ conformance: venv
 	$(PY) -m pip install -q -e '.[conformance,keystone,neutron,tempest]'
 	SECFW_REQUIRE_CONFORMANCE=1 $(VENV)/bin/pytest -q -m conformance \
 	  tests/test_neutron_openstackclient.py tests/test_neutron_driver_conformance.py \
-	  tests/test_neutron_tempest.py
+	  tests/test_neutron_tempest.py tests/netns/test_neutron_bench_harness.py
 
 demo: venv
 	$(VENV)/bin/secfw demo
