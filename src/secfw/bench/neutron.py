@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import importlib.util
 import ipaddress
 import json
@@ -257,22 +258,45 @@ def measure(which: str, load: Workload, repeat: int, timeout: float,
 
 def run(sizes: list[int], repeat: int, timeout: float, budget_s: float,
         seed: int = 1) -> Row:
-    """Every driver at every size, within ``budget_s`` seconds (a step the
-    budget has no room for is recorded as skipped)."""
-    budget, rows = Budget(budget_s), []
+    """Every driver at every size, within ``budget_s`` seconds.
+
+    Not :meth:`Budget.run`'s linear estimate from the previous size: Neutron's
+    driver grows faster than linearly, and the 1,000-port comparison is the one
+    that matters. A step starts while budget is left; one run never outlives
+    what is left (nor ``timeout``), and :func:`measure` starts no repetition the
+    budget cannot hold.
+    """
+    budget, rows, load_before = Budget(budget_s), [], os.getloadavg()
     for ports in sizes:
         load, build_s = timed(lambda n=ports: build(n, seed))  # type: ignore[misc]
         for which, label in DRIVERS.items():
-            row = budget.run(which, ports, lambda w=which, ld=load: measure(  # type: ignore[misc]
-                w, ld, repeat, timeout, budget))
+            left = budget.remaining()
+            row = measure(which, load, repeat, min(timeout, left), budget) if left > 0 else (
+                skipped(f"time budget of {budget_s:.0f} s used up"))
             row = {"driver": label, "ports": ports, "workload_build_s": rounded(build_s), **row}
             print(f"  {row}", flush=True)
             rows.append(row)
-    return {"machine": machine_info(), "repeat": repeat, "timeout_s": timeout,
+    machine = {**machine_info(), "loadavg_before": [round(x, 2) for x in load_before],
+               "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    return {"machine": machine, "versions": versions(), "repeat": repeat, "timeout_s": timeout,
             "budget_s": budget_s, "elapsed_s": round(budget.elapsed(), 1),
             "workload": {"groups": GROUPS, "rules_per_group": RULES_PER_GROUP,
                          "groups_per_port": GROUPS_PER_PORT, "members": MEMBERS},
             "rows": rows}
+
+
+def versions() -> Row:
+    """Neutron's version and the tools its driver runs (the first line of each)."""
+    found: Row = {}
+    try:
+        found["neutron"] = importlib.metadata.version("neutron")
+    except importlib.metadata.PackageNotFoundError:
+        found["neutron"] = None
+    for tool in ("iptables", "ipset"):
+        done = subprocess.run([tool, "--version"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        found[tool] = (done.stdout or done.stderr).strip().split("\n")[0]
+    return found
 
 
 def _note(row: Row) -> str:
@@ -294,7 +318,9 @@ def markdown(results: Row) -> str:
     machine = results["machine"]
     lines = [f"# Neutron firewall drivers — {machine.get('date', '')}", "",
              f"{machine.get('cores', '?')} cores, load average before/after "
-             f"{machine.get('loadavg_before')} / {machine.get('loadavg_after')}. Issue 18's "
+             f"{machine.get('loadavg_before')} / {machine.get('loadavg_after')}; Neutron "
+             f"{results['versions'].get('neutron')}, {results['versions'].get('iptables')}, "
+             f"{results['versions'].get('ipset')}. Issue 18's "
              f"workload, the L2 agent's calls; each run a fresh process in a fresh "
              f"namespace; medians of up to {results['repeat']} runs (per-run figures in "
              f"neutron.json); {results['elapsed_s']:.0f} s of a {results['budget_s']:.0f} s "
@@ -307,6 +333,12 @@ def markdown(results: Row) -> str:
         lines.append(f"| {row['driver']} | {row['ports']:,} | {' | '.join(cells)} | "
                      f"{row.get('repetitions', 0)} | {rss} | {_note(row)} |")
     return "\n".join(lines) + "\n"
+
+
+def _stop(signum: int, _frame: object) -> None:
+    """SIGTERM ends the run like Ctrl-C, so the ``finally`` blocks kill the
+    running child and remove its namespace."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sizes: comma-separated integers")
     if min(sizes) < 1 or args.repeat < 1 or args.timeout <= 0:
         parser.error("--sizes, --repeat and --timeout must be positive")
+    signal.signal(signal.SIGTERM, _stop)
     results = run(sizes, args.repeat, args.timeout, args.budget, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "neutron.json").write_text(json.dumps(results, indent=1) + "\n")
