@@ -57,11 +57,13 @@ def _ran(row: Row) -> dict[str, Any]:
 
 
 def test_secfw_driver_leaves_its_chains_and_sets(tiny: Workload) -> None:
-    """One neighbour-discovery chain per tap and one address set per remote group."""
+    """Every tap in the ruleset, a chain pair per group and an address set per
+    remote group."""
     assert _remotes(tiny), "the tiny workload must have remote-group rules"
     ruleset = _ran(run_child("secfw", tiny, TIMEOUT, names=True))
     chains, sets = set(ruleset["chains"]), set(ruleset["sets"])
-    assert {f"nd-{tap}" for tap in _devices(tiny)} <= chains
+    assert set(_devices(tiny)) <= set(ruleset["taps"])
+    assert {f"sg-{g}-{d}" for g in tiny.groups_of_ports() for d in ("in", "out")} <= chains
     assert {f"sg-{remote}-v4" for remote in _remotes(tiny)} <= sets
 
 
@@ -73,6 +75,7 @@ def test_neutron_iptables_driver_leaves_its_chains_and_ipsets(tiny: Workload) ->
     the ``-n`` Neutron appends to the set it swaps in (ipset_manager.py)."""
     ruleset = _ran(run_child("neutron", tiny, TIMEOUT, names=True))
     chains, sets = set(ruleset["chains"]), set(ruleset["sets"])
+    assert set(_devices(tiny)) <= set(ruleset["taps"])
     for tap in _devices(tiny):
         assert {f"neutron-linuxbri-{d}{tap[3:]}" for d in "ios"} <= chains, tap
     assert {f"NIPv4{remote}"[:29] for remote in _remotes(tiny)} <= sets

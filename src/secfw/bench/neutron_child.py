@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -79,18 +80,24 @@ def _lines(*cmd: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+def _taps(lines: list[str]) -> list[str]:
+    """The tap names a ruleset's text mentions (as matches, set or map elements)."""
+    return sorted({m for line in lines for m in re.findall(r"\btap[0-9A-Za-z_-]+", line)})
+
+
 def listing(which: str) -> Row:
-    """The chains and sets the driver left in this namespace, read from the kernel."""
+    """The chains, sets and taps the driver left in this namespace, read from the kernel."""
     if which == "neutron":
         saved = _lines("iptables-save", "-t", "filter")
         return {"chains": sorted(line[1:].split()[0] for line in saved
                                  if line.startswith(":")),
                 "rules": sum(line.startswith("-A ") for line in saved),
-                "sets": sorted(_lines("ipset", "list", "-n"))}
+                "sets": sorted(_lines("ipset", "list", "-n")), "taps": _taps(saved)}
     ruleset = json.loads("\n".join(_lines("nft", "-j", "list", "ruleset")))["nftables"]
     return {"chains": sorted(o["chain"]["name"] for o in ruleset if "chain" in o),
             "rules": sum("rule" in o for o in ruleset),
-            "sets": sorted(o["set"]["name"] for o in ruleset if "set" in o)}
+            "sets": sorted(o["set"]["name"] for o in ruleset if "set" in o),
+            "taps": _taps(_lines("nft", "list", "ruleset"))}
 
 
 def run(which: str, load: Workload, with_names: bool) -> Row:
@@ -100,7 +107,8 @@ def run(which: str, load: Workload, with_names: bool) -> Row:
         row = scenario(driver, load)
         found = listing(which)
     row["ruleset"] = found if with_names else {
-        "chains": len(found["chains"]), "rules": found["rules"], "sets": len(found["sets"])}
+        "chains": len(found["chains"]), "rules": found["rules"], "sets": len(found["sets"]),
+        "taps": len(found["taps"])}
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if which == "secfw":
         row["transactions"] = driver.applies
