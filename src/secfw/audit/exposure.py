@@ -17,15 +17,31 @@ first, then by kind (:data:`KINDS`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import netaddr
 
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import Answer, ingress_openers, region_fields, specials
-from secfw.audit.space import PORT_PROTOCOL_NUMBERS, Opener, Region, UnionCache, sweep
-from secfw.compiler.ir import Family
+from secfw.audit.space import (
+    ICMP_OF,
+    PORT_PROTOCOL_NUMBERS,
+    SEL_MAX,
+    Label,
+    Opener,
+    Region,
+    Special,
+    UnionCache,
+    label_key,
+    merge_protocols,
+    rule_box,
+    sweep,
+    sweep_window,
+    unique_labels,
+)
+from secfw.compiler.ir import Family, GroupChain
 
 #: Administration and database ports an auditor wants to see first.
 ADMIN_PORTS = {
@@ -47,16 +63,24 @@ def admin_ports(region: Region) -> list[int]:
     return [p for p in sorted(ADMIN_PORTS) if box.sel_lo <= p <= box.sel_hi]
 
 
-def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]:
-    """The exposure rows of ``views`` (module docstring), admin ports first."""
+def exposure(cp: CloudPolicy, views: Iterable[PortView],
+             shared: bool = True) -> list[dict[str, Any]]:
+    """The exposure rows of ``views`` (module docstring), admin ports first.
+
+    ``shared`` False sweeps each distinct port filter whole (the reference the
+    tests compare with); True, the default, sweeps only the clusters of
+    overlapping or touching rules of one protocol, once per distinct cluster for
+    the whole run (:class:`_Clusters`): the same answer, at a cost that grows with
+    the distinct clusters (a group's rules recur on every port that has it)."""
     rows: list[dict[str, Any]] = []
     memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
     networks: dict[str, Counter[str]] = {}
     unions = UnionCache()  # the ports' sweeps meet the same unions of sets
     broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] = {}
+    clusters = _Clusters(cp, unions, broads) if shared else None
     for view in views:
         for family in ("ipv4", "ipv6"):
-            rows += _broad(cp, view, family, memo, unions, broads)
+            rows += _broad(cp, view, family, memo, unions, broads, clusters)
         rows += _other_project_groups(cp, view)
         rows += _same_net(cp, view, networks)
     return sorted(rows, key=lambda r: (not r["admin_ports"], KINDS.index(r["kind"]),
@@ -66,23 +90,28 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]
 def _broad(cp: CloudPolicy, view: PortView, family: Family,
            memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]],
            unions: UnionCache | None = None,
-           broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None = None
-           ) -> list[dict[str, Any]]:
+           broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None = None,
+           clusters: _Clusters | None = None) -> list[dict[str, Any]]:
     """The internet/broad rows of one port. Its regions depend only on what its
     ingress names (port security, same-net sets, group chains — sets and chains
-    are the same on every host), so ports that share them share one sweep."""
+    are the same on every host), so ports that share them share one sweep; with
+    ``clusters``, only the broad regions are computed, cluster by cluster."""
     address = view.address(family)
     if address is None:
         return []
-    policy = view.policy
-    key = (family, policy.port_security, policy.same_net_sets, policy.ingress_chains)
-    found = memo.get(key)
-    if found is None:
-        openers = ingress_openers(cp, view, family)
-        found = memo[key] = (
-            sweep(family, openers, (), specials(cp, view, "ingress", family), unions), openers)
-    regions, openers = found
-    answer = Answer(view, family, address, "ingress", regions, openers)
+    found_regions = clusters.broad_regions(view, family) if clusters is not None else None
+    if found_regions is not None:
+        answer = Answer(view, family, address, "ingress", found_regions, [])
+    else:
+        policy = view.policy
+        key = (family, policy.port_security, policy.same_net_sets, policy.ingress_chains)
+        found = memo.get(key)
+        if found is None:
+            openers = ingress_openers(cp, view, family)
+            found = memo[key] = (
+                sweep(family, openers, (), specials(cp, view, "ingress", family), unions),
+                openers)
+        answer = Answer(view, family, address, "ingress", *found)
     rows = []
     for region in answer.regions:
         broad = _broad_cidrs(region.addresses, family, broads)
@@ -167,3 +196,157 @@ def _same_net(cp: CloudPolicy, view: PortView,
                         "network_id": view.network.id}],
              "detail": f"{count} port(s) of projects {', '.join(others)} on network "
                        f"{view.network.name} reach it on every protocol and port"}]
+
+
+# ---------------------------------------------------------------------- clusters
+
+
+@dataclass
+class _Chain:
+    """One group chain's openers of one family, and its clusters: per protocol,
+    maximal runs of rules whose selector intervals overlap or touch, as
+    (protocol, low, high, opener indices). ``spread``: openers of several
+    protocols (a rule of any protocol), which meet every cluster."""
+
+    openers: list[Opener]
+    clusters: list[tuple[int, int, int, list[int]]]
+    spread: bool
+
+
+@dataclass
+class _Clusters:
+    """The broad regions of a port's ingress, computed cluster by cluster.
+
+    Why it is exact: with port security on, a cell outside every cluster is
+    covered only by the openers of every protocol (same-net, rules of any
+    protocol): its addresses are their union S. When S holds no broad prefix,
+    such a cell is never in a broad region, so a broad region lies inside one
+    cluster (clusters are separated by such cells) and :func:`sweep_window` over
+    the cluster — its openers and the all-protocol ones, in the port's order —
+    gives it; the family's ICMP protocol is one window (its special cells).
+    Whole-protocol regions of neighbouring protocols are then merged as
+    :func:`sweep` merges them. Otherwise (S broad, port security off) the caller
+    sweeps the whole filter."""
+
+    cp: CloudPolicy
+    unions: UnionCache
+    broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]]
+    chains: dict[tuple[str, str], _Chain] = field(default_factory=dict)
+    same: dict[tuple[Any, ...], list[Opener]] = field(default_factory=dict)
+    specials: dict[Family, Special] = field(default_factory=dict)
+    # (family, protocol, low, high, (box, set id) of each opener) -> broad regions,
+    # their labels as positions among those openers (or the special's own label)
+    windows: dict[tuple[Any, ...], list[tuple[Region, list[int | Label]]]] = field(
+        default_factory=dict)
+    label_keys: dict[int, tuple[Label, str]] = field(default_factory=dict)
+
+    def broad_regions(self, view: PortView, family: Family) -> list[Region] | None:
+        """The regions of ``view``'s ingress in ``family`` with a broad source, in
+        the whole sweep's order (None: sweep the whole filter instead)."""
+        if not view.policy.port_security:
+            return None
+        openers = list(self._same_net(view, family))
+        chains = [self._chain(view, chain, family)
+                  for chain in self.cp.chains(view, "ingress")]
+        if any(chain.spread for chain in chains):
+            return None
+        if openers and _broad_cidrs(self.unions.union([o.addresses for o in openers]),
+                                    family, self.broads):
+            return None
+        alls = list(range(len(openers)))
+        icmp = ICMP_OF[family]
+        pieces: list[tuple[int, int, int, list[int]]] = [(icmp, 0, SEL_MAX, [])]
+        for chain in chains:
+            offset = len(openers)
+            openers += chain.openers
+            pieces += [(p, lo, hi, [offset + i for i in idx])
+                       for p, lo, hi, idx in chain.clusters]
+        regions: list[Region] = []
+        for protocol, low, high, members in _merged_clusters(pieces):
+            regions += self._window(family, openers, alls + members, protocol, low, high)
+        return merge_protocols(regions)
+
+    def _window(self, family: Family, openers: Sequence[Opener], chosen: list[int],
+                protocol: int, low: int, high: int) -> list[Region]:
+        sub = [openers[i] for i in chosen]
+        key = (family, protocol, low, high, tuple((o.box, id(o.addresses)) for o in sub))
+        found = self.windows.get(key)
+        if found is None:
+            found = self.windows[key] = self._sweep(family, sub, protocol, low, high)
+        return [Region(family, region.addresses, region.box,
+                       self._labels([sub[p].label if isinstance(p, int) else p
+                                     for p in positions]))
+                for region, positions in found]
+
+    def _sweep(self, family: Family, sub: Sequence[Opener], protocol: int, low: int,
+               high: int) -> list[tuple[Region, list[int | Label]]]:
+        """The broad regions of one window, labelled by positions in ``sub`` (the
+        sets of ``sub`` are kept alive by the caches: their ids are theirs)."""
+        marked = [Opener(o.addresses, o.box, {"#": i}) for i, o in enumerate(sub)]
+        special = self._special(family) if protocol == ICMP_OF[family] else None
+        found = []
+        for region in sweep_window(family, marked, protocol, low, high, special, self.unions):
+            if region.addresses and _broad_cidrs(region.addresses, family, self.broads):
+                found.append((region, [lab["#"] if set(lab) == {"#"} else lab
+                                       for lab in region.labels]))
+        return found
+
+    def _labels(self, labels: list[Label]) -> list[Label]:
+        """:func:`unique_labels`, each label's key computed once per label object."""
+        if len(labels) < 2:
+            return labels
+        keys = []
+        for label in labels:
+            known = self.label_keys.get(id(label))
+            if known is None:
+                known = self.label_keys[id(label)] = (label, label_key(label))
+            keys.append(known[1])
+        if len(set(keys)) == len(keys):
+            return labels
+        return unique_labels(labels)
+
+    def _special(self, family: Family) -> Special:
+        found = self.specials.get(family)
+        if found is None:
+            view = next(v for v in self.cp.ports.values() if v.policy.port_security)
+            found = self.specials[family] = specials(self.cp, view, "ingress", family)[0]
+        return found
+
+    def _same_net(self, view: PortView, family: Family) -> list[Opener]:
+        """The port's same-net opener (none or one), once per network and sets."""
+        key = (family, view.policy.same_net_sets, view.network.id)
+        found = self.same.get(key)
+        if found is None:
+            found = self.same[key] = [o for o in ingress_openers(self.cp, view, family)
+                                      if o.label.get("reason") == "same-net"]
+        return found
+
+    def _chain(self, view: PortView, chain: GroupChain, family: Family) -> _Chain:
+        """A chain's openers and clusters, once per chain (the same on every host)."""
+        key = (chain.name, family)
+        found = self.chains.get(key)
+        if found is None:
+            found = self.chains[key] = _chain_of(self.cp, view, chain, family)
+        return found
+
+
+def _chain_of(cp: CloudPolicy, view: PortView, chain: GroupChain, family: Family) -> _Chain:
+    openers = [Opener(cp.remote_set(view, rule), rule_box(rule), cp.rule_ref(chain, rule))
+               for rule in chain.rules if rule.family == family]
+    spread = any(o.box.proto_lo != o.box.proto_hi for o in openers)
+    pieces = [(o.box.proto_lo, o.box.sel_lo, o.box.sel_hi, [i]) for i, o in enumerate(openers)]
+    return _Chain(openers, _merged_clusters(pieces), spread)
+
+
+def _merged_clusters(pieces: list[tuple[int, int, int, list[int]]]
+                     ) -> list[tuple[int, int, int, list[int]]]:
+    """Pieces (protocol, low, high, opener indices) merged while they overlap or
+    touch within a protocol, in (protocol, low) order, indices ascending."""
+    merged: list[tuple[int, int, int, list[int]]] = []
+    for protocol, low, high, members in sorted(pieces, key=lambda p: (p[0], p[1])):
+        if merged and merged[-1][0] == protocol and low <= merged[-1][2] + 1:
+            last = merged[-1]
+            merged[-1] = (protocol, last[1], max(last[2], high), last[3] + members)
+        else:
+            merged.append((protocol, low, high, list(members)))
+    return [(p, lo, hi, sorted(m)) for p, lo, hi, m in merged]

@@ -207,6 +207,57 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
     return [r for r in regions if r.addresses]
 
 
+def sweep_window(family: Family, openers: Sequence[Opener], protocol: int, low: int,
+                 high: int, special: Special | None = None,
+                 cache: UnionCache | None = None) -> list[Region]:
+    """The cells of protocol ``protocol`` × selectors ``low..high`` decided and
+    merged as :func:`sweep` (no constraints) decides and merges them, empty ones
+    included.
+
+    Contract: when ``low`` and ``high + 1`` are cuts of the whole sweep (a box
+    edge, or 0 / 65536) and ``special`` is the sweep's special of ``protocol``
+    (or there is none), these are exactly the whole sweep's regions inside the
+    window, except where a region of the whole sweep continues past an edge: the
+    caller must know that the cells just outside hold other addresses (exposure:
+    a broad region never meets a cell that only the all-protocol openers cover)."""
+    unite = cache.union if cache is not None else union
+    cuts = {low, high + 1}
+    for opener in openers:
+        box = opener.box
+        if box.proto_lo <= protocol <= box.proto_hi:
+            cuts.update(c for c in (box.sel_lo, box.sel_hi + 1) if low < c <= high)
+    if special is not None:
+        cuts.update(c for c in special.breakpoints if low < c <= high)
+    cells = [Box(protocol, protocol, a, b - 1) for a, b in itertools.pairwise(sorted(cuts))]
+    relevant = [i for i, o in enumerate(openers)
+                if o.box.proto_lo <= protocol <= o.box.proto_hi]
+    by_proto = {special.protocol: special} if special is not None else {}
+    memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]] = {}
+    merged: list[Region] = []
+    for cell, active in zip(cells, _active(openers, relevant, cells), strict=True):
+        region = _decide(family, cell, openers, (), special, memo, unite, active)
+        if merged and _mergeable(merged[-1], region, by_proto):
+            merged[-1] = _merge(merged[-1], region)
+        else:
+            merged.append(region)
+    return merged
+
+
+def merge_protocols(regions: Sequence[Region]) -> list[Region]:
+    """``regions`` (in protocol, then selector order) with neighbouring protocols'
+    whole-selector regions of equal addresses merged, as :func:`sweep` does."""
+    found: list[Region] = []
+    for region in regions:
+        if found and _full(found[-1]) and _full(region) and \
+                found[-1].box.proto_hi + 1 == region.box.proto_lo and \
+                (found[-1].addresses is region.addresses
+                 or found[-1].addresses == region.addresses):
+            found[-1] = _merge(found[-1], region)
+        else:
+            found.append(region)
+    return found
+
+
 def _active(openers: Sequence[Opener], relevant: list[int],
             cells: list[Box]) -> list[list[int]]:
     """For each cell (in selector order), the indices among ``relevant`` of the
@@ -369,12 +420,17 @@ def _full(region: Region) -> bool:
     return region.box.sel_lo == 0 and region.box.sel_hi == SEL_MAX
 
 
+def label_key(label: Label) -> str:
+    """What makes two labels the same label (their content)."""
+    return json.dumps(label, sort_keys=True)
+
+
 def unique_labels(labels: Sequence[Label]) -> list[Label]:
     """``labels`` without repeats, in first-seen order."""
     seen: set[str] = set()
     found = []
     for label in labels:
-        key = json.dumps(label, sort_keys=True)
+        key = label_key(label)
         if key not in seen:
             seen.add(key)
             found.append(label)
