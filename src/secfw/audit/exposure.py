@@ -16,6 +16,7 @@ first, then by kind (:data:`KINDS`).
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,15 +24,17 @@ from typing import Any
 
 import netaddr
 
-from secfw.audit.policy import CloudPolicy, PortView
+from secfw.audit.policy import EVERYWHERE, CloudPolicy, PortView
 from secfw.audit.reach import Answer, ingress_openers, region_fields, specials
 from secfw.audit.space import (
     ICMP_OF,
     PORT_PROTOCOL_NUMBERS,
     SEL_MAX,
+    CellPolicy,
     Label,
     Opener,
     Region,
+    Spans,
     Special,
     UnionCache,
     label_key,
@@ -41,7 +44,7 @@ from secfw.audit.space import (
     sweep_window,
     unique_labels,
 )
-from secfw.compiler.ir import Family, GroupChain
+from secfw.compiler.ir import Family, GroupChain, IRRule
 
 #: Administration and database ports an auditor wants to see first.
 ADMIN_PORTS = {
@@ -75,13 +78,14 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView],
     rows: list[dict[str, Any]] = []
     memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
     networks: dict[str, Counter[str]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] | None = {} if shared else None
     unions = UnionCache()  # the ports' sweeps meet the same unions of sets
     broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] = {}
     clusters = _Clusters(cp, unions, broads) if shared else None
     for view in views:
         for family in ("ipv4", "ipv6"):
             rows += _broad(cp, view, family, memo, unions, broads, clusters)
-        rows += _other_project_groups(cp, view)
+        rows += _other_project_groups(cp, view, groups)
         rows += _same_net(cp, view, networks)
     return sorted(rows, key=lambda r: (not r["admin_ports"], KINDS.index(r["kind"]),
                                        r["instance"], r["port"]))
@@ -127,7 +131,7 @@ def _broad(cp: CloudPolicy, view: PortView, family: Family,
     return rows
 
 
-def _broad_cidrs(addresses: netaddr.IPSet, family: Family,
+def _broad_cidrs(addresses: netaddr.IPSet | Spans, family: Family,
                  memo: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None
                  ) -> list[netaddr.IPNetwork]:
     """The CIDRs of ``addresses`` at most :data:`BROAD_PREFIX` long; once per set
@@ -135,8 +139,9 @@ def _broad_cidrs(addresses: netaddr.IPSet, family: Family,
     the memo keeps each set alive so its id stays its own)."""
     found = memo.get(id(addresses)) if memo is not None else None
     if found is None:
-        found = (addresses, [c for c in addresses.iter_cidrs()
-                             if c.prefixlen <= BROAD_PREFIX[family]])
+        found = (addresses, addresses.iter_cidrs(BROAD_PREFIX[family])
+                 if isinstance(addresses, Spans) else
+                 [c for c in addresses.iter_cidrs() if c.prefixlen <= BROAD_PREFIX[family]])
         if memo is not None:
             memo[id(addresses)] = found
     return found[1]
@@ -147,25 +152,44 @@ def _base(view: PortView, kind: str) -> dict[str, Any]:
             "project": view.instance.project, "port": view.port.tap, "kind": kind}
 
 
-def _other_project_groups(cp: CloudPolicy, view: PortView) -> list[dict[str, Any]]:
+def _other_project_groups(cp: CloudPolicy, view: PortView,
+                          memo: dict[tuple[str, str], list[dict[str, Any]]] | None = None
+                          ) -> list[dict[str, Any]]:
+    """The port's source-group rules whose groups have members of other projects
+    (their fields once per chain and project with ``memo``: a group's chain is
+    the same on every port that has it)."""
     if not view.policy.port_security:
         return []
     rows = []
     for chain in cp.chains(view, "ingress"):
-        for rule in chain.rules:
-            model = cp.state.rules.get(rule.rule_id)
-            if model is None or model.remote_group_id is None:
-                continue
-            others = sorted({m.project for m in cp.state.group_members(model.remote_group_id)}
-                            - {view.instance.project})
-            if others:
-                ref = cp.rule_ref(chain, rule)
-                rows.append({**_base(view, "other_project_group"), "address": view.port.ip,
-                             "protocol": model.protocol or "any", "ports": None,
-                             "sources": [f"group {cp.group_name(model.remote_group_id)}"],
-                             "admin_ports": [], "rules": [ref],
-                             "detail": "members of projects " + ", ".join(others)})
+        key = (chain.name, view.instance.project)
+        found = memo.get(key) if memo is not None else None
+        if found is None:
+            found = _other_project_rules(cp, chain, view.instance.project)
+            if memo is not None:
+                memo[key] = found
+        rows += [{**_base(view, "other_project_group"), "address": view.port.ip, **fields}
+                 for fields in found]
     return rows
+
+
+def _other_project_rules(cp: CloudPolicy, chain: GroupChain,
+                         project: str) -> list[dict[str, Any]]:
+    """The row fields of ``chain``'s rules that admit members of projects other
+    than ``project``, without the port's own."""
+    found = []
+    for rule in chain.rules:
+        model = cp.state.rules.get(rule.rule_id)
+        if model is None or model.remote_group_id is None:
+            continue
+        others = sorted({m.project for m in cp.state.group_members(model.remote_group_id)}
+                        - {project})
+        if others:
+            found.append({"protocol": model.protocol or "any", "ports": None,
+                          "sources": [f"group {cp.group_name(model.remote_group_id)}"],
+                          "admin_ports": [], "rules": [cp.rule_ref(chain, rule)],
+                          "detail": "members of projects " + ", ".join(others)})
+    return found
 
 
 def _network_projects(cp: CloudPolicy, network_id: str,
@@ -239,6 +263,7 @@ class _Clusters:
     windows: dict[tuple[Any, ...], list[tuple[Region, list[int | Label]]]] = field(
         default_factory=dict)
     label_keys: dict[int, tuple[Label, str]] = field(default_factory=dict)
+    sets: dict[tuple[str | None, str | None, Family], Spans] = field(default_factory=dict)
 
     def broad_regions(self, view: PortView, family: Family) -> list[Region] | None:
         """The regions of ``view``'s ingress in ``family`` with a broad source, in
@@ -306,10 +331,13 @@ class _Clusters:
         return unique_labels(labels)
 
     def _special(self, family: Family) -> Special:
+        """The ICMP special of a filtered port's ingress (the same for every one),
+        its policies' sets as :class:`Spans`."""
         found = self.specials.get(family)
         if found is None:
             view = next(v for v in self.cp.ports.values() if v.policy.port_security)
-            found = self.specials[family] = specials(self.cp, view, "ingress", family)[0]
+            found = self.specials[family] = _spans_special(
+                specials(self.cp, view, "ingress", family)[0], _VERSION[family])
         return found
 
     def _same_net(self, view: PortView, family: Family) -> list[Opener]:
@@ -317,8 +345,10 @@ class _Clusters:
         key = (family, view.policy.same_net_sets, view.network.id)
         found = self.same.get(key)
         if found is None:
-            found = self.same[key] = [o for o in ingress_openers(self.cp, view, family)
-                                      if o.label.get("reason") == "same-net"]
+            found = self.same[key] = [
+                Opener(Spans.of(o.addresses, _VERSION[family]), o.box, o.label)
+                for o in ingress_openers(self.cp, view, family)
+                if o.label.get("reason") == "same-net"]
         return found
 
     def _chain(self, view: PortView, chain: GroupChain, family: Family) -> _Chain:
@@ -326,12 +356,53 @@ class _Clusters:
         key = (chain.name, family)
         found = self.chains.get(key)
         if found is None:
-            found = self.chains[key] = _chain_of(self.cp, view, chain, family)
+            found = self.chains[key] = _chain_of(self.cp, view, chain, family, self.sets)
         return found
 
 
-def _chain_of(cp: CloudPolicy, view: PortView, chain: GroupChain, family: Family) -> _Chain:
-    openers = [Opener(cp.remote_set(view, rule), rule_box(rule), cp.rule_ref(chain, rule))
+_VERSION: dict[Family, int] = {"ipv4": 4, "ipv6": 6}
+
+
+def _spans_special(special: Special, version: int) -> Special:
+    """``special`` deciding with :class:`Spans` (one converted policy per policy
+    object; the originals are kept alive, so their ids stay theirs)."""
+    converted: dict[int, tuple[CellPolicy, CellPolicy]] = {}
+
+    def decide(selector: int) -> CellPolicy | None:
+        policy = special.decide(selector)
+        if policy is None:
+            return None
+        found = converted.get(id(policy))
+        if found is None:
+            found = converted[id(policy)] = (policy, CellPolicy(
+                None if policy.primary is None else Spans.of(policy.primary, version),
+                policy.label, policy.constraints,
+                None if policy.block is None else Spans.of(policy.block, version)))
+        return found[1]
+
+    return Special(special.protocol, special.breakpoints, decide)
+
+
+def _rule_spans(cp: CloudPolicy, view: PortView, rule: IRRule,
+                memo: dict[tuple[str | None, str | None, Family], Spans]) -> Spans:
+    """:meth:`CloudPolicy.remote_set` of ``rule`` as :class:`Spans`, built from the
+    set's members or the CIDR directly (once per set or CIDR)."""
+    key = (rule.remote_set, rule.remote_cidr, rule.family)
+    found = memo.get(key)
+    if found is None:
+        if rule.remote_set is not None:
+            networks = view.index.members(rule.remote_set)
+        else:
+            networks = [ipaddress.ip_network(rule.remote_cidr or EVERYWHERE[rule.family])]
+        found = memo[key] = Spans.merged(_VERSION[rule.family], [
+            (int(n.network_address), int(n.broadcast_address)) for n in networks])
+    return found
+
+
+def _chain_of(cp: CloudPolicy, view: PortView, chain: GroupChain, family: Family,
+              memo: dict[tuple[str | None, str | None, Family], Spans]) -> _Chain:
+    openers = [Opener(_rule_spans(cp, view, rule, memo), rule_box(rule),
+                      cp.rule_ref(chain, rule))
                for rule in chain.rules if rule.family == family]
     spread = any(o.box.proto_lo != o.box.proto_hi for o in openers)
     pieces = [(o.box.proto_lo, o.box.sel_lo, o.box.sel_hi, [i]) for i, o in enumerate(openers)]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +142,99 @@ class Region:
     addresses: netaddr.IPSet
     box: Box
     labels: list[Label] = field(default_factory=list)
+
+
+class Spans:
+    """A set of addresses of one IP version as integer intervals: sorted,
+    disjoint, non-touching, inclusive ``(first, last)`` pairs. Immutable.
+
+    The whole-cloud audits' stand-in for :class:`netaddr.IPSet` (the operations a
+    sweep needs: union, difference, intersection, emptiness, equality, CIDRs):
+    a union is one sort and one pass over the intervals, where an IPSet union
+    merges CIDR objects (the sweeps' main cost). ``iter_cidrs`` gives the CIDRs
+    :meth:`netaddr.IPSet.iter_cidrs` gives for the same addresses (the unique
+    decomposition into maximal aligned blocks, ascending)."""
+
+    __slots__ = ("spans", "version")
+
+    def __init__(self, version: int, spans: Sequence[tuple[int, int]] = ()) -> None:
+        self.version = version
+        self.spans: tuple[tuple[int, int], ...] = tuple(spans)
+
+    @classmethod
+    def of(cls, addresses: netaddr.IPSet, version: int) -> Spans:
+        """The same addresses as ``addresses`` (all of IP ``version``)."""
+        return cls(version, [(r.first, r.last) for r in addresses.iter_ipranges()])
+
+    @classmethod
+    def merged(cls, version: int, pairs: Iterable[tuple[int, int]]) -> Spans:
+        """The union of inclusive intervals given in any order."""
+        found: list[tuple[int, int]] = []
+        for first, last in sorted(pairs):
+            if found and first <= found[-1][1] + 1:
+                if last > found[-1][1]:
+                    found[-1] = (found[-1][0], last)
+            else:
+                found.append((first, last))
+        return cls(version, found)
+
+    def __bool__(self) -> bool:
+        return bool(self.spans)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Spans) and self.spans == other.spans and (
+            not self.spans or self.version == other.version)
+
+    def __hash__(self) -> int:
+        return hash(self.spans)
+
+    def __or__(self, other: Spans) -> Spans:
+        return Spans.merged(self.version, [*self.spans, *other.spans])
+
+    def __and__(self, other: Spans) -> Spans:
+        found, i, j = [], 0, 0
+        mine, theirs = self.spans, other.spans
+        while i < len(mine) and j < len(theirs):
+            first = max(mine[i][0], theirs[j][0])
+            last = min(mine[i][1], theirs[j][1])
+            if first <= last:
+                found.append((first, last))
+            if mine[i][1] < theirs[j][1]:
+                i += 1
+            else:
+                j += 1
+        return Spans(self.version, found)
+
+    def __sub__(self, other: Spans) -> Spans:
+        found: list[tuple[int, int]] = []
+        theirs, j = other.spans, 0
+        for first, last in self.spans:
+            while j < len(theirs) and theirs[j][1] < first:
+                j += 1
+            k = j
+            while k < len(theirs) and theirs[k][0] <= last:
+                if theirs[k][0] > first:
+                    found.append((first, theirs[k][0] - 1))
+                first = max(first, theirs[k][1] + 1)
+                k += 1
+            if first <= last:
+                found.append((first, last))
+        return Spans(self.version, found)
+
+    def iter_cidrs(self, longest: int | None = None) -> list[netaddr.IPNetwork]:
+        """The CIDRs (module docstring), only those at most ``longest`` long if given."""
+        width = 32 if self.version == 4 else 128
+        found = []
+        for first, last in self.spans:
+            while first <= last:
+                size = (first & -first) if first else 1 << width
+                while size > last - first + 1:
+                    size >>= 1
+                prefix = width - size.bit_length() + 1
+                if longest is None or prefix <= longest:
+                    found.append(netaddr.IPNetwork((first, prefix), version=self.version))
+                first += size
+        return found
 
 
 class UnionCache:
@@ -286,9 +379,12 @@ def _merged(constraints: Sequence[Constraint]) -> list[Constraint]:
 
 
 def union(sets: Sequence[netaddr.IPSet]) -> netaddr.IPSet:
-    """The union of ``sets`` in one merge (not one set operation per set)."""
+    """The union of ``sets`` in one merge (not one set operation per set); of
+    :class:`Spans` when they are."""
     if len(sets) == 1:
         return sets[0]
+    if isinstance(sets[0], Spans):
+        return Spans.merged(sets[0].version, [p for found in sets for p in found.spans])
     return netaddr.IPSet(cidr for found in sets for cidr in found.iter_cidrs())
 
 
