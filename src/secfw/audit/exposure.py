@@ -73,7 +73,7 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView],
     ``shared`` False sweeps each distinct port filter whole (the reference the
     tests compare with); True, the default, sweeps only the clusters of
     overlapping or touching rules of one protocol, once per distinct cluster for
-    the whole run (:class:`_Clusters`): the same answer, at a cost that grows with
+    the whole run (:class:`Clusters`): the same answer, at a cost that grows with
     the distinct clusters (a group's rules recur on every port that has it)."""
     rows: list[dict[str, Any]] = []
     memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
@@ -81,7 +81,7 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView],
     groups: dict[tuple[str, str], list[dict[str, Any]]] | None = {} if shared else None
     unions = UnionCache()  # the ports' sweeps meet the same unions of sets
     broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] = {}
-    clusters = _Clusters(cp, unions, broads) if shared else None
+    clusters = Clusters(cp, unions, broads) if shared else None
     for view in views:
         for family in ("ipv4", "ipv6"):
             rows += _broad(cp, view, family, memo, unions, broads, clusters)
@@ -95,7 +95,7 @@ def _broad(cp: CloudPolicy, view: PortView, family: Family,
            memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]],
            unions: UnionCache | None = None,
            broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None = None,
-           clusters: _Clusters | None = None) -> list[dict[str, Any]]:
+           clusters: Clusters | None = None) -> list[dict[str, Any]]:
     """The internet/broad rows of one port. Its regions depend only on what its
     ingress names (port security, same-net sets, group chains — sets and chains
     are the same on every host), so ports that share them share one sweep; with
@@ -226,7 +226,7 @@ def _same_net(cp: CloudPolicy, view: PortView,
 
 
 @dataclass
-class _Chain:
+class ChainClusters:
     """One group chain's openers of one family, and its clusters: per protocol,
     maximal runs of rules whose selector intervals overlap or touch, as
     (protocol, low, high, opener indices). ``spread``: openers of several
@@ -238,7 +238,7 @@ class _Chain:
 
 
 @dataclass
-class _Clusters:
+class Clusters:
     """The broad regions of a port's ingress, computed cluster by cluster.
 
     Why it is exact: with port security on, a cell outside every cluster is
@@ -255,7 +255,7 @@ class _Clusters:
     cp: CloudPolicy
     unions: UnionCache
     broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]]
-    chains: dict[tuple[str, str], _Chain] = field(default_factory=dict)
+    chains: dict[tuple[str, str], ChainClusters] = field(default_factory=dict)
     same: dict[tuple[Any, ...], list[Opener]] = field(default_factory=dict)
     specials: dict[Family, Special] = field(default_factory=dict)
     # (family, protocol, low, high, (box, set id) of each opener) -> broad regions,
@@ -270,8 +270,8 @@ class _Clusters:
         the whole sweep's order (None: sweep the whole filter instead)."""
         if not view.policy.port_security:
             return None
-        openers = list(self._same_net(view, family))
-        chains = [self._chain(view, chain, family)
+        openers = list(self.same_net(view, family))
+        chains = [self.chain(view, chain, family)
                   for chain in self.cp.chains(view, "ingress")]
         if any(chain.spread for chain in chains):
             return None
@@ -287,7 +287,7 @@ class _Clusters:
             pieces += [(p, lo, hi, [offset + i for i in idx])
                        for p, lo, hi, idx in chain.clusters]
         regions: list[Region] = []
-        for protocol, low, high, members in _merged_clusters(pieces):
+        for protocol, low, high, members in merged_clusters(pieces):
             regions += self._window(family, openers, alls + members, protocol, low, high)
         return merge_protocols(regions)
 
@@ -340,7 +340,7 @@ class _Clusters:
                 specials(self.cp, view, "ingress", family)[0], _VERSION[family])
         return found
 
-    def _same_net(self, view: PortView, family: Family) -> list[Opener]:
+    def same_net(self, view: PortView, family: Family) -> list[Opener]:
         """The port's same-net opener (none or one), once per network and sets."""
         key = (family, view.policy.same_net_sets, view.network.id)
         found = self.same.get(key)
@@ -351,7 +351,7 @@ class _Clusters:
                 if o.label.get("reason") == "same-net"]
         return found
 
-    def _chain(self, view: PortView, chain: GroupChain, family: Family) -> _Chain:
+    def chain(self, view: PortView, chain: GroupChain, family: Family) -> ChainClusters:
         """A chain's openers and clusters, once per chain (the same on every host)."""
         key = (chain.name, family)
         found = self.chains.get(key)
@@ -400,16 +400,16 @@ def _rule_spans(cp: CloudPolicy, view: PortView, rule: IRRule,
 
 
 def _chain_of(cp: CloudPolicy, view: PortView, chain: GroupChain, family: Family,
-              memo: dict[tuple[str | None, str | None, Family], Spans]) -> _Chain:
+              memo: dict[tuple[str | None, str | None, Family], Spans]) -> ChainClusters:
     openers = [Opener(_rule_spans(cp, view, rule, memo), rule_box(rule),
                       cp.rule_ref(chain, rule))
                for rule in chain.rules if rule.family == family]
     spread = any(o.box.proto_lo != o.box.proto_hi for o in openers)
     pieces = [(o.box.proto_lo, o.box.sel_lo, o.box.sel_hi, [i]) for i, o in enumerate(openers)]
-    return _Chain(openers, _merged_clusters(pieces), spread)
+    return ChainClusters(openers, merged_clusters(pieces), spread)
 
 
-def _merged_clusters(pieces: list[tuple[int, int, int, list[int]]]
+def merged_clusters(pieces: list[tuple[int, int, int, list[int]]]
                      ) -> list[tuple[int, int, int, list[int]]]:
     """Pieces (protocol, low, high, opener indices) merged while they overlap or
     touch within a protocol, in (protocol, low) order, indices ascending."""

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import netaddr
 
-from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX
+from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX, Clusters
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import ingress_openers
 from secfw.audit.space import (
@@ -53,11 +54,17 @@ KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_m
 class _Shared:
     """What the shadow checks of one lint run share: each port filter's openers
     (built once per distinct filter, not once per rule of it) and the unions of
-    address sets (:class:`~secfw.audit.space.UnionCache`)."""
+    address sets (:class:`~secfw.audit.space.UnionCache`); each port filter cut
+    into clusters (:class:`_Layout`), each group's ports by what its rules'
+    clusters meet, each rule's verdict per distinct neighbourhood."""
 
-    def __init__(self) -> None:
+    def __init__(self, cp: CloudPolicy) -> None:
         self.openers: dict[tuple[Any, ...], list[Opener]] = {}
         self.unions = UnionCache()
+        self.clusters = Clusters(cp, self.unions, {})
+        self.layouts: dict[tuple[str, str, Family], _Layout | None] = {}
+        self.signatures: dict[tuple[str, str, Family], list[tuple[Any, PortView]]] = {}
+        self.verdicts: dict[tuple[str, Any], list[dict[str, Any]] | None] = {}
         # (id, id) -> (the two sets, kept alive so the ids stay theirs; overlap)
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
@@ -83,7 +90,7 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
     rule's box: a rule adds a point only inside its box, and openers elsewhere do
     not change what is allowed there, so the answer is the same."""
     findings: list[dict[str, Any]] = []
-    run = _Shared() if shared else None
+    run = _Shared(cp) if shared else None
     for group in groups:
         rules = sorted(cp.state.rules_by_group.get(group.id, {}).values(), key=lambda r: r.id)
         used = bool(cp.state.instances_by_group.get(group.id))
@@ -92,7 +99,7 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
                                      f"no instance uses it ({len(rules)} rule(s))"))
         for rule in rules:
             findings += _rule_findings(cp, group, rule, used, run)
-    findings += _duplicates(cp, {g.id for g in groups})
+    findings += _duplicates(cp, {g.id for g in groups}, run)
     return sorted(findings, key=lambda f: (KINDS.index(f["kind"]), f["group"], f["group_id"],
                                            f["rule"] or "", f["rule_id"] or ""))
 
@@ -180,6 +187,8 @@ def capped(items: list[str], limit: int = 4) -> str:
 def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
               run: _Shared | None = None) -> list[dict[str, Any]] | None:
     """The rules covering ``rule`` on every protected port that has it, or None."""
+    if run is not None:
+        return _shadowed_shared(cp, group, rule, run)
     views = [cp.ports[p.id] for m in cp.state.group_members(group.id)
              for p in cp.state.ports_of(m.id) if p.id in cp.ports]
     views = [v for v in views if v.policy.port_security]
@@ -197,6 +206,157 @@ def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
             return None
         covering += [c for c in found if c not in covering]
     return covering
+
+
+@dataclass
+class _Layout:
+    """One port filter (direction, family) cut into clusters: ``openers`` in the
+    filter's order (same-net first, at ``alls``), ``clusters`` the merged
+    clusters (:func:`~secfw.audit.exposure.merged_clusters`) as opener
+    positions, ``where`` the merged cluster of each (chain name, chain cluster
+    index), ``tokens`` what each merged cluster is made of (its chain clusters,
+    in the filter's order): equal tokens, equal openers."""
+
+    openers: list[Opener]
+    alls: list[int]
+    clusters: list[list[int]]
+    where: dict[tuple[str, int], int]
+    tokens: list[tuple[tuple[str, int], ...]]
+    alls_token: tuple[int, ...]
+
+
+def _layout(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
+            run: _Shared) -> _Layout | None:
+    """``view``'s :class:`_Layout` (None when a rule of any protocol spreads over
+    every cluster: the caller takes the per-port path), once per port."""
+    key = (view.port.id, direction, fam)
+    if key in run.layouts:
+        return run.layouts[key]
+    openers = list(run.clusters.same_net(view, fam)) if direction == "ingress" else []
+    alls = list(range(len(openers)))
+    pieces: list[tuple[int, int, int, list[int], tuple[str, int]]] = []
+    found: _Layout | None = None
+    for chain in cp.chains(view, direction):
+        chained = run.clusters.chain(view, chain, fam)
+        if chained.spread:
+            break
+        offset = len(openers)
+        openers += chained.openers
+        pieces += [(p, lo, hi, [offset + i for i in idx], (chain.name, k))
+                   for k, (p, lo, hi, idx) in enumerate(chained.clusters)]
+    else:
+        found = _Layout(openers, alls, [], {}, [], tuple(id(openers[i]) for i in alls))
+        top: tuple[int, int] = (-1, -2)  # the last merged cluster's protocol, high end
+        for protocol, low, high, members, origin in sorted(pieces, key=lambda p: (p[0], p[1])):
+            # the merge of merged_clusters: overlapping or touching, one protocol
+            if found.clusters and top[0] == protocol and low <= top[1] + 1:
+                found.clusters[-1] += members
+                found.tokens[-1] += (origin,)
+                top = (protocol, max(top[1], high))
+            else:
+                found.clusters.append(list(members))
+                found.tokens.append((origin,))
+                top = (protocol, high)
+            found.where[origin] = len(found.clusters) - 1
+        # each token's chain clusters in the filter's order (that of their openers)
+        first = {piece[4]: piece[3][0] for piece in pieces}
+        for i, members in enumerate(found.clusters):
+            members.sort()
+            found.tokens[i] = tuple(sorted(found.tokens[i], key=first.__getitem__))
+    run.layouts[key] = found
+    return found
+
+
+def _signatures(cp: CloudPolicy, group: SecurityGroup, direction: str, fam: Family,
+                run: _Shared) -> list[tuple[Any, PortView]]:
+    """The group's protected ports, one per distinct signature, in the ports'
+    order: a signature says what the group's chain clusters meet on the port
+    (the same-net openers, the tokens of the merged clusters holding them), or
+    names the port itself when it has no :class:`_Layout`."""
+    key = (group.id, direction, fam)
+    found = run.signatures.get(key)
+    if found is not None:
+        return found
+    found = []
+    seen: set[Any] = set()
+    for member in cp.state.group_members(group.id):
+        for port in cp.state.ports_of(member.id):
+            view = cp.ports.get(port.id)
+            if view is None or not view.policy.port_security:
+                continue
+            signature = _signature(cp, view, group, direction, fam, run)
+            if signature not in seen:
+                seen.add(signature)
+                found.append((signature, view))
+    run.signatures[key] = found
+    return found
+
+
+def _signature(cp: CloudPolicy, view: PortView, group: SecurityGroup, direction: str,
+               fam: Family, run: _Shared) -> Any:
+    layout = _layout(cp, view, direction, fam, run)
+    chain = next((c for c in cp.chains(view, direction) if c.group_id == group.id), None)
+    if layout is None or chain is None:
+        return ("port", view.port.id)
+    clusters = run.clusters.chain(view, chain, fam).clusters
+    return ("layout", layout.alls_token, chain.name,
+            tuple(layout.tokens[layout.where[(chain.name, k)]] for k in range(len(clusters))))
+
+
+def _shadowed_shared(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
+                     run: _Shared) -> list[dict[str, Any]] | None:
+    """:func:`_shadowed` once per distinct neighbourhood of the rule: on a port,
+    only the openers meeting the rule's box decide (a rule adds points only
+    inside its box), and they lie in the merged clusters holding the rule's
+    openers, or are same-net ones (a cluster holds every opener of its protocol
+    whose selectors overlap or touch one of its own)."""
+    fam = _family(rule)
+    signatures = _signatures(cp, group, rule.direction, fam, run)
+    if not signatures:
+        return None
+    covering: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    for signature, view in signatures:
+        if signature[0] == "port":
+            found = _covered_on(cp, view, rule, run)
+        else:
+            found = _covered_near(cp, view, rule, signature, run, seen)
+            if found is _SEEN:
+                continue
+        if found is None:
+            return None
+        covering += [c for c in found if c not in covering]
+    return covering
+
+
+#: A neighbourhood already judged for this rule (its labels are in the list).
+_SEEN: list[dict[str, Any]] = []
+
+
+def _covered_near(cp: CloudPolicy, view: PortView, rule: Rule, signature: Any,
+                  run: _Shared, seen: set[Any]) -> list[dict[str, Any]] | None:
+    """:func:`_covered_on` from the openers of the merged clusters holding the
+    rule's openers and the same-net ones (``signature``: the port's, with a
+    :class:`_Layout`); :data:`_SEEN` when ``seen`` has the neighbourhood."""
+    _, alls_token, chain_name, tokens = signature
+    chain = next(c for c in cp.chains(view, rule.direction) if c.name == chain_name)
+    chained = run.clusters.chain(view, chain, _family(rule))
+    mine = {k for k, (_, _, _, idx) in enumerate(chained.clusters)
+            if any(chained.openers[i].label.get("rule_id") == rule.id for i in idx)}
+    if not mine:
+        return None
+    near = (alls_token, tuple(tokens[k] for k in sorted(mine)))
+    if near in seen:
+        return _SEEN
+    seen.add(near)
+    key = (rule.id, near)
+    if key not in run.verdicts:
+        layout = _layout(cp, view, rule.direction, _family(rule), run)
+        assert layout is not None
+        merged = {layout.where[(chain_name, k)] for k in mine}
+        positions = sorted({*layout.alls, *(p for m in merged for p in layout.clusters[m])})
+        run.verdicts[key] = _covered_by([layout.openers[p] for p in positions], rule, run)
+    return run.verdicts[key]
 
 
 def _openers(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
@@ -219,8 +379,14 @@ def _openers(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
 
 def _covered_on(cp: CloudPolicy, view: PortView, rule: Rule,
                 run: _Shared | None = None) -> list[dict[str, Any]] | None:
+    return _covered_by(_openers(cp, view, rule.direction, _family(rule), run), rule, run)
+
+
+def _covered_by(openers: list[Opener], rule: Rule,
+                run: _Shared | None = None) -> list[dict[str, Any]] | None:
+    """The labels covering ``rule`` among ``openers`` (a port's, or all those of
+    a port that may meet the rule's box), or None when it adds something."""
     fam = _family(rule)
-    openers = _openers(cp, view, rule.direction, fam, run)
     mine = [o for o in openers if o.label.get("rule_id") == rule.id]
     others = [o for o in openers if o.label.get("rule_id") != rule.id]
     if not mine:
@@ -251,16 +417,23 @@ def _family(rule: Rule) -> Family:
     return "ipv4" if rule.ethertype == "IPv4" else "ipv6"
 
 
-def _duplicates(cp: CloudPolicy, scope: set[str]) -> list[dict[str, Any]]:
+def _duplicates(cp: CloudPolicy, scope: set[str],
+                run: _Shared | None = None) -> list[dict[str, Any]]:
     """Rules of two groups used by one instance with the same meaning (reported on
-    the rule of the group that sorts later)."""
+    the rule of the group that sorts later). With ``run``, each group's rules are
+    sorted and their meanings computed once."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
+    ordered: dict[str, list[tuple[Rule, tuple[Any, ...]]]] = {}
     for instance in cp.state.instances.values():
         meaning: dict[tuple[Any, ...], Rule] = {}
         for group_id in instance.security_groups:
-            for rule in sorted(cp.state.rules_by_group.get(group_id, {}).values(),
-                               key=lambda r: r.id):
-                key = rule.match_key()[1:]
+            rules = ordered.get(group_id) if run is not None else None
+            if rules is None:
+                rules = [(r, r.match_key()[1:]) for r in sorted(
+                    cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
+                if run is not None:
+                    ordered[group_id] = rules
+            for rule, key in rules:
                 first = meaning.setdefault(key, rule)
                 if first.group_id == rule.group_id or rule.group_id not in scope:
                     continue
