@@ -105,7 +105,14 @@ def _broad(cp: CloudPolicy, view: PortView, family: Family,
         return []
     found_regions = clusters.broad_regions(view, family) if clusters is not None else None
     if found_regions is not None:
+        assert clusters is not None
         answer = Answer(view, family, address, "ingress", found_regions, [])
+        rows = []
+        for region in found_regions:
+            fields = clusters.row_fields(answer, region)
+            if fields is not None:
+                rows.append({**_base(view, fields[0]), "address": address, **fields[1]})
+        return rows
     else:
         policy = view.policy
         key = (family, policy.port_security, policy.same_net_sets, policy.ingress_chains)
@@ -264,44 +271,104 @@ class Clusters:
         default_factory=dict)
     label_keys: dict[int, tuple[Label, str]] = field(default_factory=dict)
     sets: dict[tuple[str | None, str | None, Family], Spans] = field(default_factory=dict)
+    alone: dict[tuple[int, int, int], list[Region]] = field(default_factory=dict)
+    labelled: dict[tuple[Any, ...], list[Region]] = field(default_factory=dict)
+    rows: dict[int, tuple[Region, tuple[str, dict[str, Any]] | None]] = field(
+        default_factory=dict)
 
     def broad_regions(self, view: PortView, family: Family) -> list[Region] | None:
         """The regions of ``view``'s ingress in ``family`` with a broad source, in
-        the whole sweep's order (None: sweep the whole filter instead)."""
+        the whole sweep's order (None: sweep the whole filter instead). A cluster
+        of one chain alone on the port gives the same regions on every port with
+        the same same-net openers: they are computed once and shared."""
         if not view.policy.port_security:
             return None
-        openers = list(self.same_net(view, family))
+        same = self.same_net(view, family)
         chains = [self.chain(view, chain, family)
                   for chain in self.cp.chains(view, "ingress")]
-        if any(chain.spread for chain in chains):
+        if any(chain.spread for chain in chains) or self._broad_same(same, family):
             return None
-        if openers and _broad_cidrs(self.unions.union([o.addresses for o in openers]),
-                                    family, self.broads):
-            return None
-        alls = list(range(len(openers)))
         icmp = ICMP_OF[family]
-        pieces: list[tuple[int, int, int, list[int]]] = [(icmp, 0, SEL_MAX, [])]
-        for chain in chains:
-            offset = len(openers)
-            openers += chain.openers
-            pieces += [(p, lo, hi, [offset + i for i in idx])
-                       for p, lo, hi, idx in chain.clusters]
+        pieces = [(icmp, 0, SEL_MAX, -1, -1)]
+        for i, chain in enumerate(chains):
+            pieces += [(p, lo, hi, i, k) for k, (p, lo, hi, _) in enumerate(chain.clusters)]
+        pieces.sort()
+        groups: list[list[tuple[int, int, int, int, int]]] = []
+        top = (-1, -2)  # the protocol and high end of the last group
+        for piece in pieces:  # merged_clusters' merge: overlapping or touching
+            if groups and top[0] == piece[0] and piece[1] <= top[1] + 1:
+                groups[-1].append(piece)
+                top = (piece[0], max(top[1], piece[2]))
+            else:
+                groups.append([piece])
+                top = (piece[0], piece[2])
         regions: list[Region] = []
-        for protocol, low, high, members in merged_clusters(pieces):
-            regions += self._window(family, openers, alls + members, protocol, low, high)
+        for group in groups:
+            if len(group) == 1 and group[0][0] != icmp:
+                regions += self._alone(family, same, chains[group[0][3]], group[0][4])
+            else:
+                members = sorted((i, m) for _, _, _, i, k in group if i >= 0
+                                 for m in chains[i].clusters[k][3])
+                sub = [*same, *(chains[i].openers[m] for i, m in members)]
+                regions += self._window(family, sub, group[0][0], group[0][1],
+                                        max(piece[2] for piece in group))
         return merge_protocols(regions)
 
-    def _window(self, family: Family, openers: Sequence[Opener], chosen: list[int],
-                protocol: int, low: int, high: int) -> list[Region]:
-        sub = [openers[i] for i in chosen]
+    def _broad_same(self, same: list[Opener], family: Family) -> bool:
+        """Whether the same-net openers' union has a broad prefix."""
+        return bool(same) and bool(_broad_cidrs(
+            self.unions.union([o.addresses for o in same]), family, self.broads))
+
+    def _alone(self, family: Family, same: list[Opener], chain: ChainClusters,
+               k: int) -> list[Region]:
+        """The broad regions of ``chain``'s cluster ``k`` alone on a port (the
+        lists are cached objects, alive for the run: their ids are theirs)."""
+        key = (id(same), id(chain), k)
+        found = self.alone.get(key)
+        if found is None:
+            protocol, low, high, members = chain.clusters[k]
+            sub = [*same, *(chain.openers[m] for m in members)]
+            found = self.alone[key] = self._window(family, sub, protocol, low, high)
+        return found
+
+    def row_fields(self, answer: Answer, region: Region
+                   ) -> tuple[str, dict[str, Any]] | None:
+        """The kind and the port-independent fields of ``region``'s row (None: not
+        broad), once per region object (shared regions are shared by ports)."""
+        found = self.rows.get(id(region))
+        if found is None:
+            broad = _broad_cidrs(region.addresses, answer.family, self.broads)
+            fields: tuple[str, dict[str, Any]] | None = None
+            if broad:
+                row = region_fields(answer, region)
+                fields = ("internet" if any(c.prefixlen == 0 for c in broad) else "broad",
+                          {**{k: row[k] for k in ("ethertype", "protocol", "ports",
+                                                  "icmp_type", "icmp_code", "rules")},
+                           "sources": [str(c) for c in broad],
+                           "admin_ports": admin_ports(region),
+                           "detail": f"open to {', '.join(str(c) for c in broad)}"})
+            found = self.rows[id(region)] = (region, fields)
+        return found[1]
+
+    def _window(self, family: Family, sub: Sequence[Opener], protocol: int, low: int,
+                high: int) -> list[Region]:
+        """The broad regions of one window with ``sub``'s labels: swept once per
+        distinct boxes and sets, labelled once per distinct labels."""
         key = (family, protocol, low, high, tuple((o.box, id(o.addresses)) for o in sub))
         found = self.windows.get(key)
         if found is None:
             found = self.windows[key] = self._sweep(family, sub, protocol, low, high)
-        return [Region(family, region.addresses, region.box,
-                       self._labels([sub[p].label if isinstance(p, int) else p
-                                     for p in positions]))
-                for region, positions in found]
+        labelled = (key, tuple(id(o.label) for o in sub))
+        regions = self.labelled.get(labelled)
+        if regions is None:
+            regions = [Region(family, region.addresses, region.box,
+                              self._labels([sub[p].label if isinstance(p, int) else p
+                                            for p in positions]))
+                       for region, positions in found]
+            # the labels are the rules' shared references (CloudPolicy.rule_ref)
+            # and the cached same-net openers': alive, their ids stay theirs
+            self.labelled[labelled] = regions
+        return regions
 
     def _sweep(self, family: Family, sub: Sequence[Opener], protocol: int, low: int,
                high: int) -> list[tuple[Region, list[int | Label]]]:
