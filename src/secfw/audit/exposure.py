@@ -16,7 +16,6 @@ first, then by kind (:data:`KINDS`).
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import netaddr
 from secfw.audit.policy import EVERYWHERE, CloudPolicy, PortView
 from secfw.audit.reach import Answer, ingress_openers, region_fields, specials
 from secfw.audit.space import (
+    ALL,
     ICMP_OF,
     PORT_PROTOCOL_NUMBERS,
     SEL_MAX,
@@ -412,10 +412,15 @@ class Clusters:
         key = (family, view.policy.same_net_sets, view.network.id)
         found = self.same.get(key)
         if found is None:
-            found = self.same[key] = [
-                Opener(Spans.of(o.addresses, _VERSION[family]), o.box, o.label)
-                for o in ingress_openers(self.cp, view, family)
-                if o.label.get("reason") == "same-net"]
+            # ingress_openers' same-net opener: the union of the port's same-net
+            # sets of the family, when not empty
+            suffix = "-v4" if family == "ipv4" else "-v6"
+            members = Spans.merged(_VERSION[family], [
+                pair for name in view.policy.same_net_sets if name.endswith(suffix)
+                for pair in _set_spans(view, name, _VERSION[family]).spans])
+            found = self.same[key] = [Opener(members, ALL, {
+                "reason": "same-net", "network": view.network.name,
+                "network_id": view.network.id})] if members else []
         return found
 
     def chain(self, view: PortView, chain: GroupChain, family: Family) -> ChainClusters:
@@ -453,17 +458,24 @@ def _spans_special(special: Special, version: int) -> Special:
 def _rule_spans(cp: CloudPolicy, view: PortView, rule: IRRule,
                 memo: dict[tuple[str | None, str | None, Family], Spans]) -> Spans:
     """:meth:`CloudPolicy.remote_set` of ``rule`` as :class:`Spans`, built from the
-    set's members or the CIDR directly (once per set or CIDR)."""
+    set's elements or the CIDR directly (once per set or CIDR; a set's elements
+    are the same on every host, as :meth:`CloudPolicy.address_set` says)."""
     key = (rule.remote_set, rule.remote_cidr, rule.family)
     found = memo.get(key)
     if found is None:
         if rule.remote_set is not None:
-            networks = view.index.members(rule.remote_set)
+            found = _set_spans(view, rule.remote_set, _VERSION[rule.family])
         else:
-            networks = [ipaddress.ip_network(rule.remote_cidr or EVERYWHERE[rule.family])]
-        found = memo[key] = Spans.merged(_VERSION[rule.family], [
-            (int(n.network_address), int(n.broadcast_address)) for n in networks])
+            found = Spans.of_cidrs(_VERSION[rule.family],
+                                   [rule.remote_cidr or EVERYWHERE[rule.family]])
+        memo[key] = found
     return found
+
+
+def _set_spans(view: PortView, name: str, version: int) -> Spans:
+    """The IR address set ``name`` of ``view``'s host as :class:`Spans`."""
+    elements = next((s.elements for s in view.index.hf.sets if s.name == name), ())
+    return Spans.of_cidrs(version, elements)
 
 
 def _chain_of(cp: CloudPolicy, view: PortView, chain: GroupChain, family: Family,

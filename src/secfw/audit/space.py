@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,21 @@ class Spans:
     def of(cls, addresses: netaddr.IPSet, version: int) -> Spans:
         """The same addresses as ``addresses`` (all of IP ``version``)."""
         return cls(version, [(r.first, r.last) for r in addresses.iter_ipranges()])
+
+    @classmethod
+    def of_cidrs(cls, version: int, cidrs: Iterable[str]) -> Spans:
+        """The addresses of CIDRs (``a/n``; a bare address is one address), all
+        of IP ``version``, parsed with :func:`socket.inet_pton` (the audits read
+        every address set of a big cloud: :mod:`ipaddress` is many times slower)."""
+        family, width = (socket.AF_INET, 32) if version == 4 else (socket.AF_INET6, 128)
+        pairs = []
+        for cidr in cidrs:
+            address, _, length = cidr.partition("/")
+            first = int.from_bytes(socket.inet_pton(family, address), "big")
+            size = 1 << (width - (int(length) if length else width))
+            first &= ~(size - 1)  # as strict=False: the network's first address
+            pairs.append((first, first + size - 1))
+        return cls.merged(version, pairs)
 
     @classmethod
     def merged(cls, version: int, pairs: Iterable[tuple[int, int]]) -> Spans:
