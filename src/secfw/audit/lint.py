@@ -36,6 +36,7 @@ from secfw.audit.reach import ingress_openers
 from secfw.audit.space import (
     ICMP_OF,
     PORT_PROTOCOL_NUMBERS,
+    Box,
     Opener,
     UnionCache,
     rule_box,
@@ -65,6 +66,7 @@ class _Shared:
         self.layouts: dict[tuple[str, str, Family], _Layout | None] = {}
         self.signatures: dict[tuple[str, str, Family], list[tuple[Any, PortView]]] = {}
         self.verdicts: dict[tuple[str, Any], list[dict[str, Any]] | None] = {}
+        self.rule_clusters: dict[tuple[str, Family, str], tuple[tuple[int, ...], list[Box]]] = {}
         # (id, id) -> (the two sets, kept alive so the ids stay theirs; overlap)
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
@@ -208,20 +210,23 @@ def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     return covering
 
 
+Origin = tuple[str, int]  # a chain's cluster: (chain name, index in its clusters)
+
+
 @dataclass
 class _Layout:
     """One port filter (direction, family) cut into clusters: ``openers`` in the
-    filter's order (same-net first, at ``alls``), ``clusters`` the merged
-    clusters (:func:`~secfw.audit.exposure.merged_clusters`) as opener
-    positions, ``where`` the merged cluster of each (chain name, chain cluster
-    index), ``tokens`` what each merged cluster is made of (its chain clusters,
-    in the filter's order): equal tokens, equal openers."""
+    filter's order (same-net first, at ``alls``; each chain's from
+    ``offset[chain name]``); ``tokens[o]``, for each chain cluster ``o``, the
+    chain clusters its merged cluster holds (overlapping or touching, one
+    protocol: :func:`~secfw.audit.exposure.merged_clusters`), and ``first[o]``
+    its first opener's position."""
 
     openers: list[Opener]
     alls: list[int]
-    clusters: list[list[int]]
-    where: dict[tuple[str, int], int]
-    tokens: list[tuple[tuple[str, int], ...]]
+    offset: dict[str, int]
+    tokens: dict[Origin, tuple[Origin, ...]]
+    first: dict[Origin, int]
     alls_token: tuple[int, ...]
 
 
@@ -234,35 +239,35 @@ def _layout(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
         return run.layouts[key]
     openers = list(run.clusters.same_net(view, fam)) if direction == "ingress" else []
     alls = list(range(len(openers)))
-    pieces: list[tuple[int, int, int, list[int], tuple[str, int]]] = []
-    found: _Layout | None = None
+    pieces: list[tuple[int, int, int, Origin]] = []
+    found: _Layout | None = _Layout(openers, alls, {}, {}, {},
+                                    tuple(id(openers[i]) for i in alls))
+    assert found is not None
     for chain in cp.chains(view, direction):
         chained = run.clusters.chain(view, chain, fam)
         if chained.spread:
+            found = None
             break
-        offset = len(openers)
+        found.offset[chain.name] = len(openers)
+        for k, (p, lo, hi, idx) in enumerate(chained.clusters):
+            pieces.append((p, lo, hi, (chain.name, k)))
+            found.first[(chain.name, k)] = len(openers) + idx[0]
         openers += chained.openers
-        pieces += [(p, lo, hi, [offset + i for i in idx], (chain.name, k))
-                   for k, (p, lo, hi, idx) in enumerate(chained.clusters)]
-    else:
-        found = _Layout(openers, alls, [], {}, [], tuple(id(openers[i]) for i in alls))
-        top: tuple[int, int] = (-1, -2)  # the last merged cluster's protocol, high end
-        for protocol, low, high, members, origin in sorted(pieces, key=lambda p: (p[0], p[1])):
+    if found is not None:
+        groups: list[list[Origin]] = []
+        top: tuple[int, int] = (-1, -2)  # the last group's protocol and high end
+        for protocol, low, high, origin in sorted(pieces, key=lambda p: (p[0], p[1])):
             # the merge of merged_clusters: overlapping or touching, one protocol
-            if found.clusters and top[0] == protocol and low <= top[1] + 1:
-                found.clusters[-1] += members
-                found.tokens[-1] += (origin,)
+            if groups and top[0] == protocol and low <= top[1] + 1:
+                groups[-1].append(origin)
                 top = (protocol, max(top[1], high))
             else:
-                found.clusters.append(list(members))
-                found.tokens.append((origin,))
+                groups.append([origin])
                 top = (protocol, high)
-            found.where[origin] = len(found.clusters) - 1
-        # each token's chain clusters in the filter's order (that of their openers)
-        first = {piece[4]: piece[3][0] for piece in pieces}
-        for i, members in enumerate(found.clusters):
-            members.sort()
-            found.tokens[i] = tuple(sorted(found.tokens[i], key=first.__getitem__))
+        for group in groups:
+            token = tuple(sorted(group, key=found.first.__getitem__))
+            for origin in group:
+                found.tokens[origin] = token
     run.layouts[key] = found
     return found
 
@@ -271,8 +276,8 @@ def _signatures(cp: CloudPolicy, group: SecurityGroup, direction: str, fam: Fami
                 run: _Shared) -> list[tuple[Any, PortView]]:
     """The group's protected ports, one per distinct signature, in the ports'
     order: a signature says what the group's chain clusters meet on the port
-    (the same-net openers, the tokens of the merged clusters holding them), or
-    names the port itself when it has no :class:`_Layout`."""
+    (the same-net openers, the merged clusters holding them), or names the port
+    itself when it has no :class:`_Layout`."""
     key = (group.id, direction, fam)
     found = run.signatures.get(key)
     if found is not None:
@@ -299,17 +304,18 @@ def _signature(cp: CloudPolicy, view: PortView, group: SecurityGroup, direction:
     if layout is None or chain is None:
         return ("port", view.port.id)
     clusters = run.clusters.chain(view, chain, fam).clusters
+    # each token lists its chain clusters in the port's order: the order of the
+    # covering rules found
     return ("layout", layout.alls_token, chain.name,
-            tuple(layout.tokens[layout.where[(chain.name, k)]] for k in range(len(clusters))))
+            tuple(layout.tokens[(chain.name, k)] for k in range(len(clusters))))
 
 
 def _shadowed_shared(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
                      run: _Shared) -> list[dict[str, Any]] | None:
     """:func:`_shadowed` once per distinct neighbourhood of the rule: on a port,
     only the openers meeting the rule's box decide (a rule adds points only
-    inside its box), and they lie in the merged clusters holding the rule's
-    openers, or are same-net ones (a cluster holds every opener of its protocol
-    whose selectors overlap or touch one of its own)."""
+    inside its box), and they are same-net ones or lie in chain clusters that
+    overlap the rule's box, in the merged clusters holding the rule's openers."""
     fam = _family(rule)
     signatures = _signatures(cp, group, rule.direction, fam, run)
     if not signatures:
@@ -335,28 +341,60 @@ _SEEN: list[dict[str, Any]] = []
 
 def _covered_near(cp: CloudPolicy, view: PortView, rule: Rule, signature: Any,
                   run: _Shared, seen: set[Any]) -> list[dict[str, Any]] | None:
-    """:func:`_covered_on` from the openers of the merged clusters holding the
-    rule's openers and the same-net ones (``signature``: the port's, with a
-    :class:`_Layout`); :data:`_SEEN` when ``seen`` has the neighbourhood."""
+    """:func:`_covered_on` from the same-net openers and the chain clusters that
+    hold the rule's openers or overlap their boxes (``signature``: the port's,
+    with a :class:`_Layout`); :data:`_SEEN` when ``seen`` has them already."""
     _, alls_token, chain_name, tokens = signature
-    chain = next(c for c in cp.chains(view, rule.direction) if c.name == chain_name)
-    chained = run.clusters.chain(view, chain, _family(rule))
-    mine = {k for k, (_, _, _, idx) in enumerate(chained.clusters)
-            if any(chained.openers[i].label.get("rule_id") == rule.id for i in idx)}
-    if not mine:
+    fam = _family(rule)
+    ks, boxes = _rule_clusters(view, chain_name, rule, fam, run)
+    if not ks:
         return None
-    near = (alls_token, tuple(tokens[k] for k in sorted(mine)))
+    layout = run.layouts[(view.port.id, rule.direction, fam)]
+    assert layout is not None
+    origins = {(chain_name, k) for k in ks}
+    for k in ks:
+        for origin in tokens[k]:
+            if origin[0] != chain_name and origin not in origins:
+                _, low, high, _ = _clusters_of(view, origin[0], fam, run)[origin[1]]
+                if any(low <= b.sel_hi and b.sel_lo <= high for b in boxes):
+                    origins.add(origin)
+    near = (alls_token, tuple(sorted(origins, key=layout.first.__getitem__)))
     if near in seen:
         return _SEEN
     seen.add(near)
     key = (rule.id, near)
     if key not in run.verdicts:
-        layout = _layout(cp, view, rule.direction, _family(rule), run)
-        assert layout is not None
-        merged = {layout.where[(chain_name, k)] for k in mine}
-        positions = sorted({*layout.alls, *(p for m in merged for p in layout.clusters[m])})
-        run.verdicts[key] = _covered_by([layout.openers[p] for p in positions], rule, run)
+        positions = list(layout.alls)
+        for name, k in near[1]:
+            offset = layout.offset[name]
+            positions += [offset + i for i in _clusters_of(view, name, fam, run)[k][3]]
+        run.verdicts[key] = _covered_by([layout.openers[p] for p in sorted(positions)],
+                                        rule, run)
     return run.verdicts[key]
+
+
+def _clusters_of(view: PortView, chain_name: str, fam: Family,
+                 run: _Shared) -> list[tuple[int, int, int, list[int]]]:
+    return run.clusters.chain(view, view.index.chains[chain_name], fam).clusters
+
+
+def _rule_clusters(view: PortView, chain_name: str, rule: Rule, fam: Family,
+                   run: _Shared) -> tuple[tuple[int, ...], list[Box]]:
+    """The clusters of chain ``chain_name`` holding ``rule``'s openers, and their
+    boxes (once per chain and rule)."""
+    key = (chain_name, fam, rule.id)
+    found = run.rule_clusters.get(key)
+    if found is None:
+        chained = run.clusters.chain(view, view.index.chains[chain_name], fam)
+        ks, boxes = [], []
+        for k, (_, _, _, idx) in enumerate(chained.clusters):
+            mine = [chained.openers[i].box for i in idx
+                    if chained.openers[i].label.get("rule_id") == rule.id]
+            if mine:
+                ks.append(k)
+                boxes += mine
+        found = run.rule_clusters[key] = (tuple(ks), boxes)
+    return found
 
 
 def _openers(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
