@@ -155,7 +155,9 @@ def test_clustered_exposure_equals_whole_sweeps(spec: CloudSpec) -> None:
         assert exposure(cp, [cp.ports[v.port.id] for v in views]) == reference
 
 
-def test_clustered_exposure_on_the_guide_cloud() -> None:
+def test_shared_audits_on_the_guide_cloud() -> None:
+    """On the guide's cloud (default groups: rules of any protocol), exposure and
+    lint give the references' rows and findings."""
     with fresh_api() as api:
         build_guide_cloud(api)
         state = CloudState.from_snapshot(api.store.load())
@@ -163,3 +165,6 @@ def test_clustered_exposure_on_the_guide_cloud() -> None:
                              shared=False)
         cp = CloudPolicy(state)
         assert reference and exposure(cp, list(cp.ports.values())) == reference
+        groups = list(state.groups.values())
+        findings = lint(CloudPolicy(state), groups, shared=False)
+        assert findings and lint(CloudPolicy(state), groups) == findings

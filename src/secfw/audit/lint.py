@@ -39,6 +39,7 @@ from secfw.audit.space import (
     Box,
     Opener,
     UnionCache,
+    label_key,
     rule_box,
     sweep,
 )
@@ -66,11 +67,19 @@ class _Shared:
         self.layouts: dict[tuple[str, str, Family], _Layout | None] = {}
         self.signatures: dict[tuple[str, str, Family], list[tuple[Any, PortView]]] = {}
         self.verdicts: dict[tuple[str, Any], list[dict[str, Any]] | None] = {}
+        self._label_keys: dict[int, tuple[dict[str, Any], str]] = {}
         self.rule_clusters: dict[tuple[str, Family, str], tuple[tuple[int, ...], list[Box]]] = {}
         # (id, id) -> (the two sets, kept alive so the ids stay theirs; overlap)
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
         self.adds_nothing: dict[tuple[Any, ...], bool] = {}
+
+    def label_key(self, label: dict[str, Any]) -> str:
+        """:func:`~secfw.audit.space.label_key`, once per label object (kept alive)."""
+        found = self._label_keys.get(id(label))
+        if found is None:
+            found = self._label_keys[id(label)] = (label, label_key(label))
+        return found[1]
 
     def overlap(self, a: netaddr.IPSet, b: netaddr.IPSet) -> bool:
         """Whether ``a`` and ``b`` share an address (once per pair of sets)."""
@@ -321,6 +330,7 @@ def _shadowed_shared(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     if not signatures:
         return None
     covering: list[dict[str, Any]] = []
+    known: set[str] = set()  # the covering labels' keys (equal keys: equal labels)
     seen: set[Any] = set()
     for signature, view in signatures:
         if signature[0] == "port":
@@ -331,7 +341,11 @@ def _shadowed_shared(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
                 continue
         if found is None:
             return None
-        covering += [c for c in found if c not in covering]
+        for label in found:
+            key = run.label_key(label)
+            if key not in known:
+                known.add(key)
+                covering.append(label)
     return covering
 
 
