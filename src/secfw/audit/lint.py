@@ -449,8 +449,7 @@ def _covered_by(openers: list[Opener], rule: Rule,
     # the verdict depends only on the openers' boxes and sets, not on their rules
     # (nor their order): ports whose rules differ but open the same share it; the
     # sets stay alive in run.openers, so their ids are theirs for the run
-    key = (tuple(sorted((o.box, id(o.addresses)) for o in swept)),
-           tuple(sorted((m.box, id(m.addresses)) for m in mine)))
+    key = (tuple(sorted(_box_key(o) for o in swept)), tuple(sorted(_box_key(m) for m in mine)))
     same = run.adds_nothing.get(key) if run is not None else None
     if same is None:
         before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=unions)]
@@ -463,6 +462,13 @@ def _covered_by(openers: list[Opener], rule: Rule,
     box, addresses = rule_box(ir_rule(rule)), mine[0].addresses
     overlap = run.overlap if run is not None else lambda a, b: bool(a & b)
     return [o.label for o in others if o.box.meets(box) and overlap(o.addresses, addresses)]
+
+
+def _box_key(opener: Opener) -> tuple[int, int, int, int, int]:
+    """An opener's box and set (by identity) as plain integers: sorted and hashed
+    fast (a :class:`Box`'s generated comparisons are Python calls)."""
+    box = opener.box
+    return box.proto_lo, box.proto_hi, box.sel_lo, box.sel_hi, id(opener.addresses)
 
 
 def _family(rule: Rule) -> Family:
