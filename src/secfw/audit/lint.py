@@ -68,6 +68,8 @@ class _Shared:
         self.signatures: dict[tuple[str, str, Family], list[tuple[Any, PortView]]] = {}
         self.verdicts: dict[tuple[str, Any], list[dict[str, Any]] | None] = {}
         self._label_keys: dict[int, tuple[dict[str, Any], str]] = {}
+        self.parts: dict[tuple[str, Any], Any] = {}
+        self.rule_boxes: dict[str, tuple[list[Box], Any, Box]] = {}
         self.rule_clusters: dict[tuple[str, Family, str], tuple[tuple[int, ...], list[Box]]] = {}
         # (id, id) -> (the two sets, kept alive so the ids stay theirs; overlap)
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
@@ -376,6 +378,9 @@ def _covered_near(cp: CloudPolicy, view: PortView, rule: Rule, signature: Any,
     if near in seen:
         return _SEEN
     seen.add(near)
+    chains = [name for name, _ in near[1]]
+    if len(set(chains)) == len(chains):  # each chain's openers in one piece
+        return _covered_by_parts(view, layout, rule, near, run)
     key = (rule.id, near)
     if key not in run.verdicts:
         positions = list(layout.alls)
@@ -385,6 +390,61 @@ def _covered_near(cp: CloudPolicy, view: PortView, rule: Rule, signature: Any,
         run.verdicts[key] = _covered_by([layout.openers[p] for p in sorted(positions)],
                                         rule, run)
     return run.verdicts[key]
+
+
+def _covered_by_parts(view: PortView, layout: _Layout, rule: Rule, near: Any,
+                     run: _Shared) -> list[dict[str, Any]] | None:
+    """:func:`_covered_by` of the openers of ``near`` (at most one cluster per
+    chain: their positions are in ``near``'s order), from parts computed once per
+    rule and same-net openers or chain cluster: what each part adds to the
+    verdict's key, and the covering labels it gives — a rule whose neighbourhood
+    spans many chains (a rule of ICMP from anywhere in every group) is judged on
+    thousands of ports, each with its own combination of the same parts."""
+    swept: list[tuple[int, int, int, int, int]] = []
+    mine: list[tuple[int, int, int, int, int]] = []
+    labels: list[dict[str, Any]] = []
+    fam = _family(rule)
+    parts = [((near[0], None), [layout.openers[p] for p in layout.alls])]
+    for name, k in near[1]:
+        chained = run.clusters.chain(view, view.index.chains[name], fam)
+        parts.append(((name, k), [chained.openers[i] for i in chained.clusters[k][3]]))
+    for origin, openers in parts:
+        part = _part(rule, origin, openers, run)
+        if part is None:
+            return _covered_by([o for _, openers in parts for o in openers], rule, run)
+        swept += part[0]
+        mine += part[1]
+        labels += part[2]
+    if not mine:
+        return None
+    key = (tuple(sorted(swept)), tuple(sorted(mine)))
+    if key not in run.adds_nothing:
+        found = _covered_by([o for _, openers in parts for o in openers], rule, run)
+        assert key in run.adds_nothing  # _covered_by judged the same openers
+        return found
+    return labels if run.adds_nothing[key] else None
+
+
+def _part(rule: Rule, origin: Any, openers: list[Opener], run: _Shared) -> Any:
+    """One part of :func:`_covered_by_parts`: the keys of its openers meeting the
+    rule's openers' boxes (not the rule's), of the rule's, and the labels of those
+    meeting the rule's box with an address in common with it; None when the
+    rule's addresses are not known yet (its openers are in another part)."""
+    key = (rule.id, origin)
+    found = run.parts.get(key)
+    if found is None:
+        ks_boxes = run.rule_boxes.get(rule.id)
+        if ks_boxes is None:
+            return None
+        boxes, addresses, box = ks_boxes
+        mine = [o for o in openers if o.label.get("rule_id") == rule.id]
+        others = [o for o in openers if o.label.get("rule_id") != rule.id]
+        found = run.parts[key] = (
+            [_box_key(o) for o in others if any(o.box.meets(b) for b in boxes)],
+            [_box_key(m) for m in mine],
+            [o.label for o in others if o.box.meets(box) and run.overlap(o.addresses,
+                                                                         addresses)])
+    return found
 
 
 def _clusters_of(view: PortView, chain_name: str, fam: Family,
@@ -400,14 +460,18 @@ def _rule_clusters(view: PortView, chain_name: str, rule: Rule, fam: Family,
     found = run.rule_clusters.get(key)
     if found is None:
         chained = run.clusters.chain(view, view.index.chains[chain_name], fam)
-        ks, boxes = [], []
+        ks, boxes, sets = [], [], []
         for k, (_, _, _, idx) in enumerate(chained.clusters):
-            mine = [chained.openers[i].box for i in idx
+            mine = [chained.openers[i] for i in idx
                     if chained.openers[i].label.get("rule_id") == rule.id]
             if mine:
                 ks.append(k)
-                boxes += mine
+                boxes += [m.box for m in mine]
+                sets += [m.addresses for m in mine]
         found = run.rule_clusters[key] = (tuple(ks), boxes)
+        if sets and rule.id not in run.rule_boxes:
+            # what _covered_by takes as the rule's box and addresses
+            run.rule_boxes[rule.id] = (boxes, sets[0], rule_box(ir_rule(rule)))
     return found
 
 
