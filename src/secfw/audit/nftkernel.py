@@ -122,6 +122,22 @@ class NftRuleset:
                     if kind in item:
                         found = item[kind]
                         self.sets[(found["family"], found["name"])] = list(found.get("elem", []))
+        # per (family, set, left expression, kind of value): the set's exact values
+        # and the elements that need a full match (see _SetIndex)
+        self._indexes: dict[tuple[Any, ...], _SetIndex] = {}
+
+    def member(self, family: str, name: str, elements: list[Any], found: Any,
+               left: Any) -> bool:
+        """Whether ``found`` (the value of ``left``) matches an element of the named
+        set ``name``'s ``elements``: as matching each in turn, with the literal
+        elements looked up in a hash set built once per set, left expression
+        (kept alive by the listing) and kind of value — a host's sets hold
+        hundreds of thousands of elements and verify asks millions of probes."""
+        key = (family, name, id(left), _kind(found))
+        index = self._indexes.get(key)
+        if index is None:
+            index = self._indexes[key] = _SetIndex(elements, found, left)
+        return index.holds(found, left)
 
     def families(self) -> set[str]:
         return {family for family, _ in self.chains}
@@ -348,7 +364,7 @@ class _Run:
     def contains(self, right: Any, found: Any, left: Any) -> bool:
         """Whether ``found`` is the right-hand value, or in its set (anonymous or named)."""
         if isinstance(right, str) and right.startswith("@"):
-            return any(_element_matches(_key(e), found, left) for e in self._named(right))
+            return self.rs.member(self.family, right, self._named(right), found, left)
         if isinstance(right, dict) and "set" in right:
             return any(_element_matches(e, found, left) for e in right["set"])
         return _element_matches(right, found, left)
@@ -403,6 +419,63 @@ def _pair(element: Any) -> tuple[Any, Any]:
     if isinstance(element, list) and len(element) == 2:
         return _key(element[0]), element[1]
     raise Unsupported(f"map element {element!r}")
+
+
+def _kind(found: Any) -> Any:
+    """What the literal elements are read as for ``found`` (see :func:`_literal`)."""
+    if isinstance(found, tuple):
+        return tuple(type(f) for f in found)
+    return type(found)
+
+
+class _SetIndex:
+    """A named set's elements for values of one kind: the literals (and
+    concatenations of literals) as a hash set of the values they denote, the
+    rest (prefixes, ranges, wildcards) matched one by one, as before."""
+
+    def __init__(self, elements: list[Any], found: Any, left: Any) -> None:
+        self.exact: set[Any] = set()
+        self.rest: list[Any] = []
+        for element in elements:
+            element = _key(element)
+            value = _plain_value(element, found, left)
+            if value is _COMPLEX:
+                self.rest.append(element)
+            elif value is not None:  # None: a literal no value of this kind equals
+                self.exact.add(value)
+
+    def holds(self, found: Any, left: Any) -> bool:
+        try:
+            if found in self.exact:
+                return True
+        except TypeError:  # an unhashable value: match element by element
+            pass
+        return any(_element_matches(e, found, left) for e in self.rest)
+
+
+_COMPLEX = object()
+
+
+def _plain_value(element: Any, found: Any, left: Any) -> Any:
+    """The value a literal element (or a concatenation of literals) denotes for
+    values like ``found``; :data:`_COMPLEX` for any other element."""
+    if isinstance(element, dict) and "concat" in element:
+        parts = left.get("concat") if isinstance(left, dict) else None
+        if parts is None or not isinstance(found, tuple) or len(parts) != len(found):
+            return _COMPLEX
+        values = tuple(_plain_value(e, f, p)
+                       for e, f, p in zip(element["concat"], found, parts, strict=True))
+        if any(v is _COMPLEX for v in values):
+            return _COMPLEX
+        return None if any(v is None for v in values) else values
+    if isinstance(element, dict | list) or (isinstance(element, str) and element.endswith("*")):
+        return _COMPLEX
+    try:
+        value = _literal(element, found, left)
+        hash(value)
+    except (Unsupported, TypeError, ValueError):
+        return _COMPLEX
+    return value
 
 
 def _element_matches(element: Any, found: Any, left: Any) -> bool:
