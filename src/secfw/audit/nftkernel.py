@@ -125,6 +125,19 @@ class NftRuleset:
         # per (family, set, left expression, kind of value): the set's exact values
         # and the elements that need a full match (see _SetIndex)
         self._indexes: dict[tuple[Any, ...], _SetIndex] = {}
+        self._by_hook: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+
+    def _bases(self, family: str, hook: str | None) -> list[dict[str, Any]]:
+        """The base chains of ``family`` on ``hook``, by priority then name (once
+        per hook: a host's table has thousands of chains, a probe crosses stages)."""
+        key = (family, hook)
+        found = self._by_hook.get(key)
+        if found is None:
+            found = self._by_hook[key] = sorted(
+                (c for (fam, _), c in self.chains.items()
+                 if fam == family and c.get("hook") == hook),
+                key=lambda c: (_priority(c.get("prio", 0)), c["name"]))
+        return found
 
     def member(self, family: str, name: str, elements: list[Any], found: Any,
                left: Any) -> bool:
@@ -151,10 +164,7 @@ class NftRuleset:
         the caller routes a translated packet on (:func:`paths_after`)."""
         packet = probe
         for stage in path:
-            bases = sorted(
-                (c for (family, _), c in self.chains.items()
-                 if family == stage.family and c.get("hook") == stage.hook),
-                key=lambda c: (_priority(c.get("prio", 0)), c["name"]))
+            bases = self._bases(stage.family, stage.hook)
             packet = replace(packet, iifname=stage.iifname, oifname=stage.oifname)
             for chain in bases:
                 if chain.get("type") == "nat" and packet.ct_state & _NO_NAT:
