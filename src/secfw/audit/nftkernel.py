@@ -126,6 +126,7 @@ class NftRuleset:
         # and the elements that need a full match (see _SetIndex)
         self._indexes: dict[tuple[Any, ...], _SetIndex] = {}
         self._by_hook: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+        self._maps: dict[tuple[Any, ...], _MapIndex] = {}
 
     def _bases(self, family: str, hook: str | None) -> list[dict[str, Any]]:
         """The base chains of ``family`` on ``hook``, by priority then name (once
@@ -138,6 +139,17 @@ class NftRuleset:
                  if fam == family and c.get("hook") == hook),
                 key=lambda c: (_priority(c.get("prio", 0)), c["name"]))
         return found
+
+    def mapped(self, elements: list[Any], found: Any, left: Any) -> Any:
+        """The value of the first element of a map whose key matches ``found`` (None:
+        none does), with the literal keys looked up in a dict built once per map
+        (its element list, kept alive by the listing), left expression and kind of
+        value: the per-port dispatch maps have an element per tap."""
+        key = (id(elements), id(left), _kind(found))
+        index = self._maps.get(key)
+        if index is None:
+            index = self._maps[key] = _MapIndex(elements, found, left)
+        return index.value(found, left)
 
     def member(self, family: str, name: str, elements: list[Any], found: Any,
                left: Any) -> bool:
@@ -384,11 +396,7 @@ class _Run:
         if found is None:
             return None
         elements = self._named(data) if isinstance(data, str) else data["set"]
-        for element in elements:
-            key, value = _pair(element)
-            if _element_matches(key, found, left):
-                return value
-        return None
+        return self.rs.mapped(elements, found, left)
 
     def _named(self, name: str) -> list[Any]:
         found = self.rs.sets.get((self.family, name.lstrip("@")))
@@ -464,6 +472,37 @@ class _SetIndex:
 
 
 _COMPLEX = object()
+
+
+class _MapIndex:
+    """A map's elements for values of one kind: the first position and value of
+    each literal key in a dict, the other keys (with their positions) matched in
+    order; the first matching element wins, as in a scan of the elements."""
+
+    def __init__(self, elements: list[Any], found: Any, left: Any) -> None:
+        self.exact: dict[Any, tuple[int, Any]] = {}
+        self.rest: list[tuple[int, Any, Any]] = []
+        self.size = len(elements)
+        for at, element in enumerate(elements):
+            key, value = _pair(element)
+            plain = _plain_value(key, found, left)
+            if plain is _COMPLEX:
+                self.rest.append((at, key, value))
+            elif plain is not None:
+                self.exact.setdefault(plain, (at, value))
+
+    def value(self, found: Any, left: Any) -> Any:
+        try:
+            first = self.exact.get(found)
+        except TypeError:  # unhashable: no literal key equals it here
+            first = None
+        limit = first[0] if first is not None else self.size
+        for at, key, value in self.rest:
+            if at > limit:
+                break
+            if _element_matches(key, found, left):
+                return value
+        return first[1] if first is not None else None
 
 
 def _plain_value(element: Any, found: Any, left: Any) -> Any:
