@@ -343,7 +343,8 @@ class Clusters:
                 row = region_fields(answer, region)
                 fields = ("internet" if any(c.prefixlen == 0 for c in broad) else "broad",
                           {**{k: row[k] for k in ("ethertype", "protocol", "ports",
-                                                  "icmp_type", "icmp_code", "rules")},
+                                                  "icmp_type", "icmp_type_last",
+                                                  "icmp_code", "rules")},
                            "sources": [str(c) for c in broad],
                            "admin_ports": admin_ports(region),
                            "detail": f"open to {', '.join(str(c) for c in broad)}"})

@@ -349,7 +349,8 @@ def sweep_window(family: Family, openers: Sequence[Opener], protocol: int, low: 
             merged[-1] = _merge(merged[-1], region)
         else:
             merged.append(region)
-    return merged
+    # as sweep: a region spanning ICMP types is cut where its row could not say it
+    return [piece for whole in merged for piece in _one_type_each(whole, by_proto)]
 
 
 def merge_protocols(regions: Sequence[Region]) -> list[Region]:
