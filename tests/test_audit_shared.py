@@ -13,10 +13,13 @@ from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 from test_audit import CloudSpec, InstanceSpec, RuleSpec, build, cloud_specs, fresh_api
 
+from secfw.audit.exposure import exposure
 from secfw.audit.lint import lint
 from secfw.audit.policy import CloudPolicy
 from secfw.audit.reach import ingress_openers, specials
 from secfw.audit.space import Opener, UnionCache, sweep
+from secfw.cloud import CloudState
+from secfw.demo import build_guide_cloud
 
 #: Overlapping pieces: shadows need rules covered by others, wholly or in parts.
 _RANGES = ((20, 30), (20, 25), (26, 30), (22, 22), (24, 28))
@@ -86,3 +89,82 @@ def test_sweeps_sharing_unions_equal_lone_sweeps(spec: CloudSpec) -> None:
                 shared = sweep(family, openers, (), extra, unions)
                 assert [(r.box, r.addresses, r.labels) for r in shared] == \
                     [(r.box, r.addresses, r.labels) for r in alone]
+
+
+# --------------------------------------------------------------------------- exposure
+
+#: Broad sources beside narrow ones, touching and overlapping port ranges: what the
+#: cluster-by-cluster exposure must get right (regions that merge across rules).
+_EXPOSURE_RANGES = ((20, 30), (31, 40), (22, 22), (24, 28), (41, 41), (1, 65535))
+_EXPOSURE_REMOTES = ("0.0.0.0/0", "0.0.0.0/1", "128.0.0.0/1", "10.0.0.0/8", "10.1.0.0/16",
+                     None, 0)
+
+
+@st.composite
+def exposure_rule(draw: st.DrawFn) -> RuleSpec:
+    low, high = draw(st.sampled_from(_EXPOSURE_RANGES))
+    protocol = draw(st.sampled_from(("tcp", "tcp", "udp", "icmp", None)))
+    if protocol == "icmp":
+        low, high = draw(st.sampled_from(((8, 0), (0, 0), (13, 0))))
+    ports = protocol is not None
+    return RuleSpec("ingress", "IPv4", protocol, low if ports else None,
+                    high if ports else None, draw(st.sampled_from(_EXPOSURE_REMOTES)))
+
+
+@st.composite
+def exposure_prone_clouds(draw: st.DrawFn) -> CloudSpec:
+    """Three groups of rules with broad and narrow sources, instances in several."""
+    groups = tuple(tuple(draw(st.lists(exposure_rule(), min_size=1, max_size=5)))
+                   for _ in range(3))
+    instances = tuple(
+        InstanceSpec(draw(st.integers(0, 1)),
+                     tuple(draw(st.lists(st.integers(0, 2), unique=True, min_size=1,
+                                         max_size=3))),
+                     draw(st.sampled_from(("h1", "h2"))), (),
+                     draw(st.sampled_from((True, True, True, False))))
+        for _ in range(draw(st.integers(2, 4))))
+    return CloudSpec(groups, instances, draw(st.booleans()))
+
+
+#: Two groups whose broad rules touch (tcp 20-30 and 31-40 from anywhere): one
+#: region across both, labelled by both (and by the 10.0.0.0/8 rule inside it).
+_TOUCHING = CloudSpec(
+    ((RuleSpec("ingress", "IPv4", "tcp", 20, 30, "0.0.0.0/0"),),
+     (RuleSpec("ingress", "IPv4", "tcp", 31, 40, "0.0.0.0/0"),
+      RuleSpec("ingress", "IPv4", "tcp", 24, 28, "10.0.0.0/8"))),
+    (InstanceSpec(0, (0, 1), "h1", (), True), InstanceSpec(0, (1,), "h2", (), True)), True)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(spec=_TOUCHING)
+@given(spec=cloud_specs() | exposure_prone_clouds())
+def test_clustered_exposure_equals_whole_sweeps(spec: CloudSpec) -> None:
+    """The cluster-by-cluster exposure (the default) gives exactly the rows of one
+    whole sweep per port filter (the reference)."""
+    with fresh_api() as api:
+        state = build(api, spec)
+        note(str(spec))
+        views = sorted(CloudPolicy(state, spec.allow_same_net).ports.values(),
+                       key=lambda v: v.port.id)
+        reference = exposure(CloudPolicy(state, spec.allow_same_net), views, shared=False)
+        if spec == _TOUCHING:  # the example does exercise a region across two rules
+            assert any(r["ports"] == "20-40" and {"tcp 20-30 from 0.0.0.0/0", "tcp 31-40 from "
+                       "0.0.0.0/0"} <= {rule.get("rule") for rule in r["rules"]}
+                       for r in reference)
+        cp = CloudPolicy(state, spec.allow_same_net)
+        assert exposure(cp, [cp.ports[v.port.id] for v in views]) == reference
+
+
+def test_shared_audits_on_the_guide_cloud() -> None:
+    """On the guide's cloud (default groups: rules of any protocol), exposure and
+    lint give the references' rows and findings."""
+    with fresh_api() as api:
+        build_guide_cloud(api)
+        state = CloudState.from_snapshot(api.store.load())
+        reference = exposure(CloudPolicy(state), list(CloudPolicy(state).ports.values()),
+                             shared=False)
+        cp = CloudPolicy(state)
+        assert reference and exposure(cp, list(cp.ports.values())) == reference
+        groups = list(state.groups.values())
+        findings = lint(CloudPolicy(state), groups, shared=False)
+        assert findings and lint(CloudPolicy(state), groups) == findings

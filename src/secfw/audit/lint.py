@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import netaddr
 
-from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX
+from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX, Clusters
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import ingress_openers
 from secfw.audit.space import (
     ICMP_OF,
     PORT_PROTOCOL_NUMBERS,
+    Box,
     Opener,
     UnionCache,
+    label_key,
     rule_box,
     sweep,
 )
@@ -53,15 +56,32 @@ KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_m
 class _Shared:
     """What the shadow checks of one lint run share: each port filter's openers
     (built once per distinct filter, not once per rule of it) and the unions of
-    address sets (:class:`~secfw.audit.space.UnionCache`)."""
+    address sets (:class:`~secfw.audit.space.UnionCache`); each port filter cut
+    into clusters (:class:`_Layout`), each group's ports by what its rules'
+    clusters meet, each rule's verdict per distinct neighbourhood."""
 
-    def __init__(self) -> None:
+    def __init__(self, cp: CloudPolicy) -> None:
         self.openers: dict[tuple[Any, ...], list[Opener]] = {}
         self.unions = UnionCache()
+        self.clusters = Clusters(cp, self.unions, {})
+        self.layouts: dict[tuple[str, str, Family], _Layout | None] = {}
+        self.signatures: dict[tuple[str, str, Family], list[tuple[Any, PortView]]] = {}
+        self.verdicts: dict[tuple[str, Any], list[dict[str, Any]] | None] = {}
+        self._label_keys: dict[int, tuple[dict[str, Any], str]] = {}
+        self.parts: dict[tuple[str, Any], Any] = {}
+        self.rule_boxes: dict[str, tuple[list[Box], Any, Box]] = {}
+        self.rule_clusters: dict[tuple[str, Family, str], tuple[tuple[int, ...], list[Box]]] = {}
         # (id, id) -> (the two sets, kept alive so the ids stay theirs; overlap)
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
         self.adds_nothing: dict[tuple[Any, ...], bool] = {}
+
+    def label_key(self, label: dict[str, Any]) -> str:
+        """:func:`~secfw.audit.space.label_key`, once per label object (kept alive)."""
+        found = self._label_keys.get(id(label))
+        if found is None:
+            found = self._label_keys[id(label)] = (label, label_key(label))
+        return found[1]
 
     def overlap(self, a: netaddr.IPSet, b: netaddr.IPSet) -> bool:
         """Whether ``a`` and ``b`` share an address (once per pair of sets)."""
@@ -83,7 +103,7 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
     rule's box: a rule adds a point only inside its box, and openers elsewhere do
     not change what is allowed there, so the answer is the same."""
     findings: list[dict[str, Any]] = []
-    run = _Shared() if shared else None
+    run = _Shared(cp) if shared else None
     for group in groups:
         rules = sorted(cp.state.rules_by_group.get(group.id, {}).values(), key=lambda r: r.id)
         used = bool(cp.state.instances_by_group.get(group.id))
@@ -92,7 +112,7 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
                                      f"no instance uses it ({len(rules)} rule(s))"))
         for rule in rules:
             findings += _rule_findings(cp, group, rule, used, run)
-    findings += _duplicates(cp, {g.id for g in groups})
+    findings += _duplicates(cp, {g.id for g in groups}, run)
     return sorted(findings, key=lambda f: (KINDS.index(f["kind"]), f["group"], f["group_id"],
                                            f["rule"] or "", f["rule_id"] or ""))
 
@@ -180,6 +200,8 @@ def capped(items: list[str], limit: int = 4) -> str:
 def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
               run: _Shared | None = None) -> list[dict[str, Any]] | None:
     """The rules covering ``rule`` on every protected port that has it, or None."""
+    if run is not None:
+        return _shadowed_shared(cp, group, rule, run)
     views = [cp.ports[p.id] for m in cp.state.group_members(group.id)
              for p in cp.state.ports_of(m.id) if p.id in cp.ports]
     views = [v for v in views if v.policy.port_security]
@@ -197,6 +219,260 @@ def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
             return None
         covering += [c for c in found if c not in covering]
     return covering
+
+
+Origin = tuple[str, int]  # a chain's cluster: (chain name, index in its clusters)
+
+
+@dataclass
+class _Layout:
+    """One port filter (direction, family) cut into clusters: ``openers`` in the
+    filter's order (same-net first, at ``alls``; each chain's from
+    ``offset[chain name]``); ``tokens[o]``, for each chain cluster ``o``, the
+    chain clusters its merged cluster holds (overlapping or touching, one
+    protocol: :func:`~secfw.audit.exposure.merged_clusters`), and ``first[o]``
+    its first opener's position."""
+
+    openers: list[Opener]
+    alls: list[int]
+    offset: dict[str, int]
+    tokens: dict[Origin, tuple[Origin, ...]]
+    first: dict[Origin, int]
+    alls_token: tuple[int, ...]
+
+
+def _layout(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
+            run: _Shared) -> _Layout | None:
+    """``view``'s :class:`_Layout` (None when a rule of any protocol spreads over
+    every cluster: the caller takes the per-port path), once per port."""
+    key = (view.port.id, direction, fam)
+    if key in run.layouts:
+        return run.layouts[key]
+    openers = list(run.clusters.same_net(view, fam)) if direction == "ingress" else []
+    alls = list(range(len(openers)))
+    pieces: list[tuple[int, int, int, Origin]] = []
+    found: _Layout | None = _Layout(openers, alls, {}, {}, {},
+                                    tuple(id(openers[i]) for i in alls))
+    assert found is not None
+    for chain in cp.chains(view, direction):
+        chained = run.clusters.chain(view, chain, fam)
+        if chained.spread:
+            found = None
+            break
+        found.offset[chain.name] = len(openers)
+        for k, (p, lo, hi, idx) in enumerate(chained.clusters):
+            pieces.append((p, lo, hi, (chain.name, k)))
+            found.first[(chain.name, k)] = len(openers) + idx[0]
+        openers += chained.openers
+    if found is not None:
+        groups: list[list[Origin]] = []
+        top: tuple[int, int] = (-1, -2)  # the last group's protocol and high end
+        for protocol, low, high, origin in sorted(pieces, key=lambda p: (p[0], p[1])):
+            # the merge of merged_clusters: overlapping or touching, one protocol
+            if groups and top[0] == protocol and low <= top[1] + 1:
+                groups[-1].append(origin)
+                top = (protocol, max(top[1], high))
+            else:
+                groups.append([origin])
+                top = (protocol, high)
+        for group in groups:
+            token = tuple(sorted(group, key=found.first.__getitem__))
+            for origin in group:
+                found.tokens[origin] = token
+    run.layouts[key] = found
+    return found
+
+
+def _signatures(cp: CloudPolicy, group: SecurityGroup, direction: str, fam: Family,
+                run: _Shared) -> list[tuple[Any, PortView]]:
+    """The group's protected ports, one per distinct signature, in the ports'
+    order: a signature says what the group's chain clusters meet on the port
+    (the same-net openers, the merged clusters holding them), or names the port
+    itself when it has no :class:`_Layout`."""
+    key = (group.id, direction, fam)
+    found = run.signatures.get(key)
+    if found is not None:
+        return found
+    found = []
+    seen: set[Any] = set()
+    for member in cp.state.group_members(group.id):
+        for port in cp.state.ports_of(member.id):
+            view = cp.ports.get(port.id)
+            if view is None or not view.policy.port_security:
+                continue
+            signature = _signature(cp, view, group, direction, fam, run)
+            if signature not in seen:
+                seen.add(signature)
+                found.append((signature, view))
+    run.signatures[key] = found
+    return found
+
+
+def _signature(cp: CloudPolicy, view: PortView, group: SecurityGroup, direction: str,
+               fam: Family, run: _Shared) -> Any:
+    layout = _layout(cp, view, direction, fam, run)
+    chain = next((c for c in cp.chains(view, direction) if c.group_id == group.id), None)
+    if layout is None or chain is None:
+        return ("port", view.port.id)
+    clusters = run.clusters.chain(view, chain, fam).clusters
+    # each token lists its chain clusters in the port's order: the order of the
+    # covering rules found
+    return ("layout", layout.alls_token, chain.name,
+            tuple(layout.tokens[(chain.name, k)] for k in range(len(clusters))))
+
+
+def _shadowed_shared(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
+                     run: _Shared) -> list[dict[str, Any]] | None:
+    """:func:`_shadowed` once per distinct neighbourhood of the rule: on a port,
+    only the openers meeting the rule's box decide (a rule adds points only
+    inside its box), and they are same-net ones or lie in chain clusters that
+    overlap the rule's box, in the merged clusters holding the rule's openers."""
+    fam = _family(rule)
+    signatures = _signatures(cp, group, rule.direction, fam, run)
+    if not signatures:
+        return None
+    covering: list[dict[str, Any]] = []
+    known: set[str] = set()  # the covering labels' keys (equal keys: equal labels)
+    seen: set[Any] = set()
+    for signature, view in signatures:
+        if signature[0] == "port":
+            found = _covered_on(cp, view, rule, run)
+        else:
+            found = _covered_near(cp, view, rule, signature, run, seen)
+            if found is _SEEN:
+                continue
+        if found is None:
+            return None
+        for label in found:
+            key = run.label_key(label)
+            if key not in known:
+                known.add(key)
+                covering.append(label)
+    return covering
+
+
+#: A neighbourhood already judged for this rule (its labels are in the list).
+_SEEN: list[dict[str, Any]] = []
+
+
+def _covered_near(cp: CloudPolicy, view: PortView, rule: Rule, signature: Any,
+                  run: _Shared, seen: set[Any]) -> list[dict[str, Any]] | None:
+    """:func:`_covered_on` from the same-net openers and the chain clusters that
+    hold the rule's openers or overlap their boxes (``signature``: the port's,
+    with a :class:`_Layout`); :data:`_SEEN` when ``seen`` has them already."""
+    _, alls_token, chain_name, tokens = signature
+    fam = _family(rule)
+    ks, boxes = _rule_clusters(view, chain_name, rule, fam, run)
+    if not ks:
+        return None
+    layout = run.layouts[(view.port.id, rule.direction, fam)]
+    assert layout is not None
+    origins = {(chain_name, k) for k in ks}
+    for k in ks:
+        for origin in tokens[k]:
+            if origin[0] != chain_name and origin not in origins:
+                _, low, high, _ = _clusters_of(view, origin[0], fam, run)[origin[1]]
+                if any(low <= b.sel_hi and b.sel_lo <= high for b in boxes):
+                    origins.add(origin)
+    near = (alls_token, tuple(sorted(origins, key=layout.first.__getitem__)))
+    if near in seen:
+        return _SEEN
+    seen.add(near)
+    chains = [name for name, _ in near[1]]
+    if len(set(chains)) == len(chains):  # each chain's openers in one piece
+        return _covered_by_parts(view, layout, rule, near, run)
+    key = (rule.id, near)
+    if key not in run.verdicts:
+        positions = list(layout.alls)
+        for name, k in near[1]:
+            offset = layout.offset[name]
+            positions += [offset + i for i in _clusters_of(view, name, fam, run)[k][3]]
+        run.verdicts[key] = _covered_by([layout.openers[p] for p in sorted(positions)],
+                                        rule, run)
+    return run.verdicts[key]
+
+
+def _covered_by_parts(view: PortView, layout: _Layout, rule: Rule, near: Any,
+                     run: _Shared) -> list[dict[str, Any]] | None:
+    """:func:`_covered_by` of the openers of ``near`` (at most one cluster per
+    chain: their positions are in ``near``'s order), from parts computed once per
+    rule and same-net openers or chain cluster: what each part adds to the
+    verdict's key, and the covering labels it gives — a rule whose neighbourhood
+    spans many chains (a rule of ICMP from anywhere in every group) is judged on
+    thousands of ports, each with its own combination of the same parts."""
+    swept: list[tuple[int, int, int, int, int]] = []
+    mine: list[tuple[int, int, int, int, int]] = []
+    labels: list[dict[str, Any]] = []
+    fam = _family(rule)
+    parts = [((near[0], None), [layout.openers[p] for p in layout.alls])]
+    for name, k in near[1]:
+        chained = run.clusters.chain(view, view.index.chains[name], fam)
+        parts.append(((name, k), [chained.openers[i] for i in chained.clusters[k][3]]))
+    for origin, openers in parts:
+        part = _part(rule, origin, openers, run)
+        if part is None:
+            return _covered_by([o for _, openers in parts for o in openers], rule, run)
+        swept += part[0]
+        mine += part[1]
+        labels += part[2]
+    if not mine:
+        return None
+    key = (tuple(sorted(swept)), tuple(sorted(mine)))
+    if key not in run.adds_nothing:
+        found = _covered_by([o for _, openers in parts for o in openers], rule, run)
+        assert key in run.adds_nothing  # _covered_by judged the same openers
+        return found
+    return labels if run.adds_nothing[key] else None
+
+
+def _part(rule: Rule, origin: Any, openers: list[Opener], run: _Shared) -> Any:
+    """One part of :func:`_covered_by_parts`: the keys of its openers meeting the
+    rule's openers' boxes (not the rule's), of the rule's, and the labels of those
+    meeting the rule's box with an address in common with it; None when the
+    rule's addresses are not known yet (its openers are in another part)."""
+    key = (rule.id, origin)
+    found = run.parts.get(key)
+    if found is None:
+        ks_boxes = run.rule_boxes.get(rule.id)
+        if ks_boxes is None:
+            return None
+        boxes, addresses, box = ks_boxes
+        mine = [o for o in openers if o.label.get("rule_id") == rule.id]
+        others = [o for o in openers if o.label.get("rule_id") != rule.id]
+        found = run.parts[key] = (
+            [_box_key(o) for o in others if any(o.box.meets(b) for b in boxes)],
+            [_box_key(m) for m in mine],
+            [o.label for o in others if o.box.meets(box) and run.overlap(o.addresses,
+                                                                         addresses)])
+    return found
+
+
+def _clusters_of(view: PortView, chain_name: str, fam: Family,
+                 run: _Shared) -> list[tuple[int, int, int, list[int]]]:
+    return run.clusters.chain(view, view.index.chains[chain_name], fam).clusters
+
+
+def _rule_clusters(view: PortView, chain_name: str, rule: Rule, fam: Family,
+                   run: _Shared) -> tuple[tuple[int, ...], list[Box]]:
+    """The clusters of chain ``chain_name`` holding ``rule``'s openers, and their
+    boxes (once per chain and rule)."""
+    key = (chain_name, fam, rule.id)
+    found = run.rule_clusters.get(key)
+    if found is None:
+        chained = run.clusters.chain(view, view.index.chains[chain_name], fam)
+        ks, boxes, sets = [], [], []
+        for k, (_, _, _, idx) in enumerate(chained.clusters):
+            mine = [chained.openers[i] for i in idx
+                    if chained.openers[i].label.get("rule_id") == rule.id]
+            if mine:
+                ks.append(k)
+                boxes += [m.box for m in mine]
+                sets += [m.addresses for m in mine]
+        found = run.rule_clusters[key] = (tuple(ks), boxes)
+        if sets and rule.id not in run.rule_boxes:
+            # what _covered_by takes as the rule's box and addresses
+            run.rule_boxes[rule.id] = (boxes, sets[0], rule_box(ir_rule(rule)))
+    return found
 
 
 def _openers(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
@@ -219,8 +495,14 @@ def _openers(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
 
 def _covered_on(cp: CloudPolicy, view: PortView, rule: Rule,
                 run: _Shared | None = None) -> list[dict[str, Any]] | None:
+    return _covered_by(_openers(cp, view, rule.direction, _family(rule), run), rule, run)
+
+
+def _covered_by(openers: list[Opener], rule: Rule,
+                run: _Shared | None = None) -> list[dict[str, Any]] | None:
+    """The labels covering ``rule`` among ``openers`` (a port's, or all those of
+    a port that may meet the rule's box), or None when it adds something."""
     fam = _family(rule)
-    openers = _openers(cp, view, rule.direction, fam, run)
     mine = [o for o in openers if o.label.get("rule_id") == rule.id]
     others = [o for o in openers if o.label.get("rule_id") != rule.id]
     if not mine:
@@ -231,8 +513,7 @@ def _covered_on(cp: CloudPolicy, view: PortView, rule: Rule,
     # the verdict depends only on the openers' boxes and sets, not on their rules
     # (nor their order): ports whose rules differ but open the same share it; the
     # sets stay alive in run.openers, so their ids are theirs for the run
-    key = (tuple(sorted((o.box, id(o.addresses)) for o in swept)),
-           tuple(sorted((m.box, id(m.addresses)) for m in mine)))
+    key = (tuple(sorted(_box_key(o) for o in swept)), tuple(sorted(_box_key(m) for m in mine)))
     same = run.adds_nothing.get(key) if run is not None else None
     if same is None:
         before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=unions)]
@@ -247,20 +528,34 @@ def _covered_on(cp: CloudPolicy, view: PortView, rule: Rule,
     return [o.label for o in others if o.box.meets(box) and overlap(o.addresses, addresses)]
 
 
+def _box_key(opener: Opener) -> tuple[int, int, int, int, int]:
+    """An opener's box and set (by identity) as plain integers: sorted and hashed
+    fast (a :class:`Box`'s generated comparisons are Python calls)."""
+    box = opener.box
+    return box.proto_lo, box.proto_hi, box.sel_lo, box.sel_hi, id(opener.addresses)
+
+
 def _family(rule: Rule) -> Family:
     return "ipv4" if rule.ethertype == "IPv4" else "ipv6"
 
 
-def _duplicates(cp: CloudPolicy, scope: set[str]) -> list[dict[str, Any]]:
+def _duplicates(cp: CloudPolicy, scope: set[str],
+                run: _Shared | None = None) -> list[dict[str, Any]]:
     """Rules of two groups used by one instance with the same meaning (reported on
-    the rule of the group that sorts later)."""
+    the rule of the group that sorts later). With ``run``, each group's rules are
+    sorted and their meanings computed once."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
+    ordered: dict[str, list[tuple[Rule, tuple[Any, ...]]]] = {}
     for instance in cp.state.instances.values():
         meaning: dict[tuple[Any, ...], Rule] = {}
         for group_id in instance.security_groups:
-            for rule in sorted(cp.state.rules_by_group.get(group_id, {}).values(),
-                               key=lambda r: r.id):
-                key = rule.match_key()[1:]
+            rules = ordered.get(group_id) if run is not None else None
+            if rules is None:
+                rules = [(r, r.match_key()[1:]) for r in sorted(
+                    cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
+                if run is not None:
+                    ordered[group_id] = rules
+            for rule, key in rules:
                 first = meaning.setdefault(key, rule)
                 if first.group_id == rule.group_id or rule.group_id not in scope:
                     continue

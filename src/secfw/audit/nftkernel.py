@@ -122,6 +122,47 @@ class NftRuleset:
                     if kind in item:
                         found = item[kind]
                         self.sets[(found["family"], found["name"])] = list(found.get("elem", []))
+        # per (family, set, left expression, kind of value): the set's exact values
+        # and the elements that need a full match (see _SetIndex)
+        self._indexes: dict[tuple[Any, ...], _SetIndex] = {}
+        self._by_hook: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
+        self._maps: dict[tuple[Any, ...], _MapIndex] = {}
+
+    def _bases(self, family: str, hook: str | None) -> list[dict[str, Any]]:
+        """The base chains of ``family`` on ``hook``, by priority then name (once
+        per hook: a host's table has thousands of chains, a probe crosses stages)."""
+        key = (family, hook)
+        found = self._by_hook.get(key)
+        if found is None:
+            found = self._by_hook[key] = sorted(
+                (c for (fam, _), c in self.chains.items()
+                 if fam == family and c.get("hook") == hook),
+                key=lambda c: (_priority(c.get("prio", 0)), c["name"]))
+        return found
+
+    def mapped(self, elements: list[Any], found: Any, left: Any) -> Any:
+        """The value of the first element of a map whose key matches ``found`` (None:
+        none does), with the literal keys looked up in a dict built once per map
+        (its element list, kept alive by the listing), left expression and kind of
+        value: the per-port dispatch maps have an element per tap."""
+        key = (id(elements), id(left), _kind(found))
+        index = self._maps.get(key)
+        if index is None:
+            index = self._maps[key] = _MapIndex(elements, found, left)
+        return index.value(found, left)
+
+    def member(self, family: str, name: str, elements: list[Any], found: Any,
+               left: Any) -> bool:
+        """Whether ``found`` (the value of ``left``) matches an element of the named
+        set ``name``'s ``elements``: as matching each in turn, with the literal
+        elements looked up in a hash set built once per set, left expression
+        (kept alive by the listing) and kind of value — a host's sets hold
+        hundreds of thousands of elements and verify asks millions of probes."""
+        key = (family, name, id(left), _kind(found))
+        index = self._indexes.get(key)
+        if index is None:
+            index = self._indexes[key] = _SetIndex(elements, found, left)
+        return index.holds(found, left)
 
     def families(self) -> set[str]:
         return {family for family, _ in self.chains}
@@ -135,10 +176,7 @@ class NftRuleset:
         the caller routes a translated packet on (:func:`paths_after`)."""
         packet = probe
         for stage in path:
-            bases = sorted(
-                (c for (family, _), c in self.chains.items()
-                 if family == stage.family and c.get("hook") == stage.hook),
-                key=lambda c: (_priority(c.get("prio", 0)), c["name"]))
+            bases = self._bases(stage.family, stage.hook)
             packet = replace(packet, iifname=stage.iifname, oifname=stage.oifname)
             for chain in bases:
                 if chain.get("type") == "nat" and packet.ct_state & _NO_NAT:
@@ -348,7 +386,7 @@ class _Run:
     def contains(self, right: Any, found: Any, left: Any) -> bool:
         """Whether ``found`` is the right-hand value, or in its set (anonymous or named)."""
         if isinstance(right, str) and right.startswith("@"):
-            return any(_element_matches(_key(e), found, left) for e in self._named(right))
+            return self.rs.member(self.family, right, self._named(right), found, left)
         if isinstance(right, dict) and "set" in right:
             return any(_element_matches(e, found, left) for e in right["set"])
         return _element_matches(right, found, left)
@@ -358,11 +396,7 @@ class _Run:
         if found is None:
             return None
         elements = self._named(data) if isinstance(data, str) else data["set"]
-        for element in elements:
-            key, value = _pair(element)
-            if _element_matches(key, found, left):
-                return value
-        return None
+        return self.rs.mapped(elements, found, left)
 
     def _named(self, name: str) -> list[Any]:
         found = self.rs.sets.get((self.family, name.lstrip("@")))
@@ -403,6 +437,94 @@ def _pair(element: Any) -> tuple[Any, Any]:
     if isinstance(element, list) and len(element) == 2:
         return _key(element[0]), element[1]
     raise Unsupported(f"map element {element!r}")
+
+
+def _kind(found: Any) -> Any:
+    """What the literal elements are read as for ``found`` (see :func:`_literal`)."""
+    if isinstance(found, tuple):
+        return tuple(type(f) for f in found)
+    return type(found)
+
+
+class _SetIndex:
+    """A named set's elements for values of one kind: the literals (and
+    concatenations of literals) as a hash set of the values they denote, the
+    rest (prefixes, ranges, wildcards) matched one by one, as before."""
+
+    def __init__(self, elements: list[Any], found: Any, left: Any) -> None:
+        self.exact: set[Any] = set()
+        self.rest: list[Any] = []
+        for element in elements:
+            element = _key(element)
+            value = _plain_value(element, found, left)
+            if value is _COMPLEX:
+                self.rest.append(element)
+            elif value is not None:  # None: a literal no value of this kind equals
+                self.exact.add(value)
+
+    def holds(self, found: Any, left: Any) -> bool:
+        try:
+            if found in self.exact:
+                return True
+        except TypeError:  # an unhashable value: match element by element
+            pass
+        return any(_element_matches(e, found, left) for e in self.rest)
+
+
+_COMPLEX = object()
+
+
+class _MapIndex:
+    """A map's elements for values of one kind: the first position and value of
+    each literal key in a dict, the other keys (with their positions) matched in
+    order; the first matching element wins, as in a scan of the elements."""
+
+    def __init__(self, elements: list[Any], found: Any, left: Any) -> None:
+        self.exact: dict[Any, tuple[int, Any]] = {}
+        self.rest: list[tuple[int, Any, Any]] = []
+        self.size = len(elements)
+        for at, element in enumerate(elements):
+            key, value = _pair(element)
+            plain = _plain_value(key, found, left)
+            if plain is _COMPLEX:
+                self.rest.append((at, key, value))
+            elif plain is not None:
+                self.exact.setdefault(plain, (at, value))
+
+    def value(self, found: Any, left: Any) -> Any:
+        try:
+            first = self.exact.get(found)
+        except TypeError:  # unhashable: no literal key equals it here
+            first = None
+        limit = first[0] if first is not None else self.size
+        for at, key, value in self.rest:
+            if at > limit:
+                break
+            if _element_matches(key, found, left):
+                return value
+        return first[1] if first is not None else None
+
+
+def _plain_value(element: Any, found: Any, left: Any) -> Any:
+    """The value a literal element (or a concatenation of literals) denotes for
+    values like ``found``; :data:`_COMPLEX` for any other element."""
+    if isinstance(element, dict) and "concat" in element:
+        parts = left.get("concat") if isinstance(left, dict) else None
+        if parts is None or not isinstance(found, tuple) or len(parts) != len(found):
+            return _COMPLEX
+        values = tuple(_plain_value(e, f, p)
+                       for e, f, p in zip(element["concat"], found, parts, strict=True))
+        if any(v is _COMPLEX for v in values):
+            return _COMPLEX
+        return None if any(v is None for v in values) else values
+    if isinstance(element, dict | list) or (isinstance(element, str) and element.endswith("*")):
+        return _COMPLEX
+    try:
+        value = _literal(element, found, left)
+        hash(value)
+    except (Unsupported, TypeError, ValueError):
+        return _COMPLEX
+    return value
 
 
 def _element_matches(element: Any, found: Any, left: Any) -> bool:

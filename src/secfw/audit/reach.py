@@ -200,8 +200,11 @@ def specials(cp: CloudPolicy, view: PortView, direction: str, family: Family) ->
       :data:`ND_TO_INSTANCE`); any other untracked type meets that end's rules.
     """
     everything = everywhere(family)
-    protected = cp.protected(family)
     secured = view.policy.port_security
+    # the filtered ports' addresses: needed for an unfiltered end's invalid cells
+    # and for the IPv6 neighbour discovery ones (and costly on a big cloud)
+    protected = cp.protected(family) if not secured or family == "ipv6" \
+        else netaddr.IPSet()
     invalid = CellPolicy(netaddr.IPSet() if secured else everything - protected,
                          UNFILTERED_LABEL, constraints=False)
     new_types = ICMP_NEW_TYPES if family == "ipv4" else ICMPV6_NEW_TYPES

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,114 @@ class Region:
     labels: list[Label] = field(default_factory=list)
 
 
+class Spans:
+    """A set of addresses of one IP version as integer intervals: sorted,
+    disjoint, non-touching, inclusive ``(first, last)`` pairs. Immutable.
+
+    The whole-cloud audits' stand-in for :class:`netaddr.IPSet` (the operations a
+    sweep needs: union, difference, intersection, emptiness, equality, CIDRs):
+    a union is one sort and one pass over the intervals, where an IPSet union
+    merges CIDR objects (the sweeps' main cost). ``iter_cidrs`` gives the CIDRs
+    :meth:`netaddr.IPSet.iter_cidrs` gives for the same addresses (the unique
+    decomposition into maximal aligned blocks, ascending)."""
+
+    __slots__ = ("spans", "version")
+
+    def __init__(self, version: int, spans: Sequence[tuple[int, int]] = ()) -> None:
+        self.version = version
+        self.spans: tuple[tuple[int, int], ...] = tuple(spans)
+
+    @classmethod
+    def of(cls, addresses: netaddr.IPSet, version: int) -> Spans:
+        """The same addresses as ``addresses`` (all of IP ``version``)."""
+        return cls(version, [(r.first, r.last) for r in addresses.iter_ipranges()])
+
+    @classmethod
+    def of_cidrs(cls, version: int, cidrs: Iterable[str]) -> Spans:
+        """The addresses of CIDRs (``a/n``; a bare address is one address), all
+        of IP ``version``, parsed with :func:`socket.inet_pton` (the audits read
+        every address set of a big cloud: :mod:`ipaddress` is many times slower)."""
+        family, width = (socket.AF_INET, 32) if version == 4 else (socket.AF_INET6, 128)
+        pairs = []
+        for cidr in cidrs:
+            address, _, length = cidr.partition("/")
+            first = int.from_bytes(socket.inet_pton(family, address), "big")
+            size = 1 << (width - (int(length) if length else width))
+            first &= ~(size - 1)  # as strict=False: the network's first address
+            pairs.append((first, first + size - 1))
+        return cls.merged(version, pairs)
+
+    @classmethod
+    def merged(cls, version: int, pairs: Iterable[tuple[int, int]]) -> Spans:
+        """The union of inclusive intervals given in any order."""
+        found: list[tuple[int, int]] = []
+        for first, last in sorted(pairs):
+            if found and first <= found[-1][1] + 1:
+                if last > found[-1][1]:
+                    found[-1] = (found[-1][0], last)
+            else:
+                found.append((first, last))
+        return cls(version, found)
+
+    def __bool__(self) -> bool:
+        return bool(self.spans)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Spans) and self.spans == other.spans and (
+            not self.spans or self.version == other.version)
+
+    def __hash__(self) -> int:
+        return hash(self.spans)
+
+    def __or__(self, other: Spans) -> Spans:
+        return Spans.merged(self.version, [*self.spans, *other.spans])
+
+    def __and__(self, other: Spans) -> Spans:
+        found, i, j = [], 0, 0
+        mine, theirs = self.spans, other.spans
+        while i < len(mine) and j < len(theirs):
+            first = max(mine[i][0], theirs[j][0])
+            last = min(mine[i][1], theirs[j][1])
+            if first <= last:
+                found.append((first, last))
+            if mine[i][1] < theirs[j][1]:
+                i += 1
+            else:
+                j += 1
+        return Spans(self.version, found)
+
+    def __sub__(self, other: Spans) -> Spans:
+        found: list[tuple[int, int]] = []
+        theirs, j = other.spans, 0
+        for first, last in self.spans:
+            while j < len(theirs) and theirs[j][1] < first:
+                j += 1
+            k = j
+            while k < len(theirs) and theirs[k][0] <= last:
+                if theirs[k][0] > first:
+                    found.append((first, theirs[k][0] - 1))
+                first = max(first, theirs[k][1] + 1)
+                k += 1
+            if first <= last:
+                found.append((first, last))
+        return Spans(self.version, found)
+
+    def iter_cidrs(self, longest: int | None = None) -> list[netaddr.IPNetwork]:
+        """The CIDRs (module docstring), only those at most ``longest`` long if given."""
+        width = 32 if self.version == 4 else 128
+        found = []
+        for first, last in self.spans:
+            while first <= last:
+                size = (first & -first) if first else 1 << width
+                while size > last - first + 1:
+                    size >>= 1
+                prefix = width - size.bit_length() + 1
+                if longest is None or prefix <= longest:
+                    found.append(netaddr.IPNetwork((first, prefix), version=self.version))
+                first += size
+        return found
+
+
 class UnionCache:
     """Unions of address sets shared by several sweeps (one audit run over many
     ports). The ports of a cloud name the same few hundred sets (a source group's
@@ -207,6 +316,58 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
     return [r for r in regions if r.addresses]
 
 
+def sweep_window(family: Family, openers: Sequence[Opener], protocol: int, low: int,
+                 high: int, special: Special | None = None,
+                 cache: UnionCache | None = None) -> list[Region]:
+    """The cells of protocol ``protocol`` × selectors ``low..high`` decided and
+    merged as :func:`sweep` (no constraints) decides and merges them, empty ones
+    included.
+
+    Contract: when ``low`` and ``high + 1`` are cuts of the whole sweep (a box
+    edge, or 0 / 65536) and ``special`` is the sweep's special of ``protocol``
+    (or there is none), these are exactly the whole sweep's regions inside the
+    window, except where a region of the whole sweep continues past an edge: the
+    caller must know that the cells just outside hold other addresses (exposure:
+    a broad region never meets a cell that only the all-protocol openers cover)."""
+    unite = cache.union if cache is not None else union
+    cuts = {low, high + 1}
+    for opener in openers:
+        box = opener.box
+        if box.proto_lo <= protocol <= box.proto_hi:
+            cuts.update(c for c in (box.sel_lo, box.sel_hi + 1) if low < c <= high)
+    if special is not None:
+        cuts.update(c for c in special.breakpoints if low < c <= high)
+    cells = [Box(protocol, protocol, a, b - 1) for a, b in itertools.pairwise(sorted(cuts))]
+    relevant = [i for i, o in enumerate(openers)
+                if o.box.proto_lo <= protocol <= o.box.proto_hi]
+    by_proto = {special.protocol: special} if special is not None else {}
+    memo: dict[tuple[Any, ...], tuple[netaddr.IPSet, list[Label], CellPolicy]] = {}
+    merged: list[Region] = []
+    for cell, active in zip(cells, _active(openers, relevant, cells), strict=True):
+        region = _decide(family, cell, openers, (), special, memo, unite, active)
+        if merged and _mergeable(merged[-1], region, by_proto):
+            merged[-1] = _merge(merged[-1], region)
+        else:
+            merged.append(region)
+    # as sweep: a region spanning ICMP types is cut where its row could not say it
+    return [piece for whole in merged for piece in _one_type_each(whole, by_proto)]
+
+
+def merge_protocols(regions: Sequence[Region]) -> list[Region]:
+    """``regions`` (in protocol, then selector order) with neighbouring protocols'
+    whole-selector regions of equal addresses merged, as :func:`sweep` does."""
+    found: list[Region] = []
+    for region in regions:
+        if found and _full(found[-1]) and _full(region) and \
+                found[-1].box.proto_hi + 1 == region.box.proto_lo and \
+                (found[-1].addresses is region.addresses
+                 or found[-1].addresses == region.addresses):
+            found[-1] = _merge(found[-1], region)
+        else:
+            found.append(region)
+    return found
+
+
 def _active(openers: Sequence[Opener], relevant: list[int],
             cells: list[Box]) -> list[list[int]]:
     """For each cell (in selector order), the indices among ``relevant`` of the
@@ -235,9 +396,12 @@ def _merged(constraints: Sequence[Constraint]) -> list[Constraint]:
 
 
 def union(sets: Sequence[netaddr.IPSet]) -> netaddr.IPSet:
-    """The union of ``sets`` in one merge (not one set operation per set)."""
+    """The union of ``sets`` in one merge (not one set operation per set); of
+    :class:`Spans` when they are."""
     if len(sets) == 1:
         return sets[0]
+    if isinstance(sets[0], Spans):
+        return Spans.merged(sets[0].version, [p for found in sets for p in found.spans])
     return netaddr.IPSet(cidr for found in sets for cidr in found.iter_cidrs())
 
 
@@ -369,12 +533,17 @@ def _full(region: Region) -> bool:
     return region.box.sel_lo == 0 and region.box.sel_hi == SEL_MAX
 
 
+def label_key(label: Label) -> str:
+    """What makes two labels the same label (their content)."""
+    return json.dumps(label, sort_keys=True)
+
+
 def unique_labels(labels: Sequence[Label]) -> list[Label]:
     """``labels`` without repeats, in first-seen order."""
     seen: set[str] = set()
     found = []
     for label in labels:
-        key = json.dumps(label, sort_keys=True)
+        key = label_key(label)
         if key not in seen:
             seen.add(key)
             found.append(label)

@@ -132,6 +132,22 @@ def restart_quiet(results: Row) -> tuple[bool | None, str]:
                                   f"{row['wall_s']:.1f} s (agent's own sync {row['sync_s']:.1f} s)")
 
 
+def _audit(results: Row) -> Row:
+    """The audit figures at the target size (a whole-cloud run, not ``--quick``'s)."""
+    audit = _control(results).get("audit")
+    if not isinstance(audit, dict) or not ok(audit) or audit.get("audit_scope") != "cloud":
+        raise KeyError("audit")
+    return audit
+
+
+def _audit_check(key: str, limit: float, unit: str) -> Callable[[Row], tuple[bool | None, str]]:
+    """A check of one audit figure against ``limit`` (issue #14's speed targets)."""
+    def check(results: Row) -> tuple[bool | None, str]:
+        figure = _audit(results)[key]
+        return figure < limit, f"{figure:,.{0 if unit == 'ms' and figure >= 10 else 2}f} {unit}"
+    return check
+
+
 TARGETS: tuple[tuple[str, Callable[[Row], tuple[bool | None, str]]], ...] = (
     ("10k ports: compile + full apply < 2 s", compile_and_apply),
     ("agent peak RSS < 300 MB (10k ports, full sync)", agent_rss),
@@ -141,6 +157,11 @@ TARGETS: tuple[tuple[str, Callable[[Row], tuple[bool | None, str]]], ...] = (
     ("new TCP connections/s at 10k ≥ 90 % of conntrack only", new_connections),
     ("first-packet p99 within 10 % from 100 ports to the largest N", first_packet_flat),
     ("restart at 10k: no rule rewritten (0 commands)", restart_quiet),
+    ("audit explain at 10k < 50 ms", _audit_check("explain_ms", 50, "ms")),
+    ("audit reach of one instance at 10k < 200 ms", _audit_check("reach_ms", 200, "ms")),
+    ("audit exposure of the whole cloud at 10k < 5 s", _audit_check("exposure_s", 5, "s")),
+    ("audit lint of the whole cloud at 10k < 5 s", _audit_check("lint_s", 5, "s")),
+    ("audit verify of the 10k-port host < 10 s", _audit_check("verify_s", 10, "s")),
 )
 
 

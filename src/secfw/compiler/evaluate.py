@@ -20,6 +20,7 @@ established connections a new filter no longer allows. Pure: no I/O.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class PolicyIndex:
         self.chains: dict[str, GroupChain] = {c.name: c for c in hf.chains}
         self._set_elements = {s.name: s.elements for s in hf.sets}
         self._sets: dict[str, list[IPNetwork]] = {}
+        self._spans: dict[str, list[tuple[int, int, int]]] = {}
         self._owners: AddressIndex | None = None
 
     @property
@@ -110,6 +112,25 @@ class PolicyIndex:
             found = [ipaddress.ip_network(e) for e in self._set_elements.get(name, ())]
             self._sets[name] = found
         return found
+
+    def holds(self, name: str, address: IPAddress) -> bool:
+        """Whether address set ``name`` has ``address``: a binary search of its
+        networks as integer intervals (built on first use; a big host's sets have
+        thousands of members and verify asks this for every probe)."""
+        spans = self._spans.get(name)
+        if spans is None:
+            spans = []
+            for version, first, last in sorted(
+                    (n.version, int(n.network_address), int(n.broadcast_address))
+                    for n in self.members(name)):
+                if spans and spans[-1][0] == version and first <= spans[-1][2]:
+                    spans[-1] = (version, spans[-1][1], max(last, spans[-1][2]))
+                else:  # (the elements are canonical; overlaps merged all the same)
+                    spans.append((version, first, last))
+            self._spans[name] = spans
+        value = (address.version, int(address), _AFTER_ALL)
+        at = bisect.bisect_right(spans, value) - 1
+        return at >= 0 and spans[at][0] == address.version and spans[at][2] >= int(address)
 
     def allows(self, packet: Packet) -> bool:
         """Whether the filter lets ``packet`` open a connection: every port of the
@@ -144,7 +165,7 @@ class PolicyIndex:
         if not port.port_security:
             return True
         src = ipaddress.ip_address(packet.src)
-        if any(_contains(n, src) for name in port.same_net_sets for n in self.members(name)):
+        if any(self.holds(name, src) for name in port.same_net_sets):
             return True
         return self._any_rule(port.ingress_chains, packet, packet.src)
 
@@ -168,7 +189,7 @@ class PolicyIndex:
 
     def _remote_matches(self, rule: IRRule, remote: IPAddress) -> bool:
         if rule.remote_set is not None:
-            return any(_contains(n, remote) for n in self.members(rule.remote_set))
+            return self.holds(rule.remote_set, remote)
         if rule.remote_cidr is not None:
             return _contains(ipaddress.ip_network(rule.remote_cidr), remote)
         return True
@@ -204,6 +225,10 @@ def _may_send_from(port: PortPolicy, address: str) -> bool:
 
 def _is_unspecified(address: str) -> bool:
     return ipaddress.ip_network(address).with_prefixlen in UNSPECIFIED.values()
+
+
+#: Sorts after every interval's last address (a search key's third field).
+_AFTER_ALL = 1 << 129
 
 
 def _contains(network: IPNetwork, address: IPAddress) -> bool:
