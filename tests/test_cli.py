@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import test_guide_outputs as guide
 
 from secfw.api import Api
 from secfw.cli import main
@@ -19,32 +20,10 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------- the guide's examples
 
-GUIDE_SECGROUP_LIST = """\
-+---------+-------------+
-| Name    | Description |
-+---------+-------------+
-| default | default     |
-| open    | all ports   |
-+---------+-------------+
-"""
-
-GUIDE_OPEN_RULES = """\
-+-------------+-----------+---------+-----------+--------------+
-| IP Protocol | From Port | To Port | IP Range  | Source Group |
-+-------------+-----------+---------+-----------+--------------+
-| icmp        | -1        | 255     | 0.0.0.0/0 |              |
-| tcp         | 1         | 65535   | 0.0.0.0/0 |              |
-| udp         | 1         | 65535   | 0.0.0.0/0 |              |
-+-------------+-----------+---------+-----------+--------------+
-"""
-
-GUIDE_GLOBAL_HTTP = """\
-+-------------+-------------------------------------+
-| Name        | Description                         |
-+-------------+-------------------------------------+
-| global_http | allow web traffic from the internet |
-+-------------+-------------------------------------+
-"""
+# The guide's own tables live in test_guide_outputs (one copy of each).
+GUIDE_SECGROUP_LIST = guide.GUIDE_SECGROUP_LIST
+GUIDE_OPEN_RULES = guide.GUIDE_RULES_OPEN
+GUIDE_GLOBAL_HTTP = guide.GUIDE_SECGROUP_CREATE
 
 RULE_HEADER = """\
 +-------------+-----------+---------+-----------+--------------+

@@ -608,13 +608,9 @@ def demo_command(keep: bool, work_dir: Path | None, hosts: int | None, topology:
         if not keep:
             lab.down()  # the table lived in the lab's host namespace: gone with it
     _print_matrix(probes, config.allow_same_net_traffic)
-    if keep:
-        click.echo(f"kept: store {store_url}, lab of {HOST} (secfw lab down --host {HOST} "
-                   f"with SECFW_LAB_DIR={lab_dir})")
-    elif work_dir is None:
-        shutil.rmtree(work, ignore_errors=True)
-    if not all(p.agrees for p in probes):
-        raise SecfwError("the kernel disagreed with the security groups (see MISMATCH rows)")
+    _finish_demo(probes, work, None if not keep else
+                 f"kept: store {store_url}, lab of {HOST} (secfw lab down --host {HOST} "
+                 f"with SECFW_LAB_DIR={lab_dir})", remove=work_dir is None)
 
 
 def _demo_hosts(hosts: int, topology: str, work_dir: Path | None, keep: bool,
@@ -636,10 +632,18 @@ def _demo_hosts(hosts: int, topology: str, work_dir: Path | None, keep: bool,
     where = ", ".join(f"{name} on {host}" for name, host in sorted(placement.items()))
     _print_matrix(probes, config.allow_same_net_traffic,
                   f"{hosts} hosts ({topology}, etcd; {where})")
-    if keep:
-        click.echo(f"kept: store {lab.store_url} in {lab.fabric_ns}; remove with "
-                   f"SECFW_LAB_DIR={work / 'lab'} secfw lab down --hosts {hosts} --name demo")
-    elif work_dir is None:
+    _finish_demo(probes, work, None if not keep else
+                 f"kept: store {lab.store_url} in {lab.fabric_ns}; remove with "
+                 f"SECFW_LAB_DIR={work / 'lab'} secfw lab down --hosts {hosts} --name demo",
+                 remove=work_dir is None)
+
+
+def _finish_demo(probes: list[Probe], work: Path, kept: str | None, remove: bool) -> None:
+    """Say what ``--keep`` kept (``kept``), else remove a temporary work dir; fail
+    when any probe disagreed with the security groups."""
+    if kept is not None:
+        click.echo(kept)
+    elif remove:
         shutil.rmtree(work, ignore_errors=True)
     if not all(p.agrees for p in probes):
         raise SecfwError("the kernel disagreed with the security groups (see MISMATCH rows)")
