@@ -1,7 +1,9 @@
 """Agent and compiler configuration, read from a nova.conf-style INI file.
 
-``[DEFAULT] allow_same_net_traffic`` (default ``true``, as in nova-network) and
-``metadata_listen = ADDR:PORT`` (the local metadata server; default none) are read.
+``[DEFAULT] allow_same_net_traffic`` (default ``true``, as in nova-network),
+``metadata_listen = ADDR:PORT`` (the local metadata server; default none) and
+``flowtable = off|auto|on`` (the nftables fast path for established flows,
+``backends/nftables/flowtable.py``; default ``off``) are read.
 The file is ``--config FILE`` or ``$SECFW_CONFIG``; with neither,
 the defaults apply. An explicitly named file that is missing or malformed is an
 error: silently falling back to defaults could open traffic an operator closed.
@@ -23,10 +25,16 @@ _FALSE = {"0", "no", "false", "off"}
 @dataclass(frozen=True)
 class Config:
     """``metadata_listen``: the local metadata server ``(address, port)`` the
-    agent redirects instances' ``169.254.169.254:80`` to (None: no redirect)."""
+    agent redirects instances' ``169.254.169.254:80`` to (None: no redirect).
+    ``flowtable``: :data:`FLOWTABLE_MODES` (nftables backend only)."""
 
     allow_same_net_traffic: bool = True
     metadata_listen: tuple[str, int] | None = None
+    flowtable: str = "off"
+
+
+#: The flowtable settings (``secfw.backends.nftables.flowtable.MODES``).
+FLOWTABLE_MODES = ("off", "auto", "on")
 
 
 def read_ini(path: str) -> configparser.ConfigParser:
@@ -52,7 +60,16 @@ def load_config(path: str | None = None) -> Config:
     raw = parser.defaults().get("allow_same_net_traffic")
     listen = parser.defaults().get("metadata_listen")
     return Config(allow_same_net_traffic=_parse_bool(raw, path) if raw is not None else True,
-                  metadata_listen=None if not listen else _parse_listen(listen, path))
+                  metadata_listen=None if not listen else _parse_listen(listen, path),
+                  flowtable=_parse_flowtable(parser.defaults().get("flowtable", "off"), path))
+
+
+def _parse_flowtable(raw: str, path: str) -> str:
+    value = raw.strip().lower()
+    if value not in FLOWTABLE_MODES:
+        raise ConfigError(f"config {path}: flowtable must be one of "
+                          f"{', '.join(FLOWTABLE_MODES)}, not {raw!r}")
+    return value
 
 
 def _parse_listen(raw: str, path: str) -> tuple[str, int]:

@@ -36,7 +36,7 @@ from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
 from secfw.compiler.metadata import parse_listen, with_metadata
-from secfw.config import Config, load_config
+from secfw.config import FLOWTABLE_MODES, Config, load_config
 from secfw.demo import (
     HOST,
     Probe,
@@ -189,6 +189,13 @@ def metadata_serve_command(state: CliState, host: str, config_path: str | None,
          "address (`secfw metadata serve`; default: config metadata_listen, else off) "
          "[env SECFW_METADATA_LISTEN].",
 )
+@click.option(
+    "--flowtable", type=click.Choice(FLOWTABLE_MODES), envvar="SECFW_FLOWTABLE",
+    help="nftables flowtable fast path for established flows: off, auto (when this "
+         "kernel has it) or on (required: ports stay closed without it). Untested on the "
+         "development kernel, which has none (default: config flowtable, else off) "
+         "[env SECFW_FLOWTABLE].",
+)
 @scope_options
 @click.pass_context
 def agent_command(
@@ -206,6 +213,7 @@ def agent_command(
     state_dir: str,
     metrics_address: str | None,
     metadata_listen: str | None,
+    flowtable: str | None,
 ) -> None:
     """Keep this network namespace's filter equal to HOST's security groups.
 
@@ -226,6 +234,11 @@ def agent_command(
     state = ctx.find_object(CliState)
     assert state is not None  # always run under main
     config = agent_config(config_path, metadata_listen)
+    if flowtable is not None:
+        config = replace(config, flowtable=flowtable)
+    if config.flowtable != "off" and backend != "nftables":
+        raise click.UsageError("--flowtable (or the config's flowtable) needs "
+                               "--backend nftables.")
     if once:
         _run_once(state.store_url, host, config, backend, topology)
         if register:

@@ -34,8 +34,13 @@ def host_reconciler(
     """The reconciler of ``host`` for ``backend`` and ``topology`` (``auto``,
     ``routed`` or ``bridged``), checking the taps before every pass."""
 
+    # The flowtable is an nftables option (off by default: no argument then, so
+    # other backends never see it).
+    options = {"flowtable": config.flowtable} if (
+        config.flowtable != "off" and backend == "nftables") else {}
+
     def make_backend(chosen: str) -> Any:
-        return get_backend(backend, netns=netns, topology=chosen)
+        return get_backend(backend, netns=netns, topology=chosen, **options)
 
     def probe() -> TapLayout:
         return layout_probe(netns)

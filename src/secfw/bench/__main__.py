@@ -16,7 +16,7 @@ from types import FrameType
 
 from secfw.bench import targets
 from secfw.bench.machine import REPO
-from secfw.bench.runner import Options, run
+from secfw.bench.runner import DATAPATH_MAX, Options, run
 
 DEFAULT_SIZES = (100, 1_000, 10_000, 50_000)
 QUICK_SIZES = (50, 200)
@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds; steps that would overrun it are skipped (default 1200)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--datapath-max", type=int, default=DATAPATH_MAX,
+                        help="largest size of the full data path; a larger last size gets "
+                             f"new connections only (default {DATAPATH_MAX})")
     args = parser.parse_args(argv)
     quick = args.quick
     return Options(
@@ -59,6 +62,9 @@ def parse_args(argv: list[str] | None) -> Options:
         iperf_seconds=1.0 if quick else 3.0,
         compile_repeat=1 if quick else 3,
         membership_reps=2 if quick else 5,
+        bridged_reps=1 if quick else 3,
+        conn_reps=1 if quick else 3,
+        datapath_max=args.datapath_max,
     )
 
 

@@ -47,11 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from secfw.backends.iptables import IptablesBackend, IptPlan
-from secfw.backends.nftables import NftablesExecutor
+from secfw.backends.nftables import NftablesExecutor, full_transaction, render
+from secfw.backends.nftables.flowtable import render_flowtable
 from secfw.bench.common import Row, median, rounded, timed
 from secfw.bench.connrate import ConnProbe
 from secfw.compiler.ir import HostFilter
 from secfw.lab import Lab, LabPort
+from secfw.netns import BRIDGE_NF_SYSCTLS, inside_netns
 
 IPERF_PORT = 5201
 NFTABLES, IPTABLES = "nftables", "iptables"
@@ -78,12 +80,19 @@ def iptables_label(variant: str) -> str:
     return f"secfw (iptables-{variant})"
 
 
+#: What a data-path run can measure: UDP 64 B packets/s, TCP bits/s, new connections.
+KINDS = ("udp", "tcp", "conn")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """How long and how often: iperf3 seconds per run, repetitions."""
+    """How long and how often: iperf3 seconds per run, repetitions; what to
+    measure (:data:`KINDS`); whether the iptables backend is measured too."""
 
     seconds: float
     reps: int
+    kinds: tuple[str, ...] = KINDS
+    iptables: bool = True
 
 
 class Iperf:
@@ -147,19 +156,28 @@ class HostRuleset:
     ir: HostFilter
     nft_text: str
 
+    def text_for(self, topology: str) -> str:
+        """The full nftables transaction for ``topology`` (the routed one is kept;
+        the bridged one is rendered from the IR when asked for: seconds at 10k)."""
+        if topology == "routed":
+            return self.nft_text
+        return full_transaction(render(self.ir, topology)).text
+
 
 class HostFilters:
     """secfw's two backends in one namespace, holding at most one filter at a time."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(self, netns: str, topology: str = "routed") -> None:
         """Both backends in ``netns``, which must be empty of filters: the iptables
         variant is fixed here, while no variant holds a rule, so it is the
         backend's default (what plain ``iptables`` is), never the one a previous
-        configuration happened to fill."""
+        configuration happened to fill. ``topology``: the lab's."""
         self.netns = netns
+        self.topology = topology
         self.nftables = NftablesExecutor(netns=netns)
-        self.iptables = IptablesBackend(netns=netns)
+        self.iptables = IptablesBackend(netns=netns, topology=topology)
         self.variant: str = self.iptables.executor.variant
+        self.flowtable_loaded = False
 
     def iptables_plan(self, ir: HostFilter) -> IptPlan:
         """The iptables backend's plan loading ``ir`` into a namespace without
@@ -172,7 +190,10 @@ class HostFilters:
         load took (the clear not counted). Raises what the backend raises."""
         self.clear()
         text, plan = config.nft_text, config.ipt_plan
+        if self.topology == "bridged":
+            set_bridge_netfilter(self.netns, text is not None or plan is not None)
         if text is not None:
+            self.flowtable_loaded = config.flowtable
             return timed(lambda: self.nftables.apply_text(text))[1]
         if plan is not None:
             return timed(lambda: self.iptables.apply(plan))[1]
@@ -182,8 +203,12 @@ class HostFilters:
         """Remove everything either backend loaded, with the backends' own
         methods: table ``inet secfw``; secfw's iptables jumps, chains and ipsets;
         then, with iptables-nft, its emptied ``filter`` tables
-        (:func:`drop_empty_tables`). Nothing loaded is not an error."""
+        (:func:`drop_empty_tables`); the flowtable's table when one was loaded.
+        Nothing loaded is not an error."""
         self.nftables.delete_table()
+        if self.flowtable_loaded:
+            self.nftables.apply_text(render_flowtable(()))
+            self.flowtable_loaded = False
         self.iptables.cleanup()
         if self.variant == "nft":
             drop_empty_tables(self.netns)
@@ -211,6 +236,19 @@ def drop_empty_tables(netns: str) -> None:
             raise RuntimeError(f"nft delete table {family} {name}: {deleted.stderr.strip()}")
 
 
+def set_bridge_netfilter(netns: str, on: bool) -> None:
+    """Turn br_netfilter's switches of ``netns`` on or off (bridged lab only).
+
+    A bridge without any filter would not hand its frames to the IP hooks at
+    all, so the bridged "no filter" baseline runs with the switches off; every
+    filter, conntrack only included, needs them on (a new namespace starts with
+    them on: br_netfilter's per-namespace defaults, kernel >= 5.3).
+    """
+    with inside_netns(netns):
+        for key in BRIDGE_NF_SYSCTLS:
+            Path("/proc/sys", key).write_text("1" if on else "0")
+
+
 def _nft(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``nft ARGS`` in ``netns`` (the CLI: table ``ip filter`` is not secfw's,
     so not the nftables executor's business); never raises for an exit status."""
@@ -233,22 +271,24 @@ class Configuration:
     backend: str | None = None
     nft_text: str | None = None
     ipt_plan: IptPlan | None = None
+    flowtable: bool = False  # nft_text adds table inet secfw_flow (bench.flowtable)
 
 
 def configurations(rulesets: Mapping[int, HostRuleset],
-                   iptables_plan: Callable[[HostFilter], IptPlan],
-                   variant: str) -> list[Configuration]:
-    """No filter, conntrack only, secfw's nftables ruleset at every N of
-    ``rulesets``, then its iptables ruleset at every N (``iptables_plan`` of
-    the same IR, labelled with ``variant``). The no-filter baseline is first."""
+                   iptables_plan: Callable[[HostFilter], IptPlan] | None,
+                   variant: str, topology: str = "routed") -> list[Configuration]:
+    """No filter, conntrack only, secfw's nftables ruleset for ``topology`` at
+    every N of ``rulesets``, then — unless ``iptables_plan`` is None — its
+    iptables ruleset at every N (``iptables_plan`` of the same IR, labelled with
+    ``variant``). The no-filter baseline is first."""
     sizes = sorted(rulesets)
-    return [
-        Configuration(NO_FILTER, 0),
-        Configuration(CONNTRACK_ONLY, 0, nft_text=CONNTRACK_ONLY_TEXT),
-        *(Configuration(SECFW, n, NFTABLES, nft_text=rulesets[n].nft_text) for n in sizes),
-        *(Configuration(iptables_label(variant), n, IPTABLES,
-                        ipt_plan=iptables_plan(rulesets[n].ir)) for n in sizes),
-    ]
+    nft = [Configuration(SECFW, n, NFTABLES, nft_text=rulesets[n].text_for(topology))
+           for n in sizes]
+    ipt = [] if iptables_plan is None else [
+        Configuration(iptables_label(variant), n, IPTABLES, ipt_plan=iptables_plan(rulesets[n].ir))
+        for n in sizes]
+    return [Configuration(NO_FILTER, 0),
+            Configuration(CONNTRACK_ONLY, 0, nft_text=CONNTRACK_ONLY_TEXT), *nft, *ipt]
 
 
 @dataclass
@@ -264,43 +304,53 @@ class Measured:
 
 
 def run_datapath(pair: tuple[LabPort, LabPort], host: str,
-                 rulesets: Mapping[int, HostRuleset], settings: Settings) -> Row:
-    """Measure every configuration (see :func:`configurations`); see the module doc.
+                 rulesets: Mapping[int, HostRuleset], settings: Settings,
+                 topology: str = "routed", extra: tuple[Configuration, ...] = ()) -> Row:
+    """Measure every configuration (see :func:`configurations`), then ``extra``,
+    in a lab of ``topology``; see the module doc.
 
     Whatever happens, both backends' filters are removed and the lab is torn down.
     """
-    if shutil.which("iperf3") is None:
+    if ("udp" in settings.kinds or "tcp" in settings.kinds) and shutil.which("iperf3") is None:
         return {"skipped": "iperf3 is not installed"}
     server, client = pair
     with tempfile.TemporaryDirectory(prefix="secfw-bench-lab-") as state_dir:
-        lab = Lab(host, Path(state_dir))
+        lab = Lab(host, Path(state_dir), topology=topology)
         try:
             lab.up([server, client])
-            filters = HostFilters(lab.host_ns)
+            filters = HostFilters(lab.host_ns, topology)
             try:
-                configs = configurations(rulesets, filters.iptables_plan, filters.variant)
+                plan = filters.iptables_plan if settings.iptables else None
+                configs = [*configurations(rulesets, plan, filters.variant, topology), *extra]
                 ends = (lab.instance_ns(server.tap), lab.instance_ns(client.tap), server.ip)
                 runs = _measure(Iperf(*ends), ConnProbe(*ends), filters, configs, settings)
             finally:
                 filters.clear()
         finally:
             lab.down()
-    return _summarise(configs, runs, settings, filters.variant)
+    summary = _summarise(configs, runs, settings, filters.variant)
+    return summary | {"topology": topology, "kinds": list(settings.kinds),
+                      "method": method(filters.variant, topology)}
 
 
 def _measure(iperf: Iperf, conns: ConnProbe, filters: HostFilters,
              configs: list[Configuration], settings: Settings) -> list[Measured]:
     """Every repetition, every configuration in turn: per configuration, its values."""
     runs = [Measured() for _ in configs]
+    kinds = settings.kinds
     with iperf.serving(), conns.serving():
-        iperf.udp_pps(1.0)  # warm-up, not counted: neighbours resolved, caches hot
+        if "udp" in kinds:
+            iperf.udp_pps(1.0)  # warm-up, not counted: neighbours resolved, caches hot
         conns.measure(1.0)
         for _ in range(settings.reps):
             for config, measured in zip(configs, runs, strict=True):
                 measured.load_s.append(filters.load(config))
-                measured.udp_pps.append(iperf.udp_pps(settings.seconds))
-                measured.tcp_bps.append(iperf.tcp_bps(settings.seconds))
-                _measure_connections(conns, settings, measured)
+                if "udp" in kinds:
+                    measured.udp_pps.append(iperf.udp_pps(settings.seconds))
+                if "tcp" in kinds:
+                    measured.tcp_bps.append(iperf.tcp_bps(settings.seconds))
+                if "conn" in kinds:
+                    _measure_connections(conns, settings, measured)
     return runs
 
 
@@ -362,10 +412,19 @@ def _paired(values: list[float], base: list[float]) -> list[float]:
     return [v / b for v, b in zip(values, base, strict=True) if b]
 
 
-def method(variant: str) -> str:
+#: Where the two lab instances' packets are filtered, per topology.
+PATHS = {
+    "routed": "routed through the host namespace",
+    "bridged": ("bridged: each instance on a Linux bridge of the host namespace (br_netfilter "
+                "hands the frames to the IP hooks; its switches off for no filter, on for "
+                "every filter), routed between the two networks by the router namespace"),
+}
+
+
+def method(variant: str, topology: str = "routed") -> str:
     """How the data path was measured, for the report (``variant``: iptables')."""
     return (
-        "iperf3 between two lab instances, routed through the host namespace; UDP 64-byte "
+        f"iperf3 between two lab instances, {PATHS[topology]}; UDP 64-byte "
         "payload (-u -b 0 -l 64), received packets/s; TCP one stream, received bits/s; "
         "new TCP connections/s from 2 client processes and their connect() time "
         "(secfw.bench.connrate: SYN to SYN-ACK as the client sees it); "

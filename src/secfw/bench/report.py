@@ -20,13 +20,32 @@ PHASES = (("changes_compile", "feed+compile"), ("read_back", "read-back"),
           ("render_plan", "render+plan"), ("apply", "nft apply"), ("committed", "committed"))
 
 
+NEUTRON_JSON = "neutron.json"
+
+
 def write(results: Row, out: Path) -> None:
-    """Evaluate the targets, draw the plot, write the JSON and Markdown files."""
+    """Evaluate the targets, draw the plot, write the JSON and Markdown files.
+
+    The Neutron comparison (``secfw.bench.neutron``) writes its own results; its
+    summary is attached from ``out/neutron.json`` when that file exists."""
     out.mkdir(parents=True, exist_ok=True)
+    results["neutron"] = neutron_from(out / NEUTRON_JSON)
     results["targets"] = targets.evaluate(results)
     results["plot"] = _plot(results, out / f"{STEM}.png")
     _replace(out / f"{STEM}.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
     _replace(out / f"{STEM}.md", markdown(results))
+
+
+def neutron_from(path: Path) -> Row:
+    """:func:`targets.neutron_summary` of the Neutron bench's JSON file, or why not."""
+    try:
+        neutron = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"skipped": f"no {path.name} (python -m secfw.bench.neutron writes it)"}
+    except (OSError, ValueError) as exc:
+        return failed(exc)
+    summary = targets.neutron_summary(neutron) if isinstance(neutron, dict) else None
+    return summary or {"skipped": f"{path.name} has no size with both drivers' full sync"}
 
 
 def _plot(results: Row, path: Path) -> Row:
@@ -100,8 +119,9 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(results: Row) -> str:
     """The whole Markdown report."""
     parts = [_title(results), _targets(results), _control(results), _audit(results),
-             _incremental(results), _membership(results), _datapath(results),
-             _restart(results), _problems(results)]
+             _incremental(results), _membership(results), _during_resync(results),
+             _datapath(results), _bridged(results), _connections(results),
+             _flowtable(results), _restart(results), _problems(results)]
     return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
 
 
@@ -224,10 +244,11 @@ def _membership(results: Row) -> list[str]:
                     "last run by phase (ms)"], rows)]
 
 
-def _datapath(results: Row) -> list[str]:
+def _datapath(results: Row, key: str = "datapath",
+              title: str = "## 3. Data path, routed (two lab instances, N other ports loaded)"
+              ) -> list[str]:
     """nftables and iptables side by side, one row per N (the baselines are shared)."""
-    dp = results["datapath"]
-    title = "## 3. Data path (two lab instances, N other ports loaded)"
+    dp = results.get(key) or {"skipped": "not in these results"}
     if not ok(dp):
         return [title, "", f"{status(dp)}: {dp.get('skipped') or dp.get('error')}"]
     iptables = f"iptables-{dp.get('iptables_variant', '?')}"
@@ -286,6 +307,101 @@ def _load_times(dp: Row, iptables: str) -> str:
 
 def _datapath_label(row: Row) -> str:
     return f"{row['ports']:,}" if row["ports"] else f"0: {row['filter']}"
+
+
+def _bridged(results: Row) -> list[str]:
+    """The bridged data path's own table, then both topologies' ratios per N."""
+    lines = _datapath(results, "datapath_bridged",
+                      "## 3b. Data path, bridged (the same rulesets rendered for a bridged host)")
+    routed: Row = results.get("datapath") or {}
+    bridged: Row = results.get("datapath_bridged") or {}
+    if not (ok(routed) and ok(bridged)):
+        return lines
+    by_n = {row["ports"]: row for row in bridged["rows"] if row["filter"] != NO_FILTER_LABEL}
+    rows = []
+    for row in routed["rows"][1:]:
+        other = by_n.get(row["ports"]) if row["ports"] else bridged["rows"][1]
+        rows.append([_datapath_label(row), *(f"{_percent(row.get(k))} / "
+                                             f"{_percent(dig(other, k))}" for k in RATIOS)])
+    return [*lines, "", "### Bridged vs routed (nftables; each against its own no-filter "
+            "baseline)", "", *table(["N", "UDP 64 B: routed / bridged", "TCP",
+                                     "new conn/s vs conntrack only"], rows)]
+
+
+NO_FILTER_LABEL = "no filter (nothing loaded)"
+RATIOS = ("udp_ratio", "tcp_ratio", "conn_ct_ratio")
+
+
+def _connections(results: Row) -> list[str]:
+    """New connections and first-packet latency: every topology and size measured
+    (the data paths' nftables rows, then the large-size run)."""
+    rows = []
+    for key, topology in (("datapath", "routed"), ("datapath_bridged", "bridged")):
+        dp: Row = results.get(key) or {}
+        for row in dp["rows"] if ok(dp) else []:
+            rows.append([topology, _datapath_label(row), *_connection_cells(row),
+                         *_connection_cells(row.get("iptables"))])
+    large = results.get("connections") or {}
+    for topology, run in (large.get("topologies") or {}).items():
+        for row in run["rows"] if ok(run) else []:
+            rows.append([f"{topology} (large run)", _datapath_label(row),
+                         *_connection_cells(row), *(["—"] * 4)])
+    title = "## 3c. New connections and first-packet latency"
+    if not rows:
+        return [title, "", "not measured"]
+    header = ["topology", "N", "nftables: new conn/s", "vs conntrack only", "connect p50 (µs)",
+              "p99", "iptables: new conn/s", "vs conntrack only", "p50", "p99"]
+    note = ("The large run measures new connections only, at the smallest and the largest "
+            "size side by side (with its own baselines); the iptables backend is not loaded "
+            f"there: {large.get('iptables', '—')}." if large.get("topologies") else
+            f"Large run: {status(large) or 'not run'}"
+            f"{': ' + str(large.get('skipped') or large.get('error')) if status(large) else ''}.")
+    return [title, "", *table(header, rows), "",
+            "connect() time is SYN → SYN-ACK as the client sees it (secfw.bench.connrate): "
+            "the one packet of a flow that walks the ruleset. " + note]
+
+
+def _flowtable(results: Row) -> list[str]:
+    """The flowtable probe and, where the kernel has it, on/off figures."""
+    ft = results.get("flowtable")
+    title = "## 3d. Flowtable fast path (optional, `--flowtable auto|on`)"
+    if not isinstance(ft, dict) or not ft:
+        return [title, "", "not measured in this run"]
+    if not ok(ft):
+        return [title, "", f"{status(ft)}: {ft.get('skipped') or ft.get('error')}"]
+    if not ft.get("available"):
+        return [title, "", f"flowtable: not available on this kernel ({ft.get('reason')}); "
+                "the fast path stays off and is untested here."]
+    dp: Row = ft.get("datapath") or {}
+    if not ok(dp):
+        return [title, "", "flowtable: available; on/off not measured "
+                f"({status(dp) or 'the data path did not run'})."]
+    rows = [[_datapath_label(row) + f" ({row['filter']})", *_datapath_cells(row),
+             *_connection_cells(row)[:2]] for row in dp["rows"]]
+    return [title, "", *table(["N", "UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio",
+                               "new conn/s", "vs conntrack only"], rows)]
+
+
+#: Where a "changes during a resync" measurement may be in the results (another
+#: part of the bench adds it); shown as it is when present.
+RESYNC_KEYS = ("during_resync", "changes_during_resync", "resync")
+
+
+def _during_resync(results: Row) -> list[str]:
+    """Changes made while a full resync runs: the figures when the run has them."""
+    title = "### Changes during a full resync"
+    found = next((results[key] for key in RESYNC_KEYS if key in results), None)
+    rows = [[t["target"], t["figure"], targets.verdict(t["met"])]
+            for t in results.get("targets", []) if "resync" in t["target"]]
+    if found is None and not rows:
+        return [title, "", "not measured in this run"]
+    lines = [title, ""]
+    if rows:
+        lines += [*table(["target", "figure", "result"], rows), ""]
+    if isinstance(found, dict):
+        lines += [f"- {key}: {value}" for key, value in found.items()
+                  if not isinstance(value, dict | list)]
+    return lines
 
 
 def _restart(results: Row) -> list[str]:

@@ -5,9 +5,12 @@ same cloud with more ports on the host. At each size (:func:`measure_size`):
 compile, ruleset size, full apply into a fresh namespace, the agent as a process
 (full sync, then the restart over the loaded table), then an in-process agent for
 the membership change — and, at the incremental size (10,000), every change of
-the issue. The data path runs once every size up to 10,000 has its ruleset (its
-IR and nftables text are kept for it: both backends load the same IR), before
-larger sizes, which are the first to be cut when the budget runs short.
+the issue. The routed data path runs once every size up to 10,000 has its
+ruleset (its IR and nftables text are kept for it: both backends load the same
+IR), before larger sizes, which are the first to be cut when the budget runs
+short. After the last size: the bridged data path (same rulesets, fewer
+repetitions), then new connections at the largest size (above 10,000: nftables
+only, beside the smallest size, both topologies), then the flowtable probe.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secfw.api import Api
-from secfw.bench import audit, control, incremental, report
+from secfw.bench import audit, control, flowtable, incremental, report
 from secfw.bench.budget import Budget
 from secfw.bench.common import Row, guarded, ok, rounded, skipped, timed
 from secfw.bench.datapath import HostRuleset, Settings, run_datapath
@@ -47,6 +50,9 @@ class Options:
     iperf_seconds: float = 3.0
     compile_repeat: int = 3
     membership_reps: int = 5
+    bridged_reps: int = 3
+    conn_reps: int = 3
+    datapath_max: int = DATAPATH_MAX
 
     @property
     def incremental_size(self) -> int:
@@ -56,7 +62,14 @@ class Options:
 
     @property
     def datapath_sizes(self) -> tuple[int, ...]:
-        return tuple(n for n in self.sizes if n <= DATAPATH_MAX)
+        return tuple(n for n in self.sizes if n <= self.datapath_max)
+
+    @property
+    def connections_size(self) -> int | None:
+        """The largest size, when it is above the data path's (new connections
+        only are measured there), else None."""
+        largest = max(self.sizes)
+        return largest if largest > self.datapath_max else None
 
 
 @dataclass
@@ -72,7 +85,11 @@ class Run:
     membership: list[Row] = field(default_factory=list)
     incremental: Row = field(default_factory=dict)
     rulesets: dict[int, HostRuleset] = field(default_factory=dict)
+    large_ruleset: HostRuleset | None = None
     datapath: Row = field(default_factory=dict)
+    datapath_bridged: Row = field(default_factory=dict)
+    connections: Row = field(default_factory=dict)
+    flowtable: Row = field(default_factory=dict)
 
 
 def run(options: Options) -> Row:
@@ -97,11 +114,16 @@ def _run_in(work: Path, options: Options) -> Row:
     try:
         _, base_s = timed(cloud.build_base)
         for n in sorted(options.sizes):
-            if n > DATAPATH_MAX and not state.datapath:
+            if n > options.datapath_max and not state.datapath:
                 _datapath(state)
             measure_size(state, n)
         if not state.datapath:
             _datapath(state)
+        _datapath_bridged(state)
+        _connections_large(state)
+        state.large_ruleset = None
+        _flowtable(state)
+        state.rulesets.clear()
     finally:
         api.store.close()
     return _results(state, base_s)
@@ -122,6 +144,9 @@ def _results(state: Run, base_s: float) -> Row:
         "incremental": state.incremental,
         "membership": state.membership,
         "datapath": state.datapath,
+        "datapath_bridged": state.datapath_bridged,
+        "connections": state.connections,
+        "flowtable": state.flowtable,
         "restart": state.restart,
         "elapsed_s": round(state.budget.elapsed(), 1),
     }
@@ -171,8 +196,10 @@ def _compile(state: Run, n: int, row: Row) -> control.Compiled | None:
         return None
     compiled = holder[0]
     row["ruleset"] = control.ruleset_size(compiled.ruleset, compiled.text)
-    if n in state.options.datapath_sizes and state.options.datapath:
+    if state.options.datapath and n in state.options.datapath_sizes:
         state.rulesets[n] = HostRuleset(compiled.host_filter, compiled.text)
+    elif state.options.datapath and n == state.options.connections_size:
+        state.large_ruleset = HostRuleset(compiled.host_filter, compiled.text)
     return compiled
 
 
@@ -239,19 +266,108 @@ def _is_root() -> bool:
 # ---------------------------------------------------------------------- data path
 
 
-def _datapath(state: Run) -> None:
-    """The data-path measurements over every ruleset kept (sizes ≤ 10,000), with
-    both backends; the rulesets are dropped afterwards (they are big)."""
-    options = state.options
+def _why_no_datapath(options: Options) -> str | None:
     if not options.datapath:
-        state.datapath = skipped("--skip-datapath")
-    elif not _is_root():
-        state.datapath = skipped("needs root (network namespaces)")
-    else:
-        settings = Settings(options.iperf_seconds, options.reps)
-        cloud = state.cloud
-        state.datapath = state.budget.run("datapath", 0, lambda: run_datapath(
-            cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings))
-    state.rulesets.clear()
+        return "--skip-datapath"
+    if not _is_root():
+        return "needs root (network namespaces)"
+    return None
+
+
+def _datapath(state: Run) -> None:
+    """The routed data-path measurements over every ruleset kept (sizes ≤ 10,000),
+    with both backends (the rulesets stay for the bridged run)."""
+    reason = _why_no_datapath(state.options)
+    if reason is not None:
+        state.datapath = skipped(reason)
+        return
+    options, cloud = state.options, state.cloud
+    settings = Settings(options.iperf_seconds, options.reps)
+    state.datapath = state.budget.run("datapath", 0, lambda: run_datapath(
+        cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings))
     if not state.datapath:
         state.datapath = skipped("nothing to measure")
+
+
+def _datapath_bridged(state: Run) -> None:
+    """The same configurations on a bridged lab, ``bridged_reps`` repetitions.
+
+    Its time is guessed from the routed run's, scaled by the repetitions, so
+    the budget skips it (with that reason) rather than overrun."""
+    reason = _why_no_datapath(state.options)
+    if reason is None and not ok(state.datapath):
+        reason = "the routed data path did not run"
+    if reason is not None:
+        state.datapath_bridged = skipped(reason)
+        return
+    options, cloud, budget = state.options, state.cloud, state.budget
+    routed_s = budget.history.get("datapath", (0, 0.0))[1]
+    budget.history["datapath-bridged"] = (0, routed_s * options.bridged_reps / options.reps)
+    settings = Settings(options.iperf_seconds, options.bridged_reps)
+    state.datapath_bridged = budget.run("datapath-bridged", 0, lambda: run_datapath(
+        cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings,
+        topology="bridged"))
+
+
+def _connections_large(state: Run) -> None:
+    """New connections at the largest size (above the data path's), beside the
+    smallest size, routed and bridged, nftables only: see :func:`connections_large`."""
+    size = state.options.connections_size
+    reason = _why_no_datapath(state.options)
+    if reason is None and size is None:
+        reason = "no size above the data path's was run"
+    if reason is None and (state.large_ruleset is None or not state.rulesets):
+        reason = f"the ruleset at {size:,} ports was not compiled"
+    if reason is not None:
+        state.connections = skipped(reason)
+        return
+    assert size is not None and state.large_ruleset is not None
+    row = find_row(state.control, size)
+    apply_s = (row or {}).get("full_apply", {}).get("full_apply_s") or 60.0
+    reps = state.options.conn_reps
+    # per topology: render the bridged text once, then per repetition 4 configurations
+    # of `seconds` each and one load of the large ruleset
+    guess = 2 * reps * (4 * (state.options.iperf_seconds + 1.0) + apply_s) + apply_s
+    state.budget.history["connections"] = (0, guess)
+    smallest = min(state.rulesets)
+    rulesets = {smallest: state.rulesets[smallest], size: state.large_ruleset}
+    state.connections = state.budget.run("connections", size, lambda: connections_large(
+        state, rulesets))
+
+
+def connections_large(state: Run, rulesets: dict[int, HostRuleset]) -> Row:
+    """New connections/s and connect() p50/p99 with nftables at the sizes of
+    ``rulesets``, paired with no filter and conntrack only, routed and bridged.
+    The iptables backend is not loaded at this size: its load alone took
+    ~10 s at 10,000 ports and grows with them (see the data path's load times)."""
+    options, cloud = state.options, state.cloud
+    settings = Settings(options.iperf_seconds, options.conn_reps, kinds=("conn",),
+                        iptables=False)
+    pair = cloud.data_path_ports(cloud.api.snapshot())
+
+    def one(topology: str) -> Row:
+        return guarded(lambda: run_datapath(pair, cloud.host, rulesets, settings, topology))
+
+    return {"sizes": sorted(rulesets),
+            "iptables": "not measured above the data path's sizes (its load time)",
+            "topologies": {topology: one(topology) for topology in ("routed", "bridged")}}
+
+
+def _flowtable(state: Run) -> None:
+    """The flowtable probe (always: it is one nft command); where the kernel has
+    one and the data path ran, the routed data path with and without it
+    (:mod:`.flowtable`) — if its guessed time (half the routed run's
+    configurations, ``bridged_reps`` repetitions) fits the budget left."""
+    options, cloud, budget = state.options, state.cloud, state.budget
+    routed_s = budget.history.get("datapath", (0, 0.0))[1]
+    budget.history["flowtable"] = (0, routed_s * options.bridged_reps / options.reps / 2)
+    runs = ok(state.datapath) and budget.why_not("flowtable", 0) is None
+    pair = cloud.data_path_ports(cloud.api.snapshot()) if runs else None
+    settings = Settings(options.iperf_seconds, options.bridged_reps, iptables=False)
+    state.flowtable = guarded(lambda: flowtable.measure(pair, cloud.host, state.rulesets,
+                                                         settings))
+
+
+def find_row(rows: list[Row], ports: int) -> Row | None:
+    """The row of ``rows`` for ``ports``."""
+    return next((row for row in rows if row.get("ports") == ports), None)

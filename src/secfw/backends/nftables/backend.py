@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.executor import NftablesExecutor
+from secfw.backends.nftables.flowtable import FlowtablePath
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
 from secfw.backends.nftables.render import Renderer, Ruleset, render
@@ -20,7 +21,7 @@ from secfw.backends.nftables.summary import element_count, summarize
 from secfw.compiler.ir import HostFilter
 from secfw.errors import BackendError
 from secfw.gcpause import collector_paused
-from secfw.netns import bridge_netfilter_enabled, enable_bridge_netfilter
+from secfw.netns import bridge_netfilter_enabled, enable_bridge_netfilter, tap_links
 
 if TYPE_CHECKING:
     from secfw.conntrack import Revocation
@@ -34,14 +35,19 @@ class NftablesBackend:
     name = "nftables"
 
     def __init__(self, executor: NftablesExecutor | None = None, netns: str | None = None,
-                 topology: str = "routed") -> None:
+                 topology: str = "routed", flowtable: str = "off") -> None:
         """Use ``executor``, or open one in the current namespace or in ``netns``,
-        for a ``routed`` or ``bridged`` host (BackendError for anything else)."""
+        for a ``routed`` or ``bridged`` host (BackendError for anything else).
+        ``flowtable``: ``off``, ``auto`` or ``on`` (:mod:`.flowtable`)."""
         if topology not in TOPOLOGIES:
             raise BackendError(
                 f"nftables: unknown topology {topology!r} (known: {', '.join(TOPOLOGIES)})")
         self.topology = topology
         self.executor = executor if executor is not None else NftablesExecutor(netns)
+        try:
+            self.flowtable = FlowtablePath(flowtable, topology)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
         self.reset()
 
     def reset(self) -> None:
@@ -103,6 +109,23 @@ class NftablesBackend:
         if self.topology == "bridged":  # before the marks: they are useless without it
             self._enable_bridge_netfilter()
         self.executor.apply(plan)
+        if self.flowtable.enabled:
+            self._sync_flowtable()
+
+    def _sync_flowtable(self) -> None:
+        """The flowtable lists the desired ports' taps that exist (a flowtable
+        device must exist when the table is committed)."""
+        wanted = {port.tap for port in self._last[0].ports} if self._last else set()
+        try:
+            present = tap_links(self.executor.netns)[0]
+        except OSError as exc:
+            raise BackendError(f"flowtable: cannot list the taps: {exc}") from exc
+        self.flowtable.sync(self.executor, wanted & set(present))
+
+    def refused_ports(self, desired: HostFilter) -> dict[str, str]:
+        """Port id → why, for ports left closed before any plan: all of them
+        when the flowtable is required (``on``) but cannot be used."""
+        return self.flowtable.refused(desired)
 
     def _enable_bridge_netfilter(self) -> None:
         """Turn br_netfilter's switches on; without br_netfilter only the closed
@@ -163,5 +186,8 @@ class NftablesBackend:
 
     def cleanup(self) -> None:
         """Delete secfw's tables ``inet``, ``arp`` and ``bridge secfw`` (and nothing
-        else; br_netfilter's switches stay as they are: others may rely on them)."""
+        else; br_netfilter's switches stay as they are: others may rely on them),
+        and the flowtable's table when the fast path is on."""
         self.executor.delete_table()
+        if self.flowtable.enabled:
+            self.flowtable.remove(self.executor)
