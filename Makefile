@@ -78,6 +78,7 @@ bench: venv
 	$(PY) -m secfw.bench.manyhosts $(MANYHOSTS_ARGS)
 	$(PY) -m secfw.bench.metadata
 	$(PY) -m secfw.bench.neutron $(NEUTRON_BENCH_ARGS)
+	$(PY) -m secfw.bench.readme
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

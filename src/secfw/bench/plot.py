@@ -1,8 +1,11 @@
 """``latest.png``: cost versus number of ports (matplotlib, no display needed).
 
-Three panels: control-plane times (log–log), the agent's peak RSS, and the
-data-path ratios to the unfiltered baseline, nftables and iptables side by side.
-Targets are drawn as dashed lines.
+Two rows of panels. First: control-plane times (log–log), the agent's peak RSS,
+and the routed data-path ratios to the unfiltered baseline, nftables and
+iptables side by side. Second: new connections/s against conntrack only and the
+first-packet p99 (both topologies, the large-size run included), bridged against
+routed, and the flowtable and changes-during-a-resync figures (or why there are
+none). Targets are drawn as dashed lines.
 """
 
 from __future__ import annotations
@@ -136,13 +139,115 @@ def _panel_datapath(ax: Any, results: Row) -> None:
     ax.legend(fontsize=7, loc="lower right")
 
 
+#: The data paths whose new-connection figures are plotted: (results key, label).
+CONNECTION_RUNS = (("datapath", "routed"), ("datapath_bridged", "bridged"))
+
+
+def _connection_series(results: Row, key: str) -> dict[str, Series]:
+    """Per topology (and the large-size run's), (ports, ``key``) of the nftables rows."""
+    found: dict[str, Series] = {}
+    for source, label in CONNECTION_RUNS:
+        dp: Row = results.get(source) or {}
+        if ok(dp):
+            found[label] = _series([r for r in dp["rows"] if r["ports"]], lambda r: r.get(key))
+    large = (results.get("connections") or {}).get("topologies") or {}
+    for topology, run in large.items():
+        if ok(run):
+            found[f"{topology}, large run"] = _series([r for r in run["rows"] if r["ports"]],
+                                                      lambda r: r.get(key))
+    return {label: points for label, points in found.items() if points}
+
+
+def _panel_lines(ax: Any, series: dict[str, Series], title: str, ylabel: str) -> None:
+    for label, points in series.items():
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set(xlabel="ports on the host", ylabel=ylabel,
+           title=title if series else f"{title}: not measured")
+    if series:
+        ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+
+
+def _panel_connections(ax: Any, results: Row) -> None:
+    series = {k: [(n, v * 100) for n, v in points]
+              for k, points in _connection_series(results, "conn_ct_ratio").items()}
+    _panel_lines(ax, series, "New connections/s, % of conntrack only (dashed: 90 %)",
+                 "% of conntrack only")
+    ax.axhline(90, color="grey", linestyle="--", linewidth=1)
+
+
+def _panel_first_packet(ax: Any, results: Row) -> None:
+    _panel_lines(ax, _connection_series(results, "conn_p99_us"),
+                 "First packet: connect() p99 (target: flat within 10 %)", "µs")
+
+
+def _panel_bridged(ax: Any, results: Row) -> None:
+    """nftables' UDP and TCP ratios per N, routed beside bridged."""
+    bars: list[tuple[str, list[tuple[float, float]]]] = []
+    rows: list[Row] = []
+    for slot, (source, topology) in enumerate(CONNECTION_RUNS):
+        dp: Row = results.get(source) or {}
+        if not ok(dp):
+            continue
+        rows = dp["rows"][1:]
+        for kind_slot, key in enumerate(("udp_ratio", "tcp_ratio")):
+            offset = (slot * 2 + kind_slot - 1.5) * BAR_WIDTH
+            bars.append((f"{topology} {key.split('_')[0].upper()}",
+                         _ratio_bars(rows, "nftables", key, offset)))
+    for label, points in bars:
+        if points:
+            ax.bar(*zip(*points, strict=True), width=BAR_WIDTH, label=label)
+    ax.axhline(90, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(rows)),
+                  [f"{r['ports']:,}" if r["ports"] else "conntrack\nonly" for r in rows])
+    ax.set(xlabel="other ports loaded (N)", ylabel="% of no filter",
+           title="Bridged vs routed, nftables (dashed: 90 %)" if bars else
+           "Bridged vs routed: not measured")
+    if bars:
+        ax.legend(fontsize=7, loc="lower right")
+
+
+def _panel_extras(ax: Any, results: Row) -> None:
+    """Flowtable on/off and changes during a resync: bars where measured, else why not."""
+    notes: list[str] = []
+    bars: list[tuple[str, float]] = []
+    ft = results.get("flowtable") or {}
+    dp: Row = (ft.get("datapath") if isinstance(ft, dict) else None) or {}
+    if ok(dp):
+        bars += [(f"{r['filter']}\nUDP", (r.get("udp_ratio") or 0) * 100)
+                 for r in dp["rows"] if r["ports"]]
+    elif isinstance(ft, dict) and ft.get("available") is False:
+        notes.append(f"flowtable: not available on this kernel\n({ft.get('reason', '')[:70]})")
+    else:
+        notes.append("flowtable: not measured")
+    resync = [t for t in results.get("targets", []) if "resync" in t["target"]]
+    notes += [f"{t['target']}:\n{t['figure']}" for t in resync] or [
+        "changes during a resync: not in these results"]
+    if bars:
+        ax.bar(range(len(bars)), [v for _, v in bars], width=0.6)
+        ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=6)
+        ax.set(ylabel="% of no filter")
+    else:
+        ax.set_axis_off()
+    ax.set_title("Flowtable on/off; changes during a resync")
+    ax.text(0.02, 0.95, "\n\n".join(notes), transform=ax.transAxes, fontsize=7, va="top",
+            wrap=True)
+
+
 def write_png(results: Row, path: Path) -> None:
-    """Draw the three panels into ``path``."""
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    """Draw the eight panels into ``path``."""
+    fig, grid = plt.subplots(2, 4, figsize=(24, 11))
+    axes = grid.flatten()
     try:
         _panel_times(axes[0], results)
         _panel_rss(axes[1], results)
         _panel_datapath(axes[2], results)
+        _panel_bridged(axes[3], results)
+        _panel_connections(axes[4], results)
+        _panel_first_packet(axes[5], results)
+        _panel_extras(axes[6], results)
+        axes[7].set_axis_off()
         date = results["machine"]["date"]
         fig.suptitle(f"secfw benchmark — {date} — {results['machine']['cores']} cores, "
                      f"kernel {results['machine']['kernel']}")

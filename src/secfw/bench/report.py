@@ -150,8 +150,11 @@ def _workload(w: Row) -> str:
 
 
 def _targets(results: Row) -> list[str]:
-    rows = [[t["target"], t["figure"], targets.verdict(t["met"])] for t in results["targets"]]
-    return ["## Targets", "", *table(["target", "figure", "result"], rows)]
+    rows = [[t["target"], t["figure"], targets.verdict(t["met"]),
+             targets.next_step(t["target"]) if t["met"] is False else ""]
+            for t in results["targets"]]
+    return ["## Targets", "", *table(["target", "figure", "result",
+                                      "limited by (last profile) / next step"], rows)]
 
 
 def _control(results: Row) -> list[str]:

@@ -305,6 +305,39 @@ TARGETS: tuple[tuple[str, Callable[[Row], tuple[bool | None, str]]], ...] = (
 )
 
 
+#: For a missed target: what the last profile found limiting it, and the next
+#: step (issue #15). Keyed by the start of the target's text.
+NEXT_STEPS: dict[str, str] = {
+    "10k ports: compile + full apply": (
+        "libnftables parses every set element of the full transaction (~13 µs each; the "
+        "port × group membership is most of them): fewer elements or a cheaper "
+        "transaction form"),
+    "agent full sync of 1,000 ports": (
+        "interpreter start-up and imports, then the store load: `python -X importtime`"),
+    "agent peak RSS": (
+        "libnftables' parse of the full transaction and the store snapshot as JSON "
+        "dicts: fewer elements, no per-element Python objects"),
+    "membership change": (
+        "the nft command: libnftables 1.0.6 fills its cache before an element add"),
+    "port added / port removed": (
+        "the port-derived sets are re-rendered whole: element-level deltas"),
+    "data path routed": (
+        "secfw's base chains on established packets (conntrack alone costs ~9 % UDP / 4 % "
+        "TCP): fewer hooks before the conntrack shortcut"),
+    "data path bridged": "br_netfilter's extra hooks: compare per hook",
+    "new TCP connections": "the first packet's dispatch: bench/layouts.py alternatives",
+    "first-packet p99": "the dispatch's cost per port: bench/layouts.py",
+    "restart": "the read-back (listing, JSON parse, normal form): a cheaper read-back",
+    "secfw full sync": "the full sync's kernel-facing part (see the compile + apply row)",
+    "audit": "see README, Auditing",
+}
+
+
+def next_step(target: str) -> str:
+    """The :data:`NEXT_STEPS` note of ``target`` ("" when none)."""
+    return next((note for start, note in NEXT_STEPS.items() if target.startswith(start)), "")
+
+
 def evaluate(results: Row) -> list[Row]:
     """Every target with its figure and whether it was met (None: not measured)."""
     return [_target(text, check, results) for text, check in TARGETS]
