@@ -54,3 +54,10 @@ def guarded(fn: Callable[[], Row]) -> Row:
 def ok(row: Any) -> bool:
     """True when ``row`` is a result, not a skipped or failed step."""
     return isinstance(row, dict) and "skipped" not in row and "error" not in row
+
+
+def rows_of(run: Any) -> list[Row]:
+    """The ``rows`` of a data-path run, or none when it did not run (skipped,
+    failed, or absent from older results)."""
+    rows = run.get("rows") if ok(run) else None
+    return rows if isinstance(rows, list) else []

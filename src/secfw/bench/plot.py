@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 
-from secfw.bench.common import Row, ok
+from secfw.bench.common import Row, ok, rows_of
 from secfw.bench.report import dig
 
 Series = list[tuple[int, float]]
@@ -133,9 +133,11 @@ def _panel_datapath(ax: Any, results: Row) -> None:
             ax.bar(*zip(*bars, strict=True), width=BAR_WIDTH, label=f"{names[backend]} {label}",
                    hatch="//" if backend == "iptables" else None)
     ax.axhline(95, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(90, color="grey", linestyle=":", linewidth=1)
     ax.set_xticks(range(len(rows)), labels)
     ax.set(xlabel="other ports loaded (N)", ylabel="% of no filter",
-           title="Data path (dashed: 95 %)" if rows else "Data path: not measured")
+           title="Data path, routed (targets: TCP 95 % dashed, UDP 90 % dotted)" if rows
+           else "Data path: not measured")
     ax.legend(fontsize=7, loc="lower right")
 
 
@@ -147,14 +149,12 @@ def _connection_series(results: Row, key: str) -> dict[str, Series]:
     """Per topology (and the large-size run's), (ports, ``key``) of the nftables rows."""
     found: dict[str, Series] = {}
     for source, label in CONNECTION_RUNS:
-        dp: Row = results.get(source) or {}
-        if ok(dp):
-            found[label] = _series([r for r in dp["rows"] if r["ports"]], lambda r: r.get(key))
+        found[label] = _series([r for r in rows_of(results.get(source)) if r["ports"]],
+                               lambda r: r.get(key))
     large = (results.get("connections") or {}).get("topologies") or {}
     for topology, run in large.items():
-        if ok(run):
-            found[f"{topology}, large run"] = _series([r for r in run["rows"] if r["ports"]],
-                                                      lambda r: r.get(key))
+        found[f"{topology}, large run"] = _series([r for r in rows_of(run) if r["ports"]],
+                                                  lambda r: r.get(key))
     return {label: points for label, points in found.items() if points}
 
 
@@ -187,10 +187,9 @@ def _panel_bridged(ax: Any, results: Row) -> None:
     bars: list[tuple[str, list[tuple[float, float]]]] = []
     rows: list[Row] = []
     for slot, (source, topology) in enumerate(CONNECTION_RUNS):
-        dp: Row = results.get(source) or {}
-        if not ok(dp):
+        if not rows_of(results.get(source)):
             continue
-        rows = dp["rows"][1:]
+        rows = rows_of(results.get(source))[1:]
         for kind_slot, key in enumerate(("udp_ratio", "tcp_ratio")):
             offset = (slot * 2 + kind_slot - 1.5) * BAR_WIDTH
             bars.append((f"{topology} {key.split('_')[0].upper()}",
@@ -213,12 +212,12 @@ def _panel_extras(ax: Any, results: Row) -> None:
     notes: list[str] = []
     bars: list[tuple[str, float]] = []
     ft = results.get("flowtable") or {}
-    dp: Row = (ft.get("datapath") if isinstance(ft, dict) else None) or {}
-    if ok(dp):
+    measured = rows_of(ft.get("datapath")) if isinstance(ft, dict) else []
+    if measured:
         bars += [(f"{r['filter']}\nUDP", (r.get("udp_ratio") or 0) * 100)
-                 for r in dp["rows"] if r["ports"]]
+                 for r in measured if r["ports"]]
     elif isinstance(ft, dict) and ft.get("available") is False:
-        notes.append(f"flowtable: not available on this kernel\n({ft.get('reason', '')[:70]})")
+        notes.append(f"flowtable: not available on this kernel\n({ft.get('reason', '')[:120]})")
     else:
         notes.append("flowtable: not measured")
     resync = [t for t in results.get("targets", []) if "resync" in t["target"]]

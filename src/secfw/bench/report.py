@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from secfw.bench import targets
-from secfw.bench.common import Row, failed, ok
+from secfw.bench.common import Row, failed, ok, rows_of
 
 STEM = "latest"
 #: An agent pass's phases in pipeline order (see :mod:`.incremental`), as printed.
@@ -316,14 +316,13 @@ def _bridged(results: Row) -> list[str]:
     """The bridged data path's own table, then both topologies' ratios per N."""
     lines = _datapath(results, "datapath_bridged",
                       "## 3b. Data path, bridged (the same rulesets rendered for a bridged host)")
-    routed: Row = results.get("datapath") or {}
-    bridged: Row = results.get("datapath_bridged") or {}
-    if not (ok(routed) and ok(bridged)):
+    routed, bridged = rows_of(results.get("datapath")), rows_of(results.get("datapath_bridged"))
+    if len(routed) < 2 or len(bridged) < 2:
         return lines
-    by_n = {row["ports"]: row for row in bridged["rows"] if row["filter"] != NO_FILTER_LABEL}
+    by_n = {row["ports"]: row for row in bridged if row["filter"] != NO_FILTER_LABEL}
     rows = []
-    for row in routed["rows"][1:]:
-        other = by_n.get(row["ports"]) if row["ports"] else bridged["rows"][1]
+    for row in routed[1:]:
+        other = by_n.get(row["ports"])
         rows.append([_datapath_label(row), *(f"{_percent(row.get(k))} / "
                                              f"{_percent(dig(other, k))}" for k in RATIOS)])
     return [*lines, "", "### Bridged vs routed (nftables; each against its own no-filter "
@@ -340,13 +339,12 @@ def _connections(results: Row) -> list[str]:
     (the data paths' nftables rows, then the large-size run)."""
     rows = []
     for key, topology in (("datapath", "routed"), ("datapath_bridged", "bridged")):
-        dp: Row = results.get(key) or {}
-        for row in dp["rows"] if ok(dp) else []:
+        for row in rows_of(results.get(key)):
             rows.append([topology, _datapath_label(row), *_connection_cells(row),
                          *_connection_cells(row.get("iptables"))])
     large = results.get("connections") or {}
     for topology, run in (large.get("topologies") or {}).items():
-        for row in run["rows"] if ok(run) else []:
+        for row in rows_of(run):
             rows.append([f"{topology} (large run)", _datapath_label(row),
                          *_connection_cells(row), *(["—"] * 4)])
     title = "## 3c. New connections and first-packet latency"
@@ -375,12 +373,12 @@ def _flowtable(results: Row) -> list[str]:
     if not ft.get("available"):
         return [title, "", f"flowtable: not available on this kernel ({ft.get('reason')}); "
                 "the fast path stays off and is untested here."]
-    dp: Row = ft.get("datapath") or {}
-    if not ok(dp):
+    measured = rows_of(ft.get("datapath"))
+    if not measured:
         return [title, "", "flowtable: available; on/off not measured "
-                f"({status(dp) or 'the data path did not run'})."]
+                f"({status(ft.get('datapath')) or 'the data path did not run'})."]
     rows = [[_datapath_label(row) + f" ({row['filter']})", *_datapath_cells(row),
-             *_connection_cells(row)[:2]] for row in dp["rows"]]
+             *_connection_cells(row)[:2]] for row in measured]
     return [title, "", *table(["N", "UDP 64 B (kpps)", "ratio", "TCP (Gbit/s)", "ratio",
                                "new conn/s", "vs conntrack only"], rows)]
 

@@ -328,7 +328,7 @@ def _connections_large(state: Run) -> None:
     # per topology: render the bridged text once, then per repetition 4 configurations
     # of `seconds` each and one load of the large ruleset
     guess = 2 * reps * (4 * (state.options.iperf_seconds + 1.0) + apply_s) + apply_s
-    state.budget.history["connections"] = (0, guess)
+    state.budget.history["connections"] = (size, guess)
     smallest = min(state.rulesets)
     rulesets = {smallest: state.rulesets[smallest], size: state.large_ruleset}
     state.connections = state.budget.run("connections", size, lambda: connections_large(
