@@ -21,6 +21,11 @@ from secfw.bench.runner import DATAPATH_MAX, Options, run
 DEFAULT_SIZES = (100, 1_000, 10_000, 50_000)
 QUICK_SIZES = (50, 200)
 DEFAULT_OUT = REPO / "bench" / "results"
+#: 30 minutes: the control plane (~6 min at 100-50k ports), the routed data path
+#: (~9 min: 8 configurations x 5 repetitions of UDP, TCP and new connections, with
+#: iptables' 10 s loads at 10k), the bridged one (3 repetitions, ~6 min) and new
+#: connections at 50k (~4 min), on the 2-core VM; steps that would overrun are skipped.
+DEFAULT_BUDGET_S = 1800.0
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -44,7 +49,7 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds; steps that would overrun it are skipped (default 1200)")
+                        help="seconds; steps that would overrun it are skipped (default 1800)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--datapath-max", type=int, default=DATAPATH_MAX,
                         help="largest size of the full data path; a larger last size gets "
@@ -56,7 +61,7 @@ def parse_args(argv: list[str] | None) -> Options:
         out=args.out,
         quick=quick,
         datapath=not args.skip_datapath,
-        budget_s=args.budget or (240.0 if quick else 1200.0),
+        budget_s=args.budget or (240.0 if quick else DEFAULT_BUDGET_S),
         seed=args.seed,
         reps=1 if quick else 5,
         iperf_seconds=1.0 if quick else 3.0,

@@ -44,7 +44,7 @@ class Options:
     out: Path
     quick: bool = False
     datapath: bool = True
-    budget_s: float = 1200.0
+    budget_s: float = 1800.0
     seed: int = 1
     reps: int = 5
     iperf_seconds: float = 3.0
