@@ -1,7 +1,12 @@
 """Data path: packet rate and throughput between two lab instances, N ports loaded.
 
 The lab (:class:`secfw.lab.Lab`) holds just the two data-path instances of the
-workload, on two networks, routed through the host namespace. The iperf3 server
+workload, on two networks, routed through the host namespace — or, with
+``topology="bridged"``, each on a bridge of the host namespace and routed by the
+lab's router namespace, the rulesets rendered for a bridged host and
+br_netfilter's switches off for "no filter" only (:func:`set_bridge_netfilter`).
+:class:`Settings` may limit what is measured (``kinds``) and leave the iptables
+backend out (the new-connections run at 50k ports). The iperf3 server
 runs in one instance namespace, the client in the other (``ip netns exec``).
 For every repetition, each configuration is measured in turn — so slow drift of
 the machine hits them alike:
