@@ -45,7 +45,8 @@ def build(api: Api, count: int) -> list[str]:
     with api.batch():
         api.net_create("bench", "fip-net", "10.200.0.0/16")
         api.floating_pool_create("admin", "fip-pool", "100.64.0.0/16")
-        api.quota_update("bench", floating_ips=-1)
+        # every quota a thousand instances need: nova's defaults allow 10 instances
+        api.quota_update("bench", floating_ips=-1, instances=-1, cores=-1, ram=-1)
         api.image_create("admin", "cirros", visibility="public")
         api.secgroup_create("bench", "web", "web")
         api.secgroup_add_rule("bench", "web", "tcp", "80", "80", "0.0.0.0/0")
