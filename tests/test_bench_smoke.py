@@ -26,7 +26,8 @@ pytestmark = [
 ]
 
 SECTIONS = ("machine", "options", "workload", "control_plane", "incremental", "membership",
-            "datapath", "restart", "targets", "plot")
+            "datapath", "datapath_bridged", "connections", "flowtable", "neutron", "restart",
+            "targets", "plot")
 QUICK_SIZES = [50, 200]
 #: This module's bench runs name their scratch namespaces sfw-b-<TAG>… (other tests
 #: may run benches beside it under pytest-xdist).
@@ -80,6 +81,10 @@ def test_every_step_ran_without_error(quick_run: tuple[Path, dict[str, Any]]) ->
     datapath = results["datapath"]
     assert "skipped" in datapath or [r["ports"] for r in datapath["rows"]] == [0, 0, *QUICK_SIZES]
     assert [t["target"] for t in results["targets"]] == [text for text, _ in TARGETS]
+    bridged = results["datapath_bridged"]
+    assert "skipped" in bridged or [r["ports"] for r in bridged["rows"]] == [0, 0, *QUICK_SIZES]
+    assert "skipped" in results["connections"]  # no size above the data path's with --quick
+    assert isinstance(results["flowtable"]["available"], bool)
 
 
 def test_datapath_measures_both_backends_at_every_size(
