@@ -26,6 +26,7 @@ from typing import Any
 
 from secfw.agent.daemon import log_event, sd_notify, watchdog_interval
 from secfw.agent.reconciler import Reconciler, SyncResult
+from secfw.agent.resync import ATTEMPTS, CheckResult, KernelCheck
 from secfw.errors import BackendError, SecfwError, StoreError
 
 log = logging.getLogger("secfw.agent")
@@ -41,10 +42,13 @@ class Trigger:
     name: str = ""
     present: bool = True
     moved: bool = False
+    checked: CheckResult | None = None
 
 
 #: Triggers whose pass must be full: it reopens the store and reads the kernel back.
-FULL_TRIGGERS = frozenset({"start", "resync", "hup", "retry"})
+#: ``drift``: a background kernel check (secfw.agent.resync) found the kernel
+#: different from what the loop committed, or could not tell.
+FULL_TRIGGERS = frozenset({"start", "resync", "hup", "retry", "drift"})
 
 
 class Wakeup:
@@ -141,6 +145,8 @@ class AgentStatus:
     started_at: float = field(default_factory=time.time)
     last_sync: float | None = None
     last_full_sync: float | None = None
+    #: The last background kernel check that found the kernel as committed.
+    last_kernel_check: float | None = None
     revision: int | None = None
     store_revision: int | None = None
     ports: int = 0
@@ -298,6 +304,9 @@ class AgentLoop:
         self._next_heartbeat = clock()
         self._next_kernel_check = clock()
         self.status.topology = getattr(reconciler.backend, "topology", None)
+        self.kernel_check = KernelCheck(
+            lambda result: self.wakeup.notify(Trigger("checked", checked=result)), clock)
+        self._void_checks = 0
 
     # ---- control
 
@@ -390,7 +399,7 @@ class AgentLoop:
                 return self._idle(now)
             self._pending.add("retry")
         if now >= self._next_resync:
-            self._pending.add("resync")
+            self._resync(now)
         self._attempt()
         return self._idle(self.clock())
 
@@ -421,8 +430,51 @@ class AgentLoop:
                 self.stopping = True
             elif trigger.kind == "link":
                 self._link_event(trigger)
+            elif trigger.checked is not None:
+                self._checked(trigger.checked)
             else:
                 self._pending.add(trigger.kind)
+
+    def _resync(self, now: float) -> None:
+        """The resync timer fired. With a backend that can read the kernel from
+        another thread: start a background kernel check (secfw.agent.resync) and
+        run an incremental pass that checks the store — no pass waits for the
+        read-back. Otherwise (or while a check is still running after a whole
+        period): a full pass, as before."""
+        self._next_resync = now + self.settings.resync_interval
+        reader = None if self.kernel_check.running else self._reader()
+        if reader is None or not self.kernel_check.start(self.reconciler, reader):
+            self._pending.add("resync")
+            return
+        self._pending.add("store-check")
+
+    def _reader(self) -> Callable[[], Any] | None:
+        try:
+            return self.reconciler.kernel_reader()
+        except Exception as exc:  # the full pass will say what is wrong
+            log_event(log, logging.WARNING, "kernel_check_failed", error=error_text(exc))
+            return None
+
+    def _checked(self, result: CheckResult) -> None:
+        """A background kernel check finished: nothing to do when the kernel held
+        what was committed; a full pass (it repairs) when it differs or the check
+        failed; another check when the loop's own commits spoilt it (a full pass
+        after :data:`ATTEMPTS` of them)."""
+        if result.outcome == "same":
+            self._void_checks = 0
+            self.status.last_kernel_check = self.wall()
+            return
+        if result.outcome == "void":
+            self._void_checks += 1
+            reader = self._reader() if self._void_checks < ATTEMPTS else None
+            if reader is not None and self.kernel_check.start(self.reconciler, reader):
+                return
+        self._void_checks = 0
+        fields: dict[str, Any] = {"outcome": result.outcome, "ms": round(result.seconds * 1e3)}
+        if result.error:
+            fields["error"] = result.error
+        log_event(log, logging.INFO, "kernel_check", action="full pass", **fields)
+        self._pending.add("drift")
 
     def _link_event(self, trigger: Trigger) -> None:
         self.reconciler.links_changed()  # the next pass checks the topology
@@ -447,7 +499,10 @@ class AgentLoop:
                 return
             self._pending = set()
             self._notify("on_pass", True)
-            result = self.reconciler.reconcile(full=bool(triggers & FULL_TRIGGERS))
+            full = bool(triggers & FULL_TRIGGERS)
+            if "store-check" in triggers and not full:  # the resync's store check
+                self.reconciler.check_store()
+            result = self.reconciler.reconcile(full=full)
         except Exception as exc:
             self._pending = set()
             self._failed(exc)

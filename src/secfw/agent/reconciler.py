@@ -26,6 +26,7 @@ ruleset in force, and a new agent's first (full) pass sends only the difference.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from secfw.compiler.sources import shared_fixed_addresses
 from secfw.config import Config
 from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
 from secfw.gcpause import collector_paused
-from secfw.store.base import Store
+from secfw.store.base import Store, open_store
 
 log = logging.getLogger("secfw.agent")
 
@@ -181,6 +182,11 @@ class Reconciler:
         self._previous: HostFilter | None = None
         self._compiler = HostCompiler(host, config.allow_same_net_traffic)
         self._taps: tuple[object, frozenset[str]] = ((), frozenset())
+        # Kernel checks off the loop's thread (secfw.agent.resync) need to know
+        # whether this process touched the kernel while they listed it: every
+        # apply and every invalidation moves ``_epoch``, under ``_epoch_lock``.
+        self._epoch_lock = threading.Lock()
+        self._epoch = 0
 
     @property
     def applied_revision(self) -> int | None:
@@ -189,7 +195,36 @@ class Reconciler:
 
     def invalidate(self) -> None:
         """Forget what was committed: the next pass reads the kernel back (full sync)."""
-        self._committed_valid = False
+        with self._epoch_lock:
+            self._epoch += 1
+            self._committed_valid = False
+
+    def reference(self) -> tuple[int, Any] | None:
+        """For a kernel check on another thread: ``(epoch, state)``, the state the
+        kernel holds if nobody else touched it (what this process last committed)
+        and the epoch it belongs to; None when unknown (before the first pass,
+        after a failure, or while a transaction is being applied). The state is
+        never mutated afterwards (a later pass makes a new one), so the checking
+        thread may compare with it while the loop runs on."""
+        with self._epoch_lock:
+            if not self._committed_valid or self._committed is None:
+                return None
+            return self._epoch, self._committed
+
+    def epoch(self) -> int:
+        """Moves whenever this process applies a transaction or forgets what it
+        committed: a kernel listing taken between two equal epochs saw only what
+        :meth:`reference` returned, plus whatever someone else did."""
+        with self._epoch_lock:
+            return self._epoch
+
+    def kernel_reader(self) -> Callable[[], Any] | None:
+        """A function reading secfw's tables back that is safe to call on
+        another thread while the loop applies changes (the backend's
+        ``reader()``); None when the backend has none (full passes then do
+        the checking, on the loop's thread)."""
+        reader = getattr(self.backend, "reader", None)
+        return reader() if reader is not None else None
 
     def store_revision(self) -> int:
         """The store's revision (cheap, polled). A store file that was replaced
@@ -198,6 +233,24 @@ class Reconciler:
             self.invalidate()
             self.store.reopen()
         return self.store.revision()
+
+    def check_store(self) -> None:
+        """The store side of a resync, cheap: a store file replaced since it was
+        opened makes the next pass full (it reopens and reloads everything); else
+        a connection of its own is opened and its revision read, so a file made
+        unreadable or corrupt is noticed now (StoreError) — what only a full
+        pass's reload noticed before. The change feed is then followed as usual.
+        A store that cannot be reopened (not file-backed) is left alone."""
+        if not isinstance(self.store, Reopenable):
+            return
+        if self.store.replaced():
+            self.invalidate()
+            return
+        probe = open_store(self.store.url, create=False)
+        try:
+            probe.revision()
+        finally:
+            probe.close()
 
     def reconcile(self, full: bool = False) -> SyncResult:
         """One pass. ``full`` reopens and reloads the store and reads the kernel table back.
@@ -290,6 +343,7 @@ class Reconciler:
             current = None
         plan = backend.plan(current, closed_filter(self.host))
         if not plan.empty:
+            self.invalidate()  # moves the epoch again: a kernel check listing now is void
             backend.apply(plan)
             log_event(log, logging.WARNING, "closed", reason="topology",
                       topology=topology or ours, commands=plan.size)
@@ -346,11 +400,13 @@ class Reconciler:
             current = self.backend.read() if full else self._committed
         desired, plan = self._plan(current, desired)
         drift = self._drift(current, plan) if full else None
-        self._committed_valid = False
+        self.invalidate()
         if not plan.empty:
             self.backend.apply(plan)
-        self._committed = self.backend.committed(desired)
-        self._committed_valid = True
+        committed = self.backend.committed(desired)
+        with self._epoch_lock:
+            self._epoch += 1
+            self._committed, self._committed_valid = committed, True
         self._last_applied, self._has_applied = self._committed, True
         return SyncResult(
             revision, full, plan.size, len(desired.ports), time.perf_counter() - started,

@@ -7,7 +7,7 @@ read back or committed, :class:`.executor.IptablesExecutor` to apply.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from secfw.backends.iptables import metadata
@@ -104,6 +104,12 @@ class IptablesBackend:
                 self.executor.netns):
             return None
         return self.executor.read_state()
+
+    def reader(self) -> Callable[[], IptState | None]:
+        """A function equal to :meth:`read` for another thread (the agent's
+        background kernel check, secfw.agent.resync): reading runs the save
+        tools as subprocesses and touches no render cache."""
+        return self.read
 
     def plan(self, current: IptState | None, desired: HostFilter) -> IptPlan:
         """The minimal plan from ``current`` (None: nothing known) to ``desired``."""

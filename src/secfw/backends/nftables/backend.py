@@ -7,7 +7,7 @@ read back or committed, :class:`.executor.NftablesExecutor` to apply.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from secfw.backends import TOPOLOGIES
@@ -89,6 +89,20 @@ class NftablesBackend:
         if self.topology == "bridged" and not bridge_netfilter_enabled(self.executor.netns):
             return None
         return self.executor.read_state()
+
+    def reader(self) -> Callable[[], KernelState | None]:
+        """A function equal to :meth:`read` for another thread (the agent's
+        background kernel check, secfw.agent.resync): it opens a libnftables
+        context of its own on that thread, as one context must not be used
+        by two threads at once (executor module docstring)."""
+        netns, topology = self.executor.netns, self.topology
+
+        def read() -> KernelState | None:
+            if topology == "bridged" and not bridge_netfilter_enabled(netns):
+                return None
+            return NftablesExecutor(netns).read_state()
+
+        return read
 
     def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
         """The minimal transaction from ``current`` (None: unknown/absent) to ``desired``."""

@@ -1,0 +1,113 @@
+"""The periodic kernel check, off the loop's thread: resync without a stall.
+
+Reading a 10,000-port table back costs seconds (libnftables lists ~300k
+elements, Python parses and canonicalises them: docs/agent.md, "Resync"). Done
+on the loop's thread, as a full pass, it held back every change made meanwhile
+for as long. :class:`KernelCheck` reads the table back on a thread of its own
+and compares it with what the loop last committed (:meth:`Reconciler.reference`),
+while the loop keeps applying changes. Only when the kernel differs does the
+loop run a full pass — which reads back again, on its own thread, and repairs
+exactly what differs (the same drift repair as before).
+
+The listing and the reference must describe the same moment. The reconciler's
+*epoch* moves on every transaction it applies and whenever it forgets what it
+committed; the check takes ``(epoch, reference)`` before listing and the epoch
+again after. Equal epochs: nothing of this process touched the kernel during
+the listing, so any difference is someone else's doing (drift). Different
+epochs: the listing may straddle one of the loop's own commits — the result
+says nothing and the check is repeated (:data:`ATTEMPTS` times, then the loop
+falls back to a full pass, so a busy host is still checked).
+
+Tampering that happens after the listing was taken is found by the next
+check, exactly as tampering just after a full pass's read-back always was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+#: How many checks in a row may be spoilt by the loop's own commits before the
+#: loop runs a full pass instead.
+ATTEMPTS = 3
+
+
+class Checked(Protocol):
+    """What :class:`KernelCheck` needs from the reconciler."""
+
+    def reference(self) -> tuple[int, Any] | None: ...
+
+    def epoch(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """``outcome``: ``same`` (the kernel holds what the loop committed),
+    ``differs`` (drift: a full pass must repair it), ``void`` (the loop
+    committed during the listing, or knew nothing to compare with: try again)
+    or ``failed`` (the read-back raised: ``error``). ``seconds``: the listing
+    and comparison."""
+
+    outcome: str
+    seconds: float
+    error: str = ""
+
+
+class KernelCheck:
+    """One background kernel check at a time (see the module docstring).
+
+    :meth:`start` is called on the loop's thread; ``done`` is called on the
+    check's thread with the result (the loop's wake-up: it must be thread-safe).
+    """
+
+    def __init__(self, done: Callable[[CheckResult], None],
+                 clock: Callable[[], float]) -> None:
+        self._done = done
+        self._clock = clock
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, reconciler: Checked, read: Callable[[], Any]) -> bool:
+        """Start a check reading with ``read`` (callable on another thread);
+        False when one is still running (nothing started)."""
+        if self.running:
+            return False
+        self._thread = threading.Thread(target=self._run, args=(reconciler, read),
+                                        name="secfw-kernel-check", daemon=True)
+        self._thread.start()
+        return True
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the running check (tests, and stopping)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self, reconciler: Checked, read: Callable[[], Any]) -> None:
+        started = self._clock()
+        try:
+            outcome = compare(reconciler, read)
+        except Exception as exc:  # reported to the loop, which decides (a full pass)
+            result = CheckResult("failed", self._clock() - started,
+                                 f"{type(exc).__name__}: {exc}")
+        else:
+            result = CheckResult(outcome, self._clock() - started)
+        self._done(result)
+
+
+def compare(reconciler: Checked, read: Callable[[], Any]) -> str:
+    """``same``, ``differs`` or ``void`` (see :class:`CheckResult`): the kernel
+    read with ``read`` against the reconciler's reference, when the epoch held
+    still across the listing."""
+    reference = reconciler.reference()
+    if reference is None:
+        return "void"
+    epoch, expected = reference
+    actual = read()
+    if reconciler.epoch() != epoch:
+        return "void"
+    return "same" if actual == expected else "differs"
