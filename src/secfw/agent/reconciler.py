@@ -400,12 +400,14 @@ class Reconciler:
             current = self.backend.read() if full else self._committed
         desired, plan = self._plan(current, desired)
         drift = self._drift(current, plan) if full else None
-        self.invalidate()
         if not plan.empty:
+            self.invalidate()  # the kernel changes: a concurrent kernel check is void
             self.backend.apply(plan)
         committed = self.backend.committed(desired)
         with self._epoch_lock:
-            self._epoch += 1
+            # An empty plan left the kernel as it was: the epoch stays (a kernel
+            # check running meanwhile remains valid).
+            self._epoch += 0 if plan.empty and self._committed_valid else 1
             self._committed, self._committed_valid = committed, True
         self._last_applied, self._has_applied = self._committed, True
         return SyncResult(
