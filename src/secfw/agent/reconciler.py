@@ -45,7 +45,7 @@ from secfw.compiler.sources import shared_fixed_addresses
 from secfw.config import Config
 from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
 from secfw.gcpause import collector_paused
-from secfw.store.base import Store, open_store
+from secfw.store.base import Store
 
 log = logging.getLogger("secfw.agent")
 
@@ -187,6 +187,8 @@ class Reconciler:
         # apply and every invalidation moves ``_epoch``, under ``_epoch_lock``.
         self._epoch_lock = threading.Lock()
         self._epoch = 0
+        # (epoch, backend, state): the table close_if_absent read (_kernel_state).
+        self._kept_read: tuple[int, Any, Any] | None = None
 
     @property
     def applied_revision(self) -> int | None:
@@ -235,22 +237,15 @@ class Reconciler:
         return self.store.revision()
 
     def check_store(self) -> None:
-        """The store side of a resync, cheap: a store file replaced since it was
-        opened makes the next pass full (it reopens and reloads everything); else
-        a connection of its own is opened and its revision read, so a file made
-        unreadable or corrupt is noticed now (StoreError) — what only a full
-        pass's reload noticed before. The change feed is then followed as usual.
-        A store that cannot be reopened (not file-backed) is left alone."""
-        if not isinstance(self.store, Reopenable):
-            return
-        if self.store.replaced():
+        """The store side of a resync, cheap: the store is reopened
+        (``reopened_elsewhere``), so a file made unreadable or corrupt is
+        noticed now (StoreError) — what only a full pass's reload noticed
+        before — and a file replaced since it was opened makes the next pass
+        full (it reloads everything). The change feed is then followed as
+        usual. A store that cannot be reopened is left alone."""
+        reopen = getattr(self.store, "reopened_elsewhere", None)
+        if reopen is not None and reopen():
             self.invalidate()
-            return
-        probe = open_store(self.store.url, create=False)
-        try:
-            probe.revision()
-        finally:
-            probe.close()
 
     def reconcile(self, full: bool = False) -> SyncResult:
         """One pass. ``full`` reopens and reloads the store and reads the kernel table back.
@@ -291,17 +286,23 @@ class Reconciler:
         holds no table of secfw's (or one it cannot read), commit the closed
         filter in a transaction of its own, so that no tap runs unfiltered
         whatever happens next. A table already there (the last agent's ruleset)
-        is left alone. Returns what was done (None: nothing). Raises like
+        is left alone — and what was read of it serves the first full pass, when
+        nothing was committed in between (a restart reads a big table once,
+        not twice). Returns what was done (None: nothing). Raises like
         :meth:`reconcile` (TopologyError after closing the taps for the
         topology they really have)."""
         started = time.perf_counter()
         self.check_topology()
+        state = None
         try:
-            if self._table_present():
+            state = self._readable_state()
+            if state is not None:
                 return None
             return self._converge(closed_filter(self.host), 0, True, started, current=None)
         finally:
             self.invalidate()
+            if state is not None:
+                self._kept_read = (self.epoch(), self.backend, state)
 
     def links_changed(self) -> None:
         """A tap appeared, went or changed its bridge: the next pass checks the
@@ -348,15 +349,24 @@ class Reconciler:
             log_event(log, logging.WARNING, "closed", reason="topology",
                       topology=topology or ours, commands=plan.size)
 
-    def _table_present(self) -> bool:
-        """Whether the kernel holds a table of secfw's that the backend can read (one
-        it cannot parse counts as absent: it is replaced, never trusted)."""
+    def _readable_state(self) -> Any:
+        """secfw's table(s) read back, or None when absent — or unreadable: a table
+        the backend cannot parse is replaced, never trusted."""
         try:
-            return self.backend.read() is not None
+            return self.backend.read()
         except SecfwError as exc:
             log_event(log, logging.WARNING, "unreadable_table", error=str(exc),
                       action="replaced by the closed filter")
-            return False
+            return None
+
+    def _kernel_state(self) -> Any:
+        """What a full pass compares with: the kernel read back now — or the
+        listing :meth:`close_if_absent` made, when no transaction and no failure
+        came between (same epoch, same backend)."""
+        kept, self._kept_read = self._kept_read, None
+        if kept is not None and kept[0] == self.epoch() and kept[1] is self.backend:
+            return kept[2]
+        return self.backend.read()
 
     def hold(self, reason: str = "store") -> SyncResult | None:
         """After a failed pass: keep the kernel safe without what failed.
@@ -377,7 +387,7 @@ class Reconciler:
                     compile_host(self.cloud, self.host, self.config.allow_same_net_traffic),
                     self.config.metadata_listen)
                 return self._converge(desired, self.cloud.revision, True, started)
-            if self._table_present():
+            if self._readable_state() is not None:
                 return None
             return self._converge(closed_filter(self.host), 0, True, started, current=None)
         finally:
@@ -397,7 +407,7 @@ class Reconciler:
         if "current" in known:
             current = known["current"]
         else:
-            current = self.backend.read() if full else self._committed
+            current = self._kernel_state() if full else self._committed
         desired, plan = self._plan(current, desired)
         drift = self._drift(current, plan) if full else None
         if not plan.empty:

@@ -95,6 +95,18 @@ class ReopeningStore(Store):
             )
         self._highest = max(self._highest, revision)
 
+    def reopened_elsewhere(self) -> bool:
+        """Close and open the store again (a file made unreadable or corrupt is
+        noticed now: StoreError); True when what is open now is another file
+        than the one open before — the caller must then reload everything, its
+        change feed no longer continues what it loaded. (SQLite keeps the file
+        descriptor of a closed connection for reuse while another connection
+        holds the file, so only reopening the one connection really opens the
+        file again.)"""
+        before = self._identity
+        self.reopen()
+        return before is not None and self._identity != before
+
     def replaced(self) -> bool:
         """True when the file is no longer the one opened (caller: reopen and
         reload everything); StoreError when it is gone. False before first open."""
