@@ -65,6 +65,11 @@ class TimedBackend:
     def cleanup(self) -> None:
         self.inner.cleanup()
 
+    def reader(self) -> Callable[[], Any]:
+        """The backend's reader for the agent's background kernel check (untimed:
+        it runs on its own thread, beside the passes)."""
+        return self.inner.reader()
+
 
 class AgentSession:
     """An in-process agent in namespace ``ns`` (see the module doc)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secfw.api import Api
-from secfw.bench import audit, control, flowtable, incremental, report
+from secfw.bench import audit, control, flowtable, incremental, report, resync
 from secfw.bench.budget import Budget
 from secfw.bench.common import Row, guarded, ok, rounded, skipped, timed
 from secfw.bench.datapath import HostRuleset, Settings, run_datapath
@@ -84,6 +84,7 @@ class Run:
     restart: list[Row] = field(default_factory=list)
     membership: list[Row] = field(default_factory=list)
     incremental: Row = field(default_factory=dict)
+    during_resync: Row = field(default_factory=dict)
     rulesets: dict[int, HostRuleset] = field(default_factory=dict)
     large_ruleset: HostRuleset | None = None
     datapath: Row = field(default_factory=dict)
@@ -148,6 +149,7 @@ def _results(state: Run, base_s: float) -> Row:
         "connections": state.connections,
         "flowtable": state.flowtable,
         "restart": state.restart,
+        "during_resync": state.during_resync,
         "elapsed_s": round(state.budget.elapsed(), 1),
     }
 
@@ -244,6 +246,9 @@ def _incremental(state: Run, n: int, ns: str, ready: bool) -> None:
         if n == state.options.incremental_size:
             state.incremental = state.budget.run("incremental", n,
                                                  lambda: _all_changes(state, session, n))
+            state.during_resync = state.budget.run(
+                "changes during a resync", n, lambda: resync.changes_during_resync(
+                    session, state.cloud, n, state.options.seed))
     finally:
         session.close()
 
