@@ -27,7 +27,7 @@ pytestmark = [
 
 SECTIONS = ("machine", "options", "workload", "control_plane", "incremental", "membership",
             "datapath", "datapath_bridged", "connections", "flowtable", "neutron", "restart",
-            "targets", "plot")
+            "during_resync", "targets", "plot")
 QUICK_SIZES = [50, 200]
 #: This module's bench runs name their scratch namespaces sfw-b-<TAG>… (other tests
 #: may run benches beside it under pytest-xdist).
@@ -78,6 +78,7 @@ def test_every_step_ran_without_error(quick_run: tuple[Path, dict[str, Any]]) ->
     assert [row["ports"] for row in results["membership"]] == QUICK_SIZES
     assert [row["ports"] for row in results["restart"]] == QUICK_SIZES
     assert len(results["incremental"]["changes"]) == 5
+    assert len(results["during_resync"]["runs"]) == 5  # made while or after the read-back
     datapath = results["datapath"]
     assert "skipped" in datapath or [r["ports"] for r in datapath["rows"]] == [0, 0, *QUICK_SIZES]
     assert [t["target"] for t in results["targets"]] == [text for text, _ in TARGETS]

@@ -383,28 +383,6 @@ def _flowtable(results: Row) -> list[str]:
                                "new conn/s", "vs conntrack only"], rows)]
 
 
-#: Where a "changes during a resync" measurement may be in the results (another
-#: part of the bench adds it); shown as it is when present.
-RESYNC_KEYS = ("during_resync", "changes_during_resync", "resync")
-
-
-def _during_resync(results: Row) -> list[str]:
-    """Changes made while a full resync runs: the figures when the run has them."""
-    title = "### Changes during a full resync"
-    found = next((results[key] for key in RESYNC_KEYS if key in results), None)
-    rows = [[t["target"], t["figure"], targets.verdict(t["met"])]
-            for t in results.get("targets", []) if "resync" in t["target"]]
-    if found is None and not rows:
-        return [title, "", "not measured in this run"]
-    lines = [title, ""]
-    if rows:
-        lines += [*table(["target", "figure", "result"], rows), ""]
-    if isinstance(found, dict):
-        lines += [f"- {key}: {value}" for key, value in found.items()
-                  if not isinstance(value, dict | list)]
-    return lines
-
-
 def _restart(results: Row) -> list[str]:
     rows = []
     for row in results["restart"]:
@@ -414,6 +392,26 @@ def _restart(results: Row) -> list[str]:
     return ["## 4. Restart (fresh agent process, table loaded, nothing changed)", "",
             *table(["ports", "process wall", "sync (agent's log)", "commands", "peak RSS"],
                    rows)]
+
+
+def _during_resync(results: Row) -> list[str]:
+    """Changes made while the resync reads the table back (bench/resync.py)."""
+    row = results.get("during_resync")
+    if not row:
+        return []
+    title = f"### Changes during a full resync ({row.get('ports', 0):,} ports loaded)"
+    if not ok(row):
+        return [title, "", f"Not measured: {row.get('skipped') or row.get('error')}"]
+    runs = [[str(i), millis(r["store_to_kernel_ms"]), count(r.get("commands")),
+             "yes" if r["during_check"] else "no (the check had ended)"]
+            for i, r in enumerate(row["runs"], start=1)]
+    return [title, "", *table(["change", "store → kernel", "commands", "read-back still running"],
+                              runs), "",
+            f"Source-group members added one after the other while the resync's kernel check "
+            f"read the table back on its own thread ({seconds(row['resync_check_s'])} from the "
+            "resync to the end of the check); store → kernel: the API call's return to the end "
+            "of the loop turn that applied it. Before, the resync was one full pass on the "
+            "loop's thread, and a change waited for all of it (section 2, full resync)."]
 
 
 def _problems(results: Row) -> list[str]:

@@ -263,6 +263,18 @@ def neutron_summary(neutron: Row) -> Row | None:
             "date": str(neutron.get("machine", {}).get("date", "?"))[:10]}
 
 
+def change_during_resync(results: Row) -> tuple[bool | None, str]:
+    """A member added while the resync's read-back runs (bench/resync.py): the
+    median store→kernel of the changes made during the check, and the worst."""
+    row = results["during_resync"]
+    if not ok(row) or row.get("ports") != TARGET_SIZE or not row.get("changes_during_check"):
+        raise KeyError("during_resync")
+    ms, worst = row["store_to_kernel_ms"], row["max_store_to_kernel_ms"]
+    return ms < 50, (f"{ms:,.1f} ms store→kernel (worst {worst:,.1f} ms; "
+                     f"{row['changes_during_check']} changes while the "
+                     f"{row['resync_check_s']:.1f} s read-back ran)")
+
+
 def _audit(results: Row) -> Row:
     """The audit figures at the target size (a whole-cloud run, not ``--quick``'s)."""
     audit = _control(results).get("audit")
@@ -295,6 +307,7 @@ TARGETS: tuple[tuple[str, Callable[[Row], tuple[bool | None, str]]], ...] = (
     ("first-packet p99 within 10 % from 100 ports to the largest N", first_packet_flat),
     ("restart at 10k: no rule rewritten (0 commands)", restart_quiet),
     ("restart of a loaded 10k host < 3 s to in sync", restart_fast),
+    ("change during a full resync at 10k < 50 ms store→kernel", change_during_resync),
     (f"secfw full sync ≥ {NEUTRON_FACTOR}× faster than Neutron's iptables driver "
      "(peer workload)", neutron_speedup),
     ("audit explain at 10k < 50 ms", _audit_check("explain_ms", 50, "ms")),
