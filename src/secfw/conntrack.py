@@ -321,21 +321,28 @@ def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = Non
     permission); the kernel's filter is unaffected either way.
     """
     result = Revocation()
-    affected = affected_networks(affected_ports(previous, new))
-    watched = affected + left_same_net(previous, new) + _floating_of(affected, previous, new)
+    # No previous filter (an agent's first pass): every port is affected, so every
+    # entry is looked at — dumped whole, and judged only if there is any (the
+    # address lists cost seconds at 10k ports; a restarted host may have none).
+    everything = previous is None and bool(new.ports)
+    watched: list[IPNetwork] = []
+    if not everything:
+        affected = affected_networks(affected_ports(previous, new))
+        watched = affected + left_same_net(previous, new) + _floating_of(affected, previous, new)
     gone = gone_mappings(previous, new)
     floating = [] if pools is None else [*pools, *(n.floating for n in new.floating)]
-    if not watched and not gone and not floating:
+    if not everything and not watched and not gone and not floating:
         return result
     try:
         with inside_netns(netns), Conntrack() as table:
             doomed = list(nat_entries(table, gone))
             if floating:
                 doomed += stale_nat(table.nat_entries(), new, floating)
-            if watched:
-                entries = list(table.entries(_filter_addresses(watched)))
+            if everything or watched:
+                entries = list(table.entries(None if everything else _filter_addresses(watched)))
                 result.examined = len(entries)
-                doomed += revoked_entries(entries, previous, new, _local_addresses())
+                if entries:  # revoked_entries filters them by the affected ports itself
+                    doomed += revoked_entries(entries, previous, new, _local_addresses())
             doomed = list(dict.fromkeys(doomed))
             result.deleted = sum(table.delete(entry) for entry in doomed)
             result.revoked = [e.packet for e in doomed]

@@ -102,3 +102,43 @@ def test_change_and_tampering_while_the_resync_reads_back(cloud: Any) -> None:
         gate.set()
         loop.kernel_check.join(30)
         loop.wakeup.close()
+
+
+def test_restart_cuts_connections_a_rule_removed_while_no_agent_ran(cloud: Any) -> None:
+    """An agent's first pass has no previous filter: it judges every connection
+    with the new one (conntrack.revoke with previous None, which now dumps the
+    table once and skips the judging when it is empty). A TCP connection to
+    tcp/81 carries data; the agent stops, the rule goes, a new agent's first
+    pass must cut the connection (tcp/81: web80's probes keep a listener on 80)."""
+    import socket
+
+    from secfw import netns_tools as nt
+
+    web80(cloud)
+    cloud.api.secgroup_add_rule("p", "web80", "tcp", "81", "81", "0.0.0.0/0")
+    cloud.sync()
+    server = nt.socket_in_netns(cloud.ns("web"), socket.AF_INET, socket.SOCK_STREAM)
+    client = nt.socket_in_netns(cloud.ns(EXT), socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        server.bind(("0.0.0.0", 81))
+        server.listen(1)
+        client.settimeout(1.0)
+        client.connect((cloud.ip("web"), 81))
+        conn, _ = server.accept()
+        conn.settimeout(0.5)
+        client.sendall(b"before")
+        assert conn.recv(100) == b"before"
+
+        cloud.stop_agent()
+        cloud.api.secgroup_delete_rule("p", "web80", "tcp", "81", "81", "0.0.0.0/0")
+        result = cloud.sync()
+        assert result.full and result.commands > 0
+        client.sendall(b"after")
+        try:
+            received = conn.recv(100)
+        except TimeoutError:
+            received = b""
+        assert received == b"", "an established connection outlived the rule at restart"
+    finally:
+        client.close()
+        server.close()
