@@ -8,6 +8,7 @@ of the test, not a matter of timing.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from secfw.agent import AgentLoop, LoopSettings
 from secfw.agent.resync import ATTEMPTS, compare
 from secfw.agent.storewatch import ReopeningStore
 from secfw.api import Api
+from secfw.backends.nftables.executor import loads_in_pieces
 from secfw.config import Config
 from secfw.store import open_store
 
@@ -175,3 +177,21 @@ def test_without_a_reader_the_resync_is_a_full_pass(api: Api, store_url: str) ->
     finally:
         loop.wakeup.close()
         store.close()
+
+
+def test_listing_decoded_in_pieces_equals_json_loads() -> None:
+    """The background read-back decodes libnftables' listing object by object
+    (executor.loads_in_pieces, so the loop's thread is not held for the whole
+    document): same value as json.loads on the golden listings, and malformed
+    text is refused."""
+    listings = sorted((Path(__file__).parent / "golden").glob("*.listing.json"))
+    assert listings
+    for path in listings:
+        text = path.read_text(encoding="utf-8")
+        assert loads_in_pieces(text) == json.loads(text), path.name
+    assert loads_in_pieces('{"nftables": []}') == {"nftables": []}
+    for bad in ('{"nftables": [{"a": 1}', '{"nftables": [{"a": 1},]}',
+                '{"nftables": [{"a": 1}]} x', '{"nftables": [,{"a": 1}]}',
+                '{"nftables": [{"a": 1} {"b": 1}]}'):
+        with pytest.raises(ValueError):
+            loads_in_pieces(bad)

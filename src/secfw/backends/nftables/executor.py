@@ -76,7 +76,7 @@ class NftablesExecutor:
                 return None
             raise BackendError(f"nft {command}: {_first_line(err)}")
         try:
-            listing = json.loads(out)
+            listing = loads_in_pieces(out)
         except ValueError as exc:
             raise BackendError(f"nft {command}: output is not JSON: {exc}") from exc
         if not isinstance(listing, dict):
@@ -132,6 +132,46 @@ class NftablesExecutor:
 
     def _namespace(self) -> contextlib.AbstractContextManager[None]:
         return inside_netns(self.netns)
+
+
+_LIST_HEAD = re.compile(r'\s*\{\s*"nftables"\s*:\s*\[')
+_DECODER = json.JSONDecoder()
+
+
+def loads_in_pieces(text: str) -> Any:
+    """``json.loads(text)`` for libnftables' listing ``{"nftables": [obj, …]}``,
+    decoded one object at a time (anything else: in one call).
+
+    json.loads holds the GIL for the whole document — about a second for a
+    10,000-port table — and the agent reads the table back on a thread beside
+    the loop that applies changes (secfw.agent.resync): a change would wait for
+    it. Decoding object by object lets the interpreter switch threads between
+    objects (sys.getswitchinterval, 5 ms), so a pass waits for one object at most.
+    """
+    head = _LIST_HEAD.match(text)
+    if head is None:
+        return json.loads(text)
+    objects: list[Any] = []
+    index = _skip_space(text, head.end())
+    while not text.startswith("]", index):
+        if objects:  # a comma between objects, and only there
+            if not text.startswith(",", index):
+                raise ValueError(f"expected ',' or ']' at {index}")
+            index = _skip_space(text, index + 1)
+        item, index = _DECODER.raw_decode(text, index)
+        objects.append(item)
+        index = _skip_space(text, index)
+    if text[index + 1:].strip() != "}":
+        raise ValueError(f"unexpected text after the list at {index + 1}")
+    return {"nftables": objects}
+
+
+def _skip_space(text: str, index: int) -> int:
+    while index < len(text) and text[index] in " \t\r\n":
+        index += 1
+    if index >= len(text):
+        raise ValueError("the listing ends early")
+    return index
 
 
 def _first_line(err: str) -> str:
