@@ -20,10 +20,12 @@ import pytest
 from test_agent import HOST, Clock, CountingReconciler, FakeBackend, _tap
 
 from secfw.agent import AgentLoop, LoopSettings
-from secfw.agent.resync import ATTEMPTS, compare
+from secfw.agent.resync import ATTEMPTS, by_object, compare
 from secfw.agent.storewatch import ReopeningStore
 from secfw.api import Api
 from secfw.backends.nftables.executor import loads_in_pieces
+from secfw.backends.nftables.state import KernelState, SetState
+from secfw.backends.nftables.syntax import Element
 from secfw.config import Config
 from secfw.store import open_store
 
@@ -195,3 +197,24 @@ def test_listing_decoded_in_pieces_equals_json_loads() -> None:
                 '{"nftables": [{"a": 1} {"b": 1}]}'):
         with pytest.raises(ValueError):
             loads_in_pieces(bad)
+
+
+def _state(**sets: frozenset[str]) -> KernelState:
+    """A KernelState of ifname sets named by the keywords (no chains)."""
+    return KernelState(sets={("inet", name): SetState(("ifname",), (), False, frozenset(
+        Element((tap,)) for tap in taps)) for name, taps in sets.items()}, chains={})
+
+
+def test_a_check_spoilt_by_a_commit_compares_what_the_loop_left_alone() -> None:
+    """by_object: the loop changed set b during the listing (b is another object
+    in the reference after): b is not judged; a, untouched, is — tampered, it is
+    drift; so is a set only the kernel has, and a table gone."""
+    a, b = frozenset({"tap1"}), frozenset({"tap2"})
+    before = _state(a=a, b=b)
+    after = KernelState(sets={**before.sets, **_state(b=b | {"tap3"}).sets}, chains={})
+    assert by_object(_state(a=a, b=b), before, after) == "same"  # b caught before the commit
+    assert by_object(_state(a=a, b=b | {"tap3"}), before, after) == "same"
+    assert by_object(_state(a=a | {"tapx"}, b=b), before, after) == "differs"
+    assert by_object(_state(a=a, b=b, c=frozenset({"tapx"})), before, after) == "differs"
+    assert by_object(None, before, after) == "differs"
+    assert by_object(frozenset(), frozenset(), frozenset()) == "void"  # no objects to go by

@@ -410,8 +410,10 @@ def _during_resync(results: Row) -> list[str]:
             f"Source-group members added one after the other while the resync's kernel check "
             f"read the table back on its own thread ({seconds(row['resync_check_s'])} from the "
             "resync to the end of the check); store → kernel: the API call's return to the end "
-            "of the loop turn that applied it. Before, the resync was one full pass on the "
-            "loop's thread, and a change waited for all of it (section 2, full resync)."]
+            "of the loop turn that applied it; the same change with no check running: "
+            f"{millis(row.get('idle_store_to_kernel_ms'))} (median). Before, the resync was one "
+            "full pass on the loop's thread, and a change waited for all of it (section 2, "
+            "full resync)."]
 
 
 def _problems(results: Row) -> list[str]:

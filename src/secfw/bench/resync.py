@@ -9,8 +9,10 @@ are added through the API, each followed by one loop turn — the pass that
 takes the change to the kernel. Store → kernel is measured from the API call's
 return to the end of that turn, as in :mod:`.incremental` (the store poll or
 watch that tells a real agent is not included). A change counts only if the
-check was still running when its pass ended; the check's own duration and
-outcome are reported beside it (what a change used to wait for).
+check was still running when its pass ended; the check's own duration is
+reported beside it (what a change used to wait for), and so is the same change
+made just before, with no check running (``idle_store_to_kernel_ms``: what the
+read-back beside the pass costs it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from secfw.bench.workload import BenchCloud
 
 #: Changes made while one resync's read-back runs.
 CHANGES = 5
+#: The same change made with no check running, for comparison.
+IDLE_CHANGES = 3
 #: Longest wait for the read-back to finish after the changes (seconds).
 CHECK_TIMEOUT = 300.0
 
@@ -46,6 +50,8 @@ def changes_during_resync(session: AgentSession, cloud: BenchCloud, ports: int,
     loop = AgentLoop(session.reconciler, LoopSettings(resync_interval=60.0), clock=clock)
     loop._pending.clear()  # the session's own first pass was this agent's start
     try:
+        idle = [_one_change(loop, session, cloud, random.Random(seed - 1 - i))
+                for i in range(IDLE_CHANGES)]
         clock.now += 61.0
         started = time.perf_counter()
         loop.step()
@@ -64,6 +70,8 @@ def changes_during_resync(session: AgentSession, cloud: BenchCloud, ports: int,
             "max_store_to_kernel_ms": max((r["store_to_kernel_ms"] for r in during),
                                           default=None),
             "resync_check_s": rounded(check_s),
+            "idle_store_to_kernel_ms": rounded(
+                median([r["store_to_kernel_ms"] for r in idle]), 2),
             "runs": runs,
         }
     finally:
