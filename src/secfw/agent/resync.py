@@ -70,6 +70,8 @@ class KernelCheck:
         self._done = done
         self._clock = clock
         self._thread: threading.Thread | None = None
+        #: Checks started so far (for the bench and tests).
+        self.started = 0
 
     @property
     def running(self) -> bool:
@@ -83,6 +85,7 @@ class KernelCheck:
         self._thread = threading.Thread(target=self._run, args=(reconciler, read),
                                         name="secfw-kernel-check", daemon=True)
         self._thread.start()
+        self.started += 1
         return True
 
     def join(self, timeout: float | None = None) -> None:

@@ -55,7 +55,7 @@ def changes_during_resync(session: AgentSession, cloud: BenchCloud, ports: int,
         clock.now += 61.0
         started = time.perf_counter()
         loop.step()
-        if not loop.kernel_check.running:
+        if not loop.kernel_check.started:
             return {"error": "the resync ran no background check (a full pass instead)"}
         runs = [_one_change(loop, session, cloud, random.Random(seed + i))
                 for i in range(CHANGES)]
