@@ -154,6 +154,8 @@ class _Scope:
     chains: tuple[ObjectKey, ...]
     set_objects: Mapping[ObjectKey, NamedSet]
     chain_objects: Mapping[ObjectKey, Chain]
+    #: a delta's element changes (:attr:`.render.Delta.elements`)
+    elements: Mapping[ObjectKey, tuple[frozenset[Element], frozenset[Element]]]
 
     @classmethod
     def of(cls, current: KernelState, want: KernelState, desired: Ruleset,
@@ -162,13 +164,14 @@ class _Scope:
             sets = {k: v for k, v in delta.sets.items() if v is not None}
             chains = {k: v for k, v in delta.chains.items() if v is not None}
             return cls(tuple(sorted(delta.sets, key=_ruleset_order)),
-                       tuple(sorted(delta.chains, key=_ruleset_order)), sets, chains)
+                       tuple(sorted(delta.chains, key=_ruleset_order)), sets, chains,
+                       delta.elements)
         set_objects = {(s.family, s.name): s for s in desired.sets}
         chain_objects = {(c.family, c.name): c for c in desired.chains}
         return cls(
             tuple(sorted(set(current.sets) | set(want.sets), key=_ruleset_order)),
             tuple(sorted(set(current.chains) | set(want.chains), key=_ruleset_order)),
-            set_objects, chain_objects)
+            set_objects, chain_objects, {})
 
 
 class _Unprintable(Exception):
@@ -220,8 +223,9 @@ def _commands(current: KernelState, want: KernelState, scope: _Scope) -> Iterato
     yield from (_add_chain(c) for c in new_chains)
     yield from (_add_set(s) for s in new_sets)
     kept = sorted(k for k in wanted_sets if k in current.sets)
-    yield from _element_changes(current, want, kept, "delete")
-    yield from _element_changes(current, want, kept, "add")
+    known = scope.elements
+    yield from _element_changes(current, want, kept, "delete", known)
+    yield from _element_changes(current, want, kept, "add", known)
     for chain in changed:
         yield f"flush chain {_t(chain.family)} {chain.name}"
     for chain in (*new_chains, *changed):
@@ -251,16 +255,22 @@ def _add_set(named: NamedSet) -> str:
 
 
 def _element_changes(
-    current: KernelState, want: KernelState, keys: Iterable[ObjectKey], verb: str
+    current: KernelState, want: KernelState, keys: Iterable[ObjectKey], verb: str,
+    known: Mapping[ObjectKey, tuple[frozenset[Element], frozenset[Element]]],
 ) -> Iterator[str]:
     """``delete element`` (elements only in current) or ``add element`` (only in want),
-    one command per set with all its elements (faster than one per element)."""
+    one command per set with all its elements (faster than one per element).
+    ``known``: the elements each set lost and gained, from the renderer's delta
+    (exactly these differences, without comparing the sets whole)."""
     for key in keys:
         have, need = current.sets[key], want.sets[key]
         if have is need:
             continue
-        elements = have.elements - need.elements if verb == "delete" else (
-            need.elements - have.elements)
+        if key in known:
+            elements = known[key][0 if verb == "delete" else 1]
+        else:
+            elements = have.elements - need.elements if verb == "delete" else (
+                need.elements - have.elements)
         if elements:
             family, name = key
             yield (f"{verb} element {_t(family)} {name} "

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from secfw.backends.nftables.canonical import Canon, canonical_expr
@@ -180,6 +180,10 @@ def _patched(base: KernelState, delta: Delta) -> KernelState:
     for key, named in delta.sets.items():
         if named is None:
             sets.pop(key, None)
+        elif key in delta.elements and key in sets:  # O(change): no whole-set hashing
+            lost, gained = delta.elements[key]
+            have = sets[key]
+            sets[key] = replace(have, elements=have.elements.difference(lost).union(gained))
         else:
             sets[key] = _set_state(named)
     for key, chain in delta.chains.items():
