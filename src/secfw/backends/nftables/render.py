@@ -442,6 +442,7 @@ class _PortIndex:
     same_net: Counter[tuple[str, Family]]
     sets: list[NamedSet]
     positions: dict[Key, int]
+    taps: set[str]
 
     @classmethod
     def of(cls, hf: HostFilter, topology: str, sets: list[NamedSet]) -> _PortIndex | None:
@@ -449,7 +450,8 @@ class _PortIndex:
             return None
         index = cls(_index_chains(hf.chains), _index_sets(hf.sets), port_identity(topology, ()),
                     {"ingress": Counter(), "egress": Counter()}, Counter(), list(sets),
-                    {(n.family, n.name): i for i, n in enumerate(sets)})
+                    {(n.family, n.name): i for i, n in enumerate(sets)},
+                    {p.tap for p in hf.ports})
         for port in hf.ports:  # as _port_sets counts them, without rendering
             widths = {"ingress": len(set(port.ingress_chains)),
                       "egress": len(set(port.egress_chains))}
@@ -505,11 +507,16 @@ def _patched_ports(index: _PortIndex | None, old_ports: tuple[PortPolicy, ...],
     with one run per port (tests/test_incremental.py checks the equality)."""
     if index is None:
         return None
-    old = {p.tap: p for p in old_ports}
-    new = {p.tap: p for p in new_ports}
-    changed = [t for t, p in new.items() if old.get(t) is not p]
-    changed += [t for t in old if t not in new]
-    if len(new) != len(new_ports) or len(changed) * _PATCH_SHARE > len(new) + _PATCH_SHARE:
+    # By identity: the incremental compiler hands unchanged policies over as the
+    # same objects (both tuples are alive, so no id is reused between them).
+    old_ids, new_ids = set(map(id, old_ports)), set(map(id, new_ports))
+    old = {p.tap: p for p in old_ports if id(p) not in new_ids}
+    new = {p.tap: p for p in new_ports if id(p) not in old_ids}
+    changed = [*old, *(t for t in new if t not in old)]
+    arrived = [t for t in new if t not in old]
+    if (len(changed) * _PATCH_SHARE > len(new_ports) + _PATCH_SHARE
+            or len(new) != len(new_ids - old_ids) or len(new_ids) != len(new_ports)
+            or any(t in index.taps for t in arrived)):  # a tap twice: render reports it
         return None
     before = {t: _fragment(old[t], index) for t in changed if t in old}
     after = {t: _fragment(new[t], index) for t in changed if t in new}  # may raise: as render
@@ -522,6 +529,8 @@ def _patched_ports(index: _PortIndex | None, old_ports: tuple[PortPolicy, ...],
             for _, widths, same_net in fragments.values():
                 _count(index, widths, same_net, sign)
         return None
+    index.taps.difference_update(t for t in old if t not in new)
+    index.taps.update(arrived)
     return list(index.sets)
 
 

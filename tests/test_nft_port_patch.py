@@ -1,0 +1,123 @@
+"""A port added, removed or changed costs what it changes (render.Renderer's
+per-port path): after any sequence of port changes the patched ruleset is exactly
+the fresh rendering, the patched state exactly its state, and the plan from the
+delta's element changes exactly the plan from comparing everything — and applying
+that plan's element changes to the old state gives the new state.
+
+The kernel side (the same plan applied by nft on top of the old table, read back)
+is tests/netns/test_nft_port_patch_kernel.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secfw.backends.nftables.plan import plan
+from secfw.backends.nftables.render import Delta, Renderer, render
+from secfw.backends.nftables.state import KernelState, StateCache
+from secfw.backends.nftables.syntax import Ruleset
+from secfw.compiler.ir import AddressPair, AddressSet, GroupChain, HostFilter, PortPolicy
+
+CHAINS = tuple(GroupChain(f"sg-{i}-{d[:2]}", f"g{i}", d, ())  # type: ignore[arg-type]
+               for i in range(4) for d in ("ingress", "egress"))
+SETS = (AddressSet("net-a-v4", "a", "ipv4", ("10.0.0.1/32",)),
+        AddressSet("net-b-v4", "b", "ipv4", ("10.1.0.1/32",)))
+
+
+def port(index: int, groups: tuple[int, ...], pair: bool, security: bool) -> PortPolicy:
+    """Port ``index``: tap ``tap-<index>``, in groups ``groups`` (both directions),
+    on network a or b, with an address-pair network when ``pair``."""
+    net = "a" if index % 2 else "b"
+    return PortPolicy(
+        tap=f"tap-{index:04d}", port_id=f"p{index}", instance_id=f"i{index}",
+        mac=f"fa:16:3e:00:{index // 256:02x}:{index % 256:02x}",
+        ipv4=(f"10.{0 if net == 'a' else 1}.{index // 200}.{index % 200 + 2}",),
+        ipv6=(f"fd00::{index + 2:x}",),
+        same_net_sets=(f"net-{net}-v4",) if security else (),
+        ingress_chains=tuple(f"sg-{g}-in" for g in groups),
+        egress_chains=tuple(f"sg-{g}-eg" for g in groups), egress_open=not groups,
+        allowed_pairs=(AddressPair(f"192.168.{index}.0/24", "fa:16:3e:ff:00:01"),) if pair
+        else (), port_security=security)
+
+
+def host(ports: dict[int, PortPolicy]) -> HostFilter:
+    return HostFilter("h1", tuple(ports[i] for i in sorted(ports)), CHAINS, SETS)
+
+
+GROUPS = st.lists(st.integers(0, 3), max_size=4, unique=True).map(tuple)
+#: (what, port index, its groups, address pair, port security)
+STEP = st.tuples(st.sampled_from(["set", "remove"]), st.integers(0, 11), GROUPS,
+                 st.booleans(), st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(STEP, min_size=1, max_size=12))
+def test_patched_ports_equal_fresh_rendering(steps: list[tuple[str, int, tuple[int, ...],
+                                                               bool, bool]]) -> None:
+    # Start with every port in two groups: slot widths then rarely change, so most
+    # steps take the per-port path (a width change renders whole, also checked).
+    ports = {i: port(i, (i % 4, (i + 1) % 4), False, True) for i in range(12)}
+    renderer, states = Renderer("routed"), StateCache()
+    previous = host(ports)
+    before = states.state(renderer.render(previous), renderer.delta)
+    for what, index, groups, pair, security in steps:
+        if what == "remove":
+            ports.pop(index, None)
+        else:
+            ports[index] = port(index, groups, pair, security)
+        current = host(ports)
+        ruleset = renderer.render(current)
+        assert ruleset == render(current)
+        after = states.state(ruleset, renderer.delta)
+        assert after == KernelState.from_ruleset(ruleset)
+        expected = plan(KernelState.from_ruleset(render(previous)), ruleset)
+        planned = plan(before, ruleset, after, renderer.delta)
+        assert planned == expected
+        assert _applied(before, renderer.delta) == after
+        previous, before = current, after
+
+
+def test_a_port_added_is_patched_not_rendered_whole() -> None:
+    """The per-port path is taken (so the test above checks it): the port-derived
+    sets a new port is not in stay the same objects, and the delta lists only the
+    sets it is in, each with exactly its elements gained."""
+    ports = {i: port(i, (1, 2), False, True) for i in range(8)}
+    renderer = Renderer("routed")
+    first = renderer.render(host(ports))
+    ports[20] = port(20, (2, 1), False, True)
+    second = renderer.render(host(ports))
+    assert renderer.delta is not None and renderer.delta.elements
+    for key, (lost, gained) in renderer.delta.elements.items():
+        assert not lost and gained and all(e.key[0] == "tap-0020" for e in gained), key
+    unchanged = {s.name for s in second.sets} - {k[1] for k in renderer.delta.sets}
+    old = {s.name: s for s in first.sets}
+    assert "arp_open" in unchanged  # a protected port is not in it
+    assert all(old[s.name] is s for s in second.sets if s.name in unchanged)
+
+
+def _applied(state: KernelState, delta: Delta | None) -> KernelState:
+    """``state`` with the delta's element changes applied to each set (what the
+    plan's element commands do), the other changed objects taken whole."""
+    assert delta is not None
+    sets, chains = dict(state.sets), dict(state.chains)
+    fresh = KernelState.from_ruleset(Ruleset(
+        tuple(s for s in delta.sets.values() if s is not None),
+        tuple(c for c in delta.chains.values() if c is not None)))
+    for key in delta.sets:
+        if key in delta.elements:
+            lost, gained = delta.elements[key]
+            assert lost <= sets[key].elements and not gained & sets[key].elements
+            sets[key] = replace(sets[key], elements=(sets[key].elements - lost) | gained)
+        elif key in fresh.sets:
+            sets[key] = fresh.sets[key]
+        else:
+            del sets[key]
+    for key in delta.chains:
+        if key in fresh.chains:
+            chains[key] = fresh.chains[key]
+        else:
+            del chains[key]
+    return replace(state, sets=sets, chains=chains)
