@@ -215,6 +215,7 @@ class Renderer:
         self._port_key: tuple[tuple[PortPolicy, ...], object] | None = None
         self._port_part: _PortPart = ([], [])
         self._port_index: _PortIndex | None = None
+        self._index_of: HostFilter | None = None  # what _index() indexes when asked
         self._set_signature: tuple[tuple[str, str], ...] = ()
         self._sets: dict[str, tuple[AddressSet, NamedSet]] = {}
         self._chains: dict[str, tuple[GroupChain, Chain]] = {}
@@ -264,17 +265,25 @@ class Renderer:
         if self._port_key is None or self._port_key[0] is not key[0] or self._port_key[1] != key[1]:
             patched = None
             if self._port_key is not None and self._port_key[1] == key[1]:
-                patched = _patched_ports(self._port_index, self._port_key[0], hf.ports, delta)
+                patched = _patched_ports(self._index(), self._port_key[0], hf.ports, delta)
             if patched is None:
                 old_sets, old_chains = self._port_part
                 self._port_part = _port_part(hf, self.topology)
-                self._port_index = _PortIndex.of(hf, self.topology, self._port_part[0])
+                self._port_index, self._index_of = None, hf
                 _changed(delta.sets, old_sets, self._port_part[0])
                 _changed(delta.chains, old_chains, self._port_part[1])
             else:
                 self._port_part = (patched, self._port_part[1])
             self._port_key = key
         return self._port_part
+
+    def _index(self) -> _PortIndex | None:
+        """The index of the port part rendered whole last, built on the first port
+        change after it (a one-shot full sync never pays for it)."""
+        if self._port_index is None and self._index_of is not None:
+            self._port_index = _PortIndex.of(self._index_of, self.topology, self._port_part[0])
+            self._index_of = None
+        return self._port_index
 
     def _floating(self, hf: HostFilter, delta: Delta) -> _PortPart:
         """The floating-IP NAT (:mod:`.floating`), rendered again only when the
