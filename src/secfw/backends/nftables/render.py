@@ -205,7 +205,10 @@ class Renderer:
     :class:`~secfw.compiler.ir.GroupChain` it sees again (by identity: the
     incremental compiler hands unchanged pieces over as the same objects) and of
     everything derived from the ports while the ports and the chains' names are
-    unchanged. The result always equals ``render(hf, topology)``; :attr:`delta`
+    unchanged; when only some ports changed, the port-derived sets are patched
+    port by port (:func:`_patched_ports`) and an address set seen before element
+    by element (:func:`_patched_address_set`), the delta then carrying the
+    elements they lost and gained. The result always equals ``render(hf, topology)``; :attr:`delta`
     says what changed since the previous result (None after the first).
     """
 
