@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from secfw.audit.policy import CloudPolicy
-from secfw.audit.verify import Difference, ipt_kernel, nft_kernel, verify
+from secfw.audit.verify import Difference, ipt_kernel, nft_kernel, nft_rule_points, verify
 
 pytestmark = [
     pytest.mark.netns,
@@ -50,11 +50,14 @@ def run_verify(cloud: Any) -> tuple[list[Difference], int]:
 
         listing = NftablesExecutor(cloud.lab.host_ns).read_json() or {"nftables": []}
         judge, addresses, ports = nft_kernel(listing, cloud.topology)
+        pairs = nft_rule_points(listing)
     else:
-        from secfw.audit.iptkernel import read_iptables
+        from secfw.audit.iptkernel import read_iptables, rule_points
 
-        judge, addresses, ports = ipt_kernel(read_iptables(cloud.lab.host_ns), cloud.topology)
-    return verify(cp, cloud.host, judge, addresses, ports)
+        saves = read_iptables(cloud.lab.host_ns)
+        judge, addresses, ports = ipt_kernel(saves, cloud.topology)
+        pairs = rule_points(saves)
+    return verify(cp, cloud.host, judge, addresses, ports, None, pairs)
 
 
 def sent(cloud: Any, difference: Difference) -> bool:

@@ -13,7 +13,6 @@ are named, and a real request gets no answer.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import subprocess
@@ -123,16 +122,17 @@ def cli_verify(cloud: Any, tmp_path: Path) -> int:
 
 def only_vm_floating(cloud: Any, address: str) -> Packet:
     """The one difference verify finds (vm's ingress, a packet to the floating
-    address the model lets in and the kernel does not) — as a packet that can be
-    sent: from the lab's external address when verify's comes from 0.0.0.0 (the
-    corner of 0.0.0.0/0), checked to be judged the same by both."""
+    address the model lets in and the kernel does not) — as a packet that
+    :func:`arrives` can send: from the lab's external address when verify's
+    comes from elsewhere (an instance of the host, whose answer would not go back
+    to the external namespace), checked to be judged the same by both."""
     found, judge = verified(cloud)
     assert [(d.view.instance.name, d.direction) for d in found] == [("vm", "ingress")], \
         rows(found)
     diff = found[0]
     assert (diff.packet.dst, diff.model, diff.kernel) == (address, "accept", "drop"), diff.row()
     packet = diff.packet
-    if ipaddress.ip_address(packet.src).is_unspecified:
+    if packet.src != EXTERNAL_IP:
         packet = replace(packet, src=EXTERNAL_IP)
         assert judge(diff.view, "ingress", packet) == "drop"
         assert model_verdict(diff.view, "ingress", replace(packet, dst=cloud.ip("vm"))) == \

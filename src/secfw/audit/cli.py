@@ -27,7 +27,7 @@ from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import answers_rows, reach
 from secfw.audit.report import build_report, render_html, render_markdown
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
-from secfw.audit.verify import ipt_kernel, nft_kernel, verify
+from secfw.audit.verify import ipt_kernel, nft_kernel, nft_rule_points, verify
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.cloud import CloudState
 from secfw.compiler.ir import Family
@@ -418,10 +418,11 @@ def verify_command(state: CliState, fmt: str, host: str, netns: str | None, back
     # the metadata server's address is the host's own: what is DNATed to it goes to input
     local = () if config.metadata_listen is None else (config.metadata_listen[0],)
     if backend == "nftables":
-        judge, addresses, ports = _nft_kernel(netns, topology, local)
+        judge, addresses, ports, pairs = _nft_kernel(netns, topology, local)
     else:
-        judge, addresses, ports = _ipt_kernel(netns, topology, local)
-    differences, probes = verify(cp, host, judge, addresses, ports, config.metadata_listen)
+        judge, addresses, ports, pairs = _ipt_kernel(netns, topology, local)
+    differences, probes = verify(cp, host, judge, addresses, ports, config.metadata_listen,
+                                 pairs)
     rows = [d.row() for d in differences]
     if fmt == "json":
         emit({"host": host, "probes": probes, "differences": rows}, None, fmt)
@@ -434,18 +435,19 @@ def verify_command(state: CliState, fmt: str, host: str, netns: str | None, back
 
 
 def _nft_kernel(netns: str | None, topology: str | None, local: tuple[str, ...]
-                ) -> tuple[Any, list[str], list[int]]:
+                ) -> tuple[Any, list[str], list[int], list[tuple[str, int]]]:
     from secfw.backends.nftables.executor import NftablesExecutor
 
     listing = NftablesExecutor(netns).read_json() or {"nftables": []}
-    return nft_kernel(listing, topology, local)
+    return (*nft_kernel(listing, topology, local), nft_rule_points(listing))
 
 
 def _ipt_kernel(netns: str | None, topology: str | None, local: tuple[str, ...]
-                ) -> tuple[Any, list[str], list[int]]:
-    from secfw.audit.iptkernel import read_iptables
+                ) -> tuple[Any, list[str], list[int], list[tuple[str, int]]]:
+    from secfw.audit.iptkernel import read_iptables, rule_points
 
-    return ipt_kernel(read_iptables(netns), topology or "routed", local)
+    saves = read_iptables(netns)
+    return (*ipt_kernel(saves, topology or "routed", local), rule_points(saves))
 
 
 def _probe_text(packet: dict[str, Any]) -> str:

@@ -33,13 +33,20 @@ that address (the egress rules), and straight to the server (dropped).
 
 Probes are first packets of connections (TCP SYN, conntrack ``new``; ICMP types
 that cannot open one are ``invalid``); untracked ICMPv6 (neighbour discovery,
-MLD) is left to the protection tests. A difference is reported once per port,
-direction and family, with the first packet (in sort order) that shows it.
+MLD) is left to the protection tests. A port's own addresses (fixed, allowed
+address pairs) are never the remote of its probes: the instance keeps what it
+sends to itself. Where a kernel rule names addresses and ports, they are
+probed together (a rule opening 192.0.2.0/24 udp 443 is met by neither alone).
+A difference is reported once per port, direction and family, with the first
+packet (in sort order) that shows it and that an auditor can send — an
+ordinary unicast remote (:func:`_sendable`), looked for among further probes
+when the first differing ones have none — else the first.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -61,6 +68,8 @@ CLIENT_PORT = 40000
 #: Addresses probed per region edge list, and kernel-named values probed, at most.
 EDGE_CIDRS = 16
 KERNEL_VALUES = 256
+#: (address, port) pairs named together by a kernel rule probed, at most.
+RULE_POINTS = 1024
 Point = tuple[int, int, int, int]  # (address as int, protocol, selector, version)
 #: The kernel's verdict on a probe: "accept", "drop", or "unknown: why".
 KernelVerdict = Callable[[PortView, str, Packet], str]
@@ -110,10 +119,13 @@ def host_nat(views: Sequence[PortView], metadata_listen: tuple[str, int] | None)
 
 def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
            extra_addresses: Iterable[str] = (), extra_ports: Iterable[int] = (),
-           metadata_listen: tuple[str, int] | None = None
+           metadata_listen: tuple[str, int] | None = None,
+           extra_pairs: Iterable[tuple[str, int]] = ()
            ) -> tuple[list[Difference], int]:
     """The differences on ``host`` and the number of probes compared.
     ``extra_addresses``/``extra_ports``: values the kernel's ruleset names;
+    ``extra_pairs``: (address, port) that one of its rules names together
+    (:func:`nft_rule_points`, :func:`secfw.audit.iptkernel.rule_points`);
     ``metadata_listen``: the host's metadata server, when it runs one."""
     views = sorted((v for v in cp.ports.values() if v.instance.host == host),
                    key=lambda v: v.port.tap)
@@ -121,8 +133,11 @@ def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
     addresses = sorted({ipaddress.ip_address(a) for a in extra_addresses},
                        key=lambda a: (a.version, a))[:KERNEL_VALUES]
     ports = sorted(set(extra_ports))[:KERNEL_VALUES]
+    named = sorted({(ipaddress.ip_address(a), p) for a, p in extra_pairs},
+                   key=lambda x: (x[0].version, x[0], x[1]))[:RULE_POINTS]
     found: list[Difference] = []
     probes = 0
+    edges = network_edges(cp)
     for view in views:
         for direction in ("ingress", "egress"):
             for family in ("ipv4", "ipv6"):
@@ -132,9 +147,16 @@ def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
                 version = 4 if family == "ipv4" else 6
                 points = sample_points(cp, view, direction, family,
                                        [int(a) for a in addresses if a.version == version],
-                                       ports)
+                                       ports,
+                                       [(int(a), p) for a, p in named if a.version == version])
                 pairs = _judged(view, direction, family, sorted(points), nat)
-                difference, compared = _first_difference(view, direction, pairs, kernel)
+                sendable = _sendable(cp, view, direction, edges)
+                difference, compared = _first_difference(view, direction, pairs, kernel,
+                                                         sendable)
+                if difference is not None and not sendable(difference.packet):
+                    difference, extra = _sendable_instead(
+                        cp, difference, family, points, nat, kernel, (sendable, edges[0]))
+                    compared += extra
                 probes += compared
                 if difference is not None:
                     found.append(difference)
@@ -147,7 +169,10 @@ def _judged(view: PortView, direction: str, family: Family, points: Sequence[Poi
     local = view.address(family)
     assert local is not None
     floating = nat.floating.get(view.port.tap, ()) if direction == "ingress" else ()
+    itself = _own_ranges(view, family)
     for point in points:
+        if any(low <= point[0] <= high for low, high in itself):
+            continue  # the instance keeps what it sends to itself: no host sees it
         packet = probe_packet(point, local, direction, family)
         model = nat_model_verdict(view, direction, packet, nat.metadata)
         yield packet, model
@@ -155,6 +180,16 @@ def _judged(view: PortView, direction: str, family: Family, points: Sequence[Poi
             yield probe_packet(point, address, direction, family), model
     if nat.metadata is not None and direction == "egress" and family == "ipv4":
         yield from metadata_probes(view, local, nat.metadata)
+
+
+def _own_ranges(view: PortView, family: Family) -> list[tuple[int, int]]:
+    """The port's own addresses of ``family`` — its fixed address and allowed
+    address pairs (what the instance itself holds) — as integer ranges."""
+    version = 4 if family == "ipv4" else 6
+    local = view.address(family)
+    cidrs = [c for c, _ in view.port.address_pairs()] + ([local] if local else [])
+    blocks = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    return [(int(b[0]), int(b[-1])) for b in blocks if b.version == version]
 
 
 def metadata_probes(view: PortView, local: str, md: MetadataRedirect
@@ -183,19 +218,80 @@ def nat_model_verdict(view: PortView, direction: str, packet: Packet,
 
 
 def _first_difference(view: PortView, direction: str,
-                      pairs: Iterable[tuple[Packet, str | None]], kernel: KernelVerdict
+                      pairs: Iterable[tuple[Packet, str | None]], kernel: KernelVerdict,
+                      sendable: Callable[[Packet], bool] = lambda _p: True
                       ) -> tuple[Difference | None, int]:
-    """The first probe the kernel judges otherwise than the model, and how many
-    probes were compared up to it (all, when there is none)."""
+    """The first probe the kernel judges otherwise than the model — the first
+    ``sendable`` one if any differs (the probes after the first difference are
+    compared until one is found) — and how many probes were compared up to it
+    (all, when there is none)."""
     compared = 0
+    first: Difference | None = None
     for packet, model in pairs:
         if model is None:
             continue
         compared += 1
         verdict = kernel(view, direction, packet)
         if verdict != model:
-            return Difference(view, direction, packet, model, verdict), compared
-    return None, compared
+            found = Difference(view, direction, packet, model, verdict)
+            if sendable(packet):
+                return found, compared
+            first = first or found
+    return first, compared
+
+
+#: Remote addresses no packet carries on the wire between hosts (unspecified,
+#: "this network", loopback, link-local, multicast, reserved and broadcast,
+#: IPv4-mapped; RFC 6890): a region's corner is often one (0.0.0.0 of
+#: 0.0.0.0/0), and a packet with one shows nothing an auditor can replay.
+NOT_ON_THE_WIRE = netaddr.IPSet(["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/3",
+                                 "::/127", "::ffff:0:0/96", "fe80::/10", "ff00::/8"])
+#: IPv6 next headers that are extension headers (RFC 8200 section 4, RFC 7045):
+#: a probe "of" one is not a transport packet anything can send as such.
+IPV6_EXTENSION_HEADERS = frozenset({0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254})
+#: The interface identifier of an IPv6 address: all zero, it is a subnet-router
+#: anycast address (RFC 4291 section 2.6.1) that a router keeps for itself.
+INTERFACE_ID = (1 << 64) - 1
+
+
+def network_edges(cp: CloudPolicy) -> tuple[netaddr.IPSet, netaddr.IPSet]:
+    """The cloud's subnets, and their network addresses: an IPv4 subnet's first
+    and last, an IPv6 subnet's router anycast (RFC 4291 section 2.6.1)."""
+    subnets, edges = netaddr.IPSet(), netaddr.IPSet()
+    for network in cp.state.networks.values():
+        for cidr in (network.cidr, network.cidr6):
+            if cidr:
+                block = netaddr.IPNetwork(cidr)
+                subnets.add(block)
+                edges.add(block.network)
+                if block.version == 4 and block.broadcast is not None:
+                    edges.add(block.broadcast)
+    return subnets, edges
+
+
+def _sendable(cp: CloudPolicy, view: PortView, direction: str,
+              subnets: tuple[netaddr.IPSet, netaddr.IPSet]) -> Callable[[Packet], bool]:
+    """Whether a probe of ``view`` is a packet between real parties, one an
+    auditor can send to see the difference: its remote address is ordinary
+    unicast — none of :data:`NOT_ON_THE_WIRE`, not the port's own (a packet to
+    itself never leaves the instance), not a subnet's network address
+    (:func:`network_edges`), and in a subnet of the cloud only when a port holds
+    it (nothing else is there to send or receive) — and, for IPv6, its protocol
+    is not an extension header and its interface identifier is not zero."""
+    own = {netaddr.IPAddress(a) for a in (view.port.ip, view.port.ip6) if a}
+    inside, edges = subnets
+
+    def sendable(packet: Packet) -> bool:
+        remote = packet.src if direction == "ingress" else packet.dst
+        address = netaddr.IPAddress(remote)
+        if address in NOT_ON_THE_WIRE or address in edges or address in own:
+            return False
+        if address in inside and cp.owner(remote) is None:
+            return False
+        return packet.version == 4 or (packet.protocol not in IPV6_EXTENSION_HEADERS
+                                       and int(address) & INTERFACE_ID != 0)
+
+    return sendable
 
 
 def model_verdict(view: PortView, direction: str, packet: Packet) -> str | None:
@@ -233,7 +329,8 @@ def probe_packet(point: Point, local: str, direction: str, family: Family) -> Pa
 
 
 def sample_points(cp: CloudPolicy, view: PortView, direction: str, family: Family,
-                  kernel_addresses: Sequence[int], kernel_ports: Sequence[int]) -> set[Point]:
+                  kernel_addresses: Sequence[int], kernel_ports: Sequence[int],
+                  kernel_pairs: Sequence[tuple[int, int]] = ()) -> set[Point]:
     """The boundary points of the port's space (module docstring)."""
     openers = ingress_openers(cp, view, family) if direction == "ingress" else \
         egress_openers(cp, view, family)
@@ -252,7 +349,73 @@ def sample_points(cp: CloudPolicy, view: PortView, direction: str, family: Famil
         points |= {(address, proto, sel, version) for proto, sel in base}
     for port in kernel_ports:
         points |= {(a, proto, port, version) for a in anchors for proto in (6, 17)}
+    # a rule opens its own addresses at its own ports: neither alone, tried at
+    # other ports or addresses, need meet it (a rule added for 192.0.2.0/24 udp
+    # 443-65534 is missed by 192.0.2.0 at the base services and by port 443 at
+    # the anchors)
+    for address, port in kernel_pairs:
+        points |= {(address, proto, port, version) for proto in PORT_PROTOCOL_NUMBERS}
     return {_clean(p) for p in points if 0 <= p[0] <= top}
+
+
+def _sendable_instead(cp: CloudPolicy, difference: Difference, family: Family,
+                      probed: set[Point], nat: HostNat, kernel: KernelVerdict,
+                      judge: tuple[Callable[[Packet], bool], netaddr.IPSet]
+                      ) -> tuple[Difference, int]:
+    """A difference of the same port, direction and family with a packet one
+    can send (``judge``: :func:`_sendable` and the cloud's subnets), looked for
+    among further probes (:func:`ordinary_points`, the neighbours of
+    ``difference``'s remote); else ``difference``. And how many were compared."""
+    sendable, subnets = judge
+    view, direction = difference.view, difference.direction
+    extra = ordinary_points(cp, view, direction, family, subnets)
+    extra |= _neighbours(difference.packet, direction)
+    more = _judged(view, direction, family, sorted(extra - probed), nat)
+    other, compared = _first_difference(view, direction, more, kernel, sendable)
+    if other is not None and sendable(other.packet):
+        return other, compared
+    return difference, compared
+
+
+def _neighbours(packet: Packet, direction: str) -> set[Point]:
+    """The same probe with the remote addresses near its own (a difference found
+    at the first address of a prefix, where no host is; the next one is often
+    the prefix's router)."""
+    remote = ipaddress.ip_address(packet.src if direction == "ingress" else packet.dst)
+    selector = packet.dport if packet.dport is not None else (
+        (packet.icmp_type or 0) * 256 + (packet.icmp_code or 0))
+    top = 2 ** remote.max_prefixlen - 1
+    return {_clean((int(remote) + step, packet.protocol, selector, remote.version))
+            for step in (-3, -2, 2, 3) if 0 <= int(remote) + step <= top}
+
+
+def ordinary_points(cp: CloudPolicy, view: PortView, direction: str, family: Family,
+                    subnets: netaddr.IPSet) -> set[Point]:
+    """Each region's corners (protocols and selectors) at the first and last
+    address of the region that is ordinary unicast outside the cloud's
+    ``subnets``, and at the ports' addresses inside it: probes for a difference
+    found only at addresses no packet can carry (0.0.0.0 of 0.0.0.0/0, a
+    subnet's network address), so that verify can give one an auditor can send
+    (:func:`_sendable`)."""
+    openers = ingress_openers(cp, view, family) if direction == "ingress" else \
+        egress_openers(cp, view, family)
+    version = 4 if family == "ipv4" else 6
+    held = sorted(netaddr.IPAddress(a) for v in cp.ports.values()
+                  if (a := v.address(family)) is not None and v is not view)
+    points: set[Point] = set()
+    for region in sweep(family, openers):
+        usable = region.addresses - NOT_ON_THE_WIRE - subnets
+        cidrs = list(usable.iter_cidrs())
+        # the neighbours of the ends too: an end is often a subnet's own address
+        ends = {cidrs[0].first, cidrs[0].first + 1, cidrs[-1].last - 1,
+                cidrs[-1].last} if cidrs else set()
+        ends = {a for a in ends if netaddr.IPAddress(a, version) in usable}
+        inside = (int(a) for a in held if a in region.addresses)
+        ends.update(itertools.islice(inside, EDGE_CIDRS))
+        box = region.box
+        points |= {(a, p, s, version) for a in ends for p in (box.proto_lo, box.proto_hi)
+                   for s in (box.sel_lo, box.sel_hi)}
+    return {_clean(p) for p in points}
 
 
 def _region_points(region: Region, members: Sequence[int], top: int,
@@ -311,6 +474,37 @@ def nft_kernel(listing: dict[str, Any], topology: str | None = None,
 
     addresses, ports = _named_values(listing)
     return judge, addresses, ports
+
+
+def nft_rule_points(listing: dict[str, Any]) -> list[tuple[str, int]]:
+    """(address, port) pairs one rule of an nftables JSON listing names together:
+    its addresses (literals, prefixes' first address, the elements of the sets
+    it looks up) with its destination ports' edges (extra probes for verify)."""
+    sets: dict[str, list[str]] = {}
+    for obj in listing.get("nftables", []):
+        body = obj.get("set") or obj.get("map")
+        if isinstance(body, dict):
+            sets[f"@{body.get('name')}"] = _named_values(body.get("elem", []))[0]
+    found: set[tuple[str, int]] = set()
+    for obj in listing.get("nftables", []):
+        rule = obj.get("rule")
+        if not isinstance(rule, dict):
+            continue
+        addresses, ports = _named_values(rule.get("expr", []))
+        if not ports:
+            continue
+        looked_up = [a for name in _set_references(rule.get("expr", []))
+                     for a in sets.get(name, ())]
+        found.update((a, p) for a in (*addresses, *looked_up) for p in ports)
+    return sorted(found)
+
+
+def _set_references(node: Any) -> list[str]:
+    """The ``@set`` names a rule's expressions look up."""
+    if isinstance(node, str):
+        return [node] if node.startswith("@") else []
+    values = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return [name for value in values for name in _set_references(value)]
 
 
 def _reaches_port(view: PortView, direction: str, destination: str,

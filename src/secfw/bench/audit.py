@@ -23,7 +23,7 @@ from secfw.audit.exposure import exposure
 from secfw.audit.lint import lint
 from secfw.audit.policy import CloudPolicy
 from secfw.audit.reach import reach
-from secfw.audit.verify import nft_kernel, verify
+from secfw.audit.verify import nft_kernel, nft_rule_points, verify
 from secfw.backends.nftables import NftablesExecutor
 from secfw.bench.common import Row, median, rounded, timed
 from secfw.cloud import CloudState
@@ -66,7 +66,8 @@ def measure(store: Store, host: str, netns: str | None, whole_cloud: bool = True
         start = time.perf_counter()
         listing = NftablesExecutor(netns).read_json() or {"nftables": []}
         judge, addresses, ports = nft_kernel(listing)
-        differences, probes = verify(cp, host, judge, addresses, ports)
+        differences, probes = verify(cp, host, judge, addresses, ports, None,
+                                     nft_rule_points(listing))
         row.update(verify_s=rounded(time.perf_counter() - start), verify_probes=probes,
                    verify_differences=len(differences))
     for key in ("exposure_s", "lint_s"):
