@@ -408,33 +408,43 @@ def named_values(saves: dict[str, str]) -> tuple[list[str], list[int]]:
     return sorted(addresses), sorted(ports)
 
 
-def rule_points(saves: dict[str, str]) -> list[tuple[str, int]]:
-    """(address, port) pairs one filter rule names together: its ``-s``/``-d``
-    (first address) and the ipsets it matches (each network's first and last
-    address), with its ``--dport``/``--dports`` edges (extra probes for verify)."""
+def rule_points(saves: dict[str, str]) -> list[tuple[str, int, int]]:
+    """(address, protocol, port) that one filter rule names together: its
+    ``-s``/``-d`` (first address) and the ipsets it matches (each network's
+    first and last address), with its ``-p`` (every port protocol without one)
+    and its ``--dport``/``--dports`` edges (extra probes for verify)."""
     sets = parse_ipsets(saves.get("ipsets", ""))
-    found: set[tuple[str, int]] = set()
+    found: set[tuple[str, int, int]] = set()
     for family in ("ipv4", "ipv6"):
         for line in saves.get(family, "").splitlines():
-            addresses, ports = _line_values(line.split(), sets)
-            found.update((a, p) for a in addresses for p in ports)
+            addresses, protocols, ports = _line_values(line.split(), sets)
+            found.update((a, proto, p) for a in addresses for proto in protocols
+                         for p in ports)
     return sorted(found)
 
 
+#: The port protocols, by number and by the names iptables accepts.
+_PORT_PROTOCOLS = {"6": 6, "tcp": 6, "17": 17, "udp": 17, "132": 132, "sctp": 132,
+                   "136": 136, "udplite": 136}
+
+
 def _line_values(tokens: Sequence[str], sets: dict[str, list[Network]]
-                 ) -> tuple[set[str], set[int]]:
+                 ) -> tuple[set[str], set[int], set[int]]:
     addresses: set[str] = set()
+    protocols: set[int] = set()
     ports: set[int] = set()
     for option, value in itertools.pairwise(tokens):
         if option in ("-s", "-d"):
             addresses.add(str(ipaddress.ip_network(value, strict=False)[0]))
         elif option == "--match-set":
             addresses.update(str(n[i]) for n in sets.get(value, ()) for i in (0, -1))
+        elif option == "-p" and value in _PORT_PROTOCOLS:
+            protocols.add(_PORT_PROTOCOLS[value])
         elif option in ("--dport", "--dports"):
             for part in value.split(","):
                 low, high = _range(part)
                 ports.update(p for p in (low - 1, low, high, high + 1) if 0 <= p <= 65535)
-    return addresses, ports
+    return addresses, protocols or set(_PORT_PROTOCOLS.values()), ports
 
 
 def chains_of(saves: dict[str, str]) -> dict[int, IptTables]:

@@ -68,8 +68,10 @@ CLIENT_PORT = 40000
 #: Addresses probed per region edge list, and kernel-named values probed, at most.
 EDGE_CIDRS = 16
 KERNEL_VALUES = 256
-#: (address, port) pairs named together by a kernel rule probed, at most.
-RULE_POINTS = 1024
+#: Port protocols by the name nft and iptables print.
+PORT_PROTOCOL_NAMES = {"tcp": 6, "udp": 17, "sctp": 132, "udplite": 136}
+#: (address, protocol, port) named together by a kernel rule probed, at most.
+RULE_POINTS = KERNEL_VALUES
 Point = tuple[int, int, int, int]  # (address as int, protocol, selector, version)
 #: The kernel's verdict on a probe: "accept", "drop", or "unknown: why".
 KernelVerdict = Callable[[PortView, str, Packet], str]
@@ -120,11 +122,11 @@ def host_nat(views: Sequence[PortView], metadata_listen: tuple[str, int] | None)
 def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
            extra_addresses: Iterable[str] = (), extra_ports: Iterable[int] = (),
            metadata_listen: tuple[str, int] | None = None,
-           extra_pairs: Iterable[tuple[str, int]] = ()
+           extra_pairs: Iterable[tuple[str, int, int]] = ()
            ) -> tuple[list[Difference], int]:
     """The differences on ``host`` and the number of probes compared.
     ``extra_addresses``/``extra_ports``: values the kernel's ruleset names;
-    ``extra_pairs``: (address, port) that one of its rules names together
+    ``extra_pairs``: (address, protocol, port) that one of its rules names together
     (:func:`nft_rule_points`, :func:`secfw.audit.iptkernel.rule_points`);
     ``metadata_listen``: the host's metadata server, when it runs one."""
     views = sorted((v for v in cp.ports.values() if v.instance.host == host),
@@ -133,8 +135,8 @@ def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
     addresses = sorted({ipaddress.ip_address(a) for a in extra_addresses},
                        key=lambda a: (a.version, a))[:KERNEL_VALUES]
     ports = sorted(set(extra_ports))[:KERNEL_VALUES]
-    named = sorted({(ipaddress.ip_address(a), p) for a, p in extra_pairs},
-                   key=lambda x: (x[0].version, x[0], x[1]))[:RULE_POINTS]
+    named = sorted({(ipaddress.ip_address(a), proto, p) for a, proto, p in extra_pairs},
+                   key=lambda x: (x[0].version, x[0], x[1], x[2]))[:RULE_POINTS]
     found: list[Difference] = []
     probes = 0
     edges = network_edges(cp)
@@ -148,7 +150,8 @@ def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
                 points = sample_points(cp, view, direction, family,
                                        [int(a) for a in addresses if a.version == version],
                                        ports,
-                                       [(int(a), p) for a, p in named if a.version == version])
+                                       [(int(a), proto, p) for a, proto, p in named
+                                        if a.version == version])
                 pairs = _judged(view, direction, family, sorted(points), nat)
                 sendable = _sendable(cp, view, direction, edges)
                 difference, compared = _first_difference(view, direction, pairs, kernel,
@@ -330,7 +333,7 @@ def probe_packet(point: Point, local: str, direction: str, family: Family) -> Pa
 
 def sample_points(cp: CloudPolicy, view: PortView, direction: str, family: Family,
                   kernel_addresses: Sequence[int], kernel_ports: Sequence[int],
-                  kernel_pairs: Sequence[tuple[int, int]] = ()) -> set[Point]:
+                  kernel_pairs: Sequence[tuple[int, int, int]] = ()) -> set[Point]:
     """The boundary points of the port's space (module docstring)."""
     openers = ingress_openers(cp, view, family) if direction == "ingress" else \
         egress_openers(cp, view, family)
@@ -353,8 +356,8 @@ def sample_points(cp: CloudPolicy, view: PortView, direction: str, family: Famil
     # other ports or addresses, need meet it (a rule added for 192.0.2.0/24 udp
     # 443-65534 is missed by 192.0.2.0 at the base services and by port 443 at
     # the anchors)
-    for address, port in kernel_pairs:
-        points |= {(address, proto, port, version) for proto in PORT_PROTOCOL_NUMBERS}
+    for address, proto, port in kernel_pairs:
+        points.add((address, proto, port, version))
     return {_clean(p) for p in points if 0 <= p[0] <= top}
 
 
@@ -476,16 +479,17 @@ def nft_kernel(listing: dict[str, Any], topology: str | None = None,
     return judge, addresses, ports
 
 
-def nft_rule_points(listing: dict[str, Any]) -> list[tuple[str, int]]:
-    """(address, port) pairs one rule of an nftables JSON listing names together:
-    its addresses (literals, prefixes' first address, the elements of the sets
-    it looks up) with its destination ports' edges (extra probes for verify)."""
+def nft_rule_points(listing: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(address, protocol, port) that one rule of an nftables JSON listing names
+    together: its addresses (literals, prefixes' first address, the elements of
+    the sets it looks up) with its protocol (every port protocol when it names
+    none) and its destination ports' edges (extra probes for verify)."""
     sets: dict[str, list[str]] = {}
     for obj in listing.get("nftables", []):
         body = obj.get("set") or obj.get("map")
         if isinstance(body, dict):
             sets[f"@{body.get('name')}"] = _named_values(body.get("elem", []))[0]
-    found: set[tuple[str, int]] = set()
+    found: set[tuple[str, int, int]] = set()
     for obj in listing.get("nftables", []):
         rule = obj.get("rule")
         if not isinstance(rule, dict):
@@ -495,8 +499,20 @@ def nft_rule_points(listing: dict[str, Any]) -> list[tuple[str, int]]:
             continue
         looked_up = [a for name in _set_references(rule.get("expr", []))
                      for a in sets.get(name, ())]
-        found.update((a, p) for a in (*addresses, *looked_up) for p in ports)
+        protocols = _port_protocols(json.dumps(rule.get("expr", [])))
+        found.update((a, proto, p) for a in (*addresses, *looked_up) for proto in protocols
+                     for p in ports)
     return sorted(found)
+
+
+def _port_protocols(text: str) -> frozenset[int]:
+    """The port protocols a rule's expressions (as JSON text) name: a transport
+    header (``tcp dport``) or ``meta l4proto``; all of them when it names none."""
+    named = {number for name, number in PORT_PROTOCOL_NAMES.items()
+             if f'"protocol": "{name}"' in text or f'"right": "{name}"' in text}
+    named |= {n for n in PORT_PROTOCOL_NUMBERS if f'"l4proto"}}, "op": "==", "right": {n}}}'
+              in text}
+    return frozenset(named) or PORT_PROTOCOL_NUMBERS
 
 
 def _set_references(node: Any) -> list[str]:
