@@ -273,6 +273,7 @@ class ChainClusters:
     spread: bool
     name: str = ""
     family: Family = "ipv4"
+    direction: str = "ingress"
     #: the clusters as (protocol, low, high, index in ``clusters``)
     pieces: list[tuple[int, int, int, int]] = field(default_factory=list)
     #: id(same-net openers) -> the clusters' entries when alone (Clusters._alone_windows)
@@ -334,7 +335,8 @@ class Clusters:
     alone: dict[tuple[int, int, int], list[Entry]] = field(default_factory=dict)
     # same-net labels by content: equal labels are one object (see same_net)
     same_labels: dict[str, Label] = field(default_factory=dict)
-    conflicts: dict[Family, dict[str, frozenset[str]]] = field(default_factory=dict)
+    conflicts: dict[tuple[Family, str], dict[str, frozenset[str]]] = field(
+        default_factory=dict)
     # (id of the port's chain list, the list (kept alive), its names, none twice)
     _present: tuple[int, Any, set[str], bool] = (0, None, set(), True)
 
@@ -352,11 +354,11 @@ class Clusters:
         windows: list[tuple[int, int, list[Entry]]] = []
         tangled = []
         for i, chain in enumerate(chains):
-            if self._apart(view, family, chains, chain):
+            if self.apart(view, family, chains, chain):
                 windows += self._alone_windows(family, same, chain)
             else:
                 tangled.append(i)
-        for group in self._windows(chains, tangled, icmp):
+        for group in self.merged_windows(chains, tangled, icmp):
             first = group[0]
             windows.append((first[0], first[1], self._alone(family, same, chains[first[3]],
                                                             first[4])
@@ -368,12 +370,12 @@ class Clusters:
             return self._merged(family, entries)
         return entries
 
-    def _apart(self, view: PortView, family: Family, chains: Sequence[ChainClusters],
-               chain: ChainClusters) -> bool:
+    def apart(self, view: PortView, family: Family, chains: Sequence[ChainClusters],
+              chain: ChainClusters, direction: str = "ingress") -> bool:
         """Whether no cluster of ``chain`` overlaps or touches a cluster of another
         of the port's ``chains`` (ICMP apart: it is one window anyway), from the
         cloud's :meth:`_conflicts`; a chain listed twice is not apart."""
-        found = self._conflicts(view, family).get(chain.name)
+        found = self._conflicts(view, family, direction).get(chain.name)
         if found is None:
             return False
         key = id(chains)
@@ -382,12 +384,14 @@ class Clusters:
             self._present = (key, chains, set(names), len(set(names)) == len(names))
         return self._present[3] and found.isdisjoint(self._present[2])
 
-    def _conflicts(self, view: PortView, family: Family) -> dict[str, frozenset[str]]:
-        """For each ingress chain of the cloud, the other chains with a cluster
-        overlapping or touching one of its own (ICMP of ``family`` apart); a
-        chain with more than :data:`CROWDED` of them is left out (the caller
-        then merges the port's clusters one by one). Once per family."""
-        found = self.conflicts.get(family)
+    def _conflicts(self, view: PortView, family: Family,
+                   direction: str = "ingress") -> dict[str, frozenset[str]]:
+        """For each chain of the cloud in ``direction``, the other chains with a
+        cluster overlapping or touching one of its own (ICMP of ``family``
+        apart); a chain with more than :data:`CROWDED` of them is left out (the
+        caller then merges the port's clusters one by one). Once per family
+        and direction."""
+        found = self.conflicts.get((family, direction))
         if found is not None:
             return found
         icmp = ICMP_OF[family]
@@ -395,15 +399,15 @@ class Clusters:
         indexes = {id(v.index): v for v in self.cp.ports.values()}
         for some in indexes.values():
             for chain in some.index.hf.chains:
-                if chain.direction == "ingress" and (chain.name, family) not in self.chains:
+                if chain.direction == direction and (chain.name, family) not in self.chains:
                     self.chain(some, chain, family)
         for clustered in self.chains.values():
-            if clustered.family == family:
+            if clustered.family == family and clustered.direction == direction:
                 pieces += [(p, lo, hi, clustered.name) for p, lo, hi, _ in clustered.pieces
                            if p != icmp]
         pieces.sort()
         near: dict[str, set[str]] = {c.name: set() for c in self.chains.values()
-                                     if c.family == family}
+                                     if c.family == family and c.direction == direction}
         crowded: set[str] = set()
         active: list[tuple[int, int, str]] = []  # (protocol, high, chain) still open
         for protocol, low, high, name in pieces:
@@ -417,7 +421,7 @@ class Clusters:
                     near[other].add(name)
             active.append((protocol, high, name))
         crowded.update(name for name, others in near.items() if len(others) > CROWDED)
-        found = self.conflicts[family] = {name: frozenset(others)
+        found = self.conflicts[(family, direction)] = {name: frozenset(others)
                                           for name, others in near.items()
                                           if name not in crowded}
         return found
@@ -434,7 +438,7 @@ class Clusters:
         return found
 
     @staticmethod
-    def _windows(chains: Sequence[ChainClusters], which: Sequence[int], icmp: int
+    def merged_windows(chains: Sequence[ChainClusters], which: Sequence[int], icmp: int
                  ) -> list[list[tuple[int, int, int, int, int]]]:
         """The clusters of the chains at positions ``which`` (protocol, low, high,
         chain position, index in the chain's clusters), ICMP apart, merged while
@@ -675,7 +679,8 @@ def _chain_of(cp: CloudPolicy, view: PortView, chain: GroupChain, family: Family
                for rule in chain.rules if rule.family == family]
     spread = any(o.box.proto_lo != o.box.proto_hi for o in openers)
     pieces = [(o.box.proto_lo, o.box.sel_lo, o.box.sel_hi, [i]) for i, o in enumerate(openers)]
-    return ChainClusters(openers, merged_clusters(pieces), spread, chain.name, family)
+    return ChainClusters(openers, merged_clusters(pieces), spread, chain.name, family,
+                         chain.direction)
 
 
 def merged_clusters(pieces: list[tuple[int, int, int, list[int]]]

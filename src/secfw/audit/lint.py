@@ -175,9 +175,10 @@ def _never_matches(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> str | N
             return f"ICMP type {rule.port_min} cannot open a connection (conntrack: invalid)"
         if family == "ipv6" and rule.port_min not in ICMPV6_NEW_TYPES | ICMPV6_UNTRACKED:
             return f"ICMPv6 type {rule.port_min} cannot open a connection (conntrack: invalid)"
+    if family != "ipv6":
+        return None
     members = cp.state.group_members(group.id)
-    if family == "ipv6" and members and not any(
-            p.ip6 for m in members for p in cp.state.ports_of(m.id)):
+    if members and not any(p.ip6 for m in members for p in cp.state.ports_of(m.id)):
         return "no port of the group's instances has an IPv6 address"
     return None
 
@@ -556,6 +557,19 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
     sorted and their meanings computed once."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
     ordered: dict[str, list[tuple[Rule, tuple[Any, ...]]]] = {}
+    if run is not None:
+        # only meanings found in two groups or more can make a duplicate: the
+        # other rules are left out of each group's list (the same pairs, found
+        # on the same instances first)
+        meanings = {group_id: [(r, r.match_key()[1:]) for r in sorted(
+            rules.values(), key=lambda r: r.id)]
+            for group_id, rules in cp.state.rules_by_group.items()}
+        groups_of: dict[tuple[Any, ...], set[str]] = {}
+        for group_id, pairs in meanings.items():
+            for _, key in pairs:
+                groups_of.setdefault(key, set()).add(group_id)
+        ordered = {group_id: [(r, key) for r, key in pairs if len(groups_of[key]) > 1]
+                   for group_id, pairs in meanings.items()}
     for instance in cp.state.instances.values():
         meaning: dict[tuple[Any, ...], Rule] = {}
         for group_id in instance.security_groups:
@@ -563,8 +577,6 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
             if rules is None:
                 rules = [(r, r.match_key()[1:]) for r in sorted(
                     cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
-                if run is not None:
-                    ordered[group_id] = rules
             for rule, key in rules:
                 first = meaning.setdefault(key, rule)
                 if first.group_id == rule.group_id or rule.group_id not in scope:
@@ -613,18 +625,26 @@ def _port_windows(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
     found: dict[tuple[str, int], _Window] | None = None
     names = [chain.name for chain in chains]
     if not any(chain.spread for chain in chains) and len(set(names)) == len(names):
-        pieces = sorted((p, lo, hi, i, k) for i, chain in enumerate(chains)
-                        for p, lo, hi, k in chain.pieces)
+        # the windows of exposure's Clusters: the chains apart from the others'
+        # clusters have each cluster alone, the others' are merged; every ICMP
+        # rule is in one window (more openers than the overlapping ones: the
+        # judgement takes only those meeting the rule's box, so it is the same)
+        icmp = ICMP_OF[fam]
         found = {}
-        group: list[tuple[int, int, int, int, int]] = []
-        top = (-1, -2)  # the last group's protocol and high end
-        for piece in [*pieces, (-1, 0, 0, 0, 0)]:  # the sentinel closes the last one
-            if group and (piece[0] != top[0] or piece[1] > top[1] + 1):
-                _add_window(found, alls, chains, group, run)
-                group = []
-            if not group or piece[2] > top[1]:
-                top = (piece[0], piece[2])
-            group.append(piece)
+        tangled = []
+        for i, chain in enumerate(chains):
+            if run.clusters.apart(view, fam, chains, chain, direction):
+                for p, lo, hi, k in chain.pieces:
+                    if p != icmp:
+                        _add_window(found, alls, chains, [(p, lo, hi, i, k)], run)
+            else:
+                tangled.append(i)
+        for group in run.clusters.merged_windows(chains, tangled, icmp):
+            _add_window(found, alls, chains, group, run)
+        every = [(p, lo, hi, i, k) for i, chain in enumerate(chains)
+                 for p, lo, hi, k in chain.pieces if p == icmp]
+        if every:
+            _add_window(found, alls, chains, every, run)
     run.windows[key] = found
     return found
 
