@@ -337,8 +337,6 @@ class Clusters:
     same_labels: dict[str, Label] = field(default_factory=dict)
     conflicts: dict[tuple[Family, str], dict[str, frozenset[str]]] = field(
         default_factory=dict)
-    # (id of the port's chain list, the list (kept alive), its names, none twice)
-    _present: tuple[int, Any, set[str], bool] = (0, None, set(), True)
 
     def broad_entries(self, view: PortView, family: Family) -> list[Entry] | None:
         """The rows of ``view``'s broad regions in ``family`` as :data:`Entry`,
@@ -353,8 +351,9 @@ class Clusters:
         icmp = ICMP_OF[family]
         windows: list[tuple[int, int, list[Entry]]] = []
         tangled = []
-        for i, chain in enumerate(chains):
-            if self.apart(view, family, chains, chain):
+        for i, (chain, alone) in enumerate(zip(chains, self.apart(view, family, chains),
+                                               strict=True)):
+            if alone:
                 windows += self._alone_windows(family, same, chain)
             else:
                 tangled.append(i)
@@ -371,18 +370,18 @@ class Clusters:
         return entries
 
     def apart(self, view: PortView, family: Family, chains: Sequence[ChainClusters],
-              chain: ChainClusters, direction: str = "ingress") -> bool:
-        """Whether no cluster of ``chain`` overlaps or touches a cluster of another
-        of the port's ``chains`` (ICMP apart: it is one window anyway), from the
-        cloud's :meth:`_conflicts`; a chain listed twice is not apart."""
-        found = self._conflicts(view, family, direction).get(chain.name)
-        if found is None:
-            return False
-        key = id(chains)
-        if self._present[0] != key:  # the port's names, once per port and family
-            names = [c.name for c in chains]
-            self._present = (key, chains, set(names), len(set(names)) == len(names))
-        return self._present[3] and found.isdisjoint(self._present[2])
+              direction: str = "ingress") -> list[bool]:
+        """For each of the port's ``chains``, whether none of its clusters
+        overlaps or touches a cluster of another of them (ICMP apart: it is one
+        window anyway), from the cloud's :meth:`_conflicts`; with a chain listed
+        twice, none is apart."""
+        conflicts = self._conflicts(view, family, direction)
+        names = [chain.name for chain in chains]
+        present = set(names)
+        if len(present) != len(names):
+            return [False] * len(names)
+        return [(found := conflicts.get(name)) is not None and found.isdisjoint(present)
+                for name in names]
 
     def _conflicts(self, view: PortView, family: Family,
                    direction: str = "ingress") -> dict[str, frozenset[str]]:

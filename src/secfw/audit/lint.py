@@ -79,6 +79,7 @@ class _Shared:
         self.contents: dict[tuple[Any, ...], int] = {}
         self.idents: dict[tuple[Any, ...], int] = {}
         self.alone: dict[tuple[Any, ...], _Window] = {}
+        self.alone_lists: dict[tuple[Any, ...], list[tuple[tuple[str, int], _Window]]] = {}
         self.port_chains: dict[tuple[str, str], dict[str, GroupChain]] = {}
         self.by_cluster: dict[tuple[str, Family, str], Any] = {}
         self.group_shadows: dict[tuple[str, str, Family],
@@ -632,11 +633,9 @@ def _port_windows(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
         icmp = ICMP_OF[fam]
         found = {}
         tangled = []
-        for i, chain in enumerate(chains):
-            if run.clusters.apart(view, fam, chains, chain, direction):
-                for p, lo, hi, k in chain.pieces:
-                    if p != icmp:
-                        _add_window(found, alls, chains, [(p, lo, hi, i, k)], run)
+        for i, alone in enumerate(run.clusters.apart(view, fam, chains, direction)):
+            if alone:
+                found.update(_alone_windows(alls, chains, i, run))
             else:
                 tangled.append(i)
         for group in run.clusters.merged_windows(chains, tangled, icmp):
@@ -650,6 +649,23 @@ def _port_windows(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
 
 
 _NONE: list[Opener] = []
+
+
+def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
+                   run: _Shared) -> list[tuple[tuple[str, int], _Window]]:
+    """The windows of chain ``i``'s clusters (ICMP apart), each alone on the
+    port: shared by every port where they are (with the same ``alls``)."""
+    chain = chains[i]
+    key = (id(alls), chain.name, chain.family)
+    found = run.alone_lists.get(key)
+    if found is None:
+        icmp = ICMP_OF[chain.family]
+        windows: dict[tuple[str, int], _Window] = {}
+        for p, lo, hi, k in chain.pieces:
+            if p != icmp:
+                _add_window(windows, alls, chains, [(p, lo, hi, i, k)], run)
+        found = run.alone_lists[key] = list(windows.items())
+    return found
 
 
 def _add_window(found: dict[tuple[str, int], _Window], alls: list[Opener],
