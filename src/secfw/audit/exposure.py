@@ -528,7 +528,7 @@ class Clusters:
         found = self.windows.get(key)
         if found is None:
             found = self.windows[key] = [
-                (region, positions, *self._fields(family, region))
+                (region, positions, *self._broad_fields(family, region))
                 for region, positions in self._sweep(family, sub, protocol, low, high)]
         # labels are equal only when they are one object: the rules' references
         # (CloudPolicy.rule_ref: one per group, rule and direction, which their
@@ -538,6 +538,12 @@ class Clusters:
                     sub[p].label if isinstance(p, int) else p for p in positions)}.values()),
                  bucket, kind, fields)
                 for region, positions, bucket, kind, fields in found]
+
+    def _broad_fields(self, family: Family, region: Region) -> tuple[int, str, dict[str, Any]]:
+        """:meth:`_fields` of a region known to be broad (``_sweep`` keeps only those)."""
+        fields = self._fields(family, region)
+        assert fields is not None
+        return fields
 
     def _fields(self, family: Family, region: Region
                 ) -> tuple[int, str, dict[str, Any]] | None:
