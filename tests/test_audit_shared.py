@@ -155,6 +155,85 @@ def test_clustered_exposure_equals_whole_sweeps(spec: CloudSpec) -> None:
         assert exposure(cp, [cp.ports[v.port.id] for v in views]) == reference
 
 
+# ------------------------------------------------------------- the bench's shape
+
+#: Two groups whose clusters a third joins: g0's tcp 20-25 and 30-35 are two
+#: clusters, g1's tcp 24-31 merges them into one window on the ports that have both.
+_BRIDGED = CloudSpec(
+    ((RuleSpec("ingress", "IPv4", "tcp", 20, 25, "0.0.0.0/0"),
+      RuleSpec("ingress", "IPv4", "tcp", 30, 35, "0.0.0.0/0"),
+      RuleSpec("ingress", "IPv4", "icmp", None, None, "0.0.0.0/0")),
+     (RuleSpec("ingress", "IPv4", "tcp", 24, 31, "10.0.0.0/8"),
+      RuleSpec("ingress", "IPv4", "icmp", None, None, "0.0.0.0/0")),
+     (RuleSpec("ingress", "IPv4", "udp", 20, 25, "0.0.0.0/0"),
+      RuleSpec("ingress", "IPv4", "icmp", 8, None, "0.0.0.0/0"))),
+    (InstanceSpec(0, (0, 1, 2), "h1", (), True), InstanceSpec(0, (2, 0), "h2", (), True),
+     InstanceSpec(0, (1, 0), "h1", (), True), InstanceSpec(1, (0,), "h2", (), True)), True)
+
+
+#: Windows of equal content with other rules in them: g0's ICMP rule is covered
+#: by g1's on vm0 and by g2's on vm1 (both must be named).
+_EQUAL_WINDOWS = CloudSpec(
+    tuple((RuleSpec("ingress", "IPv4", "icmp", None, None, "0.0.0.0/0"),) for _ in range(3)),
+    (InstanceSpec(0, (0, 1), "h1", (), True), InstanceSpec(0, (0, 2), "h2", (), True)), False)
+
+
+@st.composite
+def bench_like_rule(draw: st.DrawFn, group: int) -> RuleSpec:
+    """A rule as the bench's: ICMP from anywhere, or tcp/udp at the group's own
+    ports (neighbouring groups' ranges touch or overlap) from anywhere, a /8 or
+    a /24."""
+    if draw(st.integers(0, 3)) == 0:
+        kind = draw(st.sampled_from((None, 8, 13)))
+        return RuleSpec("ingress", "IPv4", "icmp", kind, None,
+                        draw(st.sampled_from(("0.0.0.0/0", "10.0.0.0/8"))))
+    low = 100 + 10 * group + draw(st.integers(0, 9))
+    return RuleSpec("ingress", "IPv4", draw(st.sampled_from(("tcp", "udp"))), low,
+                    low + draw(st.integers(0, 12)),
+                    draw(st.sampled_from(("0.0.0.0/0", "10.0.0.0/8", "10.1.2.0/24", 1))))
+
+
+@st.composite
+def bench_like_clouds(draw: st.DrawFn) -> CloudSpec:
+    """Five groups of the bench's shape, instances with several of them in any
+    order: the ICMP window holds a rule of most groups (labels differ from port
+    to port), some ports' clusters are apart, others touch."""
+    groups = tuple(tuple(draw(st.lists(bench_like_rule(g), min_size=1, max_size=4)))
+                   for g in range(5))
+    instances = tuple(
+        InstanceSpec(draw(st.integers(0, 1)),
+                     tuple(draw(st.permutations(range(5)))[:draw(st.integers(1, 4))]),
+                     draw(st.sampled_from(("h1", "h2"))), (),
+                     draw(st.sampled_from((True, True, True, False))))
+        for _ in range(draw(st.integers(2, 5))))
+    return CloudSpec(groups, instances, draw(st.booleans()))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(spec=_BRIDGED)
+@example(spec=_EQUAL_WINDOWS)
+@given(spec=bench_like_clouds())
+def test_audits_by_windows_equal_references_on_bench_like_clouds(spec: CloudSpec) -> None:
+    """Exposure by entries (clusters apart, tangled, the ICMP window per port) and
+    lint by windows (shared between ports, the ICMP window per port) give the
+    references' rows and findings, in their order."""
+    with fresh_api() as api:
+        state = build(api, spec)
+        note(str(spec))
+        views = sorted(CloudPolicy(state, spec.allow_same_net).ports.values(),
+                       key=lambda v: v.port.id)
+        reference = exposure(CloudPolicy(state, spec.allow_same_net), views, shared=False)
+        if spec == _BRIDGED:  # g0's second cluster, labelled through g1's rule
+            assert any(r["ports"] == "30-35" and r["instance"] == "vm0" and
+                       "tcp 24-31 from 10.0.0.0/8" in {x.get("rule") for x in r["rules"]}
+                       for r in reference)
+        cp = CloudPolicy(state, spec.allow_same_net)
+        assert exposure(cp, [cp.ports[v.port.id] for v in views]) == reference
+        groups = list(state.groups.values())
+        findings = lint(CloudPolicy(state, spec.allow_same_net), groups, shared=False)
+        assert lint(CloudPolicy(state, spec.allow_same_net), groups) == findings
+
+
 def test_shared_audits_on_the_guide_cloud() -> None:
     """On the guide's cloud (default groups: rules of any protocol), exposure and
     lint give the references' rows and findings."""

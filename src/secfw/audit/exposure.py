@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import netaddr
 
 from secfw.audit.policy import EVERYWHERE, CloudPolicy, PortView
-from secfw.audit.reach import Answer, ingress_openers, region_fields, specials
+from secfw.audit.reach import Answer, ingress_openers, region_fields, region_shape, specials
 from secfw.audit.space import (
     ALL,
     ICMP_OF,
@@ -42,7 +43,6 @@ from secfw.audit.space import (
     rule_box,
     sweep,
     sweep_window,
-    unique_labels,
 )
 from secfw.compiler.ir import Family, GroupChain, IRRule
 
@@ -75,54 +75,83 @@ def exposure(cp: CloudPolicy, views: Iterable[PortView],
     overlapping or touching rules of one protocol, once per distinct cluster for
     the whole run (:class:`Clusters`): the same answer, at a cost that grows with
     the distinct clusters (a group's rules recur on every port that has it)."""
+    if shared:
+        return _exposure_shared(cp, views)
     rows: list[dict[str, Any]] = []
     memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
     networks: dict[str, Counter[str]] = {}
-    groups: dict[tuple[str, str], list[dict[str, Any]]] | None = {} if shared else None
     unions = UnionCache()  # the ports' sweeps meet the same unions of sets
     broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] = {}
-    clusters = Clusters(cp, unions, broads) if shared else None
     for view in views:
         for family in ("ipv4", "ipv6"):
-            rows += _broad(cp, view, family, memo, unions, broads, clusters)
-        rows += _other_project_groups(cp, view, groups)
+            rows += _broad(cp, view, family, memo, unions, broads)
+        rows += _other_project_groups(cp, view)
         rows += _same_net(cp, view, networks)
     return sorted(rows, key=lambda r: (not r["admin_ports"], KINDS.index(r["kind"]),
                                        r["instance"], r["port"]))
 
 
+def _bucket(row: dict[str, Any]) -> int:
+    """The row's place in the output's order before the instance and port."""
+    return (0 if row["admin_ports"] else len(KINDS)) + KINDS.index(row["kind"])
+
+
+def _exposure_shared(cp: CloudPolicy, views: Iterable[PortView]) -> list[dict[str, Any]]:
+    """:func:`exposure` by clusters. The output order (admin ports first, kind,
+    instance, port; a port's rows in their own order) comes without sorting the
+    rows: the ports are taken in (instance, port) order and each row goes to the
+    end of its (admin, kind) bucket — what a stable sort of the rows gives (no
+    two ports share an instance name and a tap)."""
+    memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]] = {}
+    networks: dict[str, Counter[str]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    unions = UnionCache()
+    broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] = {}
+    clusters = Clusters(cp, unions, broads)
+    buckets: list[list[dict[str, Any]]] = [[] for _ in range(2 * len(KINDS))]
+    for view in sorted(views, key=lambda v: (v.instance.name, v.port.tap)):
+        base = {"instance": view.instance.name, "instance_id": view.instance.id,
+                "project": view.instance.project, "port": view.port.tap}
+        for family in ("ipv4", "ipv6"):
+            address = view.address(family)
+            if address is None:
+                continue
+            entries = clusters.broad_entries(view, family)
+            if entries is None:
+                for row in _broad(cp, view, family, memo, unions, broads):
+                    buckets[_bucket(row)].append(row)
+                continue
+            for bucket, kind, fields, labels, _ in entries:
+                row = {**base, "kind": kind, "address": address, **fields}
+                if labels is not None:
+                    row["rules"] = labels
+                buckets[bucket].append(row)
+        for row in [*_other_project_groups(cp, view, groups), *_same_net(cp, view, networks)]:
+            buckets[_bucket(row)].append(row)
+    return [row for bucket in buckets for row in bucket]
+
+
 def _broad(cp: CloudPolicy, view: PortView, family: Family,
            memo: dict[tuple[Any, ...], tuple[list[Region], list[Opener]]],
            unions: UnionCache | None = None,
-           broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None = None,
-           clusters: Clusters | None = None) -> list[dict[str, Any]]:
-    """The internet/broad rows of one port. Its regions depend only on what its
-    ingress names (port security, same-net sets, group chains — sets and chains
-    are the same on every host), so ports that share them share one sweep; with
-    ``clusters``, only the broad regions are computed, cluster by cluster."""
+           broads: dict[int, tuple[netaddr.IPSet, list[netaddr.IPNetwork]]] | None = None
+           ) -> list[dict[str, Any]]:
+    """The internet/broad rows of one port, from one sweep of its whole filter.
+    Its regions depend only on what its ingress names (port security, same-net
+    sets, group chains — sets and chains are the same on every host), so ports
+    that share them share one sweep."""
     address = view.address(family)
     if address is None:
         return []
-    found_regions = clusters.broad_regions(view, family) if clusters is not None else None
-    if found_regions is not None:
-        assert clusters is not None
-        answer = Answer(view, family, address, "ingress", found_regions, [])
-        rows = []
-        for region in found_regions:
-            fields = clusters.row_fields(answer, region)
-            if fields is not None:
-                rows.append({**_base(view, fields[0]), "address": address, **fields[1]})
-        return rows
-    else:
-        policy = view.policy
-        key = (family, policy.port_security, policy.same_net_sets, policy.ingress_chains)
-        found = memo.get(key)
-        if found is None:
-            openers = ingress_openers(cp, view, family)
-            found = memo[key] = (
-                sweep(family, openers, (), specials(cp, view, "ingress", family), unions),
-                openers)
-        answer = Answer(view, family, address, "ingress", *found)
+    policy = view.policy
+    key = (family, policy.port_security, policy.same_net_sets, policy.ingress_chains)
+    found = memo.get(key)
+    if found is None:
+        openers = ingress_openers(cp, view, family)
+        found = memo[key] = (
+            sweep(family, openers, (), specials(cp, view, "ingress", family), unions),
+            openers)
+    answer = Answer(view, family, address, "ingress", *found)
     rows = []
     for region in answer.regions:
         broad = _broad_cidrs(region.addresses, family, broads)
@@ -242,6 +271,32 @@ class ChainClusters:
     openers: list[Opener]
     clusters: list[tuple[int, int, int, list[int]]]
     spread: bool
+    name: str = ""
+    family: Family = "ipv4"
+    direction: str = "ingress"
+    #: the clusters as (protocol, low, high, index in ``clusters``)
+    pieces: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: id(same-net openers) -> the clusters' entries when alone (Clusters._alone_windows)
+    alone: dict[int, list[tuple[int, int, list[Entry]]]] = field(default_factory=dict)
+    #: each opener's box and set as plain integers (:func:`_opener_key`)
+    keys: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    #: the openers of the ICMP protocol of ``family``, in order, and their keys
+    icmp: list[Opener] = field(default_factory=list)
+    icmp_keys: tuple[tuple[int, int, int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.pieces = [(p, lo, hi, k) for k, (p, lo, hi, _) in enumerate(self.clusters)]
+        self.keys = [_opener_key(o) for o in self.openers]
+        icmp = ICMP_OF[self.family]
+        # a chain's ICMP clusters all go to the port's one ICMP window
+        self.icmp = [o for o in self.openers if o.box.proto_lo == icmp]
+        self.icmp_keys = tuple(_opener_key(o) for o in self.icmp)
+
+
+#: One broad row of a port without its port's fields: its (admin, kind) bucket,
+#: kind, the other fields (``rules`` included), the labels replacing ``rules``
+#: (None: keep them) and the region (unlabelled when the labels are given).
+Entry = tuple[int, str, dict[str, Any], "list[Label] | None", Region]
 
 
 @dataclass
@@ -257,7 +312,13 @@ class Clusters:
     gives it; the family's ICMP protocol is one window (its special cells).
     Whole-protocol regions of neighbouring protocols are then merged as
     :func:`sweep` merges them. Otherwise (S broad, port security off) the caller
-    sweeps the whole filter."""
+    sweeps the whole filter.
+
+    What is shared: a chain cluster alone on a port gives the same rows on every
+    port with the same same-net openers (computed once); a window of several
+    clusters (the ICMP one holds a rule of most of the port's groups, so it
+    differs from port to port) is swept once per distinct boxes and sets, and
+    only its labels are the port's own."""
 
     cp: CloudPolicy
     unions: UnionCache
@@ -265,22 +326,21 @@ class Clusters:
     chains: dict[tuple[str, str], ChainClusters] = field(default_factory=dict)
     same: dict[tuple[Any, ...], list[Opener]] = field(default_factory=dict)
     specials: dict[Family, Special] = field(default_factory=dict)
-    # (family, protocol, low, high, (box, set id) of each opener) -> broad regions,
-    # their labels as positions among those openers (or the special's own label)
-    windows: dict[tuple[Any, ...], list[tuple[Region, list[int | Label]]]] = field(
-        default_factory=dict)
-    label_keys: dict[int, tuple[Label, str]] = field(default_factory=dict)
+    # (family, protocol, low, high, (box, set id) of each opener) -> the broad
+    # regions with their labels as positions among those openers (or the
+    # special's own label), and each region's bucket, kind and row fields
+    windows: dict[tuple[Any, ...], list[tuple[Region, list[int | Label], int, str,
+                                              dict[str, Any]]]] = field(default_factory=dict)
     sets: dict[tuple[str | None, str | None, Family], Spans] = field(default_factory=dict)
-    alone: dict[tuple[int, int, int], list[Region]] = field(default_factory=dict)
-    labelled: dict[tuple[Any, ...], list[Region]] = field(default_factory=dict)
-    rows: dict[int, tuple[Region, tuple[str, dict[str, Any]] | None]] = field(
+    alone: dict[tuple[int, int, int], list[Entry]] = field(default_factory=dict)
+    # same-net labels by content: equal labels are one object (see same_net)
+    same_labels: dict[str, Label] = field(default_factory=dict)
+    conflicts: dict[tuple[Family, str], dict[str, frozenset[str]]] = field(
         default_factory=dict)
 
-    def broad_regions(self, view: PortView, family: Family) -> list[Region] | None:
-        """The regions of ``view``'s ingress in ``family`` with a broad source, in
-        the whole sweep's order (None: sweep the whole filter instead). A cluster
-        of one chain alone on the port gives the same regions on every port with
-        the same same-net openers: they are computed once and shared."""
+    def broad_entries(self, view: PortView, family: Family) -> list[Entry] | None:
+        """The rows of ``view``'s broad regions in ``family`` as :data:`Entry`,
+        in the whole sweep's order (None: sweep the whole filter instead)."""
         if not view.policy.port_security:
             return None
         same = self.same_net(view, family)
@@ -289,30 +349,128 @@ class Clusters:
         if any(chain.spread for chain in chains) or self._broad_same(same, family):
             return None
         icmp = ICMP_OF[family]
-        pieces = [(icmp, 0, SEL_MAX, -1, -1)]
-        for i, chain in enumerate(chains):
-            pieces += [(p, lo, hi, i, k) for k, (p, lo, hi, _) in enumerate(chain.clusters)]
+        windows: list[tuple[int, int, list[Entry]]] = []
+        tangled = []
+        for i, (chain, alone) in enumerate(zip(chains, self.apart(view, family, chains),
+                                               strict=True)):
+            if alone:
+                windows += self._alone_windows(family, same, chain)
+            else:
+                tangled.append(i)
+        for group in self.merged_windows(chains, tangled, icmp):
+            first = group[0]
+            windows.append((first[0], first[1], self._alone(family, same, chains[first[3]],
+                                                            first[4])
+                            if len(group) == 1 else self._window(family, same, chains, group)))
+        windows.append((icmp, 0, self._icmp_window(family, same, chains)))
+        windows.sort(key=_WINDOW_ORDER)
+        entries = [entry for _, _, found in windows for entry in found]
+        if sum(_full(entry[4]) for entry in entries) > 1:
+            return self._merged(family, entries)
+        return entries
+
+    def apart(self, view: PortView, family: Family, chains: Sequence[ChainClusters],
+              direction: str = "ingress") -> list[bool]:
+        """For each of the port's ``chains``, whether none of its clusters
+        overlaps or touches a cluster of another of them (ICMP apart: it is one
+        window anyway), from the cloud's :meth:`_conflicts`; with a chain listed
+        twice, none is apart."""
+        conflicts = self._conflicts(view, family, direction)
+        names = [chain.name for chain in chains]
+        present = set(names)
+        if len(present) != len(names):
+            return [False] * len(names)
+        return [(found := conflicts.get(name)) is not None and found.isdisjoint(present)
+                for name in names]
+
+    def _conflicts(self, view: PortView, family: Family,
+                   direction: str = "ingress") -> dict[str, frozenset[str]]:
+        """For each chain of the cloud in ``direction``, the other chains with a
+        cluster overlapping or touching one of its own (ICMP of ``family``
+        apart); a chain with more than :data:`CROWDED` of them is left out (the
+        caller then merges the port's clusters one by one). Once per family
+        and direction."""
+        found = self.conflicts.get((family, direction))
+        if found is not None:
+            return found
+        icmp = ICMP_OF[family]
+        pieces: list[tuple[int, int, int, str]] = []
+        indexes = {id(v.index): v for v in self.cp.ports.values()}
+        for some in indexes.values():
+            for chain in some.index.hf.chains:
+                if chain.direction == direction and (chain.name, family) not in self.chains:
+                    self.chain(some, chain, family)
+        for clustered in self.chains.values():
+            if clustered.family == family and clustered.direction == direction:
+                pieces += [(p, lo, hi, clustered.name) for p, lo, hi, _ in clustered.pieces
+                           if p != icmp]
+        pieces.sort()
+        near: dict[str, set[str]] = {c.name: set() for c in self.chains.values()
+                                     if c.family == family and c.direction == direction}
+        crowded: set[str] = set()
+        active: list[tuple[int, int, str]] = []  # (protocol, high, chain) still open
+        for protocol, low, high, name in pieces:
+            active = [a for a in active if a[0] == protocol and a[1] + 1 >= low]
+            if len(active) > CROWDED:
+                crowded.update(a[2] for a in active)
+                crowded.add(name)
+            for _, _, other in active:
+                if other != name:
+                    near[name].add(other)
+                    near[other].add(name)
+            active.append((protocol, high, name))
+        crowded.update(name for name, others in near.items() if len(others) > CROWDED)
+        found = self.conflicts[(family, direction)] = {name: frozenset(others)
+                                          for name, others in near.items()
+                                          if name not in crowded}
+        return found
+
+    def _alone_windows(self, family: Family, same: list[Opener], chain: ChainClusters
+                       ) -> list[tuple[int, int, list[Entry]]]:
+        """(protocol, low, entries) of each cluster of ``chain`` but the ICMP
+        ones, each alone on the port (once per chain and same-net openers)."""
+        found = chain.alone.get(id(same))
+        if found is None:
+            found = chain.alone[id(same)] = [
+                (p, lo, self._alone(family, same, chain, k))
+                for p, lo, _, k in chain.pieces if p != ICMP_OF[family]]
+        return found
+
+    @staticmethod
+    def merged_windows(chains: Sequence[ChainClusters], which: Sequence[int], icmp: int
+                 ) -> list[list[tuple[int, int, int, int, int]]]:
+        """The clusters of the chains at positions ``which`` (protocol, low, high,
+        chain position, index in the chain's clusters), ICMP apart, merged while
+        they overlap or touch within a protocol (merged_clusters' merge), in
+        (protocol, low) order."""
+        pieces = [(p, lo, hi, i, k) for i in which for p, lo, hi, k in chains[i].pieces
+                  if p != icmp]
         pieces.sort()
         groups: list[list[tuple[int, int, int, int, int]]] = []
         top = (-1, -2)  # the protocol and high end of the last group
-        for piece in pieces:  # merged_clusters' merge: overlapping or touching
-            if groups and top[0] == piece[0] and piece[1] <= top[1] + 1:
+        for piece in pieces:
+            if piece[0] == top[0] and piece[1] <= top[1] + 1:
                 groups[-1].append(piece)
-                top = (piece[0], max(top[1], piece[2]))
+                if piece[2] > top[1]:
+                    top = (piece[0], piece[2])
             else:
                 groups.append([piece])
                 top = (piece[0], piece[2])
-        regions: list[Region] = []
-        for group in groups:
-            if len(group) == 1 and group[0][0] != icmp:
-                regions += self._alone(family, same, chains[group[0][3]], group[0][4])
-            else:
-                members = sorted((i, m) for _, _, _, i, k in group if i >= 0
-                                 for m in chains[i].clusters[k][3])
-                sub = [*same, *(chains[i].openers[m] for i, m in members)]
-                regions += self._window(family, sub, group[0][0], group[0][1],
-                                        max(piece[2] for piece in group))
-        return merge_protocols(regions)
+        return groups
+
+    def _merged(self, family: Family, entries: list[Entry]) -> list[Entry]:
+        """``entries`` with whole-protocol regions of neighbouring protocols merged
+        as :func:`sweep` merges them (their fields computed again)."""
+        regions = merge_protocols([
+            Region(family, region.addresses, region.box,
+                   region.labels if labels is None else labels)
+            for _, _, _, labels, region in entries])
+        found: list[Entry] = []
+        for region in regions:
+            fields = self._fields(family, region)
+            if fields is not None:
+                found.append((*fields, None, region))
+        return found
 
     def _broad_same(self, same: list[Opener], family: Family) -> bool:
         """Whether the same-net openers' union has a broad prefix."""
@@ -320,56 +478,85 @@ class Clusters:
             self.unions.union([o.addresses for o in same]), family, self.broads))
 
     def _alone(self, family: Family, same: list[Opener], chain: ChainClusters,
-               k: int) -> list[Region]:
-        """The broad regions of ``chain``'s cluster ``k`` alone on a port (the
-        lists are cached objects, alive for the run: their ids are theirs)."""
+               k: int) -> list[Entry]:
+        """The entries of ``chain``'s cluster ``k`` alone on a port (the lists are
+        cached objects, alive for the run: their ids are theirs)."""
         key = (id(same), id(chain), k)
         found = self.alone.get(key)
         if found is None:
             protocol, low, high, members = chain.clusters[k]
             sub = [*same, *(chain.openers[m] for m in members)]
-            found = self.alone[key] = self._window(family, sub, protocol, low, high)
+            keys = (*map(_opener_key, same), *(chain.keys[m] for m in members))
+            found = self.alone[key] = [
+                (bucket, kind, {**fields, "rules": labels}, None,
+                 Region(family, region.addresses, region.box, labels))
+                for region, labels, bucket, kind, fields
+                in self._labelled(family, sub, keys, protocol, low, high)]
         return found
 
-    def row_fields(self, answer: Answer, region: Region
-                   ) -> tuple[str, dict[str, Any]] | None:
-        """The kind and the port-independent fields of ``region``'s row (None: not
-        broad), once per region object (shared regions are shared by ports)."""
-        found = self.rows.get(id(region))
-        if found is None:
-            broad = _broad_cidrs(region.addresses, answer.family, self.broads)
-            fields: tuple[str, dict[str, Any]] | None = None
-            if broad:
-                row = region_fields(answer, region)
-                fields = ("internet" if any(c.prefixlen == 0 for c in broad) else "broad",
-                          {**{k: row[k] for k in ("ethertype", "protocol", "ports",
-                                                  "icmp_type", "icmp_type_last",
-                                                  "icmp_code", "rules")},
-                           "sources": [str(c) for c in broad],
-                           "admin_ports": admin_ports(region),
-                           "detail": f"open to {', '.join(str(c) for c in broad)}"})
-            found = self.rows[id(region)] = (region, fields)
-        return found[1]
+    def _window(self, family: Family, same: list[Opener], chains: Sequence[ChainClusters],
+                group: list[tuple[int, int, int, int, int]]) -> list[Entry]:
+        """The entries of one window of several clusters, labelled with this
+        port's rules."""
+        members = sorted((i, m) for _, _, _, i, k in group for m in chains[i].clusters[k][3])
+        sub = [*same, *(chains[i].openers[m] for i, m in members)]
+        keys = (*map(_opener_key, same), *(chains[i].keys[m] for i, m in members))
+        return [(bucket, kind, fields, labels, region)
+                for region, labels, bucket, kind, fields
+                in self._labelled(family, sub, keys, group[0][0], group[0][1],
+                                  max(piece[2] for piece in group))]
 
-    def _window(self, family: Family, sub: Sequence[Opener], protocol: int, low: int,
-                high: int) -> list[Region]:
-        """The broad regions of one window with ``sub``'s labels: swept once per
-        distinct boxes and sets, labelled once per distinct labels."""
-        key = (family, protocol, low, high, tuple((o.box, id(o.addresses)) for o in sub))
+    def _icmp_window(self, family: Family, same: list[Opener],
+                     chains: Sequence[ChainClusters]) -> list[Entry]:
+        """The entries of the port's ICMP window: every ICMP rule of its chains
+        (in the port's order; a chain's in its own), the same-net openers first,
+        over every type and code."""
+        sub = [*same, *(o for chain in chains for o in chain.icmp)]
+        keys = (*map(_opener_key, same), *(k for chain in chains for k in chain.icmp_keys))
+        return [(bucket, kind, fields, labels, region)
+                for region, labels, bucket, kind, fields
+                in self._labelled(family, sub, keys, ICMP_OF[family], 0, SEL_MAX)]
+
+    def _labelled(self, family: Family, sub: Sequence[Opener], keys: tuple[Any, ...],
+                  protocol: int, low: int, high: int
+                  ) -> list[tuple[Region, list[Label], int, str, dict[str, Any]]]:
+        """The broad regions of one window with ``sub``'s labels, and their rows'
+        bucket, kind and fields: swept once per distinct window and ``keys``
+        (what says ``sub``'s boxes and sets, in order: the sweep depends on
+        nothing else)."""
+        key = (family, protocol, low, high, keys)
         found = self.windows.get(key)
         if found is None:
-            found = self.windows[key] = self._sweep(family, sub, protocol, low, high)
-        labelled = (key, tuple(id(o.label) for o in sub))
-        regions = self.labelled.get(labelled)
-        if regions is None:
-            regions = [Region(family, region.addresses, region.box,
-                              self._labels([sub[p].label if isinstance(p, int) else p
-                                            for p in positions]))
-                       for region, positions in found]
-            # the labels are the rules' shared references (CloudPolicy.rule_ref)
-            # and the cached same-net openers': alive, their ids stay theirs
-            self.labelled[labelled] = regions
-        return regions
+            found = self.windows[key] = [
+                (region, positions, *self._broad_fields(family, region))
+                for region, positions in self._sweep(family, sub, protocol, low, high)]
+        # labels are equal only when they are one object: the rules' references
+        # (CloudPolicy.rule_ref: one per group, rule and direction, which their
+        # content names), the same-net labels (one per content: same_net) and
+        # the special's constants — so repeats are dropped by identity
+        return [(region, list({id(label): label for label in (
+                    sub[p].label if isinstance(p, int) else p for p in positions)}.values()),
+                 bucket, kind, fields)
+                for region, positions, bucket, kind, fields in found]
+
+    def _broad_fields(self, family: Family, region: Region) -> tuple[int, str, dict[str, Any]]:
+        """:meth:`_fields` of a region known to be broad (``_sweep`` keeps only those)."""
+        fields = self._fields(family, region)
+        assert fields is not None
+        return fields
+
+    def _fields(self, family: Family, region: Region
+                ) -> tuple[int, str, dict[str, Any]] | None:
+        """The bucket, kind and port-independent row fields of a broad region
+        (``rules``: its labels; None when it is not broad)."""
+        broad = _broad_cidrs(region.addresses, family, self.broads)
+        if not broad:
+            return None
+        kind = "internet" if any(c.prefixlen == 0 for c in broad) else "broad"
+        fields = {**region_shape(family, region), "rules": region.labels,
+                  "sources": [str(c) for c in broad], "admin_ports": admin_ports(region),
+                  "detail": f"open to {', '.join(str(c) for c in broad)}"}
+        return (0 if fields["admin_ports"] else len(KINDS)) + KINDS.index(kind), kind, fields
 
     def _sweep(self, family: Family, sub: Sequence[Opener], protocol: int, low: int,
                high: int) -> list[tuple[Region, list[int | Label]]]:
@@ -378,25 +565,14 @@ class Clusters:
         marked = [Opener(o.addresses, o.box, {"#": i}) for i, o in enumerate(sub)]
         special = self._special(family) if protocol == ICMP_OF[family] else None
         found = []
-        for region in sweep_window(family, marked, protocol, low, high, special, self.unions):
+        # distinct: the marks are distinct objects of distinct content, and the
+        # special's labels are module constants (reach.ND_LABEL, UNFILTERED_LABEL)
+        for region in sweep_window(family, marked, protocol, low, high, special, self.unions,
+                                   distinct=True):
             if region.addresses and _broad_cidrs(region.addresses, family, self.broads):
-                found.append((region, [lab["#"] if set(lab) == {"#"} else lab
+                found.append((region, [lab["#"] if len(lab) == 1 and "#" in lab else lab
                                        for lab in region.labels]))
         return found
-
-    def _labels(self, labels: list[Label]) -> list[Label]:
-        """:func:`unique_labels`, each label's key computed once per label object."""
-        if len(labels) < 2:
-            return labels
-        keys = []
-        for label in labels:
-            known = self.label_keys.get(id(label))
-            if known is None:
-                known = self.label_keys[id(label)] = (label, label_key(label))
-            keys.append(known[1])
-        if len(set(keys)) == len(keys):
-            return labels
-        return unique_labels(labels)
 
     def _special(self, family: Family) -> Special:
         """The ICMP special of a filtered port's ingress (the same for every one),
@@ -419,9 +595,11 @@ class Clusters:
             members = Spans.merged(_VERSION[family], [
                 pair for name in view.policy.same_net_sets if name.endswith(suffix)
                 for pair in _set_spans(view, name, _VERSION[family]).spans])
-            found = self.same[key] = [Opener(members, ALL, {
-                "reason": "same-net", "network": view.network.name,
-                "network_id": view.network.id})] if members else []
+            label = {"reason": "same-net", "network": view.network.name,
+                     "network_id": view.network.id}
+            # one object per content: a label's identity then says its content
+            label = self.same_labels.setdefault(label_key(label), label)
+            found = self.same[key] = [Opener(members, ALL, label)] if members else []
         return found
 
     def chain(self, view: PortView, chain: GroupChain, family: Family) -> ChainClusters:
@@ -434,6 +612,26 @@ class Clusters:
 
 
 _VERSION: dict[Family, int] = {"ipv4": 4, "ipv6": 6}
+
+
+#: A chain with more neighbours than this (clusters of other chains overlapping or
+#: touching its own) makes the ports that have it merge their clusters one by one.
+CROWDED = 64
+_WINDOW_ORDER = itemgetter(0, 1)
+
+
+def _opener_key(opener: Opener) -> tuple[int, int, int, int, int]:
+    """An opener's box and set (by identity) as plain integers: hashed fast (a
+    :class:`Box`'s generated hash is a Python call). The sets stay alive in the
+    caches of the run, so their ids are theirs."""
+    box = opener.box
+    return box.proto_lo, box.proto_hi, box.sel_lo, box.sel_hi, id(opener.addresses)
+
+
+def _full(region: Region) -> bool:
+    """Whether ``region`` holds every selector of its protocols (only such
+    regions of neighbouring protocols merge)."""
+    return region.box.sel_lo == 0 and region.box.sel_hi == SEL_MAX
 
 
 def _spans_special(special: Special, version: int) -> Special:
@@ -486,7 +684,8 @@ def _chain_of(cp: CloudPolicy, view: PortView, chain: GroupChain, family: Family
                for rule in chain.rules if rule.family == family]
     spread = any(o.box.proto_lo != o.box.proto_hi for o in openers)
     pieces = [(o.box.proto_lo, o.box.sel_lo, o.box.sel_hi, [i]) for i, o in enumerate(openers)]
-    return ChainClusters(openers, merged_clusters(pieces), spread)
+    return ChainClusters(openers, merged_clusters(pieces), spread, chain.name, family,
+                         chain.direction)
 
 
 def merged_clusters(pieces: list[tuple[int, int, int, list[int]]]

@@ -30,7 +30,7 @@ from typing import Any
 
 import netaddr
 
-from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX, Clusters
+from secfw.audit.exposure import ADMIN_PORTS, BROAD_PREFIX, ChainClusters, Clusters
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import ingress_openers
 from secfw.audit.space import (
@@ -45,7 +45,7 @@ from secfw.audit.space import (
 )
 from secfw.compiler.build import ir_rule, port_addresses
 from secfw.compiler.explain import describe_rule
-from secfw.compiler.ir import Family
+from secfw.compiler.ir import Family, GroupChain
 from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
 from secfw.model import DEFAULT_GROUP, Rule, SecurityGroup, protocol_number
 
@@ -75,6 +75,17 @@ class _Shared:
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
         self.adds_nothing: dict[tuple[Any, ...], bool] = {}
+        self.windows: dict[tuple[str, str, Family], dict[tuple[str, int], _Window] | None] = {}
+        self.contents: dict[tuple[Any, ...], int] = {}
+        self.idents: dict[tuple[Any, ...], int] = {}
+        self.alone: dict[tuple[Any, ...], _Window] = {}
+        self.alone_lists: dict[tuple[Any, ...], list[tuple[tuple[str, int], _Window]]] = {}
+        self.port_chains: dict[tuple[str, str], dict[str, GroupChain]] = {}
+        self.by_cluster: dict[tuple[str, Family, str], Any] = {}
+        self.group_shadows: dict[tuple[str, str, Family],
+                                 dict[str, list[dict[str, Any]] | None]] = {}
+        self.judged: dict[tuple[Any, ...], tuple[bool, list[int]]] = {}
+        self.boxes: dict[str, Box] = {}
 
     def label_key(self, label: dict[str, Any]) -> str:
         """:func:`~secfw.audit.space.label_key`, once per label object (kept alive)."""
@@ -165,9 +176,10 @@ def _never_matches(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> str | N
             return f"ICMP type {rule.port_min} cannot open a connection (conntrack: invalid)"
         if family == "ipv6" and rule.port_min not in ICMPV6_NEW_TYPES | ICMPV6_UNTRACKED:
             return f"ICMPv6 type {rule.port_min} cannot open a connection (conntrack: invalid)"
+    if family != "ipv6":
+        return None
     members = cp.state.group_members(group.id)
-    if family == "ipv6" and members and not any(
-            p.ip6 for m in members for p in cp.state.ports_of(m.id)):
+    if members and not any(p.ip6 for m in members for p in cp.state.ports_of(m.id)):
         return "no port of the group's instances has an IPv6 address"
     return None
 
@@ -201,7 +213,7 @@ def _shadowed(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
               run: _Shared | None = None) -> list[dict[str, Any]] | None:
     """The rules covering ``rule`` on every protected port that has it, or None."""
     if run is not None:
-        return _shadowed_shared(cp, group, rule, run)
+        return _group_shadows(cp, group, rule.direction, _family(rule), run).get(rule.id)
     views = [cp.ports[p.id] for m in cp.state.group_members(group.id)
              for p in cp.state.ports_of(m.id) if p.id in cp.ports]
     views = [v for v in views if v.policy.port_security]
@@ -546,6 +558,19 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
     sorted and their meanings computed once."""
     found: dict[tuple[str, str], dict[str, Any]] = {}
     ordered: dict[str, list[tuple[Rule, tuple[Any, ...]]]] = {}
+    if run is not None:
+        # only meanings found in two groups or more can make a duplicate: the
+        # other rules are left out of each group's list (the same pairs, found
+        # on the same instances first)
+        meanings = {group_id: [(r, r.match_key()[1:]) for r in sorted(
+            rules.values(), key=lambda r: r.id)]
+            for group_id, rules in cp.state.rules_by_group.items()}
+        groups_of: dict[tuple[Any, ...], set[str]] = {}
+        for group_id, pairs in meanings.items():
+            for _, key in pairs:
+                groups_of.setdefault(key, set()).add(group_id)
+        ordered = {group_id: [(r, key) for r, key in pairs if len(groups_of[key]) > 1]
+                   for group_id, pairs in meanings.items()}
     for instance in cp.state.instances.values():
         meaning: dict[tuple[Any, ...], Rule] = {}
         for group_id in instance.security_groups:
@@ -553,8 +578,6 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
             if rules is None:
                 rules = [(r, r.match_key()[1:]) for r in sorted(
                     cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
-                if run is not None:
-                    ordered[group_id] = rules
             for rule, key in rules:
                 first = meaning.setdefault(key, rule)
                 if first.group_id == rule.group_id or rule.group_id not in scope:
@@ -567,3 +590,267 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
                         f"same meaning as rule {first.id} of group {other.name} "
                         f"(both used by instance {instance.name})")
     return list(found.values())
+
+
+# ---------------------------------------------------------------------- by windows
+
+
+@dataclass
+class _Window:
+    """One merged cluster of a port filter (direction, family): ``openers`` in the
+    filter's order (the all-protocol ones first, then the clusters' by chain
+    position and index), ``content`` an id for their boxes and sets in that order
+    (equal ids: equal content), ``ident`` an id for the openers themselves (equal
+    ids: the same openers, so the same judgement and labels), ``at[chain name]``
+    the position of the chain's first opener and its openers' indices in the
+    chain, in the window's order."""
+
+    openers: list[Opener]
+    content: int
+    ident: int
+    at: dict[str, tuple[int, list[int]]]
+
+
+def _port_windows(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
+                  run: _Shared) -> dict[tuple[str, int], _Window] | None:
+    """``view``'s windows: for each (chain name, cluster index), the window
+    holding it (None when a rule of any protocol spreads over every cluster, or
+    a chain is listed twice: the caller judges the whole filter), once per
+    port, direction and family. A cluster alone gets a window shared with every
+    port where it is alone (with the same all-protocol openers)."""
+    key = (view.port.id, direction, fam)
+    if key in run.windows:
+        return run.windows[key]
+    alls = run.clusters.same_net(view, fam) if direction == "ingress" else _NONE
+    chains = [run.clusters.chain(view, chain, fam) for chain in cp.chains(view, direction)]
+    found: dict[tuple[str, int], _Window] | None = None
+    names = [chain.name for chain in chains]
+    if not any(chain.spread for chain in chains) and len(set(names)) == len(names):
+        # the windows of exposure's Clusters: the chains apart from the others'
+        # clusters have each cluster alone, the others' are merged; every ICMP
+        # rule is in one window (more openers than the overlapping ones: the
+        # judgement takes only those meeting the rule's box, so it is the same)
+        icmp = ICMP_OF[fam]
+        found = {}
+        tangled = []
+        for i, alone in enumerate(run.clusters.apart(view, fam, chains, direction)):
+            if alone:
+                found.update(_alone_windows(alls, chains, i, run))
+            else:
+                tangled.append(i)
+        for group in run.clusters.merged_windows(chains, tangled, icmp):
+            _add_window(found, alls, chains, group, run)
+        every = [(p, lo, hi, i, k) for i, chain in enumerate(chains)
+                 for p, lo, hi, k in chain.pieces if p == icmp]
+        if every:
+            _add_window(found, alls, chains, every, run)
+    run.windows[key] = found
+    return found
+
+
+_NONE: list[Opener] = []
+
+
+def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
+                   run: _Shared) -> list[tuple[tuple[str, int], _Window]]:
+    """The windows of chain ``i``'s clusters (ICMP apart), each alone on the
+    port: shared by every port where they are (with the same ``alls``)."""
+    chain = chains[i]
+    key = (id(alls), chain.name, chain.family)
+    found = run.alone_lists.get(key)
+    if found is None:
+        icmp = ICMP_OF[chain.family]
+        windows: dict[tuple[str, int], _Window] = {}
+        for p, lo, hi, k in chain.pieces:
+            if p != icmp:
+                _add_window(windows, alls, chains, [(p, lo, hi, i, k)], run)
+        found = run.alone_lists[key] = list(windows.items())
+    return found
+
+
+def _add_window(found: dict[tuple[str, int], _Window], alls: list[Opener],
+                chains: list[ChainClusters], group: list[tuple[int, int, int, int, int]],
+                run: _Shared) -> None:
+    if len(group) == 1:
+        _, _, _, i, k = group[0]
+        chain = chains[i]
+        alone = (id(alls), chain.name, chain.family, k)
+        window = run.alone.get(alone)
+        if window is None:
+            window = run.alone[alone] = _window(alls, chains, [(i, m) for m in
+                                                                chain.clusters[k][3]], run)
+        found[(chain.name, k)] = window
+        return
+    members = sorted((i, m) for _, _, _, i, k in group for m in chains[i].clusters[k][3])
+    window = _window(alls, chains, members, run)
+    for _, _, _, i, k in group:
+        found[(chains[i].name, k)] = window
+
+
+def _window(alls: list[Opener], chains: list[ChainClusters], members: list[tuple[int, int]],
+            run: _Shared) -> _Window:
+    """The window of ``alls`` and the chains' openers ``members`` (chain position,
+    opener index), in that order."""
+    openers = [*alls, *(chains[i].openers[m] for i, m in members)]
+    content = (*(_box_key(o) for o in alls), *(chains[i].keys[m] for i, m in members))
+    ident = (*(id(o) for o in alls), *((chains[i].name, m) for i, m in members))
+    at: dict[str, tuple[int, list[int]]] = {}
+    for position, (i, m) in enumerate(members, len(alls)):
+        at.setdefault(chains[i].name, (position, []))[1].append(m)
+    return _Window(openers, run.contents.setdefault(content, len(run.contents)),
+                   run.idents.setdefault(ident, len(run.idents)), at)
+
+
+def _group_shadows(cp: CloudPolicy, group: SecurityGroup, direction: str, fam: Family,
+                   run: _Shared) -> dict[str, list[dict[str, Any]] | None]:
+    """For each rule of ``group`` in ``direction`` and ``fam``, what
+    :func:`_shadowed` says: the covering labels, or None (missing: None too).
+    Judged window by window, once per distinct window of the group's clusters:
+    a rule adds points only inside its box, and only the all-protocol openers
+    and the clusters merged with its own (overlapping or touching, one
+    protocol) meet it — the window's openers."""
+    key = (group.id, direction, fam)
+    found = run.group_shadows.get(key)
+    if found is not None:
+        return found
+    rules = [r for r in cp.state.rules_by_group.get(group.id, {}).values()
+             if r.direction == direction and _family(r) == fam]
+    alive: dict[str, dict[int, dict[str, Any]]] = {r.id: {} for r in rules}
+    seen: set[Any] = set()
+    any_port = False
+    for member in cp.state.group_members(group.id):
+        for port in cp.state.ports_of(member.id):
+            view = cp.ports.get(port.id)
+            if view is None or not view.policy.port_security or not alive:
+                continue
+            any_port = True
+            _judge_on(cp, view, group, rules, alive, seen, run)
+    found = run.group_shadows[key] = {
+        rule_id: _unique_by_content(list(labels.values()), run)
+        for rule_id, labels in alive.items()} if any_port else {}
+    return found
+
+
+def _judge_on(cp: CloudPolicy, view: PortView, group: SecurityGroup, rules: list[Rule],
+              alive: dict[str, dict[int, dict[str, Any]]], seen: set[Any],
+              run: _Shared) -> None:
+    """Judge the rules still ``alive`` on one port: a rule adding something is
+    dropped from ``alive``; the others gain the labels covering them here."""
+    direction, fam = rules[0].direction, _family(rules[0])
+    windows = _port_windows(cp, view, direction, fam, run)
+    chain = _chain_of_group(cp, view, group, direction, run)
+    if windows is None or chain is None:
+        port_key = ("port", view.policy.same_net_sets, view.policy.ingress_chains,
+                    view.policy.egress_chains)
+        if port_key in seen:
+            return
+        seen.add(port_key)
+        for rule in rules:
+            if rule.id in alive:
+                _record(alive, rule, _covered_on(cp, view, rule, run))
+        return
+    chained = run.clusters.chain(view, chain, fam)
+    by_cluster, missing = _rules_by_cluster(chained, rules, run)
+    for rule in missing:  # no opener on this port: it adds nothing, but is not covered
+        if rule.id in alive:
+            _record(alive, rule, None)
+    for k, judged in enumerate(by_cluster):
+        window = windows[(chain.name, k)]
+        if (window.ident, k) in seen:
+            continue
+        seen.add((window.ident, k))
+        for rule, indices in judged:
+            if rule.id in alive:
+                _record(alive, rule, _judged_in(window, chain.name, rule, indices, run))
+
+
+def _chain_of_group(cp: CloudPolicy, view: PortView, group: SecurityGroup, direction: str,
+                    run: _Shared) -> GroupChain | None:
+    """The chain of ``group`` on ``view`` in ``direction`` (once per port)."""
+    key = (view.port.id, direction)
+    found = run.port_chains.get(key)
+    if found is None:
+        found = run.port_chains[key] = {c.group_id: c for c in cp.chains(view, direction)}
+    return found.get(group.id)
+
+
+def _rules_by_cluster(chained: ChainClusters, rules: list[Rule], run: _Shared
+                      ) -> tuple[list[list[tuple[Rule, list[int]]]], list[Rule]]:
+    """For each cluster of ``chained``, the rules with openers in it and their
+    indices in the chain; and the rules without any (once per chain and rules)."""
+    key = (chained.name, chained.family, rules[0].direction)
+    found = run.by_cluster.get(key)
+    if found is None:
+        by_cluster: list[list[tuple[Rule, list[int]]]] = []
+        placed: set[str] = set()
+        for _, _, _, idx in chained.clusters:
+            here = []
+            for rule in rules:
+                mine = [i for i in idx if chained.openers[i].label.get("rule_id") == rule.id]
+                if mine:
+                    here.append((rule, mine))
+                    placed.add(rule.id)
+            by_cluster.append(here)
+        found = run.by_cluster[key] = (by_cluster, [r for r in rules if r.id not in placed])
+    return found
+
+
+def _record(alive: dict[str, dict[int, dict[str, Any]]], rule: Rule,
+            labels: list[dict[str, Any]] | None) -> None:
+    if labels is None:
+        del alive[rule.id]
+    else:
+        alive[rule.id].update(zip(map(id, labels), labels, strict=True))
+
+
+def _judged_in(window: _Window, chain: str, rule: Rule, indices: list[int],
+               run: _Shared) -> list[dict[str, Any]] | None:
+    """:func:`_covered_by` of the window's openers: the labels covering ``rule``
+    (its openers: ``indices`` in chain ``chain``) there, or None. Once per window
+    content and place of the rule's openers in it (and the rule's own box), the
+    labels then taken from this window."""
+    first, order = window.at[chain]
+    mine = tuple(first + order.index(i) for i in indices)
+    box = run.boxes.get(rule.id)
+    if box is None:
+        box = run.boxes[rule.id] = rule_box(ir_rule(rule))
+    key = (window.content, mine, box)
+    positions = run.judged.get(key)
+    if positions is None:
+        positions = run.judged[key] = _cover_positions(window.openers, mine, box, rule, run)
+    if not positions[0]:
+        return None
+    openers = window.openers
+    return [openers[i].label for i in positions[1]]
+
+
+def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box, rule: Rule,
+                     run: _Shared) -> tuple[bool, list[int]]:
+    """Whether the openers at ``mine`` add nothing to the others, and the
+    positions of the others covering them (as :func:`_covered_by`)."""
+    ours = [openers[i] for i in mine]
+    others = [(i, o) for i, o in enumerate(openers) if i not in mine]
+    swept = [o for _, o in others if any(o.box.meets(m.box) for m in ours)]
+    key = (tuple(sorted(_box_key(o) for o in swept)), tuple(sorted(_box_key(m) for m in ours)))
+    same = run.adds_nothing.get(key)
+    if same is None:
+        fam = _family(rule)
+        before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=run.unions)]
+        same = run.adds_nothing[key] = before == [
+            (r.box, r.addresses) for r in sweep(fam, swept + ours, cache=run.unions)]
+    if not same:
+        return False, []
+    return True, [i for i, o in others
+                  if o.box.meets(box) and run.overlap(o.addresses, ours[0].addresses)]
+
+
+def _unique_by_content(labels: list[dict[str, Any]], run: _Shared) -> list[dict[str, Any]]:
+    """``labels`` (distinct objects, first-seen order) without repeats of content."""
+    known: set[str] = set()
+    found = []
+    for label in labels:
+        key = run.label_key(label)
+        if key not in known:
+            known.add(key)
+            found.append(label)
+    return found

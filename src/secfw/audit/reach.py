@@ -289,25 +289,33 @@ def region_row(answer: Answer, region: Region) -> dict[str, Any]:
 def region_fields(answer: Answer, region: Region) -> dict[str, Any]:
     """A region's row without its remote addresses (listing them is the costly
     part, and exposure lists only the broad ones)."""
-    box = region.box
-    single = box.proto_lo == box.proto_hi
-    ports = _span(box.sel_lo, box.sel_hi, (0, SEL_MAX)) \
-        if single and box.proto_lo in PORT_PROTOCOL_NUMBERS else None
-    icmp = single and box.proto_lo == ICMP_OF[answer.family]
     return {
         "instance": answer.view.instance.name,
         "instance_id": answer.view.instance.id,
         "port": answer.view.port.tap,
         "address": answer.address,
         "direction": answer.direction,
-        "ethertype": "IPv4" if answer.family == "ipv4" else "IPv6",
+        **region_shape(answer.family, region),
+        "rules": region.labels,
+    }
+
+
+def region_shape(family: Family, region: Region) -> dict[str, Any]:
+    """What a region's row says of its box: ethertype, protocol, ports and ICMP
+    type(s) and code (the same for every port)."""
+    box = region.box
+    single = box.proto_lo == box.proto_hi
+    ports = _span(box.sel_lo, box.sel_hi, (0, SEL_MAX)) \
+        if single and box.proto_lo in PORT_PROTOCOL_NUMBERS else None
+    icmp = single and box.proto_lo == ICMP_OF[family]
+    return {
+        "ethertype": "IPv4" if family == "ipv4" else "IPv6",
         "protocol": protocol_text(box),
         "ports": ports,
         "icmp_type": box.sel_lo // 256 if icmp else None,
         # a region of whole types spans several (the sweep cuts partial ones apart)
         "icmp_type_last": box.sel_hi // 256 if icmp else None,
         "icmp_code": _span(box.sel_lo % 256, box.sel_hi % 256, (0, 255)) if icmp else None,
-        "rules": region.labels,
     }
 
 

@@ -318,10 +318,12 @@ def sweep(family: Family, openers: Sequence[Opener], constraints: Sequence[Const
 
 def sweep_window(family: Family, openers: Sequence[Opener], protocol: int, low: int,
                  high: int, special: Special | None = None,
-                 cache: UnionCache | None = None) -> list[Region]:
+                 cache: UnionCache | None = None, distinct: bool = False) -> list[Region]:
     """The cells of protocol ``protocol`` × selectors ``low..high`` decided and
     merged as :func:`sweep` (no constraints) decides and merges them, empty ones
-    included.
+    included. ``distinct``: the caller vouches that two of the labels (the
+    openers' and the special's) are equal only when they are one object, so a
+    merge drops repeats by identity, not by content (the same labels, faster).
 
     Contract: when ``low`` and ``high + 1`` are cuts of the whole sweep (a box
     edge, or 0 / 65536) and ``special`` is the sweep's special of ``protocol``
@@ -346,7 +348,7 @@ def sweep_window(family: Family, openers: Sequence[Opener], protocol: int, low: 
     for cell, active in zip(cells, _active(openers, relevant, cells), strict=True):
         region = _decide(family, cell, openers, (), special, memo, unite, active)
         if merged and _mergeable(merged[-1], region, by_proto):
-            merged[-1] = _merge(merged[-1], region)
+            merged[-1] = _merge(merged[-1], region, distinct)
         else:
             merged.append(region)
     # as sweep: a region spanning ICMP types is cut where its row could not say it
@@ -522,11 +524,18 @@ def _one_type_each(region: Region, specials: dict[int, Special]) -> list[Region]
             for lo, hi in itertools.pairwise(bounds) if lo < hi]
 
 
-def _merge(left: Region, right: Region) -> Region:
+def _merge(left: Region, right: Region, distinct: bool = False) -> Region:
+    """The two regions as one; ``distinct``: labels are equal only when they are
+    one object (see :func:`sweep_window`)."""
     box = Box(min(left.box.proto_lo, right.box.proto_lo), max(left.box.proto_hi,
               right.box.proto_hi), min(left.box.sel_lo, right.box.sel_lo),
               max(left.box.sel_hi, right.box.sel_hi))
-    return Region(left.family, left.addresses, box, unique_labels([*left.labels, *right.labels]))
+    labels = [*left.labels, *right.labels]
+    if distinct:
+        labels = list({id(label): label for label in labels}.values())
+    else:
+        labels = unique_labels(labels)
+    return Region(left.family, left.addresses, box, labels)
 
 
 def _full(region: Region) -> bool:
