@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from secfw.agent.daemon import log_event
+from secfw.agent.hostview import HostView
 from secfw.agent.isolation import IsolatedPort, Isolation
 from secfw.agent.storewatch import Reopenable
 from secfw.agent.topology import TapLayout, decide
@@ -45,7 +46,7 @@ from secfw.compiler.sources import shared_fixed_addresses
 from secfw.config import Config
 from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
 from secfw.gcpause import collector_paused
-from secfw.store.base import Store
+from secfw.store.base import Change, Store
 
 log = logging.getLogger("secfw.agent")
 
@@ -171,7 +172,14 @@ class Reconciler:
         self._links_changed = True
         #: Ports left closed because the backend cannot express them.
         self.isolation = Isolation()
+        #: The host's part of the cloud (agent.hostview); ``cloud`` is its state.
+        self.view = HostView(host)
         self.cloud: CloudState | None = None
+        #: Whether ``cloud`` must be loaded whole again (a failed pass, a store replaced).
+        self._stale = True
+        #: Where the store's changes come from as they happen (an etcd watch's
+        #: documents, :class:`ChangeSource`); None: ``changes_since`` only.
+        self.feed: ChangeSource | None = None
         self._committed: Any = None
         self._committed_valid = False
         # What this process last committed, kept across failures (a failed
@@ -233,6 +241,7 @@ class Reconciler:
         invalidates what was committed, so the next pass is a full one."""
         if isinstance(self.store, Reopenable) and self.store.replaced():
             self.invalidate()
+            self._stale = True  # another file: its revisions are not ours to follow
             self.store.reopen()
         return self.store.revision()
 
@@ -269,6 +278,7 @@ class Reconciler:
                 desired = with_metadata(desired, self.config.metadata_listen)
         except BaseException:
             self.invalidate()  # the change feed was consumed: only a full pass is sure
+            self._stale = True  # and only a whole load (the view may be half-updated)
             raise
         result = self._converge(desired, cloud.revision, full, started)
         assert result.programmed is not None
@@ -515,19 +525,53 @@ class Reconciler:
         return None
 
     def _load_cloud(self, full: bool) -> tuple[CloudState, list[Replaced] | None]:
-        """The cloud at the store's revision, and the records replaced since the
-        last pass (None when it was loaded whole: the compile must be full)."""
-        if full or self.cloud is None:
-            if isinstance(self.store, Reopenable):
-                self.store.reopen()  # a fresh look: notices a file unreadable or corrupt
-            self.cloud = CloudState.from_snapshot(self.store.load())
-            return self.cloud, None
+        """The host's view of the cloud at the store's revision, and the records
+        replaced since the last pass (None when it was loaded whole: the compile
+        must be full).
+
+        A full pass reopens the store (a file made unreadable or corrupt is
+        noticed) but reads only the changes since the view's revision: the
+        store is loaded whole only when the view is stale (first pass, failed
+        pass, store replaced), when its history is gone (compaction) or went
+        back (a restore), or when a change widened what the host needs."""
+        if self._stale or self.cloud is None:
+            return self._reload()
+        if full and isinstance(self.store, Reopenable):
+            self.store.reopen()
         try:
-            revision, changes = self.store.changes_since(self.cloud.revision)
+            revision, changes = self._changes(self.cloud.revision)
         except HistoryCompactedError:  # the history since our revision is gone (etcd)
-            return self._load_cloud(True)
+            return self._reload()
         if revision < self.cloud.revision:  # the store went back (a restore): start over
-            return self._load_cloud(True)
+            return self._reload()
         if revision == self.cloud.revision:
             return self.cloud, []
-        return self.cloud, self.cloud.apply_changes(revision, changes)
+        replaced = self.view.apply(revision, changes)
+        if replaced is None:  # the host needs records the view dropped
+            return self._reload()
+        return self.cloud, replaced
+
+    def _changes(self, revision: int) -> tuple[int, list[Change]]:
+        """What changed after ``revision``: the watch's documents when they cover
+        it (no store round trip), else the store's change feed."""
+        if self.feed is not None:
+            found = self.feed.after(revision)
+            if found is not None:
+                return found
+        return self.store.changes_since(revision)
+
+    def _reload(self) -> tuple[CloudState, list[Replaced] | None]:
+        if isinstance(self.store, Reopenable):
+            self.store.reopen()  # a fresh look: notices a file unreadable or corrupt
+        self._stale = True
+        self.cloud = self.view.load(self.store.load())
+        self._stale = False
+        return self.cloud, None
+
+
+class ChangeSource(Protocol):
+    """Changes delivered as they happen (:class:`secfw.agent.etcdwatch.ChangeFeed`)."""
+
+    def after(self, revision: int) -> tuple[int, list[Change]] | None:
+        """``(latest revision, every change after revision)`` when they are all
+        known here, else None (the caller asks the store)."""

@@ -1,0 +1,266 @@
+"""The part of the cloud one host's agent holds: its per-host view.
+
+An agent compiles the filter of ONE host (:func:`secfw.compiler.build.compile_host`),
+and that filter reads only part of the cloud. :class:`HostView` keeps that part,
+as a :class:`~secfw.cloud.CloudState` the compiler reads unchanged, and filters
+the store's change feed into it:
+
+=====================  ========================================================
+kept                   why (what the compiler reads)
+=====================  ========================================================
+networks, settings,    every network's CIDRs (``internal``, overlaps, metadata
+floating pools and     route marks); the pools (a full pass checks conntrack's
+IPs, rules             NAT bindings); rules are per group, not per port — the
+                       chains of a group that starts being used here need them
+the host's instances   its ports' policies, its groups' chains
+and their ports
+member instances       instances (on any host) in a *source group* referenced by
+(compact)              a rule of a group used here; kept as id, host and groups
+                       only — no name, metadata, user data, flavor
+their ports            their addresses (the source groups' sets)
+same-net ports         every port of a network one of the host's ports is on
+                       (the same-net sets)
+overlapping networks'  all their ports (the twin addresses a source group's set
+ports                  leaves out; rare: only VLAN networks overlap)
+=====================  ========================================================
+
+Every other instance and port — the bulk of a large cloud — is dropped when it
+is read. What is kept is a superset of what the filter reads, so the filter
+compiled from the view equals the one compiled from the whole cloud
+(property-tested: ``tests/test_hostview.py``).
+
+A change can make the host need records it dropped without changing them: a
+rule naming a source group not referenced before (its members), a port on a
+network new to the host (that network's ports), an instance that joins a
+referenced group (its ports), a network change that makes networks overlap.
+:meth:`HostView.apply` recognises these and returns None: the caller reloads
+the store and rebuilds the view with :meth:`HostView.load`. An index of every
+port's instance (two ids per port) tells whether an instance entering the view
+brought all its ports in the same batch (a boot does), so only a real
+widening costs a reload. Records that stop being needed stay until the next
+load (a superset is still exact).
+
+Pure: no I/O (the caller reads the store).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from secfw.cloud import CloudState, Replaced
+from secfw.model import RECORD_TYPES, Instance, Port, Record
+from secfw.store.base import Change, Doc, Snapshot
+
+#: Kinds kept whole: small next to instances and ports, or read by every host.
+KEPT_KINDS = ("network", "setting", "floatingpool", "floatingip", "rule")
+
+
+@dataclass(frozen=True)
+class Interest:
+    """What the host needs, derived from the view: the groups its instances use,
+    the source groups their rules reference, the networks of its ports, and the
+    networks that overlap another (all of whose ports are kept)."""
+
+    groups: frozenset[str]
+    sources: frozenset[str]
+    networks: frozenset[str]
+    overlapping: frozenset[str]
+
+    def wider_than(self, other: Interest) -> bool:
+        """Whether this interest needs records ``other``'s did not keep."""
+        return not (self.sources <= other.sources and self.networks <= other.networks
+                    and self.overlapping <= other.overlapping)
+
+
+class HostView:
+    """One host's part of the cloud (see the module docstring)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        #: Whole loads so far (:meth:`load`), and those :meth:`apply` asked for.
+        self.loads = self.widenings = 0
+        self._reset(0)
+
+    def _reset(self, revision: int) -> None:
+        self.state = CloudState(revision)
+        self._host_instances: set[str] = set()
+        #: Every port of the cloud → its instance (ids only): see the module doc.
+        self._owner: dict[str, str] = {}
+        self._owned: defaultdict[str, set[str]] = defaultdict(set)
+        self.interest = Interest(frozenset(), frozenset(), frozenset(), frozenset())
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, snapshot: Snapshot) -> CloudState:
+        """Rebuild the view from every document of ``snapshot``; parses only the
+        records it keeps."""
+        self._reset(snapshot.revision)
+        self.loads += 1
+        docs = snapshot.all_docs()
+        for kind in KEPT_KINDS:
+            for doc in docs.get(kind, {}).values():
+                self._put(RECORD_TYPES[kind].from_doc(doc))
+        instances, ports = docs.get(Instance.KIND, {}), docs.get(Port.KIND, {})
+        for port_id, doc in ports.items():
+            self._own(port_id, doc["instance_id"])
+        self._take_instances([d for d in instances.values() if d.get("host") == self.host])
+        self._take_ports(self._owned_docs(ports, self._host_instances))
+        self.interest = self._interest()
+        self._take_instances(d for d in instances.values() if d.get("host") != self.host)
+        self._take_ports(d for i, d in ports.items() if i not in self.state.ports)
+        self.state.dirty.clear()
+        return self.state
+
+    def _owned_docs(self, ports: Mapping[str, Doc], owners: set[str]) -> list[Doc]:
+        return [ports[p] for i in owners for p in self._owned.get(i, ()) if p in ports]
+
+    def _take_instances(self, docs: Iterable[Doc]) -> None:
+        for doc in docs:
+            record = self._instance(doc)
+            if record is not None:
+                self._put(record)
+
+    def _take_ports(self, docs: Iterable[Doc]) -> None:
+        for doc in docs:
+            if self._wants_port(doc):
+                self._put(Port.from_doc(doc))
+
+    # ------------------------------------------------------------------ following
+
+    def apply(self, revision: int, changes: Iterable[Change]) -> list[Replaced] | None:
+        """Apply a batch of the change feed; the records replaced *in the view*
+        (entering: ``(None, new)``, leaving: ``(old, None)``), or None when the
+        batch widened what the host needs beyond what the view kept: the
+        caller must :meth:`load` the store again (the view is then stale)."""
+        before, entering = self.interest, set()
+        by_kind: defaultdict[str, list[Change]] = defaultdict(list)
+        for change in changes:
+            by_kind[change.kind].append(change)
+        replaced: list[Replaced] = []
+        for kind in KEPT_KINDS:
+            for change in by_kind.get(kind, ()):
+                replaced += self._replace(kind, change.id, _parsed(kind, change.doc))
+        for change in by_kind.get(Port.KIND, ()):
+            self._own(change.id, change.doc["instance_id"] if change.doc else None)
+        instances = by_kind.get(Instance.KIND, [])
+        mine = [c for c in instances
+                if (c.doc and c.doc.get("host") == self.host) or c.id in self._host_instances]
+        ports = by_kind.get(Port.KIND, [])
+        entering |= self._follow_instances(mine, replaced)
+        host_ports = [c for c in ports if self._owner.get(c.id) in self._host_instances]
+        self._follow_ports(host_ports, replaced)
+        self.interest = self._interest()
+        entering |= self._follow_instances(_without(instances, mine), replaced)
+        self._follow_ports(_without(ports, host_ports), replaced)
+        self.state.revision = revision
+        self.state.dirty.clear()
+        if self.interest.wider_than(before) or self._missing_ports(entering):
+            self.widenings += 1
+            return None
+        return replaced
+
+    def _follow_instances(self, changes: list[Change], replaced: list[Replaced]) -> set[str]:
+        """Apply instance changes; the ids that entered the view."""
+        entering = set()
+        for change in changes:
+            was = change.id in self.state.instances
+            new = self._instance(change.doc) if change.doc is not None else None
+            replaced += self._replace(Instance.KIND, change.id, new)
+            if new is not None and not was:
+                entering.add(change.id)
+        return entering
+
+    def _follow_ports(self, changes: list[Change], replaced: list[Replaced]) -> None:
+        for change in changes:
+            keep = change.doc is not None and self._wants_port(change.doc)
+            replaced += self._replace(Port.KIND, change.id,
+                                      Port.from_doc(change.doc) if keep and change.doc else None)
+
+    def _missing_ports(self, entering: set[str]) -> bool:
+        """Whether an instance that entered the view has a port the view lacks
+        (it joined a referenced group, or came to this host, without its ports
+        changing: they were dropped earlier)."""
+        return any(p not in self.state.ports for i in entering for p in self._owned.get(i, ()))
+
+    # ------------------------------------------------------------------ deciding
+
+    def _interest(self) -> Interest:
+        state = self.state
+        groups = {g for i in self._host_instances for g in state.instances[i].security_groups}
+        sources = {r.remote_group_id for g in groups
+                   for r in state.rules_by_group.get(g, {}).values() if r.remote_group_id}
+        networks = {state.ports[p].network_id for i in self._host_instances
+                    for p in state.ports_by_instance.get(i, ())}
+        overlapping = {n for n in state.networks if state.overlapping_subnets(n)}
+        return Interest(frozenset(groups), frozenset(sources), frozenset(networks),
+                        frozenset(overlapping))
+
+    def _instance(self, doc: Doc) -> Instance | None:
+        """The record kept for an instance document: whole for this host's, a
+        compact one for a member of a referenced source group, else None."""
+        if doc.get("host") == self.host:
+            whole: Instance = Instance.from_doc(doc)
+            return whole
+        groups = tuple(doc.get("security_groups", ()))
+        if not self.interest.sources.intersection(groups):
+            return None
+        return Instance(id=doc["id"], project="", name="", flavor="", image_id="",
+                        host=doc.get("host", ""), security_groups=groups)
+
+    def _wants_port(self, doc: Doc) -> bool:
+        network = doc.get("network_id")
+        return (doc.get("instance_id") in self.state.instances
+                or network in self.interest.networks or network in self.interest.overlapping)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _own(self, port_id: str, instance_id: str | None) -> None:
+        old = self._owner.pop(port_id, None)
+        if old is not None:
+            self._owned[old].discard(port_id)
+            if not self._owned[old]:
+                del self._owned[old]
+        if instance_id is not None:
+            self._owner[port_id] = instance_id
+            self._owned[instance_id].add(port_id)
+
+    def _put(self, record: Record) -> None:
+        self.state.put(record)
+        if isinstance(record, Instance):
+            (self._host_instances.add if record.host == self.host
+             else self._host_instances.discard)(record.id)
+
+    def _replace(self, kind: str, record_id: str, new: Record | None) -> list[Replaced]:
+        """Put ``new`` (None: remove) in place of the view's record; the
+        replacement, or nothing when neither existed."""
+        old = self.state.records[kind].get(record_id)
+        if new is not None:
+            self._put(new)
+        elif old is not None:
+            self.state.remove(old)
+            self._host_instances.discard(record_id)
+        else:
+            return []
+        return [(old, new)]
+
+    def counts(self) -> dict[str, Any]:
+        """What the view holds (the bench reports it)."""
+        state = self.state
+        return {"instances": len(state.instances), "ports": len(state.ports),
+                "host_instances": len(self._host_instances), "rules": len(state.rules),
+                "port_index": len(self._owner), "sources": len(self.interest.sources),
+                "loads": self.loads, "widenings": self.widenings}
+
+
+def _without(changes: list[Change], done: list[Change]) -> list[Change]:
+    ids = {c.id for c in done}
+    return [c for c in changes if c.id not in ids]
+
+
+def _parsed(kind: str, doc: Doc | None) -> Record | None:
+    return RECORD_TYPES[kind].from_doc(doc) if doc is not None else None
+
+
