@@ -22,14 +22,16 @@ import click
 
 from secfw.agent import AgentLoop, LoopSettings, SystemdNotifier
 from secfw.agent.daemon import configure_logging, log_event
-from secfw.agent.etcdwatch import EtcdWatcher
+from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher
+from secfw.agent.filewatch import SqliteWatcher
 from secfw.agent.host import host_reconciler
 from secfw.agent.linkwatch import LinkWatcher
 from secfw.agent.loop import Trigger
 from secfw.agent.metrics import AgentMetrics
+from secfw.agent.reconciler import Reconciler
 from secfw.agent.register import HostRegistrar, register_host
 from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
-from secfw.agent.storewatch import ReopeningStore
+from secfw.agent.storewatch import ReopeningStore, sqlite_path
 from secfw.agent.topology import AUTO, CHOICES
 from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
@@ -335,7 +337,7 @@ def _run_loop(
     loop = AgentLoop(reconciler, settings, observers=observers)
     watcher = _start_link_watcher(loop)
     loop.taps = watcher.taps if watcher is not None else None
-    store_watcher = _start_store_watcher(store_url, loop)
+    store_watcher = _start_store_watcher(store_url, loop, reconciler)
     loop.install_signal_handlers()
     log_event(_log, logging.INFO, "started", backend=backend, topology=topology,
               store=store_url,
@@ -352,14 +354,33 @@ def _run_loop(
         store.close()
 
 
-def _start_store_watcher(store_url: str, loop: AgentLoop) -> EtcdWatcher | None:
-    """On etcd, a watch wakes the loop on every write (the poll stays, as a
-    fallback); SQLite has none yet: the poll alone notices its changes."""
-    if not store_url.startswith("etcd://"):
+def _start_store_watcher(
+    store_url: str, loop: AgentLoop, reconciler: Reconciler
+) -> EtcdWatcher | SqliteWatcher | None:
+    """A watch that wakes the loop on every write, the revision poll slowed to a
+    safety net while it is in place: on etcd, a watch whose documents feed the
+    passes (:class:`ChangeFeed`); on SQLite, inotify on the file. Without
+    inotify (an unusual file system) the poll alone notices changes."""
+    if store_url.startswith("etcd://"):
+        feed = ChangeFeed()
+        reconciler.feed = feed
+        etcd = EtcdWatcher(store_url, lambda _revision: loop.wakeup.notify(Trigger("store")),
+                           feed)
+        loop.store_watched = etcd.watching.is_set
+        etcd.start()
+        return etcd
+    path = sqlite_path(store_url)
+    if path is None:
         return None
-    watcher = EtcdWatcher(store_url, lambda _revision: loop.wakeup.notify(Trigger("store")))
-    watcher.start()
-    return watcher
+    sqlite = SqliteWatcher(path, loop.store_changed)
+    try:
+        sqlite.start()
+    except OSError as exc:
+        log_event(_log, logging.WARNING, "store_watch_unavailable", error=str(exc),
+                  action=f"polling every {loop.settings.poll_interval} s")
+        return None
+    loop.store_watched = sqlite.watching.is_set
+    return sqlite
 
 
 def _start_link_watcher(loop: AgentLoop) -> LinkWatcher | None:

@@ -1,13 +1,20 @@
-"""Wake the agent when the etcd store changes, instead of waiting for its poll.
+"""Follow the etcd store as it changes: wake the agent, and hand it the change.
 
-:class:`EtcdWatcher` keeps an etcd watch open on the store's revision marker
-(every committed write of ours puts it once: :mod:`secfw.store.etcd`) and calls
-``on_change(revision)`` from its own thread for each write. The agent passes a
+:class:`EtcdWatcher` keeps an etcd watch open and calls ``on_change(revision)``
+from its own thread for each committed write of ours (every write puts the
+store's revision marker once: :mod:`secfw.store.etcd`). The agent passes a
 function that queues a ``store`` trigger on the loop's
-:class:`~secfw.agent.loop.Wakeup`, so a write reaches the kernel without waiting
-for the next poll; the pass itself still reads the change through
-``changes_since``, so the watch only decides *when*, never *what* — a missed
-or duplicated wake-up costs at most one poll interval or one empty pass.
+:class:`~secfw.agent.loop.Wakeup`, so a write reaches the kernel at once.
+
+With a :class:`ChangeFeed` (what ``secfw agent`` gives it) the watch covers
+every document under the prefix, and each write's documents go into the feed
+before the wake-up: the pass applies them without asking the store
+(:meth:`~secfw.agent.reconciler.Reconciler._changes`). The feed knows from
+which revision it is complete; whatever it cannot vouch for (before the watch
+started, after a compaction) the pass reads through ``changes_since`` as
+before. Without a feed only the marker is watched and the pass reads the change
+through ``changes_since``: the watch then decides *when*, never *what* — a
+missed or duplicated wake-up costs at most one poll interval or one empty pass.
 
 It never stops on its own: a member that fails or goes quiet
 (:data:`~secfw.store.etcd.WATCH_IDLE_S`) is left for the next one, after a
@@ -22,11 +29,12 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import requests
 
 from secfw.errors import HistoryCompactedError, StoreError
+from secfw.store.base import Change
 from secfw.store.etcd import EtcdStore
 
 log = logging.getLogger("secfw.agent")
@@ -36,14 +44,68 @@ BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 5.0
 #: Bound on waiting for the thread to end in :meth:`EtcdWatcher.stop`.
 STOP_TIMEOUT_S = 5.0
+#: Writes a :class:`ChangeFeed` keeps before it gives up on a reader that does
+#: not take them (then the reader asks the store, as without a feed).
+FEED_LIMIT = 10_000
+
+
+class ChangeFeed:
+    """The writes an etcd watch delivered, for the agent's pass to take.
+
+    ``origin`` is a store revision from which the feed is complete: every
+    write after it is (or will be) in the feed. Thread-safe: the watch thread
+    pushes, the loop's thread takes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._origin: int | None = None
+        self._writes: list[tuple[int, list[Change]]] = []
+
+    def start(self, origin: int) -> None:
+        """A new watch: complete from store revision ``origin`` on."""
+        with self._lock:
+            self._origin, self._writes = origin, []
+
+    def lose(self) -> None:
+        """The watch missed writes (compaction, overflow): complete from nowhere."""
+        with self._lock:
+            self._origin, self._writes = None, []
+
+    def push(self, revision: int, changes: list[Change]) -> None:
+        with self._lock:
+            if self._origin is None:
+                return
+            self._writes.append((revision, changes))
+            if len(self._writes) > FEED_LIMIT:
+                self._origin, self._writes = None, []
+
+    def after(self, revision: int) -> tuple[int, list[Change]] | None:
+        """``(latest revision, the changes after revision, one per document,
+        oldest first)`` when the feed is complete from ``revision`` and holds a
+        write after it; else None (ask the store). Writes up to ``revision``
+        are forgotten: the reader has them."""
+        with self._lock:
+            if self._origin is None or revision < self._origin:
+                return None
+            self._writes = [w for w in self._writes if w[0] > revision]
+            if not self._writes:
+                return None
+            latest: dict[tuple[str, str], Change] = {}
+            for _revision, changes in self._writes:
+                for change in changes:
+                    latest.pop((change.kind, change.id), None)
+                    latest[(change.kind, change.id)] = change
+            return self._writes[-1][0], list(latest.values())
 
 
 class EtcdWatcher:
     """A background watch on an etcd store's marker (see the module docstring)."""
 
-    def __init__(self, url: str, on_change: Callable[[int], None]) -> None:
+    def __init__(self, url: str, on_change: Callable[[int], None],
+                 feed: ChangeFeed | None = None) -> None:
         self.url = url
         self.on_change = on_change
+        self.feed = feed
         self._stopped = threading.Event()
         #: Set once a watch is established: every write committed after it is reported.
         self.watching = threading.Event()
@@ -71,13 +133,16 @@ class EtcdWatcher:
                 if store is None:
                     store = EtcdStore(self.url, create=False)
                 if revision is None:  # from now on: the past is changes_since's
-                    revision = store.cluster_revision()
+                    revision = self._begin(store)
                 delivered, revision = self._follow(store, revision)
                 backoff = BACKOFF_INITIAL_S if delivered else backoff
             except HistoryCompactedError:
                 revision = None
+                if self.feed is not None:
+                    self.feed.lose()
                 self.on_change(0)  # the pass finds the history gone and loads everything
             except (StoreError, requests.RequestException, OSError, ValueError) as exc:
+                self.watching.clear()
                 if self._stopped.is_set():
                     break
                 log.debug("etcd watch: %s", exc)
@@ -86,11 +151,23 @@ class EtcdWatcher:
         if store is not None:
             store.close()
 
+    def _begin(self, store: EtcdStore) -> int:
+        """Where a new watch starts (etcd's revision now); a feed is complete
+        from the store's revision at that instant."""
+        if self.feed is None:
+            return store.cluster_revision()
+        ours, cluster = store.revisions()
+        self.feed.start(ours)
+        return cluster
+
     def _follow(self, store: EtcdStore, revision: int) -> tuple[bool, int]:
         """One watch from ``revision + 1`` until it ends; ``(anything delivered,
         the last revision seen)``. An idle timeout after the watch was created
         ends it quietly; a failure before anything came is raised (back-off)."""
-        response = store.watch_marker(revision + 1)
+        if self.feed is None:
+            response = store.watch_marker(revision + 1)
+        else:
+            response = store.watch_documents(revision + 1)
         with self._lock:
             if self._stopped.is_set():
                 response.close()
@@ -98,7 +175,7 @@ class EtcdWatcher:
             self._response = response
         delivered = False  # any message: the member answered, the back-off resets
         try:
-            for seen in store.marker_revisions(response, revision + 1):
+            for seen in self._writes(store, response, revision + 1):
                 delivered = True
                 self.watching.set()
                 if seen is not None:
@@ -112,6 +189,19 @@ class EtcdWatcher:
                 self._response = None
             response.close()
         return delivered, revision
+
+
+    def _writes(self, store: EtcdStore, response: requests.Response,
+                start: int) -> Iterator[int | None]:
+        """The revision of each write on the stream (None: a message without
+        one); with a feed, each write's documents are pushed before it is."""
+        if self.feed is None:
+            yield from store.marker_revisions(response, start)
+            return
+        for write in store.document_batches(response, start):
+            if write is not None:
+                self.feed.push(*write)
+            yield None if write is None else write[0]
 
 
 def _interrupt(response: requests.Response) -> None:

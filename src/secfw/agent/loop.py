@@ -1,7 +1,8 @@
 """The agent's loop: what triggers a reconcile pass, and what watches it.
 
 :class:`AgentLoop` runs :class:`~secfw.agent.reconciler.Reconciler` passes on
-triggers — store revision moves (polled), taps appearing or disappearing
+triggers — store writes (a watch's ``store`` or ``poll`` trigger, else a
+revision poll), taps appearing or disappearing
 (:mod:`secfw.agent.linkwatch`), the periodic resync timer, SIGHUP, and retries
 after failures. Whatever is queued when the loop wakes is coalesced into ONE
 pass, full when any trigger asks for it. Failures back off exponentially up to
@@ -111,6 +112,9 @@ class LoopSettings:
     """Timing of :class:`AgentLoop` (seconds)."""
 
     poll_interval: float = 0.1
+    #: The revision poll while a store watch is in place (:attr:`AgentLoop.store_watched`):
+    #: only a safety net then, every write wakes the loop.
+    watched_poll_interval: float = 5.0
     resync_interval: float = 60.0
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
@@ -301,6 +305,9 @@ class AgentLoop:
         self._backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         self._retry_at: float | None = None
         self._next_resync = clock() + self.settings.resync_interval
+        self._next_poll = clock()
+        #: Whether a store watch (etcd, inotify) is in place: the poll slows down.
+        self.store_watched: Callable[[], bool] = lambda: False
         self._next_heartbeat = clock()
         self._next_kernel_check = clock()
         self.status.topology = getattr(reconciler.backend, "topology", None)
@@ -317,6 +324,10 @@ class AgentLoop:
     def stop(self) -> None:
         """Stop after the current pass (what SIGTERM does)."""
         self.wakeup.notify(Trigger("stop"))
+
+    def store_changed(self) -> None:
+        """The store may have changed (a file watch): read its revision now."""
+        self.wakeup.notify(Trigger("poll"))
 
     def link_changed(self, name: str, present: bool) -> None:
         """A tap appeared or disappeared (called from the link watcher's thread)."""
@@ -432,6 +443,8 @@ class AgentLoop:
                 self._link_event(trigger)
             elif trigger.checked is not None:
                 self._checked(trigger.checked)
+            elif trigger.kind == "poll":
+                self._next_poll = self.clock()
             else:
                 self._pending.add(trigger.kind)
 
@@ -493,7 +506,7 @@ class AgentLoop:
         handled here, never raised."""
         triggers = self._pending
         try:
-            if not triggers and self._store_moved():
+            if not triggers and self._poll_due() and self._store_moved():
                 triggers = {"store"}
             if not triggers:
                 return
@@ -511,6 +524,16 @@ class AgentLoop:
         finally:
             self._notify("on_pass", False)
 
+    def _poll_due(self) -> bool:
+        """Whether the store's revision is due to be read (and schedule the next read)."""
+        now = self.clock()
+        if now < self._next_poll:
+            return False
+        watched = self.store_watched()
+        self._next_poll = now + (self.settings.watched_poll_interval if watched
+                                 else self.settings.poll_interval)
+        return True
+
     def _store_moved(self) -> bool:
         revision = self.reconciler.store_revision()
         self.status.store_revision = revision
@@ -524,7 +547,7 @@ class AgentLoop:
         if self._retry_at is not None:
             deadlines.append(self._retry_at)
         else:
-            deadlines += [now + self.settings.poll_interval, self._next_resync]
+            deadlines += [self._next_poll, self._next_resync]
         return max(0.0, min(deadlines) - now)
 
     # ---- outcomes

@@ -391,6 +391,69 @@ class EtcdStore(Store):
             for event in events:
                 yield int(event["kv"]["mod_revision"])
 
+    def revisions(self) -> tuple[int, int]:
+        """``(this store's revision, etcd's current revision)`` read at one
+        instant: no write of ours lies between them, so a watch from the second
+        + 1 sees every write after the first (:class:`secfw.agent.etcdwatch.ChangeFeed`)."""
+        kvs, cluster = self._range("read the revision", self._marker, None, keys_only=True)
+        return (int(kvs[0]["mod_revision"]) if kvs else 0), cluster
+
+    def watch_documents(self, start: int) -> requests.Response:
+        """Open a watch on every key under the prefix from etcd revision
+        ``start`` (read it with :meth:`document_batches`; close it to stop)."""
+        request = {"create_request": {
+            "key": _b64(self.prefix), "range_end": _b64(_prefix_end(self.prefix)),
+            "start_revision": str(start)}}
+        return self._members.call("watch", lambda client: self._open_watch(client, request))
+
+    def _open_watch(self, client: Etcd3Client, request: dict[str, Any]) -> requests.Response:
+        response = client.session.post(client.get_url("/watch"), json=request, stream=True,
+                                       timeout=(CONNECT_TIMEOUT_S, WATCH_IDLE_S))
+        if response.status_code != requests.codes.ok:
+            response.close()
+            raise StoreError(f"store {self.url}: watch refused: HTTP {response.status_code}")
+        return response
+
+    def document_batches(self, response: requests.Response,
+                         start: int) -> Iterator[tuple[int, list[Change]] | None]:
+        """Each write of ours seen on a :meth:`watch_documents` stream, as it
+        comes: its revision (the marker's) and the documents it wrote or
+        deleted; None for a message without a write (the watch's creation).
+
+        etcd never splits one revision's events over two messages (its API
+        guarantees: "updates in the same revision over multiple keys will not
+        be split over several lists of events"), so one message holds a whole
+        write; revisions without a marker event (keys of others, not ours) are
+        skipped. Raises HistoryCompactedError when ``start`` is compacted."""
+        for line in response.iter_lines():
+            if not line.strip():
+                continue
+            result = json.loads(line).get("result")
+            if result is None:
+                raise StoreError(f"store {self.url}: watch failed: {line[:200]!r}")
+            if result.get("canceled"):
+                self._raise_canceled(result, start)
+            writes = self._writes(result.get("events", []))
+            if not writes:
+                yield None
+            yield from writes
+
+    def _writes(self, events: list[dict[str, Any]]) -> list[tuple[int, list[Change]]]:
+        """The writes of ours among one message's events, oldest first."""
+        docs: dict[int, list[Change]] = {}
+        marked: set[int] = set()
+        for event in events:
+            kv = event["kv"]
+            key, rev = _unb64(kv["key"]), int(kv["mod_revision"])
+            if key == self._marker:
+                marked.add(rev)
+            elif key.startswith(self._docs):
+                kind, doc_id = self._split(key)
+                value = None if event.get("type") == "DELETE" else _unb64(kv.get("value", ""))
+                doc = json.loads(value) if value is not None else None
+                docs.setdefault(rev, []).append(Change(kind, doc_id, rev, doc))
+        return [(rev, docs.get(rev, [])) for rev in sorted(marked)]
+
     # ------------------------------------------------------------------ writes
 
     @contextmanager
