@@ -177,6 +177,7 @@ class Reconciler:
         self.cloud: CloudState | None = None
         #: Whether ``cloud`` must be loaded whole again (a failed pass, a store replaced).
         self._stale = True
+        self._loaded_from: object = None  # the file the view was loaded from (Reopenable)
         #: Where the store's changes come from as they happen (an etcd watch's
         #: documents, :class:`ChangeSource`); None: ``changes_since`` only.
         self.feed: ChangeSource | None = None
@@ -538,6 +539,8 @@ class Reconciler:
             return self._reload()
         if full and isinstance(self.store, Reopenable):
             self.store.reopen()
+            if self.store.identity != self._loaded_from:  # another file since the load
+                return self._reload()
         try:
             revision, changes = self._changes(self.cloud.revision)
         except HistoryCompactedError:  # the history since our revision is gone (etcd)
@@ -564,6 +567,7 @@ class Reconciler:
         if isinstance(self.store, Reopenable):
             self.store.reopen()  # a fresh look: notices a file unreadable or corrupt
         self._stale = True
+        self._loaded_from = self.store.identity if isinstance(self.store, Reopenable) else None
         self.cloud = self.view.load(self.store.load())
         self._stale = False
         return self.cloud, None

@@ -44,6 +44,9 @@ class Reopenable(Protocol):
 
     def reopen(self) -> None: ...
 
+    @property
+    def identity(self) -> object: ...
+
 
 def sqlite_path(url: str) -> str | None:
     """The file of a SQLite store URL (same rules as :func:`secfw.store.open_store`),
@@ -106,6 +109,12 @@ class ReopeningStore(Store):
         before = self._identity
         self.reopen()
         return before is not None and self._identity != before
+
+    @property
+    def identity(self) -> tuple[int, int] | None:
+        """The file opened now (device, inode); None when closed, or not a file.
+        The agent's view follows one file: another one is loaded whole."""
+        return self._identity
 
     def replaced(self) -> bool:
         """True when the file is no longer the one opened (caller: reopen and

@@ -15,16 +15,16 @@ kernel) run as separate processes for hosts ``sim0001``…, ``simbig`` and
 * **idle**: agents' and etcd's CPU per second with nothing changing (the 0.1 s
   revision poll);
 * **one whole load** by a client: time, bytes and etcd's CPU — what every agent's
-  start and every full resync (every 60 s) reads, and today every API write too;
-* **changes** (``--changes``, alternately a rule added to a group and an instance
-  booted on a host without an agent, through :class:`~secfw.api.Api`): per
-  change and per agent, the documents the change feed delivered, the passes and
-  their CPU (the loop thread's), whether the host's filter changed.
+  start reads, and a host whose view a change widened;
+* **changes** (``--changes``, in turn a rule added to a group, an instance
+  booted on a host without an agent, a source-group rule, through
+  :class:`~secfw.api.Api`): per change and per agent, the writes and documents
+  the watch delivered, the store reads and whole reloads, the passes and their
+  CPU (the loop thread's), whether the host's filter changed, the view's size.
 
-The agents' 60 s full resync reloads the whole store; it is measured once (the
-whole load) and extrapolated, and set to ``--resync`` (an hour) during the run:
-on this VM several agents loading 100k documents at once take minutes, longer
-than 60 s, so every change would wait behind a resync.
+The agents' full resync reads only the changes since the view's revision (one
+revision read when nothing was missed); it is set to ``--resync`` (an hour)
+during the run so that passes are the changes' own.
 
 The 1,000-host figures of what was not run (agents beyond ``--agents``) are
 extrapolated from these (:func:`extrapolate`), each formula in the report.
@@ -54,8 +54,8 @@ from secfw.store import open_store
 DEFAULT_OUT = REPO / "bench" / "results"
 APPLY_LIMIT_S = 900.0  # an agent that has not applied a revision by then fails the run
 IDLE_S = 10.0
-RESYNC_S = 60.0  # LoopSettings.resync_interval: a full pass (a whole load) per agent
-POLL_S = 0.1  # LoopSettings.poll_interval: one revision read per agent
+RESYNC_S = 60.0  # LoopSettings.resync_interval: a full pass per agent
+POLL_S = 5.0  # LoopSettings.watched_poll_interval: one revision read per agent
 
 
 def _cpu(pid: int) -> float:
@@ -161,7 +161,7 @@ def _rss_at(member: etcdlocal.LocalEtcd, host_ports: dict[str, int], hosts: int,
     finally:
         agents.stop()
     return {"hosts": hosts, "ports": sum(subset.values()), "rss_mb": stats["rss_kb"] // 1024,
-            "peak_mb": stats["peak_kb"] // 1024,
+            "peak_mb": stats["peak_kb"] // 1024, "view": stats.get("view"),
             "first_pass_s": round(stats["passes"][0][3], 2)}
 
 
@@ -189,7 +189,8 @@ def _start(agents: Agents, revision: int, host_ports: dict[str, int]) -> dict[st
         first = stats["passes"][0]
         rows[host] = {"ports": host_ports.get(host, 0), "first_pass_s": round(first[3], 2),
                       "first_pass_cpu_s": round(first[2], 2),
-                      "rss_mb": stats["rss_kb"] // 1024, "peak_mb": stats["peak_kb"] // 1024}
+                      "rss_mb": stats["rss_kb"] // 1024, "peak_mb": stats["peak_kb"] // 1024,
+                      "view": stats.get("view")}
     return {"all_applied_s": round(seconds, 1), "agents": rows}
 
 
@@ -229,13 +230,20 @@ def _changes(agents: Agents, member: etcdlocal.LocalEtcd, url: str, cloud: simcl
 
 def _one_change(api: Api, rng: random.Random, i: int, args: argparse.Namespace,
                 network_of: dict[str, str]) -> str:
-    """A rule added to a random group (even ``i``) or an instance booted on a host
-    that runs no agent, in 3 random groups (odd ``i``)."""
-    if i % 2 == 0:
-        port = str(40000 + i)
+    """In turn: a rule added to a random group, an instance booted on a host
+    that runs no agent in 3 random groups, a source-group rule between two
+    random groups (which widens the view of a host using the first group
+    when the second is new to it: that host reloads)."""
+    port = str(40000 + i)
+    if i % 3 == 0:
         api.secgroup_add_rule(simcloud.PROJECT, simcloud.group_name(rng.randrange(
             simcloud.GROUPS)), "tcp", port, port, "10.0.0.0/8")
         return "rule added"
+    if i % 3 == 2:
+        group, source = rng.sample(range(simcloud.GROUPS), 2)
+        api.secgroup_add_group_rule(simcloud.PROJECT, simcloud.group_name(group),
+                                    simcloud.group_name(source), "tcp", port, port)
+        return "group rule added"
     host = simcloud.host_name(rng.randrange(args.agents, args.hosts))
     groups = [simcloud.group_name(g) for g in rng.sample(range(simcloud.GROUPS), 3)]
     api.boot(simcloud.PROJECT, f"new-{i}", "m1.tiny", "cirros", host, groups,
@@ -251,8 +259,14 @@ def _change_row(kind: str, write_s: float, etcd_cpu: float, before: dict[str, An
         new = now["passes"][len(old["passes"]):]
         passes = [p for p in new if not p[1]]  # a full pass is the 60 s resync's, not the change's
         per_host[host] = {
-            "feed_docs": now["feed_docs"] - old["feed_docs"],
-            "feed_bytes": now["feed_bytes"] - old["feed_bytes"],
+            "feed_docs": now["feed_docs"] - old["feed_docs"] + now["watch_docs"]
+            - old["watch_docs"],
+            "feed_bytes": now["feed_bytes"] - old["feed_bytes"] + now["watch_bytes"]
+            - old["watch_bytes"],
+            "watch_writes": now["watch_writes"] - old["watch_writes"],
+            "store_reads": now["feeds"] - old["feeds"] + now["loads"] - old["loads"],
+            "reloads": now["loads"] - old["loads"],
+            "view_ports": now["view"]["ports"],
             "passes": len(passes), "full_passes": len(new) - len(passes),
             "pass_cpu_ms": round(sum(p[2] for p in passes) * 1000, 2),
             "changed_filter": now["transactions"] > old["transactions"],
@@ -269,6 +283,9 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "feed_docs_per_host_per_change": statistics.median(c["feed_docs"] for c in cells),
         "feed_bytes_per_host_per_change": statistics.median(c["feed_bytes"] for c in cells),
         "passes_per_host_per_change": statistics.median(c["passes"] for c in cells),
+        "watch_writes_per_host_per_change": statistics.median(c["watch_writes"] for c in cells),
+        "store_reads_per_host_per_change": statistics.mean(c["store_reads"] for c in cells),
+        "reloads_per_host_per_change": statistics.mean(c["reloads"] for c in cells),
         "pass_cpu_ms_per_host_per_change": round(statistics.median(
             c["pass_cpu_ms"] for c in cells), 2),
         "pass_cpu_ms_max": max(c["pass_cpu_ms"] for c in cells),
@@ -286,20 +303,26 @@ def extrapolate(report: dict[str, Any], hosts: int) -> dict[str, Any]:
     etcd_idle_per_agent = idle["etcd_cpu_per_s"] / max(1, idle["agents"])
     return {
         "hosts": hosts,
-        "watch_events_per_change": hosts,  # one marker event per agent's watch
+        "watch_events_per_change": hosts,  # one write's documents per agent's watch
         "feed_mb_per_change": round(hosts * summary["feed_bytes_per_host_per_change"] / 1e6, 2),
         "agent_requests_per_s_idle": round(hosts / POLL_S),
         "etcd_cores_idle": round(etcd_idle_per_agent * hosts, 2),
-        "etcd_resync_mb_per_s": round(hosts * load["json_mb"] / RESYNC_S, 1),
-        "etcd_resync_cores": round(hosts * load["etcd_cpu_s"] / RESYNC_S, 2),
+        # a resync reads the changes since the view's revision: one revision read
+        # when nothing was missed; a whole load only after a gap or a widening
+        "etcd_resync_requests_per_s": round(hosts / RESYNC_S, 1),
+        "whole_loads_per_change_all_hosts": round(
+            hosts * summary["reloads_per_host_per_change"], 1),
+        "etcd_widening_mb_per_change": round(
+            hosts * summary["reloads_per_host_per_change"] * load["json_mb"], 1),
         "agent_cpu_s_per_change_all_hosts": round(
             hosts * summary["pass_cpu_ms_per_host_per_change"] / 1000, 2),
         "formulas": {
             "feed_mb_per_change": "hosts x feed bytes per host per change",
-            "agent_requests_per_s_idle": "hosts / 0.1 s revision poll",
+            "agent_requests_per_s_idle": "hosts / 5 s revision poll (a watch is in place)",
             "etcd_cores_idle": "measured idle etcd CPU/s / agents run x hosts",
-            "etcd_resync_mb_per_s": "hosts x whole-load JSON MB / 60 s resync",
-            "etcd_resync_cores": "hosts x etcd CPU of one whole load / 60 s",
+            "etcd_resync_requests_per_s": "hosts x one revision read / 60 s resync",
+            "whole_loads_per_change_all_hosts": "hosts x mean reloads per host per change",
+            "etcd_widening_mb_per_change": "that x whole-load JSON MB",
             "agent_cpu_s_per_change_all_hosts": "hosts x median pass CPU per host per change",
         },
     }

@@ -2,15 +2,17 @@
 
 ``python -m secfw.bench.simagent --store URL --host HOST --stats FILE`` runs what
 ``secfw agent`` runs — :class:`~secfw.agent.storewatch.ReopeningStore`, the
-:class:`~secfw.agent.reconciler.Reconciler` (incremental compile, render, plan),
-:class:`~secfw.agent.loop.AgentLoop` with its default settings (0.1 s revision
-poll, 60 s full resync unless ``--resync-interval``) and the etcd watch that wakes it — with
+:class:`~secfw.agent.reconciler.Reconciler` (its per-host view, incremental
+compile, render, plan), :class:`~secfw.agent.loop.AgentLoop` with its default
+settings (a 5 s revision poll while the watch is in place, 60 s full resync
+unless ``--resync-interval``) and the etcd watch whose documents feed it — with
 :class:`~secfw.backends.noop.NoopBackend` instead of the kernel and no topology
 guard (a simulated host has no taps). SIGTERM stops it.
 
 What it counts goes to ``--stats`` (JSON, rewritten after every pass): passes
 (full or not) with the loop thread's CPU time each took, the documents the store
 handed over (whole loads, and the change feed's documents with their JSON size),
+the writes and documents the watch delivered, what the host's view holds,
 the backend's transactions, and the process's RSS (current and peak).
 """
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from secfw.agent import AgentLoop, LoopSettings
-from secfw.agent.etcdwatch import EtcdWatcher
+from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher
 from secfw.agent.loop import LoopObserver, Trigger
 from secfw.agent.reconciler import Reconciler, SyncResult
 from secfw.agent.storewatch import ReopeningStore
@@ -56,6 +58,20 @@ class CountingStore(ReopeningStore):
         return current, changes
 
 
+class CountingFeed(ChangeFeed):
+    """The watch's feed, counting the writes and documents it delivered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = self.docs = self.bytes = 0
+
+    def push(self, revision: int, changes: list[Change]) -> None:
+        self.writes += 1
+        self.docs += len(changes)
+        self.bytes += sum(len(json.dumps(c.doc)) for c in changes if c.doc)
+        super().push(revision, changes)
+
+
 class MeasuredReconciler(Reconciler):
     """Records each pass: (store revision, full, CPU seconds of the loop thread,
     wall seconds, commands)."""
@@ -74,8 +90,9 @@ class StatsFile(LoopObserver):
     """Rewrites the stats file after every pass (and heartbeat)."""
 
     def __init__(self, path: Path, store: CountingStore, reconciler: MeasuredReconciler,
-                 backend: NoopBackend) -> None:
+                 backend: NoopBackend, feed: CountingFeed) -> None:
         self.path, self.store, self.reconciler, self.backend = path, store, reconciler, backend
+        self.feed = feed
 
     def on_status(self, status: Any) -> None:
         self.write()
@@ -91,6 +108,8 @@ class StatsFile(LoopObserver):
             "loads": self.store.loads, "loaded_docs": self.store.loaded_docs,
             "feeds": self.store.feeds, "feed_docs": self.store.feed_docs,
             "feed_bytes": self.store.feed_bytes,
+            "watch_writes": self.feed.writes, "watch_docs": self.feed.docs,
+            "watch_bytes": self.feed.bytes, "view": self.reconciler.view.counts(),
             "transactions": self.backend.transactions, "commands": self.backend.commands,
             "cpu": sum(os.times()[:2]),
             **memory(),
@@ -116,9 +135,12 @@ def run(url: str, host: str, stats: Path, resync: float = 60.0) -> None:
     backend = NoopBackend()
     reconciler = MeasuredReconciler(store, host, Config(), backend)
     reconciler.passes = []
-    observer = StatsFile(stats, store, reconciler, backend)
+    feed = CountingFeed()
+    reconciler.feed = feed
+    observer = StatsFile(stats, store, reconciler, backend, feed)
     loop = AgentLoop(reconciler, LoopSettings(resync_interval=resync), observers=[observer])
-    watcher = EtcdWatcher(url, lambda _revision: loop.wakeup.notify(Trigger("store")))
+    watcher = EtcdWatcher(url, lambda _revision: loop.wakeup.notify(Trigger("store")), feed)
+    loop.store_watched = watcher.watching.is_set
     watcher.start()
     loop.install_signal_handlers()
     try:
