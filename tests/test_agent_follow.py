@@ -14,12 +14,14 @@ Waits are bounded liveness checks (WAIT_S), never timed assertions.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from test_agent import HOST, Clock, FakeBackend
 
 from secfw.agent import AgentLoop, LoopSettings, Reconciler
@@ -27,7 +29,7 @@ from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher
 from secfw.agent.filewatch import SqliteWatcher
 from secfw.api import Api
 from secfw.config import Config
-from secfw.store import open_store
+from secfw.store import etcd, open_store
 from secfw.store.base import Change, Snapshot, Store, WriteTxn
 
 if TYPE_CHECKING:
@@ -179,3 +181,37 @@ def test_a_feed_vouches_only_for_what_follows_its_origin() -> None:
     feed.lose()
     feed.push(9, [change])
     assert feed.after(7) is None
+
+
+def _scanned(store: Store) -> dict[str, list[str]]:
+    found = {}
+    with store.scan() as reader:
+        revision = reader.revision
+        for kind in ("instance", "port", "network", "nothing"):
+            found[kind] = sorted(json.dumps(d, sort_keys=True) for d in reader.iter_kind(kind))
+    found["revision"] = [str(revision)]
+    return found
+
+
+def _loaded(store: Store) -> dict[str, list[str]]:
+    snapshot = store.load()
+    found = {kind: sorted(json.dumps(d, sort_keys=True) for d in snapshot.kind(kind).values())
+             for kind in ("instance", "port", "network", "nothing")}
+    found["revision"] = [str(snapshot.revision)]
+    return found
+
+
+def test_a_scan_reads_what_a_load_reads(api: Api, etcd_server: EtcdServer,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's streamed load (SQLite's cursor; etcd's pages, here of 2 keys)."""
+    monkeypatch.setattr(etcd, "PAGE_KEYS", 2)
+    on_etcd = Api(open_store(etcd_server.url()))
+    try:
+        for cloud in (api, on_etcd):
+            _cloud(cloud)
+            cloud.boot("p", "vm2", "m1.tiny", "cirros", HOST, None, ["net"])
+            cloud.boot("p", "vm3", "m1.tiny", "cirros", "elsewhere", None, ["net"])
+            assert _scanned(cloud.store) == _loaded(cloud.store)
+            assert len(_scanned(cloud.store)["port"]) == 3
+    finally:
+        on_etcd.store.close()

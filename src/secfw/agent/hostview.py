@@ -46,13 +46,13 @@ Pure: no I/O (the caller reads the store).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from secfw.cloud import CloudState, Replaced
 from secfw.model import RECORD_TYPES, Instance, Port, Record
-from secfw.store.base import Change, Doc, Snapshot
+from secfw.store.base import Change, Doc, KindReader
 
 #: Kinds kept whole: small next to instances and ports, or read by every host.
 KEPT_KINDS = ("network", "setting", "floatingpool", "floatingip", "rule")
@@ -94,39 +94,38 @@ class HostView:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, snapshot: Snapshot) -> CloudState:
-        """Rebuild the view from every document of ``snapshot``; parses only the
-        records it keeps."""
-        self._reset(snapshot.revision)
+    def load(self, reader: KindReader) -> CloudState:
+        """Rebuild the view from every document ``reader`` holds, one kind at a
+        time (a :class:`~secfw.store.base.Snapshot`, or a store's
+        :meth:`~secfw.store.base.Store.scan`, which streams): the kept kinds,
+        the instances once, the ports twice (first the port index and this
+        host's ports, whose networks decide which other ports are kept).
+        Only the records kept are parsed into records."""
+        self._reset(reader.revision)
         self.loads += 1
-        docs = snapshot.all_docs()
         for kind in KEPT_KINDS:
-            for doc in docs.get(kind, {}).values():
+            for doc in reader.iter_kind(kind):
                 self._put(RECORD_TYPES[kind].from_doc(doc))
-        instances, ports = docs.get(Instance.KIND, {}), docs.get(Port.KIND, {})
-        for port_id, doc in ports.items():
-            self._own(port_id, doc["instance_id"])
-        self._take_instances([d for d in instances.values() if d.get("host") == self.host])
-        self._take_ports(self._owned_docs(ports, self._host_instances))
+        others: list[tuple[str, str, tuple[str, ...]]] = []  # other hosts' grouped instances
+        for doc in reader.iter_kind(Instance.KIND):
+            if doc.get("host") == self.host:
+                self._put(Instance.from_doc(doc))
+            elif doc.get("security_groups"):
+                others.append((doc["id"], doc.get("host", ""), tuple(doc["security_groups"])))
+        for doc in reader.iter_kind(Port.KIND):
+            self._own(doc["id"], doc["instance_id"])
+            if doc["instance_id"] in self._host_instances:
+                self._put(Port.from_doc(doc))
         self.interest = self._interest()
-        self._take_instances(d for d in instances.values() if d.get("host") != self.host)
-        self._take_ports(d for i, d in ports.items() if i not in self.state.ports)
+        for instance_id, host, groups in others:
+            if self.interest.sources.intersection(groups):
+                self._put(_compact(instance_id, host, groups))
+        del others
+        for doc in reader.iter_kind(Port.KIND):
+            if doc["id"] not in self.state.ports and self._wants_port(doc):
+                self._put(Port.from_doc(doc))
         self.state.dirty.clear()
         return self.state
-
-    def _owned_docs(self, ports: Mapping[str, Doc], owners: set[str]) -> list[Doc]:
-        return [ports[p] for i in owners for p in self._owned.get(i, ()) if p in ports]
-
-    def _take_instances(self, docs: Iterable[Doc]) -> None:
-        for doc in docs:
-            record = self._instance(doc)
-            if record is not None:
-                self._put(record)
-
-    def _take_ports(self, docs: Iterable[Doc]) -> None:
-        for doc in docs:
-            if self._wants_port(doc):
-                self._put(Port.from_doc(doc))
 
     # ------------------------------------------------------------------ following
 
@@ -207,8 +206,7 @@ class HostView:
         groups = tuple(doc.get("security_groups", ()))
         if not self.interest.sources.intersection(groups):
             return None
-        return Instance(id=doc["id"], project="", name="", flavor="", image_id="",
-                        host=doc.get("host", ""), security_groups=groups)
+        return _compact(doc["id"], doc.get("host", ""), groups)
 
     def _wants_port(self, doc: Doc) -> bool:
         network = doc.get("network_id")
@@ -253,6 +251,13 @@ class HostView:
                 "host_instances": len(self._host_instances), "rules": len(state.rules),
                 "port_index": len(self._owner), "sources": len(self.interest.sources),
                 "loads": self.loads, "widenings": self.widenings}
+
+
+def _compact(instance_id: str, host: str, groups: tuple[str, ...]) -> Instance:
+    """A member of a source group as the view keeps it: what its ports' addresses
+    are put into sets by (its groups), nothing else of the instance."""
+    return Instance(id=instance_id, project="", name="", flavor="", image_id="", host=host,
+                    security_groups=groups)
 
 
 def _without(changes: list[Change], done: list[Change]) -> list[Change]:

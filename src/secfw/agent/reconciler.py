@@ -568,7 +568,8 @@ class Reconciler:
             self.store.reopen()  # a fresh look: notices a file unreadable or corrupt
         self._stale = True
         self._loaded_from = self.store.identity if isinstance(self.store, Reopenable) else None
-        self.cloud = self.view.load(self.store.load())
+        with self.store.scan() as reader:
+            self.cloud = self.view.load(reader)
         self._stale = False
         return self.cloud, None
 

@@ -33,7 +33,15 @@ from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
 from secfw.errors import StoreError
-from secfw.store.base import Change, Snapshot, Store, WriteTxn, open_store, store_url
+from secfw.store.base import (
+    Change,
+    KindReader,
+    Snapshot,
+    Store,
+    WriteTxn,
+    open_store,
+    store_url,
+)
 
 
 @runtime_checkable
@@ -152,6 +160,9 @@ class ReopeningStore(Store):
 
     def changes_since(self, revision: int) -> tuple[int, list[Change]]:
         return self._opened().changes_since(revision)
+
+    def scan(self) -> AbstractContextManager[KindReader]:
+        return self._opened().scan()
 
     def write(self) -> AbstractContextManager[WriteTxn]:
         raise StoreError("the agent reads the store and never writes to it")

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from secfw.agent.reconciler import Reconciler, SyncResult
 from secfw.agent.storewatch import ReopeningStore
 from secfw.backends.noop import NoopBackend
 from secfw.config import Config
-from secfw.store.base import Change, Snapshot
+from secfw.store.base import Change, KindReader, Snapshot
 
 
 class CountingStore(ReopeningStore):
@@ -48,6 +49,11 @@ class CountingStore(ReopeningStore):
         self.loads += 1
         self.loaded_docs += sum(len(by_id) for by_id in snapshot.docs.values())
         return snapshot
+
+    def scan(self) -> AbstractContextManager[KindReader]:
+        """The agent's whole load (streamed, kind by kind)."""
+        self.loads += 1
+        return super().scan()
 
     def changes_since(self, revision: int) -> tuple[int, list[Change]]:
         current, changes = super().changes_since(revision)

@@ -41,9 +41,9 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from secfw.errors import StoreError, WriteConflictError
 
@@ -74,6 +74,22 @@ class Snapshot:
     def all_docs(self) -> dict[str, dict[str, Doc]]:
         """Every document, by kind and id."""
         return self.docs
+
+    def iter_kind(self, kind: str) -> Iterator[Doc]:
+        """The documents of one kind (what :class:`KindReader` asks)."""
+        yield from self.kind(kind).values()
+
+
+class KindReader(Protocol):
+    """Every document at one revision, read one kind at a time
+    (:meth:`Store.scan`): a reader that keeps only some documents never holds
+    the whole store."""
+
+    revision: int
+
+    def iter_kind(self, kind: str) -> Iterator[Doc]:
+        """The documents of ``kind``, any order; may be asked several times."""
+        ...
 
 
 class LazySnapshot(Snapshot):
@@ -176,6 +192,12 @@ class Store(ABC):
         :class:`~secfw.errors.HistoryCompactedError` when the history after
         ``revision`` is no longer kept."""
 
+    def scan(self) -> AbstractContextManager[KindReader]:
+        """A consistent read of every document, kind by kind, for the duration
+        of the context (see :class:`KindReader`). This default reads the whole
+        store at once (:meth:`load`); SQLite and etcd stream it."""
+        return _loaded(self)
+
     def load_at(self, revision: int) -> Snapshot:
         """Every document as it was at ``revision`` — only for a store that keeps
         its history (etcd, until it compacts). Raises StoreError otherwise."""
@@ -193,6 +215,11 @@ class Store(ABC):
     def iter_docs(self, kind: str) -> Iterator[Doc]:
         """Convenience: every document of one kind at the current revision."""
         yield from self.load().docs.get(kind, {}).values()
+
+
+@contextmanager
+def _loaded(store: Store) -> Iterator[KindReader]:
+    yield store.load()
 
 
 def retry_conflicts(

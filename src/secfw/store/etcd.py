@@ -66,6 +66,7 @@ from secfw.store.base import (
     BufferedTxn,
     Change,
     Doc,
+    KindReader,
     LazySnapshot,
     Snapshot,
     Store,
@@ -391,6 +392,28 @@ class EtcdStore(Store):
             for event in events:
                 yield int(event["kv"]["mod_revision"])
 
+    @contextmanager
+    def scan(self) -> Iterator[KindReader]:
+        """Every kind read at the etcd revision of the marker's read (MVCC),
+        in pages of :data:`PAGE_KEYS` keys: no answer holds the whole cloud."""
+        kvs, pinned = self._range("read the marker", self._marker, None)
+        yield _Scan(self, pinned, int(kvs[0]["mod_revision"]) if kvs else 0)
+
+    def iter_docs_at(self, kind: str, revision: int) -> Iterator[Doc]:
+        """The documents of one kind at etcd ``revision``, page by page."""
+        key = self._doc_key(kind, "")
+        end = _prefix_end(key)
+        while True:
+            answer = self._post("load", "/kv/range", {
+                "key": _b64(key), "range_end": _b64(end), "limit": PAGE_KEYS,
+                "revision": str(revision)})
+            page = answer.get("kvs", [])
+            for kv in page:
+                yield json.loads(_unb64(kv["value"]))
+            if not answer.get("more") or not page:
+                return
+            key = _unb64(page[-1]["key"]) + b"\0"
+
     def revisions(self) -> tuple[int, int]:
         """``(this store's revision, etcd's current revision)`` read at one
         instant: no write of ours lies between them, so a watch from the second
@@ -546,6 +569,16 @@ class EtcdStore(Store):
         answer: dict[str, Any] = self._members.call(
             what, lambda client: client.post(client.get_url(path), json=body))
         return answer
+
+
+class _Scan:
+    """:meth:`EtcdStore.scan`'s reader: every kind at one etcd revision."""
+
+    def __init__(self, store: EtcdStore, pinned: int, revision: int) -> None:
+        self._store, self._pinned, self.revision = store, pinned, revision
+
+    def iter_kind(self, kind: str) -> Iterator[Doc]:
+        return self._store.iter_docs_at(kind, self._pinned)
 
 
 def _b64(data: bytes) -> str:

@@ -21,6 +21,7 @@ from secfw.store.base import (
     BufferedTxn,
     Change,
     Doc,
+    KindReader,
     LazySnapshot,
     Snapshot,
     Store,
@@ -78,6 +79,12 @@ class SqliteStore(Store):
         with _translated(self.path), _read_txn(self._conn):
             return _load(self._conn)
 
+    @contextmanager
+    def scan(self) -> Iterator[KindReader]:
+        """One read transaction; each kind streamed from a cursor."""
+        with _translated(self.path), _read_txn(self._conn):
+            yield _Scan(self._conn, _read_revision(self._conn))
+
     def changes_since(self, revision: int) -> tuple[int, list[Change]]:
         with _translated(self.path), _read_txn(self._conn):
             current = _read_revision(self._conn)
@@ -111,6 +118,17 @@ class SqliteStore(Store):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _Scan:
+    """:meth:`SqliteStore.scan`'s reader (inside its read transaction)."""
+
+    def __init__(self, conn: sqlite3.Connection, revision: int) -> None:
+        self._conn, self.revision = conn, revision
+
+    def iter_kind(self, kind: str) -> Iterator[Doc]:
+        for (doc,) in self._conn.execute("SELECT doc FROM objects WHERE kind = ?", (kind,)):
+            yield json.loads(doc)
 
 
 def _init_schema(conn: sqlite3.Connection) -> None:
