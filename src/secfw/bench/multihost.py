@@ -3,10 +3,11 @@ remote host's kernel (``python -m secfw.bench.multihost``; ``make bench`` runs i
 
 Set-up: :class:`secfw.multihost.MultiHostLab` with three routed hosts, one etcd
 member on the underlay, one ``secfw agent`` per host with its default settings
-(watch on etcd, 0.1 s revision poll as fall-back). ``srv`` (host 3) is in group
-``web``; every change is one ``secfw secgroup-add-rule web tcp P P 0.0.0.0/0``
-with a new port P, run as an operator runs it (``ip netns exec <fabric> secfw …``,
-its own process). Only host 3's kernel has to change.
+(a watch on etcd whose documents feed the passes, a 5 s revision poll as
+safety net). ``srv`` (host 3) is in group ``web``; every change is one
+``secfw secgroup-add-rule web tcp P P 0.0.0.0/0`` with a new port P, run as an
+operator runs it (``ip netns exec <fabric> secfw …``, its own process). Only
+host 3's kernel has to change.
 
 What is timed: from the moment the write returned — the CLI process has exited
 (``cli``), or, second series, the in-process :class:`~secfw.api.Api` call has
@@ -34,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ FIRST_PORT = 20000
 WAIT_S = 10.0  # a change not seen in the kernel by then counts as lost
 DEFAULT_OUT = REPO / "bench" / "results"
 _PASS_MS = re.compile(r"\bms=([\d.]+)")
+_SYNC = re.compile(r"^ts=(\S+)Z .*\bmsg=sync\b.*\brevision=(\d+)\b.*\bms=([\d.]+)")
 
 
 class KernelMonitor:
@@ -132,6 +135,8 @@ def _measure(lab: MultiHostLab, changes: int, work: Path) -> dict[str, Any]:
             passes = _pass_times(log)[len(before):]
             figures[series]["agent_pass_p50_ms"] = (
                 round(statistics.median(passes), 1) if passes else None)
+            if hasattr(write, "returns"):
+                figures[series]["breakdown"] = breakdown(log, write.returns)
         figures["loadavg"] = [round(x, 2) for x in os.getloadavg()]
         return figures
     finally:
@@ -188,13 +193,50 @@ def _cli_writer(lab: MultiHostLab, url: str) -> Callable[[int], None]:
 
 def _api_writer(lab: MultiHostLab, api: Api) -> Callable[[int], None]:
     """The same change through the Python API in this process: it returns when
-    etcd has acknowledged the transaction, without a process's start and exit."""
+    etcd has acknowledged the transaction, without a process's start and exit.
+    The return time and the write's revision go to ``write.returns``."""
 
     def write(port: int) -> None:
         lab.in_fabric(lambda: api.secgroup_add_rule("p", "web", "tcp", str(port), str(port),
                                                     "0.0.0.0/0"))
+        returned = time.time()
+        returns.append((returned, lab.in_fabric(api.store.revision)))
 
+    returns: list[tuple[float, int]] = []
+    write.returns = returns  # type: ignore[attr-defined]
     return write
+
+
+def breakdown(log: Path, returns: list[tuple[float, int]]) -> dict[str, Any]:
+    """Where the time of each API write went, from the agent's ``sync`` lines
+    (ts: when the pass was logged, ms: the pass itself — read the change,
+    compile, plan, one nft transaction): ``wake`` = the pass's start - the
+    write's return (the watch's delivery and the loop's wake-up), ``pass`` =
+    ms, ``logged`` = the log line - the write's return. Medians and p99 (ms)."""
+    passes: dict[int, tuple[float, float]] = {}
+    for line in log.read_text().splitlines():
+        found = _SYNC.search(line)
+        if found:
+            stamp = datetime.fromisoformat(found.group(1)).replace(tzinfo=UTC).timestamp()
+            passes.setdefault(int(found.group(2)), (stamp, float(found.group(3))))
+    wake, work, logged = [], [], []
+    for returned, revision in returns:
+        if revision in passes:
+            stamp, ms = passes[revision]
+            wake.append((stamp - ms / 1000 - returned) * 1000)
+            work.append(ms)
+            logged.append((stamp - returned) * 1000)
+
+    def summary(values: list[float]) -> dict[str, float | None]:
+        ordered = sorted(values)
+        if not ordered:
+            return {"p50": None, "p99": None}
+        return {"p50": round(statistics.median(ordered), 1),
+                "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1)}
+
+    return {"matched": len(work), "wake_ms": summary(wake), "pass_ms": summary(work),
+            "logged_ms": summary(logged),
+            "note": "log timestamps have 1 ms resolution; wake can be slightly negative"}
 
 
 def _changes(write: Callable[[int], None], first: int, monitor: KernelMonitor,
@@ -209,6 +251,8 @@ def _changes(write: Callable[[int], None], first: int, monitor: KernelMonitor,
         mark = monitor.mark()
         write(port)
         returned = time.time()
+        if hasattr(write, "returns"):  # its own stamp, before it read the revision
+            returned = write.returns[-1][0]
         seen = _wait_seen(monitor, pattern, mark)
         if seen is None:
             lost += 1
