@@ -112,9 +112,6 @@ class LoopSettings:
     """Timing of :class:`AgentLoop` (seconds)."""
 
     poll_interval: float = 0.1
-    #: The revision poll while a store watch is in place (:attr:`AgentLoop.store_watched`):
-    #: only a safety net then, every write wakes the loop.
-    watched_poll_interval: float = 5.0
     resync_interval: float = 60.0
     backoff_initial: float = 0.5
     backoff_max: float = 10.0
@@ -124,6 +121,10 @@ class LoopSettings:
     #: Longest pass the watchdog tolerates: past it, pings stop and systemd's
     #: WatchdogSec kills the stuck agent (a 50k-port first pass takes ~1 min).
     max_pass_seconds: float = 600.0
+    #: The revision poll while a store watch is in place (:attr:`AgentLoop.store_watched`):
+    #: only a safety net then, every write wakes the loop. (Last: callers pass the
+    #: first fields by position.)
+    watched_poll_interval: float = 5.0
 
     @property
     def heartbeat(self) -> float:
