@@ -68,7 +68,7 @@ class HostViewMachine(IncrementalMachine):
 
 
 HostViewMachine.TestCase.settings = settings(
-    max_examples=30, stateful_step_count=30, deadline=None,
+    max_examples=20, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestHostView = HostViewMachine.TestCase
 

@@ -133,8 +133,11 @@ class HostView:
         """Apply a batch of the change feed; the records replaced *in the view*
         (entering: ``(None, new)``, leaving: ``(old, None)``), or None when the
         batch widened what the host needs beyond what the view kept: the
-        caller must :meth:`load` the store again (the view is then stale)."""
-        before, entering = self.interest, set()
+        caller must :meth:`load` the store again (the view is then stale).
+
+        This host's instances and ports go first: they decide the interest
+        against which the other instances and ports of the batch are kept."""
+        before = self.interest
         by_kind: defaultdict[str, list[Change]] = defaultdict(list)
         for change in changes:
             by_kind[change.kind].append(change)
@@ -142,24 +145,33 @@ class HostView:
         for kind in KEPT_KINDS:
             for change in by_kind.get(kind, ()):
                 replaced += self._replace(kind, change.id, _parsed(kind, change.doc))
-        for change in by_kind.get(Port.KIND, ()):
+        instances, ports = by_kind.get(Instance.KIND, []), by_kind.get(Port.KIND, [])
+        for change in ports:
             self._own(change.id, change.doc["instance_id"] if change.doc else None)
-        instances = by_kind.get(Instance.KIND, [])
-        mine = [c for c in instances
-                if (c.doc and c.doc.get("host") == self.host) or c.id in self._host_instances]
-        ports = by_kind.get(Port.KIND, [])
-        entering |= self._follow_instances(mine, replaced)
-        host_ports = [c for c in ports if self._owner.get(c.id) in self._host_instances]
-        self._follow_ports(host_ports, replaced)
+        entering = self._follow_host(instances, ports, replaced)
         self.interest = self._interest()
-        entering |= self._follow_instances(_without(instances, mine), replaced)
-        self._follow_ports(_without(ports, host_ports), replaced)
+        entering |= self._follow_instances(instances, replaced)
+        self._follow_ports(ports, replaced)
         self.state.revision = revision
         self.state.dirty.clear()
         if self.interest.wider_than(before) or self._missing_ports(entering):
             self.widenings += 1
             return None
         return replaced
+
+    def _follow_host(self, instances: list[Change], ports: list[Change],
+                     replaced: list[Replaced]) -> set[str]:
+        """Apply the changes of this host's instances (now or before) and then of
+        their ports, and take them out of ``instances`` and ``ports``; the
+        instances that entered the view."""
+        mine = [c for c in instances
+                if (c.doc and c.doc.get("host") == self.host) or c.id in self._host_instances]
+        entering = self._follow_instances(mine, replaced)
+        host_ports = [c for c in ports if self._owner.get(c.id) in self._host_instances]
+        self._follow_ports(host_ports, replaced)
+        instances[:] = _without(instances, mine)
+        ports[:] = _without(ports, host_ports)
+        return entering
 
     def _follow_instances(self, changes: list[Change], replaced: list[Replaced]) -> set[str]:
         """Apply instance changes; the ids that entered the view."""
