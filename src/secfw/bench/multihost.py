@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from secfw import netns_tools
+from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher
 from secfw.api import Api
 from secfw.bench.machine import REPO
 from secfw.demo import lab_ports, secfw_executable
@@ -120,6 +121,7 @@ def _measure(lab: MultiHostLab, changes: int, work: Path) -> dict[str, Any]:
                         log=work / f"agent-{host}.log")
     monitor = KernelMonitor(lab.labs[srv_host].host_ns)
     api = lab.in_fabric(lambda: Api(open_store(url)))
+    watcher, arrivals = _watch_arrivals(lab, url)
     try:
         _wait_for_filter(ends)
         log = work / f"agent-{srv_host}.log"
@@ -136,10 +138,11 @@ def _measure(lab: MultiHostLab, changes: int, work: Path) -> dict[str, Any]:
             figures[series]["agent_pass_p50_ms"] = (
                 round(statistics.median(passes), 1) if passes else None)
             if hasattr(write, "returns"):
-                figures[series]["breakdown"] = breakdown(log, write.returns)
+                figures[series]["breakdown"] = breakdown(log, write, arrivals)
         figures["loadavg"] = [round(x, 2) for x in os.getloadavg()]
         return figures
     finally:
+        watcher.stop()
         monitor.stop()
         lab.in_fabric(api.store.close)
 
@@ -204,39 +207,62 @@ def _api_writer(lab: MultiHostLab, api: Api) -> Callable[[int], None]:
 
     returns: list[tuple[float, int]] = []
     write.returns = returns  # type: ignore[attr-defined]
+    write.seen = []  # type: ignore[attr-defined]
     return write
 
 
-def breakdown(log: Path, returns: list[tuple[float, int]]) -> dict[str, Any]:
-    """Where the time of each API write went, from the agent's ``sync`` lines
-    (ts: when the pass was logged, ms: the pass itself — read the change,
-    compile, plan, one nft transaction): ``wake`` = the pass's start - the
-    write's return (the watch's delivery and the loop's wake-up), ``pass`` =
-    ms, ``logged`` = the log line - the write's return. Medians and p99 (ms)."""
+def breakdown(log: Path, write: Any, watched: dict[int, float]) -> dict[str, Any]:
+    """Where the time of each API write went, p50 and p99 in ms:
+
+    * ``watch``: the write's return → the bench's own etcd watch (the same kind
+      as the agents', on the same underlay) delivering it;
+    * ``wake``: that → the agent's pass starting (its watch's delivery, the
+      loop's wake-up, a pass already running), i.e. kernel - pass - watch;
+    * ``pass``: the agent's pass (``ms`` of its ``sync`` line: take the change,
+      compile, plan, one nft transaction; the kernel shows the rule at its end);
+    * ``after``: the kernel showing the rule → the agent's log line (the
+      conntrack revocation check, observers).
+    """
     passes: dict[int, tuple[float, float]] = {}
     for line in log.read_text().splitlines():
         found = _SYNC.search(line)
         if found:
             stamp = datetime.fromisoformat(found.group(1)).replace(tzinfo=UTC).timestamp()
             passes.setdefault(int(found.group(2)), (stamp, float(found.group(3))))
-    wake, work, logged = [], [], []
-    for returned, revision in returns:
-        if revision in passes:
-            stamp, ms = passes[revision]
-            wake.append((stamp - ms / 1000 - returned) * 1000)
-            work.append(ms)
-            logged.append((stamp - returned) * 1000)
+    parts: dict[str, list[float]] = {"watch": [], "wake": [], "pass": [], "after": []}
+    for (returned, revision), seen in zip(write.returns, write.seen, strict=True):
+        if revision not in passes or seen is None or revision not in watched:
+            continue
+        stamp, ms = passes[revision]
+        watch = (watched[revision] - returned) * 1000
+        parts["watch"].append(watch)
+        parts["wake"].append((seen - returned) * 1000 - ms - watch)
+        parts["pass"].append(ms)
+        parts["after"].append((stamp - seen) * 1000)
+    return {"matched": len(parts["pass"]),
+            **{f"{k}_ms": _p50_p99(v) for k, v in parts.items()},
+            "note": "log timestamps have 1 ms resolution"}
 
-    def summary(values: list[float]) -> dict[str, float | None]:
-        ordered = sorted(values)
-        if not ordered:
-            return {"p50": None, "p99": None}
-        return {"p50": round(statistics.median(ordered), 1),
-                "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1)}
 
-    return {"matched": len(work), "wake_ms": summary(wake), "pass_ms": summary(work),
-            "logged_ms": summary(logged),
-            "note": "log timestamps have 1 ms resolution; wake can be slightly negative"}
+def _p50_p99(values: list[float]) -> dict[str, float | None]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"p50": None, "p99": None}
+    return {"p50": round(statistics.median(ordered), 1),
+            "p99": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1)}
+
+
+def _watch_arrivals(lab: MultiHostLab, url: str) -> tuple[EtcdWatcher, dict[int, float]]:
+    """An etcd watch in the fabric namespace stamping each write's arrival."""
+    arrivals: dict[int, float] = {}
+
+    def arrived(revision: int) -> None:
+        arrivals.setdefault(revision, time.time())
+
+    watcher = EtcdWatcher(url, arrived, ChangeFeed())
+    lab.in_fabric(watcher.start)  # its thread is born in the fabric namespace
+    watcher.watching.wait(WAIT_S)
+    return watcher, arrivals
 
 
 def _changes(write: Callable[[int], None], first: int, monitor: KernelMonitor,
@@ -254,6 +280,8 @@ def _changes(write: Callable[[int], None], first: int, monitor: KernelMonitor,
         if hasattr(write, "returns"):  # its own stamp, before it read the revision
             returned = write.returns[-1][0]
         seen = _wait_seen(monitor, pattern, mark)
+        if hasattr(write, "seen"):
+            write.seen.append(seen)
         if seen is None:
             lost += 1
         else:
