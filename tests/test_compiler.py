@@ -505,10 +505,29 @@ def test_revocation_follows_source_group_members_and_pairs(api: Api) -> None:
 
 
 def test_affected_ports_are_only_those_whose_verdicts_can_change(api: Api) -> None:
+    """Only a port whose chains may now refuse something is affected: a rule
+    added only opens (nothing to revoke); the same rule deleted may refuse."""
     ids = neutron_cloud(api)
     before = compile_host(api.snapshot(), "h1")
-    api.rule_create("p", "peers", "ingress", "IPv4", "udp", "53")  # only old uses peers
+    rule = api.rule_create("p", "peers", "ingress", "IPv4", "udp", "53")  # only old uses peers
     after = compile_host(api.snapshot(), "h1")
-    assert {p.instance_id for p in affected_ports(before, after)} == {ids["old"]}
+    assert affected_ports(before, after) == []
+    api.rule_delete("p", rule.id)
+    gone = compile_host(api.snapshot(), "h1")
+    assert {p.instance_id for p in affected_ports(after, gone)} == {ids["old"]}
     assert affected_ports(after, after) == []
     assert len(affected_ports(None, after)) == 2
+
+
+def test_a_source_group_set_that_only_grew_affects_no_port(api: Api) -> None:
+    """A member booted into a source group adds an element: nothing to revoke;
+    the member deleted removes it: the ports using the group are affected."""
+    ids = neutron_cloud(api)
+    before = compile_host(api.snapshot(), "h1")
+    api.boot("p", "late", "m1.tiny", "cirros", "h2", ["web"])
+    after = compile_host(api.snapshot(), "h1")
+    assert [s for s in after.sets if s not in before.sets]  # web's sets grew
+    assert affected_ports(before, after) == []
+    api.delete("p", "late")
+    gone = compile_host(api.snapshot(), "h1")
+    assert {p.instance_id for p in affected_ports(after, gone)} == {ids["old"]}

@@ -75,7 +75,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from secfw.compiler.evaluate import IPNetwork, Packet, PolicyIndex
-from secfw.compiler.ir import FloatingNat, HostFilter, PortPolicy
+from secfw.compiler.ir import FloatingNat, GroupChain, HostFilter, IRRule, PortPolicy
 from secfw.errors import BackendError
 from secfw.netns import inside_netns
 
@@ -161,16 +161,33 @@ def _chains_of(port: PortPolicy) -> tuple[str, ...]:
 
 
 def _changed_chains(previous: HostFilter, new: HostFilter) -> set[str]:
-    """Chains whose rules changed, appeared or went, and chains using a changed set."""
+    """Chains that may now refuse what they accepted: chains that appeared, went
+    or lost a rule, and chains using a set that lost an element.
+
+    A chain only accepts (a group's rules are allow rules: a packet is accepted
+    when any rule matches), so a chain that kept every rule and gained some, or
+    whose sets kept every element and gained some, accepts a superset of what it
+    did: no connection it admitted can be revoked by it (a rule added, a member
+    booted — the usual change — then costs no conntrack dump)."""
     old_chains = {c.name: c for c in previous.chains}
     new_chains = {c.name: c for c in new.chains}
     old_sets = {s.name: s.elements for s in previous.sets}
     new_sets = {s.name: s.elements for s in new.sets}
-    sets = {n for n in old_sets.keys() | new_sets.keys() if old_sets.get(n) != new_sets.get(n)}
+    sets = {n for n in old_sets.keys() | new_sets.keys()
+            if not _grew(old_sets.get(n), new_sets.get(n))}
     chains = {n for n in old_chains.keys() | new_chains.keys()
-              if old_chains.get(n) != new_chains.get(n)}
+              if not _grew(_rules(old_chains.get(n)), _rules(new_chains.get(n)))}
     chains |= {c.name for c in new.chains if any(r.remote_set in sets for r in c.rules)}
     return chains
+
+
+def _rules(chain: GroupChain | None) -> tuple[IRRule, ...] | None:
+    return None if chain is None else chain.rules
+
+
+def _grew(old: tuple[Any, ...] | None, new: tuple[Any, ...] | None) -> bool:
+    """Whether ``new`` holds everything ``old`` held (both present): equal or more."""
+    return old is not None and new is not None and (old == new or set(old) <= set(new))
 
 
 def affected_networks(ports: Iterable[PortPolicy]) -> list[IPNetwork]:
