@@ -78,15 +78,20 @@ class AgentSession:
         self.store = open_store(store_url)
         self.backend = TimedBackend(NftablesBackend(netns=ns))
         self.reconciler = Reconciler(self.store, host, Config(), self.backend)
+        self._whole: CloudState | None = None
 
     def close(self) -> None:
         self.store.close()
 
     @property
     def cloud(self) -> CloudState:
-        """The agent's view of the cloud (after its first pass)."""
-        assert self.reconciler.cloud is not None
-        return self.reconciler.cloud
+        """The whole cloud at the store's revision, to pick changes from (the
+        agent itself holds only its host's view: agent.hostview); read again
+        only when the store moved, and never inside a timed change."""
+        revision = self.store.revision()
+        if self._whole is None or self._whole.revision != revision:
+            self._whole = CloudState.from_snapshot(self.store.load())
+        return self._whole
 
     def sync(self, full: bool = False) -> Row:
         """One agent pass: its time, command count and phases (milliseconds)."""
