@@ -55,7 +55,10 @@ class Loop:
     clock: Clock
 
     def boot(self, name: str) -> None:
+        """Boot ``name`` on the host; the loop's next step sees it (its store poll
+        is due: the fake clock moves by one poll interval, as a real one would)."""
         self.api.boot("p", name, "m1.tiny", "cirros", HOST, None, ["net"])
+        self.clock.now += self.loop.settings.poll_interval
 
     def resync_due(self) -> None:
         self.clock.now += 61
