@@ -4,9 +4,8 @@ itself is tests/test_store_contract.py (both stores)."""
 
 from __future__ import annotations
 
-import ipaddress
-
 import base64
+import ipaddress
 import socket
 from typing import TYPE_CHECKING, Any
 

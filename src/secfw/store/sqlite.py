@@ -9,7 +9,8 @@ indexes are missing (made before them), of another version, or behind the
 revision (written by a version that did not keep them) has them rebuilt from
 ``objects`` at the next open or write, inside the write lock. WAL journaling
 lets an agent read while a CLI writes; writers are serialised by ``BEGIN
-IMMEDIATE`` (it takes the write lock before reading, so two concurrent read-modify-write commands can never lose an update).
+IMMEDIATE`` (it takes the write lock before reading, so two concurrent
+read-modify-write commands can never lose an update).
 """
 
 from __future__ import annotations
