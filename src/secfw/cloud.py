@@ -554,6 +554,16 @@ class _IndexView(dict[Any, Any]):
         if self._complete or key in self._loaded:
             return
         self._loaded.add(key)
+        if self._shape == "ids":  # read only when read: adding an id needs no read
+            dict.__setitem__(self, key, _LazyIds(self, key))
+            return
+        ids, docs = self._stored(key)
+        if ids:
+            dict.__setitem__(self, key, self._value(ids, docs))
+
+    def _stored(self, key: Any) -> tuple[set[str], dict[str, Any]]:
+        """The ids in ``key``'s bucket (and, for "records", their documents):
+        the store's, with this transaction's changed records laid over."""
         snapshot = self._state._snapshot
         assert snapshot is not None
         bucket = self._bucket(key)
@@ -568,8 +578,7 @@ class _IndexView(dict[Any, Any]):
                 ids.discard(doc_id)
                 if record is not None and bucket in self._buckets_of(record):
                     ids.add(doc_id)
-        if ids:
-            dict.__setitem__(self, key, self._value(ids, docs))
+        return ids, docs
 
     def _value(self, ids: set[str], docs: dict[str, Any]) -> Any:
         if self._shape == "one":
@@ -597,6 +606,11 @@ class _IndexView(dict[Any, Any]):
                     dict.setdefault(self, key, {})[doc_id] = record
         self._complete = True
 
+    def __contains__(self, key: object) -> bool:
+        self._ensure(key)
+        found = dict.get(self, key)
+        return bool(found) if isinstance(found, _LazyIds) else dict.__contains__(self, key)
+
     def __getitem__(self, key: Any) -> Any:
         self._ensure(key)
         if not dict.__contains__(self, key) and self._shape != "one":
@@ -606,10 +620,6 @@ class _IndexView(dict[Any, Any]):
     def get(self, key: Any, default: Any = None) -> Any:
         self._ensure(key)
         return dict.get(self, key, default)
-
-    def __contains__(self, key: object) -> bool:
-        self._ensure(key)
-        return dict.__contains__(self, key)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._ensure(key)
@@ -648,6 +658,50 @@ class _IndexView(dict[Any, Any]):
         return dict.__eq__(self, other)
 
     __hash__ = None
+
+
+class _LazyIds:
+    """One bucket of an "ids" index of a lazy state: ids added and removed by
+    this transaction are kept aside, and the stored bucket is read only when
+    the bucket itself is read (booting into a group of thousands of members
+    adds one id, it does not read the thousands)."""
+
+    def __init__(self, view: _IndexView, key: Any) -> None:
+        self._view = view
+        self._key = key
+        self._stored: set[str] | None = None
+        self.added: set[str] = set()
+        self.removed: set[str] = set()
+
+    def _ids(self) -> set[str]:
+        if self._stored is None:
+            self._stored = self._view._stored(self._key)[0]
+        return (self._stored - self.removed) | self.added
+
+    def add(self, doc_id: str) -> None:
+        self.removed.discard(doc_id)
+        self.added.add(doc_id)
+
+    def discard(self, doc_id: str) -> None:
+        self.added.discard(doc_id)
+        self.removed.add(doc_id)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._ids()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids())
+
+    def __len__(self) -> int:
+        return len(self._ids())
+
+    def __bool__(self) -> bool:
+        return bool(self._ids())
+
+    def __eq__(self, other: object) -> bool:
+        return self._ids() == other
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class _PointSet:
@@ -876,6 +930,9 @@ def _discard(index: dict[Any, Any], key: Any, member: str) -> None:
     """Remove ``member`` from ``index[key]`` (a set or dict) and drop empty keys."""
     bucket = index.get(key)
     if bucket is None:
+        return
+    if isinstance(bucket, _LazyIds):  # its emptiness would need the stored bucket
+        bucket.discard(member)
         return
     if isinstance(bucket, dict):
         bucket.pop(member, None)
