@@ -1654,6 +1654,11 @@ def _persist(txn: WriteTxn, state: CloudState) -> None:
     was never stored (created and removed in one batch), is not a change: it
     must not bump the revision nor leave a tombstone.
     """
+    by_kind: dict[str, list[str]] = {}
+    for kind, doc_id in state.dirty:
+        by_kind.setdefault(kind, []).append(doc_id)
+    for kind, doc_ids in by_kind.items():  # one query per kind, not one per record
+        txn.snapshot.prefetch(kind, doc_ids)
     for (kind, doc_id), record in state.dirty.items():
         before = txn.snapshot.get(kind, doc_id)
         if record is None:

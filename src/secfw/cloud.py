@@ -40,7 +40,7 @@ from secfw.store.base import Change, Snapshot
 from secfw.store.indexes import (
     INDEX_KINDS,
     TALLY_KINDS,
-    add_tally,
+        add_tally,
     address_bucket,
     address_item,
     entries,
@@ -121,13 +121,8 @@ class CloudState:
         snapshot = self._snapshot
         if snapshot is None:
             return self._eager_tallies(name).get((name, bucket), {})
-        total = snapshot.tally(name, bucket)
-        for (kind, doc_id), record in self.dirty.items():
-            if kind == TALLY_KINDS[name]:
-                delta = tally_delta(kind, snapshot.get(kind, doc_id),
-                                    record.to_doc() if record is not None else None)
-                total = add_tally(total, delta.get((name, bucket), {}))
-        return total
+        moved = self.__dict__.get("_moved", {}).get((name, bucket), {})
+        return add_tally(snapshot.tally(name, bucket), moved)
 
     def _eager_tallies(self, name: str) -> dict[tuple[str, str], dict[str, int]]:
         """Every tally of one kind, summed once per state (and again after a
@@ -184,6 +179,7 @@ class CloudState:
         old = self.records[record.KIND].get(record.id)  # type: ignore[attr-defined]
         if old is not None:
             self._unindex(old)
+        self._track(old, record)
         self._index(record)
         self.dirty[(record.KIND, record.id)] = record  # type: ignore[attr-defined]
 
@@ -193,7 +189,30 @@ class CloudState:
         if current is None:
             return
         self._unindex(current)
+        self._track(current, None)
         self.dirty[(record.KIND, record.id)] = None  # type: ignore[attr-defined]
+
+    def _track(self, old: Record | None, new: Record | None) -> None:
+        """A lazy state's record of how its own changes move the store's index
+        buckets and tallies (what a bucket or tally read later lays over the
+        stored one): per change, not per read, so a batch of thousands of
+        changes stays linear."""
+        if self._snapshot is None:
+            return
+        record = new or old
+        kind, doc_id = record.KIND, record.id  # type: ignore[union-attr]
+        old_doc = old.to_doc() if old is not None else None
+        new_doc = new.to_doc() if new is not None else None
+        overlay: dict[tuple[str, str], dict[str, bool]] = self.__dict__.setdefault(
+            "_overlay", {})
+        after = entries(kind, doc_id, new_doc)
+        for index, bucket, _ in entries(kind, doc_id, old_doc) - after:
+            overlay.setdefault((index, bucket), {})[doc_id] = False
+        for index, bucket, _ in after:
+            overlay.setdefault((index, bucket), {})[doc_id] = True
+        moved: dict[tuple[str, str], dict[str, int]] = self.__dict__.setdefault("_moved", {})
+        for key, fields in tally_delta(kind, old_doc, new_doc).items():
+            moved[key] = add_tally(moved.get(key, {}), fields)
 
     # ------------------------------------------------------------------ typed views
 
@@ -573,11 +592,12 @@ class _IndexView(dict[Any, Any]):
             ids = set(docs)
         else:
             ids = set(snapshot.lookup(self._index, bucket))
-        for (kind, doc_id), record in self._state.dirty.items():
-            if kind == self._kind:  # this transaction's version, not the stored one
+        overlay = self._state.__dict__.get("_overlay", {}).get((self._index, bucket), {})
+        for doc_id, inside in overlay.items():  # this transaction's changes
+            if inside:
+                ids.add(doc_id)
+            else:
                 ids.discard(doc_id)
-                if record is not None and bucket in self._buckets_of(record):
-                    ids.add(doc_id)
         return ids, docs
 
     def _value(self, ids: set[str], docs: dict[str, Any]) -> Any:
@@ -827,7 +847,11 @@ class _AddressSet:
         smallest offset ``k`` such that offsets ``first..k`` are not all used."""
         net = ipaddress.ip_network(cidr)
         first, last = max(start, 2), net.num_addresses - 2
-        if first > last or self.used(net, first, last) == last - first + 1:
+        if first > last:
+            return None
+        if self.used(net, first, first) == 0:  # the hint's address: sequential allocation
+            return first, str(net.network_address + first)
+        if self.used(net, first, last) == last - first + 1:
             return None
         low, high = first - 1, last  # first..low all used; first..high not
         while high - low > 1:

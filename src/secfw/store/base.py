@@ -104,6 +104,9 @@ class Snapshot:
         found = (self.get(kind, doc_id) for doc_id in self.lookup(index, bucket))
         return {doc["id"]: doc for doc in found if doc is not None}
 
+    def prefetch(self, kind: str, doc_ids: list[str]) -> None:
+        """Read these documents together, ahead of :meth:`get` (here: a no-op)."""
+
     def count(self, index: str, bucket: str, low: str, high: str) -> int:
         """How many entries of ``bucket`` have ``low <= item <= high``."""
         return len(self.lookup(index, bucket, low, high))
