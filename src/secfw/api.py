@@ -200,6 +200,17 @@ class Api:
             return self._state
         return CloudState.from_snapshot(self.store.load())
 
+    @contextmanager
+    def keyed_read(self) -> Iterator[CloudState]:
+        """A read-only state that reads by key, like a write's (a command that
+        shows one record need not load the cloud): a write transaction that
+        writes nothing, so nothing is committed (inside a batch: the batch's)."""
+        if self._state is not None:
+            yield self._state
+            return
+        with self.store.write() as txn:
+            yield CloudState.lazy(txn.snapshot)
+
     def _read(self, project: str | None = None) -> CloudState:
         """A snapshot in which ``project``'s default group exists (created on first use)."""
         state = self.snapshot()
@@ -1154,7 +1165,10 @@ class Api:
         ``<name> network`` rows). The admin project sees the compute host as
         ``hostId`` and also as ``host``; other projects see nova's opaque ``hostId``
         (a hash of project and host). Blank in both when scheduling failed."""
-        state = self.snapshot()
+        with self.keyed_read() as state:
+            return self._show(state, project, server)
+
+    def _show(self, state: CloudState, project: str, server: str) -> dict[str, Any]:
         instance = self._instance(state, project, server)
         admin = project == ADMIN_PROJECT
         shown: dict[str, Any] = {

@@ -11,6 +11,7 @@ which is how a long-running agent follows the cloud without reloading it.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 from collections import defaultdict
@@ -794,53 +795,54 @@ class _AddressSet:
         self._state = state
         self._network = network_id
         self._stored: dict[str, bool] = {}
-        self.added: set[str] = set()
-        self.removed: set[str] = set()
+        #: this state's additions and removals as sorted integers (range counts)
+        self._added: list[int] = []
+        self._removed: list[int] = []
 
     def _snapshot(self) -> Snapshot:
         assert self._state._snapshot is not None
         return self._state._snapshot
 
-    def _bucket(self, address: str) -> str:
-        return address_bucket(self._network, ipaddress.ip_address(address).version)
-
     def _in_store(self, address: str) -> bool:
         if address not in self._stored:
             item = address_item(address)
-            found = self._snapshot().lookup("ip", self._bucket(address), item, item)
-            self._stored[address] = bool(found)
+            bucket = address_bucket(self._network, ipaddress.ip_address(address).version)
+            self._stored[address] = bool(self._snapshot().lookup("ip", bucket, item, item))
         return self._stored[address]
 
     def __contains__(self, address: object) -> bool:
-        if not isinstance(address, str) or address in self.removed:
+        if not isinstance(address, str):
             return False
-        return address in self.added or self._in_store(address)
+        number = _number(address)
+        if _has(self._removed, number):
+            return False
+        return _has(self._added, number) or self._in_store(address)
 
     def add(self, address: str) -> None:
-        if address in self.removed:
-            self.removed.discard(address)
-        elif not self._in_store(address):
-            self.added.add(address)
+        number = _number(address)
+        if _has(self._removed, number):
+            self._removed.remove(number)
+        elif not _has(self._added, number) and not self._in_store(address):
+            bisect.insort(self._added, number)
 
     def discard(self, address: str) -> None:
-        if address in self.added:
-            self.added.discard(address)
+        number = _number(address)
+        if _has(self._added, number):
+            self._added.remove(number)
         elif address in self:
-            self.removed.add(address)
+            bisect.insort(self._removed, number)
 
     def __bool__(self) -> bool:
         return True
 
     def used(self, net: Any, low: int, high: int) -> int:
         """How many addresses at offsets ``low..high`` of subnet ``net`` are used."""
-        first, last = net.network_address + low, net.network_address + high
+        first = _number(str(net.network_address + low))
+        last = _number(str(net.network_address + high))
         bucket = address_bucket(self._network, net.version)
-        count = self._snapshot().count("ip", bucket, address_item(str(first)),
-                                       address_item(str(last)))
-        inside = [a for a in self.added | self.removed
-                  if ipaddress.ip_address(a).version == net.version
-                  and first <= ipaddress.ip_address(a) <= last]
-        return count + sum(1 if a in self.added else -1 for a in inside)
+        count = self._snapshot().count("ip", bucket, address_item(str(net.network_address + low)),
+                                       address_item(str(net.network_address + high)))
+        return count + _between(self._added, first, last) - _between(self._removed, first, last)
 
     def lowest_free(self, cidr: str, start: int) -> tuple[int, str] | None:
         """What :func:`free_addresses` yields first, found by bisection: the
@@ -904,6 +906,21 @@ class _UsedAddresses(dict[str, Any]):
         return self._all() == other
 
     __hash__ = None
+
+
+def _number(address: str) -> int:
+    """An address as an integer, IPv4 and IPv6 apart (the version above 128 bits)."""
+    parsed = ipaddress.ip_address(address)
+    return (parsed.version << 128) + int(parsed)
+
+
+def _has(numbers: list[int], number: int) -> bool:
+    index = bisect.bisect_left(numbers, number)
+    return index < len(numbers) and numbers[index] == number
+
+
+def _between(numbers: list[int], low: int, high: int) -> int:
+    return bisect.bisect_right(numbers, high) - bisect.bisect_left(numbers, low)
 
 
 def first_free(used: Any, cidr: str, start: int) -> tuple[int, str] | None:
