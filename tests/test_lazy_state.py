@@ -143,3 +143,25 @@ def test_boot_and_delete_read_no_port_nor_instance_kind(
     api.delete("alpha", "keyed")
     for reads in logs:
         assert not {"kind port", "kind instance", "kind rule", "all"} & set(reads), reads
+
+
+def test_boots_take_the_lowest_free_address_as_before(api: Api) -> None:
+    """Allocation by range counts (the lazy state) gives what the eager scan of
+    free_addresses gives, holes included (instances deleted at random)."""
+    import random
+
+    from secfw.cloud import free_addresses
+
+    api.net_create("admin", "n", "10.9.0.0/24")
+    api.image_create("admin", "i", visibility="public")
+    api.quota_update("admin", instances=-1, cores=-1, ram=-1)
+    for number in range(40):
+        api.boot("admin", f"v{number}", "m1.tiny", "i", "h", None, ["n"])
+    for number in random.Random(3).sample(range(40), 15):
+        api.delete("admin", f"v{number}")
+    for number in range(20):
+        eager = CloudState.from_snapshot(api.store.load())
+        (net,) = eager.networks.values()
+        expected = next(free_addresses(net.cidr, eager.used_ips[net.id]))[1]
+        booted = api.boot("admin", f"w{number}", "m1.tiny", "i", "h", None, ["n"])
+        assert api.snapshot().ports_of(booted.id)[0].ip == expected

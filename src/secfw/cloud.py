@@ -845,8 +845,10 @@ class _AddressSet:
         return count + _between(self._added, first, last) - _between(self._removed, first, last)
 
     def lowest_free(self, cidr: str, start: int) -> tuple[int, str] | None:
-        """What :func:`free_addresses` yields first, found by bisection: the
-        smallest offset ``k`` such that offsets ``first..k`` are not all used."""
+        """What :func:`free_addresses` yields first, found by bisection over
+        range counts: each step counts the lower half of a range known to hold
+        a free address, so the ranges counted halve (a count costs its range's
+        size in both stores: about twice the used addresses in all)."""
         net = ipaddress.ip_network(cidr)
         first, last = max(start, 2), net.num_addresses - 2
         if first > last:
@@ -855,14 +857,14 @@ class _AddressSet:
             return first, str(net.network_address + first)
         if self.used(net, first, last) == last - first + 1:
             return None
-        low, high = first - 1, last  # first..low all used; first..high not
-        while high - low > 1:
+        low, high = first, last  # low..high holds a free address
+        while low < high:
             middle = (low + high) // 2
-            if self.used(net, first, middle) == middle - first + 1:
-                low = middle
-            else:
+            if self.used(net, low, middle) < middle - low + 1:
                 high = middle
-        return high, str(net.network_address + high)
+            else:
+                low = middle + 1
+        return low, str(net.network_address + low)
 
 
 class _UsedAddresses(dict[str, Any]):
