@@ -95,8 +95,8 @@ class Snapshot:
                high: str | None = None) -> dict[str, str]:
         """``{document id: item}`` of the entries in ``bucket`` of ``index``,
         with ``low <= item <= high`` when given."""
-        return {doc_id: item for name, key, item, _, doc_id in self._derived()[0]
-                if name == index and key == bucket and _within(item, low, high)}
+        found = self._derived()[0].get((index, bucket), {})
+        return {doc_id: item for doc_id, item in found.items() if _within(item, low, high)}
 
     def members(self, index: str, bucket: str) -> dict[str, Doc]:
         """The documents in ``bucket`` of ``index``, by id."""
@@ -115,10 +115,15 @@ class Snapshot:
         """A tally (:func:`secfw.store.indexes.tallies`); empty: all zero."""
         return dict(self._derived()[1].get((name, bucket), {}))
 
-    def _derived(self) -> tuple[list[tuple[str, str, str, str, str]], Tallies]:
+    def _derived(self) -> tuple[dict[tuple[str, str], dict[str, str]], Tallies]:
+        """Every bucket ``{(index, bucket): {id: item}}`` and tally, derived once."""
         cached = self.__dict__.get("_index_cache")
         if cached is None:
-            cached = self.__dict__["_index_cache"] = index_docs(self.all_docs())
+            rows, totals = index_docs(self.all_docs())
+            buckets: dict[tuple[str, str], dict[str, str]] = {}
+            for index, bucket, item, _, doc_id in rows:
+                buckets.setdefault((index, bucket), {})[doc_id] = item
+            cached = self.__dict__["_index_cache"] = (buckets, totals)
         return cached
 
 
