@@ -855,8 +855,11 @@ class _AddressSet:
             return None
         if self.used(net, first, first) == 0:  # the hint's address: sequential allocation
             return first, str(net.network_address + first)
-        if self.used(net, first, last) == last - first + 1:
+        total = self.used(net, first, last)
+        if total == last - first + 1:
             return None
+        if self.used(net, first, first + total - 1) == total:  # no hole: the next one
+            return first + total, str(net.network_address + first + total)
         low, high = first, last  # low..high holds a free address
         while low < high:
             middle = (low + high) // 2
