@@ -43,7 +43,7 @@ HOST = "bench-host"
 #: Boots per transaction while growing the SQLite cloud.
 GROW_BATCH = 1_000
 #: Documents per transaction when copying the cloud into etcd.
-COPY_DOCS = 2_000
+COPY_DOCS = 300
 #: The write commands timed, in the order each run makes them.
 COMMANDS = ("secgroup-create", "secgroup-add-rule", "boot", "add-secgroup",
             "remove-secgroup", "delete", "secgroup-delete")
