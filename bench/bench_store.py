@@ -1,16 +1,24 @@
-"""Benchmark: one ``secgroup-add-rule`` write on SQLite and on etcd.
+"""Benchmark: single CLI writes on SQLite and on etcd, at 1k-50k host ports.
 
 The cloud is the benchmark workload (src/secfw/bench/workload.py: 1,000 groups,
-5,000 member instances on other hosts, N ports on the benchmarked host), built
-once per store and grown to each size. At each size it times, median of
-``--repeat`` runs, a rule added to a host group:
+5,000 member instances on other hosts, N ports on the benchmarked host, all in
+one project and most on one /14 network). It is built once on SQLite and grown
+size by size, in batches of :data:`GROW_BATCH` boots (each boot goes through
+``Api.boot``: its addresses, MAC and tap allocated by key). The etcd store of
+each size is then filled from the SQLite one in bulk — documents put through
+``Store.write`` transactions of :data:`COPY_DOCS` (the store's commit keeps the
+indexes), which is what growing the cloud by boots one etcd transaction each
+would cost hours to reach.
 
-* in-process: ``Api.secgroup_add_rule`` (load the whole store, validate, commit);
-* the whole command: the ``secfw secgroup-add-rule`` process, start to exit.
+At each size it times, median of ``--repeat`` runs, each write command of
+:data:`COMMANDS` on a fresh group and instance:
+
+* in-process: the ``Api`` method (open the transaction, read by key, commit);
+* the whole command: the ``secfw …`` process, start to exit.
 
 etcd is a throw-away member on 127.0.0.1 (secfw.etcdlocal) unless ``--etcd URL``
-names one. Usage: ``python bench/bench_store.py [--sizes 100,1000] [--repeat 5]``.
-Prints one line per figure; it reports, it does not judge.
+names one. Usage: ``python bench/bench_store.py [--sizes 1000,10000,50000]
+[--repeat 5]``. Prints one line per figure; it reports, it does not judge.
 """
 
 from __future__ import annotations
@@ -28,10 +36,17 @@ from pathlib import Path
 
 from secfw import etcdlocal
 from secfw.api import Api
-from secfw.bench.workload import PROJECT, BenchCloud, host_group
-from secfw.store import open_store
+from secfw.bench.workload import FLAVOR, IMAGE, MAIN_NET, PROJECT, BenchCloud, host_group
+from secfw.store import Store, open_store
 
 HOST = "bench-host"
+#: Boots per transaction while growing the SQLite cloud.
+GROW_BATCH = 1_000
+#: Documents per transaction when copying the cloud into etcd.
+COPY_DOCS = 300
+#: The write commands timed, in the order each run makes them.
+COMMANDS = ("secgroup-create", "secgroup-add-rule", "boot", "add-secgroup",
+            "remove-secgroup", "delete", "secgroup-delete")
 
 
 def secfw_command() -> str:
@@ -40,61 +55,119 @@ def secfw_command() -> str:
     return str(beside) if beside.exists() else "secfw"
 
 
-def median_time(runs: int, func: Callable[[int], object]) -> float:
-    """Median wall time of ``func(run)`` over ``runs`` runs (seconds)."""
-    times = []
-    for run in range(runs):
-        start = time.perf_counter()
-        func(run)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def cli_args(command: str, run: str) -> list[str]:
+    """The ``secfw`` arguments of ``command`` in run ``run``."""
+    group, server, port = f"bench-g-{run}", f"bench-vm-{run}", "30000"
+    return {
+        "secgroup-create": ["secgroup-create", group, "bench"],
+        "secgroup-add-rule": ["secgroup-add-rule", group, "tcp", port, port, "0.0.0.0/0"],
+        "boot": ["boot", server, "--flavor", FLAVOR, "--image", IMAGE, "--security-groups",
+                 host_group(1), "--nic", f"net-id={MAIN_NET[0]}", "--host", HOST],
+        "add-secgroup": ["add-secgroup", server, group],
+        "remove-secgroup": ["remove-secgroup", server, group],
+        "delete": ["delete", server],
+        "secgroup-delete": ["secgroup-delete", group],
+    }[command]
 
 
-def bench_store(kind: str, url: str, sizes: list[int], repeat: int) -> None:
+def api_call(api: Api, command: str, run: str) -> Callable[[], object]:
+    """The ``Api`` call that ``secfw`` makes for ``cli_args(command, run)``."""
+    group, server, port = f"bench-g-{run}", f"bench-vm-{run}", "30000"
+    return {
+        "secgroup-create": lambda: api.secgroup_create(PROJECT, group, "bench"),
+        "secgroup-add-rule": lambda: api.secgroup_add_rule(PROJECT, group, "tcp", port, port,
+                                                           "0.0.0.0/0"),
+        "boot": lambda: api.boot(PROJECT, server, FLAVOR, IMAGE, HOST, [host_group(1)],
+                                 [MAIN_NET[0]]),
+        "add-secgroup": lambda: api.add_secgroup(PROJECT, server, group),
+        "remove-secgroup": lambda: api.remove_secgroup(PROJECT, server, group),
+        "delete": lambda: api.delete(PROJECT, server),
+        "secgroup-delete": lambda: api.secgroup_delete(PROJECT, group),
+    }[command]
+
+
+def timed(func: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    func()
+    return time.perf_counter() - start
+
+
+def bench_commands(kind: str, url: str, size: int, repeat: int, label: str) -> None:
+    """Every command of :data:`COMMANDS`, ``repeat`` runs in-process and as a
+    process; prints the medians."""
+    api = Api(open_store(url))
+    in_process: dict[str, list[float]] = {c: [] for c in COMMANDS}
+    whole: dict[str, list[float]] = {c: [] for c in COMMANDS}
+    try:
+        for run in range(repeat):
+            for command in COMMANDS:
+                in_process[command].append(timed(api_call(api, command, f"{label}a{run}")))
+            for command in COMMANDS:
+                args = [secfw_command(), "--store", url, "--project", PROJECT,
+                        *cli_args(command, f"{label}p{run}")]
+                whole[command].append(timed(lambda a=args: subprocess.run(
+                    a, check=True, stdout=subprocess.DEVNULL)))
+    finally:
+        api.store.close()
+    for command in COMMANDS:
+        print(f"{kind:<6} {size:>6} ports  {command:<17} in-process "
+              f"{statistics.median(in_process[command]) * 1e3:7.1f} ms   whole secfw process "
+              f"{statistics.median(whole[command]) * 1e3:7.1f} ms", flush=True)
+
+
+def copy_store(source: Store, target: Store) -> float:
+    """Every document of ``source`` into the empty ``target``, through its write
+    transactions (the bulk path, see the module docstring); seconds taken."""
+    start = time.perf_counter()
+    items = [(kind, doc_id, doc) for kind, by_id in sorted(source.load().docs.items())
+             for doc_id, doc in by_id.items()]
+    for first in range(0, len(items), COPY_DOCS):
+        with target.write() as txn:
+            for kind, doc_id, doc in items[first:first + COPY_DOCS]:
+                txn.put(kind, doc_id, doc)
+    return time.perf_counter() - start
+
+
+def run(sizes: list[int], repeat: int, stores: list[str], etcd: str | None) -> None:
+    tmp = tempfile.mkdtemp(prefix="secfw-bench-")
+    url = f"sqlite:///{tmp}/bench.db"
     api = Api(open_store(url))
     try:
         cloud = BenchCloud(api, HOST)
-        start = time.perf_counter()
-        cloud.build_base()
-        built = time.perf_counter() - start
-        print(f"{kind:<6} base cloud built in one batch        {built:8.2f} s")
-        port = 20_000
+        print(f"sqlite base cloud built in one batch        {timed(cloud.build_base):8.2f} s")
         for size in sizes:
             start = time.perf_counter()
-            cloud.grow_to(size)
-            grown = time.perf_counter() - start
+            for step in range(cloud.ports + GROW_BATCH, size + GROW_BATCH, GROW_BATCH):
+                cloud.grow_to(min(step, size))
             docs = sum(len(d) for d in api.store.load().docs.values())
-            print(f"{kind:<6} {size:>6} host ports: grown in {grown:6.2f} s, {docs} documents")
-            port += 100
-
-            def in_process(run: int, base: int = port) -> object:
-                return api.secgroup_add_rule(PROJECT, host_group(1), "tcp", str(base + run),
-                                             str(base + run), "0.0.0.0/0")
-
-            def whole_command(run: int, base: int = port + 50) -> object:
-                return subprocess.run(
-                    [secfw_command(), "--store", url, "--project", PROJECT, "secgroup-add-rule",
-                     host_group(2), "tcp", str(base + run), str(base + run), "0.0.0.0/0"],
-                    check=True, stdout=subprocess.DEVNULL)
-
-            api_s = median_time(repeat, in_process)
-            cli_s = median_time(repeat, whole_command)
-            print(f"{kind:<6} {size:>6} ports  secgroup-add-rule in-process "
-                  f"{api_s * 1e3:8.1f} ms   whole secfw process {cli_s * 1e3:8.1f} ms")
+            print(f"sqlite {size:>6} host ports: grown in {time.perf_counter() - start:7.2f} s "
+                  f"({GROW_BATCH} boots a transaction), {docs} documents", flush=True)
+            if "sqlite" in stores:
+                bench_commands("sqlite", url, size, repeat, f"s{size}")
+            if "etcd" in stores:
+                with etcd_url(etcd, f"bench{size}") as target_url:
+                    target = open_store(target_url)
+                    try:
+                        print(f"etcd   {size:>6} host ports: copied in "
+                              f"{copy_store(api.store, target):7.2f} s", flush=True)
+                    finally:
+                        target.close()
+                    bench_commands("etcd", target_url, size, repeat, f"e{size}")
     finally:
         api.store.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
-def etcd_url(given: str | None) -> Iterator[str]:
-    """``given``, else a fresh local member for the run (stopped afterwards)."""
+def etcd_url(given: str | None, prefix: str) -> Iterator[str]:
+    """``given`` (its prefix + ``prefix``), else a fresh local member for the run."""
     if given:
-        yield given
+        yield f"{given.rstrip('/')}-{prefix}"
         return
     base = Path(tempfile.mkdtemp(prefix="secfw-bench-etcd-"))
     member = etcdlocal.start(base)
     try:
-        yield member.url("bench")
+        yield member.url(prefix)
     finally:
         member.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -102,22 +175,13 @@ def etcd_url(given: str | None) -> Iterator[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100,1000", help="host ports, comma-separated")
+    parser.add_argument("--sizes", default="1000,10000", help="host ports, comma-separated")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--etcd", help="etcd store URL (default: a local throw-away member)")
     parser.add_argument("--stores", default="sqlite,etcd")
     args = parser.parse_args(argv)
-    sizes = [int(size) for size in args.sizes.split(",")]
-    kinds = args.stores.split(",")
-    if "sqlite" in kinds:
-        tmp = tempfile.mkdtemp(prefix="secfw-bench-")
-        try:
-            bench_store("sqlite", f"sqlite:///{tmp}/bench.db", sizes, args.repeat)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if "etcd" in kinds:
-        with etcd_url(args.etcd) as url:
-            bench_store("etcd", url, sizes, args.repeat)
+    run([int(size) for size in args.sizes.split(",")], args.repeat,
+        args.stores.split(","), args.etcd)
     return 0
 
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+import secfw.store.base
+import secfw.store.etcd
 import secfw.store.sqlite
 from secfw.api import Api
 from secfw.errors import HistoryCompactedError, StoreError, WriteConflictError
@@ -352,3 +354,177 @@ def test_floating_ip_documents_round_trip(url: str) -> None:
         assert port.id not in follower.floating_by_port
     finally:
         api.store.close()
+
+
+# --------------------------------------------------------------------------- keyed reads (#13)
+
+
+class _Rollback(Exception):
+    """Ends a write transaction without committing it."""
+
+
+def assert_indexes_exact(store: Store) -> None:
+    """Every index bucket and tally a write transaction reads from the store
+    equals what the documents themselves give (Snapshot's own derivation)."""
+    truth = store.load()
+    buckets, totals = truth._derived()
+    assert buckets, "no indexed document: nothing checked"
+    with pytest.raises(_Rollback), store.write() as txn:
+        for index, bucket in buckets:
+            assert txn.snapshot.lookup(index, bucket) == truth.lookup(index, bucket)
+            assert txn.snapshot.members(index, bucket) == truth.members(index, bucket)
+        for name, bucket in totals:
+            assert txn.snapshot.tally(name, bucket) == truth.tally(name, bucket)
+        raise _Rollback
+
+
+def _small_cloud(url: str) -> Api:
+    api = Api(open_store(url))
+    api.net_create("p", "net", "10.30.0.0/24")
+    api.image_create("admin", "cirros", visibility="public")
+    api.secgroup_create("p", "web", "web")
+    api.secgroup_add_rule("p", "web", "tcp", "80", "80", "0.0.0.0/0")
+    api.boot("p", "vm1", "m1.tiny", "cirros", "h1", ["web"], ["net"])
+    return api
+
+
+def test_indexes_follow_every_write(url: str) -> None:
+    api = _small_cloud(url)
+    try:
+        api.boot("p", "vm2", "m1.tiny", "cirros", "h1", ["web", "default"], ["net"])
+        api.remove_secgroup("p", "vm1", "web")
+        api.delete("p", "vm2")
+        assert_indexes_exact(api.store)
+    finally:
+        api.store.close()
+
+
+def test_a_store_without_indexes_gets_them_rebuilt(url: str) -> None:
+    """A store written before the indexes existed (here: its index keys or
+    tables dropped, and its index stamp) has them rebuilt on the next write."""
+    api = _small_cloud(url)
+    store = api.store
+    try:
+        if isinstance(store, secfw.store.sqlite.SqliteStore):
+            store._conn.executescript(
+                "DELETE FROM idx; DELETE FROM tally; DELETE FROM meta WHERE key = 'index_version'")
+        else:
+            for start in (store._idx, store._tally, store._stamp):
+                store._txn("drop", {"success": [{"request_delete_range": {
+                    "key": secfw.store.etcd._b64(start),
+                    "range_end": secfw.store.etcd._b64(secfw.store.etcd._prefix_end(start))}}]})
+        again = open_store(url)
+        try:
+            assert_indexes_exact(again)
+            Api(again).boot("p", "vm2", "m1.tiny", "cirros", "h1", ["web"], ["net"])
+        finally:
+            again.close()
+        ips = [doc["ip"] for doc in store.load().docs["port"].values()]
+        assert len(set(ips)) == len(ips) == 2
+    finally:
+        store.close()
+
+
+def test_a_restored_store_has_its_indexes(url: str, tmp_path: Path) -> None:
+    """A dump holds documents only; a restore rebuilds the indexes as it writes."""
+    from secfw.store import backup
+
+    api = _small_cloud(url)
+    try:
+        docs = backup.parse(backup.dumps(api.store))
+        assert "idx" not in backup.dumps(api.store)
+    finally:
+        api.store.close()
+    target = open_store(f"sqlite:///{tmp_path}/restored.db" if url.startswith("sqlite")
+                        else url.rstrip("/") + "-restored")
+    try:
+        backup.restore(target, docs)
+        assert_indexes_exact(target)
+    finally:
+        target.close()
+
+
+def _interleaved(url: str, inner: Any, outer: Any) -> list[str]:
+    """``outer`` (a command, on a connection of its own) runs inside a batch that
+    ``inner`` (another command) opened and has not committed: what each did.
+    SQLite locks ``outer`` out; etcd commits it and must then refuse the batch
+    if it read anything ``outer`` wrote."""
+    first, second = Api(open_store(url)), Api(open_store(url))
+    outcome = []
+    try:
+        try:
+            with first.batch():
+                inner(first)
+                try:
+                    outer(second)
+                    outcome.append("B committed")
+                except StoreError:
+                    outcome.append("B locked out")
+            outcome.append("A committed")
+        except WriteConflictError:
+            outcome.append("A refused")
+    finally:
+        first.store.close()
+        second.store.close()
+    return outcome
+
+
+def test_two_group_creations_never_exceed_the_quota(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Room for one more group, two writers: the second to commit read the
+    project's group tally before the first committed, so it is refused."""
+    monkeypatch.setattr(secfw.store.sqlite, "BUSY_TIMEOUT_S", 0.05)
+    setup = Api(open_store(url))
+    setup.quota_update("p", security_groups=2)  # the default group and one more
+    setup.store.close()
+    outcome = _interleaved(url, lambda api: api.secgroup_create("p", "a", "a"),
+                           lambda api: api.secgroup_create("p", "b", "b"))
+    expected = {"sqlite": ["B locked out", "A committed"], "etcd": ["B committed", "A refused"]}
+    assert outcome == expected[url.split(":", 1)[0]]
+    check = Api(open_store(url))
+    try:
+        assert len(check.secgroup_list("p")) == 2
+    finally:
+        check.store.close()
+
+
+def test_two_boots_never_get_one_address(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both boots find the same lowest free address; the second to commit read
+    that address free, so it is refused (etcd) or locked out (SQLite)."""
+    monkeypatch.setattr(secfw.store.sqlite, "BUSY_TIMEOUT_S", 0.05)
+    setup = Api(open_store(url))
+    setup.net_create("admin", "shared", "10.40.0.0/24")  # flat: every project's
+    setup.image_create("admin", "cirros", visibility="public")
+    setup.store.close()
+
+    def boot(project: str, host: str) -> Any:
+        # other projects and hosts: no tally in common, only the network's addresses
+        return lambda api: api.boot(project, "vm", "m1.tiny", "cirros", host, None, ["shared"])
+
+    outcome = _interleaved(url, boot("p", "h1"), boot("q", "h2"))
+    expected = {"sqlite": ["B locked out", "A committed"], "etcd": ["B committed", "A refused"]}
+    assert outcome == expected[url.split(":", 1)[0]]
+    again = Api(open_store(url))
+    try:  # the one that did not commit runs again, as the Api's retry would
+        loser = {"sqlite": ("q", "h2"), "etcd": ("p", "h1")}[url.split(":", 1)[0]]
+        boot(*loser)(again)
+        ips = [doc["ip"] for doc in again.store.load().docs["port"].values()]
+        assert len(ips) == len(set(ips)) == 2
+    finally:
+        again.store.close()
+
+
+def test_writers_of_unrelated_keys_do_not_conflict(
+        url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rules added to two different groups at once both commit on etcd: each
+    transaction compares only the keys it read (SQLite serialises them)."""
+    if url.startswith("sqlite"):
+        pytest.skip("SQLite serialises every writer (BEGIN IMMEDIATE): nothing to race")
+    setup = Api(open_store(url))
+    setup.secgroup_create("p", "x", "x")
+    setup.secgroup_create("p", "y", "y")
+    setup.store.close()
+    outcome = _interleaved(
+        url, lambda api: api.secgroup_add_rule("p", "x", "tcp", "1", "1", "0.0.0.0/0"),
+        lambda api: api.secgroup_add_rule("p", "y", "tcp", "2", "2", "0.0.0.0/0"))
+    assert outcome == ["B committed", "A committed"]

@@ -26,7 +26,7 @@ from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from secfw import keypairs
-from secfw.cloud import CloudState, free_addresses
+from secfw.cloud import CloudState, first_free, free_addresses
 from secfw.errors import (
     ConflictError,
     ForbiddenError,
@@ -199,6 +199,17 @@ class Api:
         if self._state is not None:
             return self._state
         return CloudState.from_snapshot(self.store.load())
+
+    @contextmanager
+    def keyed_read(self) -> Iterator[CloudState]:
+        """A read-only state that reads by key, like a write's (a command that
+        shows one record need not load the cloud): a write transaction that
+        writes nothing, so nothing is committed (inside a batch: the batch's)."""
+        if self._state is not None:
+            yield self._state
+            return
+        with self.store.write() as txn:
+            yield CloudState.lazy(txn.snapshot)
 
     def _read(self, project: str | None = None) -> CloudState:
         """A snapshot in which ``project``'s default group exists (created on first use)."""
@@ -1041,9 +1052,8 @@ class Api:
         volumes: Sequence[tuple[BlockDeviceMapping, Volume | VolumeSnapshot]],
     ) -> None:
         """A placed instance's ports (one per network) and its mapped volumes."""
-        taps = {p.tap for p in state.ports.values()}
         for net in networks:
-            state.put(self._new_port(state, instance.id, net, taps))
+            state.put(self._new_port(state, instance.id, net, state.used_taps))
         for mapping, source in volumes:
             state.put(_attach_mapping(instance.project, instance.id, mapping, source,
                                       instance.created))
@@ -1107,7 +1117,7 @@ class Api:
 
     @staticmethod
     def _new_port(
-        state: CloudState, instance_id: str, network: Network, taps: set[str]
+        state: CloudState, instance_id: str, network: Network, taps: Any
     ) -> Port:
         """A port on ``network`` with a fresh address, MAC and a tap name no other
         port has (``taps``, updated): two ports on one tap would filter as one."""
@@ -1155,7 +1165,10 @@ class Api:
         ``<name> network`` rows). The admin project sees the compute host as
         ``hostId`` and also as ``host``; other projects see nova's opaque ``hostId``
         (a hash of project and host). Blank in both when scheduling failed."""
-        state = self.snapshot()
+        with self.keyed_read() as state:
+            return self._show(state, project, server)
+
+    def _show(self, state: CloudState, project: str, server: str) -> dict[str, Any]:
         instance = self._instance(state, project, server)
         admin = project == ADMIN_PROJECT
         shown: dict[str, Any] = {
@@ -1591,7 +1604,7 @@ class Api:
 
     def _check_group_quota(self, state: CloudState, project: str) -> None:
         limit = state.quota(project).security_groups
-        used = sum(1 for g in state.groups.values() if g.project == project)
+        used = state.usage("groups", project).get("count", 0)
         if limit != UNLIMITED and used >= limit:
             raise QuotaError(
                 f"Quota exceeded for security_groups: {used} of {limit} used in project {project!r}"
@@ -1618,7 +1631,8 @@ class Api:
         by_id = state.instances.get(ref)
         if by_id is not None and by_id.project == project:
             return by_id
-        named = [i for i in state.instances.values() if i.project == project and i.name == ref]
+        named = [state.instances[i]
+                 for i in sorted(state.instances_by_name.get((project, ref), ()))]
         if not named:
             raise NotFoundError(f"No server with a name or ID of {ref!r} exists")
         if len(named) > 1:
@@ -1654,8 +1668,13 @@ def _persist(txn: WriteTxn, state: CloudState) -> None:
     was never stored (created and removed in one batch), is not a change: it
     must not bump the revision nor leave a tombstone.
     """
+    by_kind: dict[str, list[str]] = {}
+    for kind, doc_id in state.dirty:
+        by_kind.setdefault(kind, []).append(doc_id)
+    for kind, doc_ids in by_kind.items():  # one query per kind, not one per record
+        txn.snapshot.prefetch(kind, doc_ids)
     for (kind, doc_id), record in state.dirty.items():
-        before = txn.snapshot.kind(kind).get(doc_id)
+        before = txn.snapshot.get(kind, doc_id)
         if record is None:
             if before is not None:
                 txn.delete(kind, doc_id)
@@ -1915,7 +1934,7 @@ def _allocate(state: CloudState, network: Network, cidr: str | None, hint_key: s
     if cidr is None:
         return None
     used = state.used_ips[network.id]
-    found = next(free_addresses(cidr, used, state.alloc_hint.get(hint_key, 0)), None)
+    found = first_free(used, cidr, state.alloc_hint.get(hint_key, 0))
     if found is None:
         raise ConflictError(f"network {network.name!r} has no free address in {cidr}")
     offset, address = found
@@ -1928,7 +1947,7 @@ def _allocate(state: CloudState, network: Network, cidr: str | None, hint_key: s
 PORT_ID_ATTEMPTS = 8
 
 
-def _new_port_id(taps: set[str]) -> str:
+def _new_port_id(taps: Any) -> str:
     """A new port id whose tap name (``tap`` + its first 11 characters) is not in
     ``taps`` (then added to it). ConflictError when every attempt collides —
     with random UUIDs that means the id source is broken, not bad luck."""
@@ -1942,7 +1961,7 @@ def _new_port_id(taps: set[str]) -> str:
                         f"({PORT_ID_ATTEMPTS} attempts)")
 
 
-def _new_mac(used: set[str]) -> str:
+def _new_mac(used: Any) -> str:
     """A random, unused MAC with OpenStack's ``fa:16:3e`` prefix."""
     rng = random.SystemRandom()
     while True:
@@ -2203,11 +2222,12 @@ def _by_id_or_name(records: dict[str, BlockRecord], project: str, ref: str,
 
 
 def _volumes_of(state: CloudState, instance_id: str) -> list[Volume]:
-    return [v for v in state.volumes.values() if v.attached_to == instance_id]
+    return [state.volumes[v] for v in sorted(state.volumes_by_instance.get(instance_id, ()))]
 
 
 def _snapshots_of(state: CloudState, volume_id: str) -> list[VolumeSnapshot]:
-    return [s for s in state.volume_snapshots.values() if s.volume_id == volume_id]
+    return [state.volume_snapshots[s]
+            for s in sorted(state.snapshots_by_volume.get(volume_id, ()))]
 
 
 def _free_device(used: set[str | None]) -> str:

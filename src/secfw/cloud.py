@@ -11,10 +11,12 @@ which is how a long-running agent follows the cloud without reloading it.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from secfw.model import (
     RECORD_TYPES,
@@ -36,6 +38,17 @@ from secfw.model import (
     VolumeSnapshot,
 )
 from secfw.store.base import Change, Snapshot
+from secfw.store.indexes import (
+    INDEX_KINDS,
+    TALLY_KINDS,
+        add_tally,
+    address_bucket,
+    address_item,
+    entries,
+    pair,
+    tallies,
+    tally_delta,
+)
 
 R = TypeVar("R", bound=Record)
 #: A record as it was and as it is now (None: did not exist / no longer exists).
@@ -47,14 +60,17 @@ class CloudState:
 
     # Each index is derived from the records of one kind (see _INDEXES below).
     group_by_name: dict[tuple[str, str], str]
-    projects: set[str]
     rules_by_group: dict[str, dict[str, Rule]]
     rules_by_remote: dict[str, set[str]]
     instances_by_group: dict[str, set[str]]
+    instances_by_name: dict[tuple[str, str], set[str]]
+    used_taps: set[str] | _PointSet
+    volumes_by_instance: dict[str, set[str]]
+    snapshots_by_volume: dict[str, set[str]]
     ports_by_instance: dict[str, set[str]]
     ports_by_network: dict[str, set[str]]
     used_ips: dict[str, set[str]]
-    used_macs: set[str]
+    used_macs: set[str] | _PointSet
     #: lowest offset that may be free, per network (reset when an address is freed)
     alloc_hint: dict[str, int]
     keypair_by_name: dict[tuple[str, str], str]
@@ -65,7 +81,7 @@ class CloudState:
         self.revision = revision
         self.records: dict[str, dict[str, Any]] = {kind: {} for kind in RECORD_TYPES}
         self.dirty: dict[tuple[str, str], Record | None] = {}
-        self._fetch: Callable[[str], dict[str, Any]] | None = None
+        self._snapshot: Snapshot | None = None
         for kind in _INDEXES:
             self._new_indexes(kind)
 
@@ -77,41 +93,51 @@ class CloudState:
 
     @classmethod
     def lazy(cls, snapshot: Snapshot) -> CloudState:
-        """A state that reads a kind of record from ``snapshot`` (see
-        :meth:`Snapshot.kind`) the first time anything touches that kind: its
-        records or one of its indexes. What a write command costs then follows
-        what it touches — a rule added to a group never parses the ports.
+        """A state that reads what it is asked for, by key, from ``snapshot``
+        (a write transaction's: :class:`~secfw.store.base.KeyedSnapshot`): a
+        record by id, an index by key (one bucket of the store's derived
+        indexes, :mod:`secfw.store.indexes`), a tally (:meth:`usage`). Only
+        iterating over a whole kind or index reads the whole kind. What a write
+        costs then follows the keys it touches, not the size of the cloud.
 
-        Same behaviour as :meth:`from_snapshot` otherwise: every view and index
-        is exact once read."""
+        Same answers as :meth:`from_snapshot` otherwise: every view and index
+        is exact, this transaction's own changes included."""
         state = cls.__new__(cls)
         state.revision = snapshot.revision
-        state.records = _LazyRecords(state._load_kind)
         state.dirty = {}
-        state._fetch = snapshot.kind
+        state._snapshot = snapshot
+        state.records = {kind: _KeyedKind(state, kind) for kind in RECORD_TYPES}
+        for name, (index, shape) in _KEYED_VIEWS.items():
+            setattr(state, name, _IndexView(state, index, shape))
+        state.used_ips = _UsedAddresses(state)
+        state.used_macs = _PointSet(state, "mac")
+        state.used_taps = _PointSet(state, "tap")
+        state.alloc_hint = {}
         return state
 
-    def _load_kind(self, kind: str) -> None:
-        """Read and index every record of ``kind`` (a lazy state, first use)."""
-        record_type = RECORD_TYPES.get(kind)
-        dict.__setitem__(self.records, kind, {})
-        if kind in _INDEXES:
-            self._new_indexes(kind)
-        if record_type is None or self._fetch is None:
-            return
-        for doc in self._fetch(kind).values():
-            self._index(record_type.from_doc(doc))
+    def usage(self, name: str, bucket: str) -> dict[str, int]:
+        """A tally of :func:`secfw.store.indexes.tallies` (a project's groups,
+        instances, cores and RAM; a host's placed instances), this state's own
+        changes included; a missing field is 0."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return self._eager_tallies(name).get((name, bucket), {})
+        moved = self.__dict__.get("_moved", {}).get((name, bucket), {})
+        return add_tally(snapshot.tally(name, bucket), moved)
 
-    if not TYPE_CHECKING:  # keep mypy strict about CloudState's attributes
-
-        def __getattr__(self, name: str) -> Any:
-            """An index of a lazy state not built yet: read its kind first. (Only
-            called for attributes that do not exist: an eager state never gets here.)"""
-            kind = _INDEX_KIND.get(name)
-            if kind is None or name.startswith("__") or "_fetch" not in self.__dict__:
-                raise AttributeError(name)
-            self.records[kind]  # reading the kind builds its indexes
-            return self.__dict__[name]
+    def _eager_tallies(self, name: str) -> dict[tuple[str, str], dict[str, int]]:
+        """Every tally of one kind, summed once per state (and again after a
+        change of that kind: :meth:`_index` drops the cache)."""
+        kind = TALLY_KINDS[name]
+        cache: dict[str, Any] = self.__dict__.setdefault("_tallies", {})
+        if kind not in cache:
+            totals: dict[tuple[str, str], dict[str, int]] = {}
+            for record in self.records[kind].values():
+                for key, fields in tallies(kind, record.to_doc()).items():
+                    totals[key] = add_tally(totals.get(key, {}), fields)
+            cache[kind] = totals
+        found: dict[tuple[str, str], dict[str, int]] = cache[kind]
+        return found
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot) -> CloudState:
@@ -154,6 +180,7 @@ class CloudState:
         old = self.records[record.KIND].get(record.id)  # type: ignore[attr-defined]
         if old is not None:
             self._unindex(old)
+        self._track(old, record)
         self._index(record)
         self.dirty[(record.KIND, record.id)] = record  # type: ignore[attr-defined]
 
@@ -163,7 +190,30 @@ class CloudState:
         if current is None:
             return
         self._unindex(current)
+        self._track(current, None)
         self.dirty[(record.KIND, record.id)] = None  # type: ignore[attr-defined]
+
+    def _track(self, old: Record | None, new: Record | None) -> None:
+        """A lazy state's record of how its own changes move the store's index
+        buckets and tallies (what a bucket or tally read later lays over the
+        stored one): per change, not per read, so a batch of thousands of
+        changes stays linear."""
+        if self._snapshot is None:
+            return
+        record = new or old
+        kind, doc_id = record.KIND, record.id  # type: ignore[union-attr]
+        old_doc = old.to_doc() if old is not None else None
+        new_doc = new.to_doc() if new is not None else None
+        overlay: dict[tuple[str, str], dict[str, bool]] = self.__dict__.setdefault(
+            "_overlay", {})
+        after = entries(kind, doc_id, new_doc)
+        for index, bucket, _ in entries(kind, doc_id, old_doc) - after:
+            overlay.setdefault((index, bucket), {})[doc_id] = False
+        for index, bucket, _ in after:
+            overlay.setdefault((index, bucket), {})[doc_id] = True
+        moved: dict[tuple[str, str], dict[str, int]] = self.__dict__.setdefault("_moved", {})
+        for key, fields in tally_delta(kind, old_doc, new_doc).items():
+            moved[key] = add_tally(moved.get(key, {}), fields)
 
     # ------------------------------------------------------------------ typed views
 
@@ -299,11 +349,11 @@ class CloudState:
 
     def _index(self, record: Record) -> None:
         self.records[record.KIND][record.id] = record  # type: ignore[attr-defined]
+        self.__dict__.pop("_tallies", None)
         if isinstance(record, Network | Port):
             self._forget_overlaps(record)
         if isinstance(record, SecurityGroup):
             self.group_by_name[(record.project, record.name)] = record.id
-            self.projects.add(record.project)
         elif isinstance(record, Rule):
             self.rules_by_group[record.group_id][record.id] = record
             if record.remote_group_id:
@@ -311,6 +361,12 @@ class CloudState:
         elif isinstance(record, Instance):
             for group_id in record.security_groups:
                 self.instances_by_group[group_id].add(record.id)
+            self.instances_by_name[(record.project, record.name)].add(record.id)
+        elif isinstance(record, Volume):
+            if record.attached_to:
+                self.volumes_by_instance[record.attached_to].add(record.id)
+        elif isinstance(record, VolumeSnapshot):
+            self.snapshots_by_volume[record.volume_id].add(record.id)
         elif isinstance(record, Keypair):
             self.keypair_by_name[(record.project, record.name)] = record.id
         elif isinstance(record, FloatingIp):
@@ -323,9 +379,11 @@ class CloudState:
             if record.ip6:
                 self.used_ips[record.network_id].add(record.ip6)
             self.used_macs.add(record.mac)
+            self.used_taps.add(record.tap)
 
     def _unindex(self, record: Record) -> None:
         del self.records[record.KIND][record.id]  # type: ignore[attr-defined]
+        self.__dict__.pop("_tallies", None)
         if isinstance(record, Network | Port):
             self._forget_overlaps(record)
         if isinstance(record, SecurityGroup):
@@ -337,6 +395,12 @@ class CloudState:
         elif isinstance(record, Instance):
             for group_id in record.security_groups:
                 _discard(self.instances_by_group, group_id, record.id)
+            _discard(self.instances_by_name, (record.project, record.name), record.id)
+        elif isinstance(record, Volume):
+            if record.attached_to:
+                _discard(self.volumes_by_instance, record.attached_to, record.id)
+        elif isinstance(record, VolumeSnapshot):
+            _discard(self.snapshots_by_volume, record.volume_id, record.id)
         elif isinstance(record, Keypair):
             self.keypair_by_name.pop((record.project, record.name), None)
         elif isinstance(record, FloatingIp):
@@ -350,34 +414,526 @@ class CloudState:
                 _discard(self.used_ips, record.network_id, record.ip6)
                 self.alloc_hint.pop(record.network_id + "/6", None)
             self.used_macs.discard(record.mac)
+            self.used_taps.discard(record.tap)
             self.alloc_hint.pop(record.network_id, None)
 
 
 #: The indexes of each kind, with how to make an empty one.
 _INDEXES: dict[str, dict[str, Callable[[], Any]]] = {
-    SecurityGroup.KIND: {"group_by_name": dict, "projects": set},
+    SecurityGroup.KIND: {"group_by_name": dict},
     Rule.KIND: {"rules_by_group": lambda: defaultdict(dict),
                 "rules_by_remote": lambda: defaultdict(set)},
-    Instance.KIND: {"instances_by_group": lambda: defaultdict(set)},
+    Instance.KIND: {"instances_by_group": lambda: defaultdict(set),
+                    "instances_by_name": lambda: defaultdict(set)},
     Port.KIND: {"ports_by_instance": lambda: defaultdict(set),
                 "ports_by_network": lambda: defaultdict(set),
-                "used_ips": lambda: defaultdict(set), "used_macs": set, "alloc_hint": dict},
+                "used_ips": lambda: defaultdict(set), "used_macs": set, "used_taps": set,
+                "alloc_hint": dict},
+    Volume.KIND: {"volumes_by_instance": lambda: defaultdict(set)},
+    VolumeSnapshot.KIND: {"snapshots_by_volume": lambda: defaultdict(set)},
     Keypair.KIND: {"keypair_by_name": dict},
     FloatingIp.KIND: {"floating_by_port": lambda: defaultdict(set)},
 }
 _INDEX_KIND = {name: kind for kind, names in _INDEXES.items() for name in names}
 
 
-class _LazyRecords(dict[str, dict[str, Any]]):
-    """``records`` of a lazy state: a kind missing is read on first access."""
+#: The indexes a lazy state reads by key: attribute -> (store index, shape):
+#: "one" maps a key to one id, "ids" to a set of ids, "records" to {id: record}.
+_KEYED_VIEWS: dict[str, tuple[str, str]] = {
+    "group_by_name": ("group-name", "one"),
+    "rules_by_group": ("rules-by-group", "records"),
+    "rules_by_remote": ("rules-by-remote", "ids"),
+    "instances_by_group": ("instances-by-group", "ids"),
+    "instances_by_name": ("instance-name", "ids"),
+    "ports_by_instance": ("ports-by-instance", "ids"),
+    "ports_by_network": ("ports-by-network", "ids"),
+    "keypair_by_name": ("keypair-name", "one"),
+    "floating_by_port": ("floating-by-port", "ids"),
+    "volumes_by_instance": ("volumes-by-instance", "ids"),
+    "snapshots_by_volume": ("snapshots-by-volume", "ids"),
+}
+#: Indexes whose key is a (project, name) pair (a JSON pair in the store).
+_PAIR_INDEXES = {"group-name", "instance-name", "keypair-name"}
 
-    def __init__(self, load: Callable[[str], None]) -> None:
+
+class _KeyedKind(dict[str, Any]):
+    """The records of one kind in a lazy state: each id read when first asked
+    for; the whole kind only when iterated."""
+
+    def __init__(self, state: CloudState, kind: str) -> None:
         super().__init__()
-        self._load = load
+        assert state._snapshot is not None
+        self._snapshot = state._snapshot
+        self._kind = kind
+        self._type = RECORD_TYPES[kind]
+        self._known: set[str] = set()
+        self._complete = False
 
-    def __missing__(self, kind: str) -> dict[str, Any]:
-        self._load(kind)
-        return dict.__getitem__(self, kind)
+    def _ensure(self, doc_id: str) -> None:
+        if self._complete or doc_id in self._known:
+            return
+        self._known.add(doc_id)
+        doc = self._snapshot.get(self._kind, doc_id)
+        if doc is not None:
+            dict.__setitem__(self, doc_id, self._type.from_doc(doc))
+
+    def seed(self, doc_id: str, doc: dict[str, Any]) -> Any:
+        """The record ``doc_id``, parsed from ``doc`` (read by an index) unless
+        this state already holds it (then its own version)."""
+        if not self._complete and doc_id not in self._known:
+            self._known.add(doc_id)
+            dict.__setitem__(self, doc_id, self._type.from_doc(doc))
+        return dict.get(self, doc_id)
+
+    def _load_all(self) -> None:
+        if self._complete:
+            return
+        for doc_id, doc in self._snapshot.kind(self._kind).items():
+            if doc_id not in self._known:
+                dict.__setitem__(self, doc_id, self._type.from_doc(doc))
+        self._complete = True
+
+    def __getitem__(self, doc_id: str) -> Any:
+        self._ensure(doc_id)
+        return dict.__getitem__(self, doc_id)
+
+    def get(self, doc_id: str, default: Any = None) -> Any:
+        self._ensure(doc_id)
+        return dict.get(self, doc_id, default)
+
+    def __contains__(self, doc_id: object) -> bool:
+        if isinstance(doc_id, str):
+            self._ensure(doc_id)
+        return dict.__contains__(self, doc_id)
+
+    def __setitem__(self, doc_id: str, record: Any) -> None:
+        self._known.add(doc_id)
+        dict.__setitem__(self, doc_id, record)
+
+    def __delitem__(self, doc_id: str) -> None:
+        self._ensure(doc_id)
+        dict.__delitem__(self, doc_id)
+
+    def pop(self, doc_id: str, *default: Any) -> Any:
+        self._ensure(doc_id)
+        return dict.pop(self, doc_id, *default)
+
+    def __iter__(self) -> Iterator[str]:
+        self._load_all()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._load_all()
+        return dict.__len__(self)
+
+    def keys(self) -> Any:
+        self._load_all()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._load_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._load_all()
+        return dict.items(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._load_all()
+        return dict.__eq__(self, other)
+
+    __hash__ = None
+
+
+class _IndexView(dict[Any, Any]):
+    """One index of a lazy state: a key's bucket read from the store's index
+    when first touched, this state's own changes laid over it; iterating reads
+    the whole kind and derives every bucket."""
+
+    def __init__(self, state: CloudState, index: str, shape: str) -> None:
+        super().__init__()
+        self._state = state
+        self._index = index
+        self._shape = shape
+        self._kind = INDEX_KINDS[index]
+        self._loaded: set[Any] = set()
+        self._complete = False
+
+    def _bucket(self, key: Any) -> str:
+        return pair(*key) if self._index in _PAIR_INDEXES else str(key)
+
+    def _key(self, bucket: str) -> Any:
+        return tuple(json.loads(bucket)) if self._index in _PAIR_INDEXES else bucket
+
+    def _buckets_of(self, record: Record) -> set[str]:
+        doc_id: str = record.id  # type: ignore[attr-defined]
+        return {bucket for index, bucket, _ in entries(self._kind, doc_id, record.to_doc())
+                if index == self._index}
+
+    def _ensure(self, key: Any) -> None:
+        if self._complete or key in self._loaded:
+            return
+        self._loaded.add(key)
+        if self._shape == "ids":  # read only when read: adding an id needs no read
+            dict.__setitem__(self, key, _LazyIds(self, key))
+            return
+        ids, docs = self._stored(key)
+        if ids:
+            dict.__setitem__(self, key, self._value(ids, docs))
+
+    def _stored(self, key: Any) -> tuple[set[str], dict[str, Any]]:
+        """The ids in ``key``'s bucket (and, for "records", their documents):
+        the store's, with this transaction's changed records laid over."""
+        snapshot = self._state._snapshot
+        assert snapshot is not None
+        bucket = self._bucket(key)
+        docs: dict[str, Any] = {}
+        if self._shape == "records":
+            docs = snapshot.members(self._index, bucket)
+            ids = set(docs)
+        else:
+            ids = set(snapshot.lookup(self._index, bucket))
+        overlay = self._state.__dict__.get("_overlay", {}).get((self._index, bucket), {})
+        for doc_id, inside in overlay.items():  # this transaction's changes
+            if inside:
+                ids.add(doc_id)
+            else:
+                ids.discard(doc_id)
+        return ids, docs
+
+    def _value(self, ids: set[str], docs: dict[str, Any]) -> Any:
+        if self._shape == "one":
+            return min(ids)
+        if self._shape == "ids":
+            return ids
+        records = self._state.records[self._kind]
+        assert isinstance(records, _KeyedKind)
+        found = {i: records.seed(i, docs[i]) if i in docs else records.get(i) for i in ids}
+        return {i: record for i, record in found.items() if record is not None}
+
+    def _load_all(self) -> None:
+        """Every bucket, from every record of the kind as this state holds it."""
+        if self._complete:
+            return
+        dict.clear(self)
+        for record in self._state.records[self._kind].values():
+            for bucket in self._buckets_of(record):
+                key, doc_id = self._key(bucket), record.id
+                if self._shape == "one":
+                    dict.__setitem__(self, key, min(doc_id, dict.get(self, key, doc_id)))
+                elif self._shape == "ids":
+                    dict.setdefault(self, key, set()).add(doc_id)
+                else:
+                    dict.setdefault(self, key, {})[doc_id] = record
+        self._complete = True
+
+    def __contains__(self, key: object) -> bool:
+        self._ensure(key)
+        found = dict.get(self, key)
+        return bool(found) if isinstance(found, _LazyIds) else dict.__contains__(self, key)
+
+    def __getitem__(self, key: Any) -> Any:
+        self._ensure(key)
+        if not dict.__contains__(self, key) and self._shape != "one":
+            dict.__setitem__(self, key, set() if self._shape == "ids" else {})
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._ensure(key)
+        return dict.get(self, key, default)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._ensure(key)
+        dict.__setitem__(self, key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self._ensure(key)
+        dict.__delitem__(self, key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._ensure(key)
+        return dict.pop(self, key, *default)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._load_all()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._load_all()
+        return dict.__len__(self)
+
+    def keys(self) -> Any:
+        self._load_all()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._load_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._load_all()
+        return dict.items(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._load_all()
+        return dict.__eq__(self, other)
+
+    __hash__ = None
+
+
+class _LazyIds:
+    """One bucket of an "ids" index of a lazy state: ids added and removed by
+    this transaction are kept aside, and the stored bucket is read only when
+    the bucket itself is read (booting into a group of thousands of members
+    adds one id, it does not read the thousands)."""
+
+    def __init__(self, view: _IndexView, key: Any) -> None:
+        self._view = view
+        self._key = key
+        self._stored: set[str] | None = None
+        self.added: set[str] = set()
+        self.removed: set[str] = set()
+
+    def _ids(self) -> set[str]:
+        if self._stored is None:
+            self._stored = self._view._stored(self._key)[0]
+        return (self._stored - self.removed) | self.added
+
+    def add(self, doc_id: str) -> None:
+        self.removed.discard(doc_id)
+        self.added.add(doc_id)
+
+    def discard(self, doc_id: str) -> None:
+        self.added.discard(doc_id)
+        self.removed.add(doc_id)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._ids()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids())
+
+    def __len__(self) -> int:
+        return len(self._ids())
+
+    def __bool__(self) -> bool:
+        return bool(self._ids())
+
+    def __eq__(self, other: object) -> bool:
+        return self._ids() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _PointSet:
+    """A set of values of a port index (``mac``, ``tap``) in a lazy state:
+    membership is one lookup in the store's index, this state's own additions
+    and removals laid over it. Iterating reads every port."""
+
+    def __init__(self, state: CloudState, index: str) -> None:
+        self._state = state
+        self._index = index
+        self._stored: dict[str, bool] = {}
+        self.added: set[str] = set()
+        self.removed: set[str] = set()
+
+    def _in_store(self, value: str) -> bool:
+        if value not in self._stored:
+            snapshot = self._state._snapshot
+            assert snapshot is not None
+            self._stored[value] = bool(snapshot.lookup(self._index, value))
+        return self._stored[value]
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, str) or value in self.removed:
+            return False
+        return value in self.added or self._in_store(value)
+
+    def add(self, value: str) -> None:
+        if value in self.removed:
+            self.removed.discard(value)
+        elif not self._in_store(value):
+            self.added.add(value)
+
+    def discard(self, value: str) -> None:
+        if value in self.added:
+            self.added.discard(value)
+        elif value in self:
+            self.removed.add(value)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def _all(self) -> set[str]:
+        return {bucket for _, bucket, _ in self._entries()}
+
+    def _entries(self) -> Iterator[tuple[str, str, str]]:
+        for port in self._state.ports.values():
+            for entry in entries(Port.KIND, port.id, port.to_doc()):
+                if entry[0] == self._index:
+                    yield entry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        return self._all() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _AddressSet:
+    """The used addresses of one network in a lazy state (its IPv4 and IPv6
+    buckets of the store's ``ip`` index), with this state's own additions and
+    removals: membership is one lookup, and :meth:`lowest_free` a binary search
+    over range counts — never the whole network's addresses."""
+
+    def __init__(self, state: CloudState, network_id: str) -> None:
+        self._state = state
+        self._network = network_id
+        self._stored: dict[str, bool] = {}
+        #: this state's additions and removals as sorted integers (range counts)
+        self._added: list[int] = []
+        self._removed: list[int] = []
+
+    def _snapshot(self) -> Snapshot:
+        assert self._state._snapshot is not None
+        return self._state._snapshot
+
+    def _in_store(self, address: str) -> bool:
+        if address not in self._stored:
+            item = address_item(address)
+            bucket = address_bucket(self._network, ipaddress.ip_address(address).version)
+            self._stored[address] = bool(self._snapshot().lookup("ip", bucket, item, item))
+        return self._stored[address]
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        number = _number(address)
+        if _has(self._removed, number):
+            return False
+        return _has(self._added, number) or self._in_store(address)
+
+    def add(self, address: str) -> None:
+        number = _number(address)
+        if _has(self._removed, number):
+            self._removed.remove(number)
+        elif not _has(self._added, number) and not self._in_store(address):
+            bisect.insort(self._added, number)
+
+    def discard(self, address: str) -> None:
+        number = _number(address)
+        if _has(self._added, number):
+            self._added.remove(number)
+        elif address in self:
+            bisect.insort(self._removed, number)
+
+    def __bool__(self) -> bool:
+        return True
+
+    def used(self, net: Any, low: int, high: int) -> int:
+        """How many addresses at offsets ``low..high`` of subnet ``net`` are used."""
+        first = _number(str(net.network_address + low))
+        last = _number(str(net.network_address + high))
+        bucket = address_bucket(self._network, net.version)
+        count = self._snapshot().count("ip", bucket, address_item(str(net.network_address + low)),
+                                       address_item(str(net.network_address + high)))
+        return count + _between(self._added, first, last) - _between(self._removed, first, last)
+
+    def lowest_free(self, cidr: str, start: int) -> tuple[int, str] | None:
+        """What :func:`free_addresses` yields first, found by bisection over
+        range counts: each step counts the lower half of a range known to hold
+        a free address, so the ranges counted halve (a count costs its range's
+        size in both stores: about twice the used addresses in all)."""
+        net = ipaddress.ip_network(cidr)
+        first, last = max(start, 2), net.num_addresses - 2
+        if first > last:
+            return None
+        if self.used(net, first, first) == 0:  # the hint's address: sequential allocation
+            return first, str(net.network_address + first)
+        total = self.used(net, first, last)
+        if total == last - first + 1:
+            return None
+        if self.used(net, first, first + total - 1) == total:  # no hole: the next one
+            return first + total, str(net.network_address + first + total)
+        low, high = first, last  # low..high holds a free address
+        while low < high:
+            middle = (low + high) // 2
+            if self.used(net, low, middle) < middle - low + 1:
+                high = middle
+            else:
+                low = middle + 1
+        return low, str(net.network_address + low)
+
+
+class _UsedAddresses(dict[str, Any]):
+    """``used_ips`` of a lazy state: network id -> :class:`_AddressSet`.
+    Iterating derives every network's set from every port."""
+
+    def __init__(self, state: CloudState) -> None:
+        super().__init__()
+        self._state = state
+
+    def __missing__(self, network_id: str) -> _AddressSet:
+        found = _AddressSet(self._state, network_id)
+        dict.__setitem__(self, network_id, found)
+        return found
+
+    def get(self, network_id: str, default: Any = None) -> Any:
+        return self[network_id]
+
+    def _all(self) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = defaultdict(set)
+        for port in self._state.ports.values():
+            found[port.network_id].update(a for a in (port.ip, port.ip6) if a)
+        return dict(found)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def keys(self) -> Any:
+        return self._all().keys()
+
+    def values(self) -> Any:
+        return self._all().values()
+
+    def items(self) -> Any:
+        return self._all().items()
+
+    def __eq__(self, other: object) -> bool:
+        return self._all() == other
+
+    __hash__ = None
+
+
+def _number(address: str) -> int:
+    """An address as an integer, IPv4 and IPv6 apart (the version above 128 bits)."""
+    parsed = ipaddress.ip_address(address)
+    return (parsed.version << 128) + int(parsed)
+
+
+def _has(numbers: list[int], number: int) -> bool:
+    index = bisect.bisect_left(numbers, number)
+    return index < len(numbers) and numbers[index] == number
+
+
+def _between(numbers: list[int], low: int, high: int) -> int:
+    return bisect.bisect_right(numbers, high) - bisect.bisect_left(numbers, low)
+
+
+def first_free(used: Any, cidr: str, start: int) -> tuple[int, str] | None:
+    """The lowest free ``(offset, address)`` of ``cidr`` from offset ``start``
+    (see :func:`free_addresses`), ``used`` a set or a lazy state's address set."""
+    if isinstance(used, _AddressSet):
+        return used.lowest_free(cidr, start)
+    return next(free_addresses(cidr, used, start), None)
 
 
 def _overlaps(networks: Iterable[Network]) -> dict[str, tuple[str, ...]]:
@@ -416,10 +972,13 @@ def _clipped(cidr: str, theirs: list[Any], mine: list[Any]) -> list[Any]:
     return parts
 
 
-def _discard(index: dict[str, Any], key: str, member: str) -> None:
+def _discard(index: dict[Any, Any], key: Any, member: str) -> None:
     """Remove ``member`` from ``index[key]`` (a set or dict) and drop empty keys."""
     bucket = index.get(key)
     if bucket is None:
+        return
+    if isinstance(bucket, _LazyIds):  # its emptiness would need the stored bucket
+        bucket.discard(member)
         return
     if isinstance(bucket, dict):
         bucket.pop(member, None)

@@ -45,9 +45,9 @@ class HostUsage:
 def host_usage(state: CloudState, host: str) -> HostUsage:
     """The capacity the non-deleted instances on ``host`` consume (ERROR
     instances have no host and consume nothing)."""
-    placed = [i for i in state.instances.values() if i.host == host and i.state == "ACTIVE"]
-    return HostUsage(sum(i.vcpus for i in placed), sum(i.ram_mb for i in placed),
-                     sum(i.disk_gb for i in placed), len(placed))
+    used = state.usage("host", host)  # the tally of secfw.store.indexes
+    return HostUsage(used.get("vcpus", 0), used.get("ram_mb", 0), used.get("disk_gb", 0),
+                     used.get("instances", 0))
 
 
 def required_properties(flavor: Flavor) -> dict[str, str]:
@@ -87,9 +87,8 @@ def choose_host(state: CloudState, demand: Demand, required: dict[str, str]) -> 
 def compute_usage(state: CloudState, project: str) -> dict[str, int]:
     """instances, cores and ram used by ``project``: every instance it has, ERROR
     included (nova counts an instance against the quota until it is deleted)."""
-    mine = [i for i in state.instances.values() if i.project == project]
-    return {"instances": len(mine), "cores": sum(i.vcpus for i in mine),
-            "ram": sum(i.ram_mb for i in mine)}
+    used = state.usage("compute", project)  # the tally of secfw.store.indexes
+    return {name: used.get(name, 0) for name in ("instances", "cores", "ram")}
 
 
 def volume_usage(state: CloudState, project: str) -> dict[str, int]:

@@ -29,9 +29,10 @@ Write transactions
     :class:`~secfw.errors.WriteConflictError` and nothing is written (etcd: a
     compare-and-swap, optimistic concurrency). A conflict is never a lost update;
     :func:`retry_conflicts` re-runs a transaction a bounded number of times.
-    The snapshot is a :class:`LazySnapshot`: it reads a kind of document the
-    first time :meth:`Snapshot.kind` asks for it, still as of the transaction's
-    start, so a write costs the kinds it touches, not the whole cloud.
+    The snapshot is a :class:`KeyedSnapshot`: it reads one document, one index
+    bucket or one tally when asked (:mod:`secfw.store.indexes`), and a whole
+    kind only when :meth:`Snapshot.kind` asks for it, all as of the
+    transaction's start: a write costs the keys it touches, not the cloud.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from secfw.errors import StoreError, WriteConflictError
+from secfw.store.indexes import INDEX_KINDS, Tallies, index_docs
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:////var/lib/secfw/secfw.db"
@@ -62,10 +64,20 @@ RETRY_PAUSE_MAX_S = 0.25
 
 @dataclass
 class Snapshot:
-    """Every document at one revision: ``docs[kind][id] -> doc``."""
+    """Every document at one revision: ``docs[kind][id] -> doc``.
+
+    Besides whole kinds, a snapshot answers keyed reads — one document
+    (:meth:`get`), one bucket of a derived index (:meth:`lookup`,
+    :meth:`members`, :meth:`count`) and one tally (:meth:`tally`), see
+    :mod:`secfw.store.indexes`. Here they are computed from every document;
+    the stores' write snapshots (:class:`KeyedSnapshot`) answer them from the
+    indexes they keep, reading only those keys. :attr:`reads` logs what was
+    read (``"kind K"``, ``"doc K/ID"``, ``"index I"``, ``"tally T"``,
+    ``"all"``), so a test can tell a keyed write from a whole-kind one."""
 
     revision: int
     docs: dict[str, dict[str, Doc]] = field(default_factory=dict)
+    reads: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def kind(self, kind: str) -> dict[str, Doc]:
         """The documents of one kind by id (empty when there are none)."""
@@ -78,6 +90,139 @@ class Snapshot:
     def iter_kind(self, kind: str) -> Iterator[Doc]:
         """The documents of one kind (what :class:`KindReader` asks)."""
         yield from self.kind(kind).values()
+
+    def get(self, kind: str, doc_id: str) -> Doc | None:
+        """One document, None when there is none."""
+        return self.kind(kind).get(doc_id)
+
+    def lookup(self, index: str, bucket: str, low: str | None = None,
+               high: str | None = None) -> dict[str, str]:
+        """``{document id: item}`` of the entries in ``bucket`` of ``index``,
+        with ``low <= item <= high`` when given."""
+        found = self._derived()[0].get((index, bucket), {})
+        return {doc_id: item for doc_id, item in found.items() if _within(item, low, high)}
+
+    def members(self, index: str, bucket: str) -> dict[str, Doc]:
+        """The documents in ``bucket`` of ``index``, by id."""
+        kind = INDEX_KINDS[index]
+        found = (self.get(kind, doc_id) for doc_id in self.lookup(index, bucket))
+        return {doc["id"]: doc for doc in found if doc is not None}
+
+    def prefetch(self, kind: str, doc_ids: list[str]) -> None:
+        """Read these documents together, ahead of :meth:`get` (here: a no-op)."""
+
+    def count(self, index: str, bucket: str, low: str, high: str) -> int:
+        """How many entries of ``bucket`` have ``low <= item <= high``."""
+        return len(self.lookup(index, bucket, low, high))
+
+    def tally(self, name: str, bucket: str) -> dict[str, int]:
+        """A tally (:func:`secfw.store.indexes.tallies`); empty: all zero."""
+        return dict(self._derived()[1].get((name, bucket), {}))
+
+    def _derived(self) -> tuple[dict[tuple[str, str], dict[str, str]], Tallies]:
+        """Every bucket ``{(index, bucket): {id: item}}`` and tally, derived once."""
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            rows, totals = index_docs(self.all_docs())
+            buckets: dict[tuple[str, str], dict[str, str]] = {}
+            for index, bucket, item, _, doc_id in rows:
+                buckets.setdefault((index, bucket), {})[doc_id] = item
+            cached = self.__dict__["_index_cache"] = (buckets, totals)
+        return cached
+
+
+def _within(item: str, low: str | None, high: str | None) -> bool:
+    return (low is None or item >= low) and (high is None or item <= high)
+
+
+class KeyedSnapshot(Snapshot):
+    """A write transaction's snapshot over a store that keeps the indexes: every
+    read goes to the store, for the keys asked only, and is cached (a
+    transaction reads a key once). The store implements the ``_read_*``
+    methods, all as of the transaction's start (SQLite: inside its BEGIN
+    IMMEDIATE; etcd: at one pinned revision), and records what they read so
+    the commit can check exactly that (etcd)."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(revision)
+        self._got: dict[tuple[str, str], Doc | None] = {}
+        self._complete = False
+
+    # What the store provides --------------------------------------------------
+
+    def _read_kind(self, kind: str) -> dict[str, Doc]:
+        raise NotImplementedError
+
+    def _read_all(self) -> dict[str, dict[str, Doc]]:
+        raise NotImplementedError
+
+    def _read_docs(self, kind: str, doc_ids: list[str]) -> dict[str, Doc]:
+        raise NotImplementedError
+
+    def _read_lookup(self, index: str, bucket: str, low: str | None,
+                     high: str | None) -> dict[str, str]:
+        raise NotImplementedError
+
+    def _read_count(self, index: str, bucket: str, low: str, high: str) -> int:
+        raise NotImplementedError
+
+    def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
+        raise NotImplementedError
+
+    # The snapshot's reads -----------------------------------------------------
+
+    def kind(self, kind: str) -> dict[str, Doc]:
+        if kind not in self.docs and not self._complete:
+            self.reads.append(f"kind {kind}")
+            self.docs[kind] = self._read_kind(kind)
+        return self.docs.get(kind, {})
+
+    def all_docs(self) -> dict[str, dict[str, Doc]]:
+        if not self._complete:
+            self.reads.append("all")
+            for kind, by_id in self._read_all().items():
+                self.docs.setdefault(kind, by_id)
+            self._complete = True
+        return {kind: by_id for kind, by_id in self.docs.items() if by_id}
+
+    def get(self, kind: str, doc_id: str) -> Doc | None:
+        if kind in self.docs:
+            return self.docs[kind].get(doc_id)
+        if (kind, doc_id) not in self._got:
+            self.reads.append(f"doc {kind}/{doc_id}")
+            self._got[(kind, doc_id)] = self._read_docs(kind, [doc_id]).get(doc_id)
+        return self._got[(kind, doc_id)]
+
+    def lookup(self, index: str, bucket: str, low: str | None = None,
+               high: str | None = None) -> dict[str, str]:
+        self.reads.append(f"index {index}")
+        return self._read_lookup(index, bucket, low, high)
+
+    def members(self, index: str, bucket: str) -> dict[str, Doc]:
+        kind = INDEX_KINDS[index]
+        ids = sorted(self.lookup(index, bucket))
+        self.prefetch(kind, ids)
+        return {i: doc for i in ids if (doc := self.get(kind, i)) is not None}
+
+    def prefetch(self, kind: str, doc_ids: list[str]) -> None:
+        """Read the documents of ``doc_ids`` not read yet, together (one query,
+        or one etcd request per hundred): :meth:`get` then has them."""
+        if kind in self.docs:
+            return
+        missing = [i for i in dict.fromkeys(doc_ids) if (kind, i) not in self._got]
+        if missing:
+            self.reads.extend(f"doc {kind}/{i}" for i in missing)
+            found = self._read_docs(kind, missing)
+            for doc_id in missing:
+                self._got[(kind, doc_id)] = found.get(doc_id)
+
+    def count(self, index: str, bucket: str, low: str, high: str) -> int:
+        self.reads.append(f"index {index}")
+        return self._read_count(index, bucket, low, high)
+
+    def tally(self, name: str, bucket: str) -> dict[str, int]:
+        self.reads.append(f"tally {name}")
+        return self._read_tally(name, bucket)
 
 
 class KindReader(Protocol):

@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote, unquote
 
 import requests
 from etcd3gw.client import Etcd3Client
@@ -66,12 +67,13 @@ from secfw.store.base import (
     BufferedTxn,
     Change,
     Doc,
+    KeyedSnapshot,
     KindReader,
-    LazySnapshot,
     Snapshot,
     Store,
     WriteTxn,
 )
+from secfw.store.indexes import INDEX_VERSION, add_tally, entries, index_docs, tally_delta
 
 T = TypeVar("T")
 
@@ -87,6 +89,11 @@ WATCH_IDLE_S = 30.0
 #: Keys per range answer when loading everything (see EtcdStore._load).
 PAGE_KEYS = 5000
 LOAD_ATTEMPTS = 3
+#: Keys per transaction when reading several documents or rebuilding the indexes
+#: (under etcd's default --max-txn-ops of 128).
+KEYS_PER_TXN = 100
+#: Past this many compares a write compares the marker instead (EtcdStore._commit).
+MAX_COMPARES = 100
 #: The gateway's path for etcd >= 3.4 (no discovery request per process).
 API_PATH = "/v3/"
 
@@ -170,7 +177,10 @@ class EtcdStore(Store):
     #: etcd refuses a transaction of more than ``--max-txn-ops`` operations (128
     #: by default, etcd's configuration flags); each document is one operation,
     #: the revision marker one more: 100 leaves room on a default cluster.
-    max_write_docs = 100
+    #: A document written costs up to a dozen operations with its index entries
+    #: (a port: six entries, each deleted and put when all move): 8 documents
+    #: stay under the default 128.
+    max_write_docs = 8
 
     def __init__(self, url: str, create: bool = True) -> None:
         """Connect; with ``create`` False a prefix never initialised (no schema
@@ -182,6 +192,9 @@ class EtcdStore(Store):
         self._marker = self.prefix + b"revision"
         self._schema = self.prefix + b"schema"
         self._docs = self.prefix + b"doc/"
+        self._idx = self.prefix + b"idx/"
+        self._tally = self.prefix + b"tally/"
+        self._stamp = self.prefix + b"indexed"
         self._members = _Members(url, parsed.endpoints)
         try:
             self._check_schema(create)
@@ -240,7 +253,14 @@ class EtcdStore(Store):
         at that point, i.e. this store's revision then."""
         if revision <= 0:
             raise StoreError(f"revision {revision} is not a revision of {self.url}")
-        return self._parse(self._range_pages(revision))[0]
+        return self._parse(self._docs_and_marker(revision))[0]
+
+    def _docs_and_marker(self, at: int = 0) -> list[dict[str, Any]]:
+        """The kvs of every document and of the marker at etcd revision ``at``
+        (0: now), not those of the derived index keys."""
+        docs, at = self._pages(at, self._docs)
+        marker = self._range_at("read the marker", self._marker, None, at).get("kvs", [])
+        return [*docs, *marker]
 
     def _load(self) -> tuple[Snapshot, int]:
         """Every document and the marker at one etcd revision; also the marker's
@@ -252,7 +272,7 @@ class EtcdStore(Store):
         revision is gone) restarts the read, a bounded number of times."""
         for attempt in range(1, LOAD_ATTEMPTS + 1):
             try:
-                return self._parse(self._range_pages())
+                return self._parse(self._docs_and_marker())
             except HistoryCompactedError:
                 if attempt == LOAD_ATTEMPTS:
                     raise
@@ -261,6 +281,11 @@ class EtcdStore(Store):
     def _range_pages(self, at: int = 0, start: bytes | None = None) -> list[dict[str, Any]]:
         """Every key under ``start`` (default: the whole prefix) at etcd revision
         ``at`` (0: now), in pages."""
+        return self._pages(at, start)[0]
+
+    def _pages(self, at: int = 0, start: bytes | None = None
+               ) -> tuple[list[dict[str, Any]], int]:
+        """:meth:`_range_pages`, and the etcd revision read at."""
         kvs: list[dict[str, Any]] = []
         key = self.prefix if start is None else start
         end, revision = _prefix_end(key), at
@@ -274,7 +299,7 @@ class EtcdStore(Store):
             kvs.extend(page)
             revision = revision or int(answer["header"]["revision"])
             if not answer.get("more") or not page:
-                return kvs
+                return kvs, revision
             key = _unb64(page[-1]["key"]) + b"\0"  # the next key after the last one read
 
     def _parse(self, kvs: list[dict[str, Any]]) -> tuple[Snapshot, int]:
@@ -481,13 +506,12 @@ class EtcdStore(Store):
 
     @contextmanager
     def write(self) -> Iterator[WriteTxn]:
-        """A transaction whose snapshot reads each kind when first asked for, all
-        at the etcd revision of its first read (MVCC keeps that consistent), and
-        commits only if the marker has not moved since."""
-        kvs, pinned = self._range("read the marker", self._marker, None)
-        marker_revision = int(kvs[0]["mod_revision"]) if kvs else 0
-        txn = BufferedTxn(LazySnapshot(marker_revision, lambda kind: self._kind_at(kind, pinned),
-                                       lambda: self._parse(self._range_pages(pinned))[0].docs))
+        """A transaction whose snapshot reads keys when first asked for, all at
+        the etcd revision of its first read (MVCC keeps that consistent), and
+        commits only if nothing it read has changed since (see :meth:`_commit`)."""
+        marker, pinned = self._read_marker()
+        snapshot = _EtcdSnapshot(self, marker.revision, pinned)
+        txn = BufferedTxn(snapshot)
         try:
             yield txn
         except HistoryCompactedError as exc:
@@ -495,36 +519,86 @@ class EtcdStore(Store):
             # cloud moved on meanwhile, so this is a conflict, retried as one.
             raise WriteConflictError(f"store {self.url}: {exc}") from exc
         if txn.writes:
-            self._commit(txn.writes, marker_revision)
+            try:
+                self._commit(txn.writes, snapshot)
+            except HistoryCompactedError as exc:
+                raise WriteConflictError(f"store {self.url}: {exc}") from exc
 
-    def _kind_at(self, kind: str, revision: int) -> dict[str, Doc]:
-        """The documents of one kind at etcd ``revision``."""
-        docs: dict[str, Doc] = {}
-        for kv in self._range_pages(revision, self._doc_key(kind, "")):
-            docs[self._split(_unb64(kv["key"]))[1]] = json.loads(_unb64(kv["value"]))
-        return docs
+    def _read_marker(self) -> tuple[_Marker, int]:
+        """The marker and the index stamp (one request), and the etcd revision
+        read at; rebuilds the indexes first when the stamp says they are not
+        this version's, or not kept by the last write (see :meth:`_reindex`)."""
+        for _ in range(LOAD_ATTEMPTS):
+            answer = self._txn("read the marker", {"success": [
+                {"request_range": {"key": _b64(self._marker)}},
+                {"request_range": {"key": _b64(self._stamp)}}]})
+            pinned = int(answer["header"]["revision"])
+            kvs, stamp_kvs = (r["response_range"].get("kvs", []) for r in answer["responses"])
+            marker = _Marker.of(kvs)
+            stamp = _unb64(stamp_kvs[0]["value"]).decode() if stamp_kvs else ""
+            if stamp == f"{INDEX_VERSION}:{marker.token}":
+                return marker, pinned
+            self._reindex(marker, pinned)
+        raise WriteConflictError(f"store {self.url}: indexes kept changing under the rebuild")
 
-    def _commit(self, writes: dict[tuple[str, str], Doc | None], marker_revision: int) -> None:
-        """One etcd transaction: if the marker is still at ``marker_revision``,
-        every put and delete and the marker (last, see :meth:`changes_since`).
+    def _reindex(self, marker: _Marker, pinned: int) -> None:
+        """Rebuild every index key and tally from the documents at ``pinned``:
+        a store made before the indexes, by another index version, or last
+        written by a version that did not keep them. The old ones are deleted
+        and the new ones put in transactions of :data:`KEYS_PER_TXN` keys, each
+        compared on the marker (a write meanwhile restarts it); the stamp, put
+        last, says they match the marker's token."""
+        docs = self._parse(self._docs_and_marker(pinned))[0].docs
+        rows, totals = index_docs(docs)
+        puts = [(self._entry_key(i, b, item, doc_id), kind.encode())
+                for i, b, item, kind, doc_id in rows]
+        puts += [(self._tally_key(n, b), json.dumps(f, sort_keys=True).encode())
+                 for (n, b), f in totals.items()]
+        same_marker = [{"key": _b64(self._marker), "target": "MOD", "result": "EQUAL",
+                        "mod_revision": str(marker.revision)}]
+        for start in (self._idx, self._tally):
+            self._txn("drop the indexes", {"compare": same_marker, "success": [
+                {"request_delete_range": {"key": _b64(start), "range_end": _b64(
+                    _prefix_end(start))}}]})
+        step = KEYS_PER_TXN
+        for first in range(0, len(puts), step):
+            self._txn("rebuild the indexes", {"compare": same_marker, "success": [
+                {"request_put": {"key": _b64(k), "value": _b64(v)}}
+                for k, v in puts[first:first + step]]})
+        self._txn("stamp the indexes", {"compare": same_marker, "success": [
+            {"request_put": {"key": _b64(self._stamp),
+                             "value": _b64(f"{INDEX_VERSION}:{marker.token}".encode())}}]})
+
+    def _commit(self, writes: dict[tuple[str, str], Doc | None], snapshot: _EtcdSnapshot) -> None:
+        """One etcd transaction: the documents, their index entries and tallies,
+        the index stamp and the marker (last, see :meth:`changes_since`), if
+        every key the transaction read is as it read it.
+
+        The compares: each document, tally and key read is at the mod_revision
+        read (0: still absent, so a deletion or a creation is caught); each range
+        read (an index bucket, a kind) has no key modified after the pinned
+        revision (a creation in it is caught; a deletion in an index bucket is
+        not — it only ever frees what a check counted as taken, see
+        docs/agent.md). Past :data:`MAX_COMPARES` of them (etcd caps a
+        transaction's operations) the transaction compares the marker instead:
+        coarser, as exact.
 
         The marker's value is a fresh token, and a failed compare returns the
         marker: if a member did commit an attempt whose answer was lost (the
         request is then re-sent to the next member), the token says so and the
         write is not reported as a conflict."""
         token = uuid.uuid4().hex
-        ops: list[dict[str, Any]] = []
-        for (kind, doc_id), doc in writes.items():
-            key = _b64(self._doc_key(kind, doc_id))
-            if doc is None:
-                ops.append({"request_delete_range": {"key": key}})
-            else:
-                value = _b64(json.dumps(doc, sort_keys=True).encode())
-                ops.append({"request_put": {"key": key, "value": value}})
+        by_kind: dict[str, list[str]] = {}
+        for kind, doc_id in writes:
+            by_kind.setdefault(kind, []).append(doc_id)
+        for kind, doc_ids in by_kind.items():
+            snapshot.prefetch(kind, doc_ids)
+        ops = self._document_ops(writes, snapshot) + self._tally_ops(writes, snapshot)
+        ops.append({"request_put": {"key": _b64(self._stamp),
+                                    "value": _b64(f"{INDEX_VERSION}:{token}".encode())}})
         ops.append({"request_put": {"key": _b64(self._marker), "value": _b64(token.encode())}})
         answer = self._txn("write", {
-            "compare": [{"key": _b64(self._marker), "target": "MOD", "result": "EQUAL",
-                         "mod_revision": str(marker_revision)}],
+            "compare": snapshot.compares(self._marker),
             "success": ops,
             "failure": [{"request_range": {"key": _b64(self._marker)}}],
         })
@@ -534,9 +608,78 @@ class EtcdStore(Store):
         if kvs and _unb64(kvs[0].get("value", "")) == token.encode():
             return
         raise WriteConflictError(
-            f"store {self.url}: another writer committed since this transaction read "
-            f"revision {marker_revision}"
+            f"store {self.url}: another writer committed a key this transaction read "
+            f"(at revision {snapshot.revision})"
         )
+
+    def _document_ops(self, writes: dict[tuple[str, str], Doc | None],
+                      snapshot: _EtcdSnapshot) -> list[dict[str, Any]]:
+        """The puts and deletes of the documents and of their index entries
+        (moved from the stored version of each document, read through the
+        snapshot so it is compared too)."""
+        ops: list[dict[str, Any]] = []
+        for (kind, doc_id), doc in writes.items():
+            key = _b64(self._doc_key(kind, doc_id))
+            old = snapshot.get(kind, doc_id)
+            before, after = entries(kind, doc_id, old), entries(kind, doc_id, doc)
+            ops += [{"request_delete_range": {"key": _b64(self._entry_key(*e, doc_id))}}
+                    for e in sorted(before - after)]
+            ops += [{"request_put": {"key": _b64(self._entry_key(*e, doc_id)),
+                                     "value": _b64(kind.encode())}} for e in sorted(after - before)]
+            if doc is None:
+                ops.append({"request_delete_range": {"key": key}})
+            else:
+                value = _b64(json.dumps(doc, sort_keys=True).encode())
+                ops.append({"request_put": {"key": key, "value": value}})
+        return ops
+
+    def _tally_ops(self, writes: dict[tuple[str, str], Doc | None],
+                   snapshot: _EtcdSnapshot) -> list[dict[str, Any]]:
+        deltas: dict[tuple[str, str], dict[str, int]] = {}
+        for (kind, doc_id), doc in writes.items():
+            for key, fields in tally_delta(kind, snapshot.get(kind, doc_id), doc).items():
+                deltas[key] = add_tally(deltas.get(key, {}), fields)
+        ops: list[dict[str, Any]] = []
+        for (name, bucket), delta in sorted(deltas.items()):
+            total = add_tally(snapshot.tally(name, bucket), delta)
+            tally_key = _b64(self._tally_key(name, bucket))
+            if total:
+                value = _b64(json.dumps(total, sort_keys=True).encode())
+                ops.append({"request_put": {"key": tally_key, "value": value}})
+            else:
+                ops.append({"request_delete_range": {"key": tally_key}})
+        return ops
+
+    def _entry_key(self, index: str, bucket: str, item: str, doc_id: str) -> bytes:
+        return self._bucket_key(index, bucket) + _segment(item) + b"/" + _segment(doc_id)
+
+    def _bucket_key(self, index: str, bucket: str) -> bytes:
+        """The prefix of a bucket's entries: ``PREFIX/idx/INDEX/BUCKET/`` with the
+        bucket percent-encoded, so no name can reach into another bucket."""
+        return self._idx + index.encode() + b"/" + _segment(bucket) + b"/"
+
+    def _tally_key(self, name: str, bucket: str) -> bytes:
+        return self._tally + name.encode() + b"/" + _segment(bucket)
+
+    def _range_at(self, what: str, key: bytes, end: bytes | None, revision: int,
+                  **options: Any) -> dict[str, Any]:
+        """One range request at etcd ``revision`` (the whole answer)."""
+        payload: dict[str, Any] = {"key": _b64(key), "revision": str(revision), **options}
+        if end is not None:
+            payload["range_end"] = _b64(end)
+        return self._post(what, "/kv/range", payload)
+
+    def _docs_at(self, keys: list[bytes], revision: int) -> list[dict[str, Any]]:
+        """The kvs of several single keys at ``revision``: one transaction of
+        range reads per :data:`KEYS_PER_TXN` keys (one round trip each)."""
+        kvs: list[dict[str, Any]] = []
+        for first in range(0, len(keys), KEYS_PER_TXN):
+            answer = self._txn("read documents", {"success": [
+                {"request_range": {"key": _b64(k), "revision": str(revision)}}
+                for k in keys[first:first + KEYS_PER_TXN]]})
+            for response in answer.get("responses", []):
+                kvs.extend(response.get("response_range", {}).get("kvs", []))
+        return kvs
 
     # ------------------------------------------------------------------ helpers
 
@@ -611,3 +754,118 @@ def _reason(exc: BaseException | None) -> str:
         return "no endpoint"
     text = str(exc.args[0] if exc.args else exc) or getattr(exc, "detail_text", "") or ""
     return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class _Marker:
+    """The revision marker as a write found it: its mod_revision (0: absent)
+    and its token (the value the last write put)."""
+
+    revision: int
+    token: str
+
+    @staticmethod
+    def of(kvs: list[dict[str, Any]]) -> _Marker:
+        if not kvs:
+            return _Marker(0, "")
+        return _Marker(int(kvs[0]["mod_revision"]), _unb64(kvs[0].get("value", "")).decode())
+
+
+class _EtcdSnapshot(KeyedSnapshot):
+    """A write transaction's view: every read at the pinned etcd revision, and
+    remembered for the commit's compares (EtcdStore._commit): the mod_revision
+    of each key read (0: absent) and each range read."""
+
+    def __init__(self, store: EtcdStore, revision: int, pinned: int) -> None:
+        super().__init__(revision)
+        self._store = store
+        self._pinned = pinned
+        self.key_revisions: dict[bytes, int] = {}
+        self.ranges: set[tuple[bytes, bytes]] = set()
+        self.whole = False
+
+    def compares(self, marker: bytes) -> list[dict[str, Any]]:
+        """The commit's compares (see EtcdStore._commit)."""
+        if not self.whole and len(self.key_revisions) + len(self.ranges) <= MAX_COMPARES:
+            found = [{"key": _b64(key), "target": "MOD", "result": "EQUAL",
+                      "mod_revision": str(rev)} for key, rev in sorted(self.key_revisions.items())]
+            found += [{"key": _b64(start), "range_end": _b64(end), "target": "MOD",
+                       "result": "LESS", "mod_revision": str(self._pinned + 1)}
+                      for start, end in sorted(self.ranges)]
+            return found
+        return [{"key": _b64(marker), "target": "MOD", "result": "EQUAL",
+                 "mod_revision": str(self.revision)}]
+
+    def _seen(self, kvs: list[dict[str, Any]]) -> None:
+        for kv in kvs:
+            self.key_revisions[_unb64(kv["key"])] = int(kv["mod_revision"])
+
+    def _read_kind(self, kind: str) -> dict[str, Doc]:
+        start = self._store._doc_key(kind, "")
+        kvs = self._store._range_pages(self._pinned, start)
+        self.ranges.add((start, _prefix_end(start)))
+        if len(kvs) + len(self.key_revisions) <= MAX_COMPARES:
+            self._seen(kvs)  # else the range compare is joined by the marker's
+        else:
+            self.whole = True
+        return {self._store._split(_unb64(kv["key"]))[1]: json.loads(_unb64(kv["value"]))
+                for kv in kvs}
+
+    def _read_all(self) -> dict[str, dict[str, Doc]]:
+        self.whole = True
+        return self._store._parse(self._store._docs_and_marker(self._pinned))[0].docs
+
+    def _read_docs(self, kind: str, doc_ids: list[str]) -> dict[str, Doc]:
+        keys = [self._store._doc_key(kind, doc_id) for doc_id in doc_ids]
+        kvs = self._store._docs_at(keys, self._pinned)
+        for key in keys:
+            self.key_revisions.setdefault(key, 0)
+        self._seen(kvs)
+        return {self._store._split(_unb64(kv["key"]))[1]: json.loads(_unb64(kv["value"]))
+                for kv in kvs}
+
+    def _read_lookup(self, index: str, bucket: str, low: str | None,
+                     high: str | None) -> dict[str, str]:
+        prefix = self._store._bucket_key(index, bucket)
+        start = prefix + (_segment(low) if low is not None else b"")
+        end = prefix + _segment(high) + b"0" if high is not None else _prefix_end(prefix)
+        self.ranges.add((start, end))
+        kvs = self._store._range_at("read an index", start, end, self._pinned,
+                                    keys_only=True).get("kvs", [])
+        found: dict[str, str] = {}
+        for kv in kvs:
+            item, _, doc_id = _unb64(kv["key"])[len(prefix):].partition(b"/")
+            found[_unsegment(doc_id)] = _unsegment(item)
+        return found
+
+    def _read_count(self, index: str, bucket: str, low: str, high: str) -> int:
+        prefix = self._store._bucket_key(index, bucket)
+        # every key of an item <= high starts with it and then "/": "0" follows "/"
+        start, end = prefix + _segment(low), prefix + _segment(high) + b"0"
+        self.ranges.add((start, end))
+        answer = self._store._range_at("count an index", start, end, self._pinned,
+                                       count_only=True)
+        return int(answer.get("count", 0))
+
+    def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
+        key = self._store._tally_key(name, bucket)
+        kvs = self._store._range_at("read a tally", key, None, self._pinned).get("kvs", [])
+        self.key_revisions[key] = int(kvs[0]["mod_revision"]) if kvs else 0
+        return dict(json.loads(_unb64(kvs[0]["value"]))) if kvs else {}
+
+    def tally(self, name: str, bucket: str) -> dict[str, int]:
+        """A tally, read once per transaction (the commit adds to what was read)."""
+        cache: dict[tuple[str, str], dict[str, int]] = self.__dict__.setdefault("_tallies", {})
+        if (name, bucket) not in cache:
+            cache[(name, bucket)] = super().tally(name, bucket)
+        return dict(cache[(name, bucket)])
+
+
+def _segment(text: str) -> bytes:
+    """A name as one key segment: percent-encoded (no "/" left), order kept
+    for the hex items of addresses (unchanged by the encoding)."""
+    return quote(text, safe="").encode()
+
+
+def _unsegment(data: bytes) -> str:
+    return unquote(data.decode())

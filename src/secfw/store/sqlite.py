@@ -2,9 +2,15 @@
 
 Tables: ``meta`` (schema version, revision), ``objects`` (kind, id, rev, doc JSON)
 and ``tombstones`` (kind, id, rev) so that :meth:`changes_since` reports
-deletions too. WAL journaling lets an agent read while a CLI writes; writers are
-serialised by ``BEGIN IMMEDIATE`` (it takes the write lock before reading, so
-two concurrent read-modify-write commands can never lose an update).
+deletions too; ``idx`` and ``tally``, the derived indexes of
+:mod:`secfw.store.indexes`, kept by every commit. ``meta`` also records the
+index version and the revision the indexes were last kept at: a store whose
+indexes are missing (made before them), of another version, or behind the
+revision (written by a version that did not keep them) has them rebuilt from
+``objects`` at the next open or write, inside the write lock. WAL journaling
+lets an agent read while a CLI writes; writers are serialised by ``BEGIN
+IMMEDIATE`` (it takes the write lock before reading, so two concurrent
+read-modify-write commands can never lose an update).
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from secfw.store.base import (
     BufferedTxn,
     Change,
     Doc,
+    KeyedSnapshot,
     KindReader,
-    LazySnapshot,
     Snapshot,
     Store,
     WriteTxn,
 )
+from secfw.store.indexes import INDEX_VERSION, add_tally, entries, index_docs, tally_delta
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -39,6 +46,12 @@ CREATE INDEX IF NOT EXISTS objects_rev ON objects (rev);
 CREATE TABLE IF NOT EXISTS tombstones (
     kind TEXT NOT NULL, id TEXT NOT NULL, rev INTEGER NOT NULL, PRIMARY KEY (kind, id));
 CREATE INDEX IF NOT EXISTS tombstones_rev ON tombstones (rev);
+CREATE TABLE IF NOT EXISTS idx (
+    name TEXT NOT NULL, bucket TEXT NOT NULL, item TEXT NOT NULL,
+    kind TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (name, bucket, item, id));
+CREATE INDEX IF NOT EXISTS idx_doc ON idx (kind, id);
+CREATE TABLE IF NOT EXISTS tally (
+    name TEXT NOT NULL, bucket TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (name, bucket));
 """
 
 
@@ -105,7 +118,8 @@ class SqliteStore(Store):
             self._conn.execute("BEGIN IMMEDIATE")
         try:
             with _translated(self.path):
-                txn = BufferedTxn(_lazy_snapshot(self._conn))
+                _check_indexes(self._conn)
+                txn = BufferedTxn(_SqliteSnapshot(self._conn))
             yield txn
             with _translated(self.path):
                 if txn.writes:
@@ -144,6 +158,7 @@ def _init_schema(conn: sqlite3.Connection) -> None:
             raise StoreError(
                 f"store schema version {row[0]} is not the supported version {SCHEMA_VERSION}"
             )
+        _check_indexes(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -162,11 +177,57 @@ def _load(conn: sqlite3.Connection) -> Snapshot:
     return snapshot
 
 
-def _lazy_snapshot(conn: sqlite3.Connection) -> LazySnapshot:
-    """The write transaction's view: a kind is read when first asked for (the
-    transaction's BEGIN IMMEDIATE keeps every later read consistent)."""
-    return LazySnapshot(_read_revision(conn), lambda kind: _load_kind(conn, kind),
-                        lambda: _load(conn).docs)
+class _SqliteSnapshot(KeyedSnapshot):
+    """The write transaction's view (its BEGIN IMMEDIATE keeps every read consistent)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(_read_revision(conn))
+        self._conn = conn
+
+    def _read_kind(self, kind: str) -> dict[str, Doc]:
+        return _load_kind(self._conn, kind)
+
+    def _read_all(self) -> dict[str, dict[str, Doc]]:
+        return _load(self._conn).docs
+
+    def _read_docs(self, kind: str, doc_ids: list[str]) -> dict[str, Doc]:
+        found: dict[str, Doc] = {}
+        for start in range(0, len(doc_ids), _IN_CHUNK):
+            chunk = doc_ids[start : start + _IN_CHUNK]
+            rows = self._conn.execute(
+                f"SELECT id, doc FROM objects WHERE kind = ? AND id IN ({_marks(chunk)})",
+                (kind, *chunk))
+            found.update((doc_id, json.loads(doc)) for doc_id, doc in rows)
+        return found
+
+    def _read_lookup(self, index: str, bucket: str, low: str | None,
+                     high: str | None) -> dict[str, str]:
+        query = "SELECT id, item FROM idx WHERE name = ? AND bucket = ?"
+        params: list[str] = [index, bucket]
+        if low is not None:
+            query, params = query + " AND item >= ?", [*params, low]
+        if high is not None:
+            query, params = query + " AND item <= ?", [*params, high]
+        return dict(self._conn.execute(query, params))
+
+    def _read_count(self, index: str, bucket: str, low: str, high: str) -> int:
+        row = self._conn.execute(
+            "SELECT count(*) FROM idx WHERE name = ? AND bucket = ? AND item BETWEEN ? AND ?",
+            (index, bucket, low, high)).fetchone()
+        return int(row[0])
+
+    def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
+        row = self._conn.execute("SELECT doc FROM tally WHERE name = ? AND bucket = ?",
+                                 (name, bucket)).fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+
+#: Ids per ``IN (…)`` (SQLite's default limit of bound parameters is 999).
+_IN_CHUNK = 500
+
+
+def _marks(values: list[str]) -> str:
+    return ",".join("?" * len(values))
 
 
 def _load_kind(conn: sqlite3.Connection, kind: str) -> dict[str, Doc]:
@@ -177,6 +238,7 @@ def _load_kind(conn: sqlite3.Connection, kind: str) -> dict[str, Doc]:
 def _commit_writes(
     conn: sqlite3.Connection, revision: int, writes: dict[tuple[str, str], Doc | None]
 ) -> None:
+    _keep_indexes(conn, writes)
     puts = [(k, i, revision, json.dumps(d, sort_keys=True)) for (k, i), d in writes.items() if d]
     deletes = [(k, i) for (k, i), d in writes.items() if d is None]
     conn.executemany("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?)", puts)
@@ -186,6 +248,52 @@ def _commit_writes(
         "INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)", [(k, i, revision) for k, i in deletes]
     )
     conn.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('indexed_revision', ?)", (revision,))
+
+
+def _keep_indexes(conn: sqlite3.Connection, writes: dict[tuple[str, str], Doc | None]) -> None:
+    """Move the index entries and tallies of every written document from its
+    stored version (read here, inside the write lock) to its new one."""
+    deltas: dict[tuple[str, str], dict[str, int]] = {}
+    for (kind, doc_id), doc in writes.items():
+        row = conn.execute("SELECT doc FROM objects WHERE kind = ? AND id = ?",
+                           (kind, doc_id)).fetchone()
+        old = json.loads(row[0]) if row else None
+        before, after = entries(kind, doc_id, old), entries(kind, doc_id, doc)
+        conn.executemany("DELETE FROM idx WHERE name = ? AND bucket = ? AND item = ? AND id = ?",
+                         [(*entry, doc_id) for entry in before - after])
+        conn.executemany("INSERT OR REPLACE INTO idx VALUES (?, ?, ?, ?, ?)",
+                         [(*entry, kind, doc_id) for entry in after - before])
+        for key, fields in tally_delta(kind, old, doc).items():
+            deltas[key] = add_tally(deltas.get(key, {}), fields)
+    for (name, bucket), delta in deltas.items():
+        row = conn.execute("SELECT doc FROM tally WHERE name = ? AND bucket = ?",
+                           (name, bucket)).fetchone()
+        total = add_tally(json.loads(row[0]) if row else {}, delta)
+        if total:
+            conn.execute("INSERT OR REPLACE INTO tally VALUES (?, ?, ?)",
+                         (name, bucket, json.dumps(total, sort_keys=True)))
+        else:
+            conn.execute("DELETE FROM tally WHERE name = ? AND bucket = ?", (name, bucket))
+
+
+def _check_indexes(conn: sqlite3.Connection) -> None:
+    """Rebuild the indexes when they are not those of this version's
+    :func:`~secfw.store.indexes.entries` at the current revision (the caller
+    holds the write lock)."""
+    meta = dict(conn.execute("SELECT key, value FROM meta"))
+    if (meta.get("index_version") == INDEX_VERSION
+            and meta.get("indexed_revision") == meta.get("revision")):
+        return
+    rows, totals = index_docs(_load(conn).docs)
+    conn.execute("DELETE FROM idx")
+    conn.execute("DELETE FROM tally")
+    conn.executemany("INSERT OR REPLACE INTO idx VALUES (?, ?, ?, ?, ?)", rows)
+    conn.executemany("INSERT INTO tally VALUES (?, ?, ?)",
+                     [(n, b, json.dumps(f, sort_keys=True)) for (n, b), f in totals.items()])
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('index_version', ?)", (INDEX_VERSION,))
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('indexed_revision', ?)",
+                 (meta.get("revision", 0),))
 
 
 @contextmanager

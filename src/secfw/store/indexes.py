@@ -1,0 +1,160 @@
+"""The store's derived indexes: what a write looks up by key instead of by kind.
+
+Both stores keep, beside every document, the **entries** and **tallies** this
+module derives from it, updated in the same transaction as the document
+(SQLite: tables ``idx`` and ``tally``; etcd: keys ``PREFIX/idx/…`` and
+``PREFIX/tally/…``). They are derived data: never dumped, rebuilt from the
+documents when a store is opened by a version that indexes differently (or was
+written by one that did not index), see :data:`INDEX_VERSION`.
+
+An entry is ``(index, bucket, item)`` for one document: "this document is in
+``bucket`` of ``index``", ``item`` ordering the bucket (the document's id, or
+for addresses the address as fixed-width hex so a range of addresses is a
+range of items). A tally is ``(name, bucket) -> {field: amount}`` summed over
+every document (a project's instances, cores and RAM), what quotas compare.
+
+Pure: documents in, tuples out; no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from secfw.model import tap_name
+
+#: Bump when :func:`entries` or :func:`tallies` change: stores rebuild on open.
+INDEX_VERSION = 1
+
+Entry = tuple[str, str, str]
+
+#: The kind of document each index holds.
+INDEX_KINDS = {
+    "group-name": "secgroup", "rules-by-group": "rule", "rules-by-remote": "rule",
+    "instances-by-group": "instance", "instance-name": "instance",
+    "ports-by-instance": "port", "ports-by-network": "port", "mac": "port", "tap": "port",
+    "ip": "port", "keypair-name": "keypair", "floating-by-port": "floatingip",
+    "volumes-by-instance": "volume", "snapshots-by-volume": "volume_snapshot",
+}
+#: The kind of document each tally sums.
+TALLY_KINDS = {"groups": "secgroup", "compute": "instance", "host": "instance"}
+
+Tallies = dict[tuple[str, str], dict[str, int]]
+
+
+def pair(first: str, second: str) -> str:
+    """A bucket made of two names (a project and a name): JSON, so no name can
+    be confused with another pair whatever characters it holds."""
+    return json.dumps([first, second])
+
+
+def address_bucket(network_id: str, version: int) -> str:
+    """The ``ip`` bucket of a network's IPv4 or IPv6 addresses."""
+    return f"{network_id}/{version}"
+
+
+def address_item(address: str) -> str:
+    """An address as a fixed-width hex item: items sort as the addresses do."""
+    parsed = ipaddress.ip_address(address)
+    return f"{int(parsed):0{8 if parsed.version == 4 else 32}x}"
+
+
+def entries(kind: str, doc_id: str, doc: dict[str, Any] | None) -> set[Entry]:
+    """The index entries of one document (none for None: a deleted document)."""
+    if doc is None:
+        return set()
+    found: set[Entry] = set()
+    for index, bucket, item in _raw_entries(kind, doc_id, doc):
+        if bucket:
+            found.add((index, bucket, item))
+    return found
+
+
+def _raw_entries(kind: str, doc_id: str, doc: dict[str, Any]) -> Iterable[Entry]:
+    get = doc.get
+    if kind == "secgroup":
+        yield "group-name", pair(get("project", ""), get("name", "")), doc_id
+    elif kind == "rule":
+        yield "rules-by-group", get("group_id") or "", doc_id
+        yield "rules-by-remote", get("remote_group_id") or "", doc_id
+    elif kind == "instance":
+        for group_id in get("security_groups") or ():
+            yield "instances-by-group", group_id, doc_id
+        yield "instance-name", pair(get("project", ""), get("name", "")), doc_id
+    elif kind == "port":
+        yield from _port_entries(doc_id, doc)
+    elif kind == "keypair":
+        yield "keypair-name", pair(get("project", ""), get("name", "")), doc_id
+    elif kind == "floatingip":
+        yield "floating-by-port", get("port_id") or "", doc_id
+    elif kind == "volume":
+        yield "volumes-by-instance", get("attached_to") or "", doc_id
+    elif kind == "volume_snapshot":
+        yield "snapshots-by-volume", get("volume_id") or "", doc_id
+
+
+def _port_entries(doc_id: str, doc: dict[str, Any]) -> Iterable[Entry]:
+    network = doc.get("network_id") or ""
+    yield "ports-by-instance", doc.get("instance_id") or "", doc_id
+    yield "ports-by-network", network, doc_id
+    yield "mac", doc.get("mac") or "", doc_id
+    yield "tap", tap_name(doc_id), doc_id
+    for address in (doc.get("ip"), doc.get("ip6")):
+        if address:
+            version = ipaddress.ip_address(address).version
+            yield "ip", address_bucket(network, version), address_item(address)
+
+
+def tallies(kind: str, doc: dict[str, Any] | None) -> Tallies:
+    """What one document adds to the tallies (nothing for None)."""
+    if doc is None:
+        return {}
+    if kind == "secgroup":
+        return {("groups", doc.get("project", "")): {"count": 1}}
+    if kind == "instance":
+        found: Tallies = {("compute", doc.get("project", "")): {
+            "instances": 1, "cores": int(doc.get("vcpus") or 0),
+            "ram": int(doc.get("ram_mb") or 0)}}
+        if doc.get("host") and doc.get("state", "ACTIVE") == "ACTIVE":
+            found[("host", doc["host"])] = {
+                "instances": 1, "vcpus": int(doc.get("vcpus") or 0),
+                "ram_mb": int(doc.get("ram_mb") or 0), "disk_gb": int(doc.get("disk_gb") or 0)}
+        return found
+    return {}
+
+
+def tally_delta(kind: str, old: dict[str, Any] | None, new: dict[str, Any] | None) -> Tallies:
+    """``tallies(new) - tallies(old)``, without the fields that did not move."""
+    delta: Tallies = {}
+    for sign, doc in ((-1, old), (1, new)):
+        for key, fields in tallies(kind, doc).items():
+            bucket = delta.setdefault(key, {})
+            for name, amount in fields.items():
+                bucket[name] = bucket.get(name, 0) + sign * amount
+    return {key: moved for key, fields in delta.items()
+            if (moved := {name: amount for name, amount in fields.items() if amount})}
+
+
+def add_tally(into: dict[str, int], delta: dict[str, int]) -> dict[str, int]:
+    """``into + delta`` field by field, zero fields dropped (an empty dict: nothing)."""
+    total = dict(into)
+    for name, amount in delta.items():
+        total[name] = total.get(name, 0) + amount
+    return {name: amount for name, amount in total.items() if amount}
+
+
+def index_docs(docs: dict[str, dict[str, dict[str, Any]]]
+               ) -> tuple[list[tuple[str, str, str, str, str]], Tallies]:
+    """Every entry ``(index, bucket, item, kind, id)`` and every tally of a whole
+    store's documents (a rebuild, and the fallback of a snapshot that has no
+    store-kept index)."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    totals: Tallies = {}
+    for kind, by_id in docs.items():
+        for doc_id, doc in by_id.items():
+            rows.extend((i, b, item, kind, doc_id) for i, b, item in entries(kind, doc_id, doc))
+            for key, fields in tallies(kind, doc).items():
+                totals[key] = add_tally(totals.get(key, {}), fields)
+    return rows, {key: fields for key, fields in totals.items() if fields}
