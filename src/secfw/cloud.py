@@ -456,7 +456,57 @@ _KEYED_VIEWS: dict[str, tuple[str, str]] = {
 _PAIR_INDEXES = {"group-name", "instance-name", "keypair-name"}
 
 
-class _KeyedKind(dict[str, Any]):
+class _LazyDict(dict[Any, Any]):
+    """A dict whose entries are read on first use: a key through
+    :meth:`_ensure`, everything through :meth:`_load_all` (iterating, sizing,
+    comparing). Subclasses say how a key and the whole are read."""
+
+    def _ensure(self, key: Any) -> None:
+        raise NotImplementedError
+
+    def _load_all(self) -> None:
+        raise NotImplementedError
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._ensure(key)
+        return dict.get(self, key, default)
+
+    def __delitem__(self, key: Any) -> None:
+        self._ensure(key)
+        dict.__delitem__(self, key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._ensure(key)
+        return dict.pop(self, key, *default)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._load_all()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._load_all()
+        return dict.__len__(self)
+
+    def keys(self) -> Any:
+        self._load_all()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._load_all()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._load_all()
+        return dict.items(self)
+
+    def __eq__(self, other: object) -> bool:
+        self._load_all()
+        return dict.__eq__(self, other)
+
+    __hash__ = None
+
+
+class _KeyedKind(_LazyDict):
     """The records of one kind in a lazy state: each id read when first asked
     for; the whole kind only when iterated."""
 
@@ -497,10 +547,6 @@ class _KeyedKind(dict[str, Any]):
         self._ensure(doc_id)
         return dict.__getitem__(self, doc_id)
 
-    def get(self, doc_id: str, default: Any = None) -> Any:
-        self._ensure(doc_id)
-        return dict.get(self, doc_id, default)
-
     def __contains__(self, doc_id: object) -> bool:
         if isinstance(doc_id, str):
             self._ensure(doc_id)
@@ -510,42 +556,9 @@ class _KeyedKind(dict[str, Any]):
         self._known.add(doc_id)
         dict.__setitem__(self, doc_id, record)
 
-    def __delitem__(self, doc_id: str) -> None:
-        self._ensure(doc_id)
-        dict.__delitem__(self, doc_id)
-
-    def pop(self, doc_id: str, *default: Any) -> Any:
-        self._ensure(doc_id)
-        return dict.pop(self, doc_id, *default)
-
-    def __iter__(self) -> Iterator[str]:
-        self._load_all()
-        return dict.__iter__(self)
-
-    def __len__(self) -> int:
-        self._load_all()
-        return dict.__len__(self)
-
-    def keys(self) -> Any:
-        self._load_all()
-        return dict.keys(self)
-
-    def values(self) -> Any:
-        self._load_all()
-        return dict.values(self)
-
-    def items(self) -> Any:
-        self._load_all()
-        return dict.items(self)
-
-    def __eq__(self, other: object) -> bool:
-        self._load_all()
-        return dict.__eq__(self, other)
-
-    __hash__ = None
 
 
-class _IndexView(dict[Any, Any]):
+class _IndexView(_LazyDict):
     """One index of a lazy state: a key's bucket read from the store's index
     when first touched, this state's own changes laid over it; iterating reads
     the whole kind and derives every bucket."""
@@ -638,47 +651,10 @@ class _IndexView(dict[Any, Any]):
             dict.__setitem__(self, key, set() if self._shape == "ids" else {})
         return dict.__getitem__(self, key)
 
-    def get(self, key: Any, default: Any = None) -> Any:
-        self._ensure(key)
-        return dict.get(self, key, default)
-
     def __setitem__(self, key: Any, value: Any) -> None:
         self._ensure(key)
         dict.__setitem__(self, key, value)
 
-    def __delitem__(self, key: Any) -> None:
-        self._ensure(key)
-        dict.__delitem__(self, key)
-
-    def pop(self, key: Any, *default: Any) -> Any:
-        self._ensure(key)
-        return dict.pop(self, key, *default)
-
-    def __iter__(self) -> Iterator[Any]:
-        self._load_all()
-        return dict.__iter__(self)
-
-    def __len__(self) -> int:
-        self._load_all()
-        return dict.__len__(self)
-
-    def keys(self) -> Any:
-        self._load_all()
-        return dict.keys(self)
-
-    def values(self) -> Any:
-        self._load_all()
-        return dict.values(self)
-
-    def items(self) -> Any:
-        self._load_all()
-        return dict.items(self)
-
-    def __eq__(self, other: object) -> bool:
-        self._load_all()
-        return dict.__eq__(self, other)
-
-    __hash__ = None
 
 
 class _LazyIds:
