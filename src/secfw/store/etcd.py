@@ -388,21 +388,23 @@ class EtcdStore(Store):
         of ours puts the marker once, so each event is one committed write.
         Blocking reads time out after :data:`WATCH_IDLE_S` without a message."""
         request = {"create_request": {"key": _b64(self._marker), "start_revision": str(start)}}
-
-        def connect(client: Etcd3Client) -> requests.Response:
-            response = client.session.post(client.get_url("/watch"), json=request, stream=True,
-                                           timeout=(CONNECT_TIMEOUT_S, WATCH_IDLE_S))
-            if response.status_code != requests.codes.ok:
-                response.close()
-                raise StoreError(f"store {self.url}: watch refused: HTTP {response.status_code}")
-            return response
-
-        return self._members.call("watch", connect)
+        return self._members.call("watch", lambda client: self._open_watch(client, request))
 
     def marker_revisions(self, response: requests.Response, start: int) -> Iterator[int | None]:
         """The revision of each write seen on a :meth:`watch_marker` stream, as
         it comes; None for a message without events (the watch's creation).
         Raises HistoryCompactedError when ``start`` is compacted."""
+        for events in self._watch_messages(response, start):
+            if not events:
+                yield None
+            for event in events:
+                yield int(event["kv"]["mod_revision"])
+
+    def _watch_messages(self, response: requests.Response,
+                        start: int) -> Iterator[list[dict[str, Any]]]:
+        """The events of each message of a watch stream, as they come (an empty
+        list for a message without events). Raises StoreError for a message that
+        is no watch result and HistoryCompactedError when ``start`` is compacted."""
         for line in response.iter_lines():
             if not line.strip():
                 continue
@@ -411,11 +413,7 @@ class EtcdStore(Store):
                 raise StoreError(f"store {self.url}: watch failed: {line[:200]!r}")
             if result.get("canceled"):
                 self._raise_canceled(result, start)
-            events = result.get("events", [])
-            if not events:
-                yield None
-            for event in events:
-                yield int(event["kv"]["mod_revision"])
+            yield result.get("events", [])
 
     @contextmanager
     def scan(self) -> Iterator[KindReader]:
@@ -473,15 +471,8 @@ class EtcdStore(Store):
         be split over several lists of events"), so one message holds a whole
         write; revisions without a marker event (keys of others, not ours) are
         skipped. Raises HistoryCompactedError when ``start`` is compacted."""
-        for line in response.iter_lines():
-            if not line.strip():
-                continue
-            result = json.loads(line).get("result")
-            if result is None:
-                raise StoreError(f"store {self.url}: watch failed: {line[:200]!r}")
-            if result.get("canceled"):
-                self._raise_canceled(result, start)
-            writes = self._writes(result.get("events", []))
+        for events in self._watch_messages(response, start):
+            writes = self._writes(events)
             if not writes:
                 yield None
             yield from writes
