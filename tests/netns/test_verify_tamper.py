@@ -895,6 +895,21 @@ def cli_verify(cloud: Any) -> tuple[int, list[dict[str, Any]]]:
     return result.exit_code, json.loads(result.stdout)["differences"]
 
 
+def add_accept_rule(cloud: Any, chain: str, cidr: str, protocol: str, first: int,
+                    last: int) -> None:
+    """Behind the agent's back: append to group ``chain`` an IPv4 rule accepting
+    ``protocol`` (tcp or udp) ports ``first``-``last`` from ``cidr``."""
+    number = {"tcp": 6, "udp": 17}[protocol]
+    if cloud.backend_name == "nftables":
+        ports = str(first) if first == last else f"{first}-{last}"
+        cloud.tamper("nft", f"add rule inet secfw {chain} meta nfproto ipv4 ip saddr {cidr} "
+                            f"meta l4proto {number} th dport {ports} accept")
+    else:
+        ports = str(first) if first == last else f"{first}:{last}"
+        cloud.tamper("iptables", "-A", chain, "-s", cidr, "-p", str(number), "-m", protocol,
+                     "--dport", ports, "-g", "secfw-allow")
+
+
 def test_verify_findings_one_can_replay(cloud: Any) -> None:
     """A tampering that changes nothing is no difference; three the random
     clouds met, each fixed in verify (README, Auditing), on every backend ×
@@ -932,21 +947,11 @@ def test_verify_findings_one_can_replay(cloud: Any) -> None:
 
     # 0. a rule that another one covers (tcp 80 from anywhere): no false alarm
     chain = cloud.group_chain("p", "web")
-    if cloud.backend_name == "nftables":
-        cloud.tamper("nft", f"add rule inet secfw {chain} meta nfproto ipv4 ip saddr "
-                            "203.0.113.0/24 meta l4proto 6 th dport 80 accept")
-    else:
-        cloud.tamper("iptables", "-A", chain, "-s", "203.0.113.0/24", "-p", "6", "-m", "tcp",
-                     "--dport", "80", "-g", "secfw-allow")
+    add_accept_rule(cloud, chain, "203.0.113.0/24", "tcp", 80, 80)
     assert cli_verify(cloud) == (0, [])
 
     # 1. an accept rule for other addresses and ports
-    if cloud.backend_name == "nftables":
-        cloud.tamper("nft", f"add rule inet secfw {chain} meta nfproto ipv4 ip saddr "
-                            "192.0.2.0/24 meta l4proto 17 th dport 443-65534 accept")
-    else:
-        cloud.tamper("iptables", "-A", chain, "-s", "192.0.2.0/24", "-p", "17", "-m", "udp",
-                     "--dport", "443:65534", "-g", "secfw-allow")
+    add_accept_rule(cloud, chain, "192.0.2.0/24", "udp", 443, 65534)
     status, rows = cli_verify(cloud)
     assert [(r["instance"], r["direction"]) for r in rows] == [("a", "ingress")], rows
     packet = rows[0]["packet"]
