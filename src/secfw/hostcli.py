@@ -23,6 +23,7 @@ import click
 from secfw.agent import AgentLoop, LoopSettings, SystemdNotifier
 from secfw.agent.daemon import configure_logging, log_event
 from secfw.agent.filewatch import SqliteWatcher
+from secfw.agent.gcsettle import GcSettler
 from secfw.agent.host import host_reconciler
 from secfw.agent.linkwatch import LinkWatcher
 from secfw.agent.loop import Trigger
@@ -334,7 +335,7 @@ def _run_loop(
     if metrics_address:
         metrics.serve(metrics_address)
     notifier = SystemdNotifier(settings.max_pass_seconds)
-    observers = [StatusWriter(state_dir, host), metrics, notifier]
+    observers = [StatusWriter(state_dir, host), metrics, notifier, GcSettler()]
     if register:
         observers.append(HostRegistrar(store, host))
     loop = AgentLoop(reconciler, settings, observers=observers)
