@@ -781,8 +781,8 @@ def test_foreign_objects_in_our_table_are_removed() -> None:
     state = KernelState.from_ruleset(ruleset)
     chains = {**state.chains, key("intruder-1"): ChainState(None, (RuleState("", ()),)),
               key("arp-intruder", "arp"): ChainState(None, ()),
-              key("forward-ingress"): replace(state.chains[key("forward-ingress")],
-                                                   rules=(RuleState("", ()),))}
+              key("forward-ingress"): ChainState(state.chains[key("forward-ingress")].hook,
+                                                 (RuleState("", ()),))}
     sets = {**state.sets, key("left.over"): SetState(("ifname",), (), False, frozenset())}
     commands = plan(KernelState(sets, chains, state.tables), ruleset).commands
     assert commands[0] == "flush chain inet secfw forward-ingress"

@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from secfw import keypairs
 from secfw.cloud import CloudState, first_free, free_addresses
 from secfw.errors import (
     ConflictError,
@@ -772,6 +771,10 @@ class Api:
 
         The private key is returned once (generated pairs only) and never stored.
         """
+        # Imported here: it loads cryptography (~0.3 s), which no other operation
+        # needs (the agent registers its host through this module).
+        from secfw import keypairs
+
         check_name(project, "project")
         check_name(name, "keypair name")
         private = None

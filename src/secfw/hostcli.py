@@ -16,18 +16,17 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from secfw.agent import AgentLoop, LoopSettings, SystemdNotifier
 from secfw.agent.daemon import configure_logging, log_event
-from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher
 from secfw.agent.filewatch import SqliteWatcher
+from secfw.agent.gcsettle import GcSettler
 from secfw.agent.host import host_reconciler
 from secfw.agent.linkwatch import LinkWatcher
 from secfw.agent.loop import Trigger
-from secfw.agent.metrics import AgentMetrics
 from secfw.agent.reconciler import Reconciler
 from secfw.agent.register import HostRegistrar, register_host
 from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
@@ -55,6 +54,9 @@ from secfw.errors import BackendError, SecfwError
 from secfw.model import check_host
 from secfw.output import emit
 from secfw.store import open_store
+
+if TYPE_CHECKING:
+    from secfw.agent.etcdwatch import EtcdWatcher
 
 _host_option = click.option("--host", required=True, help="The compute host.")
 _config_option = click.option(
@@ -324,6 +326,8 @@ def _run_loop(
     Only a bad --metrics-address or a backend that cannot be opened end it with
     an error; a store that cannot be read is a failing pass, retried.
     """
+    from secfw.agent.metrics import AgentMetrics  # prometheus_client: the daemon's only
+
     backend, topology = backend_topology
     store = ReopeningStore(store_url)
     reconciler = host_reconciler(store, host, config, backend, topology)
@@ -331,7 +335,7 @@ def _run_loop(
     if metrics_address:
         metrics.serve(metrics_address)
     notifier = SystemdNotifier(settings.max_pass_seconds)
-    observers = [StatusWriter(state_dir, host), metrics, notifier]
+    observers = [StatusWriter(state_dir, host), metrics, notifier, GcSettler()]
     if register:
         observers.append(HostRegistrar(store, host))
     loop = AgentLoop(reconciler, settings, observers=observers)
@@ -362,6 +366,8 @@ def _start_store_watcher(
     passes (:class:`ChangeFeed`); on SQLite, inotify on the file. Without
     inotify (an unusual file system) the poll alone notices changes."""
     if store_url.startswith("etcd://"):
+        from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher  # etcd3gw, requests
+
         feed = ChangeFeed()
         reconciler.feed = feed
         etcd = EtcdWatcher(store_url, lambda _revision: loop.wakeup.notify(Trigger("store")),

@@ -39,6 +39,7 @@ nothing a user types can reach a ruleset as syntax.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -296,9 +297,47 @@ def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressS
 
 @lru_cache(maxsize=1 << 17)
 def _clip(cidr: str, subnet: str) -> str | None:
-    """The part of ``cidr`` inside ``subnet`` (two CIDRs are nested or disjoint).
+    """The part of ``cidr`` inside ``subnet`` (two CIDRs are nested or disjoint):
+    ``cidr`` itself, ``subnet`` in canonical text, or None (other family, or
+    disjoint). Integer arithmetic on the two address spans; a text the fast
+    parser does not take goes to :func:`_clip_slow` (same answer, or its error).
     Cached: a same-net set is recomputed whole when one port of a big network
     changes, and every other address is the same as the time before."""
+    inner, outer = _span(cidr), _span(subnet)
+    if inner is None or outer is None:
+        return _clip_slow(cidr, subnet)
+    if inner[0] != outer[0]:
+        return None
+    if outer[1] <= inner[1] and inner[2] <= outer[2]:
+        return cidr
+    if inner[1] <= outer[1] and outer[2] <= inner[2]:  # rare: a pair covering the subnet
+        return ipaddress.ip_network(subnet).with_prefixlen
+    return None
+
+
+def _span(text: str) -> tuple[int, int, int] | None:
+    """(version, first, last) of the strict CIDR (or bare address) ``text``, or
+    None when the text is not in the plain form parsed here. ``inet_pton`` is
+    the C parser (it refuses IPv4 leading zeros, as :mod:`ipaddress` does);
+    host bits set, a zone or a netmask-form prefix return None."""
+    address, slash, prefix = text.partition("/")
+    version, family, bits = (6, socket.AF_INET6, 128) if ":" in address else (4, socket.AF_INET, 32)
+    try:
+        first = int.from_bytes(socket.inet_pton(family, address), "big")
+    except OSError:
+        return None
+    if not slash:
+        return version, first, first
+    if not (prefix.isascii() and prefix.isdigit() and len(prefix) <= 3 and int(prefix) <= bits):
+        return None
+    size = 1 << (bits - int(prefix))
+    if first & (size - 1):
+        return None
+    return version, first, first + size - 1
+
+
+def _clip_slow(cidr: str, subnet: str) -> str | None:
+    """:func:`_clip` by :mod:`ipaddress`, for the texts :func:`_span` does not take."""
     network, outer = ipaddress.ip_network(cidr), ipaddress.ip_network(subnet)
     if network.version != outer.version:
         return None
@@ -313,7 +352,8 @@ def port_addresses(port: Port, family: Family) -> list[str]:
     remote-group rules)."""
     fixed = port.ip if family == "ipv4" else port.ip6
     version = 4 if family == "ipv4" else 6
-    pairs = [c for c, _ in port.address_pairs() if ipaddress.ip_network(c).version == version]
+    # A validated CIDR is IPv6 exactly when its text has a colon (no parse needed).
+    pairs = [c for c, _ in port.address_pairs() if (":" in c) == (version == 6)]
     return ([fixed] if fixed else []) + pairs
 
 

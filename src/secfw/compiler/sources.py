@@ -101,6 +101,14 @@ def shared_fixed_addresses(ports: Iterable[PortPolicy]) -> dict[str, str]:
     host routes an instance's address to its tap (a /32 or /128 route), and one
     address cannot lead to two taps: the agent keeps these taps closed rather than
     let the host's routing pick one of them (docs/agent.md)."""
+    ports = tuple(ports)
+    # The usual answer is "none", asked on every pass: one C-level pass over the
+    # (cached) canonical addresses decides it; the per-port walk runs only when
+    # some address really is there twice.
+    hosts = [*map(_host, itertools.chain.from_iterable(p.ipv4 for p in ports)),
+             *map(_host, itertools.chain.from_iterable(p.ipv6 for p in ports))]
+    if len(set(hosts)) == len(hosts):
+        return {}
     taps: dict[str, list[PortPolicy]] = {}
     for port in ports:
         for address in (*port.ipv4, *port.ipv6):

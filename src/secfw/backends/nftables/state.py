@@ -90,12 +90,50 @@ class RuleState(NamedTuple):
     expr: Canon
 
 
-@dataclass(frozen=True)
 class ChainState:
-    """A chain: its hook (None for a regular chain) and its rules in order."""
+    """A chain: its hook (None for a regular chain) and its rules in order.
+    Read-only; equal when hook and rules are.
 
-    hook: Hook | None
-    rules: tuple[RuleState, ...]
+    The desired side's (:meth:`of`) rules are canonicalised on first access:
+    the planner reads ``rules`` only for a chain the kernel already holds (a new
+    chain is added from the rendered rules' text), so a sync into an empty table
+    canonicalises nothing (measured: 2.7 s of a 10 s one-shot agent pass at 1k
+    ports under cProfile, for 5,116 rules).
+    """
+
+    __slots__ = ("_chain", "_rules", "hook")
+
+    def __init__(self, hook: Hook | None, rules: tuple[RuleState, ...]) -> None:
+        self.hook = hook
+        self._rules: tuple[RuleState, ...] | None = rules
+        self._chain: Chain | None = None
+
+    @classmethod
+    def of(cls, chain: Chain) -> ChainState:
+        """The state of a rendered chain, its rules canonicalised when first read."""
+        state = cls(chain.hook, ())
+        state._rules, state._chain = None, chain
+        return state
+
+    @property
+    def rules(self) -> tuple[RuleState, ...]:
+        """The rules' states (:func:`rule_state`), in order."""
+        if self._rules is None:
+            assert self._chain is not None
+            self._rules = tuple(rule_state(r) for r in self._chain.rules)
+            self._chain = None
+        return self._rules
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ChainState):
+            return NotImplemented
+        return self is other or (self.hook == other.hook and self.rules == other.rules)
+
+    def __hash__(self) -> int:
+        return hash((self.hook, self.rules))
+
+    def __repr__(self) -> str:
+        return f"ChainState(hook={self.hook!r}, rules={self.rules!r})"
 
 
 @dataclass(frozen=True)
@@ -200,7 +238,7 @@ def _patched(base: KernelState, delta: Delta) -> KernelState:
 
 
 def _chain_state(chain: Chain) -> ChainState:
-    return ChainState(chain.hook, tuple(rule_state(r) for r in chain.rules))
+    return ChainState.of(chain)
 
 
 #: Rendered rules' states by comment (a rendered comment is a digest of the
