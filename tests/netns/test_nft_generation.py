@@ -1,0 +1,72 @@
+"""The nftables generation id (secfw.backends.nftables.generation) in a real
+namespace: it moves on every commit — secfw's, someone's ``nft``, an
+iptables-nft change — and on nothing else (a listing, an iptables-legacy
+change, a failed transaction, another namespace's commit)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+
+import pytest
+
+from secfw.backends.nftables.executor import NftablesExecutor
+from secfw.backends.nftables.generation import GenerationReader, next_generation
+
+
+def _in(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], check=check,
+                          capture_output=True, text=True)
+
+
+def test_the_generation_moves_on_every_commit_and_only_then(
+        scratch_ns: Callable[[], str]) -> None:
+    ns, other = scratch_ns(), scratch_ns()
+    reader = GenerationReader(ns)
+    start = reader.read()
+    assert reader.read() == start  # asking moves nothing
+
+    NftablesExecutor(ns).apply_text("add table inet secfw\n")  # ours
+    assert reader.read() == next_generation(start)
+    ours = reader.read()
+
+    _in(ns, "nft", "list", "ruleset")  # a listing is no commit
+    NftablesExecutor(ns).read_json()
+    assert reader.read() == ours
+
+    failed = _in(ns, "nft", "add", "rule", "inet", "secfw", "nochain", "accept", check=False)
+    assert failed.returncode != 0  # a refused transaction commits nothing
+    assert reader.read() == ours
+
+    _in(other, "nft", "add", "table", "inet", "elsewhere")  # another namespace
+    assert reader.read() == ours
+
+    _in(ns, "nft", "add", "table", "ip", "someone")  # someone else's table
+    assert reader.read() == next_generation(ours)
+
+
+@pytest.mark.skipif(shutil.which("iptables-nft") is None, reason="no iptables-nft")
+def test_iptables_nft_moves_it_and_iptables_legacy_does_not(
+        scratch_ns: Callable[[], str]) -> None:
+    ns = scratch_ns()
+    reader = GenerationReader(ns)
+    before = reader.read()
+    _in(ns, "iptables-nft", "-A", "INPUT", "-s", "192.0.2.1", "-j", "DROP")
+    after = reader.read()
+    assert after != before
+    if shutil.which("iptables-legacy") is not None:
+        _in(ns, "iptables-legacy", "-A", "INPUT", "-s", "192.0.2.1", "-j", "DROP")
+        assert reader.read() == after
+
+
+def test_each_namespace_has_its_own_identity(scratch_ns: Callable[[], str]) -> None:
+    one, two = GenerationReader(scratch_ns()), GenerationReader(scratch_ns())
+    assert one.namespace() and two.namespace()
+    assert one.namespace() != two.namespace()
+    assert one.namespace() == one.namespace()
+
+
+def test_next_generation_wraps_past_zero() -> None:
+    assert next_generation(1) == 2
+    assert next_generation(0xFFFFFFFF) == 1
