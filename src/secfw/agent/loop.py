@@ -152,6 +152,10 @@ class AgentStatus:
     last_full_sync: float | None = None
     #: The last background kernel check that found the kernel as committed.
     last_kernel_check: float | None = None
+    #: Background kernel checks finished, and how many of them needed no
+    #: read-back (the nftables generation had not moved: secfw.agent.resync).
+    kernel_checks: int = 0
+    kernel_checks_skipped: int = 0
     revision: int | None = None
     store_revision: int | None = None
     ports: int = 0
@@ -474,7 +478,9 @@ class AgentLoop:
         what was committed; a full pass (it repairs) when it differs or the check
         failed; another check when the loop's own commits spoilt it (a full pass
         after :data:`ATTEMPTS` of them)."""
-        if result.outcome == "same":
+        self.status.kernel_checks += 1
+        if result.outcome in ("same", "unchanged"):
+            self.status.kernel_checks_skipped += result.outcome == "unchanged"
             self._void_checks = 0
             self.status.last_kernel_check = self.wall()
             return

@@ -20,6 +20,9 @@ drift_repairs_total             counter   kernel state changed behind the agent'
                                           repaired (by a full pass, or br_netfilter's
                                           switches turned back on)
 link_events_total{event}        counter   taps appearing / disappearing (event=appeared|gone)
+kernel_checks_total{readback}   counter   periodic kernel checks done (readback=read: the
+                                          tables listed; skipped: the nftables generation
+                                          had not moved since the kernel held them)
 ports                           gauge     ports filtered on this host
 set_elements                    gauge     elements in secfw's sets and maps
 unknown_taps                    gauge     taps no port claims (dropped: fail closed)
@@ -99,6 +102,12 @@ class AgentMetrics(LoopObserver):
             self.failures.labels(reason)
         for event in ("appeared", "gone"):
             self.link_events.labels(event)
+        self.kernel_checks = Counter(
+            PREFIX + "kernel_checks", "Periodic kernel checks (readback=read|skipped).",
+            ["readback"], registry=reg)
+        self._checks_seen = (0, 0)
+        for readback in ("read", "skipped"):
+            self.kernel_checks.labels(readback)
 
     def _define_gauges(self) -> None:
         reg = self.registry
@@ -156,12 +165,22 @@ class AgentMetrics(LoopObserver):
         # Repairs by a pass and by the kernel guard (br_netfilter) alike.
         self.drift_repairs.inc(max(0, status.drift_repairs - self._drift_seen))
         self._drift_seen = max(self._drift_seen, status.drift_repairs)
+        self._count_checks(status)
         if status.revision is not None:
             self.applied_revision.set(status.revision)
         if status.store_revision is not None:
             self.store_revision.set(status.store_revision)
         if status.last_sync is not None:
             self.last_sync.set(status.last_sync)
+
+    def _count_checks(self, status: AgentStatus) -> None:
+        """Mirror the status's kernel-check counts in ``kernel_checks_total``."""
+        skipped = status.kernel_checks_skipped
+        read = status.kernel_checks - skipped
+        seen_read, seen_skipped = self._checks_seen
+        self.kernel_checks.labels("read").inc(max(0, read - seen_read))
+        self.kernel_checks.labels("skipped").inc(max(0, skipped - seen_skipped))
+        self._checks_seen = (max(read, seen_read), max(skipped, seen_skipped))
 
     def on_stop(self, status: AgentStatus) -> None:
         """Stop serving (the process is about to exit)."""

@@ -155,6 +155,21 @@ class SyncResult:
         }
 
 
+def _ours(base: int | None, commit: tuple[int, int] | None) -> int | None:
+    """The generation the kernel holds our commit at, or None when that cannot
+    be told. ``base``: the generation at which the kernel held exactly what the
+    plan was made from; ``commit``: the generations read just before and just
+    after our transaction, given by the backend only when exactly one commit
+    (ours) happened in between. Only an unbroken chain counts — nothing
+    committed between ``base`` and our transaction either (``before == base``) —
+    so a change someone made earlier is never taken for part of ours
+    (docs/agent.md, "Resync")."""
+    if base is None or commit is None:
+        return None
+    before, after = commit
+    return after if before == base else None
+
+
 def _accept_all(desired: HostFilter) -> None:
     """A check that refuses nothing (a backend without ``check``)."""
 
@@ -196,8 +211,15 @@ class Reconciler:
         # apply and every invalidation moves ``_epoch``, under ``_epoch_lock``.
         self._epoch_lock = threading.Lock()
         self._epoch = 0
-        # (epoch, backend, state): the table close_if_absent read (_kernel_state).
-        self._kept_read: tuple[int, Any, Any] | None = None
+        # (epoch, backend, state, generation): the table close_if_absent read
+        # (_kernel_state) and the nftables generation it was read at.
+        self._kept_read: tuple[int, Any, Any, int | None] | None = None
+        # (epoch, generation): the backend's generation (nftables: the
+        # namespace's commit counter, backends/nftables/generation.py) at which
+        # the kernel held ``_committed`` — known only along an unbroken chain
+        # (see _ours); valid for that epoch only, so every invalidation drops it.
+        self._generation: tuple[int, int] | None = None
+        self._probe: tuple[Any, Callable[[], int | None] | None] | None = None
 
     @property
     def applied_revision(self) -> int | None:
@@ -228,6 +250,31 @@ class Reconciler:
         :meth:`reference` returned, plus whatever someone else did."""
         with self._epoch_lock:
             return self._epoch
+
+    def known_generation(self, epoch: int) -> int | None:
+        """The generation at which the kernel held what :meth:`reference`
+        returned for ``epoch``; None when unknown (or another epoch)."""
+        with self._epoch_lock:
+            known = self._generation
+        return known[1] if known is not None and known[0] == epoch else None
+
+    def confirm_generation(self, epoch: int, generation: int) -> None:
+        """A kernel check read the tables back at ``generation`` (the same
+        before and after the listing) and found what was committed at
+        ``epoch``: remember it, unless the loop has moved on since."""
+        with self._epoch_lock:
+            if self._epoch == epoch and self._committed_valid:
+                self._generation = (epoch, generation)
+
+    def generation_probe(self) -> Callable[[], int | None] | None:
+        """A function reading the backend's current generation, callable from
+        any thread (None result: unknown); None when the backend has no
+        generation covering all it reads back (iptables: ipsets have none)."""
+        backend = self.backend
+        if self._probe is None or self._probe[0] is not backend:
+            make = getattr(backend, "generation", None)
+            self._probe = (backend, make() if make is not None else None)
+        return self._probe[1]
 
     def kernel_reader(self) -> Callable[[], Any] | None:
         """A function reading secfw's tables back that is safe to call on
@@ -304,16 +351,16 @@ class Reconciler:
         topology they really have)."""
         started = time.perf_counter()
         self.check_topology()
-        state = None
+        state, generation = None, None
         try:
-            state = self._readable_state()
+            state, generation = self._readable_state()
             if state is not None:
                 return None
             return self._converge(closed_filter(self.host), 0, True, started, current=None)
         finally:
             self.invalidate()
             if state is not None:
-                self._kept_read = (self.epoch(), self.backend, state)
+                self._kept_read = (self.epoch(), self.backend, state, generation)
 
     def links_changed(self) -> None:
         """A tap appeared, went or changed its bridge: the next pass checks the
@@ -360,24 +407,35 @@ class Reconciler:
             log_event(log, logging.WARNING, "closed", reason="topology",
                       topology=topology or ours, commands=plan.size)
 
-    def _readable_state(self) -> Any:
+    def _readable_state(self) -> tuple[Any, int | None]:
         """secfw's table(s) read back, or None when absent — or unreadable: a table
-        the backend cannot parse is replaced, never trusted."""
+        the backend cannot parse is replaced, never trusted; with the generation
+        it was read at (:meth:`_read_back`)."""
         try:
-            return self.backend.read()
+            return self._read_back()
         except SecfwError as exc:
             log_event(log, logging.WARNING, "unreadable_table", error=str(exc),
                       action="replaced by the closed filter")
-            return None
+            return None, None
 
-    def _kernel_state(self) -> Any:
-        """What a full pass compares with: the kernel read back now — or the
-        listing :meth:`close_if_absent` made, when no transaction and no failure
-        came between (same epoch, same backend)."""
+    def _read_back(self) -> tuple[Any, int | None]:
+        """The kernel read back, and the generation it was read at: the same
+        generation before and after the listing means no transaction committed
+        meanwhile, so the listing is that generation's content (else None)."""
+        probe = self.generation_probe()
+        before = probe() if probe is not None else None
+        state = self.backend.read()
+        after = probe() if probe is not None else None
+        return state, before if before is not None and before == after else None
+
+    def _kernel_state(self) -> tuple[Any, int | None]:
+        """What a full pass compares with, and its generation: the kernel read
+        back now — or the listing :meth:`close_if_absent` made, when no
+        transaction and no failure came between (same epoch, same backend)."""
         kept, self._kept_read = self._kept_read, None
         if kept is not None and kept[0] == self.epoch() and kept[1] is self.backend:
-            return kept[2]
-        return self.backend.read()
+            return kept[2], kept[3]
+        return self._read_back()
 
     def hold(self, reason: str = "store") -> SyncResult | None:
         """After a failed pass: keep the kernel safe without what failed.
@@ -398,7 +456,7 @@ class Reconciler:
                     compile_host(self.cloud, self.host, self.config.allow_same_net_traffic),
                     self.config.metadata_listen)
                 return self._converge(desired, self.cloud.revision, True, started)
-            if self._readable_state() is not None:
+            if self._readable_state()[0] is not None:
                 return None
             return self._converge(closed_filter(self.host), 0, True, started, current=None)
         finally:
@@ -415,21 +473,27 @@ class Reconciler:
         self, desired: HostFilter, revision: int, full: bool, started: float, **known: Any
     ) -> SyncResult:
         """Make the kernel hold ``desired``; ``known["current"]`` skips the read-back."""
+        base: int | None = None  # the generation at which the kernel held ``current``
         if "current" in known:
             current = known["current"]
+        elif full:
+            current, base = self._kernel_state()
         else:
-            current = self._kernel_state() if full else self._committed
+            current, base = self._committed, self.known_generation(self.epoch())
         desired, plan = self._plan(current, desired)
         drift = self._drift(current, plan) if full else None
+        generation = base
         if not plan.empty:
             self.invalidate()  # the kernel changes: a concurrent kernel check is void
             self.backend.apply(plan)
+            generation = _ours(base, getattr(self.backend, "last_commit", None))
         committed = self.backend.committed(desired)
         with self._epoch_lock:
             # An empty plan left the kernel as it was: the epoch stays (a kernel
             # check running meanwhile remains valid).
             self._epoch += 0 if plan.empty and self._committed_valid else 1
             self._committed, self._committed_valid = committed, True
+            self._generation = None if generation is None else (self._epoch, generation)
         self._last_applied, self._has_applied = self._committed, True
         return SyncResult(
             revision, full, plan.size, len(desired.ports), time.perf_counter() - started,

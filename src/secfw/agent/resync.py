@@ -22,6 +22,15 @@ repeated, :data:`ATTEMPTS` times, then the loop runs a full pass.
 
 Tampering that happens after the listing was taken is found by the next
 check, exactly as tampering just after a full pass's read-back always was.
+
+No listing at all when the backend has a generation (nftables: the namespace's
+commit counter, :mod:`secfw.backends.nftables.generation`) and the reconciler
+knows the generation at which the kernel held its reference: the same
+generation now means no transaction of anyone's committed since, so the kernel
+still holds it (outcome ``unchanged``). A listing that finds the reference,
+with the generation the same before and after it, teaches the reconciler that
+generation (:meth:`Checked.confirm_generation`), so a chain broken by someone
+else's commit costs one read-back.
 """
 
 from __future__ import annotations
@@ -44,14 +53,21 @@ class Checked(Protocol):
 
     def epoch(self) -> int: ...
 
+    def known_generation(self, epoch: int) -> int | None: ...
+
+    def confirm_generation(self, epoch: int, generation: int) -> None: ...
+
+    def generation_probe(self) -> Callable[[], int | None] | None: ...
+
 
 @dataclass(frozen=True)
 class CheckResult:
     """``outcome``: ``same`` (the kernel holds what the loop committed),
-    ``differs`` (drift: a full pass must repair it), ``void`` (the loop
-    committed during the listing, or knew nothing to compare with: try again)
-    or ``failed`` (the read-back raised: ``error``). ``seconds``: the listing
-    and comparison."""
+    ``unchanged`` (the same, known without a read-back: the generation has not
+    moved since the kernel held it), ``differs`` (drift: a full pass must
+    repair it), ``void`` (the loop committed during the listing, or knew
+    nothing to compare with: try again) or ``failed`` (the read-back raised:
+    ``error``). ``seconds``: the listing and comparison."""
 
     outcome: str
     seconds: float
@@ -106,17 +122,28 @@ class KernelCheck:
 
 
 def compare(reconciler: Checked, read: Callable[[], Any]) -> str:
-    """``same``, ``differs`` or ``void`` (see :class:`CheckResult`): the kernel
-    read with ``read`` against the reconciler's reference, when the epoch held
-    still across the listing — else object by object (:func:`by_object`)."""
+    """``unchanged``, ``same``, ``differs`` or ``void`` (see :class:`CheckResult`):
+    ``unchanged`` when the generation is the one the reference was held at;
+    else the kernel read with ``read`` against the reconciler's reference, when
+    the epoch held still across the listing — else object by object
+    (:func:`by_object`)."""
     reference = reconciler.reference()
     if reference is None:
         return "void"
     epoch, expected = reference
+    probe = reconciler.generation_probe()
+    before = probe() if probe is not None else None
+    if before is not None and before == reconciler.known_generation(epoch):
+        return "unchanged"
     actual = read()
+    later = probe() if probe is not None else None
     after = reconciler.reference()
     if after is not None and after[0] == epoch:
-        return "same" if actual == expected else "differs"
+        if actual != expected:
+            return "differs"
+        if before is not None and before == later:  # no commit during the listing
+            reconciler.confirm_generation(epoch, before)
+        return "same"
     return "void" if after is None else by_object(actual, expected, after[1])
 
 

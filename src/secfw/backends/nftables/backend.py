@@ -48,6 +48,8 @@ class NftablesBackend:
             self.flowtable = FlowtablePath(flowtable, topology)
         except ValueError as exc:
             raise BackendError(str(exc)) from None
+        #: The generations around the last :meth:`apply` (executor.last_commit).
+        self.last_commit: tuple[int, int] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -104,6 +106,24 @@ class NftablesBackend:
 
         return read
 
+    def generation(self) -> Callable[[], int | None]:
+        """A function, callable from any thread, reading the namespace's nftables
+        generation (secfw.backends.nftables.generation); it returns None when the
+        generation cannot be read — and on a bridged host whose br_netfilter
+        switches are off, as :meth:`read` counts that as a lost state."""
+        netns, topology = self.executor.netns, self.topology
+        reader = self.executor.generation_reader()
+
+        def current() -> int | None:
+            if reader is None or (topology == "bridged" and not bridge_netfilter_enabled(netns)):
+                return None
+            try:
+                return reader.read()
+            except BackendError:
+                return None
+
+        return current
+
     def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
         """The minimal transaction from ``current`` (None: unknown/absent) to ``desired``."""
         _, ruleset, want = self._rendered(desired)
@@ -122,9 +142,12 @@ class NftablesBackend:
             raise BackendError(f"nftables: cannot apply a {type(plan).__name__}")
         if self.topology == "bridged":  # before the marks: they are useless without it
             self._enable_bridge_netfilter()
+        self.last_commit = None
         self.executor.apply(plan)
+        self.last_commit = self.executor.last_commit if not plan.empty else None
         if self.flowtable.enabled:
             self._sync_flowtable()
+            self.last_commit = None  # two transactions: not one bump to account for
 
     def _sync_flowtable(self) -> None:
         """The flowtable lists the desired ports' taps that exist (a flowtable

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import nftables
 
+from secfw.backends.nftables.generation import GenerationReader, next_generation
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.syntax import FAMILIES, TABLE, table_header
@@ -48,6 +49,28 @@ class NftablesExecutor:
             raise BackendError(f"nftables: {netns!r} is not a network namespace name")
         self.netns = netns
         self._nft = self._call(self._open)
+        self._generations: GenerationReader | None = None
+        #: ``(before, after)``: the namespace's nftables generation read just
+        #: before and just after the last successful :meth:`apply_text`, when
+        #: ``after`` is the generation right after ``before`` — exactly one
+        #: commit, ours, in between, so ``after`` is the generation our commit
+        #: produced (generation module). None otherwise (two commits or more:
+        #: someone else's among them; unreadable; before any apply).
+        self.last_commit: tuple[int, int] | None = None
+
+    def generation(self) -> int | None:
+        """The namespace's nftables generation now (generation module), or None
+        when it cannot be read (the caller then reads the tables back)."""
+        try:
+            if self._generations is None:
+                self._generations = GenerationReader(self.netns)
+            return self._generations.read()
+        except BackendError:
+            return None
+
+    def generation_reader(self) -> GenerationReader | None:
+        """The reader :meth:`generation` uses (thread-safe), or None."""
+        return self._generations if self.generation() is not None else None
 
     @staticmethod
     def _open() -> nftables.Nftables:
@@ -104,10 +127,16 @@ class NftablesExecutor:
             release_free_memory()
 
     def apply_text(self, text: str) -> None:
-        """Commit a native-syntax batch (as ``nft -f``) atomically."""
+        """Commit a native-syntax batch (as ``nft -f``) atomically; the
+        generation is read around it (:attr:`last_commit`)."""
+        self.last_commit = None
+        before = self.generation()
         rc, _out, err = self._call(lambda: self._nft.cmd(text))
         if rc != 0:
             raise BackendError(f"nft: {_first_line(err)}")
+        after = self.generation()
+        if before is not None and after is not None and after == next_generation(before):
+            self.last_commit = (before, after)
 
     def apply_json(self, document: dict[str, Any]) -> None:
         """Commit a libnftables JSON batch (``{"nftables": [...]}``) atomically."""
