@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,13 @@ def gate_reads(reconciler: Any, gate: threading.Event) -> list[int]:
     return reads
 
 
+def commit_elsewhere(cloud: Any) -> None:
+    """A commit in the host's namespace that leaves secfw's tables alone
+    (nftables: it moves the generation; iptables: nothing to do)."""
+    if cloud.backend_name == "nftables":
+        cloud.tamper("nft", f"add table ip other{uuid.uuid4().hex[:8]}")
+
+
 def tamper_open_22(cloud: Any) -> None:
     """Open tcp/22 behind the agent's back, the way test_drift.py does."""
     if cloud.backend_name == "nftables":  # a chain the rule added meanwhile leaves alone
@@ -70,7 +78,11 @@ def test_change_and_tampering_while_the_resync_reads_back(cloud: Any) -> None:
     web80(cloud)
     reconciler = cloud._reconciler
     # The read-back of an untouched kernel equals what was committed (else every
-    # resync would end in a full pass: the stall again).
+    # resync would end in a full pass: the stall again). Someone else's commit
+    # (a table of their own) moves the nftables generation first, so the check
+    # does read back (it skips the read-back while the generation holds still:
+    # test_resync_generation_packets.py).
+    commit_elsewhere(cloud)
     assert compare(reconciler, reconciler.kernel_reader()) == "same"
     gate = threading.Event()
     reads = gate_reads(reconciler, gate)
@@ -78,6 +90,7 @@ def test_change_and_tampering_while_the_resync_reads_back(cloud: Any) -> None:
     loop = AgentLoop(reconciler, LoopSettings(resync_interval=60), clock=clock)
     try:
         loop.step()  # the loop's first pass (full): nothing to change
+        commit_elsewhere(cloud)
         clock.now += 61
         loop.step()  # resync: the read-back starts and waits on the gate
         assert loop.kernel_check.running
