@@ -70,6 +70,14 @@ class TimedBackend:
         it runs on its own thread, beside the passes)."""
         return self.inner.reader()
 
+    def generation(self) -> Callable[[], int | None]:
+        """The backend's generation reader (the resync's shortcut)."""
+        return self.inner.generation()
+
+    @property
+    def last_commit(self) -> tuple[int, int] | None:
+        return self.inner.last_commit
+
 
 class AgentSession:
     """An in-process agent in namespace ``ns`` (see the module doc)."""

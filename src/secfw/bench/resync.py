@@ -13,6 +13,13 @@ check was still running when its pass ended; the check's own duration is
 reported beside it (what a change used to wait for), and so is the same change
 made just before, with no check running (``idle_store_to_kernel_ms``: what the
 read-back beside the pass costs it).
+
+The agent reads back only when the namespace's nftables generation moved since
+the kernel last held what it committed (docs/agent.md, "Resync"): the bench
+first commits elsewhere in the namespace (a table of its own, added and deleted
+in one transaction), so that read-back runs. ``without_readback`` is the same
+measure with nothing committed meanwhile: the check's outcome (``unchanged``:
+no listing) and the changes made right after the resync started.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import random
 import time
 
 from secfw.agent import AgentLoop, LoopSettings
+from secfw.agent.resync import CheckResult
+from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.bench.common import Row, median, rounded
 from secfw.bench.incremental import MS, AgentSession, member_added
 from secfw.bench.workload import BenchCloud
@@ -52,6 +61,8 @@ def changes_during_resync(session: AgentSession, cloud: BenchCloud, ports: int,
     try:
         idle = [_one_change(loop, session, cloud, random.Random(seed - 1 - i))
                 for i in range(IDLE_CHANGES)]
+        shortcut = _without_readback(loop, clock, session, cloud, seed)
+        _commit_elsewhere(session)
         clock.now += 61.0
         started = time.perf_counter()
         loop.step()
@@ -73,10 +84,48 @@ def changes_during_resync(session: AgentSession, cloud: BenchCloud, ports: int,
             "idle_store_to_kernel_ms": rounded(
                 median([r["store_to_kernel_ms"] for r in idle]), 2),
             "runs": runs,
+            "without_readback": shortcut,
         }
     finally:
         loop.kernel_check.join(CHECK_TIMEOUT)
         loop.wakeup.close()
+
+
+def _commit_elsewhere(session: AgentSession) -> None:
+    """One transaction in the agent's namespace that leaves secfw's tables alone:
+    the generation moves, so the next kernel check reads back."""
+    executor = NftablesExecutor(session.backend.inner.executor.netns)
+    executor.apply_text("add table ip bench_elsewhere\ndelete table ip bench_elsewhere\n")
+
+
+def _without_readback(loop: AgentLoop, clock: _Clock, session: AgentSession,
+                      cloud: BenchCloud, seed: int) -> Row:
+    """A resync with nothing committed since the agent's last pass: the check's
+    outcome and time, and changes made right after it started."""
+    outcomes: list[tuple[str, float]] = []
+    checked = loop._checked
+
+    def record(result: CheckResult) -> None:
+        outcomes.append((result.outcome, result.seconds))
+        checked(result)
+
+    loop._checked = record  # type: ignore[method-assign]
+    try:
+        clock.now += 61.0
+        loop.step()
+        runs = [_one_change(loop, session, cloud, random.Random(seed + 100 + i))
+                for i in range(CHANGES)]
+        loop.kernel_check.join(CHECK_TIMEOUT)
+        loop.step()  # takes the check's result
+    finally:
+        loop._checked = checked  # type: ignore[method-assign]
+    return {
+        "check_outcome": outcomes[0][0] if outcomes else None,
+        "kernel_checks_skipped": loop.status.kernel_checks_skipped,
+        "check_ms": round(outcomes[0][1] * MS, 3) if outcomes else None,
+        "store_to_kernel_ms": rounded(median([r["store_to_kernel_ms"] for r in runs]), 2),
+        "max_store_to_kernel_ms": max(r["store_to_kernel_ms"] for r in runs),
+    }
 
 
 def _one_change(loop: AgentLoop, session: AgentSession, cloud: BenchCloud,
