@@ -25,6 +25,7 @@ from secfw.agent.daemon import configure_logging, log_event
 from secfw.agent.filewatch import SqliteWatcher
 from secfw.agent.gcsettle import GcSettler
 from secfw.agent.host import host_reconciler
+from secfw.agent.kernelrecord import KernelRecord, record_path
 from secfw.agent.linkwatch import LinkWatcher
 from secfw.agent.loop import Trigger
 from secfw.agent.reconciler import Reconciler
@@ -244,7 +245,7 @@ def agent_command(
         raise click.UsageError("--flowtable (or the config's flowtable) needs "
                                "--backend nftables.")
     if once:
-        _run_once(state.store_url, host, config, backend, topology)
+        _run_once(state.store_url, host, config, backend, topology, Path(state_dir))
         if register:
             _register(state.store_url, host)
         return
@@ -267,7 +268,8 @@ def agent_config(config_path: str | None, metadata_listen: str | None,
 
 
 def _run_once(
-    store_url: str, host: str, config: Config, backend: str, topology: str
+    store_url: str, host: str, config: Config, backend: str, topology: str,
+    state_dir: Path | None = None,
 ) -> None:
     """One full sync; logs ``sync … commands=N`` (other tools rely on that line).
 
@@ -277,9 +279,12 @@ def _run_once(
     """
     reconciler = host_reconciler(open_store(store_url), host, config,
                                  backend, topology)
+    if state_dir is not None:  # no read-back when the kernel provably holds the ruleset
+        reconciler.kernel_record = KernelRecord(record_path(state_dir, host))
     try:
         reconciler.close_if_absent()
         result = reconciler.reconcile(full=True)
+        reconciler.remember_kernel()
     except SecfwError as exc:
         held = _hold_after(reconciler, exc)
         log_event(_log, logging.ERROR, "sync_failed", error=str(exc),
@@ -331,6 +336,7 @@ def _run_loop(
     backend, topology = backend_topology
     store = ReopeningStore(store_url)
     reconciler = host_reconciler(store, host, config, backend, topology)
+    reconciler.kernel_record = KernelRecord(record_path(state_dir, host))
     metrics = AgentMetrics()
     if metrics_address:
         metrics.serve(metrics_address)

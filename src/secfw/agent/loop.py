@@ -375,6 +375,7 @@ class AgentLoop:
             if self.stopping:
                 break
             self.wakeup.wait(delay)
+        self._remember()
         log_event(log, logging.INFO, "stopped", revision=self.status.revision,
                   reason="the last ruleset stays in force")
         self._notify("on_stop", self.status)
@@ -482,6 +483,7 @@ class AgentLoop:
         if result.outcome in ("same", "unchanged"):
             self.status.kernel_checks_skipped += result.outcome == "unchanged"
             self._void_checks = 0
+            self._remember()
             self.status.last_kernel_check = self.wall()
             return
         if result.outcome == "void":
@@ -495,6 +497,13 @@ class AgentLoop:
             fields["error"] = result.error
         log_event(log, logging.INFO, "kernel_check", action="full pass", **fields)
         self._pending.add("drift")
+
+    def _remember(self) -> None:
+        """Keep what the kernel holds for the next agent (never fails a pass)."""
+        try:
+            self.reconciler.remember_kernel()
+        except Exception:
+            log.exception("kernel_record_failed")
 
     def _link_event(self, trigger: Trigger) -> None:
         self.reconciler.links_changed()  # the next pass checks the topology
@@ -564,6 +573,7 @@ class AgentLoop:
         if result.full:
             self._next_resync = now + self.settings.resync_interval
             self.status.last_full_sync = self.wall()
+            self._remember()
         self._retry_at = None
         self._backoff.reset()
         status = self.status

@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 from secfw.agent.daemon import log_event
 from secfw.agent.hostview import HostView
 from secfw.agent.isolation import IsolatedPort, Isolation
+from secfw.agent.kernelrecord import KernelRecord, Record
 from secfw.agent.storewatch import Reopenable
 from secfw.agent.topology import TapLayout, decide
 from secfw.cloud import CloudState, Replaced
@@ -220,6 +221,12 @@ class Reconciler:
         # (see _ours); valid for that epoch only, so every invalidation drops it.
         self._generation: tuple[int, int] | None = None
         self._probe: tuple[Any, Callable[[], int | None] | None] | None = None
+        #: Where what the kernel holds is kept across restarts (agent.kernelrecord);
+        #: None: nowhere (every start reads the kernel back).
+        self.kernel_record: KernelRecord | None = None
+        # (epoch, backend, record): the record close_if_absent trusted for the
+        # first full pass (_trusted_state).
+        self._kept_record: tuple[int, Any, Record] | None = None
 
     @property
     def applied_revision(self) -> int | None:
@@ -351,6 +358,11 @@ class Reconciler:
         topology they really have)."""
         started = time.perf_counter()
         self.check_topology()
+        record = self._matching_record()
+        if record is not None:  # the table is there, as the last agent left it
+            self.invalidate()
+            self._kept_record = (self.epoch(), self.backend, record)
+            return None
         state, generation = None, None
         try:
             state, generation = self._readable_state()
@@ -406,6 +418,59 @@ class Reconciler:
             backend.apply(plan)
             log_event(log, logging.WARNING, "closed", reason="topology",
                       topology=topology or ours, commands=plan.size)
+
+    def remember_kernel(self) -> None:
+        """Keep what the kernel holds for the next agent (agent.kernelrecord),
+        when its generation is known; otherwise remove any older record (it
+        would still be true, but nothing is lost by reading back)."""
+        if self.kernel_record is None:
+            return
+        with self._epoch_lock:
+            known, committed = self._generation, self._committed
+            valid = self._committed_valid and known is not None and known[0] == self._epoch
+        namespace = self._namespace()
+        digest = self.kernel_record.digest(committed) if valid and namespace else None
+        if known is None or digest is None:
+            return
+        self.kernel_record.save(Record(namespace, self._backend_key(), known[1], digest))
+
+    def _namespace(self) -> str:
+        identify = getattr(self.backend, "namespace_id", None)
+        return identify() if identify is not None else ""
+
+    def _backend_key(self) -> str:
+        return f"{self.backend.name}/{getattr(self.backend, 'topology', '')}"
+
+    def _matching_record(self) -> Record | None:
+        """The kept record, when it describes this namespace and backend and the
+        generation has not moved since it was written; else None."""
+        if self.kernel_record is None:
+            return None
+        record = self.kernel_record.load()
+        probe = self.generation_probe()
+        if record is None or probe is None:
+            return None
+        if (record.namespace, record.backend) != (self._namespace(), self._backend_key()):
+            return None
+        return record if probe() == record.generation else None
+
+    def _trusted_state(self, desired: HostFilter) -> tuple[Any, int] | None:
+        """For the first full pass after :meth:`close_if_absent` trusted the
+        record: ``desired``'s state and the record's generation when the kernel
+        provably holds it (same epoch and backend; the generation still the
+        record's; ``desired`` renders to the record's digest); else None."""
+        kept, self._kept_record = self._kept_record, None
+        if kept is None or kept[0] != self.epoch() or kept[1] is not self.backend:
+            return None
+        assert self.kernel_record is not None
+        record, probe = kept[2], self.generation_probe()
+        state = self.backend.committed(desired)
+        trusted = (probe is not None and probe() == record.generation
+                   and self.kernel_record.digest(state) == record.digest)
+        log_event(log, logging.INFO, "kernel_record",
+                  action="no read-back" if trusted else "read back",
+                  generation=record.generation)
+        return (state, record.generation) if trusted else None
 
     def _readable_state(self) -> tuple[Any, int | None]:
         """secfw's table(s) read back, or None when absent — or unreadable: a table
@@ -477,7 +542,7 @@ class Reconciler:
         if "current" in known:
             current = known["current"]
         elif full:
-            current, base = self._kernel_state()
+            current, base = self._trusted_state(desired) or self._kernel_state()
         else:
             current, base = self._committed, self.known_generation(self.epoch())
         desired, plan = self._plan(current, desired)

@@ -124,6 +124,12 @@ class NftablesBackend:
 
         return current
 
+    def namespace_id(self) -> str:
+        """The namespace's identity for as long as the machine runs (boot id and
+        netns cookie: generation.GenerationReader.namespace); "" when unknown."""
+        reader = self.executor.generation_reader()
+        return reader.namespace() if reader is not None else ""
+
     def plan(self, current: KernelState | None, desired: HostFilter) -> Transaction:
         """The minimal transaction from ``current`` (None: unknown/absent) to ``desired``."""
         _, ruleset, want = self._rendered(desired)

@@ -1,0 +1,141 @@
+"""What the kernel held when the agent last knew it, kept across restarts.
+
+A restart of a loaded host used to read the whole table back (seconds at
+10,000 ports) only to find what the previous agent had left. The agent now
+keeps, in its state directory (``/run/secfw``: a tmpfs, gone on reboot, which
+is right), a :class:`Record`: the namespace's identity, the nftables
+generation at which the kernel held its last committed ruleset (known only
+along the chain docs/agent.md, "Resync", describes) and a digest of that
+ruleset. A new agent whose namespace is the same one, whose generation is still
+that one (nothing committed since, by anyone) and whose newly compiled ruleset
+has that digest knows the kernel holds it: its first pass needs no read-back.
+Any mismatch, or a record that cannot be read, is today's path (a read-back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Record:
+    """``namespace``: the backend's identity of the network namespace
+    (boot id + netns cookie); ``backend``: name and topology; ``generation``
+    and ``digest``: the kernel held the ruleset of that digest at that
+    generation."""
+
+    namespace: str
+    backend: str
+    generation: int
+    digest: str
+
+
+def record_path(state_dir: Path | str, host: str) -> Path:
+    """Where the record of ``host`` lives in ``state_dir``."""
+    digest = hashlib.sha256(host.encode()).hexdigest()[:16]
+    return Path(state_dir) / f"kernel-{digest}.json"
+
+
+class KernelRecord:
+    """Reads and writes one :class:`Record` file; digests states cheaply."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._digest = StateDigest()
+
+    def load(self) -> Record | None:
+        """The record, or None when absent or unreadable (never trusted then)."""
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            if doc.get("version") != VERSION:
+                return None
+            return Record(str(doc["namespace"]), str(doc["backend"]),
+                          int(doc["generation"]), str(doc["digest"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def save(self, record: Record | None) -> None:
+        """Write ``record`` atomically (a reader sees the old file or the new
+        one); None removes the file. An unwritable directory is no error: the
+        next start then reads the kernel back."""
+        with contextlib.suppress(OSError):
+            if record is None:
+                self.path.unlink(missing_ok=True)
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps({"version": VERSION, **asdict(record)}),
+                                 encoding="utf-8")
+            os.replace(temporary, self.path)
+
+    def digest(self, state: Any) -> str | None:
+        """See :class:`StateDigest`."""
+        return self._digest(state)
+
+
+class StateDigest:
+    """A digest of a backend state made of ``sets``, ``chains`` and ``tables``
+    (nftables' KernelState), equal across processes for equal states; None
+    for any other state. Each set or chain is digested once while the same
+    object stays in the state (the backend's state cache keeps unchanged
+    objects), so digesting after a change costs the change."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[object, bytes]] = {}
+
+    def __call__(self, state: Any) -> str | None:
+        sets: Any = getattr(state, "sets", None)
+        chains: Any = getattr(state, "chains", None)
+        tables: Any = getattr(state, "tables", None)
+        if sets is None or chains is None or tables is None:
+            return None
+        total = hashlib.sha256(repr(sorted(tables)).encode())
+        known: dict[int, tuple[object, bytes]] = {}
+        for kind, objects in (("set", sets), ("chain", chains)):
+            for key in sorted(objects):
+                item = objects[key]
+                hit = self._known.get(id(item))
+                value = hit[1] if hit is not None and hit[0] is item else _object_digest(item)
+                known[id(item)] = (item, value)
+                total.update(repr((kind, key)).encode())
+                total.update(value)
+        self._known = known
+        return total.hexdigest()
+
+
+def _object_digest(item: Any) -> bytes:
+    """A set's or chain's digest: its repr, with every frozenset's members
+    sorted (a frozenset's order follows string hashing, which differs between
+    processes)."""
+    return hashlib.sha256(_stable(item).encode()).digest()
+
+
+def _stable(value: Any) -> str:
+    """``repr(value)`` made independent of hash order: members of sets and
+    items of dicts sorted. A member whose own repr shows no set or dict (no
+    ``{``, no ``frozenset(``) is taken as its repr — set elements, 300k of
+    them at 10,000 ports, are plain tuples of strings."""
+    if isinstance(value, (frozenset, set)):
+        return "{" + ",".join(sorted(_member(v) for v in value)) + "}"
+    if isinstance(value, dict):
+        return "{" + ",".join(sorted(f"{_stable(k)}:{_stable(v)}"
+                                     for k, v in value.items())) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ",".join(_stable(v) for v in value) + ")"
+    fields = getattr(value, "__dataclass_fields__", None)
+    if fields is not None:
+        return type(value).__name__ + _stable(tuple(getattr(value, f) for f in fields))
+    return repr(value)
+
+
+def _member(value: Any) -> str:
+    text = repr(value)
+    return _stable(value) if "{" in text or "frozenset(" in text else text
