@@ -1,0 +1,56 @@
+"""agent.kernelrecord: the digest is the same in every process (set order
+follows string hashing, which differs between processes) and differs for a
+different state; a record round-trips, and a damaged one is never trusted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from secfw.agent.kernelrecord import KernelRecord, Record, StateDigest
+
+PROGRAM = """
+from secfw.agent.kernelrecord import StateDigest
+from secfw.backends.nftables.state import ChainState, KernelState, SetState
+from secfw.backends.nftables.syntax import Element
+elements = frozenset(Element((f"10.0.{i // 250}.{i % 250}/32",), "accept") for i in range(2000))
+state = KernelState(
+    sets={("inet", "s"): SetState(("ipv4_addr",), ("interval",), True, elements)},
+    chains={("inet", "c"): ChainState(None, ())},
+    tables=frozenset({"inet", "arp"}))
+print(StateDigest()(state))
+"""
+
+
+def _digest_in_a_process(seed: str, program: str = PROGRAM) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    done = subprocess.run([sys.executable, "-c", program], env=env, check=True,
+                          capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def test_the_digest_is_the_same_in_every_process_and_follows_the_content() -> None:
+    digests = {_digest_in_a_process(seed) for seed in ("1", "2")}
+    assert len(digests) == 1
+    other = _digest_in_a_process("1", PROGRAM.replace("range(2000)", "range(1999)"))
+    assert other not in digests
+
+
+def test_a_state_without_objects_has_no_digest() -> None:
+    assert StateDigest()(frozenset({"x"})) is None
+
+
+def test_a_record_round_trips_and_a_damaged_one_is_not_trusted(tmp_path: Path) -> None:
+    keeper = KernelRecord(tmp_path / "sub" / "kernel.json")
+    assert keeper.load() is None
+    record = Record("boot:42", "nftables/routed", 7, "ab" * 32)
+    keeper.save(record)
+    assert keeper.load() == record
+    keeper.path.write_text('{"version": 1, "namespace": "x"}', encoding="utf-8")
+    assert keeper.load() is None
+    keeper.path.write_text("not json", encoding="utf-8")
+    assert keeper.load() is None
+    keeper.save(None)
+    assert not keeper.path.exists()
