@@ -155,3 +155,18 @@ def test_a_commit_racing_ours_leaves_the_generation_unknown(setup: Setup) -> Non
     setup.loop.step()
     assert setup.check() == "same"
     assert setup.backend.background_reads == 1
+
+
+def test_skipped_checks_are_counted_in_the_metrics(setup: Setup) -> None:
+    from secfw.agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    setup.check()
+    setup.backend.foreign()
+    setup.check()
+    metrics.on_status(setup.loop.status)
+    metrics.on_status(setup.loop.status)  # counted once
+    sample = metrics.registry.get_sample_value
+    name = "secfw_agent_kernel_checks_total"
+    assert sample(name, {"readback": "skipped"}) == 1
+    assert sample(name, {"readback": "read"}) == 1
