@@ -79,6 +79,8 @@ def test_every_step_ran_without_error(quick_run: tuple[Path, dict[str, Any]]) ->
     assert [row["ports"] for row in results["restart"]] == QUICK_SIZES
     assert len(results["incremental"]["changes"]) == 5
     assert len(results["during_resync"]["runs"]) == 5  # made while or after the read-back
+    # nothing committed in the bench's namespace meanwhile: no read-back at all
+    assert results["during_resync"]["without_readback"]["check_outcome"] == "unchanged"
     datapath = results["datapath"]
     assert "skipped" in datapath or [r["ports"] for r in datapath["rows"]] == [0, 0, *QUICK_SIZES]
     assert [t["target"] for t in results["targets"]] == [text for text, _ in TARGETS]
