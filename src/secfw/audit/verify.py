@@ -49,7 +49,7 @@ import bisect
 import ipaddress
 import itertools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -123,16 +123,19 @@ def host_nat(views: Sequence[PortView], metadata_listen: tuple[str, int] | None)
 def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
            extra_addresses: Iterable[str] = (), extra_ports: Iterable[int] = (),
            metadata_listen: tuple[str, int] | None = None,
-           extra_pairs: Iterable[tuple[str, int, int]] = ()
+           extra_pairs: Iterable[tuple[str, int, int]] = (),
+           only_taps: Collection[str] | None = None,
            ) -> tuple[list[Difference], int]:
     """The differences on ``host`` and the number of probes compared.
     ``extra_addresses``/``extra_ports``: values the kernel's ruleset names;
     ``extra_pairs``: (address, protocol, port) that one of its rules names together
     (:func:`nft_rule_points`, :func:`secfw.audit.iptkernel.rule_points`);
-    ``metadata_listen``: the host's metadata server, when it runs one."""
-    views = sorted((v for v in cp.ports.values() if v.instance.host == host),
-                   key=lambda v: v.port.tap)
-    nat = host_nat(views, metadata_listen)
+    ``metadata_listen``: the host's metadata server, when it runs one;
+    ``only_taps``: verify only these ports of the host (the bench's sample), None: all."""
+    on_host = sorted((v for v in cp.ports.values() if v.instance.host == host),
+                     key=lambda v: v.port.tap)
+    nat = host_nat(on_host, metadata_listen)
+    views = [v for v in on_host if only_taps is None or v.port.tap in only_taps]
     addresses = sorted({ipaddress.ip_address(a) for a in extra_addresses},
                        key=lambda a: (a.version, a))[:KERNEL_VALUES]
     ports = sorted(set(extra_ports))[:KERNEL_VALUES]
