@@ -264,15 +264,16 @@ def neutron_summary(neutron: Row) -> Row | None:
 
 
 def change_during_resync(results: Row) -> tuple[bool | None, str]:
-    """A member added while the resync's read-back runs (bench/resync.py): the
-    median store→kernel of the changes made during the check, and the worst."""
+    """A member added while the resync's read-back runs (bench/resync.py): met
+    when EVERY change made during the check reached the kernel in < 50 ms (the
+    issue: "still reaches the kernel in < 50 ms"), so the worst one is judged."""
     row = results["during_resync"]
     if not ok(row) or row.get("ports") != TARGET_SIZE or not row.get("changes_during_check"):
         raise KeyError("during_resync")
     ms, worst = row["store_to_kernel_ms"], row["max_store_to_kernel_ms"]
-    return ms < 50, (f"{ms:,.1f} ms store→kernel (worst {worst:,.1f} ms; "
-                     f"{row['changes_during_check']} changes while the "
-                     f"{row['resync_check_s']:.1f} s read-back ran)")
+    return worst < 50, (f"worst {worst:,.1f} ms store→kernel (median {ms:,.1f} ms; "
+                        f"{row['changes_during_check']} changes while the "
+                        f"{row['resync_check_s']:.1f} s read-back ran)")
 
 
 def _audit(results: Row) -> Row:
