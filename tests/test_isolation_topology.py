@@ -206,9 +206,13 @@ def test_close_if_absent_closes_an_empty_kernel_and_leaves_a_table_alone(api: Ap
 
 
 class _Executor:
-    """Records what would be applied (no kernel)."""
+    """Records what would be applied (no kernel, so no generation to read)."""
 
     netns = None
+    last_commit = None
+
+    def generation_reader(self) -> None:
+        return None
 
     def __init__(self) -> None:
         self.applied: list[Any] = []

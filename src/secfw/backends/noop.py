@@ -24,9 +24,14 @@ from secfw.errors import BackendError
 
 
 class _NoKernel:
-    """Stands where the executor would: a namespace name (None) and nothing else."""
+    """Stands where the executor would: a namespace name (None), no generation
+    to read and no commit bracketed by one (the kernel check always reads back)."""
 
     netns: str | None = None
+    last_commit: tuple[int, int] | None = None
+
+    def generation_reader(self) -> None:
+        return None
 
 
 class NoopBackend(NftablesBackend):
