@@ -54,3 +54,58 @@ def test_a_record_round_trips_and_a_damaged_one_is_not_trusted(tmp_path: Path) -
     assert keeper.load() is None
     keeper.save(None)
     assert not keeper.path.exists()
+
+
+def _saved(tmp_path: Path) -> KernelRecord:
+    keeper = KernelRecord(tmp_path / "state" / "kernel.json")
+    keeper.save(Record("boot:42", "nftables/routed", 7, "ab" * 32))
+    assert keeper.load() is not None
+    return keeper
+
+
+def test_a_record_someone_else_could_have_written_is_not_trusted(tmp_path: Path) -> None:
+    """Owned by another user, writable by group or others, in a directory
+    others can write to, a symlink, too long: refused (the agent reads back)."""
+    keeper = _saved(tmp_path)
+    assert os.stat(keeper.path).st_mode & 0o777 == 0o600
+    os.chown(keeper.path, 65534, 65534)
+    assert keeper.load() is None
+    os.chown(keeper.path, os.geteuid(), os.getegid())
+    assert keeper.load() is not None
+    for mode in (0o620, 0o602):
+        os.chmod(keeper.path, mode)
+        assert keeper.load() is None
+    os.chmod(keeper.path, 0o600)
+    os.chmod(keeper.path.parent, 0o777)
+    assert keeper.load() is None
+    os.chmod(keeper.path.parent, 0o755)
+    assert keeper.load() is not None
+
+
+def test_a_symlinked_or_oversized_record_is_not_trusted(tmp_path: Path) -> None:
+    keeper = _saved(tmp_path)
+    real = keeper.path.with_name("elsewhere.json")
+    os.replace(keeper.path, real)
+    keeper.path.symlink_to(real)
+    assert keeper.load() is None
+    keeper.path.unlink()
+    os.replace(real, keeper.path)
+    text = keeper.path.read_text(encoding="utf-8")
+    keeper.path.write_text(text[:-1] + ", " + '"pad": "' + "x" * 5000 + '"}', encoding="utf-8")
+    assert keeper.load() is None
+
+
+def test_saving_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    """A symlink planted at the temporary name or at the record's name is
+    replaced, never followed: the file it points to stays as it was."""
+    keeper = _saved(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me", encoding="utf-8")
+    keeper.path.with_suffix(f".{os.getpid()}.tmp").symlink_to(victim)
+    keeper.path.unlink()
+    keeper.path.symlink_to(victim)
+    keeper.save(Record("boot:42", "nftables/routed", 8, "cd" * 32))
+    assert victim.read_text(encoding="utf-8") == "keep me"
+    assert not keeper.path.is_symlink()
+    loaded = keeper.load()
+    assert loaded is not None and loaded.generation == 8

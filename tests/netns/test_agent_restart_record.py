@@ -7,12 +7,16 @@ repairs, judged with real packets.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
 
 import pytest
 from agentproc import web_cloud
+
+from secfw.agent.kernelrecord import record_path
+from secfw.backends.nftables.generation import GenerationReader
 
 pytestmark = [
     pytest.mark.netns,
@@ -33,6 +37,12 @@ def once(cloud: Any) -> tuple[str, int]:
     return (record[0] if record else ""), int(commands[0])
 
 
+def open_everything(cloud: Any) -> None:
+    """Tampering behind the agent's back: an accept rule first in the ingress chain."""
+    chain = "forward-ingress" if cloud.topology == "routed" else "postrouting-ingress"
+    cloud.tamper("nft", f"insert rule inet secfw {chain} accept")
+
+
 def test_a_restart_with_nothing_changed_reads_nothing_back(cloud: Any) -> None:
     web_cloud(cloud)
     action, commands = once(cloud)
@@ -42,9 +52,7 @@ def test_a_restart_with_nothing_changed_reads_nothing_back(cloud: Any) -> None:
     assert once(cloud) == ("no read-back", 0)
     assert once(cloud) == ("no read-back", 0)  # the record stays true
 
-    cloud.tamper("nft", "insert rule inet secfw forward-ingress accept"
-                 if cloud.topology == "routed" else
-                 "insert rule inet secfw postrouting-ingress accept")
+    open_everything(cloud)
     assert cloud.tcp(EXT, "web", 22), "the tampering did not open tcp/22"
     action, commands = once(cloud)
     assert action == "" and commands > 0  # the generation moved: read back, repaired
@@ -55,3 +63,32 @@ def test_a_restart_with_nothing_changed_reads_nothing_back(cloud: Any) -> None:
     action, commands = once(cloud)
     assert action == "read back" and commands > 0  # another ruleset: another digest
     assert cloud.tcp(EXT, "web", 22)
+
+
+def test_a_record_another_user_wrote_is_never_trusted(cloud: Any) -> None:
+    """Tampering, then a record brought up to date by someone who is not the
+    agent's user (another uid owns the file; or it is world-writable): its
+    generation and digest match, yet the agent reads back and repairs. Before
+    the record's ownership was checked, the agent trusted it and tcp/22 stayed
+    open."""
+    web_cloud(cloud)
+    assert once(cloud)[1] > 0
+    path = record_path(cloud.work_dir / "agent-state", cloud.host)
+    assert path.exists()
+    open_everything(cloud)
+    for owner, mode in ((65534, 0o644), (os.geteuid(), 0o666)):
+        assert cloud.tcp(EXT, "web", 22), "the tampering did not open tcp/22"
+        forged = json.loads(path.read_text(encoding="utf-8"))
+        reader = GenerationReader(cloud.lab.host_ns)
+        try:
+            forged["generation"] = reader.read()
+        finally:
+            reader.close()
+        path.write_text(json.dumps(forged), encoding="utf-8")
+        os.chown(path, owner, owner)
+        os.chmod(path, mode)
+        action, commands = once(cloud)
+        assert action == "" and commands > 0  # refused: read back and repaired
+        assert not cloud.tcp(EXT, "web", 22)
+        assert cloud.tcp(EXT, "web", 80)
+        open_everything(cloud)

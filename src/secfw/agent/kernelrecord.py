@@ -9,7 +9,8 @@ along the chain docs/agent.md, "Resync", describes) and a digest of that
 ruleset. A new agent whose namespace is the same one, whose generation is still
 that one (nothing committed since, by anyone) and whose newly compiled ruleset
 has that digest knows the kernel holds it: its first pass needs no read-back.
-Any mismatch, or a record that cannot be read, is today's path (a read-back).
+Any mismatch, or a record that cannot be read or that someone else could
+have written (:meth:`KernelRecord.load`), is today's path (a read-back).
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from secfw.agent.daemon import log_event
 from secfw.gcpause import collector_paused
+
+log = logging.getLogger("secfw.agent")
 
 VERSION = 1
 
@@ -54,33 +60,79 @@ class KernelRecord:
         self._digest = StateDigest()
 
     def load(self) -> Record | None:
-        """The record, or None when absent or unreadable (never trusted then)."""
+        """The record, or None when absent, unreadable or not provably ours
+        (never trusted then: the agent reads the kernel back). Ours: a regular
+        file, not a symlink, owned by this process's user and writable by it
+        alone, in a directory writable by it alone — anyone else able to write
+        the record could make an agent trust a kernel it never verified. A
+        refusal for any reason but absence is logged (warning)."""
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            doc = json.loads(_read_own_file(self.path))
             if doc.get("version") != VERSION:
                 return None
             return Record(str(doc["namespace"]), str(doc["backend"]),
                           int(doc["generation"]), str(doc["digest"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log_event(log, logging.WARNING, "kernel_record_refused", path=str(self.path),
+                      error=str(exc) or type(exc).__name__, action="read back")
             return None
 
     def save(self, record: Record | None) -> None:
         """Write ``record`` atomically (a reader sees the old file or the new
-        one); None removes the file. An unwritable directory is no error: the
-        next start then reads the kernel back."""
+        one), mode 0600, never through a symlink; None removes the file. An
+        unwritable directory is no error: the next start then reads the
+        kernel back."""
         with contextlib.suppress(OSError):
             if record is None:
                 self.path.unlink(missing_ok=True)
                 return
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            text = json.dumps({"version": VERSION, **asdict(record)})
             temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps({"version": VERSION, **asdict(record)}),
-                                 encoding="utf-8")
+            temporary.unlink(missing_ok=True)  # a leftover (or a planted link) goes first
+            fd = os.open(temporary, _CREATE, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(text)
             os.replace(temporary, self.path)
 
     def digest(self, state: Any) -> str | None:
         """See :class:`StateDigest`."""
         return self._digest(state)
+
+
+#: A new file only (O_EXCL), never through a symlink (O_NOFOLLOW).
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Larger than any record (a few hundred bytes): anything longer is not one.
+_MAX_BYTES = 4096
+
+
+def _read_own_file(path: Path) -> str:
+    """``path``'s text when it is a regular file owned by this process's user
+    and writable by no one else, in a directory of the same kind; else OSError.
+    Opened with O_NOFOLLOW (a symlink is ELOOP) and checked with fstat on the
+    open descriptor, so the file checked is the file read."""
+    _check_owned(os.stat(path.parent), f"{path.parent}: directory")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        _check_owned(info, str(path))
+        data = file.read(_MAX_BYTES + 1)
+    if len(data) > _MAX_BYTES:
+        raise ValueError(f"{path}: longer than a record")
+    return data.decode("utf-8")
+
+
+def _check_owned(info: os.stat_result, what: str) -> None:
+    """OSError unless ``info`` is owned by this process's user and neither
+    group- nor world-writable."""
+    if info.st_uid != os.geteuid():
+        raise OSError(f"{what} owned by uid {info.st_uid}, not {os.geteuid()}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(f"{what} writable by others (mode {stat.S_IMODE(info.st_mode):o})")
 
 
 class StateDigest:
