@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from secfw.errors import BackendError
 from secfw.gcpause import collector_paused, release_free_memory
 from secfw.netns import inside_netns
 
+log = logging.getLogger(__name__)
 _R = TypeVar("_R")
 _NETNS = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -50,6 +52,7 @@ class NftablesExecutor:
         self.netns = netns
         self._nft = self._call(self._open)
         self._generations: GenerationReader | None = None
+        self._generation_failed = False
         #: ``(before, after)``: the namespace's nftables generation read just
         #: before and just after the last successful :meth:`apply_text`, when
         #: ``after`` is the generation right after ``before`` — exactly one
@@ -65,7 +68,11 @@ class NftablesExecutor:
             if self._generations is None:
                 self._generations = GenerationReader(self.netns)
             return self._generations.read()
-        except BackendError:
+        except BackendError as exc:
+            if not self._generation_failed:  # once: every later check reads back too
+                self._generation_failed = True
+                log.warning("nftables generation unreadable (%s): the agent reads its "
+                            "tables back instead of trusting the generation", exc)
             return None
 
     def generation_reader(self) -> GenerationReader | None:

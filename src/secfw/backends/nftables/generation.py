@@ -45,6 +45,12 @@ _HEADER = struct.Struct("=LHHLL")  # struct nlmsghdr
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg (family, version, res_id)
 _ATTR = struct.Struct("=HH")  # struct nlattr
 _MASK = 0xFFFFFFFF
+#: The kernel answers GETGEN at once; a reader is called around every commit
+#: of the agent's loop, so no answer within this bound is an error, not a wait.
+TIMEOUT_S = 1.0
+#: Messages read for one request before giving up (answers to older requests
+#: that timed out may still be queued on the socket).
+MAX_MESSAGES = 16
 
 
 def next_generation(generation: int) -> int:
@@ -66,12 +72,19 @@ class GenerationReader:
                     socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         except OSError as exc:
             raise BackendError(f"nftables generation: {exc}") from exc
-        self._sock.bind((0, 0))
+        try:
+            self._sock.settimeout(TIMEOUT_S)
+            self._sock.bind((0, 0))
+        except OSError as exc:
+            self._sock.close()
+            raise BackendError(f"nftables generation: {exc}") from exc
         self._lock = threading.Lock()
         self._seq = 0
 
     def read(self) -> int:
-        """The namespace's current generation. Raises BackendError."""
+        """The namespace's current generation. Raises BackendError — also for
+        no answer within :data:`TIMEOUT_S` and for a malformed one: a caller
+        that cannot read the generation reads the tables back instead."""
         with self._lock:
             self._seq = (self._seq + 1) & _MASK
             request = _HEADER.pack(_HEADER.size + _NFGEN.size,
@@ -79,12 +92,13 @@ class GenerationReader:
                                    NLM_F_REQUEST, self._seq, 0) + _NFGEN.pack(0, 0, 0)
             try:
                 self._sock.send(request)
-                while True:
+                for _ in range(MAX_MESSAGES):
                     answer = self._sock.recv(4096)
                     if _HEADER.unpack_from(answer)[3] == self._seq:
                         return _parse(answer)
-            except OSError as exc:
+            except (OSError, struct.error) as exc:
                 raise BackendError(f"nftables generation: {exc}") from exc
+        raise BackendError(f"nftables generation: no answer in {MAX_MESSAGES} messages")
 
     def namespace(self) -> str:
         """What identifies the reader's namespace for as long as the machine runs:
@@ -104,7 +118,8 @@ class GenerationReader:
 
 def _parse(answer: bytes) -> int:
     """NFTA_GEN_ID of an NFT_MSG_NEWGEN answer; BackendError for anything else
-    (a netlink error carries -errno in its first 4 bytes)."""
+    (a netlink error carries -errno in its first 4 bytes), struct.error for an
+    answer cut short."""
     length, kind = _HEADER.unpack_from(answer)[:2]
     if kind == NLMSG_ERROR:
         errno = -struct.unpack_from("=i", answer, _HEADER.size)[0]
