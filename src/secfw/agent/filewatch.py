@@ -16,6 +16,12 @@ that exits closes the WAL after its commit (``IN_CLOSE_WRITE``): a third. The
 agent keeps a slow poll as a safety net
 (:attr:`~secfw.agent.loop.LoopSettings.watched_poll_interval`).
 
+A watch can end: the directory is removed, renamed or unmounted (the kernel
+then drops the watch: ``IN_IGNORED``), or reading the events fails. The watcher
+then clears :attr:`SqliteWatcher.watching` — the agent polls at its normal
+interval again — wakes the agent once and logs ``store_watch_lost`` once. A
+queue overflow (``IN_Q_OVERFLOW``: events were dropped) is taken for a change.
+
 inotify through ctypes (libc's ``inotify_init1`` and ``inotify_add_watch``):
 the standard library has no binding and this needs nothing else.
 """
@@ -32,6 +38,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from secfw.agent.daemon import log_event
+
 log = logging.getLogger("secfw.agent")
 
 # <sys/inotify.h>
@@ -42,10 +50,16 @@ IN_MOVED_FROM = 0x00000040
 IN_MOVED_TO = 0x00000080
 IN_CREATE = 0x00000100
 IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 WATCHED = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
-           | IN_CREATE | IN_DELETE)
+           | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)
+#: Events after which the directory at the store's path is no longer watched.
+LOST = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 
 #: Seconds after a burst of events when the agent is woken once more (see above).
@@ -93,26 +107,45 @@ class SqliteWatcher:
         self._fd = -1
 
     def _run(self) -> None:
+        """Follow the events until stopped or the watch is lost (module docstring)."""
+        try:
+            lost = self._follow()
+        except Exception as exc:  # the thread ends: the agent must poll again
+            lost = f"{type(exc).__name__}: {exc}"
+        if lost:
+            self.watching.clear()
+            log_event(log, logging.WARNING, "store_watch_lost", path=str(self.path),
+                      reason=lost, action="polling at the normal interval")
+            self.on_change()
+
+    def _follow(self) -> str:
+        """Report changes until stopped (``""``) or the watch is lost (why)."""
         settle: float | None = None
         while True:
             ready, _, _ = select.select([self._fd, self._stop_read], [], [], settle)
             if self._stop_read in ready:
-                return
+                return ""
             if not ready:  # the burst is over: once more, the commit is now visible
                 settle = None
                 self.on_change()
                 continue
-            if self._ours(os.read(self._fd, 65536)):
+            ours, lost = self._events(os.read(self._fd, 65536))
+            if lost:
+                return lost
+            if ours:
                 self.on_change()
                 settle = SETTLE_S
 
-    def _ours(self, data: bytes) -> bool:
-        """Whether any event of ``data`` is about the store's files."""
+    def _events(self, data: bytes) -> tuple[bool, str]:
+        """Whether any event of ``data`` is about the store's files (or may have
+        been: an overflow), and why the watch is lost (``""``: it is not)."""
         offset = 0
         found = False
         while offset + _EVENT.size <= len(data):
-            _wd, _mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            if mask & LOST:
+                return True, "the store's directory was removed, moved or unmounted"
             name = data[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0")
-            found |= os.fsdecode(name) in self._names
+            found |= bool(mask & IN_Q_OVERFLOW) or os.fsdecode(name) in self._names
             offset += _EVENT.size + length
-        return found
+        return found, ""
