@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 
 import requests
 
-from secfw.errors import HistoryCompactedError, StoreError
+from secfw.agent.daemon import log_event
+from secfw.errors import HistoryCompactedError
 from secfw.store.base import Change
 from secfw.store.etcd import EtcdStore
 
@@ -60,11 +61,12 @@ class ChangeFeed:
         self._lock = threading.Lock()
         self._origin: int | None = None
         self._writes: list[tuple[int, list[Change]]] = []
+        self._high = 0  # the highest revision pushed since start()
 
     def start(self, origin: int) -> None:
         """A new watch: complete from store revision ``origin`` on."""
         with self._lock:
-            self._origin, self._writes = origin, []
+            self._origin, self._writes, self._high = origin, [], origin
 
     def lose(self) -> None:
         """The watch missed writes (compaction, overflow): complete from nowhere."""
@@ -72,9 +74,14 @@ class ChangeFeed:
             self._origin, self._writes = None, []
 
     def push(self, revision: int, changes: list[Change]) -> None:
+        """Add one write. A write at or below the highest revision pushed is a
+        replay (a watch restarted from an earlier revision after a failure)
+        and is dropped: appended again it would pass for the newest version
+        of its documents."""
         with self._lock:
-            if self._origin is None:
+            if self._origin is None or revision <= self._high:
                 return
+            self._high = revision
             self._writes.append((revision, changes))
             if len(self._writes) > FEED_LIMIT:
                 self._origin, self._writes = None, []
@@ -141,15 +148,29 @@ class EtcdWatcher:
                 if self.feed is not None:
                     self.feed.lose()
                 self.on_change(0)  # the pass finds the history gone and loads everything
-            except (StoreError, requests.RequestException, OSError, ValueError) as exc:
-                self.watching.clear()
+            except Exception as exc:  # any failure: the agent polls meanwhile; retried
+                self._lost(exc)
                 if self._stopped.is_set():
                     break
-                log.debug("etcd watch: %s", exc)
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
         if store is not None:
             store.close()
+
+    def _lost(self, exc: Exception) -> None:
+        """The watch failed: not watching until it is back (the agent polls at
+        its normal interval meanwhile), said once per loss. Whatever failed — a
+        member gone, a message that does not parse — the thread lives on. The
+        next watch starts after the last write known before the failed one
+        began, so nothing is missed; the writes it delivers again are dropped
+        by the feed (:meth:`ChangeFeed.push`)."""
+        if self.watching.is_set() and not self._stopped.is_set():
+            log_event(log, logging.WARNING, "store_watch_lost",
+                      error=f"{type(exc).__name__}: {exc}",
+                      action="polling until the watch is back")
+        else:
+            log.debug("etcd watch: %s", exc)
+        self.watching.clear()
 
     def _begin(self, store: EtcdStore) -> int:
         """Where a new watch starts (etcd's revision now); a feed is complete
