@@ -33,6 +33,10 @@ def _refusing_port() -> int:
     ("etcd://a:1,b:2/", (("a", 1), ("b", 2)), DEFAULT_PREFIX),
     ("etcd://a:1/cloud/one/", (("a", 1),), "/cloud/one"),
     ("etcd://[::1]:2379/x", (("::1", 2379),), "/x"),
+    ("etcd://::1:2379", (("::1", 2379),), DEFAULT_PREFIX),
+    ("etcd://project_etcd_1:2379", (("project_etcd_1", 2379),), DEFAULT_PREFIX),
+    ("etcd://etcd-1.example.org:2379,10.0.0.2:2379", (("etcd-1.example.org", 2379),
+                                                      ("10.0.0.2", 2379)), DEFAULT_PREFIX),
 ])
 def test_url_forms(url: str, endpoints: tuple[tuple[str, int], ...], prefix: str) -> None:
     parsed = parse_url(url)
@@ -41,7 +45,10 @@ def test_url_forms(url: str, endpoints: tuple[tuple[str, int], ...], prefix: str
 
 @pytest.mark.parametrize("url", [
     "etcd://", "etcd://host", "etcd://host:", "etcd://:2379", "etcd://h:0", "etcd://h:99999",
-    "etcd://h:1,,h:2", "etcd://h:port",
+    "etcd://h:1,,h:2", "etcd://h:port", "etcd://[::1:2379", "etcd://[h]:2379",
+    "etcd://-h:2379", "etcd://h..x:2379",
+    # user information, a query, a fragment: once taken into the host or the prefix
+    "etcd://user:pw@h:2379/p", "etcd://h:2379/p?x=1", "etcd://h:2379/p#f", "etcd://h :2379",
 ])
 def test_malformed_urls_are_store_errors(url: str) -> None:
     with pytest.raises(StoreError, match="HOST:PORT"):

@@ -45,7 +45,9 @@ etcd's refusal is reported as a StoreError naming the option.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -114,9 +116,15 @@ class EtcdUrl:
 
 
 def parse_url(url: str) -> EtcdUrl:
-    """Split ``etcd://HOST:PORT[,HOST:PORT…][/PREFIX]``; StoreError when malformed."""
+    """Split ``etcd://HOST:PORT[,HOST:PORT…][/PREFIX]``; StoreError when malformed
+    — also for user information, a query or a fragment, which this URL has no
+    place for (taken as part of the host or the prefix they would point the
+    agent at another cluster or prefix than the one meant)."""
     if not url.startswith("etcd://"):
         raise StoreError(f"store URL {url!r}: expected etcd://HOST:PORT[,HOST:PORT...][/PREFIX]")
+    if any(mark in url for mark in "?#@") or any(c.isspace() for c in url):
+        raise StoreError(f"store URL {url!r}: no user, query, fragment or white space in "
+                         "etcd://HOST:PORT[,HOST:PORT...][/PREFIX]")
     hosts, _, path = url[len("etcd://") :].partition("/")
     endpoints = tuple(_endpoint(url, item) for item in hosts.split(","))
     prefix = "/" + path.strip("/") if path.strip("/") else DEFAULT_PREFIX
@@ -124,11 +132,30 @@ def parse_url(url: str) -> EtcdUrl:
 
 
 def _endpoint(url: str, item: str) -> tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT``: a host name, an IPv4 address or an IPv6
+    address (in brackets, or bare as before)."""
     host, sep, port = item.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if (not sep or not port.isdigit() or not 0 < int(port) < 65536
+            or not (_HOST_NAME.fullmatch(host) or _is_ipv6(host))
+            or (bracketed and not _is_ipv6(host))):
         raise StoreError(f"store URL {url!r}: endpoint {item!r} is not HOST:PORT")
     return host, int(port)
+
+
+#: A DNS name or an IPv4 address: RFC 1123 labels, with ``_`` inside a label
+#: as container runtimes name their hosts (``project_etcd_1``).
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*\.?")
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _Members:
