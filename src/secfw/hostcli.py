@@ -244,14 +244,29 @@ def agent_command(
     if config.flowtable != "off" and backend != "nftables":
         raise click.UsageError("--flowtable (or the config's flowtable) needs "
                                "--backend nftables.")
+    directory = state_directory(state_dir)
     if once:
-        _run_once(state.store_url, host, config, backend, topology, Path(state_dir))
+        _run_once(state.store_url, host, config, backend, topology, directory)
         if register:
             _register(state.store_url, host)
         return
     settings = LoopSettings(poll_interval, resync_interval, backoff_max=backoff_max)
     _run_loop(state.store_url, host, config, (backend, topology), settings,
-              Path(state_dir), metrics_address, register)
+              directory, metrics_address, register)
+
+
+def state_directory(text: str) -> Path:
+    """``--state-dir`` as a path, refused before the agent touches anything when
+    it cannot be a directory: empty, or naming (or lying under) something that
+    is not one. Else the agent would run with neither status report nor restart
+    record, and say so only in log lines."""
+    if not text.strip():
+        raise click.BadParameter("must name a directory", param_hint="'--state-dir'")
+    path = Path(text)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise click.BadParameter(f"{existing} is not a directory", param_hint="'--state-dir'")
+    return path
 
 
 def agent_config(config_path: str | None, metadata_listen: str | None,
