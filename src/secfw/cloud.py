@@ -657,7 +657,54 @@ class _IndexView(_LazyDict):
 
 
 
-class _LazyIds:
+class _WholeSet:
+    """The set protocol of a lazy set whose whole content, :meth:`_whole`,
+    costs a read of the store: iterating, sizing and comparing read it; only
+    membership (each class's own ``__contains__``) is cheap. Unhashable, as
+    a set is."""
+
+    def _whole(self) -> set[str]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._whole())
+
+    def __len__(self) -> int:
+        return len(self._whole())
+
+    def __eq__(self, other: object) -> bool:
+        return self._whole() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _StoreLookups:
+    """Membership in one of the store's indexes, looked up once per value and
+    remembered (:meth:`_in_store`; subclasses say how: :meth:`_lookup`). Always
+    true: telling an empty one would read it whole, and callers only ask
+    about members."""
+
+    def __init__(self, state: CloudState) -> None:
+        self._state = state
+        self._stored: dict[str, bool] = {}
+
+    def _snapshot(self) -> Snapshot:
+        assert self._state._snapshot is not None
+        return self._state._snapshot
+
+    def _lookup(self, value: str) -> bool:
+        raise NotImplementedError
+
+    def _in_store(self, value: str) -> bool:
+        if value not in self._stored:
+            self._stored[value] = self._lookup(value)
+        return self._stored[value]
+
+    def __bool__(self) -> bool:
+        return True
+
+
+class _LazyIds(_WholeSet):
     """One bucket of an "ids" index of a lazy state: ids added and removed by
     this transaction are kept aside, and the stored bucket is read only when
     the bucket itself is read (booting into a group of thousands of members
@@ -670,7 +717,7 @@ class _LazyIds:
         self.added: set[str] = set()
         self.removed: set[str] = set()
 
-    def _ids(self) -> set[str]:
+    def _whole(self) -> set[str]:
         if self._stored is None:
             self._stored = self._view._stored(self._key)[0]
         return (self._stored - self.removed) | self.added
@@ -684,41 +731,25 @@ class _LazyIds:
         self.removed.add(doc_id)
 
     def __contains__(self, doc_id: object) -> bool:
-        return doc_id in self._ids()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._ids())
-
-    def __len__(self) -> int:
-        return len(self._ids())
+        return doc_id in self._whole()
 
     def __bool__(self) -> bool:
-        return bool(self._ids())
-
-    def __eq__(self, other: object) -> bool:
-        return self._ids() == other
-
-    __hash__ = None  # type: ignore[assignment]
+        return bool(self._whole())
 
 
-class _PointSet:
+class _PointSet(_StoreLookups, _WholeSet):
     """A set of values of a port index (``mac``, ``tap``) in a lazy state:
     membership is one lookup in the store's index, this state's own additions
     and removals laid over it. Iterating reads every port."""
 
     def __init__(self, state: CloudState, index: str) -> None:
-        self._state = state
+        super().__init__(state)
         self._index = index
-        self._stored: dict[str, bool] = {}
         self.added: set[str] = set()
         self.removed: set[str] = set()
 
-    def _in_store(self, value: str) -> bool:
-        if value not in self._stored:
-            snapshot = self._state._snapshot
-            assert snapshot is not None
-            self._stored[value] = bool(snapshot.lookup(self._index, value))
-        return self._stored[value]
+    def _lookup(self, value: str) -> bool:
+        return bool(self._snapshot().lookup(self._index, value))
 
     def __contains__(self, value: object) -> bool:
         if not isinstance(value, str) or value in self.removed:
@@ -737,10 +768,7 @@ class _PointSet:
         elif value in self:
             self.removed.add(value)
 
-    def __bool__(self) -> bool:
-        return True
-
-    def _all(self) -> set[str]:
+    def _whole(self) -> set[str]:
         return {bucket for _, bucket, _ in self._entries()}
 
     def _entries(self) -> Iterator[tuple[str, str, str]]:
@@ -749,42 +777,24 @@ class _PointSet:
                 if entry[0] == self._index:
                     yield entry
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._all())
 
-    def __len__(self) -> int:
-        return len(self._all())
-
-    def __eq__(self, other: object) -> bool:
-        return self._all() == other
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-class _AddressSet:
+class _AddressSet(_StoreLookups):
     """The used addresses of one network in a lazy state (its IPv4 and IPv6
     buckets of the store's ``ip`` index), with this state's own additions and
     removals: membership is one lookup, and :meth:`lowest_free` a binary search
     over range counts — never the whole network's addresses."""
 
     def __init__(self, state: CloudState, network_id: str) -> None:
-        self._state = state
+        super().__init__(state)
         self._network = network_id
-        self._stored: dict[str, bool] = {}
         #: this state's additions and removals as sorted integers (range counts)
         self._added: list[int] = []
         self._removed: list[int] = []
 
-    def _snapshot(self) -> Snapshot:
-        assert self._state._snapshot is not None
-        return self._state._snapshot
-
-    def _in_store(self, address: str) -> bool:
-        if address not in self._stored:
-            item = address_item(address)
-            bucket = address_bucket(self._network, ipaddress.ip_address(address).version)
-            self._stored[address] = bool(self._snapshot().lookup("ip", bucket, item, item))
-        return self._stored[address]
+    def _lookup(self, address: str) -> bool:
+        item = address_item(address)
+        bucket = address_bucket(self._network, ipaddress.ip_address(address).version)
+        return bool(self._snapshot().lookup("ip", bucket, item, item))
 
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, str):
@@ -807,9 +817,6 @@ class _AddressSet:
             self._added.remove(number)
         elif address in self:
             bisect.insort(self._removed, number)
-
-    def __bool__(self) -> bool:
-        return True
 
     def used(self, net: Any, low: int, high: int) -> int:
         """How many addresses at offsets ``low..high`` of subnet ``net`` are used."""
