@@ -37,6 +37,8 @@ class TimedBackend:
         self.inner = inner
         self.name = inner.name
         self.phases: dict[str, float] = {}
+        #: perf_counter() when the last transaction's commit returned (None: none yet).
+        self.committed_at: float | None = None
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -57,6 +59,7 @@ class TimedBackend:
     def apply(self, plan: Plan) -> None:
         with self._phase("apply"):
             self.inner.apply(plan)
+        self.committed_at = time.perf_counter()  # the kernel has committed the transaction
 
     def committed(self, desired: HostFilter) -> Any:
         with self._phase("committed"):

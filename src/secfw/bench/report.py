@@ -402,18 +402,24 @@ def _during_resync(results: Row) -> list[str]:
     title = f"### Changes during a full resync ({row.get('ports', 0):,} ports loaded)"
     if not ok(row):
         return [title, "", f"Not measured: {row.get('skipped') or row.get('error')}"]
-    runs = [[str(i), millis(r["store_to_kernel_ms"]), count(r.get("commands")),
+    runs = [[str(i), millis(r["store_to_kernel_ms"]) if r["store_to_kernel_ms"] is not None
+             else "never", count(r.get("commands")),
              "yes" if r["during_check"] else "no (the check had ended)"]
             for i, r in enumerate(row["runs"], start=1)]
+    checks = ", ".join(f"{c['outcome']} ({seconds(c['seconds'])})" for c in row.get("checks", []))
     return [title, "", *table(["change", "store → kernel", "commands", "read-back still running"],
                               runs), "",
-            f"Source-group members added one after the other while the resync's kernel check "
-            f"read the table back on its own thread ({seconds(row['resync_check_s'])} from the "
-            "resync to the end of the check); store → kernel: the API call's return to the end "
-            "of the loop turn that applied it; the same change with no check running: "
-            f"{millis(row.get('idle_store_to_kernel_ms'))} (median). Before, the resync was one "
-            "full pass on the loop's thread, and a change waited for all of it (section 2, "
-            "full resync)."]
+            f"Source-group members added while the resync's kernel check read the table back "
+            f"on its own thread, spread over the read-back ({seconds(row['resync_check_s'])} "
+            f"from the resync to the end of the check; checks: {checks or '?'}; one listing "
+            f"alone: {seconds(row.get('listing_alone_s'))}). Store → kernel: from the API "
+            "call's return (the store committed) to the return of the kernel's commit of "
+            "that change, the loop told of the write as its store watch tells it (the "
+            "watch's delivery not included); a change counts once the agent's applied "
+            "revision passed the write's and the nftables generation moved. The same change "
+            f"with no check running: {millis(row.get('idle_store_to_kernel_ms'))} (median). "
+            "Before, the resync was one full pass on the loop's thread, and a change waited "
+            "for all of it (section 2, full resync)."]
 
 
 def _problems(results: Row) -> list[str]:

@@ -271,9 +271,12 @@ def change_during_resync(results: Row) -> tuple[bool | None, str]:
     if not ok(row) or row.get("ports") != TARGET_SIZE or not row.get("changes_during_check"):
         raise KeyError("during_resync")
     ms, worst = row["store_to_kernel_ms"], row["max_store_to_kernel_ms"]
-    return worst < 50, (f"worst {worst:,.1f} ms store→kernel (median {ms:,.1f} ms; "
-                        f"{row['changes_during_check']} changes while the "
-                        f"{row['resync_check_s']:.1f} s read-back ran)")
+    lost = row.get("changes_lost", 0)
+    return worst < 50 and not lost, (
+        f"worst {worst:,.1f} ms store→kernel (median {ms:,.1f} ms; "
+        f"{row['changes_during_check']} changes while the "
+        f"{row['resync_check_s']:.1f} s read-back ran"
+        + (f"; {lost} never reached the kernel)" if lost else ")"))
 
 
 def _audit(results: Row) -> Row:
