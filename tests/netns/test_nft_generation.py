@@ -70,3 +70,42 @@ def test_each_namespace_has_its_own_identity(scratch_ns: Callable[[], str]) -> N
 def test_next_generation_wraps_past_zero() -> None:
     assert next_generation(1) == 2
     assert next_generation(0xFFFFFFFF) == 1
+
+
+class _Interleaved:
+    """libnftables' context, with someone's ``nft`` commit made just before or
+    just after each of ours (``when``)."""
+
+    def __init__(self, inner: object, ns: str, when: str) -> None:
+        self.inner, self.ns, self.when = inner, ns, when
+        self.count = 0
+
+    def cmd(self, text: str) -> tuple[int, str, str]:
+        if self.when == "before":
+            self._someone()
+        done: tuple[int, str, str] = self.inner.cmd(text)  # type: ignore[attr-defined]
+        if self.when == "after":
+            self._someone()
+        return done
+
+    def _someone(self) -> None:
+        self.count += 1
+        _in(self.ns, "nft", "add", "table", "ip", f"someone{self.count}")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_commit_beside_ours_is_never_taken_for_ours(
+        scratch_ns: Callable[[], str], when: str) -> None:
+    """Between our generation readings and our commit, someone commits too: the
+    executor reports no commit of its own (``last_commit`` None), so the agent
+    does not vouch for a generation whose content it did not make."""
+    ns = scratch_ns()
+    executor = NftablesExecutor(ns)
+    executor.apply_text("add table inet secfw\n")
+    assert executor.last_commit is not None  # alone: exactly one commit, ours
+    before, after = executor.last_commit
+    assert after == next_generation(before)
+    executor._nft = _Interleaved(executor._nft, ns, when)  # type: ignore[assignment]
+    executor.apply_text("add chain inet secfw c\n")
+    assert executor.last_commit is None
+    assert executor.generation() == next_generation(next_generation(after))
