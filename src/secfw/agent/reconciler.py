@@ -537,7 +537,12 @@ class Reconciler:
     def _converge(
         self, desired: HostFilter, revision: int, full: bool, started: float, **known: Any
     ) -> SyncResult:
-        """Make the kernel hold ``desired``; ``known["current"]`` skips the read-back."""
+        """Make the kernel hold ``desired``, planned against: ``known["current"]``
+        when given; on a full pass the kernel read back — or, on the first pass
+        after a start that trusted the restart record, ``desired``'s own state
+        when the kernel provably holds it (:meth:`_trusted_state`); else what
+        was last committed. The generation the kernel then holds is kept only
+        along an unbroken chain (:func:`_ours`), never guessed."""
         base: int | None = None  # the generation at which the kernel held ``current``
         if "current" in known:
             current = known["current"]
