@@ -9,9 +9,15 @@ process in a namespace (tests/netns/test_agent_bad_input.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import Cli
+
+from secfw.errors import StoreError
+from secfw.hostcli import existing_store
+
+if TYPE_CHECKING:
+    from conftest import Cli, EtcdServer
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +44,17 @@ def test_a_bad_flowtable_config_key_is_refused(cli: Cli, tmp_path: Path, value: 
     config = tmp_path / "agent.conf"
     config.write_text(f"[DEFAULT]\nflowtable = {value}\n", encoding="utf-8")
     assert "flowtable" in cli.fails("agent", "--host", "h1", "--once", "--config", str(config))
+
+
+def test_the_one_shot_agent_opens_only_an_existing_store(
+        tmp_path: Path, etcd_server: EtcdServer) -> None:
+    """hostcli.existing_store: a missing SQLite file or an etcd prefix without a
+    store is a StoreError, and neither is created."""
+    with pytest.raises(StoreError, match="no such file"):
+        existing_store(f"sqlite:///{tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists()
+    url = etcd_server.url()
+    with pytest.raises(StoreError):
+        existing_store(url)
+    with pytest.raises(StoreError):
+        existing_store(url)  # still nothing there: the first call initialised nothing

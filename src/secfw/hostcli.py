@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -51,10 +52,10 @@ from secfw.demo import (
     run_agent_once,
     secfw_executable,
 )
-from secfw.errors import BackendError, SecfwError
+from secfw.errors import BackendError, SecfwError, StoreError
 from secfw.model import check_host
 from secfw.output import emit
-from secfw.store import open_store
+from secfw.store import Store, open_store
 
 if TYPE_CHECKING:
     from secfw.agent.etcdwatch import EtcdWatcher
@@ -246,7 +247,8 @@ def agent_command(
                                "--backend nftables.")
     directory = state_directory(state_dir)
     if once:
-        _run_once(state.store_url, host, config, backend, topology, directory)
+        _run_once(state.store_url, host, config, backend, topology, directory,
+                  create=register)
         if register:
             _register(state.store_url, host)
         return
@@ -284,16 +286,18 @@ def agent_config(config_path: str | None, metadata_listen: str | None,
 
 def _run_once(
     store_url: str, host: str, config: Config, backend: str, topology: str,
-    state_dir: Path | None = None,
+    state_dir: Path | None = None, create: bool = False,
 ) -> None:
     """One full sync; logs ``sync … commands=N`` (other tools rely on that line).
+    The store must exist (:func:`existing_store`) unless ``create`` (``--register``:
+    the agent is about to write its host into it anyway).
 
     Closed first, as the daemon: a kernel without secfw's table gets the closed
     filter before the store is read, and a failed sync leaves the last ruleset or
     the closed filter behind (then the error is raised: exit status non-zero).
     """
-    reconciler = host_reconciler(open_store(store_url), host, config,
-                                 backend, topology)
+    store = open_store(store_url) if create else existing_store(store_url)
+    reconciler = host_reconciler(store, host, config, backend, topology)
     if state_dir is not None:  # no read-back when the kernel provably holds the ruleset
         reconciler.kernel_record = KernelRecord(record_path(state_dir, host))
     try:
@@ -312,6 +316,18 @@ def _run_once(
     if result.isolated:
         raise BackendError(f"{len(result.isolated)} port(s) left closed: "
                            + "; ".join(f"{p.tap}: {p.reason}" for p in result.isolated))
+
+
+def existing_store(url: str) -> Store:
+    """The store at ``url`` as an agent opens it: never created. A missing SQLite
+    file, or an etcd prefix that holds no store, is an error before the kernel
+    is touched — from the empty store a mistyped URL would make, the agent would
+    compile a host without ports and report success (as the daemon's
+    :class:`ReopeningStore` refuses them)."""
+    path = sqlite_path(url)
+    if path is not None and not os.path.isfile(path):
+        raise StoreError(f"store {path}: no such file (the agent never creates a store)")
+    return open_store(url, create=False)
 
 
 def _register(store_url: str, host: str) -> None:

@@ -59,3 +59,26 @@ def test_a_bad_state_dir_is_one_line_and_changes_nothing(
     ruleset = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"],
                              capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
     assert ruleset.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("form", ["sqlite:///{dir}/missing.db", "{dir}/missing.db"])
+def test_a_store_that_does_not_exist_is_refused_not_created(
+        form: str, tmp_path: Path, scratch_ns: Callable[[], str]) -> None:
+    """``agent --once`` on a mistyped store path: refused before the kernel is
+    touched, and no empty store left behind (it used to create one, install
+    the filter of a host without ports and exit 0)."""
+    ns = scratch_ns()
+    url = form.format(dir=tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SECFW_")}
+    env["SECFW_STATE_DIR"] = str(tmp_path / "state")
+    command = ["ip", "netns", "exec", ns, secfw_command(), "--store", url,
+               "agent", "--host", "h1", "--once"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env,
+                          check=False)
+    assert done.returncode != 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "no such file" in lines[0], done.stderr
+    assert not (tmp_path / "missing.db").exists()
+    ruleset = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"],
+                             capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
+    assert ruleset.stdout.strip() == ""
