@@ -109,3 +109,13 @@ def test_a_commit_beside_ours_is_never_taken_for_ours(
     executor.apply_text("add chain inet secfw c\n")
     assert executor.last_commit is None
     assert executor.generation() == next_generation(next_generation(after))
+
+
+def test_a_json_commit_leaves_no_bracket_behind(scratch_ns: Callable[[], str]) -> None:
+    """``last_commit`` describes the executor's last commit only: after a JSON
+    batch (not bracketed) it is None, not the text commit's before it."""
+    executor = NftablesExecutor(scratch_ns())
+    executor.apply_text("add table inet secfw\n")
+    assert executor.last_commit is not None
+    executor.apply_json({"nftables": [{"add": {"table": {"family": "ip", "name": "j"}}}]})
+    assert executor.last_commit is None

@@ -146,7 +146,10 @@ class NftablesExecutor:
             self.last_commit = (before, after)
 
     def apply_json(self, document: dict[str, Any]) -> None:
-        """Commit a libnftables JSON batch (``{"nftables": [...]}``) atomically."""
+        """Commit a libnftables JSON batch (``{"nftables": [...]}``) atomically;
+        unbracketed, so :attr:`last_commit` becomes None (a commit of ours that
+        is not accounted for: no generation may be vouched for after it)."""
+        self.last_commit = None
         rc, _out, err = self._call(lambda: self._nft.json_cmd(document))
         if rc != 0:
             raise BackendError(f"nft (json): {_first_line(err)}")
