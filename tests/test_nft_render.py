@@ -273,6 +273,14 @@ def test_rendering_is_deterministic_whatever_the_ir_order() -> None:
 
 
 CT = "ct state vmap { established : accept, related : accept, invalid : drop }"
+
+
+def fast_path(port_key: str) -> list[str]:
+    """The established fast path of the egress base chains: anti-spoofing lookup
+    and the tests of egress-protect's first rule in one rule per family."""
+    return [f"ct state established meta l4proto {{ tcp, udp }} th sport != {{ 67, 547 }} "
+            f"{port_key} . ether saddr . {ip} saddr @{name} accept"
+            for ip, name in (("ip", "spoof4"), ("ip6", "spoof6"))]
 NOT_SYN = "tcp flags & (fin | syn | rst | ack) != syn drop"
 ND_IN = ("icmpv6 type { nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, "
          "mld-listener-query } accept")
@@ -345,7 +353,8 @@ def test_base_chains_fail_closed_and_leave_other_traffic_alone() -> None:
         'oifname != "tap*" accept', "oifname vmap @ingress_ports", 'oifname "tap*" drop']
     for name in ("forward-egress", "input-egress"):
         assert chain_rules(ruleset, name) == [
-            'iifname != "tap*" accept', "iifname vmap @egress_ports", 'iifname "tap*" drop']
+            'iifname != "tap*" accept', *fast_path("iifname"), "iifname vmap @egress_ports",
+            'iifname "tap*" drop']
     assert not any(s.name.startswith("net-") for s in ruleset.sets)
     assert chain_rules(ruleset, "ingress-filter") == [CT, NOT_SYN, ND_IN, "drop"]
 
@@ -858,14 +867,17 @@ def test_bridged_host_uses_a_bridge_table_and_marks_instead_of_interface_names()
     # The inet table keys every port by mark.
     # A tap seen as an IP interface is not a bridge port (wrong topology, not yet
     # plugged): dropped, where the routed layout would have dispatched it.
-    assert chain_rules(ruleset, "forward-egress") == [
-        "meta mark vmap @egress_ports", 'iifname "tap*" drop']
+    # Established packets leave early: egress after the anti-spoofing lookup, ingress
+    # after the two drops that hold whatever the state.
+    for name in ("forward-egress", "input-egress"):
+        assert chain_rules(ruleset, name) == [
+            *fast_path("meta mark"), "meta mark vmap @egress_ports", 'iifname "tap*" drop']
     assert chain_rules(ruleset, "postrouting-ingress") == [
-        "meta mark vmap @ingress_ports", 'oifname "tap*" drop', "meta mark 2147483776 drop"]
-    assert chain_rules(ruleset, "input-egress") == [
-        "meta mark vmap @egress_ports", 'iifname "tap*" drop']
+        'oifname "tap*" drop', "meta mark 2147483776 drop", "ct state established accept",
+        "meta mark vmap @ingress_ports"]
     assert chain_rules(ruleset, "forward-ingress") == [
-        "meta mark set ip daddr map @ingress_addrs4", "meta mark set ip6 daddr map @ingress_addrs6"]
+        "ct state established accept", "meta mark set ip daddr map @ingress_addrs4",
+        "meta mark set ip6 daddr map @ingress_addrs6"]
     inet_sets = [s for s in ruleset.sets if s.family == "inet"]
     assert all("ifname" not in s.key_type for s in inet_sets)
     egress_keys = {e.key[0] for e in named(ruleset, "egress_ports")}

@@ -408,6 +408,45 @@ def test_ip_spoofing_is_blocked(env: Env) -> None:
         assert not arrives(env.ns("a"), env.ns("ext"), packet, bpf), spoofed
 
 
+def test_a_spoofed_packet_cannot_ride_an_established_flow(env: Env) -> None:
+    """c opens a UDP flow to s (s admits udp/7000) and s replies: conntrack now
+    holds the flow as established, and its reply 5-tuple reaches c although c's
+    default group refuses any new flow. The same reply forged by a third port a
+    (s's address with a's MAC, then with s's MAC too) must not reach c: conntrack
+    would match it to the flow (it ignores interfaces), so only anti-spoofing —
+    before any established shortcut (docs/protection.md) — stands in the way.
+    Controls: s's own packet of the flow arrives; s's packet to another port of
+    c (a new flow) does not."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    env.group("udp-in", {"protocol": "udp", "dst_port": "7000"})
+    c, s = env.boot("c"), env.boot("s", ("udp-in",))
+    env.boot("a")  # the forger: another protected port of the host
+    env.sync()
+    client = netns_tools.socket_in_netns(env.ns("c"), socket.AF_INET, socket.SOCK_DGRAM)
+    server = netns_tools.socket_in_netns(env.ns("s"), socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind((c.ip, 7001))
+        server.bind((s.ip, 7000))
+        client.settimeout(2.0)
+        server.settimeout(2.0)
+        client.sendto(b"request", (s.ip, 7000))
+        server.sendto(b"reply", server.recvfrom(64)[1])
+        assert client.recvfrom(64)[0] == b"reply"  # the flow is established
+        bpf = f"udp and src host {s.ip} and dst host {c.ip}"
+        reply = IP(src=s.ip, dst=c.ip) / UDP(sport=7000, dport=7001)
+        assert arrives(env.ns("s"), env.ns("c"), reply, bpf)
+        assert not arrives(env.ns("s"), env.ns("c"), IP(src=s.ip, dst=c.ip) / UDP(
+            sport=7000, dport=7002), bpf)
+        assert not arrives(env.ns("a"), env.ns("c"), reply, bpf)
+        forged = Ether(src=s.mac, dst=env.next_hop_mac("a", c.ip)) / reply
+        assert not arrives(env.ns("a"), env.ns("c"), forged, bpf)
+    finally:
+        client.close()
+        server.close()
+
+
 def test_port_security_off_means_no_filtering_and_no_anti_spoofing(env: Env) -> None:
     from scapy.layers.inet import IP, UDP
 

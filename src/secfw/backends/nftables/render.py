@@ -90,6 +90,7 @@ from secfw.backends.nftables.syntax import (
     FAMILY,
     TABLE,
     Chain,
+    Ct,
     Datum,
     Element,
     Hook,
@@ -934,29 +935,59 @@ def _base_chains(ident: PortIdentity, to_server: list[Rule] | None = None) -> li
     FORWARD_INGRESS_BRIDGED_HOOK); a bridged frame's mark is set again by ``to-tap``.
     ``to_server`` (the metadata redirect's rule, :mod:`.metadata`) comes first in
     ``input-egress``, after the routed host's non-tap accept.
+
+    Established packets (most of them) leave the egress chains early, right after
+    the anti-spoofing lookup, with the verdict the full walk would give
+    (:func:`.protect.established_fast_path`; docs/nftables.md, "Established
+    packets"). On the ingress side see :func:`_bridged_base_chains`; a routed
+    host's ``forward-ingress`` keeps its dispatch first, so that a tap secfw does
+    not know gets nothing, established or not.
     """
+    fast = protect.established_fast_path(ident)
     if ident.topology == "bridged":
-        mark = Meta("mark")
-        iif_drop = make_rule((Match(Meta("iifname"), TAP_WILDCARD), DROP))
-        oif_drop = make_rule((Match(Meta("oifname"), TAP_WILDCARD), DROP))
-        return [
-            Chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK,
-                  (make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
-            Chain(FORWARD_INGRESS, FORWARD_INGRESS_BRIDGED_HOOK, tuple(
-                make_rule((SetMeta("mark", MapLookup(Payload(ADDRESS_KEYWORD[family], "daddr"),
-                                                     SetRef(INGRESS_ADDRS[family]))),))
-                for family in ("ipv4", "ipv6"))),
-            Chain(POSTROUTING_INGRESS, POSTROUTING_INGRESS_HOOK,
-                  (make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)), oif_drop,
-                   make_rule((Match(mark, SHARED_MARK), DROP)))),
-            Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK,
-                  (*(to_server or ()), make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)),
-                   iif_drop)),
-        ]
+        return _bridged_base_chains(ident, fast, to_server or [])
     return [
-        _base_chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK, "iifname", EGRESS_PORTS),
+        _base_chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK, "iifname", EGRESS_PORTS, fast),
         _base_chain(FORWARD_INGRESS, FORWARD_INGRESS_HOOK, "oifname", INGRESS_PORTS),
-        _base_chain(INPUT_EGRESS, INPUT_EGRESS_HOOK, "iifname", EGRESS_PORTS, to_server),
+        _base_chain(INPUT_EGRESS, INPUT_EGRESS_HOOK, "iifname", EGRESS_PORTS,
+                    [*(to_server or ()), *fast]),
+    ]
+
+
+#: ``ct state established accept``. On the ingress side this is the verdict
+#: ``ingress-filter`` gives any established packet (its first rule), and the
+#: sender was judged already: a tap's packet passed ``forward-egress`` (an earlier
+#: hook or priority; its drops are final) with its anti-spoofing, anything else is
+#: not a tap's and secfw does not anti-spoof it anywhere.
+_ESTABLISHED_ACCEPT = make_rule((Match(Ct("state"), Symbol("established")), ACCEPT))
+
+
+def _bridged_base_chains(ident: PortIdentity, fast: list[Rule],
+                         to_server: list[Rule]) -> list[Chain]:
+    """The bridged host's hooked chains (see :func:`_base_chains`).
+
+    ``forward-ingress`` skips its two address lookups for an established packet:
+    that mark only leads ``postrouting-ingress`` to ``ingress-filter``, which
+    accepts an established packet first thing; without it the packet meets
+    ``postrouting-ingress`` with no ingress mark and passes too.
+    ``postrouting-ingress`` accepts an established packet after its two drops
+    (a tap as an IP interface, the shared mark: both fail closed whatever the
+    state) and before the dispatch."""
+    mark = Meta("mark")
+    iif_drop = make_rule((Match(Meta("iifname"), TAP_WILDCARD), DROP))
+    oif_drop = make_rule((Match(Meta("oifname"), TAP_WILDCARD), DROP))
+    return [
+        Chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK,
+              (*fast, make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
+        Chain(FORWARD_INGRESS, FORWARD_INGRESS_BRIDGED_HOOK, (_ESTABLISHED_ACCEPT, *(
+            make_rule((SetMeta("mark", MapLookup(Payload(ADDRESS_KEYWORD[family], "daddr"),
+                                                 SetRef(INGRESS_ADDRS[family]))),))
+            for family in ("ipv4", "ipv6")))),
+        Chain(POSTROUTING_INGRESS, POSTROUTING_INGRESS_HOOK,
+              (oif_drop, make_rule((Match(mark, SHARED_MARK), DROP)), _ESTABLISHED_ACCEPT,
+               make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)))),
+        Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK,
+              (*to_server, *fast, make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
     ]
 
 
