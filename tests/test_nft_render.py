@@ -871,7 +871,8 @@ def test_bridged_host_uses_a_bridge_table_and_marks_instead_of_interface_names()
     # after the two drops that hold whatever the state.
     for name in ("forward-egress", "input-egress"):
         assert chain_rules(ruleset, name) == [
-            *fast_path("meta mark"), "meta mark vmap @egress_ports", 'iifname "tap*" drop']
+            'iifname "tap*" drop', "meta mark 0 accept", *fast_path("meta mark"),
+            "meta mark vmap @egress_ports"]
     assert chain_rules(ruleset, "postrouting-ingress") == [
         'oifname "tap*" drop', "meta mark 2147483776 drop", "ct state established accept",
         "meta mark vmap @ingress_ports"]

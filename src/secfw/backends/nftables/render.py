@@ -972,13 +972,23 @@ def _bridged_base_chains(ident: PortIdentity, fast: list[Rule],
     ``postrouting-ingress`` with no ingress mark and passes too.
     ``postrouting-ingress`` accepts an established packet after its two drops
     (a tap as an IP interface, the shared mark: both fail closed whatever the
-    state) and before the dispatch."""
+    state) and before the dispatch.
+
+    The egress chains first drop a tap as an IP interface (as their last rule
+    did: such a packet never carries a port's mark), then accept a packet with
+    no mark at all: only the bridge table marks packets, and it marks every
+    frame of a protected tap, so an unmarked packet is not a protected port's
+    (the router's, the uplink's, the host's own, a tap without port security)
+    and the dispatch would find nothing for it — one comparison instead of the
+    established rules' lookup and the verdict map's, for all the traffic that
+    enters the host's bridges from outside."""
     mark = Meta("mark")
     iif_drop = make_rule((Match(Meta("iifname"), TAP_WILDCARD), DROP))
     oif_drop = make_rule((Match(Meta("oifname"), TAP_WILDCARD), DROP))
+    egress = (iif_drop, make_rule((Match(mark, 0), ACCEPT)), *fast,
+              make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)))
     return [
-        Chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK,
-              (*fast, make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
+        Chain(FORWARD_EGRESS, FORWARD_EGRESS_HOOK, egress),
         Chain(FORWARD_INGRESS, FORWARD_INGRESS_BRIDGED_HOOK, (_ESTABLISHED_ACCEPT, *(
             make_rule((SetMeta("mark", MapLookup(Payload(ADDRESS_KEYWORD[family], "daddr"),
                                                  SetRef(INGRESS_ADDRS[family]))),))
@@ -986,8 +996,7 @@ def _bridged_base_chains(ident: PortIdentity, fast: list[Rule],
         Chain(POSTROUTING_INGRESS, POSTROUTING_INGRESS_HOOK,
               (oif_drop, make_rule((Match(mark, SHARED_MARK), DROP)), _ESTABLISHED_ACCEPT,
                make_rule((VMap(mark, SetRef(INGRESS_PORTS)),)))),
-        Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK,
-              (*to_server, *fast, make_rule((VMap(mark, SetRef(EGRESS_PORTS)),)), iif_drop)),
+        Chain(INPUT_EGRESS, INPUT_EGRESS_HOOK, (*to_server, *egress)),
     ]
 
 
