@@ -871,8 +871,8 @@ def test_bridged_host_uses_a_bridge_table_and_marks_instead_of_interface_names()
     # after the two drops that hold whatever the state.
     for name in ("forward-egress", "input-egress"):
         assert chain_rules(ruleset, name) == [
-            'iifname "tap*" drop', "meta mark 0 accept", *fast_path("meta mark"),
-            "meta mark vmap @egress_ports"]
+            'meta mark 0 iifname != "tap*" accept', *fast_path("meta mark"),
+            "meta mark vmap @egress_ports", 'iifname "tap*" drop']
     assert chain_rules(ruleset, "postrouting-ingress") == [
         'oifname "tap*" drop', "meta mark 2147483776 drop", "ct state established accept",
         "meta mark vmap @ingress_ports"]
@@ -901,7 +901,7 @@ def test_bridged_layer2_chain_checks_macs_and_arp_before_marking() -> None:
         "drop",
     ]
     assert chain_rules(ruleset, "to-tap") == [
-        'oifname != "tap*" meta mark & 0x80000080 2147483776 meta mark set 0 accept',
+        'meta mark & 0x80000080 2147483776 oifname != "tap*" meta mark set 0 accept',
         'oifname != "tap*" accept', "meta mark set oifname map @ingress_marks accept", "drop"]
     hooks = {c.name: c.hook for c in ruleset.chains if c.family == "bridge"}
     assert hooks["from-tap"] == Hook("filter", "prerouting", -200, "accept")

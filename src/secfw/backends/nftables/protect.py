@@ -458,7 +458,7 @@ def bridge_chains() -> list[Chain]:
     )
     ingress_marked = Match(Masked(Meta("mark"), INGRESS_MARK_BIT), INGRESS_MARK_BIT)
     to_tap = (
-        make_rule((Match(oifname, TAP_WILDCARD, "!="), ingress_marked, SetMeta("mark", 0),
+        make_rule((ingress_marked, Match(oifname, TAP_WILDCARD, "!="), SetMeta("mark", 0),
                    ACCEPT)),
         make_rule((Match(oifname, TAP_WILDCARD, "!="), ACCEPT)),
         make_rule((SetMeta("mark", MapLookup(oifname, SetRef(INGRESS_MARKS))), ACCEPT)),
