@@ -109,3 +109,31 @@ def test_saving_never_writes_through_a_planted_link(tmp_path: Path) -> None:
     assert not keeper.path.is_symlink()
     loaded = keeper.load()
     assert loaded is not None and loaded.generation == 8
+
+
+def test_a_rendered_chain_is_digested_by_its_comments_without_canonicalising() -> None:
+    from secfw.backends.nftables.state import KernelState
+    from secfw.backends.nftables.syntax import (
+        Chain,
+        Match,
+        Meta,
+        Ruleset,
+        Symbol,
+        Verdict,
+        make_rule,
+    )
+
+    def state(protocol: str) -> KernelState:
+        rule = make_rule((Match(Meta("l4proto"), Symbol("tcp")), Verdict("accept")), "r1")
+        other = make_rule((Match(Meta("l4proto"), Symbol(protocol)), Verdict("accept")))
+        chain = Chain("sg-x-in", None, (rule, other))
+        return KernelState.from_ruleset(Ruleset(sets=(), chains=(chain,)))
+
+    lazy = state("udp")
+    digest = StateDigest()(lazy)
+    chain = lazy.chains[("inet", "sg-x-in")]
+    assert chain._rules is None  # nothing was canonicalised
+    resolved = state("udp")
+    assert resolved.chains[("inet", "sg-x-in")].rules  # canonicalised first: same digest
+    assert StateDigest()(resolved) == digest
+    assert StateDigest()(state("sctp")) != digest  # another rule, another comment

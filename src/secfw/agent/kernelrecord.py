@@ -181,6 +181,9 @@ def _stable(value: Any) -> str:
     items of dicts sorted. A member whose own repr shows no set or dict (no
     ``{``, no ``frozenset(``) is taken as its repr — set elements, 300k of
     them at 10,000 ports, are plain tuples of strings."""
+    digest_text = getattr(value, "digest_text", None)
+    if callable(digest_text):  # a chain: its own stable text (ChainState.digest_text)
+        return str(digest_text())
     if isinstance(value, (frozenset, set)):
         return "{" + _members(value) + "}"
     if isinstance(value, dict):
