@@ -68,11 +68,8 @@ import logging
 import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
-
-from pyroute2 import IPRoute, NFCTSocket
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from secfw.compiler.evaluate import IPNetwork, Packet, PolicyIndex
 from secfw.compiler.ir import FloatingNat, GroupChain, HostFilter, IRRule, PortPolicy
@@ -350,6 +347,12 @@ def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = Non
     floating = [] if pools is None else [*pools, *(n.floating for n in new.floating)]
     if not everything and not watched and not gone and not floating:
         return result
+    if _table_empty(netns):
+        return result
+    # pyroute2 only now: importing it is ~0.2 s of a one-shot agent process, whose
+    # first pass into a fresh namespace finds an empty table.
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         with inside_netns(netns), Conntrack() as table:
             doomed = list(nat_entries(table, gone))
@@ -366,6 +369,21 @@ def revoke(previous: HostFilter | None, new: HostFilter, netns: str | None = Non
     except (OSError, NetlinkError) as exc:
         raise BackendError(f"conntrack: {exc}") from exc
     return result
+
+
+def _table_empty(netns: str | None) -> bool:
+    """Whether the conntrack table of ``netns`` holds no entry: its
+    ``nf_conntrack_count`` (a per-namespace sysctl; /proc/sys follows the calling
+    thread's namespace) reads 0. Then :func:`revoke` has nothing to judge or
+    delete: an entry made after this read was made while ``new`` was live, as
+    revoke's contract requires. False when unknown (no nf_conntrack loaded: the
+    dump then says why)."""
+    try:
+        with inside_netns(netns):
+            count = Path("/proc/sys/net/netfilter/nf_conntrack_count").read_text()
+    except OSError:
+        return False
+    return count.strip() == "0"
 
 
 def _floating_of(affected: list[IPNetwork], previous: HostFilter | None,
@@ -394,6 +412,8 @@ class Conntrack:
     per address family, for dumping and deleting entries. A context manager."""
 
     def __init__(self) -> None:
+        from pyroute2 import NFCTSocket
+
         self._socks = {v: NFCTSocket(nfgen_family=f) for v, f in _FAMILIES.items()}
 
     def __enter__(self) -> Conntrack:
@@ -412,6 +432,8 @@ class Conntrack:
         those whose original source or destination (``ends``) is one of them,
         filtered by the kernel (``CTA_FILTER``, Linux 5.8+: the table is walked in
         the kernel and only matches cross netlink). An entry is yielded once."""
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
         if addresses is None:
             for version, sock in self._socks.items():
                 yield from _parsed(version, sock.dump())
@@ -429,6 +451,8 @@ class Conntrack:
     def with_reply_dst(self, source: str) -> Iterator[tuple[Entry, str]]:
         """The IPv4 entries whose original source is ``source``, each with the
         destination of its reply tuple (the SNATed source, if any)."""
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
         wanted = NFCTAttrTuple(family=socket.AF_INET, saddr=source)
         for message in self._socks[4].dump(tuple_orig=wanted):
             entry, reply = _parse(4, message), message.get_attr("CTA_TUPLE_REPLY")
@@ -458,6 +482,9 @@ class Conntrack:
     def delete(self, entry: Entry) -> bool:
         """Delete one entry by its original tuple (and zone); False when it was
         already gone (expired, or closed meanwhile)."""
+        from pyroute2.netlink.exceptions import NetlinkError
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
         packet = entry.packet
         version = ipaddress.ip_address(packet.src).version
         tuple_orig = NFCTAttrTuple(
@@ -514,6 +541,8 @@ def _parse(version: int, message: Any) -> Entry | None:
 
 def _local_addresses() -> list[str]:
     """Every address configured in the current namespace."""
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         return [str(a.get_attr("IFA_ADDRESS")) for a in ipr.get_addr()
                 if a.get_attr("IFA_ADDRESS")]

@@ -79,3 +79,8 @@ ND_TO_INSTANCE = frozenset({130, 134, 135, 136})
 #: solicitation for duplicate address detection and the MLDv2 report that goes
 #: with it (RFC 4862 section 5.4.2).
 ND_FROM_UNSPECIFIED = frozenset({135, 143})
+
+
+#: The operations guide's compute host: the demo's host and the lab commands'
+#: default (``secfw.demo.HOST``).
+DEMO_HOST = "compute1"

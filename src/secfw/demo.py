@@ -26,10 +26,11 @@ from secfw import netns_tools
 from secfw.api import Api
 from secfw.cloud import CloudState
 from secfw.compiler.explain import Flow, decide
+from secfw.constants import DEMO_HOST
 from secfw.errors import LabError
 from secfw.lab import Lab, LabPort
 
-HOST = "compute1"
+HOST = DEMO_HOST
 PROBE_TIMEOUT = 0.3
 
 

@@ -27,38 +27,29 @@ from secfw.agent.filewatch import SqliteWatcher
 from secfw.agent.gcsettle import GcSettler
 from secfw.agent.host import host_reconciler
 from secfw.agent.kernelrecord import KernelRecord, record_path
-from secfw.agent.linkwatch import LinkWatcher
 from secfw.agent.loop import Trigger
 from secfw.agent.reconciler import Reconciler
-from secfw.agent.register import HostRegistrar, register_host
 from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_report, status_path
 from secfw.agent.storewatch import ReopeningStore, sqlite_path
 from secfw.agent.topology import AUTO, CHOICES
-from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.cli import CliState, format_option, main, pass_state, scope_options
 from secfw.compiler.build import compile_host
 from secfw.compiler.metadata import parse_listen, with_metadata
 from secfw.config import FLOWTABLE_MODES, Config, load_config
-from secfw.demo import (
-    HOST,
-    Probe,
-    add_floating_ips,
-    build_guide_cloud,
-    demo_paths,
-    lab_for,
-    lab_ports,
-    reachability,
-    run_agent_once,
-    secfw_executable,
-)
+from secfw.constants import DEMO_HOST as HOST
 from secfw.errors import BackendError, SecfwError, StoreError
 from secfw.model import check_host
 from secfw.output import emit
 from secfw.store import Store, open_store
 
+# The agent's one-shot sync is a whole process per run (bench: start-up included):
+# the lab, the demo, the API, rtnetlink's link watcher and the registrar are
+# imported by the commands that use them (tests/netns/test_agent_lazy_imports.py).
 if TYPE_CHECKING:
     from secfw.agent.etcdwatch import EtcdWatcher
+    from secfw.agent.linkwatch import LinkWatcher
+    from secfw.demo import Probe
 
 _host_option = click.option("--host", required=True, help="The compute host.")
 _config_option = click.option(
@@ -331,6 +322,8 @@ def existing_store(url: str) -> Store:
 
 
 def _register(store_url: str, host: str) -> None:
+    from secfw.agent.register import register_host  # the API: only with --register
+
     store = open_store(store_url)
     try:
         registered = register_host(store, host)
@@ -363,6 +356,7 @@ def _run_loop(
     an error; a store that cannot be read is a failing pass, retried.
     """
     from secfw.agent.metrics import AgentMetrics  # prometheus_client: the daemon's only
+    from secfw.agent.register import HostRegistrar
 
     backend, topology = backend_topology
     store = ReopeningStore(store_url)
@@ -429,6 +423,8 @@ def _start_store_watcher(
 def _start_link_watcher(loop: AgentLoop) -> LinkWatcher | None:
     """Follow tap events into the loop; without netlink the agent still works
     (resync and store triggers), so a failure is logged, not fatal."""
+    from secfw.agent.linkwatch import LinkWatcher  # pyroute2
+
     watcher = LinkWatcher(loop.link_changed, on_move=loop.link_moved)
     try:
         watcher.start()
@@ -582,6 +578,7 @@ def _one_host(host: str | None) -> str:
 
 
 def _lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
+    from secfw.demo import lab_for, lab_ports
     from secfw.lab import Lab
 
     check_host(host)
@@ -596,6 +593,7 @@ def _lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool
 
 
 def _multihost(name: str, hosts: int, topology: str) -> Any:
+    from secfw.demo import lab_for
     from secfw.multihost import MultiHostLab, host_names
 
     for host in host_names(name, hosts):
@@ -608,6 +606,8 @@ def _multihost_up(name: str, hosts: int, topology: str, gateway_on_bridge: bool,
                   agents: bool) -> None:
     """Underlay and etcd first (the hosts' ports are read from that etcd), then the
     hosts' labs, then an agent per host that is not running yet."""
+    from secfw.demo import lab_ports, secfw_executable
+
     if gateway_on_bridge:
         raise click.UsageError("--gateway-on-bridge is for one-host labs")
     lab = _multihost(name, hosts, topology)
@@ -632,6 +632,8 @@ def _multihost_up(name: str, hosts: int, topology: str, gateway_on_bridge: bool,
 
 
 def _snapshot(url: str) -> Any:
+    from secfw.api import Api
+
     store = open_store(url)
     try:
         return Api(store).snapshot()
@@ -646,6 +648,8 @@ def _snapshot(url: str) -> Any:
 def lab_down(host: str | None, hosts: int | None, name: str) -> None:
     """Remove everything the lab of HOST (or the --hosts lab) created, and nothing else
     (a --hosts lab: its agents and etcd stopped first)."""
+    from secfw.demo import lab_for
+
     if hosts is not None:
         _multihost(name, hosts, "routed").down()
         return
@@ -666,6 +670,17 @@ def lab_down(host: str | None, hosts: int | None, name: str) -> None:
 def demo_command(keep: bool, work_dir: Path | None, hosts: int | None, topology: str,
                  config_path: str | None) -> None:
     """The operations guide's example cloud, measured with real packets."""
+    from secfw.api import Api
+    from secfw.demo import (
+        add_floating_ips,
+        build_guide_cloud,
+        demo_paths,
+        lab_for,
+        lab_ports,
+        reachability,
+        run_agent_once,
+    )
+
     config = load_config(config_path)
     if hosts is not None:
         _demo_hosts(hosts, topology, work_dir, keep, config_path)

@@ -8,15 +8,15 @@ so every helper here comes back to where it started.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pyroute2_netns
-
+from secfw import rtlinks
 from secfw.errors import BackendError
 
 __all__ = [
@@ -58,6 +58,8 @@ def inside_netns(netns: str | None) -> Iterator[None]:
 
     Not ``pyroute2.netns.pushns``: it creates a namespace that does not exist
     (``setns`` defaults to ``O_CREAT``), where a missing one must be an error.
+    setns(2) itself is libc's (Python 3.11 has no ``os.setns``), not pyroute2's:
+    importing pyroute2 costs a one-shot agent ~0.2 s.
     """
     if netns is None:
         yield
@@ -67,15 +69,31 @@ def inside_netns(netns: str | None) -> Iterator[None]:
     try:
         target = os.open(os.path.join(NETNS_DIR, netns), os.O_RDONLY)
         try:
-            pyroute2_netns.setns(target)
+            _setns(target)
         finally:
             os.close(target)
         try:
             yield
         finally:
-            pyroute2_netns.setns(home)
+            _setns(home)
     finally:
         os.close(home)
+
+
+#: setns(2)'s nstype for a network namespace (<sched.h>).
+CLONE_NEWNET = 0x40000000
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    """Move the calling thread into the network namespace open as ``fd``."""
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def enable_bridge_netfilter(netns: str | None) -> None:
@@ -137,15 +155,9 @@ def tap_links(netns: str | None, prefix: str = "tap") -> tuple[dict[str, bool], 
     master, on a bridged host they are bridge ports. Raises OSError when the
     namespace or rtnetlink cannot be used.
     """
-    with inside_netns(netns), IPRoute() as ipr:
-        links = list(ipr.get_links())
-    kinds: dict[int, str | None] = {}
-    for link in links:
-        info = link.get_attr("IFLA_LINKINFO")
-        kinds[link["index"]] = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-    taps: dict[str, bool] = {}
-    for link in links:
-        name = link.get_attr("IFLA_IFNAME") or ""
-        if name.startswith(prefix):
-            taps[name] = kinds.get(link.get_attr("IFLA_MASTER") or 0) == "bridge"
+    with inside_netns(netns):
+        links = rtlinks.links()
+    kinds = {link.ifindex: link.kind for link in links}
+    taps = {link.name: kinds.get(link.master) == "bridge"
+            for link in links if link.name.startswith(prefix)}
     return taps, "bridge" in kinds.values()
