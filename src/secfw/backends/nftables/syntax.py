@@ -17,7 +17,7 @@ escapes anything a user typed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -437,13 +437,43 @@ def elements_text(named: NamedSet | tuple[tuple[str, ...], tuple[str, ...]],
     """Elements separated by ``sep``, for ``elements = { … }`` or ``add element``.
 
     ``named`` gives the key type and flags: a :class:`NamedSet` or ``(key_type, flags)``.
+    The same text as :func:`element_text` for each element, built faster: the
+    ~300k elements of a 10,000-port host were a third of its full transaction's
+    text time. A single-component key is formatted without the generic zip, and
+    each distinct verdict is printed once (the 200k slot-map elements name ~500
+    chains).
     """
     key_type, flags = (named.key_type, named.flags) if isinstance(named, NamedSet) else named
-    if key_type == ("ifname",):  # fast path: the <G>-ports sets hold most elements
-        return sep.join(f'"{e.key[0]}"' if e.verdict is None else element_text(key_type, e)
-                        for e in elements)
     interval = "interval" in flags
-    return sep.join(element_text(key_type, e, interval) for e in elements)
+    data = _DataTexts()
+    formats = tuple(_component_format(t, interval) for t in key_type)
+    if len(formats) == 1:
+        one = formats[0]
+        return sep.join(one(e.key[0]) if e.verdict is None else one(e.key[0]) + data[e.verdict]
+                        for e in elements)
+
+    def key(values: tuple[str, ...]) -> str:
+        return " . ".join([fmt(v) for fmt, v in zip(formats, values, strict=True)])
+
+    return sep.join(key(e.key) if e.verdict is None else key(e.key) + data[e.verdict]
+                    for e in elements)
+
+
+class _DataTexts(dict[Verdict | Datum, str]):
+    """`` : <verdict or datum>`` of each element's data, printed once per value."""
+
+    def __missing__(self, verdict: Verdict | Datum) -> str:
+        text = self[verdict] = " : " + verdict_text(verdict)
+        return text
+
+
+def _component_format(key_type: str, interval: bool) -> Callable[[str], str]:
+    """:func:`component_text` for one key type, as one function."""
+    if key_type == "ifname":
+        return '"{}"'.format
+    if not interval and key_type in ADDRESS_TYPES:
+        return lambda value: value.split("/", 1)[0]
+    return str
 
 
 def table_header(family: str) -> str:
