@@ -657,11 +657,24 @@ def _slot_maps(chains: dict[str, tuple[str, ...]], direction: str,
     width = max((len(names) for names in chains.values()), default=0)
     key = ident.ingress if direction == "ingress" else ident.egress
     slots: list[list[Element]] = [[] for _ in range(width)]
-    for tap, names in chains.items():
+    # Built in key order (taps sorted by their key once, not each map sorted), each
+    # key and verdict made once: 200k elements at 10k ports, half the render's time.
+    keyed = sorted(((key(tap),), names) for tap, names in chains.items())
+    jumps = {name: _jump(name) for _, names in keyed for name in names}
+    for element_key, names in keyed:
         for index, name in enumerate(names):
-            slots[index].append(Element((key(tap),), _jump(name)))
-    return [NamedSet(slot_map_name(direction, index), (ident.key_type,), (), _by_key(elements),
+            slots[index].append(_element(element_key, jumps[name]))
+    return [NamedSet(slot_map_name(direction, index), (ident.key_type,), (), tuple(elements),
                      is_map=True) for index, elements in enumerate(slots)]
+
+
+_new_tuple = tuple.__new__
+
+
+def _element(key: tuple[str, ...], verdict: Verdict) -> Element:
+    """``Element(key, verdict)`` without the NamedTuple's Python-level ``__new__``
+    (the same object: ``_make`` builds it this way too)."""
+    return _new_tuple(Element, (key, verdict))
 
 
 @lru_cache(maxsize=1 << 12)
