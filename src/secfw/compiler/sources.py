@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +29,13 @@ from functools import lru_cache
 from secfw.compiler.ir import Family, PortPolicy
 
 UNSPECIFIED = {"ipv4": "0.0.0.0/32", "ipv6": "::/128"}
-_LINK_LOCAL_PREFIX = bytes([0xFE, 0x80]) + bytes(6)  # fe80::/64
+
+#: An IPv4 address in the form ``ipaddress`` prints (no leading zeros), optionally
+#: with ``/32``: its canonical CIDR is the address and ``/32``, without parsing it
+#: (10^4 addresses parsed by ``ipaddress`` were a third of a big host's first render).
+IPV4_HOST = re.compile(
+    r"((?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d))(?:/32)?"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -51,16 +58,26 @@ class Source:
 @lru_cache(maxsize=1 << 14)
 def link_local(mac: str) -> str:
     """The IPv6 link-local address of ``mac`` as a /128 (modified EUI-64:
-    ``fa:16:3e:00:00:01`` → ``fe80::f816:3eff:fe00:1/128``)."""
-    octets = [int(part, 16) for part in mac.split(":")]
-    octets[0] ^= 0x02  # the universal/local bit is inverted (RFC 4291 2.5.1)
-    eui = bytes([*octets[:3], 0xFF, 0xFE, *octets[3:]])
-    address = ipaddress.IPv6Address(_LINK_LOCAL_PREFIX + eui)
-    return f"{address}/128"
+    ``fa:16:3e:00:00:01`` → ``fe80::f816:3eff:fe00:1/128``), printed as
+    ``ipaddress`` prints it (RFC 5952) without building the address.
+
+    The interface id is ``m0^2 m1 : m2 ff : fe m3 : m4 m5`` (the universal/local
+    bit inverted, RFC 4291 2.5.1); its middle two groups are never zero, so the
+    longest zero run is the prefix's three zero groups, plus the first group of
+    the id when that is zero too: ``fe80::`` then the non-zero groups.
+    """
+    m = [int(part, 16) for part in mac.split(":")]
+    first = (m[0] ^ 0x02) << 8 | m[1]
+    groups = [first] if first else []
+    groups += [m[2] << 8 | 0xFF, 0xFE00 | m[3], m[4] << 8 | m[5]]
+    return "fe80::" + ":".join(f"{g:x}" for g in groups) + "/128"
 
 
 @lru_cache(maxsize=1 << 16)
 def _host(address: str) -> str:
+    ipv4 = IPV4_HOST.fullmatch(address)
+    if ipv4:
+        return ipv4.group(1) + "/32"
     return ipaddress.ip_network(address).with_prefixlen
 
 

@@ -30,6 +30,7 @@ from secfw.backends.nftables.syntax import (
     VMap,
 )
 from secfw.compiler.ir import Family
+from secfw.compiler.sources import IPV4_HOST
 from secfw.constants import PORT_PROTOCOL_NUMBERS
 from secfw.errors import BackendError, UnsupportedError
 from secfw.model import TAP_PREFIX
@@ -177,9 +178,7 @@ _MAX_NAME = 200  # well below NFT_NAME_MAXLEN (256), leaves room for "-ports"
 # A tap is an interface name: IFNAMSIZ is 16 bytes with the NUL.
 _TAP = re.compile(re.escape(TAP_PREFIX) + r"[A-Za-z0-9_.-]{1,12}")
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
-_IPV4_HOST = re.compile(
-    r"((?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d))(?:/32)?"
-)
+_IPV4_HOST = IPV4_HOST  # canonical IPv4 hosts, not parsed (compiler.sources)
 
 
 def is_safe_name(name: str) -> bool:
