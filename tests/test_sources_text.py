@@ -1,6 +1,7 @@
-"""compiler.sources prints link-local and IPv4 host addresses without ipaddress (a big
-host's first render parsed 10^4 of them): the text must be exactly what ipaddress
-prints, for every MAC shape (a zero first group of the interface id included)."""
+"""compiler.sources (and build._host_key) print link-local and IPv4 host addresses
+without ipaddress or netaddr (a big host's first render and compile parsed 10^4 of
+them): the text must be exactly what those libraries print, for every MAC shape (a
+zero first group of the interface id included) and every IPv4 address."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def test_link_local_of_a_mac_whose_interface_id_starts_with_zero() -> None:
 def test_an_ipv4_host_is_printed_as_ipaddress_prints_it(address: ipaddress.IPv4Address) -> None:
     for text in (str(address), f"{address}/32"):
         assert _host.__wrapped__(text) == ipaddress.ip_network(text).with_prefixlen
+
+
+@given(st.ip_addresses(v=4))
+def test_an_ipv4_host_key_is_what_netaddr_gives(address: ipaddress.IPv4Address) -> None:
+    import netaddr
+
+    from secfw.compiler.build import _host_key
+
+    for text in (str(address), f"{address}/32"):
+        net = netaddr.IPNetwork(text)
+        assert _host_key.__wrapped__(text) == (4, net.first, str(net.cidr))

@@ -60,6 +60,7 @@ from secfw.compiler.ir import (
     PortRange,
 )
 from secfw.compiler.metadata import route_mark
+from secfw.compiler.sources import IPV4_HOST
 from secfw.constants import PORT_PROTOCOL_NUMBERS
 from secfw.model import Instance, Network, Port, Rule, canonical_remote, protocol_number
 
@@ -385,7 +386,13 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
 def _host_key(text: str) -> tuple[int, int, str] | None:
     """(version, address, canonical text) when ``text`` is one address, else None;
     the text is :func:`normalise_addresses`' own. Cached: big sets are recomputed
-    whole on a change, and their addresses are parsed once."""
+    whole on a change, and their addresses are parsed once. An IPv4 address in
+    canonical form is taken as it is (no netaddr object: a 10k-port host's first
+    compile parses ~15k of them)."""
+    ipv4 = IPV4_HOST.fullmatch(text)
+    if ipv4:
+        address = ipv4.group(1)
+        return 4, int.from_bytes(socket.inet_aton(address), "big"), address + "/32"
     net = netaddr.IPNetwork(text)
     if net.prefixlen != (32 if net.version == 4 else 128):
         return None
