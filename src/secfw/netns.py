@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from secfw import rtlinks
 from secfw.errors import BackendError
 
 __all__ = [
@@ -155,9 +154,18 @@ def tap_links(netns: str | None, prefix: str = "tap") -> tuple[dict[str, bool], 
     master, on a bridged host they are bridge ports. Raises OSError when the
     namespace or rtnetlink cannot be used.
     """
-    with inside_netns(netns):
-        links = rtlinks.links()
-    kinds = {link.ifindex: link.kind for link in links}
-    taps = {link.name: kinds.get(link.master) == "bridge"
-            for link in links if link.name.startswith(prefix)}
+    # pyroute2, the project's netlink library, imported here: only this reads links.
+    from pyroute2 import IPRoute
+
+    with inside_netns(netns), IPRoute() as ipr:
+        links = list(ipr.get_links())
+    kinds: dict[int, str | None] = {}
+    for link in links:
+        info = link.get_attr("IFLA_LINKINFO")
+        kinds[link["index"]] = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    taps: dict[str, bool] = {}
+    for link in links:
+        name = link.get_attr("IFLA_IFNAME") or ""
+        if name.startswith(prefix):
+            taps[name] = kinds.get(link.get_attr("IFLA_MASTER") or 0) == "bridge"
     return taps, "bridge" in kinds.values()

@@ -1,9 +1,8 @@
 """``secfw agent --once`` on a SQLite store does not import what it has no use for:
 cryptography (keypairs), etcd3gw/requests (an etcd store's client and watch) or
 prometheus_client (the daemon's metrics) — ~0.5 s of its start-up before; nor
-pyroute2 (~0.2 s: the taps are read over a raw rtnetlink socket, and conntrack's
-client is needed only when the namespace has entries to judge) or the lab and
-demo modules."""
+the lab and demo modules. (pyroute2 stays: it reads the taps, and the project
+keeps one netlink library rather than a hand-written parser.)"""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from pathlib import Path
 from secfw.api import Api
 from secfw.store import open_store
 
-UNUSED = ("cryptography", "etcd3gw", "requests", "prometheus_client", "pyroute2",
+UNUSED = ("cryptography", "etcd3gw", "requests", "prometheus_client",
           "secfw.demo", "secfw.lab", "secfw.netns_tools", "secfw.agent.linkwatch")
 
 _PROBE = (
