@@ -30,7 +30,7 @@ Write transactions
     compare-and-swap, optimistic concurrency). A conflict is never a lost update;
     :func:`retry_conflicts` re-runs a transaction a bounded number of times.
     The snapshot is a :class:`KeyedSnapshot`: it reads one document, one index
-    bucket or one tally when asked (:mod:`secfw.store.indexes`), and a whole
+    bucket, one tally or one allocation record when asked (:mod:`secfw.store.indexes`), and a whole
     kind only when :meth:`Snapshot.kind` asks for it, all as of the
     transaction's start: a write costs the keys it touches, not the cloud.
 """
@@ -47,7 +47,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from secfw.errors import StoreError, WriteConflictError
-from secfw.store.indexes import INDEX_KINDS, Tallies, index_docs
+from secfw.store.indexes import (
+    ADDRESS_INDEX,
+    INDEX_KINDS,
+    Runs,
+    Tallies,
+    allocations,
+    index_docs,
+)
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:////var/lib/secfw/secfw.db"
@@ -73,7 +80,7 @@ class Snapshot:
     the stores' write snapshots (:class:`KeyedSnapshot`) answer them from the
     indexes they keep, reading only those keys. :attr:`reads` logs what was
     read (``"kind K"``, ``"doc K/ID"``, ``"index I"``, ``"tally T"``,
-    ``"all"``), so a test can tell a keyed write from a whole-kind one."""
+    ``"alloc BUCKET"``, ``"all"``), so a test can tell a keyed write from a whole-kind one."""
 
     revision: int
     docs: dict[str, dict[str, Doc]] = field(default_factory=dict)
@@ -111,9 +118,17 @@ class Snapshot:
     def prefetch(self, kind: str, doc_ids: list[str]) -> None:
         """Read these documents together, ahead of :meth:`get` (here: a no-op)."""
 
-    def count(self, index: str, bucket: str, low: str, high: str) -> int:
-        """How many entries of ``bucket`` have ``low <= item <= high``."""
-        return len(self.lookup(index, bucket, low, high))
+    def address_runs(self, bucket: str) -> Runs:
+        """The allocation record of one ``ip`` bucket (a network's IPv4 or IPv6
+        addresses, :func:`secfw.store.indexes.address_bucket`): the used
+        addresses as runs; empty: none used."""
+        cached = self.__dict__.get("_runs_cache")
+        if cached is None:
+            rows = ((ADDRESS_INDEX, b, item, "", "") for (index, b), found
+                    in self._derived()[0].items() if index == ADDRESS_INDEX
+                    for item in found.values())
+            cached = self.__dict__["_runs_cache"] = allocations(rows)
+        return [list(run) for run in cached.get(bucket, [])]
 
     def tally(self, name: str, bucket: str) -> dict[str, int]:
         """A tally (:func:`secfw.store.indexes.tallies`); empty: all zero."""
@@ -163,7 +178,7 @@ class KeyedSnapshot(Snapshot):
                      high: str | None) -> dict[str, str]:
         raise NotImplementedError
 
-    def _read_count(self, index: str, bucket: str, low: str, high: str) -> int:
+    def _read_runs(self, bucket: str) -> Runs:
         raise NotImplementedError
 
     def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
@@ -216,9 +231,13 @@ class KeyedSnapshot(Snapshot):
             for doc_id in missing:
                 self._got[(kind, doc_id)] = found.get(doc_id)
 
-    def count(self, index: str, bucket: str, low: str, high: str) -> int:
-        self.reads.append(f"index {index}")
-        return self._read_count(index, bucket, low, high)
+    def address_runs(self, bucket: str) -> Runs:
+        """Read once per transaction: the commit moves what was read."""
+        cache: dict[str, Runs] = self.__dict__.setdefault("_runs", {})
+        if bucket not in cache:
+            self.reads.append(f"alloc {bucket}")
+            cache[bucket] = self._read_runs(bucket)
+        return [list(run) for run in cache[bucket]]
 
     def tally(self, name: str, bucket: str) -> dict[str, int]:
         self.reads.append(f"tally {name}")

@@ -13,11 +13,22 @@ for addresses the address as fixed-width hex so a range of addresses is a
 range of items). A tally is ``(name, bucket) -> {field: amount}`` summed over
 every document (a project's instances, cores and RAM), what quotas compare.
 
+An **allocation record** is kept per bucket of the ``ip`` index (one network's
+IPv4 or IPv6 addresses; SQLite table ``alloc``, etcd keys ``PREFIX/alloc/…``):
+the used addresses as sorted runs ``[[first, last], …]`` of integers. It is
+derived from the ``ip`` entries like the rest, and is what a boot reads to find
+the lowest free address: one key, whose size is the number of runs (one for
+addresses handed out in order; a hole left by a deleted port splits a run),
+not the number of ports. Every write that moves an address rewrites it, so a
+writer that compares it (etcd) conflicts with every other allocation on the
+network: two boots can never take one address.
+
 Pure: documents in, tuples out; no I/O.
 """
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -25,8 +36,14 @@ from typing import Any
 
 from secfw.model import tap_name
 
-#: Bump when :func:`entries` or :func:`tallies` change: stores rebuild on open.
-INDEX_VERSION = 1
+#: Bump when :func:`entries`, :func:`tallies` or the allocation records change:
+#: stores rebuild on open (2: the allocation records were added).
+INDEX_VERSION = 2
+
+#: The index whose buckets have an allocation record.
+ADDRESS_INDEX = "ip"
+#: Used addresses as sorted, disjoint, non-adjacent ``[first, last]`` integer runs.
+Runs = list[list[int]]
 
 Entry = tuple[str, str, str]
 
@@ -158,3 +175,92 @@ def index_docs(docs: dict[str, dict[str, dict[str, Any]]]
             for key, fields in tallies(kind, doc).items():
                 totals[key] = add_tally(totals.get(key, {}), fields)
     return rows, {key: fields for key, fields in totals.items() if fields}
+
+
+# ---------------------------------------------------------------------- allocation records
+
+
+def item_number(item: str) -> int:
+    """An ``ip`` item (fixed-width hex) as the address's integer."""
+    return int(item, 16)
+
+
+def runs_of(numbers: Iterable[int]) -> Runs:
+    """The runs of a set of integers."""
+    runs: Runs = []
+    for number in sorted(set(numbers)):
+        if runs and runs[-1][1] + 1 == number:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return runs
+
+
+def _start(run: list[int]) -> int:
+    return run[0]
+
+
+def runs_contain(runs: Runs, number: int) -> bool:
+    """Whether ``number`` is in one of ``runs``."""
+    at = bisect.bisect_right(runs, number, key=_start) - 1
+    return at >= 0 and runs[at][0] <= number <= runs[at][1]
+
+
+def past_runs(runs: Runs, number: int) -> int:
+    """The lowest integer ``>= number`` in none of ``runs`` (runs never touch,
+    so the end of the run holding ``number`` plus one is free)."""
+    at = bisect.bisect_right(runs, number, key=_start) - 1
+    if at >= 0 and runs[at][0] <= number <= runs[at][1]:
+        return runs[at][1] + 1
+    return number
+
+
+def move_runs(runs: Runs, removed: Iterable[int], added: Iterable[int]) -> Runs:
+    """``runs`` without ``removed`` and with ``added``: each number costs a
+    bisection and a splice (a list copy of the runs), never an expansion."""
+    moved = [list(run) for run in runs]
+    for number in removed:
+        at = bisect.bisect_right(moved, number, key=_start) - 1
+        if at < 0 or not moved[at][0] <= number <= moved[at][1]:
+            continue
+        first, last = moved[at]
+        parts = [[first, number - 1]] if first < number else []
+        parts += [[number + 1, last]] if number < last else []
+        moved[at:at + 1] = parts
+    for number in added:
+        if runs_contain(moved, number):
+            continue
+        at = bisect.bisect_right(moved, number, key=_start)
+        joins_left = at > 0 and moved[at - 1][1] + 1 == number
+        joins_right = at < len(moved) and moved[at][0] - 1 == number
+        if joins_left and joins_right:
+            moved[at - 1:at + 1] = [[moved[at - 1][0], moved[at][1]]]
+        elif joins_left:
+            moved[at - 1][1] = number
+        elif joins_right:
+            moved[at][0] = number
+        else:
+            moved.insert(at, [number, number])
+    return moved
+
+
+AddressMoves = dict[str, tuple[set[int], set[int]]]
+
+
+def address_moves(before: set[Entry], after: set[Entry], into: AddressMoves) -> None:
+    """Add to ``into`` (``{bucket: (removed, added)}``) the addresses one
+    document's entries free and take (``before``/``after``: its entries as
+    stored and as written)."""
+    for sign, moved in ((0, before - after), (1, after - before)):
+        for index, bucket, item in moved:
+            if index == ADDRESS_INDEX:
+                into.setdefault(bucket, (set(), set()))[sign].add(item_number(item))
+
+
+def allocations(rows: Iterable[tuple[str, str, str, str, str]]) -> dict[str, Runs]:
+    """Every allocation record, from every entry (:func:`index_docs`'s rows)."""
+    numbers: dict[str, list[int]] = {}
+    for index, bucket, item, _, _ in rows:
+        if index == ADDRESS_INDEX:
+            numbers.setdefault(bucket, []).append(item_number(item))
+    return {bucket: runs_of(found) for bucket, found in numbers.items()}
