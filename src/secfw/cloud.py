@@ -291,6 +291,31 @@ class CloudState:
             (self.ports[p] for p in self.ports_by_instance.get(instance_id, ())), key=lambda p: p.id
         )
 
+    def prefetch(self, kind: str, ids: Iterable[str]) -> None:
+        """Read these records together ahead of use (a lazy state; else nothing)."""
+        if self._snapshot is not None:
+            self._snapshot.prefetch(kind, list(ids))
+
+    def ordered(self, index: str, bucket: str, after: tuple[str, str] | None,
+                chunk: int) -> Iterator[list[Any]]:
+        """The records of ``bucket`` of an ordered index
+        (:data:`~secfw.store.indexes.ORDER_INDEXES`) after the entry ``after``,
+        in order, ``chunk`` entries read at a time (each chunk's records read
+        together). A lazy state only: the store's index as of the
+        transaction's start (this state's own changes are not in it)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise TypeError("ordered() reads a store's index: a lazy state only")
+        kind = INDEX_KINDS[index]
+        while True:
+            found = snapshot.page(index, bucket, after, chunk)
+            self.prefetch(kind, [doc_id for _, doc_id in found])
+            records = [self.records[kind].get(doc_id) for _, doc_id in found]
+            yield [record for record in records if record is not None]
+            if len(found) < chunk:
+                return
+            after = found[-1]
+
     def group_members(self, group_id: str) -> list[Instance]:
         """Instances that use the group (what a source-group rule selects)."""
         return [self.instances[i] for i in sorted(self.instances_by_group.get(group_id, ()))]
@@ -897,6 +922,15 @@ def _number(address: str) -> int:
 def _has(numbers: list[int], number: int) -> bool:
     index = bisect.bisect_left(numbers, number)
     return index < len(numbers) and numbers[index] == number
+
+
+def order_item(index: str, bucket: str, record: Record) -> str | None:
+    """The item of ``record`` in ``bucket`` of an ordered index (None: not in it)."""
+    doc_id: str = record.id  # type: ignore[attr-defined]
+    for name, found_bucket, item in entries(record.KIND, doc_id, record.to_doc()):
+        if name == index and found_bucket == bucket:
+            return item
+    return None
 
 
 def first_free(used: Any, cidr: str, start: int) -> tuple[int, str] | None:

@@ -109,6 +109,14 @@ class Snapshot:
         found = self._derived()[0].get((index, bucket), {})
         return {doc_id: item for doc_id, item in found.items() if _within(item, low, high)}
 
+    def page(self, index: str, bucket: str, after: tuple[str, str] | None,
+             limit: int) -> list[tuple[str, str]]:
+        """At most ``limit`` entries ``(item, id)`` of ``bucket``, in ``(item, id)``
+        order, those after ``after`` only (when given): one page of a listing
+        (:data:`secfw.store.indexes.ORDER_INDEXES`)."""
+        found = sorted((item, doc_id) for doc_id, item in self.lookup(index, bucket).items())
+        return [entry for entry in found if after is None or entry > after][:limit]
+
     def members(self, index: str, bucket: str) -> dict[str, Doc]:
         """The documents in ``bucket`` of ``index``, by id."""
         kind = INDEX_KINDS[index]
@@ -181,6 +189,10 @@ class KeyedSnapshot(Snapshot):
     def _read_runs(self, bucket: str) -> Runs:
         raise NotImplementedError
 
+    def _read_page(self, index: str, bucket: str, after: tuple[str, str] | None,
+                   limit: int) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
     def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
         raise NotImplementedError
 
@@ -212,6 +224,11 @@ class KeyedSnapshot(Snapshot):
                high: str | None = None) -> dict[str, str]:
         self.reads.append(f"index {index}")
         return self._read_lookup(index, bucket, low, high)
+
+    def page(self, index: str, bucket: str, after: tuple[str, str] | None,
+             limit: int) -> list[tuple[str, str]]:
+        self.reads.append(f"page {index}")
+        return self._read_page(index, bucket, after, limit)
 
     def members(self, index: str, bucket: str) -> dict[str, Doc]:
         kind = INDEX_KINDS[index]

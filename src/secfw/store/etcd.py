@@ -894,6 +894,25 @@ class _EtcdSnapshot(KeyedSnapshot):
             found[_unsegment(doc_id)] = _unsegment(item)
         return found
 
+    def _read_page(self, index: str, bucket: str, after: tuple[str, str] | None,
+                   limit: int) -> list[tuple[str, str]]:
+        """One range of the bucket's keys, ``limit`` at most, from the key after
+        ``after``'s (keys order as the items then ids do: see
+        :func:`secfw.store.indexes.order_text`)."""
+        prefix = self._store._bucket_key(index, bucket)
+        start = prefix
+        if after is not None:
+            start = prefix + _segment(after[0]) + b"/" + _segment(after[1]) + b"\0"
+        end = _prefix_end(prefix)
+        self.ranges.add((start, end))
+        kvs = self._store._range_at("read a page", start, end, self._pinned, keys_only=True,
+                                    limit=limit).get("kvs", [])
+        found: list[tuple[str, str]] = []
+        for kv in kvs:
+            item, _, doc_id = _unb64(kv["key"])[len(prefix):].partition(b"/")
+            found.append((_unsegment(item), _unsegment(doc_id)))
+        return found
+
     def _read_runs(self, bucket: str) -> Runs:
         key = self._store._alloc_key(bucket)
         kvs = self._store._range_at("read an allocation record", key, None,

@@ -34,7 +34,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from secfw.model import tap_name
+from secfw.model import DEFAULT_GROUP, tap_name
 
 #: Bump when :func:`entries`, :func:`tallies` or the allocation records change:
 #: stores rebuild on open (2: the allocation records were added).
@@ -54,7 +54,13 @@ INDEX_KINDS = {
     "ports-by-instance": "port", "ports-by-network": "port", "mac": "port", "tap": "port",
     "ip": "port", "keypair-name": "keypair", "floating-by-port": "floatingip",
     "volumes-by-instance": "volume", "snapshots-by-volume": "volume_snapshot",
+    "instance-order": "instance", "group-order": "secgroup", "network-order": "network",
+    "port-order": "port",
 }
+#: The ordered indexes (the listings' pages): bucket -> items in listing order.
+ORDER_INDEXES = ("instance-order", "group-order", "network-order", "port-order")
+#: The bucket of an ordered index that holds every document of its kind.
+EVERY = "*"
 #: The kind of document each tally sums.
 TALLY_KINDS = {"groups": "secgroup", "compute": "instance", "host": "instance"}
 
@@ -93,6 +99,9 @@ def _raw_entries(kind: str, doc_id: str, doc: dict[str, Any]) -> Iterable[Entry]
     get = doc.get
     if kind == "secgroup":
         yield "group-name", pair(get("project", ""), get("name", "")), doc_id
+        yield from _group_order(get("project", ""), get("name", ""))
+    elif kind == "network":
+        yield "network-order", EVERY, order_text(get("name", ""))
     elif kind == "rule":
         yield "rules-by-group", get("group_id") or "", doc_id
         yield "rules-by-remote", get("remote_group_id") or "", doc_id
@@ -100,6 +109,7 @@ def _raw_entries(kind: str, doc_id: str, doc: dict[str, Any]) -> Iterable[Entry]
         for group_id in get("security_groups") or ():
             yield "instances-by-group", group_id, doc_id
         yield "instance-name", pair(get("project", ""), get("name", "")), doc_id
+        yield from _instance_order(doc)
     elif kind == "port":
         yield from _port_entries(doc_id, doc)
     elif kind == "keypair":
@@ -118,10 +128,48 @@ def _port_entries(doc_id: str, doc: dict[str, Any]) -> Iterable[Entry]:
     yield "ports-by-network", network, doc_id
     yield "mac", doc.get("mac") or "", doc_id
     yield "tap", tap_name(doc_id), doc_id
+    yield "port-order", EVERY, tap_name(doc_id)
     for address in (doc.get("ip"), doc.get("ip6")):
         if address:
             version = ipaddress.ip_address(address).version
             yield "ip", address_bucket(network, version), address_item(address)
+
+
+def order_text(text: str) -> str:
+    """A text as an ordered item: its UTF-8 bytes in hex, which sort as Python
+    sorts the texts (code points) and are left alone by every key encoding
+    (hex digits; etcd keys percent-encode items). Items join such fields with
+    ".", below every hex digit, so a shorter field sorts first as in Python;
+    the store appends the id after "/" (also below every hex digit)."""
+    return text.encode().hex()
+
+
+def server_bucket(project: str | None = None, host: str | None = None) -> str:
+    """The ``instance-order`` bucket of a project's instances, a host's, or all."""
+    if host is not None:
+        return pair("host", host)
+    return pair("project", project) if project is not None else EVERY
+
+
+def group_bucket(project: str | None) -> str:
+    """The ``group-order`` bucket of a project's groups (None: every project's)."""
+    return pair("project", project) if project is not None else EVERY
+
+
+def _instance_order(doc: dict[str, Any]) -> Iterable[Entry]:
+    """``nova list``'s order, (created, name) then id: created as 20 digits."""
+    item = f"{int(doc.get('created') or 0):020d}.{order_text(doc.get('name', ''))}"
+    yield "instance-order", server_bucket(project=doc.get("project", "")), item
+    yield "instance-order", EVERY, item
+    if doc.get("host"):
+        yield "instance-order", server_bucket(host=doc["host"]), item
+
+
+def _group_order(project: str, name: str) -> Iterable[Entry]:
+    """``secgroup-list``'s order: (project,) default first, then by name, then id."""
+    named = ("0." if name == DEFAULT_GROUP else "1.") + order_text(name)
+    yield "group-order", group_bucket(project), named
+    yield "group-order", EVERY, f"{order_text(project)}.{named}"
 
 
 def tallies(kind: str, doc: dict[str, Any] | None) -> Tallies:

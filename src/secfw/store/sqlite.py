@@ -225,6 +225,15 @@ class _SqliteSnapshot(KeyedSnapshot):
     def _read_runs(self, bucket: str) -> Runs:
         return _read_runs(self._conn, bucket)
 
+    def _read_page(self, index: str, bucket: str, after: tuple[str, str] | None,
+                   limit: int) -> list[tuple[str, str]]:
+        # the primary key (name, bucket, item, id) orders the scan: no sort
+        low = after or ("", "")
+        rows = self._conn.execute(
+            "SELECT item, id FROM idx WHERE name = ? AND bucket = ? AND (item, id) > (?, ?) "
+            "ORDER BY item, id LIMIT ?", (index, bucket, *low, limit))
+        return [(item, doc_id) for item, doc_id in rows]
+
     def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
         row = self._conn.execute("SELECT doc FROM tally WHERE name = ? AND bucket = ?",
                                  (name, bucket)).fetchone()
