@@ -47,6 +47,8 @@ COPY_DOCS = 300
 #: The write commands timed, in the order each run makes them.
 COMMANDS = ("secgroup-create", "secgroup-add-rule", "boot", "add-secgroup",
             "remove-secgroup", "delete", "secgroup-delete")
+#: The paged read commands timed after the writes (secfw.paging): a page of 50.
+READS = ("list --limit 50", "port-list --limit 50")
 
 
 def secfw_command() -> str:
@@ -86,6 +88,18 @@ def api_call(api: Api, command: str, run: str) -> Callable[[], object]:
     }[command]
 
 
+def read_args(command: str) -> list[str]:
+    """The ``secfw`` arguments of a paged read of :data:`READS`."""
+    return {"list --limit 50": ["list", "--limit", "50"],
+            "port-list --limit 50": ["port-list", "--host", HOST, "--limit", "50"]}[command]
+
+
+def read_call(api: Api, command: str) -> Callable[[], object]:
+    """The ``Api`` call that ``secfw`` makes for ``read_args(command)``."""
+    return {"list --limit 50": lambda: api.server_page(PROJECT, None, False, 50, None),
+            "port-list --limit 50": lambda: api.port_page(PROJECT, HOST, 50, None)}[command]
+
+
 def timed(func: Callable[[], object]) -> float:
     start = time.perf_counter()
     func()
@@ -109,10 +123,28 @@ def bench_commands(kind: str, url: str, size: int, repeat: int, label: str) -> N
                     a, check=True, stdout=subprocess.DEVNULL)))
     finally:
         api.store.close()
-    for command in COMMANDS:
-        print(f"{kind:<6} {size:>6} ports  {command:<17} in-process "
+    in_process.update(bench_reads(api.store.url, repeat, whole))
+    for command in (*COMMANDS, *READS):
+        print(f"{kind:<6} {size:>6} ports  {command:<20} in-process "
               f"{statistics.median(in_process[command]) * 1e3:7.1f} ms   whole secfw process "
               f"{statistics.median(whole[command]) * 1e3:7.1f} ms", flush=True)
+
+
+def bench_reads(url: str, repeat: int, whole: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each paged read of :data:`READS`, ``repeat`` times in-process (returned)
+    and as a ``secfw`` process (added to ``whole``)."""
+    api = Api(open_store(url))
+    in_process: dict[str, list[float]] = {c: [] for c in READS}
+    try:
+        for command in READS:
+            args = [secfw_command(), "--store", url, "--project", PROJECT, *read_args(command)]
+            for _ in range(repeat):
+                in_process[command].append(timed(read_call(api, command)))
+                whole.setdefault(command, []).append(timed(lambda a=args: subprocess.run(
+                    a, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    finally:
+        api.store.close()
+    return in_process
 
 
 def copy_store(source: Store, target: Store) -> float:
