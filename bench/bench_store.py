@@ -37,13 +37,15 @@ from pathlib import Path
 from secfw import etcdlocal
 from secfw.api import Api
 from secfw.bench.workload import FLAVOR, IMAGE, MAIN_NET, PROJECT, BenchCloud, host_group
+from secfw.errors import StoreError
 from secfw.store import Store, open_store
 
 HOST = "bench-host"
 #: Boots per transaction while growing the SQLite cloud.
 GROW_BATCH = 1_000
-#: Documents per transaction when copying the cloud into etcd.
-COPY_DOCS = 300
+#: Documents per transaction when copying the cloud into etcd, and attempts per batch.
+COPY_DOCS = 200
+COPY_ATTEMPTS = 3
 #: The write commands timed, in the order each run makes them.
 COMMANDS = ("secgroup-create", "secgroup-add-rule", "boot", "add-secgroup",
             "remove-secgroup", "delete", "secgroup-delete")
@@ -154,10 +156,22 @@ def copy_store(source: Store, target: Store) -> float:
     items = [(kind, doc_id, doc) for kind, by_id in sorted(source.load().docs.items())
              for doc_id, doc in by_id.items()]
     for first in range(0, len(items), COPY_DOCS):
-        with target.write() as txn:
-            for kind, doc_id, doc in items[first:first + COPY_DOCS]:
-                txn.put(kind, doc_id, doc)
+        batch = items[first:first + COPY_DOCS]
+        for attempt in range(1, COPY_ATTEMPTS + 1):
+            try:  # putting the same documents again is harmless
+                _put_all(target, batch)
+                break
+            except StoreError as exc:  # a busy member (503) on the loaded machine
+                if attempt == COPY_ATTEMPTS:
+                    raise
+                print(f"copy: batch at {first} failed ({exc}), again", flush=True)
     return time.perf_counter() - start
+
+
+def _put_all(target: Store, batch: list[tuple[str, str, dict[str, object]]]) -> None:
+    with target.write() as txn:
+        for kind, doc_id, doc in batch:
+            txn.put(kind, doc_id, doc)
 
 
 def run(sizes: list[int], repeat: int, stores: list[str], etcd: str | None) -> None:
