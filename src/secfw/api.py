@@ -1616,6 +1616,7 @@ class Api:
             project=None if all_projects else project)
         with self.keyed_read() as state:
             page = read_page(state, "instance-order", bucket, limit, marker)
+            _prefetch_ports(state, page.rows)
             rows = [(instance, _fixed_addresses(state, instance)) for instance in page.rows]
         return Page(rows, page.next_marker)
 
@@ -1672,7 +1673,11 @@ class Api:
         with self.keyed_read() as state:
             page = read_page(state, "port-order", EVERY, limit, marker, prepare=prepare,
                              keep=lambda p: state.instances[p.instance_id].host == host)
-            views = [_port_view(state, p, state.instances[p.instance_id]) for p in page.rows]
+            instances = [state.instances[p.instance_id] for p in page.rows]
+            state.prefetch(SecurityGroup.KIND, sorted({g for i in instances
+                                                       for g in i.security_groups}))
+            state.prefetch(Network.KIND, sorted({p.network_id for p in page.rows}))
+            views = [_port_view(state, p, i) for p, i in zip(page.rows, instances, strict=True)]
         return Page(views, page.next_marker)
 
     def _ensure_default(self, project: str) -> None:
@@ -2055,6 +2060,15 @@ def _new_mac(used: Any) -> str:
 
 def _with_groups(instance: Instance, groups: tuple[str, ...]) -> Instance:
     return replace(instance, security_groups=groups, updated=time.time_ns())
+
+
+def _prefetch_ports(state: CloudState, instances: list[Instance]) -> None:
+    """Read the ports of ``instances`` and their networks together (a page's
+    rows: a few requests, not a few per row)."""
+    state.prefetch_buckets("ports-by-instance", [i.id for i in instances])
+    port_ids = sorted({p for i in instances for p in state.ports_by_instance.get(i.id, ())})
+    state.prefetch(Port.KIND, port_ids)
+    state.prefetch(Network.KIND, sorted({state.ports[p].network_id for p in port_ids}))
 
 
 def _fixed_addresses(state: CloudState, instance: Instance) -> dict[str, list[str]]:

@@ -296,6 +296,11 @@ class CloudState:
         if self._snapshot is not None:
             self._snapshot.prefetch(kind, list(ids))
 
+    def prefetch_buckets(self, index: str, buckets: Iterable[str]) -> None:
+        """Read these buckets of a store index together (a lazy state; else nothing)."""
+        if self._snapshot is not None:
+            self._snapshot.prefetch_buckets(index, list(buckets))
+
     def ordered(self, index: str, bucket: str, after: tuple[str, str] | None,
                 chunk: int) -> Iterator[list[Any]]:
         """The records of ``bucket`` of an ordered index

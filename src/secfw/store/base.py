@@ -126,6 +126,10 @@ class Snapshot:
     def prefetch(self, kind: str, doc_ids: list[str]) -> None:
         """Read these documents together, ahead of :meth:`get` (here: a no-op)."""
 
+    def prefetch_buckets(self, index: str, buckets: list[str]) -> None:
+        """Read these buckets of ``index`` together, ahead of :meth:`lookup`
+        (here: a no-op)."""
+
     def address_runs(self, bucket: str) -> Runs:
         """The allocation record of one ``ip`` bucket (a network's IPv4 or IPv6
         addresses, :func:`secfw.store.indexes.address_bucket`): the used
@@ -223,7 +227,31 @@ class KeyedSnapshot(Snapshot):
     def lookup(self, index: str, bucket: str, low: str | None = None,
                high: str | None = None) -> dict[str, str]:
         self.reads.append(f"index {index}")
-        return self._read_lookup(index, bucket, low, high)
+        if low is not None or high is not None:
+            return self._read_lookup(index, bucket, low, high)
+        buckets = self._buckets()
+        if (index, bucket) not in buckets:
+            buckets[(index, bucket)] = self._read_lookup(index, bucket, None, None)
+        return dict(buckets[(index, bucket)])
+
+    def prefetch_buckets(self, index: str, buckets: list[str]) -> None:
+        """Read the whole buckets not read yet together (etcd: one request per
+        hundred): :meth:`lookup` then has them."""
+        known = self._buckets()
+        missing = [b for b in dict.fromkeys(buckets) if (index, b) not in known]
+        if missing:
+            self.reads.append(f"index {index}")
+            for bucket, found in self._read_buckets(index, missing).items():
+                known[(index, bucket)] = found
+
+    def _buckets(self) -> dict[tuple[str, str], dict[str, str]]:
+        """Whole buckets read so far (a transaction reads a bucket once)."""
+        found: dict[tuple[str, str], dict[str, str]] = self.__dict__.setdefault("_whole", {})
+        return found
+
+    def _read_buckets(self, index: str, buckets: list[str]) -> dict[str, dict[str, str]]:
+        """Several whole buckets; a store that can read them together says how."""
+        return {bucket: self._read_lookup(index, bucket, None, None) for bucket in buckets}
 
     def page(self, index: str, bucket: str, after: tuple[str, str] | None,
              limit: int) -> list[tuple[str, str]]:

@@ -880,6 +880,23 @@ class _EtcdSnapshot(KeyedSnapshot):
         return {self._store._split(_unb64(kv["key"]))[1]: json.loads(_unb64(kv["value"]))
                 for kv in kvs}
 
+    def _read_buckets(self, index: str, buckets: list[str]) -> dict[str, dict[str, str]]:
+        """Whole buckets, one transaction of range reads per :data:`KEYS_PER_TXN`."""
+        found: dict[str, dict[str, str]] = {}
+        for first in range(0, len(buckets), KEYS_PER_TXN):
+            chunk = buckets[first:first + KEYS_PER_TXN]
+            prefixes = [self._store._bucket_key(index, bucket) for bucket in chunk]
+            self.ranges.update((prefix, _prefix_end(prefix)) for prefix in prefixes)
+            answer = self._store._txn("read index buckets", {"success": [
+                {"request_range": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+                                   "revision": str(self._pinned), "keys_only": True}}
+                for prefix in prefixes]})
+            for bucket, prefix, response in zip(chunk, prefixes, answer.get("responses", []),
+                                                strict=True):
+                kvs = response.get("response_range", {}).get("kvs", [])
+                found[bucket] = _bucket_items(kvs, prefix)
+        return found
+
     def _read_lookup(self, index: str, bucket: str, low: str | None,
                      high: str | None) -> dict[str, str]:
         prefix = self._store._bucket_key(index, bucket)
@@ -888,11 +905,7 @@ class _EtcdSnapshot(KeyedSnapshot):
         self.ranges.add((start, end))
         kvs = self._store._range_at("read an index", start, end, self._pinned,
                                     keys_only=True).get("kvs", [])
-        found: dict[str, str] = {}
-        for kv in kvs:
-            item, _, doc_id = _unb64(kv["key"])[len(prefix):].partition(b"/")
-            found[_unsegment(doc_id)] = _unsegment(item)
-        return found
+        return _bucket_items(kvs, prefix)
 
     def _read_page(self, index: str, bucket: str, after: tuple[str, str] | None,
                    limit: int) -> list[tuple[str, str]]:
@@ -932,6 +945,15 @@ class _EtcdSnapshot(KeyedSnapshot):
         if (name, bucket) not in cache:
             cache[(name, bucket)] = super().tally(name, bucket)
         return dict(cache[(name, bucket)])
+
+
+def _bucket_items(kvs: list[dict[str, Any]], prefix: bytes) -> dict[str, str]:
+    """``{document id: item}`` of the entry keys of one bucket (``prefix``)."""
+    found: dict[str, str] = {}
+    for kv in kvs:
+        item, _, doc_id = _unb64(kv["key"])[len(prefix):].partition(b"/")
+        found[_unsegment(doc_id)] = _unsegment(item)
+    return found
 
 
 def _segment(text: str) -> bytes:
