@@ -37,16 +37,20 @@ from pathlib import Path
 from secfw import etcdlocal
 from secfw.api import Api
 from secfw.bench.workload import FLAVOR, IMAGE, MAIN_NET, PROJECT, BenchCloud, host_group
+from secfw.errors import StoreError
 from secfw.store import Store, open_store
 
 HOST = "bench-host"
 #: Boots per transaction while growing the SQLite cloud.
 GROW_BATCH = 1_000
-#: Documents per transaction when copying the cloud into etcd.
-COPY_DOCS = 300
+#: Documents per transaction when copying the cloud into etcd, and attempts per batch.
+COPY_DOCS = 200
+COPY_ATTEMPTS = 3
 #: The write commands timed, in the order each run makes them.
 COMMANDS = ("secgroup-create", "secgroup-add-rule", "boot", "add-secgroup",
             "remove-secgroup", "delete", "secgroup-delete")
+#: The paged read commands timed after the writes (secfw.paging): a page of 50.
+READS = ("list --limit 50", "port-list --limit 50")
 
 
 def secfw_command() -> str:
@@ -86,6 +90,18 @@ def api_call(api: Api, command: str, run: str) -> Callable[[], object]:
     }[command]
 
 
+def read_args(command: str) -> list[str]:
+    """The ``secfw`` arguments of a paged read of :data:`READS`."""
+    return {"list --limit 50": ["list", "--limit", "50"],
+            "port-list --limit 50": ["port-list", "--host", HOST, "--limit", "50"]}[command]
+
+
+def read_call(api: Api, command: str) -> Callable[[], object]:
+    """The ``Api`` call that ``secfw`` makes for ``read_args(command)``."""
+    return {"list --limit 50": lambda: api.server_page(PROJECT, None, False, 50, None),
+            "port-list --limit 50": lambda: api.port_page(PROJECT, HOST, 50, None)}[command]
+
+
 def timed(func: Callable[[], object]) -> float:
     start = time.perf_counter()
     func()
@@ -109,10 +125,28 @@ def bench_commands(kind: str, url: str, size: int, repeat: int, label: str) -> N
                     a, check=True, stdout=subprocess.DEVNULL)))
     finally:
         api.store.close()
-    for command in COMMANDS:
-        print(f"{kind:<6} {size:>6} ports  {command:<17} in-process "
+    in_process.update(bench_reads(api.store.url, repeat, whole))
+    for command in (*COMMANDS, *READS):
+        print(f"{kind:<6} {size:>6} ports  {command:<20} in-process "
               f"{statistics.median(in_process[command]) * 1e3:7.1f} ms   whole secfw process "
               f"{statistics.median(whole[command]) * 1e3:7.1f} ms", flush=True)
+
+
+def bench_reads(url: str, repeat: int, whole: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Each paged read of :data:`READS`, ``repeat`` times in-process (returned)
+    and as a ``secfw`` process (added to ``whole``)."""
+    api = Api(open_store(url))
+    in_process: dict[str, list[float]] = {c: [] for c in READS}
+    try:
+        for command in READS:
+            args = [secfw_command(), "--store", url, "--project", PROJECT, *read_args(command)]
+            for _ in range(repeat):
+                in_process[command].append(timed(read_call(api, command)))
+                whole.setdefault(command, []).append(timed(lambda a=args: subprocess.run(
+                    a, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    finally:
+        api.store.close()
+    return in_process
 
 
 def copy_store(source: Store, target: Store) -> float:
@@ -122,10 +156,22 @@ def copy_store(source: Store, target: Store) -> float:
     items = [(kind, doc_id, doc) for kind, by_id in sorted(source.load().docs.items())
              for doc_id, doc in by_id.items()]
     for first in range(0, len(items), COPY_DOCS):
-        with target.write() as txn:
-            for kind, doc_id, doc in items[first:first + COPY_DOCS]:
-                txn.put(kind, doc_id, doc)
+        batch = items[first:first + COPY_DOCS]
+        for attempt in range(1, COPY_ATTEMPTS + 1):
+            try:  # putting the same documents again is harmless
+                _put_all(target, batch)
+                break
+            except StoreError as exc:  # a busy member (503) on the loaded machine
+                if attempt == COPY_ATTEMPTS:
+                    raise
+                print(f"copy: batch at {first} failed ({exc}), again", flush=True)
     return time.perf_counter() - start
+
+
+def _put_all(target: Store, batch: list[tuple[str, str, dict[str, object]]]) -> None:
+    with target.write() as txn:
+        for kind, doc_id, doc in batch:
+            txn.put(kind, doc_id, doc)
 
 
 def run(sizes: list[int], repeat: int, stores: list[str], etcd: str | None) -> None:

@@ -146,8 +146,9 @@ def test_boot_and_delete_read_no_port_nor_instance_kind(
 
 
 def test_boots_take_the_lowest_free_address_as_before(api: Api) -> None:
-    """Allocation by range counts (the lazy state) gives what the eager scan of
-    free_addresses gives, holes included (instances deleted at random)."""
+    """Allocation from the allocation record (the lazy state) gives what the
+    eager scan of free_addresses gives, holes included (instances deleted at
+    random)."""
     import random
 
     from secfw.cloud import free_addresses
@@ -165,3 +166,26 @@ def test_boots_take_the_lowest_free_address_as_before(api: Api) -> None:
         expected = next(free_addresses(net.cidr, eager.used_ips[net.id]))[1]
         booted = api.boot("admin", f"w{number}", "m1.tiny", "i", "h", None, ["n"])
         assert api.snapshot().ports_of(booted.id)[0].ip == expected
+
+
+def test_a_boot_reads_one_allocation_record_per_subnet(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The address of a boot comes from the network's allocation records (one
+    key for IPv4, one for IPv6), never from the range of used addresses (the
+    ``ip`` index, whose size grows with the network), and a batch of boots
+    still hands out distinct addresses in order."""
+    api.net_create("admin", "n", "10.9.0.0/24", cidr6="2001:db8:9::/64")
+    api.image_create("admin", "i", visibility="public")
+    api.quota_update("admin", instances=-1, cores=-1, ram=-1)
+    network_id = api.net_list("admin")[0].id
+    logs = _reads_of(api, monkeypatch)
+    with api.batch():
+        for number in range(3):
+            api.boot("admin", f"v{number}", "m1.tiny", "i", "h", None, ["n"])
+    (reads,) = logs
+    assert {f"alloc {network_id}/4", f"alloc {network_id}/6"} <= set(reads), reads
+    assert not {"index ip", "kind port", "all"} & set(reads), reads
+    ports = api.snapshot().ports.values()
+    assert sorted(p.ip for p in ports) == ["10.9.0.2", "10.9.0.3", "10.9.0.4"]
+    assert sorted(str(p.ip6) for p in ports) == ["2001:db8:9::2", "2001:db8:9::3",
+                                                 "2001:db8:9::4"]

@@ -375,6 +375,9 @@ def assert_indexes_exact(store: Store) -> None:
             assert txn.snapshot.members(index, bucket) == truth.members(index, bucket)
         for name, bucket in totals:
             assert txn.snapshot.tally(name, bucket) == truth.tally(name, bucket)
+        for index, bucket in buckets:
+            if index == "ip":
+                assert txn.snapshot.address_runs(bucket) == truth.address_runs(bucket)
         raise _Rollback
 
 
@@ -401,15 +404,18 @@ def test_indexes_follow_every_write(url: str) -> None:
 
 def test_a_store_without_indexes_gets_them_rebuilt(url: str) -> None:
     """A store written before the indexes existed (here: its index keys or
-    tables dropped, and its index stamp) has them rebuilt on the next write."""
+    tables dropped — the allocation records' table too, as a store of index
+    version 1 has none — and its index stamp) has them rebuilt on the next
+    write."""
     api = _small_cloud(url)
     store = api.store
     try:
         if isinstance(store, secfw.store.sqlite.SqliteStore):
             store._conn.executescript(
-                "DELETE FROM idx; DELETE FROM tally; DELETE FROM meta WHERE key = 'index_version'")
+                "DELETE FROM idx; DELETE FROM tally; DROP TABLE alloc; "
+                "DELETE FROM meta WHERE key = 'index_version'")
         else:
-            for start in (store._idx, store._tally, store._stamp):
+            for start in (store._idx, store._tally, store._alloc, store._stamp):
                 store._txn("drop", {"success": [{"request_delete_range": {
                     "key": secfw.store.etcd._b64(start),
                     "range_end": secfw.store.etcd._b64(secfw.store.etcd._prefix_end(start))}}]})

@@ -92,6 +92,7 @@ from secfw.model import (
     parse_vlan,
     tap_name,
 )
+from secfw.paging import Page, read_page, slice_page
 from secfw.scheduler import (
     Demand,
     HostUsage,
@@ -104,6 +105,7 @@ from secfw.scheduler import (
     volume_usage,
 )
 from secfw.store.base import Store, WriteTxn, retry_conflicts
+from secfw.store.indexes import EVERY, group_bucket, server_bucket
 
 #: nova's ``image`` of a server booted from a volume.
 BOOT_FROM_VOLUME = "Attempt to boot from volume - no image supplied"
@@ -1602,6 +1604,88 @@ class Api:
 
     # ------------------------------------------------------------------ lookups
 
+    # ------------------------------------------------------------------ paged listings
+    # The listings above, a page at a time (secfw.paging): same rows, same
+    # order, each read by key from the store's ordered indexes.
+
+    def server_page(self, project: str, host: str | None, all_projects: bool, limit: int,
+                    marker: str | None) -> Page[tuple[Instance, dict[str, list[str]]]]:
+        """A page of :meth:`list_instances`, each instance with its fixed IPv4
+        addresses by network name (``nova list``'s Networks)."""
+        bucket = server_bucket(host=host) if host is not None else server_bucket(
+            project=None if all_projects else project)
+        with self.keyed_read() as state:
+            page = read_page(state, "instance-order", bucket, limit, marker)
+            _prefetch_ports(state, page.rows)
+            rows = [(instance, _fixed_addresses(state, instance)) for instance in page.rows]
+        return Page(rows, page.next_marker)
+
+    def secgroup_page(self, project: str, all_projects: bool, limit: int,
+                      marker: str | None) -> Page[SecurityGroup]:
+        """A page of :meth:`secgroup_list` (the project's default group made first)."""
+        check_name(project, "project")
+        self._ensure_default(project)
+        with self.keyed_read() as state:
+            return read_page(state, "group-order", group_bucket(None if all_projects else project),
+                             limit, marker)
+
+    def rule_page(self, project: str, group: str | None, limit: int,
+                  marker: str | None) -> tuple[Page[Rule], dict[str, str]]:
+        """A page of :meth:`secgroup_list_rules` (``group`` given) or of
+        :meth:`rule_list` (None: every group of the project), and the names
+        of the groups its rules reference. A group's rules are bounded by its
+        quota: they are read by key and sliced."""
+        check_name(project, "project")
+        if group == DEFAULT_GROUP:
+            self._ensure_default(project)
+        with self.keyed_read() as state:
+            if group is not None:
+                groups = [self._group(state, project, group)]
+            else:
+                groups = [g for chunk in state.ordered("group-order", group_bucket(project),
+                                                       None, 100) for g in chunk]
+            rules = _sorted_rules(r for g in groups for r in state.rules_by_group[g.id].values())
+            page = slice_page(rules, limit, marker, key=lambda rule: rule.id)
+            wanted = {g for r in page.rows for g in (r.group_id, r.remote_group_id) if g}
+            state.prefetch(SecurityGroup.KIND, sorted(wanted))
+            names = {g: state.groups[g].name for g in wanted if g in state.groups}
+        return page, names
+
+    def network_page(self, project: str, all_projects: bool, limit: int,
+                     marker: str | None) -> Page[Network]:
+        """A page of :meth:`net_list`."""
+        with self.keyed_read() as state:
+            return read_page(state, "network-order", EVERY, limit, marker,
+                             keep=lambda n: all_projects or n.usable_by(project))
+
+    def port_page(self, project: str, host: str | None, limit: int,
+                  marker: str | None) -> Page[PortView]:
+        """A page of :meth:`port_list` with ``host`` (its order is the ports'
+        taps: the index of every port in tap order is read, the host's kept).
+        Without a host the listing's order is (host, tap), which no index of a
+        port holds (a port's host is its instance's): refused."""
+        if host is None:
+            raise ValidationError("port-list pages one host at a time: add --host HOST")
+
+        def prepare(ports: list[Port]) -> None:
+            state.prefetch(Instance.KIND, sorted({p.instance_id for p in ports}))
+
+        with self.keyed_read() as state:
+            page = read_page(state, "port-order", EVERY, limit, marker, prepare=prepare,
+                             keep=lambda p: state.instances[p.instance_id].host == host)
+            instances = [state.instances[p.instance_id] for p in page.rows]
+            state.prefetch(SecurityGroup.KIND, sorted({g for i in instances
+                                                       for g in i.security_groups}))
+            state.prefetch(Network.KIND, sorted({p.network_id for p in page.rows}))
+            views = [_port_view(state, p, i) for p, i in zip(page.rows, instances, strict=True)]
+        return Page(views, page.next_marker)
+
+    def _ensure_default(self, project: str) -> None:
+        """The project's default group, created on first use (as :meth:`_read`),
+        read by key."""
+        with self.batch() as state:
+            self._ensure_project(state, project)
+
     def _ensure_project(self, state: CloudState, project: str) -> None:
         _ensure_default_group(state, project)
 
@@ -1976,6 +2060,24 @@ def _new_mac(used: Any) -> str:
 
 def _with_groups(instance: Instance, groups: tuple[str, ...]) -> Instance:
     return replace(instance, security_groups=groups, updated=time.time_ns())
+
+
+def _prefetch_ports(state: CloudState, instances: list[Instance]) -> None:
+    """Read the ports of ``instances`` and their networks together (a page's
+    rows: a few requests, not a few per row)."""
+    state.prefetch_buckets("ports-by-instance", [i.id for i in instances])
+    port_ids = sorted({p for i in instances for p in state.ports_by_instance.get(i.id, ())})
+    state.prefetch(Port.KIND, port_ids)
+    state.prefetch(Network.KIND, sorted({state.ports[p].network_id for p in port_ids}))
+
+
+def _fixed_addresses(state: CloudState, instance: Instance) -> dict[str, list[str]]:
+    """An instance's fixed IPv4 addresses by network name, ports in id order."""
+    networks: dict[str, list[str]] = {}
+    ports = state.ports_of(instance.id)
+    for port in ports:
+        networks.setdefault(state.networks[port.network_id].name, []).append(port.ip)
+    return networks
 
 
 def _port_view(state: CloudState, port: Port, instance: Instance) -> PortView:

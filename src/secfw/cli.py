@@ -51,6 +51,7 @@ import click
 from secfw.api import Api
 from secfw.errors import SecfwError, ValidationError
 from secfw.model import (
+    Instance,
     Network,
     Rule,
     SecurityGroup,
@@ -62,6 +63,8 @@ from secfw.store.base import open_store, store_url
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_PROJECT = "admin"
+#: The rows of a page asked for with ``--marker`` and no ``--limit``: the rest.
+PAGE_ALL = 2**31 - 1
 ERROR_PREFIX = "secfw: error: "
 
 # --------------------------------------------------------------------------- state
@@ -319,6 +322,34 @@ def scope_options(func: F) -> F:
                         help="Store URL (overrides the global --store).")(func)
 
 
+def paging_options(func: F) -> F:
+    """Add ``--limit N`` and ``--marker ID`` (nova's and neutron's paging;
+    :mod:`secfw.paging`); the command receives ``limit`` and ``marker``."""
+    func = click.option("--marker", metavar="ID",
+                        help="Start after the row of this ID (the previous page's last).")(func)
+    return click.option("--limit", type=int, metavar="N",
+                        help="At most N rows; the next page's marker goes to stderr.")(func)
+
+
+def paged(limit: int | None, marker: str | None) -> bool:
+    """Whether a listing was asked for a page (either option given)."""
+    return limit is not None or marker is not None
+
+
+def page_size(limit: int | None) -> int:
+    """``--limit``, or every remaining row when only ``--marker`` was given."""
+    return PAGE_ALL if limit is None else limit
+
+
+def emit_page(rows: Sequence[Mapping[str, Any]], columns: Columns, fmt: str,
+              next_marker: str | None) -> None:
+    """Print a page like the whole listing; when another page follows, say so
+    on stderr (stdout keeps the listing's exact shape, table or JSON array)."""
+    emit(rows, columns, fmt)
+    if next_marker is not None:
+        click.echo(f"secfw: next page: --marker {next_marker}", err=True)
+
+
 def output_command(name: str) -> Callable[[F], click.Command]:
     """Register a command of ``main`` that prints: scope options, ``-f``, the state.
 
@@ -482,10 +513,17 @@ def _split_groups(values: Iterable[str]) -> list[str]:
 
 @output_command("secgroup-list")
 @click.option("--all-projects", is_flag=True, help="List the groups of every project.")
-def secgroup_list(state: CliState, fmt: str, all_projects: bool) -> None:
+@paging_options
+def secgroup_list(state: CliState, fmt: str, all_projects: bool, limit: int | None,
+                  marker: str | None) -> None:
     """List security groups: Name | Description (+ Project with --all-projects)."""
+    columns = with_project(GROUP_COLUMNS, all_projects)
+    if paged(limit, marker):
+        page = state.api.secgroup_page(state.project, all_projects, page_size(limit), marker)
+        emit_page([group_row(g) for g in page.rows], columns, fmt, page.next_marker)
+        return
     groups = state.api.secgroup_list(state.project, all_projects)
-    emit([group_row(g) for g in groups], with_project(GROUP_COLUMNS, all_projects), fmt)
+    emit([group_row(g) for g in groups], columns, fmt)
 
 
 @output_command("secgroup-create")
@@ -516,8 +554,14 @@ def secgroup_delete(state: CliState, group: str) -> None:
 
 @output_command("secgroup-list-rules")
 @click.argument("group")
-def secgroup_list_rules(state: CliState, fmt: str, group: str) -> None:
+@paging_options
+def secgroup_list_rules(state: CliState, fmt: str, group: str, limit: int | None,
+                        marker: str | None) -> None:
     """List a group's rules: IP Protocol | From Port | To Port | IP Range | Source Group."""
+    if paged(limit, marker):
+        page, names = state.api.rule_page(state.project, group, page_size(limit), marker)
+        emit_page([rule_row(r, names) for r in page.rows], RULE_COLUMNS, fmt, page.next_marker)
+        return
     rules = state.api.secgroup_list_rules(state.project, group)
     names = _group_names(state.api)
     emit([rule_row(r, names) for r in rules], RULE_COLUMNS, fmt)
@@ -619,10 +663,17 @@ def net_create(
 
 @output_command("net-list")
 @click.option("--all-projects", is_flag=True, help="Include other projects' VLAN networks.")
-def net_list(state: CliState, fmt: str, all_projects: bool) -> None:
+@paging_options
+def net_list(state: CliState, fmt: str, all_projects: bool, limit: int | None,
+             marker: str | None) -> None:
     """List the networks usable by the project: ID | Name | CIDR | VLAN."""
+    columns = with_project(NETWORK_COLUMNS, all_projects)
+    if paged(limit, marker):
+        page = state.api.network_page(state.project, all_projects, page_size(limit), marker)
+        emit_page([network_row(n) for n in page.rows], columns, fmt, page.next_marker)
+        return
     networks = state.api.net_list(state.project, all_projects)
-    emit([network_row(n) for n in networks], with_project(NETWORK_COLUMNS, all_projects), fmt)
+    emit([network_row(n) for n in networks], columns, fmt)
 
 
 # --------------------------------------------------------------------------- servers
@@ -638,8 +689,16 @@ def delete(state: CliState, server: str) -> None:
 @output_command("list")
 @click.option("--host", help="Only instances on this host (of every project).")
 @click.option("--all-projects", is_flag=True, help="Instances of every project.")
-def list_servers(state: CliState, fmt: str, host: str | None, all_projects: bool) -> None:
+@paging_options
+def list_servers(state: CliState, fmt: str, host: str | None, all_projects: bool,
+                 limit: int | None, marker: str | None) -> None:
     """List instances: ID | Name | Status | Host | Networks (+ Project across projects)."""
+    columns = with_project(SERVER_COLUMNS, all_projects or host is not None)
+    if paged(limit, marker):
+        page = state.api.server_page(state.project, host, all_projects, page_size(limit),
+                                     marker)
+        emit_page([server_row(i, n) for i, n in page.rows], columns, fmt, page.next_marker)
+        return
     instances = state.api.list_instances(state.project, host, all_projects)
     cloud = state.api.snapshot()
     rows = []
@@ -647,9 +706,13 @@ def list_servers(state: CliState, fmt: str, host: str | None, all_projects: bool
         networks: dict[str, list[str]] = {}
         for port in cloud.ports_of(instance.id):
             networks.setdefault(cloud.networks[port.network_id].name, []).append(port.ip)
-        rows.append({"id": instance.id, "name": instance.name, "status": instance.state,
-                     "host": instance.host, "networks": networks, "project": instance.project})
-    emit(rows, with_project(SERVER_COLUMNS, all_projects or host is not None), fmt)
+        rows.append(server_row(instance, networks))
+    emit(rows, columns, fmt)
+
+
+def server_row(instance: Instance, networks: dict[str, list[str]]) -> dict[str, Any]:
+    return {"id": instance.id, "name": instance.name, "status": instance.state,
+            "host": instance.host, "networks": networks, "project": instance.project}
 
 
 @output_command("list-secgroup")
@@ -678,8 +741,14 @@ def remove_secgroup(state: CliState, server: str, group: str) -> None:
 
 @output_command("port-list")
 @click.option("--host", help="Every port on this host, whatever its project.")
-def port_list(state: CliState, fmt: str, host: str | None) -> None:
+@paging_options
+def port_list(state: CliState, fmt: str, host: str | None, limit: int | None,
+              marker: str | None) -> None:
     """List ports: id, instance, host, network, tap, mac, ip, security groups."""
+    if paged(limit, marker):
+        page = state.api.port_page(state.project, host, page_size(limit), marker)
+        emit_page([asdict(v) for v in page.rows], PORT_COLUMNS, fmt, page.next_marker)
+        return
     views = state.api.port_list(state.project, host)
     emit([asdict(v) for v in views], PORT_COLUMNS, fmt)
 
@@ -784,8 +853,15 @@ def rule_create(
 @scope_options
 @format_option
 @pass_state
-def rule_list(state: CliState, fmt: str, group: str | None) -> None:
+@paging_options
+def rule_list(state: CliState, fmt: str, group: str | None, limit: int | None,
+              marker: str | None) -> None:
     """List the rules of GROUP, or of every group of the project."""
+    if paged(limit, marker):
+        page, found = state.api.rule_page(state.project, group, page_size(limit), marker)
+        rows = [neutron_rule_row(r, found) for r in page.rows]
+        emit_page(rows, NEUTRON_RULE_COLUMNS, fmt, page.next_marker)
+        return
     names = _group_names(state.api)
     rows = [neutron_rule_row(r, names) for r in state.api.rule_list(state.project, group)]
     emit(rows, NEUTRON_RULE_COLUMNS, fmt)

@@ -41,11 +41,12 @@ from secfw.store.base import Change, Snapshot
 from secfw.store.indexes import (
     INDEX_KINDS,
     TALLY_KINDS,
-        add_tally,
+    add_tally,
     address_bucket,
-    address_item,
     entries,
     pair,
+    past_runs,
+    runs_contain,
     tallies,
     tally_delta,
 )
@@ -289,6 +290,36 @@ class CloudState:
         return sorted(
             (self.ports[p] for p in self.ports_by_instance.get(instance_id, ())), key=lambda p: p.id
         )
+
+    def prefetch(self, kind: str, ids: Iterable[str]) -> None:
+        """Read these records together ahead of use (a lazy state; else nothing)."""
+        if self._snapshot is not None:
+            self._snapshot.prefetch(kind, list(ids))
+
+    def prefetch_buckets(self, index: str, buckets: Iterable[str]) -> None:
+        """Read these buckets of a store index together (a lazy state; else nothing)."""
+        if self._snapshot is not None:
+            self._snapshot.prefetch_buckets(index, list(buckets))
+
+    def ordered(self, index: str, bucket: str, after: tuple[str, str] | None,
+                chunk: int) -> Iterator[list[Any]]:
+        """The records of ``bucket`` of an ordered index
+        (:data:`~secfw.store.indexes.ORDER_INDEXES`) after the entry ``after``,
+        in order, ``chunk`` entries read at a time (each chunk's records read
+        together). A lazy state only: the store's index as of the
+        transaction's start (this state's own changes are not in it)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise TypeError("ordered() reads a store's index: a lazy state only")
+        kind = INDEX_KINDS[index]
+        while True:
+            found = snapshot.page(index, bucket, after, chunk)
+            self.prefetch(kind, [doc_id for _, doc_id in found])
+            records = [self.records[kind].get(doc_id) for _, doc_id in found]
+            yield [record for record in records if record is not None]
+            if len(found) < chunk:
+                return
+            after = found[-1]
 
     def group_members(self, group_id: str) -> list[Instance]:
         """Instances that use the group (what a source-group rule selects)."""
@@ -779,22 +810,26 @@ class _PointSet(_StoreLookups, _WholeSet):
 
 
 class _AddressSet(_StoreLookups):
-    """The used addresses of one network in a lazy state (its IPv4 and IPv6
-    buckets of the store's ``ip`` index), with this state's own additions and
-    removals: membership is one lookup, and :meth:`lowest_free` a binary search
-    over range counts — never the whole network's addresses."""
+    """The used addresses of one network in a lazy state: the store's
+    allocation records of the network (IPv4 and IPv6, see
+    :mod:`secfw.store.indexes`), one key each, with this state's own additions
+    and removals laid over. Membership and :meth:`lowest_free` read those
+    records only — never the network's address entries, whose number grows
+    with the network."""
 
     def __init__(self, state: CloudState, network_id: str) -> None:
         super().__init__(state)
         self._network = network_id
-        #: this state's additions and removals as sorted integers (range counts)
+        #: this state's additions and removals as sorted integers (_number)
         self._added: list[int] = []
         self._removed: list[int] = []
 
+    def _runs(self, version: int) -> list[list[int]]:
+        return self._snapshot().address_runs(address_bucket(self._network, version))
+
     def _lookup(self, address: str) -> bool:
-        item = address_item(address)
-        bucket = address_bucket(self._network, ipaddress.ip_address(address).version)
-        return bool(self._snapshot().lookup("ip", bucket, item, item))
+        parsed = ipaddress.ip_address(address)
+        return runs_contain(self._runs(parsed.version), int(parsed))
 
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, str):
@@ -818,39 +853,26 @@ class _AddressSet(_StoreLookups):
         elif address in self:
             bisect.insort(self._removed, number)
 
-    def used(self, net: Any, low: int, high: int) -> int:
-        """How many addresses at offsets ``low..high`` of subnet ``net`` are used."""
-        first = _number(str(net.network_address + low))
-        last = _number(str(net.network_address + high))
-        bucket = address_bucket(self._network, net.version)
-        count = self._snapshot().count("ip", bucket, address_item(str(net.network_address + low)),
-                                       address_item(str(net.network_address + high)))
-        return count + _between(self._added, first, last) - _between(self._removed, first, last)
-
     def lowest_free(self, cidr: str, start: int) -> tuple[int, str] | None:
-        """What :func:`free_addresses` yields first, found by bisection over
-        range counts: each step counts the lower half of a range known to hold
-        a free address, so the ranges counted halve (a count costs its range's
-        size in both stores: about twice the used addresses in all)."""
+        """What :func:`free_addresses` yields first: past the stored runs and
+        this state's additions, or an address this state freed, whichever is
+        lower. Steps: at most one per run and per addition."""
         net = ipaddress.ip_network(cidr)
-        first, last = max(start, 2), net.num_addresses - 2
-        if first > last:
+        base, tag = int(net.network_address), net.version << 128
+        first, last = base + max(start, 2), base + net.num_addresses - 2
+        runs = self._runs(net.version)
+        found = first
+        while found <= last:
+            found = past_runs(runs, found)
+            if found > last or not _has(self._added, tag + found):
+                break
+            found += 1
+        at = bisect.bisect_left(self._removed, tag + first)
+        if at < len(self._removed) and self._removed[at] - tag < found:
+            found = self._removed[at] - tag  # freed by this state: no longer in use
+        if found > last:
             return None
-        if self.used(net, first, first) == 0:  # the hint's address: sequential allocation
-            return first, str(net.network_address + first)
-        total = self.used(net, first, last)
-        if total == last - first + 1:
-            return None
-        if self.used(net, first, first + total - 1) == total:  # no hole: the next one
-            return first + total, str(net.network_address + first + total)
-        low, high = first, last  # low..high holds a free address
-        while low < high:
-            middle = (low + high) // 2
-            if self.used(net, low, middle) < middle - low + 1:
-                high = middle
-            else:
-                low = middle + 1
-        return low, str(net.network_address + low)
+        return found - base, str(ipaddress.ip_address(found))
 
 
 class _UsedAddresses(dict[str, Any]):
@@ -907,8 +929,13 @@ def _has(numbers: list[int], number: int) -> bool:
     return index < len(numbers) and numbers[index] == number
 
 
-def _between(numbers: list[int], low: int, high: int) -> int:
-    return bisect.bisect_right(numbers, high) - bisect.bisect_left(numbers, low)
+def order_item(index: str, bucket: str, record: Record) -> str | None:
+    """The item of ``record`` in ``bucket`` of an ordered index (None: not in it)."""
+    doc_id: str = record.id  # type: ignore[attr-defined]
+    for name, found_bucket, item in entries(record.KIND, doc_id, record.to_doc()):
+        if name == index and found_bucket == bucket:
+            return item
+    return None
 
 
 def first_free(used: Any, cidr: str, start: int) -> tuple[int, str] | None:

@@ -30,7 +30,7 @@ Write transactions
     compare-and-swap, optimistic concurrency). A conflict is never a lost update;
     :func:`retry_conflicts` re-runs a transaction a bounded number of times.
     The snapshot is a :class:`KeyedSnapshot`: it reads one document, one index
-    bucket or one tally when asked (:mod:`secfw.store.indexes`), and a whole
+    bucket, one tally or one allocation record when asked (:mod:`secfw.store.indexes`), and a whole
     kind only when :meth:`Snapshot.kind` asks for it, all as of the
     transaction's start: a write costs the keys it touches, not the cloud.
 """
@@ -47,7 +47,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from secfw.errors import StoreError, WriteConflictError
-from secfw.store.indexes import INDEX_KINDS, Tallies, index_docs
+from secfw.store.indexes import (
+    ADDRESS_INDEX,
+    INDEX_KINDS,
+    Runs,
+    Tallies,
+    allocations,
+    index_docs,
+)
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:////var/lib/secfw/secfw.db"
@@ -73,7 +80,7 @@ class Snapshot:
     the stores' write snapshots (:class:`KeyedSnapshot`) answer them from the
     indexes they keep, reading only those keys. :attr:`reads` logs what was
     read (``"kind K"``, ``"doc K/ID"``, ``"index I"``, ``"tally T"``,
-    ``"all"``), so a test can tell a keyed write from a whole-kind one."""
+    ``"alloc BUCKET"``, ``"all"``), so a test can tell a keyed write from a whole-kind one."""
 
     revision: int
     docs: dict[str, dict[str, Doc]] = field(default_factory=dict)
@@ -102,6 +109,14 @@ class Snapshot:
         found = self._derived()[0].get((index, bucket), {})
         return {doc_id: item for doc_id, item in found.items() if _within(item, low, high)}
 
+    def page(self, index: str, bucket: str, after: tuple[str, str] | None,
+             limit: int) -> list[tuple[str, str]]:
+        """At most ``limit`` entries ``(item, id)`` of ``bucket``, in ``(item, id)``
+        order, those after ``after`` only (when given): one page of a listing
+        (:data:`secfw.store.indexes.ORDER_INDEXES`)."""
+        found = sorted((item, doc_id) for doc_id, item in self.lookup(index, bucket).items())
+        return [entry for entry in found if after is None or entry > after][:limit]
+
     def members(self, index: str, bucket: str) -> dict[str, Doc]:
         """The documents in ``bucket`` of ``index``, by id."""
         kind = INDEX_KINDS[index]
@@ -111,9 +126,21 @@ class Snapshot:
     def prefetch(self, kind: str, doc_ids: list[str]) -> None:
         """Read these documents together, ahead of :meth:`get` (here: a no-op)."""
 
-    def count(self, index: str, bucket: str, low: str, high: str) -> int:
-        """How many entries of ``bucket`` have ``low <= item <= high``."""
-        return len(self.lookup(index, bucket, low, high))
+    def prefetch_buckets(self, index: str, buckets: list[str]) -> None:
+        """Read these buckets of ``index`` together, ahead of :meth:`lookup`
+        (here: a no-op)."""
+
+    def address_runs(self, bucket: str) -> Runs:
+        """The allocation record of one ``ip`` bucket (a network's IPv4 or IPv6
+        addresses, :func:`secfw.store.indexes.address_bucket`): the used
+        addresses as runs; empty: none used."""
+        cached = self.__dict__.get("_runs_cache")
+        if cached is None:
+            rows = ((ADDRESS_INDEX, b, item, "", "") for (index, b), found
+                    in self._derived()[0].items() if index == ADDRESS_INDEX
+                    for item in found.values())
+            cached = self.__dict__["_runs_cache"] = allocations(rows)
+        return [list(run) for run in cached.get(bucket, [])]
 
     def tally(self, name: str, bucket: str) -> dict[str, int]:
         """A tally (:func:`secfw.store.indexes.tallies`); empty: all zero."""
@@ -163,7 +190,11 @@ class KeyedSnapshot(Snapshot):
                      high: str | None) -> dict[str, str]:
         raise NotImplementedError
 
-    def _read_count(self, index: str, bucket: str, low: str, high: str) -> int:
+    def _read_runs(self, bucket: str) -> Runs:
+        raise NotImplementedError
+
+    def _read_page(self, index: str, bucket: str, after: tuple[str, str] | None,
+                   limit: int) -> list[tuple[str, str]]:
         raise NotImplementedError
 
     def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
@@ -196,7 +227,36 @@ class KeyedSnapshot(Snapshot):
     def lookup(self, index: str, bucket: str, low: str | None = None,
                high: str | None = None) -> dict[str, str]:
         self.reads.append(f"index {index}")
-        return self._read_lookup(index, bucket, low, high)
+        if low is not None or high is not None:
+            return self._read_lookup(index, bucket, low, high)
+        buckets = self._buckets()
+        if (index, bucket) not in buckets:
+            buckets[(index, bucket)] = self._read_lookup(index, bucket, None, None)
+        return dict(buckets[(index, bucket)])
+
+    def prefetch_buckets(self, index: str, buckets: list[str]) -> None:
+        """Read the whole buckets not read yet together (etcd: one request per
+        hundred): :meth:`lookup` then has them."""
+        known = self._buckets()
+        missing = [b for b in dict.fromkeys(buckets) if (index, b) not in known]
+        if missing:
+            self.reads.append(f"index {index}")
+            for bucket, found in self._read_buckets(index, missing).items():
+                known[(index, bucket)] = found
+
+    def _buckets(self) -> dict[tuple[str, str], dict[str, str]]:
+        """Whole buckets read so far (a transaction reads a bucket once)."""
+        found: dict[tuple[str, str], dict[str, str]] = self.__dict__.setdefault("_whole", {})
+        return found
+
+    def _read_buckets(self, index: str, buckets: list[str]) -> dict[str, dict[str, str]]:
+        """Several whole buckets; a store that can read them together says how."""
+        return {bucket: self._read_lookup(index, bucket, None, None) for bucket in buckets}
+
+    def page(self, index: str, bucket: str, after: tuple[str, str] | None,
+             limit: int) -> list[tuple[str, str]]:
+        self.reads.append(f"page {index}")
+        return self._read_page(index, bucket, after, limit)
 
     def members(self, index: str, bucket: str) -> dict[str, Doc]:
         kind = INDEX_KINDS[index]
@@ -216,9 +276,13 @@ class KeyedSnapshot(Snapshot):
             for doc_id in missing:
                 self._got[(kind, doc_id)] = found.get(doc_id)
 
-    def count(self, index: str, bucket: str, low: str, high: str) -> int:
-        self.reads.append(f"index {index}")
-        return self._read_count(index, bucket, low, high)
+    def address_runs(self, bucket: str) -> Runs:
+        """Read once per transaction: the commit moves what was read."""
+        cache: dict[str, Runs] = self.__dict__.setdefault("_runs", {})
+        if bucket not in cache:
+            self.reads.append(f"alloc {bucket}")
+            cache[bucket] = self._read_runs(bucket)
+        return [list(run) for run in cache[bucket]]
 
     def tally(self, name: str, bucket: str) -> dict[str, int]:
         self.reads.append(f"tally {name}")

@@ -19,6 +19,9 @@ Key layout under PREFIX::
     PREFIX/schema             the schema version (written on first open)
     PREFIX/doc/KIND/ID        one JSON document
     PREFIX/revision           the revision marker: put by every write transaction
+    PREFIX/idx/INDEX/BUCKET/ITEM/ID, PREFIX/tally/NAME/BUCKET, PREFIX/alloc/BUCKET
+                              derived indexes (secfw.store.indexes), PREFIX/indexed
+                              their stamp
 
 Revisions are etcd's own mod_revisions. The store's revision is the marker's
 mod_revision: the etcd revision of our last committed write, so it moves on
@@ -75,7 +78,18 @@ from secfw.store.base import (
     Store,
     WriteTxn,
 )
-from secfw.store.indexes import INDEX_VERSION, add_tally, entries, index_docs, tally_delta
+from secfw.store.indexes import (
+    INDEX_VERSION,
+    AddressMoves,
+    Runs,
+    add_tally,
+    address_moves,
+    allocations,
+    entries,
+    index_docs,
+    move_runs,
+    tally_delta,
+)
 
 T = TypeVar("T")
 
@@ -205,8 +219,9 @@ class EtcdStore(Store):
     #: by default, etcd's configuration flags); each document is one operation,
     #: the revision marker one more: 100 leaves room on a default cluster.
     #: A document written costs up to a dozen operations with its index entries
-    #: (a port: six entries, each deleted and put when all move): 8 documents
-    #: stay under the default 128.
+    #: (a port: six entries, each deleted and put when all move, and up to two
+    #: allocation records: 15): 8 documents, the stamp and the marker stay
+    #: under the default 128.
     max_write_docs = 8
 
     def __init__(self, url: str, create: bool = True) -> None:
@@ -221,6 +236,7 @@ class EtcdStore(Store):
         self._docs = self.prefix + b"doc/"
         self._idx = self.prefix + b"idx/"
         self._tally = self.prefix + b"tally/"
+        self._alloc = self.prefix + b"alloc/"
         self._stamp = self.prefix + b"indexed"
         self._members = _Members(url, parsed.endpoints)
         try:
@@ -572,9 +588,11 @@ class EtcdStore(Store):
                 for i, b, item, kind, doc_id in rows]
         puts += [(self._tally_key(n, b), json.dumps(f, sort_keys=True).encode())
                  for (n, b), f in totals.items()]
+        puts += [(self._alloc_key(b), json.dumps(runs).encode())
+                 for b, runs in allocations(rows).items()]
         same_marker = [{"key": _b64(self._marker), "target": "MOD", "result": "EQUAL",
                         "mod_revision": str(marker.revision)}]
-        for start in (self._idx, self._tally):
+        for start in (self._idx, self._tally, self._alloc):
             self._txn("drop the indexes", {"compare": same_marker, "success": [
                 {"request_delete_range": {"key": _b64(start), "range_end": _b64(
                     _prefix_end(start))}}]})
@@ -611,7 +629,9 @@ class EtcdStore(Store):
             by_kind.setdefault(kind, []).append(doc_id)
         for kind, doc_ids in by_kind.items():
             snapshot.prefetch(kind, doc_ids)
-        ops = self._document_ops(writes, snapshot) + self._tally_ops(writes, snapshot)
+        moves: AddressMoves = {}
+        ops = self._document_ops(writes, snapshot, moves) + self._tally_ops(writes, snapshot)
+        ops += self._alloc_ops(moves, snapshot)
         ops.append({"request_put": {"key": _b64(self._stamp),
                                     "value": _b64(f"{INDEX_VERSION}:{token}".encode())}})
         ops.append({"request_put": {"key": _b64(self._marker), "value": _b64(token.encode())}})
@@ -631,15 +651,16 @@ class EtcdStore(Store):
         )
 
     def _document_ops(self, writes: dict[tuple[str, str], Doc | None],
-                      snapshot: _EtcdSnapshot) -> list[dict[str, Any]]:
+                      snapshot: _EtcdSnapshot, moves: AddressMoves) -> list[dict[str, Any]]:
         """The puts and deletes of the documents and of their index entries
         (moved from the stored version of each document, read through the
-        snapshot so it is compared too)."""
+        snapshot so it is compared too); the addresses moved go to ``moves``."""
         ops: list[dict[str, Any]] = []
         for (kind, doc_id), doc in writes.items():
             key = _b64(self._doc_key(kind, doc_id))
             old = snapshot.get(kind, doc_id)
             before, after = entries(kind, doc_id, old), entries(kind, doc_id, doc)
+            address_moves(before, after, moves)
             ops += [{"request_delete_range": {"key": _b64(self._entry_key(*e, doc_id))}}
                     for e in sorted(before - after)]
             ops += [{"request_put": {"key": _b64(self._entry_key(*e, doc_id)),
@@ -667,6 +688,23 @@ class EtcdStore(Store):
             else:
                 ops.append({"request_delete_range": {"key": tally_key}})
         return ops
+
+    def _alloc_ops(self, moves: AddressMoves, snapshot: _EtcdSnapshot) -> list[dict[str, Any]]:
+        """The allocation records the moved addresses change, each moved from
+        what the snapshot read (so compared: a concurrent allocation on the
+        network fails this commit)."""
+        ops: list[dict[str, Any]] = []
+        for bucket, (removed, added) in sorted(moves.items()):
+            runs = move_runs(snapshot.address_runs(bucket), removed, added)
+            key = _b64(self._alloc_key(bucket))
+            if runs:
+                ops.append({"request_put": {"key": key, "value": _b64(json.dumps(runs).encode())}})
+            else:
+                ops.append({"request_delete_range": {"key": key}})
+        return ops
+
+    def _alloc_key(self, bucket: str) -> bytes:
+        return self._alloc + _segment(bucket)
 
     def _entry_key(self, index: str, bucket: str, item: str, doc_id: str) -> bytes:
         return self._bucket_key(index, bucket) + _segment(item) + b"/" + _segment(doc_id)
@@ -842,6 +880,23 @@ class _EtcdSnapshot(KeyedSnapshot):
         return {self._store._split(_unb64(kv["key"]))[1]: json.loads(_unb64(kv["value"]))
                 for kv in kvs}
 
+    def _read_buckets(self, index: str, buckets: list[str]) -> dict[str, dict[str, str]]:
+        """Whole buckets, one transaction of range reads per :data:`KEYS_PER_TXN`."""
+        found: dict[str, dict[str, str]] = {}
+        for first in range(0, len(buckets), KEYS_PER_TXN):
+            chunk = buckets[first:first + KEYS_PER_TXN]
+            prefixes = [self._store._bucket_key(index, bucket) for bucket in chunk]
+            self.ranges.update((prefix, _prefix_end(prefix)) for prefix in prefixes)
+            answer = self._store._txn("read index buckets", {"success": [
+                {"request_range": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+                                   "revision": str(self._pinned), "keys_only": True}}
+                for prefix in prefixes]})
+            for bucket, prefix, response in zip(chunk, prefixes, answer.get("responses", []),
+                                                strict=True):
+                kvs = response.get("response_range", {}).get("kvs", [])
+                found[bucket] = _bucket_items(kvs, prefix)
+        return found
+
     def _read_lookup(self, index: str, bucket: str, low: str | None,
                      high: str | None) -> dict[str, str]:
         prefix = self._store._bucket_key(index, bucket)
@@ -850,20 +905,33 @@ class _EtcdSnapshot(KeyedSnapshot):
         self.ranges.add((start, end))
         kvs = self._store._range_at("read an index", start, end, self._pinned,
                                     keys_only=True).get("kvs", [])
-        found: dict[str, str] = {}
+        return _bucket_items(kvs, prefix)
+
+    def _read_page(self, index: str, bucket: str, after: tuple[str, str] | None,
+                   limit: int) -> list[tuple[str, str]]:
+        """One range of the bucket's keys, ``limit`` at most, from the key after
+        ``after``'s (keys order as the items then ids do: see
+        :func:`secfw.store.indexes.order_text`)."""
+        prefix = self._store._bucket_key(index, bucket)
+        start = prefix
+        if after is not None:
+            start = prefix + _segment(after[0]) + b"/" + _segment(after[1]) + b"\0"
+        end = _prefix_end(prefix)
+        self.ranges.add((start, end))
+        kvs = self._store._range_at("read a page", start, end, self._pinned, keys_only=True,
+                                    limit=limit).get("kvs", [])
+        found: list[tuple[str, str]] = []
         for kv in kvs:
             item, _, doc_id = _unb64(kv["key"])[len(prefix):].partition(b"/")
-            found[_unsegment(doc_id)] = _unsegment(item)
+            found.append((_unsegment(item), _unsegment(doc_id)))
         return found
 
-    def _read_count(self, index: str, bucket: str, low: str, high: str) -> int:
-        prefix = self._store._bucket_key(index, bucket)
-        # every key of an item <= high starts with it and then "/": "0" follows "/"
-        start, end = prefix + _segment(low), prefix + _segment(high) + b"0"
-        self.ranges.add((start, end))
-        answer = self._store._range_at("count an index", start, end, self._pinned,
-                                       count_only=True)
-        return int(answer.get("count", 0))
+    def _read_runs(self, bucket: str) -> Runs:
+        key = self._store._alloc_key(bucket)
+        kvs = self._store._range_at("read an allocation record", key, None,
+                                    self._pinned).get("kvs", [])
+        self.key_revisions[key] = int(kvs[0]["mod_revision"]) if kvs else 0
+        return list(json.loads(_unb64(kvs[0]["value"]))) if kvs else []
 
     def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
         key = self._store._tally_key(name, bucket)
@@ -877,6 +945,15 @@ class _EtcdSnapshot(KeyedSnapshot):
         if (name, bucket) not in cache:
             cache[(name, bucket)] = super().tally(name, bucket)
         return dict(cache[(name, bucket)])
+
+
+def _bucket_items(kvs: list[dict[str, Any]], prefix: bytes) -> dict[str, str]:
+    """``{document id: item}`` of the entry keys of one bucket (``prefix``)."""
+    found: dict[str, str] = {}
+    for kv in kvs:
+        item, _, doc_id = _unb64(kv["key"])[len(prefix):].partition(b"/")
+        found[_unsegment(doc_id)] = _unsegment(item)
+    return found
 
 
 def _segment(text: str) -> bytes:

@@ -33,7 +33,18 @@ from secfw.store.base import (
     Store,
     WriteTxn,
 )
-from secfw.store.indexes import INDEX_VERSION, add_tally, entries, index_docs, tally_delta
+from secfw.store.indexes import (
+    INDEX_VERSION,
+    AddressMoves,
+    Runs,
+    add_tally,
+    address_moves,
+    allocations,
+    entries,
+    index_docs,
+    move_runs,
+    tally_delta,
+)
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -52,6 +63,7 @@ CREATE TABLE IF NOT EXISTS idx (
 CREATE INDEX IF NOT EXISTS idx_doc ON idx (kind, id);
 CREATE TABLE IF NOT EXISTS tally (
     name TEXT NOT NULL, bucket TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (name, bucket));
+CREATE TABLE IF NOT EXISTS alloc (bucket TEXT PRIMARY KEY, doc TEXT NOT NULL);
 """
 
 
@@ -210,11 +222,17 @@ class _SqliteSnapshot(KeyedSnapshot):
             query, params = query + " AND item <= ?", [*params, high]
         return dict(self._conn.execute(query, params))
 
-    def _read_count(self, index: str, bucket: str, low: str, high: str) -> int:
-        row = self._conn.execute(
-            "SELECT count(*) FROM idx WHERE name = ? AND bucket = ? AND item BETWEEN ? AND ?",
-            (index, bucket, low, high)).fetchone()
-        return int(row[0])
+    def _read_runs(self, bucket: str) -> Runs:
+        return _read_runs(self._conn, bucket)
+
+    def _read_page(self, index: str, bucket: str, after: tuple[str, str] | None,
+                   limit: int) -> list[tuple[str, str]]:
+        # the primary key (name, bucket, item, id) orders the scan: no sort
+        low = after or ("", "")
+        rows = self._conn.execute(
+            "SELECT item, id FROM idx WHERE name = ? AND bucket = ? AND (item, id) > (?, ?) "
+            "ORDER BY item, id LIMIT ?", (index, bucket, *low, limit))
+        return [(item, doc_id) for item, doc_id in rows]
 
     def _read_tally(self, name: str, bucket: str) -> dict[str, int]:
         row = self._conn.execute("SELECT doc FROM tally WHERE name = ? AND bucket = ?",
@@ -255,11 +273,13 @@ def _keep_indexes(conn: sqlite3.Connection, writes: dict[tuple[str, str], Doc | 
     """Move the index entries and tallies of every written document from its
     stored version (read here, inside the write lock) to its new one."""
     deltas: dict[tuple[str, str], dict[str, int]] = {}
+    moves: AddressMoves = {}
     for (kind, doc_id), doc in writes.items():
         row = conn.execute("SELECT doc FROM objects WHERE kind = ? AND id = ?",
                            (kind, doc_id)).fetchone()
         old = json.loads(row[0]) if row else None
         before, after = entries(kind, doc_id, old), entries(kind, doc_id, doc)
+        address_moves(before, after, moves)
         conn.executemany("DELETE FROM idx WHERE name = ? AND bucket = ? AND item = ? AND id = ?",
                          [(*entry, doc_id) for entry in before - after])
         conn.executemany("INSERT OR REPLACE INTO idx VALUES (?, ?, ?, ?, ?)",
@@ -275,6 +295,20 @@ def _keep_indexes(conn: sqlite3.Connection, writes: dict[tuple[str, str], Doc | 
                          (name, bucket, json.dumps(total, sort_keys=True)))
         else:
             conn.execute("DELETE FROM tally WHERE name = ? AND bucket = ?", (name, bucket))
+    for bucket, (removed, added) in moves.items():
+        _write_runs(conn, bucket, move_runs(_read_runs(conn, bucket), removed, added))
+
+
+def _read_runs(conn: sqlite3.Connection, bucket: str) -> Runs:
+    row = conn.execute("SELECT doc FROM alloc WHERE bucket = ?", (bucket,)).fetchone()
+    return list(json.loads(row[0])) if row else []
+
+
+def _write_runs(conn: sqlite3.Connection, bucket: str, runs: Runs) -> None:
+    if runs:
+        conn.execute("INSERT OR REPLACE INTO alloc VALUES (?, ?)", (bucket, json.dumps(runs)))
+    else:
+        conn.execute("DELETE FROM alloc WHERE bucket = ?", (bucket,))
 
 
 def _check_indexes(conn: sqlite3.Connection) -> None:
@@ -288,6 +322,9 @@ def _check_indexes(conn: sqlite3.Connection) -> None:
     rows, totals = index_docs(_load(conn).docs)
     conn.execute("DELETE FROM idx")
     conn.execute("DELETE FROM tally")
+    conn.execute("DELETE FROM alloc")
+    conn.executemany("INSERT INTO alloc VALUES (?, ?)",
+                     [(b, json.dumps(runs)) for b, runs in allocations(rows).items()])
     conn.executemany("INSERT OR REPLACE INTO idx VALUES (?, ?, ?, ?, ?)", rows)
     conn.executemany("INSERT INTO tally VALUES (?, ?, ?)",
                      [(n, b, json.dumps(f, sort_keys=True)) for (n, b), f in totals.items()])

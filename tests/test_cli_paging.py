@@ -1,0 +1,166 @@
+"""Read commands that page (--limit N, --marker ID; secfw.paging), on both stores.
+
+The pages of a listing, followed by the markers they print on stderr, are the
+unpaged listing, row for row; bad values are one stderr line and exit 2; a page
+reads the store's ordered index and the page's records, never a whole kind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from conftest import Cli
+
+from secfw.api import Api
+from secfw.store import open_store
+
+if TYPE_CHECKING:
+    from conftest import EtcdServer
+
+NEXT = re.compile(r"^secfw: next page: --marker (\S+)$")
+
+#: Each listing with the options that scope it (run as project "p").
+LISTINGS = (
+    ("list",), ("list", "--all-projects"), ("list", "--host", "h1"),
+    ("secgroup-list",), ("secgroup-list", "--all-projects"),
+    ("secgroup-list-rules", "web"), ("security", "group", "rule", "list"),
+    ("security", "group", "rule", "list", "web"),
+    ("net-list",), ("net-list", "--all-projects"), ("port-list", "--host", "h1"),
+)
+
+
+@pytest.fixture(params=("sqlite", "etcd"))
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/paging.db"
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    return server.url()
+
+
+@pytest.fixture
+def cloud(url: str) -> Cli:
+    """Names that sort apart only by a prefix, a space, case and non-ASCII
+    letters, in two projects whose names are prefixes of each other."""
+    api = Api(open_store(url))
+    try:
+        api.net_create("admin", "n", "10.50.0.0/24")
+        api.net_create("admin", "n b", "10.51.0.0/24")
+        api.net_create("p", "nb", "10.52.0.0/24", vlan=5)
+        api.net_create("q", "N", "10.53.0.0/24", vlan=6)
+        api.image_create("admin", "cirros", visibility="public")
+        for project in ("p", "pp"):
+            for name in ("web", "a", "ab", "a b", "B", "é"):
+                api.secgroup_create(project, name, name)
+        for port in (22, 80, 443, 8080):
+            api.secgroup_add_rule("p", "web", "tcp", str(port), str(port), "0.0.0.0/0")
+        api.secgroup_add_group_rule("p", "a", "web", "tcp", "5432", "5432")
+        for number, (name, host) in enumerate((("vm", "h1"), ("vm b", "h2"), ("vmb", "h1"),
+                                               ("é", "h1"), ("Vm", "h1"))):
+            api.boot("p", name, "m1.tiny", "cirros", host, ["web"], ["n", "nb"][: 1 + number % 2])
+        api.boot("pp", "other", "m1.tiny", "cirros", "h1", None, ["n b"])
+    finally:
+        api.store.close()
+    return Cli(url)
+
+
+def pages(cli: Cli, listing: tuple[str, ...], limit: int) -> Iterator[list[Any]]:
+    """Every page of ``listing``, each marker taken from the previous page's stderr."""
+    marker: list[str] = []
+    for _ in range(50):
+        result = cli.run("--project", "p", *listing, "-f", "json", "--limit", str(limit), *marker)
+        assert result.exit_code == 0, (listing, result.stderr)
+        yield json.loads(result.stdout)
+        found = [NEXT.match(line) for line in result.stderr.splitlines()]
+        if not any(found):
+            assert result.stderr == ""
+            return
+        (match,) = [m for m in found if m]
+        marker = ["--marker", match.group(1)]
+    raise AssertionError("the pages never ended")
+
+
+@pytest.mark.parametrize("listing", LISTINGS, ids=" ".join)
+def test_pages_in_turn_are_the_listing(cloud: Cli, listing: tuple[str, ...]) -> None:
+    whole = cloud.json("--project", "p", *listing)
+    assert len(whole) >= 3, "too few rows to page"
+    for limit in (1, 2, len(whole), len(whole) + 1):
+        got = list(pages(cloud, listing, limit))
+        assert [row for page in got for row in page] == whole, limit
+        assert all(len(page) == limit for page in got[:-1])
+        assert 1 <= len(got[-1]) <= limit
+
+
+def test_the_last_full_page_names_no_next_one(cloud: Cli) -> None:
+    whole = cloud.json("--project", "p", "list")
+    result = cloud.run("--project", "p", "list", "--limit", str(len(whole)))
+    assert result.exit_code == 0 and result.stderr == ""
+
+
+@pytest.mark.parametrize("options", (("--limit", "0"), ("--limit", "-1"),
+                                     ("--marker", "no-such-id"), ("--limit", "x")))
+def test_bad_paging_values_are_one_line_and_exit_2(cloud: Cli, options: tuple[str, ...]) -> None:
+    for listing in LISTINGS:
+        line = cloud.fails("--project", "p", *listing, *options, code=2)
+        assert ("--limit" in line) if options[0] == "--limit" else ("--marker" in line), line
+
+
+def test_a_marker_of_another_listing_is_refused(cloud: Cli) -> None:
+    """The id of a row the listing filters out (a VLAN network of another
+    project, an instance of another host) cannot say where the page starts."""
+    others = cloud.json("--project", "p", "net-list", "--all-projects")
+    hidden = {n["id"] for n in others} - {n["id"] for n in cloud.json("--project", "p",
+                                                                      "net-list")}
+    (network,) = hidden
+    cloud.fails("--project", "p", "net-list", "--marker", network, code=2)
+    on_h2 = [i["id"] for i in cloud.json("--project", "p", "list") if i["host"] == "h2"]
+    cloud.fails("--project", "p", "list", "--host", "h1", "--marker", on_h2[0], code=2)
+
+
+def test_port_list_pages_one_host_at_a_time(cloud: Cli) -> None:
+    line = cloud.fails("--project", "p", "port-list", "--limit", "2", code=2)
+    assert "--host" in line
+
+
+@contextmanager
+def spied(api: Api) -> Iterator[list[list[str]]]:
+    """What each transaction of ``api`` reads (Snapshot.reads), and no whole load."""
+    logs: list[list[str]] = []
+    write = api.store.write
+
+    @contextmanager
+    def spy() -> Iterator[Any]:
+        with write() as txn:
+            logs.append(txn.snapshot.reads)
+            yield txn
+
+    def no_load() -> Any:
+        raise AssertionError("a page loaded the whole store")
+
+    api.store.write = spy  # type: ignore[method-assign]
+    api.store.load = no_load  # type: ignore[method-assign]
+    yield logs
+
+
+def test_a_page_reads_no_whole_kind(cloud: Cli) -> None:
+    api = Api(open_store(cloud.store_url))
+    try:
+        with spied(api) as logs:
+            first = api.server_page("p", None, False, 2, None)
+            api.server_page("p", None, False, 2, first.next_marker)
+            api.secgroup_page("p", True, 2, None)
+            api.rule_page("p", "web", 2, None)
+            api.network_page("p", False, 1, None)
+            api.port_page("p", "h1", 2, None)
+        reads = [r for log in logs for r in log]
+        assert [r for r in reads if r.startswith("page ")], reads
+        whole = {"all", "kind instance", "kind port", "kind secgroup", "kind rule",
+                 "kind network"}
+        assert not whole & set(reads), reads
+    finally:
+        api.store.close()
