@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from secfw.agent import AgentLoop, LoopSettings, SystemdNotifier
-from secfw.agent.daemon import configure_logging, log_event
+from secfw.agent.daemon import configure_logging, log_event, peak_rss_kb
 from secfw.agent.filewatch import SqliteWatcher
 from secfw.agent.gcsettle import GcSettler
 from secfw.agent.host import host_reconciler
@@ -304,6 +304,7 @@ def _run_once(
         log_event(_log, logging.ERROR, "port_isolated", tap=port.tap, port=port.port_id,
                   reason=port.reason)
     log_event(_log, logging.INFO, "sync", **result.as_fields(), **(result.changes or {}))
+    _log_process()
     if result.isolated:
         raise BackendError(f"{len(result.isolated)} port(s) left closed: "
                            + "; ".join(f"{p.tap}: {p.reason}" for p in result.isolated))
@@ -319,6 +320,16 @@ def existing_store(url: str) -> Store:
     if path is not None and not os.path.isfile(path):
         raise StoreError(f"store {path}: no such file (the agent never creates a store)")
     return open_store(url, create=False)
+
+
+def _log_process() -> None:
+    """The ``process`` line of a one-shot agent: its peak RSS (VmHWM, see
+    :func:`peak_rss_kb`) and CPU seconds, for whoever measures it."""
+    peak = peak_rss_kb()
+    times = os.times()
+    log_event(_log, logging.INFO, "process",
+              peak_rss_mb=None if peak is None else round(peak / 1024, 1),
+              cpu_s=round(times.user + times.system, 3))
 
 
 def _register(store_url: str, host: str) -> None:

@@ -74,6 +74,25 @@ def log_event(logger: logging.Logger, level: int, event: str, /, **fields: Any) 
     logger.log(level, event, extra={"fields": fields})
 
 
+def peak_rss_kb() -> int | None:
+    """This process's peak resident set size in KiB (``VmHWM`` of
+    /proc/self/status, proc(5)); None where there is no such file.
+
+    Not ``getrusage``'s ``ru_maxrss``: exec(2) folds the *old* address space's
+    peak into it (``setmax_mm_hiwater_rss`` in fs/exec.c), and a child that a
+    big process forked (or vforked) starts with the parent's pages mapped, so
+    a small agent started by a 700 MB benchmark reports 700 MB there. VmHWM
+    belongs to the address space exec created."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """Send the ``secfw`` loggers to stderr in logfmt (journald captures stderr)."""
     handler = logging.StreamHandler(sys.stderr)

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from secfw.agent.daemon import peak_rss_kb
 from secfw.bench.common import Row
 from secfw.bench.neutron import Workload, scenario
 
@@ -109,7 +110,10 @@ def run(which: str, load: Workload, with_names: bool) -> Row:
     row["ruleset"] = found if with_names else {
         "chains": len(found["chains"]), "rules": found["rules"], "sets": len(found["sets"]),
         "taps": len(found["taps"])}
-    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    # VmHWM, not ru_maxrss: that one includes the parent's size at fork (see
+    # secfw.agent.daemon.peak_rss_kb)
+    peak_kb = peak_rss_kb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    row["peak_rss_mb"] = round(peak_kb / 1024, 1)
     if which == "secfw":
         row["transactions"] = driver.applies
     return row
