@@ -22,12 +22,14 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import nftables
 
 from secfw.backends.nftables.generation import GenerationReader, next_generation
 from secfw.backends.nftables.plan import Transaction
+from secfw.backends.nftables.stages import BUDGET, batches
 from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.syntax import FAMILIES, TABLE, table_header
 from secfw.errors import BackendError
@@ -50,6 +52,9 @@ class NftablesExecutor:
         if netns is not None and (netns in (".", "..") or not _NETNS.fullmatch(netns)):
             raise BackendError(f"nftables: {netns!r} is not a network namespace name")
         self.netns = netns
+        #: Characters of object-creating commands above which a plan is sent
+        #: in several batches (:mod:`.stages`).
+        self.batch_budget = BUDGET
         self._nft = self._call(self._open)
         self._generations: GenerationReader | None = None
         self._generation_failed = False
@@ -57,8 +62,9 @@ class NftablesExecutor:
         #: before and just after the last successful :meth:`apply_text`, when
         #: ``after`` is the generation right after ``before`` — exactly one
         #: commit, ours, in between, so ``after`` is the generation our commit
-        #: produced (generation module). None otherwise (two commits or more:
-        #: someone else's among them; unreadable; before any apply).
+        #: produced (generation module); for a plan sent in several batches
+        #: (:meth:`apply_texts`), one commit per batch, chained. None otherwise
+        #: (someone else's commit among them; unreadable; before any apply).
         self.last_commit: tuple[int, int] | None = None
 
     def generation(self) -> int | None:
@@ -129,21 +135,35 @@ class NftablesExecutor:
         Raises BackendError with nft's first error line; the kernel is unchanged.
         """
         if not tx.empty:
-            self.apply_text(tx.text)
+            self.apply_texts(batches(tx, self.batch_budget))
         if tx.full:  # libnftables parsed the whole table: hundreds of MB at 10k ports
             release_free_memory()
 
     def apply_text(self, text: str) -> None:
         """Commit a native-syntax batch (as ``nft -f``) atomically; the
         generation is read around it (:attr:`last_commit`)."""
+        self.apply_texts([text])
+
+    def apply_texts(self, texts: list[str]) -> None:
+        """Commit each batch of ``texts`` atomically, in order (:mod:`.stages`:
+        all but the last only create unreachable objects); raises at the first
+        one refused, the later ones unsent. :attr:`last_commit` is set only when
+        every batch was exactly one commit and each began at the generation the
+        previous one ended at: then nobody else committed in between, and the
+        kernel's state at the end is ours alone."""
         self.last_commit = None
-        before = self.generation()
-        rc, _out, err = self._call(lambda: self._nft.cmd(text))
-        if rc != 0:
-            raise BackendError(f"nft: {_first_line(err)}")
-        after = self.generation()
-        if before is not None and after is not None and after == next_generation(before):
-            self.last_commit = (before, after)
+        first = before = self.generation()
+        chained = before is not None
+        for text in texts:
+            rc, _out, err = self._call(partial(self._nft.cmd, text))
+            if rc != 0:
+                raise BackendError(f"nft: {_first_line(err)}")
+            after = self.generation()
+            chained = (chained and before is not None and after is not None
+                       and after == next_generation(before))
+            before = after
+        if chained and first is not None and before is not None:
+            self.last_commit = (first, before)
 
     def apply_json(self, document: dict[str, Any]) -> None:
         """Commit a libnftables JSON batch (``{"nftables": [...]}``) atomically;
