@@ -25,17 +25,17 @@ def commands_of(texts: list[str]) -> list[str]:
 
 def test_a_small_plan_is_one_batch() -> None:
     tx = plan_between(closed(), small())
-    assert batches(tx) == [tx.text]
+    assert list(batches(tx)) == [tx.text]
 
 
 def test_a_full_replacement_is_never_split() -> None:
     tx = plan(None, render(small()))
-    assert batches(tx, budget=1) == [tx.text]
+    assert list(batches(tx, budget=1)) == [tx.text]
 
 
 def test_creating_commands_go_first_and_the_rest_keeps_its_order() -> None:
     tx = plan_between(closed(), small())
-    texts = batches(tx, budget=1)
+    texts = list(batches(tx, budget=1))
     creating, rest = split(tx.commands)
     assert len(texts) == len(creating) + 1  # one creating command per batch here
     assert commands_of(texts) == [*creating, *rest]
@@ -57,13 +57,13 @@ def test_rules_of_existing_chains_stay_in_the_last_batch() -> None:
     assert tx.commands[0].startswith("flush chain ")
     creating, rest = split(tx.commands)
     assert creating == [] and rest == list(tx.commands)
-    assert batches(tx, budget=1) == [tx.text]
+    assert list(batches(tx, budget=1)) == [tx.text]
 
 
 def test_batches_hold_at_most_the_budget_unless_one_command_is_longer() -> None:
     tx = plan_between(closed(), small())
     creating, _ = split(tx.commands)
     budget = max(len(c) for c in creating) + 1
-    texts = batches(tx, budget=budget)
+    texts = list(batches(tx, budget=budget))
     assert all(len(text) <= budget + 1 for text in texts[:-1])
     assert len(texts) < len(creating) + 1  # several commands share a batch

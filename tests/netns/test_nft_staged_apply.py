@@ -48,7 +48,7 @@ def test_a_refused_last_batch_leaves_the_filter_as_it_was(
     sent: list[list[str]] = []
 
     def refuse_the_last(tx: Any, budget: int) -> list[str]:
-        texts = batches(tx, budget)
+        texts = list(batches(tx, budget))
         sent.append(texts)
         return [*texts[:-1], texts[-1] + REFUSED]
 

@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -144,7 +144,7 @@ class NftablesExecutor:
         generation is read around it (:attr:`last_commit`)."""
         self.apply_texts([text])
 
-    def apply_texts(self, texts: list[str]) -> None:
+    def apply_texts(self, texts: Iterable[str]) -> None:
         """Commit each batch of ``texts`` atomically, in order (:mod:`.stages`:
         all but the last only create unreachable objects); raises at the first
         one refused, the later ones unsent. :attr:`last_commit` is set only when

@@ -26,7 +26,7 @@ batch) is never split.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from secfw.backends.nftables.plan import Transaction
 
@@ -37,16 +37,21 @@ BUDGET = 1 << 20
 _CREATING = ("add set ", "add map ")
 
 
-def batches(tx: Transaction, budget: int = BUDGET) -> list[str]:
-    """The texts to commit in order, each one atomic (module doc): ``[tx.text]``
-    when ``tx`` is full or small, else preparatory batches of at most ``budget``
-    characters (a single longer command goes alone) followed by the rest."""
+def batches(tx: Transaction, budget: int = BUDGET) -> Iterator[str]:
+    """The texts to commit in order, each one atomic (module doc): ``tx.text``
+    alone when ``tx`` is full or small, else preparatory batches of at most
+    ``budget`` characters (a single longer command goes alone) followed by the
+    rest. Each text is made when asked for, so only the one being sent is held
+    (they add up to the plan's size: 20 MB at 10,000 ports)."""
     if tx.full:
-        return [tx.text]
+        yield tx.text
+        return
     prepare, rest = split(tx.commands)
     if sum(len(c) for c in prepare) <= budget:
-        return [tx.text]
-    return [*_chunks(prepare, budget), _text(rest)]
+        yield tx.text
+        return
+    yield from _chunks(prepare, budget)
+    yield _text(rest)
 
 
 def split(commands: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -72,20 +77,18 @@ def split(commands: Iterable[str]) -> tuple[list[str], list[str]]:
     return creating, rest
 
 
-def _chunks(commands: list[str], budget: int) -> list[str]:
+def _chunks(commands: list[str], budget: int) -> Iterator[str]:
     """``commands`` in order, as texts of at most ``budget`` characters each."""
-    texts: list[str] = []
     batch: list[str] = []
     size = 0
     for command in commands:
         if batch and size + len(command) > budget:
-            texts.append(_text(batch))
+            yield _text(batch)
             batch, size = [], 0
         batch.append(command)
         size += len(command) + 1
     if batch:
-        texts.append(_text(batch))
-    return texts
+        yield _text(batch)
 
 
 def _text(commands: Iterable[str]) -> str:
