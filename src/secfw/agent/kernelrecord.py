@@ -30,7 +30,7 @@ from secfw.gcpause import collector_paused
 
 log = logging.getLogger("secfw.agent")
 
-VERSION = 2  # 2: rendered chains digested by their text
+VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -172,13 +172,7 @@ class StateDigest:
 def _object_digest(item: Any) -> bytes:
     """A set's or chain's digest: its repr, with every frozenset's members
     sorted (a frozenset's order follows string hashing, which differs between
-    processes) — or, for a rendered chain, the text it was sent as
-    (``rendered_text``, tagged apart: the record only ever digests what the
-    agent committed, a rendered state, so both digests compared come from it)."""
-    rendered = getattr(item, "rendered_text", None)
-    text = rendered() if rendered is not None else None
-    if text is not None:
-        return hashlib.sha256(b"rendered\0" + text.encode()).digest()
+    processes)."""
     return hashlib.sha256(_stable(item).encode()).digest()
 
 

@@ -52,7 +52,6 @@ from secfw.backends.nftables.syntax import (
     Statement,
     Verdict,
     hex_text,
-    rule_text,
     statement_json,
 )
 from secfw.errors import BackendError
@@ -122,18 +121,8 @@ class ChainState:
         if self._rules is None:
             assert self._chain is not None
             self._rules = tuple(rule_state(r) for r in self._chain.rules)
+            self._chain = None
         return self._rules
-
-    def rendered_text(self) -> str | None:
-        """For a rendered chain (:meth:`of`): its hook and its rules as the text
-        a transaction sends — what the kernel was given, without the canonical
-        form (the restart record's digest, agent.kernelrecord: ~0.1 s for the
-        5k rules of a 10,000-port host where canonicalising takes seconds);
-        None for a chain read back."""
-        if self._chain is None:
-            return None
-        rules = "\n".join(rule_text(r) for r in self._chain.rules)
-        return f"{self.hook!r}\n{rules}"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ChainState):
