@@ -471,24 +471,45 @@ class _PortIndex:
     same_net: Counter[tuple[str, Family]]
     sets: list[NamedSet]
     positions: dict[Key, int]
-    taps: set[str]
 
     @classmethod
     def of(cls, hf: HostFilter, topology: str, sets: list[NamedSet]) -> _PortIndex | None:
+        """The index of ``sets``, the port part rendered whole from ``hf``.
+
+        O(sets), not O(ports): the counts are read off the sets' sizes. A port
+        with ``w`` distinct chains of a direction has one element in each of that
+        direction's slots ``0 … w-1`` (:func:`_slot_maps`), so ``len(slot k)`` is
+        the number of ports wider than ``k``; every port has one ``ingress_ports``
+        element; a protected port naming same-net set ``N`` is one element of
+        ``<N>-ports`` (:func:`_same_net_members`)."""
         if topology != "routed":
             return None
-        index = cls(_index_chains(hf.chains), _index_sets(hf.sets), port_identity(topology, ()),
-                    {"ingress": Counter(), "egress": Counter()}, Counter(), list(sets),
-                    {(n.family, n.name): i for i, n in enumerate(sets)},
-                    {p.tap for p in hf.ports})
-        for port in hf.ports:  # as _port_sets counts them, without rendering
-            widths = {"ingress": len(set(port.ingress_chains)),
-                      "egress": len(set(port.egress_chains))}
-            same_net = ([(name, index.address_sets[name].family)
-                         for name in dict.fromkeys(port.same_net_sets)]
-                        if port.port_security else [])
-            _count(index, widths, same_net, 1)
-        return index
+        positions = {(n.family, n.name): i for i, n in enumerate(sets)}
+        address_sets = _index_sets(hf.sets)
+
+        def size(name: str) -> int:
+            at = positions.get((FAMILY, name))
+            return 0 if at is None else len(sets[at].elements)
+
+        widths: dict[str, Counter[int]] = {}
+        for direction in ("ingress", "egress"):
+            wider = [size(INGRESS_PORTS)]  # wider[k]: ports with more than k-1 chains
+            while wider[-1] and (FAMILY, slot_map_name(direction, len(wider) - 1)) in positions:
+                wider.append(size(slot_map_name(direction, len(wider) - 1)))
+            wider.append(0)
+            widths[direction] = Counter({w: wider[w] - wider[w + 1]
+                                         for w in range(len(wider) - 1)})
+        same_net = Counter({(name, piece.family): size(ports_set_name(name))
+                            for name, piece in address_sets.items()})
+        return cls(_index_chains(hf.chains), address_sets, port_identity(topology, ()), widths,
+                   same_net, list(sets), positions)
+
+    def holds(self, tap: str) -> bool:
+        """Whether a port of the index has ``tap`` (every port has one
+        ``ingress_ports`` element, keyed by its tap and sorted)."""
+        elements = self.sets[self.positions[(FAMILY, INGRESS_PORTS)]].elements
+        at = bisect_left(elements, tap, key=_tap_of)
+        return at < len(elements) and elements[at].key[0] == tap
 
 
 def _count(index: _PortIndex, widths: _Widths, same_net: Iterable[tuple[str, Family]],
@@ -548,7 +569,7 @@ def _patched_ports(index: _PortIndex | None, old_ports: tuple[PortPolicy, ...],
     arrived = [t for t in new if t not in old]
     if (len(changed) * _PATCH_SHARE > len(new_ports) + _PATCH_SHARE
             or len(new) != len(come) or len(new_by_id) != len(new_ports)
-            or any(t in index.taps for t in arrived)):  # a tap twice: render reports it
+            or any(index.holds(t) for t in arrived)):  # a tap twice: render reports it
         return None
     before = {t: _fragment(old[t], index) for t in changed if t in old}
     after = {t: _fragment(new[t], index) for t in changed if t in new}  # may raise: as render
@@ -561,8 +582,6 @@ def _patched_ports(index: _PortIndex | None, old_ports: tuple[PortPolicy, ...],
             for _, widths, same_net in fragments.values():
                 _count(index, widths, same_net, sign)
         return None
-    index.taps.difference_update(t for t in old if t not in new)
-    index.taps.update(arrived)
     return list(index.sets)
 
 
