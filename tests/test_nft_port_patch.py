@@ -11,14 +11,16 @@ is tests/netns/test_nft_port_patch_kernel.py.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cache
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from secfw.backends.nftables import state as state_module
 from secfw.backends.nftables.plan import plan
 from secfw.backends.nftables.render import Delta, Renderer, render
-from secfw.backends.nftables.state import KernelState, StateCache
-from secfw.backends.nftables.syntax import Ruleset
+from secfw.backends.nftables.state import KernelState, SetState, StateCache
+from secfw.backends.nftables.syntax import Element, Ruleset
 from secfw.compiler.ir import AddressPair, AddressSet, GroupChain, HostFilter, PortPolicy
 
 CHAINS = tuple(GroupChain(f"sg-{i}-{d[:2]}", f"g{i}", d, ())  # type: ignore[arg-type]
@@ -43,32 +45,49 @@ def port(index: int, groups: tuple[int, ...], pair: bool, security: bool) -> Por
         else (), port_security=security)
 
 
-def host(ports: dict[int, PortPolicy]) -> HostFilter:
-    return HostFilter("h1", tuple(ports[i] for i in sorted(ports)), CHAINS, SETS)
+def host(ports: dict[int, PortPolicy], bare: int = 0) -> HostFilter:
+    """The host of ``ports``; its same-net sets hold their network's addresses,
+    new objects each time (as the compiler makes them: a port joining changes
+    its network's set), sorted canonical /32s — and, with ``bare`` 1, also one
+    bare address (not canonical: the renderer makes it canonical); with 2, that
+    address both bare and canonical (one element)."""
+    nets = {name: [net.elements[0]] for net in SETS for name in [net.name]}
+    for p in ports.values():
+        nets[f"net-{'a' if p.ipv4[0].startswith('10.0.') else 'b'}-v4"].append(f"{p.ipv4[0]}/32")
+    nets["net-a-v4"] += ["10.0.99.1", "10.0.99.1/32"][:bare]
+    sets = tuple(_same_net(net.name, net.owner_id, tuple(sorted(nets[net.name])))
+                 for net in SETS)
+    return HostFilter("h1", tuple(ports[i] for i in sorted(ports)), CHAINS, sets)
+
+
+@cache
+def _same_net(name: str, owner: str, elements: tuple[str, ...]) -> AddressSet:
+    """One object per content, as the compiler hands an unchanged set over."""
+    return AddressSet(name, owner, "ipv4", elements)
 
 
 GROUPS = st.lists(st.integers(0, 3), max_size=4, unique=True).map(tuple)
-#: (what, port index, its groups, address pair, port security)
+#: (what, port index, its groups, address pair, port security, a bare address)
 STEP = st.tuples(st.sampled_from(["set", "remove"]), st.integers(0, 11), GROUPS,
-                 st.booleans(), st.booleans())
+                 st.booleans(), st.booleans(), st.integers(0, 2))
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(STEP, min_size=1, max_size=12))
 def test_patched_ports_equal_fresh_rendering(steps: list[tuple[str, int, tuple[int, ...],
-                                                               bool, bool]]) -> None:
+                                                               bool, bool, int]]) -> None:
     # Start with every port in two groups: slot widths then rarely change, so most
     # steps take the per-port path (a width change renders whole, also checked).
     ports = {i: port(i, (i % 4, (i + 1) % 4), False, True) for i in range(12)}
     renderer, states = Renderer("routed"), StateCache()
-    previous = host(ports)
+    previous = host(ports, steps[0][5])  # a bare address may be there from the start
     before = states.state(renderer.render(previous), renderer.delta)
-    for what, index, groups, pair, security in steps:
+    for what, index, groups, pair, security, bare in steps:
         if what == "remove":
             ports.pop(index, None)
         else:
             ports[index] = port(index, groups, pair, security)
-        current = host(ports)
+        current = host(ports, bare)
         ruleset = renderer.render(current)
         assert ruleset == render(current)
         after = states.state(ruleset, renderer.delta)
@@ -90,7 +109,11 @@ def test_a_port_added_is_patched_not_rendered_whole() -> None:
     ports[20] = port(20, (2, 1), False, True)
     second = renderer.render(host(ports))
     assert renderer.delta is not None and renderer.delta.elements
+    address = Element((f"{ports[20].ipv4[0]}/32",))
     for key, (lost, gained) in renderer.delta.elements.items():
+        if key[1] in {s.name for s in SETS}:  # its network's same-net set: its address
+            assert not lost and gained == {address}, key
+            continue
         assert not lost and gained and all(e.key[0] == "tap-0020" for e in gained), key
     unchanged = {s.name for s in second.sets} - {k[1] for k in renderer.delta.sets}
     old = {s.name: s for s in first.sets}
@@ -110,7 +133,7 @@ def _applied(state: KernelState, delta: Delta | None) -> KernelState:
         if key in delta.elements:
             lost, gained = delta.elements[key]
             assert lost <= sets[key].elements and not gained & sets[key].elements
-            sets[key] = replace(sets[key], elements=(sets[key].elements - lost) | gained)
+            sets[key] = sets[key].with_elements((sets[key].elements - lost) | gained)
         elif key in fresh.sets:
             sets[key] = fresh.sets[key]
         else:
@@ -121,3 +144,42 @@ def _applied(state: KernelState, delta: Delta | None) -> KernelState:
         else:
             del chains[key]
     return replace(state, sets=sets, chains=chains)
+
+
+#: a universe of elements small enough for changes to collide often
+_UNIVERSE = [Element((f"tap-{i:02d}",)) for i in range(40)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sets(st.sampled_from(_UNIVERSE)),
+       st.lists(st.tuples(st.sets(st.sampled_from(_UNIVERSE)),
+                          st.sets(st.sampled_from(_UNIVERSE)), st.booleans()), max_size=30),
+       st.sampled_from([0, 64]))
+def test_patched_set_state_equals_the_set_it_describes(
+        start: set[Element], changes: list[tuple[set[Element], set[Element], bool]],
+        slack: int) -> None:
+    """SetState.patched folds successive changes into one against a shared base:
+    at every step its elements, size, equality and hash are those of the plain
+    set, whether or not an earlier step's elements were read (built), and
+    whether the fold builds them early (slack 0: often) or not."""
+    was, state_module._FOLD_SLACK = state_module._FOLD_SLACK, slack
+    try:
+        _check_patches(start, changes)
+    finally:
+        state_module._FOLD_SLACK = was
+
+
+def _check_patches(start: set[Element],
+                   changes: list[tuple[set[Element], set[Element], bool]]) -> None:
+    expected = frozenset(start)
+    state = SetState(("ifname",), (), False, expected)
+    for drop, add, read in changes:
+        lost = frozenset(drop) & expected  # a delta's lost: present; its gained: absent
+        gained = frozenset(add) - expected
+        state = state.patched(lost, gained)
+        expected = (expected - lost) | gained
+        assert state.size == len(expected)
+        if read:
+            plain = SetState(("ifname",), (), False, expected)
+            assert state == plain and hash(state) == hash(plain)
+    assert state.elements == expected and state.size == len(expected)

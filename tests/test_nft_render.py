@@ -805,7 +805,8 @@ def test_foreign_objects_in_our_table_are_removed() -> None:
 def test_changed_declaration_or_hook_means_full_replacement() -> None:
     ruleset = render(small())
     state = KernelState.from_ruleset(ruleset)
-    flags = {**state.sets, key(WEB_V4): replace(state.sets[key(WEB_V4)], flags=())}
+    web = state.sets[key(WEB_V4)]
+    flags = {**state.sets, key(WEB_V4): SetState(web.key_type, (), web.is_map, web.elements)}
     assert plan(KernelState(flags, state.chains), ruleset).full
     hook = Hook("filter", "forward", 10, "accept")
     chains = {**state.chains, key("forward-ingress"): ChainState(hook, ())}
@@ -823,11 +824,11 @@ def test_unknown_backend_name() -> None:
                                    ChainState(None, ())}),
     lambda s: KernelState({**s.sets, key("bad name"): SetState(("ifname",), (), False,
                                                                frozenset())}, s.chains),
-    lambda s: KernelState({**s.sets, key("ingress_ports"): replace(
-        s.sets[key("ingress_ports")], elements=s.sets[key("ingress_ports")].elements | {
+    lambda s: KernelState({**s.sets, key("ingress_ports"): s.sets[
+        key("ingress_ports")].with_elements(s.sets[key("ingress_ports")].elements | {
             Element(('eth0" }\ndelete table inet other #',), Verdict("accept"))})}, s.chains),
-    lambda s: KernelState({**s.sets, key("arp_hosts", "arp"): replace(
-        s.sets[key("arp_hosts", "arp")], elements=frozenset({
+    lambda s: KernelState({**s.sets, key("arp_hosts", "arp"): s.sets[
+        key("arp_hosts", "arp")].with_elements(frozenset({
             Element(("tap1", "fa:16:3e:00:00:01", "x } ; flush ruleset", "10.0.0.1/32"))}))},
         s.chains),
 ])

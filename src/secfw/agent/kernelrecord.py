@@ -191,8 +191,8 @@ def _stable(value: Any) -> str:
                                      for k, v in value.items())) + "}"
     if isinstance(value, (tuple, list)):
         return "(" + ",".join(_stable(v) for v in value) + ")"
-    fields = getattr(value, "__dataclass_fields__", None)
-    if fields is not None:
+    fields = getattr(value, "__dataclass_fields__", None) or getattr(value, "DIGEST_FIELDS", None)
+    if fields is not None:  # a dataclass, or a class naming its fields (nftables' SetState)
         return type(value).__name__ + _stable(tuple(getattr(value, f) for f in fields))
     return repr(value)
 

@@ -221,7 +221,7 @@ class Renderer:
         self._port_index: _PortIndex | None = None
         self._index_of: HostFilter | None = None  # what _index() indexes when asked
         self._set_signature: tuple[tuple[str, str], ...] = ()
-        self._sets: dict[str, tuple[AddressSet, NamedSet]] = {}
+        self._sets: dict[str, _SetEntry] = {}
         self._chains: dict[str, tuple[GroupChain, Chain]] = {}
         self._result: Ruleset | None = None
         self._positions: _Positions = ({}, {})
@@ -320,22 +320,22 @@ class Renderer:
     def _address_sets(self, address_sets: Iterable[AddressSet], delta: Delta) -> list[NamedSet]:
         """As :func:`_reuse`; a set rendered before under the same name is patched
         (:func:`_patched_address_set`): its delta lists the elements it changed."""
-        fresh: dict[str, tuple[AddressSet, NamedSet]] = {}
+        fresh: dict[str, _SetEntry] = {}
         for piece in address_sets:
             hit = self._sets.get(piece.name)
             if hit is None or hit[0] is not piece:
                 key = (FAMILY, piece.name)
-                patched = None if hit is None else _patched_address_set(hit[1], piece)
+                patched = None if hit is None else _patched_address_set(hit, piece)
                 if patched is None:
-                    hit = (piece, _address_set(piece))
+                    hit = (piece, *_address_set(piece))
                 else:
-                    hit, delta.elements[key] = (piece, patched[0]), patched[1]
+                    hit, delta.elements[key] = (piece, patched[0], patched[2]), patched[1]
                 delta.sets[key] = hit[1]
             fresh[piece.name] = hit
         for gone in self._sets.keys() - fresh.keys():
             delta.sets[(FAMILY, gone)] = None
         self._sets = fresh
-        return [out for _, out in fresh.values()]
+        return [entry[1] for entry in fresh.values()]
 
     def _group_chains(self, chains: Iterable[GroupChain], sets: dict[str, AddressSet],
                       delta: Delta, recheck: bool) -> list[Chain]:
@@ -783,7 +783,7 @@ def _ports_set(chain: str, taps: list[str], interned: dict[str, Element],
     return NamedSet(check_name(ports_set_name(chain)), (key_type,), (), elements)
 
 
-def _address_set(address_set: AddressSet) -> NamedSet:
+def _address_set(address_set: AddressSet) -> tuple[NamedSet, bool]:
     """The set as the IR gives it: canonical, sorted, already merged (ir.AddressSet).
 
     Not re-merged here: the compiler keeps single hosts apart on purpose so that a
@@ -794,28 +794,44 @@ def _address_set(address_set: AddressSet) -> NamedSet:
     pair's CIDR): libnftables 1.0.6 reads every interval set of the table back
     before it adds an element to one (measured at 10k ports: 45 ms per membership
     change, 0.7 ms with hash sets). A set changing kind is a declaration change,
-    which the planner turns into a full replacement (rare)."""
+    which the planner turns into a full replacement (rare).
+
+    Also whether the IR's texts are the elements, one to one (distinct canonical
+    addresses: ir.AddressSet's contract), which lets a later version be patched
+    with string set operations (:func:`_patched_exact`)."""
     family = address_set.family
     cidrs = dict.fromkeys(canonical_cidr(c, family) for c in address_set.elements)
     elements = tuple(Element((c,)) for c in cidrs)
     flags = () if all(is_host(c) for c in cidrs) else ("interval",)
-    return NamedSet(address_set.name, (ADDRESS_TYPE[family],), flags, elements)
+    named = NamedSet(address_set.name, (ADDRESS_TYPE[family],), flags, elements)
+    return named, tuple(cidrs) == address_set.elements
 
 
-def _patched_address_set(previous: NamedSet, address_set: AddressSet
-                         ) -> tuple[NamedSet, tuple[frozenset[Element], frozenset[Element]]] | None:
-    """:func:`_address_set` of ``address_set`` from ``previous`` (the rendering of
-    an earlier version of it), reusing its elements, with the elements lost and
+#: A rendered address set: its IR piece, its rendering, and whether the piece's
+#: texts are its elements one to one (:func:`_address_set`).
+_SetEntry = tuple[AddressSet, NamedSet, bool]
+#: A patched address set: its rendering, the elements lost and gained, and the
+#: same one-to-one flag.
+_SetPatch = tuple[NamedSet, tuple[frozenset[Element], frozenset[Element]], bool]
+
+
+def _patched_address_set(entry: _SetEntry, address_set: AddressSet) -> _SetPatch | None:
+    """:func:`_address_set` of ``address_set`` from ``entry`` (an earlier version
+    of it and its rendering), reusing its elements, with the elements lost and
     gained; None when the set is or becomes an interval set (render it whole).
 
-    Equal to :func:`_address_set`: a known element is a canonical CIDR
+    Equal to :func:`_address_set`. The common case costs C-level passes only
+    (:func:`_patched_exact`); otherwise a known element is a canonical CIDR
     (canonical_cidr is idempotent), any other is made canonical and checked, and
-    duplicates go as there. No canonicalisation per element and no hashing of
-    element objects beyond the two frozensets: a same-net set of the bench's
-    flat network holds 15,000 addresses and changes by one."""
+    duplicates go as there: a same-net set of the bench's flat network holds
+    15,000 addresses and changes by one."""
+    _, previous, exact = entry
     family = address_set.family
     if previous.flags or previous.key_type != (ADDRESS_TYPE[family],):
         return None
+    patched = _patched_exact(entry, address_set) if exact else None
+    if patched is not None:
+        return patched
     known = {e.key[0]: e for e in previous.elements}
     elements: list[Element] = []
     for text in address_set.elements:
@@ -827,8 +843,29 @@ def _patched_address_set(previous: NamedSet, address_set: AddressSet
             element = known.get(cidr) or Element((cidr,))
         elements.append(element)
     unique = tuple(dict.fromkeys(elements))
-    now, was = frozenset(unique), frozenset(previous.elements)
-    return replace(previous, elements=unique), (was - now, now - was)
+    now, before = frozenset(unique), frozenset(previous.elements)
+    one_to_one = tuple(e.key[0] for e in unique) == address_set.elements
+    return replace(previous, elements=unique), (before - now, now - before), one_to_one
+
+
+def _patched_exact(entry: _SetEntry, address_set: AddressSet) -> _SetPatch | None:
+    """The patch when ``entry``'s texts are its elements one to one: if the new
+    texts are distinct and the added ones canonical host addresses, the texts'
+    differences are the elements' differences, found with set operations on
+    the strings (their hashes are cached). None otherwise."""
+    was, previous, _ = entry
+    texts = address_set.elements
+    if len(set(texts)) != len(texts):
+        return None
+    known = dict(zip(was.elements, previous.elements, strict=True))
+    added = set(texts).difference(known)
+    if any(canonical_cidr(t, address_set.family) != t or not is_host(t) for t in added):
+        return None
+    fresh = {t: Element((t,)) for t in added}
+    lost = frozenset(map(known.__getitem__, set(was.elements).difference(texts)))
+    known.update(fresh)
+    elements = tuple(map(known.__getitem__, texts))
+    return replace(previous, elements=elements), (lost, frozenset(fresh.values())), True
 
 
 # --------------------------------------------------------------------------- #

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from secfw.backends.nftables.canonical import Canon, canonical_expr
@@ -67,20 +67,109 @@ _DATA_TYPES = ("verdict", "mark", "ipv4_addr")
 ObjectKey = tuple[str, str]
 
 
-@dataclass(frozen=True)
-class SetState:
-    """A set or map: its declaration and its elements (normal form)."""
+#: A patched set's own frozenset is made at once (not on first read) once its
+#: changes outgrow this share of its base (plus :data:`_FOLD_SLACK`): the changes
+#: kept stay small, and making it costs O(base) once per O(base) changes.
+_FOLD_SHARE = 4
+_FOLD_SLACK = 64
 
-    key_type: tuple[str, ...]
-    flags: tuple[str, ...]
-    is_map: bool
-    elements: frozenset[Element]
-    data_type: str = "verdict"
+_Patch = tuple[frozenset[Element], frozenset[Element], frozenset[Element]]
+_NONE: frozenset[Element] = frozenset()
+
+
+class SetState:
+    """A set or map: its declaration and its elements (normal form). Read-only;
+    equal when declaration and elements are.
+
+    A state made by :meth:`patched` holds its predecessor's frozenset (the
+    *base*) and the elements it lost and gained since, and builds its own
+    frozenset only when :attr:`elements` is first read. An incremental agent
+    pass that changes one port's elements in 28 sets of 10,000 then costs the
+    change, not 28 copies of 10,000 elements (measured: 26 of 106 ms of
+    render_plan at 10k ports, cProfile, load ~5): its planner reads the
+    renderer's delta, never these elements; a full pass, a kernel check and the
+    restart record do (:attr:`size` does not).
+    """
+
+    __slots__ = ("_elements", "_patch", "data_type", "flags", "is_map", "key_type")
+
+    #: What :mod:`secfw.agent.kernelrecord` digests, in this order (the field
+    #: order of the dataclass this class was).
+    DIGEST_FIELDS = ("key_type", "flags", "is_map", "elements", "data_type")
+
+    def __init__(self, key_type: tuple[str, ...], flags: tuple[str, ...], is_map: bool,
+                 elements: frozenset[Element], data_type: str = "verdict") -> None:
+        self.key_type, self.flags, self.is_map, self.data_type = (
+            key_type, flags, is_map, data_type)
+        self._elements: frozenset[Element] | None = elements
+        #: (base, lost, gained): elements = (base - lost) | gained, with lost a
+        #: subset of base and gained disjoint from it; None once built.
+        self._patch: _Patch | None = None
 
     @property
     def declaration(self) -> tuple[tuple[str, ...], tuple[str, ...], bool, str]:
         """What cannot change in place: a set whose declaration differs is recreated."""
         return self.key_type, self.flags, self.is_map, self.data_type
+
+    @property
+    def elements(self) -> frozenset[Element]:
+        """The elements (built on first read for a patched state). Safe from
+        any thread: ``_elements`` is set before ``_patch`` is dropped, and a
+        reader that finds neither finds ``_elements`` set."""
+        elements = self._elements
+        if elements is None:
+            patch = self._patch
+            if patch is None:  # another thread built it meanwhile
+                return self.elements
+            base, lost, gained = patch
+            elements = self._elements = base.difference(lost).union(gained)
+            self._patch = None
+        return elements
+
+    @property
+    def size(self) -> int:
+        """``len(elements)``, without building a patched state's elements."""
+        patch = self._patch
+        if patch is not None:
+            return len(patch[0]) - len(patch[1]) + len(patch[2])
+        return len(self.elements)
+
+    def with_elements(self, elements: frozenset[Element]) -> SetState:
+        """The same declaration with ``elements``."""
+        return SetState(self.key_type, self.flags, self.is_map, elements, self.data_type)
+
+    def patched(self, lost: frozenset[Element], gained: frozenset[Element]) -> SetState:
+        """This set without ``lost`` (a subset of its elements) and with
+        ``gained`` (disjoint from them), at the cost of ``lost`` and ``gained``:
+        the result shares this state's base and folds both changes into one
+        (lost' = (L | (lost - G)) - gained, gained' = (G - lost) | (gained - L)
+        for this state's L and G: the invariants hold, and base - lost' | gained'
+        is (base - L | G) - lost | gained)."""
+        patch = self._patch
+        base, was_lost, was_gained = (self.elements, _NONE, _NONE) if patch is None else patch
+        lost_now = (was_lost | (lost - was_gained)) - gained
+        gained_now = (was_gained - lost) | (gained - was_lost)
+        state = SetState(self.key_type, self.flags, self.is_map, base, self.data_type)
+        if len(lost_now) + len(gained_now) > len(base) // _FOLD_SHARE + _FOLD_SLACK:
+            state._elements = base.difference(lost_now).union(gained_now)
+        else:
+            state._elements, state._patch = None, (base, lost_now, gained_now)
+        return state
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SetState):
+            return NotImplemented
+        return self is other or (self.declaration == other.declaration
+                                 and self.size == other.size
+                                 and self.elements == other.elements)
+
+    def __hash__(self) -> int:
+        return hash((self.declaration, self.elements))
+
+    def __repr__(self) -> str:
+        return (f"SetState(key_type={self.key_type!r}, flags={self.flags!r}, "
+                f"is_map={self.is_map!r}, elements={self.elements!r}, "
+                f"data_type={self.data_type!r})")
 
 
 class RuleState(NamedTuple):
@@ -234,8 +323,7 @@ def _patched(base: KernelState, delta: Delta) -> KernelState:
             sets.pop(key, None)
         elif key in delta.elements and key in sets:  # O(change): no whole-set hashing
             lost, gained = delta.elements[key]
-            have = sets[key]
-            sets[key] = replace(have, elements=have.elements.difference(lost).union(gained))
+            sets[key] = sets[key].patched(lost, gained)
         else:
             sets[key] = _set_state(named)
     for key, chain in delta.chains.items():
