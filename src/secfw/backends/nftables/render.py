@@ -41,6 +41,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any, TypeVar
 
 from secfw.backends.nftables import metadata, protect
@@ -178,6 +179,8 @@ def render(hf: HostFilter, topology: str = "routed") -> Ruleset:
 
 
 _PortPart = tuple[list[NamedSet], list[Chain]]
+_NAME_FAMILY = attrgetter("name", "family")
+_NAME_DIRECTION = attrgetter("name", "direction")
 #: A set or chain by ``(family, name)``.
 Key = tuple[str, str]
 
@@ -219,6 +222,7 @@ class Renderer:
         self._port_key: tuple[tuple[PortPolicy, ...], object] | None = None
         self._port_part: _PortPart = ([], [])
         self._port_index: _PortIndex | None = None
+        self._port_ids: _PortIds | None = None  # the ports of _port_key by id
         self._index_of: HostFilter | None = None  # what _index() indexes when asked
         self._set_signature: tuple[tuple[str, str], ...] = ()
         self._sets: dict[str, _SetEntry] = {}
@@ -237,9 +241,10 @@ class Renderer:
     def _render(self, hf: HostFilter) -> Ruleset:
         first = self._port_key is None
         delta = Delta({}, {})
-        address_sets = _index_sets(hf.sets)
-        signature = tuple((s.name, s.family) for s in hf.sets)
+        signature = tuple(map(_NAME_FAMILY, hf.sets))
         recheck = signature != self._set_signature  # cached chains were checked against others
+        # Names checked under this signature need no second check (O(sets) regexes).
+        address_sets = _index_sets(hf.sets) if recheck else {s.name: s for s in hf.sets}
         self._set_signature = signature
         port_sets, port_chains = self._ports(hf, delta)
         nat_sets, nat_chains = self._floating(hf, delta)
@@ -264,12 +269,11 @@ class Renderer:
         """What the ports, the chains' names and directions and the sets' names
         and families determine."""
         server = None if hf.metadata is None else (hf.metadata.address, hf.metadata.port)
-        key = (hf.ports, (tuple((c.name, c.direction) for c in hf.chains), self._set_signature,
-                          server))
+        key = (hf.ports, (tuple(map(_NAME_DIRECTION, hf.chains)), self._set_signature, server))
         if self._port_key is None or self._port_key[0] is not key[0] or self._port_key[1] != key[1]:
-            patched = None
+            patched, ids = None, _PortIds(hf.ports)
             if self._port_key is not None and self._port_key[1] == key[1]:
-                patched = _patched_ports(self._index(), self._port_key[0], hf.ports, delta)
+                patched = _patched_ports(self._index(), self._port_ids, ids, delta)
             if patched is None:
                 old_sets, old_chains = self._port_part
                 self._port_part = _port_part(hf, self.topology)
@@ -278,7 +282,7 @@ class Renderer:
                 _changed(delta.chains, old_chains, self._port_part[1])
             else:
                 self._port_part = (patched, self._port_part[1])
-            self._port_key = key
+            self._port_key, self._port_ids = key, ids
         return self._port_part
 
     def _index(self) -> _PortIndex | None:
@@ -543,11 +547,29 @@ def _fragment(port: PortPolicy, index: _PortIndex) -> _Fragment:
 _PATCH_SHARE = 4
 
 
-def _patched_ports(index: _PortIndex | None, old_ports: tuple[PortPolicy, ...],
-                   new_ports: tuple[PortPolicy, ...], delta: Delta) -> list[NamedSet] | None:
-    """The port-derived sets of ``new_ports`` from those of ``old_ports`` (``index``),
-    at the cost of the ports that changed: each changed port's old elements are
-    cut out of every set it was in and its new ones spliced in, and ``delta``
+class _PortIds:
+    """A tuple of ports by ``id``, built when first asked (a one-shot full sync
+    never asks): the next port change diffs against it without building it again.
+    The tuple is kept, so no id is reused while the map is."""
+
+    def __init__(self, ports: tuple[PortPolicy, ...]) -> None:
+        self.ports = ports
+        self._by_id: dict[int, PortPolicy] | None = None
+
+    def by_id(self) -> dict[int, PortPolicy]:
+        """``id(port) → port``; C-level (dict(zip(map(…))))."""
+        if self._by_id is None:
+            self._by_id = dict(zip(map(id, self.ports), self.ports, strict=True))
+        return self._by_id
+
+
+def _patched_ports(index: _PortIndex | None, previous: _PortIds | None, current: _PortIds,
+                   delta: Delta) -> list[NamedSet] | None:
+    """The port-derived sets of ``current`` from those of ``previous`` (``index``),
+    at the cost of the ports that changed (``previous`` keeps its id map from
+    the last call, so one map of the ports is built per change): each changed
+    port's old elements are cut out of every set it was in and its new ones
+    spliced in, and ``delta``
     records those sets with exactly the elements lost and gained. None when this
     cannot be done (no index, a tap twice, too many changes, or a change of what
     the chains depend on: slot widths, same-net sets in use): render whole.
@@ -555,13 +577,13 @@ def _patched_ports(index: _PortIndex | None, old_ports: tuple[PortPolicy, ...],
     Equal to :func:`_port_part`'s sets by construction: each port's elements come
     from :func:`_port_sets` on that port alone, and each set is sorted by tap
     with one run per port (tests/test_incremental.py checks the equality)."""
-    if index is None:
+    if index is None or previous is None:
         return None
+    new_ports = current.ports
     # By identity: the incremental compiler hands unchanged policies over as the
     # same objects (both tuples are alive, so no id is reused between them).
     # (dict(zip(map(…))) and key-view differences run in C: ~10k ports, a few change).
-    old_by_id = dict(zip(map(id, old_ports), old_ports, strict=True))
-    new_by_id = dict(zip(map(id, new_ports), new_ports, strict=True))
+    old_by_id, new_by_id = previous.by_id(), current.by_id()
     come = new_by_id.keys() - old_by_id.keys()
     old = {p.tap: p for p in map(old_by_id.__getitem__, old_by_id.keys() - new_by_id.keys())}
     new = {p.tap: p for p in map(new_by_id.__getitem__, come)}
@@ -783,7 +805,7 @@ def _ports_set(chain: str, taps: list[str], interned: dict[str, Element],
     return NamedSet(check_name(ports_set_name(chain)), (key_type,), (), elements)
 
 
-def _address_set(address_set: AddressSet) -> tuple[NamedSet, bool]:
+def _address_set(address_set: AddressSet) -> tuple[NamedSet, _Texts | None]:
     """The set as the IR gives it: canonical, sorted, already merged (ir.AddressSet).
 
     Not re-merged here: the compiler keeps single hosts apart on purpose so that a
@@ -804,15 +826,24 @@ def _address_set(address_set: AddressSet) -> tuple[NamedSet, bool]:
     elements = tuple(Element((c,)) for c in cidrs)
     flags = () if all(is_host(c) for c in cidrs) else ("interval",)
     named = NamedSet(address_set.name, (ADDRESS_TYPE[family],), flags, elements)
-    return named, tuple(cidrs) == address_set.elements
+    return named, _Texts() if tuple(cidrs) == address_set.elements else None
+
+
+@dataclass
+class _Texts:
+    """An address set whose IR texts are its elements one to one (distinct
+    canonical host addresses: ir.AddressSet's contract): ``index`` maps each
+    text to its element, built on the first patch and kept up to date."""
+
+    index: dict[str, Element] | None = None
 
 
 #: A rendered address set: its IR piece, its rendering, and whether the piece's
 #: texts are its elements one to one (:func:`_address_set`).
-_SetEntry = tuple[AddressSet, NamedSet, bool]
+_SetEntry = tuple[AddressSet, NamedSet, _Texts | None]
 #: A patched address set: its rendering, the elements lost and gained, and the
-#: same one-to-one flag.
-_SetPatch = tuple[NamedSet, tuple[frozenset[Element], frozenset[Element]], bool]
+#: same one-to-one marker.
+_SetPatch = tuple[NamedSet, tuple[frozenset[Element], frozenset[Element]], _Texts | None]
 
 
 def _patched_address_set(entry: _SetEntry, address_set: AddressSet) -> _SetPatch | None:
@@ -829,7 +860,7 @@ def _patched_address_set(entry: _SetEntry, address_set: AddressSet) -> _SetPatch
     family = address_set.family
     if previous.flags or previous.key_type != (ADDRESS_TYPE[family],):
         return None
-    patched = _patched_exact(entry, address_set) if exact else None
+    patched = _patched_exact(entry, address_set) if exact is not None else None
     if patched is not None:
         return patched
     known = {e.key[0]: e for e in previous.elements}
@@ -845,27 +876,35 @@ def _patched_address_set(entry: _SetEntry, address_set: AddressSet) -> _SetPatch
     unique = tuple(dict.fromkeys(elements))
     now, before = frozenset(unique), frozenset(previous.elements)
     one_to_one = tuple(e.key[0] for e in unique) == address_set.elements
-    return replace(previous, elements=unique), (before - now, now - before), one_to_one
+    return (replace(previous, elements=unique), (before - now, now - before),
+            _Texts() if one_to_one else None)
 
 
 def _patched_exact(entry: _SetEntry, address_set: AddressSet) -> _SetPatch | None:
     """The patch when ``entry``'s texts are its elements one to one: if the new
     texts are distinct and the added ones canonical host addresses, the texts'
     differences are the elements' differences, found with set operations on
-    the strings (their hashes are cached). None otherwise."""
-    was, previous, _ = entry
+    the strings (their hashes are cached) against the text index (kept from one
+    version to the next). None otherwise."""
+    was, previous, texts_of = entry
+    assert texts_of is not None
     texts = address_set.elements
-    if len(set(texts)) != len(texts):
+    now = set(texts)
+    if len(now) != len(texts):
         return None
-    known = dict(zip(was.elements, previous.elements, strict=True))
-    added = set(texts).difference(known)
+    known = texts_of.index
+    if known is None:
+        known = dict(zip(was.elements, previous.elements, strict=True))
+    added = now.difference(known)
     if any(canonical_cidr(t, address_set.family) != t or not is_host(t) for t in added):
         return None
     fresh = {t: Element((t,)) for t in added}
-    lost = frozenset(map(known.__getitem__, set(was.elements).difference(texts)))
+    gone = known.keys() - now if len(known) + len(added) != len(now) else ()
+    lost = frozenset(known.pop(t) for t in gone)  # nothing can fail from here on
     known.update(fresh)
     elements = tuple(map(known.__getitem__, texts))
-    return replace(previous, elements=elements), (lost, frozenset(fresh.values())), True
+    return (replace(previous, elements=elements), (lost, frozenset(fresh.values())),
+            _Texts(known))
 
 
 # --------------------------------------------------------------------------- #
