@@ -24,10 +24,11 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from secfw.audit.nftkernel import TCP_FLAGS, Unsupported, parsed_address
+from secfw.backends.iptables.render import DEFAULT_MARK
 from secfw.backends.nftables.canonical import ICMP_TYPES, ICMPV6_TYPES, protocol_number
 
 _CT = {"INVALID": "invalid", "ESTABLISHED": "established", "RELATED": "related",
@@ -64,6 +65,10 @@ class IptProbe:
 
 
 Match = Callable[[IptProbe, "IptTables"], bool]
+#: A stand-in for chains whose effect is already known (as :data:`.nftkernel.Stub`):
+#: ``accept`` — the group chain sets the allow mark (backends/iptables/render.py:
+#: a group chain's rules ``-g secfw-allow``, which sets it) — ``continue``, or None.
+Stub = Callable[[str, IptProbe], str | None]
 
 
 @dataclass
@@ -90,15 +95,23 @@ class IptTables:
         """``accept`` or ``drop`` for a packet entering built-in ``chain``."""
         return self.run(chain, probe)[0]
 
-    def run(self, chain: str, probe: IptProbe) -> tuple[str, IptProbe]:
+    def run(self, chain: str, probe: IptProbe, stub: Stub | None = None
+            ) -> tuple[str, IptProbe]:
         """The verdict of built-in ``chain`` and the packet as it leaves it
-        (marks set, addresses translated)."""
-        verdict, probe = self._chain(chain, probe, 0)
+        (marks set, addresses translated); ``stub``: chains answered without
+        evaluating them (:data:`Stub`)."""
+        verdict, probe = self._chain(chain, probe, 0, stub)
         if verdict in (None, "RETURN"):
             verdict = self.policies.get(chain, "ACCEPT")
         return ("accept" if verdict == "ACCEPT" else "drop"), probe
 
-    def _chain(self, name: str, probe: IptProbe, depth: int) -> tuple[str | None, IptProbe]:
+    def chain_effect(self, name: str, probe: IptProbe) -> tuple[str | None, IptProbe]:
+        """User chain ``name`` alone: its verdict (None: it ran to its end or
+        returned) and the packet as it leaves it (marks set)."""
+        return self._chain(name, probe, 1)
+
+    def _chain(self, name: str, probe: IptProbe, depth: int, stub: Stub | None = None
+               ) -> tuple[str | None, IptProbe]:
         if depth > 64:
             raise Unsupported("chain recursion")
         if name not in self.chains:
@@ -119,7 +132,13 @@ class IptTables:
                 return rule.target.replace("REJECT", "DROP"), probe
             if rule.target == "RETURN":
                 return None, probe
-            verdict, probe = self._chain(rule.target, probe, depth + 1)
+            known = stub(rule.target, probe) if stub is not None else None
+            if known is not None:  # a group chain: it sets the allow mark or not
+                verdict = None
+                if known == "accept":
+                    probe = _set_mark(probe, "MARK", (DEFAULT_MARK, DEFAULT_MARK))
+            else:
+                verdict, probe = self._chain(rule.target, probe, depth + 1, stub)
             if verdict is not None:
                 return verdict, probe
             if rule.goto:
@@ -421,6 +440,22 @@ def rule_points(saves: dict[str, str]) -> list[tuple[str, int, int]]:
             found.update((a, proto, p) for a in addresses for proto in protocols
                          for p in ports)
     return sorted(found)
+
+
+def lines_values(lines: Iterable[str], sets: dict[str, list[Network]]
+                 ) -> tuple[set[str], set[int], set[tuple[str, int, int]]]:
+    """The addresses, ports and (address, protocol, port) that ``lines`` (rules
+    as ``iptables-save`` prints them) name, as :func:`rule_points` takes them;
+    ``sets``: the ipsets whose members count as named (empty: none do)."""
+    addresses: set[str] = set()
+    ports: set[int] = set()
+    pairs: set[tuple[str, int, int]] = set()
+    for line in lines:
+        found, protocols, named = _line_values(line.split(), sets)
+        addresses |= found
+        ports |= named
+        pairs.update((a, proto, p) for a in found for proto in protocols for p in named)
+    return addresses, ports, pairs
 
 
 #: The port protocols, by number and by the names iptables accepts.

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,6 +60,11 @@ _HEADER_PROTOCOL = protocols("tcp", "udp", "sctp", "udplite", "dccp", "icmp", "i
 _NO_NAT = CT_STATES["invalid"] | CT_STATES["untracked"]
 _PORTED = frozenset(protocols("tcp", "udp", "dccp", "sctp", "udplite").values())
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: A stand-in for chains whose effect is already known (verify's shared check,
+#: :mod:`secfw.audit.chainverify`): called with a jump's target and the packet,
+#: it answers ``accept`` or ``continue`` — what that chain does — or None:
+#: evaluate the chain itself.
+Stub = Callable[[str, "Probe"], str | None]
 
 
 class Unsupported(Exception):
@@ -171,9 +176,11 @@ class NftRuleset:
         """``accept`` or ``drop``: the packet through every stage of ``path``."""
         return self.run(path, probe)[0]
 
-    def run(self, path: Sequence[Stage], probe: Probe) -> tuple[str, Probe]:
+    def run(self, path: Sequence[Stage], probe: Probe, stub: Stub | None = None
+            ) -> tuple[str, Probe]:
         """The verdict of ``path`` and the packet as it leaves it (NAT applied):
-        the caller routes a translated packet on (:func:`paths_after`)."""
+        the caller routes a translated packet on (:func:`paths_after`).
+        ``stub``: chains answered without evaluating them (:data:`Stub`)."""
         packet = probe
         for stage in path:
             bases = self._bases(stage.family, stage.hook)
@@ -181,10 +188,16 @@ class NftRuleset:
             for chain in bases:
                 if chain.get("type") == "nat" and packet.ct_state & _NO_NAT:
                     continue  # no conntrack entry, no NAT (nf_nat_inet_fn: no ct, accept)
-                verdict, packet = _Run(self, stage.family, packet).base(chain)
+                verdict, packet = _Run(self, stage.family, packet, stub).base(chain)
                 if verdict == "drop":
                     return "drop", packet
         return "accept", packet
+
+    def chain_effect(self, family: str, name: str, probe: Probe) -> tuple[str | None, Probe]:
+        """Regular chain ``name`` alone on ``probe``: its verdict (None: it ran to
+        its end or returned) and the packet as it leaves it (marks set)."""
+        run = _Run(self, family, probe)
+        return run.chain(name, depth=1), run.packet
 
 
 def _priority(value: Any) -> int:
@@ -196,10 +209,12 @@ def _priority(value: Any) -> int:
 class _Run:
     """One base chain's evaluation (its jump stack and the packet's mark)."""
 
-    def __init__(self, ruleset: NftRuleset, family: str, packet: Probe) -> None:
+    def __init__(self, ruleset: NftRuleset, family: str, packet: Probe,
+                 stub: Stub | None = None) -> None:
         self.rs = ruleset
         self.family = family
         self.packet = packet
+        self.stub = stub
 
     def base(self, chain: Mapping[str, Any]) -> tuple[str, Probe]:
         verdict = self.chain(chain["name"], depth=0)
@@ -259,7 +274,11 @@ class _Run:
         raise Unsupported(f"statement {key!r}")
 
     def branch(self, verb: str, target: str, depth: int) -> str | None:
-        verdict = self.chain(target, depth + 1)
+        known = self.stub(target, self.packet) if self.stub is not None else None
+        if known is not None:  # the stub's chain only accepts or goes on
+            verdict = "accept" if known == "accept" else None
+        else:
+            verdict = self.chain(target, depth + 1)
         if verb == "goto":
             return verdict or "return"  # goto: the end of the target ends the caller
         return verdict  # jump: back to the caller's next rule

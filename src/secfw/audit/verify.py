@@ -59,7 +59,9 @@ from secfw.audit import iptkernel, nftkernel
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import egress_openers, ingress_openers
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, PROTO_MAX, SEL_MAX, Region, sweep
-from secfw.compiler.evaluate import Packet
+from secfw.backends.iptables.render import DEFAULT_MARK, PREFIX, group_chain_name
+from secfw.backends.iptables.render import set_name as ipset_name
+from secfw.compiler.evaluate import Packet, PolicyIndex
 from secfw.compiler.ir import Family, MetadataRedirect
 from secfw.compiler.metadata import METADATA_ADDRESS, METADATA_PORT, with_metadata
 from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
@@ -124,18 +126,27 @@ def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
            extra_addresses: Iterable[str] = (), extra_ports: Iterable[int] = (),
            metadata_listen: tuple[str, int] | None = None,
            extra_pairs: Iterable[tuple[str, int, int]] = (),
-           only_taps: Collection[str] | None = None,
+           only_taps: Collection[str] | None = None, by_port: bool = False,
            ) -> tuple[list[Difference], int]:
     """The differences on ``host`` and the number of probes compared.
     ``extra_addresses``/``extra_ports``: values the kernel's ruleset names;
     ``extra_pairs``: (address, protocol, port) that one of its rules names together
     (:func:`nft_rule_points`, :func:`secfw.audit.iptkernel.rule_points`);
     ``metadata_listen``: the host's metadata server, when it runs one;
-    ``only_taps``: verify only these ports of the host (the bench's sample), None: all."""
+    ``only_taps``: verify only these ports of the host (the bench's sample), None: all.
+    A :class:`SharedKernel` (what :func:`nft_kernel` and :func:`ipt_kernel`
+    return) is checked chain by chain (:mod:`secfw.audit.chainverify`, which
+    reads the kernel's named values itself: the ``extra_*`` serve the port by
+    port sampling below); ``by_port``: sample every port's whole flow space
+    instead (the former check, far slower on a big host)."""
     on_host = sorted((v for v in cp.ports.values() if v.instance.host == host),
                      key=lambda v: v.port.tap)
     nat = host_nat(on_host, metadata_listen)
     views = [v for v in on_host if only_taps is None or v.port.tap in only_taps]
+    if isinstance(kernel, SharedKernel) and not by_port:
+        from secfw.audit.chainverify import verify_shared  # it builds on this module
+
+        return verify_shared(cp, on_host, views, kernel, nat)
     addresses = sorted({ipaddress.ip_address(a) for a in extra_addresses},
                        key=lambda a: (a.version, a))[:KERNEL_VALUES]
     ports = sorted(set(extra_ports))[:KERNEL_VALUES]
@@ -171,8 +182,10 @@ def verify(cp: CloudPolicy, host: str, kernel: KernelVerdict,
 
 
 def _judged(view: PortView, direction: str, family: Family, points: Sequence[Point],
-            nat: HostNat) -> Iterable[tuple[Packet, str | None]]:
-    """Each probe as the kernel gets it, with the model's verdict on it."""
+            nat: HostNat, index: PolicyIndex | None = None
+            ) -> Iterable[tuple[Packet, str | None]]:
+    """Each probe as the kernel gets it, with the model's verdict on it
+    (``index``: the host's evaluator to judge with, default the view's)."""
     local = view.address(family)
     assert local is not None
     floating = nat.floating.get(view.port.tap, ()) if direction == "ingress" else ()
@@ -181,12 +194,12 @@ def _judged(view: PortView, direction: str, family: Family, points: Sequence[Poi
         if any(low <= point[0] <= high for low, high in itself):
             continue  # the instance keeps what it sends to itself: no host sees it
         packet = probe_packet(point, local, direction, family)
-        model = nat_model_verdict(view, direction, packet, nat.metadata)
+        model = nat_model_verdict(view, direction, packet, nat.metadata, index)
         yield packet, model
         for address in floating if family == "ipv4" else ():
             yield probe_packet(point, address, direction, family), model
     if nat.metadata is not None and direction == "egress" and family == "ipv4":
-        yield from metadata_probes(view, local, nat.metadata)
+        yield from metadata_probes(view, local, nat.metadata, index)
 
 
 def _own_ranges(view: PortView, family: Family) -> list[tuple[int, int]]:
@@ -199,19 +212,20 @@ def _own_ranges(view: PortView, family: Family) -> list[tuple[int, int]]:
     return [(int(b[0]), int(b[-1])) for b in blocks if b.version == version]
 
 
-def metadata_probes(view: PortView, local: str, md: MetadataRedirect
-                    ) -> Iterable[tuple[Packet, str | None]]:
+def metadata_probes(view: PortView, local: str, md: MetadataRedirect,
+                    index: PolicyIndex | None = None) -> Iterable[tuple[Packet, str | None]]:
     """Egress probes about the metadata redirect (module docstring)."""
     probes = [Packet(local, METADATA_ADDRESS, protocol, CLIENT_PORT, port)
               for protocol, port in ((6, METADATA_PORT), (6, METADATA_PORT - 1),
                                      (6, METADATA_PORT + 1), (17, METADATA_PORT))]
     probes.append(Packet(local, md.address, 6, CLIENT_PORT, md.port))
     for packet in probes:
-        yield packet, nat_model_verdict(view, "egress", packet, md)
+        yield packet, nat_model_verdict(view, "egress", packet, md, index)
 
 
 def nat_model_verdict(view: PortView, direction: str, packet: Packet,
-                      md: MetadataRedirect | None) -> str | None:
+                      md: MetadataRedirect | None, index: PolicyIndex | None = None
+                      ) -> str | None:
     """:func:`model_verdict`, with the metadata redirect's exceptions: a served
     port's TCP to ``169.254.169.254:80`` is accepted whatever its egress rules
     say; what a port sends straight to the server's address and port is dropped."""
@@ -221,7 +235,7 @@ def nat_model_verdict(view: PortView, direction: str, packet: Packet,
             return "accept"
         if (packet.dst, packet.dport) == (md.address, md.port):
             return "drop"
-    return model_verdict(view, direction, packet)
+    return model_verdict(view, direction, packet, index)
 
 
 def _first_difference(view: PortView, direction: str,
@@ -301,8 +315,11 @@ def _sendable(cp: CloudPolicy, view: PortView, direction: str,
     return sendable
 
 
-def model_verdict(view: PortView, direction: str, packet: Packet) -> str | None:
-    """``accept``/``drop`` by the host's IR (None: not compared, see module doc)."""
+def model_verdict(view: PortView, direction: str, packet: Packet,
+                  index: PolicyIndex | None = None) -> str | None:
+    """``accept``/``drop`` by the host's IR (None: not compared, see module doc);
+    ``index``: the host's evaluator (default the view's; verify's shared check
+    passes one that memoises each group chain's answers)."""
     family: Family = "ipv4" if packet.version == 4 else "ipv6"
     if packet.protocol == ICMP_OF[family]:
         if family == "ipv6" and packet.icmp_type in ICMPV6_UNTRACKED:
@@ -310,7 +327,8 @@ def model_verdict(view: PortView, direction: str, packet: Packet) -> str | None:
         new = ICMP_NEW_TYPES if family == "ipv4" else ICMPV6_NEW_TYPES
         if packet.icmp_type not in new and view.policy.port_security:
             return "drop"  # conntrack: invalid, dropped by the filtered port
-    judge = view.index.ingress if direction == "ingress" else view.index.egress
+    evaluator = index or view.index
+    judge = evaluator.ingress if direction == "ingress" else evaluator.egress
     return "accept" if judge(view.policy, packet) else "drop"
 
 
@@ -465,34 +483,204 @@ def _clean(point: Point) -> Point:
     return address, protocol, 0, version
 
 
+class SharedKernel:
+    """A host's kernel ruleset as verify evaluates it: called on a probe it is a
+    :data:`KernelVerdict` (the whole path); the other methods let verify check
+    each group chain once (:mod:`secfw.audit.chainverify`) — a chain alone,
+    the path with known chains stubbed, and the values a part of it names.
+    Subclassed per backend (:class:`NftKernel`, :class:`IptKernel`)."""
+
+    def __call__(self, view: PortView, direction: str, packet: Packet) -> str:
+        return self.judge(view, direction, packet)
+
+    def judge(self, view: PortView, direction: str, packet: Packet,
+              stub: Callable[[str, Packet], str | None] | None = None) -> str:
+        """The verdict of the path (accept, drop, ``unknown: why``); ``stub``
+        answers for group chains by their IR name (None: evaluate the chain)."""
+        raise NotImplementedError
+
+    def chain(self, name: str, view: PortView, direction: str, packet: Packet) -> str:
+        """What IR group chain ``name``'s kernel chain alone does with the probe of
+        ``view``: ``accept``, ``continue`` (it lets the next chain decide) or
+        anything else the agent never writes (``drop``, a mark changed...)."""
+        raise NotImplementedError
+
+    def set_holds(self, name: str, address: str) -> bool | None:
+        """Whether the kernel's set for IR address set ``name`` holds ``address``
+        (None: the kernel has no such set)."""
+        raise NotImplementedError
+
+    def set_elements(self, name: str) -> list[str]:
+        """The first and last address of each element of the kernel's set for IR
+        address set ``name`` (none when it has no such set)."""
+        raise NotImplementedError
+
+    def chain_values(self, name: str) -> NamedValues:
+        """Addresses, ports and (address, protocol, port) named by the kernel
+        chain of IR chain ``name`` and the sets it looks up."""
+        raise NotImplementedError
+
+    def other_values(self) -> NamedValues:
+        """The same, for the rules of every chain that is not a group chain (set
+        elements left out: verify checks sets apart, see chainverify)."""
+        raise NotImplementedError
+
+    def name_chains(self, names: Iterable[str]) -> None:
+        """The host's IR group chains, for a backend whose kernel names differ."""
+
+    def port_dependent(self, name: str, direction: str) -> bool:
+        """Whether the kernel chain of IR chain ``name`` may treat two ports'
+        probes otherwise for the same remote and service: it reads an interface,
+        a MAC, a mark, conntrack, the local address, or jumps elsewhere (the
+        agent's group chains do none of these): then it is checked per port."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NamedValues:
+    """Values a part of a ruleset names: extra probes (module docstring)."""
+
+    addresses: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    pairs: tuple[tuple[str, int, int], ...] = ()
+
+
+#: Words of a group chain's nft JSON that make it port-dependent (see
+#: :meth:`SharedKernel.port_dependent`); the local address is added per direction.
+_NFT_PORT_WORDS = ('"iifname"', '"oifname"', '"iif"', '"oif"', '"ether"', '"mark"', '"ct"',
+                   '"jump"', '"goto"', '"vmap"', '"dnat"', '"snat"', '"meta": {"key": "i',
+                   '"meta": {"key": "o')
+
+
+class NftKernel(SharedKernel):
+    """An nftables JSON listing (:func:`nft_kernel`)."""
+
+    def __init__(self, listing: dict[str, Any], topology: str | None,
+                 local: Iterable[str]) -> None:
+        self.listing = listing
+        self.ruleset = nftkernel.NftRuleset(listing)
+        self.shape = topology or nftkernel.topology_of(self.ruleset)
+        self.own = frozenset(local)
+        self._sets = {name: _named_values(elements)[0]
+                      for (_, name), elements in self.ruleset.sets.items()}
+        self._members: dict[str, frozenset[Any]] = {}
+
+    def _probe(self, view: PortView, direction: str, packet: Packet) -> nftkernel.Probe:
+        mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
+        return nftkernel.Probe(
+            "", "", packet.src, packet.dst, packet.protocol, mac, packet.sport,
+            packet.dport, packet.icmp_type, packet.icmp_code,
+            ct_state=nftkernel.CT_STATES["invalid" if icmp_invalid(packet) else "new"])
+
+    def judge(self, view: PortView, direction: str, packet: Packet,
+              stub: Callable[[str, Packet], str | None] | None = None) -> str:
+        probe = self._probe(view, direction, packet)
+        tap = view.port.tap
+        nft_stub = None if stub is None else \
+            (lambda name, p: stub(name, _as_packet(p)))
+        try:
+            verdict, after = self.ruleset.run(
+                nftkernel.paths_before(self.shape, tap, direction), probe, nft_stub)
+            if verdict == "drop" or not _reaches_port(view, direction, after.dst, self.own):
+                return "drop"
+            rest = nftkernel.paths_after(self.shape, tap, direction, after.dst in self.own)
+            return self.ruleset.run(rest, after, nft_stub)[0]
+        except nftkernel.Unsupported as exc:
+            return f"unknown: {exc}"
+
+    def chain(self, name: str, view: PortView, direction: str, packet: Packet) -> str:
+        stage = nftkernel.paths_after(self.shape, view.port.tap, direction)[0]
+        probe = replace(self._probe(view, direction, packet), iifname=stage.iifname,
+                        oifname=stage.oifname)
+        try:
+            verdict, after = self.ruleset.chain_effect("inet", name, probe)
+        except nftkernel.Unsupported as exc:
+            return f"unknown: {exc}"
+        if after != probe:
+            return f"{verdict or 'continue'}, the packet changed"
+        return "continue" if verdict is None else verdict
+
+    def set_holds(self, name: str, address: str) -> bool | None:
+        if ("inet", name) not in self.ruleset.sets:
+            return None
+        members = self._members.get(name)
+        if members is None:
+            members = self._members[name] = frozenset(
+                nftkernel.parsed_address(a) for a in self._sets.get(name, ()))
+        found = nftkernel.parsed_address(address)
+        if found in members:
+            return True
+        field = {"payload": {"protocol": "ip" if found.version == 4 else "ip6",
+                             "field": "saddr"}}
+        elements = self.ruleset.sets[("inet", name)]
+        return self.ruleset.member("inet", f"@{name}", elements, found, field)
+
+    def set_elements(self, name: str) -> list[str]:
+        found = []
+        for element in self.ruleset.sets.get(("inet", name), []):
+            key = element["elem"]["val"] if isinstance(element, dict) and "elem" in element \
+                else element
+            if isinstance(key, dict) and "prefix" in key:
+                block = ipaddress.ip_network(f"{key['prefix']['addr']}/{key['prefix']['len']}",
+                                             strict=False)
+                found += [str(block[0]), str(block[-1])]
+            elif isinstance(key, dict) and "range" in key:
+                found += [str(v) for v in key["range"]]
+            elif isinstance(key, str) and _is_address(key):
+                found.append(key)
+        return found
+
+    def _rules(self, name: str) -> list[list[Any]]:
+        return self.ruleset.rules.get(("inet", name), [])
+
+    def chain_values(self, name: str) -> NamedValues:
+        return self._values(self._rules(name), with_sets=True)
+
+    def other_values(self) -> NamedValues:
+        rules = [expr for (family, chain), exprs in self.ruleset.rules.items()
+                 if not (family == "inet" and chain.startswith(GROUP_CHAIN_PREFIX))
+                 for expr in exprs]
+        return self._values(rules, with_sets=False)
+
+    def _values(self, rules: list[list[Any]], with_sets: bool) -> NamedValues:
+        addresses, ports = _named_values(rules)
+        pairs: set[tuple[str, int, int]] = set()
+        for expr in rules:
+            found, named_ports = _named_values(expr)
+            looked_up = [a for ref in _set_references(expr)
+                         for a in self._sets.get(ref.lstrip("@"), ())] if with_sets else []
+            addresses += looked_up
+            protocols = _port_protocols(json.dumps(expr))
+            pairs.update((a, proto, p) for a in (*found, *looked_up) for proto in protocols
+                         for p in named_ports)
+        return NamedValues(tuple(sorted(set(addresses))), tuple(ports), tuple(sorted(pairs)))
+
+    def port_dependent(self, name: str, direction: str) -> bool:
+        if ("inet", name) not in self.ruleset.rules:
+            return False  # missing: every port's probes show it the same way
+        text = json.dumps(self._rules(name))
+        local = '"daddr"' if direction == "ingress" else '"saddr"'
+        return any(word in text for word in (*_NFT_PORT_WORDS, local))
+
+
+#: IR group chains' names (compiler/build.py: ``sg-<group id>-in|out``).
+GROUP_CHAIN_PREFIX = "sg-"
+
+
+def _as_packet(probe: nftkernel.Probe | iptkernel.IptProbe) -> Packet:
+    """The evaluator's packet of a kernel probe (its headers as they are now)."""
+    return Packet(probe.src, probe.dst, probe.protocol, probe.sport, probe.dport,
+                  probe.icmp_type, probe.icmp_code)
+
+
 def nft_kernel(listing: dict[str, Any], topology: str | None = None,
-               local: Iterable[str] = ()) -> tuple[KernelVerdict, list[str], list[int]]:
+               local: Iterable[str] = ()) -> tuple[NftKernel, list[str], list[int]]:
     """The kernel verdict of an nftables JSON listing, and the addresses and ports
     its rules and sets name (extra probes for :func:`verify`). ``local``: the
     host's own addresses that matter (the metadata server's): a packet whose
     translated destination is one of them goes to ``input``."""
-    ruleset = nftkernel.NftRuleset(listing)
-    shape = topology or nftkernel.topology_of(ruleset)
-    own = frozenset(local)
-
-    def judge(view: PortView, direction: str, packet: Packet) -> str:
-        mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
-        probe = nftkernel.Probe(
-            "", "", packet.src, packet.dst, packet.protocol, mac, packet.sport,
-            packet.dport, packet.icmp_type, packet.icmp_code,
-            ct_state=nftkernel.CT_STATES["invalid" if icmp_invalid(packet) else "new"])
-        tap = view.port.tap
-        try:
-            verdict, after = ruleset.run(nftkernel.paths_before(shape, tap, direction), probe)
-            if verdict == "drop" or not _reaches_port(view, direction, after.dst, own):
-                return "drop"
-            rest = nftkernel.paths_after(shape, tap, direction, after.dst in own)
-            return ruleset.verdict(rest, after)
-        except nftkernel.Unsupported as exc:
-            return f"unknown: {exc}"
-
     addresses, ports = _named_values(listing)
-    return judge, addresses, ports
+    return NftKernel(listing, topology, local), addresses, ports
 
 
 def nft_rule_points(listing: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -589,8 +777,122 @@ def _is_address(text: str) -> bool:
     return True
 
 
+class IptKernel(SharedKernel):
+    """iptables-save, ip6tables-save and ipset save output (:func:`ipt_kernel`)."""
+
+    def __init__(self, saves: dict[str, str], topology: str, local: Iterable[str]) -> None:
+        self.saves = saves
+        self.topology = topology
+        self.tables = iptkernel.chains_of(saves)
+        self.nat = iptkernel.nat_of(saves)
+        self.own = frozenset(local)
+        self._ir: dict[str, str] = {}
+
+    def name_chains(self, names: Iterable[str]) -> None:
+        self._ir.update((group_chain_name(name), name) for name in names)
+
+    def judge(self, view: PortView, direction: str, packet: Packet,
+              stub: Callable[[str, Packet], str | None] | None = None) -> str:
+        probe = _ipt_probe(view, direction, packet, self.topology)
+        ipt_stub = None if stub is None else self._stub(stub)
+        try:
+            if packet.version == 4 and "PREROUTING" in self.nat.chains \
+                    and probe.ct_state not in ("invalid", "untracked"):
+                verdict, probe = self.nat.run("PREROUTING", probe)
+                if verdict == "drop":
+                    return "drop"
+            if not _reaches_port(view, direction, probe.dst, self.own):
+                return "drop"
+            if probe.dst in self.own:
+                probe = replace(probe, oif="", physdev_out=None)
+                return self.tables[packet.version].run("INPUT", probe, ipt_stub)[0]
+            return self.tables[packet.version].run("FORWARD", probe, ipt_stub)[0]
+        except nftkernel.Unsupported as exc:
+            return f"unknown: {exc}"
+
+    def _stub(self, stub: Callable[[str, Packet], str | None]) -> iptkernel.Stub:
+        """``stub`` for the kernel's chains: group chains by their IR name."""
+        def answer(name: str, probe: iptkernel.IptProbe) -> str | None:
+            if not name.startswith(IPT_GROUP_PREFIX):
+                return None
+            return stub(self._ir.get(name, name), _as_packet(probe))
+        return answer
+
+    def chain(self, name: str, view: PortView, direction: str, packet: Packet) -> str:
+        probe = _ipt_probe(view, direction, packet, self.topology)
+        try:
+            verdict, after = self.tables[packet.version].chain_effect(
+                group_chain_name(name), probe)
+        except nftkernel.Unsupported as exc:
+            return f"unknown: {exc}"
+        if verdict is None and after == replace(probe, mark=probe.mark | DEFAULT_MARK):
+            return "accept"  # the allow mark, as the agent's rules set it
+        if after != probe:
+            return f"{verdict or 'continue'}, the packet changed"
+        return "continue" if verdict is None else verdict.lower()
+
+    def set_holds(self, name: str, address: str) -> bool | None:
+        networks = self.tables[4].ipsets.get(ipset_name(name))
+        if networks is None:
+            return None
+        found = nftkernel.parsed_address(address)
+        return any(n.version == found.version and found in n for n in networks)
+
+    def set_elements(self, name: str) -> list[str]:
+        networks = self.tables[4].ipsets.get(ipset_name(name), [])
+        return [str(n[i]) for n in networks for i in (0, -1)]
+
+    def _lines(self, chain: str | None) -> list[str]:
+        """The rules (``-A`` lines) of ``chain``, both families; None: of every
+        chain that is not a group chain."""
+        found = []
+        for family in ("ipv4", "ipv6", "ipv4_nat"):
+            for line in self.saves.get(family, "").splitlines():
+                owner = line.split()[1] if line.startswith("-A ") and " " in line else None
+                if owner is None:
+                    continue
+                if owner == chain or (chain is None
+                                      and not owner.startswith(IPT_GROUP_PREFIX)):
+                    found.append(line)
+        return found
+
+    def chain_values(self, name: str) -> NamedValues:
+        sets = iptkernel.parse_ipsets(self.saves.get("ipsets", ""))
+        return _as_named(*iptkernel.lines_values(self._lines(group_chain_name(name)), sets))
+
+    def other_values(self) -> NamedValues:
+        return _as_named(*iptkernel.lines_values(self._lines(None), {}))
+
+    def port_dependent(self, name: str, direction: str) -> bool:
+        local = "-d" if direction == "ingress" else "-s"
+        for line in self._lines(group_chain_name(name)):
+            tokens = line.split()
+            jumps = [b for a, b in itertools.pairwise(tokens) if a in ("-j", "-g")]
+            if any(t in _IPT_PORT_WORDS or t == local for t in tokens) or any(
+                    j.startswith(PREFIX) and j not in (ALLOW_CHAIN,) for j in jumps):
+                return True
+            if "--mark" in tokens and tokens[-2:] != ["-j", "RETURN"]:
+                return True
+        return False
+
+
+#: Prefix of the iptables group chains (backends/iptables/render.py).
+IPT_GROUP_PREFIX = f"{PREFIX}g-"
+#: Where a group chain's rules go when they admit a packet (it sets the allow mark).
+ALLOW_CHAIN = f"{PREFIX}allow"
+#: Options of a group chain's rule that make it port-dependent.
+_IPT_PORT_WORDS = frozenset({"-i", "-o", "--physdev-in", "--physdev-out", "--mac-source",
+                             "--ctstate", "--state", "--connmark", "--to-destination",
+                             "--to-source"})
+
+
+def _as_named(addresses: set[str], ports: set[int],
+            pairs: set[tuple[str, int, int]]) -> NamedValues:
+    return NamedValues(tuple(sorted(addresses)), tuple(sorted(ports)), tuple(sorted(pairs)))
+
+
 def ipt_kernel(saves: dict[str, str], topology: str, local: Iterable[str] = ()
-               ) -> tuple[KernelVerdict, list[str], list[int]]:
+               ) -> tuple[IptKernel, list[str], list[int]]:
     """The kernel verdict of ``iptables-save``/``ip6tables-save``/``ipset save``
     output (:mod:`.iptkernel`): an IPv4 packet through the ``nat`` table's
     PREROUTING first (conntrack-less probes skip it, as the kernel's nat hooks
@@ -598,29 +900,8 @@ def ipt_kernel(saves: dict[str, str], topology: str, local: Iterable[str] = ()
     destination is one of ``local`` (the metadata server) — routed, with the tap
     as its interface; bridged, as br_netfilter hands it over (the bridge as both
     interfaces, the taps as physdev ports)."""
-    tables = iptkernel.chains_of(saves)
-    nat = iptkernel.nat_of(saves)
-    own = frozenset(local)
-
-    def judge(view: PortView, direction: str, packet: Packet) -> str:
-        probe = _ipt_probe(view, direction, packet, topology)
-        try:
-            if packet.version == 4 and "PREROUTING" in nat.chains \
-                    and probe.ct_state not in ("invalid", "untracked"):
-                verdict, probe = nat.run("PREROUTING", probe)
-                if verdict == "drop":
-                    return "drop"
-            if not _reaches_port(view, direction, probe.dst, own):
-                return "drop"
-            if probe.dst in own:
-                probe = replace(probe, oif="", physdev_out=None)
-                return tables[packet.version].verdict("INPUT", probe)
-            return tables[packet.version].verdict("FORWARD", probe)
-        except nftkernel.Unsupported as exc:
-            return f"unknown: {exc}"
-
     addresses, ports = iptkernel.named_values(saves)
-    return judge, addresses, ports
+    return IptKernel(saves, topology, local), addresses, ports
 
 
 def _ipt_probe(view: PortView, direction: str, packet: Packet, topology: str

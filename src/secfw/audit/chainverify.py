@@ -1,0 +1,409 @@
+"""``secfw audit verify``, shared: each group chain checked once, then each port's own parts.
+
+A host's ports share their groups' chains (one kernel chain per group and
+direction, docs/nftables.md, docs/iptables.md), so verify does not sample every
+port's whole flow space through the whole path (a 10k-port host of the bench
+was ~1M probes per port). It splits the comparison where the ruleset splits:
+
+1. **Each group chain, once** (per family): the kernel's chain *alone* — what it
+   does with a probe: ``accept``, ``continue`` (the next chain decides), or
+   anything else — against the IR chain's rules (:class:`MemoIndex`), at the
+   boundary points of that chain's own flow space (its rules' regions, their
+   corners, the members of the sets they name, the points just outside) and at
+   the values the kernel chain and its sets name. A chain whose rules could
+   treat two ports otherwise (it reads an interface, a MAC, a mark, conntrack,
+   the local address, or jumps elsewhere: :meth:`SharedKernel.port_dependent`;
+   the agent writes none of these) is not shared: it is probed per port.
+2. **Each same-net set, once**: the kernel's set against the IR's, at every
+   element's edges and the addresses just outside them, both sides' elements.
+3. **Each port**, each direction and family, only its own parts: its probes
+   through the real hook path with the chains found equal in step 1 *stubbed*
+   by the model's answer (so what remains to differ is the port's dispatch,
+   anti-spoofing, port security, same-net lookups, NAT): the base services
+   from an ordinary outside address, a member of each of its same-net sets and
+   the addresses beside them, the values named by the rules outside group
+   chains (:data:`OTHER_VALUES` at most), its floating and metadata probes; and
+   one *dispatch* probe whose path records which group chains it reaches:
+   they must be the port's chains for that direction.
+
+Where a chain or set differs (step 1 or 2), or the dispatch does (step 3), the
+points showing it are tried on every port concerned through the *real* path
+(no stub), and a port is reported only where one of them changes its verdict:
+a difference that another group of the port covers (or same-net, or port
+security off) is no difference of that port, as before. Every reported verdict
+is the real path's. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import netaddr
+
+from secfw.audit.policy import CloudPolicy, PortView
+from secfw.audit.space import ICMP_OF, Opener, rule_box, sweep
+from secfw.audit.verify import (
+    CLIENT_PORT,
+    Difference,
+    HostNat,
+    NamedValues,
+    Point,
+    SharedKernel,
+    _clean,
+    _judged,
+    _own_ranges,
+    _region_points,
+    _sendable,
+    _sendable_instead,
+    network_edges,
+    probe_packet,
+)
+from secfw.compiler.evaluate import Packet, PolicyIndex
+from secfw.compiler.ir import Family, HostFilter
+
+#: An ordinary remote outside any cloud (TEST-NET-2, RFC 5737; RFC 3849's
+#: documentation prefix): the port probes' other end, a packet one can send.
+OUTSIDE = {"ipv4": int(ipaddress.ip_address("198.51.100.77")),
+           "ipv6": int(ipaddress.ip_address("2001:db8:ffff::77"))}
+#: Values named outside group chains probed per port, at most (per family).
+OTHER_VALUES = 32
+#: Services each port is probed at (protocol, selector); ICMP added per family.
+BASE_SERVICES = ((6, 22), (6, 80), (6, CLIENT_PORT + 1), (17, 53), (47, 0))
+#: Services a same-net member is probed at (it is admitted for every one).
+SAME_NET_SERVICES = ((6, 22), (17, 53), (47, 0))
+Key = tuple[str, str, Family]  # (IR chain, direction, family)
+
+
+class MemoIndex(PolicyIndex):
+    """The host's evaluator with each group chain's answer memoised per (chain,
+    remote, service): an IR rule reads only the packet's family, protocol,
+    destination port or ICMP type/code and its remote end
+    (:meth:`PolicyIndex.rule_matches`), and the ports of a host share chains."""
+
+    def __init__(self, hf: HostFilter) -> None:
+        super().__init__(hf)
+        self._memo: dict[tuple[object, ...], bool] = {}
+
+    def chain_accepts(self, name: str, packet: Packet, remote: str) -> bool:
+        """Whether a rule of IR chain ``name`` admits ``packet`` (remote end ``remote``)."""
+        key = (name, remote, packet.protocol, packet.dport, packet.icmp_type,
+               packet.icmp_code)
+        found = self._memo.get(key)
+        if found is None:
+            chain = self.chains.get(name)
+            found = chain is not None and any(
+                self.rule_matches(rule, packet, remote) for rule in chain.rules)
+            self._memo[key] = found
+        return found
+
+    def _any_rule(self, chains: Iterable[str], packet: Packet, remote: str) -> bool:
+        return any(self.chain_accepts(name, packet, remote) for name in chains)
+
+
+@dataclass
+class SharedCheck:
+    """Steps 1 and 2 of the module docstring, and the stubs step 3 uses."""
+
+    cp: CloudPolicy
+    kernel: SharedKernel
+    index: MemoIndex
+    probes: int = 0
+    differing: dict[Key, list[Point]] = field(default_factory=dict)
+    dependent: set[str] = field(default_factory=set)
+    set_differing: dict[str, list[int]] = field(default_factory=dict)
+    _points: dict[Key, list[Point]] = field(default_factory=dict)
+    _values: dict[str, NamedValues] = field(default_factory=dict)
+
+    def remote_of(self, name: str, packet: Packet) -> str:
+        chain = self.index.chains.get(name)
+        ingress = chain.direction == "ingress" if chain else name.endswith("-in")
+        return packet.src if ingress else packet.dst
+
+    def points(self, name: str, direction: str, family: Family, view: PortView) -> list[Point]:
+        """The boundary points of IR chain ``name``'s own space and the values its
+        kernel chain names (module docstring, step 1), sorted; ``view``: a port
+        of the host (the remote sets are the host's)."""
+        key = (name, direction, family)
+        found = self._points.get(key)
+        if found is None:
+            found = self._points[key] = sorted(self._chain_points(name, family, view))
+        return found
+
+    def _chain_points(self, name: str, family: Family, view: PortView) -> set[Point]:
+        chain = self.index.chains.get(name)
+        rules = [r for r in chain.rules if r.family == family] if chain else []
+        openers = [Opener(self.cp.remote_set(view, r), rule_box(r), {}) for r in rules]
+        version = 4 if family == "ipv4" else 6
+        top = 2 ** (32 if version == 4 else 128) - 1
+        members = sorted({int(ip) for o in openers if o.addresses.size <= 4096
+                          for cidr in o.addresses.iter_cidrs()
+                          for ip in (cidr.first, cidr.last)})
+        points: set[Point] = set()
+        for region in sweep(family, openers) if openers else []:
+            points |= _region_points(region, members, top, version)
+        values = self._values.get(name)
+        if values is None:
+            values = self._values[name] = self.kernel.chain_values(name)
+        points |= named_points(values, family, _services(family))
+        return {_clean(p) for p in points if 0 <= p[0] <= top}
+
+    def compare_chain(self, name: str, direction: str, family: Family, view: PortView) -> None:
+        """Step 1 for one chain and family, its probes built on ``view``."""
+        if self.kernel.port_dependent(name, direction):
+            self.dependent.add(name)
+            return
+        local = view.address(family)
+        assert local is not None
+        differing = []
+        for point in self.points(name, direction, family, view):
+            packet = probe_packet(point, local, direction, family)
+            model = "accept" if self.index.chain_accepts(
+                name, packet, self.remote_of(name, packet)) else "continue"
+            if self.kernel.chain(name, view, direction, packet) != model:
+                differing.append(point)
+        self.probes += len(self._points[(name, direction, family)])
+        if differing:
+            self.differing[(name, direction, family)] = differing
+
+    def compare_set(self, name: str) -> None:
+        """Step 2 for one same-net set: the IR's and the kernel's elements' edges."""
+        spans = self._spans(name)
+        version = 6 if name.endswith("-v6") else 4
+        top = 2 ** (32 if version == 4 else 128) - 1
+        addresses = {a for first, last in spans for a in (first - 1, first, last, last + 1)}
+        for text in self.kernel.set_elements(name):
+            value = int(ipaddress.ip_address(text))
+            addresses.update((value - 1, value, value + 1))
+        differing = []
+        for value in sorted(a for a in addresses if 0 <= a <= top):
+            text = str(ipaddress.IPv4Address(value) if version == 4
+                       else ipaddress.IPv6Address(value))
+            model = self.index.holds(name, ipaddress.ip_address(text))
+            if self.kernel.set_holds(name, text) is not model:
+                differing.append(value)
+        self.probes += len(addresses)
+        if differing:
+            self.set_differing[name] = differing
+
+    def _spans(self, name: str) -> list[tuple[int, int]]:
+        return [(int(n.network_address), int(n.broadcast_address))
+                for n in self.index.members(name)]
+
+    def verified(self, name: str, family: Family) -> bool:
+        """Whether the kernel chain of ``name`` was found equal to the IR's (step 1)."""
+        if name in self.dependent:
+            return False
+        direction = "ingress" if name.endswith("-in") else "egress"
+        key = (name, direction, family)
+        return key in self._points and key not in self.differing
+
+    def stub(self, family: Family, model: bool, reached: list[str]
+             ) -> Callable[[str, Packet], str | None]:
+        """Step 3's stand-in for chains: each chain reached is appended to
+        ``reached``; a verified one answers as the IR (``model``) or lets the next
+        chain decide (not ``model``: the dispatch probe sees every chain)."""
+        def answer(name: str, packet: Packet) -> str | None:
+            reached.append(name)
+            if not self.verified(name, family):
+                return None
+            if model and self.index.chain_accepts(name, packet, self.remote_of(name, packet)):
+                return "accept"
+            return "continue"
+        return answer
+
+
+def named_points(values: NamedValues, family: Family,
+                 services: Sequence[tuple[int, int]], limit: int | None = None) -> set[Point]:
+    """Probes at the values a part of the ruleset names: each address at
+    ``services``, each port from :data:`OUTSIDE` (TCP and UDP), each named
+    (address, protocol, port) as it is; ``limit``: addresses and ports, at most."""
+    version = 4 if family == "ipv4" else 6
+    addresses = [int(a) for a in map(ipaddress.ip_address, values.addresses)
+                 if a.version == version][:limit]
+    points = {(a, p, s, version) for a in addresses for p, s in services}
+    points |= {(OUTSIDE[family], p, port, version) for port in values.ports[:limit]
+               for p in (6, 17)}
+    points |= {(int(a), proto, port, version) for text, proto, port in values.pairs[:limit]
+               if (a := ipaddress.ip_address(text)).version == version}
+    return points
+
+
+def _services(family: Family) -> list[tuple[int, int]]:
+    """:data:`BASE_SERVICES` and ICMP: an echo request (opens a connection) and
+    an echo reply (conntrack: invalid)."""
+    icmp = ICMP_OF[family]
+    request, reply = (8, 0) if family == "ipv4" else (128, 129)
+    return [*BASE_SERVICES, (icmp, request * 256), (icmp, reply * 256)]
+
+
+def verify_shared(cp: CloudPolicy, on_host: Sequence[PortView], views: Sequence[PortView],
+                  kernel: SharedKernel, nat: HostNat) -> tuple[list[Difference], int]:
+    """The differences of ``views`` (ports of one host, ``on_host`` all of them)
+    and the number of probes compared (module docstring)."""
+    if not views:
+        return [], 0
+    index = MemoIndex(on_host[0].index.hf)
+    kernel.name_chains(index.chains)
+    check = SharedCheck(cp, kernel, index)
+    _compare_shared(cp, check, views)
+    other = _other_values(cp, kernel)
+    edges = network_edges(cp)
+    found: list[Difference] = []
+    probes = check.probes
+    for view in views:
+        for direction in ("ingress", "egress"):
+            for family in ("ipv4", "ipv6"):
+                if view.address(family) is None:
+                    continue
+                port = PortCheck(cp, check, view, direction, family, nat)
+                difference = port.difference(other, edges)
+                probes += port.probes
+                if difference is not None:
+                    found.append(difference)
+    return found, probes
+
+
+def _compare_shared(cp: CloudPolicy, check: SharedCheck, views: Sequence[PortView]) -> None:
+    """Steps 1 and 2 over the chains and same-net sets ``views`` use."""
+    users: dict[Key, PortView] = {}
+    same_net: set[str] = set()
+    for view in views:
+        for family in ("ipv4", "ipv6"):
+            if view.address(family) is None:
+                continue
+            for direction in ("ingress", "egress"):
+                for chain in cp.chains(view, direction):
+                    users.setdefault((chain.name, direction, family), view)
+        if view.policy.port_security:
+            same_net.update(view.policy.same_net_sets)
+    for (name, direction, family), view in sorted(users.items(), key=lambda kv: kv[0]):
+        check.compare_chain(name, direction, family, view)
+    for name in sorted(same_net):
+        check.compare_set(name)
+
+
+def _other_values(cp: CloudPolicy, kernel: SharedKernel) -> NamedValues:
+    """The values rules outside group chains name, less the ports' own addresses
+    (the anti-spoofing rules name every port's: what a port sends from its own
+    address is what every egress probe does)."""
+    values = kernel.other_values()
+    addresses = tuple(a for a in values.addresses if cp.owner(a) is None)
+    pairs = tuple(p for p in values.pairs if cp.owner(p[0]) is None)
+    return NamedValues(addresses, values.ports, pairs)
+
+
+@dataclass
+class PortCheck:
+    """Step 3 for one port, direction and family (module docstring)."""
+
+    cp: CloudPolicy
+    check: SharedCheck
+    view: PortView
+    direction: str
+    family: Family
+    nat: HostNat
+    probes: int = 0
+
+    def difference(self, other: NamedValues, edges: tuple[netaddr.IPSet, netaddr.IPSet]
+                   ) -> Difference | None:
+        """The port's difference, a sendable packet preferred; None: it has none."""
+        sendable = _sendable(self.cp, self.view, self.direction, edges)
+        found = self._first(self._own_points(other), stubbed=True, sendable=sendable)
+        if found is None or not sendable(found.packet):
+            for name in self._suspect_chains():
+                also = self._first(self._witnesses(name), stubbed=False, sendable=sendable)
+                found = found or also
+                if found is not None and sendable(found.packet):
+                    break
+        if found is not None and not sendable(found.packet):
+            found, extra = _sendable_instead(
+                self.cp, found, self.family, set(), self.nat, self.check.kernel,
+                (sendable, edges[0]))
+            self.probes += extra
+        return found
+
+    def _first(self, points: Iterable[Point], stubbed: bool,
+               sendable: Callable[[Packet], bool]) -> Difference | None:
+        """The first probe at ``points`` whose real verdict differs from the
+        model's (a sendable one preferred): through the path with the verified
+        chains stubbed first when ``stubbed`` (the real path only confirms)."""
+        kernel, index = self.check.kernel, self.check.index
+        stub = self.check.stub(self.family, True, []) if stubbed else None
+        first: Difference | None = None
+        pairs = _judged(self.view, self.direction, self.family, sorted(points), self.nat,
+                        index)
+        for packet, model in pairs:
+            if model is None:
+                continue
+            self.probes += 1
+            verdict = kernel.judge(self.view, self.direction, packet, stub)
+            if verdict != model and stubbed:
+                self.probes += 1
+                verdict = kernel(self.view, self.direction, packet)
+            if verdict != model:
+                found = Difference(self.view, self.direction, packet, model, verdict)
+                if sendable(packet):
+                    return found
+                first = first or found
+        return first
+
+    def _own_points(self, other: NamedValues) -> set[Point]:
+        """The port's own probes (module docstring, step 3), less its own addresses."""
+        family, version = self.family, 4 if self.family == "ipv4" else 6
+        services = _services(family)
+        points = {(OUTSIDE[family], p, s, version) for p, s in services}
+        if self.direction == "ingress" and self.view.policy.port_security:
+            for name in self._same_net_sets():
+                spans = [(int(n.network_address), int(n.broadcast_address))
+                         for n in self.check.index.members(name)]
+                edges = {a for first, last in spans[:1] + spans[-1:]
+                         for a in (first - 1, first, last, last + 1)}
+                edges.update(self.check.set_differing.get(name, ()))
+                points |= {(a, p, s, version) for a in edges for p, s in SAME_NET_SERVICES}
+        points |= named_points(other, family, services[:3], OTHER_VALUES)
+        top = 2 ** (32 if version == 4 else 128) - 1
+        own = _own_ranges(self.view, family)
+        return {_clean(p) for p in points if 0 <= p[0] <= top
+                and not any(low <= p[0] <= high for low, high in own)}
+
+    def _same_net_sets(self) -> list[str]:
+        suffix = "-v4" if self.family == "ipv4" else "-v6"
+        return [n for n in self.view.policy.same_net_sets if n.endswith(suffix)]
+
+    def expected(self) -> set[str]:
+        """The group chains the port's path must reach in this direction."""
+        policy = self.view.policy
+        if not policy.port_security or (self.direction == "egress" and policy.egress_open):
+            return set()
+        return {c.name for c in self.cp.chains(self.view, self.direction)}
+
+    def _suspect_chains(self) -> list[str]:
+        """Chains whose points must be tried on the real path: the port's chains
+        that differ or are port-dependent, and those its dispatch probe reached
+        or missed against the model."""
+        expected = self.expected()
+        reached: list[str] = []
+        version = 4 if self.family == "ipv4" else 6
+        point = (OUTSIDE[self.family], 6, CLIENT_PORT + 1, version)
+        local = self.view.address(self.family)
+        assert local is not None
+        packet = probe_packet(point, local, self.direction, self.family)
+        self.check.kernel.judge(self.view, self.direction, packet,
+                                self.check.stub(self.family, False, reached))
+        self.probes += 1
+        suspects = set(reached) ^ expected
+        suspects |= {n for n in expected if not self.check.verified(n, self.family)}
+        return sorted(suspects)
+
+    def _witnesses(self, name: str) -> list[Point]:
+        """Points that may show chain ``name``'s difference on this port: where
+        its kernel chain differs, else all its boundary points."""
+        key = (name, "ingress" if name.endswith("-in") else "egress", self.family)
+        if key in self.check.differing:
+            return self.check.differing[key]
+        if name not in self.check.index.chains:  # a chain the model does not know
+            return sorted(named_points(self.check.kernel.chain_values(name), self.family,
+                                       _services(self.family)))
+        return self.check.points(key[0], key[1], self.family, self.view)
