@@ -115,6 +115,7 @@ class SharedCheck:
     set_differing: dict[str, list[int]] = field(default_factory=dict)
     _points: dict[Key, list[Point]] = field(default_factory=dict)
     _values: dict[str, NamedValues] = field(default_factory=dict)
+    _ends: dict[str, set[int]] = field(default_factory=dict)
 
     def remote_of(self, name: str, packet: Packet) -> str:
         chain = self.index.chains.get(name)
@@ -187,9 +188,19 @@ class SharedCheck:
         if differing:
             self.set_differing[name] = differing
 
+    def set_ends(self, name: str) -> set[int]:
+        """The first and last address of IR set ``name`` and those just outside
+        them (memoised: every port of a network probes its set's ends)."""
+        found = self._ends.get(name)
+        if found is None:
+            spans = self._spans(name)
+            found = self._ends[name] = {a for first, last in spans[:1] + spans[-1:]
+                                        for a in (first - 1, first, last, last + 1)}
+        return found
+
     def _spans(self, name: str) -> list[tuple[int, int]]:
-        return [(int(n.network_address), int(n.broadcast_address))
-                for n in self.index.members(name)]
+        return sorted((int(n.network_address), int(n.broadcast_address))
+                      for n in self.index.members(name))
 
     def verified(self, name: str, family: Family) -> bool:
         """Whether the kernel chain of ``name`` was found equal to the IR's (step 1)."""
@@ -356,11 +367,7 @@ class PortCheck:
         points = {(OUTSIDE[family], p, s, version) for p, s in services}
         if self.direction == "ingress" and self.view.policy.port_security:
             for name in self._same_net_sets():
-                spans = [(int(n.network_address), int(n.broadcast_address))
-                         for n in self.check.index.members(name)]
-                edges = {a for first, last in spans[:1] + spans[-1:]
-                         for a in (first - 1, first, last, last + 1)}
-                edges.update(self.check.set_differing.get(name, ()))
+                edges = self.check.set_ends(name) | set(self.check.set_differing.get(name, ()))
                 points |= {(a, p, s, version) for a in edges for p, s in SAME_NET_SERVICES}
         points |= named_points(other, family, services[:3], OTHER_VALUES)
         top = 2 ** (32 if version == 4 else 128) - 1

@@ -344,7 +344,6 @@ def _shadowed_shared(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     if not signatures:
         return None
     covering: list[dict[str, Any]] = []
-    known: set[str] = set()  # the covering labels' keys (equal keys: equal labels)
     seen: set[Any] = set()
     for signature, view in signatures:
         if signature[0] == "port":
@@ -355,12 +354,8 @@ def _shadowed_shared(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
                 continue
         if found is None:
             return None
-        for label in found:
-            key = run.label_key(label)
-            if key not in known:
-                known.add(key)
-                covering.append(label)
-    return covering
+        covering += found
+    return _unique_by_content(covering, run)
 
 
 #: A neighbourhood already judged for this rule (its labels are in the list).
@@ -845,7 +840,7 @@ def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box, rul
 
 
 def _unique_by_content(labels: list[dict[str, Any]], run: _Shared) -> list[dict[str, Any]]:
-    """``labels`` (distinct objects, first-seen order) without repeats of content."""
+    """``labels`` in first-seen order without repeats of content (equal keys: equal labels)."""
     known: set[str] = set()
     found = []
     for label in labels:
