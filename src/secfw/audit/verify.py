@@ -576,8 +576,9 @@ class NftKernel(SharedKernel):
               stub: Callable[[str, Packet], str | None] | None = None) -> str:
         probe = self._probe(view, direction, packet)
         tap = view.port.tap
-        nft_stub = None if stub is None else \
-            (lambda name, p: stub(name, _as_packet(p)))
+        nft_stub = None if stub is None else (
+            lambda name, p: stub(name, _as_packet(p)) if name.startswith(GROUP_CHAIN_PREFIX)
+            else None)
         try:
             verdict, after = self.ruleset.run(
                 nftkernel.paths_before(self.shape, tap, direction), probe, nft_stub)
