@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import netaddr
 
 from secfw.audit.policy import CloudPolicy, PortView
-from secfw.audit.space import ICMP_OF, Opener, rule_box, sweep
+from secfw.audit.space import ICMP_OF, PROTO_MAX, SEL_MAX, Opener, Region, rule_box, sweep
 from secfw.audit.verify import (
     CLIENT_PORT,
     Difference,
@@ -53,10 +53,11 @@ from secfw.audit.verify import (
     SharedKernel,
     _clean,
     _judged,
+    _members_in,
     _own_ranges,
-    _region_points,
     _sendable,
     _sendable_instead,
+    merged_spans,
     network_edges,
     probe_packet,
 )
@@ -116,6 +117,7 @@ class SharedCheck:
     _points: dict[Key, list[Point]] = field(default_factory=dict)
     _values: dict[str, NamedValues] = field(default_factory=dict)
     _ends: dict[str, set[int]] = field(default_factory=dict)
+    _normal: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def remote_of(self, name: str, packet: Packet) -> str:
         chain = self.index.chains.get(name)
@@ -138,12 +140,14 @@ class SharedCheck:
         openers = [Opener(self.cp.remote_set(view, r), rule_box(r), {}) for r in rules]
         version = 4 if family == "ipv4" else 6
         top = 2 ** (32 if version == 4 else 128) - 1
-        members = sorted({int(ip) for o in openers if o.addresses.size <= 4096
-                          for cidr in o.addresses.iter_cidrs()
-                          for ip in (cidr.first, cidr.last)})
+        # a set's every member was compared in step 2: its ends (whether the
+        # rule looks the right set up) and the addresses found apart suffice
+        members = sorted({a for r in rules if r.remote_set is not None
+                          for a in (*self.set_ends(r.remote_set),
+                                    *self.set_differing.get(r.remote_set, ()))})
         points: set[Point] = set()
         for region in sweep(family, openers) if openers else []:
-            points |= _region_points(region, members, top, version)
+            points |= _chain_region_points(region, members, top, version)
         values = self._values.get(name)
         if values is None:
             values = self._values[name] = self.kernel.chain_values(name)
@@ -169,24 +173,20 @@ class SharedCheck:
             self.differing[(name, direction, family)] = differing
 
     def compare_set(self, name: str) -> None:
-        """Step 2 for one same-net set: the IR's and the kernel's elements' edges."""
-        spans = self._spans(name)
+        """Step 2 for one address set: the kernel's elements against the IR's, in
+        normal form (merged intervals); where they differ, the first and last
+        address of each interval one holds and the other does not."""
+        kernel = self.kernel.set_spans(name)
+        model = self._spans(name)
+        self.probes += 1
+        if kernel == model:
+            return
         version = 6 if name.endswith("-v6") else 4
         top = 2 ** (32 if version == 4 else 128) - 1
-        addresses = {a for first, last in spans for a in (first - 1, first, last, last + 1)}
-        for text in self.kernel.set_elements(name):
-            value = int(ipaddress.ip_address(text))
-            addresses.update((value - 1, value, value + 1))
-        differing = []
-        for value in sorted(a for a in addresses if 0 <= a <= top):
-            text = str(ipaddress.IPv4Address(value) if version == 4
-                       else ipaddress.IPv6Address(value))
-            model = self.index.holds(name, ipaddress.ip_address(text))
-            if self.kernel.set_holds(name, text) is not model:
-                differing.append(value)
-        self.probes += len(addresses)
-        if differing:
-            self.set_differing[name] = differing
+        apart = _difference(kernel or [], model) + _difference(model, kernel or [])
+        if kernel is None:  # no such set: every lookup in it fails
+            apart = model or [(0, top)]
+        self.set_differing[name] = sorted({a for first, last in apart for a in (first, last)})
 
     def set_ends(self, name: str) -> set[int]:
         """The first and last address of IR set ``name`` and those just outside
@@ -199,8 +199,13 @@ class SharedCheck:
         return found
 
     def _spans(self, name: str) -> list[tuple[int, int]]:
-        return sorted((int(n.network_address), int(n.broadcast_address))
-                      for n in self.index.members(name))
+        """IR set ``name`` in normal form (as :meth:`SharedKernel.set_spans`)."""
+        found = self._normal.get(name)
+        if found is None:
+            found = self._normal[name] = merged_spans(
+                (int(n.network_address), int(n.broadcast_address))
+                for n in self.index.members(name))
+        return found
 
     def verified(self, name: str, family: Family) -> bool:
         """Whether the kernel chain of ``name`` was found equal to the IR's (step 1)."""
@@ -223,6 +228,54 @@ class SharedCheck:
                 return "accept"
             return "continue"
         return answer
+
+
+#: A region's address intervals whose ends a chain check probes, from each end.
+CHAIN_EDGES = 2
+
+
+def _chain_region_points(region: Region, members: Sequence[int], top: int,
+                         version: int) -> set[Point]:
+    """A region's boundary points for a chain check: its first address at every
+    corner of its box, the ends of its first and last intervals and the
+    ``members`` it holds at the lowest and highest corner, and the points just
+    outside it (address, protocol, selector)."""
+    box = region.box
+    cidrs = list(region.addresses.iter_cidrs())
+    edges = cidrs[:CHAIN_EDGES] + cidrs[-CHAIN_EDGES:]
+    inside = {v for c in edges for v in (c.first, c.last)}
+    inside |= _members_in(members, region.addresses)
+    low, high = (box.proto_lo, box.sel_lo), (box.proto_hi, box.sel_hi)
+    points = {(a, p, s, version) for a in inside for p, s in (low, high)}
+    first = cidrs[0].first
+    points |= {(first, p, s, version) for p in (box.proto_lo, box.proto_hi)
+               for s in (box.sel_lo, box.sel_hi)}
+    points |= {(v, *low, version) for c in edges for v in (c.first - 1, c.last + 1)
+               if 0 <= v <= top}
+    points |= {(first, p, box.sel_lo, version)
+               for p in (box.proto_lo - 1, box.proto_hi + 1) if 0 <= p <= PROTO_MAX}
+    points |= {(first, box.proto_lo, s, version)
+               for s in (box.sel_lo - 1, box.sel_hi + 1) if 0 <= s <= SEL_MAX}
+    return points
+
+
+def _difference(spans: list[tuple[int, int]], other: list[tuple[int, int]]
+                ) -> list[tuple[int, int]]:
+    """The intervals of ``spans`` outside ``other`` (both merged and sorted)."""
+    found = []
+    for first, last in spans:
+        start = first
+        for low, high in other:
+            if high < start or low > last:
+                continue
+            if low > start:
+                found.append((start, low - 1))
+            start = high + 1
+            if start > last:
+                break
+        if start <= last:
+            found.append((start, last))
+    return found
 
 
 def named_points(values: NamedValues, family: Family,
@@ -289,10 +342,12 @@ def _compare_shared(cp: CloudPolicy, check: SharedCheck, views: Sequence[PortVie
                     users.setdefault((chain.name, direction, family), view)
         if view.policy.port_security:
             same_net.update(view.policy.same_net_sets)
+    referenced = {r.remote_set for name, _, _ in users
+                  for r in check.index.chains[name].rules if r.remote_set is not None}
+    for name in sorted(same_net | referenced):
+        check.compare_set(name)
     for (name, direction, family), view in sorted(users.items(), key=lambda kv: kv[0]):
         check.compare_chain(name, direction, family, view)
-    for name in sorted(same_net):
-        check.compare_set(name)
 
 
 def _other_values(cp: CloudPolicy, kernel: SharedKernel) -> NamedValues:

@@ -505,19 +505,15 @@ class SharedKernel:
         anything else the agent never writes (``drop``, a mark changed...)."""
         raise NotImplementedError
 
-    def set_holds(self, name: str, address: str) -> bool | None:
-        """Whether the kernel's set for IR address set ``name`` holds ``address``
-        (None: the kernel has no such set)."""
-        raise NotImplementedError
-
-    def set_elements(self, name: str) -> list[str]:
-        """The first and last address of each element of the kernel's set for IR
-        address set ``name`` (none when it has no such set)."""
+    def set_spans(self, name: str) -> list[tuple[int, int]] | None:
+        """The kernel's set for IR address set ``name`` as merged, sorted integer
+        intervals (first, last); None when the kernel has no such set."""
         raise NotImplementedError
 
     def chain_values(self, name: str) -> NamedValues:
-        """Addresses, ports and (address, protocol, port) named by the kernel
-        chain of IR chain ``name`` and the sets it looks up."""
+        """Addresses, ports and (address, protocol, port) named by the rules of
+        the kernel chain of IR chain ``name`` (the sets they look up are checked
+        apart, :meth:`set_spans`)."""
         raise NotImplementedError
 
     def other_values(self) -> NamedValues:
@@ -561,9 +557,6 @@ class NftKernel(SharedKernel):
         self.ruleset = nftkernel.NftRuleset(listing)
         self.shape = topology or nftkernel.topology_of(self.ruleset)
         self.own = frozenset(local)
-        self._sets = {name: _named_values(elements)[0]
-                      for (_, name), elements in self.ruleset.sets.items()}
-        self._members: dict[str, frozenset[Any]] = {}
 
     def _probe(self, view: PortView, direction: str, packet: Packet) -> nftkernel.Probe:
         mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
@@ -601,58 +594,47 @@ class NftKernel(SharedKernel):
             return f"{verdict or 'continue'}, the packet changed"
         return "continue" if verdict is None else verdict
 
-    def set_holds(self, name: str, address: str) -> bool | None:
+    def set_spans(self, name: str) -> list[tuple[int, int]] | None:
         if ("inet", name) not in self.ruleset.sets:
             return None
-        members = self._members.get(name)
-        if members is None:
-            members = self._members[name] = frozenset(
-                nftkernel.parsed_address(a) for a in self._sets.get(name, ()))
-        found = nftkernel.parsed_address(address)
-        if found in members:
-            return True
-        field = {"payload": {"protocol": "ip" if found.version == 4 else "ip6",
-                             "field": "saddr"}}
-        elements = self.ruleset.sets[("inet", name)]
-        return self.ruleset.member("inet", f"@{name}", elements, found, field)
-
-    def set_elements(self, name: str) -> list[str]:
-        found = []
-        for element in self.ruleset.sets.get(("inet", name), []):
+        spans = []
+        for element in self.ruleset.sets[("inet", name)]:
             key = element["elem"]["val"] if isinstance(element, dict) and "elem" in element \
                 else element
             if isinstance(key, dict) and "prefix" in key:
                 block = ipaddress.ip_network(f"{key['prefix']['addr']}/{key['prefix']['len']}",
                                              strict=False)
-                found += [str(block[0]), str(block[-1])]
+                spans.append((int(block[0]), int(block[-1])))
             elif isinstance(key, dict) and "range" in key:
-                found += [str(v) for v in key["range"]]
+                low, high = (int(ipaddress.ip_address(v)) for v in key["range"])
+                spans.append((low, high))
             elif isinstance(key, str) and _is_address(key):
-                found.append(key)
-        return found
+                spans.append((int(ipaddress.ip_address(key)),) * 2)
+            else:
+                raise nftkernel.Unsupported(f"set element {key!r}")
+        return merged_spans(spans)
 
     def _rules(self, name: str) -> list[list[Any]]:
         return self.ruleset.rules.get(("inet", name), [])
 
     def chain_values(self, name: str) -> NamedValues:
-        return self._values(self._rules(name), with_sets=True)
+        return self._values(self._rules(name))
 
     def other_values(self) -> NamedValues:
         rules = [expr for (family, chain), exprs in self.ruleset.rules.items()
                  if not (family == "inet" and chain.startswith(GROUP_CHAIN_PREFIX))
                  for expr in exprs]
-        return self._values(rules, with_sets=False)
+        return self._values(rules)
 
-    def _values(self, rules: list[list[Any]], with_sets: bool) -> NamedValues:
+    def _values(self, rules: list[list[Any]]) -> NamedValues:
+        """The values ``rules`` name (the elements of the sets they look up are
+        left to verify's set check)."""
         addresses, ports = _named_values(rules)
         pairs: set[tuple[str, int, int]] = set()
         for expr in rules:
             found, named_ports = _named_values(expr)
-            looked_up = [a for ref in _set_references(expr)
-                         for a in self._sets.get(ref.lstrip("@"), ())] if with_sets else []
-            addresses += looked_up
             protocols = _port_protocols(json.dumps(expr))
-            pairs.update((a, proto, p) for a in (*found, *looked_up) for proto in protocols
+            pairs.update((a, proto, p) for a in found for proto in protocols
                          for p in named_ports)
         return NamedValues(tuple(sorted(set(addresses))), tuple(ports), tuple(sorted(pairs)))
 
@@ -662,6 +644,18 @@ class NftKernel(SharedKernel):
         text = json.dumps(self._rules(name))
         local = '"daddr"' if direction == "ingress" else '"saddr"'
         return any(word in text for word in (*_NFT_PORT_WORDS, local))
+
+
+def merged_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Integer intervals sorted, overlapping and adjacent ones merged (one
+    family's addresses: a set's normal form)."""
+    found: list[tuple[int, int]] = []
+    for first, last in sorted(spans):
+        if found and first <= found[-1][1] + 1:
+            found[-1] = (found[-1][0], max(last, found[-1][1]))
+        else:
+            found.append((first, last))
+    return found
 
 
 #: IR group chains' names (compiler/build.py: ``sg-<group id>-in|out``).
@@ -832,16 +826,11 @@ class IptKernel(SharedKernel):
             return f"{verdict or 'continue'}, the packet changed"
         return "continue" if verdict is None else verdict.lower()
 
-    def set_holds(self, name: str, address: str) -> bool | None:
+    def set_spans(self, name: str) -> list[tuple[int, int]] | None:
         networks = self.tables[4].ipsets.get(ipset_name(name))
         if networks is None:
             return None
-        found = nftkernel.parsed_address(address)
-        return any(n.version == found.version and found in n for n in networks)
-
-    def set_elements(self, name: str) -> list[str]:
-        networks = self.tables[4].ipsets.get(ipset_name(name), [])
-        return [str(n[i]) for n in networks for i in (0, -1)]
+        return merged_spans((int(n[0]), int(n[-1])) for n in networks)
 
     def _lines(self, chain: str | None) -> list[str]:
         """The rules (``-A`` lines) of ``chain``, both families; None: of every
@@ -858,8 +847,7 @@ class IptKernel(SharedKernel):
         return found
 
     def chain_values(self, name: str) -> NamedValues:
-        sets = iptkernel.parse_ipsets(self.saves.get("ipsets", ""))
-        return _as_named(*iptkernel.lines_values(self._lines(group_chain_name(name)), sets))
+        return _as_named(*iptkernel.lines_values(self._lines(group_chain_name(name)), {}))
 
     def other_values(self) -> NamedValues:
         return _as_named(*iptkernel.lines_values(self._lines(None), {}))
