@@ -46,6 +46,7 @@ from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.space import ICMP_OF, PROTO_MAX, SEL_MAX, Opener, Region, rule_box, sweep
 from secfw.audit.verify import (
     CLIENT_PORT,
+    BoxKey,
     Difference,
     HostNat,
     NamedValues,
@@ -159,6 +160,11 @@ class SharedCheck:
         if self.kernel.port_dependent(name, direction):
             self.dependent.add(name)
             return
+        normal = self.kernel.chain_normal(name, direction, family)
+        if normal is not None and normal == self.normal_form(name, family):
+            self._points[(name, direction, family)] = []  # equal: nothing to probe
+            self.probes += 1
+            return
         local = view.address(family)
         assert local is not None
         differing = []
@@ -187,6 +193,26 @@ class SharedCheck:
         if kernel is None:  # no such set: every lookup in it fails
             apart = model or [(0, top)]
         self.set_differing[name] = sorted({a for first, last in apart for a in (first, last)})
+
+    def normal_form(self, name: str, family: Family) -> frozenset[BoxKey]:
+        """IR chain ``name``'s rules of ``family`` as boxes (:data:`BoxKey`)."""
+        chain = self.index.chains[name]
+        top = 2 ** (32 if family == "ipv4" else 128) - 1
+        keys: set[BoxKey] = set()
+        for rule in chain.rules:
+            if rule.family != family:
+                continue
+            if rule.remote_set is not None:
+                spans = tuple(self._spans(rule.remote_set))
+            elif rule.remote_cidr is not None:
+                block = ipaddress.ip_network(rule.remote_cidr, strict=False)
+                spans = ((int(block[0]), int(block[-1])),)
+            else:
+                spans = ((0, top),)
+            ports = (rule.ports.low, rule.ports.high) if rule.ports else None
+            icmp = (rule.icmp.type, rule.icmp.code) if rule.icmp else None
+            keys.add((rule.protocol, ports, icmp, spans))
+        return frozenset(keys)
 
     def set_ends(self, name: str) -> set[int]:
         """The first and last address of IR set ``name`` and those just outside

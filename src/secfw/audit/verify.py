@@ -61,6 +61,13 @@ from secfw.audit.reach import egress_openers, ingress_openers
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, PROTO_MAX, SEL_MAX, Region, sweep
 from secfw.backends.iptables.render import DEFAULT_MARK, PREFIX, group_chain_name
 from secfw.backends.iptables.render import set_name as ipset_name
+from secfw.backends.nftables.canonical import (
+    ICMP_CODES,
+    ICMP_TYPES,
+    ICMPV6_CODES,
+    ICMPV6_TYPES,
+    protocol_number,
+)
 from secfw.compiler.evaluate import Packet, PolicyIndex
 from secfw.compiler.ir import Family, MetadataRedirect
 from secfw.compiler.metadata import METADATA_ADDRESS, METADATA_PORT, with_metadata
@@ -524,12 +531,27 @@ class SharedKernel:
     def name_chains(self, names: Iterable[str]) -> None:
         """The host's IR group chains, for a backend whose kernel names differ."""
 
+    def chain_normal(self, name: str, direction: str, family: Family
+                     ) -> frozenset[BoxKey] | None:
+        """The kernel chain of IR chain ``name`` in normal form for ``family``:
+        the boxes its rules accept (:data:`BoxKey`), when every rule is a plain
+        conjunction of matches on the remote address, protocol, destination port
+        and ICMP type/code that accepts; None otherwise (verify then probes it)."""
+        return None
+
     def port_dependent(self, name: str, direction: str) -> bool:
         """Whether the kernel chain of IR chain ``name`` may treat two ports'
         probes otherwise for the same remote and service: it reads an interface,
         a MAC, a mark, conntrack, the local address, or jumps elsewhere (the
         agent's group chains do none of these): then it is checked per port."""
         raise NotImplementedError
+
+
+#: One box a chain accepts: (protocol or None, destination ports (low, high) or
+#: None, ICMP (type, code or None) or None, the remote addresses as merged
+#: integer intervals).
+BoxKey = tuple[int | None, tuple[int, int] | None, tuple[int, int | None] | None,
+               tuple[tuple[int, int], ...]]
 
 
 @dataclass(frozen=True)
@@ -557,6 +579,7 @@ class NftKernel(SharedKernel):
         self.ruleset = nftkernel.NftRuleset(listing)
         self.shape = topology or nftkernel.topology_of(self.ruleset)
         self.own = frozenset(local)
+        self._spans: dict[str, list[tuple[int, int]] | None] = {}
 
     def _probe(self, view: PortView, direction: str, packet: Packet) -> nftkernel.Probe:
         mac = view.policy.mac if direction == "egress" else nftkernel.OUTSIDE_MAC
@@ -595,6 +618,11 @@ class NftKernel(SharedKernel):
         return "continue" if verdict is None else verdict
 
     def set_spans(self, name: str) -> list[tuple[int, int]] | None:
+        if name not in self._spans:  # (each chain's rules ask for their sets)
+            self._spans[name] = self._set_spans(name)
+        return self._spans[name]
+
+    def _set_spans(self, name: str) -> list[tuple[int, int]] | None:
         if ("inet", name) not in self.ruleset.sets:
             return None
         spans = []
@@ -613,6 +641,41 @@ class NftKernel(SharedKernel):
             else:
                 raise nftkernel.Unsupported(f"set element {key!r}")
         return merged_spans(spans)
+
+    def chain_normal(self, name: str, direction: str, family: Family
+                     ) -> frozenset[BoxKey] | None:
+        if ("inet", name) not in self.ruleset.rules:
+            return None
+        keys: set[BoxKey] = set()
+        for expr in self._rules(name):
+            box = _nft_box(expr, direction)
+            if box is None:
+                return None
+            rule_family, key, remote = box
+            if rule_family not in (None, family):
+                continue
+            spans = self._remote_spans(remote, family)
+            if spans is None:
+                return None
+            keys.add((*key, spans))
+        return frozenset(keys)
+
+    def _remote_spans(self, remote: Any, family: Family) -> tuple[tuple[int, int], ...] | None:
+        """A rule's remote (None: any, an address, a prefix, ``@set``) as intervals."""
+        top = 2 ** (32 if family == "ipv4" else 128) - 1
+        if remote is None:
+            return ((0, top),)
+        if isinstance(remote, str) and remote.startswith("@"):
+            spans = self.set_spans(remote[1:])
+            return None if spans is None else tuple(spans)
+        if isinstance(remote, dict) and "prefix" in remote:
+            block = ipaddress.ip_network(
+                f"{remote['prefix']['addr']}/{remote['prefix']['len']}", strict=False)
+            return ((int(block[0]), int(block[-1])),)
+        if isinstance(remote, str) and _is_address(remote):
+            value = int(ipaddress.ip_address(remote))
+            return ((value, value),)
+        return None
 
     def _rules(self, name: str) -> list[list[Any]]:
         return self.ruleset.rules.get(("inet", name), [])
@@ -656,6 +719,60 @@ def merged_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             found.append((first, last))
     return found
+
+
+def _nft_box(expr: list[Any], direction: str
+             ) -> tuple[str | None, tuple[Any, Any, Any], Any] | None:
+    """One nft rule as (family or None, (protocol, ports, ICMP), remote) when it
+    is a conjunction of ``==`` matches this normal form knows ending in
+    ``accept`` (nft lists ``tcp dport`` for ``meta l4proto 6 th dport`` and
+    leaves out the ``meta nfproto`` that ``l4proto icmp`` implies); else None."""
+    if not expr or expr[-1] != {"accept": None}:
+        return None
+    family: str | None = None
+    protocol: int | None = None
+    ports: tuple[int, int] | None = None
+    icmp: list[int | None] = [None, None]
+    remote: Any = None
+    remote_field = "saddr" if direction == "ingress" else "daddr"
+    for statement in expr[:-1]:
+        match = statement.get("match") if isinstance(statement, dict) else None
+        if not isinstance(match, dict) or match.get("op") != "==":
+            return None
+        left, right = match["left"], match["right"]
+        meta = left.get("meta", {}).get("key") if isinstance(left, dict) else None
+        payload = left.get("payload", {}) if isinstance(left, dict) else {}
+        where, field = payload.get("protocol"), payload.get("field")
+        if meta == "nfproto" and right in ("ipv4", "ipv6"):
+            family = right
+        elif meta == "l4proto" and (number := protocol_number(right)) is not None:
+            protocol = number
+            family = {1: "ipv4", 58: "ipv6"}.get(number, family)
+        elif where in ("ip", "ip6") and field == remote_field:
+            family, remote = ("ipv4" if where == "ip" else "ipv6"), right
+        elif field == "dport" and where in (*PORT_PROTOCOL_NAMES, "th"):
+            if where != "th":
+                protocol = PORT_PROTOCOL_NAMES[where]
+            if isinstance(right, int):
+                ports = (right, right)
+            elif isinstance(right, dict) and "range" in right:
+                ports = (int(right["range"][0]), int(right["range"][1]))
+            else:
+                return None
+        elif where in ("icmp", "icmpv6") and field in ("type", "code"):
+            table = (ICMP_TYPES if where == "icmp" else ICMPV6_TYPES) if field == "type" \
+                else (ICMP_CODES if where == "icmp" else ICMPV6_CODES)
+            value = right if isinstance(right, int) else table.get(str(right))
+            if value is None:
+                return None
+            icmp[0 if field == "type" else 1] = value
+            protocol, family = (1, "ipv4") if where == "icmp" else (58, "ipv6")
+        else:
+            return None
+    if icmp[1] is not None and icmp[0] is None:
+        return None
+    icmp_key = None if icmp[0] is None else (icmp[0], icmp[1])
+    return family, (protocol, ports, icmp_key), remote
 
 
 #: IR group chains' names (compiler/build.py: ``sg-<group id>-in|out``).
