@@ -71,10 +71,15 @@ OUTSIDE = {"ipv4": int(ipaddress.ip_address("198.51.100.77")),
            "ipv6": int(ipaddress.ip_address("2001:db8:ffff::77"))}
 #: Values named outside group chains probed per port, at most (per family).
 OTHER_VALUES = 32
-#: Services each port is probed at (protocol, selector); ICMP added per family.
+#: Services a chain's named values are probed at (protocol, selector); ICMP
+#: added per family (:func:`_services`).
 BASE_SERVICES = ((6, 22), (6, 80), (6, CLIENT_PORT + 1), (17, 53), (47, 0))
-#: Services a same-net member is probed at (it is admitted for every one).
-SAME_NET_SERVICES = ((6, 22), (17, 53), (47, 0))
+#: Services each port is probed at from :data:`OUTSIDE` (its chains' own are
+#: checked once, step 1: these reach the dispatch and the protections).
+PORT_SERVICES = ((6, CLIENT_PORT + 1), (17, 53), (47, 0))
+#: The service a same-net member is probed at: GRE, which group rules rarely open,
+#: so that the probe shows the same-net lookup itself (it admits every protocol).
+SAME_NET_SERVICES = ((47, 0),)
 Key = tuple[str, str, Family]  # (IR chain, direction, family)
 
 
@@ -215,13 +220,13 @@ class SharedCheck:
         return frozenset(keys)
 
     def set_ends(self, name: str) -> set[int]:
-        """The first and last address of IR set ``name`` and those just outside
-        them (memoised: every port of a network probes its set's ends)."""
+        """The first and last address of IR set ``name`` (memoised: every port of
+        a network probes its set's ends; the chains' probes step outside them)."""
         found = self._ends.get(name)
         if found is None:
             spans = self._spans(name)
             found = self._ends[name] = {a for first, last in spans[:1] + spans[-1:]
-                                        for a in (first - 1, first, last, last + 1)}
+                                        for a in (first, last)}
         return found
 
     def _spans(self, name: str) -> list[tuple[int, int]]:
@@ -444,13 +449,14 @@ class PortCheck:
     def _own_points(self, other: NamedValues) -> set[Point]:
         """The port's own probes (module docstring, step 3), less its own addresses."""
         family, version = self.family, 4 if self.family == "ipv4" else 6
-        services = _services(family)
+        icmp = [s for s in _services(family) if s[0] == ICMP_OF[family]]
+        services = [*PORT_SERVICES, *icmp]
         points = {(OUTSIDE[family], p, s, version) for p, s in services}
         if self.direction == "ingress" and self.view.policy.port_security:
             for name in self._same_net_sets():
                 edges = self.check.set_ends(name) | set(self.check.set_differing.get(name, ()))
                 points |= {(a, p, s, version) for a in edges for p, s in SAME_NET_SERVICES}
-        points |= named_points(other, family, services[:3], OTHER_VALUES)
+        points |= named_points(other, family, services[:1], OTHER_VALUES)
         top = 2 ** (32 if version == 4 else 128) - 1
         own = _own_ranges(self.view, family)
         return {_clean(p) for p in points if 0 <= p[0] <= top

@@ -297,6 +297,8 @@ def _audit_check(key: str, limit: float, unit: str) -> Callable[[Row], tuple[boo
             text += (f" (extrapolated: read-back {row['verify_read_s']:.2f} s + "
                      f"{row['verify_port_s']:.2f} s per port, timed on "
                      f"{row['verify_sampled_ports']}, × {row['verify_host_ports']:,} ports)")
+        elif key == "verify_s" and "verify_check_s" in row:
+            text += f" (the whole host: {row['verify_host_ports']:,} ports)"
         return figure < limit, text
     return check
 
