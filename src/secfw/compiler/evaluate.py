@@ -66,6 +66,12 @@ def parsed(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
+@functools.lru_cache(maxsize=65536)
+def network(text: str) -> IPNetwork:
+    """``ipaddress.ip_network`` (strict), each text parsed once (as :func:`parsed`)."""
+    return ipaddress.ip_network(text)
+
+
 class AddressIndex:
     """Which ports own an address: fixed addresses by exact lookup, networks (address
     pairs) by containment. Built once per filter."""
@@ -200,7 +206,7 @@ class PolicyIndex:
         if rule.remote_set is not None:
             return self.holds(rule.remote_set, remote)
         if rule.remote_cidr is not None:
-            return _contains(ipaddress.ip_network(rule.remote_cidr), remote)
+            return _contains(network(rule.remote_cidr), remote)
         return True
 
 
@@ -229,11 +235,11 @@ def _icmp_match(rule: IRRule, packet: Packet) -> bool:
 
 def _may_send_from(port: PortPolicy, address: str) -> bool:
     addr = parsed(address)
-    return any(_contains(ipaddress.ip_network(s.cidr), addr) for s in port_sources(port))
+    return any(_contains(network(s.cidr), addr) for s in port_sources(port))
 
 
 def _is_unspecified(address: str) -> bool:
-    return ipaddress.ip_network(address).with_prefixlen in UNSPECIFIED.values()
+    return network(address).with_prefixlen in UNSPECIFIED.values()
 
 
 #: Sorts after every interval's last address (a search key's third field).
