@@ -124,6 +124,7 @@ class SharedCheck:
     _values: dict[str, NamedValues] = field(default_factory=dict)
     _ends: dict[str, set[int]] = field(default_factory=dict)
     _normal: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    _equal: set[Key] = field(default_factory=set)
 
     def remote_of(self, name: str, packet: Packet) -> str:
         chain = self.index.chains.get(name)
@@ -167,7 +168,7 @@ class SharedCheck:
             return
         normal = self.kernel.chain_normal(name, direction, family)
         if normal is not None and normal == self.normal_form(name, family):
-            self._points[(name, direction, family)] = []  # equal: nothing to probe
+            self._equal.add((name, direction, family))  # equal: nothing to probe
             self.probes += 1
             return
         local = view.address(family)
@@ -244,7 +245,7 @@ class SharedCheck:
             return False
         direction = "ingress" if name.endswith("-in") else "egress"
         key = (name, direction, family)
-        return key in self._points and key not in self.differing
+        return key in self._equal or (key in self._points and key not in self.differing)
 
     def stub(self, family: Family, model: bool, reached: list[str]
              ) -> Callable[[str, Packet], str | None]:
@@ -497,6 +498,8 @@ class PortCheck:
         key = (name, "ingress" if name.endswith("-in") else "egress", self.family)
         if key in self.check.differing:
             return self.check.differing[key]
+        # a chain the dispatch reaches or misses, equal to the IR's (in normal
+        # form, or probed): its own boundary points show what the port gains or loses
         if name not in self.check.index.chains:  # a chain the model does not know
             return sorted(named_points(self.check.kernel.chain_values(name), self.family,
                                        _services(self.family)))
