@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import invariant
 from test_incremental import IncrementalMachine
 
-from secfw.agent.hostview import HostView
+from secfw.agent.hostview import HostView, Interest
 from secfw.api import Api
 from secfw.cloud import CloudState
 from secfw.compiler.build import compile_host
@@ -65,6 +65,14 @@ class HostViewMachine(IncrementalMachine):
             expected = compile_host(self.follower, host)
             assert compile_host(view.state, host) == expected, host
             assert self.view_compilers[host].result == expected, host
+
+    @invariant()
+    def counted_interest_is_the_recomputed_one(self) -> None:
+        """The view's counts (moved record by record) name what a walk over
+        the view finds: its hosts' groups, their rules' sources, their ports'
+        networks, the overlapping networks."""
+        for host, view in self.views.items():
+            assert view.interest == Interest.of(view.state, host), host
 
 
 HostViewMachine.TestCase.settings = settings(

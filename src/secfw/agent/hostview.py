@@ -40,18 +40,24 @@ brought all its ports in the same batch (a boot does), so only a real
 widening costs a reload. Records that stop being needed stay until the next
 load (a superset is still exact).
 
+What the host needs (:class:`Interest`) is kept as reference counts updated
+record by record — a group by the host instances using it, a source group by
+the rules of used groups naming it, a network by the host ports on it — so a
+change costs what it touches, never a walk over the host's instances and
+ports; a batch widens the view when a count it moved rose from zero.
+
 Pure: no I/O (the caller reads the store).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from secfw.cloud import CloudState, Replaced
-from secfw.model import RECORD_TYPES, Instance, Port, Record
+from secfw.model import RECORD_TYPES, Instance, Network, Port, Record, Rule
 from secfw.store.base import Change, Doc, KindReader
 
 #: Kinds kept whole: small next to instances and ports, or read by every host.
@@ -74,6 +80,19 @@ class Interest:
         return not (self.sources <= other.sources and self.networks <= other.networks
                     and self.overlapping <= other.overlapping)
 
+    @classmethod
+    def of(cls, state: CloudState, host: str) -> Interest:
+        """The interest of ``host`` computed from scratch from ``state`` (what
+        :class:`HostView` keeps counted; the tests compare the two)."""
+        mine = [i for i in state.instances.values() if i.host == host]
+        groups = {g for i in mine for g in i.security_groups}
+        sources = {r.remote_group_id for g in groups
+                   for r in state.rules_by_group.get(g, {}).values() if r.remote_group_id}
+        networks = {state.ports[p].network_id for i in mine
+                    for p in state.ports_by_instance.get(i.id, ())}
+        return cls(frozenset(groups), frozenset(sources), frozenset(networks),
+                   _overlapping(state))
+
 
 class HostView:
     """One host's part of the cloud (see the module docstring)."""
@@ -86,11 +105,28 @@ class HostView:
 
     def _reset(self, revision: int) -> None:
         self.state = CloudState(revision)
-        self._host_instances: set[str] = set()
+        #: This host's instances → their groups (each once).
+        self._host_instances: dict[str, tuple[str, ...]] = {}
+        #: This host's ports → their networks.
+        self._host_ports: dict[str, str] = {}
         #: Every port of the cloud → its instance (ids only): see the module doc.
         self._owner: dict[str, str] = {}
         self._owned: defaultdict[str, set[str]] = defaultdict(set)
-        self.interest = Interest(frozenset(), frozenset(), frozenset(), frozenset())
+        # The interest, counted (module doc): a key is in it while its count is
+        # positive; a count at zero is deleted.
+        self._groups: Counter[str] = Counter()
+        self._sources: Counter[str] = Counter()
+        self._networks: Counter[str] = Counter()
+        self._overlap: frozenset[str] | None = frozenset()  # None: a network changed
+        #: (counter, key) → whether the key was in the interest when the batch
+        #: began, for every key whose count crossed zero during the batch.
+        self._crossed: dict[tuple[str, str], bool] = {}
+
+    @property
+    def interest(self) -> Interest:
+        """What the host needs now (built from the counts: for reports and tests)."""
+        return Interest(frozenset(self._groups), frozenset(self._sources),
+                        frozenset(self._networks), self._overlapping())
 
     # ------------------------------------------------------------------ loading
 
@@ -116,15 +152,15 @@ class HostView:
             self._own(doc["id"], doc["instance_id"])
             if doc["instance_id"] in self._host_instances:
                 self._put(Port.from_doc(doc))
-        self.interest = self._interest()
         for instance_id, host, groups in others:
-            if self.interest.sources.intersection(groups):
+            if self._referenced(groups):
                 self._put(_compact(instance_id, host, groups))
         del others
         for doc in reader.iter_kind(Port.KIND):
             if doc["id"] not in self.state.ports and self._wants_port(doc):
                 self._put(Port.from_doc(doc))
         self.state.dirty.clear()
+        self._crossed.clear()
         return self.state
 
     # ------------------------------------------------------------------ following
@@ -136,8 +172,10 @@ class HostView:
         caller must :meth:`load` the store again (the view is then stale).
 
         This host's instances and ports go first: they decide the interest
-        against which the other instances and ports of the batch are kept."""
-        before = self.interest
+        against which the other instances and ports of the batch are kept.
+        Costs the batch: nothing here walks the view."""
+        self._crossed.clear()
+        overlap_before = self._overlapping()
         by_kind: defaultdict[str, list[Change]] = defaultdict(list)
         for change in changes:
             by_kind[change.kind].append(change)
@@ -149,15 +187,22 @@ class HostView:
         for change in ports:
             self._own(change.id, change.doc["instance_id"] if change.doc else None)
         entering = self._follow_host(instances, ports, replaced)
-        self.interest = self._interest()
         entering |= self._follow_instances(instances, replaced)
         self._follow_ports(ports, replaced)
         self.state.revision = revision
         self.state.dirty.clear()
-        if self.interest.wider_than(before) or self._missing_ports(entering):
+        if self._widened(overlap_before) or self._missing_ports(entering):
             self.widenings += 1
             return None
         return replaced
+
+    def _widened(self, overlap_before: frozenset[str]) -> bool:
+        """Whether the batch made the host need a source group, a network or an
+        overlapping network it did not need when the batch began."""
+        counters = {"sources": self._sources, "networks": self._networks}
+        return (any(not was and key in counters[name]
+                    for (name, key), was in self._crossed.items() if name in counters)
+                or not self._overlapping() <= overlap_before)
 
     def _follow_host(self, instances: list[Change], ports: list[Change],
                      replaced: list[Replaced]) -> set[str]:
@@ -198,16 +243,16 @@ class HostView:
 
     # ------------------------------------------------------------------ deciding
 
-    def _interest(self) -> Interest:
-        state = self.state
-        groups = {g for i in self._host_instances for g in state.instances[i].security_groups}
-        sources = {r.remote_group_id for g in groups
-                   for r in state.rules_by_group.get(g, {}).values() if r.remote_group_id}
-        networks = {state.ports[p].network_id for i in self._host_instances
-                    for p in state.ports_by_instance.get(i, ())}
-        overlapping = {n for n in state.networks if state.overlapping_subnets(n)}
-        return Interest(frozenset(groups), frozenset(sources), frozenset(networks),
-                        frozenset(overlapping))
+    def _referenced(self, groups: Iterable[str]) -> bool:
+        """Whether one of ``groups`` is a source group referenced here."""
+        return any(g in self._sources for g in groups)
+
+    def _overlapping(self) -> frozenset[str]:
+        """The networks that overlap another (recomputed after a network changed:
+        networks are few next to ports, and change rarely)."""
+        if self._overlap is None:
+            self._overlap = _overlapping(self.state)
+        return self._overlap
 
     def _instance(self, doc: Doc) -> Instance | None:
         """The record kept for an instance document: whole for this host's, a
@@ -216,14 +261,14 @@ class HostView:
             whole: Instance = Instance.from_doc(doc)
             return whole
         groups = tuple(doc.get("security_groups", ()))
-        if not self.interest.sources.intersection(groups):
+        if not self._referenced(groups):
             return None
         return _compact(doc["id"], doc.get("host", ""), groups)
 
     def _wants_port(self, doc: Doc) -> bool:
         network = doc.get("network_id")
         return (doc.get("instance_id") in self.state.instances
-                or network in self.interest.networks or network in self.interest.overlapping)
+                or network in self._networks or network in self._overlapping())
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -238,10 +283,9 @@ class HostView:
             self._owned[instance_id].add(port_id)
 
     def _put(self, record: Record) -> None:
+        old = self.state.records[record.KIND].get(record.id)  # type: ignore[attr-defined]
         self.state.put(record)
-        if isinstance(record, Instance):
-            (self._host_instances.add if record.host == self.host
-             else self._host_instances.discard)(record.id)
+        self._count(old, record)
 
     def _replace(self, kind: str, record_id: str, new: Record | None) -> list[Replaced]:
         """Put ``new`` (None: remove) in place of the view's record; the
@@ -251,17 +295,95 @@ class HostView:
             self._put(new)
         elif old is not None:
             self.state.remove(old)
-            self._host_instances.discard(record_id)
+            self._count(old, None)
         else:
             return []
         return [(old, new)]
+
+    # ------------------------------------------------------------------ counting
+
+    def _count(self, old: Record | None, new: Record | None) -> None:
+        """Move the interest's counts for one record replaced in the view (the
+        state already holds ``new``). Invariants: ``_groups`` counts the host
+        instances using each group; ``_sources`` the rules naming each source
+        group among the rules of groups in ``_groups``; ``_networks`` the host
+        ports (``_host_ports``) on each network."""
+        record = new if new is not None else old
+        if isinstance(record, Rule):
+            for rule, step in ((old, -1), (new, 1)):
+                if isinstance(rule, Rule):
+                    self._reference(rule, step)
+        elif isinstance(record, Instance):
+            self._count_instance(record.id, new if isinstance(new, Instance) else None)
+        elif isinstance(record, Port):
+            self._count_port(record.id)
+        elif isinstance(record, Network):
+            self._overlap = None
+
+    def _reference(self, rule: Rule, step: int) -> None:
+        """A rule came (``step`` 1) or went (-1): it names a source group used here
+        while its own group is used here."""
+        if rule.remote_group_id and rule.group_id in self._groups:
+            self._move("sources", self._sources, rule.remote_group_id, step)
+
+    def _count_instance(self, instance_id: str, new: Instance | None) -> None:
+        """An instance replaced: its groups' use, and whether its ports are the host's."""
+        before = self._host_instances.pop(instance_id, None)
+        after = (tuple(dict.fromkeys(new.security_groups))
+                 if new is not None and new.host == self.host else None)
+        if after is not None:
+            self._host_instances[instance_id] = after
+        for group in set(before or ()) - set(after or ()):
+            self._use_group(group, -1)
+        for group in set(after or ()) - set(before or ()):
+            self._use_group(group, 1)
+        if (before is None) != (after is None):
+            for port_id in self.state.ports_by_instance.get(instance_id, ()):
+                self._count_port(port_id)
+
+    def _use_group(self, group_id: str, step: int) -> None:
+        """One host instance more (``step`` 1) or fewer (-1) uses the group; when
+        its use begins or ends, so do the references of its rules."""
+        if self._move("groups", self._groups, group_id, step):
+            for rule in self.state.rules_by_group.get(group_id, {}).values():
+                if rule.remote_group_id:
+                    self._move("sources", self._sources, rule.remote_group_id, step)
+
+    def _count_port(self, port_id: str) -> None:
+        """Recount one port: a host port while the view holds it and its
+        instance is on this host."""
+        port = self.state.ports.get(port_id)
+        network = (port.network_id if port is not None
+                   and port.instance_id in self._host_instances else None)
+        before = self._host_ports.get(port_id)
+        if before == network:
+            return
+        if before is not None:
+            del self._host_ports[port_id]
+            self._move("networks", self._networks, before, -1)
+        if network is not None:
+            self._host_ports[port_id] = network
+            self._move("networks", self._networks, network, 1)
+
+    def _move(self, name: str, counter: Counter[str], key: str, step: int) -> bool:
+        """Add ``step`` to ``counter[key]``; True when the key entered or left
+        (its count crossed zero), which :meth:`_widened` remembers."""
+        count = counter[key] + step
+        if count > 0:
+            counter[key] = count
+            if count != step:
+                return False
+        else:
+            counter.pop(key, None)
+        self._crossed.setdefault((name, key), count <= 0)
+        return True
 
     def counts(self) -> dict[str, Any]:
         """What the view holds (the bench reports it)."""
         state = self.state
         return {"instances": len(state.instances), "ports": len(state.ports),
                 "host_instances": len(self._host_instances), "rules": len(state.rules),
-                "port_index": len(self._owner), "sources": len(self.interest.sources),
+                "port_index": len(self._owner), "sources": len(self._sources),
                 "loads": self.loads, "widenings": self.widenings}
 
 
@@ -270,6 +392,11 @@ def _compact(instance_id: str, host: str, groups: tuple[str, ...]) -> Instance:
     are put into sets by (its groups), nothing else of the instance."""
     return Instance(id=instance_id, project="", name="", flavor="", image_id="", host=host,
                     security_groups=groups)
+
+
+def _overlapping(state: CloudState) -> frozenset[str]:
+    """The networks of ``state`` that overlap another."""
+    return frozenset(n for n in state.networks if state.overlapping_subnets(n))
 
 
 def _without(changes: list[Change], done: list[Change]) -> list[Change]:
