@@ -27,6 +27,7 @@ from secfw.cloud import CloudState
 from secfw.compiler.build import compile_host
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
+from secfw.compiler.sources import shared_fixed_addresses
 from secfw.store import open_store
 
 HOST_NAMES = ("h1", "h2")
@@ -103,6 +104,14 @@ class IncrementalMachine(CloudMachine):
     def incremental_equals_full(self) -> None:
         for host, compiler in self.compilers.items():
             assert compiler.result == compile_host(self.follower, host)
+
+    @invariant()
+    def indexed_shared_addresses_are_the_computed_ones(self) -> None:
+        """The compiler's fixed-address index, patched port by port, answers as
+        the addresses of its result's ports computed afresh."""
+        for compiler in self.compilers.values():
+            ports = compiler.result.ports if compiler.result else ()
+            assert compiler.shared_fixed_addresses(ports) == shared_fixed_addresses(ports)
 
     @invariant()
     def unchanged_pieces_are_the_same_objects(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from test_nft_render import small
 
-from secfw.compiler.sources import shared_fixed_addresses
+from secfw.compiler.sources import FixedAddresses, shared_fixed_addresses
 
 
 def test_distinct_addresses_share_nothing() -> None:
@@ -31,3 +31,24 @@ def test_an_ipv6_address_written_differently_is_still_shared() -> None:
     one = replace(first, ipv6=("2001:db8::5",))
     two = replace(second, ipv6=("2001:0db8:0::5",))
     assert set(shared_fixed_addresses([one, two, *rest])) == {one.port_id, two.port_id}
+
+
+def test_the_index_follows_ports_added_and_removed() -> None:
+    """FixedAddresses, patched port by port (as the incremental compiler does),
+    answers what the ports it holds give afresh: a third owner joins the
+    reason, and removing owners down to one clears the address."""
+    first, second, third, *rest = small().ports
+    twin, triplet = replace(second, ipv4=first.ipv4), replace(third, ipv4=first.ipv4)
+    index = FixedAddresses([first, *rest])
+    assert index.shared() == {}
+    held = [first, *rest]
+    for port in (twin, triplet):
+        index.add(port)
+        held.append(port)
+        assert index.shared() == shared_fixed_addresses(held) != {}
+    assert triplet.tap in index.shared()[first.port_id]
+    for port in (first, twin):
+        index.remove(port)
+        held.remove(port)
+        assert index.shared() == shared_fixed_addresses(held)
+    assert index.shared() == {}

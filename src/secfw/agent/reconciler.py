@@ -26,6 +26,7 @@ ruleset in force, and a new agent's first (full) pass sends only the difference.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -43,13 +44,13 @@ from secfw.compiler.build import compile_host, floating_pools
 from secfw.compiler.incremental import HostCompiler
 from secfw.compiler.ir import HostFilter
 from secfw.compiler.metadata import with_metadata
-from secfw.compiler.sources import shared_fixed_addresses
 from secfw.config import Config
 from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
 from secfw.gcpause import collector_paused
 from secfw.store.base import Change, Store
 
 log = logging.getLogger("secfw.agent")
+_TAP = operator.attrgetter("tap")
 
 
 
@@ -610,7 +611,8 @@ class Reconciler:
         if refused is not None:
             found.update(refused(desired))
         if getattr(self.backend, "topology", "routed") == "routed":
-            found.update(shared_fixed_addresses(desired.ports))
+            # from the compiler's index: a pass costs the ports it changed
+            found.update(self._compiler.shared_fixed_addresses(desired.ports))
         return found
 
     def _isolate(self, current: Any, desired: HostFilter,
@@ -635,8 +637,8 @@ class Reconciler:
     def _taps_of(self, desired: HostFilter) -> frozenset[str]:
         """The taps of ``desired``'s ports, recomputed only when the ports tuple is a
         new one (the incremental compiler keeps it while no port changes)."""
-        if self._taps[0] is not desired.ports:
-            self._taps = (desired.ports, frozenset(p.tap for p in desired.ports))
+        if self._taps[0] is not desired.ports:  # a C-level walk: no Python per port
+            self._taps = (desired.ports, frozenset(map(_TAP, desired.ports)))
         return self._taps[1]
 
     def _drift(self, current: Any, plan: Plan) -> dict[str, Any] | None:

@@ -288,16 +288,28 @@ def same_net_set(state: CloudState, network_id: str, family: Family) -> AddressS
     on any host, may send from (fixed address and allowed address pairs), clipped
     to the network's subnet of that family — same-net never reaches beyond the
     subnet, as nova-network's never did. A port joining or leaving is one element."""
-    network = state.networks[network_id]
-    subnet = network.cidr if family == "ipv4" else network.cidr6
+    subnet = network_subnet(state.networks[network_id], family)
     addresses = [
         clipped
         for port_id in state.ports_by_network.get(network_id, ())  # any order: sorted below
-        for address in port_addresses(state.ports[port_id], family)
-        if subnet and (clipped := _clip(address, subnet)) is not None
+        for clipped in same_net_addresses(state.ports[port_id], family, subnet)
     ]
     name = same_net_set_name(network_id, family)
     return AddressSet(name, network_id, family, normalise_addresses(addresses))
+
+
+def network_subnet(network: Network, family: Family) -> str | None:
+    """The network's subnet of ``family`` (None: it has none)."""
+    return network.cidr if family == "ipv4" else network.cidr6
+
+
+def same_net_addresses(port: Port, family: Family, subnet: str | None) -> list[str]:
+    """What ``port`` puts into its network's same-net set of ``family``
+    (``subnet``: the network's subnet of that family): its addresses clipped
+    to the subnet."""
+    if not subnet:
+        return []
+    return [c for a in port_addresses(port, family) if (c := _clip(a, subnet)) is not None]
 
 
 @lru_cache(maxsize=1 << 17)
@@ -370,7 +382,7 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
     one member joining or leaving is one element added or removed.
     """
     texts = list(cidrs)
-    single = [key for text in texts if (key := _host_key(text)) is not None]
+    single = [key for text in texts if (key := host_key(text)) is not None]
     if len(single) == len(texts):  # only single addresses (the usual set): nothing to merge
         return tuple(key[2] for key in sorted(set(single)))
     hosts: set[netaddr.IPNetwork] = set()
@@ -387,12 +399,13 @@ def normalise_addresses(cidrs: Iterable[str]) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=1 << 17)
-def _host_key(text: str) -> tuple[int, int, str] | None:
+def host_key(text: str) -> tuple[int, int, str] | None:
     """(version, address, canonical text) when ``text`` is one address, else None;
-    the text is :func:`normalise_addresses`' own. Cached: big sets are recomputed
-    whole on a change, and their addresses are parsed once. An IPv4 address in
-    canonical form is taken as it is (no netaddr object: a 10k-port host's first
-    compile parses ~15k of them)."""
+    the text is :func:`normalise_addresses`' own, and so is the order of the
+    keys. Cached: big sets are recomputed whole on a change, and their
+    addresses are parsed once. An IPv4 address in canonical form is taken as
+    it is (no netaddr object: a 10k-port host's first compile parses ~15k of
+    them)."""
     ipv4 = IPV4_HOST.fullmatch(text)
     if ipv4:
         address = ipv4.group(1)

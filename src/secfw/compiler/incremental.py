@@ -35,20 +35,26 @@ of the compiler: no I/O.
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from secfw.cloud import CloudState, Replaced
 from secfw.compiler.build import (
+    SAME_NET_PREFIX,
     address_set,
     chain_name,
     compile_host,
     floating_nat,
     group_chain,
     has_egress_rule,
+    host_key,
     internal_networks,
+    network_subnet,
+    normalise_addresses,
     port_policy,
+    same_net_addresses,
     same_net_set_name,
 )
 from secfw.compiler.ir import (
@@ -59,6 +65,7 @@ from secfw.compiler.ir import (
     HostFilter,
     PortPolicy,
 )
+from secfw.compiler.sources import FixedAddresses, shared_fixed_addresses
 from secfw.model import FloatingIp, Instance, Network, Port, Rule
 
 FAMILY_SUFFIXES = ("v4", "v6")
@@ -73,6 +80,7 @@ class _Dirty:
     rule_groups: set[str] = field(default_factory=set)
     member_groups: set[str] = field(default_factory=set)
     networks: set[str] = field(default_factory=set)
+    ports: list[tuple[Port | None, Port | None]] = field(default_factory=list)
     floating: bool = False
     everything: bool = False
 
@@ -87,12 +95,19 @@ class HostCompiler:
         self._instance_groups: dict[str, tuple[str, ...]] = {}
         self._instance_ports: dict[str, tuple[str, ...]] = {}
         self._policies: dict[str, PortPolicy] = {}
+        #: The policies in the result's order (:func:`_port_order`), patched by
+        #: bisection: a changed port costs O(log n) compares and a C-level copy
+        #: of the list, not a sort of the host's ports.
+        self._port_list: list[PortPolicy] = []
+        self._fixed = FixedAddresses()
         self._group_use: Counter[str] = Counter()
         self._with_egress: set[str] = set()
         self._chains: dict[str, GroupChain] = {}
         self._references: Counter[str] = Counter()
         self._same_net_use: Counter[str] = Counter()
         self._sets: dict[str, AddressSet] = {}
+        #: The same-net sets in use, kept element by element (:class:`_SameNet`).
+        self._same_net: dict[str, _SameNet] = {}
         self._floating: tuple[FloatingNat, ...] = ()
         self._internal: tuple[str, ...] = ()
 
@@ -119,6 +134,7 @@ class HostCompiler:
         ports_changed = self._refresh_policies(state, stale) or (
             len(self._policies) != len(self._result.ports))
         chains_changed = self._refresh_chains(state, dirty.rule_groups | use_changed)
+        self._move_same_net(dirty.ports)
         sets_changed = self._refresh_sets(state, _stale_sets(dirty))
         if dirty.floating:
             self._refresh_floating(state)
@@ -139,6 +155,8 @@ class HostCompiler:
     def _remember(self, state: CloudState, result: HostFilter) -> None:
         self._result = result
         self._policies = {p.port_id: p for p in result.ports}
+        self._port_list = sorted(result.ports, key=_port_order)
+        self._fixed = FixedAddresses(result.ports)
         self._same_net_use = Counter(name for p in result.ports for name in p.same_net_sets)
         self._instance_groups, self._instance_ports = {}, {}
         self._group_use = Counter()
@@ -150,6 +168,8 @@ class HostCompiler:
         self._references = Counter(
             name for c in result.chains for name in _references(c))
         self._sets = {s.name: s for s in result.sets}
+        self._same_net = {name: _SameNet(state, s.owner_id, s.family)
+                          for name, s in self._sets.items() if name.startswith(SAME_NET_PREFIX)}
         self._floating, self._internal = result.floating, result.internal
 
     def _track_instance(self, state: CloudState, instance: Instance) -> None:
@@ -186,6 +206,8 @@ class HostCompiler:
                         dirty.everything = True
             if isinstance(old, Instance) or isinstance(new, Instance):
                 dirty.member_groups |= _membership_change(old, new)
+            if isinstance(old, Port) or isinstance(new, Port):
+                dirty.ports.append((old, new))  # type: ignore[arg-type]
         return dirty
 
     def _port_touched(self, state: CloudState, port: Port, dirty: _Dirty) -> None:
@@ -250,13 +272,28 @@ class HostCompiler:
         return changed
 
     def _set_policy(self, port_id: str, policy: PortPolicy | None) -> None:
-        """Replace (None: drop) a port's policy, counting the same-net sets in use."""
+        """Replace (None: drop) a port's policy, counting the same-net sets in use
+        and keeping the ordered list and the fixed-address index."""
         old = self._policies.pop(port_id, None)
+        ports = self._port_list
         if old is not None:
             self._same_net_use.subtract(old.same_net_sets)
+            self._fixed.remove(old)
+            del ports[bisect.bisect_left(ports, _port_order(old), key=_port_order)]
         if policy is not None:
             self._policies[port_id] = policy
             self._same_net_use.update(policy.same_net_sets)
+            self._fixed.add(policy)
+            ports.insert(bisect.bisect_left(ports, _port_order(policy), key=_port_order),
+                         policy)
+
+    def shared_fixed_addresses(self, ports: tuple[PortPolicy, ...]) -> dict[str, str]:
+        """:func:`~secfw.compiler.sources.shared_fixed_addresses` of ``ports``:
+        from the index when they are the last result's ports (what an agent
+        pass asks), else computed."""
+        if self._result is not None and ports is self._result.ports:
+            return self._fixed.shared()
+        return shared_fixed_addresses(ports)
 
     def _refresh_chains(self, state: CloudState, groups: set[str]) -> bool:
         """Recompute the chains of ``groups`` (present while used; egress only with
@@ -283,6 +320,19 @@ class HostCompiler:
             self._chains[name] = chain
         return True
 
+    def _move_same_net(self, ports: list[tuple[Port | None, Port | None]]) -> None:
+        """Move the ports replaced out of (old) and into (new) the same-net sets
+        kept here; a set appearing later is built from the state, which already
+        holds them."""
+        for old, new in ports:  # in feed order: a port replaced twice moves twice
+            for port, step in ((old, -1), (new, 1)):
+                if port is None:
+                    continue
+                for family in FAMILIES:
+                    kept = self._same_net.get(same_net_set_name(port.network_id, family))
+                    if kept is not None:
+                        kept.move(port, step)
+
     def _refresh_sets(self, state: CloudState, stale: set[str]) -> bool:
         """Drop sets no chain and no port references, compute new ones, recompute
         the ``stale`` ones; returns whether any set changed."""
@@ -291,13 +341,27 @@ class HostCompiler:
         gone = set(self._sets) - referenced
         for name in gone:
             del self._sets[name]
+            self._same_net.pop(name, None)
         changed = bool(gone)
         for name in sorted((referenced - set(self._sets)) | (stale & referenced)):
-            fresh = address_set(state, name)
+            fresh = self._address_set(state, name)
             if self._sets.get(name) != fresh:
                 self._sets[name] = fresh
                 changed = True
         return changed
+
+    def _address_set(self, state: CloudState, name: str) -> AddressSet:
+        """``address_set(state, name)``: a same-net set from what is kept of it
+        (kept from now on when it is new here), a source group's computed (its
+        members' ports: a few, however big the host)."""
+        if not name.startswith(SAME_NET_PREFIX):
+            return address_set(state, name)
+        kept = self._same_net.get(name)
+        if kept is None:
+            network_id = name[len(SAME_NET_PREFIX):-len("-v4")]
+            family: Family = "ipv4" if name.endswith("-v4") else "ipv6"
+            kept = self._same_net[name] = _SameNet(state, network_id, family)
+        return kept.address_set()
 
     def _assemble(self, ports_changed: bool, chains_changed: bool,
                   sets_changed: bool) -> HostFilter:
@@ -306,7 +370,7 @@ class HostCompiler:
         assert previous is not None
         ports = previous.ports
         if ports_changed:
-            ports = tuple(sorted(self._policies.values(), key=lambda p: p.tap))
+            ports = tuple(self._port_list)
         chains = previous.chains
         if chains_changed:
             chains = tuple(self._chains[n] for n in sorted(self._chains))
@@ -319,6 +383,77 @@ class HostCompiler:
             return previous
         self._result = HostFilter(self.host, ports, chains, sets, *nat)
         return self._result
+
+
+class _SameNet:
+    """One network's same-net set of one family, kept element by element.
+
+    :func:`~secfw.compiler.build.same_net_set` walks every port of the network
+    (on any host): a port added on a flat network of 10k ports would cost 10k.
+    Here each address a port puts in the set (``same_net_addresses``) is
+    counted — two ports may claim one address (pairs) and it stays while one
+    does — and the single addresses are kept in the set's order, patched by
+    bisection. The elements are then a copy of that list: what
+    ``normalise_addresses`` gives for the same addresses, since single
+    addresses are neither merged nor reordered by it. A network CIDR among them
+    (an allowed address pair) needs merging: then ``normalise_addresses`` runs
+    over the distinct addresses (rare)."""
+
+    def __init__(self, state: CloudState, network_id: str, family: Family) -> None:
+        self.network_id, self.family = network_id, family
+        self.name = same_net_set_name(network_id, family)
+        self.subnet = network_subnet(state.networks[network_id], family)
+        self._hosts: dict[str, int] = {}  # canonical single address → ports claiming it
+        self._networks: Counter[str] = Counter()  # any other CIDR → ports claiming it
+        for port_id in state.ports_by_network.get(network_id, ()):
+            for text in same_net_addresses(state.ports[port_id], family, self.subnet):
+                self._tally(text, 1)
+        self._order = sorted(self._hosts, key=_address_order)
+
+    def move(self, port: Port, step: int) -> None:
+        """Count ``port``'s addresses in (``step`` 1) or out (-1) of the set."""
+        for text in same_net_addresses(port, self.family, self.subnet):
+            key = self._tally(text, step)
+            if key is None:
+                continue
+            if key[2] in self._hosts:  # entered
+                bisect.insort(self._order, key[2], key=_address_order)
+            else:  # left
+                del self._order[bisect.bisect_left(self._order, key, key=_address_order)]
+
+    def _tally(self, text: str, step: int) -> tuple[int, int, str] | None:
+        """Count one address; its key when a single address entered or left."""
+        key = host_key(text)
+        if key is None:
+            self._networks[text] += step
+            if self._networks[text] <= 0:
+                del self._networks[text]
+            return None
+        count = self._hosts.get(key[2], 0) + step
+        if count > 0:
+            self._hosts[key[2]] = count
+            return key if count == step else None
+        self._hosts.pop(key[2], None)
+        return key
+
+    def address_set(self) -> AddressSet:
+        """The set as ``same_net_set`` computes it from the same ports."""
+        elements = (tuple(self._order) if not self._networks
+                    else normalise_addresses([*self._order, *self._networks]))
+        return AddressSet(self.name, self.network_id, self.family, elements)
+
+
+def _address_order(address: str) -> tuple[int, int, str]:
+    """The order of a set's single addresses (``normalise_addresses``' own)."""
+    key = host_key(address)
+    assert key is not None, address  # only single addresses are ordered here
+    return key
+
+
+def _port_order(policy: PortPolicy) -> tuple[str, str, str]:
+    """The order of a filter's ports: by tap, as ``compile_host`` sorts them
+    (its list is by instance and port id before that stable sort)."""
+    return policy.tap, policy.instance_id, policy.port_id
 
 
 def _stale_sets(dirty: _Dirty) -> set[str]:

@@ -119,26 +119,58 @@ def shared_fixed_addresses(ports: Iterable[PortPolicy]) -> dict[str, str]:
     address cannot lead to two taps: the agent keeps these taps closed rather than
     let the host's routing pick one of them (docs/agent.md)."""
     ports = tuple(ports)
-    # The usual answer is "none", asked on every pass: one C-level pass over the
-    # (cached) canonical addresses decides it; the per-port walk runs only when
-    # some address really is there twice.
+    # The usual answer is "none", asked on every full pass: one C-level pass over
+    # the canonical addresses decides it; the index is built only when some
+    # address really is there twice.
     hosts = [*map(_host, itertools.chain.from_iterable(p.ipv4 for p in ports)),
              *map(_host, itertools.chain.from_iterable(p.ipv6 for p in ports))]
     if len(set(hosts)) == len(hosts):
         return {}
-    taps: dict[str, list[PortPolicy]] = {}
-    for port in ports:
-        for address in (*port.ipv4, *port.ipv6):
-            taps.setdefault(_host(address), []).append(port)
-    found: dict[str, str] = {}
-    for address, owners in sorted(taps.items()):
-        if len(owners) > 1:
+    return FixedAddresses(ports).shared()
+
+
+class FixedAddresses:
+    """The ports of a host by fixed address (canonical host CIDR), kept port by
+    port: :meth:`shared` answers :func:`shared_fixed_addresses` at the cost of
+    the addresses held by more than one port — none, nearly always — rather
+    than of the host's ports (an incremental pass asks it every time)."""
+
+    def __init__(self, ports: Iterable[PortPolicy] = ()) -> None:
+        self._owners: dict[str, list[PortPolicy]] = {}
+        self._twice: set[str] = set()
+        for port in ports:
+            self.add(port)
+
+    def add(self, port: PortPolicy) -> None:
+        """Index ``port`` (once per policy object)."""
+        for address in map(_host, (*port.ipv4, *port.ipv6)):
+            owners = self._owners.setdefault(address, [])
+            owners.append(port)
+            if len(owners) > 1:
+                self._twice.add(address)
+
+    def remove(self, port: PortPolicy) -> None:
+        """Forget ``port``, a policy :meth:`add` was given."""
+        for address in map(_host, (*port.ipv4, *port.ipv6)):
+            owners = self._owners[address]
+            owners.remove(port)
+            if not owners:
+                del self._owners[address]
+            if len(owners) < 2:
+                self._twice.discard(address)
+
+    def shared(self) -> dict[str, str]:
+        """Port id → why, as :func:`shared_fixed_addresses` gives for the ports
+        indexed (the first address in sorted order names the reason)."""
+        found: dict[str, str] = {}
+        for address in sorted(self._twice):
+            owners = self._owners[address]
             names = ", ".join(sorted(p.tap for p in owners))
             for port in owners:
                 found.setdefault(port.port_id, f"fixed address {address.split('/')[0]} is "
                                  f"also another port's on this routed host ({names}): "
                                  "overlapping networks cannot both be routed")
-    return found
+        return found
 
 
 def address_owners(ports: Iterable[PortPolicy], family: Family) -> dict[str, str | None]:
