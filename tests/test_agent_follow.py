@@ -215,3 +215,34 @@ def test_a_scan_reads_what_a_load_reads(api: Api, etcd_server: EtcdServer,
             assert len(_scanned(cloud.store)["port"]) == 3
     finally:
         on_etcd.store.close()
+
+
+def test_the_metadata_redirect_follows_the_ports_and_is_kept_while_they_are(
+        api: Api, store_url: str) -> None:
+    """With a metadata server, every pass's filter carries the redirect of its
+    ports (as ``with_metadata`` makes it afresh); a pass that changed no port
+    hands on the last redirect object rather than walking the ports again."""
+    from secfw.compiler.metadata import with_metadata
+
+    listen = ("192.0.2.254", 8775)
+    _cloud(api)
+    store = open_store(store_url)
+    reconciler = Reconciler(store, HOST, Config(metadata_listen=listen), FakeBackend())
+
+    def programmed() -> Any:
+        result = reconciler.reconcile()
+        assert result.programmed is not None
+        assert result.programmed == with_metadata(result.programmed, listen)
+        return result.programmed
+
+    try:
+        first = programmed()
+        api.secgroup_add_rule("p", "default", "tcp", "80", "80", "0.0.0.0/0")  # a chain only
+        second = programmed()
+        assert second.chains != first.chains
+        assert second.ports is first.ports and second.metadata is first.metadata
+        api.boot("p", "vm2", "m1.tiny", "cirros", HOST, None, ["net"])
+        third = programmed()
+        assert third.metadata is not None and len(third.metadata.ports) == 2
+    finally:
+        store.close()

@@ -30,7 +30,7 @@ import operator
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 from secfw.agent.daemon import log_event
@@ -42,7 +42,7 @@ from secfw.agent.topology import TapLayout, decide
 from secfw.cloud import CloudState, Replaced
 from secfw.compiler.build import compile_host, floating_pools
 from secfw.compiler.incremental import HostCompiler
-from secfw.compiler.ir import HostFilter
+from secfw.compiler.ir import HostFilter, MetadataRedirect, PortPolicy
 from secfw.compiler.metadata import with_metadata
 from secfw.config import Config
 from secfw.errors import HistoryCompactedError, SecfwError, TopologyError
@@ -207,6 +207,9 @@ class Reconciler:
         # The filter of the last successful pass: what revocation diffs against.
         self._previous: HostFilter | None = None
         self._compiler = HostCompiler(host, config.allow_same_net_traffic)
+        # (ports, listen, redirect): what the last _with_metadata made
+        self._metadata: tuple[tuple[PortPolicy, ...], tuple[str, int] | None,
+                              MetadataRedirect | None] | None = None
         self._taps: tuple[object, frozenset[str]] = ((), frozenset())
         # Kernel checks off the loop's thread (secfw.agent.resync) need to know
         # whether this process touched the kernel while they listed it: every
@@ -331,7 +334,7 @@ class Reconciler:
                     desired = self._compiler.full(cloud)
                 else:  # the cost of the change, not of the cloud (compiler.incremental)
                     desired = self._compiler.update(cloud, replaced)
-                desired = with_metadata(desired, self.config.metadata_listen)
+                desired = self._with_metadata(desired)
         except BaseException:
             self.invalidate()  # the change feed was consumed: only a full pass is sure
             self._stale = True  # and only a whole load (the view may be half-updated)
@@ -346,6 +349,18 @@ class Reconciler:
             revoke(self._previous, result.programmed, pools)
         self._previous = result.programmed
         return result
+
+    def _with_metadata(self, desired: HostFilter) -> HostFilter:
+        """``with_metadata(desired, listen)``. The redirect is made from the
+        ports alone and walks every one of them: while the compiler hands on
+        the same ports tuple (no port changed), the last redirect is reused."""
+        listen = self.config.metadata_listen
+        last = self._metadata
+        if listen is None or last is None or last[0] is not desired.ports or last[1] != listen:
+            result = with_metadata(desired, listen)
+            self._metadata = (desired.ports, listen, result.metadata)
+            return result
+        return replace(desired, metadata=last[2])
 
     def close_if_absent(self) -> SyncResult | None:
         """The agent's first act, before the store is even read: when the kernel
