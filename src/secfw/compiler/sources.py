@@ -75,6 +75,8 @@ def link_local(mac: str) -> str:
 
 @lru_cache(maxsize=1 << 16)
 def _host(address: str) -> str:
+    """``address`` as a canonical host CIDR (cached: the fixed-address index
+    asks it of every port of a full pass, and again when a port changes)."""
     ipv4 = IPV4_HOST.fullmatch(address)
     if ipv4:
         return ipv4.group(1) + "/32"
@@ -133,38 +135,43 @@ class FixedAddresses:
     """The ports of a host by fixed address (canonical host CIDR), kept port by
     port: :meth:`shared` answers :func:`shared_fixed_addresses` at the cost of
     the addresses held by more than one port — none, nearly always — rather
-    than of the host's ports (an incremental pass asks it every time)."""
+    than of the host's ports (an incremental pass asks it every time). An
+    address has one owner in ``_one`` or several in ``_many``, never both."""
 
     def __init__(self, ports: Iterable[PortPolicy] = ()) -> None:
-        self._owners: dict[str, list[PortPolicy]] = {}
-        self._twice: set[str] = set()
+        self._one: dict[str, PortPolicy] = {}
+        self._many: dict[str, list[PortPolicy]] = {}
         for port in ports:
             self.add(port)
 
     def add(self, port: PortPolicy) -> None:
         """Index ``port`` (once per policy object)."""
         for address in map(_host, (*port.ipv4, *port.ipv6)):
-            owners = self._owners.setdefault(address, [])
-            owners.append(port)
-            if len(owners) > 1:
-                self._twice.add(address)
+            if address in self._many:
+                self._many[address].append(port)
+            elif address in self._one:
+                self._many[address] = [self._one.pop(address), port]
+            else:
+                self._one[address] = port
 
     def remove(self, port: PortPolicy) -> None:
         """Forget ``port``, a policy :meth:`add` was given."""
         for address in map(_host, (*port.ipv4, *port.ipv6)):
-            owners = self._owners[address]
+            owners = self._many.get(address)
+            if owners is None:
+                del self._one[address]
+                continue
             owners.remove(port)
-            if not owners:
-                del self._owners[address]
-            if len(owners) < 2:
-                self._twice.discard(address)
+            if len(owners) == 1:
+                self._one[address] = owners[0]
+                del self._many[address]
 
     def shared(self) -> dict[str, str]:
         """Port id → why, as :func:`shared_fixed_addresses` gives for the ports
         indexed (the first address in sorted order names the reason)."""
         found: dict[str, str] = {}
-        for address in sorted(self._twice):
-            owners = self._owners[address]
+        for address in sorted(self._many):
+            owners = self._many[address]
             names = ", ".join(sorted(p.tap for p in owners))
             for port in owners:
                 found.setdefault(port.port_id, f"fixed address {address.split('/')[0]} is "
