@@ -1,4 +1,4 @@
-"""compiler.sources (and build._host_key) print link-local and IPv4 host addresses
+"""compiler.sources (and build.host_key) print link-local and IPv4 host addresses
 without ipaddress or netaddr (a big host's first render and compile parsed 10^4 of
 them): the text must be exactly what those libraries print, for every MAC shape (a
 zero first group of the interface id included) and every IPv4 address."""
@@ -41,8 +41,8 @@ def test_an_ipv4_host_is_printed_as_ipaddress_prints_it(address: ipaddress.IPv4A
 def test_an_ipv4_host_key_is_what_netaddr_gives(address: ipaddress.IPv4Address) -> None:
     import netaddr
 
-    from secfw.compiler.build import _host_key
+    from secfw.compiler.build import host_key
 
     for text in (str(address), f"{address}/32"):
         net = netaddr.IPNetwork(text)
-        assert _host_key.__wrapped__(text) == (4, net.first, str(net.cidr))
+        assert host_key.__wrapped__(text) == (4, net.first, str(net.cidr))
