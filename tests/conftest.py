@@ -105,6 +105,13 @@ def cli(store_url: str) -> Cli:
     return Cli(store_url)
 
 
+@pytest.fixture
+def cli_on() -> type[Cli]:
+    """:class:`Cli` itself, for tests that pick their own store URL (conftest is
+    not importable from them: tests/netns/conftest.py shadows it under xdist)."""
+    return Cli
+
+
 @pytest.fixture(name="store_state")
 def store_state_fixture() -> StoreState:
     """:func:`read_store_state`, for tests (conftest is not importable from them)."""

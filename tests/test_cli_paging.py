@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import Cli
 
 from secfw.api import Api
 from secfw.store import open_store
 
-if TYPE_CHECKING:
-    from conftest import EtcdServer
+if TYPE_CHECKING:  # tests/conftest.py: a runtime import would find tests/netns/conftest.py
+    from conftest import Cli, EtcdServer
 
 NEXT = re.compile(r"^secfw: next page: --marker (\S+)$")
 
@@ -44,7 +43,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def cloud(url: str) -> Cli:
+def cloud(url: str, cli_on: type[Cli]) -> Cli:
     """Names that sort apart only by a prefix, a space, case and non-ASCII
     letters, in two projects whose names are prefixes of each other."""
     api = Api(open_store(url))
@@ -66,7 +65,7 @@ def cloud(url: str) -> Cli:
         api.boot("pp", "other", "m1.tiny", "cirros", "h1", None, ["n b"])
     finally:
         api.store.close()
-    return Cli(url)
+    return cli_on(url)
 
 
 def pages(cli: Cli, listing: tuple[str, ...], limit: int) -> Iterator[list[Any]]:
