@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,25 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
 def etcd_url(etcd_server: EtcdServer) -> str:
     """A store URL on the session's etcd, under a prefix of this test's own."""
     return etcd_server.url()
+
+
+@pytest.fixture
+def store_reads(monkeypatch: pytest.MonkeyPatch) -> Callable[[Api], list[list[str]]]:
+    """Spies on an Api's store: the returned function starts recording what each
+    write transaction of ``api`` reads (its snapshot's ``reads``) and returns that
+    list of logs, one per transaction."""
+
+    def spy_on(api: Api) -> list[list[str]]:
+        logs: list[list[str]] = []
+        write = api.store.write
+
+        @contextmanager
+        def spy() -> Iterator[Any]:
+            with write() as txn:
+                logs.append(txn.snapshot.reads)
+                yield txn
+
+        monkeypatch.setattr(api.store, "write", spy)
+        return logs
+
+    return spy_on

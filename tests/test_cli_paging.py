@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,36 +125,22 @@ def test_port_list_pages_one_host_at_a_time(cloud: Cli) -> None:
     assert "--host" in line
 
 
-@contextmanager
-def spied(api: Api) -> Iterator[list[list[str]]]:
-    """What each transaction of ``api`` reads (Snapshot.reads), and no whole load."""
-    logs: list[list[str]] = []
-    write = api.store.write
-
-    @contextmanager
-    def spy() -> Iterator[Any]:
-        with write() as txn:
-            logs.append(txn.snapshot.reads)
-            yield txn
-
-    def no_load() -> Any:
-        raise AssertionError("a page loaded the whole store")
-
-    api.store.write = spy  # type: ignore[method-assign]
-    api.store.load = no_load  # type: ignore[method-assign]
-    yield logs
+def _no_load() -> Any:
+    raise AssertionError("a page loaded the whole store")
 
 
-def test_a_page_reads_no_whole_kind(cloud: Cli) -> None:
+def test_a_page_reads_no_whole_kind(cloud: Cli, store_reads: Callable[[Api], list[list[str]]],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     api = Api(open_store(cloud.store_url))
     try:
-        with spied(api) as logs:
-            first = api.server_page("p", None, False, 2, None)
-            api.server_page("p", None, False, 2, first.next_marker)
-            api.secgroup_page("p", True, 2, None)
-            api.rule_page("p", "web", 2, None)
-            api.network_page("p", False, 1, None)
-            api.port_page("p", "h1", 2, None)
+        logs = store_reads(api)
+        monkeypatch.setattr(api.store, "load", _no_load)
+        first = api.server_page("p", None, False, 2, None)
+        api.server_page("p", None, False, 2, first.next_marker)
+        api.secgroup_page("p", True, 2, None)
+        api.rule_page("p", "web", 2, None)
+        api.network_page("p", False, 1, None)
+        api.port_page("p", "h1", 2, None)
         reads = [r for log in logs for r in log]
         assert [r for r in reads if r.startswith("page ")], reads
         whole = {"all", "kind instance", "kind port", "kind secgroup", "kind rule",

@@ -9,10 +9,9 @@ O(cloud)): the store's snapshot logs what it read (Snapshot.reads).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
@@ -105,26 +104,13 @@ def test_a_lazy_state_sees_its_own_changes(api: Api, guide: Snapshot) -> None:
         assert lazy.usage("groups", "alpha") == eager.usage("groups", "alpha")
 
 
-def _reads_of(api: Api, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """What each write transaction of ``api`` reads, as its snapshot logs it."""
-    logs: list[list[str]] = []
-    write = api.store.write
-
-    @contextmanager
-    def spy() -> Iterator[Any]:
-        with write() as txn:
-            logs.append(txn.snapshot.reads)
-            yield txn
-
-    monkeypatch.setattr(api.store, "write", spy)
-    return logs
-
-
-def test_a_rule_write_reads_a_few_keys(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_rule_write_reads_a_few_keys(
+    api: Api, store_reads: Callable[[Api], list[list[str]]]
+) -> None:
     """secgroup-add-rule reads the group by name, its rules, the quota: keys,
     never a kind (a regression to a full-kind read fails here)."""
     build(api)
-    logs = _reads_of(api, monkeypatch)
+    logs = store_reads(api)
     api.secgroup_add_rule("alpha", "global_http", "tcp", "8080", "8080", "10.0.0.0/8")
     (reads,) = logs
     assert not [r for r in reads if r.startswith(("kind", "all"))], reads
@@ -134,11 +120,11 @@ def test_a_rule_write_reads_a_few_keys(api: Api, monkeypatch: pytest.MonkeyPatch
 
 
 def test_boot_and_delete_read_no_port_nor_instance_kind(
-        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+        api: Api, store_reads: Callable[[Api], list[list[str]]]) -> None:
     """A boot allocates its address, MAC and tap by key and checks the quotas
     with tallies; a delete finds the ports by index."""
     build(api)
-    logs = _reads_of(api, monkeypatch)
+    logs = store_reads(api)
     api.boot("alpha", "keyed", "m1.tiny", "cirros", "compute1", ["global_http"], ["public"])
     api.delete("alpha", "keyed")
     for reads in logs:
@@ -169,7 +155,7 @@ def test_boots_take_the_lowest_free_address_as_before(api: Api) -> None:
 
 
 def test_a_boot_reads_one_allocation_record_per_subnet(
-        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+        api: Api, store_reads: Callable[[Api], list[list[str]]]) -> None:
     """The address of a boot comes from the network's allocation records (one
     key for IPv4, one for IPv6), never from the range of used addresses (the
     ``ip`` index, whose size grows with the network), and a batch of boots
@@ -178,7 +164,7 @@ def test_a_boot_reads_one_allocation_record_per_subnet(
     api.image_create("admin", "i", visibility="public")
     api.quota_update("admin", instances=-1, cores=-1, ram=-1)
     network_id = api.net_list("admin")[0].id
-    logs = _reads_of(api, monkeypatch)
+    logs = store_reads(api)
     with api.batch():
         for number in range(3):
             api.boot("admin", f"v{number}", "m1.tiny", "i", "h", None, ["n"])
