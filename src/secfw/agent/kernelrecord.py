@@ -9,6 +9,15 @@ along the chain docs/agent.md, "Resync", describes) and a digest of that
 ruleset. A new agent whose namespace is the same one, whose generation is still
 that one (nothing committed since, by anyone) and whose newly compiled ruleset
 has that digest knows the kernel holds it: its first pass needs no read-back.
+
+The record also names what that ruleset was made from: the store revision and
+a digest of everything else the rendering depends on (:func:`inputs_digest`:
+the code, the configuration, backend and topology, the host, the store and its
+last write). A new agent that finds the same generation, the same revision and
+the same inputs knows the kernel holds exactly what it would render, without
+loading, compiling or rendering anything: it is in sync at once, and builds
+its own state afterwards (docs/agent.md, "Resync").
+
 Any mismatch, or a record that cannot be read or that someone else could
 have written (:meth:`KernelRecord.load`), is today's path (a read-back).
 """
@@ -16,11 +25,14 @@ have written (:meth:`KernelRecord.load`), is today's path (a read-back).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
 import stat
+import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +42,9 @@ from secfw.gcpause import collector_paused
 
 log = logging.getLogger("secfw.agent")
 
-VERSION = 1
+#: 2: ``revision``, ``inputs`` and ``ports`` added (a version-1 record is
+#: not trusted: the agent reads back once and writes a version-2 one).
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -38,12 +52,18 @@ class Record:
     """``namespace``: the backend's identity of the network namespace
     (boot id + netns cookie); ``backend``: name and topology; ``generation``
     and ``digest``: the kernel held the ruleset of that digest at that
-    generation."""
+    generation. ``revision`` and ``inputs``: that ruleset is what the agent
+    renders from the store at that revision with those inputs
+    (:func:`inputs_digest`; "" when that is not vouched for); ``ports``: how
+    many ports it filters (for the agent's report)."""
 
     namespace: str
     backend: str
     generation: int
     digest: str
+    revision: int = -1
+    inputs: str = ""
+    ports: int = 0
 
 
 def record_path(state_dir: Path | str, host: str) -> Path:
@@ -71,7 +91,8 @@ class KernelRecord:
             if doc.get("version") != VERSION:
                 return None
             return Record(str(doc["namespace"]), str(doc["backend"]),
-                          int(doc["generation"]), str(doc["digest"]))
+                          int(doc["generation"]), str(doc["digest"]), int(doc["revision"]),
+                          str(doc["inputs"]), int(doc["ports"]))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -100,6 +121,34 @@ class KernelRecord:
     def digest(self, state: Any) -> str | None:
         """See :class:`StateDigest`."""
         return self._digest(state)
+
+    def vouch(self, state: Any, digest: str) -> None:
+        """``state`` is known to have ``digest`` (:meth:`StateDigest.vouch`)."""
+        self._digest.vouch(state, digest)
+
+
+@functools.cache
+def code_identity() -> str:
+    """A digest of this secfw's code: every module's source (~140 files, a few
+    ms) and the Python version. The rendering is a function of the code; a
+    record written by other code (an upgrade, a downgrade, a patched module)
+    must not stand for what this code renders."""
+    root = Path(__file__).resolve().parent.parent
+    total = hashlib.sha256(repr(sys.version_info[:2]).encode())
+    for path in sorted(root.rglob("*.py")):
+        total.update(str(path.relative_to(root)).encode() + b"\0")
+        total.update(path.read_bytes())
+    return total.hexdigest()
+
+
+def inputs_digest(parts: Iterable[str]) -> str:
+    """One digest of ``parts`` (each length-prefixed, so no two lists of parts
+    give the same bytes), prefixed with :func:`code_identity`."""
+    total = hashlib.sha256(code_identity().encode())
+    for part in parts:
+        data = part.encode()
+        total.update(len(data).to_bytes(8, "big") + data)
+    return total.hexdigest()
 
 
 #: A new file only (O_EXCL), never through a symlink (O_NOFOLLOW).
@@ -144,8 +193,19 @@ class StateDigest:
 
     def __init__(self) -> None:
         self._known: dict[int, tuple[object, bytes]] = {}
+        self._vouched: tuple[object, str] | None = None
+
+    def vouch(self, state: Any, digest: str) -> None:
+        """Remember that ``state`` (this very object) has ``digest``, known
+        without computing it: the agent rendered it from the inputs a record
+        named (:func:`inputs_digest`), whose ruleset had that digest. A later
+        call with the same object returns it at no cost."""
+        self._vouched = (state, digest)
 
     def __call__(self, state: Any) -> str | None:
+        vouched = self._vouched
+        if vouched is not None and vouched[0] is state:
+            return vouched[1]
         sets: Any = getattr(state, "sets", None)
         chains: Any = getattr(state, "chains", None)
         tables: Any = getattr(state, "tables", None)

@@ -35,7 +35,9 @@ log = logging.getLogger("secfw.agent")
 
 @dataclass(frozen=True)
 class Trigger:
-    """A reason to run a pass. ``kind``: start, store, link, resync, hup, retry or
+    """A reason to run a pass. ``kind``: start, store, link, resync, hup, retry,
+    materialize (the pass after one that found the kernel in sync from the
+    restart record alone: it loads the store and builds the agent's state) or
     stop; for ``link``, ``name`` is the tap, ``present`` whether it appeared and
     ``moved`` whether it joined or left a bridge instead."""
 
@@ -591,6 +593,8 @@ class AgentLoop:
                       **(result.changes or {}))
         self._notify("on_sync", result)
         self._report()
+        if result.deferred:  # in sync from the restart record: build the state now
+            self.wakeup.notify(Trigger("materialize"))
 
     def _failed(self, exc: Exception) -> None:
         self.reconciler.invalidate()
@@ -644,7 +648,7 @@ class AgentLoop:
     def _report(self) -> None:
         """Refresh the tap view and give every observer the status."""
         self._next_heartbeat = self.clock() + self.settings.heartbeat
-        if self.taps is not None:
+        if self.taps is not None and not self.reconciler.deferred:  # taps known: compare
             try:
                 present = self.taps()
             except Exception:  # the watcher is optional: never fail a report on it

@@ -36,7 +36,7 @@ from typing import Any, Protocol, runtime_checkable
 from secfw.agent.daemon import log_event
 from secfw.agent.hostview import HostView
 from secfw.agent.isolation import IsolatedPort, Isolation
-from secfw.agent.kernelrecord import KernelRecord, Record
+from secfw.agent.kernelrecord import KernelRecord, Record, inputs_digest
 from secfw.agent.storewatch import Reopenable
 from secfw.agent.topology import TapLayout, decide
 from secfw.cloud import CloudState, Replaced
@@ -130,7 +130,8 @@ class SyncResult:
     of the ports the filter now covers; ``closed`` says the pass committed the
     closed filter (no store data: every tap dropped); ``isolated`` are ports left
     closed because the backend cannot express them; ``programmed`` is the filter
-    the kernel now holds (the desired one less the isolated ports).
+    the kernel now holds (the desired one less the isolated ports); ``deferred``:
+    see the field.
     """
 
     revision: int
@@ -145,6 +146,10 @@ class SyncResult:
     closed: bool = False
     isolated: tuple[IsolatedPort, ...] = ()
     programmed: HostFilter | None = None
+    #: In sync as the restart record says, nothing loaded: ``taps``,
+    #: ``elements`` and ``programmed`` are unknown until the next pass builds
+    #: the agent's own state (:attr:`Reconciler.deferred`).
+    deferred: bool = False
 
     def as_fields(self) -> dict[str, Any]:
         """The fields of the ``sync`` log line (``--once`` prints exactly these)."""
@@ -231,6 +236,15 @@ class Reconciler:
         # (epoch, backend, record): the record close_if_absent trusted for the
         # first full pass (_trusted_state).
         self._kept_record: tuple[int, Any, Record] | None = None
+        # The store revision ``_committed`` was compiled from.
+        self._committed_revision = -1
+        # Whether every connection the committed filter forbids was cut: the
+        # last full pass's revocation succeeded and no revocation failed since.
+        # A record vouches for its inputs only then (a restart that loads
+        # nothing revokes nothing).
+        self._revocations_sure = False
+        # In sync as the kept record says, with nothing loaded yet (deferred).
+        self._deferred = False
 
     @property
     def applied_revision(self) -> int | None:
@@ -327,6 +341,9 @@ class Reconciler:
         if full or self._links_changed:
             self.check_topology()  # may switch the backend: then the pass is full
             full = full or not self._committed_valid
+        recorded = self._in_sync_as_recorded(started) if full else None
+        if recorded is not None:
+            return recorded
         try:
             cloud, replaced = self._load_cloud(full)
             with collector_paused():
@@ -342,13 +359,68 @@ class Reconciler:
         result = self._converge(desired, cloud.revision, full, started)
         assert result.programmed is not None
         revoke = getattr(self.backend, "revoke", None)
+        sure = True
         if revoke is not None:  # cut established connections the change revoked
             # A full pass also checks every NAT binding through a floating pool:
             # mappings removed while no agent ran are in no diff (conntrack.stale_nat).
             pools = floating_pools(cloud) if full else None
-            revoke(self._previous, result.programmed, pools)
+            sure = revoke(self._previous, result.programmed, pools) is not None
+        self._revocations_sure = sure and (full or self._revocations_sure)
         self._previous = result.programmed
+        self._deferred = False
         return result
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the last pass found the kernel in sync from the restart
+        record alone (:meth:`_in_sync_as_recorded`): nothing loaded, compiled
+        or rendered yet. The next pass builds it all (full, as a restart's
+        first pass: the record still spares it the read-back while the
+        generation and the store revision stay the recorded ones)."""
+        return self._deferred
+
+    def _in_sync_as_recorded(self, started: float) -> SyncResult | None:
+        """The first pass of a restart, when the record :meth:`close_if_absent`
+        trusted vouches for its inputs and they are this agent's: the same
+        store revision, the same inputs (:meth:`_inputs`: code, configuration,
+        backend, host, store), the generation still the recorded one. The
+        kernel then holds exactly what this agent would render, so the pass is
+        done without loading anything; else None (the usual pass). The kept
+        record stays for the next pass, which builds the state (:attr:`deferred`)."""
+        kept = self._kept_record
+        if (kept is None or self.cloud is not None or kept[0] != self.epoch()
+                or kept[1] is not self.backend or not kept[2].inputs):
+            return None
+        record, probe = kept[2], self.generation_probe()
+        try:
+            revision = self.store_revision()
+        except SecfwError:
+            return None  # the usual pass reports it
+        if (kept[0] != self.epoch() or revision != record.revision
+                or self._inputs(revision) != record.inputs
+                or probe is None or probe() != record.generation):
+            return None
+        self._deferred = True
+        log_event(log, logging.INFO, "kernel_record", action="in sync, nothing loaded",
+                  generation=record.generation, revision=revision)
+        return SyncResult(revision, True, 0, record.ports, time.perf_counter() - started,
+                          deferred=True)
+
+    def _inputs(self, revision: int) -> str | None:
+        """A digest of what the ruleset of store revision ``revision`` is made
+        from besides the store's documents (kernelrecord.inputs_digest): the
+        configuration, backend and topology, host and store URL — and the
+        store's last write (:meth:`Store.write_digest`), which tells this
+        store from another one at the same revision. None when the store is
+        no longer at ``revision`` or cannot say."""
+        try:
+            last = self.store.write_digest(revision)
+        except SecfwError:
+            return None
+        if last is None:
+            return None
+        return inputs_digest((repr(self.config), self._backend_key(), self.host,
+                              self.store.url, str(revision), last))
 
     def _with_metadata(self, desired: HostFilter) -> HostFilter:
         """``with_metadata(desired, listen)``. The redirect is made from the
@@ -439,16 +511,21 @@ class Reconciler:
         """Keep what the kernel holds for the next agent (agent.kernelrecord),
         when its generation is known; otherwise remove any older record (it
         would still be true, but nothing is lost by reading back)."""
-        if self.kernel_record is None:
+        if self.kernel_record is None or self._deferred:  # deferred: the record is still true
             return
         with self._epoch_lock:
             known, committed = self._generation, self._committed
             valid = self._committed_valid and known is not None and known[0] == self._epoch
+            revision = self._committed_revision
         namespace = self._namespace()
         digest = self.kernel_record.digest(committed) if valid and namespace else None
         if known is None or digest is None:
             return
-        self.kernel_record.save(Record(namespace, self._backend_key(), known[1], digest))
+        vouched = self._revocations_sure and not self.isolation.isolated
+        inputs = self._inputs(revision) if vouched and revision >= 0 else None
+        ports = len(self._previous.ports) if self._previous is not None else 0
+        self.kernel_record.save(Record(namespace, self._backend_key(), known[1], digest,
+                                       revision, inputs or "", ports))
 
     def _namespace(self) -> str:
         identify = getattr(self.backend, "namespace_id", None)
@@ -470,19 +547,27 @@ class Reconciler:
             return None
         return record if probe() == record.generation else None
 
-    def _trusted_state(self, desired: HostFilter) -> tuple[Any, int] | None:
+    def _trusted_state(self, desired: HostFilter, revision: int) -> tuple[Any, int] | None:
         """For the first full pass after :meth:`close_if_absent` trusted the
         record: ``desired``'s state and the record's generation when the kernel
         provably holds it (same epoch and backend; the generation still the
-        record's; ``desired`` renders to the record's digest); else None."""
+        record's; ``desired``, compiled from store revision ``revision``, made
+        from the record's revision and inputs — or rendering to the record's
+        digest); else None."""
         kept, self._kept_record = self._kept_record, None
         if kept is None or kept[0] != self.epoch() or kept[1] is not self.backend:
             return None
         assert self.kernel_record is not None
         record, probe = kept[2], self.generation_probe()
         state = self.backend.committed(desired)
-        trusted = (probe is not None and probe() == record.generation
-                   and self.kernel_record.digest(state) == record.digest)
+        if probe is None or probe() != record.generation:
+            trusted = False
+        elif (record.inputs and revision == record.revision
+              and self._inputs(revision) == record.inputs):
+            trusted = True  # made from the same inputs: the recorded ruleset
+            self.kernel_record.vouch(state, record.digest)
+        else:
+            trusted = self.kernel_record.digest(state) == record.digest
         log_event(log, logging.INFO, "kernel_record",
                   action="no read-back" if trusted else "read back",
                   generation=record.generation)
@@ -563,7 +648,7 @@ class Reconciler:
         if "current" in known:
             current = known["current"]
         elif full:
-            current, base = self._trusted_state(desired) or self._kernel_state()
+            current, base = self._trusted_state(desired, revision) or self._kernel_state()
         else:
             current, base = self._committed, self.known_generation(self.epoch())
         desired, plan = self._plan(current, desired)
@@ -579,6 +664,7 @@ class Reconciler:
             # check running meanwhile remains valid).
             self._epoch += 0 if plan.empty and self._committed_valid else 1
             self._committed, self._committed_valid = committed, True
+            self._committed_revision = revision
             self._generation = None if generation is None else (self._epoch, generation)
         self._last_applied, self._has_applied = self._committed, True
         return SyncResult(

@@ -161,6 +161,9 @@ class ReopeningStore(Store):
     def changes_since(self, revision: int) -> tuple[int, list[Change]]:
         return self._opened().changes_since(revision)
 
+    def write_digest(self, revision: int) -> str | None:
+        return self._opened().write_digest(revision)
+
     def scan(self) -> AbstractContextManager[KindReader]:
         return self._opened().scan()
 

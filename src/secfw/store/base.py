@@ -37,6 +37,8 @@ Write transactions
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import time
@@ -406,6 +408,26 @@ class Store(ABC):
         of the context (see :class:`KindReader`). This default reads the whole
         store at once (:meth:`load`); SQLite and etcd stream it."""
         return _loaded(self)
+
+    def write_digest(self, revision: int) -> str | None:
+        """A digest of the last write while the store is at ``revision``: the
+        kinds, ids and contents of the documents it put or deleted (nothing at
+        revision 0); None when the store is elsewhere, or cannot say. Two
+        stores at one revision agree only when their last writes are the same
+        write (ids are random), so it tells a store from another one at the
+        same revision (a restore into a new store starts its revisions again).
+        This default reads the change feed after the revision below (the
+        documents stamped ``revision``: revisions are integers); SQLite
+        reads the rows' text without parsing it."""
+        try:
+            current, changes = self.changes_since(revision - 1) if revision else (0, [])
+        except StoreError:
+            return None
+        if current != revision:
+            return None
+        rows = sorted((c.kind, c.id, json.dumps(c.doc, sort_keys=True)) for c in changes
+                      if c.revision == revision)
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def load_at(self, revision: int) -> Snapshot:
         """Every document as it was at ``revision`` — only for a store that keeps

@@ -15,6 +15,7 @@ read-modify-write commands can never lose an update).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -121,6 +122,23 @@ class SqliteStore(Store):
             ).fetchall()
         changes = [Change(k, i, r, json.loads(d) if d is not None else None) for k, i, r, d in rows]
         return current, changes
+
+    def write_digest(self, revision: int) -> str | None:
+        """See :meth:`Store.write_digest`: the rows stamped ``revision``, their
+        document text hashed as stored (no JSON parsing: a 20,000-document
+        write costs milliseconds)."""
+        total = hashlib.sha256()
+        with _translated(self.path), _read_txn(self._conn):
+            if _read_revision(self._conn) != revision:
+                return None
+            rows = self._conn.execute(
+                "SELECT kind, id, doc FROM objects WHERE rev = ? "
+                "UNION ALL SELECT kind, id, '' FROM tombstones WHERE rev = ? ORDER BY 1, 2",
+                (revision, revision))
+            for kind, doc_id, doc in rows:
+                total.update(f"{len(kind)}:{kind}{len(doc_id)}:{doc_id}{len(doc)}:".encode())
+                total.update(doc.encode())
+        return total.hexdigest()
 
     # ------------------------------------------------------------------ writes
 
