@@ -388,8 +388,9 @@ class Reconciler:
         done without loading anything; else None (the usual pass). The kept
         record stays for the next pass, which builds the state (:attr:`deferred`)."""
         kept = self._kept_record
-        if (kept is None or self.cloud is not None or kept[0] != self.epoch()
-                or kept[1] is not self.backend or not kept[2].inputs):
+        if (kept is None or self._deferred or self.cloud is not None  # once per start
+                or kept[0] != self.epoch() or kept[1] is not self.backend
+                or not kept[2].inputs):
             return None
         record, probe = kept[2], self.generation_probe()
         try:
