@@ -358,8 +358,9 @@ NEXT_STEPS: dict[str, str] = {
         "port"),
     "first-packet p99": "the dispatch's cost per port: bench/layouts.py",
     "restart": (
-        "render, host-view load, compile and digests with a matching record: skip the "
-        "render when the record matches"),
+        "with a matching record and inputs nothing is loaded: start-up (imports, store "
+        "open) and the store's last write hashed (one 20k-document batch in the bench "
+        "store); without them, the host-view load, compile and render"),
     "secfw full sync": "the full sync's kernel-facing part (see the compile + apply row)",
     "audit verify": "~52 probes per port through the Python evaluator: share the per-port path",
     "audit": "row assembly and per-port ICMP labels (see README, Auditing)",
