@@ -245,6 +245,10 @@ class Reconciler:
         self._revocations_sure = False
         # In sync as the kept record says, with nothing loaded yet (deferred).
         self._deferred = False
+        # What remember_kernel last wrote (namespace, backend, generation,
+        # digest, revision, vouched): a check every resync interval that finds
+        # the kernel as committed need not write (nor hash) it again.
+        self._recorded: tuple[str, str, int, str, int, bool] | None = None
 
     @property
     def applied_revision(self) -> int | None:
@@ -523,10 +527,14 @@ class Reconciler:
         if known is None or digest is None:
             return
         vouched = self._revocations_sure and not self.isolation.isolated
+        key = (namespace, self._backend_key(), known[1], digest, revision, vouched)
+        if key == self._recorded:  # written already: the store's last write is not hashed again
+            return
         inputs = self._inputs(revision) if vouched and revision >= 0 else None
         ports = len(self._previous.ports) if self._previous is not None else 0
-        self.kernel_record.save(Record(namespace, self._backend_key(), known[1], digest,
-                                       revision, inputs or "", ports))
+        self.kernel_record.save(Record(namespace, key[1], known[1], digest, revision,
+                                       inputs or "", ports))
+        self._recorded = key
 
     def _namespace(self) -> str:
         identify = getattr(self.backend, "namespace_id", None)
