@@ -179,6 +179,22 @@ def test_compacted_history_forces_a_full_resync(
     assert store.changes_since(now) == (later, [Change("group", "c", later, {"name": "c"})])
 
 
+def test_write_digest_names_the_last_write_while_the_store_is_at_it(store: Store) -> None:
+    """Store.write_digest (the agent's restart record): the same for as long as
+    the store stays at the revision, None once it moved on, another value for
+    another write (a put or a delete)."""
+    assert store.write_digest(0) is not None  # nothing written yet
+    first = put(store, "network", "n1", {"id": "n1", "cidr": "10.0.0.0/24"})
+    digest = store.write_digest(first)
+    assert digest is not None and store.write_digest(first) == digest
+    second = put(store, "network", "n2", {"id": "n2", "cidr": "10.0.1.0/24"})
+    assert store.write_digest(first) is None
+    put_digest = store.write_digest(second)
+    assert put_digest not in (None, digest)
+    third = delete(store, "network", "n2")
+    assert store.write_digest(third) not in (None, digest, put_digest)
+
+
 # --------------------------------------------------------------------------- concurrency
 
 
