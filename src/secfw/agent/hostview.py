@@ -54,6 +54,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from secfw.cloud import CloudState, Replaced
@@ -145,9 +146,12 @@ class HostView:
         others: list[tuple[str, str, tuple[str, ...]]] = []  # other hosts' grouped instances
         for doc in reader.iter_kind(Instance.KIND):
             if doc.get("host") == self.host:
-                self._put(Instance.from_doc(doc))
+                instance: Instance = Instance.from_doc(doc)
+                self.state.put(instance)  # counted below, all at once
+                self._host_instances[instance.id] = tuple(dict.fromkeys(instance.security_groups))
             elif doc.get("security_groups"):
                 others.append((doc["id"], doc.get("host", ""), tuple(doc["security_groups"])))
+        self._count_host_groups()
         for doc in reader.iter_kind(Port.KIND):
             self._own(doc["id"], doc["instance_id"])
             if doc["instance_id"] in self._host_instances:
@@ -162,6 +166,17 @@ class HostView:
         self.state.dirty.clear()
         self._crossed.clear()
         return self.state
+
+    def _count_host_groups(self) -> None:
+        """At load, once this host's instances are in the view (and the rules,
+        no port yet): count the groups they use and the source groups those
+        groups' rules name in two C-level passes — what :meth:`_count_instance`
+        does instance by instance (200,000 calls at 10,000 ports, ~15 % of a
+        load), with the same result (the ports are counted as they come)."""
+        self._groups.update(chain.from_iterable(self._host_instances.values()))
+        rules = self.state.rules_by_group
+        self._sources.update(rule.remote_group_id for group in self._groups
+                             for rule in rules.get(group, {}).values() if rule.remote_group_id)
 
     # ------------------------------------------------------------------ following
 
