@@ -48,6 +48,9 @@ def test_a_record_round_trips_and_a_damaged_one_is_not_trusted(tmp_path: Path) -
     record = Record("boot:42", "nftables/routed", 7, "ab" * 32)
     keeper.save(record)
     assert keeper.load() == record
+    vouched = Record("boot:42", "nftables/routed", 7, "ab" * 32, 12, "cd" * 32, 1002)
+    keeper.save(vouched)
+    assert keeper.load() == vouched
     keeper.path.write_text('{"version": 1, "namespace": "x"}', encoding="utf-8")
     assert keeper.load() is None
     keeper.path.write_text("not json", encoding="utf-8")
