@@ -1,4 +1,4 @@
-"""Ingress dispatch layouts side by side: new-flow cost, full apply, element add.
+"""Ingress dispatch layouts side by side: new-flow cost, full apply, port changes.
 
 ``python -m secfw.bench.layouts PORTS[,PORTS…] REPS SECONDS LAYOUT[,LAYOUT…]``
 builds three namespaces (client → host → server, the server behind a veth
@@ -11,29 +11,53 @@ line per size and layout):
   every datagram is ``ct state new`` and walks the whole dispatch;
 * ``p50_us``/``p99_us``/``rate`` — :mod:`secfw.bench.connrate`'s client;
 * ``apply_s`` — ``nft -f`` of the whole table; ``elem_add_ms`` — one ``nft add
-  element`` into a small set (libnftables 1.0.6 lists every chain first).
+  element`` into a small unreferenced set (libnftables 1.0.6 lists every chain
+  first; the kernel validates nothing);
+* ``port_add_ms`` — ``nft -f`` of one new port's dispatch elements (all of them,
+  one batch; removed again untimed); ``group_rm_ms`` — ``nft -f`` of a port's
+  first group removed (put back untimed); each with ``…_cpu_ms``, the CPU
+  time of that ``nft`` process, where the kernel's commit (and its validation
+  of the table) is counted — ``elem_add_cpu_ms`` is the same libnftables work
+  without any validation, so the difference is the kernel's extra.
 
 The policy: 500 group chains × 10 rules, 20 random groups per port, the test
-port's last group admitting the flow. Layouts: ``none`` (no table), ``ctonly``
-(conntrack state, then accept), ``sets`` (one ``oifname @<G>-ports jump <G>``
-per group, secfw's former layout), ``slots`` (``oifname vmap @slot<i>`` per slot,
-the current one), ``perport`` (a verdict map to a chain per port that jumps its
-groups). Used for docs/nftables.md ("Why slot maps"); not part of ``make bench``.
+port's last group admitting the flow. Layouts (:data:`LAYOUTS`): ``none`` (no
+table), ``ctonly`` (conntrack state, then accept), ``sets`` (one ``oifname
+@<G>-ports jump <G>`` per group, secfw's former layout), ``slots`` (``oifname
+vmap @slot<i>`` per slot, the current one), ``perport`` (a verdict map to a
+chain per port that jumps its groups), and three without per-port verdict
+elements, which dispatch on the packet mark through one fixed verdict map
+``groups`` (group number → ``jump <G>``, O(groups)): ``datamap`` (per slot,
+``meta mark set oifname map @dslot<i>``, a data map tap → group number),
+``chain`` (the port's groups as a linked list in one data map, ``tap . previous
+group → next group``, so a group removed is O(1) elements) and ``chainct``
+(``chain``, the packet's mark saved in the conntrack mark before the dispatch
+and put back by the accepting rule). Used for docs/nftables.md ("Why slot maps",
+"Dispatch without per-port verdicts"); not part of ``make bench``.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import resource
 import statistics
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
+from itertools import pairwise
 
 from secfw.bench.connrate import CONN_PORT
 
 GROUPS, RULES, PER_PORT = 500, 10, 20
+LAYOUTS = ("none", "ctonly", "sets", "slots", "perport", "datamap", "chain", "chainct")
+#: Layouts whose group chains put the saved mark back (``meta mark set ct mark``)
+#: in every accepting rule.
+RESTORING = frozenset({"chainct"})
+#: The tap the port-change deltas add (absent from every table).
+NEW_TAP = "tapfffffffe-00"
 _BLAST = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -89,6 +113,24 @@ class Lab:
         for ns in (self.client, self.host, self.server):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
+    def nft_timed(self, text: str) -> tuple[float, float]:
+        """``nft -f -`` of ``text`` in the host: (wall ms, CPU ms of nft).
+
+        CPU is user + system time: their sum is the task's exact run time, their
+        split only sampled by the tick (getrusage(2), cputime_adjust), so the
+        kernel's share is read as a difference against a change that does not
+        validate (``elem_add``), not from ``ru_stime``."""
+        before = _children_cpu()
+        started = time.perf_counter()
+        self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-", stdin=text)
+        wall = time.perf_counter() - started
+        return wall * 1000, (_children_cpu() - before) * 1000
+
+
+def _children_cpu() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
 
 def membership(ports: int, rng: random.Random) -> dict[str, list[int]]:
     """Tap → its group indexes; the test tap ``tapS0`` has the admitting group last."""
@@ -97,51 +139,126 @@ def membership(ports: int, rng: random.Random) -> dict[str, list[int]]:
     return taps
 
 
-def _group(g: int) -> str:
-    rules = [f"meta nfproto ipv4 meta l4proto 6 th dport {1000 + g * RULES + r} accept"
+def _group(g: int, restore: bool) -> str:
+    """Group chain ``g``: RULES rules, the last admitting CONN_PORT if ``g`` is the
+    last group; with ``restore`` each accept first puts the saved mark back."""
+    verdict = "meta mark set ct mark accept" if restore else "accept"
+    rules = [f"meta nfproto ipv4 meta l4proto 6 th dport {1000 + g * RULES + r} {verdict}"
              for r in range(RULES - 1)]
     last = CONN_PORT if g == GROUPS - 1 else 999
-    rules.append(f"meta nfproto ipv4 meta l4proto {{ 6, 17 }} th dport {last} accept")
+    rules.append(f"meta nfproto ipv4 meta l4proto {{ 6, 17 }} th dport {last} {verdict}")
     return f"chain g{g:03d} {{\n" + "\n".join(rules) + "\n}"
 
 
-def _dispatch(layout: str, taps: dict[str, list[int]]) -> tuple[list[str], list[str]]:
-    """(declarations, ingress-filter rules) of ``layout``."""
-    decls: list[str] = []
-    rules: list[str] = []
-    if layout == "sets":
-        members: dict[int, list[str]] = {g: [] for g in range(GROUPS)}
-        for tap, groups in taps.items():
-            for g in groups:
-                members[g].append(f'"{tap}"')
-        for g, names in members.items():
-            elements = f"elements = {{ {', '.join(names)} }}" if names else ""
-            decls.append(f"set g{g:03d}-ports {{ type ifname; {elements} }}")
-            rules.append(f"oifname @g{g:03d}-ports jump g{g:03d}")
-    elif layout == "slots":
-        for i in range(PER_PORT):
-            elements = ", ".join(f'"{t}" : jump g{gs[i]:03d}' for t, gs in taps.items())
-            decls.append(f"map slot{i} {{ type ifname : verdict; elements = {{ {elements} }} }}")
-            rules.append(f"oifname vmap @slot{i}")
-    elif layout == "perport":
-        for tap, groups in taps.items():
-            jumps = "\n".join(f"jump g{g:03d}" for g in groups)
-            decls.append(f"chain p-{tap} {{\n{jumps}\ndrop\n}}")
-        elements = ", ".join(f'"{t}" : goto p-{t}' for t in taps)
-        decls.append(f"map port_chain {{ type ifname : verdict; elements = {{ {elements} }} }}")
-        rules.append("oifname vmap @port_chain")
-    elif layout == "ctonly":
-        rules.append("accept")
+def group_mark(g: int) -> int:
+    """The mark that stands for group chain ``g`` in the mark layouts (never 0)."""
+    return g + 1
+
+
+def groups_vmap(groups: int) -> str:
+    """The fixed verdict map of the mark layouts: group mark → ``jump <G>``."""
+    elements = ", ".join(f"{group_mark(g)} : jump g{g:03d}" for g in range(groups))
+    return f"map groups {{ type mark : verdict; elements = {{ {elements} }} }}"
+
+
+def _map(name: str, key: str, value: str, elements: Sequence[str]) -> str:
+    body = f"elements = {{ {', '.join(elements)} }}" if elements else ""
+    return f"map {name} {{ type {key} : {value}; {body} }}"
+
+
+def _sets(taps: dict[str, list[int]], groups: int) -> tuple[list[str], list[str]]:
+    members: dict[int, list[str]] = {g: [] for g in range(groups)}
+    for tap, gs in taps.items():
+        for g in gs:
+            members[g].append(f'"{tap}"')
+    decls, rules = [], []
+    for g, names in members.items():
+        elements = f"elements = {{ {', '.join(names)} }}" if names else ""
+        decls.append(f"set g{g:03d}-ports {{ type ifname; {elements} }}")
+        rules.append(f"oifname @g{g:03d}-ports jump g{g:03d}")
     return decls, rules
+
+
+def _slots(taps: dict[str, list[int]], slots: int) -> tuple[list[str], list[str]]:
+    decls, rules = [], []
+    for i in range(slots):
+        elements = [f'"{t}" : jump g{gs[i]:03d}' for t, gs in taps.items() if i < len(gs)]
+        decls.append(_map(f"slot{i}", "ifname", "verdict", elements))
+        rules.append(f"oifname vmap @slot{i}")
+    return decls, rules
+
+
+def _perport(taps: dict[str, list[int]]) -> tuple[list[str], list[str]]:
+    decls = []
+    for tap, gs in taps.items():
+        jumps = "\n".join(f"jump g{g:03d}" for g in gs)
+        decls.append(f"chain p-{tap} {{\n{jumps}\ndrop\n}}")
+    decls.append(_map("port_chain", "ifname", "verdict", [f'"{t}" : goto p-{t}' for t in taps]))
+    return decls, ["oifname vmap @port_chain"]
+
+
+def _datamap(taps: dict[str, list[int]], slots: int,
+             groups: int) -> tuple[list[str], list[str]]:
+    decls, rules = [groups_vmap(groups)], []
+    for i in range(slots):
+        elements = [f'"{t}" : {group_mark(gs[i])}' for t, gs in taps.items() if i < len(gs)]
+        decls.append(_map(f"dslot{i}", "ifname", "mark", elements))
+        # A tap without an i-th group misses the data map: the lookup breaks the
+        # rule, so the vmap after it is not reached (nft_lookup: NFT_BREAK).
+        rules.append(f"meta mark set oifname map @dslot{i} meta mark vmap @groups")
+    return decls, rules
+
+
+def chain_elements(tap: str, gs: Sequence[int]) -> tuple[str, list[str]]:
+    """(the ``first`` element, the ``next`` elements) of ``tap`` with groups ``gs``."""
+    first = f'"{tap}" : {group_mark(gs[0])}'
+    links = [f'"{tap}" . {group_mark(a)} : {group_mark(b)}' for a, b in pairwise(gs)]
+    return first, links
+
+
+def _chain(taps: dict[str, list[int]], slots: int, groups: int,
+           save: bool) -> tuple[list[str], list[str]]:
+    firsts, links = [], []
+    for tap, gs in taps.items():
+        first, more = chain_elements(tap, gs)
+        firsts.append(first)
+        links.extend(more)
+    decls = [groups_vmap(groups), _map("first", "ifname", "mark", firsts),
+             _map("next", "ifname . mark", "mark", links)]
+    # Each rule moves one step along the port's list: the mark holds the group
+    # just tried, and `tap . mark` finds the next one (a miss ends the walk).
+    rules = ["ct mark set meta mark"] if save else []
+    rules.append("meta mark set oifname map @first meta mark vmap @groups")
+    rules += ["meta mark set oifname . meta mark map @next meta mark vmap @groups"] * (slots - 1)
+    return decls, rules
+
+
+def dispatch(layout: str, taps: dict[str, list[int]], groups: int = GROUPS,
+             slots: int = PER_PORT) -> tuple[list[str], list[str]]:
+    """(declarations, ingress-filter rules) of ``layout`` for ``taps`` (tap → its
+    group indexes, at most ``slots``, each below ``groups``)."""
+    if layout == "sets":
+        return _sets(taps, groups)
+    if layout == "slots":
+        return _slots(taps, slots)
+    if layout == "perport":
+        return _perport(taps)
+    if layout == "datamap":
+        return _datamap(taps, slots, groups)
+    if layout in ("chain", "chainct"):
+        return _chain(taps, slots, groups, save=layout == "chainct")
+    if layout == "ctonly":
+        return [], ["accept"]
+    raise ValueError(f"unknown layout {layout!r}")
 
 
 def ruleset(layout: str, taps: dict[str, list[int]]) -> str:
     """The host's table for ``layout`` ("" for ``none``)."""
     if layout == "none":
         return ""
-    decls, rules = _dispatch(layout, taps)
+    decls, rules = dispatch(layout, taps)
     body = [  # the group chains in every layout (conntrack-only loads them unused)
-        *(_group(g) for g in range(GROUPS)), *decls,
+        *(_group(g, layout in RESTORING) for g in range(GROUPS)), *decls,
         "chain ingress-filter {\n"
         "ct state vmap { established : accept, related : accept, invalid : drop }\n"
         "tcp flags & (fin | syn | rst | ack) != syn drop\n" + "\n".join(rules) + "\ndrop\n}",
@@ -152,31 +269,124 @@ def ruleset(layout: str, taps: dict[str, list[int]]) -> str:
     return "add table inet x\ndelete table inet x\ntable inet x {\n" + "\n".join(body) + "\n}\n"
 
 
-def _measure(lab: Lab, text: str, seconds: float, probe: int) -> dict[str, float]:
-    """Load ``text`` and measure it once (see the module doc)."""
+def _elements(verb: str, target: str, elements: Sequence[str]) -> list[str]:
+    return [f"{verb} element inet x {target} {{ {', '.join(elements)} }}"] if elements else []
+
+
+def _port_lines(verb: str, layout: str, tap: str, gs: Sequence[int]) -> list[str]:
+    """``add``/``delete`` commands of ``tap``'s dispatch elements (and chain, for
+    ``perport``) with groups ``gs`` in slots 0…."""
+    if layout == "sets":
+        return [line for g in gs for line in _elements(verb, f"g{g:03d}-ports", [f'"{tap}"'])]
+    if layout in ("slots", "datamap"):
+        def value(g: int) -> str:
+            return f"jump g{g:03d}" if layout == "slots" else str(group_mark(g))
+        prefix = "slot" if layout == "slots" else "dslot"
+        keyed = verb == "delete"
+        return [line for i, g in enumerate(gs) for line in _elements(
+            verb, f"{prefix}{i}", [f'"{tap}"' if keyed else f'"{tap}" : {value(g)}'])]
+    if layout in ("chain", "chainct"):
+        first, links = chain_elements(tap, gs)
+        if verb == "delete":  # a delete names keys only
+            first, links = first.rsplit(" : ", 1)[0], [k.rsplit(" : ", 1)[0] for k in links]
+        return _elements(verb, "first", [first]) + _elements(verb, "next", links)
+    if layout == "perport":
+        return _perport_lines(verb, tap, gs)
+    return []
+
+
+def _perport_lines(verb: str, tap: str, gs: Sequence[int]) -> list[str]:
+    if verb == "delete":
+        return [f'delete element inet x port_chain {{ "{tap}" }}', f"delete chain inet x p-{tap}"]
+    return [f"add chain inet x p-{tap}",
+            *(f"add rule inet x p-{tap} jump g{g:03d}" for g in gs),
+            f"add rule inet x p-{tap} drop",
+            f'add element inet x port_chain {{ "{tap}" : goto p-{tap} }}']
+
+
+def port_delta(layout: str, tap: str, gs: Sequence[int]) -> tuple[str, str]:
+    """(the batch adding port ``tap`` with groups ``gs``, the one removing it)."""
+    return ("\n".join(_port_lines("add", layout, tap, gs)) + "\n",
+            "\n".join(_port_lines("delete", layout, tap, gs)) + "\n")
+
+
+def group_removal(layout: str, tap: str, gs: Sequence[int]) -> tuple[str, str]:
+    """(the batch removing ``tap``'s first group of ``gs``, the one putting it back).
+
+    Slot layouts shift the later slots (O(groups of the port) elements); the
+    linked list relinks one element; per-port chains are rewritten."""
+    rest = list(gs[1:])
+    if layout == "sets":
+        return (f'delete element inet x g{gs[0]:03d}-ports {{ "{tap}" }}\n',
+                f'add element inet x g{gs[0]:03d}-ports {{ "{tap}" }}\n')
+    if layout == "perport":
+        def body(kept: Sequence[int]) -> str:
+            return "\n".join([f"flush chain inet x p-{tap}",
+                              *(f"add rule inet x p-{tap} jump g{g:03d}" for g in kept),
+                              f"add rule inet x p-{tap} drop"]) + "\n"
+        return body(rest), body(gs)
+    old_add, old_del = port_delta(layout, tap, gs)
+    new_add, new_del = port_delta(layout, tap, rest)
+    if layout in ("chain", "chainct"):
+        first_old, _ = chain_elements(tap, gs)
+        first_new, _ = chain_elements(tap, rest)
+        link = f'"{tap}" . {group_mark(gs[0])}'
+        return (f'delete element inet x first {{ "{tap}" }}\n'
+                f"add element inet x first {{ {first_new} }}\n"
+                f"delete element inet x next {{ {link} }}\n",
+                f'delete element inet x first {{ "{tap}" }}\n'
+                f"add element inet x first {{ {first_old} }}\n"
+                f"add element inet x next {{ {link} : {group_mark(gs[1])} }}\n")
+    return old_del + new_add, new_del + old_add
+
+
+def _measure_changes(lab: Lab, layout: str, taps: dict[str, list[int]],
+                     rng: random.Random) -> dict[str, float]:
+    """Port add and group removal of ``layout`` (already loaded), each undone."""
+    row: dict[str, float] = {}
+    add, remove = port_delta(layout, NEW_TAP, rng.sample(range(GROUPS), PER_PORT))
+    row["port_add_ms"], row["port_add_cpu_ms"] = lab.nft_timed(add)
+    lab.nft_timed(remove)
+    tap = rng.choice([t for t in taps if t != "tapS0"])
+    drop, restore = group_removal(layout, tap, taps[tap])
+    row["group_rm_ms"], row["group_rm_cpu_ms"] = lab.nft_timed(drop)
+    lab.nft_timed(restore)
+    return row
+
+
+def _measure(lab: Lab, layout: str, texts: dict[str, str], taps: dict[str, list[int]],
+             seconds: float, probe: int) -> dict[str, float]:
+    """Load ``layout``'s table and measure it once (see the module doc)."""
     nft = ("ip", "netns", "exec", lab.host, "nft")
     started = time.perf_counter()
+    text = texts[layout]
     lab.sh(*nft, "-f", "-", stdin=text) if text else lab.sh(*nft, "flush", "ruleset")
     row = {"apply_s": time.perf_counter() - started}
     if text:
-        started = time.perf_counter()
-        lab.sh(*nft, "add", "element", "inet", "x", "probe", "{", str(probe), "}")
-        row["elem_add_ms"] = (time.perf_counter() - started) * 1000
+        row["elem_add_ms"], row["elem_add_cpu_ms"] = lab.nft_timed(
+            f"add element inet x probe {{ {probe} }}\n")
+    if layout not in ("none", "ctonly"):
+        row |= _measure_changes(lab, layout, taps, random.Random(probe))
+    row |= _traffic(lab, seconds)
+    return row
+
+
+def _traffic(lab: Lab, seconds: float) -> dict[str, float]:
+    """New UDP datagrams forwarded per second, then connrate's TCP connects."""
     rx = ("ip", "netns", "exec", lab.server, "cat", "/sys/class/net/s0/statistics/rx_packets")
     before = int(lab.sh(*rx))
     lab.sh("ip", "netns", "exec", lab.client, sys.executable, "-c", _BLAST, str(seconds),
            str(CONN_PORT))
-    row["udp_new_pps"] = (int(lab.sh(*rx)) - before) / seconds
+    row = {"udp_new_pps": (int(lab.sh(*rx)) - before) / seconds}
     found = json.loads(lab.sh("ip", "netns", "exec", lab.client, sys.executable, "-m",
                               "secfw.bench.connrate", "client", "10.91.2.2", str(CONN_PORT),
                               str(seconds), "2"))
-    row |= {"rate": found["rate"], "p50_us": found["p50_us"], "p99_us": found["p99_us"]}
-    return row
+    return row | {"rate": found["rate"], "p50_us": found["p50_us"], "p99_us": found["p99_us"]}
 
 
 def main(argv: list[str]) -> int:
     """See the module doc."""
-    if len(argv) != 4:
+    if len(argv) != 4 or not set(argv[3].split(",")) <= set(LAYOUTS):
         print(__doc__, file=sys.stderr)
         return 2
     sizes, reps, seconds = [int(p) for p in argv[0].split(",")], int(argv[1]), float(argv[2])
@@ -194,7 +404,7 @@ def main(argv: list[str]) -> int:
             runs: dict[str, list[dict[str, float]]] = {layout: [] for layout in layouts}
             for rep in range(reps):
                 for layout in layouts:
-                    runs[layout].append(_measure(lab, texts[layout], seconds, 1000 + rep))
+                    runs[layout].append(_measure(lab, layout, texts, taps, seconds, 1000 + rep))
             for layout, rows in runs.items():
                 medians = {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
                 print(json.dumps({"ports": size, "layout": layout} | medians), flush=True)
