@@ -5,7 +5,7 @@ next group``) and one fixed verdict map jumps the group chain named by the
 packet mark. These check, in the bench's client → host → server namespaces,
 that such a port admits what any of its groups admits and drops the rest (also
 after a group is removed by the bench's own delta), and that the ``chainct``
-variant hands the packet on with the mark it arrived with.
+and ``datamapct`` variants hand the packet on with the mark it arrived with.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _arrived(lab: layouts.Lab) -> dict[int, int]:
             for port in PORTS}
 
 
-@pytest.mark.parametrize("layout", ["datamap", "chain", "chainct"])
+@pytest.mark.parametrize("layout", ["datamap", "datamapct", "chain", "chainct"])
 def test_union_of_groups_then_group_removed(lab: layouts.Lab, layout: str) -> None:
     """Groups 0 and 1 admit, group 2 (another port's) does not; after the bench's
     delta removing group 0 from the port, only group 1 admits."""
@@ -103,11 +103,12 @@ def test_union_of_groups_then_group_removed(lab: layouts.Lab, layout: str) -> No
     assert _arrived(lab) == {7001: 0, 7002: SENDS, 7003: 0}
 
 
-def test_chainct_restores_the_mark(lab: layouts.Lab) -> None:
+@pytest.mark.parametrize("layout", sorted(layouts.RESTORING))
+def test_restoring_layouts_keep_the_mark(lab: layouts.Lab, layout: str) -> None:
     """Every admitted packet leaves the filter with the mark it had before it
     (the dispatch's scratch value is put back from the conntrack mark)."""
     lab.sh("ip", "netns", "exec", lab.host, "nft", "-f", "-",
-           stdin=_table("chainct") + _MARKER)
+           stdin=_table(layout) + _MARKER)
     arrived = _arrived(lab)
     assert arrived == {7001: SENDS, 7002: SENDS, 7003: 0}
     assert _packets(lab, lab.host, "marker", "kept") == 2 * SENDS

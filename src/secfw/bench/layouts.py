@@ -10,7 +10,8 @@ line per size and layout):
   forwarded per second: conntrack marks a flow established only on a reply, so
   every datagram is ``ct state new`` and walks the whole dispatch;
 * ``p50_us``/``p99_us``/``rate`` — :mod:`secfw.bench.connrate`'s client;
-* ``apply_s`` — ``nft -f`` of the whole table; ``elem_add_ms`` — one ``nft add
+* ``apply_s`` / ``apply_cpu_s`` — ``nft -f`` of the whole table into an empty
+  ruleset (wall, and CPU time of ``nft``); ``elem_add_ms`` — one ``nft add
   element`` into a small unreferenced set (libnftables 1.0.6 lists every chain
   first; the kernel validates nothing);
 * ``port_add_ms`` — ``nft -f`` of one new port's dispatch elements (all of them,
@@ -30,10 +31,11 @@ elements, which dispatch on the packet mark through one fixed verdict map
 ``groups`` (group number → ``jump <G>``, O(groups)): ``datamap`` (per slot,
 ``meta mark set oifname map @dslot<i>``, a data map tap → group number),
 ``chain`` (the port's groups as a linked list in one data map, ``tap . previous
-group → next group``, so a group removed is O(1) elements) and ``chainct``
-(``chain``, the packet's mark saved in the conntrack mark before the dispatch
-and put back by the accepting rule). Used for docs/nftables.md ("Why slot maps",
-"Dispatch without per-port verdicts"); not part of ``make bench``.
+group → next group``, so a group removed is O(1) elements), and ``datamapct`` /
+``chainct``: the same, the packet's mark saved in the conntrack mark before the
+dispatch and put back by the accepting rule (:data:`RESTORING`). Used for
+docs/nftables.md ("Why slot maps", "Dispatch without per-port verdicts"); not
+part of ``make bench``.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ from itertools import pairwise
 from secfw.bench.connrate import CONN_PORT
 
 GROUPS, RULES, PER_PORT = 500, 10, 20
-LAYOUTS = ("none", "ctonly", "sets", "slots", "perport", "datamap", "chain", "chainct")
+LAYOUTS = ("none", "ctonly", "sets", "slots", "perport", "datamap", "datamapct", "chain",
+           "chainct")
 #: Layouts whose group chains put the saved mark back (``meta mark set ct mark``)
 #: in every accepting rule.
-RESTORING = frozenset({"chainct"})
+RESTORING = frozenset({"datamapct", "chainct"})
+_SAVE = "ct mark set meta mark"  # the first dispatch rule of those layouts
 #: The tap the port-change deltas add (absent from every table).
 NEW_TAP = "tapfffffffe-00"
 _BLAST = """
@@ -197,9 +201,9 @@ def _perport(taps: dict[str, list[int]]) -> tuple[list[str], list[str]]:
     return decls, ["oifname vmap @port_chain"]
 
 
-def _datamap(taps: dict[str, list[int]], slots: int,
-             groups: int) -> tuple[list[str], list[str]]:
-    decls, rules = [groups_vmap(groups)], []
+def _datamap(taps: dict[str, list[int]], slots: int, groups: int,
+             save: bool) -> tuple[list[str], list[str]]:
+    decls, rules = [groups_vmap(groups)], [_SAVE] if save else []
     for i in range(slots):
         elements = [f'"{t}" : {group_mark(gs[i])}' for t, gs in taps.items() if i < len(gs)]
         decls.append(_map(f"dslot{i}", "ifname", "mark", elements))
@@ -227,7 +231,7 @@ def _chain(taps: dict[str, list[int]], slots: int, groups: int,
              _map("next", "ifname . mark", "mark", links)]
     # Each rule moves one step along the port's list: the mark holds the group
     # just tried, and `tap . mark` finds the next one (a miss ends the walk).
-    rules = ["ct mark set meta mark"] if save else []
+    rules = [_SAVE] if save else []
     rules.append("meta mark set oifname map @first meta mark vmap @groups")
     rules += ["meta mark set oifname . meta mark map @next meta mark vmap @groups"] * (slots - 1)
     return decls, rules
@@ -243,10 +247,10 @@ def dispatch(layout: str, taps: dict[str, list[int]], groups: int = GROUPS,
         return _slots(taps, slots)
     if layout == "perport":
         return _perport(taps)
-    if layout == "datamap":
-        return _datamap(taps, slots, groups)
+    if layout in ("datamap", "datamapct"):
+        return _datamap(taps, slots, groups, save=layout in RESTORING)
     if layout in ("chain", "chainct"):
-        return _chain(taps, slots, groups, save=layout == "chainct")
+        return _chain(taps, slots, groups, save=layout in RESTORING)
     if layout == "ctonly":
         return [], ["accept"]
     raise ValueError(f"unknown layout {layout!r}")
@@ -278,7 +282,7 @@ def _port_lines(verb: str, layout: str, tap: str, gs: Sequence[int]) -> list[str
     ``perport``) with groups ``gs`` in slots 0…."""
     if layout == "sets":
         return [line for g in gs for line in _elements(verb, f"g{g:03d}-ports", [f'"{tap}"'])]
-    if layout in ("slots", "datamap"):
+    if layout in ("slots", "datamap", "datamapct"):
         def value(g: int) -> str:
             return f"jump g{g:03d}" if layout == "slots" else str(group_mark(g))
         prefix = "slot" if layout == "slots" else "dslot"
@@ -357,12 +361,17 @@ def _measure_changes(lab: Lab, layout: str, taps: dict[str, list[int]],
 def _measure(lab: Lab, layout: str, texts: dict[str, str], taps: dict[str, list[int]],
              seconds: float, probe: int) -> dict[str, float]:
     """Load ``layout``'s table and measure it once (see the module doc)."""
-    nft = ("ip", "netns", "exec", lab.host, "nft")
-    started = time.perf_counter()
+    # The previous layout's table goes first, untimed: deleting it in the same
+    # transaction would charge its teardown to this layout's apply. The kernel
+    # frees a deleted table's objects later, in a work item
+    # (nf_tables_trans_destroy_work): give it a moment off the clock.
+    lab.sh("ip", "netns", "exec", lab.host, "nft", "flush", "ruleset")
+    time.sleep(1)
     text = texts[layout]
-    lab.sh(*nft, "-f", "-", stdin=text) if text else lab.sh(*nft, "flush", "ruleset")
-    row = {"apply_s": time.perf_counter() - started}
+    row: dict[str, float] = {}
     if text:
+        wall, cpu = lab.nft_timed(text)
+        row |= {"apply_s": wall / 1000, "apply_cpu_s": cpu / 1000}
         row["elem_add_ms"], row["elem_add_cpu_ms"] = lab.nft_timed(
             f"add element inet x probe {{ {probe} }}\n")
     if layout not in ("none", "ctonly"):
