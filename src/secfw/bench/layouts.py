@@ -10,16 +10,14 @@ line per size and layout):
   forwarded per second: conntrack marks a flow established only on a reply, so
   every datagram is ``ct state new`` and walks the whole dispatch;
 * ``p50_us``/``p99_us``/``rate`` — :mod:`secfw.bench.connrate`'s client;
-* ``apply_s`` / ``apply_cpu_s`` — ``nft -f`` of the whole table into an empty
-  ruleset (wall, and CPU time of ``nft``); ``elem_add_ms`` — one ``nft add
-  element`` into a small unreferenced set (libnftables 1.0.6 lists every chain
-  first; the kernel validates nothing);
-* ``port_add_ms`` — ``nft -f`` of one new port's dispatch elements (all of them,
-  one batch; removed again untimed); ``group_rm_ms`` — ``nft -f`` of a port's
-  first group removed (put back untimed); each with ``…_cpu_ms``, the CPU
-  time of that ``nft`` process, where the kernel's commit (and its validation
-  of the table) is counted — ``elem_add_cpu_ms`` is the same libnftables work
-  without any validation, so the difference is the kernel's extra.
+* ``apply_s`` — ``nft -f`` of the whole table into an empty ruleset;
+  ``elem_add_ms`` — one element into a small unreferenced set (libnftables
+  1.0.6 lists every chain first; the kernel validates nothing);
+  ``port_add_ms`` — one new port's dispatch elements (all of them, one batch;
+  removed again untimed); ``group_rm_ms`` — a port's first group removed (put
+  back untimed). Each is wall time, with ``…_cpu`` (CPU time of nft) and
+  ``…_kernel`` (its time in ``sendmsg``: the transaction in the kernel,
+  commit and validation of the table included; see :meth:`Lab.nft_timed`).
 
 The policy: 500 group chains × 10 rules, 20 random groups per port, the test
 port's last group admitting the flow. Layouts (:data:`LAYOUTS`): ``none`` (no
@@ -42,10 +40,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -60,6 +61,8 @@ LAYOUTS = ("none", "ctonly", "sets", "slots", "perport", "datamap", "datamapct",
 #: in every accepting rule.
 RESTORING = frozenset({"datamapct", "chainct"})
 _SAVE = "ct mark set meta mark"  # the first dispatch rule of those layouts
+#: strace -T: the time a call took, at the end of its line.
+_SYSCALL_TIME = re.compile(r"<([0-9.]+)>$", re.MULTILINE)
 #: The tap the port-change deltas add (absent from every table).
 NEW_TAP = "tapfffffffe-00"
 _BLAST = """
@@ -117,18 +120,28 @@ class Lab:
         for ns in (self.client, self.host, self.server):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
-    def nft_timed(self, text: str) -> tuple[float, float]:
-        """``nft -f -`` of ``text`` in the host: (wall ms, CPU ms of nft).
+    def nft_timed(self, text: str) -> tuple[float, float, float]:
+        """``nft -f -`` of ``text`` in the host: (wall ms, CPU ms, kernel ms).
 
-        CPU is user + system time: their sum is the task's exact run time, their
-        split only sampled by the tick (getrusage(2), cputime_adjust), so the
-        kernel's share is read as a difference against a change that does not
-        validate (``elem_add``), not from ``ru_stime``."""
-        before = _children_cpu()
-        started = time.perf_counter()
-        self.sh("ip", "netns", "exec", self.host, "nft", "-f", "-", stdin=text)
-        wall = time.perf_counter() - started
-        return wall * 1000, (_children_cpu() - before) * 1000
+        CPU is user + system time of nft (and of the strace watching it): their
+        sum is the tasks' exact run time, their split only sampled by the tick
+        (getrusage(2), cputime_adjust), so it is not used. The kernel's part is
+        the time nft spends in ``sendmsg``: nfnetlink processes the batch —
+        every command, then the commit and its validation of the table — in
+        the sender's context before the call returns (nfnetlink_rcv_batch), so
+        strace's ``-T`` of those calls is the transaction's kernel time; a
+        seccomp filter stops nft at ``sendmsg`` alone (the cache listing runs
+        unwatched)."""
+        with tempfile.NamedTemporaryFile(mode="r", suffix=".strace") as trace:
+            before = _children_cpu()
+            started = time.perf_counter()
+            self.sh("strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=sendmsg", "-T",
+                    "-s", "0", "-o", trace.name, "ip", "netns", "exec", self.host,
+                    "nft", "-f", "-", stdin=text)
+            wall = time.perf_counter() - started
+            cpu = _children_cpu() - before
+            kernel = sum(float(t) for t in _SYSCALL_TIME.findall(trace.read()))
+        return wall * 1000, cpu * 1000, kernel * 1000
 
 
 def _children_cpu() -> float:
@@ -344,16 +357,22 @@ def group_removal(layout: str, tap: str, gs: Sequence[int]) -> tuple[str, str]:
     return old_del + new_add, new_del + old_add
 
 
+def _timed(lab: Lab, name: str, text: str) -> dict[str, float]:
+    """``name_ms``, ``name_cpu_ms``, ``name_kernel_ms`` of ``text`` applied."""
+    wall, cpu, kernel = lab.nft_timed(text)
+    return {f"{name}_ms": wall, f"{name}_cpu_ms": cpu, f"{name}_kernel_ms": kernel}
+
+
 def _measure_changes(lab: Lab, layout: str, taps: dict[str, list[int]],
                      rng: random.Random) -> dict[str, float]:
     """Port add and group removal of ``layout`` (already loaded), each undone."""
     row: dict[str, float] = {}
     add, remove = port_delta(layout, NEW_TAP, rng.sample(range(GROUPS), PER_PORT))
-    row["port_add_ms"], row["port_add_cpu_ms"] = lab.nft_timed(add)
+    row |= _timed(lab, "port_add", add)
     lab.nft_timed(remove)
     tap = rng.choice([t for t in taps if t != "tapS0"])
     drop, restore = group_removal(layout, tap, taps[tap])
-    row["group_rm_ms"], row["group_rm_cpu_ms"] = lab.nft_timed(drop)
+    row |= _timed(lab, "group_rm", drop)
     lab.nft_timed(restore)
     return row
 
@@ -370,10 +389,9 @@ def _measure(lab: Lab, layout: str, texts: dict[str, str], taps: dict[str, list[
     text = texts[layout]
     row: dict[str, float] = {}
     if text:
-        wall, cpu = lab.nft_timed(text)
-        row |= {"apply_s": wall / 1000, "apply_cpu_s": cpu / 1000}
-        row["elem_add_ms"], row["elem_add_cpu_ms"] = lab.nft_timed(
-            f"add element inet x probe {{ {probe} }}\n")
+        wall, cpu, kernel = lab.nft_timed(text)
+        row |= {"apply_s": wall / 1000, "apply_cpu_s": cpu / 1000, "apply_kernel_s": kernel / 1000}
+        row |= _timed(lab, "elem_add", f"add element inet x probe {{ {probe} }}\n")
     if layout not in ("none", "ctonly"):
         row |= _measure_changes(lab, layout, taps, random.Random(probe))
     row |= _traffic(lab, seconds)
@@ -393,6 +411,10 @@ def _traffic(lab: Lab, seconds: float) -> dict[str, float]:
     return row | {"rate": found["rate"], "p50_us": found["p50_us"], "p99_us": found["p99_us"]}
 
 
+def _exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     """See the module doc."""
     if len(argv) != 4 or not set(argv[3].split(",")) <= set(LAYOUTS):
@@ -405,6 +427,8 @@ def main(argv: list[str]) -> int:
     servers = [subprocess.Popen(["ip", "netns", "exec", lab.server, sys.executable, *args])
                for args in (["-m", "secfw.bench.connrate", "serve", str(CONN_PORT)],
                             ["-c", _SINK, str(CONN_PORT)])]
+    # A TERM still tears the lab down (a background job ignores INT).
+    signal.signal(signal.SIGTERM, _exit)
     try:
         time.sleep(1)
         for size in sizes:
