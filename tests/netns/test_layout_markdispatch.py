@@ -27,10 +27,11 @@ FOREIGN_MARK = 0x00C0FFEE
 SENDS = 4
 _SEND = """
 import socket, sys
-for _ in range(int(sys.argv[2])):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a new flow each time
-    s.sendto(b"x", ("10.91.2.2", int(sys.argv[1])))
-    s.close()
+for port in sys.argv[2:]:
+    for _ in range(int(sys.argv[1])):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a new flow each time
+        s.sendto(b"x", ("10.91.2.2", int(port)))
+        s.close()
 """
 
 
@@ -85,9 +86,8 @@ def _packets(lab: layouts.Lab, ns: str, table: str, counter: str) -> int:
 def _arrived(lab: layouts.Lab) -> dict[int, int]:
     """Datagrams the server received per port, after SENDS new flows to each."""
     before = {port: _packets(lab, lab.server, "arrivals", f"p{port}") for port in PORTS}
-    for port in PORTS:
-        subprocess.run(["ip", "netns", "exec", lab.client, sys.executable, "-c", _SEND,
-                        str(port), str(SENDS)], check=True, timeout=60)
+    subprocess.run(["ip", "netns", "exec", lab.client, sys.executable, "-c", _SEND,
+                    str(SENDS), *map(str, PORTS)], check=True, timeout=60)
     return {port: _packets(lab, lab.server, "arrivals", f"p{port}") - before[port]
             for port in PORTS}
 
@@ -112,3 +112,14 @@ def test_restoring_layouts_keep_the_mark(lab: layouts.Lab, layout: str) -> None:
     arrived = _arrived(lab)
     assert arrived == {7001: SENDS, 7002: SENDS, 7003: 0}
     assert _packets(lab, lab.host, "marker", "kept") == 2 * SENDS
+
+
+@pytest.mark.parametrize("layout", sorted(layouts.RESTORING))
+def test_restoring_layouts_drop_untracked(lab: layouts.Lab, layout: str) -> None:
+    """Fail-closed, as docs/nftables.md says: an untracked packet has no conntrack
+    mark, so the accepting rule's ``meta mark set ct mark`` ends the rule and the
+    port drops what its group admits (the slot maps would admit it)."""
+    notrack = ("table inet raw {\nchain pre { type filter hook prerouting priority raw;\n"
+               f"udp dport {PORTS[0]} notrack; }}\n}}\n")
+    lab.sh("ip", "netns", "exec", lab.host, "nft", "-f", "-", stdin=_table(layout) + notrack)
+    assert _arrived(lab) == {7001: 0, 7002: SENDS, 7003: 0}
