@@ -4,7 +4,7 @@
 builds three namespaces (client → host → server, the server behind a veth
 named like a tap), loads in the host a synthetic ``inet x`` table for each
 layout in turn and measures, interleaved REPS times (medians printed, one JSON
-line per size and layout):
+line per size and layout; each run's figures on stderr):
 
 * ``udp_new_pps`` — datagrams of one UDP flow the server never answers,
   forwarded per second: conntrack marks a flow established only on a reply, so
@@ -437,7 +437,10 @@ def main(argv: list[str]) -> int:
             runs: dict[str, list[dict[str, float]]] = {layout: [] for layout in layouts}
             for rep in range(reps):
                 for layout in layouts:
-                    runs[layout].append(_measure(lab, layout, texts, taps, seconds, 1000 + rep))
+                    row = _measure(lab, layout, texts, taps, seconds, 1000 + rep)
+                    runs[layout].append(row)
+                    print(json.dumps({"ports": size, "layout": layout, "rep": rep} | row),
+                          file=sys.stderr, flush=True)  # each run, for paired ratios
             for layout, rows in runs.items():
                 medians = {k: round(statistics.median(r[k] for r in rows), 2) for k in rows[0]}
                 print(json.dumps({"ports": size, "layout": layout} | medians), flush=True)
