@@ -10,6 +10,9 @@ line per size and layout; each run's figures on stderr):
   forwarded per second: conntrack marks a flow established only on a reply, so
   every datagram is ``ct state new`` and walks the whole dispatch;
 * ``p50_us``/``p99_us``/``rate`` — :mod:`secfw.bench.connrate`'s client;
+* ``new_cpu_us`` — CPU time per datagram of new flows sent by the host itself,
+  which its output hook sends through the same dispatch: the steadiest of the
+  three on a loaded machine (CPU time, not a rate; see ``_OUTPUT_SENDER``);
 * ``apply_s`` — ``nft -f`` of the whole table into an empty ruleset;
   ``elem_add_ms`` — one element into a small unreferenced set (libnftables
   1.0.6 lists every chain first; the kernel validates nothing);
@@ -63,6 +66,9 @@ RESTORING = frozenset({"datamapct", "chainct"})
 _SAVE = "ct mark set meta mark"  # the first dispatch rule of those layouts
 #: strace -T: the time a call took, at the end of its line.
 _SYSCALL_TIME = re.compile(r"<([0-9.]+)>$", re.MULTILINE)
+#: The port of _OUTPUT_SENDER's datagrams: the group admitting CONN_PORT admits
+#: it too (``_group``), and only it goes to the dispatch on output.
+OUTPUT_PORT = CONN_PORT + 1
 #: The tap the port-change deltas add (absent from every table).
 NEW_TAP = "tapfffffffe-00"
 _BLAST = """
@@ -76,6 +82,23 @@ while time.monotonic() < end:
     n += 200
 print(n)
 """
+#: Sends datagrams of new flows from the host itself through its output hook
+#: (where the table sends them to the dispatch, as the forward hook does for
+#: forwarded ones) and prints the CPU time per datagram in µs. The output hook
+#: runs in the sender's own system call, so that is the filter's cost plus a
+#: constant one — CPU time, not wall time: other jobs do not inflate it.
+_OUTPUT_SENDER = """
+import resource, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n, data, to = int(sys.argv[1]), bytes(18), ("10.91.2.2", int(sys.argv[2]))
+used = resource.getrusage(resource.RUSAGE_SELF)
+for _ in range(n):
+    s.sendto(data, to)
+done = resource.getrusage(resource.RUSAGE_SELF)
+print((done.ru_utime + done.ru_stime - used.ru_utime - used.ru_stime) / n * 1e6)
+"""
+#: Datagrams per run of _OUTPUT_SENDER.
+OUTPUT_DATAGRAMS = 30_000
 _SINK = """
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -162,7 +185,7 @@ def _group(g: int, restore: bool) -> str:
     verdict = "meta mark set ct mark accept" if restore else "accept"
     rules = [f"meta nfproto ipv4 meta l4proto 6 th dport {1000 + g * RULES + r} {verdict}"
              for r in range(RULES - 1)]
-    last = CONN_PORT if g == GROUPS - 1 else 999
+    last = f"{{ {CONN_PORT}, {OUTPUT_PORT} }}" if g == GROUPS - 1 else "999"
     rules.append(f"meta nfproto ipv4 meta l4proto {{ 6, 17 }} th dport {last} {verdict}")
     return f"chain g{g:03d} {{\n" + "\n".join(rules) + "\n}"
 
@@ -281,6 +304,8 @@ def ruleset(layout: str, taps: dict[str, list[int]]) -> str:
         "tcp flags & (fin | syn | rst | ack) != syn drop\n" + "\n".join(rules) + "\ndrop\n}",
         "chain forward-in {\ntype filter hook forward priority 0; policy accept;\n"
         'oifname != "tap*" accept\noifname "tapS0" goto ingress-filter\n}',
+        "chain output-in {\ntype filter hook output priority 0; policy accept;\n"
+        f'oifname "tapS0" udp dport {OUTPUT_PORT} goto ingress-filter\n}}',
         "set probe { type inet_service; }",
     ]
     return "add table inet x\ndelete table inet x\ntable inet x {\n" + "\n".join(body) + "\n}\n"
@@ -399,12 +424,16 @@ def _measure(lab: Lab, layout: str, texts: dict[str, str], taps: dict[str, list[
 
 
 def _traffic(lab: Lab, seconds: float) -> dict[str, float]:
-    """New UDP datagrams forwarded per second, then connrate's TCP connects."""
+    """CPU per new datagram on the output hook, new UDP datagrams forwarded per
+    second, then connrate's TCP connects."""
+    row = {"new_cpu_us": float(lab.sh("ip", "netns", "exec", lab.host, sys.executable, "-c",
+                                      _OUTPUT_SENDER, str(OUTPUT_DATAGRAMS),
+                                      str(OUTPUT_PORT)))}
     rx = ("ip", "netns", "exec", lab.server, "cat", "/sys/class/net/s0/statistics/rx_packets")
     before = int(lab.sh(*rx))
     lab.sh("ip", "netns", "exec", lab.client, sys.executable, "-c", _BLAST, str(seconds),
            str(CONN_PORT))
-    row = {"udp_new_pps": (int(lab.sh(*rx)) - before) / seconds}
+    row["udp_new_pps"] = (int(lab.sh(*rx)) - before) / seconds
     found = json.loads(lab.sh("ip", "netns", "exec", lab.client, sys.executable, "-m",
                               "secfw.bench.connrate", "client", "10.91.2.2", str(CONN_PORT),
                               str(seconds), "2"))
