@@ -1,6 +1,7 @@
 """Ingress dispatch layouts side by side: new-flow cost, full apply, port changes.
 
 ``python -m secfw.bench.layouts PORTS[,PORTS…] REPS SECONDS LAYOUT[,LAYOUT…]``
+(or ``ports-map PORTS REPS``: :func:`port_classes`)
 builds three namespaces (client → host → server, the server behind a veth
 named like a tap), loads in the host a synthetic ``inet x`` table for each
 layout in turn and measures, interleaved REPS times (medians printed, one JSON
@@ -440,12 +441,61 @@ def _traffic(lab: Lab, seconds: float) -> dict[str, float]:
     return row | {"rate": found["rate"], "p50_us": found["p50_us"], "p99_us": found["p99_us"]}
 
 
+def with_port_classes(text: str, taps: dict[str, list[int]], kind: str) -> str:
+    """``text`` with the test tap's fixed ``goto ingress-filter`` replaced by a
+    per-port class as secfw has it: ``vmap`` (every tap → ``goto
+    ingress-filter`` in a verdict map, like ``ingress_ports``) or ``set`` (the
+    taps in a set tested by one ``goto`` rule)."""
+    fixed = 'oifname "tapS0" goto ingress-filter'
+    if kind == "vmap":
+        decl = _map("ports", "ifname", "verdict", [f'"{t}" : goto ingress-filter' for t in taps])
+        rule = "oifname vmap @ports"
+    else:
+        names = ", ".join(f'"{t}"' for t in taps)
+        decl = f"set ports {{ type ifname; elements = {{ {names} }} }}"
+        rule = "oifname @ports goto ingress-filter"
+    return text.replace(fixed, rule).replace("set probe {", decl + "\nset probe {")
+
+
+def port_classes(size: int, reps: int) -> int:
+    """``ports-map SIZE REPS``: a port added (dispatch elements and its class
+    element, one batch) under slots and datamapct, the class a ``goto`` verdict
+    element or a set element; medians of nft's CPU and kernel ms, one JSON line
+    each."""
+    taps = membership(size, random.Random(size))
+    lab = Lab()
+    lab.up()
+    runs: dict[str, list[tuple[float, float]]] = {}
+    try:
+        for rep in range(reps):
+            for layout in ("slots", "datamapct"):
+                for kind in ("vmap", "set"):
+                    lab.sh("ip", "netns", "exec", lab.host, "nft", "flush", "ruleset")
+                    lab.nft_timed(with_port_classes(ruleset(layout, taps), taps, kind))
+                    add, remove = port_delta(layout, NEW_TAP,
+                                             random.Random(rep).sample(range(GROUPS), PER_PORT))
+                    value = " : goto ingress-filter" if kind == "vmap" else ""
+                    _, cpu, kernel = lab.nft_timed(
+                        add + f'add element inet x ports {{ "{NEW_TAP}"{value} }}\n')
+                    lab.nft_timed(remove + f'delete element inet x ports {{ "{NEW_TAP}" }}\n')
+                    runs.setdefault(f"{layout}/{kind}", []).append((cpu, kernel))
+    finally:
+        lab.down()
+    for name, rows in runs.items():
+        print(json.dumps({"ports": size, "layout": name,
+                          "port_add_cpu_ms": round(statistics.median(r[0] for r in rows), 2),
+                          "port_add_kernel_ms": round(statistics.median(r[1] for r in rows), 2)}))
+    return 0
+
+
 def _exit(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str]) -> int:
     """See the module doc."""
+    if len(argv) == 3 and argv[0] == "ports-map":
+        return port_classes(int(argv[1]), int(argv[2]))
     if len(argv) != 4 or not set(argv[3].split(",")) <= set(LAYOUTS):
         print(__doc__, file=sys.stderr)
         return 2
