@@ -28,7 +28,7 @@ port's last group admitting the flow. Layouts (:data:`LAYOUTS`): ``none`` (no
 table), ``ctonly`` (conntrack state, then accept), ``sets`` (one ``oifname
 @<G>-ports jump <G>`` per group, secfw's former layout), ``slots`` (``oifname
 vmap @slot<i>`` per slot, the current one), ``perport`` (a verdict map to a
-chain per port that jumps its groups), and three without per-port verdict
+chain per port that jumps its groups), and four without per-port verdict
 elements, which dispatch on the packet mark through one fixed verdict map
 ``groups`` (group number → ``jump <G>``, O(groups)): ``datamap`` (per slot,
 ``meta mark set oifname map @dslot<i>``, a data map tap → group number),
