@@ -16,15 +16,32 @@ was ~1M probes per port). It splits the comparison where the ruleset splits:
    the agent writes none of these) is not shared: it is probed per port.
 2. **Each same-net set, once**: the kernel's set against the IR's, at every
    element's edges and the addresses just outside them, both sides' elements.
-3. **Each port**, each direction and family, only its own parts: its probes
-   through the real hook path with the chains found equal in step 1 *stubbed*
-   by the model's answer (so what remains to differ is the port's dispatch,
-   anti-spoofing, port security, same-net lookups, NAT): the base services
-   from an ordinary outside address, a member of each of its same-net sets and
-   the addresses beside them, the values named by the rules outside group
-   chains (:data:`OTHER_VALUES` at most), its floating and metadata probes; and
-   one *dispatch* probe whose path records which group chains it reaches:
-   they must be the port's chains for that direction.
+3. **Each port**, each direction and family, only its own parts — as *data*
+   first: when the backend can (nftables, :meth:`SharedKernel.port_data`,
+   :mod:`secfw.audit.skeleton`), the ruleset's fixed skeleton (base chains,
+   ``ingress-filter``, ``egress-*``, guard and protection chains, every set
+   declaration, the sets no port keys) is compared once, in normal form, with
+   the backend's own rendering of the model, and each port's elements (those
+   whose first key is its tap, or its mark on a bridged host: dispatch and slot
+   maps, ``<N>-ports``, spoof, ND and ARP sets, its marks, its metadata
+   element) with the rendering's. A port is then answered without a probe when
+   the skeleton and its elements are equal, every group chain it uses was found
+   equal in step 1 and every same-net set it accepts from in step 2: the
+   evaluator reads nothing else of the ruleset for that port's packets (the
+   argument is skeleton.py's docstring), and the renderer's output is the
+   model's meaning (its own tests: golden files, real packets in the
+   differential tests). Any other port — its elements or a rule naming its tap
+   differ, a chain or set of its differs, or the skeleton does (then every
+   port, slow but complete), or the backend has no such comparison (iptables) —
+   is *probed*: its probes through the real hook path with the chains found
+   equal in step 1 *stubbed* by the model's answer (so what remains to differ
+   is the port's dispatch, anti-spoofing, port security, same-net lookups,
+   NAT): the base services from an ordinary outside address, a member of each
+   of its same-net sets and the addresses beside them, the values named by the
+   rules outside group chains (:data:`OTHER_VALUES` at most), its floating and
+   metadata probes; and one *dispatch* probe whose path records which group
+   chains it reaches: they must be the port's chains for that direction. So a
+   reported difference always carries a packet.
 
 Where a chain or set differs (step 1 or 2), or the dispatch does (step 3), the
 points showing it are tried on every port concerned through the *real* path

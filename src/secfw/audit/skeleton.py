@@ -22,8 +22,9 @@ and (d) lookups keyed by an interface or a mark. The probe's interfaces are
 P's tap or the uplink/bridge, never another tap; its mark is set only by
 lookups keyed by P's tap (``egress_marks``/``ingress_marks``, equal to the
 model's) or by an address (``ingress_addrs4/6``, part of the skeleton: no port
-keys it), so it is P's mark, a mark the model gives to an address (cleared by
-``to-tap`` before any lookup keyed by mark, as the skeleton is the model's), or
+keys it), so it is one of P's marks, or a mark the model gives to an address
+(the inet forward hook's) which ``to-tap`` — the skeleton's, so the model's —
+replaces by P's own element or clears before any lookup keyed by mark, or
 none. An element whose first key is another port's tap or mark can therefore
 never match, and one keyed by nothing of a port is in the skeleton. A set keyed
 by an interface or mark holds exact keys unless its declaration has the
@@ -35,13 +36,19 @@ other difference — a rule, a hook, a declaration, an element keyed by no port
 every port is probed (slow, still complete).
 
 A rule present on one side only is attributed to a port, not to the skeleton,
-when its first statement is ``iifname``/``oifname == "<P's tap>"``: a failed
-first match ends the rule before anything else runs (nft(8), "RULES"), and
-only P's probes carry that name, so for every other port the rule is inert.
+when its first statement is ``iifname``/``oifname == "<P's tap>"``: a rule's
+statements run in order and a failed match ends it before anything else runs
+(nft(8), "RULES"), and only P's probes carry that name, so for every other
+port the rule is inert.
 
-Equal canonical forms mean equal rules: canonical.py's contract (the agent's
-drift detection relies on it), which holds for every rule whose protocol
-dependencies precede only matches — each rule the renderer writes. Pure: no I/O.
+Equal canonical forms mean equal rules (canonical.py's contract, which the
+agent's drift detection relies on) with one exception: canonical.py drops a
+protocol dependency (``meta l4proto tcp``) that a later statement implies, so a
+kernel rule with a statement that acts (``meta mark set``, NAT) between the two
+would read as the same rule without the dependency. It could equal only a
+model rule that acts before a statement reading a header; the renderer writes
+none, and :func:`_model_chains` checks it: such a model rule makes the
+skeleton undecided (every port probed). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -96,6 +103,8 @@ def port_data(listing: Mapping[str, Any], desired: Ruleset, topology: str,
     try:
         return _port_data(listing, desired, port_identity(topology, taps), taps,
                           group_chains, address_sets)
+    except _Undecided as exc:
+        return PortData(str(exc), frozenset())
     except (BackendError, KeyError, TypeError, ValueError, AttributeError) as exc:
         return PortData(f"unreadable listing: {exc!r}", frozenset())
 
@@ -158,9 +167,37 @@ def _model_chains(desired: Ruleset, group_chains: Collection[str]
         forms = []
         for rule in chain.rules:
             expr = [statement_json(s) for s in rule.statements]
+            if _acts_before_header(expr):
+                raise _Undecided(f"chain {chain.name}: a rule acts before reading a header")
             forms.append((canonical_expr(expr), _guard(expr)))
         found[(chain.family, chain.name)] = (chain.hook, tuple(forms))
     return found
+
+
+class _Undecided(Exception):
+    """The skeleton cannot be compared in normal form (module docstring)."""
+
+
+def _acts_before_header(expr: list[Any]) -> bool:
+    """Whether a statement that is not a match comes before one that reads a
+    named header (where canonical.py's dropped dependency would matter)."""
+    acted = False
+    for statement in expr:
+        if acted and _reads_header(statement):
+            return True
+        acted = acted or not (isinstance(statement, dict) and "match" in statement)
+    return False
+
+
+def _reads_header(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_reads_header(item) for item in node)
+    if isinstance(node, dict):
+        payload = node.get("payload")
+        if isinstance(payload, dict) and "protocol" in payload:
+            return True
+        return any(_reads_header(value) for value in node.values())
+    return False
 
 
 def _guard(expr: list[Any]) -> str | None:
