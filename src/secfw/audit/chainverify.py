@@ -76,6 +76,7 @@ from secfw.audit.verify import (
     _own_ranges,
     _sendable,
     _sendable_instead,
+    cidr_span,
     merged_spans,
     network_edges,
     probe_packet,
@@ -111,6 +112,9 @@ class MemoIndex(PolicyIndex):
     def __init__(self, hf: HostFilter) -> None:
         super().__init__(hf)
         self._memo: dict[tuple[object, ...], bool] = {}
+        #: The host's address sets by name (their texts: verify's step 2 reads
+        #: them as integer intervals without parsing networks).
+        self.hf_sets = {s.name: s for s in hf.sets}
 
     def chain_accepts(self, name: str, packet: Packet, remote: str) -> bool:
         """Whether a rule of IR chain ``name`` admits ``packet`` (remote end ``remote``)."""
@@ -253,9 +257,9 @@ class SharedCheck:
         """IR set ``name`` in normal form (as :meth:`SharedKernel.set_spans`)."""
         found = self._normal.get(name)
         if found is None:
+            ir = self.index.hf_sets.get(name)
             found = self._normal[name] = merged_spans(
-                (int(n.network_address), int(n.broadcast_address))
-                for n in self.index.members(name))
+                cidr_span(text) for text in (ir.elements if ir is not None else ()))
         return found
 
     def verified(self, name: str, family: Family) -> bool:

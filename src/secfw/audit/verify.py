@@ -49,6 +49,7 @@ import bisect
 import ipaddress
 import itertools
 import json
+import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
@@ -644,10 +645,10 @@ class NftKernel(SharedKernel):
                                              strict=False)
                 spans.append((int(block[0]), int(block[-1])))
             elif isinstance(key, dict) and "range" in key:
-                low, high = (int(ipaddress.ip_address(v)) for v in key["range"])
+                low, high = (address_int(str(v)) for v in key["range"])
                 spans.append((low, high))
             elif isinstance(key, str) and _is_address(key):
-                spans.append((int(ipaddress.ip_address(key)),) * 2)
+                spans.append((address_int(key),) * 2)
             else:
                 raise nftkernel.Unsupported(f"set element {key!r}")
         return merged_spans(spans)
@@ -725,6 +726,33 @@ class NftKernel(SharedKernel):
         text = json.dumps(self._rules(name))
         local = '"daddr"' if direction == "ingress" else '"saddr"'
         return any(word in text for word in (*_NFT_PORT_WORDS, local))
+
+
+def address_int(text: str) -> int:
+    """An address's text as an integer: ``inet_pton`` for the strict forms (the
+    kernel's and the compiler's, ~20x faster than :mod:`ipaddress` — a 10k host's
+    sets hold ~50k addresses), :mod:`ipaddress` for anything else (ValueError
+    for what is no address)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return int.from_bytes(socket.inet_pton(family, text), "big")
+        except OSError:
+            continue
+    return int(ipaddress.ip_address(text))
+
+
+def cidr_span(text: str) -> tuple[int, int]:
+    """A CIDR's (or an address's) first and last address as integers."""
+    address, _, length = text.partition("/")
+    first = address_int(address)
+    bits = 32 if "." in address and ":" not in address else 128
+    if not length:
+        return first, first
+    host = (1 << (bits - int(length))) - 1
+    if not 0 <= int(length) <= bits or first & host:
+        network = ipaddress.ip_network(text, strict=False)  # as the evaluator reads it
+        return int(network[0]), int(network[-1])
+    return first, first | host
 
 
 def merged_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
