@@ -25,7 +25,7 @@ from test_golden import CLOUDS, HOST, api, listing_path  # noqa: F401 (api: a fi
 from secfw.api import Api
 from secfw.audit.skeleton import PortData, port_data
 from secfw.backends import TOPOLOGIES
-from secfw.backends.nftables import render
+from secfw.backends.nftables import Ruleset, render
 from secfw.compiler.build import compile_host
 from secfw.compiler.ir import HostFilter
 
@@ -35,8 +35,19 @@ PORT_KEYED = ("ingress_ports", "egress_ports", "ingress_slot0", "egress_slot0", 
 
 
 def checked(hf: HostFilter, topology: str, listing: dict[str, Any]) -> PortData:
-    return port_data(listing, render(hf, topology), topology, [p.tap for p in hf.ports],
+    return port_data(listing, rendered(hf, topology), topology, [p.tap for p in hf.ports],
                      {c.name for c in hf.chains}, {s.name for s in hf.sets})
+
+
+_RENDERED: dict[tuple[int, str], tuple[HostFilter, Ruleset]] = {}
+
+
+def rendered(hf: HostFilter, topology: str) -> Ruleset:
+    """``render(hf, topology)``, once per filter (each test checks many listings)."""
+    hit = _RENDERED.get((id(hf), topology))
+    if hit is None or hit[0] is not hf:
+        hit = _RENDERED[(id(hf), topology)] = (hf, render(hf, topology))
+    return hit[1]
 
 
 def owners(listing: dict[str, Any]) -> dict[str, str]:
