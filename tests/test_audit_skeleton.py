@@ -9,8 +9,9 @@ checks they are the kernel's own output). Against the model's rendering:
   that port differs, the skeleton stays equal;
 * a rule whose first statement names a port's tap added to a base chain: that port;
 * an element keyed by no port, a rule naming no tap, a rule naming an interface
-  that is no port's, a chain's hook changed: a skeleton difference (every port
-  probed).
+  that is no port's, a chain's hook changed, a table with flags (dormant: none of
+  its chains runs; the evaluator then answers ``unknown``): a skeleton difference
+  (every port probed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from test_golden import CLOUDS, HOST, api, listing_path  # noqa: F401 (api: a fixture)
 
 from secfw.api import Api
+from secfw.audit import nftkernel
 from secfw.audit.skeleton import PortData, port_data
 from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables import Ruleset, render
@@ -146,3 +148,19 @@ def test_an_element_keyed_by_no_port_or_a_hook_is_the_skeleton(
     assert base is not None
     base["prio"] = base["prio"] + 1
     assert checked(hf, topology, tampered).skeleton is not None
+
+
+def test_a_dormant_table_is_the_skeleton_and_unknown_to_the_evaluator(
+        golden: tuple[HostFilter, str, dict[str, Any]]) -> None:
+    hf, topology, listing = golden
+    tampered = copy.deepcopy(listing)
+    table = next(obj["table"] for obj in tampered["nftables"]
+                 if "table" in obj and obj["table"]["family"] == "inet")
+    table["flags"] = "dormant"
+    assert checked(hf, topology, tampered).skeleton is not None
+    stage = nftkernel.paths_after(topology, hf.ports[0].tap, "ingress")[0]
+    probe = nftkernel.Probe(stage.iifname, stage.oifname, "192.0.2.1", "10.0.0.1", 6,
+                            sport=40000, dport=22)
+    with pytest.raises(nftkernel.Unsupported, match="dormant"):
+        nftkernel.NftRuleset(tampered).run([stage], probe)
+    nftkernel.NftRuleset(listing).run([stage], probe)  # untouched: evaluated

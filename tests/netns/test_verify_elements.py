@@ -15,6 +15,12 @@ difference), fares as verify says the kernel treats it:
    (routed ``forward-ingress``, bridged ``to-tap``): tcp 80 dropped;
 5. vm1's and vm2's ``spoof4`` elements with their addresses swapped.
 
+Last, ``inet secfw`` made dormant (``flags dormant``: none of its chains runs —
+real packets the model drops now arrive): every port and direction is reported,
+the kernel's verdict ``unknown`` (the evaluator does not guess what a flagged
+table does); before, the listing read the same as an active table's and verify
+found nothing (checked with nftkernel.py and skeleton.py of main).
+
 Every step's outcome is collected and asserted at the end, so that a failure
 lists every step that went wrong. Checked against a naive data path: with the
 element comparison skipped (``skeleton._compare_sets`` not looking at
@@ -140,6 +146,15 @@ def test_a_port_elements_tampered(cloud: Any) -> None:
     problems += outcome(cloud, "spoof elements swapped",
                         {("vm1", "egress"), ("vm2", "egress")})
     assert not problems, "\n".join(problems)
+
+    assert not cloud.arrives("vm1", "tcp", 5432)
+    nft(cloud, "add", "table", "inet", "secfw", "{ flags dormant; }")
+    assert cloud.arrives("vm1", "tcp", 5432)  # the table is off
+    found, _ = run_verify(cloud)
+    assert {(d.view.instance.name, d.direction) for d in found} == {
+        (n, d) for n in ("vm1", "vm2", "peer") for d in ("ingress", "egress")}, \
+        [d.row() for d in found]
+    assert all(d.kernel.startswith("unknown") and "dormant" in d.kernel for d in found)
 
 
 def swap_spoof(cloud: Any, first: str, second: str) -> None:

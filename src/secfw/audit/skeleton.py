@@ -135,6 +135,8 @@ def _foreign(objects: Iterable[Mapping[str, Any]]) -> str | None:
     a chain of any table it is given), or None."""
     for obj in objects:
         for kind, body in obj.items():
+            if kind == "table" and "flags" in body:  # dormant: no chain of it runs
+                return f"table {body.get('family')} {body.get('name')} has flags"
             if kind in ("chain", "rule", "set", "map") and (
                     body.get("table") != TABLE or body.get("family") not in FAMILIES):
                 return f"{kind} {body.get('name', '')} in table {body.get('table')}"
