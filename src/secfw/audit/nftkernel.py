@@ -114,7 +114,14 @@ class NftRuleset:
         self.chains: dict[tuple[str, str], dict[str, Any]] = {}
         self.rules: dict[tuple[str, str], list[list[Any]]] = {}
         self.sets: dict[tuple[str, str], list[Any]] = {}
+        #: Tables listed with flags: ``dormant`` turns all their base chains off,
+        #: and nft 1.0.6's JSON prints a table's flags wrongly (measured: the
+        #: table's name), so any flag leaves their chains unknown.
+        self.flagged: dict[tuple[str, str], Any] = {}
         for item in listing.get("nftables", []):
+            if "table" in item and "flags" in item["table"]:
+                table = item["table"]
+                self.flagged[(table["family"], table["name"])] = table["flags"]
             if "chain" in item:
                 chain = item["chain"]
                 self.chains[(chain["family"], chain["name"])] = chain
@@ -139,6 +146,9 @@ class NftRuleset:
         key = (family, hook)
         found = self._by_hook.get(key)
         if found is None:
+            for (fam, name), flags in self.flagged.items():
+                if fam == family:
+                    raise Unsupported(f"table {fam} {name} has flags {flags!r} (dormant?)")
             found = self._by_hook[key] = sorted(
                 (c for (fam, _), c in self.chains.items()
                  if fam == family and c.get("hook") == hook),

@@ -9,7 +9,9 @@ the agent loaded the host's table into the bench namespace.
 * ``exposure_s`` / ``lint_s`` — the whole cloud (every port, every group);
 * ``verify_s`` — the whole host: the namespace's tables read back
   (``verify_read_s``) and verified (``verify_check_s``: each group chain and set
-  once, then each port's own parts, :mod:`secfw.audit.chainverify`);
+  once, then each port's own parts — as data, the skeleton and its elements
+  against the model's rendering, :mod:`secfw.audit.skeleton`; probed when they
+  differ, :mod:`secfw.audit.chainverify`);
   ``verify_host_ports``, ``verify_probes``, ``verify_differences`` (0).
 
 Targets (10k ports, 500 groups, 5,000 rules): explain < 50 ms, reach < 200 ms,

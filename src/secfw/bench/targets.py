@@ -362,7 +362,9 @@ NEXT_STEPS: dict[str, str] = {
         "open) and the store's last write hashed (one 20k-document batch in the bench "
         "store); without them, the host-view load, compile and render"),
     "secfw full sync": "the full sync's kernel-facing part (see the compile + apply row)",
-    "audit verify": "~52 probes per port through the Python evaluator: share the per-port path",
+    "audit verify": (
+        "the read-back (nft -j list and its JSON parse, ~3 s CPU at 10k) and the model's "
+        "rendering (~1 s): the ports themselves are compared as data (audit/skeleton.py)"),
     "audit": "row assembly and per-port ICMP labels (see README, Auditing)",
 }
 
