@@ -12,10 +12,7 @@ its ``default`` security group is created on first use.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import wraps
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from secfw.cloud import CloudState, first_free, free_addresses
 from secfw.errors import (
@@ -34,7 +31,6 @@ from secfw.errors import (
     QuotaError,
     ValidationError,
 )
-from secfw.imagefiles import ByteSource, ImageFiles, directory_for
 from secfw.model import (
     ADMIN_PROJECT,
     DEFAULT_GROUP,
@@ -107,6 +103,11 @@ from secfw.scheduler import (
 from secfw.store.base import Store, WriteTxn, retry_conflicts
 from secfw.store.indexes import EVERY, group_bucket, server_bucket
 
+if TYPE_CHECKING:
+    # Image bytes (tempfile, hashlib, shutil, fcntl) are for the image commands only:
+    # imported where used, so a security-group command does not load them.
+    from secfw.imagefiles import ByteSource, ImageFiles
+
 #: nova's ``image`` of a server booted from a volume.
 BOOT_FROM_VOLUME = "Attempt to boot from volume - no image supplied"
 
@@ -175,6 +176,8 @@ class Api:
     def image_files(self) -> ImageFiles:
         """Where image bytes go (by default beside the store: :mod:`secfw.imagefiles`)."""
         if self._image_files is None:
+            from secfw.imagefiles import ImageFiles, directory_for
+
             self._image_files = ImageFiles(directory_for(self.store))
         return self._image_files
 
@@ -1222,6 +1225,8 @@ class Api:
 
     def user_data(self, project: str, server: str) -> bytes | None:
         """The user data an instance was booted with (None: none)."""
+        import base64
+
         instance = self._instance(self.snapshot(), project, server)
         return base64.b64decode(instance.user_data) if instance.user_data is not None else None
 
@@ -1975,6 +1980,8 @@ def _metadata(current: dict[str, str], items: Sequence[str]) -> dict[str, str]:
 def _user_data(data: bytes | None) -> str | None:
     if data is None:
         return None
+    import base64
+
     encoded = base64.b64encode(data).decode("ascii")
     if len(encoded) > MAX_USER_DATA_B64:
         raise ValidationError(
@@ -2050,6 +2057,8 @@ def _new_port_id(taps: Any) -> str:
 
 def _new_mac(used: Any) -> str:
     """A random, unused MAC with OpenStack's ``fa:16:3e`` prefix."""
+    import random
+
     rng = random.SystemRandom()
     while True:
         mac = MAC_PREFIX + "".join(f":{rng.randrange(256):02x}" for _ in range(3))
@@ -2210,6 +2219,8 @@ def _host_id(instance: Instance, admin: bool) -> str:
     scheduling failed."""
     if admin or not instance.host:
         return instance.host
+    import hashlib
+
     return hashlib.sha224((instance.project + instance.host).encode()).hexdigest()
 
 

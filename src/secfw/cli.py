@@ -40,7 +40,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -138,6 +137,14 @@ def _debug() -> bool:
     return os.environ.get("SECFW_DEBUG", "") not in ("", "0")
 
 
+def _print_traceback() -> None:
+    """The current exception's traceback on stderr (``SECFW_DEBUG=1`` only:
+    traceback and what it pulls in are not loaded by a command that succeeds)."""
+    import traceback
+
+    traceback.print_exc()
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn every exception raised inside into a :class:`CliError` (see module doc)."""
@@ -155,13 +162,13 @@ def one_line_errors() -> Iterator[None]:
         raise CliError(exc.format_message(), exc.exit_code) from exc
     except SecfwError as exc:
         if _debug():
-            traceback.print_exc()
+            _print_traceback()
         raise CliError(str(exc), exc.exit_code) from exc
     except KeyboardInterrupt as exc:
         raise CliError("interrupted", 130) from exc
     except Exception as exc:
         if _debug():
-            traceback.print_exc()
+            _print_traceback()
         raise CliError(f"internal error: {type(exc).__name__}: {exc}", 1) from exc
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -472,6 +471,8 @@ def retry_conflicts(
                     f"{what}: gave up after {attempts} attempts, other writers kept "
                     f"committing first ({exc})"
                 ) from exc
+            import random  # only a lost race needs it: not loaded by every command
+
             time.sleep(random.uniform(0, min(RETRY_PAUSE_MAX_S, 0.005 * 2**attempt)))
     raise AssertionError("unreachable")  # pragma: no cover
 
