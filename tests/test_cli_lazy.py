@@ -59,3 +59,20 @@ def test_help_still_lists_every_command() -> None:
     assert result.exit_code == 0
     for name in ("secgroup-add-rule", "boot", "agent", "audit", "api", "store", "volume-list"):
         assert f"  {name}" in result.output
+
+
+def test_the_bench_compiles_bytecode_before_timing_processes() -> None:
+    """A whole-process figure is an installed secfw's: with bytecode (see
+    secfw.bench.common.ensure_bytecode). Every module has a current .pyc after it."""
+    import importlib.util
+
+    import secfw
+    from secfw.bench.common import ensure_bytecode
+
+    ensure_bytecode()
+    stale = []
+    for source in sorted(Path(secfw.__file__).parent.rglob("*.py")):
+        cached = Path(importlib.util.cache_from_source(str(source)))
+        if not cached.exists() or cached.stat().st_mtime < source.stat().st_mtime:
+            stale.append(str(source))
+    assert not stale, stale[:5]
