@@ -315,12 +315,20 @@ class Api:
         target = self._group(state, project, group)
         return _sorted_rules(state.rules_by_group.get(target.id, {}).values())
 
+    def group_names(self, group_ids: Iterable[str]) -> dict[str, str]:
+        """The names of those of ``group_ids`` that exist, read by key (for display)."""
+        wanted = sorted(set(group_ids))
+        if not wanted:
+            return {}
+        with self.keyed_read() as state:
+            state.prefetch(SecurityGroup.KIND, wanted)
+            return {g: state.groups[g].name for g in wanted if g in state.groups}
+
     def group_name(self, group_id: str | None) -> str:
         """The name of a group by id ("" for None), for display."""
         if group_id is None:
             return ""
-        group = self.snapshot().groups.get(group_id)
-        return group.name if group else group_id
+        return self.group_names([group_id]).get(group_id, group_id)
 
     # ------------------------------------------------------------------ rules (nova style)
 
