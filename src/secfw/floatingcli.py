@@ -65,7 +65,9 @@ def floating_ip_pool_delete(state: CliState, name: str) -> None:
 def floating_ip_create(state: CliState, fmt: str, pool: str | None) -> None:
     """Allocate a floating IP to the project (quota floating_ips); print it."""
     floating = state.api.floating_ip_create(state.project, pool)
-    emit(floating_row(state.api.snapshot(), floating), FLOATING_COLUMNS, fmt)
+    with state.api.keyed_read() as cloud:  # its pool (and port) by key, not the whole store
+        row = floating_row(cloud, floating)
+    emit(row, FLOATING_COLUMNS, fmt)
 
 
 @output_command("floating-ip-list")
