@@ -192,7 +192,7 @@ def test_the_security_group_commands_never_load_the_whole_store(
          "--remote-group", "a"),
         ("secgroup-list",), ("secgroup-list", "--all-projects"), ("secgroup-list-rules", "ab"),
         ("security", "group", "rule", "list"), ("net-list",), ("list",),
-        ("list", "--host", "h1"),
+        ("list", "--host", "h1"), ("list-secgroup", "vm"), ("show", "vm"),
     )
     for command in commands:
         cloud.ok("--project", "p", *command)

@@ -1235,13 +1235,16 @@ class Api:
         """The user data an instance was booted with (None: none)."""
         import base64
 
-        instance = self._instance(self.snapshot(), project, server)
+        with self.keyed_read() as state:
+            instance = self._instance(state, project, server)
         return base64.b64decode(instance.user_data) if instance.user_data is not None else None
 
     def list_secgroup(self, project: str, server: str) -> list[SecurityGroup]:
-        state = self.snapshot()
-        instance = self._instance(state, project, server)
-        return [state.groups[g] for g in instance.security_groups]
+        """The groups of ``server``, in its order, read by key."""
+        with self.keyed_read() as state:
+            instance = self._instance(state, project, server)
+            state.prefetch(SecurityGroup.KIND, sorted(set(instance.security_groups)))
+            return [state.groups[g] for g in instance.security_groups]
 
     @_retried
     def add_secgroup(self, project: str, server: str, group: str) -> Instance:
