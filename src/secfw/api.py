@@ -662,11 +662,13 @@ class Api:
 
     def flavor_list(self, project: str = ADMIN_PROJECT) -> list[Flavor]:
         """The flavors ``project`` may boot, by ID (numeric IDs in numeric order)."""
-        flavors = visible_flavors(self.snapshot()).values()
-        return sorted((f for f in flavors if f.usable_by(project)), key=_flavor_order)
+        with self.keyed_read() as state:
+            flavors = visible_flavors(state).values()
+            return sorted((f for f in flavors if f.usable_by(project)), key=_flavor_order)
 
     def flavor_show(self, project: str, flavor: str) -> Flavor:
-        return _flavor(self.snapshot(), project, flavor)
+        with self.keyed_read() as state:
+            return _flavor(state, project, flavor)
 
     @_retried
     def flavor_create(
@@ -769,10 +771,11 @@ class Api:
     def flavor_access_list(self, project: str, flavor: str) -> list[tuple[str, str]]:
         """``(flavor ID, project)`` of each project given access to a private flavor."""
         _require_admin(project, "list flavor access")
-        target = _flavor(self.snapshot(), project, flavor)
-        if target.is_public:
-            raise ConflictError("Access list not available for public flavors.")
-        return [(target.id, tenant) for tenant in target.access]
+        with self.keyed_read() as state:
+            target = _flavor(state, project, flavor)
+            if target.is_public:
+                raise ConflictError("Access list not available for public flavors.")
+            return [(target.id, tenant) for tenant in target.access]
 
     # ------------------------------------------------------------------ keypairs
 
@@ -810,12 +813,13 @@ class Api:
             return pair, private
 
     def keypair_list(self, project: str) -> list[Keypair]:
-        state = self.snapshot()
-        return sorted((k for k in state.keypairs.values() if k.project == project),
-                      key=lambda k: k.name)
+        with self.keyed_read() as state:
+            return sorted((k for k in state.keypairs.values() if k.project == project),
+                          key=lambda k: k.name)
 
     def keypair_show(self, project: str, name: str) -> Keypair:
-        return _keypair(self.snapshot(), project, name)
+        with self.keyed_read() as state:
+            return _keypair(state, project, name)
 
     @_retried
     def keypair_delete(self, project: str, name: str) -> Keypair:
@@ -918,10 +922,12 @@ class Api:
             return image
 
     def image_list(self, project: str) -> list[Image]:
-        return sorted(_visible_images(self.snapshot(), project), key=lambda i: (i.name, i.id))
+        with self.keyed_read() as state:
+            return sorted(_visible_images(state, project), key=lambda i: (i.name, i.id))
 
     def image_show(self, project: str, image: str) -> Image:
-        return _image(self.snapshot(), project, image)
+        with self.keyed_read() as state:
+            return _image(state, project, image)
 
     @_retried
     def image_update(
@@ -1309,7 +1315,8 @@ class Api:
             return pool
 
     def floating_pool_list(self) -> list[FloatingPool]:
-        return sorted(self.snapshot().floating_pools.values(), key=lambda p: p.name)
+        with self.keyed_read() as state:
+            return sorted(state.floating_pools.values(), key=lambda p: p.name)
 
     @_retried
     def floating_pool_delete(self, project: str, name: str) -> FloatingPool:
@@ -1345,9 +1352,9 @@ class Api:
             return floating
 
     def floating_ip_list(self, project: str) -> list[FloatingIp]:
-        state = self.snapshot()
-        found = [f for f in state.floating_ips.values() if f.project == project]
-        return sorted(found, key=lambda f: ipaddress.ip_address(f.id))
+        with self.keyed_read() as state:
+            found = [f for f in state.floating_ips.values() if f.project == project]
+            return sorted(found, key=lambda f: ipaddress.ip_address(f.id))
 
     @_retried
     def floating_ip_delete(self, project: str, address: str) -> FloatingIp:
@@ -1467,13 +1474,13 @@ class Api:
 
     def host_list(self) -> list[tuple[Host, HostUsage]]:
         """Registered hosts by name, each with what its instances consume."""
-        state = self.snapshot()
-        return [(h, host_usage(state, h.id)) for h in sorted(state.hosts.values(),
-                                                             key=lambda h: h.id)]
+        with self.keyed_read() as state:
+            return [(h, host_usage(state, h.id)) for h in sorted(state.hosts.values(),
+                                                                 key=lambda h: h.id)]
 
     def host_show(self, name: str) -> tuple[Host, HostUsage]:
-        state = self.snapshot()
-        return _host(state, name), host_usage(state, name)
+        with self.keyed_read() as state:
+            return _host(state, name), host_usage(state, name)
 
     @_retried
     def host_delete(self, project: str, name: str) -> Host:
@@ -1520,12 +1527,13 @@ class Api:
             return volume
 
     def volume_list(self, project: str) -> list[Volume]:
-        state = self.snapshot()
-        mine = (v for v in state.volumes.values() if v.project == project)
-        return sorted(mine, key=lambda v: (v.created, v.id))
+        with self.keyed_read() as state:
+            mine = (v for v in state.volumes.values() if v.project == project)
+            return sorted(mine, key=lambda v: (v.created, v.id))
 
     def volume_show(self, project: str, volume: str) -> Volume:
-        return _volume(self.snapshot(), project, volume)
+        with self.keyed_read() as state:
+            return _volume(state, project, volume)
 
     @_retried
     def volume_delete(self, project: str, volume: str) -> Volume:
@@ -1603,12 +1611,13 @@ class Api:
             return snap
 
     def snapshot_list(self, project: str) -> list[VolumeSnapshot]:
-        state = self.snapshot()
-        mine = (s for s in state.volume_snapshots.values() if s.project == project)
-        return sorted(mine, key=lambda s: (s.created, s.id))
+        with self.keyed_read() as state:
+            mine = (s for s in state.volume_snapshots.values() if s.project == project)
+            return sorted(mine, key=lambda s: (s.created, s.id))
 
     def snapshot_show(self, project: str, snapshot: str) -> VolumeSnapshot:
-        return _volume_snapshot(self.snapshot(), project, snapshot)
+        with self.keyed_read() as state:
+            return _volume_snapshot(state, project, snapshot)
 
     @_retried
     def snapshot_delete(self, project: str, snapshot: str) -> VolumeSnapshot:

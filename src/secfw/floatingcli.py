@@ -73,8 +73,9 @@ def floating_ip_create(state: CliState, fmt: str, pool: str | None) -> None:
 @output_command("floating-ip-list")
 def floating_ip_list(state: CliState, fmt: str) -> None:
     """List the project's floating IPs: Id | IP | Server Id | Fixed IP | Pool."""
-    snapshot = state.api.snapshot()
-    rows = [floating_row(snapshot, f) for f in state.api.floating_ip_list(state.project)]
+    floatings = state.api.floating_ip_list(state.project)
+    with state.api.keyed_read() as cloud:  # their ports and pools by key
+        rows = [floating_row(cloud, f) for f in floatings]
     emit(rows, FLOATING_COLUMNS, fmt)
 
 
