@@ -884,7 +884,8 @@ class Api:
             return image
 
     def _image_file_used(self, sha256: str) -> bool:
-        return any(i.sha256 == sha256 for i in self.snapshot().images.values())
+        with self.keyed_read() as state:  # the images, not the whole store
+            return any(i.sha256 == sha256 for i in state.images.values())
 
     @staticmethod
     def _check_image_name(state: CloudState, project: str, name: str, image_id: str) -> None:
@@ -979,7 +980,8 @@ class Api:
         """Delete an image (its owner, or the admin project). Instances and snapshots
         based on it keep working and keep showing its ID; its bytes are removed
         when no other image has the same ones."""
-        peek = _owned_image(self.snapshot(), project, image)
+        with self.keyed_read() as state:
+            peek = _owned_image(state, project, image)
         if peek.sha256 is None:
             return self._remove_image(project, image)
         with self.image_files.locked():
@@ -1280,6 +1282,13 @@ class Api:
             return updated
 
     # ------------------------------------------------------------------ ports
+
+    def port_view(self, port_id: str) -> PortView:
+        """One port as :meth:`port_list` lists it, read by key (its instance,
+        network and groups)."""
+        with self.keyed_read() as state:
+            port = state.ports[port_id]
+            return _port_view(state, port, state.instances[port.instance_id])
 
     def port_list(self, project: str, host: str | None = None) -> list[PortView]:
         """Ports of the project's instances; with ``host``, every port on that host."""

@@ -779,8 +779,7 @@ def port_update(
                               "not both")
     new_pairs = () if clear_pairs else (pairs or None)
     updated = state.api.port_update(state.project, port, new_pairs, port_security)
-    view = next(v for v in state.api.port_list(state.project) if v.id == updated.id)
-    emit(asdict(view), None, fmt)
+    emit(asdict(state.api.port_view(updated.id)), None, fmt)
 
 
 # --------------------------------------------------------------------------- openstack form
