@@ -37,7 +37,6 @@ Write transactions
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -426,6 +425,8 @@ class Store(ABC):
             return None
         rows = sorted((c.kind, c.id, json.dumps(c.doc, sort_keys=True)) for c in changes
                       if c.revision == revision)
+        import hashlib  # the agent's restart record only: not every command's start-up
+
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def load_at(self, revision: int) -> Snapshot:

@@ -15,7 +15,6 @@ read-modify-write commands can never lose an update).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -129,6 +128,8 @@ class SqliteStore(Store):
         """See :meth:`Store.write_digest`: the rows stamped ``revision``, their
         document text hashed as stored (no JSON parsing: a 20,000-document
         write costs milliseconds)."""
+        import hashlib  # the agent's restart record only: not every command's start-up
+
         total = hashlib.sha256()
         with _translated(self.path), _read_txn(self._conn):
             if _read_revision(self._conn) != revision:
