@@ -36,6 +36,7 @@ from pathlib import Path
 
 from secfw import etcdlocal
 from secfw.api import Api
+from secfw.bench.common import ensure_bytecode
 from secfw.bench.workload import FLAVOR, IMAGE, MAIN_NET, PROJECT, BenchCloud, host_group
 from secfw.errors import StoreError
 from secfw.store import Store, open_store
@@ -175,6 +176,7 @@ def _put_all(target: Store, batch: list[tuple[str, str, dict[str, object]]]) -> 
 
 
 def run(sizes: list[int], repeat: int, stores: list[str], etcd: str | None) -> None:
+    ensure_bytecode()  # the whole-process figures are those of an installed secfw
     tmp = tempfile.mkdtemp(prefix="secfw-bench-")
     url = f"sqlite:///{tmp}/bench.db"
     api = Api(open_store(url))

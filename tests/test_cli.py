@@ -616,7 +616,7 @@ def test_unexpected_exception_is_one_line(cli: Cli, monkeypatch: pytest.MonkeyPa
     def boom(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(Api, "secgroup_list", boom)
+    monkeypatch.setattr(Api, "secgroup_page", boom)
     line = cli.fails("secgroup-list", code=1)
     assert line == "secfw: error: internal error: RuntimeError: boom second line"
     result = cli.run("secgroup-list", env={"SECFW_DEBUG": "1"})

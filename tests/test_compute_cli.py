@@ -414,3 +414,27 @@ def test_readme_flavor_list_is_the_commands_output(cli: Cli) -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = readme.split("$ secfw flavor-list\n", 1)[1].split("\n$ ", 1)[0] + "\n"
     assert block == cli.ok("flavor-list")
+
+
+def test_image_delete_and_port_update_read_by_key(
+        cli: Cli, api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """image-delete (are its bytes shared?) and port-update (the port's row) read
+    the images and the port by key: loading every document cost seconds at 50k."""
+    cli.ok("net-create", "private", "10.0.0.0/24")
+    source = tmp_path / "disk"
+    source.write_bytes(b"bytes")
+    cli.json("image-create", "--name", "one", "--file", str(source), "--is-public", "true")
+    cli.json("image-create", "--name", "two", "--file", str(source))
+    cli.json("boot", "vm", "--flavor", "1", "--image", "one", "--host", "h1")
+    tap = cli.json("port-list")[0]["tap"]
+
+    def no_load(_self: object) -> None:
+        raise AssertionError("the command loaded the whole store")
+
+    monkeypatch.setattr(type(api.store), "load", no_load)
+    cli.ok("image-delete", "one")
+    assert len(image_files(cli)) == 1  # "two" still has these bytes
+    cli.ok("image-delete", "two")
+    assert image_files(cli) == {}
+    row = cli.json("port-update", tap, "--no-port-security")
+    assert (row["tap"], row["instance"], row["port_security"]) == (tap, "vm", False)

@@ -12,10 +12,7 @@ its ``default`` security group is created on first use.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import wraps
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from secfw.cloud import CloudState, first_free, free_addresses
 from secfw.errors import (
@@ -34,7 +31,6 @@ from secfw.errors import (
     QuotaError,
     ValidationError,
 )
-from secfw.imagefiles import ByteSource, ImageFiles, directory_for
 from secfw.model import (
     ADMIN_PROJECT,
     DEFAULT_GROUP,
@@ -107,6 +103,11 @@ from secfw.scheduler import (
 from secfw.store.base import Store, WriteTxn, retry_conflicts
 from secfw.store.indexes import EVERY, group_bucket, server_bucket
 
+if TYPE_CHECKING:
+    # Image bytes (tempfile, hashlib, shutil, fcntl) are for the image commands only:
+    # imported where used, so a security-group command does not load them.
+    from secfw.imagefiles import ByteSource, ImageFiles
+
 #: nova's ``image`` of a server booted from a volume.
 BOOT_FROM_VOLUME = "Attempt to boot from volume - no image supplied"
 
@@ -175,6 +176,8 @@ class Api:
     def image_files(self) -> ImageFiles:
         """Where image bytes go (by default beside the store: :mod:`secfw.imagefiles`)."""
         if self._image_files is None:
+            from secfw.imagefiles import ImageFiles, directory_for
+
             self._image_files = ImageFiles(directory_for(self.store))
         return self._image_files
 
@@ -312,12 +315,20 @@ class Api:
         target = self._group(state, project, group)
         return _sorted_rules(state.rules_by_group.get(target.id, {}).values())
 
+    def group_names(self, group_ids: Iterable[str]) -> dict[str, str]:
+        """The names of those of ``group_ids`` that exist, read by key (for display)."""
+        wanted = sorted(set(group_ids))
+        if not wanted:
+            return {}
+        with self.keyed_read() as state:
+            state.prefetch(SecurityGroup.KIND, wanted)
+            return {g: state.groups[g].name for g in wanted if g in state.groups}
+
     def group_name(self, group_id: str | None) -> str:
         """The name of a group by id ("" for None), for display."""
         if group_id is None:
             return ""
-        group = self.snapshot().groups.get(group_id)
-        return group.name if group else group_id
+        return self.group_names([group_id]).get(group_id, group_id)
 
     # ------------------------------------------------------------------ rules (nova style)
 
@@ -651,11 +662,13 @@ class Api:
 
     def flavor_list(self, project: str = ADMIN_PROJECT) -> list[Flavor]:
         """The flavors ``project`` may boot, by ID (numeric IDs in numeric order)."""
-        flavors = visible_flavors(self.snapshot()).values()
-        return sorted((f for f in flavors if f.usable_by(project)), key=_flavor_order)
+        with self.keyed_read() as state:
+            flavors = visible_flavors(state).values()
+            return sorted((f for f in flavors if f.usable_by(project)), key=_flavor_order)
 
     def flavor_show(self, project: str, flavor: str) -> Flavor:
-        return _flavor(self.snapshot(), project, flavor)
+        with self.keyed_read() as state:
+            return _flavor(state, project, flavor)
 
     @_retried
     def flavor_create(
@@ -758,10 +771,11 @@ class Api:
     def flavor_access_list(self, project: str, flavor: str) -> list[tuple[str, str]]:
         """``(flavor ID, project)`` of each project given access to a private flavor."""
         _require_admin(project, "list flavor access")
-        target = _flavor(self.snapshot(), project, flavor)
-        if target.is_public:
-            raise ConflictError("Access list not available for public flavors.")
-        return [(target.id, tenant) for tenant in target.access]
+        with self.keyed_read() as state:
+            target = _flavor(state, project, flavor)
+            if target.is_public:
+                raise ConflictError("Access list not available for public flavors.")
+            return [(target.id, tenant) for tenant in target.access]
 
     # ------------------------------------------------------------------ keypairs
 
@@ -799,12 +813,13 @@ class Api:
             return pair, private
 
     def keypair_list(self, project: str) -> list[Keypair]:
-        state = self.snapshot()
-        return sorted((k for k in state.keypairs.values() if k.project == project),
-                      key=lambda k: k.name)
+        with self.keyed_read() as state:
+            return sorted((k for k in state.keypairs.values() if k.project == project),
+                          key=lambda k: k.name)
 
     def keypair_show(self, project: str, name: str) -> Keypair:
-        return _keypair(self.snapshot(), project, name)
+        with self.keyed_read() as state:
+            return _keypair(state, project, name)
 
     @_retried
     def keypair_delete(self, project: str, name: str) -> Keypair:
@@ -869,7 +884,8 @@ class Api:
             return image
 
     def _image_file_used(self, sha256: str) -> bool:
-        return any(i.sha256 == sha256 for i in self.snapshot().images.values())
+        with self.keyed_read() as state:  # the images, not the whole store
+            return any(i.sha256 == sha256 for i in state.images.values())
 
     @staticmethod
     def _check_image_name(state: CloudState, project: str, name: str, image_id: str) -> None:
@@ -907,10 +923,12 @@ class Api:
             return image
 
     def image_list(self, project: str) -> list[Image]:
-        return sorted(_visible_images(self.snapshot(), project), key=lambda i: (i.name, i.id))
+        with self.keyed_read() as state:
+            return sorted(_visible_images(state, project), key=lambda i: (i.name, i.id))
 
     def image_show(self, project: str, image: str) -> Image:
-        return _image(self.snapshot(), project, image)
+        with self.keyed_read() as state:
+            return _image(state, project, image)
 
     @_retried
     def image_update(
@@ -962,7 +980,8 @@ class Api:
         """Delete an image (its owner, or the admin project). Instances and snapshots
         based on it keep working and keep showing its ID; its bytes are removed
         when no other image has the same ones."""
-        peek = _owned_image(self.snapshot(), project, image)
+        with self.keyed_read() as state:
+            peek = _owned_image(state, project, image)
         if peek.sha256 is None:
             return self._remove_image(project, image)
         with self.image_files.locked():
@@ -1222,13 +1241,18 @@ class Api:
 
     def user_data(self, project: str, server: str) -> bytes | None:
         """The user data an instance was booted with (None: none)."""
-        instance = self._instance(self.snapshot(), project, server)
+        import base64
+
+        with self.keyed_read() as state:
+            instance = self._instance(state, project, server)
         return base64.b64decode(instance.user_data) if instance.user_data is not None else None
 
     def list_secgroup(self, project: str, server: str) -> list[SecurityGroup]:
-        state = self.snapshot()
-        instance = self._instance(state, project, server)
-        return [state.groups[g] for g in instance.security_groups]
+        """The groups of ``server``, in its order, read by key."""
+        with self.keyed_read() as state:
+            instance = self._instance(state, project, server)
+            state.prefetch(SecurityGroup.KIND, sorted(set(instance.security_groups)))
+            return [state.groups[g] for g in instance.security_groups]
 
     @_retried
     def add_secgroup(self, project: str, server: str, group: str) -> Instance:
@@ -1258,6 +1282,13 @@ class Api:
             return updated
 
     # ------------------------------------------------------------------ ports
+
+    def port_view(self, port_id: str) -> PortView:
+        """One port as :meth:`port_list` lists it, read by key (its instance,
+        network and groups)."""
+        with self.keyed_read() as state:
+            port = state.ports[port_id]
+            return _port_view(state, port, state.instances[port.instance_id])
 
     def port_list(self, project: str, host: str | None = None) -> list[PortView]:
         """Ports of the project's instances; with ``host``, every port on that host."""
@@ -1293,7 +1324,8 @@ class Api:
             return pool
 
     def floating_pool_list(self) -> list[FloatingPool]:
-        return sorted(self.snapshot().floating_pools.values(), key=lambda p: p.name)
+        with self.keyed_read() as state:
+            return sorted(state.floating_pools.values(), key=lambda p: p.name)
 
     @_retried
     def floating_pool_delete(self, project: str, name: str) -> FloatingPool:
@@ -1329,9 +1361,9 @@ class Api:
             return floating
 
     def floating_ip_list(self, project: str) -> list[FloatingIp]:
-        state = self.snapshot()
-        found = [f for f in state.floating_ips.values() if f.project == project]
-        return sorted(found, key=lambda f: ipaddress.ip_address(f.id))
+        with self.keyed_read() as state:
+            found = [f for f in state.floating_ips.values() if f.project == project]
+            return sorted(found, key=lambda f: ipaddress.ip_address(f.id))
 
     @_retried
     def floating_ip_delete(self, project: str, address: str) -> FloatingIp:
@@ -1451,13 +1483,13 @@ class Api:
 
     def host_list(self) -> list[tuple[Host, HostUsage]]:
         """Registered hosts by name, each with what its instances consume."""
-        state = self.snapshot()
-        return [(h, host_usage(state, h.id)) for h in sorted(state.hosts.values(),
-                                                             key=lambda h: h.id)]
+        with self.keyed_read() as state:
+            return [(h, host_usage(state, h.id)) for h in sorted(state.hosts.values(),
+                                                                 key=lambda h: h.id)]
 
     def host_show(self, name: str) -> tuple[Host, HostUsage]:
-        state = self.snapshot()
-        return _host(state, name), host_usage(state, name)
+        with self.keyed_read() as state:
+            return _host(state, name), host_usage(state, name)
 
     @_retried
     def host_delete(self, project: str, name: str) -> Host:
@@ -1504,12 +1536,13 @@ class Api:
             return volume
 
     def volume_list(self, project: str) -> list[Volume]:
-        state = self.snapshot()
-        mine = (v for v in state.volumes.values() if v.project == project)
-        return sorted(mine, key=lambda v: (v.created, v.id))
+        with self.keyed_read() as state:
+            mine = (v for v in state.volumes.values() if v.project == project)
+            return sorted(mine, key=lambda v: (v.created, v.id))
 
     def volume_show(self, project: str, volume: str) -> Volume:
-        return _volume(self.snapshot(), project, volume)
+        with self.keyed_read() as state:
+            return _volume(state, project, volume)
 
     @_retried
     def volume_delete(self, project: str, volume: str) -> Volume:
@@ -1587,12 +1620,13 @@ class Api:
             return snap
 
     def snapshot_list(self, project: str) -> list[VolumeSnapshot]:
-        state = self.snapshot()
-        mine = (s for s in state.volume_snapshots.values() if s.project == project)
-        return sorted(mine, key=lambda s: (s.created, s.id))
+        with self.keyed_read() as state:
+            mine = (s for s in state.volume_snapshots.values() if s.project == project)
+            return sorted(mine, key=lambda s: (s.created, s.id))
 
     def snapshot_show(self, project: str, snapshot: str) -> VolumeSnapshot:
-        return _volume_snapshot(self.snapshot(), project, snapshot)
+        with self.keyed_read() as state:
+            return _volume_snapshot(state, project, snapshot)
 
     @_retried
     def snapshot_delete(self, project: str, snapshot: str) -> VolumeSnapshot:
@@ -1975,6 +2009,8 @@ def _metadata(current: dict[str, str], items: Sequence[str]) -> dict[str, str]:
 def _user_data(data: bytes | None) -> str | None:
     if data is None:
         return None
+    import base64
+
     encoded = base64.b64encode(data).decode("ascii")
     if len(encoded) > MAX_USER_DATA_B64:
         raise ValidationError(
@@ -2050,6 +2086,8 @@ def _new_port_id(taps: Any) -> str:
 
 def _new_mac(used: Any) -> str:
     """A random, unused MAC with OpenStack's ``fa:16:3e`` prefix."""
+    import random
+
     rng = random.SystemRandom()
     while True:
         mac = MAC_PREFIX + "".join(f":{rng.randrange(256):02x}" for _ in range(3))
@@ -2210,6 +2248,8 @@ def _host_id(instance: Instance, admin: bool) -> str:
     scheduling failed."""
     if admin or not instance.host:
         return instance.host
+    import hashlib
+
     return hashlib.sha224((instance.project + instance.host).encode()).hexdigest()
 
 

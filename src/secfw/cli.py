@@ -40,7 +40,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -138,6 +137,14 @@ def _debug() -> bool:
     return os.environ.get("SECFW_DEBUG", "") not in ("", "0")
 
 
+def _print_traceback() -> None:
+    """The current exception's traceback on stderr (``SECFW_DEBUG=1`` only:
+    traceback and what it pulls in are not loaded by a command that succeeds)."""
+    import traceback
+
+    traceback.print_exc()
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turn every exception raised inside into a :class:`CliError` (see module doc)."""
@@ -155,13 +162,13 @@ def one_line_errors() -> Iterator[None]:
         raise CliError(exc.format_message(), exc.exit_code) from exc
     except SecfwError as exc:
         if _debug():
-            traceback.print_exc()
+            _print_traceback()
         raise CliError(str(exc), exc.exit_code) from exc
     except KeyboardInterrupt as exc:
         raise CliError("interrupted", 130) from exc
     except Exception as exc:
         if _debug():
-            traceback.print_exc()
+            _print_traceback()
         raise CliError(f"internal error: {type(exc).__name__}: {exc}", 1) from exc
 
 
@@ -493,8 +500,10 @@ def network_row(network: Network) -> dict[str, Any]:
             "vlan": network.vlan, "project": network.project}
 
 
-def _group_names(api: Api) -> dict[str, str]:
-    return {group_id: group.name for group_id, group in api.snapshot().groups.items()}
+def _group_names(api: Api, rule: Rule) -> dict[str, str]:
+    """The names of the groups ``rule`` names (its own and its source), read by key:
+    printing one rule must not load the cloud (the whole store: seconds at 50k ports)."""
+    return api.group_names(g for g in (rule.group_id, rule.remote_group_id) if g)
 
 
 def _split_groups(values: Iterable[str]) -> list[str]:
@@ -522,7 +531,9 @@ def secgroup_list(state: CliState, fmt: str, all_projects: bool, limit: int | No
         page = state.api.secgroup_page(state.project, all_projects, page_size(limit), marker)
         emit_page([group_row(g) for g in page.rows], columns, fmt, page.next_marker)
         return
-    groups = state.api.secgroup_list(state.project, all_projects)
+    # Every row in one page: the same rows in the same order as Api.secgroup_list,
+    # read from the ordered index by key instead of from the whole store.
+    groups = state.api.secgroup_page(state.project, all_projects, PAGE_ALL, None).rows
     emit([group_row(g) for g in groups], columns, fmt)
 
 
@@ -562,13 +573,13 @@ def secgroup_list_rules(state: CliState, fmt: str, group: str, limit: int | None
         page, names = state.api.rule_page(state.project, group, page_size(limit), marker)
         emit_page([rule_row(r, names) for r in page.rows], RULE_COLUMNS, fmt, page.next_marker)
         return
-    rules = state.api.secgroup_list_rules(state.project, group)
-    names = _group_names(state.api)
-    emit([rule_row(r, names) for r in rules], RULE_COLUMNS, fmt)
+    # Every rule in one page (Api.secgroup_list_rules' rows and order), read by key.
+    page, names = state.api.rule_page(state.project, group, PAGE_ALL, None)
+    emit([rule_row(r, names) for r in page.rows], RULE_COLUMNS, fmt)
 
 
 def _emit_rule(state: CliState, rule: Rule, fmt: str) -> None:
-    names = _group_names(state.api) if rule.remote_group_id else {}
+    names = _group_names(state.api, rule) if rule.remote_group_id else {}
     emit(rule_row(rule, names), RULE_COLUMNS, fmt)
 
 
@@ -672,7 +683,8 @@ def net_list(state: CliState, fmt: str, all_projects: bool, limit: int | None,
         page = state.api.network_page(state.project, all_projects, page_size(limit), marker)
         emit_page([network_row(n) for n in page.rows], columns, fmt, page.next_marker)
         return
-    networks = state.api.net_list(state.project, all_projects)
+    # Every network in one page (Api.net_list's rows and order), read by key.
+    networks = state.api.network_page(state.project, all_projects, PAGE_ALL, None).rows
     emit([network_row(n) for n in networks], columns, fmt)
 
 
@@ -699,15 +711,10 @@ def list_servers(state: CliState, fmt: str, host: str | None, all_projects: bool
                                      marker)
         emit_page([server_row(i, n) for i, n in page.rows], columns, fmt, page.next_marker)
         return
-    instances = state.api.list_instances(state.project, host, all_projects)
-    cloud = state.api.snapshot()
-    rows = []
-    for instance in instances:
-        networks: dict[str, list[str]] = {}
-        for port in cloud.ports_of(instance.id):
-            networks.setdefault(cloud.networks[port.network_id].name, []).append(port.ip)
-        rows.append(server_row(instance, networks))
-    emit(rows, columns, fmt)
+    # Every instance in one page (Api.list_instances' rows and order, each with its
+    # fixed addresses), read by key from the ordered index, not the whole store.
+    page = state.api.server_page(state.project, host, all_projects, PAGE_ALL, None)
+    emit([server_row(i, n) for i, n in page.rows], columns, fmt)
 
 
 def server_row(instance: Instance, networks: dict[str, list[str]]) -> dict[str, Any]:
@@ -772,8 +779,7 @@ def port_update(
                               "not both")
     new_pairs = () if clear_pairs else (pairs or None)
     updated = state.api.port_update(state.project, port, new_pairs, port_security)
-    view = next(v for v in state.api.port_list(state.project) if v.id == updated.id)
-    emit(asdict(view), None, fmt)
+    emit(asdict(state.api.port_view(updated.id)), None, fmt)
 
 
 # --------------------------------------------------------------------------- openstack form
@@ -845,7 +851,7 @@ def rule_create(
     """Create a rule in GROUP; print it."""
     rule = state.api.rule_create(state.project, group, direction, ethertype, protocol, dst_port,
                                  icmp_type, icmp_code, remote_ip, remote_group)
-    emit(neutron_rule_row(rule, _group_names(state.api)), NEUTRON_RULE_COLUMNS, fmt)
+    emit(neutron_rule_row(rule, _group_names(state.api, rule)), NEUTRON_RULE_COLUMNS, fmt)
 
 
 @security_group_rule.command("list")
@@ -862,9 +868,9 @@ def rule_list(state: CliState, fmt: str, group: str | None, limit: int | None,
         rows = [neutron_rule_row(r, found) for r in page.rows]
         emit_page(rows, NEUTRON_RULE_COLUMNS, fmt, page.next_marker)
         return
-    names = _group_names(state.api)
-    rows = [neutron_rule_row(r, names) for r in state.api.rule_list(state.project, group)]
-    emit(rows, NEUTRON_RULE_COLUMNS, fmt)
+    # Every rule in one page (Api.rule_list's rows and order), read by key.
+    page, names = state.api.rule_page(state.project, group, PAGE_ALL, None)
+    emit([neutron_rule_row(r, names) for r in page.rows], NEUTRON_RULE_COLUMNS, fmt)
 
 
 @security_group_rule.command("delete")

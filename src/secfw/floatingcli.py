@@ -65,14 +65,17 @@ def floating_ip_pool_delete(state: CliState, name: str) -> None:
 def floating_ip_create(state: CliState, fmt: str, pool: str | None) -> None:
     """Allocate a floating IP to the project (quota floating_ips); print it."""
     floating = state.api.floating_ip_create(state.project, pool)
-    emit(floating_row(state.api.snapshot(), floating), FLOATING_COLUMNS, fmt)
+    with state.api.keyed_read() as cloud:  # its pool (and port) by key, not the whole store
+        row = floating_row(cloud, floating)
+    emit(row, FLOATING_COLUMNS, fmt)
 
 
 @output_command("floating-ip-list")
 def floating_ip_list(state: CliState, fmt: str) -> None:
     """List the project's floating IPs: Id | IP | Server Id | Fixed IP | Pool."""
-    snapshot = state.api.snapshot()
-    rows = [floating_row(snapshot, f) for f in state.api.floating_ip_list(state.project)]
+    floatings = state.api.floating_ip_list(state.project)
+    with state.api.keyed_read() as cloud:  # their ports and pools by key
+        rows = [floating_row(cloud, f) for f in floatings]
     emit(rows, FLOATING_COLUMNS, fmt)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from secfw.api import Api
 from secfw.bench import audit, control, flowtable, incremental, report, resync
 from secfw.bench.budget import Budget
-from secfw.bench.common import Row, guarded, ok, rounded, skipped, timed
+from secfw.bench.common import Row, ensure_bytecode, guarded, ok, rounded, skipped, timed
 from secfw.bench.datapath import HostRuleset, Settings, run_datapath
 from secfw.bench.machine import machine_info
 from secfw.bench.namespaces import scratch_netns
@@ -95,6 +95,7 @@ class Run:
 
 def run(options: Options) -> Row:
     """Run everything, write the reports to ``options.out``; return the results."""
+    ensure_bytecode()  # the agent's whole-process figures: see its docstring
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="secfw-bench-"))
     try:

@@ -37,10 +37,8 @@ Write transactions
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -427,6 +425,8 @@ class Store(ABC):
             return None
         rows = sorted((c.kind, c.id, json.dumps(c.doc, sort_keys=True)) for c in changes
                       if c.revision == revision)
+        import hashlib  # the agent's restart record only: not every command's start-up
+
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
     def load_at(self, revision: int) -> Snapshot:
@@ -472,6 +472,8 @@ def retry_conflicts(
                     f"{what}: gave up after {attempts} attempts, other writers kept "
                     f"committing first ({exc})"
                 ) from exc
+            import random  # only a lost race needs it: not loaded by every command
+
             time.sleep(random.uniform(0, min(RETRY_PAUSE_MAX_S, 0.005 * 2**attempt)))
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -15,12 +15,11 @@ read-modify-write commands can never lose an update).
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from secfw.errors import StoreError
 from secfw.store.base import (
@@ -82,7 +81,9 @@ class SqliteStore(Store):
     def _connect(path: str) -> sqlite3.Connection:
         try:
             if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # os.path, not pathlib: pathlib (and the urllib.parse it imports) would be
+                # a few ms of every command's start-up for this one call.
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -127,6 +128,8 @@ class SqliteStore(Store):
         """See :meth:`Store.write_digest`: the rows stamped ``revision``, their
         document text hashed as stored (no JSON parsing: a 20,000-document
         write costs milliseconds)."""
+        import hashlib  # the agent's restart record only: not every command's start-up
+
         total = hashlib.sha256()
         with _translated(self.path), _read_txn(self._conn):
             if _read_revision(self._conn) != revision:
