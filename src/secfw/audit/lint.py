@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import netaddr
@@ -39,14 +40,16 @@ from secfw.audit.space import (
     Box,
     Opener,
     UnionCache,
+    adds_nothing,
     label_key,
     rule_box,
     sweep,
 )
 from secfw.compiler.build import ir_rule, port_addresses
 from secfw.compiler.explain import describe_rule
-from secfw.compiler.ir import Family, GroupChain
+from secfw.compiler.ir import Family
 from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES, ICMPV6_UNTRACKED
+from secfw.gcpause import collector_paused
 from secfw.model import DEFAULT_GROUP, Rule, SecurityGroup, protocol_number
 
 KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_matches",
@@ -69,17 +72,36 @@ class _Shared:
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
         self.adds_nothing: dict[tuple[Any, ...], bool] = {}
-        self.windows: dict[tuple[str, str, Family], dict[tuple[str, int], _Window] | None] = {}
+        self.plans: dict[tuple[str, str, Family], dict[str, _Slots] | None] = {}
         self.contents: dict[tuple[Any, ...], int] = {}
         self.idents: dict[tuple[Any, ...], int] = {}
         self.alone: dict[tuple[Any, ...], _Window] = {}
-        self.alone_lists: dict[tuple[Any, ...], list[tuple[tuple[str, int], _Window]]] = {}
-        self.port_chains: dict[tuple[str, str], dict[str, GroupChain]] = {}
+        self.alone_lists: dict[tuple[Any, ...], list[tuple[int, _Window]]] = {}
+        self.views: dict[str, list[PortView]] = {}
+        self.by_instance: dict[str, list[PortView]] | None = None
         self.by_cluster: dict[tuple[str, Family, str], Any] = {}
         self.group_shadows: dict[tuple[str, str, Family],
                                  dict[str, list[dict[str, Any]] | None]] = {}
         self.judged: dict[tuple[Any, ...], tuple[bool, list[int]]] = {}
-        self.boxes: dict[str, Box] = {}
+        self.boxes: dict[str, tuple[Box, tuple[int, int, int, int]]] = {}
+
+    def group_views(self, cp: CloudPolicy, group_id: str) -> list[PortView]:
+        """The protected ports of the group's members, in the members' order (by
+        instance id), each instance's by port id; once per group."""
+        found = self.views.get(group_id)
+        if found is None:
+            if self.by_instance is None:
+                # each instance's protected ports by port id, once for the run
+                # (what group_members and ports_of would give, member by member)
+                self.by_instance = {}
+                for port_id in sorted(cp.ports):
+                    view = cp.ports[port_id]
+                    if view.policy.port_security:
+                        self.by_instance.setdefault(view.port.instance_id, []).append(view)
+            found = self.views[group_id] = [
+                view for instance_id in sorted(cp.state.instances_by_group.get(group_id, ()))
+                for view in self.by_instance.get(instance_id, ())]
+        return found
 
     def label_key(self, label: dict[str, Any]) -> str:
         """:func:`~secfw.audit.space.label_key`, once per label object (kept alive)."""
@@ -107,8 +129,19 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
     openers of each distinct filter and sweeps only the openers that meet the
     rule's box: a rule adds a point only inside its box, and openers elsewhere do
     not change what is allowed there, so the answer is the same."""
+    if not shared:
+        return _lint(cp, groups, None)
+    # ~10^6 small acyclic objects (windows, keys, label lists) beside the
+    # cloud's: the collections their allocation triggers walk every live object
+    # (secfw.gcpause; ~30 % of the run at 10k ports)
+    with collector_paused():
+        return _lint(cp, groups, _Shared(cp))
+
+
+def _lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
+          run: _Shared | None) -> list[dict[str, Any]]:
+    """:func:`lint`, shared with ``run`` unless None."""
     findings: list[dict[str, Any]] = []
-    run = _Shared(cp) if shared else None
     for group in groups:
         rules = sorted(cp.state.rules_by_group.get(group.id, {}).values(), key=lambda r: r.id)
         used = bool(cp.state.instances_by_group.get(group.id))
@@ -267,12 +300,12 @@ def _covered_by(openers: list[Opener], rule: Rule,
     # sets stay alive in run.openers, so their ids are theirs for the run
     key = (tuple(sorted(_box_key(o) for o in swept)), tuple(sorted(_box_key(m) for m in mine)))
     same = run.adds_nothing.get(key) if run is not None else None
-    if same is None:
+    if same is None and run is not None:
+        same = run.adds_nothing[key] = adds_nothing(mine, swept, unions)
+    elif same is None:  # the reference: two sweeps compared
         before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=unions)]
         same = before == [(r.box, r.addresses)
                           for r in sweep(fam, swept + mine, cache=unions)]
-        if run is not None:
-            run.adds_nothing[key] = same
     if not same:
         return None
     box, addresses = rule_box(ir_rule(rule)), mine[0].addresses
@@ -351,19 +384,25 @@ class _Window:
     at: dict[str, tuple[int, list[int]]]
 
 
-def _port_windows(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
-                  run: _Shared) -> dict[tuple[str, int], _Window] | None:
-    """``view``'s windows: for each (chain name, cluster index), the window
-    holding it (None when a rule of any protocol spreads over every cluster, or
-    a chain is listed twice: the caller judges the whole filter), once per
-    port, direction and family. A cluster alone gets a window shared with every
-    port where it is alone (with the same all-protocol openers)."""
+#: A port's plan for one group: its chain's clusters and, for each cluster
+#: index (ascending), the window holding that cluster.
+_Slots = tuple[ChainClusters, list[tuple[int, _Window]]]
+
+
+def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
+               run: _Shared) -> dict[str, _Slots] | None:
+    """``view``'s windows, by group id of its chains in ``direction`` (None when
+    a rule of any protocol spreads over every cluster, or a chain is listed
+    twice: the caller judges the whole filter), once per port, direction and
+    family. A cluster alone gets a window shared with every port where it is
+    alone (with the same all-protocol openers), and a chain whose clusters are
+    all alone its list of them, shared too."""
     key = (view.port.id, direction, fam)
-    if key in run.windows:
-        return run.windows[key]
+    if key in run.plans:
+        return run.plans[key]
     alls = run.clusters.same_net(view, fam) if direction == "ingress" else _NONE
-    chains = [run.clusters.chain(view, chain, fam) for chain in cp.chains(view, direction)]
-    found: dict[tuple[str, int], _Window] | None = None
+    chains = run.clusters.port_chains(view, fam, direction)
+    found: dict[str, _Slots] | None = None
     names = [chain.name for chain in chains]
     if not any(chain.spread for chain in chains) and len(set(names)) == len(names):
         # the windows of exposure's Clusters: the chains apart from the others'
@@ -371,46 +410,59 @@ def _port_windows(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
         # rule is in one window (more openers than the overlapping ones: the
         # judgement takes only those meeting the rule's box, so it is the same)
         icmp = ICMP_OF[fam]
-        found = {}
+        slots: list[list[tuple[int, _Window]]] = [[] for _ in chains]
+        owned = [True] * len(chains)  # False: a shared list, copied before a change
         tangled = []
         for i, alone in enumerate(run.clusters.apart(view, fam, chains, direction)):
             if alone:
-                found.update(_alone_windows(alls, chains, i, run))
+                slots[i], owned[i] = _alone_windows(alls, chains, i, run), False
             else:
                 tangled.append(i)
-        for group in run.clusters.merged_windows(chains, tangled, icmp):
-            _add_window(found, alls, chains, group, run)
-        every = [(p, lo, hi, i, k) for i, chain in enumerate(chains)
+        groups = run.clusters.merged_windows(chains, tangled, icmp)
+        every = [(p, lo, hi, i, k) for i, chain in enumerate(chains) if chain.icmp
                  for p, lo, hi, k in chain.pieces if p == icmp]
         if every:
-            _add_window(found, alls, chains, every, run)
-    run.windows[key] = found
+            groups.append(every)
+        for group in groups:
+            window = _group_window(alls, chains, group, run)
+            for _, _, _, i, k in group:
+                if not owned[i]:
+                    slots[i], owned[i] = list(slots[i]), True
+                slots[i].append((k, window))
+        found = {}
+        for i, chain in enumerate(chains):
+            if owned[i]:
+                slots[i].sort(key=_FIRST)  # cluster order: how the rules are judged
+            found[view.index.chains[chain.name].group_id] = (chain, slots[i])
+    run.plans[key] = found
     return found
 
 
 _NONE: list[Opener] = []
+_FIRST = itemgetter(0)
 
 
 def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
-                   run: _Shared) -> list[tuple[tuple[str, int], _Window]]:
-    """The windows of chain ``i``'s clusters (ICMP apart), each alone on the
-    port: shared by every port where they are (with the same ``alls``)."""
+                   run: _Shared) -> list[tuple[int, _Window]]:
+    """The windows of chain ``i``'s clusters (ICMP apart) by cluster index, each
+    alone on the port: shared by every port where they are (with the same
+    ``alls``)."""
     chain = chains[i]
     key = (id(alls), chain.name, chain.family)
     found = run.alone_lists.get(key)
     if found is None:
         icmp = ICMP_OF[chain.family]
-        windows: dict[tuple[str, int], _Window] = {}
-        for p, lo, hi, k in chain.pieces:
-            if p != icmp:
-                _add_window(windows, alls, chains, [(p, lo, hi, i, k)], run)
-        found = run.alone_lists[key] = list(windows.items())
+        found = run.alone_lists[key] = [
+            (k, _group_window(alls, chains, [(p, lo, hi, i, k)], run))
+            for p, lo, hi, k in chain.pieces if p != icmp]
     return found
 
 
-def _add_window(found: dict[tuple[str, int], _Window], alls: list[Opener],
-                chains: list[ChainClusters], group: list[tuple[int, int, int, int, int]],
-                run: _Shared) -> None:
+def _group_window(alls: list[Opener], chains: list[ChainClusters],
+                  group: list[tuple[int, int, int, int, int]], run: _Shared) -> _Window:
+    """The window of the clusters ``group`` ((protocol, low, high, chain
+    position, cluster index) each); one cluster alone: shared by every port
+    where it is (with the same ``alls``)."""
     if len(group) == 1:
         _, _, _, i, k = group[0]
         chain = chains[i]
@@ -419,12 +471,9 @@ def _add_window(found: dict[tuple[str, int], _Window], alls: list[Opener],
         if window is None:
             window = run.alone[alone] = _window(alls, chains, [(i, m) for m in
                                                                 chain.clusters[k][3]], run)
-        found[(chain.name, k)] = window
-        return
+        return window
     members = sorted((i, m) for _, _, _, i, k in group for m in chains[i].clusters[k][3])
-    window = _window(alls, chains, members, run)
-    for _, _, _, i, k in group:
-        found[(chains[i].name, k)] = window
+    return _window(alls, chains, members, run)
 
 
 def _window(alls: list[Opener], chains: list[ChainClusters], members: list[tuple[int, int]],
@@ -455,19 +504,19 @@ def _group_shadows(cp: CloudPolicy, group: SecurityGroup, direction: str, fam: F
         return found
     rules = [r for r in cp.state.rules_by_group.get(group.id, {}).values()
              if r.direction == direction and _family(r) == fam]
+    views = run.group_views(cp, group.id)
+    if not rules or not views:  # no protected port (or nothing to judge)
+        found = run.group_shadows[key] = {}
+        return found
     alive: dict[str, dict[int, dict[str, Any]]] = {r.id: {} for r in rules}
     seen: set[Any] = set()
-    any_port = False
-    for member in cp.state.group_members(group.id):
-        for port in cp.state.ports_of(member.id):
-            view = cp.ports.get(port.id)
-            if view is None or not view.policy.port_security or not alive:
-                continue
-            any_port = True
-            _judge_on(cp, view, group, rules, alive, seen, run)
+    for view in views:
+        if not alive:
+            break
+        _judge_on(cp, view, group, rules, alive, seen, run)
     found = run.group_shadows[key] = {
         rule_id: _unique_by_content(list(labels.values()), run)
-        for rule_id, labels in alive.items()} if any_port else {}
+        for rule_id, labels in alive.items()}
     return found
 
 
@@ -477,9 +526,9 @@ def _judge_on(cp: CloudPolicy, view: PortView, group: SecurityGroup, rules: list
     """Judge the rules still ``alive`` on one port: a rule adding something is
     dropped from ``alive``; the others gain the labels covering them here."""
     direction, fam = rules[0].direction, _family(rules[0])
-    windows = _port_windows(cp, view, direction, fam, run)
-    chain = _chain_of_group(cp, view, group, direction, run)
-    if windows is None or chain is None:
+    plan = _port_plan(cp, view, direction, fam, run)
+    slots = plan.get(group.id) if plan is not None else None
+    if slots is None:
         port_key = ("port", view.policy.same_net_sets, view.policy.ingress_chains,
                     view.policy.egress_chains)
         if port_key in seen:
@@ -489,29 +538,22 @@ def _judge_on(cp: CloudPolicy, view: PortView, group: SecurityGroup, rules: list
             if rule.id in alive:
                 _record(alive, rule, _covered_on(cp, view, rule, run))
         return
-    chained = run.clusters.chain(view, chain, fam)
+    chained, windows = slots
     by_cluster, missing = _rules_by_cluster(chained, rules, run)
     for rule in missing:  # no opener on this port: it adds nothing, but is not covered
         if rule.id in alive:
             _record(alive, rule, None)
-    for k, judged in enumerate(by_cluster):
-        window = windows[(chain.name, k)]
-        if (window.ident, k) in seen:
+    for k, window in windows:
+        judged = by_cluster[k]
+        if not judged:
             continue
-        seen.add((window.ident, k))
+        mark = (window.ident, k)
+        if mark in seen:
+            continue
+        seen.add(mark)
         for rule, indices in judged:
             if rule.id in alive:
-                _record(alive, rule, _judged_in(window, chain.name, rule, indices, run))
-
-
-def _chain_of_group(cp: CloudPolicy, view: PortView, group: SecurityGroup, direction: str,
-                    run: _Shared) -> GroupChain | None:
-    """The chain of ``group`` on ``view`` in ``direction`` (once per port)."""
-    key = (view.port.id, direction)
-    found = run.port_chains.get(key)
-    if found is None:
-        found = run.port_chains[key] = {c.group_id: c for c in cp.chains(view, direction)}
-    return found.get(group.id)
+                _record(alive, rule, _judged_in(window, chained.name, rule, indices, run))
 
 
 def _rules_by_cluster(chained: ChainClusters, rules: list[Rule], run: _Shared
@@ -551,20 +593,22 @@ def _judged_in(window: _Window, chain: str, rule: Rule, indices: list[int],
     labels then taken from this window."""
     first, order = window.at[chain]
     mine = tuple(first + order.index(i) for i in indices)
-    box = run.boxes.get(rule.id)
-    if box is None:
-        box = run.boxes[rule.id] = rule_box(ir_rule(rule))
-    key = (window.content, mine, box)
+    boxed = run.boxes.get(rule.id)
+    if boxed is None:
+        box = rule_box(ir_rule(rule))
+        # the box as plain integers in the key: a Box's generated hash is a Python call
+        boxed = run.boxes[rule.id] = (box, (box.proto_lo, box.proto_hi, box.sel_lo, box.sel_hi))
+    key = (window.content, mine, boxed[1])
     positions = run.judged.get(key)
     if positions is None:
-        positions = run.judged[key] = _cover_positions(window.openers, mine, box, rule, run)
+        positions = run.judged[key] = _cover_positions(window.openers, mine, boxed[0], run)
     if not positions[0]:
         return None
     openers = window.openers
     return [openers[i].label for i in positions[1]]
 
 
-def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box, rule: Rule,
+def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box,
                      run: _Shared) -> tuple[bool, list[int]]:
     """Whether the openers at ``mine`` add nothing to the others, and the
     positions of the others covering them (as :func:`_covered_by`)."""
@@ -574,10 +618,9 @@ def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box, rul
     key = (tuple(sorted(_box_key(o) for o in swept)), tuple(sorted(_box_key(m) for m in ours)))
     same = run.adds_nothing.get(key)
     if same is None:
-        fam = _family(rule)
-        before = [(r.box, r.addresses) for r in sweep(fam, swept, cache=run.unions)]
-        same = run.adds_nothing[key] = before == [
-            (r.box, r.addresses) for r in sweep(fam, swept + ours, cache=run.unions)]
+        # what two sweeps (without and with the rule) compared say: the
+        # reference, _covered_by without a run, does that
+        same = run.adds_nothing[key] = adds_nothing(ours, swept, run.unions)
     if not same:
         return False, []
     return True, [i for i, o in others

@@ -355,6 +355,45 @@ def sweep_window(family: Family, openers: Sequence[Opener], protocol: int, low: 
     return [piece for whole in merged for piece in _one_type_each(whole, by_proto)]
 
 
+def adds_nothing(ours: Sequence[Opener], others: Sequence[Opener],
+                 cache: UnionCache | None = None) -> bool:
+    """Whether ``ours`` allow no point that ``others`` do not: what comparing
+    ``sweep(others)`` with ``sweep([*others, *ours])`` says (no constraints, no
+    specials: a sweep is exact, and its regions — maximal runs of equal
+    addresses — depend only on the points allowed), without sweeping.
+
+    Each of ``ours`` adds points only inside its box: the box is cut at every
+    edge of the other boxes that meet it (each other box then covers a cell
+    whole or not at all), and each cell must hold the opener's addresses in the
+    union of the others' covering it. ``cache``: unions shared with other
+    calls of the same run."""
+    unite = cache.union if cache is not None else union
+    for mine in ours:
+        box = mine.box
+        if not mine.addresses:
+            continue
+        near = [o for o in others if o.addresses and o.box.meets(box)]
+        protos, sels = {box.proto_lo, box.proto_hi + 1}, {box.sel_lo, box.sel_hi + 1}
+        for other in (o.box for o in near):
+            if box.proto_lo < other.proto_lo:
+                protos.add(other.proto_lo)
+            if other.proto_hi < box.proto_hi:
+                protos.add(other.proto_hi + 1)
+            if box.sel_lo < other.sel_lo:
+                sels.add(other.sel_lo)
+            if other.sel_hi < box.sel_hi:
+                sels.add(other.sel_hi + 1)
+        selectors = list(itertools.pairwise(sorted(sels)))
+        for p_lo, p_end in itertools.pairwise(sorted(protos)):
+            for s_lo, s_end in selectors:
+                cover = [o.addresses for o in near
+                         if o.box.proto_lo <= p_lo and p_end <= o.box.proto_hi + 1
+                         and o.box.sel_lo <= s_lo and s_end <= o.box.sel_hi + 1]
+                if not cover or mine.addresses - unite(cover):
+                    return False
+    return True
+
+
 def merge_protocols(regions: Sequence[Region]) -> list[Region]:
     """``regions`` (in protocol, then selector order) with neighbouring protocols'
     whole-selector regions of equal addresses merged, as :func:`sweep` does."""
