@@ -302,13 +302,18 @@ class ChainClusters:
     #: keys), given by :meth:`Clusters.chain`
     icmp_labels: list[Label] = field(default_factory=list)
     icmp_id: int = -1
+    #: the indices of ``icmp`` among the openers, and of the ICMP clusters
+    icmp_index: list[int] = field(default_factory=list)
+    icmp_ks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pieces = [(p, lo, hi, k) for k, (p, lo, hi, _) in enumerate(self.clusters)]
         self.keys = [_opener_key(o) for o in self.openers]
         icmp = ICMP_OF[self.family]
         # a chain's ICMP clusters all go to the port's one ICMP window
-        self.icmp = [o for o in self.openers if o.box.proto_lo == icmp]
+        self.icmp_index = [i for i, o in enumerate(self.openers) if o.box.proto_lo == icmp]
+        self.icmp = [self.openers[i] for i in self.icmp_index]
+        self.icmp_ks = [k for k, (p, _, _, _) in enumerate(self.clusters) if p == icmp]
         self.icmp_keys = tuple(_opener_key(o) for o in self.icmp)
         self.icmp_labels = [o.label for o in self.icmp]
 

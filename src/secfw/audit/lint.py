@@ -26,7 +26,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any
 
 import netaddr
@@ -76,7 +75,7 @@ class _Shared:
         self.contents: dict[tuple[Any, ...], int] = {}
         self.idents: dict[tuple[Any, ...], int] = {}
         self.alone: dict[tuple[Any, ...], _Window] = {}
-        self.alone_lists: dict[tuple[Any, ...], list[tuple[int, _Window]]] = {}
+        self.alone_lists: dict[tuple[Any, ...], dict[int, _Window]] = {}
         self.views: dict[str, list[PortView]] = {}
         self.by_instance: dict[str, list[PortView]] | None = None
         self.by_cluster: dict[tuple[str, Family, str], Any] = {}
@@ -384,9 +383,11 @@ class _Window:
     at: dict[str, tuple[int, list[int]]]
 
 
-#: A port's plan for one group: its chain's clusters and, for each cluster
-#: index (ascending), the window holding that cluster.
-_Slots = tuple[ChainClusters, list[tuple[int, _Window]]]
+#: A port's plan for one group: its chain's clusters and the windows holding
+#: them by cluster index: those alone on the port (shared by every port where
+#: they are), those merged with other chains' clusters, and the port's ICMP
+#: window (every ICMP cluster's; None: the chain has none).
+_Slots = tuple[ChainClusters, dict[int, _Window], dict[int, _Window], "_Window | None"]
 
 
 def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
@@ -409,41 +410,51 @@ def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
         # clusters have each cluster alone, the others' are merged; every ICMP
         # rule is in one window (more openers than the overlapping ones: the
         # judgement takes only those meeting the rule's box, so it is the same)
-        icmp = ICMP_OF[fam]
-        slots: list[list[tuple[int, _Window]]] = [[] for _ in chains]
-        owned = [True] * len(chains)  # False: a shared list, copied before a change
-        tangled = []
-        for i, alone in enumerate(run.clusters.apart(view, fam, chains, direction)):
-            if alone:
-                slots[i], owned[i] = _alone_windows(alls, chains, i, run), False
-            else:
-                tangled.append(i)
-        groups = run.clusters.merged_windows(chains, tangled, icmp)
-        every = [(p, lo, hi, i, k) for i, chain in enumerate(chains) if chain.icmp
-                 for p, lo, hi, k in chain.pieces if p == icmp]
-        if every:
-            groups.append(every)
-        for group in groups:
+        apart = run.clusters.apart(view, fam, chains, direction)
+        merged: dict[int, dict[int, _Window]] = {}
+        tangled = [i for i, alone in enumerate(apart) if not alone]
+        for group in run.clusters.merged_windows(chains, tangled, ICMP_OF[fam]):
             window = _group_window(alls, chains, group, run)
             for _, _, _, i, k in group:
-                if not owned[i]:
-                    slots[i], owned[i] = list(slots[i]), True
-                slots[i].append((k, window))
-        found = {}
-        for i, chain in enumerate(chains):
-            if owned[i]:
-                slots[i].sort(key=_FIRST)  # cluster order: how the rules are judged
-            found[view.index.chains[chain.name].group_id] = (chain, slots[i])
+                merged.setdefault(i, {})[k] = window
+        icmp = _icmp_window(alls, chains, run)
+        index = view.index.chains
+        found = {index[chain.name].group_id: (
+                     chain, _alone_windows(alls, chains, i, run) if apart[i] else _NO_SLOTS,
+                     merged.get(i, _NO_SLOTS), icmp if chain.icmp else None)
+                 for i, chain in enumerate(chains)}
     run.plans[key] = found
     return found
 
 
 _NONE: list[Opener] = []
-_FIRST = itemgetter(0)
+_NO_SLOTS: dict[int, _Window] = {}
+
+
+def _icmp_window(alls: list[Opener], chains: list[ChainClusters],
+                 run: _Shared) -> _Window | None:
+    """The window of every ICMP cluster of ``chains`` (None: they have none):
+    ``alls``, then each chain's ICMP openers in its order, the chains in the
+    port's — the openers and content :func:`_group_window` gives, from the
+    chains' own lists (a port's ICMP window holds a rule of most of its
+    groups: it is built on every port)."""
+    having = [chain for chain in chains if chain.icmp]
+    if not having:
+        return None
+    openers = list(alls)
+    at: dict[str, tuple[int, list[int]]] = {}
+    for chain in having:
+        at[chain.name] = (len(openers), chain.icmp_index)
+        openers += chain.icmp
+    content = (*(_box_key(o) for o in alls), *(k for c in having for k in c.icmp_keys))
+    # its own form (a str first): no other window holds ICMP clusters
+    ident = ("icmp", *(id(o) for o in alls), *(chain.name for chain in having))
+    return _Window(openers, run.contents.setdefault(content, len(run.contents)),
+                   run.idents.setdefault(ident, len(run.idents)), at)
 
 
 def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
-                   run: _Shared) -> list[tuple[int, _Window]]:
+                   run: _Shared) -> dict[int, _Window]:
     """The windows of chain ``i``'s clusters (ICMP apart) by cluster index, each
     alone on the port: shared by every port where they are (with the same
     ``alls``)."""
@@ -452,9 +463,9 @@ def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
     found = run.alone_lists.get(key)
     if found is None:
         icmp = ICMP_OF[chain.family]
-        found = run.alone_lists[key] = [
-            (k, _group_window(alls, chains, [(p, lo, hi, i, k)], run))
-            for p, lo, hi, k in chain.pieces if p != icmp]
+        found = run.alone_lists[key] = {
+            k: _group_window(alls, chains, [(p, lo, hi, i, k)], run)
+            for p, lo, hi, k in chain.pieces if p != icmp}
     return found
 
 
@@ -510,10 +521,11 @@ def _group_shadows(cp: CloudPolicy, group: SecurityGroup, direction: str, fam: F
         return found
     alive: dict[str, dict[int, dict[str, Any]]] = {r.id: {} for r in rules}
     seen: set[Any] = set()
+    live: list[Any] = [None, None]  # _live's: what it was made from, the list
     for view in views:
         if not alive:
             break
-        _judge_on(cp, view, group, rules, alive, seen, run)
+        _judge_on(cp, view, group, rules, alive, seen, run, live)
     found = run.group_shadows[key] = {
         rule_id: _unique_by_content(list(labels.values()), run)
         for rule_id, labels in alive.items()}
@@ -522,9 +534,10 @@ def _group_shadows(cp: CloudPolicy, group: SecurityGroup, direction: str, fam: F
 
 def _judge_on(cp: CloudPolicy, view: PortView, group: SecurityGroup, rules: list[Rule],
               alive: dict[str, dict[int, dict[str, Any]]], seen: set[Any],
-              run: _Shared) -> None:
+              run: _Shared, live: list[Any]) -> None:
     """Judge the rules still ``alive`` on one port: a rule adding something is
-    dropped from ``alive``; the others gain the labels covering them here."""
+    dropped from ``alive``; the others gain the labels covering them here.
+    ``live``: the group's :func:`_live` cache."""
     direction, fam = rules[0].direction, _family(rules[0])
     plan = _port_plan(cp, view, direction, fam, run)
     slots = plan.get(group.id) if plan is not None else None
@@ -538,15 +551,14 @@ def _judge_on(cp: CloudPolicy, view: PortView, group: SecurityGroup, rules: list
             if rule.id in alive:
                 _record(alive, rule, _covered_on(cp, view, rule, run))
         return
-    chained, windows = slots
+    chained, alone, merged, icmp = slots
     by_cluster, missing = _rules_by_cluster(chained, rules, run)
     for rule in missing:  # no opener on this port: it adds nothing, but is not covered
         if rule.id in alive:
             _record(alive, rule, None)
-    for k, window in windows:
-        judged = by_cluster[k]
-        if not judged:
-            continue
+    for k, judged in _live(by_cluster, alive, live):
+        window = alone.get(k) or merged.get(k) or icmp
+        assert window is not None  # every cluster is in a window of the port
         mark = (window.ident, k)
         if mark in seen:
             continue
@@ -574,6 +586,24 @@ def _rules_by_cluster(chained: ChainClusters, rules: list[Rule], run: _Shared
                     placed.add(rule.id)
             by_cluster.append(here)
         found = run.by_cluster[key] = (by_cluster, [r for r in rules if r.id not in placed])
+    return found
+
+
+def _live(by_cluster: list[list[tuple[Rule, list[int]]]],
+          alive: dict[str, Any], cache: list[Any]) -> list[tuple[int, list[tuple[Rule,
+                                                                            list[int]]]]]:
+    """The clusters (index ascending: the order the labels are gathered in)
+    holding a rule still alive, with those rules; made again only when a rule
+    died or the clusters differ (``cache``: [what it was made from, the list]).
+    A group's rules mostly die on its first port but one covered everywhere
+    (an ICMP rule from anywhere, in most groups): only its cluster is then
+    looked at on the group's other ports."""
+    made = (id(by_cluster), len(alive))  # alive only shrinks
+    if cache[0] != made:
+        cache[0], cache[1] = made, [
+            (k, here) for k, judged in enumerate(by_cluster)
+            if (here := [(rule, idx) for rule, idx in judged if rule.id in alive])]
+    found: list[tuple[int, list[tuple[Rule, list[int]]]]] = cache[1]
     return found
 
 
