@@ -71,7 +71,7 @@ class _Shared:
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
         self.adds_nothing: dict[tuple[Any, ...], bool] = {}
-        self.plans: dict[tuple[str, str, Family], dict[str, _Slots] | None] = {}
+        self.plans: dict[tuple[str, str, Family], _PortPlan | None] = {}
         self.contents: dict[tuple[Any, ...], int] = {}
         self.idents: dict[tuple[Any, ...], int] = {}
         self.alone: dict[tuple[Any, ...], _Window] = {}
@@ -388,52 +388,67 @@ class _Window:
         self.labels = [opener.label for opener in self.openers]
 
 
-#: A port's plan for one group: its chain's clusters and the windows holding
-#: them by cluster index: those alone on the port (shared by every port where
-#: they are), those merged with other chains' clusters, and the port's ICMP
-#: window (every ICMP cluster's; None: the chain has none).
-_Slots = tuple[ChainClusters, dict[int, _Window], dict[int, _Window], "_Window | None"]
+class _PortPlan:
+    """One port filter's windows (direction, family): its chains' clusters
+    (``chains``, their positions by group id in ``at``), the ICMP window (every
+    ICMP cluster's, made at once: it is the one most judgements need; None
+    when no chain has one) and, made when first asked for (:meth:`windows`),
+    the windows of the other clusters. A group's rules mostly die on its first
+    ports, so on most of a port's groups only the ICMP window is looked at."""
+
+    __slots__ = ("_direction", "_others", "_view", "alls", "at", "chains", "icmp")
+
+    def __init__(self, view: PortView, direction: str, alls: list[Opener],
+                 chains: list[ChainClusters], run: _Shared) -> None:
+        self.alls, self.chains = alls, chains
+        index = view.index.chains
+        self.at = {index[chain.name].group_id: i for i, chain in enumerate(chains)}
+        self.icmp = _icmp_window(alls, chains, run)
+        self._view, self._direction = view, direction
+        self._others: list[dict[int, _Window]] | None = None
+
+    def windows(self, i: int, run: _Shared) -> dict[int, _Window]:
+        """The windows of chain ``i``'s clusters but the ICMP ones, by cluster
+        index: a chain apart from the others' clusters has each cluster alone
+        (windows shared by every port where they are, with the same
+        all-protocol openers), the others' are merged (exposure's Clusters)."""
+        if self._others is None:
+            chains, alls = self.chains, self.alls
+            fam = chains[0].family
+            apart = run.clusters.apart(self._view, fam, chains, self._direction)
+            self._others = [_alone_windows(alls, chains, j, run) if alone else {}
+                            for j, alone in enumerate(apart)]
+            tangled = [j for j, alone in enumerate(apart) if not alone]
+            for group in run.clusters.merged_windows(chains, tangled, ICMP_OF[fam]):
+                window = _group_window(alls, chains, group, run)
+                for _, _, _, j, k in group:
+                    self._others[j][k] = window
+        return self._others[i]
 
 
 def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
-               run: _Shared) -> dict[str, _Slots] | None:
-    """``view``'s windows, by group id of its chains in ``direction`` (None when
-    a rule of any protocol spreads over every cluster, or a chain is listed
-    twice: the caller judges the whole filter), once per port, direction and
-    family. A cluster alone gets a window shared with every port where it is
-    alone (with the same all-protocol openers), and a chain whose clusters are
-    all alone its list of them, shared too."""
+               run: _Shared) -> _PortPlan | None:
+    """``view``'s :class:`_PortPlan` in ``direction`` and ``fam`` (None when a
+    rule of any protocol spreads over every cluster, or a chain is listed
+    twice: the caller judges the whole filter), once per port."""
     key = (view.port.id, direction, fam)
     if key in run.plans:
         return run.plans[key]
     alls = run.clusters.same_net(view, fam) if direction == "ingress" else _NONE
     chains = run.clusters.port_chains(view, fam, direction)
-    found: dict[str, _Slots] | None = None
+    found: _PortPlan | None = None
     names = [chain.name for chain in chains]
-    if not any(chain.spread for chain in chains) and len(set(names)) == len(names):
-        # the windows of exposure's Clusters: the chains apart from the others'
-        # clusters have each cluster alone, the others' are merged; every ICMP
-        # rule is in one window (more openers than the overlapping ones: the
-        # judgement takes only those meeting the rule's box, so it is the same)
-        apart = run.clusters.apart(view, fam, chains, direction)
-        merged: dict[int, dict[int, _Window]] = {}
-        tangled = [i for i, alone in enumerate(apart) if not alone]
-        for group in run.clusters.merged_windows(chains, tangled, ICMP_OF[fam]):
-            window = _group_window(alls, chains, group, run)
-            for _, _, _, i, k in group:
-                merged.setdefault(i, {})[k] = window
-        icmp = _icmp_window(alls, chains, run)
-        index = view.index.chains
-        found = {index[chain.name].group_id: (
-                     chain, _alone_windows(alls, chains, i, run) if apart[i] else _NO_SLOTS,
-                     merged.get(i, _NO_SLOTS), icmp if chain.icmp else None)
-                 for i, chain in enumerate(chains)}
+    if chains and not any(chain.spread for chain in chains) and \
+            len(set(names)) == len(names):
+        # every ICMP rule is in one window (more openers than the overlapping
+        # ones: the judgement takes only those meeting the rule's box, so it
+        # is the same)
+        found = _PortPlan(view, direction, alls, chains, run)
     run.plans[key] = found
     return found
 
 
 _NONE: list[Opener] = []
-_NO_SLOTS: dict[int, _Window] = {}
 
 
 def _icmp_window(alls: list[Opener], chains: list[ChainClusters],
@@ -547,21 +562,20 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     for view in views:
         if not alive:
             return
-        plan = plans.get((view.port.id, direction, fam), _UNPLANNED)
-        if plan is _UNPLANNED:
-            plan = _port_plan(cp, view, direction, fam, run)
-        slots = plan.get(group.id) if plan is not None else None
-        if slots is None:
+        key = (view.port.id, direction, fam)
+        plan = plans[key] if key in plans else _port_plan(cp, view, direction, fam, run)
+        i = plan.at.get(group.id) if plan is not None else None
+        if plan is None or i is None:
             _judge_whole(cp, view, rules, alive, seen, run)
             continue
-        chained, alone, merged, icmp = slots
+        chained = plan.chains[i]
         by_cluster, missing = _rules_by_cluster(chained, rules, run)
         for rule in missing:  # no opener on this port: it adds nothing, but is not covered
             if rule.id in alive:
                 _record(alive, rule, None)
         for k, judged in _live(by_cluster, alive, live):
-            window = alone.get(k) or merged.get(k) or icmp
-            assert window is not None  # every cluster is in a window of the port
+            window = plan.icmp if k in chained.icmp_ks else plan.windows(i, run)[k]
+            assert window is not None  # a chain with an ICMP cluster has the window
             mark = (window.ident, k)
             if mark in seen:
                 continue
@@ -573,10 +587,6 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                         tuple(first + order.index(i) for i in indices)
                     boxed = boxes.get(rule.id) or _boxed(rule, run)
                     _record(alive, rule, _judged_in(window, mine, boxed, run))
-
-
-#: Not planned yet (None is a plan: the whole filter).
-_UNPLANNED: dict[str, _Slots] = {}
 
 
 def _judge_whole(cp: CloudPolicy, view: PortView, rules: list[Rule],
