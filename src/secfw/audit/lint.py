@@ -124,10 +124,12 @@ def lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
     (its description, then its id).
 
     ``shared`` False decides each shadow with two sweeps of the port's whole
-    filter (the reference the tests compare with); True, the default, reuses the
-    openers of each distinct filter and sweeps only the openers that meet the
-    rule's box: a rule adds a point only inside its box, and openers elsewhere do
-    not change what is allowed there, so the answer is the same."""
+    filter (the reference the tests compare with); True, the default, cuts each
+    port filter into windows (:class:`_PortPlan`), judges a rule once per
+    distinct window content with only the openers that meet its box (a rule adds
+    a point only inside its box, and openers elsewhere do not change what is
+    allowed there), cell by cell (:func:`~secfw.audit.space.adds_nothing`): the
+    same answer."""
     if not shared:
         return _lint(cp, groups, None)
     # ~10^6 small acyclic objects (windows, keys, label lists) beside the
