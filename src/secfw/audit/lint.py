@@ -561,6 +561,9 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     seen: set[Any] = set()
     live: list[Any] = [None, None]  # _live's: what it was made from, the list
     plans, boxes = run.plans, run.boxes
+    last: ChainClusters | None = None  # the group's chain: the same on nearly every port
+    by_cluster: list[list[tuple[Rule, list[int]]]] = []
+    missing: list[Rule] = []
     for view in views:
         if not alive:
             return
@@ -571,7 +574,9 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
             _judge_whole(cp, view, rules, alive, seen, run)
             continue
         chained = plan.chains[i]
-        by_cluster, missing = _rules_by_cluster(chained, rules, run)
+        if chained is not last:
+            by_cluster, missing = _rules_by_cluster(chained, rules, run)
+            last = chained
         for rule in missing:  # no opener on this port: it adds nothing, but is not covered
             if rule.id in alive:
                 _record(alive, rule, None)
@@ -586,7 +591,7 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
             for rule, indices in judged:
                 if rule.id in alive:
                     mine = (first + order.index(indices[0]),) if len(indices) == 1 else \
-                        tuple(first + order.index(i) for i in indices)
+                        tuple(first + order.index(m) for m in indices)
                     boxed = boxes.get(rule.id) or _boxed(rule, run)
                     _record(alive, rule, _judged_in(window, mine, boxed, run))
 
