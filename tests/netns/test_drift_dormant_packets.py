@@ -20,6 +20,7 @@ from test_drift import EXT, web80
 from test_resync_generation_packets import check
 from test_resync_packets import Clock
 
+from secfw import netns_tools
 from secfw.agent import AgentLoop, LoopSettings
 
 pytestmark = [
@@ -27,6 +28,10 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, nftables)"),
     pytest.mark.backends("nftables", reason="nftables' table flags (iptables has none)"),
 ]
+
+
+GATEWAY = "10.1.0.1"  # web80's network, 10.1.0.0/24
+STRANGER = "10.1.0.77"  # an address of that network no port holds
 
 
 def make_dormant(cloud: Any, family: str = "inet") -> None:
@@ -80,11 +85,32 @@ def test_dormant_table_is_repaired_by_a_new_agent(cloud: Any) -> None:
     assert_filtering(cloud)
 
 
+def arp_answered(cloud: Any, sender_ip: str) -> bool:
+    """Whether the instance's ARP request for its gateway, sent in
+    ``sender_ip``'s name, is answered (by the host's proxy ARP, routed; by the
+    router, bridged): the layer-2 table drops a request in another's name."""
+    from scapy.layers.l2 import ARP, Ether
+
+    port = cloud.port("web")
+    request = Ether(src=port.mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=port.mac, psrc=sender_ip, pdst=GATEWAY)
+    return netns_tools.send_and_sniff(
+        request, src_ns=cloud.ns("web"), dst_ns=cloud.ns("web"), bpf="arp[6:2] = 2",
+        timeout=0.5, sniff_iface="eth0") is not None
+
+
 def test_dormant_layer2_table_is_repaired(cloud: Any) -> None:
-    """The layer-2 table dormant (the inet one untouched): a full pass sees it."""
+    """The layer-2 table dormant (the inet one untouched): ARP in another
+    address's name is answered; a full pass replaces the table and it is
+    dropped again."""
     layer2 = "bridge" if cloud.topology == "bridged" else "arp"
     web80(cloud)
+    assert arp_answered(cloud, cloud.ip("web"))
+    assert not arp_answered(cloud, STRANGER)
     make_dormant(cloud, layer2)
+    assert arp_answered(cloud, STRANGER), "the dormant table did not let the lie through"
     result = cloud.sync(full=True)
     assert result.commands > 0 and result.drift is not None, result
     assert_filtering(cloud, layer2)
+    assert not arp_answered(cloud, STRANGER)
+    assert arp_answered(cloud, cloud.ip("web"))
