@@ -244,9 +244,14 @@ class KernelState:
     """The content of secfw's tables in normal form. Treat as read-only.
 
     ``sets`` and ``chains`` are keyed by ``(family, name)``; ``tables`` are the
-    families whose table exists (a table can exist empty). Two states are equal
-    exactly when the kernel would hold the same tables, sets, elements, chains,
-    hooks (type, hook, priority, policy) and rules (comments and expressions).
+    families whose table exists (a table can exist empty) as secfw writes it:
+    without flags. A table read back with a flag (``dormant``: none of its
+    chains sees a packet) is left out, so the state differs from every desired
+    one and the planner replaces the tables whole (fail-closed: the
+    replacement's ``delete table`` drops the flag with the table). Two states
+    are equal exactly when the kernel would hold the same tables, sets,
+    elements, chains, hooks (type, hook, priority, policy) and rules (comments
+    and expressions).
     """
 
     sets: Mapping[ObjectKey, SetState]
@@ -383,7 +388,8 @@ def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
                 continue
             family = str(body["family"])
             if kind == "table":
-                tables.add(family)
+                if not _flagged(body):
+                    tables.add(family)
             elif kind in ("set", "map"):
                 sets[(family, body["name"])] = _parse_set(kind == "map", body, interned)
             elif kind == "chain":
@@ -398,6 +404,16 @@ def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
 def _ours(kind: str, body: Mapping[str, Any]) -> bool:
     table = body.get("name") if kind == "table" else body.get("table")
     return body.get("family") in FAMILIES and table == TABLE
+
+
+def _flagged(table: Mapping[str, Any]) -> bool:
+    """Whether a listed table carries a flag. secfw writes its tables without
+    any; ``dormant`` unregisters every base chain of the table (nft(8),
+    TABLES: the table "is not evaluated any more": all traffic passes), and
+    ``owner`` ties it to another process. nft 1.0.6 does not even list the
+    flag right (measured: ``"flags": "secfw"``, the table's name, for
+    ``dormant``), so any ``flags`` member that is not empty counts."""
+    return bool(table.get("flags"))
 
 
 def _parse_hook(body: Mapping[str, Any]) -> Hook | None:
