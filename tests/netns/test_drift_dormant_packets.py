@@ -4,10 +4,11 @@
 table but unregisters its hooks (nft(8), TABLES: "dormant — table is not
 evaluated any more"): all traffic passes unfiltered. The read-back must not take
 such a table for secfw's: the next full pass, the periodic kernel check (the
-flag is a commit, so the generation moves) and a new agent's first pass each
-replace it, and tcp/22 — which the instance's only group does not allow — is
-dropped again. The layer-2 table (``arp secfw`` routed, ``bridge secfw``
-bridged) made dormant is repaired the same way.
+flag is a commit, so the generation moves), a new agent's first pass and an
+``agent --once`` holding a kernel record (the record is trusted only while the
+generation holds still) each replace it, and tcp/22 — which the instance's
+only group does not allow — is dropped again. The layer-2 table (``arp
+secfw`` routed, ``bridge secfw`` bridged) made dormant is repaired the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 from typing import Any
 
 import pytest
+from agentproc import web_cloud
+from test_agent_restart_record import once
 from test_drift import EXT, web80
 from test_resync_generation_packets import check
 from test_resync_packets import Clock
@@ -114,3 +117,19 @@ def test_dormant_layer2_table_is_repaired(cloud: Any) -> None:
     assert_filtering(cloud, layer2)
     assert not arp_answered(cloud, STRANGER)
     assert arp_answered(cloud, cloud.ip("web"))
+
+
+def test_dormant_table_is_repaired_by_an_agent_holding_a_restart_record(cloud: Any) -> None:
+    """``agent --once`` twice: the second trusts its kernel record (the
+    generation held still). The dormant flag is a commit: the generation
+    moves, so the next ``--once`` reads back — and must not take the dormant
+    table for the recorded one."""
+    web_cloud(cloud)
+    action, commands = once(cloud)
+    assert commands > 0 and not cloud.tcp(EXT, "web", 22)
+    assert once(cloud) == ("in sync, nothing loaded", 0)
+    make_dormant(cloud)
+    assert cloud.tcp(EXT, "web", 22), "the dormant table did not open tcp/22"
+    action, commands = once(cloud)
+    assert commands > 0, action
+    assert_filtering(cloud)
