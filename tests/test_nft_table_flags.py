@@ -1,17 +1,22 @@
-"""A table read back with a flag (``dormant``: its chains see no packet) is not
-secfw's table: the read-back state differs from the desired one, the planner
-replaces the tables whole, and a listing cut short is a BackendError — never "in
-sync" (the packets: tests/netns/test_drift_dormant_packets.py)."""
+"""Table flags are kernel state. nftables: a table read back with a flag
+(``dormant``: its chains see no packet) is not secfw's table — the read-back
+state differs from the desired one, the planner replaces the tables whole, and a
+listing cut short is a BackendError, never "in sync". iptables-nft: the flagged
+``ip``/``ip6 filter`` tables are found (the packets:
+tests/netns/test_drift_dormant_packets.py, test_drift_dormant_ipt_packets.py)."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from test_nft_render import listing_from, small
 
 from secfw.agent.resync import by_object
+from secfw.backends.iptables.executor import IptablesExecutor
 from secfw.backends.nftables import KernelState, plan, render, to_nft_json
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.errors import BackendError
@@ -66,3 +71,34 @@ def test_a_listing_cut_short_is_a_backend_error() -> None:
     executor._nft = _CutShort()  # type: ignore[assignment]
     with pytest.raises(BackendError, match="not JSON"):
         executor.read_state()
+
+
+# --------------------------------------------------------------------------- iptables-nft
+
+_TABLES = ('{"nftables": [{"metainfo": {"version": "1.0.6"}}, '
+           '{"table": {"family": "ip", "name": "filter", "handle": 1%s}}, '
+           '{"table": {"family": "ip6", "name": "filter", "handle": 2}}, '
+           '{"table": {"family": "inet", "name": "other", "handle": 3, "flags": "x"}}]}')
+
+
+def _executor(stdout: str | None, variant: str = "nft") -> IptablesExecutor:
+    """An executor whose runner answers every command with ``stdout`` (None:
+    the tool cannot run)."""
+    def runner(argv: Sequence[str], _stdin: str | None) -> subprocess.CompletedProcess[str]:
+        if stdout is None:
+            raise BackendError(f"iptables: cannot run {argv[0]}: not found")
+        return subprocess.CompletedProcess(list(argv), 0, stdout, "")
+    return IptablesExecutor(variant=variant, runner=runner)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("stdout", "variant", "flagged"), [
+    (_TABLES % ', "flags": "Lester Gooch #5"', "nft", [("ip", "filter")]),  # nft 1.0.6
+    (_TABLES % ', "flags": ["dormant"]', "nft", [("ip", "filter")]),
+    (_TABLES % "", "nft", []),  # another table's flag is not ours to judge
+    (_TABLES % ', "flags": "', "nft", [("ip", "filter"), ("ip6", "filter")]),  # cut short
+    (_TABLES % ', "flags": "x"', "legacy", []),  # legacy keeps no nftables table
+    (None, "nft", []),  # no nft tool: nothing can be checked
+])
+def test_iptables_nft_flagged_tables(stdout: str | None, variant: str,
+                                     flagged: list[tuple[str, str]]) -> None:
+    assert _executor(stdout, variant).flagged_tables() == flagged

@@ -99,9 +99,13 @@ class IptablesBackend:
     def read(self) -> IptState | None:
         """secfw's chains and sets as the kernel holds them; None when absent —
         and on a bridged host when br_netfilter's switches are off (bridged
-        traffic then bypasses iptables: the next, full, apply turns them on)."""
+        traffic then bypasses iptables: the next, full, apply turns them on),
+        and when one of iptables-nft's tables carries a flag (``dormant``: its
+        chains see no packet; the next, full, apply clears it)."""
         if self.options.topology == "bridged" and not bridge_netfilter_enabled(
                 self.executor.netns):
+            return None
+        if self.executor.flagged_tables():
             return None
         return self.executor.read_state()
 
@@ -123,6 +127,8 @@ class IptablesBackend:
             raise BackendError(f"iptables: cannot apply a {type(plan).__name__}")
         if self.options.topology == "bridged":  # bridged IP must reach the filter
             enable_bridge_netfilter(self.executor.netns)
+        if plan.full:  # after a read that found a flagged table (read)
+            self.executor.clear_table_flags(self.executor.flagged_tables())
         self.executor.apply(plan)
 
     def committed(self, desired: HostFilter) -> IptState:

@@ -36,6 +36,8 @@ chains, else the one holding more rules, else the one ``iptables`` points to
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import subprocess
@@ -48,7 +50,11 @@ from secfw.backends.iptables.state import from_save, parse_ipsets, parse_table
 from secfw.compiler.ir import Family
 from secfw.errors import BackendError
 
+log = logging.getLogger(__name__)
 Variant = Literal["nft", "legacy"]
+#: The nftables tables iptables-nft keeps secfw's chains in (``-t filter`` of
+#: both families; ``-t nat`` for floating IPs and the metadata redirect).
+NFT_TABLES = (("ip", "filter"), ("ip6", "filter"), ("ip", "nat"))
 VARIANTS: tuple[Variant, ...] = ("nft", "legacy")
 #: Runs one command (argument list, optional stdin text); returns the finished process.
 Runner = Callable[[Sequence[str], str | None], "subprocess.CompletedProcess[str]"]
@@ -90,6 +96,7 @@ class IptablesExecutor:
         self.netns = netns
         self.runner: Runner = runner or run_command
         self._variant = variant
+        self._nft_missing = False
 
     # ---- tools
 
@@ -140,6 +147,53 @@ class IptablesExecutor:
             if "nat" not in names:
                 return ""
         return self._run([self.tool("ipv4", "-save"), "-t", "nat"])
+
+    def flagged_tables(self) -> list[tuple[str, str]]:
+        """The nftables tables of iptables-nft that secfw fills (:data:`NFT_TABLES`)
+        and that carry a flag, as ``(family, name)``; always empty for legacy.
+
+        ``dormant`` unhooks every chain of its table (nft(8), TABLES: "table is
+        not evaluated any more") while ``iptables-nft-save`` prints the same
+        rules, so the save alone would call such a table in sync. nft 1.0.6
+        lists the flag's value wrong (measured: a stale string, such as the
+        release name), so any ``flags`` member counts; output that is not JSON
+        counts as every such table flagged (fail-closed: clearing an absent
+        flag changes nothing). Without the ``nft`` tool nothing can be
+        checked: logged once, and empty."""
+        if self.variant != "nft":
+            return []
+        done = self._try_nft(["nft", "-j", "list", "tables"])
+        if done is None:
+            return []
+        out = done.stdout
+        try:
+            objects = json.loads(out)["nftables"]
+            tables = [obj["table"] for obj in objects if "table" in obj]
+            return [(str(t["family"]), str(t["name"])) for t in tables
+                    if (t["family"], t["name"]) in NFT_TABLES and t.get("flags")]
+        except (ValueError, KeyError, TypeError):
+            return [table for table in NFT_TABLES if table[1] != "nat"]
+
+    def _try_nft(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
+        """``argv`` (an ``nft`` command) run; None when nft cannot run here."""
+        try:
+            done = self._try(argv)
+        except BackendError as exc:
+            if not self._nft_missing:
+                self._nft_missing = True
+                log.warning("%s: iptables-nft's table flags (dormant) go unchecked", exc)
+            return None
+        if done.returncode != 0:
+            raise BackendError(f"nft failed ({done.returncode}): {first_error(done)}")
+        return done
+
+    def clear_table_flags(self, tables: Sequence[tuple[str, str]]) -> None:
+        """Take the flags off ``tables`` (:meth:`flagged_tables`): nft's ``add
+        table`` without flags sets the table's flags to none (measured, nft
+        1.0.6: it clears ``dormant``), in one atomic batch."""
+        if tables:
+            self._run(["nft", "-f", "-"],
+                      "".join(f"add table {family} {name}\n" for family, name in tables))
 
     # ---- applying
 
