@@ -334,8 +334,11 @@ TARGETS: tuple[tuple[str, Callable[[Row], tuple[bool | None, str]]], ...] = (
 #: step (issue #15). Keyed by the start of the target's text.
 NEXT_STEPS: dict[str, str] = {
     "10k ports: compile + full apply": (
-        "the 200k port × group slot-map elements (~60 % of the apply; ~7 µs each in "
-        "libnftables and the kernel, measured by element, not by byte): fewer elements"),
+        "the apply alone (libnftables + kernel, 2.3–3 s CPU at load) exceeds 2 s: the "
+        "200k slot-map jump elements cost ~8–9 µs each against ~4–6 µs for a plain set "
+        "element, and a fifth of nft's CPU is faulting in its 350 MB heap; JSON input and "
+        "pyroute2 0.9.7 lose (docs/nftables.md, round 3). Next: fewer verdict elements, "
+        "a kernel set size with room to grow (−30–40 % of a big set's kernel time)"),
     "agent full sync of 1,000 ports": (
         "the store load into the host view, the compile of address sets, libnftables"),
     "agent peak RSS": (
@@ -361,7 +364,9 @@ NEXT_STEPS: dict[str, str] = {
         "with a matching record and inputs nothing is loaded: start-up (imports, store "
         "open) and the store's last write hashed (one 20k-document batch in the bench "
         "store); without them, the host-view load, compile and render"),
-    "secfw full sync": "the full sync's kernel-facing part (see the compile + apply row)",
+    "secfw full sync": (
+        "at 1,000 ports ~1.55 s CPU: libnftables ~0.70 s, render + plan ~0.50 s, the "
+        "driver's conversion ~0.35 s (docs/nftables.md, round 3): all three must halve"),
     "audit verify": (
         "the read-back (nft -j list and its JSON parse, ~3 s CPU at 10k) and the model's "
         "rendering (~1 s): the ports themselves are compared as data (audit/skeleton.py)"),
