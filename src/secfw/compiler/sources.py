@@ -30,6 +30,14 @@ from secfw.compiler.ir import Family, PortPolicy
 
 UNSPECIFIED = {"ipv4": "0.0.0.0/32", "ipv6": "::/128"}
 
+#: Entries of the per-port caches (here and in the nftables renderer's
+#: protection sets): room for every port of a 100k-port host. One render asks
+#: each of them more than once (the spoof and the ARP sets both take a port's
+#: elements; ND targets take its sources again), so a cache smaller than the
+#: host misses every time: at 50k ports with 32k entries, every port's sources
+#: were computed three times and its elements twice (profiled).
+PORT_CACHE = 1 << 17
+
 #: An IPv4 address in the form ``ipaddress`` prints (no leading zeros), optionally
 #: with ``/32``: its canonical CIDR is the address and ``/32``, without parsing it
 #: (10^4 addresses parsed by ``ipaddress`` were a third of a big host's first render).
@@ -57,7 +65,7 @@ class Source(NamedTuple):
         return self.cidr.endswith("/32" if self.family == "ipv4" else "/128")
 
 
-@lru_cache(maxsize=1 << 14)
+@lru_cache(maxsize=PORT_CACHE)
 def link_local(mac: str) -> str:
     """The IPv6 link-local address of ``mac`` as a /128 (modified EUI-64:
     ``fa:16:3e:00:00:01`` → ``fe80::f816:3eff:fe00:1/128``), printed as
@@ -91,7 +99,7 @@ def port_macs(port: PortPolicy) -> tuple[str, ...]:
     return (port.mac.lower(), *others)
 
 
-@lru_cache(maxsize=1 << 15)
+@lru_cache(maxsize=PORT_CACHE)
 def port_sources(port: PortPolicy) -> tuple[Source, ...]:
     """Every (MAC, CIDR) ``port`` may send from (see the module docstring), sorted.
 
@@ -107,7 +115,7 @@ def port_sources(port: PortPolicy) -> tuple[Source, ...]:
     return tuple(sorted(found))
 
 
-@lru_cache(maxsize=1 << 15)
+@lru_cache(maxsize=PORT_CACHE)
 def nd_targets(port: PortPolicy) -> tuple[str, ...]:
     """The IPv6 CIDRs ``port`` may advertise in a neighbour advertisement: its
     IPv6 sources except ``::``, sorted and without duplicates."""

@@ -99,7 +99,7 @@ from secfw.backends.nftables.syntax import (
     make_rule,
 )
 from secfw.compiler.ir import Family, PortPolicy
-from secfw.compiler.sources import UNSPECIFIED, nd_targets, port_sources
+from secfw.compiler.sources import PORT_CACHE, UNSPECIFIED, nd_targets, port_sources
 from secfw.constants import DHCP_CLIENT, DHCP_SERVER
 
 _ADDRESS = {"ipv4": ("ip", "ipv4_addr"), "ipv6": ("ip6", "ipv6_addr")}
@@ -142,7 +142,7 @@ def spoof_sets(ports: Iterable[PortPolicy], ident: PortIdentity) -> list[NamedSe
 _PortElements = tuple[tuple[Element, ...], ...]
 
 
-@lru_cache(maxsize=1 << 15)
+@lru_cache(maxsize=PORT_CACHE)
 def _port_elements(port: PortPolicy, egress_key: str) -> _PortElements:
     """The elements one port contributes, sorted (its sources are): IPv4 hosts, IPv6
     hosts, IPv4 networks, IPv6 networks (``egress_key . MAC . address``: the tap,
@@ -201,7 +201,7 @@ def nd_sets(ports: Iterable[PortPolicy], ident: PortIdentity) -> list[NamedSet]:
             NamedSet(ND_TARGET_NETS, key, ("interval",), tuple(sorted(nets)), typeof=declared)]
 
 
-@lru_cache(maxsize=1 << 15)
+@lru_cache(maxsize=PORT_CACHE)
 def _nd_elements(port: PortPolicy, egress_key: str) -> tuple[tuple[Element, ...],
                                                               tuple[Element, ...]]:
     """The (hosts, networks) elements of one port, networks merged (an interval set
