@@ -6,13 +6,14 @@ still fail in ``__init__``."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
 
 from secfw.api import Api
 from secfw.demo import add_floating_ips, build_guide_cloud
-from secfw.model import RECORD_TYPES, Flavor, Record
+from secfw.model import RECORD_TYPES, Flavor, Port, Record
 
 
 def reference(cls: type[Record], doc: dict[str, Any]) -> Any:
@@ -55,3 +56,25 @@ def test_default_factories_give_fresh_objects() -> None:
     one, two = Flavor.from_doc(doc), Flavor.from_doc(doc)
     assert one.extra_specs == {} and one.extra_specs is not two.extra_specs
     assert one == Flavor(**doc)
+
+
+def test_records_share_their_attribute_names_and_recurring_values() -> None:
+    """Two records read from two documents (JSON decodes every key and value
+    afresh) hold one copy of each attribute name and of each SHARED_FIELDS
+    value — and are still equal to what ``__init__`` builds."""
+    text = ('{"id": "p-%d", "instance_id": "i-1", "network_id": "n-1", '
+            '"mac": "fa:16:3e:00:00:0%d", "ip": "10.0.0.%d"}')
+    docs = [json.loads(text % (i, i, i)) for i in (1, 2)]
+    assert docs[0]["network_id"] is not docs[1]["network_id"]  # what JSON gives
+    one, two = (Port.from_doc(doc) for doc in docs)
+    assert [one, two] == [reference(Port, doc) for doc in docs]
+    assert one.network_id is two.network_id and one.instance_id is two.instance_id
+    names = [list(vars(record)) for record in (one, two)]
+    assert all(a is b for a, b in zip(*names, strict=True))
+    assert one.mac is not two.mac  # unique values are left alone
+
+
+@pytest.mark.parametrize("cls", sorted(set(RECORD_TYPES.values()), key=lambda c: c.KIND))
+def test_shared_fields_name_fields(cls: type[Record]) -> None:
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    assert cls.SHARED_FIELDS.issubset(fields)

@@ -51,6 +51,7 @@ Pure: no I/O (the caller reads the store).
 
 from __future__ import annotations
 
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -294,6 +295,7 @@ class HostView:
             if not self._owned[old]:
                 del self._owned[old]
         if instance_id is not None:
+            instance_id = sys.intern(instance_id)  # one copy, shared with the records'
             self._owner[port_id] = instance_id
             self._owned[instance_id].add(port_id)
 
@@ -405,8 +407,8 @@ class HostView:
 def _compact(instance_id: str, host: str, groups: tuple[str, ...]) -> Instance:
     """A member of a source group as the view keeps it: what its ports' addresses
     are put into sets by (its groups), nothing else of the instance."""
-    return Instance(id=instance_id, project="", name="", flavor="", image_id="", host=host,
-                    security_groups=groups)
+    return Instance(id=sys.intern(instance_id), project="", name="", flavor="", image_id="",
+                    host=sys.intern(host), security_groups=groups)
 
 
 def _overlapping(state: CloudState) -> frozenset[str]:
