@@ -81,17 +81,25 @@ class SetState:
     """A set or map: its declaration and its elements (normal form). Read-only;
     equal when declaration and elements are.
 
-    A state made by :meth:`patched` holds its predecessor's frozenset (the
-    *base*) and the elements it lost and gained since, and builds its own
-    frozenset only when :attr:`elements` is first read. An incremental agent
-    pass that changes one port's elements in 28 sets of 10,000 then costs the
-    change, not 28 copies of 10,000 elements (measured: 26 of 106 ms of
-    render_plan at 10k ports, cProfile, load ~5): its planner reads the
-    renderer's delta, never these elements; a full pass, a kernel check and the
-    restart record do (:attr:`size` does not).
+    Its frozenset of elements may be built only when :attr:`elements` is
+    first read:
+
+    * a state made by :meth:`patched` holds its predecessor's frozenset (the
+      *base*) and the elements it lost and gained since. An incremental agent
+      pass that changes one port's elements in 28 sets of 10,000 then costs the
+      change, not 28 copies of 10,000 elements (measured: 26 of 106 ms of
+      render_plan at 10k ports, cProfile, load ~5): its planner reads the
+      renderer's delta, never these elements; a full pass, a kernel check and
+      the restart record do (:attr:`size` does not);
+    * a desired state made by :meth:`of_members` holds the rendered set's
+      own tuple of elements. A first pass into a fresh namespace plans the
+      new sets from the rendered ruleset and reads only the elements of the
+      few sets the closed filter already has, so the other frozensets (20 MB
+      at 10,000 ports) are not held while libnftables parses the transaction,
+      the agent's peak; they are built when first read after it.
     """
 
-    __slots__ = ("_elements", "_patch", "data_type", "flags", "is_map", "key_type")
+    __slots__ = ("_elements", "_members", "_patch", "data_type", "flags", "is_map", "key_type")
 
     #: What :mod:`secfw.agent.kernelrecord` digests, in this order (the field
     #: order of the dataclass this class was).
@@ -105,6 +113,18 @@ class SetState:
         #: (base, lost, gained): elements = (base - lost) | gained, with lost a
         #: subset of base and gained disjoint from it; None once built.
         self._patch: _Patch | None = None
+        #: the elements as a rendered set lists them (:meth:`of_members`);
+        #: None once built.
+        self._members: tuple[Element, ...] | None = None
+
+    @classmethod
+    def of_members(cls, key_type: tuple[str, ...], flags: tuple[str, ...], is_map: bool,
+                   members: tuple[Element, ...], data_type: str = "verdict") -> SetState:
+        """The state whose elements are ``frozenset(members)``, built when first
+        read (class doc). ``members`` must not change: a rendered set's tuple."""
+        state = cls(key_type, flags, is_map, _NONE, data_type)
+        state._elements, state._members = None, members
+        return state
 
     @property
     def declaration(self) -> tuple[tuple[str, ...], tuple[str, ...], bool, str]:
@@ -113,17 +133,22 @@ class SetState:
 
     @property
     def elements(self) -> frozenset[Element]:
-        """The elements (built on first read for a patched state). Safe from
-        any thread: ``_elements`` is set before ``_patch`` is dropped, and a
-        reader that finds neither finds ``_elements`` set."""
+        """The elements (built on first read for a patched or rendered state).
+        Safe from any thread: ``_elements`` is set before ``_patch`` and
+        ``_members`` are dropped, and a reader that finds none of them finds
+        ``_elements`` set."""
         elements = self._elements
         if elements is None:
-            patch = self._patch
-            if patch is None:  # another thread built it meanwhile
+            patch, members = self._patch, self._members
+            if patch is not None:
+                base, lost, gained = patch
+                elements = base.difference(lost).union(gained)
+            elif members is not None:
+                elements = frozenset(members)
+            else:  # another thread built it meanwhile
                 return self.elements
-            base, lost, gained = patch
-            elements = self._elements = base.difference(lost).union(gained)
-            self._patch = None
+            self._elements = elements
+            self._patch = self._members = None
         return elements
 
     @property
@@ -371,8 +396,8 @@ def rule_state(rule: Rule) -> RuleState:
 
 
 def _set_state(named: NamedSet) -> SetState:
-    return SetState(named.key_type, tuple(sorted(named.flags)), named.is_map,
-                    frozenset(named.elements), named.data_type if named.is_map else "verdict")
+    return SetState.of_members(named.key_type, tuple(sorted(named.flags)), named.is_map,
+                               named.elements, named.data_type if named.is_map else "verdict")
 
 
 def _parse_listing(objects: Iterable[Mapping[str, Any]]) -> KernelState:
