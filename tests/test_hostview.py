@@ -12,13 +12,14 @@ must equal the filter compiled from the whole cloud.
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import invariant
 from test_incremental import IncrementalMachine
 
-from secfw.agent.hostview import HostView, Interest
+from secfw.agent.hostview import HostView, Interest, _tighten
 from secfw.api import Api
 from secfw.cloud import CloudState
 from secfw.compiler.build import compile_host
@@ -175,3 +176,35 @@ def test_an_instance_joining_a_referenced_group_brings_its_ports_by_a_reload() -
     finally:
         api.store.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_tightened_member_sets_hold_the_same_members_in_less_memory() -> None:
+    """HostView.load copies the groups' member sets once loaded (hostview._tighten):
+    the same members, in a table sized for them (a set grown by ``add`` keeps
+    room for up to 4x its members)."""
+    grown: set[str] = set()
+    for index in range(400):  # a bench host group's members at 10,000 ports
+        grown.add(f"instance-{index}")
+    index = {"g": grown, "empty": set[str]()}
+    before = sys.getsizeof(grown)
+    _tighten(index)
+    assert index == {"g": grown, "empty": set()}
+    assert sys.getsizeof(index["g"]) < before
+
+
+def test_the_port_index_follows_ports_moving_and_going() -> None:
+    """The port index (port -> instance, instance -> ports) as ports are added,
+    moved to another instance and deleted: an instance entering the view asks
+    for a reload exactly while it owns a port the view lacks."""
+    view = HostView("h1")
+    view._own("p1", "i1")
+    view._own("p2", "i1")
+    view._own("p3", "i2")
+    assert view._missing_ports({"i1"}) and view._missing_ports({"i2"})
+    view._own("p2", "i2")  # moved
+    view._own("p1", None)  # deleted
+    assert view._owned == {"i2": ("p3", "p2")}
+    assert not view._missing_ports({"i1"}) and view._missing_ports({"i2"})
+    view._own("p3", None)
+    view._own("p2", None)
+    assert view._owned == {} and not view._missing_ports({"i2"})

@@ -113,7 +113,9 @@ class HostView:
         self._host_ports: dict[str, str] = {}
         #: Every port of the cloud → its instance (ids only): see the module doc.
         self._owner: dict[str, str] = {}
-        self._owned: defaultdict[str, set[str]] = defaultdict(set)
+        #: ... and every instance → its ports: tuples (an instance has one or
+        #: a few ports; a set of one is 216 bytes, a tuple 48)
+        self._owned: dict[str, tuple[str, ...]] = {}
         # The interest, counted (module doc): a key is in it while its count is
         # positive; a count at zero is deleted.
         self._groups: Counter[str] = Counter()
@@ -166,6 +168,7 @@ class HostView:
                 self._put(Port.from_doc(doc))
         self.state.dirty.clear()
         self._crossed.clear()
+        _tighten(self.state.instances_by_group)
         return self.state
 
     def _count_host_groups(self) -> None:
@@ -291,13 +294,15 @@ class HostView:
     def _own(self, port_id: str, instance_id: str | None) -> None:
         old = self._owner.pop(port_id, None)
         if old is not None:
-            self._owned[old].discard(port_id)
-            if not self._owned[old]:
+            left = tuple(p for p in self._owned[old] if p != port_id)
+            if left:
+                self._owned[old] = left
+            else:
                 del self._owned[old]
         if instance_id is not None:
             instance_id = sys.intern(instance_id)  # one copy, shared with the records'
             self._owner[port_id] = instance_id
-            self._owned[instance_id].add(port_id)
+            self._owned[instance_id] = (*self._owned.get(instance_id, ()), port_id)
 
     def _put(self, record: Record) -> None:
         old = self.state.records[record.KIND].get(record.id)  # type: ignore[attr-defined]
@@ -409,6 +414,17 @@ def _compact(instance_id: str, host: str, groups: tuple[str, ...]) -> Instance:
     are put into sets by (its groups), nothing else of the instance."""
     return Instance(id=sys.intern(instance_id), project="", name="", flavor="", image_id="",
                     host=sys.intern(host), security_groups=groups)
+
+
+def _tighten(index: dict[str, set[str]]) -> None:
+    """Replace each set of ``index`` by a copy, in place. A set grown one
+    ``add`` at a time quadruples its table whenever it is 60 % full, so it can
+    hold 4 slots per member; a copy is sized for its members at once, ~2
+    (CPython's Objects/setobject.c: ``set_table_resize``, ``set_update_internal``).
+    The groups' member sets are most of the view's indexes: 16.8 -> 8.4 MB at
+    10,000 ports, where 500 groups have 400 members each."""
+    for key, members in index.items():
+        index[key] = set(members)
 
 
 def _overlapping(state: CloudState) -> frozenset[str]:
