@@ -13,7 +13,7 @@ import pytest
 
 from secfw.api import Api
 from secfw.demo import add_floating_ips, build_guide_cloud
-from secfw.model import RECORD_TYPES, Flavor, Port, Record
+from secfw.model import RECORD_TYPES, Flavor, Instance, Port, Record, Rule
 
 
 def reference(cls: type[Record], doc: dict[str, Any]) -> Any:
@@ -69,9 +69,26 @@ def test_records_share_their_attribute_names_and_recurring_values() -> None:
     one, two = (Port.from_doc(doc) for doc in docs)
     assert [one, two] == [reference(Port, doc) for doc in docs]
     assert one.network_id is two.network_id and one.instance_id is two.instance_id
-    names = [list(vars(record)) for record in (one, two)]
-    assert all(a is b for a, b in zip(*names, strict=True))
     assert one.mac is not two.mac  # unique values are left alone
+    text = '{"id": "r-%d", "group_id": "g-1", "protocol": "tcp", "remote_cidr": "0.0.0.0/0"}'
+    rules = [Rule.from_doc(json.loads(text % i)) for i in (1, 2)]  # a record with a __dict__
+    assert rules == [reference(Rule, json.loads(text % i)) for i in (1, 2)]
+    names = [list(vars(rule)) for rule in rules]
+    assert all(a is b for a, b in zip(*names, strict=True))
+    assert rules[0].group_id is rules[1].group_id
+
+
+@pytest.mark.parametrize("cls", [Instance, Port])
+def test_the_kinds_held_by_the_ten_thousand_have_no_per_record_dict(cls: type[Record]) -> None:
+    """Instance and Port are slotted (model.Record): no ``__dict__`` per record,
+    built by from_doc with every field (defaults and fresh factories included)."""
+    doc = {f.name: f"v-{f.name}" for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+           if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    built = cls.from_doc(doc)
+    assert not hasattr(built, "__dict__")
+    assert built == reference(cls, doc) and repr(built) == repr(reference(cls, doc))
+    if cls is Instance:
+        assert built.metadata == {} and built.metadata is not cls.from_doc(doc).metadata
 
 
 @pytest.mark.parametrize("cls", sorted(set(RECORD_TYPES.values()), key=lambda c: c.KIND))

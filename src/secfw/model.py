@@ -80,6 +80,10 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 class Record:
     """Mixin: conversion to and from the plain dicts the store keeps."""
 
+    # No attributes of its own: a subclass declared with ``slots=True`` then
+    # has no per-record ``__dict__`` (the kinds an agent holds by the ten
+    # thousand: Instance, Port); the others keep theirs.
+    __slots__ = ()
     KIND: ClassVar[str]
     #: Fields whose values recur across records of the kind (interned by
     #: :meth:`from_doc`); unique values (ids, addresses, names) are not.
@@ -123,6 +127,14 @@ class Record:
             kwargs[name] = value
         if spec.plain and spec.required <= kwargs.keys():
             record = object.__new__(cls)
+            if spec.slotted:  # frozen: only object.__setattr__ sets a slot
+                fields = spec.defaults | kwargs
+                for name, factory in spec.factories.items():
+                    if name not in fields:
+                        fields[name] = factory()
+                for name, value in fields.items():
+                    _set(record, name, value)
+                return record
             values = record.__dict__
             values.update(spec.defaults)
             for name, factory in spec.factories.items():
@@ -131,6 +143,9 @@ class Record:
             values.update(kwargs)
             return record
         return cls(**kwargs)
+
+
+_set = object.__setattr__
 
 
 def _frozen_list(values: list[Any]) -> tuple[Any, ...]:
@@ -151,6 +166,8 @@ class _DocSpec:
     defaults: dict[str, Any]
     factories: dict[str, Any]
     plain: bool
+    #: attributes in slots (``slots=True``), not in a ``__dict__``
+    slotted: bool
     shared: frozenset[str]
 
 
@@ -170,7 +187,8 @@ def _doc_spec(cls: type) -> _DocSpec:
             factories={f.name: f.default_factory for f in fields
                        if f.default_factory is not dataclasses.MISSING},
             plain=(all(f.init for f in fields) and not hasattr(cls, "__post_init__")
-                   and not hasattr(cls, "__slots__") and hasattr(cls, "__dataclass_fields__")),
+                   and hasattr(cls, "__dataclass_fields__")),
+            slotted="__slots__" in cls.__dict__,
             shared=getattr(cls, "SHARED_FIELDS", frozenset()),
         )
         _DOC_SPECS[cls] = spec
@@ -365,7 +383,7 @@ class Image(Record):
     updated: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Instance(Record):
     """A server. ``metadata`` is nova's key/value metadata; ``user_data`` the
     (base64-encoded) user data given at boot; ``key_name`` the keypair's name
@@ -398,7 +416,7 @@ class Instance(Record):
     fault: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Port(Record):
     """An instance's interface on a network.
 
