@@ -398,7 +398,7 @@ class _PortPlan:
     the windows of the other clusters. A group's rules mostly die on its first
     ports, so on most of a port's groups only the ICMP window is looked at."""
 
-    __slots__ = ("_direction", "_others", "_view", "alls", "at", "chains", "icmp")
+    __slots__ = ("_apart", "_direction", "_others", "_view", "alls", "at", "chains", "icmp")
 
     def __init__(self, view: PortView, direction: str, alls: list[Opener],
                  chains: list[ChainClusters], run: _Shared) -> None:
@@ -407,25 +407,39 @@ class _PortPlan:
         self.at = {index[chain.name].group_id: i for i, chain in enumerate(chains)}
         self.icmp = _icmp_window(alls, chains, run)
         self._view, self._direction = view, direction
-        self._others: list[dict[int, _Window]] | None = None
+        self._apart: list[bool] | None = None
+        self._others: list[dict[int, _Window] | None] = [None] * len(chains)
+
+    def apart(self, i: int, run: _Shared) -> bool:
+        """Whether chain ``i``'s clusters are apart from the port's other
+        chains' (exposure's Clusters.apart; once per port)."""
+        if self._apart is None:
+            self._apart = run.clusters.apart(self._view, self.chains[0].family, self.chains,
+                                              self._direction)
+        return self._apart[i]
 
     def windows(self, i: int, run: _Shared) -> dict[int, _Window]:
         """The windows of chain ``i``'s clusters but the ICMP ones, by cluster
         index: a chain apart from the others' clusters has each cluster alone
         (windows shared by every port where they are, with the same
-        all-protocol openers), the others' are merged (exposure's Clusters)."""
-        if self._others is None:
-            chains, alls = self.chains, self.alls
-            fam = chains[0].family
-            apart = run.clusters.apart(self._view, fam, chains, self._direction)
-            self._others = [_alone_windows(alls, chains, j, run) if alone else {}
-                            for j, alone in enumerate(apart)]
-            tangled = [j for j, alone in enumerate(apart) if not alone]
-            for group in run.clusters.merged_windows(chains, tangled, ICMP_OF[fam]):
-                window = _group_window(alls, chains, group, run)
-                for _, _, _, j, k in group:
-                    self._others[j][k] = window
-        return self._others[i]
+        all-protocol openers: looked up, the port's other chains left alone),
+        the others' are merged (exposure's Clusters), made at once for the
+        port's chains that are not apart."""
+        found = self._others[i]
+        if found is not None:
+            return found
+        chains, alls = self.chains, self.alls
+        if self.apart(i, run):
+            found = self._others[i] = _alone_windows(alls, chains, i, run)
+            return found
+        tangled = [j for j, alone in enumerate(self._apart or ()) if not alone]
+        for j in tangled:
+            self._others[j] = {}
+        for group in run.clusters.merged_windows(chains, tangled, ICMP_OF[chains[0].family]):
+            window = _group_window(alls, chains, group, run)
+            for _, _, _, j, k in group:
+                self._others[j][k] = window  # type: ignore[index]
+        return self._others[i]  # type: ignore[return-value]
 
 
 def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
@@ -564,6 +578,9 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     last: ChainClusters | None = None  # the group's chain: the same on nearly every port
     by_cluster: list[list[tuple[Rule, list[int]]]] = []
     missing: list[Rule] = []
+    # ids of the all-protocol openers (kept alive by run.clusters) with which
+    # the chain's windows were judged while it was apart
+    judged_alone: set[int] = set()
     for view in views:
         if not alive:
             return
@@ -576,12 +593,20 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
         chained = plan.chains[i]
         if chained is not last:
             by_cluster, missing = _rules_by_cluster(chained, rules, run)
-            last = chained
+            last, judged_alone = chained, set()
         for rule in missing:  # no opener on this port: it adds nothing, but is not covered
             if rule.id in alive:
                 _record(alive, rule, None)
+        settled: bool | None = None  # chain i's other windows all judged already
         for k, judged in _live(by_cluster, alive, live):
-            window = plan.icmp if k in chained.icmp_ks else plan.windows(i, run)[k]
+            if k in chained.icmp_ks:
+                window = plan.icmp
+            else:
+                if settled is None:
+                    settled = plan.apart(i, run) and id(plan.alls) in judged_alone
+                if settled:
+                    continue
+                window = plan.windows(i, run)[k]
             assert window is not None  # a chain with an ICMP cluster has the window
             mark = (window.ident, k)
             if mark in seen:
@@ -594,6 +619,11 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                         tuple(first + order.index(m) for m in indices)
                     boxed = boxes.get(rule.id) or _boxed(rule, run)
                     _record(alive, rule, _judged_in(window, mine, boxed, run))
+        if settled is False and plan.apart(i, run):
+            # apart, each cluster is alone with the same all-protocol openers on
+            # every such port (_alone_windows): each window judged (or seen)
+            # above, so on the next such port only the ICMP one is looked at
+            judged_alone.add(id(plan.alls))
 
 
 def _judge_whole(cp: CloudPolicy, view: PortView, rules: list[Rule],
