@@ -372,9 +372,10 @@ NEXT_STEPS: dict[str, str] = {
         "the read-back (nft -j list and its JSON parse, ~3 s CPU at 10k) and the model's "
         "rendering (~1 s): the ports themselves are compared as data (audit/skeleton.py)"),
     "audit": (
-        "lint: each group's ICMP rule judged on each of its ~400 ports (~200k group × "
-        "port pairs at 10k, the covering labels gathered port by port) and each port's "
-        "windows; exposure: the 385k row dicts (see README, Auditing)"),
+        "lint: each group's ICMP rule judged on each of its ~400 ports (~170k group × "
+        "port pairs at 10k, the covering labels gathered port by port), each port's ICMP "
+        "window and the duplicate scan; exposure: the 385k row dicts (see README, "
+        "Auditing)"),
 }
 
 
