@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 # Bytecode for every module, refreshed where stale: an installed package has it from
 # install time, but this checkout is installed editable and run with
 # PYTHONDONTWRITEBYTECODE=1 on the CI/bench VMs, where every `secfw` process then
-# compiled secfw's modules again: +60 ms of CPU for `import secfw.cli`, +135 ms for the
+# compiled secfw's modules again: +60 ms of CPU for `import secfw.cli.main`, +135 ms for the
 # agent's modules, on the 2-core VM.
 venv: deps $(STAMP)
 	@$(PY) -m compileall -q src

@@ -16,7 +16,7 @@ At each size it times, median of ``--repeat`` runs, each write command of
 * in-process: the ``Api`` method (open the transaction, read by key, commit);
 * the whole command: the ``secfw …`` process, start to exit.
 
-etcd is a throw-away member on 127.0.0.1 (secfw.etcdlocal) unless ``--etcd URL``
+etcd is a throw-away member on 127.0.0.1 (secfw.lab.etcdlocal) unless ``--etcd URL``
 names one. Usage: ``python bench/bench_store.py [--sizes 1000,10000,50000]
 [--repeat 5]``. Prints one line per figure; it reports, it does not judge.
 """
@@ -34,11 +34,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from secfw import etcdlocal
 from secfw.api import Api
 from secfw.bench.common import ensure_bytecode
 from secfw.bench.workload import FLAVOR, IMAGE, MAIN_NET, PROJECT, BenchCloud, host_group
 from secfw.errors import StoreError
+from secfw.lab import etcdlocal
 from secfw.store import Store, open_store
 
 HOST = "bench-host"

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from secfw import etcdlocal
 from secfw.api import Api
-from secfw.cli import main
-from secfw.etcdlocal import LocalEtcd
+from secfw.cli.main import main
+from secfw.lab import etcdlocal
+from secfw.lab.etcdlocal import LocalEtcd
 from secfw.store import open_store
 
 #: Environment variables the CLI reads; unset so the host's settings never leak in.
@@ -121,7 +121,7 @@ def store_state_fixture() -> StoreState:
 
 # --------------------------------------------------------------------------- etcd
 
-#: The session's etcd member (secfw.etcdlocal): ``url()``, ``compact()``, ``post()``.
+#: The session's etcd member (secfw.lab.etcdlocal): ``url()``, ``compact()``, ``post()``.
 EtcdServer = LocalEtcd
 
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from secfw.cli.host import existing_store
 from secfw.errors import StoreError
-from secfw.hostcli import existing_store
 
 if TYPE_CHECKING:
     from conftest import Cli, EtcdServer
@@ -26,8 +26,8 @@ def no_agent(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("the agent started: the option was not refused")
 
-    monkeypatch.setattr("secfw.hostcli._run_once", started)
-    monkeypatch.setattr("secfw.hostcli._run_loop", started)
+    monkeypatch.setattr("secfw.cli.host._run_once", started)
+    monkeypatch.setattr("secfw.cli.host._run_loop", started)
 
 
 @pytest.mark.parametrize(("args", "says"), [

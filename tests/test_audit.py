@@ -1,6 +1,6 @@
 """``secfw audit``: explain, reach, exposure and lint.
 
-On the operations guide's cloud (:func:`secfw.demo.build_guide_cloud`) the
+On the operations guide's cloud (:func:`secfw.lab.demo.build_guide_cloud`) the
 answers are checked one by one; on hypothesis-generated clouds (two hosts,
 IPv4 and IPv6, ingress and egress rules, source groups, address pairs, port
 security off, same-net on and off) the audits are checked against the
@@ -41,8 +41,8 @@ from secfw.audit.reach import Answer, answers_rows, reach
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS, SEL_MAX, Box, contains
 from secfw.cloud import CloudState
 from secfw.compiler.explain import Flow, decide
-from secfw.demo import build_guide_cloud
 from secfw.errors import ConflictError
+from secfw.lab.demo import build_guide_cloud
 from secfw.store import open_store
 
 
@@ -92,7 +92,7 @@ def test_explain_a_flow_to_a_floating_ip(api: Api) -> None:
     """A flow to web1's floating IP is judged after DNAT: to its fixed address,
     from the original source (global_http opens 80, not 22); an unassociated
     address is no port's."""
-    from secfw.demo import add_floating_ips
+    from secfw.lab.demo import add_floating_ips
 
     build_guide_cloud(api)
     add_floating_ips(api)

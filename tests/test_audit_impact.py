@@ -20,7 +20,7 @@ from secfw.api import Api
 from secfw.audit.impact import impact, scope_ports
 from secfw.audit.policy import CloudPolicy
 from secfw.audit.space import Box, Region, contains, difference
-from secfw.demo import build_guide_cloud
+from secfw.lab.demo import build_guide_cloud
 from secfw.store import open_store
 
 

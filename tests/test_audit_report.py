@@ -25,7 +25,7 @@ import pytest
 from secfw.api import Api
 from secfw.audit.explain import FlowQuery, explain
 from secfw.audit.policy import CloudPolicy
-from secfw.demo import HOST, build_guide_cloud
+from secfw.lab.demo import HOST, build_guide_cloud
 from secfw.store import open_store
 
 HOSTILE_INSTANCE = '<img src=x onerror="document.body.dataset.pwned=1">'

@@ -19,7 +19,7 @@ from secfw.audit.policy import CloudPolicy
 from secfw.audit.reach import ingress_openers, specials
 from secfw.audit.space import Opener, UnionCache, sweep
 from secfw.cloud import CloudState
-from secfw.demo import build_guide_cloud
+from secfw.lab.demo import build_guide_cloud
 
 #: Overlapping pieces: shadows need rules covered by others, wholly or in parts.
 _RANGES = ((20, 30), (20, 25), (26, 30), (22, 22), (24, 28))

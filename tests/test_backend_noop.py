@@ -17,8 +17,8 @@ from secfw.backends import BACKENDS, get_backend
 from secfw.backends.nftables import NftablesBackend
 from secfw.backends.noop import NoopBackend
 from secfw.config import Config
-from secfw.demo import build_guide_cloud
 from secfw.errors import BackendError
+from secfw.lab.demo import build_guide_cloud
 from secfw.store import open_store
 
 HOST = "compute1"

@@ -19,7 +19,7 @@ import pytest
 
 from secfw.bench.resync import CHANGES
 from secfw.bench.targets import TARGETS
-from secfw.lab import Lab, netns_exists
+from secfw.lab.hostlab import Lab, netns_exists
 
 pytestmark = [
     pytest.mark.netns,

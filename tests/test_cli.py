@@ -12,7 +12,7 @@ import pytest
 import test_guide_outputs as guide
 
 from secfw.api import Api
-from secfw.cli import main
+from secfw.cli.main import main
 from secfw.model import MAC_PREFIX, tap_name
 
 if TYPE_CHECKING:

@@ -30,7 +30,7 @@ from test_cli import (  # noqa: F401  (collected by pytest from this module)
     test_secgroup_membership,
 )
 
-from secfw.cli import main
+from secfw.cli.main import main
 from secfw.store import open_store
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def test_audit_impact_between_two_revisions(cli: Cli, store_url: str) -> None:
     """etcd keeps its history: ``audit impact --from-revision`` compares the cloud
     at two revisions (the rule added in between is newly allowed; reversed, denied)."""
     from secfw.api import Api
-    from secfw.demo import build_guide_cloud
+    from secfw.lab.demo import build_guide_cloud
     from secfw.store import open_store
 
     api = Api(open_store(store_url))

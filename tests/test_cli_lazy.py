@@ -1,4 +1,4 @@
-"""The CLI imports only the module of the command it runs (secfw.cli.COMMAND_MODULES).
+"""The CLI imports only the module of the command it runs (secfw.cli.main.COMMAND_MODULES).
 
 A write such as ``secfw secgroup-add-rule`` must not pay at start-up for the
 agent, pyroute2, etcd's watch client, the audit or the HTTP servers. The table
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from secfw.api import Api
-from secfw.cli import COMMAND_MODULES, import_all_commands, main
+from secfw.cli.main import COMMAND_MODULES, import_all_commands, main
 from secfw.store import open_store
 
 #: Top-level packages a security-group command has no use for.
@@ -37,13 +37,13 @@ def _registering_module(command: object) -> str:
 def test_the_table_names_every_command_of_another_module() -> None:
     import_all_commands()
     registered = {name: _registering_module(cmd) for name, cmd in main.commands.items()}
-    elsewhere = {name: module for name, module in registered.items() if module != "secfw.cli"}
+    elsewhere = {name: module for name, module in registered.items() if module != "secfw.cli.main"}
     assert elsewhere == COMMAND_MODULES
 
 
 _PROBE = (
     "import json, sys\n"
-    "from secfw.cli import main\n"
+    "from secfw.cli.main import main\n"
     "main(sys.argv[1:], standalone_mode=False)\n"
     "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} | set(sys.modules))))\n"
 )

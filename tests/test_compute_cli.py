@@ -20,7 +20,7 @@ from click.testing import Result
 from cryptography.hazmat.primitives import serialization
 
 from secfw.api import Api
-from secfw.cli import main
+from secfw.cli.main import main
 
 if TYPE_CHECKING:
     from conftest import Cli

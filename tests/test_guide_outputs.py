@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from secfw.output import python2_repr
+from secfw.cli.output import python2_repr
 
 if TYPE_CHECKING:
     from conftest import Cli

@@ -17,7 +17,7 @@ import pytest
 
 from secfw.api import Api
 from secfw.cloud import _INDEX_KIND, _KEYED_VIEWS, CloudState
-from secfw.demo import build_guide_cloud
+from secfw.lab.demo import build_guide_cloud
 from secfw.model import RECORD_TYPES, Rule
 from secfw.store.base import Snapshot, Store
 

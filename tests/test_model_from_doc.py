@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from secfw.api import Api
-from secfw.demo import add_floating_ips, build_guide_cloud
+from secfw.lab.demo import add_floating_ips, build_guide_cloud
 from secfw.model import RECORD_TYPES, Flavor, Instance, Port, Record, Rule
 
 

@@ -16,7 +16,7 @@ from secfw.backends.nftables.flowtable import (
     refusal,
     render_flowtable,
 )
-from secfw.cli import main
+from secfw.cli.main import main
 from secfw.config import load_config
 from secfw.errors import BackendError, ConfigError
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from secfw.api import Api
-from secfw.demo import HOST, build_guide_cloud
 from secfw.errors import ConflictError
+from secfw.lab.demo import HOST, build_guide_cloud
 from secfw.store import backup, open_store
 
 if TYPE_CHECKING:

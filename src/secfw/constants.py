@@ -82,5 +82,5 @@ ND_FROM_UNSPECIFIED = frozenset({135, 143})
 
 
 #: The operations guide's compute host: the demo's host and the lab commands'
-#: default (``secfw.demo.HOST``).
+#: default (``secfw.lab.demo.HOST``).
 DEMO_HOST = "compute1"

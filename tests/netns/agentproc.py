@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from secfw import netns_tools
 from secfw.agent.status import read_report, status_path
 from secfw.api import Api
-from secfw.demo import lab_ports
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
 
 EXT = "external"
 POLL_LIMIT = 10.0  # seconds any wait may take before the test fails

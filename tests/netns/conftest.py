@@ -3,7 +3,7 @@
 :class:`CloudLab` ties together what an operator has on one compute host:
 
 * a fresh SQLite store and an :class:`~secfw.api.Api` on it (the cloud model);
-* the namespace :class:`~secfw.lab.Lab` of that host (a routed or bridged host
+* the namespace :class:`~secfw.lab.hostlab.Lab` of that host (a routed or bridged host
   namespace, one namespace per instance, an external namespace with 203.0.113.10 /
   198.51.100.10);
 * one in-process agent (:class:`~secfw.agent.Reconciler` with a real backend
@@ -41,14 +41,14 @@ from typing import Any
 import pytest
 from agentproc import AgentProcess
 
-from secfw import netns_tools
 from secfw.agent import Reconciler, SyncResult
 from secfw.api import Api
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
 from secfw.compiler.build import chain_name, set_name
 from secfw.config import Config
-from secfw.demo import lab_ports
-from secfw.lab import NS_PREFIX, Lab, netns_exists
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
+from secfw.lab.hostlab import NS_PREFIX, Lab, netns_exists
 from secfw.model import Port
 from secfw.store import open_store
 

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 import pytest
 from agentproc import web_cloud
 
-from secfw import netns_tools
-from secfw.demo import lab_ports
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
 
 pytestmark = [
     pytest.mark.netns,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from agentproc import filtered_as_expected, web_cloud
 
-from secfw import netns_tools
+from secfw.lab import netns_tools
 
 if TYPE_CHECKING:
     from conftest import EtcdServer

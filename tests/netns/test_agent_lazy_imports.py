@@ -16,11 +16,11 @@ from secfw.api import Api
 from secfw.store import open_store
 
 UNUSED = ("cryptography", "etcd3gw", "requests", "prometheus_client",
-          "secfw.demo", "secfw.lab", "secfw.netns_tools", "secfw.agent.linkwatch")
+          "secfw.lab.demo", "secfw.lab.hostlab", "secfw.lab.netns_tools", "secfw.agent.linkwatch")
 
 _PROBE = (
     "import json, sys\n"
-    "from secfw.cli import main\n"
+    "from secfw.cli.main import main\n"
     "try:\n    main(sys.argv[1:], standalone_mode=False)\n"
     "except SystemExit:\n    pass\n"
     "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} | set(sys.modules))))\n"

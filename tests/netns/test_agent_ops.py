@@ -36,10 +36,10 @@ from agentproc import (
     web_cloud,
 )
 
-from secfw import netns_tools
 from secfw.api import Api
-from secfw.demo import lab_ports
-from secfw.lab import run_in_netns
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
+from secfw.lab.hostlab import run_in_netns
 from secfw.store import open_store
 
 pytestmark = [

@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from secfw import netns_tools as nt
 from secfw.audit.policy import CloudPolicy
 from secfw.audit.verify import (
     Difference,
@@ -34,7 +33,8 @@ from secfw.audit.verify import (
     verify,
 )
 from secfw.compiler.evaluate import Packet
-from secfw.lab import Lab
+from secfw.lab import netns_tools as nt
+from secfw.lab.hostlab import Lab
 
 pytestmark = [
     pytest.mark.netns,

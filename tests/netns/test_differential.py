@@ -62,21 +62,21 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from secfw import netns_tools
 from secfw.agent import Reconciler
 from secfw.api import Api
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import Answer, reach
 from secfw.audit.space import ICMP_OF, Box, Region, contains
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
-from secfw.cli import main
+from secfw.cli.main import main
 from secfw.cloud import CloudState
 from secfw.compiler.explain import Decision, Flow, decide
 from secfw.compiler.ir import Family
 from secfw.config import Config
-from secfw.demo import lab_ports
 from secfw.errors import ConflictError
-from secfw.lab import Lab, netns_exists
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
+from secfw.lab.hostlab import Lab, netns_exists
 from secfw.model import Rule
 from secfw.store import open_store
 

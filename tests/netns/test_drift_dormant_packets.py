@@ -23,8 +23,8 @@ from test_drift import EXT, web80
 from test_resync_generation_packets import check
 from test_resync_packets import Clock
 
-from secfw import netns_tools
 from secfw.agent import AgentLoop, LoopSettings
+from secfw.lab import netns_tools
 
 pytestmark = [
     pytest.mark.netns,

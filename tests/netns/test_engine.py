@@ -346,7 +346,7 @@ def test_same_net_connections_of_a_deleted_remote_peer_are_cut(cloud):
     import socket
     import subprocess
 
-    from secfw import netns_tools as nt
+    from secfw.lab import netns_tools as nt
 
     make_networks(cloud, 1)
     cloud.boot("vm", [], NET_A)
@@ -479,7 +479,7 @@ def test_unknown_tap_interface_is_dropped_other_interfaces_are_not(cloud, scratc
     rogue = attach("tapdeadbeef00", "10.250.0")
     plain = attach("vsfwplain0", "10.251.0")
     ext = cloud.lab.external_ns
-    from secfw import netns_tools as nt
+    from secfw.lab import netns_tools as nt
 
     def tcp(src_ns: str, dst_ns: str, dst_ip: str, port: int) -> bool:
         with nt.listen(dst_ns, "tcp", port):
@@ -504,8 +504,8 @@ def test_unknown_tap_interface_is_dropped_other_interfaces_are_not(cloud, scratc
 def _unknown_tap_on_a_bridge(cloud, scratch_ns, helpers) -> None:
     """The same on a bridged host: a rogue ``tap*`` port and a plain port of net-a's
     bridge, each with an address of net-a."""
-    from secfw import netns_tools as nt
-    from secfw.lab import bridge_name
+    from secfw.lab import netns_tools as nt
+    from secfw.lab.hostlab import bridge_name
 
     run, host_ns = helpers.run, cloud.lab.host_ns
     bridge = bridge_name("10.1.0.0/24")
@@ -673,7 +673,7 @@ def test_removing_a_rule_stops_established_connections(cloud):
     port 80 in carries data; after ``remove-secgroup`` and one pass it must not."""
     import socket
 
-    from secfw import netns_tools as nt
+    from secfw.lab import netns_tools as nt
 
     make_networks(cloud, 1)
     make_global_http(cloud)

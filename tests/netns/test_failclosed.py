@@ -232,7 +232,7 @@ def test_taps_joining_and_leaving_a_bridge_are_seen(scratch_ns: Any, helpers: An
     (``tap_links``), and the link watcher reports a tap joining or leaving a
     bridge (libvirt plugs a tap after creating it), so the agent checks again."""
     from secfw.agent.linkwatch import LinkWatcher
-    from secfw.lab import run_in_netns
+    from secfw.lab.hostlab import run_in_netns
     from secfw.netns import tap_links
 
     ns = scratch_ns()

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from secfw import netns_tools as nt
-from secfw.lab import Lab
+from secfw.lab import netns_tools as nt
+from secfw.lab.hostlab import Lab
 
 pytestmark = [
     pytest.mark.netns,

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from secfw import netns_tools
 from secfw.backends import BACKENDS
-from secfw.lab import Lab
+from secfw.lab import netns_tools
+from secfw.lab.hostlab import Lab
 
 NET_A, NET_B = "net-a", "net-b"
 EXT = "external"
@@ -155,7 +155,7 @@ def _tcp_to(cloud: Any, dst: str, address: str, port: int) -> bool:
 
 
 def _bridge_mac(cloud: Any, network: str) -> str:
-    from secfw.lab import bridge_name
+    from secfw.lab.hostlab import bridge_name
 
     shown = _run(cloud, "ip", "-o", "link", "show", bridge_name(network))
     found = re.search(r"link/ether ([0-9a-f:]{17})", shown)

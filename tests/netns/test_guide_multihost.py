@@ -1,4 +1,4 @@
-"""The operations guide's example cloud on three hosts and one etcd (secfw.demohosts).
+"""The operations guide's example cloud on three hosts and one etcd (secfw.lab.demohosts).
 
 etcd is started by the test in the lab's fabric namespace; each of the three host
 namespaces runs a real ``secfw agent``. Every probe of the demo's matrix — every
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from secfw.demo import Probe
-from secfw.demohosts import FLOATING_POOL, PLACEMENT, run
-from secfw.multihost import MultiHostLab, host_names, opened
+from secfw.lab.demo import Probe
+from secfw.lab.demohosts import FLOATING_POOL, PLACEMENT, run
+from secfw.lab.multihost import MultiHostLab, host_names, opened
 
 pytestmark = [
     pytest.mark.netns,

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from secfw import netns_tools
 from secfw.api import Api
 from secfw.backends import get_backend
 from secfw.backends.iptables import (
@@ -45,9 +44,10 @@ from secfw.compiler.ir import (
     PortPolicy,
     PortRange,
 )
-from secfw.demo import lab_ports
 from secfw.errors import BackendError
-from secfw.lab import Lab
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
+from secfw.lab.hostlab import Lab
 from secfw.store import open_store
 
 pytestmark = [

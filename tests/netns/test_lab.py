@@ -21,10 +21,10 @@ from typing import Any, cast
 import pytest
 from pyroute2 import IPRoute, netns
 
-from secfw import lab as lab_module
-from secfw import netns_tools as nt
 from secfw.errors import LabError
-from secfw.lab import Lab, LabPort, netns_exists, run_in_netns
+from secfw.lab import hostlab as lab_module
+from secfw.lab import netns_tools as nt
+from secfw.lab.hostlab import Lab, LabPort, netns_exists, run_in_netns
 
 pytestmark = [
     pytest.mark.netns,

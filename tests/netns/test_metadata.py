@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from secfw import netns_tools
+from secfw.lab import netns_tools
 
 pytestmark = pytest.mark.netns
 

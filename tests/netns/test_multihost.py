@@ -1,5 +1,5 @@
 """Three compute hosts on one underlay and one etcd, each with a real ``secfw
-agent`` (secfw.multihost), judged with real packets between instances on
+agent`` (secfw.lab.multihost), judged with real packets between instances on
 different hosts.
 
 etcd is started by the test inside the lab's fabric namespace; the test's own API
@@ -23,11 +23,11 @@ import pytest
 from agentproc import poll
 from test_protection import Stream
 
-from secfw import netns_tools
 from secfw.api import Api
-from secfw.demo import lab_ports, secfw_executable
-from secfw.lab import netns_exists
-from secfw.multihost import ETCD_ADDRESS, ETCD_PORT, MultiHostLab, host_names, same_process
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports, secfw_executable
+from secfw.lab.hostlab import netns_exists
+from secfw.lab.multihost import ETCD_ADDRESS, ETCD_PORT, MultiHostLab, host_names, same_process
 from secfw.store import open_store
 
 pytestmark = [

@@ -21,12 +21,12 @@ from agentproc import parse_logfmt, poll
 from pyroute2 import IPRoute
 from test_multihost import FLAVOR, IMAGE, Cloud
 
-from secfw import netns_tools
 from secfw.agent.status import read_report, status_path
 from secfw.api import Api
-from secfw.demo import secfw_executable
-from secfw.etcdlocal import LocalCluster
-from secfw.multihost import UPLINK, MultiHostLab, host_names
+from secfw.lab import netns_tools
+from secfw.lab.demo import secfw_executable
+from secfw.lab.etcdlocal import LocalCluster
+from secfw.lab.multihost import UPLINK, MultiHostLab, host_names
 from secfw.store import open_store
 from secfw.store.backup import dump
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from secfw import netns_tools
-from secfw.lab import Lab, LabPort
+from secfw.lab import netns_tools
+from secfw.lab.hostlab import Lab, LabPort
 from secfw.neutron import SecfwFirewallDriver
 
 pytestmark = [

@@ -36,13 +36,13 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from secfw import netns_tools
 from secfw.agent import AgentLoop, LoopSettings, Reconciler, SyncResult
 from secfw.compiler.sources import link_local
 from secfw.config import Config
 from secfw.conntrack import Conntrack
-from secfw.demo import lab_ports
-from secfw.lab import router_leg_names
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
+from secfw.lab.hostlab import router_leg_names
 from secfw.model import Port
 from secfw.netns import inside_netns
 from secfw.store import open_store

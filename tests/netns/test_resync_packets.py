@@ -133,7 +133,7 @@ def test_restart_cuts_connections_a_rule_removed_while_no_agent_ran(cloud: Any) 
     pass must cut the connection (tcp/81: web80's probes keep a listener on 80)."""
     import socket
 
-    from secfw import netns_tools as nt
+    from secfw.lab import netns_tools as nt
 
     web80(cloud)
     cloud.api.secgroup_add_rule("p", "web80", "tcp", "81", "81", "0.0.0.0/0")

@@ -207,7 +207,7 @@ def sandboxed_agent(env, unit: Path, *args: str) -> list[str]:
 def web_instance(env) -> None:
     """One instance, ``web``, whose only group allows tcp/80 from anywhere; the lab
     is brought up without any agent (then nothing filters)."""
-    from secfw.demo import lab_ports
+    from secfw.lab.demo import lab_ports
 
     env.api.net_create("p", "net-a", "10.1.0.0/24")
     env.api.secgroup_create("p", "http", "web only")

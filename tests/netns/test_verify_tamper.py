@@ -61,7 +61,6 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
-from secfw import netns_tools
 from secfw.api import Api
 from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import egress_openers, ingress_openers
@@ -69,7 +68,7 @@ from secfw.audit.space import ICMP_OF, Region, difference, sweep
 from secfw.audit.verify import ipt_kernel, nft_kernel, verify
 from secfw.backends.iptables.render import group_chain_name
 from secfw.backends.iptables.render import set_name as ipset_name
-from secfw.cli import main
+from secfw.cli.main import main
 from secfw.cloud import CloudState
 from secfw.compiler import explain
 from secfw.compiler.build import chain_name, set_name
@@ -77,7 +76,8 @@ from secfw.compiler.explain import Flow
 from secfw.compiler.ir import Family
 from secfw.constants import ICMP_NEW_TYPES, ICMPV6_NEW_TYPES
 from secfw.errors import ConflictError
-from secfw.lab import Lab
+from secfw.lab import netns_tools
+from secfw.lab.hostlab import Lab
 from secfw.model import Rule
 from secfw.store.memory import MemoryStore
 

@@ -4,7 +4,7 @@ They read the cloud (one store snapshot) and the ``allow_same_net_traffic``
 setting (``--config``, ``$SECFW_CONFIG``), never the kernel; every one prints a
 table (``-f table``) or JSON (``-f json``) and is scoped by ``--project`` or
 ``--all-projects`` like the rest of the CLI. Errors follow the CLI's one-line
-contract (:mod:`secfw.cli`).
+contract (:mod:`secfw.cli.main`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from secfw.audit.reach import answers_rows, reach
 from secfw.audit.report import build_report, render_html, render_markdown
 from secfw.audit.space import ICMP_OF, PORT_PROTOCOL_NUMBERS
 from secfw.audit.verify import ipt_kernel, nft_kernel, nft_rule_points, verify
-from secfw.cli import CliState, format_option, main, pass_state, scope_options
+from secfw.cli.main import CliState, format_option, main, pass_state, scope_options
+from secfw.cli.output import emit
 from secfw.cloud import CloudState
 from secfw.compiler.ir import Family
 from secfw.config import load_config
@@ -44,7 +45,6 @@ from secfw.model import (
     parse_protocol,
     protocol_number,
 )
-from secfw.output import emit
 from secfw.store.base import Snapshot
 from secfw.store.memory import MemoryStore
 

@@ -72,7 +72,7 @@ def ensure_bytecode() -> None:
     A deployed secfw has its bytecode from install time; a checkout installed
     editable and run with ``PYTHONDONTWRITEBYTECODE=1`` (the CI and bench VMs)
     has none, and each process would then compile every secfw module it
-    imports — +60 ms of CPU for ``import secfw.cli`` and +135 ms for the
+    imports — +60 ms of CPU for ``import secfw.cli.main`` and +135 ms for the
     agent's modules on the 2-core VM (133 -> 192 and 205 -> 341 ms) — which is
     not what a whole-process figure means."""
     import secfw

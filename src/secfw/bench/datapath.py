@@ -1,6 +1,6 @@
 """Data path: packet rate and throughput between two lab instances, N ports loaded.
 
-The lab (:class:`secfw.lab.Lab`) holds just the two data-path instances of the
+The lab (:class:`secfw.lab.hostlab.Lab`) holds just the two data-path instances of the
 workload, on two networks, routed through the host namespace — or, with
 ``topology="bridged"``, each on a bridge of the host namespace and routed by the
 lab's router namespace, the rulesets rendered for a bridged host and
@@ -57,7 +57,7 @@ from secfw.backends.nftables.flowtable import render_flowtable
 from secfw.bench.common import Row, median, rounded, timed
 from secfw.bench.connrate import ConnProbe
 from secfw.compiler.ir import HostFilter
-from secfw.lab import Lab, LabPort
+from secfw.lab.hostlab import Lab, LabPort
 from secfw.netns import BRIDGE_NF_SYSCTLS, inside_netns
 
 IPERF_PORT = 5201

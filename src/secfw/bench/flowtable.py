@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from secfw.backends.nftables.flowtable import probe, render_flowtable
 from secfw.bench.common import Row
 from secfw.bench.datapath import NFTABLES, Configuration, HostRuleset, Settings, run_datapath
-from secfw.lab import LabPort
+from secfw.lab.hostlab import LabPort
 
 WITH_FLOWTABLE = "secfw (nftables) + flowtable"
 

@@ -49,7 +49,7 @@ from secfw.bench.datapath import CONNTRACK_ONLY_TEXT, set_bridge_netfilter
 from secfw.bench.workload import DP_PORT, BenchCloud
 from secfw.cloud import CloudState
 from secfw.compiler.build import compile_host
-from secfw.lab import Lab, LabPort
+from secfw.lab.hostlab import Lab, LabPort
 from secfw.store import open_store
 
 FREQUENCY = 5000  # perf samples per second of CPU time: one every 200 µs

@@ -45,10 +45,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from secfw import etcdlocal
 from secfw.api import Api
 from secfw.bench import simcloud
 from secfw.bench.machine import REPO
+from secfw.lab import etcdlocal
 from secfw.store import open_store
 
 DEFAULT_OUT = REPO / "bench" / "results"

@@ -23,14 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from secfw import netns_tools
 from secfw.agent import Reconciler
 from secfw.api import Api
 from secfw.backends import get_backend
 from secfw.bench.machine import REPO, machine_info
 from secfw.config import Config
-from secfw.demo import lab_ports
-from secfw.lab import Lab
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports
+from secfw.lab.hostlab import Lab
 from secfw.store import open_store
 
 LISTEN = ("192.0.2.254", 8775)

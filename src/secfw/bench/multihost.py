@@ -1,7 +1,7 @@
 """Bench section: propagation on the 3-host lab, from a CLI write's return to the
 remote host's kernel (``python -m secfw.bench.multihost``; ``make bench`` runs it).
 
-Set-up: :class:`secfw.multihost.MultiHostLab` with three routed hosts, one etcd
+Set-up: :class:`secfw.lab.multihost.MultiHostLab` with three routed hosts, one etcd
 member on the underlay, one ``secfw agent`` per host with its default settings
 (a watch on etcd whose documents feed the passes, a 5 s revision poll as
 safety net). ``srv`` (host 3) is in group ``web``; every change is one
@@ -39,12 +39,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from secfw import netns_tools
 from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher
 from secfw.api import Api
 from secfw.bench.machine import REPO
-from secfw.demo import lab_ports, secfw_executable
-from secfw.multihost import MultiHostLab, host_names
+from secfw.lab import netns_tools
+from secfw.lab.demo import lab_ports, secfw_executable
+from secfw.lab.multihost import MultiHostLab, host_names
 from secfw.store import open_store
 
 FIRST_PORT = 20000

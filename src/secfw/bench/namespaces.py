@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from secfw.lab import NS_PREFIX, netns_exists
+from secfw.lab.hostlab import NS_PREFIX, netns_exists
 
 
 def _ip_netns(*args: str) -> None:

@@ -14,7 +14,7 @@ model's validation) before it is written.
 
 Writing: one etcd transaction per :data:`BULK_DOCS` documents, which the
 store's commit indexes (the lab's etcd allows 100,000 operations and 32 MiB per
-request, :mod:`secfw.etcdlocal`): ``store restore``'s batches of 100 would each
+request, :mod:`secfw.lab.etcdlocal`): ``store restore``'s batches of 100 would each
 re-read the whole store.
 """
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from secfw.api import Api
 from secfw.bench.connrate import CONN_PORT
 from secfw.cloud import CloudState
-from secfw.lab import LabPort
+from secfw.lab.hostlab import LabPort
 from secfw.model import Instance
 
 PROJECT = "bench"

@@ -15,7 +15,7 @@ import sys
 import click
 
 from secfw.api import Api
-from secfw.cli import CliState, main, pass_state, scope_options
+from secfw.cli.main import CliState, main, pass_state, scope_options
 from secfw.errors import ValidationError
 from secfw.store.base import open_store
 

@@ -1,6 +1,6 @@
 """The volume service's commands (cinder): volumes, attachments, volume snapshots.
 
-Same contracts as :mod:`secfw.cli`. Names and arguments are the guide's
+Same contracts as :mod:`secfw.cli.main`. Names and arguments are the guide's
 (``cinder create --display-name NAME SIZE`` is ``volume-create``; nova's
 ``volume-attach SERVER VOLUME [DEVICE]``); ``volume-list`` has the guide's
 columns.
@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from secfw.cli import CliState, emit, output_command, silent_command
+from secfw.cli.main import CliState, emit, output_command, silent_command
 from secfw.errors import ValidationError
 from secfw.model import Volume, VolumeSnapshot, parse_bool
 

@@ -1,6 +1,6 @@
 """The floating-IP commands (nova's names): pools, allocation, association.
 
-Same contracts as :mod:`secfw.cli`: one API call per command, ``-f table|json``,
+Same contracts as :mod:`secfw.cli.main`: one API call per command, ``-f table|json``,
 every error one line on stderr and nothing changed.
 """
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from secfw.cli import CliState, emit, output_command, silent_command
+from secfw.cli.main import CliState, emit, output_command, silent_command
+from secfw.cli.output import Columns
 from secfw.cloud import CloudState
 from secfw.model import FloatingIp, FloatingPool
-from secfw.output import Columns
 
 #: ``nova floating-ip-list``.
 FLOATING_COLUMNS: Columns = (

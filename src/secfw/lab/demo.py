@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from secfw import netns_tools
 from secfw.api import Api
 from secfw.cloud import CloudState
 from secfw.compiler.explain import Flow, decide
 from secfw.constants import DEMO_HOST
 from secfw.errors import LabError
-from secfw.lab import Lab, LabPort
+from secfw.lab import netns_tools
+from secfw.lab.hostlab import Lab, LabPort
 
 HOST = DEMO_HOST
 PROBE_TIMEOUT = 0.3
@@ -68,7 +68,7 @@ def build_guide_cloud(api: Api, placement: Mapping[str, str] | None = None) -> N
     """The guide's groups and rules, two projects, a flat and a VLAN network.
 
     Every instance is booted on :data:`HOST`, or on ``placement[name]`` when given
-    (the multi-host demo spreads them, :mod:`secfw.demohosts`)."""
+    (the multi-host demo spreads them, :mod:`secfw.lab.demohosts`)."""
     with api.batch():
         api.net_create("admin", "public", "10.10.0.0/24")
         api.net_create("alpha", "alpha-net", "10.20.0.0/24", vlan=101)

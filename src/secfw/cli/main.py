@@ -2,7 +2,7 @@
 
 The CLI is a thin layer: each command parses its arguments, calls one API
 method (which validates and stores everything, or nothing), and prints the
-result with :func:`secfw.output.emit`.
+result with :func:`secfw.cli.output.emit`.
 
 Output contract
     Read commands print a table (``-f table``, the default) or JSON
@@ -30,7 +30,7 @@ Extending (how other modules add commands)
     ``@format_option`` adds ``-f/--format`` and passes the resolved ``fmt``;
     ``@scope_options`` accepts ``--project``/``--store`` after the command
     name. Print with ``emit(rows_or_row, columns, fmt)`` (see
-    :mod:`secfw.output`). Report a failure by raising any
+    :mod:`secfw.cli.output`). Report a failure by raising any
     :class:`~secfw.errors.SecfwError` (or ``click.UsageError``): the group
     turns every exception into the one-line error above.
 """
@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import click
 
 from secfw.api import Api
+from secfw.cli.output import FORMATS, Columns, cell_text, emit
 from secfw.errors import SecfwError, ValidationError
 from secfw.model import (
     Instance,
@@ -56,7 +57,6 @@ from secfw.model import (
     SecurityGroup,
     check_name,
 )
-from secfw.output import FORMATS, Columns, cell_text, emit
 from secfw.store.base import open_store, store_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,7 +108,7 @@ pass_state = click.make_pass_decorator(CliState)
 def _state(ctx: click.Context) -> CliState:
     state = ctx.find_object(CliState)
     if state is None:
-        raise RuntimeError("secfw commands must run under the secfw group (secfw.cli.main)")
+        raise RuntimeError("secfw commands must run under the secfw group (secfw.cli.main.main)")
     return state
 
 
@@ -230,19 +230,19 @@ COMMAND_MODULES: dict[str, str] = {
          "host-add", "host-delete", "host-list", "host-show", "image-create",
          "image-delete", "image-list", "image-show", "image-update", "keypair-add",
          "keypair-delete", "keypair-list", "keypair-show", "meta", "show"),
-        "secfw.computecli"),
+        "secfw.cli.compute"),
     **dict.fromkeys(
         ("add-floating-ip", "floating-ip-create", "floating-ip-delete", "floating-ip-list",
          "floating-ip-pool-create", "floating-ip-pool-delete", "floating-ip-pool-list",
          "remove-floating-ip"),
-        "secfw.floatingcli"),
+        "secfw.cli.floating"),
     **dict.fromkeys(
         ("snapshot-create", "snapshot-delete", "snapshot-list", "snapshot-show",
          "volume-attach", "volume-create", "volume-delete", "volume-detach", "volume-list",
          "volume-show"),
-        "secfw.volumecli"),
-    **dict.fromkeys(("agent", "compile", "demo", "lab", "metadata"), "secfw.hostcli"),
-    "store": "secfw.storecli",
+        "secfw.cli.volume"),
+    **dict.fromkeys(("agent", "compile", "demo", "lab", "metadata"), "secfw.cli.host"),
+    "store": "secfw.cli.store",
     "audit": "secfw.audit.cli",
     "api": "secfw.neutron_api.serve",
 }

@@ -4,7 +4,7 @@ Every probe is bounded in time and only ever opens sockets inside namespaces who
 name starts with ``sfw-`` and that exist (the lab's); anything else is a LabError.
 
 How code runs "inside" a namespace: a socket belongs to the network namespace of the
-thread that created it, for its whole life. :func:`secfw.lab.run_in_netns` creates the
+thread that created it, for its whole life. :func:`secfw.lab.hostlab.run_in_netns` creates the
 socket in a throw-away thread that joined the namespace with ``setns(2)``; the socket
 is then used from the caller's thread. No fork, no ``ip netns exec``, no subprocess:
 an allowed probe costs about a millisecond, a blocked one costs its timeout.
@@ -44,7 +44,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 from secfw.errors import LabError
-from secfw.lab import NS_PREFIX, netns_exists, run_in_netns
+from secfw.lab.hostlab import NS_PREFIX, netns_exists, run_in_netns
 
 if TYPE_CHECKING:
     from scapy.packet import Packet

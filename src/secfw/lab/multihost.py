@@ -1,6 +1,6 @@
 """The multi-host lab: several compute hosts' labs joined by an underlay, one etcd.
 
-``secfw lab up --hosts N`` builds N single-host labs (:class:`secfw.lab.Lab`, one
+``secfw lab up --hosts N`` builds N single-host labs (:class:`secfw.lab.hostlab.Lab`, one
 per host ``<name>1`` … ``<name>N``, each with its instances and external side) and
 an **underlay** — the cloud's fabric — in a namespace of its own::
 
@@ -65,7 +65,7 @@ from typing import Any, TypeVar
 from pyroute2 import netns
 
 from secfw.errors import LabError
-from secfw.lab import (
+from secfw.lab.hostlab import (
     _ROUTER_SYSCTLS,
     AF_INET6,
     IFA_F_NODAD,
@@ -231,8 +231,8 @@ class MultiHostLab:
         """Start the lab's etcd — one member, or a cluster of ``members`` — in the
         fabric namespace on 192.0.2.254, ports 2379, 2381, … (data in the state
         directory); recorded, stopped by :meth:`down`. Returns the
-        :class:`~secfw.etcdlocal.LocalCluster`."""
-        from secfw import etcdlocal
+        :class:`~secfw.lab.etcdlocal.LocalCluster`."""
+        from secfw.lab import etcdlocal
 
         if not 1 <= members <= MAX_ETCD_MEMBERS:
             raise LabError(f"lab: 1..{MAX_ETCD_MEMBERS} etcd members, not {members}")

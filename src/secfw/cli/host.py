@@ -1,6 +1,6 @@
 """Host-side commands: ``compile``, ``agent`` (and ``agent status``), ``lab`` and ``demo``.
 
-They sit beside the nova-style cloud commands of :mod:`secfw.cli` (same group,
+They sit beside the nova-style cloud commands of :mod:`secfw.cli.main` (same group,
 same one-line error contract) but act on a compute host rather than on the
 cloud model: compile its filter, keep the kernel equal to it, or build and
 measure a network-namespace lab of it.
@@ -33,14 +33,14 @@ from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_rep
 from secfw.agent.storewatch import ReopeningStore, sqlite_path
 from secfw.agent.topology import AUTO, CHOICES
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
-from secfw.cli import CliState, format_option, main, pass_state, scope_options
+from secfw.cli.main import CliState, format_option, main, pass_state, scope_options
+from secfw.cli.output import emit
 from secfw.compiler.build import compile_host
 from secfw.compiler.metadata import parse_listen, with_metadata
 from secfw.config import FLOWTABLE_MODES, Config, load_config
 from secfw.constants import DEMO_HOST as HOST
 from secfw.errors import BackendError, SecfwError, StoreError
 from secfw.model import check_host
-from secfw.output import emit
 from secfw.store import Store, open_store
 
 # The agent's one-shot sync is a whole process per run (bench: start-up included):
@@ -49,7 +49,7 @@ from secfw.store import Store, open_store
 if TYPE_CHECKING:
     from secfw.agent.etcdwatch import EtcdWatcher
     from secfw.agent.linkwatch import LinkWatcher
-    from secfw.demo import Probe
+    from secfw.lab.demo import Probe
 
 _host_option = click.option("--host", required=True, help="The compute host.")
 _config_option = click.option(
@@ -515,7 +515,7 @@ def _when(timestamp: Any) -> str | None:
 
 @main.group("lab")
 def lab_group() -> None:
-    """A compute host's instances as network namespaces (see secfw.lab)."""
+    """A compute host's instances as network namespaces (see secfw.lab.hostlab)."""
 
 
 _lab_topology_option = click.option(
@@ -539,7 +539,7 @@ _lab_host_option = click.option("--host", help="The compute host (one-host lab).
 _lab_hosts_option = click.option(
     "--hosts", type=click.IntRange(1, 200), metavar="N",
     help="A multi-host lab instead: hosts NAME1..NAMEN on an underlay with its own etcd "
-         "and one agent per host (see secfw.multihost).")
+         "and one agent per host (see secfw.lab.multihost).")
 _lab_name_option = click.option(
     "--name", default="compute", show_default=True,
     help="With --hosts: the lab's name, and the hosts' names without their number.")
@@ -589,8 +589,8 @@ def _one_host(host: str | None) -> str:
 
 
 def _lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool) -> None:
-    from secfw.demo import lab_for, lab_ports
-    from secfw.lab import Lab
+    from secfw.lab.demo import lab_for, lab_ports
+    from secfw.lab.hostlab import Lab
 
     check_host(host)
     lab = Lab(host, lab_for(host).state_dir, topology=topology,  # lab_for: the state dir
@@ -604,8 +604,8 @@ def _lab_sync(state: CliState, host: str, topology: str, gateway_on_bridge: bool
 
 
 def _multihost(name: str, hosts: int, topology: str) -> Any:
-    from secfw.demo import lab_for
-    from secfw.multihost import MultiHostLab, host_names
+    from secfw.lab.demo import lab_for
+    from secfw.lab.multihost import MultiHostLab, host_names
 
     for host in host_names(name, hosts):
         check_host(host)
@@ -617,7 +617,7 @@ def _multihost_up(name: str, hosts: int, topology: str, gateway_on_bridge: bool,
                   agents: bool) -> None:
     """Underlay and etcd first (the hosts' ports are read from that etcd), then the
     hosts' labs, then an agent per host that is not running yet."""
-    from secfw.demo import lab_ports, secfw_executable
+    from secfw.lab.demo import lab_ports, secfw_executable
 
     if gateway_on_bridge:
         raise click.UsageError("--gateway-on-bridge is for one-host labs")
@@ -659,7 +659,7 @@ def _snapshot(url: str) -> Any:
 def lab_down(host: str | None, hosts: int | None, name: str) -> None:
     """Remove everything the lab of HOST (or the --hosts lab) created, and nothing else
     (a --hosts lab: its agents and etcd stopped first)."""
-    from secfw.demo import lab_for
+    from secfw.lab.demo import lab_for
 
     if hosts is not None:
         _multihost(name, hosts, "routed").down()
@@ -682,7 +682,7 @@ def demo_command(keep: bool, work_dir: Path | None, hosts: int | None, topology:
                  config_path: str | None) -> None:
     """The operations guide's example cloud, measured with real packets."""
     from secfw.api import Api
-    from secfw.demo import (
+    from secfw.lab.demo import (
         add_floating_ips,
         build_guide_cloud,
         demo_paths,
@@ -718,10 +718,10 @@ def demo_command(keep: bool, work_dir: Path | None, hosts: int | None, topology:
 
 def _demo_hosts(hosts: int, topology: str, work_dir: Path | None, keep: bool,
                 config_path: str | None) -> None:
-    """``demo --hosts 3``: :mod:`secfw.demohosts` on a multi-host lab named
+    """``demo --hosts 3``: :mod:`secfw.lab.demohosts` on a multi-host lab named
     ``demo`` (its etcd and agents stopped, its namespaces removed, unless --keep)."""
-    from secfw import demohosts
-    from secfw.multihost import MultiHostLab, host_names
+    from secfw.lab import demohosts
+    from secfw.lab.multihost import MultiHostLab, host_names
 
     config = load_config(config_path)
     work = work_dir or Path(tempfile.mkdtemp(prefix="secfw-demo-"))

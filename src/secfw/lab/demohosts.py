@@ -1,7 +1,7 @@
 """``secfw demo --hosts 3``: the guide's example cloud spread over three hosts on etcd.
 
-The single-host demo (:mod:`secfw.demo`) on the multi-host lab
-(:mod:`secfw.multihost`): an etcd member on the underlay holds the cloud, the
+The single-host demo (:mod:`secfw.lab.demo`) on the multi-host lab
+(:mod:`secfw.lab.multihost`): an etcd member on the underlay holds the cloud, the
 guide's five instances are spread over three host namespaces (:data:`PLACEMENT`),
 one real ``secfw agent`` runs in each host namespace, and every (source,
 destination, service) is probed with real packets and compared with the oracle
@@ -38,12 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from secfw import netns_tools
 from secfw.agent.status import read_report
 from secfw.api import Api
 from secfw.cloud import CloudState
 from secfw.compiler.explain import Flow, decide
-from secfw.demo import (
+from secfw.errors import LabError, SecfwError
+from secfw.lab import netns_tools
+from secfw.lab.demo import (
     SERVICES,
     Probe,
     Service,
@@ -53,8 +54,7 @@ from secfw.demo import (
     measure,
     secfw_executable,
 )
-from secfw.errors import LabError, SecfwError
-from secfw.multihost import MultiHostLab
+from secfw.lab.multihost import MultiHostLab
 
 #: Instance -> host index (0-based): every pair of hosts has instances on both
 #: sides, and tools1 (egress restricted) is on another host than web1.
@@ -198,7 +198,7 @@ def run(lab: MultiHostLab, work: Path, allow_same_net: bool = True,
         config: str | None = None) -> tuple[list[Probe], dict[str, str]]:
     """Bring ``lab`` up with its etcd, build the spread cloud, start an agent per
     host, wait until they applied it, probe. Returns the probes and each
-    instance's host. The caller brings the lab down (:func:`secfw.multihost.opened`)."""
+    instance's host. The caller brings the lab down (:func:`secfw.lab.multihost.opened`)."""
     from secfw.store import open_store
 
     lab.up({})

@@ -5,7 +5,7 @@ loopback ports with a data directory of the caller's, waits (bounded) until
 ``/health`` answers, and stops it. :func:`start_cluster` starts several
 members as one cluster (the fault tests kill and restart them one by one), on
 loopback or inside a network namespace on an address of the caller's (the
-multi-host lab's underlay, :mod:`secfw.multihost`; that namespace is private to
+multi-host lab's underlay, :mod:`secfw.lab.multihost`; that namespace is private to
 its creator, so the well-known ports are free there).
 Nothing listens beyond loopback or that namespace. Not for production: no TLS.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from secfw.errors import StoreError
-from secfw.lab import run_in_netns
+from secfw.lab.hostlab import run_in_netns
 
 #: Bound on the wait for a fresh member to answer /health (a slow, shared machine).
 START_TIMEOUT_S = 60.0

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from secfw.cli import CliState, main, pass_state, scope_options
+from secfw.cli.main import CliState, main, pass_state, scope_options
 from secfw.errors import StoreError
 from secfw.store import backup
 

@@ -1,6 +1,6 @@
 """The compute model's commands: flavors, keypairs, images (glance), boot, show, meta.
 
-Same contracts as :mod:`secfw.cli` (one API call per command, ``-f table|json``,
+Same contracts as :mod:`secfw.cli.main` (one API call per command, ``-f table|json``,
 one-line errors). Names and arguments are the operations guide's nova and glance
 commands; tables have the guide's columns where it shows them.
 """
@@ -14,7 +14,8 @@ from typing import Any, BinaryIO, Protocol
 import click
 
 from secfw.api import iso_time
-from secfw.cli import CliState, _split_groups, emit, output_command, silent_command
+from secfw.cli.main import CliState, _split_groups, emit, output_command, silent_command
+from secfw.cli.output import Columns, python2_cell, python2_repr
 from secfw.errors import ValidationError
 from secfw.model import (
     MAX_USER_DATA_B64,
@@ -25,7 +26,6 @@ from secfw.model import (
     parse_bool,
     parse_nic,
 )
-from secfw.output import Columns, python2_cell, python2_repr
 from secfw.scheduler import HostUsage
 
 #: ``nova flavor-list`` as the guide prints it.
