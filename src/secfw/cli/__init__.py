@@ -1,6 +1,6 @@
 """The ``secfw`` command line: one module per family of commands.
 
-:mod:`~secfw.cli.main` is the entry point (``secfw = secfw.cli.main:main``) and
+:mod:`~secfw.cli.main` is the entry point (``secfw = secfw.cli.main:run``) and
 the nova/openstack-style security-group, network and server commands; it loads
 the others only when their command is asked for (a plain command stays light):
 :mod:`~secfw.cli.compute` (flavors, keypairs, images, compute hosts),

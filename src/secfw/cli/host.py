@@ -33,7 +33,14 @@ from secfw.agent.status import DEFAULT_STATE_DIR, Report, StatusWriter, read_rep
 from secfw.agent.storewatch import ReopeningStore, sqlite_path
 from secfw.agent.topology import AUTO, CHOICES
 from secfw.backends import BACKENDS, TOPOLOGIES, get_backend
-from secfw.cli.main import CliState, format_option, main, pass_state, scope_options
+from secfw.cli.main import (
+    CliState,
+    format_option,
+    main,
+    pass_state,
+    request_fast_exit,
+    scope_options,
+)
 from secfw.cli.output import emit
 from secfw.compiler.build import compile_host
 from secfw.compiler.metadata import parse_listen, with_metadata
@@ -242,6 +249,7 @@ def agent_command(
                   create=register)
         if register:
             _register(state.store_url, host)
+        request_fast_exit()  # done: the process ends without its teardown (secfw.cli.main.run)
         return
     settings = LoopSettings(poll_interval, resync_interval, backoff_max=backoff_max)
     _run_loop(state.store_url, host, config, (backend, topology), settings,
@@ -288,7 +296,16 @@ def _run_once(
     the closed filter behind (then the error is raised: exit status non-zero).
     """
     store = open_store(store_url) if create else existing_store(store_url)
-    reconciler = host_reconciler(store, host, config, backend, topology)
+    try:
+        _sync_once(store, host, config, (backend, topology), state_dir)
+    finally:
+        store.close()
+
+
+def _sync_once(store: Store, host: str, config: Config, backend_topology: tuple[str, str],
+               state_dir: Path | None) -> None:
+    """:func:`_run_once`'s pass over an open ``store``."""
+    reconciler = host_reconciler(store, host, config, *backend_topology)
     if state_dir is not None:  # no read-back when the kernel provably holds the ruleset
         reconciler.kernel_record = KernelRecord(record_path(state_dir, host))
     try:

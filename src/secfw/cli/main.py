@@ -40,8 +40,9 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict
 from typing import Any, TypeVar
 
@@ -405,6 +406,48 @@ def main(ctx: click.Context, project: str, store: str | None, fmt: str) -> None:
     state = CliState(project, store, fmt.lower(), api=preset)
     ctx.obj = state
     ctx.call_on_close(state.close)
+
+
+#: Set by a command whose process may end without the interpreter's teardown
+#: once it succeeded (:func:`request_fast_exit`); read by :func:`run` only.
+_FAST_EXIT = False
+
+
+def request_fast_exit() -> None:
+    """Let :func:`run` end this process with ``os._exit`` when the command
+    succeeds. For a one-shot command whose work is done and written out (the
+    agent's ``--once``: its ruleset is in the kernel, its record on disk):
+    the interpreter's teardown frees every object one by one — ~0.1-0.2 s of
+    CPU after a 1,000-port sync (the 10^5 records, rules and set elements it
+    built) — for a process about to end. Only :func:`run`, the console script,
+    acts on it: a command run in-process (tests' CliRunner, ``main(...,
+    standalone_mode=False)``) returns as usual."""
+    global _FAST_EXIT
+    _FAST_EXIT = True
+
+
+def run() -> None:
+    """The ``secfw`` console script: :func:`main` in click's standalone mode,
+    which ends by raising SystemExit. A successful command that asked for it
+    (:func:`request_fast_exit`) then ends the process at once: stdout and
+    stderr flushed (the logs are lines on stderr), exit status 0, without
+    ``atexit`` handlers or object teardown (os._exit(2)). Anything else —
+    a failure, another status — exits as before."""
+    try:
+        main()
+    except SystemExit as exc:
+        if _FAST_EXIT and exc.code in (None, 0):
+            _flush_standard_streams()
+            os._exit(0)
+        raise
+
+
+def _flush_standard_streams() -> None:
+    """Flush stdout and stderr, ignoring a closed or broken stream (the exit
+    status stays the command's: its work is done)."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(OSError, ValueError):
+            stream.flush()
 
 
 # --------------------------------------------------------------------------- rows
