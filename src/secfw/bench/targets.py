@@ -342,9 +342,10 @@ NEXT_STEPS: dict[str, str] = {
     "agent full sync of 1,000 ports": (
         "CPU of the whole process (phase timers, fresh namespace, medians of 3, load ~15): "
         "store load into the host view 24 %, libnftables parse + kernel commit 23 %, "
-        "render + plan 13 %, compile 12 %, imports 9 %, pyroute2's import for the one "
-        "link dump 6 %, the restart record's digest 6 %, the closed filter, read-back, "
-        "revocation and logs 3 %, exit 2 % (was 7 %: os._exit after flushing). Next: "
+        "render + plan 13 %, compile 12 %, imports 9 %, opening the host 6 % (pyroute2's "
+        "import for the one link dump ~5 %), the restart record's digest 6 %, the "
+        "closed filter, read-back, revocation and logs 3 %, exit 2 % (was 7 %: os._exit "
+        "after flushing). Next: "
         "the load builds a record per port and rule in Python (JSON decode ~a third of "
         "it), compile + render + apply alone exceed 0.4 s: a cheaper kernel path first"),
     "agent peak RSS": (
