@@ -11,7 +11,9 @@ Hierarchy::
     ├── ForbiddenError          an admin-only operation from another project
     ├── StoreError              the store cannot be opened, read or written
     │   ├── WriteConflictError  another writer committed since this transaction read
-    │   └── HistoryCompactedError  the change history asked for is gone: reload whole
+    │   ├── HistoryCompactedError  the change history asked for is gone: reload whole
+    │   ├── StoreUnreachableError  a store server did not answer, or cannot serve now
+    │   └── StoreRefusedError   a store server answered the request with an error
     ├── ConfigError             bad configuration file or value
     ├── BackendError            the kernel refused a transaction, a tool failed
     │   ├── UnsupportedError    a backend cannot express part of the IR faithfully
@@ -88,6 +90,17 @@ class HistoryCompactedError(StoreError):
     """:meth:`~secfw.store.base.Store.changes_since` cannot answer: the store has
     discarded (compacted) the history after the revision asked for. The reader
     must load everything again; carrying on would silently miss changes."""
+
+
+class StoreUnreachableError(StoreError):
+    """One server of the store (an etcd member) could not be reached, or
+    answered that it cannot serve now (HTTP 503, 408, 504): another member of
+    the cluster may answer (:mod:`secfw.store.etcdhttp`)."""
+
+
+class StoreRefusedError(StoreError):
+    """A server of the store answered a request with an error of its own (the
+    message is the server's): asking another member would not help."""
 
 
 class ConfigError(SecfwError):

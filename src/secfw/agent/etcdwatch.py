@@ -26,17 +26,14 @@ restarts the watch from the present.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
 
-import requests
-
 from secfw.agent.daemon import log_event
-from secfw.errors import HistoryCompactedError
+from secfw.errors import HistoryCompactedError, StoreUnreachableError
 from secfw.store.base import Change
 from secfw.store.etcd import EtcdStore
+from secfw.store.etcdhttp import Stream
 
 log = logging.getLogger("secfw.agent")
 
@@ -116,7 +113,7 @@ class EtcdWatcher:
         self._stopped = threading.Event()
         #: Set once a watch is established: every write committed after it is reported.
         self.watching = threading.Event()
-        self._response: requests.Response | None = None
+        self._response: Stream | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="etcd-watch", daemon=True)
 
@@ -128,7 +125,7 @@ class EtcdWatcher:
         self._stopped.set()
         with self._lock:
             if self._response is not None:
-                _interrupt(self._response)
+                self._response.interrupt()
         self._thread.join(STOP_TIMEOUT_S)
 
     def _run(self) -> None:
@@ -202,7 +199,7 @@ class EtcdWatcher:
                 if seen is not None:
                     revision = max(revision, seen)
                     self.on_change(seen)
-        except requests.ConnectionError:
+        except StoreUnreachableError:  # the stream failed, timed out or was interrupted
             if not delivered and not self._stopped.is_set():
                 raise
         finally:
@@ -212,7 +209,7 @@ class EtcdWatcher:
         return delivered, revision
 
 
-    def _writes(self, store: EtcdStore, response: requests.Response,
+    def _writes(self, store: EtcdStore, response: Stream,
                 start: int) -> Iterator[int | None]:
         """The revision of each write on the stream (None: a message without
         one); with a feed, each write's documents are pushed before it is."""
@@ -223,19 +220,3 @@ class EtcdWatcher:
             if write is not None:
                 self.feed.push(*write)
             yield None if write is None else write[0]
-
-
-def _interrupt(response: requests.Response) -> None:
-    """Wake a thread blocked reading ``response``'s stream: shut its socket down.
-
-    Closing the response from another thread does not interrupt a blocking
-    ``recv`` (it waits for the read timeout); ``shutdown(2)`` on the socket does,
-    for every descriptor of it (so a duplicate made from the file number works).
-    The socket is urllib3's, reached through its private attributes: when that
-    fails the thread still ends, at the read timeout."""
-    try:
-        fileno = response.raw._fp.fileno()
-        with socket.socket(fileno=os.dup(fileno)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except (AttributeError, OSError, ValueError) as exc:
-        log.debug("etcd watch: cannot interrupt the stream: %s", exc)

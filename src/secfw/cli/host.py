@@ -425,7 +425,7 @@ def _start_store_watcher(
     passes (:class:`ChangeFeed`); on SQLite, inotify on the file. Without
     inotify (an unusual file system) the poll alone notices changes."""
     if store_url.startswith("etcd://"):
-        from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher  # etcd3gw, requests
+        from secfw.agent.etcdwatch import ChangeFeed, EtcdWatcher  # its thread
 
         feed = ChangeFeed()
         reconciler.feed = feed

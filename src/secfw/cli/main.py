@@ -221,7 +221,7 @@ def _reject_unknown_options(
 
 #: The module that registers each command not defined in this one. A command line
 #: imports only its own command's module: ``secfw secgroup-add-rule`` must not pay
-#: for pyroute2, etcd3gw's watch, the agent, the audit and the HTTP servers, which
+#: for pyroute2, etcd's client, the agent, the audit and the HTTP servers, which
 #: took 1 s of CPU of every command's start-up when everything was imported
 #: eagerly. tests/test_cli_lazy.py checks that this table names every command.
 COMMAND_MODULES: dict[str, str] = {

@@ -5,14 +5,18 @@ Several endpoints are members of one cluster: a request that cannot reach one
 (connection refused or reset, timeout, 503) goes to the next, and the store
 sticks with the one that answered.
 
-Client: etcd3gw (OpenStack's; pure Python over ``requests``) talking to etcd's
-gRPC-JSON gateway, ``/v3/`` (etcd >= 3.4; Debian 12 ships 3.4.23). It was
-picked over ``etcd3`` (gRPC; last release 2020, pins old protobuf) because it
-is maintained, has no compiled dependency and is what OpenStack services run in
-production. Its ranges and transactions are used as they are; its watch helper
-is not: it drops the ``canceled``/``compact_revision`` answer etcd sends when
-the history asked for is compacted (a silent gap), so :meth:`changes_since`
-reads the watch stream itself, through the client's HTTP session.
+Client: etcd's gRPC-JSON gateway, ``/v3/`` (etcd >= 3.4; Debian 12 ships
+3.4.23), spoken over the standard library's http.client by
+:mod:`secfw.store.etcdhttp` — JSON requests posted as etcd's API documents
+them, and the watch read as its stream of JSON lines. Not ``etcd3`` (gRPC;
+last release 2020, pins old protobuf), and no longer etcd3gw (OpenStack's
+client, over ``requests``): importing it cost 240-270 ms of every ``secfw``
+process (``requests``, urllib3, ``futurist``), more than a command's whole
+300 ms budget at 50k ports, for two HTTP requests this module already built
+itself (and its watch helper drops etcd's ``canceled``/``compact_revision``
+answer: a silent gap after a compaction). What etcd3gw would give back —
+leases, locks, TLS options, API-path discovery for etcd < 3.4 — secfw does not
+use; see etcdhttp for what TLS would take.
 
 Key layout under PREFIX::
 
@@ -53,20 +57,18 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
-import requests
-from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import (
-    ConnectionFailedError,
-    ConnectionTimeoutError,
-    Etcd3Exception,
+from secfw.errors import (
+    HistoryCompactedError,
+    StoreError,
+    StoreRefusedError,
+    StoreUnreachableError,
+    WriteConflictError,
 )
-
-from secfw.errors import HistoryCompactedError, StoreError, WriteConflictError
 from secfw.store.base import (
     SCHEMA_VERSION,
     BufferedTxn,
@@ -78,6 +80,7 @@ from secfw.store.base import (
     Store,
     WriteTxn,
 )
+from secfw.store.etcdhttp import Member, Stream
 from secfw.store.indexes import (
     INDEX_VERSION,
     AddressMoves,
@@ -98,7 +101,6 @@ DEFAULT_PREFIX = "/secfw"
 #: past them the member counts as unreachable and the next one is asked.
 CONNECT_TIMEOUT_S = 3.0
 READ_TIMEOUT_S = 10.0
-_TIMEOUTS = (CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
 #: A watch with no message for this long is reopened (a member that vanished
 #: without closing the connection is noticed; an idle reopen costs one request).
 WATCH_IDLE_S = 30.0
@@ -112,13 +114,6 @@ KEYS_PER_TXN = 100
 MAX_COMPARES = 100
 #: The gateway's path for etcd >= 3.4 (no discovery request per process).
 API_PATH = "/v3/"
-
-_UNREACHABLE = (
-    ConnectionFailedError,
-    ConnectionTimeoutError,
-    requests.ConnectionError,
-    requests.Timeout,
-)
 
 
 @dataclass(frozen=True)
@@ -177,39 +172,40 @@ class _Members:
 
     def __init__(self, url: str, endpoints: tuple[tuple[str, int], ...]) -> None:
         self.url = url
-        self.clients = [Etcd3Client(host, port, api_path=API_PATH) for host, port in endpoints]
-        for client in self.clients:
-            # requests takes a (connect, read) pair; etcd3gw's annotation is narrower
-            client.timeout = _TIMEOUTS  # type: ignore[assignment]
+        self.members = [Member(host, port, CONNECT_TIMEOUT_S, READ_TIMEOUT_S, API_PATH)
+                        for host, port in endpoints]
         self.current = 0
 
-    def call(self, what: str, request: Callable[[Etcd3Client], T]) -> T:
+    def call(self, what: str, request: Callable[[Member], T]) -> T:
         """``request`` on the current member, else on each next one in turn.
 
-        Only failures to reach a member move on; an answer that is an error
-        (etcd refused the request) is reported at once as a StoreError."""
-        last: BaseException | None = None
-        for step in range(len(self.clients)):
-            index = (self.current + step) % len(self.clients)
+        Only failures to reach a member (StoreUnreachableError: refused, reset,
+        timeout, 503) move on; an answer that is an error (etcd refused the
+        request) is reported at once as a StoreError, and so is an answer that
+        is not JSON."""
+        last: StoreUnreachableError | None = None
+        for step in range(len(self.members)):
+            index = (self.current + step) % len(self.members)
             try:
-                result = request(self.clients[index])
-            except _UNREACHABLE as exc:
+                result = request(self.members[index])
+            except StoreUnreachableError as exc:
                 last = exc
                 continue
-            except Etcd3Exception as exc:
-                detail = _detail(exc)
+            except StoreRefusedError as exc:
+                detail = _detail(str(exc))
                 if "required revision has been compacted" in detail:
                     raise HistoryCompactedError(f"store {self.url}: {what}: {detail}") from exc
                 raise StoreError(f"store {self.url}: etcd refused {what}: {detail}") from exc
-            except (requests.RequestException, ValueError) as exc:
+            except ValueError as exc:
                 raise StoreError(f"store {self.url}: {what}: {exc}") from exc
             self.current = index
             return result
-        raise StoreError(f"store {self.url}: no etcd member reachable ({what}): {_reason(last)}")
+        reason = str(last) if last is not None else "no endpoint"
+        raise StoreError(f"store {self.url}: no etcd member reachable ({what}): {reason}")
 
     def close(self) -> None:
-        for client in self.clients:
-            client.session.close()
+        for member in self.members:
+            member.close()
 
 
 class EtcdStore(Store):
@@ -381,12 +377,12 @@ class EtcdStore(Store):
             "start_revision": str(start),
         }}
 
-        def read(client: Etcd3Client) -> list[tuple[bytes, int, bytes | None]]:
-            with client.session.post(client.get_url("/watch"), json=request, stream=True,
-                                     timeout=_TIMEOUTS) as response:
-                if response.status_code != requests.codes.ok:
-                    raise StoreError(f"store {self.url}: watch refused: {response.text[:200]}")
-                return self._read_stream(response.iter_lines(), start, until)
+        def read(member: Member) -> list[tuple[bytes, int, bytes | None]]:
+            stream = member.open_stream("watch", request, READ_TIMEOUT_S)
+            try:
+                return self._read_stream(stream.lines(), start, until)
+            finally:
+                stream.close()
 
         return self._members.call("read the history", read)
 
@@ -425,15 +421,16 @@ class EtcdStore(Store):
 
     # ------------------------------------------------------------------ watching
 
-    def watch_marker(self, start: int) -> requests.Response:
+    def watch_marker(self, start: int) -> Stream:
         """Open a watch on the revision marker from revision ``start``: a stream
         (read it with :meth:`marker_revisions`; close it to stop). Every write
         of ours puts the marker once, so each event is one committed write.
         Blocking reads time out after :data:`WATCH_IDLE_S` without a message."""
         request = {"create_request": {"key": _b64(self._marker), "start_revision": str(start)}}
-        return self._members.call("watch", lambda client: self._open_watch(client, request))
+        return self._members.call("watch", lambda member: member.open_stream(
+            "watch", request, WATCH_IDLE_S))
 
-    def marker_revisions(self, response: requests.Response, start: int) -> Iterator[int | None]:
+    def marker_revisions(self, response: Stream, start: int) -> Iterator[int | None]:
         """The revision of each write seen on a :meth:`watch_marker` stream, as
         it comes; None for a message without events (the watch's creation).
         Raises HistoryCompactedError when ``start`` is compacted."""
@@ -443,12 +440,14 @@ class EtcdStore(Store):
             for event in events:
                 yield int(event["kv"]["mod_revision"])
 
-    def _watch_messages(self, response: requests.Response,
+    def _watch_messages(self, response: Stream,
                         start: int) -> Iterator[list[dict[str, Any]]]:
         """The events of each message of a watch stream, as they come (an empty
         list for a message without events). Raises StoreError for a message that
-        is no watch result and HistoryCompactedError when ``start`` is compacted."""
-        for line in response.iter_lines():
+        is no watch result, HistoryCompactedError when ``start`` is compacted and
+        StoreUnreachableError when the stream fails or stays silent for
+        :data:`WATCH_IDLE_S`."""
+        for line in response.lines():
             if not line.strip():
                 continue
             result = json.loads(line).get("result")
@@ -487,23 +486,16 @@ class EtcdStore(Store):
         kvs, cluster = self._range("read the revision", self._marker, None, keys_only=True)
         return (int(kvs[0]["mod_revision"]) if kvs else 0), cluster
 
-    def watch_documents(self, start: int) -> requests.Response:
+    def watch_documents(self, start: int) -> Stream:
         """Open a watch on every key under the prefix from etcd revision
         ``start`` (read it with :meth:`document_batches`; close it to stop)."""
         request = {"create_request": {
             "key": _b64(self.prefix), "range_end": _b64(_prefix_end(self.prefix)),
             "start_revision": str(start)}}
-        return self._members.call("watch", lambda client: self._open_watch(client, request))
+        return self._members.call("watch", lambda member: member.open_stream(
+            "watch", request, WATCH_IDLE_S))
 
-    def _open_watch(self, client: Etcd3Client, request: dict[str, Any]) -> requests.Response:
-        response = client.session.post(client.get_url("/watch"), json=request, stream=True,
-                                       timeout=(CONNECT_TIMEOUT_S, WATCH_IDLE_S))
-        if response.status_code != requests.codes.ok:
-            response.close()
-            raise StoreError(f"store {self.url}: watch refused: HTTP {response.status_code}")
-        return response
-
-    def document_batches(self, response: requests.Response,
+    def document_batches(self, response: Stream,
                          start: int) -> Iterator[tuple[int, list[Change]] | None]:
         """Each write of ours seen on a :meth:`watch_documents` stream, as it
         comes: its revision (the marker's) and the documents it wrote or
@@ -765,8 +757,7 @@ class EtcdStore(Store):
 
     def _post(self, what: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """One gateway request (JSON in, JSON out) on a reachable member."""
-        answer: dict[str, Any] = self._members.call(
-            what, lambda client: client.post(client.get_url(path), json=body))
+        answer: dict[str, Any] = self._members.call(what, lambda member: member.post(path, body))
         return answer
 
 
@@ -793,23 +784,14 @@ def _prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
-def _detail(exc: Etcd3Exception) -> str:
-    """etcd's own message out of a gateway error body, with a hint for size limits."""
-    text = exc.detail_text or str(exc)
-    with suppress(ValueError, AttributeError):  # not JSON, or not an object
-        text = json.loads(text).get("message", text)
+def _detail(text: str) -> str:
+    """etcd's message (etcdhttp took it out of the error body), with a hint for
+    the size limits."""
     if "too many operations" in text:
         text += " (raise etcd's --max-txn-ops)"
     elif "request is too large" in text:
         text += " (raise etcd's --max-request-bytes)"
-    return str(text)
-
-
-def _reason(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no endpoint"
-    text = str(exc.args[0] if exc.args else exc) or getattr(exc, "detail_text", "") or ""
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return text
 
 
 @dataclass(frozen=True)
