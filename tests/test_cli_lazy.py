@@ -12,12 +12,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from secfw.api import Api
 from secfw.cli.main import COMMAND_MODULES, import_all_commands, main
 from secfw.store import open_store
+
+if TYPE_CHECKING:
+    from conftest import EtcdServer
 
 #: Top-level packages a security-group command has no use for.
 HEAVY = ("pyroute2", "etcd3gw", "requests", "nftables", "flask", "werkzeug", "waitress",
@@ -89,6 +93,46 @@ def test_a_plain_command_imports_nothing_heavy(
     assert not loaded & (set(HEAVY) - own), sorted(loaded & (set(HEAVY) - own))
     assert not {m for m in loaded if m.startswith(("secfw.agent", "secfw.audit",
                                                    "secfw.backends", "secfw.neutron"))}
+
+
+#: What an etcd command's client must not bring: the Python HTTP stacks a client
+#: library would (etcd3gw over requests: 240-270 ms of start-up on the 2-core VM,
+#: more than a command's whole budget; secfw.store.etcdhttp is the standard
+#: library's http.client), nor anything of HEAVY but the etcd store itself, the
+#: base64 its keys are encoded with and the random that http.client's email
+#: header parser imports (email.utils).
+ETCD_HEAVY = (*sorted(set(HEAVY) - {"secfw.store.etcd", "base64", "random"}),
+              "urllib3", "charset_normalizer", "idna", "futurist", "debtcollector", "wrapt",
+              "asyncio", "concurrent.futures")
+
+
+@pytest.fixture(scope="module")
+def small_etcd_store(etcd_server: EtcdServer) -> str:
+    """The same small cloud as small_store, in the session's etcd."""
+    url = etcd_server.url()
+    api = Api(open_store(url))
+    try:
+        api.net_create("admin", "n1", "10.9.0.0/24")
+        api.image_create("admin", "cirros", visibility="public")
+        api.boot("admin", "vm0", "m1.tiny", "cirros", "h1", None, ["n1"])
+    finally:
+        api.store.close()
+    return url
+
+
+@pytest.mark.parametrize(("args", "printed", "own"), PLAIN_COMMANDS,
+                         ids=[c[0][0] for c in PLAIN_COMMANDS])
+def test_a_plain_etcd_command_imports_no_http_library(
+        small_etcd_store: str, args: tuple[str, ...], printed: str, own: frozenset[str]) -> None:
+    """On etcd the store's client is the standard library's http.client: an
+    import of requests, urllib3 or etcd3gw (or of HEAVY) on a plain command's
+    path fails here."""
+    run = subprocess.run([sys.executable, "-c", _PROBE, "--store", small_etcd_store, *args],
+                         capture_output=True, text=True, timeout=120, check=True)
+    loaded = set(json.loads(run.stdout.splitlines()[-1]))
+    assert printed in run.stdout  # the command really ran
+    assert "secfw.store.etcd" in loaded  # on etcd
+    assert not loaded & (set(ETCD_HEAVY) - own), sorted(loaded & (set(ETCD_HEAVY) - own))
 
 
 def test_help_still_lists_every_command() -> None:
