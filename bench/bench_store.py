@@ -14,7 +14,9 @@ At each size it times, median of ``--repeat`` runs, each write command of
 :data:`COMMANDS` on a fresh group and instance:
 
 * in-process: the ``Api`` method (open the transaction, read by key, commit);
-* the whole command: the ``secfw …`` process, start to exit.
+* the whole command: the ``secfw …`` process, start to exit — wall time, and its
+  CPU time (user + system, from ``wait4(2)``: on a loaded machine the wall time
+  also counts the wait for a core).
 
 etcd is a throw-away member on 127.0.0.1 (secfw.lab.etcdlocal) unless ``--etcd URL``
 names one. Usage: ``python bench/bench_store.py [--sizes 1000,10000,50000]
@@ -24,6 +26,7 @@ names one. Usage: ``python bench/bench_store.py [--sizes 1000,10000,50000]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -109,31 +112,49 @@ def timed(func: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def run_process(args: list[str]) -> tuple[float, float]:
+    """``(wall, CPU)`` seconds of one process, run to its end; CPU is its user +
+    system time from ``wait4(2)`` (its own, not its parent's). A failure raises."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    error = proc.stderr.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, args, stderr=error)
+    return wall, usage.ru_utime + usage.ru_stime
+
+
 def bench_commands(kind: str, url: str, size: int, repeat: int, label: str) -> None:
     """Every command of :data:`COMMANDS`, ``repeat`` runs in-process and as a
     process; prints the medians."""
     api = Api(open_store(url))
     in_process: dict[str, list[float]] = {c: [] for c in COMMANDS}
-    whole: dict[str, list[float]] = {c: [] for c in COMMANDS}
+    whole: dict[str, list[tuple[float, float]]] = {c: [] for c in COMMANDS}
     try:
         for run in range(repeat):
             for command in COMMANDS:
                 in_process[command].append(timed(api_call(api, command, f"{label}a{run}")))
             for command in COMMANDS:
-                args = [secfw_command(), "--store", url, "--project", PROJECT,
-                        *cli_args(command, f"{label}p{run}")]
-                whole[command].append(timed(lambda a=args: subprocess.run(
-                    a, check=True, stdout=subprocess.DEVNULL)))
+                whole[command].append(run_process([
+                    secfw_command(), "--store", url, "--project", PROJECT,
+                    *cli_args(command, f"{label}p{run}")]))
     finally:
         api.store.close()
     in_process.update(bench_reads(api.store.url, repeat, whole))
     for command in (*COMMANDS, *READS):
+        walls, cpus = zip(*whole[command], strict=True)
         print(f"{kind:<6} {size:>6} ports  {command:<20} in-process "
               f"{statistics.median(in_process[command]) * 1e3:7.1f} ms   whole secfw process "
-              f"{statistics.median(whole[command]) * 1e3:7.1f} ms", flush=True)
+              f"{statistics.median(walls) * 1e3:7.1f} ms (CPU "
+              f"{statistics.median(cpus) * 1e3:5.1f} ms)", flush=True)
 
 
-def bench_reads(url: str, repeat: int, whole: dict[str, list[float]]) -> dict[str, list[float]]:
+def bench_reads(url: str, repeat: int,
+                whole: dict[str, list[tuple[float, float]]]) -> dict[str, list[float]]:
     """Each paged read of :data:`READS`, ``repeat`` times in-process (returned)
     and as a ``secfw`` process (added to ``whole``)."""
     api = Api(open_store(url))
@@ -143,8 +164,7 @@ def bench_reads(url: str, repeat: int, whole: dict[str, list[float]]) -> dict[st
             args = [secfw_command(), "--store", url, "--project", PROJECT, *read_args(command)]
             for _ in range(repeat):
                 in_process[command].append(timed(read_call(api, command)))
-                whole.setdefault(command, []).append(timed(lambda a=args: subprocess.run(
-                    a, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+                whole.setdefault(command, []).append(run_process(args))
     finally:
         api.store.close()
     return in_process
