@@ -1,8 +1,7 @@
 """secfw.store.etcdhttp, the etcd store's HTTP client, against small local
 servers that misbehave on purpose: a member that answers 503, one that closes
 its kept-alive connections, one that never answers, an error body, and a watch
-stream blocked in a read that another thread must wake; chunked answers split
-anywhere, cut short or malformed. (The real gateway's
+stream blocked in a read that another thread must wake. (The real gateway's
 answers are tests/test_store_contract.py's and tests/test_store_etcd.py's.)"""
 
 from __future__ import annotations
@@ -209,70 +208,3 @@ def test_a_refused_connection_is_unreachable() -> None:
             member.post("kv/range", {})
         with pytest.raises(StoreUnreachableError, match="refused"):
             member.open_stream("watch", {}, 3.0)
-
-
-def chunked(handler: BaseHTTPRequestHandler, pieces: list[bytes], end: bool = True) -> None:
-    """A 200 whose body is ``pieces``, one chunk each (RFC 9112 section 7.1)."""
-    handler.send_response(200)
-    handler.send_header("Transfer-Encoding", "chunked")
-    handler.end_headers()
-    for piece in pieces:
-        handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-    if end:
-        handler.wfile.write(b"0\r\n\r\n")
-    handler.wfile.flush()
-    handler.close_connection = not end
-
-
-def test_a_chunked_answer_is_joined_and_its_connection_kept() -> None:
-    body = json.dumps({"kvs": [{"key": "a" * 50}] * 40}).encode()
-    pieces = [body[i:i + 97] for i in range(0, len(body), 97)]
-    with serving(lambda h, _body: chunked(h, pieces)) as (server, seen):
-        member = member_of(server)
-        try:
-            assert member.post("kv/range", {}) == json.loads(body)
-            assert member.post("kv/range", {}) == json.loads(body)
-        finally:
-            member.close()
-        assert len(seen) == 1
-
-
-def test_stream_lines_are_whole_whatever_the_chunks() -> None:
-    """A line split over chunks comes whole; two lines in a chunk come apart."""
-    pieces = [b'{"a":', b'1}\n{"b":2}\n{"c"', b":3}\n"]
-    with serving(lambda h, _body: chunked(h, pieces)) as (server, _):
-        stream = member_of(server).open_stream("watch", {}, idle_timeout=JOIN_S)
-        try:
-            assert list(stream.lines()) == [b'{"a":1}\n', b'{"b":2}\n', b'{"c":3}\n']
-        finally:
-            stream.close()
-
-
-def test_a_stream_cut_short_is_unreachable() -> None:
-    with serving(lambda h, _body: chunked(h, [b'{"a":1}\n'], end=False)) as (server, _):
-        stream = member_of(server).open_stream("watch", {}, idle_timeout=JOIN_S)
-        try:
-            lines = stream.lines()
-            assert next(lines) == b'{"a":1}\n'
-            with pytest.raises(StoreUnreachableError, match="cut short"):
-                next(lines)
-        finally:
-            stream.close()
-
-
-@pytest.mark.parametrize("raw", [
-    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",       # body cut short
-    b"SSH-2.0-OpenSSH_9.2\r\n",                                # not HTTP
-    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",               # a malformed header
-    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a malformed chunk
-])
-def test_a_malformed_or_cut_answer_is_unreachable(raw: bytes) -> None:
-    """Whatever a member answers that is not HTTP/1.1 as the gateway speaks it
-    moves on to the next member (unreachable), never a wrong answer."""
-    def garbage(handler: BaseHTTPRequestHandler, _body: dict[str, Any]) -> None:
-        handler.wfile.write(raw)
-        handler.wfile.flush()
-        handler.close_connection = True
-
-    with serving(garbage) as (server, _), pytest.raises(StoreUnreachableError):
-        member_of(server).post("kv/range", {})

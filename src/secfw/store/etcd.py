@@ -6,10 +6,9 @@ Several endpoints are members of one cluster: a request that cannot reach one
 sticks with the one that answered.
 
 Client: etcd's gRPC-JSON gateway, ``/v3/`` (etcd >= 3.4; Debian 12 ships
-3.4.23), spoken as HTTP/1.1 on the standard library's sockets by
+3.4.23), spoken over the standard library's http.client by
 :mod:`secfw.store.etcdhttp` — JSON requests posted as etcd's API documents
-them, and the watch read as its stream of JSON lines (why not http.client:
-see there). Not ``etcd3`` (gRPC;
+them, and the watch read as its stream of JSON lines. Not ``etcd3`` (gRPC;
 last release 2020, pins old protobuf), and no longer etcd3gw (OpenStack's
 client, over ``requests``): importing it cost 240-270 ms of every ``secfw``
 process (``requests``, urllib3, ``futurist``), more than a command's whole
