@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from secfw.bench import targets
+from secfw.bench import profiles, targets
 from secfw.bench.common import Row, failed, ok, rows_of
 
 STEM = "latest"
@@ -151,10 +151,15 @@ def _workload(w: Row) -> str:
 
 def _targets(results: Row) -> list[str]:
     rows = [[t["target"], t["figure"], targets.verdict(t["met"]),
-             targets.next_step(t["target"]) if t["met"] is False else ""]
+             profiles.explanation(results, t, targets.next_step(t["target"]))]
             for t in results["targets"]]
+    taken = results.get("profiles") or {}
     return ["## Targets", "", *table(["target", "figure", "result",
-                                      "limited by (last profile) / next step"], rows)]
+                                      "limited by (this run's profile) / next step"], rows),
+            "", f"Profiles: {len(taken)} taken in {profiles.total_seconds(results):.0f} s of "
+            "the run, each in an extra repetition (never the measured one), files under "
+            "`profiles/`; shares of the profiled time by area (module doc of "
+            "`secfw.bench.profiles`). Data-path targets: this run's baselines."]
 
 
 def _control(results: Row) -> list[str]:

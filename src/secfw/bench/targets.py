@@ -398,6 +398,16 @@ def evaluate(results: Row) -> list[Row]:
     return [_target(text, check, results) for text, check in TARGETS]
 
 
+def is_met(target: str, results: Row) -> bool | None:
+    """Whether the target whose text starts with ``target`` is met on
+    ``results`` (None: not measured there, or no such target)."""
+    for text, check in TARGETS:
+        if text.startswith(target):
+            found: bool | None = _target(text, check, results)["met"]
+            return found
+    return None
+
+
 def verdict(met: Any) -> str:
     """``met`` / ``MISSED`` / ``not measured`` for the Markdown table."""
     return {True: "met", False: "**MISSED**"}.get(met, "not measured")
