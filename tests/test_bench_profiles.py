@@ -5,6 +5,8 @@ to their callers, and the report's cells built from them."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,27 @@ def test_a_data_path_target_is_split_by_the_baselines() -> None:
                            "secfw's rules 12")
     assert "perf" in text
     assert profiles.datapath_text(results, "data path routed, UDP 64 B") is None
+
+
+def test_python_areas_are_scaled_to_the_measured_time() -> None:
+    """cProfile slows the Python side only: the nft call keeps its seconds, the
+    rest shrinks to fill the measured (unprofiled) time."""
+    stats = FakeStats({RENDER: (1, 1, 3.0, 4.0, {}), CMD: (1, 1, 1.0, 1.0, {})})
+    summary = profiles.summarise(stats, Measured(), measured_s=2.0)  # type: ignore[arg-type]
+    assert dict(summary["areas"]) == {NFT_CALL: 0.5, "secfw render": 0.5}
+    assert summary["profiled_s"] == 4.0 and summary["measured_s"] == 2.0
+
+
+def test_a_process_profile_is_written_and_read_back(tmp_path: Path) -> None:
+    """``python -m secfw.bench.profiled`` around a cheap secfw command: the
+    pstats and the JSON side file (RSS samples) are there, imports among the areas."""
+    stem = tmp_path / "help"
+    done = subprocess.run([sys.executable, "-m", "secfw.bench.profiled", "--out", str(stem),
+                           "--", "--help"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    taken = profiles.load_process(stem)
+    assert taken.measured.wall_s > 0 and taken.measured.extra["peak_rss_mb"] > 0
+    summary = profiles.summarise(taken.stats, taken.measured)
+    assert IMPORTS in dict(summary["areas"])
+    assert math.isclose(sum(dict(summary["areas"]).values()), 1.0, abs_tol=1e-3)

@@ -106,12 +106,13 @@ def profile_compile_apply(store: Store, host: str) -> profiles.Taken:
 
 
 def profile_agent_once(ns: str, store_url: str, host: str, timeout: float,
-                       stem: Path) -> profiles.Taken:
+                       stem: Path, timings: bool = True) -> profiles.Taken:
     """:func:`run_agent_once`'s process again, under :mod:`.profiled` (its
-    pstats and RSS samples in ``stem``.*); raises RuntimeError when it failed."""
+    pstats and RSS samples in ``stem``.*; without ``timings``, RSS samples
+    only); raises RuntimeError when it failed."""
     command = ["ip", "netns", "exec", ns, sys.executable, "-m", "secfw.bench.profiled",
-               "--out", str(stem), "--", "--store", store_url, "agent", "--host", host,
-               "--once"]
+               "--out", str(stem), *([] if timings else ["--rss-only"]), "--",
+               "--store", store_url, "agent", "--host", host, "--once"]
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True, timeout=timeout, check=False)
     if done.returncode != 0:

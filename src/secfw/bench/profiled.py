@@ -7,7 +7,8 @@ collector's and the libnftables calls' times (:mod:`.profiles`), and a sampler
 thread that reads the resident size every :data:`SAMPLE_S` and books each
 increase to the area of the main thread's innermost frame at that moment.
 
-Writes ``STEM.pstats`` and ``STEM.json`` (wall and CPU seconds, the nft calls'
+``--rss-only``: the RSS samples without cProfile. Writes ``STEM.pstats`` and
+``STEM.json`` (wall and CPU seconds, the nft calls'
 system time, gc seconds, peak RSS, the RSS growth per area and the area where
 the peak was reached) — also when the command fails; exits with its status.
 """
@@ -72,28 +73,32 @@ class RssSampler(threading.Thread):
                 "rss_growth": [[area, round(share, 4)] for area, share in growth]}
 
 
-def run(stem: Path, argv: list[str]) -> int:
-    """``secfw argv`` profiled (module doc); its exit status."""
+def run(stem: Path, argv: list[str], timings: bool = True) -> int:
+    """``secfw argv`` profiled (module doc); its exit status. Without
+    ``timings``, RSS samples only (no cProfile: no ``.pstats`` written)."""
     measured = profiles.Measured()
     sampler = RssSampler(threading.get_ident())
     sampler.start()
-    profiler = cProfile.Profile()
+    profiler = cProfile.Profile() if timings else None
     status: int = 0
     cpu = time.process_time()
     with profiles.gc_timer(measured), profiles.nft_call_timer(measured):
         started = time.perf_counter()
-        profiler.enable()
+        if profiler is not None:
+            profiler.enable()
         try:
             from secfw.cli import main
             main.main(args=argv, prog_name="secfw", standalone_mode=True)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         finally:
-            profiler.disable()
+            if profiler is not None:
+                profiler.disable()
             measured.wall_s = time.perf_counter() - started
     sampler.stop.set()
     sampler.join()
-    profiler.dump_stats(str(stem.with_suffix(".pstats")))
+    if profiler is not None:
+        profiler.dump_stats(str(stem.with_suffix(".pstats")))
     doc = {"wall_s": measured.wall_s, "cpu_s": time.process_time() - cpu,
            "nft_sys_s": measured.nft_sys_s, "gc_s": measured.gc_s, "status": status,
            **sampler.summary()}
@@ -104,10 +109,12 @@ def run(stem: Path, argv: list[str]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="stem of the two files")
+    parser.add_argument("--rss-only", action="store_true",
+                        help="RSS samples only, without cProfile (its overhead)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="-- secfw's arguments")
     args = parser.parse_args()
     argv = args.args[1:] if args.args[:1] == ["--"] else args.args
-    sys.exit(run(args.out, argv))
+    sys.exit(run(args.out, argv, timings=not args.rss_only))
 
 
 if __name__ == "__main__":

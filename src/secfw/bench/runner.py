@@ -180,8 +180,8 @@ def measure_size(state: Run, n: int) -> None:
         budget.run("apply", n, lambda: control.measure_full_apply(compiled.text))
         if compiled else skipped("no ruleset"))
     if compiled and ok(row["full_apply"]) and _is_root():
-        guess = 2 * (row["compile"]["total_s"] + row["full_apply"]["full_apply_s"])
-        maybe_profile(state, n, COMPILE_APPLY, guess, lambda: control.profile_compile_apply(
+        figure = row["compile"]["total_s"] + row["full_apply"]["full_apply_s"]
+        maybe_profile(state, n, COMPILE_APPLY, figure, lambda: control.profile_compile_apply(
             cloud.api.store, cloud.host))
     if not _is_root():
         _skip_rest(state, n, "needs root (network namespaces)")
@@ -267,7 +267,9 @@ def _incremental(state: Run, n: int, ns: str, ready: bool) -> None:
                 "changes during a resync", n, lambda: resync.changes_during_resync(
                     session, state.cloud, n, state.options.seed))
             if ok(state.incremental):
-                maybe_profile(state, n, PORT_CHANGES, 5.0, lambda: (
+                passes = [c["store_to_kernel_ms"] / 1000 for c in state.incremental["changes"]
+                          if c["change"] in targets.PORT_CHANGES]
+                maybe_profile(state, n, PORT_CHANGES, sum(passes), lambda: (
                     incremental.profile_port_changes(session, state.cloud)))
     finally:
         session.close()
@@ -317,24 +319,32 @@ def _partial(state: Run) -> Row:
             "during_resync": state.during_resync}
 
 
-def maybe_profile(state: Run, n: int, target: str, guess_s: float,
+#: a profiled repetition's time, guessed for the budget: this many times the
+#: measured one (cProfile's overhead on the Python side; namespace set-up)
+PROFILE_COST = 2.5
+
+
+def maybe_profile(state: Run, n: int, target: str, figure_s: float,
                   take: Callable[[], profiles.Taken]) -> None:
     """Profile ``target`` with ``take()`` when :func:`wants_profile`, within the
-    budget (``guess_s``: its expected time, for the budget's estimate)."""
+    budget (``figure_s``: the measured repetition's seconds)."""
     if wants_profile(state, n, target):
-        record_profile(state, n, [target], guess_s, take)
+        record_profile(state, n, [target], figure_s, take)
 
 
-def record_profile(state: Run, n: int, names: list[str], guess_s: float,
+def record_profile(state: Run, n: int, names: list[str], figure_s: float,
                    take: Callable[[], profiles.Taken]) -> None:
-    """``take()`` once (budget permitting) and its profile recorded for each of
-    ``names``, with the step's wall time (``profile_s``: the run's cost of it)."""
+    """``take()`` once (budget permitting: guessed at :data:`PROFILE_COST` ×
+    ``figure_s``, the measured repetition's seconds) and its profile recorded
+    for each of ``names`` as shares of ``figure_s``, with the step's wall time
+    (``profile_s``: the run's cost of it)."""
     step = f"profile: {names[0]}"
-    state.budget.history[step] = (n, guess_s)
+    state.budget.history[step] = (n, PROFILE_COST * figure_s)
 
     def one() -> Row:
         taken, seconds = timed(take)
-        rows = {name: profiles.record(taken, name, n, state.options.out) for name in names}
+        rows = {name: profiles.record(taken, name, n, state.options.out, figure_s)
+                for name in names}
         return {name: row | {"profile_s": rounded(seconds / len(names))}
                 for name, row in rows.items()}
 
@@ -349,18 +359,19 @@ def _agent_profiles(state: Run, n: int, agent: Row) -> None:
     (one process for both when they are profiled at the same size)."""
     names = [t for t in (AGENT_1K, RSS_10K) if wants_profile(state, n, t)]
     if names:
-        record_profile(state, n, names, 2.0 * agent["wall_s"],
-                       lambda: _profiled_agent(state, n))
+        record_profile(state, n, names, agent["wall_s"], lambda: _profiled_agent(state, n))
 
 
-def _profiled_agent(state: Run, n: int) -> profiles.Taken:
-    """A profiled full sync by a fresh agent process into a fresh namespace."""
+def _profiled_agent(state: Run, n: int, timings: bool = True) -> profiles.Taken:
+    """A profiled full sync by a fresh agent process into a fresh namespace
+    (without ``timings``: its RSS samples only)."""
     stem = state.options.out / "profiles" / f"agent-{n}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     with scratch_netns() as ns:
         try:
             return control.profile_agent_once(ns, state.store_url, state.cloud.host,
-                                              max(state.budget.remaining(), 1.0), stem)
+                                              max(state.budget.remaining(), 1.0), stem,
+                                              timings)
         finally:
             for suffix in (".json", ".pstats"):
                 stem.with_suffix(suffix).unlink(missing_ok=True)
@@ -372,20 +383,21 @@ def _audit_profiles(state: Run, n: int, row: Row, verify_ns: str | None) -> None
     for name in audit.PROFILED:
         if name == "audit verify" and verify_ns is None:
             continue
-        guess = 2.0 * float(row.get(keys[name]) or 1.0)
-        maybe_profile(state, n, name, guess, lambda name=name: audit.profile(  # type: ignore[misc]
+        figure = float(row.get(keys[name]) or 1.0)
+        maybe_profile(state, n, name, figure, lambda name=name: audit.profile(  # type: ignore[misc]
             state.cloud.api.store, state.cloud.host, verify_ns, name,
             whole_cloud=not state.options.quick))
 
 
 def _late_profiles(state: Run) -> None:
     """Profiles left for the end of the run (they would take the budget of the
-    data path's steps): the agent's full sync at 50,000 ports (its peak RSS) —
-    the store has grown past it only by the few ports of section 2."""
+    data path's steps): the agent's full sync at 50,000 ports, its RSS sampled
+    without cProfile (a minute and a half more at 50k) — the store has grown
+    past it only by the few ports of section 2."""
     agent: Row = (find_row(state.control, RSS_50K_SIZE) or {}).get("agent") or {}
     if ok(agent) and agent and _is_root() and wants_profile(state, RSS_50K_SIZE, RSS_50K):
-        record_profile(state, RSS_50K_SIZE, [RSS_50K], 2.0 * agent["wall_s"],
-                       lambda: _profiled_agent(state, RSS_50K_SIZE))
+        record_profile(state, RSS_50K_SIZE, [RSS_50K], agent["wall_s"],
+                       lambda: _profiled_agent(state, RSS_50K_SIZE, timings=False))
 
 
 def _skip_rest(state: Run, n: int, reason: str) -> None:
