@@ -46,6 +46,8 @@ T = TypeVar("T")
 NFT_CALL = "libnftables (nft call)"
 KERNEL = "kernel (nft call)"
 IMPORTS = "imports"
+#: the Neutron comparison's target (its profile comes with neutron.json)
+NEUTRON_TARGET = "secfw full sync"
 BUILTINS = "builtins"
 TOP = 25
 #: areas named in a report cell
@@ -323,7 +325,10 @@ def load_process(stem: Path) -> Taken:
 
 def profile_for(results: Row, target: str) -> Row | None:
     """The profile row of ``target`` (keyed by the start of its text), or None."""
-    found = results.get("profiles") or {}
+    found = dict(results.get("profiles") or {})
+    neutron = results.get("neutron")
+    if isinstance(neutron, dict) and isinstance(neutron.get("profile"), dict):
+        found.setdefault(NEUTRON_TARGET, neutron["profile"])  # its own section's profile
     return next((row for start, row in found.items() if target.startswith(start)), None)
 
 
@@ -401,5 +406,8 @@ def explanation(results: Row, target: Row, next_step: str) -> str:
 
 def total_seconds(results: Row) -> float:
     """The run's time spent taking profiles (outside every figure)."""
-    return sum(float(row.get("profile_s") or 0) for row in
-               (results.get("profiles") or {}).values())
+    rows = list((results.get("profiles") or {}).values())
+    neutron = results.get("neutron")
+    if isinstance(neutron, dict) and isinstance(neutron.get("profile"), dict):
+        rows.append(neutron["profile"])
+    return sum(float(row.get("profile_s") or 0) for row in rows)

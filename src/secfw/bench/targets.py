@@ -258,9 +258,11 @@ def neutron_summary(neutron: Row) -> Row | None:
         return None
     ports = max(both)
     secfw_s, neutron_s = by_size[ports]["secfw"], by_size[ports]["neutron"]
-    return {"ports": ports, "secfw_s": secfw_s, "neutron_s": neutron_s,
-            "factor": round(neutron_s / secfw_s, 2),
-            "date": str(neutron.get("machine", {}).get("date", "?"))[:10]}
+    summary = {"ports": ports, "secfw_s": secfw_s, "neutron_s": neutron_s,
+               "factor": round(neutron_s / secfw_s, 2),
+               "date": str(neutron.get("machine", {}).get("date", "?"))[:10]}
+    profile = neutron.get("profile")  # secfw's full sync profiled (bench.neutron)
+    return summary | ({"profile": profile} if isinstance(profile, dict) else {})
 
 
 def change_during_resync(results: Row) -> tuple[bool | None, str]:
