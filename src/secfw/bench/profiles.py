@@ -332,11 +332,12 @@ def profile_for(results: Row, target: str) -> Row | None:
     return next((row for start, row in found.items() if target.startswith(start)), None)
 
 
-def measured_text(row: Row) -> str:
-    """What a profile row found, for the report's cell."""
+def measured_text(row: Row, where_from: str = "") -> str:
+    """What a profile row found, for the report's cell (its file named relative
+    to the results directory, or prefixed with ``where_from``)."""
     if "skipped" in row or "error" in row:
         return f"no profile ({row.get('skipped') or row.get('error')})"
-    where = f" (profiled at {row['ports']:,} ports: {row['file']})"
+    where = f" (profiled at {row['ports']:,} ports: {where_from}{row['file']})"
     if "rss_growth" in row and "RSS" in row["target"]:
         growth = ", ".join(f"{share * 100:.0f} % {area}" for area, share in
                            row["rss_growth"][:CELL_AREAS])
@@ -392,13 +393,15 @@ def _split(results: Row, key: str, kind: str) -> str | None:
             f"conntrack alone {-ct * 100:+.0f}, secfw's rules {(ct - lost) * 100:+.0f}")
 
 
-def explanation(results: Row, target: Row, next_step: str) -> str:
+def explanation(results: Row, target: Row, next_step: str, where_from: str = "") -> str:
     """The report's cell for a missed target: what this run measured (its
-    profile, or the data path's baselines), then ``next_step``; "" when met."""
+    profile, or the data path's baselines), then ``next_step``; "" when met.
+    ``where_from``: the results directory as the reader sees it."""
     if target["met"] is not False:
         return ""
     row = profile_for(results, target["target"])
-    measured = measured_text(row) if row else datapath_text(results, target["target"])
+    measured = (measured_text(row, where_from) if row else
+                datapath_text(results, target["target"]))
     if measured is None:
         return f"no profile in this run; last profile: {next_step}"
     return f"measured: {measured}; next: {next_step}"
