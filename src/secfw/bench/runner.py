@@ -226,13 +226,13 @@ def _in_agent_namespace(state: Run, n: int, row: Row) -> Row:
         row["agent"] = budget.run(
             "agent", n, lambda: control.run_agent_once(ns, state.store_url, state.cloud.host,
                                                       timeout))
-        if ok(row["agent"]):
-            _agent_profiles(state, n, row["agent"])
         restart = (
             budget.run("restart", n, lambda: control.run_agent_once(
                 ns, state.store_url, state.cloud.host, max(budget.remaining(), 1.0)))
             if ok(row["agent"]) else skipped("the agent's full sync did not complete"))
         state.restart.append({"ports": n} | restart)
+        if ok(row["agent"]):  # after the restart: the RSS target's figure quotes it
+            _agent_profiles(state, n, row["agent"])
         # --quick: exposure and lint on a sample, no verify (minutes over the 5,000
         # member ports); the smoke run only checks that the audits run.
         verify_ns = ns if ok(row["agent"]) and not state.options.quick else None
