@@ -17,9 +17,12 @@ not distorted by the profiler's overhead. :func:`summarise` turns the
 * a builtin (``{method 'join' …}``) is booked to the areas of its callers, in
   proportion to the time it spent under each.
 
-The areas add up to the profiled time. The cyclic collector's time
-(``gc.callbacks``) is reported beside them: it is already inside the areas
-(cProfile books a collection to the frame that allocated).
+The shares add up to 1, of the target's measured (unprofiled) figure when it is
+known (:func:`summarise` scales the Python areas down by the profiler's
+overhead). The cyclic collector's time (``gc.callbacks``) is reported beside
+them: it is already inside the areas (cProfile books a collection to the frame
+that allocated). :func:`explanation` makes the report's cell: those shares (or,
+for a data-path target, this run's baselines) and the static next step.
 """
 
 from __future__ import annotations
