@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from secfw.bench import profiles
+from secfw.bench import perfsample, profiles
 from secfw.bench.profiles import IMPORTS, KERNEL, NFT_CALL, Measured
 
 HERE = Path(__file__).stem
@@ -122,3 +122,20 @@ def test_a_process_profile_is_written_and_read_back(tmp_path: Path) -> None:
     summary = profiles.summarise(taken.stats, taken.measured)
     assert IMPORTS in dict(summary["areas"])
     assert math.isclose(sum(dict(summary["areas"]).values()), 1.0, abs_tol=1e-3)
+
+
+def test_perf_samples_are_booked_by_kernel_area() -> None:
+    """perf report lines (samples, [k]/[.], symbol): idle left out, the rest by area."""
+    report = "\n".join(["   60  [k] pv_native_safe_halt", "   10  [k] nft_do_chain",
+                        "    5  [k] nf_conntrack_in", "    5  [k] br_nf_pre_routing",
+                        "   20  [k] memcpy_orig", "   60  [.] _PyEval_EvalFrameDefault",
+                        "# comment"])
+    row = perfsample.classify(report)
+    assert row["busy_samples"] == 100
+    assert row["shares"] == {"nf_tables": 0.1, "conntrack": 0.05, "br_netfilter": 0.05,
+                             "other kernel": 0.2, "user space": 0.6}
+    results = {"datapath": {"topology": "routed", "rows": [], "perf": {
+        "ports": 10_000, "run": "UDP 64 B, 3 s", **row}}}
+    text = profiles.datapath_text(results, "data path routed, UDP 64 B")
+    assert text == ("routed perf (UDP 64 B, 3 s at 10,000): nf_tables 10 %, conntrack 5 %, "
+                    "br_netfilter 5 %, other kernel 20 %, user space 60 % of busy CPU")

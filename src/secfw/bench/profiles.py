@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from secfw.bench import perfsample
 from secfw.bench.common import Row
 
 T = TypeVar("T")
@@ -357,10 +358,9 @@ DATAPATH = {"data path routed, UDP": ("datapath", ("udp",)),
             "new TCP connections": ("datapath", ("conn",))}
 TARGET_N = 10_000
 PERF_NOTE = ("Data-path targets: the points lost against no filter at 10,000 ports, split by "
-             "this run's conntrack-only baseline. Kernel symbols are not sampled in the run "
-             "(a `perf record -a -g` over one data-path repetition is not wired in); the "
-             "per-packet split by symbol (nf_tables, conntrack, br_netfilter) is "
-             "`python -m secfw.bench.hookcost`'s, outside `make bench`.")
+             "this run's conntrack-only baseline, and perf's kernel symbols over one more UDP "
+             "run of the largest N (`perf record -a`: every CPU's busy samples, other work on "
+             "the machine included; per packet: `python -m secfw.bench.hookcost`).")
 
 
 def datapath_text(results: Row, target: str) -> str | None:
@@ -375,7 +375,19 @@ def datapath_text(results: Row, target: str) -> str | None:
     if target.startswith("new TCP") and isinstance(results.get("datapath_bridged"), dict):
         parts.append(_split(results, "datapath_bridged", "conn"))
     found = [part for part in parts if part]
+    keys = [key, "datapath_bridged"] if target.startswith("new TCP") else [key]
+    found += [text for text in (_perf(results, k) for k in keys) if text]
     return "; ".join(found) if found else None
+
+
+def _perf(results: Row, key: str) -> str | None:
+    """``bridged perf (UDP 64 B at 10,000): nf_tables 12 %, …``, or None."""
+    datapath: Row = results.get(key) or {}
+    perf = datapath.get("perf")
+    if not isinstance(perf, dict) or "shares" not in perf:
+        return None
+    return (f"{datapath.get('topology', key)} perf ({perf['run']} at {perf['ports']:,}): "
+            f"{perfsample.shares_text(perf)} of busy CPU")
 
 
 def _split(results: Row, key: str, kind: str) -> str | None:

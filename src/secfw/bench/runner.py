@@ -428,7 +428,7 @@ def _datapath(state: Run) -> None:
         state.datapath = skipped(reason)
         return
     options, cloud = state.options, state.cloud
-    settings = Settings(options.iperf_seconds, options.reps)
+    settings = Settings(options.iperf_seconds, options.reps, perf=options.profile != "none")
     state.datapath = state.budget.run("datapath", 0, lambda: run_datapath(
         cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings))
     if not state.datapath:
@@ -449,7 +449,8 @@ def _datapath_bridged(state: Run) -> None:
     options, cloud, budget = state.options, state.cloud, state.budget
     routed_s = budget.history.get("datapath", (0, 0.0))[1]
     budget.history["datapath-bridged"] = (0, routed_s * options.bridged_reps / options.reps)
-    settings = Settings(options.iperf_seconds, options.bridged_reps)
+    settings = Settings(options.iperf_seconds, options.bridged_reps,
+                        perf=options.profile != "none")
     state.datapath_bridged = budget.run("datapath-bridged", 0, lambda: run_datapath(
         cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings,
         topology="bridged"))
