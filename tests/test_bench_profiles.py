@@ -74,6 +74,7 @@ def test_areas_of_files() -> None:
     assert profiles.area_of(("/a/src/secfw/cli.py", 1, "<module>")) == IMPORTS
     assert profiles.area_of(("/v/lib/python3.11/site-packages/click/core.py", 1, "f")) == "click"
     assert profiles.area_of((profiles.json.__file__, 1, "loads")) == "json"
+    assert profiles.area_of(("<string>", 2, "__init__")) == profiles.GENERATED
 
 
 def test_the_report_cell_quotes_the_profile_and_the_next_step(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ IMPORTS = "imports"
 #: the Neutron comparison's target (its profile comes with neutron.json)
 NEUTRON_TARGET = "secfw full sync"
 BUILTINS = "builtins"
+GENERATED = "generated methods (dataclasses, named tuples)"
 TOP = 25
 #: areas named in a report cell
 CELL_AREAS = 5
@@ -76,6 +77,8 @@ def area_of(key: FuncKey) -> str:
         return BUILTINS
     if filename.startswith("<frozen importlib") or name == "<module>":
         return IMPORTS
+    if filename == "<string>":  # exec'd source: dataclasses' and named tuples' methods
+        return GENERATED
     path = filename.replace("\\", "/")
     if "/secfw/" in path:
         module = path.rsplit("/secfw/", 1)[1].removesuffix(".py").replace("/", ".")

@@ -192,7 +192,8 @@ def _targets(results: Row) -> list[str]:
                                       "limited by (this run's profile) / next step"], rows),
             "", f"Profiles: {len(taken)} taken in {profiles.total_seconds(results):.0f} s of "
             "the run, each in an extra repetition (never the measured one), files under "
-            "`profiles/`; shares of the profiled time by area (module doc of "
+            "`profiles/`; shares of the target's measured time by area, the Python "
+            "areas scaled down by cProfile's overhead (module doc of "
             "`secfw.bench.profiles`). " + profiles.PERF_NOTE]
 
 
