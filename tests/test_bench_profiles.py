@@ -126,10 +126,13 @@ def test_a_process_profile_is_written_and_read_back(tmp_path: Path) -> None:
 
 
 def test_perf_samples_are_booked_by_kernel_area() -> None:
-    """perf report lines (samples, [k]/[.], symbol): idle left out, the rest by area."""
-    report = "\n".join(["   60  [k] pv_native_safe_halt", "   10  [k] nft_do_chain",
-                        "    5  [k] nf_conntrack_in", "    5  [k] br_nf_pre_routing",
-                        "   20  [k] memcpy_orig", "   60  [.] _PyEval_EvalFrameDefault",
+    """perf report lines (samples, task, [k]/[.], symbol): the data path's tasks
+    only, idle left out, the rest by area."""
+    report = "\n".join(["   60  swapper  [k] pv_native_safe_halt",
+                        "   10  iperf3  [k] nft_do_chain",
+                        "    5  ksoftirqd/0  [k] nf_conntrack_in",
+                        "    5  swapper  [k] br_nf_pre_routing", "   20  iperf3  [k] memcpy_orig",
+                        "   60  iperf3  [.] iperf_send", "   99  python3  [k] nft_do_chain",
                         "# comment"])
     row = perfsample.classify(report)
     assert row["busy_samples"] == 100
@@ -139,4 +142,5 @@ def test_perf_samples_are_booked_by_kernel_area() -> None:
         "ports": 10_000, "run": "UDP 64 B, 3 s", **row}}}
     text = profiles.datapath_text(results, "data path routed, UDP 64 B")
     assert text == ("routed perf (UDP 64 B, 3 s at 10,000): nf_tables 10 %, conntrack 5 %, "
-                    "br_netfilter 5 %, other kernel 20 %, user space 60 % of busy CPU")
+                    "br_netfilter 5 %, other kernel 20 %, user space 60 % of the data path's busy "
+                    "samples")

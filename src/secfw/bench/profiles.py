@@ -362,8 +362,8 @@ DATAPATH = {"data path routed, UDP": ("datapath", ("udp",)),
 TARGET_N = 10_000
 PERF_NOTE = ("Data-path targets: the points lost against no filter at 10,000 ports, split by "
              "this run's conntrack-only baseline, and perf's kernel symbols over one more UDP "
-             "run of the largest N (`perf record -a`: every CPU's busy samples, other work on "
-             "the machine included; per packet: `python -m secfw.bench.hookcost`).")
+             "run of the largest N (`perf record -a`, the samples of iperf3 and of softirqs; "
+             "per packet: `python -m secfw.bench.hookcost`).")
 
 
 def datapath_text(results: Row, target: str) -> str | None:
@@ -390,7 +390,7 @@ def _perf(results: Row, key: str) -> str | None:
     if not isinstance(perf, dict) or "shares" not in perf:
         return None
     return (f"{datapath.get('topology', key)} perf ({perf['run']} at {perf['ports']:,}): "
-            f"{perfsample.shares_text(perf)} of busy CPU")
+            f"{perfsample.shares_text(perf)} of the data path's busy samples")
 
 
 def _split(results: Row, key: str, kind: str) -> str | None:
