@@ -1,7 +1,7 @@
 """Run a ``secfw`` command as its own process under the profiler.
 
 ``python -m secfw.bench.profiled --out STEM -- ARGS…`` runs ``secfw ARGS…``
-(:func:`secfw.cli.main`) in this process with cProfile on from the first import
+(:func:`secfw.cli.main.main`) in this process with cProfile on from the first import
 of secfw (imports are part of what a whole-process figure measures), the
 collector's and the libnftables calls' times (:mod:`.profiles`), and a sampler
 thread that reads the resident size every :data:`SAMPLE_S` and books each
@@ -87,7 +87,7 @@ def run(stem: Path, argv: list[str], timings: bool = True) -> int:
         if profiler is not None:
             profiler.enable()
         try:
-            from secfw.cli import main
+            from secfw.cli.main import main
             main.main(args=argv, prog_name="secfw", standalone_mode=True)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
