@@ -74,17 +74,18 @@ conformance: venv
 demo: venv
 	$(VENV)/bin/secfw demo
 
+# Every section in turn within one budget, BENCH_BUDGET seconds (an hour): the main
+# suite and Neutron's comparison get budgets from it, the sections bounded by their
+# sizes have their last time reserved (secfw.bench.whole; bench/results/sections.json
+# records each section's budget and time, and latest.md states them).
 # `make bench BENCH_ARGS=--quick` passes options through (see bench/README.md).
+BENCH_BUDGET ?= 3600
 bench: venv
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
-	$(PY) -m secfw.bench $(BENCH_ARGS)
-	$(PY) -m secfw.bench.backends $(BACKENDS_ARGS)
-	$(PY) -m secfw.bench.floating $(FLOATING_ARGS)
-	$(PY) -m secfw.bench.multihost $(MULTIHOST_ARGS)
-	$(PY) -m secfw.bench.manyhosts $(MANYHOSTS_ARGS)
-	$(PY) -m secfw.bench.metadata
-	$(PY) -m secfw.bench.neutron $(NEUTRON_BENCH_ARGS)
-	$(PY) -m secfw.bench.readme
+	$(PY) -m secfw.bench.whole --budget $(BENCH_BUDGET) --main-args='$(BENCH_ARGS)' \
+	  --backends-args='$(BACKENDS_ARGS)' --floating-args='$(FLOATING_ARGS)' \
+	  --multihost-args='$(MULTIHOST_ARGS)' --manyhosts-args='$(MANYHOSTS_ARGS)' \
+	  --neutron-args='$(NEUTRON_BENCH_ARGS)'
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

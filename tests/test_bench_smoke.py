@@ -28,7 +28,7 @@ pytestmark = [
 
 SECTIONS = ("machine", "options", "workload", "control_plane", "incremental", "membership",
             "datapath", "datapath_bridged", "connections", "flowtable", "neutron", "restart",
-            "during_resync", "targets", "plot")
+            "during_resync", "profiles", "targets", "plot")
 QUICK_SIZES = [50, 200]
 #: This module's bench runs name their scratch namespaces sfw-b-<TAG>… (other tests
 #: may run benches beside it under pytest-xdist).
@@ -65,7 +65,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_report_has_every_section(quick_run: tuple[Path, dict[str, Any]]) -> None:
     out, results = quick_run
     assert [s for s in SECTIONS if s not in results] == []
-    assert (out / "latest.md").read_text(encoding="utf-8").startswith("# secfw benchmark")
+    markdown = (out / "latest.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# secfw benchmark")
+    assert "## make bench: budget and sections" in markdown
+    # --quick measures no target, so none is missed and none profiled (the
+    # profiles themselves: tests/netns/test_bench_profile_takes.py)
+    assert results["profiles"] == {} and "Profiles: 0 taken in 0 s" in markdown
     for key in ("cores", "kernel", "nft", "python", "date"):
         assert results["machine"][key]
 

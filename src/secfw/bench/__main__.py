@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--datapath-max", type=int, default=DATAPATH_MAX,
                         help="largest size of the full data path; a larger last size gets "
                              f"new connections only (default {DATAPATH_MAX})")
+    parser.add_argument("--profile", choices=("missed", "all", "none"), default="missed",
+                        help="profile the targets the run misses (default), every target "
+                             "(at a size the run has), or none; bench/results/profiles/")
     args = parser.parse_args(argv)
     quick = args.quick
     return Options(
@@ -70,6 +73,7 @@ def parse_args(argv: list[str] | None) -> Options:
         bridged_reps=1 if quick else 3,
         conn_reps=1 if quick else 3,
         datapath_max=args.datapath_max,
+        profile=args.profile,
     )
 
 

@@ -25,12 +25,14 @@ import time
 from secfw.audit.explain import FlowQuery, explain
 from secfw.audit.exposure import exposure
 from secfw.audit.lint import lint
-from secfw.audit.policy import CloudPolicy
+from secfw.audit.policy import CloudPolicy, PortView
 from secfw.audit.reach import reach
 from secfw.audit.verify import nft_kernel, verify
 from secfw.backends.nftables import NftablesExecutor
+from secfw.bench import profiles
 from secfw.bench.common import Row, median, rounded, timed
 from secfw.cloud import CloudState
+from secfw.model import SecurityGroup
 from secfw.store.base import Store
 
 SAMPLES = 9
@@ -46,8 +48,7 @@ def measure(store: Store, host: str, netns: str | None, whole_cloud: bool = True
     they run, the figures come from full runs."""
     state = CloudState.from_snapshot(store.load())
     cp, index_s = timed(lambda: CloudPolicy(state))
-    views = sorted((v for v in cp.ports.values() if v.instance.host == host),
-                   key=lambda v: v.port.id)[:SAMPLES]
+    views = _views(cp, host)
     others = sorted((v for v in cp.ports.values() if v.instance.host != host),
                     key=lambda v: v.port.id)
     source = others[0].port.ip if others else "203.0.113.5"
@@ -57,10 +58,7 @@ def measure(store: Store, host: str, netns: str | None, whole_cloud: bool = True
     reaches = [_ms(lambda v=v: reach(cp, v, "ingress", "ipv4")) for v in views]
     row.update(explain_ms=rounded(median(explains), 2), reach_first_ms=rounded(reaches[0], 1),
                reach_ms=rounded(median(reaches[1:] or reaches), 1))
-    scope = list(cp.ports.values()) if whole_cloud else views[:QUICK_PORTS]
-    groups = (list(cp.state.groups.values()) if whole_cloud else
-              [cp.state.groups[g] for g in sorted(views[0].instance.security_groups)
-               [:QUICK_GROUPS]] if views else [])
+    scope, groups = _scope(cp, views, whole_cloud)
     row["audit_scope"] = "cloud" if whole_cloud else "sample"
     rows, row["exposure_s"] = timed(lambda: exposure(cp, scope))
     row["exposure_rows"] = len(rows)
@@ -81,6 +79,47 @@ def measure(store: Store, host: str, netns: str | None, whole_cloud: bool = True
     for key in ("exposure_s", "lint_s"):
         row[key] = rounded(row[key])
     return row
+
+
+def _views(cp: CloudPolicy, host: str) -> list[PortView]:
+    """The first :data:`SAMPLES` ports of ``host`` (by port id)."""
+    return sorted((v for v in cp.ports.values() if v.instance.host == host),
+                  key=lambda v: v.port.id)[:SAMPLES]
+
+
+def _scope(cp: CloudPolicy, views: list[PortView], whole_cloud: bool
+           ) -> tuple[list[PortView], list[SecurityGroup]]:
+    """(the ports exposure covers, the groups lint covers): see :func:`measure`."""
+    scope = list(cp.ports.values()) if whole_cloud else views[:QUICK_PORTS]
+    groups = (list(cp.state.groups.values()) if whole_cloud else
+              [cp.state.groups[g] for g in sorted(views[0].instance.security_groups)
+               [:QUICK_GROUPS]] if views else [])
+    return scope, groups
+
+
+#: The audits :func:`profile` can take again, by the start of their target's text.
+PROFILED = ("audit exposure", "audit lint", "audit verify")
+
+
+def profile(store: Store, host: str, netns: str | None, which: str,
+            whole_cloud: bool = True) -> profiles.Taken:
+    """One more run of the audit ``which`` (one of :data:`PROFILED`) under the
+    profiler, on the scope :func:`measure` timed; the index is built outside it."""
+    cp = CloudPolicy(CloudState.from_snapshot(store.load()))
+    scope, groups = _scope(cp, _views(cp, host), whole_cloud)
+    session = profiles.Session()
+    if which == "audit exposure":
+        session.call(lambda: exposure(cp, scope))
+    elif which == "audit lint":
+        session.call(lambda: lint(cp, groups))
+    elif which == "audit verify" and netns is not None:
+        def read_and_verify() -> object:
+            listing = NftablesExecutor(netns).read_json() or {"nftables": []}
+            return verify(cp, host, nft_kernel(listing)[0])
+        session.call(read_and_verify)
+    else:
+        raise ValueError(f"no profile for {which!r}")
+    return session.taken()
 
 
 def _ms(fn: object) -> float:

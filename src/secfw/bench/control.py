@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secfw.backends.nftables import NftablesExecutor, Ruleset, full_transaction, render
+from secfw.bench import profiles
 from secfw.bench.common import Row, median, rounded, timed
 from secfw.bench.namespaces import scratch_netns
 from secfw.cloud import CloudState
@@ -89,6 +90,36 @@ def measure_full_apply(text: str) -> Row:
         executor = NftablesExecutor(netns=ns)
         _, seconds = timed(lambda: executor.apply_text(text))
     return {"full_apply_s": rounded(seconds)}
+
+
+def profile_compile_apply(store: Store, host: str) -> profiles.Taken:
+    """One more compile → render → text → full apply (into a fresh namespace)
+    under the profiler: what :func:`measure_compile` and
+    :func:`measure_full_apply` time, the store load and the namespace left out."""
+    state = CloudState.from_snapshot(store.load())
+    session = profiles.Session()
+    with scratch_netns() as ns:
+        executor = NftablesExecutor(netns=ns)
+        compiled = session.call(lambda: _compile_once(state, host))
+        session.call(lambda: executor.apply_text(compiled.text))
+    return session.taken()
+
+
+def profile_agent_once(ns: str, store_url: str, host: str, timeout: float,
+                       stem: Path, timings: bool = True) -> profiles.Taken:
+    """:func:`run_agent_once`'s process again, under :mod:`.profiled` (its
+    pstats and RSS samples in ``stem``.*; without ``timings``, RSS samples
+    only); raises RuntimeError when it failed."""
+    command = ["ip", "netns", "exec", ns, sys.executable, "-m", "secfw.bench.profiled",
+               "--out", str(stem), *([] if timings else ["--rss-only"]), "--",
+               "--store", store_url, "agent", "--host", host, "--once"]
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise RuntimeError(f"profiled agent: exit {done.returncode}: "
+                           f"{lines[-1] if lines else ''}")
+    return profiles.load_process(stem)
 
 
 def secfw_command() -> str:

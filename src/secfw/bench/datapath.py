@@ -54,7 +54,8 @@ from typing import Any
 from secfw.backends.iptables import IptablesBackend, IptPlan
 from secfw.backends.nftables import NftablesExecutor, full_transaction, render
 from secfw.backends.nftables.flowtable import render_flowtable
-from secfw.bench.common import Row, median, rounded, timed
+from secfw.bench import perfsample
+from secfw.bench.common import Row, guarded, median, rounded, timed
 from secfw.bench.connrate import ConnProbe
 from secfw.compiler.ir import HostFilter
 from secfw.lab.hostlab import Lab, LabPort
@@ -98,6 +99,9 @@ class Settings:
     reps: int
     kinds: tuple[str, ...] = KINDS
     iptables: bool = True
+    #: after the repetitions, one more UDP run of the largest N's nftables ruleset
+    #: with every CPU sampled by perf (:mod:`.perfsample`): not a measured run
+    perf: bool = False
 
 
 class Iperf:
@@ -328,19 +332,23 @@ def run_datapath(pair: tuple[LabPort, LabPort], host: str,
                 plan = filters.iptables_plan if settings.iptables else None
                 configs = [*configurations(rulesets, plan, filters.variant, topology), *extra]
                 ends = (lab.instance_ns(server.tap), lab.instance_ns(client.tap), server.ip)
-                runs = _measure(Iperf(*ends), ConnProbe(*ends), filters, configs, settings)
+                runs, perf = _measure(Iperf(*ends), ConnProbe(*ends), filters, configs,
+                                      settings)
             finally:
                 filters.clear()
         finally:
             lab.down()
     summary = _summarise(configs, runs, settings, filters.variant)
     return summary | {"topology": topology, "kinds": list(settings.kinds),
-                      "method": method(filters.variant, topology)}
+                      "method": method(filters.variant, topology)} | (
+                          {"perf": perf} if perf else {})
 
 
 def _measure(iperf: Iperf, conns: ConnProbe, filters: HostFilters,
-             configs: list[Configuration], settings: Settings) -> list[Measured]:
-    """Every repetition, every configuration in turn: per configuration, its values."""
+             configs: list[Configuration], settings: Settings
+             ) -> tuple[list[Measured], Row | None]:
+    """Every repetition, every configuration in turn: per configuration, its
+    values; then the perf sample when ``settings.perf`` (else None)."""
     runs = [Measured() for _ in configs]
     kinds = settings.kinds
     with iperf.serving(), conns.serving():
@@ -356,7 +364,22 @@ def _measure(iperf: Iperf, conns: ConnProbe, filters: HostFilters,
                     measured.tcp_bps.append(iperf.tcp_bps(settings.seconds))
                 if "conn" in kinds:
                     _measure_connections(conns, settings, measured)
-    return runs
+        perf = _perf_sample(iperf, filters, configs, settings) if settings.perf else None
+    return runs, perf
+
+
+def _perf_sample(iperf: Iperf, filters: HostFilters, configs: list[Configuration],
+                 settings: Settings) -> Row | None:
+    """One UDP run of the largest N's nftables ruleset under ``perf record -a``
+    (:func:`perfsample.during`), or None when there is no such configuration."""
+    secfw = [c for c in configs if c.filter == SECFW]
+    if not secfw or "udp" not in settings.kinds:
+        return None
+    config = max(secfw, key=lambda c: c.ports)
+    filters.load(config)
+    row = guarded(lambda: perfsample.during(lambda: iperf.udp_pps(settings.seconds),
+                                            settings.seconds))
+    return {"ports": config.ports, "run": f"UDP 64 B, {settings.seconds:g} s"} | row
 
 
 def _measure_connections(conns: ConnProbe, settings: Settings, measured: Measured) -> None:

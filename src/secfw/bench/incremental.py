@@ -23,6 +23,7 @@ from typing import Any
 from secfw.agent import Plan, Reconciler
 from secfw.agent.gcsettle import settle
 from secfw.backends.nftables import NftablesBackend
+from secfw.bench import profiles
 from secfw.bench.common import Row, median, rounded, timed
 from secfw.bench.workload import HOT_GROUP, PROJECT, BenchCloud
 from secfw.cloud import CloudState
@@ -207,3 +208,18 @@ def all_changes(session: AgentSession, cloud: BenchCloud, seed: int) -> list[Row
         ("group removed from a port", lambda: group_removed(cloud, session.cloud)),
     ]
     return [session.change(label, make()) for label, make in changes]
+
+
+def profile_port_changes(session: AgentSession, cloud: BenchCloud) -> profiles.Taken:
+    """The three port changes of the issue once more, each API call unprofiled
+    and the agent pass after it under the profiler (the store→kernel figure is
+    the pass's)."""
+    profiler = profiles.Session()
+    makes: list[Callable[[], Callable[[], object]]] = [
+        lambda: port_added(cloud), lambda: port_removed(cloud),
+        lambda: group_removed(cloud, session.cloud)]
+    for make in makes:
+        write = make()
+        write()
+        profiler.call(session.sync)
+    return profiler.taken()

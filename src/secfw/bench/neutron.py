@@ -37,7 +37,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,8 +140,10 @@ def push(driver: Any, load: Workload, groups: list[str]) -> None:
         driver.update_security_group_members(remote, load.members[remote])
 
 
-def scenario(driver: Any, load: Workload) -> Row:
-    """Full sync, then one port added, then one member joined (see the module doc)."""
+def scenario(driver: Any, load: Workload,
+             around: Callable[[Callable[[], None]], None] | None = None) -> Row:
+    """Full sync, then one port added, then one member joined (see the module doc);
+    ``around(full)`` runs the full sync when given (the profiler's call)."""
     everything = load.groups_of_ports()
 
     def full() -> None:
@@ -148,7 +152,7 @@ def scenario(driver: Any, load: Workload) -> Row:
             for port in load.ports:
                 driver.prepare_port_filter(port)
 
-    _, full_s = timed(full)
+    _, full_s = timed(full if around is None else lambda: around(full))
     new = _port(len(load.ports), load.ports[0]["security_groups"])
 
     def add() -> None:
@@ -193,13 +197,15 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def run_child(which: str, load: Workload, timeout: float, names: bool = False) -> Row:
+def run_child(which: str, load: Workload, timeout: float, names: bool = False,
+              profile: Path | None = None) -> Row:
     """One repetition: ``which`` driver in a fresh process inside a fresh namespace.
 
     The row :func:`secfw.bench.neutron_child.run` wrote, an ``error`` row when
     the child failed or outlived ``timeout`` seconds (then it is killed: a hang
     is reported, never waited on), or a ``skipped`` row when Neutron is missing.
-    ``names`` asks for the chain and set names the driver left in the kernel.
+    ``names`` asks for the chain and set names the driver left in the kernel;
+    ``profile``, the full sync under the profiler (its stem: ``neutron_child``).
     """
     if which == "neutron" and (reason := neutron_missing()):
         return skipped(reason)
@@ -208,8 +214,9 @@ def run_child(which: str, load: Workload, timeout: float, names: bool = False) -
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "secfw.bench.neutron_child",
                which, str(result), *(["--listing"] if names else [])]
         with log.open("w") as err:
+            env = os.environ | ({PROFILE_ENV: str(profile)} if profile else {})
             child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=err, stderr=err,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=env)
             try:
                 child.communicate(load.to_json(), timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -257,16 +264,18 @@ def measure(which: str, load: Workload, repeat: int, timeout: float,
 
 
 def run(sizes: list[int], repeat: int, timeout: float, budget_s: float,
-        seed: int = 1) -> Row:
+        seed: int = 1, out: Path | None = None) -> Row:
     """Every driver at every size, within ``budget_s`` seconds.
 
     Not :meth:`Budget.run`'s linear estimate from the previous size: Neutron's
     driver grows faster than linearly, and the 1,000-port comparison is the one
     that matters. A step starts while budget is left; one run never outlives
     what is left (nor ``timeout``), and :func:`measure` starts no repetition the
-    budget cannot hold.
+    budget cannot hold. With ``out``, a missed speed-up target gets a profile of
+    secfw's full sync (:func:`profile_secfw`).
     """
     budget, rows, load_before = Budget(budget_s), [], os.getloadavg()
+    profile: Row | None = None
     for ports in sizes:
         load, build_s = timed(lambda n=ports: build(n, seed))  # type: ignore[misc]
         for which, label in DRIVERS.items():
@@ -276,13 +285,44 @@ def run(sizes: list[int], repeat: int, timeout: float, budget_s: float,
             row = {"driver": label, "ports": ports, "workload_build_s": rounded(build_s), **row}
             print(f"  {row}", flush=True)
             rows.append(row)
+        if out is not None and ports == max(sizes):
+            profile = profile_secfw(rows, load, ports, min(timeout, budget.remaining()), out)
     machine = {**machine_info(), "loadavg_before": [round(x, 2) for x in load_before],
                "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     return {"machine": machine, "versions": versions(), "repeat": repeat, "timeout_s": timeout,
             "budget_s": budget_s, "elapsed_s": round(budget.elapsed(), 1),
             "workload": {"groups": GROUPS, "rules_per_group": RULES_PER_GROUP,
                          "groups_per_port": GROUPS_PER_PORT, "members": MEMBERS},
-            "rows": rows}
+            "rows": rows} | ({"profile": profile} if profile else {})
+
+
+#: the environment variable that asks neutron_child for a profile (its stem)
+PROFILE_ENV = "SECFW_BENCH_NEUTRON_PROFILE"
+#: the target's text, as bench/targets.py starts it
+PROFILE_TARGET = "secfw full sync"
+
+
+def profile_secfw(rows: list[Row], load: Workload, ports: int, left: float,
+                  out: Path) -> Row | None:
+    """When secfw's full sync at ``ports`` is less than the target's factor
+    faster than Neutron's and one more run fits in ``left`` (3x the measured
+    one), that run with the full sync under the profiler (never one of the
+    measured runs): its row (:func:`secfw.bench.profiles.record`), else None."""
+    from secfw.bench import profiles, targets
+
+    summary = targets.neutron_summary({"rows": rows})
+    if (summary is None or summary["ports"] != ports
+            or summary["factor"] >= targets.NEUTRON_FACTOR or left < 3 * summary["secfw_s"]):
+        return None
+    with tempfile.TemporaryDirectory(prefix="secfw-nbp-") as tmp:
+        stem = Path(tmp) / "secfw"
+        started = time.perf_counter()
+        done = run_child("secfw", load, left, profile=stem)
+        if not ok(done) or not stem.with_suffix(".json").exists():
+            return {"error": str(done.get("error", "no profile written"))}
+        row = profiles.record(profiles.load_process(stem), PROFILE_TARGET, ports, out,
+                              summary["secfw_s"])
+    return row | {"profile_s": rounded(time.perf_counter() - started)}
 
 
 def versions() -> Row:
@@ -361,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(sizes) < 1 or args.repeat < 1 or args.timeout <= 0:
         parser.error("--sizes, --repeat and --timeout must be positive")
     signal.signal(signal.SIGTERM, _stop)
-    results = run(sizes, args.repeat, args.timeout, args.budget, args.seed)
+    results = run(sizes, args.repeat, args.timeout, args.budget, args.seed, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "neutron.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "neutron.md").write_text(markdown(results))

@@ -30,7 +30,7 @@ from typing import Any
 
 from secfw.agent.daemon import peak_rss_kb
 from secfw.bench.common import Row
-from secfw.bench.neutron import Workload, scenario
+from secfw.bench.neutron import PROFILE_ENV, Workload, scenario
 
 #: What Neutron's iptables manager names its chains after (argv[0], cut to 16
 #: characters); the linuxbridge agent's, so chain names have their real length.
@@ -105,7 +105,8 @@ def run(which: str, load: Workload, with_names: bool) -> Row:
     """The scenario's figures, the ruleset's size (and names) and the peak RSS."""
     with tempfile.TemporaryDirectory(prefix="secfw-neutron-locks-") as locks:
         driver = neutron_driver(locks) if which == "neutron" else secfw_driver()
-        row = scenario(driver, load)
+        stem = os.environ.get(PROFILE_ENV)
+        row = scenario(driver, load) if not stem else _profiled(driver, load, Path(stem))
         found = listing(which)
     row["ruleset"] = found if with_names else {
         "chains": len(found["chains"]), "rules": found["rules"], "sets": len(found["sets"]),
@@ -116,6 +117,21 @@ def run(which: str, load: Workload, with_names: bool) -> Row:
     row["peak_rss_mb"] = round(peak_kb / 1024, 1)
     if which == "secfw":
         row["transactions"] = driver.applies
+    return row
+
+
+def _profiled(driver: Any, load: Workload, stem: Path) -> Row:
+    """:func:`scenario` with its full sync under the profiler; the profile
+    written as :mod:`secfw.bench.profiled` writes it (``stem``.pstats, .json)."""
+    from secfw.bench import profiles
+
+    session = profiles.Session()
+    row = scenario(driver, load, session.call)
+    session.profiler.dump_stats(str(stem.with_suffix(".pstats")))
+    measured = session.measured
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"wall_s": measured.wall_s, "nft_sys_s": measured.nft_sys_s, "gc_s": measured.gc_s}),
+        encoding="utf-8")
     return row
 
 

@@ -6,7 +6,8 @@
 (:func:`secfw.bench.targets.evaluate`: the code's list, so a row is never
 missing or stale) and replaces the text between :data:`BEGIN` and :data:`END`
 in the README with one table: target, figure, met / **MISSED** / not measured,
-and for a missed target what limits it and the next step
+and for a missed target what the run's profile measured limiting it
+(:func:`secfw.bench.profiles.explanation`) and the next step
 (:data:`secfw.bench.targets.NEXT_STEPS`).
 ``make bench`` runs it last. Exit 2 when a file is missing or the markers are
 not there exactly once.
@@ -19,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from secfw.bench import report, targets
+from secfw.bench import profiles, report, targets
 from secfw.bench.common import Row
 from secfw.bench.machine import REPO
 
@@ -50,7 +51,8 @@ def block(results: Row, evaluated: list[Row]) -> str:
         "|---|---|---|---|",
     ]
     for row in evaluated:
-        note = targets.next_step(row["target"]) if row["met"] is False else ""
+        note = profiles.explanation(results, row, targets.next_step(row["target"]),
+                                    "bench/results/")
         lines.append(f"| {row['target']} | {row['figure']} | {targets.verdict(row['met'])} "
                      f"| {note} |")
     return "\n".join([*lines, END])

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from secfw.bench import targets
+from secfw.bench import profiles, targets
 from secfw.bench.common import Row, failed, ok, rows_of
 
 STEM = "latest"
@@ -21,6 +21,7 @@ PHASES = (("changes_compile", "feed+compile"), ("read_back", "read-back"),
 
 
 NEUTRON_JSON = "neutron.json"
+SECTIONS_JSON = "sections.json"
 
 
 def write(results: Row, out: Path) -> None:
@@ -30,6 +31,8 @@ def write(results: Row, out: Path) -> None:
     summary is attached from ``out/neutron.json`` when that file exists."""
     out.mkdir(parents=True, exist_ok=True)
     results["neutron"] = neutron_from(out / NEUTRON_JSON)
+    if "sections" not in results:  # the main suite alone: the last make bench's
+        results["last_sections"] = sections_from(out / SECTIONS_JSON)
     results["targets"] = targets.evaluate(results)
     results["plot"] = _plot(results, out / f"{STEM}.png")
     _replace(out / f"{STEM}.json", json.dumps(results, indent=2, sort_keys=False) + "\n")
@@ -46,6 +49,17 @@ def neutron_from(path: Path) -> Row:
         return failed(exc)
     summary = targets.neutron_summary(neutron) if isinstance(neutron, dict) else None
     return summary or {"skipped": f"{path.name} has no size with both drivers' full sync"}
+
+
+def sections_from(path: Path) -> Row:
+    """The last ``make bench``'s sections (``secfw.bench.whole``), or why not."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"skipped": f"no {path.name} (make bench writes it)"}
+    except (OSError, ValueError) as exc:
+        return failed(exc)
+    return found if isinstance(found, dict) else {"skipped": f"{path.name}: not an object"}
 
 
 def _plot(results: Row, path: Path) -> Row:
@@ -118,8 +132,8 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(results: Row) -> str:
     """The whole Markdown report."""
-    parts = [_title(results), _targets(results), _control(results), _audit(results),
-             _incremental(results), _membership(results), _during_resync(results),
+    parts = [_title(results), _sections(results), _targets(results), _control(results),
+             _audit(results), _incremental(results), _membership(results), _during_resync(results),
              _datapath(results), _bridged(results), _connections(results),
              _flowtable(results), _restart(results), _problems(results)]
     return "\n\n".join("\n".join(part) for part in parts if part) + "\n"
@@ -142,6 +156,26 @@ def _title(results: Row) -> list[str]:
     ]
 
 
+def _sections(results: Row) -> list[str]:
+    """``make bench``'s whole budget and each section's budget and time: this
+    run's (rewritten at its end), else the last run's ``sections.json``."""
+    record = results.get("sections") or results.get("last_sections") or {}
+    title = "## make bench: budget and sections"
+    if not ok(record) or not record.get("sections"):
+        why = record.get("skipped") or record.get("error") or "not recorded"
+        return [title, "", f"Not recorded ({why}): this report's run was the main suite alone."]
+    whose = "this run" if "sections" in results else "the last `make bench` before this report"
+    rows = [[s["name"], f"{s['budget_s']:,} s" if "budget_s" in s else "— (its sizes)",
+             f"skipped: {s['skipped']}" if "skipped" in s else
+             f"{s.get('elapsed_s', 0):,.0f} s" + ("" if s.get("status") == 0 else
+                                                   f" (exit {s.get('status')})")]
+            for s in record["sections"]]
+    return [title, "", f"Whole budget (`BENCH_BUDGET`) {record['budget_s']:,.0f} s, "
+            f"{record.get('elapsed_s', 0):,.0f} s used ({whose}, started "
+            f"{record.get('started', '?')}):", "",
+            *table(["section", "budget", "time"], rows)]
+
+
 def _workload(w: Row) -> str:
     return (f"{w['groups_per_port']} groups per port drawn from {w['host_groups']}, "
             f"{w['rules_per_group']} rules per group, {w['remote_group_rules']} referencing "
@@ -151,10 +185,16 @@ def _workload(w: Row) -> str:
 
 def _targets(results: Row) -> list[str]:
     rows = [[t["target"], t["figure"], targets.verdict(t["met"]),
-             targets.next_step(t["target"]) if t["met"] is False else ""]
+             profiles.explanation(results, t, targets.next_step(t["target"]))]
             for t in results["targets"]]
+    taken = results.get("profiles") or {}
     return ["## Targets", "", *table(["target", "figure", "result",
-                                      "limited by (last profile) / next step"], rows)]
+                                      "limited by (this run's profile) / next step"], rows),
+            "", f"Profiles: {len(taken)} taken in {profiles.total_seconds(results):.0f} s of "
+            "the run, each in an extra repetition (never the measured one), files under "
+            "`profiles/`; shares of the target's measured time by area, the Python "
+            "areas scaled down by cProfile's overhead (module doc of "
+            "`secfw.bench.profiles`). " + profiles.PERF_NOTE]
 
 
 def _control(results: Row) -> list[str]:

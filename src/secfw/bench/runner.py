@@ -19,11 +19,12 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from secfw.api import Api
-from secfw.bench import audit, control, flowtable, incremental, report, resync
+from secfw.bench import audit, control, flowtable, incremental, profiles, report, resync, targets
 from secfw.bench.budget import Budget
 from secfw.bench.common import Row, ensure_bytecode, guarded, ok, rounded, skipped, timed
 from secfw.bench.datapath import HostRuleset, Settings, run_datapath
@@ -53,6 +54,9 @@ class Options:
     bridged_reps: int = 3
     conn_reps: int = 3
     datapath_max: int = DATAPATH_MAX
+    #: which targets get a profile: "missed" (those the run misses), "all" (every
+    #: one profiled, met or not measured: the smoke test), "none"
+    profile: str = "missed"
 
     @property
     def incremental_size(self) -> int:
@@ -91,6 +95,8 @@ class Run:
     datapath_bridged: Row = field(default_factory=dict)
     connections: Row = field(default_factory=dict)
     flowtable: Row = field(default_factory=dict)
+    #: target text (its start) → the profile's row (:func:`profiles.record`)
+    profiles: dict[str, Row] = field(default_factory=dict)
 
 
 def run(options: Options) -> Row:
@@ -126,6 +132,7 @@ def _run_in(work: Path, options: Options) -> Row:
         state.large_ruleset = None
         _flowtable(state)
         state.rulesets.clear()
+        _late_profiles(state)
     finally:
         api.store.close()
     return _results(state, base_s)
@@ -151,6 +158,7 @@ def _results(state: Run, base_s: float) -> Row:
         "flowtable": state.flowtable,
         "restart": state.restart,
         "during_resync": state.during_resync,
+        "profiles": state.profiles,
         "elapsed_s": round(state.budget.elapsed(), 1),
     }
 
@@ -171,6 +179,10 @@ def measure_size(state: Run, n: int) -> None:
     row["full_apply"] = (
         budget.run("apply", n, lambda: control.measure_full_apply(compiled.text))
         if compiled else skipped("no ruleset"))
+    if compiled and ok(row["full_apply"]) and _is_root():
+        figure = row["compile"]["total_s"] + row["full_apply"]["full_apply_s"]
+        maybe_profile(state, n, COMPILE_APPLY, figure, lambda: control.profile_compile_apply(
+            cloud.api.store, cloud.host))
     if not _is_root():
         _skip_rest(state, n, "needs root (network namespaces)")
         return
@@ -219,12 +231,16 @@ def _in_agent_namespace(state: Run, n: int, row: Row) -> Row:
                 ns, state.store_url, state.cloud.host, max(budget.remaining(), 1.0)))
             if ok(row["agent"]) else skipped("the agent's full sync did not complete"))
         state.restart.append({"ports": n} | restart)
+        if ok(row["agent"]):  # after the restart: the RSS target's figure quotes it
+            _agent_profiles(state, n, row["agent"])
         # --quick: exposure and lint on a sample, no verify (minutes over the 5,000
         # member ports); the smoke run only checks that the audits run.
         verify_ns = ns if ok(row["agent"]) and not state.options.quick else None
         row["audit"] = budget.run("audit", n, lambda: audit.measure(
             state.cloud.api.store, state.cloud.host, verify_ns,
             whole_cloud=not state.options.quick))
+        if ok(row["audit"]):
+            _audit_profiles(state, n, row["audit"], verify_ns)
         _incremental(state, n, ns, ready=ok(row["agent"]))
     return row
 
@@ -250,6 +266,11 @@ def _incremental(state: Run, n: int, ns: str, ready: bool) -> None:
             state.during_resync = state.budget.run(
                 "changes during a resync", n, lambda: resync.changes_during_resync(
                     session, state.cloud, n, state.options.seed))
+            if ok(state.incremental):
+                passes = [c["store_to_kernel_ms"] / 1000 for c in state.incremental["changes"]
+                          if c["change"] in targets.PORT_CHANGES]
+                maybe_profile(state, n, PORT_CHANGES, sum(passes), lambda: (
+                    incremental.profile_port_changes(session, state.cloud)))
     finally:
         session.close()
 
@@ -258,6 +279,125 @@ def _all_changes(state: Run, session: incremental.AgentSession, n: int) -> Row:
     changes = incremental.all_changes(session, state.cloud, state.options.seed)
     resync = session.sync(full=True)
     return {"ports": n, "changes": changes, "full_resync_after": resync}
+
+
+# ---------------------------------------------------------------------- profiles
+
+#: The profiled targets, by the start of their text (targets.TARGETS).
+COMPILE_APPLY = "10k ports: compile + full apply"
+AGENT_1K = "agent full sync of 1,000 ports"
+RSS_10K = "agent peak RSS < 300 MB"
+RSS_50K = "agent peak RSS < 1 GB"
+PORT_CHANGES = "port added / port removed"
+RSS_50K_SIZE = 50_000
+
+
+def profile_size(options: Options, target: str) -> int | None:
+    """The size at which ``target`` is profiled: the size its figure is taken at
+    (with ``--profile all``, a run without it profiles at a size it has)."""
+    every = options.profile == "all"
+    if target == AGENT_1K:
+        return 1_000 if 1_000 in options.sizes else (min(options.sizes) if every else None)
+    if target == RSS_50K:
+        return RSS_50K_SIZE if RSS_50K_SIZE in options.sizes else None
+    return options.incremental_size
+
+
+def wants_profile(state: Run, n: int, target: str) -> bool:
+    """True when ``target`` is profiled at ``n``: its profile size, and missed on
+    what the run measured so far (any outcome with ``--profile all``)."""
+    options = state.options
+    if options.profile == "none" or profile_size(options, target) != n:
+        return False
+    return options.profile == "all" or targets.is_met(target, _partial(state)) is False
+
+
+def _partial(state: Run) -> Row:
+    """The results measured so far, as :func:`targets.evaluate` reads them."""
+    return {"control_plane": state.control, "restart": state.restart,
+            "membership": state.membership, "incremental": state.incremental,
+            "during_resync": state.during_resync}
+
+
+#: a profiled repetition's time, guessed for the budget: this many times the
+#: measured one (cProfile's overhead on the Python side; namespace set-up)
+PROFILE_COST = 2.5
+
+
+def maybe_profile(state: Run, n: int, target: str, figure_s: float,
+                  take: Callable[[], profiles.Taken]) -> None:
+    """Profile ``target`` with ``take()`` when :func:`wants_profile`, within the
+    budget (``figure_s``: the measured repetition's seconds)."""
+    if wants_profile(state, n, target):
+        record_profile(state, n, [target], figure_s, take)
+
+
+def record_profile(state: Run, n: int, names: list[str], figure_s: float,
+                   take: Callable[[], profiles.Taken]) -> None:
+    """``take()`` once (budget permitting: guessed at :data:`PROFILE_COST` ×
+    ``figure_s``, the measured repetition's seconds) and its profile recorded
+    for each of ``names`` as shares of ``figure_s``, with the step's wall time
+    (``profile_s``: the run's cost of it)."""
+    step = f"profile: {names[0]}"
+    state.budget.history[step] = (n, PROFILE_COST * figure_s)
+
+    def one() -> Row:
+        taken, seconds = timed(take)
+        rows = {name: profiles.record(taken, name, n, state.options.out, figure_s)
+                for name in names}
+        return {name: row | {"profile_s": rounded(seconds / len(names))}
+                for name, row in rows.items()}
+
+    outcome = state.budget.run(step, n, one)
+    for name in names:
+        state.profiles[name] = outcome.get(name, outcome) if ok(outcome) else (
+            outcome | {"target": name, "ports": n})
+
+
+def _agent_profiles(state: Run, n: int, agent: Row) -> None:
+    """The agent process again, profiled, for its missed time and RSS targets
+    (one process for both when they are profiled at the same size)."""
+    names = [t for t in (AGENT_1K, RSS_10K) if wants_profile(state, n, t)]
+    if names:
+        record_profile(state, n, names, agent["wall_s"], lambda: _profiled_agent(state, n))
+
+
+def _profiled_agent(state: Run, n: int, timings: bool = True) -> profiles.Taken:
+    """A profiled full sync by a fresh agent process into a fresh namespace
+    (without ``timings``: its RSS samples only)."""
+    stem = state.options.out / "profiles" / f"agent-{n}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with scratch_netns() as ns:
+        try:
+            return control.profile_agent_once(ns, state.store_url, state.cloud.host,
+                                              max(state.budget.remaining(), 1.0), stem,
+                                              timings)
+        finally:
+            for suffix in (".json", ".pstats"):
+                stem.with_suffix(suffix).unlink(missing_ok=True)
+
+
+def _audit_profiles(state: Run, n: int, row: Row, verify_ns: str | None) -> None:
+    """Each missed audit, run again under the profiler."""
+    keys = {"audit exposure": "exposure_s", "audit lint": "lint_s", "audit verify": "verify_s"}
+    for name in audit.PROFILED:
+        if name == "audit verify" and verify_ns is None:
+            continue
+        figure = float(row.get(keys[name]) or 1.0)
+        maybe_profile(state, n, name, figure, lambda name=name: audit.profile(  # type: ignore[misc]
+            state.cloud.api.store, state.cloud.host, verify_ns, name,
+            whole_cloud=not state.options.quick))
+
+
+def _late_profiles(state: Run) -> None:
+    """Profiles left for the end of the run (they would take the budget of the
+    data path's steps): the agent's full sync at 50,000 ports, its RSS sampled
+    without cProfile (a minute and a half more at 50k) — the store has grown
+    past it only by the few ports of section 2."""
+    agent: Row = (find_row(state.control, RSS_50K_SIZE) or {}).get("agent") or {}
+    if ok(agent) and agent and _is_root() and wants_profile(state, RSS_50K_SIZE, RSS_50K):
+        record_profile(state, RSS_50K_SIZE, [RSS_50K], agent["wall_s"],
+                       lambda: _profiled_agent(state, RSS_50K_SIZE, timings=False))
 
 
 def _skip_rest(state: Run, n: int, reason: str) -> None:
@@ -288,7 +428,7 @@ def _datapath(state: Run) -> None:
         state.datapath = skipped(reason)
         return
     options, cloud = state.options, state.cloud
-    settings = Settings(options.iperf_seconds, options.reps)
+    settings = Settings(options.iperf_seconds, options.reps, perf=options.profile != "none")
     state.datapath = state.budget.run("datapath", 0, lambda: run_datapath(
         cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings))
     if not state.datapath:
@@ -309,7 +449,8 @@ def _datapath_bridged(state: Run) -> None:
     options, cloud, budget = state.options, state.cloud, state.budget
     routed_s = budget.history.get("datapath", (0, 0.0))[1]
     budget.history["datapath-bridged"] = (0, routed_s * options.bridged_reps / options.reps)
-    settings = Settings(options.iperf_seconds, options.bridged_reps)
+    settings = Settings(options.iperf_seconds, options.bridged_reps,
+                        perf=options.profile != "none")
     state.datapath_bridged = budget.run("datapath-bridged", 0, lambda: run_datapath(
         cloud.data_path_ports(cloud.api.snapshot()), cloud.host, state.rulesets, settings,
         topology="bridged"))

@@ -258,9 +258,11 @@ def neutron_summary(neutron: Row) -> Row | None:
         return None
     ports = max(both)
     secfw_s, neutron_s = by_size[ports]["secfw"], by_size[ports]["neutron"]
-    return {"ports": ports, "secfw_s": secfw_s, "neutron_s": neutron_s,
-            "factor": round(neutron_s / secfw_s, 2),
-            "date": str(neutron.get("machine", {}).get("date", "?"))[:10]}
+    summary = {"ports": ports, "secfw_s": secfw_s, "neutron_s": neutron_s,
+               "factor": round(neutron_s / secfw_s, 2),
+               "date": str(neutron.get("machine", {}).get("date", "?"))[:10]}
+    profile = neutron.get("profile")  # secfw's full sync profiled (bench.neutron)
+    return summary | ({"profile": profile} if isinstance(profile, dict) else {})
 
 
 def change_during_resync(results: Row) -> tuple[bool | None, str]:
@@ -396,6 +398,16 @@ def next_step(target: str) -> str:
 def evaluate(results: Row) -> list[Row]:
     """Every target with its figure and whether it was met (None: not measured)."""
     return [_target(text, check, results) for text, check in TARGETS]
+
+
+def is_met(target: str, results: Row) -> bool | None:
+    """Whether the target whose text starts with ``target`` is met on
+    ``results`` (None: not measured there, or no such target)."""
+    for text, check in TARGETS:
+        if text.startswith(target):
+            found: bool | None = _target(text, check, results)["met"]
+            return found
+    return None
 
 
 def verdict(met: Any) -> str:
