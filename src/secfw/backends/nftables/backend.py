@@ -138,7 +138,8 @@ class NftablesBackend:
         # agent's incremental pass); a state read back is compared whole.
         delta = self._renderer.delta if current is self._before is not None else None
         with collector_paused():
-            return plan_transaction(current, ruleset, want, delta)
+            return plan_transaction(current, ruleset, want, delta,
+                                    self.executor.detach_elements)
 
     def apply(self, plan: object) -> None:
         """Commit ``plan`` (a :class:`Transaction` from :meth:`plan`) atomically;

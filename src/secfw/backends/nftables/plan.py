@@ -25,6 +25,20 @@ A set whose declaration (type, flags) or a chain whose hook changed cannot be
 altered in place: the plan is then a full replacement, as when nothing is known
 about the kernel (``current is None``) or when one of secfw's tables is missing.
 A plan whose current state equals the desired one has no commands.
+
+**Detached sets.** A first pass after the closed filter adds tens of thousands
+of elements to sets the closed filter already has, empty (``spoof4``,
+``arp_hosts``, ``ingress_ports``…): those sets are referenced by base-chain
+rules, so their elements could only go into the last, verdict-changing batch
+(:mod:`.stages`), where libnftables holds ~1.2 KB of heap per element it parses
+(+76 MB at 10,000 ports, the agent's peak). With ``detach_from``,
+:func:`plan` instead returns a :class:`Transaction` whose :attr:`~Transaction.detach`
+commands, committed first and alone, take every rule that looks such a set up
+out of its chain and delete the set: a rule whose lookup in an empty set
+decides whether it acts never acts, so removing it changes no verdict
+(:func:`_inert_without`). The rest of the plan is made from that *detached*
+state, so the sets are created afresh, filled, while nothing refers to them —
+preparatory work — and only the chains' rules come back in the last batch.
 """
 
 from __future__ import annotations
@@ -35,15 +49,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from secfw.backends.nftables.layout import is_safe_name
-from secfw.backends.nftables.state import KernelState, ObjectKey, SetState
+from secfw.backends.nftables.state import ChainState, KernelState, ObjectKey, SetState, rule_state
 from secfw.backends.nftables.syntax import (
     FAMILIES,
     FAMILY,
     TABLE,
     Chain,
     Element,
+    Match,
     NamedSet,
+    Nat,
+    Rule,
     Ruleset,
+    SetCt,
+    SetMeta,
+    SetRef,
+    Statement,
+    VMap,
     element_text,
     elements_text,
     hook_text,
@@ -66,6 +88,11 @@ _INTEGER = re.compile(r"0x[0-9a-f]{32}(-0x[0-9a-f]{32})?")
 
 _PATTERNS = {"ifname": _IFNAME, "integer": _INTEGER}
 
+#: Elements that a plan must add to sets that are empty in the kernel before the
+#: backend detaches them (module doc): ~5 MB of libnftables heap in the last
+#: batch. Below it the detaching batch is not worth its round trip.
+DETACH_ELEMENTS = 4096
+
 
 def _t(family: str) -> str:
     """``FAMILY secfw``: how commands name one of secfw's tables."""
@@ -82,26 +109,31 @@ class Transaction:
 
     commands: tuple[str, ...]
     full: bool = False
+    #: Commands to commit first, in a batch of their own, when not empty: they
+    #: detach the sets ``commands`` creates afresh (module doc), changing no
+    #: verdict; ``commands`` are the plan from the state they leave.
+    detach: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
-        """The batch as ``nft -f`` input ("" when there is nothing to do)."""
-        return "".join(c + "\n" for c in self.commands)
+        """The batch as ``nft -f`` input ("" when there is nothing to do); with
+        :attr:`detach`, its commands first (the executor sends them apart)."""
+        return "".join(c + "\n" for c in (*self.detach, *self.commands))
 
     @property
     def count(self) -> int:
         """How many nft commands the batch holds."""
-        return len(self.commands)
+        return len(self.detach) + len(self.commands)
 
     @property
     def size(self) -> int:
         """Alias of :attr:`count` (the agent's ``Plan`` protocol)."""
-        return len(self.commands)
+        return self.count
 
     @property
     def empty(self) -> bool:
         """True when the kernel already holds the desired state."""
-        return not self.commands
+        return not self.commands and not self.detach
 
 
 def full_transaction(desired: Ruleset) -> Transaction:
@@ -116,7 +148,7 @@ def full_transaction(desired: Ruleset) -> Transaction:
 
 def plan(
     current: KernelState | None, desired: Ruleset, want: KernelState | None = None,
-    delta: Delta | None = None,
+    delta: Delta | None = None, detach_from: int | None = None,
 ) -> Transaction:
     """The minimal transaction from ``current`` to ``desired`` (see the module doc).
 
@@ -127,6 +159,9 @@ def plan(
     ``delta`` (:class:`.render.Delta`) may be given only when ``current`` is the
     state of the ruleset ``desired`` was rendered after: objects it does not list
     are then known to be unchanged, and only the listed ones are compared.
+    ``detach_from``: detach the sets that are empty in ``current`` and that the
+    plan fills, when it adds at least that many elements to them (module doc;
+    never with a ``delta``).
     """
     if current is None:
         return full_transaction(desired)
@@ -135,6 +170,11 @@ def plan(
     if want.tables != current.tables or _declarations_changed(current, want, scope):
         return full_transaction(desired)
     try:
+        detached = None if delta is not None or detach_from is None else (
+            _detach(current, want, scope, detach_from))
+        if detached is not None:
+            state, commands = detached
+            return Transaction(tuple(_commands(state, want, scope)), detach=commands)
         return Transaction(tuple(_commands(current, want, scope)))
     except _Unprintable:
         return full_transaction(desired)
@@ -239,6 +279,140 @@ def _commands(current: KernelState, want: KernelState, scope: _Scope) -> Iterato
     for key in gone_sets:
         yield f"delete {'map' if current.sets[key].is_map else 'set'} {_t(key[0])} {key[1]}"
     yield from (f"delete chain {_t(family)} {name}" for family, name in gone_chains)
+
+
+def _detach(current: KernelState, want: KernelState, scope: _Scope, least: int,
+            ) -> tuple[KernelState, tuple[str, ...]] | None:
+    """``(detached state, detaching commands)`` (module doc), or None when fewer
+    than ``least`` elements would be added to sets empty in ``current``.
+
+    Candidates are the sets empty in ``current`` that ``desired`` fills. A set is
+    detached only when every chain of ``current`` whose rules look it up is a
+    chain this plan leaves as it is (its rules equal the desired ones) and every
+    such rule is inert while the set is empty (:func:`_inert_without`); the
+    others keep today's order (elements added in the last batch)."""
+    candidates = {key for key, named in scope.set_objects.items()
+                  if named.elements and (have := current.sets.get(key)) is not None
+                  and have.size == 0}
+    if sum(len(scope.set_objects[k].elements) for k in candidates) < least:
+        return None
+    users = _set_users(current, candidates)
+    while True:
+        kept: dict[ObjectKey, tuple[Rule, ...]] = {}
+        refused: set[ObjectKey] = set()
+        for chain_key in sorted({c for s in candidates for c in users.get(s, ())}):
+            family = chain_key[0]
+            names = {name for fam, name in candidates if fam == family}
+            rules, blocking = _kept_rules(current, want, scope, chain_key, names)
+            refused |= {(family, name) for name in blocking}
+            kept[chain_key] = rules
+        if not refused:
+            break
+        candidates -= refused
+        if sum(len(scope.set_objects[k].elements) for k in candidates) < least:
+            return None
+    return _detached(current, candidates, kept)
+
+
+def _set_users(current: KernelState, keys: set[ObjectKey]) -> dict[ObjectKey, set[ObjectKey]]:
+    """Set key → the chains of ``current`` with a rule naming it (``@name`` in a
+    rule's canonical expressions; a rule names sets of its own table)."""
+    users: dict[ObjectKey, set[ObjectKey]] = {}
+    for chain_key, chain in current.chains.items():
+        family = chain_key[0]
+        for rule in chain.rules:
+            for name in _canon_refs(rule.expr):
+                if (family, name) in keys:
+                    users.setdefault((family, name), set()).add(chain_key)
+    return users
+
+
+def _canon_refs(value: object) -> Iterator[str]:
+    """The set names (``@name`` strings) anywhere in a canonical expression."""
+    if isinstance(value, str):
+        if value.startswith("@"):
+            yield value[1:]
+    elif isinstance(value, tuple):
+        for item in value:
+            yield from _canon_refs(item)
+
+
+def _kept_rules(current: KernelState, want: KernelState, scope: _Scope, key: ObjectKey,
+                names: set[str]) -> tuple[tuple[Rule, ...], set[str]]:
+    """``(kept, blocking)``: the desired rules of chain ``key`` that look up none
+    of ``names``, and the names that cannot be detached from it — all it uses
+    when the plan changes the chain, else those a rule uses without being inert
+    while they are empty (a negated lookup, a lookup after a side effect)."""
+    desired = scope.chain_objects.get(key)
+    have, need = current.chains[key], want.chains.get(key)
+    if desired is None or need is None or need.rules != have.rules:
+        return (), set(names)
+    kept: list[Rule] = []
+    blocking: set[str] = set()
+    for rule in desired.rules:
+        used = names.intersection(_refs(rule.statements))
+        if not used:
+            kept.append(rule)
+        elif not _inert_without(rule, names):
+            blocking |= used
+    return tuple(kept), blocking
+
+
+def _refs(value: object) -> Iterator[str]:
+    """The names of the named sets and maps a rendered value refers to."""
+    if isinstance(value, SetRef):
+        yield value.name
+    elif isinstance(value, tuple):
+        for item in value:
+            yield from _refs(item)
+
+
+def _inert_without(rule: Rule, names: set[str]) -> bool:
+    """Whether ``rule`` does nothing to any packet while the sets ``names`` are
+    empty: its statements up to its first lookup in one of them are matches (no
+    side effect), and that lookup is one whose miss ends the rule — ``KEY @set``,
+    ``KEY vmap @map``, or a ``map @m`` lookup in a ``meta``/``ct``/NAT statement
+    (nft's lookup expression breaks the rule when the key is absent: the
+    statements after it, its verdict included, never run). A negated lookup
+    (``!= @set``) would match every packet: not inert."""
+    for statement in rule.statements:
+        if names.intersection(_refs(statement)):
+            return _ends_on_a_miss(statement, names)
+        if not isinstance(statement, Match):
+            return False
+    return False
+
+
+def _ends_on_a_miss(statement: Statement, names: set[str]) -> bool:
+    """Whether ``statement`` is a lookup in one of ``names`` that ends the rule
+    when the key is not found (:func:`_inert_without`)."""
+    if isinstance(statement, Match):
+        return (statement.op == "==" and isinstance(statement.right, SetRef)
+                and statement.right.name in names and not names.intersection(
+                    _refs(statement.left)))
+    if isinstance(statement, VMap):
+        return isinstance(statement.data, SetRef) and statement.data.name in names
+    lookup = (statement.value if isinstance(statement, SetMeta | SetCt)
+              else statement.lookup if isinstance(statement, Nat) else None)
+    return not isinstance(lookup, int) and lookup is not None and lookup.map.name in names
+
+
+def _detached(current: KernelState, detach: set[ObjectKey],
+              kept: Mapping[ObjectKey, tuple[Rule, ...]]) -> tuple[KernelState, tuple[str, ...]]:
+    """``current`` without the sets ``detach`` and with chains ``kept`` holding only
+    the given rules, and the commands that make it so (one atomic batch)."""
+    commands: list[str] = []
+    chains = dict(current.chains)
+    for key, rules in sorted(kept.items()):
+        family, name = key
+        chains[key] = ChainState(current.chains[key].hook, tuple(rule_state(r) for r in rules))
+        commands.append(f"flush chain {_t(family)} {name}")
+        commands += [f"add rule {_t(family)} {name} {rule_text(r)}" for r in rules]
+    for key in sorted(detach):
+        kind = "map" if current.sets[key].is_map else "set"
+        commands.append(f"delete {kind} {_t(key[0])} {key[1]}")
+    sets = {key: named for key, named in current.sets.items() if key not in detach}
+    return KernelState(sets=sets, chains=chains, tables=current.tables), tuple(commands)
 
 
 def _add_chain(chain: Chain) -> str:

@@ -18,6 +18,13 @@ If a later transaction fails, the kernel keeps its ruleset plus some unreachable
 new objects; the agent's next pass is full, reads them back and plans only what
 is still missing (or deletes them, when no longer wanted).
 
+A plan with *detaching* commands (:attr:`.plan.Transaction.detach`: a first pass
+into the closed filter) sends them first, in a batch of their own: they take the
+closed filter's empty sets out of its rules, which changes no verdict, so the
+plan's elements for those sets are created afresh in preparatory batches too and
+the last batch holds little more than the chains' rules. If a later batch
+fails, the kernel keeps the detached closed filter (every tap still dropped).
+
 Only worth it for big plans: below ``budget`` characters of such commands the
 plan stays one transaction (an incremental pass costs one round trip, as before).
 A full replacement (``Transaction.full``: the tables deleted and recreated in the
@@ -39,7 +46,8 @@ _CREATING = ("add set ", "add map ")
 
 def batches(tx: Transaction, budget: int = BUDGET) -> Iterator[str]:
     """The texts to commit in order, each one atomic (module doc): ``tx.text``
-    alone when ``tx`` is full or small, else preparatory batches of at most
+    alone when ``tx`` is full or small (and detaches nothing), else its
+    detaching batch if any, preparatory batches of at most
     ``budget`` characters (a single longer command goes alone) followed by the
     rest. Each text is made when asked for, so only the one being sent is held
     (they add up to the plan's size: 20 MB at 10,000 ports)."""
@@ -47,7 +55,9 @@ def batches(tx: Transaction, budget: int = BUDGET) -> Iterator[str]:
         yield tx.text
         return
     prepare, rest = split(tx.commands)
-    if sum(len(c) for c in prepare) <= budget:
+    if tx.detach:
+        yield _text(tx.detach)
+    elif sum(len(c) for c in prepare) <= budget:
         yield tx.text
         return
     yield from _chunks(prepare, budget)
