@@ -92,6 +92,8 @@ _PATTERNS = {"ifname": _IFNAME, "integer": _INTEGER}
 #: backend detaches them (module doc): ~5 MB of libnftables heap in the last
 #: batch. Below it the detaching batch is not worth its round trip.
 DETACH_ELEMENTS = 4096
+#: Elements per command that creates or fills a new set (:func:`_add_set`).
+SET_CHUNK = 8192
 
 
 def _t(family: str) -> str:
@@ -261,7 +263,8 @@ def _commands(current: KernelState, want: KernelState, scope: _Scope) -> Iterato
     gone_chains = sorted(_safe_key(k) for k in scope.chains
                          if k in current.chains and k not in want.chains)
     yield from (_add_chain(c) for c in new_chains)
-    yield from (_add_set(s) for s in new_sets)
+    for named in new_sets:
+        yield from _add_set(named)
     kept = sorted(k for k in wanted_sets if k in current.sets)
     known = scope.elements
     yield from _element_changes(current, want, kept, "delete", known)
@@ -421,11 +424,21 @@ def _add_chain(chain: Chain) -> str:
     return f"add chain {_t(chain.family)} {chain.name} {{ {hook_text(chain.hook)} }}"
 
 
-def _add_set(named: NamedSet) -> str:
+def _add_set(named: NamedSet) -> Iterator[str]:
+    """``add set|map`` with its first :data:`SET_CHUNK` elements, then, for a
+    bigger set without ``interval`` (whose additions nft checks against the
+    elements already there), ``add element`` commands of as many: :mod:`.stages`
+    can then spread a big new set over several preparatory batches instead of
+    one command of 100k elements (~120 MB of libnftables heap at 50k ports)."""
     kind = "map" if named.is_map else "set"
-    elements = f" elements = {{ {elements_text(named, named.elements)} }};"
-    return (f"add {kind} {_t(named.family)} {named.name} {{ {set_declaration(named)}"
-            f"{elements if named.elements else ''} }}")
+    chunk = len(named.elements) if "interval" in named.flags else SET_CHUNK
+    first = named.elements[:chunk]
+    elements = f" elements = {{ {elements_text(named, first)} }};"
+    yield (f"add {kind} {_t(named.family)} {named.name} {{ {set_declaration(named)}"
+           f"{elements if first else ''} }}")
+    for start in range(chunk, len(named.elements), chunk):
+        part = named.elements[start:start + chunk]
+        yield f"add element {_t(named.family)} {named.name} {{ {elements_text(named, part)} }}"
 
 
 def _element_changes(

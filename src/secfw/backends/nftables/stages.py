@@ -68,20 +68,25 @@ def batches(tx: Transaction, budget: int = BUDGET) -> Iterator[str]:
 def split(commands: Iterable[str]) -> tuple[list[str], list[str]]:
     """``(creating, rest)``: the commands that only create unreachable objects —
     ``add chain`` of a regular chain (no ``{`` hook block), ``add set``/``add
-    map`` (the planner emits them for new sets only, with their elements) and
+    map`` (the planner emits them for new sets only, with their elements),
+    ``add element`` into such a new set (a big one's further elements) and
     ``add rule`` into a chain created by this plan — and the others, each list
     in the plan's order. Objects are named by safe names (layout.is_safe_name:
     no spaces), so a command's words are its family, table and name."""
     creating: list[str] = []
     rest: list[str] = []
     new_chains: set[tuple[str, str]] = set()
+    new_sets: set[tuple[str, str]] = set()
     for command in commands:
         words = command.split(" ", 5)
         if command.startswith("add chain ") and "{" not in command:
             new_chains.add((words[2], words[4]))
             creating.append(command)
-        elif command.startswith(_CREATING) or (
-                command.startswith("add rule ") and (words[2], words[4]) in new_chains):
+        elif command.startswith(_CREATING):
+            new_sets.add((words[2], words[4]))
+            creating.append(command)
+        elif (command.startswith("add rule ") and (words[2], words[4]) in new_chains) or (
+                command.startswith("add element ") and (words[2], words[4]) in new_sets):
             creating.append(command)
         else:
             rest.append(command)
