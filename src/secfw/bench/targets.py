@@ -351,9 +351,10 @@ NEXT_STEPS: dict[str, str] = {
         "the load builds a record per port and rule in Python (JSON decode ~a third of "
         "it), compile + render + apply alone exceed 0.4 s: a cheaper kernel path first"),
     "agent peak RSS": (
-        "libnftables' heap for the last (verdict-changing) batch: 90k elements added to the "
-        "closed filter's six sets at 10k, ~1.2 KB each (112 MB for `nft -f` of it alone); "
-        "next: fill fresh copies of those sets in preparatory batches and swap them in"),
+        "the closed filter's sets are detached and refilled in preparatory batches (last "
+        "batch 7 KB at 10k); what is left is Python's host view, IR, ruleset and plan "
+        "commands, all held until the apply ends: next, free the IR and ruleset pieces "
+        "once planned and make each batch's commands only when it is sent"),
     "membership change": (
         "the nft command: libnftables 1.0.6 fills its cache before an element add"),
     "port added / port removed": (
