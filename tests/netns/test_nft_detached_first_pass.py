@@ -21,8 +21,8 @@ from test_drift import EXT
 from secfw.agent.reconciler import closed_filter
 from secfw.backends.nftables import executor as executor_module
 from secfw.backends.nftables.stages import batches
-from secfw.demo import lab_ports
 from secfw.errors import BackendError
+from secfw.lab.demo import lab_ports
 
 pytestmark = [
     pytest.mark.netns,
