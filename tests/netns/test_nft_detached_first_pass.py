@@ -19,6 +19,7 @@ from agentproc import poll
 from test_drift import EXT
 
 from secfw.agent.reconciler import closed_filter
+from secfw.backends.nftables import backend as backend_module
 from secfw.backends.nftables import executor as executor_module
 from secfw.backends.nftables.stages import batches
 from secfw.errors import BackendError
@@ -37,7 +38,7 @@ def web_behind_the_closed_filter(cloud: Any, monkeypatch: pytest.MonkeyPatch) ->
     """A web instance (ssh open to the world, nothing else) whose host's kernel
     holds the closed filter, as the agent leaves it before its first pass; every
     later plan detaches whatever it fills (threshold 1 element)."""
-    monkeypatch.setattr(executor_module, "DETACH_ELEMENTS", 1)
+    monkeypatch.setattr(backend_module, "DETACH_ELEMENTS", 1)
     cloud.api.net_create("p", "net", "10.1.0.0/24")
     cloud.api.secgroup_create("p", "ssh", "ssh only")
     cloud.api.secgroup_add_rule("p", "ssh", "tcp", "22", "22", "0.0.0.0/0")

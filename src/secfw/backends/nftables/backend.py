@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from secfw.backends import TOPOLOGIES
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.flowtable import FlowtablePath
-from secfw.backends.nftables.plan import Transaction
+from secfw.backends.nftables.plan import DETACH_ELEMENTS, Transaction
 from secfw.backends.nftables.plan import plan as plan_transaction
 from secfw.backends.nftables.render import Renderer, Ruleset, render
 from secfw.backends.nftables.state import KernelState, StateCache
@@ -50,6 +50,9 @@ class NftablesBackend:
             raise BackendError(str(exc)) from None
         #: The generations around the last :meth:`apply` (executor.last_commit).
         self.last_commit: tuple[int, int] | None = None
+        #: Elements a plan adds to sets empty in the kernel from which it
+        #: detaches them first (:mod:`.plan`, "Detached sets"); None: never.
+        self.detach_elements: int | None = DETACH_ELEMENTS
         self.reset()
 
     def reset(self) -> None:
@@ -138,8 +141,7 @@ class NftablesBackend:
         # agent's incremental pass); a state read back is compared whole.
         delta = self._renderer.delta if current is self._before is not None else None
         with collector_paused():
-            return plan_transaction(current, ruleset, want, delta,
-                                    self.executor.detach_elements)
+            return plan_transaction(current, ruleset, want, delta, self.detach_elements)
 
     def apply(self, plan: object) -> None:
         """Commit ``plan`` (a :class:`Transaction` from :meth:`plan`) atomically;

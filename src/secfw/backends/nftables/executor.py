@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import nftables
 
 from secfw.backends.nftables.generation import GenerationReader, next_generation
-from secfw.backends.nftables.plan import DETACH_ELEMENTS, Transaction
+from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.stages import BUDGET, batches
 from secfw.backends.nftables.state import KernelState
 from secfw.backends.nftables.syntax import FAMILIES, TABLE, table_header
@@ -55,9 +55,6 @@ class NftablesExecutor:
         #: Characters of object-creating commands above which a plan is sent
         #: in several batches (:mod:`.stages`).
         self.batch_budget = BUDGET
-        #: Elements a plan adds to sets empty in the kernel above which it
-        #: detaches them first (:mod:`.plan`, "Detached sets"); None: never.
-        self.detach_elements: int | None = DETACH_ELEMENTS
         self._nft = self._call(self._open)
         self._generations: GenerationReader | None = None
         self._generation_failed = False
