@@ -141,3 +141,19 @@ def test_a_big_new_set_is_created_in_chunks_that_all_go_first(
     interval = [c for c in tx.commands if " spoof4_nets " in c]
     assert len(interval) == 1 and interval[0].startswith("add set ")
     assert not any(c.startswith("add element ") for c in rest)
+
+
+def test_the_sets_of_a_chain_the_plan_changes_stay_attached() -> None:
+    """forward-egress differs in the kernel (a rule more): the plan rewrites it
+    in the last batch anyway, so the sets it looks up are filled there too;
+    the sets only other chains use are still detached."""
+    ruleset = render(closed())
+    chains = tuple(replace(c, rules=(*c.rules, c.rules[-1])) if c.name == "forward-egress"
+                   else c for c in ruleset.chains)
+    before = KernelState.from_ruleset(replace(ruleset, chains=chains))
+    tx = plan(before, render(small()), detach_from=1)
+    assert not any("forward-egress" in c for c in tx.detach)
+    for name in ("spoof4", "spoof6", "egress_ports"):
+        assert not any(c.endswith(f" {name}") for c in tx.detach)
+    assert "delete set inet secfw nd_targets" in tx.detach
+    assert "delete map inet secfw ingress_ports" in tx.detach

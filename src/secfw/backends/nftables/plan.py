@@ -306,7 +306,11 @@ def _detach(current: KernelState, want: KernelState, scope: _Scope, least: int,
         for chain_key in sorted({c for s in candidates for c in users.get(s, ())}):
             family = chain_key[0]
             names = {name for fam, name in candidates if fam == family}
-            rules, blocking = _kept_rules(current, want, scope, chain_key, names)
+            found = _kept_rules(current, want, scope, chain_key, names)
+            if found is None:  # a chain the plan changes: its sets stay attached
+                refused |= {s for s in candidates if chain_key in users.get(s, ())}
+                continue
+            rules, blocking = found
             refused |= {(family, name) for name in blocking}
             kept[chain_key] = rules
         if not refused:
@@ -341,15 +345,15 @@ def _canon_refs(value: object) -> Iterator[str]:
 
 
 def _kept_rules(current: KernelState, want: KernelState, scope: _Scope, key: ObjectKey,
-                names: set[str]) -> tuple[tuple[Rule, ...], set[str]]:
+                names: set[str]) -> tuple[tuple[Rule, ...], set[str]] | None:
     """``(kept, blocking)``: the desired rules of chain ``key`` that look up none
-    of ``names``, and the names that cannot be detached from it — all it uses
-    when the plan changes the chain, else those a rule uses without being inert
-    while they are empty (a negated lookup, a lookup after a side effect)."""
+    of ``names``, and the names a rule uses without being inert while they are
+    empty (a negated lookup, a lookup after a side effect), which cannot be
+    detached; None when the plan changes the chain (or deletes it)."""
     desired = scope.chain_objects.get(key)
     have, need = current.chains[key], want.chains.get(key)
     if desired is None or need is None or need.rules != have.rules:
-        return (), set(names)
+        return None
     kept: list[Rule] = []
     blocking: set[str] = set()
     for rule in desired.rules:
