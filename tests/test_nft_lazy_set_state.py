@@ -59,3 +59,27 @@ def test_a_lazy_set_state_builds_its_frozenset_once() -> None:
     first = state.elements
     assert first == frozenset(named.elements) and state.elements is first
     assert not _pending(state)
+
+
+def test_patching_a_rendered_state_keeps_its_members_as_the_base() -> None:
+    """The first port change after a full pass: the rendered state is patched
+    without building its frozenset, and every patched state in a chain equals
+    the eager computation (elements, size, equality, hash)."""
+    named = max(render(small()).sets, key=lambda s: len(s.elements))
+    assert len(named.elements) > 2
+    state = KernelState.from_ruleset(render(small())).sets[(named.family, named.name)]
+    eager = frozenset(named.elements)
+    first, second = named.elements[0], named.elements[1]
+    extra = named.elements[0]._replace(key=("zz-not-there",))
+    steps = [(frozenset({first}), frozenset()), (frozenset(), frozenset({extra})),
+             (frozenset({second, extra}), frozenset({first}))]
+    for lost, gained in steps:
+        patched = state.patched(lost, gained)
+        eager = (eager - lost) | gained
+        assert patched.size == len(eager)
+        assert patched.elements == eager and patched == _eager(patched)
+        assert hash(patched) == hash(_eager(patched))
+        state = patched
+    fresh = KernelState.from_ruleset(render(small())).sets[(named.family, named.name)]
+    fresh.patched(frozenset({first}), frozenset())
+    assert _pending(fresh), "patching must not build the rendered state's frozenset"
