@@ -358,16 +358,16 @@ NEXT_STEPS: dict[str, str] = {
     "membership change": (
         "the nft command: libnftables 1.0.6 fills its cache before an element add"),
     "port added / port removed": (
-        "a port added at 10k, one agent pass, thread CPU (cProfile, load ~14): 80 ms = "
-        "the nft call 39 % (31 ms: a removal's is 3.6 ms, so ~27 ms is the kernel's table "
-        "validation for the slot maps' jump elements), render 40 % (the port-derived sets "
-        "patched: each touched set's element tuple copied 14 %, the ports' id maps 9 %; "
-        "the network's same-net set 10 %), plan + state 4 %, change feed + compile 5 %, "
-        "freeing the previous copies and the taps' set (after the commit) the rest. The "
-        "first change after a full pass no longer builds the touched sets' frozensets "
-        "(183 / 173 ms CPU, was 363 / 276). Next: element containers shared between "
-        "versions (no O(ports) copy per touched set) and a layout without per-port jump "
-        "elements (docs/nftables.md: datamapct)"),
+        "a port added at 10k, one agent pass, thread CPU (cProfile, load 6–9): 71 ms = "
+        "the nft call 43 % (30 ms; a removal's is ~4 ms: the rest is the kernel's table "
+        "validation for the slot maps' jump elements), render 35 % (copying each touched "
+        "port set's element tuple 16 %, the port and same-net runs 7 %), plan + state 4 %, "
+        "change feed + compile 5 %, the taps' set after the commit 5 %, freeing the "
+        "previous copies the rest. Measured after the lazy patch base and the identity "
+        "runs (10 changes each, 2 interleaved rounds): CPU 65 / 80 → 61 / 48 ms added, "
+        "44 / 54 → 28 / 25 removed, 54 / 54 → 54 / 40 group removed. Next: element "
+        "containers shared between versions (no O(ports) copy per touched set) and a "
+        "layout without per-port jump elements (docs/nftables.md: datamapct)"),
     "data path routed": (
         "single iperf3 runs vary more than the change here; per established packet "
         "nf_tables costs ~1.2 µs against conntrack's 0.3 (perf: bench.hookcost)"),
