@@ -27,7 +27,11 @@ from secfw.lab import netns_tools
 from secfw.lab.demo import lab_ports
 
 EXT = "external"
-POLL_LIMIT = 10.0  # seconds any wait may take before the test fails
+#: Seconds any wait may take before the test fails. Only a bound that keeps a broken
+#: test finite — a wait ends as soon as its event is seen — so it is generous: under
+#: ``make test`` (3 xdist workers on 2 cores, other jobs beside them) an agent took
+#: more than 10 s from exec to its first log line (Python start-up and imports).
+POLL_LIMIT = 60.0
 RESYNC = "0.5"
 MEASURED: dict[str, float] = {}
 
@@ -112,9 +116,16 @@ class AgentProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=15)
-        self._reader.join(timeout=5)
+        code = self.proc.wait(timeout=POLL_LIMIT)
+        self.finish_reading()
         return code
+
+    def finish_reading(self) -> None:
+        """Once the process has exited: wait until every line it wrote is in
+        ``lines`` (the reader thread ends at EOF), so a check of its last events
+        cannot run before the reader got to them."""
+        self._reader.join(timeout=POLL_LIMIT)
+        assert not self._reader.is_alive(), "the agent's stderr was not closed"
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from agentproc import web_cloud
+from agentproc import POLL_LIMIT, poll, web_cloud
 
 from secfw.lab import netns_tools
 from secfw.lab.demo import lab_ports
@@ -209,19 +209,20 @@ class AgentProcess:
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for_sync(self, timeout: float = 15.0) -> None:
+    def wait_for_sync(self) -> None:
         """Until the agent logged its first sync (or fail, with its output)."""
-        deadline = time.monotonic() + timeout
-        while not any("msg=sync " in line for line in self.lines):
+
+        def synced() -> bool:
             assert self.proc.poll() is None, f"agent exited: {self.lines}"
-            assert time.monotonic() < deadline, f"no sync within {timeout}s: {self.lines}"
-            time.sleep(0.02)
+            return any("msg=sync " in line for line in self.lines)
+
+        poll(synced, f"the agent's first sync: {self.lines}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._reader.join(timeout=5)
+        self.proc.wait(timeout=POLL_LIMIT)
+        self._reader.join(timeout=POLL_LIMIT)
 
 
 @pytest.fixture
@@ -249,15 +250,13 @@ def test_agent_loop_picks_up_changes_and_survives_sigterm_and_kill(env, agents):
     web_ns, web_ip, ext_ns = env.ns("web"), env.ip("web"), env.lab.external_ns
     with netns_tools.listen(web_ns, "tcp", 8080):
         env.api.secgroup_add_rule("p", "global_http", "tcp", "8080", "8080", "0.0.0.0/0")
-        changed = time.monotonic()
-        while not netns_tools.tcp_connect(ext_ns, web_ip, 8080, 0.02):
-            assert time.monotonic() - changed < 5.0, f"not applied in 5 s: {agent.lines}"
-        latency = time.monotonic() - changed
+        latency = poll(lambda: netns_tools.tcp_connect(ext_ns, web_ip, 8080, 0.02),
+                       f"tcp/8080 opened by the agent: {agent.lines}")
     print(f"\nagent pick-up latency (store change -> traffic passes): {latency * 1000:.0f} ms")
     env.pickup_latency = latency
 
     agent.proc.send_signal(signal.SIGTERM)
-    assert agent.proc.wait(timeout=10) == 0, agent.lines
+    assert agent.proc.wait(timeout=POLL_LIMIT) == 0, agent.lines
     assert table_exists(env)
     assert env.tcp(EXT, "web", 8080)
     assert not env.tcp(EXT, "web", 22)
@@ -266,7 +265,7 @@ def test_agent_loop_picks_up_changes_and_survives_sigterm_and_kill(env, agents):
     agents.append(second)
     second.wait_for_sync()
     second.proc.send_signal(signal.SIGKILL)
-    assert second.proc.wait(timeout=10) == -signal.SIGKILL
+    assert second.proc.wait(timeout=POLL_LIMIT) == -signal.SIGKILL
     env.api.secgroup_add_rule("p", "global_http", "tcp", "9090", "9090", "0.0.0.0/0")
     time.sleep(0.3)  # no agent left to apply it: the last ruleset stays in force
     assert table_exists(env)
