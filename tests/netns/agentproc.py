@@ -114,6 +114,14 @@ class AgentProcess:
         poll(path.exists, f"a status report in {self.state_dir}: {self.lines[-5:]}")
         return read_report(self.state_dir, self.env.host).as_dict()
 
+    def wait_status(self, **expected: Any) -> dict[str, Any]:
+        """The agent's report once its fields include ``expected``: the report is
+        written after the pass it describes (after the kernel commit and the log
+        line), so a check right after seeing the kernel change must wait for it."""
+        poll(lambda: all(self.status().get(k) == v for k, v in expected.items()),
+             f"status with {expected}: {self.lines[-5:]}")
+        return self.status()
+
     def kill(self, sig: int = signal.SIGKILL) -> int:
         self.proc.send_signal(sig)
         code = self.proc.wait(timeout=POLL_LIMIT)

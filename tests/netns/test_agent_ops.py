@@ -295,7 +295,7 @@ def test_drift_is_repaired_within_one_period_and_foreign_tables_untouched(
         measured(f"drift repair ({name})", log_time(event) - tampered)
         assert value in event.get(key, ""), (name, event)
         assert filtered_as_expected(env), name
-    assert agent.status()["drift_repairs"] == len(drifts)
+    agent.wait_status(drift_repairs=len(drifts))  # the report follows the log line
     assert foreign_listing(env) == foreign
 
 
@@ -428,14 +428,14 @@ def test_store_missing_at_start_fails_closed_then_filters(
     poll(lambda: table_exists(env) and not env.tcp(EXT, "web", 80), "closed filter")
     measured("closed filter installed while the store is missing", time.monotonic() - started)
     assert not env.tcp("web", "db", 22)
-    assert agent.status()["state"] == "unhealthy" and not missing.exists()
+    assert agent.wait_status(state="unhealthy") and not missing.exists()
     # closed before the store was even read (not after the first failed pass)
-    assert agent.events("closed")[0]["action"].startswith("every tap dropped")
+    assert agent.wait_event("closed")["action"].startswith("every tap dropped")
     copy_store(env.store_url, missing)
     appeared = time.monotonic()
     poll(lambda: filtered_as_expected(env), "filtering per the groups once the store exists")
     measured("store appeared -> filtering per the groups", time.monotonic() - appeared)
-    assert agent.status()["state"] == "healthy"
+    agent.wait_status(state="healthy")
 
 
 # --------------------------------------------------------------------------- operations

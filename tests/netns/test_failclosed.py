@@ -159,11 +159,11 @@ def test_a_topology_the_taps_contradict_is_refused_and_closed(env: Any, agents: 
     assert f"--topology {wrong}" in failure["error"] and env.topology in failure["error"]
     poll(lambda: _closed(env), "taps closed")
     assert not env.tcp(EXT, "web", 22)
-    assert agent.status()["state"] == "unhealthy"
+    agent.wait_status(state="unhealthy")
     agent.stop()
     auto = agents("--topology", "auto")
     poll(lambda: filtered_as_expected(env), "auto: filtering per the groups")
-    assert auto.status()["topology"] == env.topology
+    auto.wait_status(topology=env.topology)
 
 
 # --------------------------------------------------------------------------- 5
