@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from agentproc import POLL_LIMIT, poll
 from pyroute2 import IPRoute
 
-from secfw.agent import AgentLoop, LoopSettings, Reconciler, SyncResult
+from secfw.agent import AgentLoop, LoopObserver, LoopSettings, Reconciler, SyncResult
 from secfw.compiler.sources import link_local
 from secfw.config import Config
 from secfw.conntrack import Conntrack
@@ -269,6 +270,7 @@ class Stream:
     _stop_sending: threading.Event = field(default_factory=threading.Event)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _cycles: int = 0
 
     def __enter__(self) -> Stream:
         family = netns_tools.family_of(self.dst_ip)
@@ -297,6 +299,7 @@ class Stream:
     def __exit__(self, *_exc: object) -> None:
         self.stop_sending()
         time.sleep(0.2)  # what is in flight arrives
+        self.wait_drained()  # and is read, however late the receiver runs
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
@@ -328,6 +331,7 @@ class Stream:
     def _receive(self) -> None:
         pending = b""
         while not self._stop.is_set():
+            self._cycles += 1  # all that earlier cycles read is in ``arrivals``
             try:
                 data = self._reader.recv(65536)
             except (TimeoutError, BlockingIOError):
@@ -341,6 +345,52 @@ class Stream:
             while len(pending) >= 16:
                 self.arrivals.append((now, int.from_bytes(pending[:16], "big")))
                 pending = pending[16:]
+
+    def highest_received(self) -> int:
+        """The highest message number that reached the server (-1: none yet)."""
+        return max((seq for _, seq in list(self.arrivals)), default=-1)
+
+    def wait_flowing(self) -> None:
+        """Until a message the client sends from now on reaches the server."""
+        mark = self.sent  # message ``mark`` may be in send() already: wait for a later one
+        poll(lambda: self.highest_received() > mark, f"{self.proto} stream flowing")
+
+    def wait_sent(self, count: int) -> int:
+        """Until the client has sent ``count`` messages after this call; returns
+        the mark: every message numbered above it was sent after the call."""
+        mark = self.sent
+        poll(lambda: self.sent > mark + count, f"{count} more messages sent")
+        return mark
+
+    def wait_drained(self) -> None:
+        """Until every byte queued on the server's socket now is in ``arrivals``:
+        its receive queue empty (FIONREAD, socket(7)), then one more receive cycle
+        begun — the cycle that was reading has appended what it read."""
+
+        receiver = self._threads[1]
+
+        def queued() -> int:
+            if not receiver.is_alive():  # it ended at EOF or on an error: reads no more
+                return 0
+            value = fcntl.ioctl(self._reader.fileno(), termios.FIONREAD, b"\0" * 4)
+            return int.from_bytes(value, "little")
+
+        poll(lambda: queued() == 0, "the server's receive queue read")
+        cycle = self._cycles
+        poll(lambda: self._cycles > cycle or not receiver.is_alive(), "the receiver's cycle")
+
+    def arrived_above(self, mark: int) -> list[int]:
+        """The message numbers above ``mark`` that reached the server."""
+        return sorted({seq for _, seq in list(self.arrivals) if seq > mark})
+
+    def silent_for(self, count: int) -> bool:
+        """Whether none of the next ``count`` messages the client sends reaches
+        the server (judged once they are sent and the server's queue is read):
+        the cut, by message numbers — a loaded machine delays the threads that
+        send and read, not the kernel's verdicts, so no clock is involved."""
+        mark = self.wait_sent(count)
+        self.wait_drained()
+        return not self.arrived_above(mark)
 
     def received_after(self, moment: float) -> int:
         return sum(1 for t, _ in list(self.arrivals) if t > moment)
@@ -732,17 +782,23 @@ def test_related_icmp_errors_pass(env: Env) -> None:
 # --------------------------------------------------------------------------- revocation
 
 
+#: Messages the client sends after the pass before the cut is judged (~0.5 s of them).
+AFTER_CUT = 50
+
+
 def _cut(env: Env, stream: Stream, change: Callable[[], object]) -> tuple[float, float]:
     """Apply ``change`` (an API call) and one agent pass; return (seconds from the API
-    call to the last message that still arrived, seconds the pass took)."""
-    time.sleep(0.3)
-    assert stream.received_after(time.monotonic() - 0.2) > 0, "the stream must be flowing"
+    call to the last message that still arrived, seconds the pass took).
+
+    Judged by message numbers, not clocks (see :meth:`Stream.silent_for`): the
+    stream flows before the change; of the :data:`AFTER_CUT` messages sent after
+    the pass returned, none reaches the server."""
+    stream.wait_flowing()
     started = time.monotonic()
     change()
     env.sync()
     synced = time.monotonic()
-    time.sleep(1.0)
-    assert stream.received_after(synced + 0.05) == 0, "data still arrives after the sync"
+    assert stream.silent_for(AFTER_CUT), "data sent after the sync still arrives"
     return max(0.0, stream.last_arrival() - started), synced - started
 
 
@@ -753,8 +809,8 @@ def test_established_tcp_is_cut_when_its_rule_is_removed(env: Env) -> None:
     rule = env.api.rule_list("p", "web")[0]
     with Stream(env.ns("ext"), env.ns("a"), a.ip, 8080) as stream:
         delay, pass_time = _cut(env, stream, lambda: env.api.rule_delete("p", rule.id))
-        # what the client sends is never acknowledged any more: it piles up
-        assert stream.unacked() >= 16 * 50
+        # what the client sent after the pass is never acknowledged: it piles up
+        assert stream.unacked() >= 16 * AFTER_CUT
     measured("TCP cut after rule removal (API call -> last byte, one pass)",
              f"{delay * 1000:.0f} ms (agent pass {pass_time * 1000:.0f} ms)")
 
@@ -801,9 +857,8 @@ def test_a_still_allowed_connection_survives_unrelated_updates(env: Env) -> None
         env.sync()
         env.api.add_secgroup("p", "a", "other")
         env.sync()
-        moment = time.monotonic()
-        time.sleep(0.5)
-        assert kept.received_after(moment) > 10
+        mark = kept.wait_sent(10)
+        poll(lambda: kept.highest_received() > mark + 9, "kept: 10 messages sent now arrive")
         # never dropped: a segment dropped by any ruleset would have been retransmitted
         assert kept.retransmissions() == 0
         assert cut.retransmissions() > 0  # what a dropped segment looks like
@@ -834,7 +889,9 @@ def test_no_blink_while_rules_go_rules_none_rules(env: Env) -> None:
             env.api.rule_create("p", "churn", "ingress", "IPv4", "udp", "53")
             env.reconciler.reconcile(full=cycle % 2 == 1)
         pinger.join()
-        time.sleep(0.2)
+        stream.stop_sending()
+        # every datagram arrives: waited for, as the receiving thread may lag under load
+        poll(lambda: stream.lost() == 0, f"all {stream.sent} datagrams arrived")
     assert replies == [0]
     assert stream.sent > 200 and stream.lost() == 0
 
@@ -1008,19 +1065,35 @@ def test_same_host_traffic_passes_egress_of_one_and_ingress_of_the_other_once(
 # --------------------------------------------------------------------------- the running agent
 
 
+class _Passes(LoopObserver):
+    """The store revisions of the agent loop's finished passes (revocation included)."""
+
+    def __init__(self) -> None:
+        self.revisions: list[int] = []
+
+    def on_sync(self, result: SyncResult) -> None:
+        self.revisions.append(result.revision)
+
+    def reached(self, revision: int) -> bool:
+        return any(done >= revision for done in list(self.revisions))
+
+
 def test_revocation_delay_with_the_running_agent(env: Env) -> None:
     """The agent loop (polling the store every 50 ms) cuts an established TCP
-    connection after its rule is deleted: measured from the API call to the last
-    message that got through, three times."""
+    connection after its rule is deleted: once a pass of the deletion's revision
+    has finished, nothing the client sends arrives any more. Measured from the
+    API call to the last message that got through, three times."""
     env.group("web")
     a = env.boot("a", ("web",))
     env.sync()
     started_loop: list[AgentLoop] = []
+    passes = _Passes()
 
     def run_agent() -> None:  # a store connection belongs to the thread that opened it
         store = open_store(env.cloud.store_url)
         reconciler = Reconciler(store, env.host, env.config, env.cloud.make_backend())
-        loop = AgentLoop(reconciler, LoopSettings(poll_interval=0.05, resync_interval=600))
+        loop = AgentLoop(reconciler, LoopSettings(poll_interval=0.05, resync_interval=600),
+                         observers=[passes])
         started_loop.append(loop)
         try:
             loop.run()
@@ -1029,41 +1102,27 @@ def test_revocation_delay_with_the_running_agent(env: Env) -> None:
 
     runner = threading.Thread(target=run_agent, daemon=True)
     runner.start()
-    assert _eventually(lambda: bool(started_loop))
+    poll(lambda: bool(started_loop), "the agent loop started")
     loop = started_loop[0]
     delays = []
     try:
         for port in (8080, 8081, 8082):
             rule = env.api.rule_create("p", "web", "ingress", "IPv4", "tcp", str(port))
-            assert _eventually(lambda port=port: tcp(env, "ext", a.ip, "a", port))
+            poll(lambda port=port: tcp(env, "ext", a.ip, "a", port), f"tcp/{port} opened")
             with Stream(env.ns("ext"), env.ns("a"), a.ip, port) as stream:
-                time.sleep(0.3)
+                stream.wait_flowing()
                 started = time.monotonic()
                 env.api.rule_delete("p", rule.id)
-                # Cut means: nothing arrives for a whole second while the client keeps
-                # sending every 10 ms. How soon is measured, not asserted (a loaded
-                # machine may take longer); the bound only keeps the loop finite.
-                assert _eventually(lambda s=stream: _quiet_for(s, 1.0), seconds=30.0)
-                last = stream.last_arrival()
-                time.sleep(1.0)
-                assert stream.last_arrival() == last, "messages resumed after the cut"
-                delays.append(last - started)
+                # The cut is judged by message numbers after the pass that applied
+                # the deletion (the event), not by a quiet second: a loaded machine
+                # delays the threads that send and read, not the kernel's verdicts.
+                # How soon is measured, not asserted.
+                revision = env.api.store.revision()
+                poll(lambda r=revision: passes.reached(r), f"a pass at revision {revision}")
+                assert stream.silent_for(AFTER_CUT), "messages arrived after the cut"
+                delays.append(stream.last_arrival() - started)
     finally:
         loop.stop()
-        runner.join(timeout=10)
+        runner.join(timeout=POLL_LIMIT)
     measured("revocation delay, running agent (API call -> last message through)",
              ", ".join(f"{d * 1000:.0f} ms" for d in delays))
-
-
-def _quiet_for(stream: Stream, seconds: float) -> bool:
-    """Whether nothing reached the server of ``stream`` in the last ``seconds``."""
-    return stream.received_after(time.monotonic() - seconds) == 0
-
-
-def _eventually(probe: Callable[[], bool], seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if probe():
-            return True
-        time.sleep(0.05)
-    return False
