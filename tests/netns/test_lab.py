@@ -127,9 +127,12 @@ def test_probes_to_closed_ports_report_false(up_lab: Lab) -> None:
         assert not nt.udp_probe(a, b, PORTS[1].ip, 5354)
         # A datagram that arrives in another namespace does not count.
         assert not nt.udp_probe(a, b, PORTS[2].ip, 5353)
+    # Nobody there: the probe ends on its own timeout rather than hanging. The
+    # bound only tells "ended" from "hung" — generous, so that a loaded machine's
+    # late scheduling of this thread is not taken for a hang.
     started = time.monotonic()
-    assert not nt.ping(a, "10.0.0.99", timeout=0.3)  # nobody there: bounded wait
-    assert time.monotonic() - started < 1.0
+    assert not nt.ping(a, "10.0.0.99", timeout=0.3)
+    assert time.monotonic() - started < 10.0
 
 
 def test_host_side_wiring(up_lab: Lab) -> None:
