@@ -122,10 +122,12 @@ class Stream:
             self.received += len(data)
 
     def flowing(self) -> bool:
-        """Bytes arrive within the next two seconds."""
+        """10 kB more than now reach the receiver, and no error: waited for (a cut
+        connection never delivers them), not timed — a loaded machine runs the
+        sending and receiving threads late, the connection is not slower for it."""
         before = self.received
-        return poll(lambda: self.received > before + 10_000 or self.errors, "stream") < 2 \
-            and not self.errors
+        poll(lambda: self.received > before + 10_000 or self.errors, "the stream flowing")
+        return not self.errors
 
     def close(self) -> None:
         self._stop.set()
@@ -310,6 +312,8 @@ def test_kill_and_restart_keep_filtering_and_established_flows(env: Any, agents:
     web_cloud(env)
     first = agents()
     first.wait_event("sync")
+    # its report follows the sync line: a kill -9 before it would leave none to say "gone"
+    first.wait_status(state="healthy")
     stream = Stream(env.lab.external_ns, env.ns("web"), env.ip("web"), 443)
     try:
         assert stream.flowing()
