@@ -377,7 +377,9 @@ class _Window:
     (equal ids: equal content), ``ident`` an id for the openers themselves (equal
     ids: the same openers, so the same judgement and labels), ``at[chain name]``
     the position of the chain's first opener and its openers' indices in the
-    chain, in the window's order."""
+    chain, in the window's order; ``segs`` (ICMP windows only, else None) names
+    its parts: the all-protocol openers' list (by id) and each chain (by name),
+    whose openers are the same objects in every window naming them."""
 
     openers: list[Opener]
     content: int
@@ -385,6 +387,7 @@ class _Window:
     at: dict[str, tuple[int, list[int]]]
     #: the openers' labels, in order
     labels: list[dict[str, Any]] = field(default_factory=list)
+    segs: frozenset[Any] | None = None
 
     def __post_init__(self) -> None:
         self.labels = [opener.label for opener in self.openers]
@@ -486,7 +489,8 @@ def _icmp_window(alls: list[Opener], chains: list[ChainClusters],
     # its own form (a str first): no other window holds ICMP clusters
     ident = ("icmp", *(id(o) for o in alls), *(chain.name for chain in having))
     return _Window(openers, run.contents.setdefault(content, len(run.contents)),
-                   run.idents.setdefault(ident, len(run.idents)), at)
+                   run.idents.setdefault(ident, len(run.idents)), at,
+                   segs=frozenset((id(alls), *(chain.name for chain in having))))
 
 
 def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
@@ -581,6 +585,8 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     # ids of the all-protocol openers (kept alive by run.clusters) with which
     # the chain's windows were judged while it was apart
     judged_alone: set[int] = set()
+    # the parts of ICMP windows (_Window.segs) whose labels each rule has gathered
+    gathered: dict[str, set[Any]] = {rule.id: set() for rule in rules}
     for view in views:
         if not alive:
             return
@@ -613,12 +619,22 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                 continue
             seen.add(mark)
             first, order = window.at[chained.name]
+            segs = window.segs
             for rule, indices in judged:
                 if rule.id in alive:
                     mine = (first + order.index(indices[0]),) if len(indices) == 1 else \
                         tuple(first + order.index(m) for m in indices)
                     boxed = boxes.get(rule.id) or _boxed(rule, run)
-                    _record(alive, rule, _judged_in(window, mine, boxed, run))
+                    covered, positions = _judged_in(window, mine, boxed, run)
+                    if not covered:
+                        del alive[rule.id]
+                    elif segs is None or not segs <= (done := gathered[rule.id]):
+                        # a part already gathered for this rule adds the same
+                        # labels again (_judged_in): only a new part is read
+                        labels = window.labels
+                        alive[rule.id].update((id(labels[i]), labels[i]) for i in positions)
+                        if segs is not None:
+                            done |= segs
         if settled is False and plan.apart(i, run):
             # apart, each cluster is alone with the same all-protocol openers on
             # every such port (_alone_windows): each window judged (or seen)
@@ -698,19 +714,21 @@ def _boxed(rule: Rule, run: _Shared) -> tuple[Box, tuple[int, int, int, int]]:
 
 def _judged_in(window: _Window, mine: tuple[int, ...],
                boxed: tuple[Box, tuple[int, int, int, int]],
-               run: _Shared) -> list[dict[str, Any]] | None:
-    """:func:`_covered_by` of the window's openers: the labels covering the
-    rule whose openers are at positions ``mine`` of the window (``boxed``: its
-    box), or None. Once per window content, positions and box, the labels
-    then taken from this window."""
+               run: _Shared) -> tuple[bool, list[int]]:
+    """:func:`_covered_by` of the window's openers: whether the rule whose
+    openers are at positions ``mine`` of the window (``boxed``: its box) adds
+    nothing, and the positions of the openers covering it. Once per window
+    content, positions and box.
+
+    Which openers cover it is decided opener by opener (its box meets the
+    rule's, its addresses meet the rule's: :func:`_cover_positions`), so a part
+    of the window (:attr:`_Window.segs`) gives the same labels in every window
+    where the rule is covered."""
     key = (window.content, mine, boxed[1])
     positions = run.judged.get(key)
     if positions is None:
         positions = run.judged[key] = _cover_positions(window.openers, mine, boxed[0], run)
-    if not positions[0]:
-        return None
-    labels = window.labels
-    return [labels[i] for i in positions[1]]
+    return positions
 
 
 def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box,
