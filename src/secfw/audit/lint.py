@@ -24,6 +24,7 @@ Each finding has a ``kind``, the ``group`` (name), ``group_id``, ``rule_id``
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +72,9 @@ class _Shared:
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
         self.adds_nothing: dict[tuple[Any, ...], bool] = {}
-        self.plans: dict[tuple[str, str, Family], _PortPlan | None] = {}
+        # (direction, family) -> port id -> its plan (None: judged whole)
+        self.plans: dict[tuple[str, Family], dict[str, _PortPlan | None]] = {}
+        self.chain_groups: dict[str, str] = {}  # chain name -> its group's id
         self.contents: dict[tuple[Any, ...], int] = {}
         self.idents: dict[tuple[Any, ...], int] = {}
         self.alone: dict[tuple[Any, ...], _Window] = {}
@@ -377,9 +380,10 @@ class _Window:
     (equal ids: equal content), ``ident`` an id for the openers themselves (equal
     ids: the same openers, so the same judgement and labels), ``at[chain name]``
     the position of the chain's first opener and its openers' indices in the
-    chain, in the window's order; ``segs`` (ICMP windows only, else None) names
-    its parts: the all-protocol openers' list (by id) and each chain (by name),
-    whose openers are the same objects in every window naming them."""
+    chain, in the window's order; ``parts`` (ICMP windows only, else None):
+    its parts — the all-protocol openers' list (by id) and each chain (by name),
+    whose openers are the same objects in every window naming them — with the
+    positions (from, to: excluded) of their openers, and ``segs`` their keys."""
 
     openers: list[Opener]
     content: int
@@ -387,10 +391,14 @@ class _Window:
     at: dict[str, tuple[int, list[int]]]
     #: the openers' labels, in order
     labels: list[dict[str, Any]] = field(default_factory=list)
+    parts: dict[Any, tuple[int, int]] | None = None
     segs: frozenset[Any] | None = None
 
     def __post_init__(self) -> None:
-        self.labels = [opener.label for opener in self.openers]
+        if not self.labels:
+            self.labels = [opener.label for opener in self.openers]
+        if self.parts is not None:
+            self.segs = frozenset(self.parts)
 
 
 class _PortPlan:
@@ -406,8 +414,11 @@ class _PortPlan:
     def __init__(self, view: PortView, direction: str, alls: list[Opener],
                  chains: list[ChainClusters], run: _Shared) -> None:
         self.alls, self.chains = alls, chains
-        index = view.index.chains
-        self.at = {index[chain.name].group_id: i for i, chain in enumerate(chains)}
+        groups = run.chain_groups
+        if any(chain.name not in groups for chain in chains):
+            index = view.index.chains
+            groups.update((chain.name, index[chain.name].group_id) for chain in chains)
+        self.at = {groups[chain.name]: i for i, chain in enumerate(chains)}
         self.icmp = _icmp_window(alls, chains, run)
         self._view, self._direction = view, direction
         self._apart: list[bool] | None = None
@@ -450,9 +461,9 @@ def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
     """``view``'s :class:`_PortPlan` in ``direction`` and ``fam`` (None when a
     rule of any protocol spreads over every cluster, or a chain is listed
     twice: the caller judges the whole filter), once per port."""
-    key = (view.port.id, direction, fam)
-    if key in run.plans:
-        return run.plans[key]
+    plans = run.plans.setdefault((direction, fam), {})
+    if view.port.id in plans:
+        return plans[view.port.id]
     alls = run.clusters.same_net(view, fam) if direction == "ingress" else _NONE
     chains = run.clusters.port_chains(view, fam, direction)
     found: _PortPlan | None = None
@@ -463,7 +474,7 @@ def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
         # ones: the judgement takes only those meeting the rule's box, so it
         # is the same)
         found = _PortPlan(view, direction, alls, chains, run)
-    run.plans[key] = found
+    plans[view.port.id] = found
     return found
 
 
@@ -474,23 +485,30 @@ def _icmp_window(alls: list[Opener], chains: list[ChainClusters],
                  run: _Shared) -> _Window | None:
     """The window of every ICMP cluster of ``chains`` (None: they have none):
     ``alls``, then each chain's ICMP openers in its order, the chains in the
-    port's — the openers and content :func:`_group_window` gives, from the
-    chains' own lists (a port's ICMP window holds a rule of most of its
-    groups: it is built on every port)."""
+    port's — the openers :func:`_group_window` gives, from the chains' own
+    lists (a port's ICMP window holds a rule of most of its groups: it is
+    built on every port). Its content is numbered by ``alls`` (one list per
+    content: Clusters.same_net) and the chains' ``icmp_id`` (equal numbers:
+    equal ``icmp_keys``), as exposure finds its ICMP windows: equal keys, equal
+    boxes and sets in order, without building each opener's key per port."""
     having = [chain for chain in chains if chain.icmp]
     if not having:
         return None
     openers = list(alls)
+    labels = [o.label for o in alls]
     at: dict[str, tuple[int, list[int]]] = {}
+    parts: dict[Any, tuple[int, int]] = {id(alls): (0, len(alls))}
     for chain in having:
-        at[chain.name] = (len(openers), chain.icmp_index)
+        first = len(openers)
+        at[chain.name] = (first, chain.icmp_index)
         openers += chain.icmp
-    content = (*(_box_key(o) for o in alls), *(k for c in having for k in c.icmp_keys))
-    # its own form (a str first): no other window holds ICMP clusters
-    ident = ("icmp", *(id(o) for o in alls), *(chain.name for chain in having))
+        labels += chain.icmp_labels
+        parts[chain.name] = (first, len(openers))
+    # their own forms (a str first): no other window holds ICMP clusters
+    content = ("icmp", id(alls), *(chain.icmp_id for chain in having))
+    ident = ("icmp", *parts)
     return _Window(openers, run.contents.setdefault(content, len(run.contents)),
-                   run.idents.setdefault(ident, len(run.idents)), at,
-                   segs=frozenset((id(alls), *(chain.name for chain in having))))
+                   run.idents.setdefault(ident, len(run.idents)), at, labels, parts)
 
 
 def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
@@ -578,7 +596,7 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     direction, fam = rules[0].direction, _family(rules[0])
     seen: set[Any] = set()
     live: list[Any] = [None, None]  # _live's: what it was made from, the list
-    plans, boxes = run.plans, run.boxes
+    plans, boxes = run.plans.setdefault((direction, fam), {}), run.boxes
     last: ChainClusters | None = None  # the group's chain: the same on nearly every port
     by_cluster: list[list[tuple[Rule, list[int]]]] = []
     missing: list[Rule] = []
@@ -590,8 +608,9 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     for view in views:
         if not alive:
             return
-        key = (view.port.id, direction, fam)
-        plan = plans[key] if key in plans else _port_plan(cp, view, direction, fam, run)
+        port_id = view.port.id
+        plan = plans[port_id] if port_id in plans else \
+            _port_plan(cp, view, direction, fam, run)
         i = plan.at.get(group.id) if plan is not None else None
         if plan is None or i is None:
             _judge_whole(cp, view, rules, alive, seen, run)
@@ -628,13 +647,11 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                     covered, positions = _judged_in(window, mine, boxed, run)
                     if not covered:
                         del alive[rule.id]
-                    elif segs is None or not segs <= (done := gathered[rule.id]):
-                        # a part already gathered for this rule adds the same
-                        # labels again (_judged_in): only a new part is read
-                        labels = window.labels
-                        alive[rule.id].update((id(labels[i]), labels[i]) for i in positions)
-                        if segs is not None:
-                            done |= segs
+                    elif segs is None:
+                        labels = [window.labels[i] for i in positions]
+                        alive[rule.id].update(zip(map(id, labels), labels, strict=True))
+                    elif not segs <= gathered[rule.id]:
+                        _gather_parts(alive[rule.id], window, positions, gathered[rule.id])
         if settled is False and plan.apart(i, run):
             # apart, each cluster is alone with the same all-protocol openers on
             # every such port (_alone_windows): each window judged (or seen)
@@ -729,6 +746,22 @@ def _judged_in(window: _Window, mine: tuple[int, ...],
     if positions is None:
         positions = run.judged[key] = _cover_positions(window.openers, mine, boxed[0], run)
     return positions
+
+
+def _gather_parts(labels: dict[int, dict[str, Any]], window: _Window, positions: list[int],
+                  done: set[Any]) -> None:
+    """Add to ``labels`` the covering labels (``positions``: ascending) of the
+    window's parts not in ``done``, in the window's order, and add those parts
+    to ``done``. A part gathered before for the rule gives the same labels
+    again (:func:`_judged_in`), so ``labels`` ends as if every position had
+    been added."""
+    assert window.parts is not None and window.segs is not None
+    new = window.segs - done
+    done |= new
+    every = window.labels
+    for low, high in sorted(window.parts[part] for part in new):
+        for i in positions[bisect_left(positions, low):bisect_left(positions, high)]:
+            labels[id(every[i])] = every[i]
 
 
 def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box,
