@@ -332,40 +332,78 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
                 run: _Shared | None = None) -> list[dict[str, Any]]:
     """Rules of two groups used by one instance with the same meaning (reported on
     the rule of the group that sorts later). With ``run``, each group's rules are
-    sorted and their meanings computed once."""
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    ordered: dict[str, list[tuple[Rule, tuple[Any, ...]]]] = {}
+    sorted and their meanings computed once (:func:`_shared_meanings`)."""
     if run is not None:
-        # only meanings found in two groups or more can make a duplicate: the
-        # other rules are left out of each group's list (the same pairs, found
-        # on the same instances first)
-        meanings = {group_id: [(r, r.match_key()[1:]) for r in sorted(
-            rules.values(), key=lambda r: r.id)]
-            for group_id, rules in cp.state.rules_by_group.items()}
-        groups_of: dict[tuple[Any, ...], set[str]] = {}
-        for group_id, pairs in meanings.items():
-            for _, key in pairs:
-                groups_of.setdefault(key, set()).add(group_id)
-        ordered = {group_id: [(r, key) for r, key in pairs if len(groups_of[key]) > 1]
-                   for group_id, pairs in meanings.items()}
+        return _duplicates_shared(cp, scope)
+    found: dict[tuple[str, str], dict[str, Any]] = {}
     for instance in cp.state.instances.values():
         meaning: dict[tuple[Any, ...], Rule] = {}
         for group_id in instance.security_groups:
-            rules = ordered.get(group_id) if run is not None else None
-            if rules is None:
-                rules = [(r, r.match_key()[1:]) for r in sorted(
-                    cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
+            rules = [(r, r.match_key()[1:]) for r in sorted(
+                cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
             for rule, key in rules:
                 first = meaning.setdefault(key, rule)
                 if first.group_id == rule.group_id or rule.group_id not in scope:
                     continue
                 pair = (first.id, rule.id)
                 if pair not in found:
-                    other = cp.state.groups[first.group_id]
-                    found[pair] = _finding(
-                        cp, "duplicate", cp.state.groups[rule.group_id], rule,
-                        f"same meaning as rule {first.id} of group {other.name} "
-                        f"(both used by instance {instance.name})")
+                    found[pair] = _duplicate(cp, first, rule, instance.name)
+    return list(found.values())
+
+
+def _duplicate(cp: CloudPolicy, first: Rule, rule: Rule, instance: str) -> dict[str, Any]:
+    other = cp.state.groups[first.group_id]
+    return _finding(cp, "duplicate", cp.state.groups[rule.group_id], rule,
+                    f"same meaning as rule {first.id} of group {other.name} "
+                    f"(both used by instance {instance})")
+
+
+#: A rule in :func:`_duplicates_shared`: its number, its meaning's number, its
+#: group's id, whether that group is in scope, the rule.
+_Meant = tuple[int, int, str, bool, Rule]
+
+
+def _shared_meanings(cp: CloudPolicy, scope: set[str]) -> dict[str, list[_Meant]]:
+    """Each group's rules (by id) whose meaning (``match_key`` but the group)
+    another group's rule has too — only those can make a duplicate — as
+    :data:`_Meant`, meanings and rules numbered (an int hashes at once; a
+    meaning's tuple is hashed anew on every instance)."""
+    meanings = {group_id: [(r, r.match_key()[1:]) for r in sorted(
+        rules.values(), key=lambda r: r.id)]
+        for group_id, rules in cp.state.rules_by_group.items()}
+    groups_of: dict[tuple[Any, ...], set[str]] = {}
+    for group_id, pairs in meanings.items():
+        for _, key in pairs:
+            groups_of.setdefault(key, set()).add(group_id)
+    numbers: dict[tuple[Any, ...], int] = {}
+    ordered: dict[str, list[_Meant]] = {}
+    count = 0
+    for group_id, pairs in meanings.items():
+        ordered[group_id] = []
+        for rule, key in pairs:
+            if len(groups_of[key]) > 1:
+                ordered[group_id].append((count, numbers.setdefault(key, len(numbers)),
+                                          rule.group_id, rule.group_id in scope, rule))
+                count += 1
+    return ordered
+
+
+def _duplicates_shared(cp: CloudPolicy, scope: set[str]) -> list[dict[str, Any]]:
+    """:func:`_duplicates` on the numbered meanings of :func:`_shared_meanings`:
+    the same pairs, found on the same instances first."""
+    ordered = _shared_meanings(cp, scope)
+    found: dict[int, dict[str, Any]] = {}
+    size = 1 + sum(len(rules) for rules in ordered.values())
+    for instance in cp.state.instances.values():
+        meaning: dict[int, _Meant] = {}
+        for group_id in instance.security_groups:
+            for entry in ordered.get(group_id, ()):
+                first = meaning.setdefault(entry[1], entry)
+                if first[2] == entry[2] or not entry[3]:
+                    continue
+                pair = first[0] * size + entry[0]
+                if pair not in found:
+                    found[pair] = _duplicate(cp, first[4], entry[4], instance.name)
     return list(found.values())
 
 
