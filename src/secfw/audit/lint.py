@@ -27,6 +27,8 @@ import ipaddress
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import chain as chained_lists
 from typing import Any
 
 import netaddr
@@ -81,6 +83,10 @@ class _Shared:
         self.alone_lists: dict[tuple[Any, ...], dict[int, _Window]] = {}
         self.views: dict[str, list[PortView]] = {}
         self.by_instance: dict[str, list[PortView]] | None = None
+        self.ranks: dict[str, int] = {}
+        self.ranked: list[list[PortView]] = []
+        # (source group id, family) -> whether a member has an address of it
+        self.members_have: dict[tuple[str, Family], bool] = {}
         self.by_cluster: dict[tuple[str, Family, str], Any] = {}
         self.group_shadows: dict[tuple[str, str, Family],
                                  dict[str, list[dict[str, Any]] | None]] = {}
@@ -100,9 +106,15 @@ class _Shared:
                     view = cp.ports[port_id]
                     if view.policy.port_security:
                         self.by_instance.setdefault(view.port.instance_id, []).append(view)
-            found = self.views[group_id] = [
-                view for instance_id in sorted(cp.state.instances_by_group.get(group_id, ()))
-                for view in self.by_instance.get(instance_id, ())]
+                # instances with such ports numbered from 1 in id order: a
+                # group's members sorted by number are sorted by id
+                self.ranks = {instance_id: rank for rank, instance_id in
+                              enumerate(sorted(self.by_instance), 1)}
+                self.ranked = [[], *(self.by_instance[i] for i in sorted(self.by_instance))]
+            ranks = sorted(filter(None, map(self.ranks.get,
+                                            cp.state.instances_by_group.get(group_id, ()))))
+            found = self.views[group_id] = list(chained_lists.from_iterable(
+                map(self.ranked.__getitem__, ranks)))
         return found
 
     def label_key(self, label: dict[str, Any]) -> str:
@@ -172,7 +184,7 @@ def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     if rule.remote_group_id == group.id:
         found.append(_finding(cp, "self_reference", group, rule,
                               "the group's members may reach each other this way"))
-    if rule.remote_group_id is not None and not _members_have(cp, rule):
+    if rule.remote_group_id is not None and not _members_have(cp, rule, run):
         found.append(_finding(cp, "empty_source_group", group, rule,
                               f"group {cp.group_name(rule.remote_group_id)} has no member "
                               f"with an {rule.ethertype} address: it admits nobody"))
@@ -191,12 +203,20 @@ def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     return found
 
 
-def _members_have(cp: CloudPolicy, rule: Rule) -> bool:
+def _members_have(cp: CloudPolicy, rule: Rule, run: _Shared | None = None) -> bool:
+    """Whether a member of the rule's source group has an address of its
+    family (once per group and family with ``run``)."""
     family = _family(rule)
     assert rule.remote_group_id is not None
-    return any(port_addresses(port, family)
-               for member in cp.state.group_members(rule.remote_group_id)
-               for port in cp.state.ports_of(member.id))
+    key = (rule.remote_group_id, family)
+    found = run.members_have.get(key) if run is not None else None
+    if found is None:
+        found = any(port_addresses(port, family)
+                    for member in cp.state.group_members(rule.remote_group_id)
+                    for port in cp.state.ports_of(member.id))
+        if run is not None:
+            run.members_have[key] = found
+    return found
 
 
 def _never_matches(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> str | None:
@@ -222,7 +242,7 @@ def _broad_admin(rule: Rule) -> str | None:
     if proto is not None and proto not in PORT_PROTOCOL_NUMBERS:
         return None
     family = _family(rule)
-    prefix = ipaddress.ip_network(rule.remote_cidr).prefixlen if rule.remote_cidr else 0
+    prefix = _prefix_length(rule.remote_cidr) if rule.remote_cidr else 0
     if prefix > BROAD_PREFIX[family]:
         return None
     low = rule.port_min if rule.port_min is not None else 0
@@ -232,6 +252,12 @@ def _broad_admin(rule: Rule) -> str | None:
     if not opened:
         return None
     return f"opens {capped(opened)} to {rule.remote_cidr or 'anywhere'}"
+
+
+@lru_cache(maxsize=4096)
+def _prefix_length(cidr: str) -> int:
+    """The prefix length of ``cidr`` (a cloud's rules name few distinct CIDRs)."""
+    return ipaddress.ip_network(cidr).prefixlen
 
 
 def capped(items: list[str], limit: int = 4) -> str:
@@ -643,6 +669,10 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     judged_alone: set[int] = set()
     # the parts of ICMP windows (_Window.segs) whose labels each rule has gathered
     gathered: dict[str, set[Any]] = {rule.id: set() for rule in rules}
+    # while only ICMP clusters hold live rules (most of a group's ports): those
+    # rules as _icmp_only gives them, and the _live list they were made from
+    fast: list[_Fast] | None = None
+    fast_for: Any = None
     for view in views:
         if not alive:
             return
@@ -660,8 +690,14 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
         for rule in missing:  # no opener on this port: it adds nothing, but is not covered
             if rule.id in alive:
                 _record(alive, rule, None)
+        lives = _live(by_cluster, alive, live)
+        if lives is not fast_for:
+            fast_for, fast = lives, _icmp_only(chained, lives, run)
+        if fast is not None:
+            _judge_icmp(plan, chained, fast, alive, gathered, run)
+            continue
         settled: bool | None = None  # chain i's other windows all judged already
-        for k, judged in _live(by_cluster, alive, live):
+        for k, judged in lives:
             if k in chained.icmp_ks:
                 window = plan.icmp
             else:
@@ -671,12 +707,16 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                     continue
                 window = plan.windows(i, run)[k]
             assert window is not None  # a chain with an ICMP cluster has the window
-            mark = (window.ident, k)
-            if mark in seen:
-                continue
-            seen.add(mark)
-            first, order = window.at[chained.name]
             segs = window.segs
+            if segs is None:
+                # an ICMP window (segs) is the port's own: judged again on a
+                # port with the same one, it gives the same verdict and no new
+                # part, so only the shared windows are marked
+                mark = (window.ident, k)
+                if mark in seen:
+                    continue
+                seen.add(mark)
+            first, order = window.at[chained.name]
             for rule, indices in judged:
                 if rule.id in alive:
                     mine = (first + order.index(indices[0]),) if len(indices) == 1 else \
@@ -695,6 +735,49 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
             # every such port (_alone_windows): each window judged (or seen)
             # above, so on the next such port only the ICMP one is looked at
             judged_alone.add(id(plan.alls))
+
+
+#: A live ICMP rule of a chain (:func:`_icmp_only`): the rule, its openers'
+#: offsets among the chain's ICMP openers, its box as integers.
+_Fast = tuple[Rule, tuple[int, ...], tuple[int, int, int, int]]
+
+
+def _icmp_only(chained: ChainClusters, lives: list[tuple[int, list[tuple[Rule, list[int]]]]],
+               run: _Shared) -> list[_Fast] | None:
+    """When every cluster in ``lives`` (:func:`_live`) is an ICMP one, their
+    rules with their openers' offsets among the chain's ICMP openers and their
+    boxes as integers (the same on every port where the chain is); else None."""
+    if any(k not in chained.icmp_ks for k, _ in lives):
+        return None
+    order = chained.icmp_index
+    return [(rule, tuple(order.index(m) for m in indices),
+             (run.boxes.get(rule.id) or _boxed(rule, run))[1])
+            for _, judged in lives for rule, indices in judged]
+
+
+def _judge_icmp(plan: _PortPlan, chained: ChainClusters,
+                fast: list[_Fast],
+                alive: dict[str, dict[int, dict[str, Any]]], gathered: dict[str, set[Any]],
+                run: _Shared) -> None:
+    """:func:`_judge_ports`' loop on a port where only ICMP rules of the chain
+    are alive (``fast``: :func:`_icmp_only`): each judged in the port's ICMP
+    window (:func:`_judged_in`), its labels gathered part by part."""
+    window = plan.icmp
+    assert window is not None and window.segs is not None
+    first = window.at[chained.name][0]
+    segs, content, judged = window.segs, window.content, run.judged
+    for rule, offsets, box in fast:
+        if rule.id not in alive:
+            continue
+        mine = (first + offsets[0],) if len(offsets) == 1 else \
+            tuple(first + offset for offset in offsets)
+        found = judged.get((content, mine, box))
+        if found is None:
+            found = _judged_in(window, mine, run.boxes[rule.id], run)
+        if not found[0]:
+            del alive[rule.id]
+        elif not segs <= gathered[rule.id]:
+            _gather_parts(alive[rule.id], window, found[1], gathered[rule.id])
 
 
 def _judge_whole(cp: CloudPolicy, view: PortView, rules: list[Rule],
