@@ -56,6 +56,7 @@ from secfw.model import DEFAULT_GROUP, Rule, SecurityGroup, protocol_number
 
 KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_matches",
          "broad_admin_port", "self_reference")
+_KIND_RANK = {kind: rank for rank, kind in enumerate(KINDS)}
 
 
 class _Shared:
@@ -167,15 +168,24 @@ def _lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
         for rule in rules:
             findings += _rule_findings(cp, group, rule, used, run)
     findings += _duplicates(cp, {g.id for g in groups}, run)
-    return sorted(findings, key=lambda f: (KINDS.index(f["kind"]), f["group"], f["group_id"],
+    return sorted(findings, key=lambda f: (_KIND_RANK[f["kind"]], f["group"], f["group_id"],
                                            f["rule"] or "", f["rule_id"] or ""))
 
 
 def _finding(cp: CloudPolicy, kind: str, group: SecurityGroup, rule: Rule | None,
-             detail: str, **extra: Any) -> dict[str, Any]:
+             detail: str, described: dict[str, str] | None = None,
+             **extra: Any) -> dict[str, Any]:
+    """A finding; ``described``: the rules' descriptions already made, by id
+    (a rule of a meaning many groups share is in thousands of duplicates)."""
+    text = None
+    if rule is not None:
+        text = described.get(rule.id) if described is not None else None
+        if text is None:
+            text = describe_rule(cp.state, rule)
+            if described is not None:
+                described[rule.id] = text
     return {"kind": kind, "group": group.name, "group_id": group.id, "project": group.project,
-            "rule_id": rule.id if rule else None,
-            "rule": describe_rule(cp.state, rule) if rule else None, "detail": detail, **extra}
+            "rule_id": rule.id if rule else None, "rule": text, "detail": detail, **extra}
 
 
 def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
@@ -377,11 +387,12 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
     return list(found.values())
 
 
-def _duplicate(cp: CloudPolicy, first: Rule, rule: Rule, instance: str) -> dict[str, Any]:
+def _duplicate(cp: CloudPolicy, first: Rule, rule: Rule, instance: str,
+               described: dict[str, str] | None = None) -> dict[str, Any]:
     other = cp.state.groups[first.group_id]
     return _finding(cp, "duplicate", cp.state.groups[rule.group_id], rule,
                     f"same meaning as rule {first.id} of group {other.name} "
-                    f"(both used by instance {instance})")
+                    f"(both used by instance {instance})", described)
 
 
 #: A rule in :func:`_duplicates_shared`: its number, its meaning's number, its
@@ -419,6 +430,7 @@ def _duplicates_shared(cp: CloudPolicy, scope: set[str]) -> list[dict[str, Any]]
     the same pairs, found on the same instances first."""
     ordered = _shared_meanings(cp, scope)
     found: dict[int, dict[str, Any]] = {}
+    described: dict[str, str] = {}
     size = 1 + sum(len(rules) for rules in ordered.values())
     for instance in cp.state.instances.values():
         meaning: dict[int, _Meant] = {}
@@ -429,7 +441,8 @@ def _duplicates_shared(cp: CloudPolicy, scope: set[str]) -> list[dict[str, Any]]
                     continue
                 pair = first[0] * size + entry[0]
                 if pair not in found:
-                    found[pair] = _duplicate(cp, first[4], entry[4], instance.name)
+                    found[pair] = _duplicate(cp, first[4], entry[4], instance.name,
+                                             described)
     return list(found.values())
 
 
