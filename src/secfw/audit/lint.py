@@ -24,8 +24,11 @@ Each finding has a ``kind``, the ``group`` (name), ``group_id``, ``rule_id``
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import chain as chained_lists
 from typing import Any
 
 import netaddr
@@ -53,6 +56,7 @@ from secfw.model import DEFAULT_GROUP, Rule, SecurityGroup, protocol_number
 
 KINDS = ("shadowed", "duplicate", "unused_group", "empty_source_group", "never_matches",
          "broad_admin_port", "self_reference")
+_KIND_RANK = {kind: rank for rank, kind in enumerate(KINDS)}
 
 
 class _Shared:
@@ -71,13 +75,19 @@ class _Shared:
         self._overlaps: dict[tuple[int, int], tuple[Any, Any, bool]] = {}
         # (swept openers, the rule's openers) as (box, set id) -> does it add nothing
         self.adds_nothing: dict[tuple[Any, ...], bool] = {}
-        self.plans: dict[tuple[str, str, Family], _PortPlan | None] = {}
+        # (direction, family) -> port id -> its plan (None: judged whole)
+        self.plans: dict[tuple[str, Family], dict[str, _PortPlan | None]] = {}
+        self.chain_groups: dict[str, str] = {}  # chain name -> its group's id
         self.contents: dict[tuple[Any, ...], int] = {}
         self.idents: dict[tuple[Any, ...], int] = {}
         self.alone: dict[tuple[Any, ...], _Window] = {}
         self.alone_lists: dict[tuple[Any, ...], dict[int, _Window]] = {}
         self.views: dict[str, list[PortView]] = {}
         self.by_instance: dict[str, list[PortView]] | None = None
+        self.ranks: dict[str, int] = {}
+        self.ranked: list[list[PortView]] = []
+        # (source group id, family) -> whether a member has an address of it
+        self.members_have: dict[tuple[str, Family], bool] = {}
         self.by_cluster: dict[tuple[str, Family, str], Any] = {}
         self.group_shadows: dict[tuple[str, str, Family],
                                  dict[str, list[dict[str, Any]] | None]] = {}
@@ -97,9 +107,15 @@ class _Shared:
                     view = cp.ports[port_id]
                     if view.policy.port_security:
                         self.by_instance.setdefault(view.port.instance_id, []).append(view)
-            found = self.views[group_id] = [
-                view for instance_id in sorted(cp.state.instances_by_group.get(group_id, ()))
-                for view in self.by_instance.get(instance_id, ())]
+                # instances with such ports numbered from 1 in id order: a
+                # group's members sorted by number are sorted by id
+                self.ranks = {instance_id: rank for rank, instance_id in
+                              enumerate(sorted(self.by_instance), 1)}
+                self.ranked = [[], *(self.by_instance[i] for i in sorted(self.by_instance))]
+            ranks = sorted(filter(None, map(self.ranks.get,
+                                            cp.state.instances_by_group.get(group_id, ()))))
+            found = self.views[group_id] = list(chained_lists.from_iterable(
+                map(self.ranked.__getitem__, ranks)))
         return found
 
     def label_key(self, label: dict[str, Any]) -> str:
@@ -152,15 +168,24 @@ def _lint(cp: CloudPolicy, groups: Iterable[SecurityGroup],
         for rule in rules:
             findings += _rule_findings(cp, group, rule, used, run)
     findings += _duplicates(cp, {g.id for g in groups}, run)
-    return sorted(findings, key=lambda f: (KINDS.index(f["kind"]), f["group"], f["group_id"],
+    return sorted(findings, key=lambda f: (_KIND_RANK[f["kind"]], f["group"], f["group_id"],
                                            f["rule"] or "", f["rule_id"] or ""))
 
 
 def _finding(cp: CloudPolicy, kind: str, group: SecurityGroup, rule: Rule | None,
-             detail: str, **extra: Any) -> dict[str, Any]:
+             detail: str, described: dict[str, str] | None = None,
+             **extra: Any) -> dict[str, Any]:
+    """A finding; ``described``: the rules' descriptions already made, by id
+    (a rule of a meaning many groups share is in thousands of duplicates)."""
+    text = None
+    if rule is not None:
+        text = described.get(rule.id) if described is not None else None
+        if text is None:
+            text = describe_rule(cp.state, rule)
+            if described is not None:
+                described[rule.id] = text
     return {"kind": kind, "group": group.name, "group_id": group.id, "project": group.project,
-            "rule_id": rule.id if rule else None,
-            "rule": describe_rule(cp.state, rule) if rule else None, "detail": detail, **extra}
+            "rule_id": rule.id if rule else None, "rule": text, "detail": detail, **extra}
 
 
 def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
@@ -169,7 +194,7 @@ def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     if rule.remote_group_id == group.id:
         found.append(_finding(cp, "self_reference", group, rule,
                               "the group's members may reach each other this way"))
-    if rule.remote_group_id is not None and not _members_have(cp, rule):
+    if rule.remote_group_id is not None and not _members_have(cp, rule, run):
         found.append(_finding(cp, "empty_source_group", group, rule,
                               f"group {cp.group_name(rule.remote_group_id)} has no member "
                               f"with an {rule.ethertype} address: it admits nobody"))
@@ -188,12 +213,20 @@ def _rule_findings(cp: CloudPolicy, group: SecurityGroup, rule: Rule,
     return found
 
 
-def _members_have(cp: CloudPolicy, rule: Rule) -> bool:
+def _members_have(cp: CloudPolicy, rule: Rule, run: _Shared | None = None) -> bool:
+    """Whether a member of the rule's source group has an address of its
+    family (once per group and family with ``run``)."""
     family = _family(rule)
     assert rule.remote_group_id is not None
-    return any(port_addresses(port, family)
-               for member in cp.state.group_members(rule.remote_group_id)
-               for port in cp.state.ports_of(member.id))
+    key = (rule.remote_group_id, family)
+    found = run.members_have.get(key) if run is not None else None
+    if found is None:
+        found = any(port_addresses(port, family)
+                    for member in cp.state.group_members(rule.remote_group_id)
+                    for port in cp.state.ports_of(member.id))
+        if run is not None:
+            run.members_have[key] = found
+    return found
 
 
 def _never_matches(cp: CloudPolicy, group: SecurityGroup, rule: Rule) -> str | None:
@@ -219,7 +252,7 @@ def _broad_admin(rule: Rule) -> str | None:
     if proto is not None and proto not in PORT_PROTOCOL_NUMBERS:
         return None
     family = _family(rule)
-    prefix = ipaddress.ip_network(rule.remote_cidr).prefixlen if rule.remote_cidr else 0
+    prefix = _prefix_length(rule.remote_cidr) if rule.remote_cidr else 0
     if prefix > BROAD_PREFIX[family]:
         return None
     low = rule.port_min if rule.port_min is not None else 0
@@ -229,6 +262,12 @@ def _broad_admin(rule: Rule) -> str | None:
     if not opened:
         return None
     return f"opens {capped(opened)} to {rule.remote_cidr or 'anywhere'}"
+
+
+@lru_cache(maxsize=4096)
+def _prefix_length(cidr: str) -> int:
+    """The prefix length of ``cidr`` (a cloud's rules name few distinct CIDRs)."""
+    return ipaddress.ip_network(cidr).prefixlen
 
 
 def capped(items: list[str], limit: int = 4) -> str:
@@ -329,40 +368,81 @@ def _duplicates(cp: CloudPolicy, scope: set[str],
                 run: _Shared | None = None) -> list[dict[str, Any]]:
     """Rules of two groups used by one instance with the same meaning (reported on
     the rule of the group that sorts later). With ``run``, each group's rules are
-    sorted and their meanings computed once."""
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    ordered: dict[str, list[tuple[Rule, tuple[Any, ...]]]] = {}
+    sorted and their meanings computed once (:func:`_shared_meanings`)."""
     if run is not None:
-        # only meanings found in two groups or more can make a duplicate: the
-        # other rules are left out of each group's list (the same pairs, found
-        # on the same instances first)
-        meanings = {group_id: [(r, r.match_key()[1:]) for r in sorted(
-            rules.values(), key=lambda r: r.id)]
-            for group_id, rules in cp.state.rules_by_group.items()}
-        groups_of: dict[tuple[Any, ...], set[str]] = {}
-        for group_id, pairs in meanings.items():
-            for _, key in pairs:
-                groups_of.setdefault(key, set()).add(group_id)
-        ordered = {group_id: [(r, key) for r, key in pairs if len(groups_of[key]) > 1]
-                   for group_id, pairs in meanings.items()}
+        return _duplicates_shared(cp, scope)
+    found: dict[tuple[str, str], dict[str, Any]] = {}
     for instance in cp.state.instances.values():
         meaning: dict[tuple[Any, ...], Rule] = {}
         for group_id in instance.security_groups:
-            rules = ordered.get(group_id) if run is not None else None
-            if rules is None:
-                rules = [(r, r.match_key()[1:]) for r in sorted(
-                    cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
+            rules = [(r, r.match_key()[1:]) for r in sorted(
+                cp.state.rules_by_group.get(group_id, {}).values(), key=lambda r: r.id)]
             for rule, key in rules:
                 first = meaning.setdefault(key, rule)
                 if first.group_id == rule.group_id or rule.group_id not in scope:
                     continue
                 pair = (first.id, rule.id)
                 if pair not in found:
-                    other = cp.state.groups[first.group_id]
-                    found[pair] = _finding(
-                        cp, "duplicate", cp.state.groups[rule.group_id], rule,
-                        f"same meaning as rule {first.id} of group {other.name} "
-                        f"(both used by instance {instance.name})")
+                    found[pair] = _duplicate(cp, first, rule, instance.name)
+    return list(found.values())
+
+
+def _duplicate(cp: CloudPolicy, first: Rule, rule: Rule, instance: str,
+               described: dict[str, str] | None = None) -> dict[str, Any]:
+    other = cp.state.groups[first.group_id]
+    return _finding(cp, "duplicate", cp.state.groups[rule.group_id], rule,
+                    f"same meaning as rule {first.id} of group {other.name} "
+                    f"(both used by instance {instance})", described)
+
+
+#: A rule in :func:`_duplicates_shared`: its number, its meaning's number, its
+#: group's id, whether that group is in scope, the rule.
+_Meant = tuple[int, int, str, bool, Rule]
+
+
+def _shared_meanings(cp: CloudPolicy, scope: set[str]) -> dict[str, list[_Meant]]:
+    """Each group's rules (by id) whose meaning (``match_key`` but the group)
+    another group's rule has too — only those can make a duplicate — as
+    :data:`_Meant`, meanings and rules numbered (an int hashes at once; a
+    meaning's tuple is hashed anew on every instance)."""
+    meanings = {group_id: [(r, r.match_key()[1:]) for r in sorted(
+        rules.values(), key=lambda r: r.id)]
+        for group_id, rules in cp.state.rules_by_group.items()}
+    groups_of: dict[tuple[Any, ...], set[str]] = {}
+    for group_id, pairs in meanings.items():
+        for _, key in pairs:
+            groups_of.setdefault(key, set()).add(group_id)
+    numbers: dict[tuple[Any, ...], int] = {}
+    ordered: dict[str, list[_Meant]] = {}
+    count = 0
+    for group_id, pairs in meanings.items():
+        ordered[group_id] = []
+        for rule, key in pairs:
+            if len(groups_of[key]) > 1:
+                ordered[group_id].append((count, numbers.setdefault(key, len(numbers)),
+                                          rule.group_id, rule.group_id in scope, rule))
+                count += 1
+    return ordered
+
+
+def _duplicates_shared(cp: CloudPolicy, scope: set[str]) -> list[dict[str, Any]]:
+    """:func:`_duplicates` on the numbered meanings of :func:`_shared_meanings`:
+    the same pairs, found on the same instances first."""
+    ordered = _shared_meanings(cp, scope)
+    found: dict[int, dict[str, Any]] = {}
+    described: dict[str, str] = {}
+    size = 1 + sum(len(rules) for rules in ordered.values())
+    for instance in cp.state.instances.values():
+        meaning: dict[int, _Meant] = {}
+        for group_id in instance.security_groups:
+            for entry in ordered.get(group_id, ()):
+                first = meaning.setdefault(entry[1], entry)
+                if first[2] == entry[2] or not entry[3]:
+                    continue
+                pair = first[0] * size + entry[0]
+                if pair not in found:
+                    found[pair] = _duplicate(cp, first[4], entry[4], instance.name,
+                                             described)
     return list(found.values())
 
 
@@ -377,7 +457,10 @@ class _Window:
     (equal ids: equal content), ``ident`` an id for the openers themselves (equal
     ids: the same openers, so the same judgement and labels), ``at[chain name]``
     the position of the chain's first opener and its openers' indices in the
-    chain, in the window's order."""
+    chain, in the window's order; ``parts`` (ICMP windows only, else None):
+    its parts — the all-protocol openers' list (by id) and each chain (by name),
+    whose openers are the same objects in every window naming them — with the
+    positions (from, to: excluded) of their openers, and ``segs`` their keys."""
 
     openers: list[Opener]
     content: int
@@ -385,9 +468,14 @@ class _Window:
     at: dict[str, tuple[int, list[int]]]
     #: the openers' labels, in order
     labels: list[dict[str, Any]] = field(default_factory=list)
+    parts: dict[Any, tuple[int, int]] | None = None
+    segs: frozenset[Any] | None = None
 
     def __post_init__(self) -> None:
-        self.labels = [opener.label for opener in self.openers]
+        if not self.labels:
+            self.labels = [opener.label for opener in self.openers]
+        if self.parts is not None:
+            self.segs = frozenset(self.parts)
 
 
 class _PortPlan:
@@ -403,8 +491,11 @@ class _PortPlan:
     def __init__(self, view: PortView, direction: str, alls: list[Opener],
                  chains: list[ChainClusters], run: _Shared) -> None:
         self.alls, self.chains = alls, chains
-        index = view.index.chains
-        self.at = {index[chain.name].group_id: i for i, chain in enumerate(chains)}
+        groups = run.chain_groups
+        if any(chain.name not in groups for chain in chains):
+            index = view.index.chains
+            groups.update((chain.name, index[chain.name].group_id) for chain in chains)
+        self.at = {groups[chain.name]: i for i, chain in enumerate(chains)}
         self.icmp = _icmp_window(alls, chains, run)
         self._view, self._direction = view, direction
         self._apart: list[bool] | None = None
@@ -447,9 +538,9 @@ def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
     """``view``'s :class:`_PortPlan` in ``direction`` and ``fam`` (None when a
     rule of any protocol spreads over every cluster, or a chain is listed
     twice: the caller judges the whole filter), once per port."""
-    key = (view.port.id, direction, fam)
-    if key in run.plans:
-        return run.plans[key]
+    plans = run.plans.setdefault((direction, fam), {})
+    if view.port.id in plans:
+        return plans[view.port.id]
     alls = run.clusters.same_net(view, fam) if direction == "ingress" else _NONE
     chains = run.clusters.port_chains(view, fam, direction)
     found: _PortPlan | None = None
@@ -460,7 +551,7 @@ def _port_plan(cp: CloudPolicy, view: PortView, direction: str, fam: Family,
         # ones: the judgement takes only those meeting the rule's box, so it
         # is the same)
         found = _PortPlan(view, direction, alls, chains, run)
-    run.plans[key] = found
+    plans[view.port.id] = found
     return found
 
 
@@ -471,22 +562,30 @@ def _icmp_window(alls: list[Opener], chains: list[ChainClusters],
                  run: _Shared) -> _Window | None:
     """The window of every ICMP cluster of ``chains`` (None: they have none):
     ``alls``, then each chain's ICMP openers in its order, the chains in the
-    port's — the openers and content :func:`_group_window` gives, from the
-    chains' own lists (a port's ICMP window holds a rule of most of its
-    groups: it is built on every port)."""
+    port's — the openers :func:`_group_window` gives, from the chains' own
+    lists (a port's ICMP window holds a rule of most of its groups: it is
+    built on every port). Its content is numbered by ``alls`` (one list per
+    content: Clusters.same_net) and the chains' ``icmp_id`` (equal numbers:
+    equal ``icmp_keys``), as exposure finds its ICMP windows: equal keys, equal
+    boxes and sets in order, without building each opener's key per port."""
     having = [chain for chain in chains if chain.icmp]
     if not having:
         return None
     openers = list(alls)
+    labels = [o.label for o in alls]
     at: dict[str, tuple[int, list[int]]] = {}
+    parts: dict[Any, tuple[int, int]] = {id(alls): (0, len(alls))}
     for chain in having:
-        at[chain.name] = (len(openers), chain.icmp_index)
+        first = len(openers)
+        at[chain.name] = (first, chain.icmp_index)
         openers += chain.icmp
-    content = (*(_box_key(o) for o in alls), *(k for c in having for k in c.icmp_keys))
-    # its own form (a str first): no other window holds ICMP clusters
-    ident = ("icmp", *(id(o) for o in alls), *(chain.name for chain in having))
+        labels += chain.icmp_labels
+        parts[chain.name] = (first, len(openers))
+    # their own forms (a str first): no other window holds ICMP clusters
+    content = ("icmp", id(alls), *(chain.icmp_id for chain in having))
+    ident = ("icmp", *parts)
     return _Window(openers, run.contents.setdefault(content, len(run.contents)),
-                   run.idents.setdefault(ident, len(run.idents)), at)
+                   run.idents.setdefault(ident, len(run.idents)), at, labels, parts)
 
 
 def _alone_windows(alls: list[Opener], chains: list[ChainClusters], i: int,
@@ -574,18 +673,25 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
     direction, fam = rules[0].direction, _family(rules[0])
     seen: set[Any] = set()
     live: list[Any] = [None, None]  # _live's: what it was made from, the list
-    plans, boxes = run.plans, run.boxes
+    plans, boxes = run.plans.setdefault((direction, fam), {}), run.boxes
     last: ChainClusters | None = None  # the group's chain: the same on nearly every port
     by_cluster: list[list[tuple[Rule, list[int]]]] = []
     missing: list[Rule] = []
     # ids of the all-protocol openers (kept alive by run.clusters) with which
     # the chain's windows were judged while it was apart
     judged_alone: set[int] = set()
+    # the parts of ICMP windows (_Window.segs) whose labels each rule has gathered
+    gathered: dict[str, set[Any]] = {rule.id: set() for rule in rules}
+    # while only ICMP clusters hold live rules (most of a group's ports): those
+    # rules as _icmp_only gives them, and the _live list they were made from
+    fast: list[_Fast] | None = None
+    fast_for: Any = None
     for view in views:
         if not alive:
             return
-        key = (view.port.id, direction, fam)
-        plan = plans[key] if key in plans else _port_plan(cp, view, direction, fam, run)
+        port_id = view.port.id
+        plan = plans[port_id] if port_id in plans else \
+            _port_plan(cp, view, direction, fam, run)
         i = plan.at.get(group.id) if plan is not None else None
         if plan is None or i is None:
             _judge_whole(cp, view, rules, alive, seen, run)
@@ -597,8 +703,14 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
         for rule in missing:  # no opener on this port: it adds nothing, but is not covered
             if rule.id in alive:
                 _record(alive, rule, None)
+        lives = _live(by_cluster, alive, live)
+        if lives is not fast_for:
+            fast_for, fast = lives, _icmp_only(chained, lives, run)
+        if fast is not None:
+            _judge_icmp(plan, chained, fast, alive, gathered, run)
+            continue
         settled: bool | None = None  # chain i's other windows all judged already
-        for k, judged in _live(by_cluster, alive, live):
+        for k, judged in lives:
             if k in chained.icmp_ks:
                 window = plan.icmp
             else:
@@ -608,22 +720,77 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                     continue
                 window = plan.windows(i, run)[k]
             assert window is not None  # a chain with an ICMP cluster has the window
-            mark = (window.ident, k)
-            if mark in seen:
-                continue
-            seen.add(mark)
+            segs = window.segs
+            if segs is None:
+                # an ICMP window (segs) is the port's own: judged again on a
+                # port with the same one, it gives the same verdict and no new
+                # part, so only the shared windows are marked
+                mark = (window.ident, k)
+                if mark in seen:
+                    continue
+                seen.add(mark)
             first, order = window.at[chained.name]
             for rule, indices in judged:
                 if rule.id in alive:
                     mine = (first + order.index(indices[0]),) if len(indices) == 1 else \
                         tuple(first + order.index(m) for m in indices)
                     boxed = boxes.get(rule.id) or _boxed(rule, run)
-                    _record(alive, rule, _judged_in(window, mine, boxed, run))
+                    covered, positions = _judged_in(window, mine, boxed, run)
+                    if not covered:
+                        del alive[rule.id]
+                    elif segs is None:
+                        labels = [window.labels[i] for i in positions]
+                        alive[rule.id].update(zip(map(id, labels), labels, strict=True))
+                    elif not segs <= gathered[rule.id]:
+                        _gather_parts(alive[rule.id], window, positions, gathered[rule.id])
         if settled is False and plan.apart(i, run):
             # apart, each cluster is alone with the same all-protocol openers on
             # every such port (_alone_windows): each window judged (or seen)
             # above, so on the next such port only the ICMP one is looked at
             judged_alone.add(id(plan.alls))
+
+
+#: A live ICMP rule of a chain (:func:`_icmp_only`): the rule, its openers'
+#: offsets among the chain's ICMP openers, its box as integers.
+_Fast = tuple[Rule, tuple[int, ...], tuple[int, int, int, int]]
+
+
+def _icmp_only(chained: ChainClusters, lives: list[tuple[int, list[tuple[Rule, list[int]]]]],
+               run: _Shared) -> list[_Fast] | None:
+    """When every cluster in ``lives`` (:func:`_live`) is an ICMP one, their
+    rules with their openers' offsets among the chain's ICMP openers and their
+    boxes as integers (the same on every port where the chain is); else None."""
+    if any(k not in chained.icmp_ks for k, _ in lives):
+        return None
+    order = chained.icmp_index
+    return [(rule, tuple(order.index(m) for m in indices),
+             (run.boxes.get(rule.id) or _boxed(rule, run))[1])
+            for _, judged in lives for rule, indices in judged]
+
+
+def _judge_icmp(plan: _PortPlan, chained: ChainClusters,
+                fast: list[_Fast],
+                alive: dict[str, dict[int, dict[str, Any]]], gathered: dict[str, set[Any]],
+                run: _Shared) -> None:
+    """:func:`_judge_ports`' loop on a port where only ICMP rules of the chain
+    are alive (``fast``: :func:`_icmp_only`): each judged in the port's ICMP
+    window (:func:`_judged_in`), its labels gathered part by part."""
+    window = plan.icmp
+    assert window is not None and window.segs is not None
+    first = window.at[chained.name][0]
+    segs, content, judged = window.segs, window.content, run.judged
+    for rule, offsets, box in fast:
+        if rule.id not in alive:
+            continue
+        mine = (first + offsets[0],) if len(offsets) == 1 else \
+            tuple(first + offset for offset in offsets)
+        found = judged.get((content, mine, box))
+        if found is None:
+            found = _judged_in(window, mine, run.boxes[rule.id], run)
+        if not found[0]:
+            del alive[rule.id]
+        elif not segs <= gathered[rule.id]:
+            _gather_parts(alive[rule.id], window, found[1], gathered[rule.id])
 
 
 def _judge_whole(cp: CloudPolicy, view: PortView, rules: list[Rule],
@@ -698,19 +865,37 @@ def _boxed(rule: Rule, run: _Shared) -> tuple[Box, tuple[int, int, int, int]]:
 
 def _judged_in(window: _Window, mine: tuple[int, ...],
                boxed: tuple[Box, tuple[int, int, int, int]],
-               run: _Shared) -> list[dict[str, Any]] | None:
-    """:func:`_covered_by` of the window's openers: the labels covering the
-    rule whose openers are at positions ``mine`` of the window (``boxed``: its
-    box), or None. Once per window content, positions and box, the labels
-    then taken from this window."""
+               run: _Shared) -> tuple[bool, list[int]]:
+    """:func:`_covered_by` of the window's openers: whether the rule whose
+    openers are at positions ``mine`` of the window (``boxed``: its box) adds
+    nothing, and the positions of the openers covering it. Once per window
+    content, positions and box.
+
+    Which openers cover it is decided opener by opener (its box meets the
+    rule's, its addresses meet the rule's: :func:`_cover_positions`), so a part
+    of the window (:attr:`_Window.segs`) gives the same labels in every window
+    where the rule is covered."""
     key = (window.content, mine, boxed[1])
     positions = run.judged.get(key)
     if positions is None:
         positions = run.judged[key] = _cover_positions(window.openers, mine, boxed[0], run)
-    if not positions[0]:
-        return None
-    labels = window.labels
-    return [labels[i] for i in positions[1]]
+    return positions
+
+
+def _gather_parts(labels: dict[int, dict[str, Any]], window: _Window, positions: list[int],
+                  done: set[Any]) -> None:
+    """Add to ``labels`` the covering labels (``positions``: ascending) of the
+    window's parts not in ``done``, in the window's order, and add those parts
+    to ``done``. A part gathered before for the rule gives the same labels
+    again (:func:`_judged_in`), so ``labels`` ends as if every position had
+    been added."""
+    assert window.parts is not None and window.segs is not None
+    new = window.segs - done
+    done |= new
+    every = window.labels
+    for low, high in sorted(window.parts[part] for part in new):
+        for i in positions[bisect_left(positions, low):bisect_left(positions, high)]:
+            labels[id(every[i])] = every[i]
 
 
 def _cover_positions(openers: list[Opener], mine: tuple[int, ...], box: Box,
