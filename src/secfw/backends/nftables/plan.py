@@ -435,7 +435,8 @@ def _add_set(named: NamedSet) -> Iterator[str]:
     can then spread a big new set over several preparatory batches instead of
     one command of 100k elements (~120 MB of libnftables heap at 50k ports)."""
     kind = "map" if named.is_map else "set"
-    chunk = len(named.elements) if "interval" in named.flags else SET_CHUNK
+    # An interval set goes whole (an empty one too: range() needs a step > 0).
+    chunk = max(len(named.elements), 1) if "interval" in named.flags else SET_CHUNK
     first = named.elements[:chunk]
     elements = f" elements = {{ {elements_text(named, first)} }};"
     yield (f"add {kind} {_t(named.family)} {named.name} {{ {set_declaration(named)}"
