@@ -81,7 +81,8 @@ demo: venv
 # `make bench BENCH_ARGS=--quick` passes options through (see bench/README.md).
 BENCH_BUDGET ?= 3600
 bench: venv
-	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	@# the neutron extra: the side-by-side section runs Neutron's own iptables driver
+	@$(PY) -c 'import matplotlib, neutron' 2>/dev/null || $(PY) -m pip install -q -e '.[bench,neutron]'
 	$(PY) -m secfw.bench.whole --budget $(BENCH_BUDGET) --main-args='$(BENCH_ARGS)' \
 	  --backends-args='$(BACKENDS_ARGS)' --floating-args='$(FLOATING_ARGS)' \
 	  --multihost-args='$(MULTIHOST_ARGS)' --manyhosts-args='$(MANYHOSTS_ARGS)' \
