@@ -101,6 +101,21 @@ def test_a_data_path_target_is_split_by_the_baselines() -> None:
     assert profiles.datapath_text(results, "data path routed, UDP 64 B") is None
 
 
+def test_the_first_packet_target_quotes_the_large_runs_rows() -> None:
+    rows = [{"ports": 0, "filter": "conntrack only", "conn_p50_us": 56.2, "conn_p99_us": 224.2},
+            {"ports": 100, "filter": "secfw (nftables)", "conn_p50_us": 79.3,
+             "conn_p99_us": 265.8},
+            {"ports": 50000, "filter": "secfw (nftables)", "conn_p50_us": 80.4,
+             "conn_p99_us": 294.9}]
+    results = {"connections": {"topologies": {"routed": {"rows": rows}}}}
+    text = profiles.datapath_text(results, "first-packet p99 within 10 %")
+    assert text == ("routed connect() p50 / p99: conntrack only 56 / 224 µs, 100 ports "
+                    "79 / 266 µs, 50,000 ports 80 / 295 µs; 100 → 50,000 ports: p50 +1 µs, "
+                    "p99 +29 µs")
+    alone = {"connections": {"topologies": {"routed": {"rows": rows[:2]}}}}
+    assert profiles.datapath_text(alone, "first-packet p99 within 10 %") is None
+
+
 def test_python_areas_are_scaled_to_the_measured_time() -> None:
     """cProfile slows the Python side only: the nft call keeps its seconds, the
     rest shrinks to fill the measured (unprofiled) time."""

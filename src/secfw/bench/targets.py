@@ -377,7 +377,11 @@ NEXT_STEPS: dict[str, str] = {
     "new TCP connections": (
         "the SYN walks the port's ~200 group rules: a dispatch indexed by protocol and "
         "port"),
-    "first-packet p99": "the dispatch's cost per port: bench/layouts.py",
+    "first-packet p99": (
+        "the median stays flat and only the tail grows with the host's size: the SYN "
+        "walks its port's slot maps and group chains, whose sets and maps are bigger "
+        "at 50k; a dispatch indexed by protocol and port would shorten "
+        "the walk (bench/layouts.py measures dispatch layouts)"),
     "restart": (
         "with a matching record and inputs nothing is loaded: start-up (imports, store "
         "open) and the store's last write hashed (one 20k-document batch in the bench "
