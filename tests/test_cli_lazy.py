@@ -68,7 +68,11 @@ PLAIN_COMMANDS: tuple[tuple[tuple[str, ...], str, frozenset[str]], ...] = (
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A store with a network, an image and one instance (vm0)."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('lazy') / 'secfw.db'}"
+    return _small_cloud(f"sqlite:///{tmp_path_factory.mktemp('lazy') / 'secfw.db'}")
+
+
+def _small_cloud(url: str) -> str:
+    """``url`` with a network, an image and one instance (vm0) created in it."""
     api = Api(open_store(url))
     try:
         api.net_create("admin", "n1", "10.9.0.0/24")
@@ -109,15 +113,7 @@ ETCD_HEAVY = (*sorted(set(HEAVY) - {"secfw.store.etcd", "base64", "random"}),
 @pytest.fixture(scope="module")
 def small_etcd_store(etcd_server: EtcdServer) -> str:
     """The same small cloud as small_store, in the session's etcd."""
-    url = etcd_server.url()
-    api = Api(open_store(url))
-    try:
-        api.net_create("admin", "n1", "10.9.0.0/24")
-        api.image_create("admin", "cirros", visibility="public")
-        api.boot("admin", "vm0", "m1.tiny", "cirros", "h1", None, ["n1"])
-    finally:
-        api.store.close()
-    return url
+    return _small_cloud(etcd_server.url())
 
 
 @pytest.mark.parametrize(("args", "printed", "own"), PLAIN_COMMANDS,
