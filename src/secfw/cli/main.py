@@ -570,14 +570,10 @@ def secgroup_list(state: CliState, fmt: str, all_projects: bool, limit: int | No
                   marker: str | None) -> None:
     """List security groups: Name | Description (+ Project with --all-projects)."""
     columns = with_project(GROUP_COLUMNS, all_projects)
-    if paged(limit, marker):
-        page = state.api.secgroup_page(state.project, all_projects, page_size(limit), marker)
-        emit_page([group_row(g) for g in page.rows], columns, fmt, page.next_marker)
-        return
-    # Every row in one page: the same rows in the same order as Api.secgroup_list,
-    # read from the ordered index by key instead of from the whole store.
-    groups = state.api.secgroup_page(state.project, all_projects, PAGE_ALL, None).rows
-    emit([group_row(g) for g in groups], columns, fmt)
+    # Unpaged, every row is one page: Api.secgroup_list's rows and order, read
+    # from the ordered index by key instead of from the whole store.
+    page = state.api.secgroup_page(state.project, all_projects, page_size(limit), marker)
+    emit_page([group_row(g) for g in page.rows], columns, fmt, page.next_marker)
 
 
 @output_command("secgroup-create")
@@ -612,13 +608,9 @@ def secgroup_delete(state: CliState, group: str) -> None:
 def secgroup_list_rules(state: CliState, fmt: str, group: str, limit: int | None,
                         marker: str | None) -> None:
     """List a group's rules: IP Protocol | From Port | To Port | IP Range | Source Group."""
-    if paged(limit, marker):
-        page, names = state.api.rule_page(state.project, group, page_size(limit), marker)
-        emit_page([rule_row(r, names) for r in page.rows], RULE_COLUMNS, fmt, page.next_marker)
-        return
-    # Every rule in one page (Api.secgroup_list_rules' rows and order), read by key.
-    page, names = state.api.rule_page(state.project, group, PAGE_ALL, None)
-    emit([rule_row(r, names) for r in page.rows], RULE_COLUMNS, fmt)
+    # Unpaged, every rule is one page (Api.secgroup_list_rules' rows and order).
+    page, names = state.api.rule_page(state.project, group, page_size(limit), marker)
+    emit_page([rule_row(r, names) for r in page.rows], RULE_COLUMNS, fmt, page.next_marker)
 
 
 def _emit_rule(state: CliState, rule: Rule, fmt: str) -> None:
@@ -722,13 +714,9 @@ def net_list(state: CliState, fmt: str, all_projects: bool, limit: int | None,
              marker: str | None) -> None:
     """List the networks usable by the project: ID | Name | CIDR | VLAN."""
     columns = with_project(NETWORK_COLUMNS, all_projects)
-    if paged(limit, marker):
-        page = state.api.network_page(state.project, all_projects, page_size(limit), marker)
-        emit_page([network_row(n) for n in page.rows], columns, fmt, page.next_marker)
-        return
-    # Every network in one page (Api.net_list's rows and order), read by key.
-    networks = state.api.network_page(state.project, all_projects, PAGE_ALL, None).rows
-    emit([network_row(n) for n in networks], columns, fmt)
+    # Unpaged, every network is one page (Api.net_list's rows and order).
+    page = state.api.network_page(state.project, all_projects, page_size(limit), marker)
+    emit_page([network_row(n) for n in page.rows], columns, fmt, page.next_marker)
 
 
 # --------------------------------------------------------------------------- servers
@@ -749,15 +737,10 @@ def list_servers(state: CliState, fmt: str, host: str | None, all_projects: bool
                  limit: int | None, marker: str | None) -> None:
     """List instances: ID | Name | Status | Host | Networks (+ Project across projects)."""
     columns = with_project(SERVER_COLUMNS, all_projects or host is not None)
-    if paged(limit, marker):
-        page = state.api.server_page(state.project, host, all_projects, page_size(limit),
-                                     marker)
-        emit_page([server_row(i, n) for i, n in page.rows], columns, fmt, page.next_marker)
-        return
-    # Every instance in one page (Api.list_instances' rows and order, each with its
-    # fixed addresses), read by key from the ordered index, not the whole store.
-    page = state.api.server_page(state.project, host, all_projects, PAGE_ALL, None)
-    emit([server_row(i, n) for i, n in page.rows], columns, fmt)
+    # Unpaged, every instance is one page (Api.list_instances' rows and order, each
+    # with its fixed addresses), read by key from the ordered index.
+    page = state.api.server_page(state.project, host, all_projects, page_size(limit), marker)
+    emit_page([server_row(i, n) for i, n in page.rows], columns, fmt, page.next_marker)
 
 
 def server_row(instance: Instance, networks: dict[str, list[str]]) -> dict[str, Any]:
@@ -906,14 +889,10 @@ def rule_create(
 def rule_list(state: CliState, fmt: str, group: str | None, limit: int | None,
               marker: str | None) -> None:
     """List the rules of GROUP, or of every group of the project."""
-    if paged(limit, marker):
-        page, found = state.api.rule_page(state.project, group, page_size(limit), marker)
-        rows = [neutron_rule_row(r, found) for r in page.rows]
-        emit_page(rows, NEUTRON_RULE_COLUMNS, fmt, page.next_marker)
-        return
-    # Every rule in one page (Api.rule_list's rows and order), read by key.
-    page, names = state.api.rule_page(state.project, group, PAGE_ALL, None)
-    emit([neutron_rule_row(r, names) for r in page.rows], NEUTRON_RULE_COLUMNS, fmt)
+    # Unpaged, every rule is one page (Api.rule_list's rows and order).
+    page, names = state.api.rule_page(state.project, group, page_size(limit), marker)
+    rows = [neutron_rule_row(r, names) for r in page.rows]
+    emit_page(rows, NEUTRON_RULE_COLUMNS, fmt, page.next_marker)
 
 
 @security_group_rule.command("delete")
