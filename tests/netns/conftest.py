@@ -507,6 +507,26 @@ def cloud(
         env.api.store.close()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the ``cloud`` combinations a test's ``backends``/``topologies``
+    markers exclude: they are not tests of it, so they are left out of the run
+    rather than reported as skipped (a skip then always means a test that could
+    not run here)."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        combination = callspec.params.get("cloud") if callspec is not None else None
+        # Only this fixture's (backend, topology) pairs: a module may parametrise
+        # its own ``cloud`` differently.
+        excluded = combination in COMBINATIONS and any(
+            (mark := item.get_closest_marker(name)) is not None and value not in mark.args
+            for name, value in zip(("backends", "topologies"), combination, strict=True))
+        (dropped if excluded else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def _skip_unless_declared(request: pytest.FixtureRequest, marker: str, value: str) -> None:
     """Skip when the test's ``marker`` (``backends``/``topologies``) excludes ``value``;
     the marker's ``reason=`` says why."""
