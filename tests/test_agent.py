@@ -44,6 +44,7 @@ from secfw.agent.metrics import AgentMetrics, parse_address
 from secfw.agent.status import StatusWriter, classify, read_report, status_path, write_report
 from secfw.agent.storewatch import ReopeningStore
 from secfw.api import Api
+from secfw.backends import get_backend
 from secfw.backends.nftables.plan import Transaction
 from secfw.backends.nftables.summary import summarize
 from secfw.compiler.ir import HostFilter
@@ -700,6 +701,22 @@ def test_transaction_summary_names_chains_sets_and_counts() -> None:
     assert summarize(Transaction(("add table inet secfw",), full=True)) == {"replaced": True}
     assert summarize(Transaction(("flush chain inet secfw c",))) == {"replaced": False,
                                                                      "chains": ["c"]}
+
+
+def test_nftables_plan_description_caps_the_names_it_lists() -> None:
+    """A first sync at 10k ports rewrites ~1,000 chains: the sync log line lists
+    the first names and the counts, as the iptables backend's does."""
+    backend = get_backend("nftables")
+    many = Transaction(tuple(f"flush chain inet secfw c{i:02d}" for i in range(30))
+                       + tuple(f'add element inet secfw s{i:02d} {{ "tap{i}" }}'
+                               for i in range(25)))
+    described = backend.describe(many)
+    assert described["chains"] == [*(f"c{i:02d}" for i in range(20)), "…"]
+    assert described["sets"] == [*(f"s{i:02d}" for i in range(20)), "…"]
+    assert (described["chains_count"], described["sets_count"]) == (30, 25)
+    assert described["elements_added"] == 25
+    assert backend.describe(Transaction(("flush chain inet secfw c",))) == {
+        "replaced": False, "chains": ["c"]}
 
 
 def test_reopening_store_never_creates_and_notices_replacement(

@@ -17,6 +17,23 @@ BACKENDS = ("nftables", "iptables")
 #: traffic to the IP hooks. Every backend takes ``topology=`` and refuses others.
 TOPOLOGIES = ("routed", "bridged")
 
+#: Names a plan description lists at most (a big change would flood the log: a
+#: first sync at 10k ports changes ~1,000 chains, a 40 kB log line).
+DESCRIBE_NAMES = 20
+
+
+def capped_names(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` (a backend's plan description) with its ``chains`` and ``sets``
+    lists cut to :data:`DESCRIBE_NAMES` names and ``"…"``, and their full counts
+    as ``chains_count`` / ``sets_count`` when they were longer."""
+    found = dict(summary)
+    for key in ("chains", "sets"):
+        names = found.get(key, [])
+        if len(names) > DESCRIBE_NAMES:
+            found[key] = [*names[:DESCRIBE_NAMES], "…"]
+            found[f"{key}_count"] = len(names)
+    return found
+
 
 @overload
 def get_backend(name: Literal["nftables"], **options: Any) -> NftablesBackend: ...

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from secfw.backends import capped_names
 from secfw.backends.iptables import metadata
 from secfw.backends.iptables.executor import IptablesExecutor, Runner, Variant
 from secfw.backends.iptables.plan import IptPlan
@@ -24,10 +25,6 @@ if TYPE_CHECKING:
     from secfw.conntrack import Revocation
 
 log = logging.getLogger(__name__)
-
-#: Names a plan description lists at most (a big change would flood the log).
-DESCRIBE_NAMES = 20
-
 
 class IptablesBackend:
     """Renders, plans and applies one host's filter as ``secfw-…`` chains in the
@@ -138,17 +135,11 @@ class IptablesBackend:
     def describe(self, plan: IptPlan) -> dict[str, Any]:
         """What ``plan`` changes, in a few words (chains, sets, element counts):
         ``{"replaced": True}`` for a plan made from nothing (everything is
-        written); otherwise at most :data:`DESCRIBE_NAMES` chain and set names,
-        with their counts when there are more."""
+        written); otherwise at most :data:`~secfw.backends.DESCRIBE_NAMES` chain
+        and set names, with their counts when there are more."""
         if plan.full:
             return {"replaced": True}
-        found: dict[str, Any] = {"replaced": False, **plan.summary}
-        for key in ("chains", "sets"):
-            names = found.get(key, [])
-            if len(names) > DESCRIBE_NAMES:
-                found[key] = [*names[:DESCRIBE_NAMES], "…"]
-                found[f"{key}_count"] = len(names)
-        return found
+        return capped_names({"replaced": False, **plan.summary})
 
     def element_count(self, state: IptState | None) -> int:
         """Elements in the sets of ``state`` (for metrics)."""

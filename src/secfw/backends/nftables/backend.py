@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from secfw.backends import TOPOLOGIES
+from secfw.backends import TOPOLOGIES, capped_names
 from secfw.backends.nftables.executor import NftablesExecutor
 from secfw.backends.nftables.flowtable import FlowtablePath
 from secfw.backends.nftables.plan import DETACH_ELEMENTS, Transaction
@@ -200,8 +200,11 @@ class NftablesBackend:
         return self._rendered(desired)[2]
 
     def describe(self, plan: Transaction) -> dict[str, Any]:
-        """What ``plan`` changes, in a few words (chains, sets, element counts)."""
-        return summarize(plan)
+        """What ``plan`` changes, in a few words (chains, sets, element counts):
+        :func:`~secfw.backends.nftables.summary.summarize`, with at most
+        :data:`~secfw.backends.DESCRIBE_NAMES` chain and set names and their
+        counts when there are more."""
+        return capped_names(summarize(plan))
 
     def element_count(self, state: KernelState) -> int:
         """Elements in the sets and maps of ``state`` (for metrics)."""
