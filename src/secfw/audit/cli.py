@@ -413,7 +413,9 @@ def verify_command(state: CliState, fmt: str, host: str, netns: str | None, back
     """The live kernel against the model: the ruleset secfw's backend holds on
     HOST is read back and evaluated, at the boundaries of every port's flow space,
     against the model's verdicts. Prints each differing port with a packet that
-    shows it; exit status 12 when there is one, 0 when the kernel enforces the model."""
+    shows it; exit status 12 when there is one, 0 when the kernel enforces the model.
+    Every port on HOST is checked, whatever its project: the kernel filters them
+    all (--project does not narrow it)."""
     config = load_config(config_path)
     cp = CloudPolicy(state.api.snapshot(), config.allow_same_net_traffic)
     # the metadata server's address is the host's own: what is DNATed to it goes to input
