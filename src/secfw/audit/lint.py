@@ -708,16 +708,10 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                                            (fast, every_icmp, judged_alone), alive, gathered,
                                            run)
             continue
-        settled: bool | None = None  # chain i's other windows all judged already
+        # here a live rule is in a cluster other than the ICMP ones, whose
+        # windows were not judged with these all-protocol openers (_icmp_left)
         for k, judged in lives:
-            if k in chained.icmp_ks:
-                window = plan.icmp
-            else:
-                if settled is None:
-                    settled = plan.apart(i, run) and id(plan.alls) in judged_alone
-                if settled:
-                    continue
-                window = plan.windows(i, run)[k]
+            window = plan.icmp if k in chained.icmp_ks else plan.windows(i, run)[k]
             assert window is not None  # a chain with an ICMP cluster has the window
             segs = window.segs
             if segs is None:
@@ -738,11 +732,11 @@ def _judge_ports(cp: CloudPolicy, views: list[PortView], group: SecurityGroup,
                     if not covered:
                         del alive[rule.id]
                     elif segs is None:
-                        labels = [window.labels[i] for i in positions]
+                        labels = [window.labels[p] for p in positions]
                         alive[rule.id].update(zip(map(id, labels), labels, strict=True))
                     elif not segs <= gathered[rule.id]:
                         _gather_parts(alive[rule.id], window, positions, gathered[rule.id])
-        if settled is False and plan.apart(i, run):
+        if plan.apart(i, run):
             # apart, each cluster is alone with the same all-protocol openers on
             # every such port (_alone_windows): each window judged (or seen)
             # above, so on the next such port only the ICMP one is looked at
