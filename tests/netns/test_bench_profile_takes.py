@@ -44,7 +44,10 @@ def test_the_agent_process_is_profiled_with_its_rss(tiny: tuple[Api, str],
     row = profiles.record(taken, "agent peak RSS < 300 MB", 2, tmp_path, measured_s=None)
     areas = dict(row["areas"])
     assert math.isclose(sum(areas.values()), 1.0, abs_tol=1e-3)
-    assert profiles.IMPORTS in areas and profiles.NFT_CALL in areas
+    # the kernel's share is carved out of the nft call's (profiles.summarise): on a
+    # tiny host the whole call can be system time, leaving only the kernel's area
+    assert profiles.IMPORTS in areas
+    assert profiles.NFT_CALL in areas or profiles.KERNEL in areas
     assert row["peak_rss_mb"] > 0 and row["rss_growth"]
     assert math.isclose(sum(share for _, share in row["rss_growth"]), 1.0, abs_tol=1e-3)
     assert profiles.measured_text(row).startswith("RSS growth ")
